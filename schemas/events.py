@@ -1,0 +1,150 @@
+"""The usage event: one CloudEvents 1.0 JSON object per billable thing.
+
+The idempotency key is (``source``, ``id``).  Event time travels in ``time``; the Kafka
+record timestamp is never trusted for it.  ``data.value`` is a decimal with at most
+``VALUE_DECIMALS`` places so that every aggregate can be kept as an exact integer of
+micro-units in Redis and as ``Decimal(38, 6)`` in ClickHouse.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+
+VALUE_DECIMALS = 6
+VALUE_SCALE = 10**VALUE_DECIMALS
+MAX_VALUE = Decimal(10) ** 12
+CUSTOMER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"
+DIMENSION_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
+MAX_DIMENSION_LENGTH = 256
+MAX_DIMENSIONS = 32
+
+_dimension_name = re.compile(DIMENSION_NAME_PATTERN)
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.astimezone(UTC)
+
+
+UtcDatetime = Annotated[AwareDatetime, AfterValidator(_utc)]
+NonEmpty = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class EventData(BaseModel):
+    """The payload: a decimal ``value`` plus string dimensions (endpoint, method, status…).
+
+    Dimensions are the remaining keys of ``data``.  Numbers and booleans given as
+    dimensions are turned into strings (``"status": 200`` becomes ``"200"``); nested
+    objects and arrays are refused, because a meter can only group by a flat string.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    value: Decimal = Decimal(1)
+
+    @field_validator("value", mode="before")
+    @classmethod
+    def _numeric(cls, raw: Any) -> Any:
+        if isinstance(raw, bool) or not isinstance(raw, int | float | Decimal | str):
+            raise ValueError("value must be a number or a numeric string")
+        if isinstance(raw, float):
+            # jiter hands us Decimal; a float only comes from Python callers.
+            return Decimal(repr(raw))
+        return raw
+
+    @field_validator("value")
+    @classmethod
+    def _in_range(cls, value: Decimal) -> Decimal:
+        if not value.is_finite():
+            raise ValueError("value must be finite")
+        if value < 0:
+            raise ValueError("value must not be negative")
+        if value >= MAX_VALUE:
+            raise ValueError(f"value must be below {MAX_VALUE:,}")
+        exponent = value.as_tuple().exponent
+        if (
+            isinstance(exponent, int)
+            and exponent < -VALUE_DECIMALS
+            and value != value.quantize(Decimal(1).scaleb(-VALUE_DECIMALS))
+        ):
+            raise ValueError(f"value has more than {VALUE_DECIMALS} decimal places")
+        return value
+
+    @model_validator(mode="after")
+    def _flat_dimensions(self) -> EventData:
+        extra = self.__pydantic_extra__ or {}
+        if len(extra) > MAX_DIMENSIONS:
+            raise ValueError(f"at most {MAX_DIMENSIONS} dimensions are allowed")
+        for name, raw in extra.items():
+            if not _dimension_name.match(name):
+                raise ValueError(f"dimension name {name!r} must match {DIMENSION_NAME_PATTERN}")
+            if isinstance(raw, dict | list) or raw is None:
+                raise ValueError(f"dimension {name!r} must be a string, number or boolean")
+            text = str(raw).lower() if isinstance(raw, bool) else str(raw)
+            if len(text) > MAX_DIMENSION_LENGTH:
+                raise ValueError(f"dimension {name!r} is longer than {MAX_DIMENSION_LENGTH}")
+            extra[name] = text
+        return self
+
+    @property
+    def dimensions(self) -> dict[str, str]:
+        return dict(self.__pydantic_extra__ or {})
+
+
+class UsageEvent(BaseModel):
+    """A CloudEvents 1.0 usage event in structured JSON mode."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    specversion: Literal["1.0"]
+    id: NonEmpty
+    source: NonEmpty
+    type: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
+    subject: Annotated[str, Field(pattern=CUSTOMER_ID_PATTERN)] = Field(
+        description="The customer the usage belongs to."
+    )
+    time: UtcDatetime
+    datacontenttype: Literal["application/json"] | None = None
+    data: EventData = Field(default_factory=EventData)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """The idempotency key."""
+        return (self.source, self.id)
+
+    @property
+    def customer(self) -> str:
+        return self.subject
+
+    @property
+    def value(self) -> Decimal:
+        return self.data.value
+
+    @property
+    def dimensions(self) -> dict[str, str]:
+        return self.data.dimensions
+
+
+def to_micros(value: Decimal) -> int:
+    """The exact integer of micro-units Redis counters hold for ``value``."""
+    return int(value.scaleb(VALUE_DECIMALS))
+
+
+def from_micros(micros: int) -> Decimal:
+    return Decimal(micros).scaleb(-VALUE_DECIMALS).normalize() + Decimal(0)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)

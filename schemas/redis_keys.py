@@ -1,0 +1,68 @@
+"""The Redis key layout: written by the aggregator, read by the api.
+
+Every key carries the customer as a hash tag (``{cust}``) so that all of one customer's
+keys live in one Redis Cluster slot: the aggregator updates a customer's counters, its
+de-duplication marks and its offset watermark in a single atomic Lua call.
+
+``tally:{cust}:c:<meter>:<window>:<bucket>``   HASH of counters, in micro-units
+    field ``*``                  the meter over all events
+    field ``<group>``            the meter for one combination of its group-by values
+    field ``<field>@t``          (``latest`` meters) event time, µs since the epoch,
+                                 of the value held in ``<field>``
+``tally:{cust}:u:<meter>:<window>:<bucket>:<group>``   SET of distinct values
+                                 (``unique_count`` meters; ``<group>`` is ``*`` for all)
+``tally:{cust}:seen:<bucket>``   SET of 8-byte digests of (source, id) first seen in a
+                                 de-duplication bucket (processing time)
+``tally:{cust}:offsets``         HASH ``<topic>/<partition>[@<incarnation>]`` → last Kafka
+                                 offset applied
+
+``<window>`` is minute|hour|day|month and ``<bucket>`` its UTC start as in
+``schemas.windows.bucket_id``.  ``<group>`` is the JSON array of the group-by values in
+the meter's ``group_by`` order.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+from schemas.windows import Window
+
+PREFIX = "tally"
+TOTAL = "*"
+TIME_SUFFIX = "@t"
+
+
+def _tag(customer: str) -> str:
+    return f"{PREFIX}:{{{customer}}}"
+
+
+def counters(customer: str, meter: str, window: Window, bucket: str) -> str:
+    return f"{_tag(customer)}:c:{meter}:{window.value}:{bucket}"
+
+
+def unique_set(customer: str, meter: str, window: Window, bucket: str, group: str) -> str:
+    return f"{_tag(customer)}:u:{meter}:{window.value}:{bucket}:{group}"
+
+
+def seen(customer: str, bucket: str) -> str:
+    return f"{_tag(customer)}:seen:{bucket}"
+
+
+def offsets(customer: str) -> str:
+    return f"{_tag(customer)}:offsets"
+
+
+def offset_field(topic: str, partition: int, incarnation: str = "") -> str:
+    """``incarnation`` names one life of the topic: offsets restart from 0 when a topic is
+    recreated (always, for the embedded in-memory broker), and old watermarks must not
+    then hide new records."""
+    return f"{topic}/{partition}" + (f"@{incarnation}" if incarnation else "")
+
+
+def group_field(values: tuple[str, ...]) -> str:
+    """The hash field for one combination of group-by values (``*`` for none)."""
+    return orjson.dumps(list(values)).decode() if values else TOTAL
+
+
+def parse_group(field: str) -> tuple[str, ...]:
+    return () if field == TOTAL else tuple(orjson.loads(field))

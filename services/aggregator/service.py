@@ -1,0 +1,39 @@
+"""The aggregator as a running service: the Faust app plus its meter cache."""
+
+from __future__ import annotations
+
+from services.aggregator import worker
+from services.aggregator.clickhouse_sink import ClickHouseSink
+from services.aggregator.dedupe import DedupeWindow
+from services.aggregator.meters import MeterCache
+from services.aggregator.processor import BatchProcessor
+from services.aggregator.redis_sink import RedisSink
+from services.runtime import Component, Runtime
+
+
+async def start(runtime: Runtime) -> Component:
+    settings = runtime.settings
+    bootstrap = await runtime.bootstrap_servers()
+    meters = MeterCache(await runtime.pool(), settings.meter_refresh_seconds)
+    await meters.start()
+    runtime.stack.push_async_callback(meters.stop)
+    app = worker.create_app(settings, bootstrap)
+    processor = BatchProcessor(
+        clickhouse=ClickHouseSink(runtime.clickhouse()),
+        redis=RedisSink(runtime.redis()),
+        meters=meters.by_type,
+        dedupe=DedupeWindow(settings.dedupe_window),
+        dead_letter=worker.dead_letter_sender(app),
+        incarnation=runtime.kafka_incarnation,
+    )
+    worker.attach(app, settings, processor)
+    await app.start()
+    runtime.stack.push_async_callback(app.stop)
+    return Component(
+        "aggregator",
+        checks={
+            "redis": runtime.check_redis(),
+            "clickhouse": runtime.check_clickhouse(),
+            "postgres": runtime.check_postgres(),
+        },
+    )

@@ -1,0 +1,113 @@
+"""The Faust app: consumes ``tally.events`` in batches and hands them to the processor.
+
+Faust acknowledges (and later commits) a ``take_events`` batch as soon as the loop body
+returns or is left — also when it is left by an exception or a cancellation.  So the
+body never leaves early: a failing sink is retried until it answers, and a shutdown
+waits for the batch in hand to finish.  A process killed outright commits nothing, and
+the idempotent sinks absorb the replay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import faust
+import orjson
+
+from schemas import topics
+from services.aggregator.processor import BatchProcessor, DeadLetter, Record
+from services.common import metrics
+from services.common.logging import get_logger
+from services.common.settings import Settings
+
+log = get_logger("tally.aggregator")
+MAX_BACKOFF_SECONDS = 10.0
+
+
+def create_app(settings: Settings, bootstrap_servers: str) -> faust.App:
+    return faust.App(
+        settings.consumer_group,
+        broker=f"kafka://{bootstrap_servers}",
+        value_serializer="raw",
+        key_serializer="raw",
+        web_enabled=False,
+        datadir=str(Path(settings.data_dir) / "faust"),
+        topic_partitions=settings.events_partitions,
+        topic_allow_declare=False,
+        consumer_auto_offset_reset="earliest",
+        broker_session_timeout=settings.kafka_session_timeout,
+        broker_rebalance_timeout=settings.kafka_rebalance_timeout,
+        broker_heartbeat_interval=min(3.0, settings.kafka_session_timeout / 3),
+        broker_commit_interval=1.0,
+        stream_buffer_maxsize=4096,
+    )
+
+
+def dead_letter_sender(app: faust.App) -> DeadLetter:
+    """Send records the aggregator cannot read to ``tally.events.dlq`` with the reason."""
+    topic = app.topic(topics.DEAD_LETTERS, key_type=bytes, value_type=bytes)
+
+    async def send(record: Record, reason: str) -> None:
+        payload = {
+            "reason": reason,
+            "topic": record.topic,
+            "partition": record.partition,
+            "offset": record.offset,
+            "value": record.value.decode(errors="replace"),
+        }
+        await topic.send(value=orjson.dumps(payload))
+
+    return send
+
+
+def attach(app: faust.App, settings: Settings, processor: BatchProcessor) -> None:
+    """Register the aggregating agent and the lag reporter on ``app``."""
+    events = app.topic(topics.EVENTS, key_type=bytes, value_type=bytes)
+
+    @app.agent(events, name="aggregate")
+    async def aggregate(stream: faust.StreamT[bytes]) -> None:
+        async for batch in stream.take_events(  # type: ignore[attr-defined]
+            settings.aggregator_batch_records, within=settings.aggregator_batch_seconds
+        ):
+            records = [_record(event) for event in batch]
+            await _finish(_process_until_done(processor, records))
+
+    @app.timer(interval=2.0)  # type: ignore[untyped-decorator]
+    async def report_lag() -> None:
+        for tp in app.consumer.assignment():
+            high = app.consumer.highwater(tp)
+            position = processor.positions.get((tp.topic, tp.partition))
+            if high is not None and position is not None:
+                metrics.CONSUMER_LAG.labels(str(tp.partition)).set(max(0, high - position - 1))
+
+
+def _record(event: Any) -> Record:
+    message = event.message
+    return Record(message.topic, message.partition, message.offset, message.value)
+
+
+async def _process_until_done(processor: BatchProcessor, records: Sequence[Record]) -> None:
+    backoff = 0.1
+    while True:
+        try:
+            await processor.process(records)
+            return
+        except Exception as exc:
+            log.error(
+                "batch failed; retrying", error=repr(exc), records=len(records), backoff=backoff
+            )
+            await asyncio.sleep(backoff)
+            backoff = min(MAX_BACKOFF_SECONDS, backoff * 2)
+
+
+async def _finish(work: Any) -> None:
+    """Run ``work`` to the end even if we are cancelled meanwhile, then re-raise."""
+    task = asyncio.ensure_future(work)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise

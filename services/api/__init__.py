@@ -1,0 +1,1 @@
+"""The query API: usage per customer, meters; later enforcement, admin and dashboards."""

@@ -1,0 +1,1 @@
+"""Billing: rollups of raw events into PostgreSQL today; rating, invoices and Stripe later."""

@@ -1,0 +1,1 @@
+"""What every service needs: settings, logging, metrics and clients for the stores."""

@@ -1,0 +1,159 @@
+"""ClickHouse behind one small interface: chDB in-process, or a server via clickhouse-connect.
+
+The same SQL runs on both.  Parameters use ClickHouse's own ``{name:Type}`` binding;
+rows travel as JSONEachRow in and JSONCompactEachRow out, with decimals quoted, so that
+no value passes through a float on either path.  Calls block: async callers wrap them
+in ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import jiter
+import orjson
+
+from services.common.settings import Settings
+
+DDL = Path(__file__).resolve().parents[2] / "infra" / "clickhouse"
+_READ_SETTINGS = {
+    "output_format_json_quote_decimals": 1,
+    "output_format_json_quote_64bit_integers": 0,
+}
+_INSERT_SETTINGS = {"date_time_input_format": "best_effort"}
+
+
+class ClickHouse(Protocol):
+    database: str
+
+    def command(self, sql: str, params: Mapping[str, Any] | None = None) -> None: ...
+
+    def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[list[Any]]:
+        """Rows as lists of JSON values; decimals come back as strings."""
+        ...
+
+    def insert(self, table: str, columns: Sequence[str], rows: bytes) -> None:
+        """Insert JSONEachRow ``rows`` (see ``json_each_row``) into ``table``."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def json_each_row(rows: Sequence[Mapping[str, Any]]) -> bytes:
+    """Encode rows for ``insert``; Decimals become strings, datetimes ISO 8601."""
+    return b"\n".join(orjson.dumps(row, default=str) for row in rows)
+
+
+def _parse_rows(raw: bytes) -> list[list[Any]]:
+    return [jiter.from_json(line) for line in raw.splitlines() if line]
+
+
+def _settings_clause(settings: Mapping[str, Any]) -> str:
+    return " SETTINGS " + ", ".join(f"{k}={v!r}" for k, v in settings.items())
+
+
+class ChdbClickHouse:
+    """chDB: the ClickHouse engine in this process. One process may open a path at a time."""
+
+    def __init__(self, path: Path, database: str) -> None:
+        from chdb import session  # imported lazily: it loads a large shared library
+
+        path.mkdir(parents=True, exist_ok=True)
+        self.database = database
+        self._session = session.Session(str(path))  # type: ignore[no-untyped-call]
+        self._lock = threading.Lock()
+
+    def _run(self, sql: str, fmt: str, params: Mapping[str, Any] | None) -> bytes:
+        with self._lock:
+            result = self._session.query(sql, fmt, params=_chdb_params(params))  # type: ignore[no-untyped-call]
+        error = getattr(result, "error_message", lambda: "")()
+        if error:
+            raise ClickHouseError(error)
+        return bytes(result.bytes())
+
+    def command(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
+        self._run(sql, "CSV", params)
+
+    def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[list[Any]]:
+        return _parse_rows(
+            self._run(sql + _settings_clause(_READ_SETTINGS), "JSONCompactEachRow", params)
+        )
+
+    def insert(self, table: str, columns: Sequence[str], rows: bytes) -> None:
+        if not rows:
+            return
+        head = (
+            f"INSERT INTO {table} ({', '.join(columns)})"
+            f"{_settings_clause(_INSERT_SETTINGS)} FORMAT JSONEachRow\n"
+        )
+        self._run(head + rows.decode(), "CSV", None)
+
+    def close(self) -> None:
+        with self._lock:
+            self._session.close()  # type: ignore[no-untyped-call]
+
+
+def _chdb_params(params: Mapping[str, Any] | None) -> dict[str, str]:
+    """chDB takes parameter values as text in ClickHouse's escaped form."""
+    return {k: _chdb_literal(v) for k, v in (params or {}).items()}
+
+
+def _chdb_literal(value: Any, nested: bool = False) -> str:
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_chdb_literal(v, nested=True) for v in value) + "]"
+    text = str(value)
+    if not nested:
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+class ServerClickHouse:
+    """A ClickHouse server over HTTP (clickhouse-connect)."""
+
+    def __init__(self, url: str, database: str) -> None:
+        import clickhouse_connect
+
+        self.database = database
+        self._client = clickhouse_connect.get_client(dsn=url, autogenerate_session_id=False)
+
+    def command(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
+        self._client.command(sql, parameters=dict(params or {}))
+
+    def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[list[Any]]:
+        raw = self._client.raw_query(
+            sql, parameters=dict(params or {}), settings=_READ_SETTINGS, fmt="JSONCompactEachRow"
+        )
+        return _parse_rows(raw)
+
+    def insert(self, table: str, columns: Sequence[str], rows: bytes) -> None:
+        if rows:
+            self._client.raw_insert(
+                table,
+                list(columns),
+                insert_block=rows,
+                settings=_INSERT_SETTINGS,
+                fmt="JSONEachRow",
+            )
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class ClickHouseError(RuntimeError):
+    pass
+
+
+def connect(settings: Settings) -> ClickHouse:
+    if settings.clickhouse_url:
+        return ServerClickHouse(settings.clickhouse_url, settings.clickhouse_database)
+    return ChdbClickHouse(settings.chdb_path, settings.clickhouse_database)
+
+
+def create_schema(client: ClickHouse) -> None:
+    """Create the database and apply every DDL file in ``infra/clickhouse`` (idempotent)."""
+    client.command(f"CREATE DATABASE IF NOT EXISTS {client.database}")
+    for ddl in sorted(DDL.glob("*.sql")):
+        client.command(ddl.read_text().replace("{database}", client.database))

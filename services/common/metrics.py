@@ -1,0 +1,53 @@
+"""Prometheus metrics shared by all services, registered once per process.
+
+Services that run together in ``tally up`` expose one ``/metrics`` page with all of them.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from starlette.requests import Request
+from starlette.responses import Response
+
+EVENTS_ACCEPTED = Counter("tally_ingest_events_accepted_total", "Events accepted by ingest")
+EVENTS_REJECTED = Counter(
+    "tally_ingest_events_rejected_total", "Events rejected by ingest", ["reason"]
+)
+EVENTS_DUPLICATE_IN_REQUEST = Counter(
+    "tally_ingest_events_duplicate_total", "Events repeated within one ingest request"
+)
+INGEST_REQUEST_EVENTS = Histogram(
+    "tally_ingest_request_events",
+    "Events per ingest request",
+    buckets=(1, 10, 100, 500, 1000, 5000, 10000),
+)
+PUBLISH_SECONDS = Histogram("tally_ingest_publish_seconds", "Time to get Kafka acks for a request")
+
+AGGREGATED_EVENTS = Counter(
+    "tally_aggregator_events_total", "Events processed by the aggregator", ["outcome"]
+)
+AGGREGATOR_BATCH_RECORDS = Histogram(
+    "tally_aggregator_batch_records",
+    "Kafka records per aggregator batch",
+    buckets=(1, 5, 10, 50, 100, 200, 500, 1000),
+)
+AGGREGATOR_BATCH_EVENTS = Histogram(
+    "tally_aggregator_batch_events",
+    "Events per aggregator batch",
+    buckets=(1, 10, 100, 1000, 5000, 10000, 50000),
+)
+SINK_SECONDS = Histogram("tally_sink_seconds", "Time to write one batch to a sink", ["sink"])
+CONSUMER_LAG = Gauge(
+    "tally_aggregator_consumer_lag", "Records behind the partition's end", ["partition"]
+)
+REPLAYED_RECORDS = Counter(
+    "tally_aggregator_replayed_records_total",
+    "Records skipped by the Redis sink because their offset was already applied",
+)
+
+ROLLUP_ROWS = Counter("tally_rollup_rows_total", "usage_daily/monthly rows written")
+ROLLUP_SECONDS = Histogram("tally_rollup_seconds", "Time for one rollup pass")
+
+
+async def metrics_endpoint(_: Request) -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,89 @@
+"""RFC 9457 problem details: every error Tally answers with has this shape."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+PROBLEM_JSON = "application/problem+json"
+TYPE_BASE = "https://tally.dev/problems/"
+
+
+class Problem(Exception):
+    """An error to answer with ``application/problem+json``.
+
+    ``slug`` names the problem type (``type`` becomes ``TYPE_BASE + slug``); ``extra``
+    holds members specific to it, such as the failing ``errors``.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        slug: str,
+        title: str,
+        detail: str,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.slug = slug
+        self.title = title
+        self.detail = detail
+        self.headers = headers or {}
+        self.extra = extra
+
+    def body(self, instance: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "type": TYPE_BASE + self.slug,
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+        }
+        if instance:
+            body["instance"] = instance
+        return body | self.extra
+
+    def response(self, instance: str | None = None) -> Response:
+        return Response(
+            orjson.dumps(self.body(instance), default=str),
+            status_code=self.status,
+            media_type=PROBLEM_JSON,
+            headers=self.headers,
+        )
+
+
+async def problem_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, Problem)
+    return exc.response(instance=request.url.path)
+
+
+def field_path(loc: tuple[int | str, ...]) -> str:
+    """``("data", "value")`` → ``"data.value"``; list indexes as ``[3]``."""
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
+async def request_validation_handler(request: Request, exc: Exception) -> Response:
+    """FastAPI's 422 for bad parameters, as problem+json naming each field."""
+    errors = [
+        {"field": field_path(tuple(e["loc"])), "reason": e["msg"]}
+        for e in getattr(exc, "errors", list)()
+    ]
+    fields = ", ".join(e["field"] for e in errors)
+    return Problem(
+        422, "invalid-request", "Invalid request", f"invalid: {fields}", errors=errors
+    ).response(instance=request.url.path)
+
+
+def install(app: Any) -> None:
+    """Register the problem+json handlers on a FastAPI/Starlette app."""
+    from fastapi.exceptions import RequestValidationError
+
+    app.add_exception_handler(Problem, problem_handler)
+    app.add_exception_handler(RequestValidationError, request_validation_handler)

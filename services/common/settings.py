@@ -1,0 +1,92 @@
+"""Configuration, from environment variables (and a ``.env`` file), validated once.
+
+Store URLs use their conventional names (``DATABASE_URL``, ``REDIS_URL``,
+``KAFKA_BOOTSTRAP_SERVERS``, ``CLICKHOUSE_URL``); everything else is ``TALLY_*``.
+An unset Kafka or ClickHouse URL means "embedded": a Tansu broker started by Tally and
+chDB in-process.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _alias(name: str) -> AliasChoices:
+    return AliasChoices(name, f"TALLY_{name}")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TALLY_", env_file=".env", extra="ignore")
+
+    database_url: str = Field(
+        "postgresql://postgres@127.0.0.1:5432/tally", validation_alias=_alias("DATABASE_URL")
+    )
+    redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias=_alias("REDIS_URL"))
+    kafka_bootstrap_servers: str | None = Field(
+        None, validation_alias=_alias("KAFKA_BOOTSTRAP_SERVERS")
+    )
+    clickhouse_url: str | None = Field(None, validation_alias=_alias("CLICKHOUSE_URL"))
+    clickhouse_database: str = "tally"
+
+    data_dir: Path = Path(".tally")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    ingest_tokens: Annotated[list[str], NoDecode] = ["dev-ingest-token"]
+    max_batch_events: int = 10_000
+    max_body_bytes: int = 10 * 1024 * 1024
+    future_tolerance_seconds: int = 300
+    backfill_days: int = 35
+
+    events_partitions: int = 8
+    consumer_group: str = "tally-aggregator"
+    kafka_incarnation: str = ""
+    kafka_session_timeout: float = 10.0
+    kafka_rebalance_timeout: float = 3.0
+    aggregator_batch_records: int = 200
+    aggregator_batch_seconds: float = 0.05
+    dedupe_window_hours: int = 24
+    meter_refresh_seconds: float = 5.0
+
+    rollup_interval_seconds: float = 60.0
+    rollup_safety_lag_seconds: float = 5.0
+
+    catalog_path: Path | None = None
+
+    @field_validator("ingest_tokens", mode="before")
+    @classmethod
+    def _comma_separated(cls, raw: object) -> object:
+        return [t.strip() for t in raw.split(",") if t.strip()] if isinstance(raw, str) else raw
+
+    @property
+    def future_tolerance(self) -> timedelta:
+        return timedelta(seconds=self.future_tolerance_seconds)
+
+    @property
+    def backfill_window(self) -> timedelta:
+        return timedelta(days=self.backfill_days)
+
+    @property
+    def dedupe_window(self) -> timedelta:
+        return timedelta(hours=self.dedupe_window_hours)
+
+    @property
+    def embedded_kafka(self) -> bool:
+        return self.kafka_bootstrap_servers is None
+
+    @property
+    def chdb_path(self) -> Path:
+        return self.data_dir / "chdb"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,1 @@
+"""Ingest: CloudEvents over HTTP in, per-customer envelopes into Kafka out."""

@@ -1,0 +1,173 @@
+"""``POST /v1/events``: CloudEvents in, 202 once Kafka holds them.
+
+Answers:
+- 202 with a per-event result when at least one event was accepted (or was a repeat
+  within the request); rejected ones are listed with the field and reason, and copied
+  to the dead-letter topic;
+- 422 when every event was rejected; 400 for malformed JSON; 401 without a valid token;
+  413 over the size or count limit; 415 for other content types; 503 when Kafka did not
+  acknowledge (nothing is reported accepted, so the client's retry is safe: duplicates
+  are dropped downstream by (source, id)).
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+import uuid
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+
+from schemas.events import utcnow
+from services.common import metrics
+from services.common.logging import get_logger
+from services.common.problems import Problem
+from services.common.settings import Settings
+from services.ingest import parsing
+from services.ingest.parsing import Status, TimeBounds
+from services.ingest.publisher import Publisher
+
+log = get_logger("tally.ingest")
+
+
+class Ingest:
+    """What the ingest route needs, built once per process."""
+
+    def __init__(self, settings: Settings, publisher: Publisher) -> None:
+        self.settings = settings
+        self.publisher = publisher
+        self.bounds = TimeBounds(settings.future_tolerance, settings.backfill_window)
+        self._tokens = [t.encode() for t in settings.ingest_tokens]
+
+    def authenticate(self, authorization: str | None) -> None:
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise _unauthorized("send an emitter token as 'Authorization: Bearer <token>'")
+        given = token.strip().encode()
+        if not any(hmac.compare_digest(given, known) for known in self._tokens):
+            raise _unauthorized("the bearer token is not a valid emitter token")
+
+    async def read_body(self, request: Request) -> bytes:
+        limit = self.settings.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise _too_large(int(declared), limit)
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise _too_large(len(body), limit)
+        return bytes(body)
+
+
+def _unauthorized(detail: str) -> Problem:
+    return Problem(
+        401, "unauthorized", "Unauthorized", detail, headers={"WWW-Authenticate": "Bearer"}
+    )
+
+
+def _too_large(size: int, limit: int) -> Problem:
+    return Problem(
+        413,
+        "payload-too-large",
+        "Payload too large",
+        f"the body is {size} bytes or more; the limit is {limit} bytes ({limit // 2**20} MiB)",
+    )
+
+
+def router(ingest: Ingest) -> APIRouter:
+    api = APIRouter(tags=["ingest"])
+
+    async def authenticated(request: Request) -> None:
+        ingest.authenticate(request.headers.get("authorization"))
+
+    @api.post(
+        "/v1/events",
+        dependencies=[Depends(authenticated)],
+        status_code=202,
+        response_class=JSONResponse,
+        summary="Ingest usage events (CloudEvents 1.0, one or a batch)",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    kind: {"schema": {"$ref": "#/components/schemas/UsageEvent"}}
+                    for kind in parsing.CONTENT_TYPES
+                },
+            }
+        },
+    )
+    async def post_events(request: Request) -> Response:
+        kind = parsing.media_type(request.headers.get("content-type"))
+        body = await ingest.read_body(request)
+        raw_items = parsing.items(body, kind, ingest.settings.max_batch_events)
+        received_at = utcnow()
+        verdicts = parsing.judge(raw_items, ingest.bounds, received_at)
+        return await _publish(ingest, verdicts, received_at)
+
+    return api
+
+
+async def _publish(ingest: Ingest, verdicts: list[parsing.Verdict], received_at: Any) -> Response:
+    request_id = uuid.uuid4().hex
+    accepted = [v.event for v in verdicts if v.status is Status.ACCEPTED and v.event]
+    rejected = [v for v in verdicts if v.status is Status.REJECTED]
+    duplicates = len(verdicts) - len(accepted) - len(rejected)
+    metrics.INGEST_REQUEST_EVENTS.observe(len(verdicts))
+    started = time.perf_counter()
+    try:
+        await ingest.publisher.publish(accepted, received_at)
+    except Exception as exc:
+        log.error("kafka publish failed", error=repr(exc), events=len(accepted))
+        raise Problem(
+            503,
+            "broker-unavailable",
+            "Events not stored",
+            "Kafka did not acknowledge the events; none were accepted, retry the request",
+            headers={"Retry-After": "1"},
+        ) from exc
+    metrics.PUBLISH_SECONDS.observe(time.perf_counter() - started)
+    if rejected:
+        await _dead_letter(ingest, rejected, received_at, request_id)
+    _count(accepted, rejected, duplicates)
+    summary = {
+        "request_id": request_id,
+        "accepted": len(accepted),
+        "duplicates": duplicates,
+        "rejected": len(rejected),
+        "results": [v.summary() for v in verdicts],
+    }
+    if not accepted and not duplicates:
+        raise Problem(
+            422, "invalid-events", "Invalid events", _first_rejection(rejected), None, **summary
+        )
+    return Response(orjson.dumps(summary), status_code=202, media_type="application/json")
+
+
+async def _dead_letter(
+    ingest: Ingest, rejected: list[parsing.Verdict], received_at: Any, request_id: str
+) -> None:
+    try:
+        await ingest.publisher.dead_letter(rejected, received_at, request_id)
+    except Exception as exc:  # the accepted events are safe; losing a DLQ copy is logged
+        log.error("dead-letter publish failed", error=repr(exc), events=len(rejected))
+
+
+def _count(accepted: list[Any], rejected: list[parsing.Verdict], duplicates: int) -> None:
+    metrics.EVENTS_ACCEPTED.inc(len(accepted))
+    metrics.EVENTS_DUPLICATE_IN_REQUEST.inc(duplicates)
+    for verdict in rejected:
+        field = verdict.errors[0].field.split(".", 1)[0].split("[", 1)[0]
+        metrics.EVENTS_REJECTED.labels(field or "body").inc()
+
+
+def _first_rejection(rejected: list[parsing.Verdict]) -> str:
+    first = rejected[0].errors[0]
+    where = (
+        f"event {rejected[0].index}: {first.field}" if first.field else f"event {rejected[0].index}"
+    )
+    more = f" (and {len(rejected) - 1} more events)" if len(rejected) > 1 else ""
+    return f"{where} {first.reason}{more}"

@@ -1,0 +1,154 @@
+"""From a request body to events and per-event verdicts.
+
+The body is parsed once with jiter in decimal mode so that ``1.1`` stays exactly 1.1.
+Each item is then validated on its own: one bad event never spoils its batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+import jiter
+from pydantic import ValidationError
+
+from schemas.events import UsageEvent
+from services.common.problems import Problem, field_path
+
+SINGLE = "application/cloudevents+json"
+BATCH = "application/cloudevents-batch+json"
+JSON = "application/json"
+CONTENT_TYPES = (SINGLE, BATCH, JSON)
+
+
+class Status(StrEnum):
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True, slots=True)
+class FieldError:
+    field: str
+    reason: str
+
+
+@dataclass(slots=True)
+class Verdict:
+    index: int
+    status: Status
+    event: UsageEvent | None = None
+    raw: Any = None
+    errors: list[FieldError] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"index": self.index, "status": self.status.value}
+        ident = self.event.id if self.event else _raw_id(self.raw)
+        if ident is not None:
+            body["id"] = ident
+        if self.errors:
+            body["errors"] = [{"field": e.field, "reason": e.reason} for e in self.errors]
+        return body
+
+
+@dataclass(frozen=True, slots=True)
+class TimeBounds:
+    """Event times ingest accepts: not too far ahead, not older than the backfill window."""
+
+    future_tolerance: timedelta
+    backfill_window: timedelta
+
+    def check(self, event: UsageEvent, now: datetime) -> FieldError | None:
+        if event.time > now + self.future_tolerance:
+            seconds = int(self.future_tolerance.total_seconds())
+            return FieldError("time", f"is more than {seconds} s in the future")
+        if event.time < now - self.backfill_window:
+            return FieldError(
+                "time", f"is older than the {self.backfill_window.days}-day backfill window"
+            )
+        return None
+
+
+def media_type(content_type: str | None) -> str:
+    kind = (content_type or "").split(";", 1)[0].strip().lower()
+    if kind not in CONTENT_TYPES:
+        raise Problem(
+            415,
+            "unsupported-media-type",
+            "Unsupported media type",
+            f"Content-Type {kind or '(none)'!r} is not accepted; send one of "
+            + ", ".join(CONTENT_TYPES),
+        )
+    return kind
+
+
+def items(body: bytes, kind: str, max_events: int) -> list[Any]:
+    """The raw items of a request: one for a single event, the array for a batch."""
+    if not body.strip():
+        raise Problem(400, "malformed-json", "Malformed JSON", "the request body is empty")
+    try:
+        parsed = jiter.from_json(body, float_mode="decimal")
+    except ValueError as exc:
+        raise Problem(
+            400, "malformed-json", "Malformed JSON", f"body is not valid JSON: {exc}"
+        ) from exc
+    if kind == SINGLE or (kind == JSON and isinstance(parsed, dict)):
+        if not isinstance(parsed, dict):
+            raise Problem(
+                400, "malformed-json", "Malformed JSON", f"{SINGLE} must hold one JSON object"
+            )
+        return [parsed]
+    if not isinstance(parsed, list):
+        raise Problem(
+            400, "malformed-json", "Malformed JSON", f"{kind} must hold a JSON array of events"
+        )
+    if len(parsed) > max_events:
+        raise Problem(
+            413,
+            "batch-too-large",
+            "Batch too large",
+            f"the batch holds {len(parsed)} events; the limit is {max_events} per request",
+        )
+    if not parsed:
+        raise Problem(400, "empty-batch", "Empty batch", "the batch holds no events")
+    return parsed
+
+
+def judge(raw_items: list[Any], bounds: TimeBounds, now: datetime) -> list[Verdict]:
+    """Validate every item; mark repeats of an earlier (source, id) in the same request."""
+    seen: set[tuple[str, str]] = set()
+    verdicts = []
+    for index, raw in enumerate(raw_items):
+        verdict = _judge_one(index, raw, bounds, now)
+        if verdict.event is not None:
+            if verdict.event.key in seen:
+                verdict.status = Status.DUPLICATE
+            seen.add(verdict.event.key)
+        verdicts.append(verdict)
+    return verdicts
+
+
+def _judge_one(index: int, raw: Any, bounds: TimeBounds, now: datetime) -> Verdict:
+    if not isinstance(raw, dict):
+        return Verdict(
+            index, Status.REJECTED, raw=raw, errors=[FieldError("", "must be a JSON object")]
+        )
+    try:
+        event = UsageEvent.model_validate(raw)
+    except ValidationError as exc:
+        errors = [FieldError(field_path(tuple(e["loc"])), _reason(e)) for e in exc.errors()]
+        return Verdict(index, Status.REJECTED, raw=raw, errors=errors)
+    if problem := bounds.check(event, now):
+        return Verdict(index, Status.REJECTED, event=event, raw=raw, errors=[problem])
+    return Verdict(index, Status.ACCEPTED, event=event, raw=raw)
+
+
+def _reason(error: Any) -> str:
+    message = str(error["msg"])
+    return message.removeprefix("Value error, ")
+
+
+def _raw_id(raw: Any) -> Any:
+    return raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else None

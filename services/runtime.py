@@ -1,0 +1,163 @@
+"""The process a ``tally`` command runs: the stores it opens, the services it hosts.
+
+Every command is the same shape: open what the chosen services need (once, shared),
+start them, serve their routes plus ``/healthz``, ``/readyz`` and ``/metrics`` over HTTP,
+and on Ctrl-C stop them in reverse order so that buffers are flushed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+
+import uvicorn
+from aiokafka import AIOKafkaProducer
+from fastapi import APIRouter, FastAPI
+from psycopg_pool import AsyncConnectionPool
+from redis.asyncio import Redis
+
+from schemas.catalog import Catalog
+from services.common import broker, catalog, clickhouse, kafka, postgres, problems
+from services.common import redis as redis_client
+from services.common.clickhouse import ClickHouse
+from services.common.health import Check, health_router
+from services.common.logging import get_logger
+from services.common.settings import Settings
+
+log = get_logger("tally")
+
+
+@dataclass
+class Component:
+    """What one service contributes to the process."""
+
+    name: str
+    routers: list[APIRouter] = field(default_factory=list)
+    checks: dict[str, Check] = field(default_factory=dict)
+
+
+class Runtime:
+    """Lazily opened, shared connections; closed in reverse order by ``aclose``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stack = AsyncExitStack()
+        self._bootstrap: str | None = settings.kafka_bootstrap_servers
+        self.kafka_incarnation = settings.kafka_incarnation
+        self._pool: AsyncConnectionPool | None = None
+        self._redis: Redis | None = None
+        self._clickhouse: ClickHouse | None = None
+        self._producer: AIOKafkaProducer | None = None
+
+    async def __aenter__(self) -> Runtime:
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stack.aclose()
+
+    async def bootstrap_servers(self) -> str:
+        if self._bootstrap is None:
+            embedded = broker.EmbeddedBroker(log_path=self.settings.data_dir / "tansu.log")
+            await asyncio.to_thread(embedded.start)
+            self.stack.callback(embedded.stop)
+            self._bootstrap = embedded.bootstrap_servers
+            self.kafka_incarnation = f"embedded-{uuid.uuid4().hex[:12]}"
+            log.info("embedded kafka (tansu) started", bootstrap=self._bootstrap)
+            await kafka.ensure_topics(self._bootstrap, self.settings.events_partitions)
+        return self._bootstrap
+
+    async def prepare(self) -> None:
+        """Create databases and schemas, run migrations, load the catalog."""
+        url = self.settings.database_url
+        await asyncio.to_thread(postgres.ensure_database, url)
+        await asyncio.to_thread(postgres.migrate, url)
+        path = self.settings.catalog_path
+        await catalog.load(
+            await self.pool(), Catalog.from_file(path) if path else Catalog.default()
+        )
+        await asyncio.to_thread(clickhouse.create_schema, self.clickhouse())
+        if self.settings.kafka_bootstrap_servers:
+            await kafka.ensure_topics(
+                await self.bootstrap_servers(), self.settings.events_partitions
+            )
+
+    async def pool(self) -> AsyncConnectionPool:
+        if self._pool is None:
+            self._pool = await postgres.open_pool(self.settings.database_url)
+            self.stack.push_async_callback(self._pool.close)
+        return self._pool
+
+    def redis(self) -> Redis:
+        if self._redis is None:
+            self._redis = redis_client.connect(self.settings.redis_url)
+            self.stack.push_async_callback(self._redis.aclose)
+        return self._redis
+
+    def clickhouse(self) -> ClickHouse:
+        if self._clickhouse is None:
+            self._clickhouse = clickhouse.connect(self.settings)
+            self.stack.callback(self._clickhouse.close)
+        return self._clickhouse
+
+    async def producer(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            self._producer = await kafka.start_producer(await self.bootstrap_servers())
+            self.stack.push_async_callback(self._producer.stop)
+        return self._producer
+
+    # readiness checks shared by the services that use each store
+    def check_postgres(self) -> Check:
+        async def check() -> None:
+            async with (await self.pool()).connection() as conn:
+                await conn.execute("SELECT 1")
+
+        return check
+
+    def check_redis(self) -> Check:
+        return self.redis().ping
+
+    def check_clickhouse(self) -> Check:
+        return lambda: asyncio.to_thread(self.clickhouse().query, "SELECT 1")
+
+
+def http_app(components: list[Component], title: str = "Tally") -> FastAPI:
+    app = FastAPI(
+        title=title,
+        version="0.1.0",
+        description="Usage metering, limits and billing for companies that sell API access.",
+    )
+    problems.install(app)
+    checks: dict[str, Check] = {}
+    for component in components:
+        for router in component.routers:
+            app.include_router(router)
+        checks |= {f"{component.name}.{k}": v for k, v in component.checks.items()}
+    app.include_router(health_router(checks))
+    return app
+
+
+async def serve(
+    runtime: Runtime,
+    starters: list[Callable[[Runtime], Awaitable[Component]]],
+    port: int | None = None,
+) -> None:
+    """Start the services, serve HTTP until interrupted; the caller's ``async with
+    runtime`` then stops everything in reverse order, flushing on the way."""
+    settings = runtime.settings
+    components = [await start(runtime) for start in starters]
+    app = http_app(components)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=port or settings.port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        lifespan="off",
+    )
+    log.info("serving", services=[c.name for c in components], port=config.port)
+    await uvicorn.Server(config).serve()
+    log.info("stopping: flushing and closing")
