@@ -41,6 +41,37 @@ def _utc(moment: datetime) -> datetime:
 UtcDatetime = Annotated[AwareDatetime, AfterValidator(_utc)]
 NonEmpty = Annotated[str, Field(min_length=1, max_length=256)]
 
+# What a JSON emitter may send as ``value`` when it sends a string: up to 12 integer
+# digits and 6 decimal places (trailing zeros beyond are harmless).  Validation itself
+# accepts any string Decimal parses; this is the documented, portable subset.
+VALUE_STRING_PATTERN = r"^0*[0-9]{1,12}(\.[0-9]{0,6}0*)?$"
+
+
+def _event_data_schema(schema: dict[str, Any]) -> None:
+    """Document in JSON Schema what ``EventData``'s validators enforce."""
+    schema["properties"]["value"] = {
+        "title": "Value",
+        "description": (
+            f"A non-negative decimal below 10^12 with at most {VALUE_DECIMALS} decimal "
+            "places, as a JSON number or a numeric string (a string keeps every digit)."
+        ),
+        "default": 1,
+        "anyOf": [
+            {"type": "number", "minimum": 0, "exclusiveMaximum": int(MAX_VALUE)},
+            {"type": "string", "pattern": VALUE_STRING_PATTERN},
+        ],
+    }
+    schema["propertyNames"] = {"pattern": DIMENSION_NAME_PATTERN}
+    schema["additionalProperties"] = {
+        "description": "A dimension; numbers and booleans are stored as strings.",
+        "type": ["string", "number", "boolean"],
+        "maxLength": MAX_DIMENSION_LENGTH,
+    }
+    # ``value`` plus at most MAX_DIMENSIONS dimensions.
+    schema["if"] = {"required": ["value"]}
+    schema["then"] = {"maxProperties": MAX_DIMENSIONS + 1}
+    schema["else"] = {"maxProperties": MAX_DIMENSIONS}
+
 
 class EventData(BaseModel):
     """The payload: a decimal ``value`` plus string dimensions (endpoint, method, status…).
@@ -50,7 +81,7 @@ class EventData(BaseModel):
     objects and arrays are refused, because a meter can only group by a flat string.
     """
 
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(extra="allow", frozen=True, json_schema_extra=_event_data_schema)
 
     value: Decimal = Decimal(1)
 

@@ -138,3 +138,7 @@ def _day(option: str, text: str) -> date:
         return date.fromisoformat(text)
     except ValueError as exc:
         raise typer.BadParameter(f"{option} must be a date as YYYY-MM-DD, got {text!r}") from exc
+
+
+if __name__ == "__main__":
+    app()

@@ -8,8 +8,10 @@ and on Ctrl-C stop them in reverse order so that buffers are flushed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
@@ -124,6 +126,23 @@ class Runtime:
         return lambda: asyncio.to_thread(self.clickhouse().query, "SELECT 1")
 
 
+class _Server(uvicorn.Server):
+    """uvicorn re-raises SIGINT/SIGTERM once it has stopped serving, which would cut our
+    own shutdown short; here a signal only asks it to stop, and the process then closes
+    its services in order and exits 0."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.handle_exit, sig, None)
+        try:
+            yield
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+
 def http_app(components: list[Component], title: str = "Tally") -> FastAPI:
     app = FastAPI(
         title=title,
@@ -159,5 +178,5 @@ async def serve(
         lifespan="off",
     )
     log.info("serving", services=[c.name for c in components], port=config.port)
-    await uvicorn.Server(config).serve()
+    await _Server(config).serve()
     log.info("stopping: flushing and closing")

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from services.aggregator import worker
 from services.aggregator.clickhouse_sink import ClickHouseSink
 from services.aggregator.dedupe import DedupeWindow
 from services.aggregator.meters import MeterCache
 from services.aggregator.processor import BatchProcessor
 from services.aggregator.redis_sink import RedisSink
+from services.common import clickhouse
 from services.runtime import Component, Runtime
 
 
 async def start(runtime: Runtime) -> Component:
     settings = runtime.settings
     bootstrap = await runtime.bootstrap_servers()
+    await asyncio.to_thread(clickhouse.create_schema, runtime.clickhouse())
     meters = MeterCache(await runtime.pool(), settings.meter_refresh_seconds)
     await meters.start()
     runtime.stack.push_async_callback(meters.stop)

@@ -1,8 +1,9 @@
 """Usage over time for one customer and meter, never computed from raw events.
 
-Buckets the rollup has not closed yet (they end after its watermark) are read from the
-aggregator's Redis counters; closed ones from ``usage_daily`` / ``usage_monthly``.
-Minute and hour buckets only exist in Redis, for as long as their retention lasts.
+Buckets still inside their Redis retention are read from the aggregator's live
+counters, which are exact and current to the second.  Older day and month buckets —
+and live ones Redis has lost, after a flush — come from the ``usage_daily`` /
+``usage_monthly`` rollups.  Minute and hour buckets only exist in Redis.
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ from redis.asyncio import Redis
 from schemas import redis_keys
 from schemas.catalog import Meter
 from schemas.events import from_micros
-from schemas.windows import Window, bucket_id, buckets, next_bucket
-from services.common import watermark as watermarks
+from schemas.windows import Window, bucket_expiry, bucket_id, buckets, next_bucket
 
 MAX_BUCKETS = 2000
 
@@ -31,7 +31,6 @@ class Point:
     end: datetime
     value: Decimal
     groups: dict[str, str] | None
-    source: str
 
     def as_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -60,31 +59,29 @@ class UsageReader:
         now: datetime,
     ) -> list[Point]:
         starts = list(buckets(window, start, end))
-        watermark = (
-            await watermarks.read(self._pool) if window in (Window.DAY, Window.MONTH) else None
-        )
-        live = [s for s in starts if watermark is None or next_bucket(window, s) > watermark]
-        closed = [s for s in starts if s not in set(live)]
-        found = await self._from_redis(customer, meter, window, live, grouped)
-        found |= await self._from_rollups(customer, meter, window, closed, grouped)
+        live = [s for s in starts if bucket_expiry(window, s) > now]
+        found = await self._from_redis(customer, meter, window, live)
+        if window in (Window.DAY, Window.MONTH):
+            missing = [s for s in starts if s not in found]
+            found |= await self._from_rollups(customer, meter, window, missing, grouped)
         points = []
         for bucket in starts:
             end_ = next_bucket(window, bucket)
-            source = "redis" if bucket in live else "rollup"
             cells = found.get(bucket, {})
             if not grouped:
                 value = cells.get(redis_keys.TOTAL, Decimal(0))
-                points.append(Point(bucket, end_, value, None, source))
+                points.append(Point(bucket, end_, value, None))
                 continue
             for field, value in sorted(cells.items()):
                 if field != redis_keys.TOTAL:
                     groups = dict(zip(meter.group_by, redis_keys.parse_group(field), strict=True))
-                    points.append(Point(bucket, end_, value, groups, source))
+                    points.append(Point(bucket, end_, value, groups))
         return points
 
     async def _from_redis(
-        self, customer: str, meter: Meter, window: Window, starts: Sequence[datetime], grouped: bool
+        self, customer: str, meter: Meter, window: Window, starts: Sequence[datetime]
     ) -> dict[datetime, dict[str, Decimal]]:
+        """Buckets Redis holds; a bucket without a key is left out, not reported as 0."""
         if not starts:
             return {}
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -95,6 +92,8 @@ class UsageReader:
             hashes = await pipe.execute()
         found: dict[datetime, dict[str, Decimal]] = {}
         for bucket, raw in zip(starts, hashes, strict=True):
+            if not raw:
+                continue
             found[bucket] = {
                 field.decode(): from_micros(int(value))
                 for field, value in raw.items()

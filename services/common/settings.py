@@ -22,7 +22,9 @@ def _alias(name: str) -> AliasChoices:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="TALLY_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="TALLY_", env_file=".env", extra="ignore", populate_by_name=True
+    )
 
     database_url: str = Field(
         "postgresql://postgres@127.0.0.1:5432/tally", validation_alias=_alias("DATABASE_URL")

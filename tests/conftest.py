@@ -1,0 +1,150 @@
+"""Real services for the tests.
+
+PostgreSQL and Redis are the machine's own (``TALLY_TEST_DATABASE_URL``,
+``TALLY_TEST_REDIS_URL``); each test session gets a fresh database.  Kafka and ClickHouse
+come from testcontainers when a Docker engine answers, else from the embedded Tansu
+broker and chDB — the same fallbacks ``tally up`` uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg_pool import AsyncConnectionPool
+from redis.asyncio import Redis
+
+from schemas.catalog import Catalog
+from services.common import catalog, kafka, postgres
+from services.common.broker import EmbeddedBroker
+from services.common.settings import Settings
+
+ADMIN_URL = os.environ.get(
+    "TALLY_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_URL = os.environ.get("TALLY_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
+PARTITIONS = 4
+
+
+def docker_available() -> bool:
+    with contextlib.suppress(Exception):
+        import docker
+
+        return bool(docker.from_env(timeout=2).ping())
+    return False
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    if docker_available():
+        from testcontainers.kafka import KafkaContainer
+
+        with KafkaContainer("confluentinc/cp-kafka:7.6.0").with_kraft() as container:
+            bootstrap = container.get_bootstrap_server()
+            asyncio.run(kafka.ensure_topics(bootstrap, PARTITIONS))
+            yield bootstrap
+        return
+    with EmbeddedBroker() as broker:
+        asyncio.run(kafka.ensure_topics(broker.bootstrap_servers, PARTITIONS))
+        yield broker.bootstrap_servers
+
+
+@pytest.fixture(scope="session")
+def clickhouse_url() -> Iterator[str | None]:
+    """A ClickHouse server URL under Docker; ``None`` means chDB at a per-test path."""
+    if docker_available():
+        from testcontainers.clickhouse import ClickHouseContainer
+
+        with ClickHouseContainer("clickhouse/clickhouse-server:24.8") as container:
+            yield (
+                container.get_connection_url()
+                .replace("clickhouse://", "http://")
+                .replace(":9000", f":{container.get_exposed_port(8123)}")
+            )
+        return
+    yield None
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    name = f"tally_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = urlsplit(ADMIN_URL)._replace(path=f"/{name}").geturl()
+    postgres.migrate(url)
+    asyncio.run(_load_catalog(url))
+    yield url
+    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+async def _load_catalog(url: str) -> None:
+    async with AsyncConnectionPool(url, open=False) as pool:
+        await catalog.load(pool, Catalog.default())
+
+
+@pytest.fixture
+def settings(
+    tmp_path: Path, database_url: str, kafka_bootstrap: str, clickhouse_url: str | None
+) -> Settings:
+    return Settings(
+        database_url=database_url,
+        redis_url=REDIS_URL,
+        kafka_bootstrap_servers=kafka_bootstrap,
+        clickhouse_url=clickhouse_url,
+        clickhouse_database=f"tally_{uuid.uuid4().hex[:8]}" if clickhouse_url else "tally",
+        data_dir=tmp_path / "data",
+        events_partitions=PARTITIONS,
+        kafka_session_timeout=6.0,
+        kafka_incarnation=uuid.uuid4().hex[:8],
+        consumer_group=f"tally-test-{uuid.uuid4().hex[:8]}",
+        ingest_tokens=["test-token"],
+    )
+
+
+def env_for(settings: Settings) -> dict[str, str]:
+    """The environment that makes a ``tally`` subprocess use ``settings``' stores."""
+    env = {
+        "DATABASE_URL": settings.database_url,
+        "REDIS_URL": settings.redis_url,
+        "TALLY_DATA_DIR": str(settings.data_dir),
+        "TALLY_EVENTS_PARTITIONS": str(settings.events_partitions),
+        "TALLY_KAFKA_SESSION_TIMEOUT": str(settings.kafka_session_timeout),
+        "TALLY_KAFKA_INCARNATION": settings.kafka_incarnation,
+        "TALLY_CONSUMER_GROUP": settings.consumer_group,
+        "TALLY_INGEST_TOKENS": ",".join(settings.ingest_tokens),
+        "TALLY_CLICKHOUSE_DATABASE": settings.clickhouse_database,
+        "TALLY_LOG_LEVEL": "INFO",
+    }
+    if settings.kafka_bootstrap_servers:
+        env["KAFKA_BOOTSTRAP_SERVERS"] = settings.kafka_bootstrap_servers
+    if settings.clickhouse_url:
+        env["CLICKHOUSE_URL"] = settings.clickhouse_url
+    return env
+
+
+@pytest.fixture
+async def redis() -> AsyncIterator[Redis]:
+    client = Redis.from_url(REDIS_URL)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[AsyncConnectionPool]:
+    async with AsyncConnectionPool(database_url, open=False) as opened:
+        yield opened
+
+
+@pytest.fixture
+def tenant() -> str:
+    """A customer-id prefix no other test (or earlier run) uses."""
+    return f"t{uuid.uuid4().hex[:8]}"

@@ -1,0 +1,88 @@
+"""Helpers for tests that run Tally for real: subprocesses, polling, free ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from services.common.broker import free_port
+
+TALLY = [sys.executable, "-m", "services.cli"]
+
+
+class TallyProcess:
+    """A ``tally`` subcommand in its own process, on a free port, logging to a file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.port = free_port()
+        self.args = [*args, "--port", str(self.port)]
+        self.env = os.environ | env | {"TALLY_HOST": "127.0.0.1"}
+        self.log = log
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, ready_timeout: float = 90) -> TallyProcess:
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [*TALLY, *self.args], env=self.env, stdout=out, stderr=out, cwd=Path.cwd()
+            )
+        wait_for(self._ready, ready_timeout, f"{self.args[0]} ready", self.tail)
+        return self
+
+    def _ready(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"tally {self.args[0]} exited:\n{self.tail()}")
+        try:
+            return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def kill(self) -> None:
+        """kill -9: no flush, no commit, no goodbye."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 60) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                raise AssertionError(f"tally did not stop on {sig}:\n{self.tail()}") from None
+        return self.process.returncode
+
+    def tail(self, lines: int = 60) -> str:
+        if not self.log.exists():
+            return ""
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def wait_for(
+    condition: Callable[[], Any],
+    timeout: float,
+    what: str,
+    explain: Callable[[], str] = lambda: "",
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{explain()}")

@@ -1,0 +1,150 @@
+"""The whole pipeline, as a user runs it: ``tally up`` in its own process, events over HTTP.
+
+10,000 events for 50 customers, 5 % of them re-sent in later requests, 1 % invalid.
+Redis counters, the usage API, ``usage_daily``/``usage_monthly`` and the ClickHouse rows
+must all equal what the test computes on its own from the events it sent.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+from datetime import UTC, date, datetime, time, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+import orjson
+import psycopg
+import pytest
+import redis
+
+from schemas import redis_keys
+from schemas.events import from_micros, utcnow
+from schemas.windows import Window
+from services.common import clickhouse
+from services.common.settings import Settings
+from tests.conftest import env_for
+from tests.support import TallyProcess, wait_for
+from tests.workload import ENDPOINTS, Key, Workload, generate
+
+pytestmark = pytest.mark.slow
+METERS = ("api_calls", "compute_seconds", "storage_gb", "active_users")
+
+
+def test_ten_thousand_events_add_up_everywhere(
+    settings: Settings, tmp_path: Path, tenant: str
+) -> None:
+    env = env_for(settings) | {
+        "TALLY_ROLLUP_INTERVAL_SECONDS": "1",
+        "TALLY_ROLLUP_SAFETY_LAG_SECONDS": "0.5",
+    }
+    env.pop("KAFKA_BOOTSTRAP_SERVERS")  # `tally up` starts its own embedded broker
+    up = TallyProcess(["up"], env, tmp_path / "up.log").start()
+    try:
+        work = generate(tenant, customers=50, events=10_000, now=utcnow())
+        _send(up.url, work, settings.ingest_tokens[0])
+        wait_for(lambda: _redis_days(settings, work) == work.daily, 120, "Redis", up.tail)
+        _check_api(up.url, work)
+        wait_for(lambda: _rollups(settings, "usage_daily") == work.daily, 60, "usage_daily")
+        wait_for(lambda: _rollups(settings, "usage_monthly") == work.monthly, 60, "monthly")
+    finally:
+        code = up.stop(signal.SIGINT)
+    assert code == 0, up.tail()
+    _check_clickhouse(settings, work)
+
+
+def _send(url: str, work: Workload, token: str) -> None:
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    accepted = rejected = 0
+    with httpx.Client(base_url=url, headers=headers, timeout=30) as client:
+        for batch in work.requests(500, random.Random(2)):
+            answer = client.post("/v1/events", content=orjson.dumps(batch))
+            assert answer.status_code == 202, answer.text
+            accepted += answer.json()["accepted"]
+            rejected += answer.json()["rejected"]
+    assert rejected == len(work.invalid)
+    assert accepted == len(work.valid) + len(work.duplicates)
+
+
+def _redis_days(settings: Settings, work: Workload) -> dict[Key, Decimal]:
+    client = redis.Redis.from_url(settings.redis_url)
+    found: dict[Key, Decimal] = {}
+    for customer, meter, day, _ in {(k[0], k[1], k[2], "*") for k in work.daily}:
+        bucket = day.strftime("%Y%m%d")
+        fields = client.hgetall(redis_keys.counters(customer, meter, Window.DAY, bucket))
+        for raw_field, raw in fields.items():
+            name = raw_field.decode()
+            if name.endswith(redis_keys.TIME_SUFFIX):
+                continue
+            group = redis_keys.parse_group(name)
+            found[(customer, meter, day, group[0] if group else "*")] = from_micros(int(raw))
+    client.close()
+    return found
+
+
+def _check_api(url: str, work: Workload) -> None:
+    today = utcnow().date()
+    start = datetime.combine(today - timedelta(days=2), time(), UTC)
+    end = datetime.combine(today + timedelta(days=1), time(), UTC)
+    customers = sorted({k[0] for k in work.daily})
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for customer in customers[:10]:
+            for meter in METERS:
+                params = {
+                    "meter": meter,
+                    "window": "day",
+                    "from": start.isoformat(),
+                    "to": end.isoformat(),
+                }
+                body = client.get(f"/v1/customers/{customer}/usage", params=params).json()
+                for point in body["data"]:
+                    day = datetime.fromisoformat(point["start"]).date()
+                    want = work.daily.get((customer, meter, day, "*"), Decimal(0))
+                    assert Decimal(point["value"]) == want, (customer, meter, day)
+            grouped = client.get(
+                f"/v1/customers/{customer}/usage",
+                params={"meter": "api_calls", "window": "month", "group_by": "endpoint"},
+            ).json()["data"]
+            for point in grouped:
+                month = datetime.fromisoformat(point["start"]).date()
+                endpoint = point["groups"]["endpoint"]
+                assert endpoint in ENDPOINTS
+                assert (
+                    Decimal(point["value"])
+                    == work.monthly[(customer, "api_calls", month, endpoint)]
+                )
+
+
+def _rollups(settings: Settings, table: str) -> dict[Key, Decimal]:
+    column = "day" if table == "usage_daily" else "month"
+    with psycopg.connect(settings.database_url) as conn:
+        rows = conn.execute(
+            f"SELECT customer, meter, {column}, group_key, value FROM {table}"  # noqa: S608
+        ).fetchall()
+    found: dict[Key, Decimal] = {}
+    for customer, meter, bucket, group_key, value in rows:
+        group = redis_keys.parse_group(group_key)
+        found[(customer, meter, bucket, group[0] if group else "*")] = value
+    return {k: v.normalize() + 0 for k, v in found.items()}
+
+
+def _check_clickhouse(settings: Settings, work: Workload) -> None:
+    client = clickhouse.connect(settings)
+    try:
+        rows = client.query(
+            f"SELECT type, count(), toString(sum(value)) FROM {settings.clickhouse_database}.events"
+            " FINAL WHERE startsWith(customer, {tenant:String}) GROUP BY type",
+            {"tenant": work.valid[0]["subject"].split("-")[0]},
+        )
+    finally:
+        client.close()
+    want: dict[str, tuple[int, Decimal]] = {}
+    for event in work.valid:
+        count, total = want.get(event["type"], (0, Decimal(0)))
+        want[event["type"]] = (count + 1, total + Decimal(event["data"].get("value", 1)))
+    assert {t: (n, Decimal(s)) for t, n, s in rows} == want
+
+
+def _day(moment: datetime) -> date:
+    return moment.astimezone(UTC).date()
