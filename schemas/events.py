@@ -98,10 +98,10 @@ class EventData(BaseModel):
     @field_validator("value")
     @classmethod
     def _in_range(cls, value: Decimal) -> Decimal:
-        if not value.is_finite():
-            raise ValueError("value must be finite")
         if value < 0:
             raise ValueError("value must not be negative")
+        if value.is_zero():
+            value = Decimal(0)  # "-0" and "0.000" are plain zero
         if value >= MAX_VALUE:
             raise ValueError(f"value must be below {MAX_VALUE:,}")
         exponent = value.as_tuple().exponent
@@ -119,7 +119,7 @@ class EventData(BaseModel):
         if len(extra) > MAX_DIMENSIONS:
             raise ValueError(f"at most {MAX_DIMENSIONS} dimensions are allowed")
         for name, raw in extra.items():
-            if not _dimension_name.match(name):
+            if not _dimension_name.fullmatch(name):
                 raise ValueError(f"dimension name {name!r} must match {DIMENSION_NAME_PATTERN}")
             if isinstance(raw, dict | list) or raw is None:
                 raise ValueError(f"dimension {name!r} must be a string, number or boolean")

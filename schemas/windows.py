@@ -71,6 +71,8 @@ def bucket_expiry(window: Window, moment: datetime) -> datetime:
 
 def buckets(window: Window, start: datetime, end: datetime) -> Iterator[datetime]:
     """Starts of the buckets overlapping the half-open range [start, end)."""
+    if start >= end:
+        return
     current = bucket_start(window, start)
     while current < end:
         yield current

@@ -120,7 +120,7 @@ def _rollups(settings: Settings, table: str) -> dict[Key, Decimal]:
     column = "day" if table == "usage_daily" else "month"
     with psycopg.connect(settings.database_url) as conn:
         rows = conn.execute(
-            f"SELECT customer, meter, {column}, group_key, value FROM {table}"  # noqa: S608
+            f"SELECT customer, meter, {column}, group_key, value FROM {table}"
         ).fetchall()
     found: dict[Key, Decimal] = {}
     for customer, meter, bucket, group_key, value in rows:

@@ -12,8 +12,10 @@ from schemas.windows import Window, bucket_expiry, bucket_id, bucket_start, buck
 CET = timezone(timedelta(hours=1))
 
 
-def utc(*args: int) -> datetime:
-    return datetime(*args, tzinfo=UTC)
+def utc(
+    year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0
+) -> datetime:
+    return datetime(year, month, day, hour, minute, second, tzinfo=UTC)
 
 
 MOMENT = datetime(2026, 11, 3, 10, 15, 30, 123456, tzinfo=UTC)

@@ -9,6 +9,7 @@ within one window), and ClickHouse, the billing record, collapses on the full ke
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from hashlib import blake2b
@@ -31,7 +32,7 @@ class DedupeWindow:
 
     @property
     def bucket_seconds(self) -> int:
-        return max(1, int(self.window.total_seconds()) // self.parts)
+        return max(1, math.ceil(self.window.total_seconds() / self.parts))
 
     def current(self, now: datetime) -> int:
         return int(now.timestamp()) // self.bucket_seconds

@@ -37,10 +37,8 @@ for _ = 1, n do
   i = i + 1
 end
 if n > 0 then redis.call('EXPIREAT', KEYS[2], ARGV[4]) end
-for k = 3, #KEYS do
-  redis.call('EXPIREAT', KEYS[k], ARGV[i])
-  i = i + 1
-end
+local expiries = i
+i = i + #KEYS - 2
 while i <= #ARGV do
   local code, key = ARGV[i], KEYS[tonumber(ARGV[i + 1])]
   local field, value, at = ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
@@ -58,6 +56,9 @@ while i <= #ARGV do
     end
   end
   i = i + 5
+end
+for k = 3, #KEYS do
+  redis.call('EXPIREAT', KEYS[k], ARGV[expiries + k - 3])
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[5])

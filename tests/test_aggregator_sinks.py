@@ -1,0 +1,205 @@
+"""The aggregator's batch processor against real Redis and ClickHouse (chDB or server).
+
+Replays, client retries, zombie writers and unreadable records: the counters and the
+raw rows must come out exactly once each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+from redis.asyncio import Redis
+
+from schemas import envelope, redis_keys
+from schemas.catalog import Catalog, Meter
+from schemas.envelope import StoredEvent
+from schemas.events import from_micros, utcnow
+from schemas.windows import Window, bucket_id
+from services.aggregator.clickhouse_sink import ClickHouseSink
+from services.aggregator.dedupe import DedupeWindow
+from services.aggregator.increments import CounterOps
+from services.aggregator.processor import BatchProcessor, Record
+from services.aggregator.redis_sink import Apply, RedisSink
+from services.common import clickhouse
+from services.common.clickhouse import ClickHouse
+from services.common.settings import Settings
+
+TOPIC = "tally.events"
+
+
+@pytest.fixture
+def ch(settings: Settings) -> Iterator[ClickHouse]:
+    client = clickhouse.connect(settings)
+    clickhouse.create_schema(client)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def meters() -> dict[str, list[Meter]]:
+    index: dict[str, list[Meter]] = {}
+    for meter in Catalog.default().meters:
+        index.setdefault(meter.event_type, []).append(meter)
+    return index
+
+
+@pytest.fixture
+def dead_letters() -> list[tuple[Record, str]]:
+    return []
+
+
+@pytest.fixture
+def processor(
+    ch: ClickHouse,
+    redis: Redis,
+    meters: dict[str, list[Meter]],
+    dead_letters: list[tuple[Record, str]],
+    settings: Settings,
+) -> BatchProcessor:
+    async def dead_letter(record: Record, reason: str) -> None:
+        dead_letters.append((record, reason))
+
+    return BatchProcessor(
+        ClickHouseSink(ch),
+        RedisSink(redis),
+        lambda: meters,
+        DedupeWindow(timedelta(hours=24)),
+        dead_letter,
+        incarnation=settings.kafka_incarnation,
+    )
+
+
+def stored(customer: str, kind: str, ident: str, value: str = "1", **dims: str) -> StoredEvent:
+    now = utcnow()
+    return StoredEvent(ident, "src", kind, customer, now, Decimal(value), dims, now)
+
+
+def record(offset: int, *events: StoredEvent, partition: int = 0) -> Record:
+    customer = events[0].customer
+    return Record(TOPIC, partition, offset, envelope.encode(customer, events, utcnow()))
+
+
+async def day_counter(redis: Redis, customer: str, meter: str, field: str = "*") -> Decimal:
+    key = redis_keys.counters(customer, meter, Window.DAY, bucket_id(Window.DAY, utcnow()))
+    raw = await redis.hget(key, field)
+    return from_micros(int(raw or 0))
+
+
+def raw_rows(ch: ClickHouse, customer: str) -> int:
+    rows = ch.query(
+        f"SELECT count() FROM {ch.database}.events FINAL WHERE customer = {{c:String}}",
+        {"c": customer},
+    )
+    return int(rows[0][0])
+
+
+async def test_a_replayed_batch_changes_nothing(
+    processor: BatchProcessor, redis: Redis, ch: ClickHouse, tenant: str
+) -> None:
+    customer = f"{tenant}-a"
+    batch = [
+        record(10, stored(customer, "api_call", "1", endpoint="/a")),
+        record(
+            11,
+            stored(customer, "compute", "2", "1.25"),
+            stored(customer, "compute", "3", "0.000001"),
+        ),
+    ]
+    await processor.process(batch)
+    await processor.process(batch)  # as after a crash before the offset commit
+    assert await day_counter(redis, customer, "api_calls") == 1
+    assert await day_counter(redis, customer, "compute_seconds") == Decimal("1.250001")
+    assert raw_rows(ch, customer) == 3
+
+
+async def test_a_client_retry_in_a_later_record_counts_once(
+    processor: BatchProcessor, redis: Redis, ch: ClickHouse, tenant: str
+) -> None:
+    customer = f"{tenant}-b"
+    first = stored(customer, "api_call", "same", endpoint="/a")
+    await processor.process([record(1, first)])
+    await processor.process([record(2, first, stored(customer, "api_call", "new", endpoint="/b"))])
+    assert await day_counter(redis, customer, "api_calls") == 2
+    assert await day_counter(redis, customer, "api_calls", '["/b"]') == 1
+    assert raw_rows(ch, customer) == 2
+
+
+async def test_max_latest_and_unique_count(
+    processor: BatchProcessor, redis: Redis, tenant: str
+) -> None:
+    customer = f"{tenant}-c"
+    storage = [stored(customer, "storage", str(i), v) for i, v in enumerate(["5", "120.5", "7"])]
+    users = [stored(customer, "user", f"u{i}", user=u) for i, u in enumerate(["a", "b", "a", "c"])]
+    await processor.process([record(1, *storage), record(2, *users)])
+    await processor.process([record(3, stored(customer, "user", "u9", user="d"))])
+    assert await day_counter(redis, customer, "storage_gb") == Decimal("120.5")
+    assert await day_counter(redis, customer, "active_users") == 4
+
+
+async def test_records_at_or_below_the_applied_offset_are_skipped(
+    processor: BatchProcessor, redis: Redis, settings: Settings, tenant: str
+) -> None:
+    customer = f"{tenant}-d"
+    field = redis_keys.offset_field(TOPIC, 0, settings.kafka_incarnation)
+    await processor.process([record(5, stored(customer, "api_call", "x", endpoint="/a"))])
+    assert await redis.hget(redis_keys.offsets(customer), field) == b"5"
+    await processor.process(
+        [
+            record(4, stored(customer, "api_call", "older", endpoint="/a")),
+            record(6, stored(customer, "api_call", "newer", endpoint="/a")),
+        ]
+    )
+    assert await day_counter(redis, customer, "api_calls") == 2
+    assert await redis.hget(redis_keys.offsets(customer), field) == b"6"
+
+
+async def test_a_stale_writer_is_refused_atomically(redis: Redis, tenant: str) -> None:
+    customer = f"{tenant}-e"
+    sink = RedisSink(redis)
+    key = redis_keys.counters(customer, "api_calls", Window.DAY, "20261121")
+    ops = CounterOps()
+    ops.sums[(key, "*")] = 1_000_000
+    ops.expiry[key] = int(utcnow().timestamp()) + 600
+    seen = redis_keys.seen(customer, "1")
+    share = Apply(customer, "t/0", None, 7, seen, int(utcnow().timestamp()) + 600, [b"d" * 8], ops)
+    assert await sink.apply([share]) == []
+    stale = Apply(customer, "t/0", 3, 9, seen, share.seen_expires_at, [b"e" * 8], ops)
+    assert await sink.apply([stale]) == [stale]
+    assert await redis.hget(key, "*") == b"1000000"
+    assert not await redis.sismember(seen, b"e" * 8)
+    assert await redis.hget(redis_keys.offsets(customer), "t/0") == b"7"
+
+
+async def test_an_unreadable_record_goes_to_the_dead_letters_and_the_rest_is_counted(
+    processor: BatchProcessor,
+    redis: Redis,
+    dead_letters: list[tuple[Record, str]],
+    tenant: str,
+) -> None:
+    customer = f"{tenant}-f"
+    garbage = Record(TOPIC, 0, 1, b"\x00not an envelope")
+    await processor.process([garbage, record(2, stored(customer, "api_call", "ok", endpoint="/a"))])
+    assert [r for r, _ in dead_letters] == [garbage]
+    assert "undecodable envelope" in dead_letters[0][1]
+    assert await day_counter(redis, customer, "api_calls") == 1
+
+
+async def test_old_events_skip_expired_minute_buckets_but_count_in_the_day(
+    processor: BatchProcessor, redis: Redis, tenant: str
+) -> None:
+    customer = f"{tenant}-g"
+    old = utcnow() - timedelta(hours=5)
+    event = StoredEvent(
+        "old", "src", "api_call", customer, old, Decimal(1), {"endpoint": "/a"}, utcnow()
+    )
+    await processor.process([record(1, event)])
+    minute = redis_keys.counters(
+        customer, "api_calls", Window.MINUTE, bucket_id(Window.MINUTE, old)
+    )
+    day = redis_keys.counters(customer, "api_calls", Window.DAY, bucket_id(Window.DAY, old))
+    assert not await redis.exists(minute)
+    assert await redis.hget(day, "*") == b"1000000"
+    assert 0 < await redis.ttl(day) <= 41 * 86400

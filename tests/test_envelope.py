@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import orjson
+import pytest
+
+from schemas.envelope import (
+    MAX_EVENTS_PER_ENVELOPE,
+    StoredEvent,
+    chunks,
+    decode,
+    encode,
+)
+from schemas.events import UsageEvent
+
+RECEIVED = datetime(2026, 11, 3, 10, 15, 30, 654321, tzinfo=UTC)
+
+
+def stored(i: int = 0, value: str = "1", customer: str = "cust_42", **dims: str) -> StoredEvent:
+    return StoredEvent(
+        id=f"evt-{i}",
+        source="gateway-eu",
+        type="api_call",
+        customer=customer,
+        time=datetime(2026, 11, 3, 10, 15, tzinfo=UTC) + timedelta(microseconds=i),
+        value=Decimal(value),
+        dimensions=dims,
+        received_at=RECEIVED,
+    )
+
+
+@pytest.mark.parametrize(
+    "value", ["0", "1", "0.000001", "1.5", "999999999999.999999", "1.500000000", "1E+3"]
+)
+def test_round_trip_keeps_decimals_exact(value: str) -> None:
+    [event] = decode(encode("cust_42", [stored(value=value)], RECEIVED))
+    assert event.value == Decimal(value)
+    assert str(event.value) == value  # not even the representation changes
+
+
+def test_value_travels_as_a_string() -> None:
+    raw = orjson.loads(encode("cust_42", [stored(value="0.1")], RECEIVED))
+    assert raw["events"][0]["value"] == "0.1"
+
+
+def test_round_trip_keeps_everything() -> None:
+    events = [stored(0, endpoint="/v1/x", status="200"), stored(1, "2.25")]
+    assert decode(encode("cust_42", events, RECEIVED)) == events
+
+
+def test_customer_comes_from_the_envelope() -> None:
+    [event] = decode(encode("cust_7", [stored(customer="ignored")], RECEIVED))
+    assert event.customer == "cust_7"
+
+
+def test_times_keep_microseconds_and_offset() -> None:
+    [event] = decode(encode("cust_42", [stored(7)], RECEIVED))
+    assert event.time == datetime(2026, 11, 3, 10, 15, 0, 7, tzinfo=UTC)
+    assert event.time.utcoffset() == timedelta(0)
+    assert event.received_at == RECEIVED
+
+
+def test_from_usage_event() -> None:
+    usage = UsageEvent.model_validate(
+        {
+            "specversion": "1.0",
+            "id": "evt-1",
+            "source": "gateway-eu",
+            "type": "api_call",
+            "subject": "cust_42",
+            "time": "2026-11-03T11:15:00+01:00",
+            "data": {"value": "0.000001", "status": 200},
+        }
+    )
+    [event] = decode(encode("cust_42", [StoredEvent.from_usage(usage, RECEIVED)], RECEIVED))
+    assert event == StoredEvent(
+        id="evt-1",
+        source="gateway-eu",
+        type="api_call",
+        customer="cust_42",
+        time=datetime(2026, 11, 3, 10, 15, tzinfo=UTC),
+        value=Decimal("0.000001"),
+        dimensions={"status": "200"},
+        received_at=RECEIVED,
+    )
+
+
+def test_empty_envelope() -> None:
+    assert decode(encode("cust_42", [], RECEIVED)) == []
+
+
+@pytest.mark.parametrize("version", [0, 2, "1", None])
+def test_decode_rejects_unknown_version(version: object) -> None:
+    raw = orjson.loads(encode("cust_42", [stored()], RECEIVED))
+    raw["v"] = version
+    with pytest.raises(ValueError, match="unsupported envelope version"):
+        decode(orjson.dumps(raw))
+
+
+def test_decode_rejects_missing_version() -> None:
+    raw = orjson.loads(encode("cust_42", [stored()], RECEIVED))
+    del raw["v"]
+    with pytest.raises(ValueError, match="unsupported envelope version"):
+        decode(orjson.dumps(raw))
+
+
+@pytest.mark.parametrize(
+    ("count", "size", "sizes"),
+    [
+        (0, 500, []),
+        (1, 500, [1]),
+        (500, 500, [500]),
+        (501, 500, [500, 1]),
+        (1250, 500, [500, 500, 250]),
+        (7, 3, [3, 3, 1]),
+    ],
+)
+def test_chunks(count: int, size: int, sizes: list[int]) -> None:
+    events = [stored(i) for i in range(count)]
+    parts = list(chunks(events, size))
+    assert [len(p) for p in parts] == sizes
+    assert [e for p in parts for e in p] == events  # order kept, nothing lost
+
+
+def test_chunks_default_size() -> None:
+    events = [stored(i) for i in range(MAX_EVENTS_PER_ENVELOPE + 1)]
+    assert [len(p) for p in chunks(events)] == [MAX_EVENTS_PER_ENVELOPE, 1]

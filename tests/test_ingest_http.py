@@ -1,0 +1,223 @@
+"""``POST /v1/events`` against a real Kafka-protocol broker: every answer, good and bad."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from schemas import envelope, topics
+from schemas.events import utcnow
+from services.common import kafka
+from services.common.settings import Settings
+from services.ingest.app import Ingest, router
+from services.ingest.publisher import Publisher
+from services.runtime import Component, http_app
+
+BATCH = "application/cloudevents-batch+json"
+SINGLE = "application/cloudevents+json"
+
+
+def event(tenant: str, **changes: Any) -> dict[str, Any]:
+    body = {
+        "specversion": "1.0",
+        "id": uuid.uuid4().hex,
+        "source": "billing-tests",
+        "type": "api_call",
+        "subject": f"{tenant}-acme",
+        "time": utcnow().isoformat(),
+        "data": {"endpoint": "/v1/search", "status": 200},
+    }
+    return body | changes
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    settings = settings.model_copy(update={"max_batch_events": 50, "max_body_bytes": 16 * 1024})
+    producer = await kafka.start_producer(settings.kafka_bootstrap_servers or "")
+    app = http_app([Component("ingest", [router(Ingest(settings, Publisher(producer)))])])
+    headers = {"Authorization": "Bearer test-token"}
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app), base_url="http://tally", headers=headers
+    ) as http:
+        yield http
+    await producer.stop()
+
+
+async def post(client: httpx.AsyncClient, body: Any, kind: str = BATCH) -> httpx.Response:
+    content = body if isinstance(body, bytes) else orjson.dumps(body)
+    return await client.post("/v1/events", content=content, headers={"Content-Type": kind})
+
+
+def problem(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body: dict[str, Any] = response.json()
+    assert body["status"] == status and body["type"].startswith("https://tally.dev/problems/")
+    return body
+
+
+async def test_single_event_is_accepted_and_lands_in_kafka(
+    client: httpx.AsyncClient, settings: Settings, tenant: str
+) -> None:
+    sent = event(tenant, data={"value": "0.000001", "endpoint": "/v1/x"})
+    response = await post(client, sent, SINGLE)
+    assert response.status_code == 202
+    assert response.json()["results"] == [{"index": 0, "status": "accepted", "id": sent["id"]}]
+    stored = await _find_in_topic(settings, topics.EVENTS, sent["id"])
+    assert stored is not None
+    [copy] = [e for e in envelope.decode(stored) if e.id == sent["id"]]
+    assert str(copy.value) == "0.000001" and copy.customer == sent["subject"]
+
+
+async def test_batch_accepts_valid_events_and_reports_each_rejection(
+    client: httpx.AsyncClient, settings: Settings, tenant: str
+) -> None:
+    good, repeat = event(tenant), None
+    repeat = dict(good)
+    batch = [
+        good,
+        event(tenant, data={"value": "lots"}),
+        event(tenant, time=(utcnow() + timedelta(minutes=10)).isoformat()),
+        event(tenant, time=(utcnow() - timedelta(days=36)).isoformat()),
+        {k: v for k, v in event(tenant).items() if k != "subject"},
+        repeat,
+        event(tenant, time="2026-11-21T10:00:00"),
+        "not an object",
+    ]
+    response = await post(client, batch)
+    assert response.status_code == 202
+    body = response.json()
+    assert (body["accepted"], body["duplicates"], body["rejected"]) == (1, 1, 6)
+    reasons = {r["index"]: r.get("errors", [{}])[0] for r in body["results"]}
+    assert body["results"][0]["status"] == "accepted"
+    assert reasons[1] == {"field": "data.value", "reason": "Input should be a valid decimal"}
+    assert reasons[2] == {"field": "time", "reason": "is more than 300 s in the future"}
+    assert reasons[3] == {"field": "time", "reason": "is older than the 35-day backfill window"}
+    assert reasons[4] == {"field": "subject", "reason": "Field required"}
+    assert body["results"][5]["status"] == "duplicate"
+    assert reasons[6]["field"] == "time" and "timezone" in reasons[6]["reason"]
+    assert reasons[7] == {"field": "", "reason": "must be a JSON object"}
+    dead = await _find_in_topic(settings, topics.DEAD_LETTERS, batch[1]["id"])
+    assert dead is not None
+    letter = orjson.loads(dead)
+    assert letter["errors"] == [reasons[1]] and letter["event"]["id"] == batch[1]["id"]
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("1.0000001", "value has more than 6 decimal places"),
+        (-1, "value must not be negative"),
+        (True, "value must be a number or a numeric string"),
+        ("NaN", "Input should be a finite number"),
+        (10**12, "value must be below 1,000,000,000,000"),
+    ],
+)
+async def test_bad_values_are_rejected_with_the_reason(
+    client: httpx.AsyncClient, tenant: str, value: Any, reason: str
+) -> None:
+    body = problem(await post(client, event(tenant, data={"value": value}), SINGLE), 422)
+    assert body["results"][0]["errors"] == [{"field": "data.value", "reason": reason}]
+    assert body["detail"] == f"event 0: data.value {reason}"
+
+
+async def test_all_invalid_is_422_naming_the_fields(client: httpx.AsyncClient, tenant: str) -> None:
+    body = problem(await post(client, [event(tenant, specversion="0.3")]), 422)
+    assert body["rejected"] == 1
+    assert body["results"][0]["errors"][0]["field"] == "specversion"
+
+
+@pytest.mark.parametrize(
+    ("payload", "detail"),
+    [
+        (b'[{"id": ', "body is not valid JSON"),
+        (b"", "the request body is empty"),
+        (b"[]", "the batch holds no events"),
+        (b'{"a": 1}', "must hold a JSON array of events"),
+    ],
+)
+async def test_malformed_bodies_are_400(
+    client: httpx.AsyncClient, payload: bytes, detail: str
+) -> None:
+    assert detail in problem(await post(client, payload), 400)["detail"]
+
+
+async def test_a_batch_over_the_count_limit_is_413(client: httpx.AsyncClient, tenant: str) -> None:
+    body = problem(await post(client, [event(tenant) for _ in range(51)]), 413)
+    assert body["detail"] == "the batch holds 51 events; the limit is 50 per request"
+
+
+async def test_a_body_over_the_size_limit_is_413(client: httpx.AsyncClient, tenant: str) -> None:
+    big = [event(tenant, data={"note": "x" * 250, "more": "y" * 250}) for _ in range(40)]
+    body = problem(await post(client, big), 413)
+    assert "the limit is 16384 bytes" in body["detail"]
+
+
+async def test_unknown_content_type_is_415(client: httpx.AsyncClient, tenant: str) -> None:
+    body = problem(await post(client, [event(tenant)], "text/plain"), 415)
+    assert "application/cloudevents-batch+json" in body["detail"]
+
+
+@pytest.mark.parametrize(
+    ("authorization", "detail"),
+    [
+        (None, "send an emitter token"),
+        ("Bearer wrong", "not a valid emitter token"),
+        ("Basic dGVzdA==", "send an emitter token"),
+    ],
+)
+async def test_missing_or_wrong_token_is_401(
+    client: httpx.AsyncClient, tenant: str, authorization: str | None, detail: str
+) -> None:
+    headers = {"Content-Type": BATCH}
+    if authorization:
+        headers["Authorization"] = authorization
+    client.headers.pop("Authorization")
+    response = await client.post(
+        "/v1/events", content=orjson.dumps([event(tenant)]), headers=headers
+    )
+    assert detail in problem(response, 401)["detail"]
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+async def test_kafka_failure_is_503_and_reports_nothing_accepted(
+    settings: Settings, tenant: str
+) -> None:
+    producer = await kafka.start_producer(settings.kafka_bootstrap_servers or "")
+    app = http_app([Component("ingest", [router(Ingest(settings, Publisher(producer)))])])
+    await producer.stop()  # the broker connection is gone
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as http:
+        response = await http.post(
+            "/v1/events",
+            content=orjson.dumps([event(tenant)]),
+            headers={"Content-Type": BATCH, "Authorization": "Bearer test-token"},
+        )
+    body = problem(response, 503)
+    assert "none were accepted" in body["detail"] and response.headers["retry-after"] == "1"
+
+
+async def _find_in_topic(settings: Settings, topic: str, needle: str) -> bytes | None:
+    """The first record of ``topic`` whose value mentions ``needle``."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        while [tp for tp in partitions if await consumer.position(tp) < ends[tp]]:
+            batch = await consumer.getmany(timeout_ms=1000)
+            for records in batch.values():
+                for record in records:
+                    if record.value and needle.encode() in record.value:
+                        return record.value
+    finally:
+        await consumer.stop()
+    return None
