@@ -15,6 +15,7 @@ from collections import defaultdict
 from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -67,7 +68,7 @@ def test_kill_minus_nine_loses_nothing_and_counts_nothing_twice(
     asyncio.run(_check_clickhouse_and_rollups(settings, work))
 
 
-def _api_calls_today(valid: list[dict], now: datetime) -> dict[str, Decimal]:
+def _api_calls_today(valid: list[dict[str, Any]], now: datetime) -> dict[str, Decimal]:
     today = now.date()
     counts: dict[str, Decimal] = defaultdict(Decimal)
     for event in valid:

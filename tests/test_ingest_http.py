@@ -81,7 +81,7 @@ async def test_batch_accepts_valid_events_and_reports_each_rejection(
 ) -> None:
     good, repeat = event(tenant), None
     repeat = dict(good)
-    batch = [
+    batch: list[Any] = [
         good,
         event(tenant, data={"value": "lots"}),
         event(tenant, time=(utcnow() + timedelta(minutes=10)).isoformat()),
@@ -217,7 +217,7 @@ async def _find_in_topic(settings: Settings, topic: str, needle: str) -> bytes |
             for records in batch.values():
                 for record in records:
                     if record.value and needle.encode() in record.value:
-                        return record.value
+                        return bytes(record.value)
     finally:
         await consumer.stop()
     return None

@@ -74,7 +74,7 @@ def _redis_days(settings: Settings, work: Workload) -> dict[Key, Decimal]:
         bucket = day.strftime("%Y%m%d")
         fields = client.hgetall(redis_keys.counters(customer, meter, Window.DAY, bucket))
         for raw_field, raw in fields.items():
-            name = raw_field.decode()
+            name = bytes(raw_field).decode()
             if name.endswith(redis_keys.TIME_SUFFIX):
                 continue
             group = redis_keys.parse_group(name)

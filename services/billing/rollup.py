@@ -23,8 +23,8 @@ from psycopg_pool import AsyncConnectionPool
 
 from schemas import redis_keys
 from schemas.catalog import Aggregation, Meter
-from services.common import catalog, metrics
 from services.billing import watermark as watermarks
+from services.common import catalog, metrics
 from services.common.clickhouse import ClickHouse
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -1,6 +1,6 @@
 """The rollup watermark in PostgreSQL: how far (in ClickHouse ``stored_at``) the
-``usage_daily``/``usage_monthly`` rollups are complete.  Written by billing, read by the
-api to decide which buckets to serve from rollups and which from live Redis counters.
+``usage_daily``/``usage_monthly`` rollups are complete: the incremental pass
+recomputes only the cells that gained events after it.
 """
 
 from __future__ import annotations
