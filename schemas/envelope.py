@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import orjson
 
@@ -49,7 +49,24 @@ class StoredEvent:
         )
 
 
-def encode(customer: str, events: Iterable[StoredEvent], received_at: datetime) -> bytes:
+class EventLike(Protocol):
+    """What an envelope needs of an event: a ``UsageEvent`` or a ``StoredEvent``."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def source(self) -> str: ...
+    @property
+    def type(self) -> str: ...
+    @property
+    def time(self) -> datetime: ...
+    @property
+    def value(self) -> Decimal: ...
+    @property
+    def dimensions(self) -> dict[str, str]: ...
+
+
+def encode(customer: str, events: Iterable[EventLike], received_at: datetime) -> bytes:
     return orjson.dumps(
         {
             "v": ENVELOPE_VERSION,
@@ -91,8 +108,9 @@ def decode(payload: bytes) -> list[StoredEvent]:
     ]
 
 
-def chunks(
-    events: list[StoredEvent], size: int = MAX_EVENTS_PER_ENVELOPE
-) -> Iterator[list[StoredEvent]]:
+E = TypeVar("E")
+
+
+def chunks(events: list[E], size: int = MAX_EVENTS_PER_ENVELOPE) -> Iterator[list[E]]:
     for start in range(0, len(events), size):
         yield events[start : start + size]

@@ -22,7 +22,7 @@ from services.aggregator.clickhouse_sink import ClickHouseSink
 from services.aggregator.dedupe import DedupeWindow
 from services.aggregator.increments import CounterOps
 from services.aggregator.processor import BatchProcessor, Record
-from services.aggregator.redis_sink import Apply, RedisSink
+from services.aggregator.redis_sink import Apply, Outcome, RedisSink
 from services.common import clickhouse
 from services.common.clickhouse import ClickHouse
 from services.common.settings import Settings
@@ -163,14 +163,33 @@ async def test_a_stale_writer_is_refused_atomically(redis: Redis, tenant: str) -
     ops = CounterOps()
     ops.sums[(key, "*")] = 1_000_000
     ops.expiry[key] = int(utcnow().timestamp()) + 600
-    seen = redis_keys.seen(customer, "1")
-    share = Apply(customer, "t/0", None, 7, seen, int(utcnow().timestamp()) + 600, [b"d" * 8], ops)
-    assert await sink.apply([share]) == []
-    stale = Apply(customer, "t/0", 3, 9, seen, share.seen_expires_at, [b"e" * 8], ops)
-    assert await sink.apply([stale]) == [stale]
+    seen = [redis_keys.seen(customer, "2"), redis_keys.seen(customer, "1")]
+    expires = int(utcnow().timestamp()) + 600
+    share = Apply(customer, "t/0", None, 7, seen, expires, [b"d" * 8], ops)
+    assert await sink.apply([share]) == [(Outcome.APPLIED, set())]
+    stale = Apply(customer, "t/0", 3, 9, seen, expires, [b"e" * 8], ops)
+    assert await sink.apply([stale]) == [(Outcome.OFFSET_MOVED, set())]
     assert await redis.hget(key, "*") == b"1000000"
-    assert not await redis.sismember(seen, "e" * 8)
+    assert not await redis.sismember(seen[0], "e" * 8)
     assert await redis.hget(redis_keys.offsets(customer), "t/0") == b"7"
+
+
+async def test_already_seen_digests_are_named_and_nothing_is_applied(
+    redis: Redis, tenant: str
+) -> None:
+    customer = f"{tenant}-h"
+    sink = RedisSink(redis)
+    older, current = redis_keys.seen(customer, "1"), redis_keys.seen(customer, "2")
+    await redis.sadd(older, b"o" * 8)
+    key = redis_keys.counters(customer, "api_calls", Window.DAY, "20261121")
+    ops = CounterOps()
+    ops.sums[(key, "*")] = 2_000_000
+    ops.expiry[key] = int(utcnow().timestamp()) + 600
+    expires = int(utcnow().timestamp()) + 600
+    share = Apply(customer, "t/0", None, 4, [current, older], expires, [b"n" * 8, b"o" * 8], ops)
+    assert await sink.apply([share]) == [(Outcome.DUPLICATES, {b"o" * 8})]
+    assert not await redis.exists(key)
+    assert await redis.hget(redis_keys.offsets(customer), "t/0") is None
 
 
 async def test_an_unreadable_record_goes_to_the_dead_letters_and_the_rest_is_counted(

@@ -113,11 +113,11 @@ async def test_batch_accepts_valid_events_and_reports_each_rejection(
 @pytest.mark.parametrize(
     ("value", "reason"),
     [
-        ("1.0000001", "value has more than 6 decimal places"),
-        (-1, "value must not be negative"),
-        (True, "value must be a number or a numeric string"),
+        ("1.0000001", "Decimal input should have no more than 6 decimal places"),
+        (-1, "Input should be greater than or equal to 0"),
+        (True, "Decimal input should be an integer, float, string or Decimal object"),
         ("NaN", "Input should be a finite number"),
-        (10**12, "value must be below 1,000,000,000,000"),
+        (10**12, "Input should be less than 1000000000000"),
     ],
 )
 async def test_bad_values_are_rejected_with_the_reason(

@@ -74,7 +74,7 @@ def _redis_days(settings: Settings, work: Workload) -> dict[Key, Decimal]:
         bucket = day.strftime("%Y%m%d")
         fields = client.hgetall(redis_keys.counters(customer, meter, Window.DAY, bucket))
         for raw_field, raw in fields.items():
-            name = bytes(raw_field).decode()
+            name = raw_field.decode() if isinstance(raw_field, bytes) else raw_field
             if name.endswith(redis_keys.TIME_SUFFIX):
                 continue
             group = redis_keys.parse_group(name)

@@ -1,8 +1,10 @@
 """Turning one customer's new events into counter operations for the Redis sink.
 
-Everything is pre-aggregated here, per key and field, so that the Lua call applying a
-batch does a handful of operations however many events the batch holds.  Values are
-integers of micro-units: sums of decimals stay exact.
+Everything is pre-aggregated here so that the Lua call applying a batch does a handful
+of operations however many events the batch holds.  Events are first folded per meter,
+event minute and group — one dict update per event — and only those cells are then
+spread over the minute, hour, day and month buckets.  Values are integers of
+micro-units: sums of decimals stay exact.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Any
 
 from schemas import redis_keys
 from schemas.catalog import Aggregation, Meter
@@ -19,6 +23,7 @@ from schemas.events import VALUE_SCALE, to_micros
 from schemas.windows import Window, bucket_expiry, bucket_id
 
 WINDOWS = tuple(Window)
+Cells = dict[tuple[str, int], dict[str, Any]]  # (meter, event minute) → group → partial
 
 
 @dataclass(slots=True)
@@ -37,89 +42,95 @@ class CounterOps:
         return bool(self.sums or self.maxima or self.latest or self.members)
 
 
-class _Buckets:
-    """Bucket ids and expiries per event minute, computed once per minute per batch."""
-
-    def __init__(self) -> None:
-        self._cache: dict[int, tuple[tuple[Window, str, int], ...]] = {}
-
-    def of(self, moment: datetime) -> tuple[tuple[Window, str, int], ...]:
-        minute = int(moment.timestamp()) // 60
-        cached = self._cache.get(minute)
-        if cached is None:
-            cached = tuple(
-                (w, bucket_id(w, moment), int(bucket_expiry(w, moment).timestamp()))
-                for w in WINDOWS
-            )
-            self._cache[minute] = cached
-        return cached
-
-
 def build(
     customer: str, events: Iterable[StoredEvent], meters: dict[str, list[Meter]], now: datetime
 ) -> CounterOps:
+    by_name = {m.name: m for ms in meters.values() for m in ms}
     ops = CounterOps()
-    buckets = _Buckets()
     now_ts = int(now.timestamp())
-    for event in events:
-        for meter in meters.get(event.type, ()):
-            groups = _groups(meter, event)
-            for window, bucket, expires in buckets.of(event.time):
-                if expires <= now_ts:
-                    continue  # a bucket already dropped from Redis: history is in rollups
-                _apply(ops, customer, meter, window, bucket, groups, event)
-                for key in _keys(customer, meter, window, bucket, groups):
-                    ops.expiry[key] = expires
+    for (name, minute), groups in _fold(events, meters).items():
+        meter = by_name[name]
+        for window, bucket, expires in _buckets(minute):
+            if expires <= now_ts:
+                continue  # a bucket already dropped from Redis: history is in rollups
+            _spread(ops, customer, meter, window, bucket, expires, groups)
     return ops
 
 
-def _groups(meter: Meter, event: StoredEvent) -> tuple[str, ...]:
-    if not meter.group_by:
-        return (redis_keys.TOTAL,)
-    values = tuple(event.dimensions.get(d, "") for d in meter.group_by)
-    return (redis_keys.TOTAL, redis_keys.group_field(values))
+def _fold(events: Iterable[StoredEvent], meters: dict[str, list[Meter]]) -> Cells:
+    cells: Cells = {}
+    for event in events:
+        applicable = meters.get(event.type)
+        if not applicable:
+            continue
+        minute = int(event.time.timestamp()) // 60
+        for meter in applicable:
+            cell = cells.setdefault((meter.name, minute), {})
+            for group in _groups(meter, event.dimensions):
+                _fold_one(cell, group, meter, event)
+    return cells
 
 
-def _keys(
-    customer: str, meter: Meter, window: Window, bucket: str, groups: tuple[str, ...]
-) -> list[str]:
-    counters = redis_keys.counters(customer, meter.name, window, bucket)
-    if meter.aggregation is Aggregation.UNIQUE_COUNT:
-        sets = [redis_keys.unique_set(customer, meter.name, window, bucket, g) for g in groups]
-        return [counters, *sets]
-    return [counters]
+def _fold_one(cell: dict[str, Any], group: str, meter: Meter, event: StoredEvent) -> None:
+    aggregation = meter.aggregation
+    if aggregation is Aggregation.COUNT:
+        cell[group] = cell.get(group, 0) + VALUE_SCALE
+    elif aggregation is Aggregation.SUM:
+        cell[group] = cell.get(group, 0) + to_micros(event.value)
+    elif aggregation is Aggregation.MAX:
+        cell[group] = max(cell.get(group, -1), to_micros(event.value))
+    elif aggregation is Aggregation.LATEST:
+        at = int(event.time.timestamp() * 1_000_000)
+        if at >= cell.get(group, (-1, 0))[0]:
+            cell[group] = (at, to_micros(event.value))
+    else:
+        member = event.dimensions.get(meter.value_property)
+        if member is not None:
+            cell.setdefault(group, set()).add(member)
 
 
-def _apply(
+def _spread(
     ops: CounterOps,
     customer: str,
     meter: Meter,
     window: Window,
     bucket: str,
-    groups: tuple[str, ...],
-    event: StoredEvent,
+    expires: int,
+    groups: dict[str, Any],
 ) -> None:
-    aggregation = meter.aggregation
     key = redis_keys.counters(customer, meter.name, window, bucket)
-    if aggregation is Aggregation.UNIQUE_COUNT:
-        member = event.dimensions.get(meter.value_property)
-        if member is None:
-            return  # nothing to count distinctly
-        for group in groups:
-            unique = redis_keys.unique_set(customer, meter.name, window, bucket, group)
-            ops.members[(unique, key, group)].add(member)
-        return
-    micros = to_micros(event.value)
-    for group in groups:
+    ops.expiry[key] = expires
+    aggregation = meter.aggregation
+    for group, partial in groups.items():
         slot = (key, group)
-        if aggregation is Aggregation.COUNT:
-            ops.sums[slot] += VALUE_SCALE
-        elif aggregation is Aggregation.SUM:
-            ops.sums[slot] += micros
+        if aggregation in (Aggregation.COUNT, Aggregation.SUM):
+            ops.sums[slot] += partial
         elif aggregation is Aggregation.MAX:
-            if micros > ops.maxima.get(slot, -1):
-                ops.maxima[slot] = micros
-        else:  # LATEST: the value of the event with the latest event time
-            at = int(event.time.timestamp() * 1_000_000)
-            if at >= ops.latest.get(slot, (-1, 0))[0]:
-                ops.latest[slot] = (at, micros)
+            ops.maxima[slot] = max(ops.maxima.get(slot, -1), partial)
+        elif aggregation is Aggregation.LATEST:
+            if partial[0] >= ops.latest.get(slot, (-1, 0))[0]:
+                ops.latest[slot] = partial
+        else:
+            unique = redis_keys.unique_set(customer, meter.name, window, bucket, group)
+            ops.expiry[unique] = expires
+            ops.members[(unique, key, group)] |= partial
+
+
+def _groups(meter: Meter, dimensions: dict[str, str]) -> tuple[str, ...]:
+    if not meter.group_by:
+        return (redis_keys.TOTAL,)
+    return (redis_keys.TOTAL, _group_field(tuple(dimensions.get(d, "") for d in meter.group_by)))
+
+
+@lru_cache(maxsize=65_536)
+def _group_field(values: tuple[str, ...]) -> str:
+    return redis_keys.group_field(values)
+
+
+@lru_cache(maxsize=4096)
+def _buckets(minute: int) -> tuple[tuple[Window, str, int], ...]:
+    """Bucket ids and expiries of the four windows holding an event minute."""
+    moment = datetime.fromtimestamp(minute * 60, UTC)
+    return tuple(
+        (w, bucket_id(w, moment), int(bucket_expiry(w, moment).timestamp())) for w in WINDOWS
+    )

@@ -7,7 +7,6 @@ replays the batch, and the replay changes nothing that was already applied.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
@@ -21,7 +20,7 @@ from schemas.events import utcnow
 from services.aggregator import increments
 from services.aggregator.clickhouse_sink import ClickHouseSink
 from services.aggregator.dedupe import DedupeWindow, digest
-from services.aggregator.redis_sink import Apply, RedisSink
+from services.aggregator.redis_sink import Apply, Outcome, RedisSink
 from services.common import metrics
 from services.common.logging import get_logger
 
@@ -96,58 +95,62 @@ class BatchProcessor:
         return shares
 
     async def _apply(self, shares: dict[str, _CustomerShare], now: datetime) -> None:
+        """Send every customer's share; re-plan the ones Redis refused, until none is."""
+        meters = self._meters()
+        known: dict[str, set[bytes]] = defaultdict(set)  # digests Redis says it has seen
         pending = shares
         while pending:
-            plans = await self._plan(pending, now)
-            conflicts = await self._redis.apply(plans)
-            for conflict in conflicts:
-                log.warning("offset moved under us; recomputing", customer=conflict.customer)
-            pending = {c.customer: shares[c.customer] for c in conflicts}
+            customers = list(pending)
+            stored = await self._redis.stored_offsets(
+                [(c, pending[c].offset_field) for c in customers]
+            )
+            plans = [
+                plan
+                for c, offset in zip(customers, stored, strict=True)
+                if (plan := self._plan(c, pending[c], offset, known[c], meters, now))
+            ]
+            retry: dict[str, _CustomerShare] = {}
+            for plan, (outcome, seen) in zip(plans, await self._redis.apply(plans), strict=True):
+                if outcome is Outcome.OFFSET_MOVED:
+                    log.warning("offset moved under us; recomputing", customer=plan.customer)
+                known[plan.customer] |= seen
+                if outcome is Outcome.APPLIED:
+                    metrics.AGGREGATED_EVENTS.labels("counted").inc(len(plan.digests))
+                    metrics.AGGREGATED_EVENTS.labels("duplicate").inc(
+                        plan.events - len(plan.digests)
+                    )
+                else:
+                    retry[plan.customer] = pending[plan.customer]
+            pending = retry
 
-    async def _plan(self, shares: dict[str, _CustomerShare], now: datetime) -> list[Apply]:
-        by_field: dict[str, list[str]] = defaultdict(list)
-        for customer, share in shares.items():
-            by_field[share.offset_field].append(customer)
-        stored: dict[str, int | None] = {}
-        for offset_field, customers in by_field.items():
-            stored |= await self._redis.stored_offsets(customers, offset_field)
-        meters = self._meters()
-        plans = await asyncio.gather(
-            *(self._plan_one(c, s, stored[c], meters, now) for c, s in shares.items())
-        )
-        return [plan for plan in plans if plan is not None]
-
-    async def _plan_one(
+    def _plan(
         self,
         customer: str,
         share: _CustomerShare,
         stored: int | None,
+        seen: set[bytes],
         meters: dict[str, list[Meter]],
         now: datetime,
     ) -> Apply | None:
         fresh = [(o, evs) for o, evs in share.records if stored is None or o > stored]
-        replayed = len(share.records) - len(fresh)
-        if replayed:
-            metrics.REPLAYED_RECORDS.inc(replayed)
+        if len(fresh) < len(share.records):
+            metrics.REPLAYED_RECORDS.inc(len(share.records) - len(fresh))
         if not fresh:
             return None
         candidates = [e for _, evs in fresh for e in evs]
         digests = [digest(e.source, e.id) for e in candidates]
-        live = [self._dedupe.key(customer, b) for b in self._dedupe.live(now)]
-        already = await self._redis.seen(live, list(set(digests)))
-        new_events, new_digests = _first_sightings(candidates, digests, already)
-        metrics.AGGREGATED_EVENTS.labels("counted").inc(len(new_events))
-        metrics.AGGREGATED_EVENTS.labels("duplicate").inc(len(candidates) - len(new_events))
+        new_events, new_digests = _first_sightings(candidates, digests, seen)
         bucket = self._dedupe.current(now)
         return Apply(
             customer=customer,
             offset_field=share.offset_field,
             expected=stored,
             new_offset=max(o for o, _ in fresh),
-            seen_key=self._dedupe.key(customer, bucket),
+            seen_keys=[self._dedupe.key(customer, b) for b in self._dedupe.live(now)],
             seen_expires_at=self._dedupe.expires_at(bucket),
             digests=new_digests,
             ops=increments.build(customer, new_events, meters, now),
+            events=len(candidates),
         )
 
 

@@ -1,27 +1,34 @@
 """The Redis sink: one atomic Lua call per customer and batch, guarded by Kafka offsets.
 
-The call applies the batch's counter operations, marks its event digests as seen and
-records the partition offset it reached — all or nothing.  It refuses to run unless the
-stored offset is still the one the batch was computed against (compare-and-set), so a
-replay after a crash, or a stale worker after a rebalance, can never count twice.
+The call checks the batch's event digests against the de-duplication window, applies
+its counter operations, marks the digests as seen and records the partition offset it
+reached — all or nothing.  It refuses to run unless the stored offset is still the one
+the batch was computed against (compare-and-set), so a replay after a crash, or a stale
+worker after a rebalance, can never count twice.  When some digests were already seen
+(client retries) it applies nothing and names them; the caller drops those events and
+calls again.  Duplicates are rare, so a batch usually costs one round trip.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 from redis.asyncio import Redis
 
 from schemas import redis_keys
 from schemas.events import VALUE_SCALE
+from services.aggregator.dedupe import DIGEST_BYTES
 from services.aggregator.increments import CounterOps
 
 OFFSETS_TTL_SECONDS = 45 * 24 * 3600
 
-# KEYS: offsets hash, seen set, then every counter/unique key the ops touch.
-# ARGV: offset field, expected offset ('' = none yet), new offset, seen expire-at,
-#       offsets ttl, n digests, digests…, expire-at per touched key (KEYS[3..]),
-#       then ops as (code, key index, field, value, time) quintuples.
+# KEYS: offsets hash, the live de-duplication sets (the current bucket first), then
+#       every counter/unique key the ops touch.
+# ARGV: offset field, expected offset ('' = none yet), new offset, seen-set expire-at,
+#       offsets ttl, digest size, n live sets, the digests concatenated (one argument:
+#       cheap to send), expire-at per touched key,
+#       then ops as (code, key index, field, value, extra) quintuples.
 _APPLY = """
 local SCALE = @SCALE@
 local function gt(a, b)
@@ -29,19 +36,27 @@ local function gt(a, b)
   return a > b
 end
 local current = redis.call('HGET', KEYS[1], ARGV[1]) or ''
-if current ~= ARGV[2] then return {0, current} end
-local n = tonumber(ARGV[6])
-local i = 7
-for _ = 1, n do
-  redis.call('SADD', KEYS[2], ARGV[i])
-  i = i + 1
+if current ~= ARGV[2] then return {0} end
+local size, live, blob = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
+local digests = {}
+for j = 1, #blob, size do digests[#digests + 1] = string.sub(blob, j, j + size - 1) end
+local seen = {}
+for _, d in ipairs(digests) do
+  for k = 2, 1 + live do
+    if redis.call('SISMEMBER', KEYS[k], d) == 1 then
+      seen[#seen + 1] = d
+      break
+    end
+  end
 end
-if n > 0 then redis.call('EXPIREAT', KEYS[2], ARGV[4]) end
-local expiries = i
-i = i + #KEYS - 2
+if #seen > 0 then return {2, seen} end
+for _, d in ipairs(digests) do redis.call('SADD', KEYS[2], d) end
+if #digests > 0 then redis.call('EXPIREAT', KEYS[2], ARGV[4]) end
+local expiries = 9
+local i = expiries + #KEYS - 1 - live
 while i <= #ARGV do
   local code, key = ARGV[i], KEYS[tonumber(ARGV[i + 1])]
-  local field, value, at = ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  local field, value, extra = ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
   if code == 'I' then
     redis.call('HINCRBY', key, field, value)
   elseif code == 'M' then
@@ -49,20 +64,22 @@ while i <= #ARGV do
     if not old or gt(value, old) then redis.call('HSET', key, field, value) end
   elseif code == 'L' then
     local old = redis.call('HGET', key, field .. '@t')
-    if not old or not gt(old, at) then redis.call('HSET', key, field, value, field .. '@t', at) end
+    if not old or not gt(old, extra) then
+      redis.call('HSET', key, field, value, field .. '@t', extra)
+    end
   elseif code == 'U' then
     if redis.call('SADD', key, value) == 1 then
-      redis.call('HINCRBY', KEYS[tonumber(at)], field, SCALE)
+      redis.call('HINCRBY', KEYS[tonumber(extra)], field, SCALE)
     end
   end
   i = i + 5
 end
-for k = 3, #KEYS do
-  redis.call('EXPIREAT', KEYS[k], ARGV[expiries + k - 3])
+for k = 2 + live, #KEYS do
+  redis.call('EXPIREAT', KEYS[k], ARGV[expiries + k - 2 - live])
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
-return {1, ARGV[3]}
+return {1}
 """.replace("@SCALE@", str(VALUE_SCALE))
 
 
@@ -74,10 +91,17 @@ class Apply:
     offset_field: str
     expected: int | None
     new_offset: int
-    seen_key: str
+    seen_keys: list[str]  # the live de-duplication sets, the current bucket first
     seen_expires_at: int
     digests: list[bytes]
     ops: CounterOps
+    events: int = 0  # events in the share, duplicates included (for metrics)
+
+
+class Outcome(Enum):
+    APPLIED = 1
+    OFFSET_MOVED = 0
+    DUPLICATES = 2
 
 
 class RedisSink:
@@ -85,45 +109,38 @@ class RedisSink:
         self._redis = redis
         self._script = redis.register_script(_APPLY)
 
-    async def stored_offsets(self, customers: list[str], field: str) -> dict[str, int | None]:
+    async def stored_offsets(self, wanted: list[tuple[str, str]]) -> list[int | None]:
+        """The applied offset of each (customer, offset field)."""
         async with self._redis.pipeline(transaction=False) as pipe:
-            for customer in customers:
+            for customer, field in wanted:
                 pipe.hget(redis_keys.offsets(customer), field)
             raw = await pipe.execute()
-        return {c: int(v) if v is not None else None for c, v in zip(customers, raw, strict=True)}
+        return [int(v) if v is not None else None for v in raw]
 
-    async def seen(self, keys: list[str], digests: list[bytes]) -> set[bytes]:
-        """Which of ``digests`` are already in any of the ``keys`` sets."""
-        if not digests:
-            return set()
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.smismember(key, digests)
-            answers = await pipe.execute()
-        return {d for flags in answers for d, hit in zip(digests, flags, strict=True) if hit}
-
-    async def apply(self, batch: list[Apply]) -> list[Apply]:
-        """Apply each customer's share; return the ones whose offset moved under us."""
+    async def apply(self, batch: list[Apply]) -> list[tuple[Outcome, set[bytes]]]:
+        """Try each customer's share; for refused ones, say why (and which digests)."""
         async with self._redis.pipeline(transaction=False) as pipe:
             for item in batch:
                 keys, args = _arguments(item)
                 await self._script(keys=keys, args=args, client=pipe)
             results = await pipe.execute()
-        return [item for item, result in zip(batch, results, strict=True) if int(result[0]) != 1]
+        return [(Outcome(int(r[0])), set(r[1]) if len(r) > 1 else set()) for r in results]
 
 
 def _arguments(item: Apply) -> tuple[list[str], list[bytes | str | int]]:
     ops = item.ops
     touched = list(ops.expiry)
-    index = {key: position + 3 for position, key in enumerate(touched)}
+    first = 2 + len(item.seen_keys)
+    index = {key: position + first for position, key in enumerate(touched)}
     args: list[bytes | str | int] = [
         item.offset_field,
         "" if item.expected is None else str(item.expected),
         str(item.new_offset),
         item.seen_expires_at,
         OFFSETS_TTL_SECONDS,
-        len(item.digests),
-        *item.digests,
+        DIGEST_BYTES,
+        len(item.seen_keys),
+        b"".join(item.digests),
         *(ops.expiry[key] for key in touched),
     ]
     for (key, field), value in ops.sums.items():
@@ -135,5 +152,5 @@ def _arguments(item: Apply) -> tuple[list[str], list[bytes | str | int]]:
     for (unique, counters, field), members in ops.members.items():
         for member in members:
             args += ["U", index[unique], field, member, index[counters]]
-    keys = [redis_keys.offsets(item.customer), item.seen_key, *touched]
+    keys = [redis_keys.offsets(item.customer), *item.seen_keys, *touched]
     return keys, args

@@ -16,7 +16,6 @@ import orjson
 from aiokafka import AIOKafkaProducer
 
 from schemas import envelope, topics
-from schemas.envelope import StoredEvent
 from schemas.events import UsageEvent
 from services.ingest.parsing import Verdict
 
@@ -26,9 +25,9 @@ class Publisher:
         self._producer = producer
 
     async def publish(self, events: Iterable[UsageEvent], received_at: datetime) -> None:
-        by_customer: dict[str, list[StoredEvent]] = defaultdict(list)
+        by_customer: dict[str, list[UsageEvent]] = defaultdict(list)
         for event in events:
-            by_customer[event.subject].append(StoredEvent.from_usage(event, received_at))
+            by_customer[event.subject].append(event)
         deliveries = [
             await self._producer.send(
                 topics.EVENTS,

@@ -1,0 +1,189 @@
+"""End-to-end ingest benchmark: events/s accepted, events/s counted, 202→visible latency.
+
+Starts ``tally up`` on its embedded defaults (its own data dir and database), then, from
+this separate process, posts pre-built batches over HTTP from several concurrent
+senders for a fixed duration.  Each request carries one "probe" event of a customer
+owned by its sender, so the time from the 202 to the request being visible in Redis is
+measured per request: the probe customer's day counter reaching the request's number.
+
+    python -m bench.pipeline --seconds 20 --customers 50 --batch 2000 --senders 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import redis.asyncio as aioredis
+
+from schemas import redis_keys
+from schemas.events import utcnow
+from schemas.windows import Window, bucket_id
+from tests.support import TallyProcess
+
+TOKEN = "bench-token"
+
+
+def build_requests(args: argparse.Namespace, sender: int, count: int) -> list[bytes]:
+    """Pre-encoded bodies, so the client spends its CPU on sending, not on JSON."""
+    now = utcnow()
+    probe = f"bench-probe-{sender}"
+    bodies = []
+    for n in range(count):
+        events: list[dict[str, Any]] = [
+            {
+                "specversion": "1.0",
+                "id": uuid.uuid4().hex,
+                "source": f"bench/{sender}",
+                "type": "api_call",
+                "subject": probe if i == 0 else f"bench-c{(n * 7 + i) % args.customers:03d}",
+                "time": (now - timedelta(milliseconds=i)).isoformat(),
+                "data": {"endpoint": f"/v1/e{i % 5}", "method": "GET", "status": 200},
+            }
+            for i in range(args.batch)
+        ]
+        bodies.append(orjson.dumps(events))
+    return bodies
+
+
+async def sender(
+    client: httpx.AsyncClient, bodies: list[bytes], deadline: float, sent: list[tuple[float, int]]
+) -> int:
+    accepted = 0
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    for number, body in enumerate(bodies, start=1):
+        if time.monotonic() >= deadline:
+            break
+        response = await client.post("/v1/events", content=body, headers=headers)
+        response.raise_for_status()
+        sent.append((time.monotonic(), number))
+        accepted += int(response.json()["accepted"])
+    return accepted
+
+
+async def watch(
+    redis_url: str, senders: int, sent: list[list[tuple[float, int]]], stop: asyncio.Event
+) -> list[float]:
+    """Poll the probe counters; the latency of request i is when count(probe) reached i."""
+    client = aioredis.Redis.from_url(redis_url)
+    day = bucket_id(Window.DAY, utcnow())
+    keys = [
+        redis_keys.counters(f"bench-probe-{s}", "api_calls", Window.DAY, day)
+        for s in range(senders)
+    ]
+    seen = [0] * senders
+    latencies: list[float] = []
+    while True:
+        async with client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hget(key, redis_keys.TOTAL)
+            values = await pipe.execute()
+        now = time.monotonic()
+        for s, raw in enumerate(values):
+            count = int(raw or 0) // 1_000_000
+            for at, number in sent[s][seen[s] : count]:
+                latencies.append(now - at)
+                seen[s] = number
+        if stop.is_set() and all(seen[s] >= len(sent[s]) for s in range(senders)):
+            break
+        await asyncio.sleep(0.005)
+    await client.aclose()
+    return latencies
+
+
+async def counted(redis_url: str, customers: int, senders: int) -> int:
+    client = aioredis.Redis.from_url(redis_url)
+    day = bucket_id(Window.DAY, utcnow())
+    names = [f"bench-c{i:03d}" for i in range(customers)] + [
+        f"bench-probe-{s}" for s in range(senders)
+    ]
+    async with client.pipeline(transaction=False) as pipe:
+        for name in names:
+            pipe.hget(redis_keys.counters(name, "api_calls", Window.DAY, day), redis_keys.TOTAL)
+        values = await pipe.execute()
+    await client.aclose()
+    return sum(int(v or 0) for v in values) // 1_000_000
+
+
+async def drive(args: argparse.Namespace, url: str, redis_url: str) -> dict[str, Any]:
+    per_sender = int(args.seconds * args.target / args.batch / args.senders) + 2
+    bodies = [build_requests(args, s, per_sender) for s in range(args.senders)]
+    sent: list[list[tuple[float, int]]] = [[] for _ in range(args.senders)]
+    stop = asyncio.Event()
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        watcher = asyncio.create_task(watch(redis_url, args.senders, sent, stop))
+        start = time.monotonic()
+        deadline = start + args.seconds
+        accepted = sum(
+            await asyncio.gather(
+                *(sender(client, bodies[s], deadline, sent[s]) for s in range(args.senders))
+            )
+        )
+        sending = time.monotonic() - start
+        stop.set()
+        latencies = await asyncio.wait_for(watcher, timeout=300)
+        drained = time.monotonic() - start
+    total = await counted(redis_url, args.customers, args.senders)
+    latencies.sort()
+    return {
+        "duration_s": round(sending, 2),
+        "customers": args.customers,
+        "batch": args.batch,
+        "senders": args.senders,
+        "events_accepted": accepted,
+        "accepted_per_s": round(accepted / sending),
+        "events_counted": total,
+        "counted_per_s": round(total / drained),
+        "visible_p50_ms": round(statistics.median(latencies) * 1000, 1),
+        "visible_p99_ms": round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 1),
+        "requests": len(latencies),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--customers", type=int, default=50)
+    parser.add_argument("--batch", type=int, default=2000, help="events per request")
+    parser.add_argument("--senders", type=int, default=4, help="concurrent HTTP senders")
+    parser.add_argument("--target", type=int, default=60_000, help="events/s to pre-build for")
+    args = parser.parse_args()
+
+    data_dir = Path(tempfile.mkdtemp(prefix="tally-bench-"))
+    redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/13")
+    database = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/tally_bench")
+    env = {
+        "TALLY_DATA_DIR": str(data_dir),
+        "REDIS_URL": redis_url,
+        "DATABASE_URL": database,
+        "TALLY_INGEST_TOKENS": TOKEN,
+        "TALLY_LOG_LEVEL": "WARNING",
+        "TALLY_KAFKA_SESSION_TIMEOUT": "6",
+    }
+    import redis as sync_redis
+
+    sync_redis.Redis.from_url(redis_url).flushdb()
+    tally = TallyProcess(["up"], env, data_dir / "tally.log").start()
+    try:
+        result = asyncio.run(drive(args, tally.url, redis_url))
+    finally:
+        tally.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+    print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
