@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import signal
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, datetime, time, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -46,8 +46,8 @@ def test_ten_thousand_events_add_up_everywhere(
         _send(up.url, work, settings.ingest_tokens[0])
         wait_for(lambda: _redis_days(settings, work) == work.daily, 120, "Redis", up.tail)
         _check_api(up.url, work)
-        wait_for(lambda: _rollups(settings, "usage_daily") == work.daily, 60, "usage_daily")
-        wait_for(lambda: _rollups(settings, "usage_monthly") == work.monthly, 60, "monthly")
+        for table, want in (("usage_daily", work.daily), ("usage_monthly", work.monthly)):
+            _wait_for_rollup(settings, table, tenant, want)
     finally:
         code = up.stop(signal.SIGINT)
     assert code == 0, up.tail()
@@ -116,17 +116,32 @@ def _check_api(url: str, work: Workload) -> None:
                 )
 
 
-def _rollups(settings: Settings, table: str) -> dict[Key, Decimal]:
+def _rollups(settings: Settings, table: str, tenant: str) -> dict[Key, Decimal]:
     column = "day" if table == "usage_daily" else "month"
     with psycopg.connect(settings.database_url) as conn:
         rows = conn.execute(
             f"SELECT customer, meter, {column}, group_key, value FROM {table}"
+            " WHERE customer LIKE %s",
+            (f"{tenant}-%",),
         ).fetchall()
     found: dict[Key, Decimal] = {}
     for customer, meter, bucket, group_key, value in rows:
         group = redis_keys.parse_group(group_key)
         found[(customer, meter, bucket, group[0] if group else "*")] = value
     return {k: v.normalize() + 0 for k, v in found.items()}
+
+
+def _wait_for_rollup(settings: Settings, table: str, tenant: str, want: dict[Key, Decimal]) -> None:
+    def found() -> dict[Key, Decimal]:
+        return _rollups(settings, table, tenant)
+
+    wait_for(lambda: found() == want, 60, table, lambda: _diff(found(), want))
+
+
+def _diff(found: dict[Key, Decimal], want: dict[Key, Decimal]) -> str:
+    keys = found.keys() | want.keys()
+    wrong = {k: (found.get(k), want.get(k)) for k in keys if found.get(k) != want.get(k)}
+    return f"{len(wrong)} cells differ (found, want), e.g. {list(wrong.items())[:5]}"
 
 
 def _check_clickhouse(settings: Settings, work: Workload) -> None:
@@ -144,7 +159,3 @@ def _check_clickhouse(settings: Settings, work: Workload) -> None:
         count, total = want.get(event["type"], (0, Decimal(0)))
         want[event["type"]] = (count + 1, total + Decimal(event["data"].get("value", 1)))
     assert {t: (n, Decimal(s)) for t, n, s in rows} == want
-
-
-def _day(moment: datetime) -> date:
-    return moment.astimezone(UTC).date()
