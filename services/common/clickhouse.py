@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import jiter
-import orjson
 
 from services.common.settings import Settings
 
@@ -36,15 +35,10 @@ class ClickHouse(Protocol):
         ...
 
     def insert(self, table: str, columns: Sequence[str], rows: bytes) -> None:
-        """Insert JSONEachRow ``rows`` (see ``json_each_row``) into ``table``."""
+        """Insert JSONEachRow ``rows`` (objects one per line, or a JSON array of them)."""
         ...
 
     def close(self) -> None: ...
-
-
-def json_each_row(rows: Sequence[Mapping[str, Any]]) -> bytes:
-    """Encode rows for ``insert``; Decimals become strings, datetimes ISO 8601."""
-    return b"\n".join(orjson.dumps(row, default=str) for row in rows)
 
 
 def _parse_rows(raw: bytes) -> list[list[Any]]:

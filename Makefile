@@ -1,0 +1,40 @@
+# Tally's everyday commands. Each sets up .venv first when it is missing or stale.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup up demo test lint bench schemas compose-config clean
+
+$(BIN)/tally: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/tally
+
+up: setup  ## all four services in one process, embedded Kafka (Tansu) and ClickHouse (chDB)
+	$(BIN)/tally up
+
+demo: setup  ## the same, with a synthetic workload driving it
+	$(BIN)/tally up --demo
+
+test: setup  ## the whole suite against real PostgreSQL, Redis, Tansu and chDB
+	$(BIN)/pytest
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy .
+
+bench: setup  ## end-to-end ingest benchmark (prints events/s and latencies)
+	$(BIN)/python -m bench.pipeline
+
+schemas: setup  ## regenerate the JSON Schema files from the pydantic models
+	$(BIN)/python -m schemas.jsonschema
+
+compose-config: setup
+	$(BIN)/docker-compose -f docker-compose.yml config -q
+
+clean:
+	rm -rf .tally .pytest_cache .mypy_cache .ruff_cache
