@@ -107,9 +107,7 @@ class EventData(BaseModel):
         for name in extra:
             if name not in _valid_names:
                 if not _dimension_name.fullmatch(name):
-                    raise ValueError(
-                        f"dimension name {name!r} must match {DIMENSION_NAME_PATTERN}"
-                    )
+                    raise ValueError(f"dimension name {name!r} must match {DIMENSION_NAME_PATTERN}")
                 if len(_valid_names) < 10_000:
                     _valid_names.add(name)
         return self

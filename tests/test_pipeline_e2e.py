@@ -159,3 +159,19 @@ def _check_clickhouse(settings: Settings, work: Workload) -> None:
         count, total = want.get(event["type"], (0, Decimal(0)))
         want[event["type"]] = (count + 1, total + Decimal(event["data"].get("value", 1)))
     assert {t: (n, Decimal(s)) for t, n, s in rows} == want
+
+
+def test_ctrl_c_right_after_the_last_202_loses_nothing(
+    settings: Settings, tmp_path: Path, tenant: str
+) -> None:
+    """The embedded broker dies with the process: Ctrl-C must first aggregate all it took."""
+    env = env_for(settings)
+    env.pop("KAFKA_BOOTSTRAP_SERVERS")
+    up = TallyProcess(["up"], env, tmp_path / "up.log").start()
+    work = generate(tenant, customers=20, events=8_000, now=utcnow(), invalid_share=0, seed=9)
+    try:
+        _send(up.url, work, settings.ingest_tokens[0])
+    finally:
+        code = up.stop(signal.SIGINT)
+    assert code == 0, up.tail()
+    assert _redis_days(settings, work) == work.daily

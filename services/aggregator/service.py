@@ -11,7 +11,10 @@ from services.aggregator.meters import MeterCache
 from services.aggregator.processor import BatchProcessor
 from services.aggregator.redis_sink import RedisSink
 from services.common import clickhouse
+from services.common.logging import get_logger
 from services.runtime import Component, Runtime
+
+log = get_logger("tally.aggregator")
 
 
 async def start(runtime: Runtime) -> Component:
@@ -32,7 +35,16 @@ async def start(runtime: Runtime) -> Component:
     )
     worker.attach(app, settings, processor)
     await app.start()
-    runtime.stack.push_async_callback(app.stop)
+
+    async def stop() -> None:
+        try:
+            async with asyncio.timeout(settings.aggregator_drain_seconds):
+                await worker.drain(app, processor)
+        except TimeoutError:
+            log.warning("stopping with records not yet aggregated")
+        await app.stop()
+
+    runtime.stack.push_async_callback(stop)
     return Component(
         "aggregator",
         checks={

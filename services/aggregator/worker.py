@@ -84,6 +84,24 @@ def attach(app: faust.App, settings: Settings, processor: BatchProcessor) -> Non
                 metrics.CONSUMER_LAG.labels(str(tp.partition)).set(max(0, high - position - 1))
 
 
+async def drain(app: faust.App, processor: BatchProcessor) -> None:
+    """Wait until every assigned partition is processed up to its end.
+
+    Called before stopping (under a timeout): with the embedded in-memory broker,
+    records still in Kafka would be gone with it.
+    """
+    while _behind(app, processor):  # noqa: ASYNC110 (high-water marks move without an event)
+        await asyncio.sleep(0.1)
+
+
+def _behind(app: faust.App, processor: BatchProcessor) -> bool:
+    for tp in app.consumer.assignment():
+        high = app.consumer.highwater(tp)
+        if high and processor.positions.get((tp.topic, tp.partition), -1) < high - 1:
+            return True
+    return False
+
+
 def _record(event: Any) -> Record:
     message = event.message
     return Record(message.topic, message.partition, message.offset, message.value)

@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     aggregator_batch_seconds: float = 0.05
     dedupe_window_hours: int = 24
     meter_refresh_seconds: float = 5.0
+    aggregator_drain_seconds: float = 60.0
 
     rollup_interval_seconds: float = 60.0
     rollup_safety_lag_seconds: float = 5.0
