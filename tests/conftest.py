@@ -22,9 +22,10 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
-from schemas.catalog import Catalog
-from services.common import catalog, kafka, postgres
+from schemas.catalog import Catalog, Meter
+from services.common import catalog, clickhouse, kafka, postgres
 from services.common.broker import EmbeddedBroker
+from services.common.clickhouse import ClickHouse
 from services.common.settings import Settings
 
 ADMIN_URL = os.environ.get(
@@ -148,3 +149,21 @@ async def pool(database_url: str) -> AsyncIterator[AsyncConnectionPool]:
 def tenant() -> str:
     """A customer-id prefix no other test (or earlier run) uses."""
     return f"t{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def ch(settings: Settings) -> Iterator[ClickHouse]:
+    """ClickHouse with Tally's tables: chDB under the test's tmp dir, or the container."""
+    client = clickhouse.connect(settings)
+    clickhouse.create_schema(client)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def meters() -> dict[str, list[Meter]]:
+    """The default catalog's meters, by the event type they count."""
+    index: dict[str, list[Meter]] = {}
+    for meter in Catalog.default().meters:
+        index.setdefault(meter.event_type, []).append(meter)
+    return index

@@ -6,7 +6,6 @@ raw rows must come out exactly once each.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
 from decimal import Decimal
 
@@ -14,7 +13,7 @@ import pytest
 from redis.asyncio import Redis
 
 from schemas import envelope, redis_keys
-from schemas.catalog import Catalog, Meter
+from schemas.catalog import Meter
 from schemas.envelope import StoredEvent
 from schemas.events import from_micros, utcnow
 from schemas.windows import Window, bucket_id
@@ -23,27 +22,10 @@ from services.aggregator.dedupe import DedupeWindow
 from services.aggregator.increments import CounterOps
 from services.aggregator.processor import BatchProcessor, Record
 from services.aggregator.redis_sink import Apply, Outcome, RedisSink
-from services.common import clickhouse
 from services.common.clickhouse import ClickHouse
 from services.common.settings import Settings
 
 TOPIC = "tally.events"
-
-
-@pytest.fixture
-def ch(settings: Settings) -> Iterator[ClickHouse]:
-    client = clickhouse.connect(settings)
-    clickhouse.create_schema(client)
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def meters() -> dict[str, list[Meter]]:
-    index: dict[str, list[Meter]] = {}
-    for meter in Catalog.default().meters:
-        index.setdefault(meter.event_type, []).append(meter)
-    return index
 
 
 @pytest.fixture
