@@ -86,3 +86,18 @@ def wait_for(
             return result
         time.sleep(0.25)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{explain()}")
+
+
+def sample_event(**overrides: Any) -> dict[str, Any]:
+    """A valid CloudEvents usage event, as an emitter would send it."""
+    raw: dict[str, Any] = {
+        "specversion": "1.0",
+        "id": "evt-1",
+        "source": "gateway-eu",
+        "type": "api_call",
+        "subject": "cust_42",
+        "time": "2026-11-03T10:15:30Z",
+        "data": {"value": 1, "endpoint": "/v1/x"},
+    }
+    raw.update(overrides)
+    return raw

@@ -30,7 +30,7 @@ from services.common.settings import Settings
 from services.ingest.publisher import Publisher
 from tests.conftest import env_for
 from tests.support import TallyProcess, wait_for
-from tests.workload import Workload, generate
+from tests.workload import Workload, generate, rollup_cells, stored_totals
 
 pytestmark = pytest.mark.slow
 
@@ -114,28 +114,10 @@ class _Producer:
 async def _check_clickhouse_and_rollups(settings: Settings, work: Workload) -> None:
     client = clickhouse.connect(settings)
     try:
-        rows = client.query(
-            f"SELECT count(), toString(sum(value)) FROM {settings.clickhouse_database}.events"
-            " FINAL WHERE startsWith(customer, {t:String})",
-            {"t": work.valid[0]["subject"].split("-")[0]},
-        )
-        want_sum = sum(Decimal(e["data"].get("value", 1)) for e in work.valid)
-        assert [(n, Decimal(total)) for n, total in rows] == [(len(work.valid), want_sum)]
+        assert stored_totals(client, work.tenant) == work.totals()
         async with AsyncConnectionPool(settings.database_url, open=False) as pool:
             first = (utcnow() - timedelta(days=2)).date()
             await Rollup(client, pool, timedelta(0)).run_range(first, utcnow().date())
-            async with pool.connection() as conn:
-                cur = await conn.execute(
-                    "SELECT customer, meter, day, group_key, value FROM usage_daily"
-                    " WHERE customer LIKE %s",
-                    (work.valid[0]["subject"].split("-")[0] + "-%",),
-                )
-                found = {}
-                for customer, meter, day, group_key, value in await cur.fetchall():
-                    group = redis_keys.parse_group(group_key)
-                    found[(customer, meter, day, group[0] if group else "*")] = (
-                        value.normalize() + 0
-                    )
-        assert found == work.daily
     finally:
         client.close()
+    assert rollup_cells(settings.database_url, "usage_daily", work.tenant) == work.daily

@@ -10,20 +10,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from schemas.events import MAX_DIMENSIONS, EventData, UsageEvent, from_micros, to_micros
-
-
-def event(**overrides: Any) -> dict[str, Any]:
-    raw: dict[str, Any] = {
-        "specversion": "1.0",
-        "id": "evt-1",
-        "source": "gateway-eu",
-        "type": "api_call",
-        "subject": "cust_42",
-        "time": "2026-11-03T10:15:30Z",
-        "data": {"value": 1, "endpoint": "/v1/x"},
-    }
-    raw.update(overrides)
-    return raw
+from tests.support import sample_event as event
 
 
 def data(**fields: Any) -> EventData:

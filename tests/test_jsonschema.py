@@ -15,6 +15,7 @@ from schemas import jsonschema as export
 from schemas.catalog import Catalog
 from schemas.envelope import StoredEvent, encode
 from schemas.events import UsageEvent
+from tests.support import sample_event as event
 
 COMMITTED = Path(export.__file__).with_suffix("")
 REGENERATE = "JSON Schemas are out of date: run `python -m schemas.jsonschema`"
@@ -43,20 +44,6 @@ def test_write(tmp_path: Path) -> None:
     document = json.loads(text)
     assert document["$id"] == "https://tally.dev/schemas/usage-event.schema.json"
     assert document["$schema"] == "https://json-schema.org/draft/2020-12/schema"
-
-
-def event(**overrides: Any) -> dict[str, Any]:
-    raw: dict[str, Any] = {
-        "specversion": "1.0",
-        "id": "evt-1",
-        "source": "gateway-eu",
-        "type": "api_call",
-        "subject": "cust_42",
-        "time": "2026-11-03T10:15:30Z",
-        "data": {"value": 1, "endpoint": "/v1/x"},
-    }
-    raw.update(overrides)
-    return raw
 
 
 GOOD = [

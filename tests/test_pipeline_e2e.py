@@ -15,7 +15,6 @@ from pathlib import Path
 
 import httpx
 import orjson
-import psycopg
 import pytest
 import redis
 
@@ -26,7 +25,7 @@ from services.common import clickhouse
 from services.common.settings import Settings
 from tests.conftest import env_for
 from tests.support import TallyProcess, wait_for
-from tests.workload import ENDPOINTS, Key, Workload, generate
+from tests.workload import ENDPOINTS, Key, Workload, generate, rollup_cells, stored_totals
 
 pytestmark = pytest.mark.slow
 METERS = ("api_calls", "compute_seconds", "storage_gb", "active_users")
@@ -116,24 +115,9 @@ def _check_api(url: str, work: Workload) -> None:
                 )
 
 
-def _rollups(settings: Settings, table: str, tenant: str) -> dict[Key, Decimal]:
-    column = "day" if table == "usage_daily" else "month"
-    with psycopg.connect(settings.database_url) as conn:
-        rows = conn.execute(
-            f"SELECT customer, meter, {column}, group_key, value FROM {table}"
-            " WHERE customer LIKE %s",
-            (f"{tenant}-%",),
-        ).fetchall()
-    found: dict[Key, Decimal] = {}
-    for customer, meter, bucket, group_key, value in rows:
-        group = redis_keys.parse_group(group_key)
-        found[(customer, meter, bucket, group[0] if group else "*")] = value
-    return {k: v.normalize() + 0 for k, v in found.items()}
-
-
 def _wait_for_rollup(settings: Settings, table: str, tenant: str, want: dict[Key, Decimal]) -> None:
     def found() -> dict[Key, Decimal]:
-        return _rollups(settings, table, tenant)
+        return rollup_cells(settings.database_url, table, tenant)
 
     wait_for(lambda: found() == want, 60, table, lambda: _diff(found(), want))
 
@@ -147,18 +131,9 @@ def _diff(found: dict[Key, Decimal], want: dict[Key, Decimal]) -> str:
 def _check_clickhouse(settings: Settings, work: Workload) -> None:
     client = clickhouse.connect(settings)
     try:
-        rows = client.query(
-            f"SELECT type, count(), toString(sum(value)) FROM {settings.clickhouse_database}.events"
-            " FINAL WHERE startsWith(customer, {tenant:String}) GROUP BY type",
-            {"tenant": work.valid[0]["subject"].split("-")[0]},
-        )
+        assert stored_totals(client, work.tenant) == work.totals()
     finally:
         client.close()
-    want: dict[str, tuple[int, Decimal]] = {}
-    for event in work.valid:
-        count, total = want.get(event["type"], (0, Decimal(0)))
-        want[event["type"]] = (count + 1, total + Decimal(event["data"].get("value", 1)))
-    assert {t: (n, Decimal(s)) for t, n, s in rows} == want
 
 
 def test_ctrl_c_right_after_the_last_202_loses_nothing(

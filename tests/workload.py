@@ -14,17 +14,31 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import psycopg
+
+from schemas import redis_keys
+from services.common.clickhouse import ClickHouse
+
 ENDPOINTS = ["/v1/search", "/v1/orders", "/v1/export"]
 Key = tuple[str, str, date, str]  # customer, meter, day or month start, group ('*' or endpoint)
 
 
 @dataclass
 class Workload:
+    tenant: str
     valid: list[dict[str, Any]]
     duplicates: list[dict[str, Any]]
     invalid: list[dict[str, Any]]
     daily: dict[Key, Decimal] = field(default_factory=dict)
     monthly: dict[Key, Decimal] = field(default_factory=dict)
+
+    def totals(self) -> dict[str, tuple[int, Decimal]]:
+        """Per event type: how many distinct valid events, and the sum of their values."""
+        found: dict[str, tuple[int, Decimal]] = {}
+        for event in self.valid:
+            count, total = found.get(event["type"], (0, Decimal(0)))
+            found[event["type"]] = (count + 1, total + Decimal(event["data"].get("value", 1)))
+        return found
 
     def requests(self, size: int, rng: random.Random) -> list[list[dict[str, Any]]]:
         """Split into requests; every duplicate goes in a later request than its original."""
@@ -55,7 +69,7 @@ def generate(
     valid = [_event(rng, rng.choice(names), now - spread * rng.random()) for _ in range(n_valid)]
     duplicates = [dict(e) for e in rng.sample(valid, n_duplicates)]
     invalid = [_invalid(rng, rng.choice(names), now) for _ in range(n_invalid)]
-    workload = Workload(valid, duplicates, invalid)
+    workload = Workload(tenant, valid, duplicates, invalid)
     workload.daily = expected(valid, lambda t: t.date())
     workload.monthly = expected(valid, lambda t: t.date().replace(day=1))
     return workload
@@ -117,3 +131,29 @@ def _invalid(rng: random.Random, customer: str, now: datetime) -> dict[str, Any]
     else:
         event["specversion"] = "0.3"
     return event
+
+
+def stored_totals(client: ClickHouse, tenant: str) -> dict[str, tuple[int, Decimal]]:
+    """What ClickHouse holds for a tenant's customers, deduplicated, per event type."""
+    rows = client.query(
+        f"SELECT type, count(), toString(sum(value)) FROM {client.database}.events"
+        " FINAL WHERE startsWith(customer, {tenant:String}) GROUP BY type",
+        {"tenant": f"{tenant}-"},
+    )
+    return {kind: (count, Decimal(total)) for kind, count, total in rows}
+
+
+def rollup_cells(database_url: str, table: str, tenant: str) -> dict[Key, Decimal]:
+    """A tenant's rows of usage_daily or usage_monthly, keyed like the expectations."""
+    column = "day" if table == "usage_daily" else "month"
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            f"SELECT customer, meter, {column}, group_key, value FROM {table}"
+            " WHERE customer LIKE %s",
+            (f"{tenant}-%",),
+        ).fetchall()
+    found: dict[Key, Decimal] = {}
+    for customer, meter, bucket, group_key, value in rows:
+        group = redis_keys.parse_group(group_key)
+        found[(customer, meter, bucket, group[0] if group else "*")] = value.normalize() + 0
+    return found
