@@ -37,11 +37,12 @@ async def start(runtime: Runtime) -> Component:
     await app.start()
 
     async def stop() -> None:
-        try:
-            async with asyncio.timeout(settings.aggregator_drain_seconds):
-                await worker.drain(app, processor)
-        except TimeoutError:
-            log.warning("stopping with records not yet aggregated")
+        if settings.embedded_kafka:
+            try:
+                async with asyncio.timeout(settings.aggregator_drain_seconds):
+                    await worker.drain(processor, bootstrap)
+            except TimeoutError:
+                log.warning("stopping with accepted events not yet aggregated")
         await app.stop()
 
     runtime.stack.push_async_callback(stop)

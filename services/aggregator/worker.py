@@ -16,6 +16,7 @@ from typing import Any
 
 import faust
 import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas import topics
 from services.aggregator.processor import BatchProcessor, DeadLetter, Record
@@ -84,22 +85,37 @@ def attach(app: faust.App, settings: Settings, processor: BatchProcessor) -> Non
                 metrics.CONSUMER_LAG.labels(str(tp.partition)).set(max(0, high - position - 1))
 
 
-async def drain(app: faust.App, processor: BatchProcessor) -> None:
-    """Wait until every assigned partition is processed up to its end.
+async def drain(processor: BatchProcessor, bootstrap_servers: str) -> None:
+    """Wait until every partition of ``tally.events`` is processed up to its end.
 
-    Called before stopping (under a timeout): with the embedded in-memory broker,
-    records still in Kafka would be gone with it.
+    For the embedded in-memory broker, which dies with the process: what it still holds
+    would be lost.  (With Kafka, stopping a worker simply hands its partitions on.)
+    Run it under a timeout: a worker that never joined its group never catches up.
     """
-    while _behind(app, processor):  # noqa: ASYNC110 (high-water marks move without an event)
+    ends = await _end_offsets(bootstrap_servers)
+    while _behind(processor, ends):  # noqa: ASYNC110 (offsets move without an event)
         await asyncio.sleep(0.1)
 
 
-def _behind(app: faust.App, processor: BatchProcessor) -> bool:
-    for tp in app.consumer.assignment():
-        high = app.consumer.highwater(tp)
-        if high and processor.positions.get((tp.topic, tp.partition), -1) < high - 1:
-            return True
-    return False
+def _behind(processor: BatchProcessor, ends: dict[int, int]) -> bool:
+    return any(
+        processor.positions.get((topics.EVENTS, partition), -1) < end - 1
+        for partition, end in ends.items()
+    )
+
+
+async def _end_offsets(bootstrap_servers: str) -> dict[int, int]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers)
+    await consumer.start()
+    try:
+        partitions = [
+            TopicPartition(topics.EVENTS, p)
+            for p in consumer.partitions_for_topic(topics.EVENTS) or ()
+        ]
+        ends = await consumer.end_offsets(partitions) if partitions else {}
+    finally:
+        await consumer.stop()
+    return {tp.partition: offset for tp, offset in ends.items()}
 
 
 def _record(event: Any) -> Record:
