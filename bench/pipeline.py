@@ -68,13 +68,22 @@ def build_requests(args: argparse.Namespace, sender: int, count: int) -> list[by
 
 
 async def sender(
-    client: httpx.AsyncClient, bodies: list[bytes], deadline: float, sent: list[tuple[float, int]]
+    client: httpx.AsyncClient,
+    bodies: list[bytes],
+    deadline: float,
+    interval: float,
+    sent: list[tuple[float, int]],
 ) -> int:
+    """Post bodies back to back, or one per ``interval`` seconds when pacing."""
     accepted = 0
     headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    next_at = time.monotonic()
     for number, body in enumerate(bodies, start=1):
         if time.monotonic() >= deadline:
             break
+        if interval:
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            next_at += interval
         response = await client.post("/v1/events", content=body, headers=headers)
         response.raise_for_status()
         sent.append((time.monotonic(), number))
@@ -127,7 +136,9 @@ async def counted(redis_url: str, customers: int, senders: int) -> int:
 
 
 async def drive(args: argparse.Namespace, url: str, redis_url: str) -> dict[str, Any]:
-    per_sender = int(args.seconds * args.target / args.batch / args.senders) + 2
+    target = args.rate or args.target
+    per_sender = int(args.seconds * target / args.batch / args.senders) + 2
+    interval = args.batch * args.senders / args.rate if args.rate else 0.0
     bodies = [build_requests(args, s, per_sender) for s in range(args.senders)]
     sent: list[list[tuple[float, int]]] = [[] for _ in range(args.senders)]
     stop = asyncio.Event()
@@ -137,7 +148,10 @@ async def drive(args: argparse.Namespace, url: str, redis_url: str) -> dict[str,
         deadline = start + args.seconds
         accepted = sum(
             await asyncio.gather(
-                *(sender(client, bodies[s], deadline, sent[s]) for s in range(args.senders))
+                *(
+                    sender(client, bodies[s], deadline, interval, sent[s])
+                    for s in range(args.senders)
+                )
             )
         )
         sending = time.monotonic() - start
@@ -151,6 +165,7 @@ async def drive(args: argparse.Namespace, url: str, redis_url: str) -> dict[str,
     latencies.sort()
     return {
         "layout": args.layout,
+        "offered_per_s": args.rate or "flat out",
         "duration_s": round(sending, 2),
         "customers": args.customers,
         "batch": args.batch,
@@ -188,6 +203,7 @@ def main() -> None:
     parser.add_argument("--customers", type=int, default=50)
     parser.add_argument("--batch", type=int, default=2000, help="events per request")
     parser.add_argument("--senders", type=int, default=4, help="concurrent HTTP senders")
+    parser.add_argument("--rate", type=int, default=0, help="events/s to offer (0: flat out)")
     parser.add_argument("--target", type=int, default=60_000, help="events/s to pre-build for")
     args = parser.parse_args()
 

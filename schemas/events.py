@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 VALUE_DECIMALS = 6
-VALUE_SCALE = 10**VALUE_DECIMALS
+VALUE_SCALE: int = 10**VALUE_DECIMALS
 MAX_VALUE = Decimal(10) ** 12
 CUSTOMER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"
 DIMENSION_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
