@@ -20,6 +20,8 @@ from schemas.events import UsageEvent
 
 ENVELOPE_VERSION = 1
 MAX_EVENTS_PER_ENVELOPE = 500
+MAX_ENVELOPE_BYTES = 900 * 1024
+"""Under Kafka's default 1 MB ``message.max.bytes``, whatever the events' sizes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,14 +94,14 @@ def decode(payload: bytes) -> list[StoredEvent]:
     if envelope.get("v") != ENVELOPE_VERSION:
         raise ValueError(f"unsupported envelope version {envelope.get('v')!r}")
     customer = envelope["customer"]
-    received_at = datetime.fromisoformat(envelope["received_at"])
+    received_at = _aware(envelope["received_at"])
     return [
         StoredEvent(
             id=raw["id"],
             source=raw["source"],
             type=raw["type"],
             customer=customer,
-            time=datetime.fromisoformat(raw["time"]),
+            time=_aware(raw["time"]),
             value=Decimal(raw["value"]),
             dimensions=raw["dims"],
             received_at=received_at,
@@ -108,9 +110,35 @@ def decode(payload: bytes) -> list[StoredEvent]:
     ]
 
 
+def _aware(text: str) -> datetime:
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        raise ValueError(f"time without a UTC offset: {text!r}")
+    return moment
+
+
 E = TypeVar("E")
 
 
 def chunks(events: list[E], size: int = MAX_EVENTS_PER_ENVELOPE) -> Iterator[list[E]]:
     for start in range(0, len(events), size):
         yield events[start : start + size]
+
+
+def envelopes(customer: str, events: list[E], received_at: datetime) -> Iterator[bytes]:
+    """``events`` of one customer as encoded envelopes within both limits.
+
+    A chunk that encodes too large is halved until it fits (an event is at most a few KiB).
+    """
+    for chunk in chunks(events):
+        yield from _fitting(customer, chunk, received_at)
+
+
+def _fitting(customer: str, events: list[Any], received_at: datetime) -> Iterator[bytes]:
+    encoded = encode(customer, events, received_at)
+    if len(encoded) <= MAX_ENVELOPE_BYTES or len(events) == 1:
+        yield encoded
+        return
+    middle = len(events) // 2
+    yield from _fitting(customer, events[:middle], received_at)
+    yield from _fitting(customer, events[middle:], received_at)

@@ -36,7 +36,10 @@ _valid_names: set[str] = set()  # names already checked; they repeat on every ev
 
 
 def _utc(moment: datetime) -> datetime:
-    return moment.astimezone(UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("is outside the range of representable times") from None
 
 
 UtcDatetime = Annotated[AwareDatetime, AfterValidator(_utc)]

@@ -204,3 +204,33 @@ async def test_old_events_skip_expired_minute_buckets_but_count_in_the_day(
     assert not await redis.exists(minute)
     assert await redis.hget(day, "*") == b"1000000"
     assert 0 < await redis.ttl(day) <= 41 * 86400
+
+
+async def test_one_customer_from_two_partitions_in_one_batch(
+    processor: BatchProcessor, redis: Redis, tenant: str
+) -> None:
+    """After partitions are added, a customer's records may come from two partitions."""
+    customer = f"{tenant}-p"
+    calls = [stored(customer, "api_call", str(i), endpoint="/a") for i in range(4)]
+    await processor.process([record(3, calls[0], partition=5), record(1000, calls[1], partition=0)])
+    await processor.process([record(4, calls[2], partition=5), record(5, calls[3], partition=5)])
+    assert await day_counter(redis, customer, "api_calls") == 4
+
+
+async def test_a_counter_overflow_dead_letters_the_share_and_moves_on(
+    processor: BatchProcessor,
+    redis: Redis,
+    ch: ClickHouse,
+    dead_letters: list[tuple[Record, str]],
+    tenant: str,
+) -> None:
+    huge, other = f"{tenant}-big", f"{tenant}-ok"
+    big = [stored(huge, "compute", str(i), "999999999999") for i in range(10)]
+    batch = [record(1, *big), record(2, stored(other, "compute", "x", "1.5"))]
+    await processor.process(batch)
+    assert [reason for _, reason in dead_letters] == ["counter overflow: a sum passed 9.2e12 units"]
+    assert await day_counter(redis, huge, "compute_seconds") == 0
+    assert await day_counter(redis, other, "compute_seconds") == Decimal("1.5")
+    assert raw_rows(ch, huge) == 10  # the record keeps them
+    await processor.process([record(3, stored(huge, "compute", "y", "2"))])
+    assert await day_counter(redis, huge, "compute_seconds") == 2

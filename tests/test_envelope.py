@@ -7,11 +7,13 @@ import orjson
 import pytest
 
 from schemas.envelope import (
+    MAX_ENVELOPE_BYTES,
     MAX_EVENTS_PER_ENVELOPE,
     StoredEvent,
     chunks,
     decode,
     encode,
+    envelopes,
 )
 from schemas.events import UsageEvent
 
@@ -127,3 +129,30 @@ def test_chunks(count: int, size: int, sizes: list[int]) -> None:
 def test_chunks_default_size() -> None:
     events = [stored(i) for i in range(MAX_EVENTS_PER_ENVELOPE + 1)]
     assert [len(p) for p in chunks(events)] == [MAX_EVENTS_PER_ENVELOPE, 1]
+
+
+def test_envelopes_stay_under_the_byte_limit_whatever_the_event_size() -> None:
+    bulky = [
+        StoredEvent(
+            f"e{i}",
+            "s",
+            "t",
+            "cust_42",
+            RECEIVED,
+            Decimal(1),
+            {"blob": "x" * 250} | {f"d{j}": "y" * 250 for j in range(30)},
+            RECEIVED,
+        )
+        for i in range(400)
+    ]
+    payloads = list(envelopes("cust_42", bulky, RECEIVED))
+    assert len(payloads) > 1
+    assert all(len(p) <= MAX_ENVELOPE_BYTES for p in payloads)
+    assert [e.id for p in payloads for e in decode(p)] == [e.id for e in bulky]
+
+
+def test_decode_refuses_naive_times() -> None:
+    payload = orjson.loads(encode("cust_42", [stored(1)], RECEIVED))
+    payload["events"][0]["time"] = "2026-11-03T10:15:30"
+    with pytest.raises(ValueError, match="UTC offset"):
+        decode(orjson.dumps(payload))

@@ -200,7 +200,7 @@ async def test_kafka_failure_is_503_and_reports_nothing_accepted(
             headers={"Content-Type": BATCH, "Authorization": "Bearer test-token"},
         )
     body = problem(response, 503)
-    assert "none were accepted" in body["detail"] and response.headers["retry-after"] == "1"
+    assert "none is reported accepted" in body["detail"] and response.headers["retry-after"] == "1"
 
 
 async def _find_in_topic(settings: Settings, topic: str, needle: str) -> bytes | None:
@@ -221,3 +221,19 @@ async def _find_in_topic(settings: Settings, topic: str, needle: str) -> bytes |
     finally:
         await consumer.stop()
     return None
+
+
+async def test_an_event_rejected_for_its_time_does_not_shadow_a_valid_retry(
+    client: httpx.AsyncClient, tenant: str
+) -> None:
+    stale = event(tenant, time=(utcnow() - timedelta(days=40)).isoformat())
+    fixed = stale | {"time": utcnow().isoformat()}
+    body = (await post(client, [stale, fixed])).json()
+    assert [r["status"] for r in body["results"]] == ["rejected", "accepted"]
+
+
+async def test_times_beyond_the_calendar_are_rejected_not_a_500(
+    client: httpx.AsyncClient, tenant: str
+) -> None:
+    body = problem(await post(client, [event(tenant, time="0001-01-01T00:30:00+01:00")]), 422)
+    assert body["results"][0]["errors"][0]["field"] == "time"

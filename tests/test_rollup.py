@@ -133,3 +133,17 @@ def test_billing_rollup_command(settings: Settings, tmp_path: Path, tenant: str)
         timeout=60,
     )
     assert bad.returncode == 2 and "--from must be a date as YYYY-MM-DD" in bad.stderr
+
+
+async def test_a_retry_restamped_with_another_time_counts_once_on_its_first_day(
+    ch: ClickHouse, pool: AsyncConnectionPool, tenant: str
+) -> None:
+    customer = f"{tenant}-retry"
+    first = utcnow() - timedelta(days=2)
+    sink, rollup = ClickHouseSink(ch), Rollup(ch, pool, timedelta(0))
+    await sink.write([event(customer, "compute", "same", first, "4")])
+    await rollup.run_incremental()
+    await sink.write([event(customer, "compute", "same", utcnow(), "4")])  # SDK re-stamped
+    await rollup.run_incremental()
+    found = await cells(pool, "usage_daily", customer)
+    assert found == {(customer, "compute_seconds", first.date(), "*"): 4}

@@ -154,8 +154,14 @@ async def test_meters_are_listed(api: httpx.AsyncClient) -> None:
         (
             {"meter": "api_calls", "window": "day", "from": "2010-01-01T00:00:00Z"},
             "from",
-            "the limit is 2000",
+            "more than 2000 days",
         ),
+        (
+            {"meter": "api_calls", "window": "minute", "to": "9999-01-01T00:00:00Z"},
+            "to",
+            "must lie between 1970 and 2999",
+        ),
+        ({"meter": "api_calls", "from": "0001-01-01T00:00:00+01:00"}, "from", "must lie between"),
         ({"meter": "api_calls", "group_by": "method"}, "group_by", "groups by endpoint"),
         ({"meter": "storage_gb", "group_by": "endpoint"}, "group_by", "groups by (none)"),
     ],

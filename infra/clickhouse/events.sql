@@ -1,6 +1,10 @@
 -- Raw usage events: the record for audit, analytics SQL, rollups and re-rating.
--- ReplacingMergeTree keyed by (customer, type, source, id): a replayed or duplicated
--- event collapses into one row; read with FINAL for exact numbers.
+-- One row per (customer, source, id), the idempotency key: a replayed or re-sent event
+-- collapses, and every read uses FINAL. The version column makes the FIRST sighting
+-- win (the earliest received_at ranks highest), as Redis de-duplication does, so a
+-- client retry that re-stamps `time` cannot move an event to another day. There is no
+-- time partitioning on purpose: ReplacingMergeTree only collapses rows within one
+-- partition, and a retry may carry another event time.
 -- `{database}` is replaced by the configured database name.
 CREATE TABLE IF NOT EXISTS {database}.events
 (
@@ -13,8 +17,10 @@ CREATE TABLE IF NOT EXISTS {database}.events
     dimensions  Map(String, String),
     received_at DateTime64(6, 'UTC') COMMENT 'ingest time',
     stored_at   DateTime64(6, 'UTC') DEFAULT now64(6) COMMENT 'when the aggregator wrote it',
+    first_seen  UInt64 MATERIALIZED 18446744073709551615 - toUnixTimestamp64Micro(received_at)
+        COMMENT 'version: higher for an earlier sighting',
+    INDEX time_minmax time TYPE minmax GRANULARITY 1,
     INDEX stored_at_minmax stored_at TYPE minmax GRANULARITY 1
 )
-ENGINE = ReplacingMergeTree
-PARTITION BY toYYYYMM(time)
-ORDER BY (customer, type, source, id)
+ENGINE = ReplacingMergeTree(first_seen)
+ORDER BY (customer, source, id)

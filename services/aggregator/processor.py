@@ -8,7 +8,6 @@ replays the batch, and the replay changes nothing that was already applied.
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -39,9 +38,14 @@ DeadLetter = Callable[[Record, str], Awaitable[None]]
 
 
 @dataclass(slots=True)
-class _CustomerShare:
+class _Share:
+    """One customer's records from one partition in a batch: what one Lua call applies."""
+
+    customer: str
     offset_field: str
-    records: list[tuple[int, list[StoredEvent]]] = field(default_factory=list)
+    records: list[tuple[Record, list[StoredEvent]]] = field(default_factory=list)
+    seen: set[bytes] = field(default_factory=set)  # digests Redis says are already counted
+    overflowed: bool = False  # its counters would overflow: skip its events, keep going
 
 
 class BatchProcessor:
@@ -64,7 +68,7 @@ class BatchProcessor:
 
     async def process(self, records: Sequence[Record]) -> None:
         shares = await self._decode(records)
-        events = [e for share in shares.values() for _, evs in share.records for e in evs]
+        events = [e for share in shares for _, evs in share.records for e in evs]
         metrics.AGGREGATOR_BATCH_RECORDS.observe(len(records))
         metrics.AGGREGATOR_BATCH_EVENTS.observe(len(events))
         with _timed("clickhouse"):
@@ -74,73 +78,77 @@ class BatchProcessor:
         for record in records:
             self.positions[(record.topic, record.partition)] = record.offset
 
-    async def _decode(self, records: Sequence[Record]) -> dict[str, _CustomerShare]:
-        shares: dict[str, _CustomerShare] = {}
+    async def _decode(self, records: Sequence[Record]) -> list[_Share]:
+        shares: dict[tuple[str, str], _Share] = {}
         for record in records:
             try:
                 events = envelope.decode(record.value)
-            except (ValueError, KeyError, TypeError) as exc:
+            except (ValueError, KeyError, TypeError, ArithmeticError) as exc:
                 await self._dead_letter(record, f"undecodable envelope: {exc!r}")
                 continue
             if not events:
                 continue
             customer = events[0].customer
-            share = shares.setdefault(
-                customer,
-                _CustomerShare(
-                    redis_keys.offset_field(record.topic, record.partition, self._incarnation)
-                ),
-            )
-            share.records.append((record.offset, events))
-        return shares
+            field_ = redis_keys.offset_field(record.topic, record.partition, self._incarnation)
+            share = shares.setdefault((customer, field_), _Share(customer, field_))
+            share.records.append((record, events))
+        return list(shares.values())
 
-    async def _apply(self, shares: dict[str, _CustomerShare], now: datetime) -> None:
-        """Send every customer's share; re-plan the ones Redis refused, until none is."""
+    async def _apply(self, shares: list[_Share], now: datetime) -> None:
+        """Send every share; re-plan the ones Redis refused, until none is refused."""
         meters = self._meters()
-        known: dict[str, set[bytes]] = defaultdict(set)  # digests Redis says it has seen
         pending = shares
         while pending:
-            customers = list(pending)
             stored = await self._redis.stored_offsets(
-                [(c, pending[c].offset_field) for c in customers]
+                [(s.customer, s.offset_field) for s in pending]
             )
-            plans = [
-                plan
-                for c, offset in zip(customers, stored, strict=True)
-                if (plan := self._plan(c, pending[c], offset, known[c], meters, now))
+            planned = [
+                (share, plan)
+                for share, offset in zip(pending, stored, strict=True)
+                if (plan := self._plan(share, offset, meters, now))
             ]
-            retry: dict[str, _CustomerShare] = {}
-            for plan, (outcome, seen) in zip(plans, await self._redis.apply(plans), strict=True):
-                if outcome is Outcome.OFFSET_MOVED:
-                    log.warning("offset moved under us; recomputing", customer=plan.customer)
-                known[plan.customer] |= seen
+            outcomes = await self._redis.apply([plan for _, plan in planned])
+            pending = []
+            for (share, plan), (outcome, seen) in zip(planned, outcomes, strict=True):
                 if outcome is Outcome.APPLIED:
                     metrics.AGGREGATED_EVENTS.labels("counted").inc(len(plan.digests))
                     metrics.AGGREGATED_EVENTS.labels("duplicate").inc(
                         plan.events - len(plan.digests)
                     )
-                else:
-                    retry[plan.customer] = pending[plan.customer]
-            pending = retry
+                    continue
+                if outcome is Outcome.OFFSET_MOVED:
+                    log.warning("offset moved under us; recomputing", customer=share.customer)
+                elif outcome is Outcome.OVERFLOW:
+                    await self._overflowed(share)
+                share.seen |= seen
+                pending.append(share)
+
+    async def _overflowed(self, share: _Share) -> None:
+        """A counter would pass 2^63 micro-units: these events cannot be counted in Redis.
+
+        They stay in ClickHouse (the record, which rollups and billing read); here they
+        go to the dead-letter topic, and the offset moves on so the partition does not
+        stall.
+        """
+        log.error("counter overflow; events dead-lettered", customer=share.customer)
+        share.overflowed = True
+        for record, events in share.records:
+            metrics.AGGREGATED_EVENTS.labels("overflow").inc(len(events))
+            await self._dead_letter(record, "counter overflow: a sum passed 9.2e12 units")
 
     def _plan(
-        self,
-        customer: str,
-        share: _CustomerShare,
-        stored: int | None,
-        seen: set[bytes],
-        meters: dict[str, list[Meter]],
-        now: datetime,
+        self, share: _Share, stored: int | None, meters: dict[str, list[Meter]], now: datetime
     ) -> Apply | None:
-        fresh = [(o, evs) for o, evs in share.records if stored is None or o > stored]
+        fresh = [(r.offset, evs) for r, evs in share.records if stored is None or r.offset > stored]
         if len(fresh) < len(share.records):
             metrics.REPLAYED_RECORDS.inc(len(share.records) - len(fresh))
         if not fresh:
             return None
-        candidates = [e for _, evs in fresh for e in evs]
+        candidates = [] if share.overflowed else [e for _, evs in fresh for e in evs]
         digests = [digest(e.source, e.id) for e in candidates]
-        new_events, new_digests = _first_sightings(candidates, digests, seen)
+        new_events, new_digests = _first_sightings(candidates, digests, share.seen)
         bucket = self._dedupe.current(now)
+        customer = share.customer
         return Apply(
             customer=customer,
             offset_field=share.offset_field,

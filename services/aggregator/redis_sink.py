@@ -31,6 +31,7 @@ OFFSETS_TTL_SECONDS = 45 * 24 * 3600
 #       then ops as (code, key index, field, value, extra) quintuples.
 _APPLY = """
 local SCALE = @SCALE@
+local LIMIT = 9.0e18  -- below 2^63 by more than a double's rounding error there
 local function gt(a, b)
   if #a ~= #b then return #a > #b end
   return a > b
@@ -38,6 +39,13 @@ end
 local current = redis.call('HGET', KEYS[1], ARGV[1]) or ''
 if current ~= ARGV[2] then return {0} end
 local size, live, blob = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
+local first_op = 9 + #KEYS - 1 - live
+for i = first_op, #ARGV, 5 do
+  if ARGV[i] == 'I' then  -- HINCRBY past 2^63 would fail halfway: refuse before writing
+    local old = redis.call('HGET', KEYS[tonumber(ARGV[i + 1])], ARGV[i + 2]) or '0'
+    if tonumber(ARGV[i + 3]) + tonumber(old) > LIMIT then return {3} end
+  end
+end
 local digests = {}
 for j = 1, #blob, size do digests[#digests + 1] = string.sub(blob, j, j + size - 1) end
 local seen = {}
@@ -53,7 +61,7 @@ if #seen > 0 then return {2, seen} end
 for _, d in ipairs(digests) do redis.call('SADD', KEYS[2], d) end
 if #digests > 0 then redis.call('EXPIREAT', KEYS[2], ARGV[4]) end
 local expiries = 9
-local i = expiries + #KEYS - 1 - live
+local i = first_op
 while i <= #ARGV do
   local code, key = ARGV[i], KEYS[tonumber(ARGV[i + 1])]
   local field, value, extra = ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
@@ -102,6 +110,7 @@ class Outcome(Enum):
     APPLIED = 1
     OFFSET_MOVED = 0
     DUPLICATES = 2
+    OVERFLOW = 3
 
 
 class RedisSink:

@@ -59,7 +59,8 @@ def dead_letter_sender(app: faust.App) -> DeadLetter:
             "offset": record.offset,
             "value": record.value.decode(errors="replace"),
         }
-        await topic.send(value=orjson.dumps(payload))
+        delivery = await topic.send(value=orjson.dumps(payload))
+        await delivery  # queued is not stored: wait for the broker's ack
 
     return send
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from itertools import islice
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query
@@ -16,6 +17,8 @@ from services.api.usage import MAX_BUCKETS, UsageReader
 from services.common import catalog
 from services.common.problems import Problem
 
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(2999, 12, 31, tzinfo=UTC)
 DEFAULT_SPAN = {
     Window.MINUTE: timedelta(hours=1),
     Window.HOUR: timedelta(hours=24),
@@ -80,6 +83,8 @@ async def _meter(pool: AsyncConnectionPool, name: str) -> Meter:
 def _aware(field: str, moment: datetime) -> datetime:
     if moment.tzinfo is None:
         raise _invalid(field, "must carry a UTC offset (RFC 3339), e.g. 2026-11-01T00:00:00Z")
+    if not EARLIEST <= moment <= LATEST:
+        raise _invalid(field, f"must lie between {EARLIEST:%Y} and {LATEST:%Y}")
     return moment
 
 
@@ -91,10 +96,9 @@ def _check_range(window: Window, start: datetime, end: datetime, now: datetime) 
         raise _invalid(
             "from", f"{window.value} buckets are kept for {hours} hours; use a coarser window"
         )
-    count = sum(1 for _ in buckets(window, start, end))
-    if count > MAX_BUCKETS:
+    if len(list(islice(buckets(window, start, end), MAX_BUCKETS + 1))) > MAX_BUCKETS:
         raise _invalid(
-            "from", f"the range spans {count} {window.value}s; the limit is {MAX_BUCKETS}"
+            "from", f"the range spans more than {MAX_BUCKETS} {window.value}s, the limit"
         )
 
 

@@ -89,7 +89,7 @@ class Rollup:
 
     async def run_range(self, first: date, last: date) -> Report:
         """Recompute every customer's days in [first, last] and the months they touch."""
-        watermark = self._now() - self._safety_lag
+        watermark = await self._watermark()
         start = datetime.combine(first, time(), UTC)
         end = datetime.combine(last + timedelta(days=1), time(), UTC)
         customers = await self._query_customers(start, end, watermark)
@@ -99,7 +99,7 @@ class Rollup:
     async def run_incremental(self) -> Report:
         """Recompute the cells that gained events since the last watermark."""
         previous = await watermarks.read(self._pool) or EPOCH
-        watermark = self._now() - self._safety_lag
+        watermark = await self._watermark()
         rows = await self._ch_query(
             f"SELECT DISTINCT customer, toString(toDate(time)) FROM {self._events}"
             f" WHERE stored_at > {{since:{_TS}}} AND stored_at <= {{until:{_TS}}}",
@@ -229,8 +229,11 @@ class Rollup:
         bound = {k: _param(v) for k, v in params.items()}
         return await asyncio.to_thread(self._ch.query, sql, bound)
 
-    def _now(self) -> datetime:
-        return datetime.now(UTC)
+    async def _watermark(self) -> datetime:
+        """Now on ClickHouse's own clock — it stamps ``stored_at`` — less the safety lag
+        that lets inserts in flight become visible before a pass moves past them."""
+        [[now]] = await self._ch_query("SELECT toString(now64(6, 'UTC'))")
+        return datetime.fromisoformat(now).replace(tzinfo=UTC) - self._safety_lag
 
 
 def _row(meter: Meter, group_by: tuple[str, ...], raw: list[Any]) -> Row:

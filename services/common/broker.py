@@ -6,12 +6,17 @@ laptop process and for tests.  Production points ``KAFKA_BOOTSTRAP_SERVERS`` at 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import signal
 import socket
 import subprocess
 import time
 from importlib import resources
 from pathlib import Path
 from types import TracebackType
+
+PR_SET_PDEATHSIG = 1
 
 
 def tansu_binary() -> Path:
@@ -25,6 +30,13 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    """Have Linux stop the broker when Tally dies, even by kill -9: no orphan brokers."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class EmbeddedBroker:
@@ -56,6 +68,7 @@ class EmbeddedBroker:
             stdout=log,
             stderr=log,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         self._wait_listening(timeout)
         return self

@@ -126,7 +126,8 @@ async def _publish(ingest: Ingest, verdicts: list[parsing.Verdict], received_at:
             503,
             "broker-unavailable",
             "Events not stored",
-            "Kafka did not acknowledge the events; none were accepted, retry the request",
+            "Kafka did not acknowledge all the events, so none is reported accepted; retry the"
+            " whole request (events that did get stored are dropped as duplicates)",
             headers={"Retry-After": "1"},
         ) from exc
     metrics.PUBLISH_SECONDS.observe(time.perf_counter() - started)

@@ -117,15 +117,15 @@ def items(body: bytes, kind: str, max_events: int) -> list[Any]:
 
 
 def judge(raw_items: list[Any], bounds: TimeBounds, now: datetime) -> list[Verdict]:
-    """Validate every item; mark repeats of an earlier (source, id) in the same request."""
-    seen: set[tuple[str, str]] = set()
+    """Validate every item; mark repeats of an earlier accepted (source, id) in the request."""
+    accepted: set[tuple[str, str]] = set()
     verdicts = []
     for index, raw in enumerate(raw_items):
         verdict = _judge_one(index, raw, bounds, now)
-        if verdict.event is not None:
-            if verdict.event.key in seen:
+        if verdict.status is Status.ACCEPTED and verdict.event is not None:
+            if verdict.event.key in accepted:
                 verdict.status = Status.DUPLICATE
-            seen.add(verdict.event.key)
+            accepted.add(verdict.event.key)
         verdicts.append(verdict)
     return verdicts
 

@@ -29,13 +29,9 @@ class Publisher:
         for event in events:
             by_customer[event.subject].append(event)
         deliveries = [
-            await self._producer.send(
-                topics.EVENTS,
-                value=envelope.encode(customer, chunk, received_at),
-                key=customer.encode(),
-            )
-            for customer, stored in by_customer.items()
-            for chunk in envelope.chunks(stored)
+            await self._producer.send(topics.EVENTS, value=payload, key=customer.encode())
+            for customer, batch in by_customer.items()
+            for payload in envelope.envelopes(customer, batch, received_at)
         ]
         await asyncio.gather(*deliveries)
 
