@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas import topics
 from services.aggregator.processor import BatchProcessor, DeadLetter, Record
+from services.aggregator.transport import Transport
 from services.common import metrics
 from services.common.logging import get_logger
 from services.common.settings import Settings
@@ -28,8 +29,13 @@ log = get_logger("tally.aggregator")
 MAX_BACKOFF_SECONDS = 10.0
 
 
+class _App(faust.App):
+    def _new_transport(self) -> Transport:
+        return Transport(self.conf.broker_consumer, self)
+
+
 def create_app(settings: Settings, bootstrap_servers: str) -> faust.App:
-    return faust.App(
+    return _App(
         settings.consumer_group,
         broker=f"kafka://{bootstrap_servers}",
         value_serializer="raw",
