@@ -46,7 +46,7 @@ def docker_available() -> bool:
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> Iterator[str]:
     if docker_available():
-        from testcontainers.kafka import KafkaContainer
+        from testcontainers.community.kafka import KafkaContainer
 
         with KafkaContainer("confluentinc/cp-kafka:7.6.0").with_kraft() as container:
             bootstrap = container.get_bootstrap_server()
@@ -62,14 +62,11 @@ def kafka_bootstrap() -> Iterator[str]:
 def clickhouse_url() -> Iterator[str | None]:
     """A ClickHouse server URL under Docker; ``None`` means chDB at a per-test path."""
     if docker_available():
-        from testcontainers.clickhouse import ClickHouseContainer
+        from testcontainers.community.clickhouse import ClickHouseContainer
 
-        with ClickHouseContainer("clickhouse/clickhouse-server:24.8") as container:
-            yield (
-                container.get_connection_url()
-                .replace("clickhouse://", "http://")
-                .replace(":9000", f":{container.get_exposed_port(8123)}")
-            )
+        with ClickHouseContainer("clickhouse/clickhouse-server:24.8") as server:
+            host, port = server.get_container_host_ip(), server.get_exposed_port(8123)
+            yield f"http://{server.username}:{server.password}@{host}:{port}/"
         return
     yield None
 
