@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from typing import Any
 
 import uvicorn
 from aiokafka import AIOKafkaProducer
@@ -39,6 +40,7 @@ class Component:
     name: str
     routers: list[APIRouter] = field(default_factory=list)
     checks: dict[str, Check] = field(default_factory=dict)
+    schemas: dict[str, Any] = field(default_factory=dict)  # extra OpenAPI components
 
 
 class Runtime:
@@ -151,12 +153,29 @@ def http_app(components: list[Component], title: str = "Tally") -> FastAPI:
     )
     problems.install(app)
     checks: dict[str, Check] = {}
+    schemas: dict[str, Any] = {}
     for component in components:
         for router in component.routers:
             app.include_router(router)
         checks |= {f"{component.name}.{k}": v for k, v in component.checks.items()}
+        schemas |= component.schemas
     app.include_router(health_router(checks))
+    _add_openapi_schemas(app, schemas)
     return app
+
+
+def _add_openapi_schemas(app: FastAPI, schemas: dict[str, Any]) -> None:
+    """Routes that read their body themselves (ingest, for speed) still document it."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = generate()
+            spec.setdefault("components", {}).setdefault("schemas", {}).update(schemas)
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 async def serve(

@@ -20,8 +20,9 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic.json_schema import models_json_schema
 
-from schemas.events import utcnow
+from schemas.events import UsageEvent, utcnow
 from services.common import metrics
 from services.common.logging import get_logger
 from services.common.problems import Problem
@@ -31,6 +32,7 @@ from services.ingest.parsing import Status, TimeBounds
 from services.ingest.publisher import Publisher
 
 log = get_logger("tally.ingest")
+REF = "#/components/schemas/{model}"
 
 
 class Ingest:
@@ -63,6 +65,23 @@ class Ingest:
         return bytes(body)
 
 
+def openapi_schemas() -> dict[str, Any]:
+    """The usage event's JSON Schemas, for the OpenAPI document's components."""
+    _, top = models_json_schema([(UsageEvent, "validation")], ref_template=REF)
+    schemas: dict[str, Any] = top["$defs"]
+    return schemas
+
+
+def _body_schemas() -> dict[str, Any]:
+    one = {"$ref": REF.format(model="UsageEvent")}
+    batch = {"type": "array", "items": one, "minItems": 1, "maxItems": 10_000}
+    return {
+        parsing.SINGLE: {"schema": one},
+        parsing.BATCH: {"schema": batch},
+        parsing.JSON: {"schema": {"oneOf": [batch, one]}},
+    }
+
+
 def _unauthorized(detail: str) -> Problem:
     return Problem(
         401, "unauthorized", "Unauthorized", detail, headers={"WWW-Authenticate": "Bearer"}
@@ -90,15 +109,7 @@ def router(ingest: Ingest) -> APIRouter:
         status_code=202,
         response_class=JSONResponse,
         summary="Ingest usage events (CloudEvents 1.0, one or a batch)",
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    kind: {"schema": {"$ref": "#/components/schemas/UsageEvent"}}
-                    for kind in parsing.CONTENT_TYPES
-                },
-            }
-        },
+        openapi_extra={"requestBody": {"required": True, "content": _body_schemas()}},
     )
     async def post_events(request: Request) -> Response:
         kind = parsing.media_type(request.headers.get("content-type"))

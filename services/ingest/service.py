@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from schemas import topics
-from services.ingest.app import Ingest, router
+from services.ingest.app import Ingest, openapi_schemas, router
 from services.ingest.publisher import Publisher
 from services.runtime import Component, Runtime
 
@@ -15,4 +15,6 @@ async def start(runtime: Runtime) -> Component:
         await producer.partitions_for(topics.EVENTS)
 
     ingest = Ingest(runtime.settings, Publisher(producer))
-    return Component("ingest", routers=[router(ingest)], checks={"kafka": kafka})
+    return Component(
+        "ingest", routers=[router(ingest)], checks={"kafka": kafka}, schemas=openapi_schemas()
+    )
