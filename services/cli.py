@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from datetime import date
 from typing import Annotated
 
@@ -11,13 +10,12 @@ import typer
 
 from services.common.logging import configure
 from services.common.settings import Settings, get_settings
-from services.runtime import Component, Runtime, serve
+from services.runtime import Runtime, Starter, serve
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
 billing_app = typer.Typer(help="Rollups of raw events into usage_daily (and, later, invoices).")
 app.add_typer(billing_app, name="billing")
 
-Starter = Callable[[Runtime], Awaitable[Component]]
 PortOption = Annotated[int | None, typer.Option(help="HTTP port (default: TALLY_PORT)")]
 
 
@@ -36,11 +34,15 @@ def _require_kafka(settings: Settings, command: str) -> None:
 
 
 def _run(starters: list[Starter], port: int | None, prepare: bool = False) -> None:
+    settings = _settings()
+    if port is not None:
+        settings = settings.model_copy(update={"port": port})
+
     async def main() -> None:
-        async with Runtime(_settings()) as runtime:
+        async with Runtime(settings) as runtime:
             if prepare:
                 await runtime.prepare()
-            await serve(runtime, starters, port)
+            await serve(runtime, starters)
 
     asyncio.run(main())
 

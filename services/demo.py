@@ -29,13 +29,7 @@ ENDPOINTS = ["/v1/search", "/v1/orders", "/v1/orders/{id}", "/v1/export", "/v1/u
 async def start(runtime: Runtime) -> Component:
     settings = runtime.settings
     url = f"http://{settings.host}:{settings.port}/v1/events"
-    task = asyncio.create_task(drive(url, settings.ingest_tokens[0]))
-
-    async def stop() -> None:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-
-    runtime.stack.push_async_callback(stop)
+    runtime.background(drive(url, settings.ingest_tokens[0]), "demo")
     return Component("demo")
 
 
@@ -83,7 +77,7 @@ def event(rng: random.Random) -> dict[str, Any]:
         data = {"user": f"user-{rng.randint(1, 60)}"}
     return {
         "specversion": "1.0",
-        "id": str(uuid.UUID(int=rng.getrandbits(128))),
+        "id": str(uuid.uuid4()),  # fresh every run: a rerun is not a retry
         "source": "demo/app",
         "type": kind,
         "subject": customer,

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import signal
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -113,6 +113,16 @@ class Runtime:
             self.stack.push_async_callback(self._producer.stop)
         return self._producer
 
+    def background(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        """Run ``work`` for as long as the process serves; cancelled on the way out."""
+        task = asyncio.create_task(work, name=name)
+
+        async def stop() -> None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+        self.stack.push_async_callback(stop)
+
     # readiness checks shared by the services that use each store
     def check_postgres(self) -> Check:
         async def check() -> None:
@@ -178,11 +188,11 @@ def _add_openapi_schemas(app: FastAPI, schemas: dict[str, Any]) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-async def serve(
-    runtime: Runtime,
-    starters: list[Callable[[Runtime], Awaitable[Component]]],
-    port: int | None = None,
-) -> None:
+Starter = Callable[["Runtime"], Awaitable[Component]]
+"""A service's ``start``: what it contributes to a process, once it is running."""
+
+
+async def serve(runtime: Runtime, starters: list[Starter]) -> None:
     """Start the services, serve HTTP until interrupted; the caller's ``async with
     runtime`` then stops everything in reverse order, flushing on the way."""
     settings = runtime.settings
@@ -191,7 +201,7 @@ async def serve(
     config = uvicorn.Config(
         app,
         host=settings.host,
-        port=port or settings.port,
+        port=settings.port,
         log_level=settings.log_level.lower(),
         access_log=False,
         lifespan="off",

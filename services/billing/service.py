@@ -23,13 +23,7 @@ async def rollup(runtime: Runtime) -> Rollup:
 
 async def start(runtime: Runtime) -> Component:
     job = await rollup(runtime)
-    task = asyncio.create_task(_every(job, runtime.settings.rollup_interval_seconds))
-
-    async def stop() -> None:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-
-    runtime.stack.push_async_callback(stop)
+    runtime.background(_every(job, runtime.settings.rollup_interval_seconds), "rollup")
     return Component(
         "billing",
         checks={"clickhouse": runtime.check_clickhouse(), "postgres": runtime.check_postgres()},

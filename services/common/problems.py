@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -81,9 +83,7 @@ async def request_validation_handler(request: Request, exc: Exception) -> Respon
     ).response(instance=request.url.path)
 
 
-def install(app: Any) -> None:
-    """Register the problem+json handlers on a FastAPI/Starlette app."""
-    from fastapi.exceptions import RequestValidationError
-
+def install(app: FastAPI) -> None:
+    """Register the problem+json handlers on a FastAPI app."""
     app.add_exception_handler(Problem, problem_handler)
     app.add_exception_handler(RequestValidationError, request_validation_handler)
