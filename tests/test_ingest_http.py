@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -237,3 +238,29 @@ async def test_times_beyond_the_calendar_are_rejected_not_a_500(
 ) -> None:
     body = problem(await post(client, [event(tenant, time="0001-01-01T00:30:00+01:00")]), 422)
     assert body["results"][0]["errors"][0]["field"] == "time"
+
+
+async def test_a_gzipped_batch_is_accepted(client: httpx.AsyncClient, tenant: str) -> None:
+    body = gzip.compress(orjson.dumps([event(tenant) for _ in range(20)]))
+    response = await client.post(
+        "/v1/events", content=body, headers={"Content-Type": BATCH, "Content-Encoding": "gzip"}
+    )
+    assert response.status_code == 202 and response.json()["accepted"] == 20
+
+
+@pytest.mark.parametrize(
+    ("content", "encoding", "status", "detail"),
+    [
+        (b"not gzip at all", "gzip", 400, "not valid gzip"),
+        (gzip.compress(b"[]" * 100)[:20], "gzip", 400, "ends early"),
+        (gzip.compress(b" " * 200_000), "gzip", 413, "the limit is 16384 bytes"),
+        (b"[]", "br", 415, "Content-Encoding 'br' is not accepted"),
+    ],
+)
+async def test_bad_or_oversized_compressed_bodies(
+    client: httpx.AsyncClient, content: bytes, encoding: str, status: int, detail: str
+) -> None:
+    response = await client.post(
+        "/v1/events", content=content, headers={"Content-Type": BATCH, "Content-Encoding": encoding}
+    )
+    assert detail in problem(response, status)["detail"]

@@ -16,6 +16,9 @@ from typing import Annotated
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+DEV_TOKEN = "dev-ingest-token"
+"""Accepted by default so that `tally up` works out of the box; never in production."""
+
 
 def _alias(name: str) -> AliasChoices:
     return AliasChoices(name, f"TALLY_{name}")
@@ -42,7 +45,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = False
 
-    ingest_tokens: Annotated[list[str], NoDecode] = ["dev-ingest-token"]
+    ingest_tokens: Annotated[list[str], NoDecode] = [DEV_TOKEN]
     max_batch_events: int = 10_000
     max_body_bytes: int = 10 * 1024 * 1024
     future_tolerance_seconds: int = 300

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hmac
 import time
 import uuid
+import zlib
 from typing import Any
 
 import orjson
@@ -53,16 +54,47 @@ class Ingest:
             raise _unauthorized("the bearer token is not a valid emitter token")
 
     async def read_body(self, request: Request) -> bytes:
+        """The body, decompressed when sent with ``Content-Encoding: gzip``; the size limit
+        holds for what arrives and for what it inflates to."""
         limit = self.settings.max_body_bytes
+        inflate = _decompressor(request.headers.get("content-encoding"))
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise _too_large(int(declared), limit)
-        body = bytearray()
+        received, body = 0, bytearray()
         async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise _too_large(len(body), limit)
+            received += len(chunk)
+            body += _inflated(inflate, chunk, limit - len(body)) if inflate else chunk
+            if received > limit or len(body) > limit:
+                raise _too_large(max(received, len(body)), limit)
+        if inflate and not inflate.eof:
+            raise _bad_gzip("the gzip stream ends early")
         return bytes(body)
+
+
+def _decompressor(encoding: str | None) -> Any:
+    kind = (encoding or "identity").strip().lower()
+    if kind == "identity":
+        return None
+    if kind == "gzip":
+        return zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    raise Problem(
+        415,
+        "unsupported-encoding",
+        "Unsupported content encoding",
+        f"Content-Encoding {kind!r} is not accepted; send gzip or no encoding",
+    )
+
+
+def _inflated(inflate: Any, chunk: bytes, room: int) -> bytes:
+    try:
+        return bytes(inflate.decompress(chunk, room + 1))  # one byte over reveals excess
+    except zlib.error as exc:
+        raise _bad_gzip(f"the body is not valid gzip: {exc}") from exc
+
+
+def _bad_gzip(detail: str) -> Problem:
+    return Problem(400, "malformed-body", "Malformed body", detail)
 
 
 def openapi_schemas() -> dict[str, Any]:
