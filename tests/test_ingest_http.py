@@ -253,6 +253,7 @@ async def test_a_gzipped_batch_is_accepted(client: httpx.AsyncClient, tenant: st
     [
         (b"not gzip at all", "gzip", 400, "not valid gzip"),
         (gzip.compress(b"[]" * 100)[:20], "gzip", 400, "ends early"),
+        (gzip.compress(b"[]") + gzip.compress(b"[]"), "gzip", 400, "data follows the gzip"),
         (gzip.compress(b" " * 200_000), "gzip", 413, "the limit is 16384 bytes"),
         (b"[]", "br", 415, "Content-Encoding 'br' is not accepted"),
     ],

@@ -69,6 +69,8 @@ class Ingest:
                 raise _too_large(max(received, len(body)), limit)
         if inflate and not inflate.eof:
             raise _bad_gzip("the gzip stream ends early")
+        if inflate and inflate.unused_data:
+            raise _bad_gzip("data follows the gzip stream (send one gzip member)")
         return bytes(body)
 
 
