@@ -1,7 +1,7 @@
 """The ClickHouse sink: every event of a batch, as one insert.
 
-Idempotent by construction: the table collapses rows with the same (customer, type,
-source, id), so writing a replayed batch again changes nothing that FINAL reads.
+Idempotent by construction: the table collapses rows with the same (customer, source,
+id), so writing a replayed batch again changes nothing that FINAL reads.
 """
 
 from __future__ import annotations

@@ -48,6 +48,12 @@ class _Share:
     overflowed: bool = False  # its counters would overflow: skip its events, keep going
 
 
+@dataclass(frozen=True, slots=True)
+class Batch:
+    records: Sequence[Record]
+    shares: list[_Share]
+
+
 class BatchProcessor:
     def __init__(
         self,
@@ -67,16 +73,23 @@ class BatchProcessor:
         self.positions: dict[tuple[str, int], int] = {}
 
     async def process(self, records: Sequence[Record]) -> None:
-        shares = await self._decode(records)
-        events = [e for share in shares for _, evs in share.records for e in evs]
-        metrics.AGGREGATOR_BATCH_RECORDS.observe(len(records))
+        await self.store(await self.decode(records))
+
+    async def store(self, batch: Batch) -> None:
+        """Write a decoded batch to both sinks; safe to call again after a failure."""
+        events = [e for share in batch.shares for _, evs in share.records for e in evs]
+        metrics.AGGREGATOR_BATCH_RECORDS.observe(len(batch.records))
         metrics.AGGREGATOR_BATCH_EVENTS.observe(len(events))
         with _timed("clickhouse"):
             await self._clickhouse.write(events)
         with _timed("redis"):
-            await self._apply(shares, utcnow())
-        for record in records:
+            await self._apply(batch.shares, utcnow())
+        for record in batch.records:
             self.positions[(record.topic, record.partition)] = record.offset
+
+    async def decode(self, records: Sequence[Record]) -> Batch:
+        """Group records into shares; unreadable ones go to the dead-letter topic."""
+        return Batch(records, await self._decode(records))
 
     async def _decode(self, records: Sequence[Record]) -> list[_Share]:
         shares: dict[tuple[str, str], _Share] = {}
@@ -111,6 +124,7 @@ class BatchProcessor:
             pending = []
             for (share, plan), (outcome, seen) in zip(planned, outcomes, strict=True):
                 if outcome is Outcome.APPLIED:
+                    metrics.REPLAYED_RECORDS.inc(plan.replayed)
                     metrics.AGGREGATED_EVENTS.labels("counted").inc(len(plan.digests))
                     metrics.AGGREGATED_EVENTS.labels("duplicate").inc(
                         plan.events - len(plan.digests)
@@ -119,11 +133,11 @@ class BatchProcessor:
                 if outcome is Outcome.OFFSET_MOVED:
                     log.warning("offset moved under us; recomputing", customer=share.customer)
                 elif outcome is Outcome.OVERFLOW:
-                    await self._overflowed(share)
+                    await self._overflowed(share, plan.expected)
                 share.seen |= seen
                 pending.append(share)
 
-    async def _overflowed(self, share: _Share) -> None:
+    async def _overflowed(self, share: _Share, applied: int | None) -> None:
         """A counter would pass 2^63 micro-units: these events cannot be counted in Redis.
 
         They stay in ClickHouse (the record, which rollups and billing read); here they
@@ -131,18 +145,18 @@ class BatchProcessor:
         stall.
         """
         log.error("counter overflow; events dead-lettered", customer=share.customer)
-        share.overflowed = True
         for record, events in share.records:
-            metrics.AGGREGATED_EVENTS.labels("overflow").inc(len(events))
-            await self._dead_letter(record, "counter overflow: a sum passed 9.2e12 units")
+            if applied is None or record.offset > applied:
+                metrics.AGGREGATED_EVENTS.labels("overflow").inc(len(events))
+                await self._dead_letter(record, "counter overflow: a sum would pass 9e12 units")
+        share.overflowed = True
 
     def _plan(
         self, share: _Share, stored: int | None, meters: dict[str, list[Meter]], now: datetime
     ) -> Apply | None:
         fresh = [(r.offset, evs) for r, evs in share.records if stored is None or r.offset > stored]
-        if len(fresh) < len(share.records):
-            metrics.REPLAYED_RECORDS.inc(len(share.records) - len(fresh))
         if not fresh:
+            metrics.REPLAYED_RECORDS.inc(len(share.records))
             return None
         candidates = [] if share.overflowed else [e for _, evs in fresh for e in evs]
         digests = [digest(e.source, e.id) for e in candidates]
@@ -159,6 +173,7 @@ class BatchProcessor:
             digests=new_digests,
             ops=increments.build(customer, new_events, meters, now),
             events=len(candidates),
+            replayed=len(share.records) - len(fresh),
         )
 
 

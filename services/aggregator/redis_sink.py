@@ -104,6 +104,7 @@ class Apply:
     digests: list[bytes]
     ops: CounterOps
     events: int = 0  # events in the share, duplicates included (for metrics)
+    replayed: int = 0  # records skipped as already applied (for metrics)
 
 
 class Outcome(Enum):

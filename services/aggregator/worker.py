@@ -10,9 +10,9 @@ the idempotent sinks absorb the replay.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import faust
 import orjson
@@ -27,6 +27,8 @@ from services.common.settings import Settings
 
 log = get_logger("tally.aggregator")
 MAX_BACKOFF_SECONDS = 10.0
+T = TypeVar("T")
+MAX_DEAD_LETTER_BYTES = 900 * 1024  # under Kafka's (and Faust's) 1 MB message limit
 
 
 class _App(faust.App):
@@ -58,14 +60,19 @@ def dead_letter_sender(app: faust.App) -> DeadLetter:
     topic = app.topic(topics.DEAD_LETTERS, key_type=bytes, value_type=bytes)
 
     async def send(record: Record, reason: str) -> None:
-        payload = {
+        payload: dict[str, Any] = {
             "reason": reason,
             "topic": record.topic,
             "partition": record.partition,
             "offset": record.offset,
             "value": record.value.decode(errors="replace"),
         }
-        delivery = await topic.send(value=orjson.dumps(payload))
+        message = orjson.dumps(payload)
+        if len(message) > MAX_DEAD_LETTER_BYTES:  # JSON escaping can double a record's size
+            del payload["value"]
+            payload["value_bytes"] = len(record.value)
+            message = orjson.dumps(payload)
+        delivery = await topic.send(value=message)
         await delivery  # queued is not stored: wait for the broker's ack
 
     return send
@@ -81,7 +88,7 @@ def attach(app: faust.App, settings: Settings, processor: BatchProcessor) -> Non
             settings.aggregator_batch_records, within=settings.aggregator_batch_seconds
         ):
             records = [_record(event) for event in batch]
-            await _finish(_process_until_done(processor, records))
+            await _finish(_aggregate(processor, records))
 
     @app.timer(interval=2.0)  # type: ignore[untyped-decorator]
     async def report_lag() -> None:
@@ -130,16 +137,19 @@ def _record(event: Any) -> Record:
     return Record(message.topic, message.partition, message.offset, message.value)
 
 
-async def _process_until_done(processor: BatchProcessor, records: Sequence[Record]) -> None:
+async def _aggregate(processor: BatchProcessor, records: Sequence[Record]) -> None:
+    """Decode once (dead letters are sent once), then store until the sinks take it."""
+    batch = await _until_done(lambda: processor.decode(records), "decode")
+    await _until_done(lambda: processor.store(batch), "store")
+
+
+async def _until_done(step: Callable[[], Awaitable[T]], name: str) -> T:
     backoff = 0.1
     while True:
         try:
-            await processor.process(records)
-            return
+            return await step()
         except Exception as exc:
-            log.error(
-                "batch failed; retrying", error=repr(exc), records=len(records), backoff=backoff
-            )
+            log.error(f"{name} failed; retrying", error=repr(exc), backoff=backoff)
             await asyncio.sleep(backoff)
             backoff = min(MAX_BACKOFF_SECONDS, backoff * 2)
 

@@ -21,6 +21,10 @@ DDL = Path(__file__).resolve().parents[2] / "infra" / "clickhouse"
 _READ_SETTINGS = {
     "output_format_json_quote_decimals": 1,
     "output_format_json_quote_64bit_integers": 0,
+    # Under FINAL, a skip index may drop the granule holding the row that supersedes
+    # another, and the superseded row is then counted (seen on chDB 26.9 without the
+    # exact mode). Correct first: FINAL queries prune by the primary key only.
+    "use_skip_indexes_if_final": 0,
 }
 _INSERT_SETTINGS = {"date_time_input_format": "best_effort"}
 
@@ -146,8 +150,26 @@ def connect(settings: Settings) -> ClickHouse:
     return ChdbClickHouse(settings.chdb_path, settings.clickhouse_database)
 
 
+EVENTS_SORTING_KEY = "customer, source, id"
+
+
 def create_schema(client: ClickHouse) -> None:
-    """Create the database and apply every DDL file in ``infra/clickhouse`` (idempotent)."""
+    """Create the database and apply every DDL file in ``infra/clickhouse`` (idempotent).
+
+    ``CREATE TABLE IF NOT EXISTS`` leaves an older table as it is, so check that the
+    events table has the key exactly-once depends on, rather than silently run on another.
+    """
     client.command(f"CREATE DATABASE IF NOT EXISTS {client.database}")
     for ddl in sorted(DDL.glob("*.sql")):
         client.command(ddl.read_text().replace("{database}", client.database))
+    [[key, engine]] = client.query(
+        "SELECT sorting_key, engine_full FROM system.tables"
+        " WHERE database = {db:String} AND name = 'events'",
+        {"db": client.database},
+    )
+    if key != EVENTS_SORTING_KEY or "ReplacingMergeTree(first_seen)" not in engine:
+        raise ClickHouseError(
+            f"{client.database}.events has key ({key}) and engine {engine!r}; this Tally needs"
+            f" ReplacingMergeTree(first_seen) ordered by ({EVENTS_SORTING_KEY}): migrate the"
+            " table (create the new one, INSERT SELECT, EXCHANGE TABLES)"
+        )
