@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from datetime import timedelta
 from decimal import Decimal
+from pathlib import Path
 
+import orjson
 import pytest
 from redis.asyncio import Redis
 
@@ -22,7 +24,9 @@ from services.aggregator.dedupe import DedupeWindow
 from services.aggregator.increments import CounterOps
 from services.aggregator.processor import BatchProcessor, Record
 from services.aggregator.redis_sink import Apply, Outcome, RedisSink
-from services.common.clickhouse import ClickHouse
+from services.aggregator.worker import dead_letter_message
+from services.common import clickhouse
+from services.common.clickhouse import ClickHouse, ClickHouseError
 from services.common.settings import Settings
 
 TOPIC = "tally.events"
@@ -236,3 +240,32 @@ async def test_a_counter_overflow_dead_letters_the_share_and_moves_on(
     assert raw_rows(ch, huge) == 10  # the record keeps them
     await processor.process([record(3, stored(huge, "compute", "y", "2"))])
     assert await day_counter(redis, huge, "compute_seconds") == 2
+
+
+def test_dead_letters_stay_under_the_message_limit() -> None:
+    quoted = Record(TOPIC, 3, 9, b'"\\' * 400_000)
+    letter = orjson.loads(dead_letter_message(quoted, "undecodable envelope"))
+    assert letter == {
+        "reason": "undecodable envelope",
+        "topic": TOPIC,
+        "partition": 3,
+        "offset": 9,
+        "value_bytes": 800_000,
+    }
+    small = orjson.loads(dead_letter_message(Record(TOPIC, 0, 1, b"{oops"), "bad"))
+    assert small["value"] == "{oops"
+
+
+def test_an_events_table_of_another_layout_is_refused(settings: Settings, tmp_path: Path) -> None:
+    client = clickhouse.connect(settings.model_copy(update={"data_dir": tmp_path / "old"}))
+    try:
+        client.command(f"CREATE DATABASE IF NOT EXISTS {client.database}")
+        client.command(
+            f"CREATE TABLE {client.database}.events (customer String, id String)"
+            " ENGINE = ReplacingMergeTree ORDER BY (customer, id)"
+        )
+        with pytest.raises(ClickHouseError, match="migrate the table"):
+            clickhouse.create_schema(client)
+    finally:
+        client.command(f"DROP TABLE IF EXISTS {client.database}.events")
+        client.close()

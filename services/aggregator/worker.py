@@ -60,22 +60,27 @@ def dead_letter_sender(app: faust.App) -> DeadLetter:
     topic = app.topic(topics.DEAD_LETTERS, key_type=bytes, value_type=bytes)
 
     async def send(record: Record, reason: str) -> None:
-        payload: dict[str, Any] = {
-            "reason": reason,
-            "topic": record.topic,
-            "partition": record.partition,
-            "offset": record.offset,
-            "value": record.value.decode(errors="replace"),
-        }
-        message = orjson.dumps(payload)
-        if len(message) > MAX_DEAD_LETTER_BYTES:  # JSON escaping can double a record's size
-            del payload["value"]
-            payload["value_bytes"] = len(record.value)
-            message = orjson.dumps(payload)
-        delivery = await topic.send(value=message)
+        delivery = await topic.send(value=dead_letter_message(record, reason))
         await delivery  # queued is not stored: wait for the broker's ack
 
     return send
+
+
+def dead_letter_message(record: Record, reason: str) -> bytes:
+    """The reason, where the record sits, and the record itself when it fits a message."""
+    payload: dict[str, Any] = {
+        "reason": reason,
+        "topic": record.topic,
+        "partition": record.partition,
+        "offset": record.offset,
+        "value": record.value.decode(errors="replace"),
+    }
+    message = orjson.dumps(payload)
+    if len(message) > MAX_DEAD_LETTER_BYTES:  # JSON escaping can double a record's size
+        del payload["value"]
+        payload["value_bytes"] = len(record.value)
+        message = orjson.dumps(payload)
+    return message
 
 
 def attach(app: faust.App, settings: Settings, processor: BatchProcessor) -> None:
