@@ -19,7 +19,6 @@ CREATE TABLE IF NOT EXISTS {database}.events
     stored_at   DateTime64(6, 'UTC') DEFAULT now64(6) COMMENT 'when the aggregator wrote it',
     first_seen  UInt64 MATERIALIZED 18446744073709551615 - toUnixTimestamp64Micro(received_at)
         COMMENT 'version: higher for an earlier sighting',
-    INDEX time_minmax time TYPE minmax GRANULARITY 1,
     INDEX stored_at_minmax stored_at TYPE minmax GRANULARITY 1
 )
 ENGINE = ReplacingMergeTree(first_seen)
