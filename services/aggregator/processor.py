@@ -7,7 +7,6 @@ replays the batch, and the replay changes nothing that was already applied.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -80,9 +79,9 @@ class BatchProcessor:
         events = [e for share in batch.shares for _, evs in share.records for e in evs]
         metrics.AGGREGATOR_BATCH_RECORDS.observe(len(batch.records))
         metrics.AGGREGATOR_BATCH_EVENTS.observe(len(events))
-        with _timed("clickhouse"):
+        with metrics.SINK_SECONDS.labels("clickhouse").time():
             await self._clickhouse.write(events)
-        with _timed("redis"):
+        with metrics.SINK_SECONDS.labels("redis").time():
             await self._apply(batch.shares, utcnow())
         for record in batch.records:
             self.positions[(record.topic, record.partition)] = record.offset
@@ -189,14 +188,3 @@ def _first_sightings(
         kept_events.append(event)
         kept_digests.append(key)
     return kept_events, kept_digests
-
-
-class _timed:
-    def __init__(self, sink: str) -> None:
-        self._sink = sink
-
-    def __enter__(self) -> None:
-        self._start = time.perf_counter()
-
-    def __exit__(self, *_: object) -> None:
-        metrics.SINK_SECONDS.labels(self._sink).observe(time.perf_counter() - self._start)

@@ -31,11 +31,14 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _TS = "DateTime64(6, 'UTC')"
 
 
+@dataclass(frozen=True, slots=True)
 class Grain:
     """A rollup granularity: the ClickHouse bucket expression and the target table."""
 
-    def __init__(self, name: str, bucket_sql: str, table: str, column: str) -> None:
-        self.name, self.bucket_sql, self.table, self.column = name, bucket_sql, table, column
+    name: str
+    bucket_sql: str
+    table: str
+    column: str
 
 
 DAY = Grain("day", "toDate(time)", "usage_daily", "day")

@@ -16,6 +16,7 @@ import hmac
 import time
 import uuid
 import zlib
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -156,7 +157,9 @@ def router(ingest: Ingest) -> APIRouter:
     return api
 
 
-async def _publish(ingest: Ingest, verdicts: list[parsing.Verdict], received_at: Any) -> Response:
+async def _publish(
+    ingest: Ingest, verdicts: list[parsing.Verdict], received_at: datetime
+) -> Response:
     request_id = uuid.uuid4().hex
     accepted = [v.event for v in verdicts if v.status is Status.ACCEPTED and v.event]
     rejected = [v for v in verdicts if v.status is Status.REJECTED]
@@ -194,7 +197,7 @@ async def _publish(ingest: Ingest, verdicts: list[parsing.Verdict], received_at:
 
 
 async def _dead_letter(
-    ingest: Ingest, rejected: list[parsing.Verdict], received_at: Any, request_id: str
+    ingest: Ingest, rejected: list[parsing.Verdict], received_at: datetime, request_id: str
 ) -> None:
     try:
         await ingest.publisher.dead_letter(rejected, received_at, request_id)
