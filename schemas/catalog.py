@@ -1,6 +1,8 @@
-"""The catalog: meters (and, later, plans) as data, loaded from YAML into PostgreSQL.
+"""The catalog: meters and plans as data, loaded from YAML into PostgreSQL.
 
-A meter turns events of one ``event_type`` into a number per customer and window.
+A meter turns events of one ``event_type`` into a number per customer and window.  A
+plan (``schemas.plans``) prices meters and limits how fast and how much a customer may
+use them.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.events import DIMENSION_NAME_PATTERN
+from schemas.plans import Plan, check_plan
 
 DimensionName = Annotated[str, Field(pattern=DIMENSION_NAME_PATTERN)]
 
@@ -24,6 +27,10 @@ class Aggregation(StrEnum):
     MAX = "max"
     LATEST = "latest"
     UNIQUE_COUNT = "unique_count"
+
+
+ADDITIVE = frozenset({Aggregation.COUNT, Aggregation.SUM})
+"""Aggregations whose values add up across windows: the ones a quota can bound."""
 
 
 class Meter(BaseModel):
@@ -55,12 +62,19 @@ class Catalog(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     meters: list[Meter]
+    plans: list[Plan] = []
 
     @model_validator(mode="after")
-    def _unique_names(self) -> Self:
+    def _coherent(self) -> Self:
         names = [m.name for m in self.meters]
         if len(set(names)) != len(names):
             raise ValueError("meter names must be unique")
+        plan_ids = [p.id for p in self.plans]
+        if len(set(plan_ids)) != len(plan_ids):
+            raise ValueError("plan ids must be unique")
+        additive = {m.name for m in self.meters if m.aggregation in ADDITIVE}
+        for plan in self.plans:
+            check_plan(plan, set(names), additive, set(plan_ids))
         return self
 
     @classmethod

@@ -16,6 +16,18 @@ de-duplication marks and its offset watermark in a single atomic Lua call.
 ``tally:{cust}:offsets``         HASH ``<topic>/<partition>[@<incarnation>]`` → last Kafka
                                  offset applied
 
+Enforcement state (written by the api; reservations settled by the aggregator):
+
+``tally:{cust}:account``         HASH plan, status, trial_ends (ms), policies (JSON: the
+                                 plan's limits compiled for the enforcement script)
+``tally:{cust}:keys``            HASH API key id → JSON {s: scopes, x: expires (ms), r: revoked}
+``tally:{cust}:rl``              HASH rate-limit policy name → algorithm state
+``tally:{cust}:resv``            HASH event digest → ``<meter>|<micro-units>`` held for it
+``tally:{cust}:resv:exp``        ZSET event digest scored by its expiry (ms)
+``tally:{cust}:held``            HASH meter → micro-units held by open reservations
+``tally:key:<hex digest>``       STRING ``<cust> <key id>``: who an API key belongs to
+``tally:ip:{<ip>}``              HASH the per-IP limits' state (before authentication)
+
 ``<window>`` is minute|hour|day|month and ``<bucket>`` its UTC start as in
 ``schemas.windows.bucket_id``.  ``<group>`` is the JSON array of the group-by values in
 the meter's ``group_by`` order.
@@ -23,11 +35,14 @@ the meter's ``group_by`` order.
 
 from __future__ import annotations
 
+from hashlib import blake2b
+
 import orjson
 
 from schemas.windows import Window
 
 PREFIX = "tally"
+DIGEST_BYTES = 8
 TOTAL = "*"
 TIME_SUFFIX = "@t"
 
@@ -66,3 +81,41 @@ def group_field(values: tuple[str, ...]) -> str:
 
 def parse_group(field: str) -> tuple[str, ...]:
     return () if field == TOTAL else tuple(orjson.loads(field))
+
+
+def account(customer: str) -> str:
+    return f"{_tag(customer)}:account"
+
+
+def api_keys(customer: str) -> str:
+    return f"{_tag(customer)}:keys"
+
+
+def rate_states(customer: str) -> str:
+    return f"{_tag(customer)}:rl"
+
+
+def reservations(customer: str) -> str:
+    return f"{_tag(customer)}:resv"
+
+
+def reservation_expiries(customer: str) -> str:
+    return f"{_tag(customer)}:resv:exp"
+
+
+def held(customer: str) -> str:
+    return f"{_tag(customer)}:held"
+
+
+def key_owner(key_digest: bytes) -> str:
+    return f"{PREFIX}:key:{key_digest.hex()}"
+
+
+def client_ip(address: str) -> str:
+    return f"{PREFIX}:ip:{{{address}}}"
+
+
+def event_digest(source: str, event_id: str) -> bytes:
+    """The 8-byte identity of an event (its idempotency key, (source, id)) in Redis:
+    in the de-duplication sets, and naming the reservation the event settles."""
+    return blake2b(f"{source}\x00{event_id}".encode(), digest_size=DIGEST_BYTES).digest()

@@ -5,7 +5,9 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.aggregator.dedupe import DIGEST_BYTES, DedupeWindow, digest
+from schemas.redis_keys import DIGEST_BYTES
+from schemas.redis_keys import event_digest as digest
+from services.aggregator.dedupe import DedupeWindow
 
 T0 = datetime(2026, 11, 3, 10, 15, 30, tzinfo=UTC)
 

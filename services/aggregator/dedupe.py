@@ -12,15 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from hashlib import blake2b
 
 from schemas import redis_keys
-
-DIGEST_BYTES = 8
-
-
-def digest(source: str, event_id: str) -> bytes:
-    return blake2b(f"{source}\x00{event_id}".encode(), digest_size=DIGEST_BYTES).digest()
 
 
 @dataclass(frozen=True, slots=True)

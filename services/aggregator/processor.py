@@ -17,7 +17,7 @@ from schemas.envelope import StoredEvent
 from schemas.events import utcnow
 from services.aggregator import increments
 from services.aggregator.clickhouse_sink import ClickHouseSink
-from services.aggregator.dedupe import DedupeWindow, digest
+from services.aggregator.dedupe import DedupeWindow
 from services.aggregator.redis_sink import Apply, Outcome, RedisSink
 from services.common import metrics
 from services.common.logging import get_logger
@@ -158,7 +158,7 @@ class BatchProcessor:
             metrics.REPLAYED_RECORDS.inc(len(share.records))
             return None
         candidates = [] if share.overflowed else [e for _, evs in fresh for e in evs]
-        digests = [digest(e.source, e.id) for e in candidates]
+        digests = [redis_keys.event_digest(e.source, e.id) for e in candidates]
         new_events, new_digests = _first_sightings(candidates, digests, share.seen)
         bucket = self._dedupe.current(now)
         customer = share.customer

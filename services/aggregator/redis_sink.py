@@ -1,12 +1,14 @@
 """The Redis sink: one atomic Lua call per customer and batch, guarded by Kafka offsets.
 
 The call checks the batch's event digests against the de-duplication window, applies
-its counter operations, marks the digests as seen and records the partition offset it
-reached — all or nothing.  It refuses to run unless the stored offset is still the one
-the batch was computed against (compare-and-set), so a replay after a crash, or a stale
-worker after a rebalance, can never count twice.  When some digests were already seen
-(client retries) it applies nothing and names them; the caller drops those events and
-calls again.  Duplicates are rare, so a batch usually costs one round trip.
+its counter operations, marks the digests as seen, settles the enforcement reservations
+the events close (so usage + held never counts an event twice or not at all) and
+records the partition offset it reached — all or nothing.  It refuses to run unless the
+stored offset is still the one the batch was computed against (compare-and-set), so a
+replay after a crash, or a stale worker after a rebalance, can never count twice.
+When some digests were already seen (client retries) it applies nothing and names
+them; the caller drops those events and calls again.  Duplicates are rare, so a batch
+usually costs one round trip.
 """
 
 from __future__ import annotations
@@ -18,13 +20,13 @@ from redis.asyncio import Redis
 
 from schemas import redis_keys
 from schemas.events import VALUE_SCALE
-from services.aggregator.dedupe import DIGEST_BYTES
 from services.aggregator.increments import CounterOps
 
 OFFSETS_TTL_SECONDS = 45 * 24 * 3600
 
-# KEYS: offsets hash, the live de-duplication sets (the current bucket first), then
-#       every counter/unique key the ops touch.
+# KEYS: offsets hash, the reservations hash, their expiries, the held totals, the live
+#       de-duplication sets (the current bucket first), then every counter/unique key
+#       the ops touch.
 # ARGV: offset field, expected offset ('' = none yet), new offset, seen-set expire-at,
 #       offsets ttl, digest size, n live sets, the digests concatenated (one argument:
 #       cheap to send), expire-at per touched key,
@@ -39,7 +41,7 @@ end
 local current = redis.call('HGET', KEYS[1], ARGV[1]) or ''
 if current ~= ARGV[2] then return {0} end
 local size, live, blob = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
-local first_op = 9 + #KEYS - 1 - live
+local first_op = 9 + #KEYS - 4 - live
 for i = first_op, #ARGV, 5 do
   if ARGV[i] == 'I' then  -- HINCRBY past 2^63 would fail halfway: refuse before writing
     local old = redis.call('HGET', KEYS[tonumber(ARGV[i + 1])], ARGV[i + 2]) or '0'
@@ -50,7 +52,7 @@ local digests = {}
 for j = 1, #blob, size do digests[#digests + 1] = string.sub(blob, j, j + size - 1) end
 local seen = {}
 for _, d in ipairs(digests) do
-  for k = 2, 1 + live do
+  for k = 5, 4 + live do
     if redis.call('SISMEMBER', KEYS[k], d) == 1 then
       seen[#seen + 1] = d
       break
@@ -58,8 +60,19 @@ for _, d in ipairs(digests) do
   end
 end
 if #seen > 0 then return {2, seen} end
-for _, d in ipairs(digests) do redis.call('SADD', KEYS[2], d) end
-if #digests > 0 then redis.call('EXPIREAT', KEYS[2], ARGV[4]) end
+for _, d in ipairs(digests) do redis.call('SADD', KEYS[5], d) end
+if #digests > 0 then redis.call('EXPIREAT', KEYS[5], ARGV[4]) end
+if redis.call('HLEN', KEYS[2]) > 0 then  -- settle the reservations these events close
+  for _, d in ipairs(digests) do
+    local r = redis.call('HGET', KEYS[2], d)
+    if r then
+      local meter, amount = string.match(r, '^(.*)|(%d+)$')
+      redis.call('HINCRBY', KEYS[4], meter, -tonumber(amount))
+      redis.call('HDEL', KEYS[2], d)
+      redis.call('ZREM', KEYS[3], d)
+    end
+  end
+end
 local expiries = 9
 local i = first_op
 while i <= #ARGV do
@@ -82,8 +95,8 @@ while i <= #ARGV do
   end
   i = i + 5
 end
-for k = 2 + live, #KEYS do
-  redis.call('EXPIREAT', KEYS[k], ARGV[expiries + k - 2 - live])
+for k = 5 + live, #KEYS do
+  redis.call('EXPIREAT', KEYS[k], ARGV[expiries + k - 5 - live])
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
@@ -140,7 +153,7 @@ class RedisSink:
 def _arguments(item: Apply) -> tuple[list[str], list[bytes | str | int]]:
     ops = item.ops
     touched = list(ops.expiry)
-    first = 2 + len(item.seen_keys)
+    first = 5 + len(item.seen_keys)
     index = {key: position + first for position, key in enumerate(touched)}
     args: list[bytes | str | int] = [
         item.offset_field,
@@ -148,7 +161,7 @@ def _arguments(item: Apply) -> tuple[list[str], list[bytes | str | int]]:
         str(item.new_offset),
         item.seen_expires_at,
         OFFSETS_TTL_SECONDS,
-        DIGEST_BYTES,
+        redis_keys.DIGEST_BYTES,
         len(item.seen_keys),
         b"".join(item.digests),
         *(ops.expiry[key] for key in touched),
@@ -162,5 +175,13 @@ def _arguments(item: Apply) -> tuple[list[str], list[bytes | str | int]]:
     for (unique, counters, field), members in ops.members.items():
         for member in members:
             args += ["U", index[unique], field, member, index[counters]]
-    keys = [redis_keys.offsets(item.customer), *item.seen_keys, *touched]
+    customer = item.customer
+    keys = [
+        redis_keys.offsets(customer),
+        redis_keys.reservations(customer),
+        redis_keys.reservation_expiries(customer),
+        redis_keys.held(customer),
+        *item.seen_keys,
+        *touched,
+    ]
     return keys, args

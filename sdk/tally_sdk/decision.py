@@ -1,0 +1,69 @@
+"""Tally's answer to "may this customer do this now?".
+
+A refusal (429 rate limit or quota, 403 inactive account or missing scope) is an
+answer, not a failure, so it is a ``Decision`` with ``allowed=False`` rather than an
+exception: the caller's normal path is to relay it.  ``headers`` holds the IETF
+RateLimit headers Tally computed, ready to copy onto the caller's own response.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import httpx
+
+from tally_sdk.errors import problem_of
+
+RELAYED_HEADERS = ("RateLimit", "RateLimit-Policy", "Retry-After")
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    status: int
+    customer: str | None = None
+    plan: str | None = None
+    policy: str | None = None
+    """The policy that refused, or ``None`` when allowed."""
+    remaining: Decimal | None = None
+    """The tightest remaining allowance among the policies applied."""
+    reset: int | None = None
+    """Seconds until that policy's window resets."""
+    retry_after: int | None = None
+    limits: list[dict[str, Any]] = field(default_factory=list)
+    reservation: dict[str, Any] | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    problem: dict[str, Any] | None = None
+    """The problem+json body of a refusal."""
+    body: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_response(cls, response: httpx.Response) -> Decision:
+        """The decision in a 200, 403 or 429 answer of ``/v1/enforce``."""
+        body = problem_of(response) or {}
+        refused = response.status_code != 200
+        return cls(
+            allowed=bool(body.get("allowed", not refused)) and not refused,
+            status=response.status_code,
+            customer=body.get("customer"),
+            plan=body.get("plan"),
+            policy=body.get("policy"),
+            remaining=_decimal(body.get("remaining")),
+            reset=_int(body.get("reset")),
+            retry_after=_int(body.get("retry_after")),
+            limits=list(body.get("limits") or []),
+            reservation=body.get("reservation"),
+            headers={h: response.headers[h] for h in RELAYED_HEADERS if h in response.headers},
+            problem=body if refused else None,
+            body=body,
+        )
+
+
+def _decimal(raw: Any) -> Decimal | None:
+    return None if raw is None else Decimal(str(raw))
+
+
+def _int(raw: Any) -> int | None:
+    return None if raw is None else int(raw)

@@ -1,0 +1,198 @@
+"""The background sender: batches buffered events and posts them to ``/v1/events``.
+
+Batching trades a little latency (``max_delay``) for far fewer requests: metering must
+cost the metered service almost nothing.  One batch is in flight at a time and is retried
+until Tally answers with something final, so order is kept and a retry resends exactly
+the same events — ingest answers 202 only once Kafka holds them, and Tally drops the
+copies of what a lost answer already stored.  While a batch waits, new events wait in
+the bounded buffer: backpressure instead of unbounded memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Any
+
+import httpx
+
+from tally_sdk.backoff import Backoff, retry_after, retryable
+from tally_sdk.buffer import Entry, EventBuffer, Overflow
+from tally_sdk.errors import ClientClosed, problem_of
+from tally_sdk.reports import Outcome, Reporter, Undelivered
+
+log = logging.getLogger("tally_sdk")
+BATCH_MEDIA_TYPE = "application/cloudevents-batch+json"
+
+
+class Emitter:
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        reporter: Reporter,
+        *,
+        max_buffer: int,
+        overflow: Overflow,
+        max_batch: int,
+        max_delay: float,
+        backoff: Backoff,
+    ) -> None:
+        if not 1 <= max_batch <= 10_000:
+            raise ValueError("max_batch must be between 1 and 10,000 (ingest's limit)")
+        self._http = http
+        self._reporter = reporter
+        self._buffer = EventBuffer(max_buffer, overflow, self._dropped)
+        self._max_batch = max_batch
+        self._max_delay = max_delay
+        self._backoff = backoff
+        self._in_flight: list[Entry] = []
+        self._wake = asyncio.Event()  # the sender has something to do
+        self._progress = asyncio.Event()  # pulsed whenever events stop being pending
+        self._flushes = 0
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def put(self, event: dict[str, Any]) -> None:
+        if self._closed:
+            raise ClientClosed("the Tally client is closed; the event was not buffered")
+        self._start()
+        self._buffer.put(event)
+        self._reporter.stats.emitted += 1
+        if len(self._buffer) in (1, self._max_batch):
+            self._wake.set()
+
+    async def flush(self) -> None:
+        """Wait until every event emitted before this call is delivered or reported."""
+        target = self._buffer.next_seq
+        self._flushes += 1
+        self._wake.set()
+        try:
+            while self._low_water() < target:
+                await self._progress.wait()
+        finally:
+            self._flushes -= 1
+
+    async def aclose(self, timeout: float) -> None:
+        """Flush for up to ``timeout`` seconds, then report whatever is left as abandoned."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.flush(), timeout)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        left = self._in_flight + self._buffer.take(len(self._buffer))
+        self._in_flight = []
+        self._reporter.undelivered([Undelivered(e.event, Outcome.ABANDONED) for e in left])
+
+    def _start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="tally-emitter")
+
+    def _low_water(self) -> int:
+        """The sequence number of the oldest event still pending."""
+        oldest = self._in_flight[0] if self._in_flight else self._buffer.oldest()
+        return oldest.seq if oldest else self._buffer.next_seq
+
+    def _pulse(self) -> None:
+        # Waking every current waiter is all a pulse needs: asyncio.Event.set() resolves
+        # the waiters' futures, and clear() only affects later waits.
+        self._progress.set()
+        self._progress.clear()
+
+    def _dropped(self, entry: Entry) -> None:
+        self._reporter.undelivered([Undelivered(entry.event, Outcome.DROPPED)])
+        self._pulse()
+
+    async def _run(self) -> None:
+        while True:
+            await self._gather()
+            self._in_flight = self._buffer.take(self._max_batch)
+            try:
+                await self._deliver([entry.event for entry in self._in_flight])
+            except Exception as exc:  # a bug must not stop metering for good
+                log.exception("tally: unexpected error while sending events")
+                problem = {"detail": repr(exc)}
+                self._reporter.undelivered(
+                    [
+                        Undelivered(e.event, Outcome.ABANDONED, problem=problem)
+                        for e in self._in_flight
+                    ]
+                )
+            self._in_flight = []
+            self._pulse()
+
+    async def _gather(self) -> None:
+        """Wait for a batch worth sending: full, ``max_delay`` old, or wanted by a flush."""
+        while not len(self._buffer):
+            self._wake.clear()
+            await self._wake.wait()
+        loop = asyncio.get_running_loop()
+        oldest = self._buffer.oldest()
+        deadline = (oldest.queued_at if oldest else loop.time()) + self._max_delay
+        while len(self._buffer) < self._max_batch and not (self._flushes or self._closed):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), remaining)
+
+    async def _deliver(self, events: list[dict[str, Any]]) -> None:
+        body = json.dumps(events, separators=(",", ":")).encode()
+        attempt = 0
+        while True:
+            response = await self._post(body)
+            if response is not None and not retryable(response.status_code):
+                self._settle(events, response)
+                return
+            wait = self._backoff.delay(attempt, retry_after(response) if response else None)
+            status = response.status_code if response else "no answer"
+            log.info(
+                "tally: %d events not stored (%s); retrying in %.2fs", len(events), status, wait
+            )
+            self._reporter.stats.retries += 1
+            attempt += 1
+            await asyncio.sleep(wait)
+
+    async def _post(self, body: bytes) -> httpx.Response | None:
+        self._reporter.stats.requests += 1
+        try:
+            return await self._http.post(
+                "/v1/events", content=body, headers={"Content-Type": BATCH_MEDIA_TYPE}
+            )
+        except httpx.TransportError as exc:
+            log.debug("tally: posting events failed: %r", exc)
+            return None
+
+    def _settle(self, events: list[dict[str, Any]], response: httpx.Response) -> None:
+        """Account for every event of a batch Tally gave a final answer to."""
+        body = problem_of(response) or {}
+        results = body.get("results")
+        if response.status_code in (202, 422) and isinstance(results, list):
+            self._count_results(events, results, response.status_code)
+        elif response.is_success:
+            self._reporter.stats.accepted += len(events)
+        else:
+            refused = Outcome.REFUSED
+            status = response.status_code
+            self._reporter.undelivered(
+                [Undelivered(e, refused, status, problem=body or None) for e in events]
+            )
+
+    def _count_results(self, events: list[dict[str, Any]], results: list[Any], status: int) -> None:
+        stats, rejected = self._reporter.stats, []
+        for result in results:
+            event = events[result["index"]]
+            if result["status"] == "accepted":
+                stats.accepted += 1
+            elif result["status"] == "duplicate":
+                stats.duplicates += 1
+            else:
+                errors = result.get("errors", [])
+                rejected.append(Undelivered(event, Outcome.REJECTED, status, errors=errors))
+        self._reporter.undelivered(rejected)

@@ -1,0 +1,171 @@
+"""``TallyMiddleware``: limits and metering for an ASGI API in one line.
+
+    app.add_middleware(TallyMiddleware, tally=Tally(url, service_token, source="my-api"))
+
+Each request is decided by Tally *before* the app runs, so a refused caller costs the
+app nothing; the caller gets Tally's own answer (status, problem+json, RateLimit and
+Retry-After headers), which is what a client library already knows how to read.  An
+allowed request reserves its unit up front (``mode="reserve"``), so a burst of
+concurrent requests cannot overshoot a limit; the ``api_call`` event emitted after the
+response carries the reserved id and settles the reservation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+from tally_sdk.asgi import ASGIApp, Message, Receive, Scope, Send, encoded, header, send_problem
+from tally_sdk.client import Mode, Tally
+from tally_sdk.decision import Decision
+from tally_sdk.errors import AuthenticationError, TallyError
+from tally_sdk.events import new_id
+
+log = logging.getLogger("tally_sdk")
+
+DEFAULT_EXCLUDE = ("/healthz", "/docs", "/redoc", "/openapi.json")
+PROBLEMS = "https://tally.dev/problems/"
+MAX_ENDPOINT = 256  # the longest dimension value Tally stores
+MISSING_KEY = {
+    "type": PROBLEMS + "unauthorized",
+    "title": "Unauthorized",
+    "status": 401,
+    "detail": "send your API key as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+}
+UNAVAILABLE = {
+    "type": PROBLEMS + "enforcement-unavailable",
+    "title": "Service unavailable",
+    "status": 503,
+    "detail": "usage limits could not be checked just now; retry shortly",
+}
+CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+def raw_path(scope: Scope) -> str:
+    return str(scope["path"])[:MAX_ENDPOINT]
+
+
+def api_key(scope: Scope) -> str | None:
+    """The caller's key from ``Authorization: Bearer`` or, failing that, ``X-API-Key``."""
+    scheme, _, token = (header(scope, b"authorization") or "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return (header(scope, b"x-api-key") or "").strip() or None
+
+
+class TallyMiddleware:
+    """Enforce Tally's limits on every HTTP request and meter the ones served.
+
+    ``endpoint`` names the endpoint of a request, for per-endpoint policies and the
+    event's ``endpoint`` dimension; the raw path by default, so map templated paths
+    (``/v1/items/42`` → ``/v1/items/{id}``) to keep that dimension small.  Paths in
+    ``exclude`` (and below them) pass untouched.  When Tally cannot decide — unreachable,
+    a 5xx, a misconfigured meter — requests are refused with 503 unless ``fail_open``,
+    which serves them unmetered: fail closed by default because an outage of Tally
+    should not become free unlimited access.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        tally: Tally,
+        meter: str = "api_calls",
+        event_type: str = "api_call",
+        mode: Mode = "reserve",
+        endpoint: Callable[[Scope], str] = raw_path,
+        exclude: Iterable[str] = DEFAULT_EXCLUDE,
+        fail_open: bool = False,
+    ) -> None:
+        self.app = app
+        self.tally = tally
+        self.meter = meter
+        self.event_type = event_type
+        self.mode = mode
+        self.endpoint = endpoint
+        self.exclude = tuple(p.rstrip("/") for p in exclude)
+        self.fail_open = fail_open
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self._excluded(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        key = api_key(scope)
+        if key is None:
+            await send_problem(send, 401, MISSING_KEY, CHALLENGE)
+            return
+        endpoint, event_id = self.endpoint(scope), new_id()
+        try:
+            decision = await self._decide(key, endpoint, event_id)
+        except AuthenticationError as exc:
+            await send_problem(send, 401, exc.problem or MISSING_KEY, CHALLENGE)
+            return
+        except TallyError as exc:
+            await self._undecided(exc, scope, receive, send)
+            return
+        if not decision.allowed:
+            await send_problem(send, decision.status, decision.problem or {}, decision.headers)
+            return
+        await self._serve(scope, receive, send, decision, endpoint, event_id)
+
+    def _excluded(self, path: str) -> bool:
+        return any(path == p or path.startswith(p + "/") for p in self.exclude)
+
+    async def _decide(self, key: str, endpoint: str, event_id: str) -> Decision:
+        if self.mode == "reserve":
+            return await self.tally.reserve(event_id, key=key, meter=self.meter, endpoint=endpoint)
+        return await self.tally.check(key=key, meter=self.meter, endpoint=endpoint)
+
+    async def _undecided(self, exc: TallyError, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self.fail_open:
+            log.error("tally: refusing %s, limits could not be checked: %s", scope["path"], exc)
+            await send_problem(send, 503, UNAVAILABLE, {"Retry-After": "1"})
+            return
+        log.warning(
+            "tally: serving %s unmetered, limits could not be checked: %s", scope["path"], exc
+        )
+        await self.app(scope, receive, send)
+
+    async def _serve(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        decision: Decision,
+        endpoint: str,
+        event_id: str,
+    ) -> None:
+        """Run the app with the RateLimit headers added, then meter what it answered."""
+        extra = encoded({k: v for k, v in decision.headers.items() if k != "Retry-After"})
+        status = 500  # what the server answers if the app fails before responding
+
+        async def send_with_limits(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                message["headers"] = [*message.get("headers", ()), *extra]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_limits)
+        finally:
+            self._meter(decision, scope, endpoint, event_id, status)
+
+    def _meter(
+        self, decision: Decision, scope: Scope, endpoint: str, event_id: str, status: int
+    ) -> None:
+        """Emit the usage event; a request already served must not fail because of it."""
+        if decision.customer is None:
+            log.error("tally: the decision names no customer; %s not metered", scope["path"])
+            return
+        try:
+            self.tally.emit(
+                self.event_type,
+                decision.customer,
+                id=event_id,
+                endpoint=endpoint,
+                method=str(scope["method"]),
+                status=status,
+            )
+        except TallyError as exc:
+            log.error("tally: %s %s not metered: %s", scope["method"], scope["path"], exc)
