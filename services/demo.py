@@ -29,7 +29,7 @@ ENDPOINTS = ["/v1/search", "/v1/orders", "/v1/orders/{id}", "/v1/export", "/v1/u
 async def start(runtime: Runtime) -> Component:
     settings = runtime.settings
     url = f"http://{settings.host}:{settings.port}/v1/events"
-    runtime.background(drive(url, settings.ingest_tokens[0]), "demo")
+    runtime.background(drive(url, settings.service_tokens[0]), "demo")
     return Component("demo")
 
 

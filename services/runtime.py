@@ -205,6 +205,8 @@ async def serve(runtime: Runtime, starters: list[Starter]) -> None:
         log_level=settings.log_level.lower(),
         access_log=False,
         lifespan="off",
+        proxy_headers=True,
+        forwarded_allow_ips=settings.trusted_proxies,
     )
     log.info("serving", services=[c.name for c in components], port=config.port)
     await _Server(config).serve()

@@ -104,7 +104,7 @@ def settings(
         kafka_session_timeout=6.0,
         kafka_incarnation=uuid.uuid4().hex[:8],
         consumer_group=f"tally-test-{uuid.uuid4().hex[:8]}",
-        ingest_tokens=["test-token"],
+        service_tokens=["test-token"],
     )
 
 
@@ -118,7 +118,7 @@ def env_for(settings: Settings) -> dict[str, str]:
         "TALLY_KAFKA_SESSION_TIMEOUT": str(settings.kafka_session_timeout),
         "TALLY_KAFKA_INCARNATION": settings.kafka_incarnation,
         "TALLY_CONSUMER_GROUP": settings.consumer_group,
-        "TALLY_INGEST_TOKENS": ",".join(settings.ingest_tokens),
+        "TALLY_SERVICE_TOKENS": ",".join(settings.service_tokens),
         "TALLY_CLICKHOUSE_DATABASE": settings.clickhouse_database,
         "TALLY_LOG_LEVEL": "INFO",
     }

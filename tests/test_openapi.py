@@ -8,7 +8,7 @@ import httpx
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
-from services.api.app import router as api_router
+from services.api.usage_routes import router as api_router
 from services.common.settings import Settings
 from services.ingest.app import Ingest, openapi_schemas
 from services.ingest.app import router as ingest_router

@@ -42,7 +42,7 @@ def test_ten_thousand_events_add_up_everywhere(
     up = TallyProcess(["up"], env, tmp_path / "up.log").start()
     try:
         work = generate(tenant, customers=50, events=10_000, now=utcnow())
-        _send(up.url, work, settings.ingest_tokens[0])
+        _send(up.url, work, settings.service_tokens[0])
         wait_for(lambda: _redis_days(settings, work) == work.daily, 120, "Redis", up.tail)
         _check_api(up.url, work)
         for table, want in (("usage_daily", work.daily), ("usage_monthly", work.monthly)):
@@ -145,7 +145,7 @@ def test_ctrl_c_right_after_the_last_202_loses_nothing(
     up = TallyProcess(["up"], env, tmp_path / "up.log").start()
     work = generate(tenant, customers=20, events=8_000, now=utcnow(), invalid_share=0, seed=9)
     try:
-        _send(up.url, work, settings.ingest_tokens[0])
+        _send(up.url, work, settings.service_tokens[0])
     finally:
         code = up.stop(signal.SIGINT)
     assert code == 0, up.tail()

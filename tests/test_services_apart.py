@@ -41,7 +41,7 @@ def test_ingest_aggregator_and_api_as_separate_processes(
             f"{ingest.url}/v1/events",
             content=orjson.dumps(sent),
             headers={
-                "Authorization": f"Bearer {settings.ingest_tokens[0]}",
+                "Authorization": f"Bearer {settings.service_tokens[0]}",
                 "Content-Type": "application/cloudevents+json",
             },
         )

@@ -20,7 +20,7 @@ from services.aggregator.clickhouse_sink import ClickHouseSink
 from services.aggregator.dedupe import DedupeWindow
 from services.aggregator.processor import BatchProcessor, Record
 from services.aggregator.redis_sink import RedisSink
-from services.api.app import router
+from services.api.usage_routes import router
 from services.common.clickhouse import ClickHouse
 from services.common.settings import Settings
 from services.runtime import Component, http_app

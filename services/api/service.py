@@ -1,14 +1,44 @@
-"""The query API as a running service."""
+"""The API as a running service: usage, enforcement, accounts and admin."""
 
 from __future__ import annotations
 
-from services.api.app import router
+from redis.asyncio import Redis
+
+from services.api import account_routes, admin_routes, enforce_routes, usage_routes
+from services.api.account_routes import Accounts
+from services.api.auth import Authenticator
+from services.api.enforcement import Enforcer
+from services.api.limiter import Limiter
+from services.common.settings import Settings
 from services.runtime import Component, Runtime
 
 
+def limits_store(settings: Settings) -> Redis:
+    """Redis for the hot path, with short timeouts: a decision that waits on a sick
+    Redis is worse than one taken by the configured failure mode."""
+    return Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.enforce_redis_timeout,
+        socket_connect_timeout=settings.enforce_redis_timeout,
+        health_check_interval=30,
+    )
+
+
 async def start(runtime: Runtime) -> Component:
+    settings, pool = runtime.settings, await runtime.pool()
+    redis = limits_store(settings)
+    runtime.stack.push_async_callback(redis.aclose)
+    limiter = Limiter(redis, settings.reservation_ttl_seconds * 1000)
+    auth = Authenticator(settings, redis, pool, limiter)
+    enforcer = Enforcer(settings, redis, pool, limiter)
+    accounts = Accounts(settings, redis, pool, auth)
     return Component(
         "api",
-        routers=[router(runtime.redis(), await runtime.pool())],
+        routers=[
+            usage_routes.router(runtime.redis(), pool, auth),
+            enforce_routes.router(auth, enforcer),
+            account_routes.router(accounts),
+            admin_routes.router(accounts),
+        ],
         checks={"redis": runtime.check_redis(), "postgres": runtime.check_postgres()},
     )

@@ -51,3 +51,16 @@ ROLLUP_SECONDS = Histogram("tally_rollup_seconds", "Time for one rollup pass")
 
 async def metrics_endpoint(_: Request) -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+ENFORCE_DECISIONS = Counter(
+    "tally_enforce_decisions_total", "Enforcement decisions, by verdict", ["verdict"]
+)
+ENFORCE_FALLBACK = Counter(
+    "tally_enforce_fallback_total",
+    "Decisions taken while Redis was unreachable, by failure mode (open|closed)",
+    ["mode"],
+)
+REDIS_AVAILABLE = Gauge(
+    "tally_enforce_redis_available", "1 while the limits store answers, 0 since it failed"
+)

@@ -11,13 +11,15 @@ from __future__ import annotations
 from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-DEV_TOKEN = "dev-ingest-token"
+DEV_TOKEN = "dev-service-token"
 """Accepted by default so that `tally up` works out of the box; never in production."""
+DEV_ADMIN_TOKEN = "dev-admin-token"
+DEV_PEPPER = "dev-pepper-not-secret"
 
 
 def _alias(name: str) -> AliasChoices:
@@ -45,7 +47,25 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = False
 
-    ingest_tokens: Annotated[list[str], NoDecode] = [DEV_TOKEN]
+    service_tokens: Annotated[list[str], NoDecode] = Field(
+        [DEV_TOKEN],
+        description="Bearer tokens of the seller's own services: emit and enforce for anyone.",
+        validation_alias=AliasChoices(
+            "service_tokens", "TALLY_SERVICE_TOKENS", "TALLY_INGEST_TOKENS"
+        ),
+    )
+    admin_token: str = DEV_ADMIN_TOKEN
+    key_pepper: str = Field(DEV_PEPPER, description="HMAC key for API key hashes; keep secret.")
+    key_rotation_grace_seconds: int = 24 * 3600
+    reservation_ttl_seconds: int = 300
+    trial_expiry: Literal["downgrade", "suspend"] = "downgrade"
+    downgrade_plan: str = "free"
+    redis_failure_mode: Literal["open", "closed"] = "open"
+    fallback_rate_per_minute: int = 60
+    enforce_redis_timeout: float = 0.25
+    ip_limit_per_second: int = Field(1000, description="Requests per client address; 0 = off.")
+    ip_auth_failures_per_minute: int = 20
+    trusted_proxies: str = "127.0.0.1"
     max_batch_events: int = 10_000
     max_body_bytes: int = 10 * 1024 * 1024
     future_tolerance_seconds: int = 300
@@ -67,7 +87,7 @@ class Settings(BaseSettings):
 
     catalog_path: Path | None = None
 
-    @field_validator("ingest_tokens", mode="before")
+    @field_validator("service_tokens", mode="before")
     @classmethod
     def _comma_separated(cls, raw: object) -> object:
         return [t.strip() for t in raw.split(",") if t.strip()] if isinstance(raw, str) else raw
@@ -83,6 +103,10 @@ class Settings(BaseSettings):
     @property
     def dedupe_window(self) -> timedelta:
         return timedelta(hours=self.dedupe_window_hours)
+
+    @property
+    def pepper(self) -> bytes:
+        return self.key_pepper.encode()
 
     @property
     def embedded_kafka(self) -> bool:

@@ -44,7 +44,7 @@ class Ingest:
         self.settings = settings
         self.publisher = publisher
         self.bounds = TimeBounds(settings.future_tolerance, settings.backfill_window)
-        self._tokens = [t.encode() for t in settings.ingest_tokens]
+        self._tokens = [t.encode() for t in settings.service_tokens]
 
     def authenticate(self, authorization: str | None) -> None:
         scheme, _, token = (authorization or "").partition(" ")

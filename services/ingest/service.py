@@ -19,8 +19,8 @@ async def start(runtime: Runtime) -> Component:
         await producer.partitions_for(topics.EVENTS)
 
     settings = runtime.settings
-    if not settings.embedded_kafka and DEV_TOKEN in settings.ingest_tokens:
-        log.warning("the development ingest token is accepted: set TALLY_INGEST_TOKENS")
+    if not settings.embedded_kafka and DEV_TOKEN in settings.service_tokens:
+        log.warning("the development ingest token is accepted: set TALLY_SERVICE_TOKENS")
     ingest = Ingest(settings, Publisher(producer))
     return Component(
         "ingest", routers=[router(ingest)], checks={"kafka": kafka}, schemas=openapi_schemas()

@@ -1,4 +1,4 @@
-"""The query API's routes: meters and usage."""
+"""The query API's routes: meters, and a customer's usage (its own key, or a service's)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,15 @@ from datetime import UTC, datetime, timedelta
 from itertools import islice
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path, Query, Request
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from schemas.catalog import Meter
 from schemas.events import CUSTOMER_ID_PATTERN, utcnow
 from schemas.windows import RETENTION, Window, buckets
+from services.api.auth import Authenticator, address, credential
+from services.api.keys import Scope
 from services.api.usage import MAX_BUCKETS, UsageReader
 from services.common import catalog
 from services.common.problems import Problem
@@ -27,7 +29,7 @@ DEFAULT_SPAN = {
 }
 
 
-def router(redis: Redis, pool: AsyncConnectionPool) -> APIRouter:
+def router(redis: Redis, pool: AsyncConnectionPool, auth: Authenticator) -> APIRouter:
     api = APIRouter(tags=["usage"])
     reader = UsageReader(redis, pool)
 
@@ -37,6 +39,7 @@ def router(redis: Redis, pool: AsyncConnectionPool) -> APIRouter:
 
     @api.get("/v1/customers/{customer}/usage", summary="A customer's usage of one meter over time")
     async def usage(
+        request: Request,
         customer: Annotated[str, Path(pattern=CUSTOMER_ID_PATTERN)],
         meter: Annotated[str, Query(description="Meter name, e.g. api_calls")],
         from_: Annotated[
@@ -50,6 +53,8 @@ def router(redis: Redis, pool: AsyncConnectionPool) -> APIRouter:
             str | None, Query(description="Comma-separated dimensions: the meter's group_by")
         ] = None,
     ) -> dict[str, Any]:
+        caller = await auth.caller(credential(request), address(request))
+        await auth.require(caller, customer, Scope.USAGE_READ)
         found = await _meter(pool, meter)
         now = utcnow()
         end = _aware("to", to) if to else now

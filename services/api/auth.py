@@ -1,0 +1,199 @@
+"""Who is calling: a service token, the admin token, or a customer's API key.
+
+A key's owner never changes, so this process remembers owners it has looked up; whether
+the key still works (revoked, expired, scopes) is state, and is read fresh on every
+request — inside the enforcement script, or from the key's Redis projection.  Lookups
+that fail are counted per client address, and an address that keeps guessing is
+refused before it reaches Redis or PostgreSQL again.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from psycopg_pool import AsyncConnectionPool
+from redis.asyncio import Redis
+from starlette.requests import Request
+
+from schemas import redis_keys
+from schemas.events import utcnow
+from schemas.plans import Per, RateLimit
+from services.api import accounts, keys, projection
+from services.api.keys import MalformedKey, Scope
+from services.api.limiter import Limiter, Mode, Outcome, compile_inline
+from services.api.refusals import refused, unauthorized
+from services.common.problems import Problem
+from services.common.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    customer: str | None  # None: a service token, acting for any customer
+    key_id: str = ""
+
+    @property
+    def service(self) -> bool:
+        return self.customer is None
+
+
+class _Owners:
+    """Key digest → (customer, key id), least recently used evicted first."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._entries: OrderedDict[bytes, tuple[str, str]] = OrderedDict()
+
+    def get(self, digest: bytes) -> tuple[str, str] | None:
+        found = self._entries.get(digest)
+        if found is not None:
+            self._entries.move_to_end(digest)
+        return found
+
+    def put(self, digest: bytes, owner: tuple[str, str]) -> None:
+        self._entries[digest] = owner
+        if len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+
+def credential(request: Request) -> str | None:
+    """``Authorization: Bearer <token>``, else ``X-API-Key``."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return request.headers.get("x-api-key") or None
+
+
+def address(request: Request) -> str:
+    """The client's address (uvicorn resolves X-Forwarded-For from trusted proxies)."""
+    return request.client.host if request.client else "unknown"
+
+
+class Authenticator:
+    def __init__(
+        self,
+        settings: Settings,
+        redis: Redis,
+        pool: AsyncConnectionPool,
+        limiter: Limiter,
+        remembered: int = 100_000,
+    ) -> None:
+        self._settings = settings
+        self._redis = redis
+        self._pool = pool
+        self._limiter = limiter
+        self._services = [t.encode() for t in settings.service_tokens]
+        self._owners = _Owners(remembered)
+        self._failures = compile_inline(
+            (
+                RateLimit(
+                    name="auth-failures", limit=settings.ip_auth_failures_per_minute, per=Per.MINUTE
+                ),
+            )
+        )
+        per_second = settings.ip_limit_per_second
+        self._per_address = (
+            compile_inline(
+                (
+                    RateLimit(
+                        name="per-address", limit=per_second, per=Per.SECOND, burst=2 * per_second
+                    ),
+                )
+            )
+            if per_second
+            else None
+        )
+
+    async def limit_address(self, client: str) -> None:
+        """The layer before authentication: requests per client address."""
+        if self._per_address is not None:
+            _raise_if_refused(
+                await self._limiter.limit_address(client, self._per_address, Mode.CHECK)
+            )
+
+    async def caller(self, token: str | None, client: str) -> Caller:
+        if not token:
+            raise unauthorized("send an API key as 'Authorization: Bearer <key>'")
+        given = token.encode()
+        if any(hmac.compare_digest(given, known) for known in self._services):
+            return Caller(None)
+        digest = keys.digest(self._settings.pepper, token)
+        owner = self._owners.get(digest)
+        if owner is None:
+            owner = await self._look_up(token, digest, client)
+            self._owners.put(digest, owner)
+        return Caller(*owner)
+
+    def is_admin(self, token: str | None) -> bool:
+        return bool(token) and hmac.compare_digest(
+            (token or "").encode(), self._settings.admin_token.encode()
+        )
+
+    async def _look_up(self, token: str, digest: bytes, client: str) -> tuple[str, str]:
+        _raise_if_refused(await self._limiter.limit_address(client, self._failures, Mode.PEEK))
+        try:
+            keys.check_format(token)
+        except MalformedKey as exc:
+            await self._failed(client)
+            raise unauthorized(str(exc)) from None
+        raw = await self._redis.get(redis_keys.key_owner(digest))
+        if raw is not None:
+            customer, key_id = (raw if isinstance(raw, str) else raw.decode()).split(" ")
+            return customer, key_id
+        async with self._pool.connection() as conn:
+            found = await accounts.find_key(conn, digest)
+        if found is None:
+            await self._failed(client)
+            raise unauthorized("unknown API key")
+        await projection.remember_owner(self._redis, digest, *found)
+        return found
+
+    async def _failed(self, client: str) -> None:
+        await self._limiter.limit_address(client, self._failures, Mode.CHECK)
+
+    async def require(self, caller: Caller, customer: str, scope: Scope | None = None) -> None:
+        """For routes outside the enforcement script: may ``caller`` act on ``customer``
+        (with ``scope``)?  A key's state is read fresh: revocation applies at once."""
+        if caller.service:
+            return
+        if caller.customer != customer:
+            raise forbidden_customer()
+        raw = await self._redis.hget(redis_keys.api_keys(customer), caller.key_id)
+        if raw is None:
+            async with self._pool.connection() as conn:
+                await projection.project(self._redis, conn, customer)
+            raw = await self._redis.hget(redis_keys.api_keys(customer), caller.key_id)
+        state: dict[str, Any] = orjson.loads(raw) if raw else {"r": True}
+        if state.get("r"):
+            raise unauthorized("the API key was revoked")
+        if state.get("x") is not None and state["x"] <= utcnow().timestamp() * 1000:
+            raise unauthorized("the API key has expired")
+        if scope is not None and scope.value not in state["s"]:
+            raise insufficient_scope(scope)
+
+
+def _raise_if_refused(outcome: Outcome) -> None:
+    if not outcome.allowed and outcome.violated is not None:
+        raise refused(outcome, "too many requests from this address")
+
+
+def forbidden_customer() -> Problem:
+    return Problem(
+        403,
+        "forbidden",
+        "Forbidden",
+        "this API key belongs to another customer",
+    )
+
+
+def insufficient_scope(scope: Scope) -> Problem:
+    return Problem(
+        403,
+        "insufficient-scope",
+        "Insufficient scope",
+        f"this API key lacks the {scope.value!r} scope",
+        scope=scope.value,
+    )

@@ -1,0 +1,248 @@
+"""``POST /v1/enforce``: may this customer make this call now?
+
+One Redis round trip decides (``enforce.lua``).  The slow paths are rare and
+self-healing: a customer not yet projected into Redis is projected and asked again; a
+trial that ran out is ended (downgraded or suspended) and asked again.  When Redis
+cannot be reached, the configured failure mode answers: closed refuses with 503, open
+admits through an in-process limiter that keeps each customer to the rate limits last
+seen for it (``fallback``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from decimal import Decimal
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from psycopg_pool import AsyncConnectionPool
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from schemas import redis_keys
+from schemas.events import CUSTOMER_ID_PATTERN, VALUE_STRING_PATTERN, utcnow
+from services.api import accounts, projection
+from services.api.auth import Caller, forbidden_customer, insufficient_scope
+from services.api.fallback import Fallback
+from services.api.keys import Scope
+from services.api.limiter import Ask, Code, Limiter, Mode, Outcome
+from services.api.refusals import decision, headers, refused, unauthorized
+from services.common import catalog, metrics
+from services.common.problems import Problem
+from services.common.settings import Settings
+
+MAX_BATCH = 100
+
+
+class EventRef(BaseModel):
+    """The usage event that will settle a reservation: its idempotency key."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: Annotated[str, Field(min_length=1, max_length=256)]
+    id: Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class EnforceRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    customer: Annotated[str | None, Field(pattern=CUSTOMER_ID_PATTERN)] = Field(
+        None, description="Required with a service token; implied by an API key."
+    )
+    meter: Annotated[str, Field(min_length=1, max_length=64)] = "api_calls"
+    endpoint: Annotated[str, Field(max_length=512)] = ""
+    quantity: Decimal = Field(
+        Decimal(1), description="Units of the meter this call will use; > 0, ≤ 6 decimals."
+    )
+    mode: Literal["check", "reserve"] = "check"
+    event: EventRef | None = Field(
+        None, description="With mode=reserve: the usage event that settles the reservation."
+    )
+
+    @field_validator("quantity")
+    @classmethod
+    def _quantity(cls, value: Decimal) -> Decimal:
+        if value <= 0:
+            raise ValueError("must be greater than 0")
+        if not re.match(VALUE_STRING_PATTERN, format(value, "f")):
+            raise ValueError("must be below 10^12 with at most 6 decimals")
+        return value
+
+
+class BatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    checks: Annotated[list[dict[str, Any]], Field(min_length=1, max_length=MAX_BATCH)]
+
+
+class Verdict(StrEnum):
+    ALLOWED = "allowed"
+    REFUSED = "refused"
+    FALLBACK = "fallback"
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str]
+
+
+class Enforcer:
+    def __init__(
+        self,
+        settings: Settings,
+        redis: Redis,
+        pool: AsyncConnectionPool,
+        limiter: Limiter,
+    ) -> None:
+        self._settings = settings
+        self._redis = redis
+        self._pool = pool
+        self._limiter = limiter
+        self._fallback = Fallback(settings.fallback_rate_per_minute)
+        self._meters: set[str] = set()
+
+    async def enforce(self, caller: Caller, request: EnforceRequest) -> Answer:
+        customer = self._customer(caller, request)
+        await self._check_meter(request.meter)
+        if request.mode == "reserve" and request.event is None:
+            raise _invalid("event", "mode=reserve needs the event (source, id) that settles it")
+        ask = Ask(
+            meter=request.meter,
+            quantity=request.quantity,
+            endpoint=request.endpoint,
+            mode=Mode(request.mode),
+            digest=(
+                redis_keys.event_digest(request.event.source, request.event.id)
+                if request.event
+                else b""
+            ),
+            key_id=caller.key_id,
+            scope=Scope.ENFORCE.value,
+        )
+        try:
+            outcome = await self._decide(customer, ask)
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            return self._unavailable(customer)
+        metrics.REDIS_AVAILABLE.set(1)
+        self._fallback.remember(customer, outcome)
+        return self._answer(customer, request, outcome)
+
+    async def _decide(self, customer: str, ask: Ask) -> Outcome:
+        for _ in range(3):
+            outcome = await self._limiter.decide(customer, ask, utcnow())
+            if outcome.code is Code.NO_ACCOUNT:
+                await self._project(customer)
+            elif outcome.code is Code.TRIAL_EXPIRED:
+                await self._end_trial(customer)
+            else:
+                return outcome
+        raise RuntimeError(f"customer {customer} could not be projected into Redis")
+
+    def _customer(self, caller: Caller, request: EnforceRequest) -> str:
+        if caller.customer is None:
+            if request.customer is None:
+                raise _invalid("customer", "required when enforcing with a service token")
+            return request.customer
+        if request.customer not in (None, caller.customer):
+            raise forbidden_customer()
+        return caller.customer
+
+    async def _check_meter(self, meter: str) -> None:
+        if meter in self._meters:
+            return
+        self._meters = {m.name for m in await catalog.read_meters(self._pool)}
+        if meter not in self._meters:
+            known = ", ".join(sorted(self._meters))
+            raise _invalid("meter", f"unknown meter {meter!r}; known meters: {known}")
+
+    async def _project(self, customer: str) -> None:
+        async with self._pool.connection() as conn:
+            if not await projection.project(self._redis, conn, customer):
+                raise Problem(
+                    404, "unknown-customer", "Unknown customer", f"no customer {customer!r}"
+                )
+
+    async def _end_trial(self, customer: str) -> None:
+        settings = self._settings
+        async with self._pool.connection() as conn:
+            plan = None
+            if settings.trial_expiry == "downgrade":
+                plan = await catalog.read_plan(conn, settings.downgrade_plan)
+            await accounts.end_trial(conn, customer, plan, "system:trial-expiry")
+            await conn.commit()
+            await projection.project(self._redis, conn, customer)
+
+    def _answer(self, customer: str, request: EnforceRequest, outcome: Outcome) -> Answer:
+        code = outcome.code
+        if code is Code.OK:
+            metrics.ENFORCE_DECISIONS.labels(Verdict.ALLOWED).inc()
+            body = decision(outcome, customer)
+            body["reservation"] = (
+                {
+                    "event": request.event.model_dump(),
+                    "expires_in": self._settings.reservation_ttl_seconds,
+                }
+                if outcome.reserved and request.event
+                else None
+            )
+            return Answer(200, body, headers(outcome))
+        metrics.ENFORCE_DECISIONS.labels(Verdict.REFUSED).inc()
+        if code is Code.REFUSED:
+            assert outcome.violated is not None
+            what = "quota" if outcome.violated.kind == "quota" else "rate limit"
+            raise refused(
+                outcome,
+                f"{what} {outcome.violated.policy!r} of plan {outcome.plan!r} exhausted",
+                customer,
+            )
+        if code is Code.INACTIVE:
+            raise Problem(
+                403,
+                "account-inactive",
+                "Account inactive",
+                f"the account is {outcome.status}",
+                account_status=outcome.status,
+            )
+        if code is Code.KEY_SCOPE:
+            raise insufficient_scope(Scope.ENFORCE)
+        raise unauthorized(_KEY_PROBLEMS[code])
+
+    def _unavailable(self, customer: str) -> Answer:
+        metrics.REDIS_AVAILABLE.set(0)
+        mode = self._settings.redis_failure_mode
+        metrics.ENFORCE_FALLBACK.labels(mode).inc()
+        if mode == "closed":
+            raise Problem(
+                503,
+                "enforcement-unavailable",
+                "Enforcement unavailable",
+                "the limits store cannot be reached and this server fails closed",
+                headers={"Retry-After": "1"},
+            )
+        outcome = self._fallback.decide(customer)
+        body = decision(outcome, customer) | {"fallback": True, "reservation": None}
+        if not outcome.allowed:
+            raise refused(outcome, "rate limit exhausted (in-process fallback limiter)", customer)
+        return Answer(200, body, headers(outcome))
+
+
+_KEY_PROBLEMS = {
+    Code.KEY_UNKNOWN: "unknown API key",
+    Code.KEY_REVOKED: "the API key was revoked",
+    Code.KEY_EXPIRED: "the API key has expired",
+}
+
+
+def _invalid(field: str, reason: str) -> Problem:
+    return Problem(
+        422,
+        "invalid-request",
+        "Invalid request",
+        f"{field}: {reason}",
+        errors=[{"field": field, "reason": reason}],
+    )

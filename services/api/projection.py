@@ -1,0 +1,64 @@
+"""Copying accounts from PostgreSQL into Redis, where the enforcement script reads them.
+
+PostgreSQL stays the truth; Redis holds a projection the hot path can read in the same
+atomic call that decides.  Every change re-projects the customers it touches right
+after its transaction commits, so the very next decision sees it: there is no cache to
+go stale.  A customer missing from Redis (a flushed or new Redis) is projected on
+demand by the first decision that misses it.
+"""
+
+from __future__ import annotations
+
+import orjson
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+from redis.asyncio import Redis
+
+from schemas import redis_keys
+from services.api import accounts
+from services.api.limiter import compile_plan
+from services.common import catalog
+
+
+async def project(redis: Redis, conn: AsyncConnection, customer_id: str) -> bool:
+    """Write one customer's account and keys to Redis; ``False`` if there is no such
+    customer (whatever Redis held for it is removed)."""
+    customer = await accounts.get_customer(conn, customer_id)
+    account_key = redis_keys.account(customer_id)
+    keys_key = redis_keys.api_keys(customer_id)
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.delete(account_key, keys_key)
+        if customer is not None:
+            plan = await catalog.read_plan(conn, customer.plan)
+            assert plan is not None, "customers.plan_id references plans"
+            trial_ends = customer.trial_ends_at
+            pipe.hset(
+                account_key,
+                mapping={
+                    "plan": plan.id,
+                    "status": customer.status.value,
+                    "trial_ends": int(trial_ends.timestamp() * 1000) if trial_ends else "",
+                    "policies": compile_plan(plan),
+                },
+            )
+            states = {
+                k.id: orjson.dumps(k.state()) for k in await accounts.list_keys(conn, customer.id)
+            }
+            if states:
+                pipe.hset(keys_key, mapping=states)  # type: ignore[arg-type]
+        await pipe.execute()
+    return customer is not None
+
+
+async def project_plan(redis: Redis, pool: AsyncConnectionPool, plan_id: str) -> int:
+    """Re-project every customer on a plan that just changed."""
+    async with pool.connection() as conn:
+        customers = await accounts.customers_on(conn, plan_id)
+        for customer in customers:
+            await project(redis, conn, customer)
+    return len(customers)
+
+
+async def remember_owner(redis: Redis, digest: bytes, customer: str, key_id: str) -> None:
+    """Who a key belongs to never changes, so this index entry never goes stale."""
+    await redis.set(redis_keys.key_owner(digest), f"{customer} {key_id}")
