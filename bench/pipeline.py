@@ -214,7 +214,7 @@ def main() -> None:
         "TALLY_DATA_DIR": str(data_dir),
         "REDIS_URL": redis_url,
         "DATABASE_URL": database,
-        "TALLY_INGEST_TOKENS": TOKEN,
+        "TALLY_SERVICE_TOKENS": TOKEN,
         "TALLY_LOG_LEVEL": "WARNING",
         "TALLY_KAFKA_SESSION_TIMEOUT": "6",
     }
