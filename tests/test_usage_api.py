@@ -20,6 +20,8 @@ from services.aggregator.clickhouse_sink import ClickHouseSink
 from services.aggregator.dedupe import DedupeWindow
 from services.aggregator.processor import BatchProcessor, Record
 from services.aggregator.redis_sink import RedisSink
+from services.api.auth import Authenticator
+from services.api.limiter import Limiter
 from services.api.usage_routes import router
 from services.common.clickhouse import ClickHouse
 from services.common.settings import Settings
@@ -27,9 +29,16 @@ from services.runtime import Component, http_app
 
 
 @pytest.fixture
-async def api(redis: Redis, pool: AsyncConnectionPool) -> AsyncIterator[httpx.AsyncClient]:
-    app = http_app([Component("api", [router(redis, pool)])])
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+async def api(
+    redis: Redis, pool: AsyncConnectionPool, settings: Settings
+) -> AsyncIterator[httpx.AsyncClient]:
+    auth = Authenticator(settings, redis, pool, Limiter(redis, 1000))
+    app = http_app([Component("api", [router(redis, pool, auth)])])
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app),
+        base_url="http://t",
+        headers={"Authorization": f"Bearer {settings.service_tokens[0]}"},
+    ) as c:
         yield c
 
 

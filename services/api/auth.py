@@ -9,6 +9,7 @@ refused before it reaches Redis or PostgreSQL again.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from schemas.events import utcnow
 from schemas.plans import Per, RateLimit
 from services.api import accounts, keys, projection
 from services.api.keys import MalformedKey, Scope
-from services.api.limiter import Limiter, Mode, Outcome, compile_inline
+from services.api.limiter import UNREACHABLE, Limiter, Mode, Outcome, compile_inline
 from services.api.refusals import refused, unauthorized
 from services.common.problems import Problem
 from services.common.settings import Settings
@@ -108,11 +109,13 @@ class Authenticator:
         )
 
     async def limit_address(self, client: str) -> None:
-        """The layer before authentication: requests per client address."""
+        """The layer before authentication: requests per client address.  Without Redis
+        it is skipped: the per-customer layer (or its fallback) still holds."""
         if self._per_address is not None:
-            _raise_if_refused(
-                await self._limiter.limit_address(client, self._per_address, Mode.CHECK)
-            )
+            with contextlib.suppress(*UNREACHABLE):
+                _raise_if_refused(
+                    await self._limiter.limit_address(client, self._per_address, Mode.CHECK)
+                )
 
     async def caller(self, token: str | None, client: str) -> Caller:
         if not token:
@@ -133,26 +136,33 @@ class Authenticator:
         )
 
     async def _look_up(self, token: str, digest: bytes, client: str) -> tuple[str, str]:
-        _raise_if_refused(await self._limiter.limit_address(client, self._failures, Mode.PEEK))
+        """Redis's index first, then PostgreSQL; without Redis, PostgreSQL alone (and no
+        brute-force accounting: the failure mode decides what happens next)."""
+        with contextlib.suppress(*UNREACHABLE):
+            failures = await self._limiter.limit_address(client, self._failures, Mode.PEEK)
+            _raise_if_refused(failures)
         try:
             keys.check_format(token)
         except MalformedKey as exc:
             await self._failed(client)
             raise unauthorized(str(exc)) from None
-        raw = await self._redis.get(redis_keys.key_owner(digest))
-        if raw is not None:
-            customer, key_id = (raw if isinstance(raw, str) else raw.decode()).split(" ")
-            return customer, key_id
+        with contextlib.suppress(*UNREACHABLE):
+            raw = await self._redis.get(redis_keys.key_owner(digest))
+            if raw is not None:
+                customer, key_id = (raw if isinstance(raw, str) else raw.decode()).split(" ")
+                return customer, key_id
         async with self._pool.connection() as conn:
             found = await accounts.find_key(conn, digest)
         if found is None:
             await self._failed(client)
             raise unauthorized("unknown API key")
-        await projection.remember_owner(self._redis, digest, *found)
+        with contextlib.suppress(*UNREACHABLE):
+            await projection.remember_owner(self._redis, digest, *found)
         return found
 
     async def _failed(self, client: str) -> None:
-        await self._limiter.limit_address(client, self._failures, Mode.CHECK)
+        with contextlib.suppress(*UNREACHABLE):
+            await self._limiter.limit_address(client, self._failures, Mode.CHECK)
 
     async def require(self, caller: Caller, customer: str, scope: Scope | None = None) -> None:
         """For routes outside the enforcement script: may ``caller`` act on ``customer``

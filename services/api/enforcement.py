@@ -19,8 +19,6 @@ from typing import Annotated, Any, Literal
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from schemas import redis_keys
 from schemas.events import CUSTOMER_ID_PATTERN, VALUE_STRING_PATTERN, utcnow
@@ -28,7 +26,7 @@ from services.api import accounts, projection
 from services.api.auth import Caller, forbidden_customer, insufficient_scope
 from services.api.fallback import Fallback
 from services.api.keys import Scope
-from services.api.limiter import Ask, Code, Limiter, Mode, Outcome
+from services.api.limiter import UNREACHABLE, Ask, Code, Limiter, Mode, Outcome
 from services.api.refusals import decision, headers, refused, unauthorized
 from services.common import catalog, metrics
 from services.common.problems import Problem
@@ -126,7 +124,7 @@ class Enforcer:
         )
         try:
             outcome = await self._decide(customer, ask)
-        except (RedisConnectionError, RedisTimeoutError, OSError):
+        except UNREACHABLE:
             return self._unavailable(customer)
         metrics.REDIS_AVAILABLE.set(1)
         self._fallback.remember(customer, outcome)

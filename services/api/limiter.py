@@ -16,6 +16,8 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from schemas import redis_keys
 from schemas.events import VALUE_SCALE
@@ -23,6 +25,8 @@ from schemas.plans import Enforcement, Plan, RateLimit
 from schemas.windows import Window, bucket_id, bucket_start, next_bucket
 
 SCRIPT = resources.files("services.api").joinpath("enforce.lua").read_text()
+UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+"""What a Redis that cannot answer raises."""
 
 
 class Mode(StrEnum):
@@ -137,8 +141,10 @@ def compile_plan(plan: Plan) -> str:
     ).decode()
 
 
-def compile_inline(rates: tuple[RateLimit, ...]) -> str:
-    return orjson.dumps({"rates": compile_rates(rates), "costs": {}, "quotas": {}}).decode()
+def compile_inline(rates: tuple[RateLimit, ...], costs: dict[str, int] | None = None) -> str:
+    return orjson.dumps(
+        {"rates": compile_rates(rates), "costs": costs or {}, "quotas": {}}
+    ).decode()
 
 
 class Limiter:
@@ -177,11 +183,17 @@ class Limiter:
         return parse(await self._script(keys=keys, args=args))
 
     async def limit_address(
-        self, address: str, policies: str, mode: Mode, clock_us: int | None = None
+        self,
+        address: str,
+        policies: str,
+        mode: Mode,
+        clock_us: int | None = None,
+        endpoint: str = "",
     ) -> Outcome:
         """Limits on a client address, before anyone is authenticated."""
         key = redis_keys.client_ip(address)
-        args = ["", "", "" if clock_us is None else clock_us, "", 0, mode.value, "", 0, "", 0, 0]
+        clock = "" if clock_us is None else clock_us
+        args = ["", "", clock, endpoint, 0, mode.value, "", 0, "", 0, 0]
         return parse(await self._script(keys=[key] * 7, args=[*args, policies]))
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from services.api import account_routes, admin_routes, enforce_routes, usage_routes
 from services.api.account_routes import Accounts
@@ -16,18 +16,21 @@ from services.runtime import Component, Runtime
 def limits_store(settings: Settings) -> Redis:
     """Redis for the hot path, with short timeouts: a decision that waits on a sick
     Redis is worse than one taken by the configured failure mode."""
-    return Redis.from_url(
+    pool = BlockingConnectionPool.from_url(
         settings.redis_url,
+        max_connections=settings.enforce_redis_connections,
+        timeout=settings.enforce_redis_timeout,
         socket_timeout=settings.enforce_redis_timeout,
         socket_connect_timeout=settings.enforce_redis_timeout,
         health_check_interval=30,
     )
+    return Redis(connection_pool=pool)
 
 
 async def start(runtime: Runtime) -> Component:
     settings, pool = runtime.settings, await runtime.pool()
     redis = limits_store(settings)
-    runtime.stack.push_async_callback(redis.aclose)
+    runtime.stack.push_async_callback(redis.connection_pool.disconnect)
     limiter = Limiter(redis, settings.reservation_ttl_seconds * 1000)
     auth = Authenticator(settings, redis, pool, limiter)
     enforcer = Enforcer(settings, redis, pool, limiter)

@@ -1,0 +1,373 @@
+"""Enforcement over HTTP against real Redis and PostgreSQL: the brief's scenarios."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import httpx
+import pytest
+from psycopg_pool import AsyncConnectionPool
+from redis.asyncio import Redis
+
+from schemas import redis_keys
+from schemas.catalog import Meter
+from schemas.events import VALUE_SCALE, utcnow
+from schemas.windows import Window, bucket_id
+from services.common.clickhouse import ClickHouse
+from services.common.settings import Settings
+from tests.accounts_support import (
+    ADMIN,
+    enforce,
+    plan_with,
+    put_plan,
+    running_api,
+    sign_up,
+)
+from tests.test_usage_api import aggregate, call
+
+
+@pytest.fixture
+async def api(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    async with running_api(settings) as client:
+        yield client
+
+
+async def set_usage(redis: Redis, customer: str, calls: int) -> None:
+    """Usage as the aggregator leaves it: this month's api_calls counter."""
+    key = redis_keys.counters(
+        customer, "api_calls", Window.MONTH, bucket_id(Window.MONTH, utcnow())
+    )
+    await redis.hset(key, "*", calls * VALUE_SCALE)
+
+
+async def test_free_key_fifteen_rapid_calls(api: httpx.AsyncClient) -> None:
+    """The brief: 10 per minute on free; the 11th call onwards gets 429 and the headers."""
+    account = await sign_up(api, "free")
+    replies = [await enforce(api, account, endpoint="/v1/geocode") for _ in range(15)]
+    assert [r.status_code for r in replies] == [200] * 10 + [429] * 5
+    first, refusal = replies[0], replies[10]
+    assert first.headers["RateLimit-Policy"].startswith('"free-per-minute";q=10;w=60')
+    assert first.headers["RateLimit"] == '"free-per-minute";r=9;t=6'
+    assert first.json()["allowed"] is True and first.json()["remaining"] == 9
+    assert refusal.headers["content-type"] == "application/problem+json"
+    assert 1 <= int(refusal.headers["Retry-After"]) <= 6
+    assert refusal.headers["RateLimit"].startswith('"free-per-minute";r=0;')
+    body = refusal.json()
+    assert body["type"].endswith("/rate-limited") and body["status"] == 429
+    assert body["policy"] == "free-per-minute" and body["allowed"] is False
+    assert body["upgrade"]["plan"] == "starter"
+
+
+async def test_monthly_quota_exhausted(api: httpx.AsyncClient, redis: Redis) -> None:
+    account = await sign_up(api, "free")
+    await set_usage(redis, account.customer, 999)
+    first = await enforce(api, account, mode="reserve", event={"source": "s", "id": "1"})
+    assert first.json()["remaining"] == 0
+    refusal = await enforce(api, account, mode="reserve", event={"source": "s", "id": "2"})
+    assert refusal.status_code == 429
+    body = refusal.json()
+    assert body["type"].endswith("/quota-exceeded") and body["policy"] == "quota:api_calls"
+    assert "starter" in body["upgrade"]["detail"]
+    assert int(refusal.headers["Retry-After"]) > 0  # until the period ends
+    await set_usage(redis, account.customer, 1000)  # the pipeline caught up: check sees it
+    assert (await enforce(api, account)).json()["policy"] == "quota:api_calls"
+
+
+async def test_soft_quota_allows_overage(api: httpx.AsyncClient, redis: Redis) -> None:
+    account = await sign_up(api, "starter")
+    await set_usage(redis, account.customer, 60_000)
+    reply = await enforce(api, account)
+    assert reply.status_code == 200
+    quota = [lim for lim in reply.json()["limits"] if lim["kind"] == "quota"][0]
+    assert quota == quota | {"limit": 50_000, "remaining": 0, "hard": False}
+
+
+async def test_upgrade_mid_window_applies_to_the_next_call(api: httpx.AsyncClient) -> None:
+    account = await sign_up(api, "free")
+    for _ in range(10):
+        assert (await enforce(api, account)).status_code == 200
+    assert (await enforce(api, account)).status_code == 429
+    change = await api.patch(
+        f"/v1/admin/customers/{account.customer}", json={"plan": "pro"}, headers=ADMIN
+    )
+    assert change.status_code == 200 and change.json()["plan"] == "pro"
+    reply = await enforce(api, account)
+    assert reply.status_code == 200 and reply.json()["plan"] == "pro"
+    assert reply.headers["RateLimit-Policy"].startswith('"pro-per-minute";q=500;w=60')
+
+
+async def test_plan_edit_applies_to_the_next_call(api: httpx.AsyncClient) -> None:
+    plan = plan_with(per_minute=100)
+    await put_plan(api, plan)
+    created = await api.post(
+        "/v1/admin/customers",
+        json={"email": f"{plan['id']}@example.com", "plan": plan["id"]},
+        headers=ADMIN,
+    )
+    assert created.status_code == 201, created.text
+    key = {"Authorization": f"Bearer {created.json()['api_key']['key']}"}
+    assert (await api.post("/v1/enforce", json={}, headers=key)).json()["remaining"] == 99
+    plan["rate_limits"] = [{"name": "per-minute", "limit": 2, "per": "minute"}]
+    await put_plan(api, plan)
+    replies = [await api.post("/v1/enforce", json={}, headers=key) for _ in range(3)]
+    assert [r.status_code for r in replies] == [200, 200, 429]
+    assert replies[0].headers["RateLimit-Policy"].startswith('"per-minute";q=2;w=60')
+    versions = await api.get(f"/v1/admin/plans/{plan['id']}/versions", headers=ADMIN)
+    assert [v["version"] for v in versions.json()["versions"]] == [1, 2]
+    assert versions.json()["versions"][1]["changed_by"] == "admin"
+
+
+async def test_expensive_endpoint_costs_more(api: httpx.AsyncClient) -> None:
+    plan = plan_with(per_minute=10, endpoint_costs={"/v1/recognize": 4})
+    plan["rate_limits"].append(
+        {"name": "recognize", "limit": 8, "per": "second", "endpoint": "/v1/recognize"}
+    )
+    await put_plan(api, plan)
+    created = await api.post(
+        "/v1/admin/customers",
+        json={"email": f"{plan['id']}@example.com", "plan": plan["id"]},
+        headers=ADMIN,
+    )
+    key = {"Authorization": f"Bearer {created.json()['api_key']['key']}"}
+    reply = await api.post("/v1/enforce", json={"endpoint": "/v1/recognize"}, headers=key)
+    limits = {lim["policy"]: lim["remaining"] for lim in reply.json()["limits"]}
+    assert limits == {"per-minute": 6, "recognize": 4}  # one call costs 4 of each
+    other = await api.post("/v1/enforce", json={"endpoint": "/v1/geocode"}, headers=key)
+    assert {lim["policy"]: lim["remaining"] for lim in other.json()["limits"]} == {"per-minute": 5}
+
+
+async def test_five_hundred_concurrent_callers_hundred_remaining(
+    api: httpx.AsyncClient, redis: Redis
+) -> None:
+    plan = plan_with(quota=1000)
+    await put_plan(api, plan)
+    created = await api.post(
+        "/v1/admin/customers",
+        json={"email": f"{plan['id']}@example.com", "plan": plan["id"]},
+        headers=ADMIN,
+    )
+    customer = created.json()["customer"]["id"]
+    key = {"Authorization": f"Bearer {created.json()['api_key']['key']}"}
+    await set_usage(redis, customer, 900)
+
+    async def caller(i: int) -> int:
+        body = {"mode": "reserve", "event": {"source": "api", "id": f"call-{i}"}}
+        return (await api.post("/v1/enforce", json=body, headers=key)).status_code
+
+    codes = await asyncio.gather(*(caller(i) for i in range(500)))
+    assert codes.count(200) == 100 and codes.count(429) == 400
+    held = await redis.hget(redis_keys.held(customer), "api_calls")
+    assert int(held) == 100 * VALUE_SCALE
+
+
+async def test_reservations_settle_when_their_events_are_aggregated(
+    api: httpx.AsyncClient,
+    redis: Redis,
+    settings: Settings,
+    ch: ClickHouse,
+    meters: dict[str, list[Meter]],
+) -> None:
+    plan = plan_with(quota=3)
+    await put_plan(api, plan)
+    created = await api.post(
+        "/v1/admin/customers",
+        json={"email": f"{plan['id']}@example.com", "plan": plan["id"]},
+        headers=ADMIN,
+    )
+    customer = created.json()["customer"]["id"]
+    key = {"Authorization": f"Bearer {created.json()['api_key']['key']}"}
+    for i in range(3):
+        body = {"mode": "reserve", "event": {"source": "src", "id": f"e{i}"}}
+        assert (await api.post("/v1/enforce", json=body, headers=key)).status_code == 200
+    # The pipeline counts two of them: usage 2 + held 1 = the limit, still no room.
+    events = [call(customer, "api_call", f"e{i}", utcnow()) for i in range(2)]
+    await aggregate(settings, ch, redis, meters, events)
+    assert int(await redis.hget(redis_keys.held(customer), "api_calls")) == VALUE_SCALE
+    reply = await api.post("/v1/enforce", json={}, headers=key)
+    assert reply.status_code == 429
+    used = [lim for lim in reply.json()["limits"] if lim["kind"] == "quota"][0]
+    assert used["remaining"] == 0
+
+
+async def test_rotation_grace_then_expiry(api: httpx.AsyncClient) -> None:
+    account = await sign_up(api, "pro")
+    rotated = await api.post(
+        f"/v1/keys/{account.key_id}/rotate", json={"grace_seconds": 1}, headers=account.auth
+    )
+    assert rotated.status_code == 201, rotated.text
+    new = {"Authorization": f"Bearer {rotated.json()['key']}"}
+    assert (await enforce(api, account)).status_code == 200  # the old key, within grace
+    assert (await api.post("/v1/enforce", json={}, headers=new)).status_code == 200
+    await asyncio.sleep(1.2)
+    expired = await enforce(api, account)
+    assert expired.status_code == 401 and "expired" in expired.json()["detail"]
+    assert (await api.post("/v1/enforce", json={}, headers=new)).status_code == 200
+
+
+async def test_revocation_applies_at_once(api: httpx.AsyncClient) -> None:
+    account = await sign_up(api, "pro")
+    assert (await enforce(api, account)).status_code == 200
+    revoke = await api.delete(
+        f"/v1/admin/customers/{account.customer}/keys/{account.key_id}", headers=ADMIN
+    )
+    assert revoke.status_code == 204
+    refused = await enforce(api, account)
+    assert refused.status_code == 401 and "revoked" in refused.json()["detail"]
+
+
+async def test_key_scopes(api: httpx.AsyncClient) -> None:
+    account = await sign_up(api, "pro")
+    issued = await api.post("/v1/keys", json={"scopes": ["usage:read"]}, headers=account.auth)
+    assert issued.status_code == 201
+    reader = {"Authorization": f"Bearer {issued.json()['key']}"}
+    refused = await api.post("/v1/enforce", json={}, headers=reader)
+    assert refused.status_code == 403 and refused.json()["scope"] == "enforce"
+    usage = await api.get(
+        f"/v1/customers/{account.customer}/usage", params={"meter": "api_calls"}, headers=reader
+    )
+    assert usage.status_code == 200
+    listed = await api.get("/v1/keys", headers=account.auth)
+    assert [k["last4"] for k in listed.json()["keys"]] == [
+        account.key[-4:],
+        issued.json()["key"][-4:],
+    ]
+    assert "key" not in listed.json()["keys"][0]  # secrets are shown once only
+
+
+async def test_tenant_isolation(api: httpx.AsyncClient, pool: AsyncConnectionPool) -> None:
+    a, b = await sign_up(api, "pro"), await sign_up(api, "pro")
+    other = await enforce(api, a, customer=b.customer)
+    assert other.status_code == 403
+    usage = await api.get(
+        f"/v1/customers/{b.customer}/usage", params={"meter": "api_calls"}, headers=a.auth
+    )
+    assert usage.status_code == 403
+    for attempt in (
+        api.post(f"/v1/keys/{b.key_id}/rotate", json={}, headers=a.auth),
+        api.delete(f"/v1/keys/{b.key_id}", headers=a.auth),
+    ):
+        assert (await attempt).status_code == 404
+    assert (await enforce(api, b)).status_code == 200  # b's key untouched
+    assert (await api.get("/v1/admin/customers", headers=a.auth)).status_code == 401
+
+
+async def test_brute_force_is_refused_per_address(settings: Settings) -> None:
+    async with running_api(settings, ip_auth_failures_per_minute=5) as api:
+        valid = await sign_up(api, "pro")
+        bogus = "tally_live_" + "A" * 49
+        codes = [
+            (await api.post("/v1/enforce", json={}, headers={"X-API-Key": bogus})).status_code
+            for _ in range(7)
+        ]
+        assert codes == [401] * 5 + [429] * 2
+        blocked = await enforce(api, valid)  # not yet known to this server: a lookup
+        assert blocked.status_code == 429 and "Retry-After" in blocked.headers
+
+
+async def test_account_status(api: httpx.AsyncClient, pool: AsyncConnectionPool) -> None:
+    account = await sign_up(api, "pro")
+    assert (await enforce(api, account)).json()["account_status"] == "trial"
+    suspend = await api.patch(
+        f"/v1/admin/customers/{account.customer}", json={"status": "cancelled"}, headers=ADMIN
+    )
+    assert suspend.status_code == 200
+    refused = await enforce(api, account)
+    assert refused.status_code == 403 and refused.json()["account_status"] == "cancelled"
+
+
+async def test_expired_trial_moves_to_free(
+    api: httpx.AsyncClient, pool: AsyncConnectionPool
+) -> None:
+    account = await sign_up(api, "starter")
+    async with pool.connection() as conn:
+        await conn.execute(
+            "UPDATE customers SET trial_ends_at = %s WHERE id = %s",
+            (utcnow() - timedelta(seconds=1), account.customer),
+        )
+    await api.patch(f"/v1/admin/customers/{account.customer}", json={}, headers=ADMIN)
+    reply = await enforce(api, account)
+    assert reply.status_code == 200
+    assert (reply.json()["plan"], reply.json()["account_status"]) == ("free", "active")
+
+
+async def test_bad_inputs_each_name_their_field(api: httpx.AsyncClient) -> None:
+    account = await sign_up(api, "pro")
+    cases = [
+        ({"meter": "nope"}, 422, "meter"),
+        ({"quantity": "-1"}, 422, "body.quantity"),
+        ({"quantity": "0.0000001"}, 422, "body.quantity"),
+        ({"mode": "reserve"}, 422, "event"),
+        ({"mode": "sometimes"}, 422, "body.mode"),
+    ]
+    for body, status, field in cases:
+        reply = await enforce(api, account, **body)
+        assert reply.status_code == status, (body, reply.text)
+        assert reply.json()["errors"][0]["field"] == field
+    service = {"Authorization": "Bearer test-token"}
+    no_customer = await api.post("/v1/enforce", json={}, headers=service)
+    assert no_customer.json()["errors"][0]["field"] == "customer"
+    unknown = await api.post("/v1/enforce", json={"customer": "nobody-here"}, headers=service)
+    assert unknown.status_code == 404
+    for header in ({}, {"X-API-Key": "sk_live_123"}, {"X-API-Key": account.key[:-1] + "x"}):
+        reply = await api.post("/v1/enforce", json={}, headers=header)
+        assert reply.status_code == 401 and reply.headers["content-type"].startswith(
+            "application/problem+json"
+        )
+    signup = await api.post(
+        "/v1/signup", json={"email": "x@example.com", "company": "X", "plan": "gold"}
+    )
+    assert signup.status_code == 422 and signup.json()["errors"][0]["field"] == "plan"
+    bad_email = await api.post("/v1/signup", json={"email": "nope", "company": "X"})
+    assert bad_email.json()["errors"][0]["field"] == "body.email"
+
+
+async def test_batch(api: httpx.AsyncClient) -> None:
+    account = await sign_up(api, "free")
+    checks = [{}] * 11 + [{"meter": "nope"}, {"quantity": -2}]
+    reply = await api.post("/v1/enforce/batch", json={"checks": checks}, headers=account.auth)
+    statuses = [r["status"] for r in reply.json()["results"]]
+    assert statuses == [200] * 10 + [429, 422, 422]
+    assert reply.json()["results"][12]["body"]["errors"][0]["field"] == "checks[12].quantity"
+
+
+async def test_service_token_acts_for_any_customer(api: httpx.AsyncClient) -> None:
+    account = await sign_up(api, "free")
+    service = {"Authorization": "Bearer test-token"}
+    reply = await api.post("/v1/enforce", json={"customer": account.customer}, headers=service)
+    assert reply.status_code == 200 and reply.json()["customer"] == account.customer
+
+
+async def test_redis_unreachable_fail_open_and_closed(settings: Settings) -> None:
+    down = "redis://127.0.0.1:1/0"
+    async with running_api(settings) as api:
+        account = await sign_up(api, "free")
+        assert (await enforce(api, account)).status_code == 200
+    async with running_api(settings, redis_failure_mode="closed", redis_url=down) as api:
+        service = {"Authorization": "Bearer test-token"}
+        reply = await api.post("/v1/enforce", json={"customer": account.customer}, headers=service)
+        assert reply.status_code == 503 and reply.json()["type"].endswith("unavailable")
+    async with running_api(
+        settings, redis_failure_mode="open", redis_url=down, fallback_rate_per_minute=3
+    ) as api:
+        service = {"Authorization": "Bearer test-token"}
+        replies = [
+            await api.post("/v1/enforce", json={"customer": account.customer}, headers=service)
+            for _ in range(4)
+        ]
+        assert [r.status_code for r in replies] == [200, 200, 200, 429]
+        assert replies[0].json()["fallback"] is True
+        metrics = (await api.get("/metrics")).text
+        assert 'tally_enforce_fallback_total{mode="open"} 4.0' in metrics
+        assert "tally_enforce_redis_available 0.0" in metrics
+
+
+async def test_keys_work_without_redis_when_failing_open(settings: Settings) -> None:
+    async with running_api(settings) as api:
+        account = await sign_up(api, "free")
+    async with running_api(settings, redis_url="redis://127.0.0.1:1/0") as api:
+        reply = await enforce(api, account)
+        assert reply.status_code == 200 and reply.json()["fallback"] is True
+        bogus = await api.post("/v1/enforce", json={}, headers={"X-API-Key": "nope"})
+        assert bogus.status_code == 401
