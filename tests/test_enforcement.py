@@ -80,7 +80,7 @@ async def test_soft_quota_allows_overage(api: httpx.AsyncClient, redis: Redis) -
     await set_usage(redis, account.customer, 60_000)
     reply = await enforce(api, account)
     assert reply.status_code == 200
-    quota = [lim for lim in reply.json()["limits"] if lim["kind"] == "quota"][0]
+    quota = next(lim for lim in reply.json()["limits"] if lim["kind"] == "quota")
     assert quota == quota | {"limit": 50_000, "remaining": 0, "hard": False}
 
 
@@ -159,7 +159,7 @@ async def test_five_hundred_concurrent_callers_hundred_remaining(
     codes = await asyncio.gather(*(caller(i) for i in range(500)))
     assert codes.count(200) == 100 and codes.count(429) == 400
     held = await redis.hget(redis_keys.held(customer), "api_calls")
-    assert int(held) == 100 * VALUE_SCALE
+    assert int(held or 0) == 100 * VALUE_SCALE
 
 
 async def test_reservations_settle_when_their_events_are_aggregated(
@@ -184,10 +184,10 @@ async def test_reservations_settle_when_their_events_are_aggregated(
     # The pipeline counts two of them: usage 2 + held 1 = the limit, still no room.
     events = [call(customer, "api_call", f"e{i}", utcnow()) for i in range(2)]
     await aggregate(settings, ch, redis, meters, events)
-    assert int(await redis.hget(redis_keys.held(customer), "api_calls")) == VALUE_SCALE
+    assert int(await redis.hget(redis_keys.held(customer), "api_calls") or 0) == VALUE_SCALE
     reply = await api.post("/v1/enforce", json={}, headers=key)
     assert reply.status_code == 429
-    used = [lim for lim in reply.json()["limits"] if lim["kind"] == "quota"][0]
+    used = next(lim for lim in reply.json()["limits"] if lim["kind"] == "quota")
     assert used["remaining"] == 0
 
 
