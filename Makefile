@@ -5,10 +5,10 @@ BIN := $(VENV)/bin
 
 .PHONY: setup up demo test lint bench schemas compose-config clean
 
-$(BIN)/tally: pyproject.toml
+$(BIN)/tally: pyproject.toml sdk/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev]' -e ./sdk
 	touch $@
 
 setup: $(BIN)/tally
@@ -27,8 +27,9 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy .
 
-bench: setup  ## end-to-end ingest benchmark (prints events/s and latencies)
+bench: setup  ## the ingest pipeline and enforcement benchmarks (print rates and latencies)
 	$(BIN)/python -m bench.pipeline
+	$(BIN)/python -m bench.enforce
 
 schemas: setup  ## regenerate the JSON Schema files from the pydantic models
 	$(BIN)/python -m schemas.jsonschema

@@ -188,17 +188,9 @@ def _add_openapi_schemas(app: FastAPI, schemas: dict[str, Any]) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-Starter = Callable[["Runtime"], Awaitable[Component]]
-"""A service's ``start``: what it contributes to a process, once it is running."""
-
-
-async def serve(runtime: Runtime, starters: list[Starter]) -> None:
-    """Start the services, serve HTTP until interrupted; the caller's ``async with
-    runtime`` then stops everything in reverse order, flushing on the way."""
-    settings = runtime.settings
-    components = [await start(runtime) for start in starters]
-    app = http_app(components)
-    config = uvicorn.Config(
+def server_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
+    """How every Tally process serves HTTP (benchmarks use it for their baselines too)."""
+    return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -208,6 +200,18 @@ async def serve(runtime: Runtime, starters: list[Starter]) -> None:
         proxy_headers=True,
         forwarded_allow_ips=settings.trusted_proxies,
     )
+
+
+Starter = Callable[["Runtime"], Awaitable[Component]]
+"""A service's ``start``: what it contributes to a process, once it is running."""
+
+
+async def serve(runtime: Runtime, starters: list[Starter]) -> None:
+    """Start the services, serve HTTP until interrupted; the caller's ``async with
+    runtime`` then stops everything in reverse order, flushing on the way."""
+    settings = runtime.settings
+    components = [await start(runtime) for start in starters]
+    config = server_config(http_app(components), settings)
     log.info("serving", services=[c.name for c in components], port=config.port)
     await _Server(config).serve()
     log.info("stopping: flushing and closing")

@@ -310,7 +310,8 @@ async def test_bad_inputs_each_name_their_field(api: httpx.AsyncClient) -> None:
     assert no_customer.json()["errors"][0]["field"] == "customer"
     unknown = await api.post("/v1/enforce", json={"customer": "nobody-here"}, headers=service)
     assert unknown.status_code == 404
-    for header in ({}, {"X-API-Key": "sk_live_123"}, {"X-API-Key": account.key[:-1] + "x"}):
+    typo = account.key[:-1] + ("x" if account.key[-1] != "x" else "y")
+    for header in ({}, {"X-API-Key": "sk_live_123"}, {"X-API-Key": typo}):
         reply = await api.post("/v1/enforce", json={}, headers=header)
         assert reply.status_code == 401 and reply.headers["content-type"].startswith(
             "application/problem+json"

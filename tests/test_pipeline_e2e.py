@@ -44,7 +44,7 @@ def test_ten_thousand_events_add_up_everywhere(
         work = generate(tenant, customers=50, events=10_000, now=utcnow())
         _send(up.url, work, settings.service_tokens[0])
         wait_for(lambda: _redis_days(settings, work) == work.daily, 120, "Redis", up.tail)
-        _check_api(up.url, work)
+        _check_api(up.url, work, settings.service_tokens[0])
         for table, want in (("usage_daily", work.daily), ("usage_monthly", work.monthly)):
             _wait_for_rollup(settings, table, tenant, want)
     finally:
@@ -82,12 +82,13 @@ def _redis_days(settings: Settings, work: Workload) -> dict[Key, Decimal]:
     return found
 
 
-def _check_api(url: str, work: Workload) -> None:
+def _check_api(url: str, work: Workload, token: str) -> None:
     today = utcnow().date()
     start = datetime.combine(today - timedelta(days=2), time(), UTC)
     end = datetime.combine(today + timedelta(days=1), time(), UTC)
     customers = sorted({k[0] for k in work.daily})
-    with httpx.Client(base_url=url, timeout=30) as client:
+    auth = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=url, timeout=30, headers=auth) as client:
         for customer in customers[:10]:
             for meter in METERS:
                 params = {

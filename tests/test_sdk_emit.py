@@ -19,6 +19,7 @@ from services.common.settings import Settings
 from tests.conftest import env_for
 from tests.support import TallyProcess
 
+pytestmark = pytest.mark.slow
 FAST = Backoff(initial=0.05, maximum=0.5)
 
 

@@ -51,6 +51,7 @@ def test_ingest_aggregator_and_api_as_separate_processes(
             usage = httpx.get(
                 f"{api.url}/v1/customers/{customer}/usage",
                 params={"meter": "api_calls", "window": "hour"},
+                headers={"Authorization": f"Bearer {settings.service_tokens[0]}"},
             ).json()
             return sum(Decimal(p["value"]) for p in usage["data"]) == 1
 

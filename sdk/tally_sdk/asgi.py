@@ -29,10 +29,15 @@ def encoded(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
 
 
 async def send_problem(
-    send: Send, status: int, problem: Mapping[str, Any], headers: Mapping[str, str]
+    scope: Scope, send: Send, status: int, problem: Mapping[str, Any], headers: Mapping[str, str]
 ) -> None:
-    """A complete ``application/problem+json`` response."""
-    body = json.dumps(problem, separators=(",", ":")).encode()
+    """A complete ``application/problem+json`` response about this request.
+
+    ``instance`` is set to the request's path: a problem relayed from Tally names
+    Tally's own ``/v1/enforce``, which means nothing to the caller.
+    """
+    occurrence = {**problem, "status": status, "instance": scope["path"]}
+    body = json.dumps(occurrence, separators=(",", ":")).encode()
     start = [
         (b"content-type", PROBLEM_JSON.encode()),
         (b"content-length", str(len(body)).encode()),

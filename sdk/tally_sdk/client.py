@@ -9,7 +9,6 @@ policy (see ``TallyMiddleware``'s ``fail_open``), not the SDK's.
 
 from __future__ import annotations
 
-import asyncio
 import socket
 from collections.abc import Mapping
 from datetime import datetime
@@ -95,7 +94,9 @@ class Tally:
         """Buffer one usage event and return its id; sending happens in the background.
 
         ``subject`` is the customer; ``time`` defaults to now.  Raises ``BufferFull``
-        when the buffer is full (with the default ``overflow="raise"``).
+        when the buffer is full (with the default ``overflow="raise"``).  Call it from
+        the event loop's thread: the buffer is not locked, because the loop serialises
+        access for free.
         """
         event = usage_event(type, subject, value, time=time, id=id, dimensions=dimensions)
         return self.emit_event(event)
@@ -107,9 +108,13 @@ class Tally:
         self._emitter.put(full)
         return str(full["id"])
 
-    async def flush(self, timeout: float | None = None) -> None:
-        """Wait until everything emitted so far is delivered or reported undelivered."""
-        await asyncio.wait_for(self._emitter.flush(), timeout)
+    async def flush(self) -> None:
+        """Wait until everything emitted so far is delivered or reported undelivered.
+
+        While Tally is unreachable this waits for it; bound the wait with
+        ``asyncio.timeout`` when that matters (``aclose`` does, with ``close_timeout``).
+        """
+        await self._emitter.flush()
 
     async def aclose(self) -> None:
         """Flush (for up to ``close_timeout`` seconds) and release the connection pool."""
@@ -139,10 +144,17 @@ class Tally:
         meter: str = "api_calls",
         endpoint: str | None = None,
         quantity: Decimal | int | str = 1,
+        client_ip: str | None = None,
     ) -> Decision:
-        """May the customer use ``quantity`` of ``meter`` now?  Nothing is counted."""
+        """May the customer use ``quantity`` of ``meter`` now?  Nothing is counted.
+
+        ``client_ip`` is the end caller's address, when enforcing on their behalf: Tally
+        limits requests and failed key lookups per address, and without it every caller
+        of this service would share the service's own address (Tally must list this
+        host among its trusted proxies for the address to count).
+        """
         body = _enforce_body("check", customer, meter, endpoint, quantity)
-        return await self._enforce(body, key)
+        return await self._enforce(body, key, client_ip)
 
     async def reserve(
         self,
@@ -153,6 +165,7 @@ class Tally:
         meter: str = "api_calls",
         endpoint: str | None = None,
         quantity: Decimal | int | str = 1,
+        client_ip: str | None = None,
     ) -> Decision:
         """Like ``check``, but an allowed request is counted at once, so concurrent
         requests cannot all squeeze through the last unit of a limit.  The usage event
@@ -160,14 +173,18 @@ class Tally:
         reservation; without it the reservation expires."""
         body = _enforce_body("reserve", customer, meter, endpoint, quantity)
         body["event"] = {"source": self.source, "id": event_id}
-        return await self._enforce(body, key)
+        return await self._enforce(body, key, client_ip)
 
-    async def _enforce(self, body: dict[str, Any], key: str | None) -> Decision:
+    async def _enforce(
+        self, body: dict[str, Any], key: str | None, client_ip: str | None
+    ) -> Decision:
         """One call to ``/v1/enforce``: a customer's key authenticates as that customer,
         else the service token acts for ``body["customer"]``."""
         if key is None and "customer" not in body:
             raise ValueError("pass the caller's API key (key=) or a customer id (customer=)")
         headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
+        if client_ip is not None:
+            headers["X-Forwarded-For"] = client_ip
         try:
             response = await self._http.post(
                 "/v1/enforce", json=body, headers=headers, timeout=self.enforce_timeout

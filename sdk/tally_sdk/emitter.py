@@ -74,13 +74,13 @@ class Emitter:
         finally:
             self._flushes -= 1
 
-    async def aclose(self, timeout: float) -> None:
-        """Flush for up to ``timeout`` seconds, then report whatever is left as abandoned."""
+    async def aclose(self, grace: float) -> None:
+        """Flush for up to ``grace`` seconds, then report whatever is left as abandoned."""
         if self._closed:
             return
         self._closed = True
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.flush(), timeout)
+            await asyncio.wait_for(self.flush(), grace)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

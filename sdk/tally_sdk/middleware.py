@@ -92,34 +92,40 @@ class TallyMiddleware:
             return
         key = api_key(scope)
         if key is None:
-            await send_problem(send, 401, MISSING_KEY, CHALLENGE)
+            await send_problem(scope, send, 401, MISSING_KEY, CHALLENGE)
             return
         endpoint, event_id = self.endpoint(scope), new_id()
         try:
-            decision = await self._decide(key, endpoint, event_id)
+            decision = await self._decide(scope, key, endpoint, event_id)
         except AuthenticationError as exc:
-            await send_problem(send, 401, exc.problem or MISSING_KEY, CHALLENGE)
+            await send_problem(scope, send, 401, exc.problem or MISSING_KEY, CHALLENGE)
             return
         except TallyError as exc:
             await self._undecided(exc, scope, receive, send)
             return
         if not decision.allowed:
-            await send_problem(send, decision.status, decision.problem or {}, decision.headers)
+            await send_problem(
+                scope, send, decision.status, decision.problem or {}, decision.headers
+            )
             return
         await self._serve(scope, receive, send, decision, endpoint, event_id)
 
     def _excluded(self, path: str) -> bool:
         return any(path == p or path.startswith(p + "/") for p in self.exclude)
 
-    async def _decide(self, key: str, endpoint: str, event_id: str) -> Decision:
+    async def _decide(self, scope: Scope, key: str, endpoint: str, event_id: str) -> Decision:
+        client = scope.get("client")
+        ip = str(client[0]) if client else None
         if self.mode == "reserve":
-            return await self.tally.reserve(event_id, key=key, meter=self.meter, endpoint=endpoint)
-        return await self.tally.check(key=key, meter=self.meter, endpoint=endpoint)
+            return await self.tally.reserve(
+                event_id, key=key, meter=self.meter, endpoint=endpoint, client_ip=ip
+            )
+        return await self.tally.check(key=key, meter=self.meter, endpoint=endpoint, client_ip=ip)
 
     async def _undecided(self, exc: TallyError, scope: Scope, receive: Receive, send: Send) -> None:
         if not self.fail_open:
             log.error("tally: refusing %s, limits could not be checked: %s", scope["path"], exc)
-            await send_problem(send, 503, UNAVAILABLE, {"Retry-After": "1"})
+            await send_problem(scope, send, 503, UNAVAILABLE, {"Retry-After": "1"})
             return
         log.warning(
             "tally: serving %s unmetered, limits could not be checked: %s", scope["path"], exc

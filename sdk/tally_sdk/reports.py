@@ -53,12 +53,12 @@ class EmitStats:
 
     emitted: int = 0
     accepted: int = 0
-    duplicates: int = 0
+    duplicates: int = 0  # repeated within one request: the first copy counts
     rejected: int = 0
     refused: int = 0
     dropped: int = 0
     abandoned: int = 0
-    requests: int = 0
+    requests: int = 0  # POSTs attempted, answered or not
     retries: int = 0
 
     @property

@@ -1,0 +1,1 @@
+"""Geocoder: an internal API sold to others, metered and limited by Tally."""
