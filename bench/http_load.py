@@ -36,7 +36,7 @@ class Result:
             "per_second": round(self.per_second),
             "p50_ms": round(statistics.median(self.latencies) * 1000, 2),
             "p99_ms": round(self.percentile(0.99), 2),
-            "statuses": dict(sorted(self.statuses.items())),
+            "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
         }
 
 

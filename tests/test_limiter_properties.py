@@ -14,10 +14,10 @@ from fractions import Fraction
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from redis.asyncio import Redis
 
 from schemas.plans import Algorithm, Per, RateLimit
 from services.api.limiter import Limiter, Mode, compile_inline
+from services.api.pipelined import Pipelined
 from tests.conftest import REDIS_URL
 
 START_MS = 1_790_000_000_000
@@ -88,9 +88,9 @@ steps = st.lists(st.tuples(pauses, st.integers(1, 3)), min_size=1, max_size=40)
 
 
 async def _replay(policy: RateLimit, calls: list[tuple[int, int]]) -> None:
-    redis = Redis.from_url(REDIS_URL)
+    connection = Pipelined(REDIS_URL, 5.0)
     try:
-        limiter = Limiter(redis, 1000)
+        limiter = Limiter(connection, 1000)
         address = f"prop-{uuid.uuid4().hex}"
         now = START_MS + int(uuid.uuid4().int % 60_000)
         reference = model(policy, now)
@@ -104,7 +104,7 @@ async def _replay(policy: RateLimit, calls: list[tuple[int, int]]) -> None:
                 retry = outcome.violated.retry_ms if outcome.violated else 0
                 assert reference.admit(now + retry, cost, commit=False), (policy, retry)
     finally:
-        await redis.aclose()
+        await connection.aclose()
 
 
 @settings(max_examples=150, deadline=None)

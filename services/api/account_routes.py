@@ -140,7 +140,7 @@ def router(service: Accounts) -> APIRouter:
 
     @api.post("/v1/signup", status_code=201, summary="Create a customer and its first API key")
     async def signup(body: SignUp, request: Request) -> JSONResponse:
-        await auth.limit_address(address(request))
+        auth.limit_address(address(request))
         plan = await service.plan(body.plan)
         if not plan.public:
             raise invalid("plan", f"plan {plan.id!r} is not offered at sign-up")

@@ -13,6 +13,7 @@ import contextlib
 import hmac
 from collections import OrderedDict
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -25,7 +26,16 @@ from schemas.events import utcnow
 from schemas.plans import Per, RateLimit
 from services.api import accounts, keys, projection
 from services.api.keys import MalformedKey, Scope
-from services.api.limiter import UNREACHABLE, Limiter, Mode, Outcome, compile_inline
+from services.api.limiter import (
+    UNREACHABLE,
+    Code,
+    Limit,
+    Limiter,
+    Mode,
+    Outcome,
+    compile_inline,
+)
+from services.api.local import Buckets
 from services.api.refusals import refused, unauthorized
 from services.common.problems import Problem
 from services.common.settings import Settings
@@ -95,27 +105,30 @@ class Authenticator:
                 ),
             )
         )
-        per_second = settings.ip_limit_per_second
-        self._per_address = (
-            compile_inline(
-                (
-                    RateLimit(
-                        name="per-address", limit=per_second, per=Per.SECOND, burst=2 * per_second
-                    ),
-                )
-            )
-            if per_second
-            else None
-        )
+        self._per_address = settings.ip_limit_per_second
+        self._addresses = Buckets()
 
-    async def limit_address(self, client: str) -> None:
-        """The layer before authentication: requests per client address.  Without Redis
-        it is skipped: the per-customer layer (or its fallback) still holds."""
-        if self._per_address is not None:
-            with contextlib.suppress(*UNREACHABLE):
-                _raise_if_refused(
-                    await self._limiter.limit_address(client, self._per_address, Mode.CHECK)
-                )
+    def limit_address(self, client: str) -> None:
+        """The layer before authentication: requests per client address, counted by
+        this process alone (as Envoy's local rate limit does) — a Redis round trip per
+        request would cost more than this coarse guard is worth."""
+        rate = self._per_address
+        if not rate:
+            return
+        wait, bucket = self._addresses.take(client, 2 * rate, rate)
+        if wait:
+            limit = Limit(
+                policy="per-address",
+                kind="rate",
+                limit=Decimal(rate),
+                remaining=Decimal(0),
+                reset_ms=int((2 * rate - bucket.tokens) / rate * 1000),
+                retry_ms=int(wait * 1000) + 1,
+                window_ms=1000,
+                algorithm="token_bucket",
+            )
+            outcome = Outcome(Code.REFUSED, limits=(limit,), violated=limit)
+            raise refused(outcome, "too many requests from this address")
 
     async def caller(self, token: str | None, client: str) -> Caller:
         if not token:

@@ -38,7 +38,7 @@ def router(auth: Authenticator, enforcer: Enforcer) -> APIRouter:
     )
     async def enforce(body: EnforceRequest, request: Request) -> Response:
         client = address(request)
-        await auth.limit_address(client)
+        auth.limit_address(client)
         caller = await auth.caller(credential(request), client)
         return _response(await enforcer.enforce(caller, body))
 
@@ -49,7 +49,7 @@ def router(auth: Authenticator, enforcer: Enforcer) -> APIRouter:
     )
     async def enforce_batch(body: BatchRequest, request: Request) -> dict[str, Any]:
         client = address(request)
-        await auth.limit_address(client)
+        auth.limit_address(client)
         caller = await auth.caller(credential(request), client)
         results = []
         for index, item in enumerate(body.checks):

@@ -8,35 +8,18 @@ failing open means admitting.  Decisions made here show in ``/metrics``.
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from decimal import Decimal
 
 from services.api.limiter import Code, Limit, Outcome
-
-
-@dataclass(slots=True)
-class _Bucket:
-    capacity: float
-    per_second: float
-    tokens: float
-    at: float
-
-    def take(self, now: float) -> tuple[bool, float]:
-        self.tokens = min(self.capacity, self.tokens + (now - self.at) * self.per_second)
-        self.at = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return True, 0.0
-        return False, (1 - self.tokens) / self.per_second
+from services.api.local import Buckets
 
 
 class Fallback:
     def __init__(self, default_per_minute: int, remembered: int = 10_000) -> None:
         self._default = (("fallback", default_per_minute, 60_000),)
         self._rates: OrderedDict[str, tuple[tuple[str, int, int], ...]] = OrderedDict()
-        self._buckets: dict[tuple[str, str], _Bucket] = {}
+        self._buckets = Buckets(remembered)
         self._size = remembered
 
     def remember(self, customer: str, outcome: Outcome) -> None:
@@ -49,18 +32,13 @@ class Fallback:
             self._rates[customer] = rates
             self._rates.move_to_end(customer)
             if len(self._rates) > self._size:
-                gone, _ = self._rates.popitem(last=False)
-                self._buckets = {k: v for k, v in self._buckets.items() if k[0] != gone}
+                self._rates.popitem(last=False)
 
     def decide(self, customer: str) -> Outcome:
-        now = time.monotonic()
         limits, violated = [], None
         for policy, limit, window_ms in self._rates.get(customer, self._default):
             per_second = limit * 1000 / window_ms
-            bucket = self._buckets.setdefault(
-                (customer, policy), _Bucket(limit, per_second, limit, now)
-            )
-            ok, wait = bucket.take(now)
+            wait, bucket = self._buckets.take(f"{customer}\x00{policy}", limit, per_second)
             found = Limit(
                 policy=policy,
                 kind="rate",
@@ -72,7 +50,7 @@ class Fallback:
                 algorithm="token_bucket",
             )
             limits.append(found)
-            if not ok and violated is None:
+            if wait and violated is None:
                 violated = found
         code = Code.OK if violated is None else Code.REFUSED
         return Outcome(code=code, limits=tuple(limits), violated=violated)

@@ -7,24 +7,28 @@ admissions) and fast (one round trip).  This module only prepares the call.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
 from importlib import resources
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from schemas import redis_keys
 from schemas.events import VALUE_SCALE
 from schemas.plans import Enforcement, Plan, RateLimit
-from schemas.windows import Window, bucket_id, bucket_start, next_bucket
+from schemas.windows import Window, bucket_id, next_bucket
+from services.api.pipelined import Arg, Pipelined, pack
 
 SCRIPT = resources.files("services.api").joinpath("enforce.lua").read_text()
+SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
 UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 """What a Redis that cannot answer raises."""
 
@@ -102,6 +106,18 @@ class Ask:
     scope: str = "enforce"
 
 
+@functools.lru_cache(maxsize=16)
+def _period(year: int, month: int) -> tuple[str, int, int]:
+    """The quota period (a UTC calendar month): its bucket id, start and end in ms."""
+    start = datetime(year, month, 1, tzinfo=UTC)
+    end = next_bucket(Window.MONTH, start)
+    return bucket_id(Window.MONTH, start), _ms(start), _ms(end)
+
+
+def _ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
 def _seconds(ms: int) -> int:
     return -(-ms // 1000)
 
@@ -148,16 +164,25 @@ def compile_inline(rates: tuple[RateLimit, ...], costs: dict[str, int] | None = 
 
 
 class Limiter:
-    def __init__(self, redis: Redis, reservation_ttl_ms: int) -> None:
-        self._script = redis.register_script(SCRIPT)
+    def __init__(self, connection: Pipelined, reservation_ttl_ms: int) -> None:
+        self._connection = connection
         self._ttl = reservation_ttl_ms
+
+    async def _script(self, keys: list[str], args: list[Arg]) -> Any:
+        packed = pack(b"EVALSHA", SHA, len(keys), *keys, *args)
+        try:
+            return await self._connection.execute(packed)
+        except ResponseError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        await self._connection.execute(pack(b"SCRIPT", b"LOAD", SCRIPT))
+        return await self._connection.execute(packed)
 
     async def decide(
         self, customer: str, ask: Ask, now: datetime, clock_us: int | None = None
     ) -> Outcome:
         """``now`` picks the quota period; ``clock_us`` overrides Redis's clock (tests)."""
-        start = bucket_start(Window.MONTH, now)
-        end = next_bucket(Window.MONTH, start)
+        month, start_ms, end_ms = _period(now.year, now.month)
         keys = [
             redis_keys.account(customer),
             redis_keys.api_keys(customer),
@@ -165,9 +190,9 @@ class Limiter:
             redis_keys.reservations(customer),
             redis_keys.reservation_expiries(customer),
             redis_keys.held(customer),
-            redis_keys.counters(customer, ask.meter, Window.MONTH, bucket_id(Window.MONTH, now)),
+            redis_keys.counters(customer, ask.meter, Window.MONTH, month),
         ]
-        args: list[str | bytes | int] = [
+        args: list[Arg] = [
             ask.key_id,
             ask.scope,
             "" if clock_us is None else clock_us,
@@ -177,10 +202,10 @@ class Limiter:
             ask.digest,
             self._ttl,
             ask.meter,
-            int(start.timestamp() * 1000),
-            int(end.timestamp() * 1000),
+            start_ms,
+            end_ms,
         ]
-        return parse(await self._script(keys=keys, args=args))
+        return parse(await self._script(keys, args))
 
     async def limit_address(
         self,
@@ -193,8 +218,8 @@ class Limiter:
         """Limits on a client address, before anyone is authenticated."""
         key = redis_keys.client_ip(address)
         clock = "" if clock_us is None else clock_us
-        args = ["", "", clock, endpoint, 0, mode.value, "", 0, "", 0, 0]
-        return parse(await self._script(keys=[key] * 7, args=[*args, policies]))
+        args: list[Arg] = ["", "", clock, endpoint, 0, mode.value, "", 0, "", 0, 0, policies]
+        return parse(await self._script([key] * 7, args))
 
 
 def parse(raw: bytes) -> Outcome:

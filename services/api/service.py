@@ -9,13 +9,14 @@ from services.api.account_routes import Accounts
 from services.api.auth import Authenticator
 from services.api.enforcement import Enforcer
 from services.api.limiter import Limiter
+from services.api.pipelined import Pipelined
 from services.common.settings import Settings
 from services.runtime import Component, Runtime
 
 
 def limits_store(settings: Settings) -> Redis:
-    """Redis for the hot path, with short timeouts: a decision that waits on a sick
-    Redis is worse than one taken by the configured failure mode."""
+    """Redis for what surrounds decisions (key lookups, projections), with short
+    timeouts: waiting on a sick Redis is worse than the configured failure mode."""
     pool = BlockingConnectionPool.from_url(
         settings.redis_url,
         max_connections=settings.enforce_redis_connections,
@@ -31,7 +32,9 @@ async def start(runtime: Runtime) -> Component:
     settings, pool = runtime.settings, await runtime.pool()
     redis = limits_store(settings)
     runtime.stack.push_async_callback(redis.connection_pool.disconnect)
-    limiter = Limiter(redis, settings.reservation_ttl_seconds * 1000)
+    decisions = Pipelined(settings.redis_url, settings.enforce_redis_timeout)
+    runtime.stack.push_async_callback(decisions.aclose)
+    limiter = Limiter(decisions, settings.reservation_ttl_seconds * 1000)
     auth = Authenticator(settings, redis, pool, limiter)
     enforcer = Enforcer(settings, redis, pool, limiter)
     accounts = Accounts(settings, redis, pool, auth)
