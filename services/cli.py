@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from datetime import date
 from typing import Annotated
 
@@ -10,7 +9,7 @@ import typer
 
 from services.common.logging import configure
 from services.common.settings import Settings, get_settings
-from services.runtime import Runtime, Starter, serve
+from services.runtime import Runtime, Starter, run, serve
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
 billing_app = typer.Typer(help="Rollups of raw events into usage_daily (and, later, invoices).")
@@ -44,7 +43,7 @@ def _run(starters: list[Starter], port: int | None, prepare: bool = False) -> No
                 await runtime.prepare()
             await serve(runtime, starters)
 
-    asyncio.run(main())
+    run(main())
 
 
 @app.command()
@@ -112,7 +111,7 @@ def billing_rollup(
                 f" (events stored up to {report.watermark.isoformat()})"
             )
 
-    asyncio.run(main())
+    run(main())
 
 
 @app.command()
@@ -131,7 +130,7 @@ def migrate() -> None:
         async with Runtime(_settings()) as runtime:
             await runtime.prepare()
 
-    asyncio.run(main())
+    run(main())
     typer.echo("schema and catalog are up to date")
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
+import uvloop
 from aiokafka import AIOKafkaProducer
 from fastapi import APIRouter, FastAPI
 from psycopg_pool import AsyncConnectionPool
@@ -186,6 +187,12 @@ def _add_openapi_schemas(app: FastAPI, schemas: dict[str, Any]) -> None:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def run(main: Coroutine[Any, Any, None]) -> None:
+    """Run a process's main coroutine on uvloop: its transports cost a fraction of
+    asyncio's per request, which is most of what a one-millisecond decision spends."""
+    uvloop.run(main)
 
 
 def server_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
