@@ -5,15 +5,16 @@ endpoint that validates the same body and decides nothing).  Signs up customers 
 plan with generous limits (so every decision runs the whole script and is allowed),
 then from this process:
 
-1. flat out (closed loop, ``--connections`` keep-alive connections): bare, then
-   ``/v1/enforce`` in check mode, then in reserve mode — decisions/s and the ratio;
+1. flat out (closed loop, ``--connections`` keep-alive connections), ``--rounds``
+   times: bare, ``/v1/enforce`` in check mode, in reserve mode — decisions/s and the
+   ratio to bare within each round;
 2. a fixed offered rate (``--rate``, open loop): p50/p99 latency, bare and enforce;
 3. through the SDK (``tally_sdk.Tally.check``, httpx underneath): decisions/s.
 
 Each request carries a customer's API key and an end user's address in
 X-Forwarded-For, as the middleware sends them, so the per-address layer runs too.
 
-    python -m bench.enforce --seconds 10 --rate 2000 --customers 200
+    python -m bench.enforce --seconds 10 --rounds 3 --rate 2000 --customers 200
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -97,33 +99,44 @@ async def measure(
     args: argparse.Namespace, api_port: int, bare_port: int, api_url: str
 ) -> dict[str, Any]:
     accounts = sign_up(api_url, args.customers)
-    total = int(args.seconds * 12_000)
+    total = int(args.seconds * 6_000 * args.rounds)
     check = requests_for(api_port, accounts, "check", 5_000)
     reserve = requests_for(api_port, accounts, "reserve", total)
     bare = requests_for(bare_port, accounts, "check", 5_000)
     host, conns = "127.0.0.1", args.connections
     await closed_loop(host, bare_port, bare, conns, 2)  # warm up both servers
     await closed_loop(host, api_port, check, conns, 2)
-    flat = {
-        "bare": await closed_loop(host, bare_port, bare, conns, args.seconds),
-        "enforce_check": await closed_loop(host, api_port, check, conns, args.seconds),
-        "enforce_reserve": await closed_loop(host, api_port, reserve, conns, args.seconds),
-    }
+    # This VM's speed drifts by tens of percent over a minute: interleave the three
+    # kinds round by round, compare within rounds, report medians.
+    rounds: list[dict[str, Result]] = []
+    for _ in range(args.rounds):
+        rounds.append(
+            {
+                "bare": await closed_loop(host, bare_port, bare, conns, args.seconds),
+                "enforce_check": await closed_loop(host, api_port, check, conns, args.seconds),
+                "enforce_reserve": await closed_loop(host, api_port, reserve, conns, args.seconds),
+            }
+        )
     fixed = {
         "bare": await open_loop(host, bare_port, bare, args.rate, args.seconds, 64),
         "enforce_check": await open_loop(host, api_port, check, args.rate, args.seconds, 64),
     }
     sdk = await through_sdk(api_url, accounts, args.seconds)
+
+    def ratios(kind: str) -> list[float]:
+        return [round(r[kind].per_second / r["bare"].per_second, 3) for r in rounds]
+
     return {
         "customers": args.customers,
         "connections": conns,
-        "flat_out": {name: r.summary() for name, r in flat.items()},
-        "check_vs_bare_throughput": round(
-            flat["enforce_check"].per_second / flat["bare"].per_second, 3
-        ),
-        "reserve_vs_bare_throughput": round(
-            flat["enforce_reserve"].per_second / flat["bare"].per_second, 3
-        ),
+        "flat_out_rounds": [{k: round(v.per_second) for k, v in r.items()} for r in rounds],
+        "flat_out_median_per_s": {
+            kind: round(statistics.median(r[kind].per_second for r in rounds)) for kind in rounds[0]
+        },
+        "check_vs_bare_per_round": ratios("enforce_check"),
+        "check_vs_bare_median": statistics.median(ratios("enforce_check")),
+        "reserve_vs_bare_median": statistics.median(ratios("enforce_reserve")),
+        "flat_out_enforce_check_latency": rounds[-1]["enforce_check"].summary(),
         f"offered_{args.rate}_per_s": {name: r.summary() for name, r in fixed.items()},
         "sdk_check_16_concurrent": sdk.summary(),
     }
@@ -148,6 +161,7 @@ def start_bare(port: int, log: Path) -> subprocess.Popen[bytes]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved flat-out rounds")
     parser.add_argument("--rate", type=int, default=2000, help="offered decisions/s (open loop)")
     parser.add_argument("--customers", type=int, default=200)
     parser.add_argument("--connections", type=int, default=16)

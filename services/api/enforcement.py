@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from decimal import Decimal
-from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from psycopg_pool import AsyncConnectionPool
@@ -76,10 +75,8 @@ class BatchRequest(BaseModel):
     checks: Annotated[list[dict[str, Any]], Field(min_length=1, max_length=MAX_BATCH)]
 
 
-class Verdict(StrEnum):
-    ALLOWED = "allowed"
-    REFUSED = "refused"
-    FALLBACK = "fallback"
+_ALLOWED = metrics.ENFORCE_DECISIONS.labels("allowed")
+_REFUSED = metrics.ENFORCE_DECISIONS.labels("refused")
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +175,7 @@ class Enforcer:
     def _answer(self, customer: str, request: EnforceRequest, outcome: Outcome) -> Answer:
         code = outcome.code
         if code is Code.OK:
-            metrics.ENFORCE_DECISIONS.labels(Verdict.ALLOWED).inc()
+            _ALLOWED.inc()
             body = decision(outcome, customer)
             body["reservation"] = (
                 {
@@ -189,7 +186,7 @@ class Enforcer:
                 else None
             )
             return Answer(200, body, headers(outcome))
-        metrics.ENFORCE_DECISIONS.labels(Verdict.REFUSED).inc()
+        _REFUSED.inc()
         if code is Code.REFUSED:
             assert outcome.violated is not None
             what = "quota" if outcome.violated.kind == "quota" else "rate limit"

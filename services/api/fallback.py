@@ -18,25 +18,27 @@ from services.api.local import Buckets
 class Fallback:
     def __init__(self, default_per_minute: int, remembered: int = 10_000) -> None:
         self._default = (("fallback", default_per_minute, 60_000),)
-        self._rates: OrderedDict[str, tuple[tuple[str, int, int], ...]] = OrderedDict()
+        self._seen: OrderedDict[str, tuple[Limit, ...]] = OrderedDict()
         self._buckets = Buckets(remembered)
         self._size = remembered
 
     def remember(self, customer: str, outcome: Outcome) -> None:
+        """Called on every decision: keeps a reference, works out nothing."""
+        self._seen[customer] = outcome.limits
+        self._seen.move_to_end(customer)
+        if len(self._seen) > self._size:
+            self._seen.popitem(last=False)
+
+    def _rates(self, customer: str) -> tuple[tuple[str, int, int], ...]:
+        seen = self._seen.get(customer, ())
         rates = tuple(
-            (lim.policy, int(lim.limit), lim.window_ms)
-            for lim in outcome.limits
-            if lim.kind == "rate"
+            (lim.policy, int(lim.limit), lim.window_ms) for lim in seen if lim.kind == "rate"
         )
-        if rates:
-            self._rates[customer] = rates
-            self._rates.move_to_end(customer)
-            if len(self._rates) > self._size:
-                self._rates.popitem(last=False)
+        return rates or self._default
 
     def decide(self, customer: str) -> Outcome:
         limits, violated = [], None
-        for policy, limit, window_ms in self._rates.get(customer, self._default):
+        for policy, limit, window_ms in self._rates(customer):
             per_second = limit * 1000 / window_ms
             wait, bucket = self._buckets.take(f"{customer}\x00{policy}", limit, per_second)
             found = Limit(
