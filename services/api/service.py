@@ -10,8 +10,11 @@ from services.api.auth import Authenticator
 from services.api.enforcement import Enforcer
 from services.api.limiter import Limiter
 from services.api.pipelined import Pipelined
-from services.common.settings import Settings
+from services.common.logging import get_logger
+from services.common.settings import DEV_ADMIN_TOKEN, DEV_PEPPER, Settings
 from services.runtime import Component, Runtime
+
+log = get_logger("tally.api")
 
 
 def limits_store(settings: Settings) -> Redis:
@@ -30,6 +33,11 @@ def limits_store(settings: Settings) -> Redis:
 
 async def start(runtime: Runtime) -> Component:
     settings, pool = runtime.settings, await runtime.pool()
+    if not settings.embedded_kafka:
+        if settings.admin_token == DEV_ADMIN_TOKEN:
+            log.warning("the development admin token is accepted: set TALLY_ADMIN_TOKEN")
+        if settings.key_pepper == DEV_PEPPER:
+            log.warning("API keys are hashed under the development pepper: set TALLY_KEY_PEPPER")
     redis = limits_store(settings)
     runtime.stack.push_async_callback(redis.connection_pool.disconnect)
     decisions = Pipelined(settings.redis_url, settings.enforce_redis_timeout)
