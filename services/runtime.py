@@ -22,6 +22,7 @@ from aiokafka import AIOKafkaProducer
 from fastapi import APIRouter, FastAPI
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
+from starlette.routing import BaseRoute
 
 from schemas.catalog import Catalog
 from services.common import broker, catalog, clickhouse, kafka, postgres, problems
@@ -42,6 +43,10 @@ class Component:
     routers: list[APIRouter] = field(default_factory=list)
     checks: dict[str, Check] = field(default_factory=dict)
     schemas: dict[str, Any] = field(default_factory=dict)  # extra OpenAPI components
+    # Plain Starlette routes for hot paths, matched before every FastAPI route, and
+    # their OpenAPI path items (FastAPI documents only its own routes).
+    fast_routes: list[BaseRoute] = field(default_factory=list)
+    paths: dict[str, Any] = field(default_factory=dict)
 
 
 class Runtime:
@@ -165,24 +170,31 @@ def http_app(components: list[Component], title: str = "Tally") -> FastAPI:
     problems.install(app)
     checks: dict[str, Check] = {}
     schemas: dict[str, Any] = {}
+    paths: dict[str, Any] = {}
+    fast: list[BaseRoute] = []
     for component in components:
         for router in component.routers:
             app.include_router(router)
         checks |= {f"{component.name}.{k}": v for k, v in component.checks.items()}
         schemas |= component.schemas
+        paths |= component.paths
+        fast += component.fast_routes
+    app.router.routes[:0] = fast
     app.include_router(health_router(checks))
-    _add_openapi_schemas(app, schemas)
+    _add_openapi_schemas(app, schemas, paths)
     return app
 
 
-def _add_openapi_schemas(app: FastAPI, schemas: dict[str, Any]) -> None:
-    """Routes that read their body themselves (ingest, for speed) still document it."""
+def _add_openapi_schemas(app: FastAPI, schemas: dict[str, Any], paths: dict[str, Any]) -> None:
+    """Routes that read their body themselves (ingest, for speed) and plain Starlette
+    routes still document themselves."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             spec = generate()
             spec.setdefault("components", {}).setdefault("schemas", {}).update(schemas)
+            spec.setdefault("paths", {}).update(paths)
             app.openapi_schema = spec
         return app.openapi_schema
 

@@ -50,9 +50,11 @@ async def start(runtime: Runtime) -> Component:
         "api",
         routers=[
             usage_routes.router(runtime.redis(), pool, auth),
-            enforce_routes.router(auth, enforcer),
             account_routes.router(accounts),
             admin_routes.router(accounts),
         ],
         checks={"redis": runtime.check_redis(), "postgres": runtime.check_postgres()},
+        schemas=enforce_routes.openapi_schemas(),
+        fast_routes=enforce_routes.routes(auth, enforcer),
+        paths=enforce_routes.openapi_paths(),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -71,16 +72,23 @@ def field_path(loc: tuple[int | str, ...]) -> str:
     return path
 
 
+def invalid_request(errors: Sequence[Mapping[str, Any]], prefix: str = "") -> Problem:
+    """422 naming each failing field of pydantic ``errors`` (``loc`` under ``prefix``)."""
+    found = [
+        {
+            "field": field_path((prefix, *e["loc"]) if prefix else tuple(e["loc"])),
+            "reason": e["msg"],
+        }
+        for e in errors
+    ]
+    fields = ", ".join(e["field"] for e in found)
+    return Problem(422, "invalid-request", "Invalid request", f"invalid: {fields}", errors=found)
+
+
 async def request_validation_handler(request: Request, exc: Exception) -> Response:
     """FastAPI's 422 for bad parameters, as problem+json naming each field."""
-    errors = [
-        {"field": field_path(tuple(e["loc"])), "reason": e["msg"]}
-        for e in getattr(exc, "errors", list)()
-    ]
-    fields = ", ".join(e["field"] for e in errors)
-    return Problem(
-        422, "invalid-request", "Invalid request", f"invalid: {fields}", errors=errors
-    ).response(instance=request.url.path)
+    problem = invalid_request(getattr(exc, "errors", list)())
+    return problem.response(instance=request.url.path)
 
 
 def install(app: FastAPI) -> None:
