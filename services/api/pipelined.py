@@ -34,6 +34,7 @@ class _Protocol(asyncio.Protocol):
     def __init__(self) -> None:
         self.reader = hiredis.Reader(replyError=ResponseError)
         self.waiting: deque[asyncio.Future[Any]] = deque()
+        self.sent_at: deque[float] = deque()
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -43,7 +44,8 @@ class _Protocol(asyncio.Protocol):
         self.reader.feed(data)
         while (reply := self.reader.gets()) is not False:
             waiter = self.waiting.popleft()
-            if waiter.done():  # timed out: its reply is read and dropped, order kept
+            self.sent_at.popleft()
+            if waiter.done():  # its caller went away: the reply is dropped, order kept
                 continue
             if isinstance(reply, ResponseError):
                 waiter.set_exception(reply)
@@ -52,6 +54,7 @@ class _Protocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self.sent_at.clear()
         while self.waiting:
             waiter = self.waiting.popleft()
             if not waiter.done():
@@ -59,31 +62,53 @@ class _Protocol(asyncio.Protocol):
 
     def send(self, packed: bytes) -> asyncio.Future[Any]:
         assert self.transport is not None
-        waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
         self.waiting.append(waiter)
+        self.sent_at.append(loop.time())
         self.transport.write(packed)
         return waiter
 
+    def stalled(self, timeout: float) -> bool:
+        """Replies come in order, so the oldest one waiting tells if Redis is late."""
+        return bool(self.sent_at) and asyncio.get_running_loop().time() - self.sent_at[0] > timeout
+
 
 class Pipelined:
-    """One connection to ``url``, opened on first use and again after it is lost."""
+    """One connection to ``url``, opened on first use and again after it is lost.
+
+    Instead of a timer per command, a watchdog checks every quarter ``timeout`` that
+    the oldest command waiting is younger than ``timeout``; if not, the connection is
+    dropped and every command waiting on it fails with a ``ConnectionError``.
+    """
 
     def __init__(self, url: str, timeout: float) -> None:
         self._options = parse_url(url)
         self._timeout = timeout
         self._protocol: _Protocol | None = None
         self._opening: asyncio.Lock | None = None
+        self._watchdog: asyncio.Task[None] | None = None
 
     async def execute(self, packed: bytes) -> Any:
         """Send one packed command; its reply, or redis-py's exception for it."""
         protocol = await self._connected()
-        async with asyncio.timeout(self._timeout):
-            return await protocol.send(packed)
+        return await protocol.send(packed)
 
     async def aclose(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            await asyncio.gather(self._watchdog, return_exceptions=True)
+            self._watchdog = None
         if self._protocol is not None and self._protocol.transport is not None:
             self._protocol.transport.close()
         self._protocol = None
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self._timeout / 4)
+            protocol = self._protocol
+            if protocol and protocol.transport and protocol.stalled(self._timeout):
+                protocol.transport.abort()
 
     async def _connected(self) -> _Protocol:
         protocol = self._protocol
@@ -93,6 +118,8 @@ class Pipelined:
         async with self._opening:
             if self._protocol is None or self._protocol.transport is None:
                 self._protocol = await self._open()
+            if self._watchdog is None:
+                self._watchdog = asyncio.create_task(self._watch(), name="redis-watchdog")
             return self._protocol
 
     async def _open(self) -> _Protocol:
