@@ -38,6 +38,7 @@ class Account:
     customer: str
     key: str
     key_id: str
+    email: str = ""
 
     @property
     def auth(self) -> dict[str, str]:
@@ -51,7 +52,8 @@ async def sign_up(client: httpx.AsyncClient, plan: str = "free") -> Account:
     )
     assert reply.status_code == 201, reply.text
     body = reply.json()
-    return Account(body["customer"]["id"], body["api_key"]["key"], body["api_key"]["id"])
+    customer, key = body["customer"], body["api_key"]
+    return Account(customer["id"], key["key"], key["id"], customer["email"])
 
 
 async def put_plan(client: httpx.AsyncClient, plan: dict[str, Any]) -> None:

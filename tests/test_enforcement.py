@@ -322,6 +322,10 @@ async def test_bad_inputs_each_name_their_field(api: httpx.AsyncClient) -> None:
     assert signup.status_code == 422 and signup.json()["errors"][0]["field"] == "plan"
     bad_email = await api.post("/v1/signup", json={"email": "nope", "company": "X"})
     assert bad_email.json()["errors"][0]["field"] == "body.email"
+    taken = await api.post("/v1/signup", json={"email": account.email.upper(), "company": "Again"})
+    assert taken.status_code == 409 and taken.json()["type"].endswith("/email-taken")
+    not_json = await api.post("/v1/enforce", content=b"{", headers=account.auth)
+    assert not_json.status_code == 422 and not_json.json()["errors"][0]["field"] == "body"
 
 
 async def test_batch(api: httpx.AsyncClient) -> None:
