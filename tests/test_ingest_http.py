@@ -12,10 +12,13 @@ import httpx
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from psycopg_pool import AsyncConnectionPool
 
 from schemas import envelope, topics
 from schemas.events import utcnow
-from services.common import kafka
+from services.api import accounts
+from services.common import catalog, kafka
+from services.common.keys import Scope
 from services.common.settings import Settings
 from services.ingest.app import Ingest, router
 from services.ingest.publisher import Publisher
@@ -39,10 +42,11 @@ def event(tenant: str, **changes: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+async def client(settings: Settings, pool: AsyncConnectionPool) -> AsyncIterator[httpx.AsyncClient]:
     settings = settings.model_copy(update={"max_batch_events": 50, "max_body_bytes": 16 * 1024})
     producer = await kafka.start_producer(settings.kafka_bootstrap_servers or "")
-    app = http_app([Component("ingest", [router(Ingest(settings, Publisher(producer)))])])
+    ingest = Ingest(settings, Publisher(producer), pool)
+    app = http_app([Component("ingest", [router(ingest)])])
     headers = {"Authorization": "Bearer test-token"}
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app), base_url="http://tally", headers=headers
@@ -169,9 +173,10 @@ async def test_unknown_content_type_is_415(client: httpx.AsyncClient, tenant: st
 @pytest.mark.parametrize(
     ("authorization", "detail"),
     [
-        (None, "send an emitter token"),
-        ("Bearer wrong", "not a valid emitter token"),
-        ("Basic dGVzdA==", "send an emitter token"),
+        (None, "send a service token or API key"),
+        ("Bearer wrong", "not a valid service token"),
+        ("Basic dGVzdA==", "send a service token or API key"),
+        ("Bearer tally_live_" + "A" * 49, "checksum"),
     ],
 )
 async def test_missing_or_wrong_token_is_401(
@@ -265,3 +270,33 @@ async def test_bad_or_oversized_compressed_bodies(
         "/v1/events", content=content, headers={"Content-Type": BATCH, "Content-Encoding": encoding}
     )
     assert detail in problem(response, status)["detail"]
+
+
+async def test_a_customer_key_emits_for_its_own_customer_only(
+    client: httpx.AsyncClient, settings: Settings, pool: AsyncConnectionPool, tenant: str
+) -> None:
+    async with pool.connection() as conn:
+        plan = await catalog.read_plan(conn, "pro")
+        assert plan is not None
+        customer = await accounts.create_customer(
+            conn,
+            email=f"{tenant}@example.com",
+            company="",
+            plan=plan,
+            actor="test",
+            customer_id=f"{tenant}-acme",
+        )
+        _, key = await accounts.issue_key(conn, customer.id, settings.pepper, "test")
+        reader, read_only = await accounts.issue_key(
+            conn, customer.id, settings.pepper, "test", scopes=[Scope.USAGE_READ]
+        )
+    client.headers["Authorization"] = f"Bearer {key}"
+    mine, theirs = event(tenant), event(tenant, subject=f"{tenant}-other")
+    body = (await post(client, [mine, theirs])).json()
+    assert [r["status"] for r in body["results"]] == ["accepted", "rejected"]
+    assert body["results"][1]["errors"][0]["field"] == "subject"
+    client.headers["Authorization"] = f"Bearer {read_only}"
+    assert "ingest" in problem(await post(client, [mine]), 403)["detail"]
+    async with pool.connection() as conn:
+        await accounts.revoke_key(conn, reader, "test")
+    assert "revoked" in problem(await post(client, [mine]), 401)["detail"]

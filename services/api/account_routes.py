@@ -15,8 +15,8 @@ from schemas.plans import Plan
 from services.api import accounts, projection
 from services.api.accounts import ApiKey, Customer, EmailTaken
 from services.api.auth import Authenticator, Caller, address, credential
-from services.api.keys import ALL_SCOPES, Environment, Scope
 from services.common import catalog
+from services.common.keys import ALL_SCOPES, Environment, Scope
 from services.common.problems import Problem
 from services.common.settings import Settings
 

@@ -20,8 +20,8 @@ from pydantic import BaseModel
 
 from schemas.events import utcnow
 from schemas.plans import Plan
-from services.api import keys
-from services.api.keys import Environment, Scope
+from services.common import keys
+from services.common.keys import Environment, Scope
 
 
 class Status(StrEnum):
@@ -226,13 +226,6 @@ async def list_keys(conn: AsyncConnection, customer_id: str) -> list[ApiKey]:
     async with conn.cursor(row_factory=class_row(ApiKey)) as cur:
         await cur.execute(f"{_KEY} WHERE customer_id = %s ORDER BY created_at", (customer_id,))
         return await cur.fetchall()
-
-
-async def find_key(conn: AsyncConnection, digest: bytes) -> tuple[str, str] | None:
-    """(customer, key id) of the key with this digest, whatever its state."""
-    cur = await conn.execute("SELECT customer_id, id FROM api_keys WHERE hash = %s", (digest,))
-    row = await cur.fetchone()
-    return (row[0], row[1]) if row else None
 
 
 async def revoke_key(conn: AsyncConnection, key: ApiKey, actor: str) -> None:

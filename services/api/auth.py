@@ -24,8 +24,7 @@ from starlette.requests import Request
 from schemas import redis_keys
 from schemas.events import utcnow
 from schemas.plans import Per, RateLimit
-from services.api import accounts, keys, projection
-from services.api.keys import MalformedKey, Scope
+from services.api import projection
 from services.api.limiter import (
     UNREACHABLE,
     Code,
@@ -37,6 +36,8 @@ from services.api.limiter import (
 )
 from services.api.local import Buckets
 from services.api.refusals import refused, unauthorized
+from services.common import keys
+from services.common.keys import MalformedKey, Scope
 from services.common.problems import Problem
 from services.common.settings import Settings
 
@@ -165,13 +166,13 @@ class Authenticator:
                 customer, key_id = (raw if isinstance(raw, str) else raw.decode()).split(" ")
                 return customer, key_id
         async with self._pool.connection() as conn:
-            found = await accounts.find_key(conn, digest)
+            found = await keys.holder(conn, digest)
         if found is None:
             await self._failed(client)
             raise unauthorized("unknown API key")
         with contextlib.suppress(*UNREACHABLE):
-            await projection.remember_owner(self._redis, digest, *found)
-        return found
+            await projection.remember_owner(self._redis, digest, found.customer, found.key_id)
+        return found.customer, found.key_id
 
     async def _failed(self, client: str) -> None:
         with contextlib.suppress(*UNREACHABLE):

@@ -24,10 +24,10 @@ from schemas.events import CUSTOMER_ID_PATTERN, VALUE_STRING_PATTERN, utcnow
 from services.api import accounts, projection
 from services.api.auth import Caller, forbidden_customer, insufficient_scope
 from services.api.fallback import Fallback
-from services.api.keys import Scope
 from services.api.limiter import UNREACHABLE, Ask, Code, Limiter, Mode, Outcome
 from services.api.refusals import decision, headers, refused, unauthorized
 from services.common import catalog, metrics
+from services.common.keys import Scope
 from services.common.problems import Problem
 from services.common.settings import Settings
 

@@ -14,9 +14,9 @@ from schemas.catalog import Meter
 from schemas.events import CUSTOMER_ID_PATTERN, utcnow
 from schemas.windows import RETENTION, Window, buckets
 from services.api.auth import Authenticator, address, credential
-from services.api.keys import Scope
 from services.api.usage import MAX_BUCKETS, UsageReader
 from services.common import catalog
+from services.common.keys import Scope
 from services.common.problems import Problem
 
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)

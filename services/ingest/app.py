@@ -20,12 +20,13 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from psycopg_pool import AsyncConnectionPool
 from pydantic.json_schema import models_json_schema
 
 from schemas.events import UsageEvent, utcnow
-from services.common import metrics
+from services.common import keys, metrics
 from services.common.logging import get_logger
 from services.common.problems import Problem
 from services.common.settings import Settings
@@ -40,19 +41,41 @@ REF = "#/components/schemas/{model}"
 class Ingest:
     """What the ingest route needs, built once per process."""
 
-    def __init__(self, settings: Settings, publisher: Publisher) -> None:
+    def __init__(
+        self, settings: Settings, publisher: Publisher, pool: AsyncConnectionPool | None = None
+    ) -> None:
+        """Without ``pool`` only service tokens are accepted, not customers' API keys."""
         self.settings = settings
         self.publisher = publisher
         self.bounds = TimeBounds(settings.future_tolerance, settings.backfill_window)
         self._tokens = [t.encode() for t in settings.service_tokens]
+        self._pool = pool
 
-    def authenticate(self, authorization: str | None) -> None:
+    async def authenticate(self, authorization: str | None) -> str | None:
+        """``None`` for a service token (any subject); for a customer's API key with
+        the ``ingest`` scope, the customer its events must be about."""
         scheme, _, token = (authorization or "").partition(" ")
+        token = token.strip()
         if scheme.lower() != "bearer" or not token:
-            raise _unauthorized("send an emitter token as 'Authorization: Bearer <token>'")
-        given = token.strip().encode()
-        if not any(hmac.compare_digest(given, known) for known in self._tokens):
-            raise _unauthorized("the bearer token is not a valid emitter token")
+            raise _unauthorized("send a service token or API key as 'Authorization: Bearer …'")
+        given = token.encode()
+        if any(hmac.compare_digest(given, known) for known in self._tokens):
+            return None
+        if self._pool is None or not token.startswith("tally_"):
+            raise _unauthorized("the bearer token is not a valid service token")
+        try:
+            keys.check_format(token)
+        except keys.MalformedKey as exc:
+            raise _unauthorized(str(exc)) from None
+        async with self._pool.connection() as conn:
+            holder = await keys.holder(conn, keys.digest(self.settings.pepper, token))
+        if holder is None:
+            raise _unauthorized("unknown API key")
+        if refusal := holder.refusal(keys.Scope.INGEST, utcnow()):
+            if "scope" in refusal:
+                raise Problem(403, "insufficient-scope", "Insufficient scope", refusal)
+            raise _unauthorized(refusal)
+        return holder.customer
 
     async def read_body(self, request: Request) -> bytes:
         """The body, decompressed when sent with ``Content-Encoding: gzip``; the size limit
@@ -135,23 +158,20 @@ def _too_large(size: int, limit: int) -> Problem:
 def router(ingest: Ingest) -> APIRouter:
     api = APIRouter(tags=["ingest"])
 
-    async def authenticated(request: Request) -> None:
-        ingest.authenticate(request.headers.get("authorization"))
-
     @api.post(
         "/v1/events",
-        dependencies=[Depends(authenticated)],
         status_code=202,
         response_class=JSONResponse,
         summary="Ingest usage events (CloudEvents 1.0, one or a batch)",
         openapi_extra={"requestBody": {"required": True, "content": _body_schemas()}},
     )
     async def post_events(request: Request) -> Response:
+        subject = await ingest.authenticate(request.headers.get("authorization"))
         kind = parsing.media_type(request.headers.get("content-type"))
         body = await ingest.read_body(request)
         raw_items = parsing.items(body, kind, ingest.settings.max_batch_events)
         received_at = utcnow()
-        verdicts = parsing.judge(raw_items, ingest.bounds, received_at)
+        verdicts = parsing.judge(raw_items, ingest.bounds, received_at, subject)
         return await _publish(ingest, verdicts, received_at)
 
     return api

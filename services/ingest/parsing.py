@@ -116,12 +116,20 @@ def items(body: bytes, kind: str, max_events: int) -> list[Any]:
     return parsed
 
 
-def judge(raw_items: list[Any], bounds: TimeBounds, now: datetime) -> list[Verdict]:
-    """Validate every item; mark repeats of an earlier accepted (source, id) in the request."""
+def judge(
+    raw_items: list[Any], bounds: TimeBounds, now: datetime, subject: str | None = None
+) -> list[Verdict]:
+    """Validate every item; mark repeats of an earlier accepted (source, id) in the request.
+    With ``subject`` (a customer's own key), events about anyone else are rejected."""
     accepted: set[tuple[str, str]] = set()
     verdicts = []
     for index, raw in enumerate(raw_items):
         verdict = _judge_one(index, raw, bounds, now)
+        if subject is not None and verdict.event and verdict.event.subject != subject:
+            reason = f"this API key emits events about {subject!r} only"
+            verdict = Verdict(
+                index, Status.REJECTED, raw=raw, errors=[FieldError("subject", reason)]
+            )
         if verdict.status is Status.ACCEPTED and verdict.event is not None:
             if verdict.event.key in accepted:
                 verdict.status = Status.DUPLICATE

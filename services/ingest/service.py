@@ -21,7 +21,7 @@ async def start(runtime: Runtime) -> Component:
     settings = runtime.settings
     if not settings.embedded_kafka and DEV_TOKEN in settings.service_tokens:
         log.warning("the development ingest token is accepted: set TALLY_SERVICE_TOKENS")
-    ingest = Ingest(settings, Publisher(producer))
+    ingest = Ingest(settings, Publisher(producer), await runtime.pool())
     return Component(
         "ingest", routers=[router(ingest)], checks={"kafka": kafka}, schemas=openapi_schemas()
     )

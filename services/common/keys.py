@@ -16,7 +16,10 @@ import re
 import secrets
 import zlib
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
+
+from psycopg import AsyncConnection
 
 ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 SECRET_CHARS = 43  # 62**43 > 2**256
@@ -82,3 +85,33 @@ def check_format(key: str) -> None:
 
 def digest(pepper: bytes, key: str) -> bytes:
     return hmac.new(pepper, key.encode(), hashlib.sha256).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """Who holds a key, and what it may do, as PostgreSQL (the truth) has it now."""
+
+    customer: str
+    key_id: str
+    scopes: tuple[str, ...]
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+    def refusal(self, scope: Scope, now: datetime) -> str | None:
+        """Why this key may not be used for ``scope`` now; ``None`` if it may."""
+        if self.revoked_at is not None:
+            return "the API key was revoked"
+        if self.expires_at is not None and self.expires_at <= now:
+            return "the API key has expired"
+        if scope.value not in self.scopes:
+            return f"this API key lacks the {scope.value!r} scope"
+        return None
+
+
+async def holder(conn: AsyncConnection, key_digest: bytes) -> Holder | None:
+    cur = await conn.execute(
+        "SELECT customer_id, id, scopes, expires_at, revoked_at FROM api_keys WHERE hash = %s",
+        (key_digest,),
+    )
+    row = await cur.fetchone()
+    return Holder(row[0], row[1], tuple(row[2]), row[3], row[4]) if row else None
