@@ -58,9 +58,9 @@ class RateLimit(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: Annotated[str, Field(pattern=POLICY_NAME_PATTERN)]
-    limit: Annotated[int, Field(gt=0, le=10**9)]
+    limit: Annotated[int, Field(gt=0, le=10**6)]
     per: Per
-    burst: Annotated[int | None, Field(gt=0, le=10**9)] = Field(
+    burst: Annotated[int | None, Field(gt=0, le=10**6)] = Field(
         None, description="Calls allowed at once (token_bucket, gcra); default `limit`."
     )
     algorithm: Algorithm = Algorithm.TOKEN_BUCKET
@@ -71,6 +71,14 @@ class RateLimit(BaseModel):
     @property
     def capacity(self) -> int:
         return self.burst or self.limit
+
+    @model_validator(mode="after")
+    def _exact(self) -> Self:
+        # GCRA counts in whole microseconds per call: at most 1,000 calls a millisecond
+        # keeps its rounding below 0.1 %.
+        if self.algorithm is Algorithm.GCRA and self.limit > self.per.seconds * 1000:
+            raise ValueError("gcra allows at most 1000 calls per millisecond of window")
+        return self
 
 
 class Enforcement(StrEnum):
@@ -159,6 +167,12 @@ class Plan(BaseModel):
         names = [r.name for r in self.rate_limits]
         if len(set(names)) != len(names):
             raise ValueError("rate limit names must be unique within a plan")
+        for endpoint, cost in self.endpoint_costs.items():
+            for rate in self.rate_limits:
+                if rate.endpoint in (None, endpoint) and cost > min(rate.limit, rate.capacity):
+                    raise ValueError(
+                        f"a call to {endpoint} costs {cost}, more than {rate.name!r} ever allows"
+                    )
         if self.upgrade_to == self.id:
             raise ValueError("a plan cannot upgrade to itself")
         return self

@@ -376,3 +376,62 @@ async def test_keys_work_without_redis_when_failing_open(settings: Settings) -> 
         assert reply.status_code == 200 and reply.json()["fallback"] is True
         bogus = await api.post("/v1/enforce", json={}, headers={"X-API-Key": "nope"})
         assert bogus.status_code == 401
+
+
+async def test_review_fixes_limits(api: httpx.AsyncClient, redis: Redis) -> None:
+    """Policies whose algorithm changes, endpoint limits that outlive other calls, a
+    reservation re-sent with another quantity, quantities beyond exact arithmetic."""
+    plan = plan_with(per_minute=1000, quota=100)
+    plan["rate_limits"].append({"name": "export", "limit": 2, "per": "day", "endpoint": "/export"})
+    plan["rate_limits"][0]["algorithm"] = "sliding_window"
+    await put_plan(api, plan)
+    created = await api.post(
+        "/v1/admin/customers",
+        json={"email": f"{plan['id']}@example.com", "plan": plan["id"]},
+        headers=ADMIN,
+    )
+    customer = created.json()["customer"]["id"]
+    key = {"Authorization": f"Bearer {created.json()['api_key']['key']}"}
+    for _ in range(2):
+        assert (
+            await api.post("/v1/enforce", json={"endpoint": "/export"}, headers=key)
+        ).status_code == 200
+    assert (await api.post("/v1/enforce", json={"endpoint": "/x"}, headers=key)).status_code == 200
+    assert await redis.pttl(redis_keys.rate_states(customer)) > 86_400_000
+    assert (
+        await api.post("/v1/enforce", json={"endpoint": "/export"}, headers=key)
+    ).status_code == 429
+    plan["rate_limits"][0]["algorithm"] = "token_bucket"
+    await put_plan(api, plan)
+    assert (await api.post("/v1/enforce", json={}, headers=key)).status_code == 200
+    event = {"source": "s", "id": "once"}
+    first = await api.post("/v1/enforce", json={"mode": "reserve", "event": event}, headers=key)
+    again = await api.post("/v1/enforce", json={"mode": "reserve", "event": event}, headers=key)
+    bigger = await api.post(
+        "/v1/enforce", json={"mode": "reserve", "event": event, "quantity": 50}, headers=key
+    )
+    assert (first.status_code, again.status_code, bigger.status_code) == (200, 200, 409)
+    huge = await api.post("/v1/enforce", json={"quantity": 2 * 10**9}, headers=key)
+    assert huge.status_code == 422 and huge.json()["errors"][0]["field"] == "body.quantity"
+
+
+async def test_restricted_keys_cannot_widen_themselves(api: httpx.AsyncClient) -> None:
+    account = await sign_up(api, "pro")
+    issued = await api.post("/v1/keys", json={"scopes": ["enforce", "keys"]}, headers=account.auth)
+    limited = {"Authorization": f"Bearer {issued.json()['key']}"}
+    wider = await api.post("/v1/keys", json={"scopes": ["ingest"]}, headers=limited)
+    assert wider.status_code == 422 and wider.json()["errors"][0]["field"] == "scopes"
+    reader = await api.post("/v1/keys", json={"scopes": ["usage:read"]}, headers=account.auth)
+    read_only = {"Authorization": f"Bearer {reader.json()['key']}"}
+    assert (await api.get("/v1/keys", headers=read_only)).status_code == 403
+
+
+async def test_failing_open_still_refuses_revoked_keys(settings: Settings) -> None:
+    async with running_api(settings) as api:
+        account = await sign_up(api, "free")
+        await api.delete(
+            f"/v1/admin/customers/{account.customer}/keys/{account.key_id}", headers=ADMIN
+        )
+    async with running_api(settings, redis_url="redis://127.0.0.1:1/0") as api:
+        reply = await enforce(api, account)
+        assert reply.status_code == 401 and "revoked" in reply.json()["detail"]

@@ -67,7 +67,7 @@ if redis.call('HLEN', KEYS[2]) > 0 then  -- settle the reservations these events
     local r = redis.call('HGET', KEYS[2], d)
     if r then
       local meter, amount = string.match(r, '^(.*)|(%d+)$')
-      redis.call('HINCRBY', KEYS[4], meter, -tonumber(amount))
+      redis.call('HINCRBY', KEYS[4], meter, '-' .. amount)
       redis.call('HDEL', KEYS[2], d)
       redis.call('ZREM', KEYS[3], d)
     end

@@ -15,10 +15,14 @@ from schemas.plans import Plan
 from services.api import accounts, projection
 from services.api.accounts import ApiKey, Customer, EmailTaken
 from services.api.auth import Authenticator, Caller, address, credential
+from services.api.limiter import UNREACHABLE
 from services.common import catalog
 from services.common.keys import ALL_SCOPES, Environment, Scope
+from services.common.logging import get_logger
 from services.common.problems import Problem
 from services.common.settings import Settings
+
+log = get_logger("tally.accounts")
 
 
 class SignUp(BaseModel):
@@ -85,8 +89,14 @@ class Accounts:
         return found
 
     async def reproject(self, customer_id: str) -> None:
-        async with self.pool.connection() as conn:
-            await projection.project(self.redis, conn, customer_id)
+        """After a committed change.  If Redis fails here the change still stands (and a
+        new secret is still returned): enforcement re-projects an account or key it
+        lacks, and the next change re-projects the rest."""
+        try:
+            async with self.pool.connection() as conn:
+                await projection.project(self.redis, conn, customer_id)
+        except UNREACHABLE as exc:
+            log.warning("projection into Redis failed", customer=customer_id, error=repr(exc))
 
     async def new_key(self, customer_id: str, body: NewKeyRequest, actor: str) -> dict[str, Any]:
         async with self.pool.connection() as conn:
@@ -130,7 +140,7 @@ def router(service: Accounts) -> APIRouter:
         caller = await auth.caller(credential(request), address(request))
         if caller.customer is None:
             raise invalid("authorization", "use the customer's own API key here")
-        await auth.require(caller, caller.customer)
+        await auth.require(caller, caller.customer, Scope.KEYS)
         return caller
 
     @api.get("/v1/plans", summary="The plans on offer")
@@ -174,6 +184,15 @@ def router(service: Accounts) -> APIRouter:
     async def new_key(body: NewKeyRequest, request: Request) -> dict[str, Any]:
         caller = await signed_in(request)
         assert caller.customer is not None
+        own = await service.key(caller.customer, caller.key_id)
+        if not set(body.scopes) <= set(own.scopes):
+            raise invalid("scopes", "a key can only issue keys with scopes it has itself")
+        if own.expires_at and (body.expires_at is None or body.expires_at > own.expires_at):
+            raise invalid(
+                "expires_at",
+                f"this key expires at {own.expires_at.isoformat()};"
+                " it cannot issue one that outlives it",
+            )
         return await service.new_key(caller.customer, body, f"customer:{caller.key_id}")
 
     @api.post("/v1/keys/{key_id}/rotate", status_code=201, summary="Replace a key, with grace")

@@ -14,6 +14,7 @@ from enum import StrEnum
 from typing import Any
 
 from psycopg import AsyncConnection
+from psycopg.errors import UniqueViolation
 from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 from pydantic import BaseModel
@@ -109,11 +110,14 @@ async def create_customer(
     taken = await conn.execute("SELECT 1 FROM customers WHERE lower(email) = lower(%s)", (email,))
     if await taken.fetchone():
         raise EmailTaken(email)
-    await conn.execute(
-        "INSERT INTO customers (id, email, company, plan_id, status, trial_ends_at)"
-        " VALUES (%s, %s, %s, %s, %s, %s)",
-        (cid, email, company, plan.id, status.value, trial_ends),
-    )
+    try:
+        await conn.execute(
+            "INSERT INTO customers (id, email, company, plan_id, status, trial_ends_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s)",
+            (cid, email, company, plan.id, status.value, trial_ends),
+        )
+    except UniqueViolation as exc:  # a concurrent sign-up with the same email or id
+        raise EmailTaken(email) from exc
     await audit(conn, actor, "customer.created", cid, plan=plan.id, status=status.value)
     found = await get_customer(conn, cid)
     assert found is not None

@@ -152,17 +152,22 @@ function algorithms.sliding_window(l, w, _, state)
   return false, remaining, reset, math.max(retry, 1), nil
 end
 
+-- A state is filed under its policy's name and algorithm: a policy whose algorithm
+-- changed starts afresh instead of misreading another algorithm's state.  The states
+-- live as long as the slowest policy of the plan needs, whichever policies this call
+-- touched (an endpoint's daily limit must outlive calls to other endpoints).
 local limits, refused, states, keep = {}, 0, {}, 0
 for _, p in ipairs(policies.rates) do
+  keep = math.max(keep, 2 * p.w, p.w * math.ceil(p.b / p.l) + p.w)
   if not p.e or p.e == endpoint then
+    local field = p.n .. '|' .. p.a
     local ok, remaining, reset, retry, state =
-      algorithms[p.a](p.l, p.w, p.b, redis.call('HGET', KEYS[3], p.n) or false)
+      algorithms[p.a](p.l, p.w, p.b, redis.call('HGET', KEYS[3], field) or false)
     limits[#limits + 1] = {n = p.n, k = 'rate', a = p.a, lim = p.l, w = p.w,
                            rem = remaining, reset = reset, retry = retry}
     if ok then
-      states[#states + 1] = p.n
+      states[#states + 1] = field
       states[#states + 1] = state
-      keep = math.max(keep, reset + p.w)
     elseif refused == 0 or retry > limits[refused].retry then
       refused = #limits
     end
@@ -177,14 +182,20 @@ if quota then
     local r = redis.call('HGET', KEYS[4], d)
     if r then
       local m, amount = string.match(r, '^(.*)|(%d+)$')
-      redis.call('HINCRBY', KEYS[6], m, -tonumber(amount))
+      redis.call('HINCRBY', KEYS[6], m, '-' .. amount)
       redis.call('HDEL', KEYS[4], d)
     end
     redis.call('ZREM', KEYS[5], d)
   end
   local used = tonumber(redis.call('HGET', KEYS[7], '*') or '0')
   local held = tonumber(redis.call('HGET', KEYS[6], ARGV[9]) or '0')
-  held_already = mode == 'reserve' and redis.call('HEXISTS', KEYS[4], digest) == 1
+  if mode == 'reserve' then
+    local earlier = redis.call('HGET', KEYS[4], digest)
+    if earlier and earlier ~= ARGV[9] .. '|' .. ARGV[5] then
+      return answer('reservation_conflict', {p = plan, s = status})
+    end
+    held_already = earlier ~= false and earlier ~= nil
+  end
   local wanted = held_already and 0 or qty
   local window, reset = tonumber(ARGV[11]) - tonumber(ARGV[10]), tonumber(ARGV[11]) - now
   local over = used + held + wanted > quota.l
@@ -207,9 +218,9 @@ if #states > 0 then
 end
 if quota and mode == 'reserve' and not held_already then
   local ttl = tonumber(ARGV[8])
-  redis.call('HSET', KEYS[4], digest, ARGV[9] .. '|' .. string.format('%d', qty))
+  redis.call('HSET', KEYS[4], digest, ARGV[9] .. '|' .. ARGV[5])
   redis.call('ZADD', KEYS[5], now + ttl, digest)
-  redis.call('HINCRBY', KEYS[6], ARGV[9], qty)
+  redis.call('HINCRBY', KEYS[6], ARGV[9], ARGV[5])  -- as sent: a string, never '1e+17' 
   for k = 4, 6 do redis.call('PEXPIRE', KEYS[k], ttl * 2) end
   result.r = true
 end

@@ -26,12 +26,16 @@ from services.api.auth import Caller, forbidden_customer, insufficient_scope
 from services.api.fallback import Fallback
 from services.api.limiter import UNREACHABLE, Ask, Code, Limiter, Mode, Outcome
 from services.api.refusals import decision, headers, refused, unauthorized
-from services.common import catalog, metrics
+from services.common import catalog, keys, metrics
 from services.common.keys import Scope
+from services.common.logging import get_logger
 from services.common.problems import Problem
 from services.common.settings import Settings
 
+log = get_logger("tally.enforce")
+
 MAX_BATCH = 100
+MAX_QUANTITY = 10**9  # in micro-units below 2^53, exact in the script's arithmetic
 
 
 class EventRef(BaseModel):
@@ -64,8 +68,8 @@ class EnforceRequest(BaseModel):
     def _quantity(cls, value: Decimal) -> Decimal:
         if value <= 0:
             raise ValueError("must be greater than 0")
-        if not re.match(VALUE_STRING_PATTERN, format(value, "f")):
-            raise ValueError("must be below 10^12 with at most 6 decimals")
+        if value > MAX_QUANTITY or not re.match(VALUE_STRING_PATTERN, format(value, "f")):
+            raise ValueError(f"must be at most {MAX_QUANTITY:,} with at most 6 decimals")
         return value
 
 
@@ -100,6 +104,8 @@ class Enforcer:
         self._limiter = limiter
         self._fallback = Fallback(settings.fallback_rate_per_minute)
         self._meters: set[str] = set()
+        self._redis_up = True
+        metrics.REDIS_AVAILABLE.set(1)
 
     async def enforce(self, caller: Caller, request: EnforceRequest) -> Answer:
         customer = self._customer(caller, request)
@@ -121,22 +127,35 @@ class Enforcer:
         )
         try:
             outcome = await self._decide(customer, ask)
-        except UNREACHABLE:
-            return self._unavailable(customer)
-        metrics.REDIS_AVAILABLE.set(1)
+        except UNREACHABLE as exc:
+            if self._redis_up:
+                log.warning("limits store unavailable", error=repr(exc))
+            self._redis_up = False
+            return await self._unavailable(caller, customer)
+        if not self._redis_up:
+            log.info("limits store available again")
+            self._redis_up = True
+            metrics.REDIS_AVAILABLE.set(1)
         self._fallback.remember(customer, outcome)
         return self._answer(customer, request, outcome)
 
     async def _decide(self, customer: str, ask: Ask) -> Outcome:
-        for _ in range(3):
-            outcome = await self._limiter.decide(customer, ask, utcnow())
-            if outcome.code is Code.NO_ACCOUNT:
-                await self._project(customer)
-            elif outcome.code is Code.TRIAL_EXPIRED:
-                await self._end_trial(customer)
-            else:
-                return outcome
-        raise RuntimeError(f"customer {customer} could not be projected into Redis")
+        """Ask; when Redis lacks the account or the key (never projected, or a
+        projection that failed), or the trial just ran out, put that right and ask once
+        more.  What is still wrong the second time is the answer."""
+        outcome = await self._limiter.decide(customer, ask, utcnow())
+        if outcome.code in (Code.NO_ACCOUNT, Code.KEY_UNKNOWN):
+            await self._project(customer)
+        elif outcome.code is Code.TRIAL_EXPIRED:
+            await self._end_trial(customer)
+        else:
+            return outcome
+        outcome = await self._limiter.decide(customer, ask, utcnow())
+        if outcome.code is Code.NO_ACCOUNT:
+            raise RuntimeError(f"customer {customer} could not be projected into Redis")
+        if outcome.code is Code.TRIAL_EXPIRED:  # the clocks of Redis and PostgreSQL differ
+            outcome.code = Code.INACTIVE
+        return outcome
 
     def _customer(self, caller: Caller, request: EnforceRequest) -> str:
         if caller.customer is None:
@@ -205,9 +224,16 @@ class Enforcer:
             )
         if code is Code.KEY_SCOPE:
             raise insufficient_scope(Scope.ENFORCE)
+        if code is Code.RESERVATION_CONFLICT:
+            raise Problem(
+                409,
+                "reservation-conflict",
+                "Reservation conflict",
+                "this event already holds a reservation of another meter or quantity",
+            )
         raise unauthorized(_KEY_PROBLEMS[code])
 
-    def _unavailable(self, customer: str) -> Answer:
+    async def _unavailable(self, caller: Caller, customer: str) -> Answer:
         metrics.REDIS_AVAILABLE.set(0)
         mode = self._settings.redis_failure_mode
         metrics.ENFORCE_FALLBACK.labels(mode).inc()
@@ -219,11 +245,36 @@ class Enforcer:
                 "the limits store cannot be reached and this server fails closed",
                 headers={"Retry-After": "1"},
             )
+        await self._still_allowed(caller, customer)
         outcome = self._fallback.decide(customer)
         body = decision(outcome, customer) | {"fallback": True, "reservation": None}
         if not outcome.allowed:
             raise refused(outcome, "rate limit exhausted (in-process fallback limiter)", customer)
         return Answer(200, body, headers(outcome))
+
+    async def _still_allowed(self, caller: Caller, customer: str) -> None:
+        """Failing open admits beyond the limits, never a revoked key or a closed
+        account: without Redis, PostgreSQL says so (slower, but this is the rare path)."""
+        async with self._pool.connection() as conn:
+            account = await accounts.get_customer(conn, customer)
+            key = await accounts.get_key(conn, caller.key_id) if caller.key_id else None
+        if account is None:
+            raise Problem(404, "unknown-customer", "Unknown customer", f"no customer {customer!r}")
+        if key is not None:
+            scopes = tuple(s.value for s in key.scopes)
+            holder = keys.Holder(key.customer, key.id, scopes, key.expires_at, key.revoked_at)
+            if refusal := holder.refusal(Scope.ENFORCE, utcnow()):
+                if "scope" in refusal:
+                    raise insufficient_scope(Scope.ENFORCE)
+                raise unauthorized(refusal)
+        if account.status in (accounts.Status.CANCELLED, accounts.Status.SUSPENDED):
+            raise Problem(
+                403,
+                "account-inactive",
+                "Account inactive",
+                f"the account is {account.status.value}",
+                account_status=account.status.value,
+            )
 
 
 _KEY_PROBLEMS = {

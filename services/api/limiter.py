@@ -17,9 +17,7 @@ from importlib import resources
 from typing import Any
 
 import orjson
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError, ResponseError
 
 from schemas import redis_keys
 from schemas.events import VALUE_SCALE
@@ -29,8 +27,9 @@ from services.api.pipelined import Arg, Pipelined, pack
 
 SCRIPT = resources.files("services.api").joinpath("enforce.lua").read_text()
 SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
-UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
-"""What a Redis that cannot answer raises."""
+UNREACHABLE = (RedisError, OSError)
+"""What a Redis that cannot decide raises: unreachable, but also loading, busy, out of
+memory or read-only after a failover — all answered by the configured failure mode."""
 
 
 class Mode(StrEnum):
@@ -49,6 +48,7 @@ class Code(StrEnum):
     KEY_SCOPE = "key_scope"
     INACTIVE = "inactive"
     TRIAL_EXPIRED = "trial_expired"
+    RESERVATION_CONFLICT = "reservation_conflict"
 
 
 @dataclass(slots=True)

@@ -35,12 +35,14 @@ class _Protocol(asyncio.Protocol):
         self.reader = hiredis.Reader(replyError=ResponseError)
         self.waiting: deque[asyncio.Future[Any]] = deque()
         self.sent_at: deque[float] = deque()
+        self.heard_at = 0.0
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
 
     def data_received(self, data: bytes) -> None:
+        self.heard_at = asyncio.get_running_loop().time()
         self.reader.feed(data)
         while (reply := self.reader.gets()) is not False:
             waiter = self.waiting.popleft()
@@ -49,6 +51,8 @@ class _Protocol(asyncio.Protocol):
                 continue
             if isinstance(reply, ResponseError):
                 waiter.set_exception(reply)
+                if str(reply).startswith("READONLY") and self.transport:
+                    self.transport.abort()  # a replica now: reconnect, maybe to the new primary
             else:
                 waiter.set_result(reply)
 
@@ -70,8 +74,11 @@ class _Protocol(asyncio.Protocol):
         return waiter
 
     def stalled(self, timeout: float) -> bool:
-        """Replies come in order, so the oldest one waiting tells if Redis is late."""
-        return bool(self.sent_at) and asyncio.get_running_loop().time() - self.sent_at[0] > timeout
+        """Replies come in order, so the oldest one waiting tells if Redis is late —
+        unless replies are still arriving, and only this process is slow to read them."""
+        now = asyncio.get_running_loop().time()
+        late = bool(self.sent_at) and now - self.sent_at[0] > timeout
+        return late and now - self.heard_at > timeout
 
 
 class Pipelined:
@@ -83,8 +90,13 @@ class Pipelined:
     """
 
     def __init__(self, url: str, timeout: float) -> None:
+        if not url.startswith("redis://"):
+            raise ValueError(
+                "the enforcement path connects to redis:// URLs only (no TLS or unix sockets yet)"
+            )
         self._options = parse_url(url)
         self._timeout = timeout
+        self._failed_at = -1e9
         self._protocol: _Protocol | None = None
         self._opening: asyncio.Lock | None = None
         self._watchdog: asyncio.Task[None] | None = None
@@ -117,7 +129,15 @@ class Pipelined:
         self._opening = self._opening or asyncio.Lock()
         async with self._opening:
             if self._protocol is None or self._protocol.transport is None:
-                self._protocol = await self._open()
+                # After a failed attempt, fail at once for a while instead of queueing
+                # every request behind its own full timeout.
+                if asyncio.get_running_loop().time() - self._failed_at < self._timeout:
+                    raise RedisConnectionError("Redis was unreachable a moment ago")
+                try:
+                    self._protocol = await self._open()
+                except RedisConnectionError:
+                    self._failed_at = asyncio.get_running_loop().time()
+                    raise
             if self._watchdog is None:
                 self._watchdog = asyncio.create_task(self._watch(), name="redis-watchdog")
             return self._protocol
@@ -125,6 +145,7 @@ class Pipelined:
     async def _open(self) -> _Protocol:
         options = self._options
         loop = asyncio.get_running_loop()
+        protocol: _Protocol | None = None
         try:
             async with asyncio.timeout(self._timeout):
                 _, protocol = await loop.create_connection(
@@ -135,6 +156,8 @@ class Pipelined:
                     auth = (user, options["password"]) if user else (options["password"],)
                     await protocol.send(pack("AUTH", *auth))
                 await protocol.send(pack("SELECT", options.get("db", 0)))
-        except (OSError, TimeoutError) as exc:
-            raise RedisConnectionError(f"cannot reach Redis: {exc!r}") from exc
+        except (OSError, TimeoutError, ResponseError) as exc:
+            if protocol is not None and protocol.transport is not None:
+                protocol.transport.abort()
+            raise RedisConnectionError(f"cannot use Redis: {exc!r}") from exc
         return protocol

@@ -36,9 +36,10 @@ class Scope(StrEnum):
     INGEST = "ingest"
     ENFORCE = "enforce"
     USAGE_READ = "usage:read"
+    KEYS = "keys"  # manage the customer's keys
 
 
-ALL_SCOPES = (Scope.INGEST, Scope.ENFORCE, Scope.USAGE_READ)
+ALL_SCOPES = (Scope.INGEST, Scope.ENFORCE, Scope.USAGE_READ, Scope.KEYS)
 
 
 class MalformedKey(ValueError):

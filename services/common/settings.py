@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     downgrade_plan: str = "free"
     redis_failure_mode: Literal["open", "closed"] = "open"
     fallback_rate_per_minute: int = 60
-    enforce_redis_timeout: float = 0.25
+    enforce_redis_timeout: float = 1.0
     enforce_redis_connections: int = 64
     ip_limit_per_second: int = Field(1000, description="Requests per client address; 0 = off.")
     ip_auth_failures_per_minute: int = 20
