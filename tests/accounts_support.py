@@ -76,5 +76,20 @@ def plan_with(
     return plan | extra
 
 
+async def customer_on(
+    client: httpx.AsyncClient, plan: dict[str, Any]
+) -> tuple[str, dict[str, str]]:
+    """Save ``plan`` and create a customer on it: its id and its key's auth header."""
+    await put_plan(client, plan)
+    reply = await client.post(
+        "/v1/admin/customers",
+        json={"email": f"{uuid.uuid4().hex[:10]}@example.com", "plan": plan["id"]},
+        headers=ADMIN,
+    )
+    assert reply.status_code == 201, reply.text
+    body = reply.json()
+    return body["customer"]["id"], {"Authorization": f"Bearer {body['api_key']['key']}"}
+
+
 async def enforce(client: httpx.AsyncClient, account: Account, **body: Any) -> httpx.Response:
     return await client.post("/v1/enforce", json=body, headers=account.auth)

@@ -19,6 +19,7 @@ from services.common.clickhouse import ClickHouse
 from services.common.settings import Settings
 from tests.accounts_support import (
     ADMIN,
+    customer_on,
     enforce,
     plan_with,
     put_plan,
@@ -100,14 +101,7 @@ async def test_upgrade_mid_window_applies_to_the_next_call(api: httpx.AsyncClien
 
 async def test_plan_edit_applies_to_the_next_call(api: httpx.AsyncClient) -> None:
     plan = plan_with(per_minute=100)
-    await put_plan(api, plan)
-    created = await api.post(
-        "/v1/admin/customers",
-        json={"email": f"{plan['id']}@example.com", "plan": plan["id"]},
-        headers=ADMIN,
-    )
-    assert created.status_code == 201, created.text
-    key = {"Authorization": f"Bearer {created.json()['api_key']['key']}"}
+    _, key = await customer_on(api, plan)
     assert (await api.post("/v1/enforce", json={}, headers=key)).json()["remaining"] == 99
     plan["rate_limits"] = [{"name": "per-minute", "limit": 2, "per": "minute"}]
     await put_plan(api, plan)
@@ -124,13 +118,7 @@ async def test_expensive_endpoint_costs_more(api: httpx.AsyncClient) -> None:
     plan["rate_limits"].append(
         {"name": "recognize", "limit": 8, "per": "second", "endpoint": "/v1/recognize"}
     )
-    await put_plan(api, plan)
-    created = await api.post(
-        "/v1/admin/customers",
-        json={"email": f"{plan['id']}@example.com", "plan": plan["id"]},
-        headers=ADMIN,
-    )
-    key = {"Authorization": f"Bearer {created.json()['api_key']['key']}"}
+    _, key = await customer_on(api, plan)
     reply = await api.post("/v1/enforce", json={"endpoint": "/v1/recognize"}, headers=key)
     limits = {lim["policy"]: lim["remaining"] for lim in reply.json()["limits"]}
     assert limits == {"per-minute": 6, "recognize": 4}  # one call costs 4 of each
@@ -142,14 +130,7 @@ async def test_five_hundred_concurrent_callers_hundred_remaining(
     api: httpx.AsyncClient, redis: Redis
 ) -> None:
     plan = plan_with(quota=1000)
-    await put_plan(api, plan)
-    created = await api.post(
-        "/v1/admin/customers",
-        json={"email": f"{plan['id']}@example.com", "plan": plan["id"]},
-        headers=ADMIN,
-    )
-    customer = created.json()["customer"]["id"]
-    key = {"Authorization": f"Bearer {created.json()['api_key']['key']}"}
+    customer, key = await customer_on(api, plan)
     await set_usage(redis, customer, 900)
 
     async def caller(i: int) -> int:
@@ -170,14 +151,7 @@ async def test_reservations_settle_when_their_events_are_aggregated(
     meters: dict[str, list[Meter]],
 ) -> None:
     plan = plan_with(quota=3)
-    await put_plan(api, plan)
-    created = await api.post(
-        "/v1/admin/customers",
-        json={"email": f"{plan['id']}@example.com", "plan": plan["id"]},
-        headers=ADMIN,
-    )
-    customer = created.json()["customer"]["id"]
-    key = {"Authorization": f"Bearer {created.json()['api_key']['key']}"}
+    customer, key = await customer_on(api, plan)
     for i in range(3):
         body = {"mode": "reserve", "event": {"source": "src", "id": f"e{i}"}}
         assert (await api.post("/v1/enforce", json=body, headers=key)).status_code == 200
@@ -384,14 +358,7 @@ async def test_review_fixes_limits(api: httpx.AsyncClient, redis: Redis) -> None
     plan = plan_with(per_minute=1000, quota=100)
     plan["rate_limits"].append({"name": "export", "limit": 2, "per": "day", "endpoint": "/export"})
     plan["rate_limits"][0]["algorithm"] = "sliding_window"
-    await put_plan(api, plan)
-    created = await api.post(
-        "/v1/admin/customers",
-        json={"email": f"{plan['id']}@example.com", "plan": plan["id"]},
-        headers=ADMIN,
-    )
-    customer = created.json()["customer"]["id"]
-    key = {"Authorization": f"Bearer {created.json()['api_key']['key']}"}
+    customer, key = await customer_on(api, plan)
     for _ in range(2):
         assert (
             await api.post("/v1/enforce", json={"endpoint": "/export"}, headers=key)

@@ -31,7 +31,9 @@ OFFSETS_TTL_SECONDS = 45 * 24 * 3600
 #       offsets ttl, digest size, n live sets, the digests concatenated (one argument:
 #       cheap to send), expire-at per touched key,
 #       then ops as (code, key index, field, value, extra) quintuples.
-_APPLY = """
+_APPLY = (
+    redis_keys.RELEASE_LUA
+    + """
 local SCALE = @SCALE@
 local LIMIT = 9.0e18  -- below 2^63 by more than a double's rounding error there
 local function gt(a, b)
@@ -63,15 +65,7 @@ if #seen > 0 then return {2, seen} end
 for _, d in ipairs(digests) do redis.call('SADD', KEYS[5], d) end
 if #digests > 0 then redis.call('EXPIREAT', KEYS[5], ARGV[4]) end
 if redis.call('HLEN', KEYS[2]) > 0 then  -- settle the reservations these events close
-  for _, d in ipairs(digests) do
-    local r = redis.call('HGET', KEYS[2], d)
-    if r then
-      local meter, amount = string.match(r, '^(.*)|(%d+)$')
-      redis.call('HINCRBY', KEYS[4], meter, '-' .. amount)
-      redis.call('HDEL', KEYS[2], d)
-      redis.call('ZREM', KEYS[3], d)
-    end
-  end
+  for _, d in ipairs(digests) do release(KEYS[2], KEYS[3], KEYS[4], d) end
 end
 local expiries = 9
 local i = first_op
@@ -102,6 +96,7 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 return {1}
 """.replace("@SCALE@", str(VALUE_SCALE))
+)
 
 
 @dataclass(frozen=True, slots=True)

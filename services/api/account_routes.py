@@ -19,7 +19,7 @@ from services.api.limiter import UNREACHABLE
 from services.common import catalog
 from services.common.keys import ALL_SCOPES, Environment, Scope
 from services.common.logging import get_logger
-from services.common.problems import Problem
+from services.common.problems import Problem, invalid_field
 from services.common.settings import Settings
 
 log = get_logger("tally.accounts")
@@ -67,10 +67,10 @@ class Accounts:
     async def plan(self, plan_id: str, field: str = "plan") -> Plan:
         async with self.pool.connection() as conn:
             found = await catalog.read_plan(conn, plan_id)
+            if found is not None:
+                return found
             known = [p.id for p in await catalog.read_plans(conn)]
-        if found is None:
-            raise invalid(field, f"unknown plan {plan_id!r}; plans: {', '.join(known)}")
-        return found
+        raise invalid_field(field, f"unknown plan {plan_id!r}; plans: {', '.join(known)}")
 
     async def customer(self, customer_id: str) -> Customer:
         async with self.pool.connection() as conn:
@@ -139,7 +139,7 @@ def router(service: Accounts) -> APIRouter:
     async def signed_in(request: Request) -> Caller:
         caller = await auth.caller(credential(request), address(request))
         if caller.customer is None:
-            raise invalid("authorization", "use the customer's own API key here")
+            raise invalid_field("authorization", "use the customer's own API key here")
         await auth.require(caller, caller.customer, Scope.KEYS)
         return caller
 
@@ -153,7 +153,7 @@ def router(service: Accounts) -> APIRouter:
         auth.limit_address(address(request))
         plan = await service.plan(body.plan)
         if not plan.public:
-            raise invalid("plan", f"plan {plan.id!r} is not offered at sign-up")
+            raise invalid_field("plan", f"plan {plan.id!r} is not offered at sign-up")
         actor = f"signup:{address(request)}"
         try:
             async with service.pool.connection() as conn:
@@ -186,9 +186,9 @@ def router(service: Accounts) -> APIRouter:
         assert caller.customer is not None
         own = await service.key(caller.customer, caller.key_id)
         if not set(body.scopes) <= set(own.scopes):
-            raise invalid("scopes", "a key can only issue keys with scopes it has itself")
+            raise invalid_field("scopes", "a key can only issue keys with scopes it has itself")
         if own.expires_at and (body.expires_at is None or body.expires_at > own.expires_at):
-            raise invalid(
+            raise invalid_field(
                 "expires_at",
                 f"this key expires at {own.expires_at.isoformat()};"
                 " it cannot issue one that outlives it",
@@ -210,13 +210,3 @@ def router(service: Accounts) -> APIRouter:
         await service.revoke(key, f"customer:{caller.key_id}")
 
     return api
-
-
-def invalid(field: str, reason: str) -> Problem:
-    return Problem(
-        422,
-        "invalid-request",
-        "Invalid request",
-        f"{field}: {reason}",
-        errors=[{"field": field, "reason": reason}],
-    )

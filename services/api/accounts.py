@@ -57,14 +57,9 @@ class ApiKey(BaseModel):
     revoked_at: datetime | None
     replaced_by: str | None
 
-    def state(self) -> dict[str, Any]:
-        """What the enforcement script needs to know about the key (see redis_keys)."""
-        state: dict[str, Any] = {"s": [s.value for s in self.scopes]}
-        if self.expires_at is not None:
-            state["x"] = int(self.expires_at.timestamp() * 1000)
-        if self.revoked_at is not None:
-            state["r"] = True
-        return state
+    def holder(self) -> keys.Holder:
+        scopes = tuple(s.value for s in self.scopes)
+        return keys.Holder(self.customer, self.id, scopes, self.expires_at, self.revoked_at)
 
 
 class EmailTaken(Exception):

@@ -15,11 +15,11 @@ from schemas.catalog import ADDITIVE
 from schemas.events import CUSTOMER_ID_PATTERN
 from schemas.plans import Plan, check_plan
 from services.api import accounts, projection
-from services.api.account_routes import Accounts, NewKeyRequest, Rotation, invalid
+from services.api.account_routes import Accounts, NewKeyRequest, Rotation
 from services.api.accounts import Customer, EmailTaken, Status
 from services.api.auth import credential
 from services.common import catalog
-from services.common.problems import Problem
+from services.common.problems import Problem, invalid_field, unauthorized
 
 ACTOR = "admin"
 
@@ -46,13 +46,7 @@ class CustomerChange(BaseModel):
 def router(service: Accounts) -> APIRouter:
     async def admin(request: Request) -> None:
         if not service.auth.is_admin(credential(request)):
-            raise Problem(
-                401,
-                "unauthorized",
-                "Unauthorized",
-                "the admin API needs 'Authorization: Bearer <admin token>'",
-                headers={"WWW-Authenticate": 'Bearer realm="tally-admin"'},
-            )
+            raise unauthorized("the admin API needs 'Authorization: Bearer <admin token>'")
 
     api = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(admin)])
     pool, redis = service.pool, service.redis
@@ -67,7 +61,9 @@ def router(service: Accounts) -> APIRouter:
     @api.put("/plans/{plan_id}", summary="Create or replace a plan: a new version, at once")
     async def put_plan(plan_id: str, plan: Plan) -> dict[str, Any]:
         if plan.id != plan_id:
-            raise invalid("id", f"the body's id {plan.id!r} differs from the path's {plan_id!r}")
+            raise invalid_field(
+                "id", f"the body's id {plan.id!r} differs from the path's {plan_id!r}"
+            )
         async with pool.connection() as conn:
             meters = await catalog.meters(conn)
             plans = {p.id for p in await catalog.read_plans(conn)} | {plan.id}
@@ -79,7 +75,7 @@ def router(service: Accounts) -> APIRouter:
                     plans,
                 )
             except ValueError as exc:
-                raise invalid("plan", str(exc)) from None
+                raise invalid_field("plan", str(exc)) from None
             version = await catalog.save_plan(conn, plan, ACTOR)
             await accounts.audit(conn, ACTOR, "plan.saved", plan.id, version=version)
         moved = await projection.project_plan(redis, pool, plan.id)

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import hmac
-from collections import OrderedDict
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
 
 import orjson
 from psycopg_pool import AsyncConnectionPool
@@ -34,11 +32,11 @@ from services.api.limiter import (
     Outcome,
     compile_inline,
 )
-from services.api.local import Buckets
-from services.api.refusals import refused, unauthorized
+from services.api.local import Buckets, Recent
+from services.api.refusals import refused
 from services.common import keys
 from services.common.keys import MalformedKey, Scope
-from services.common.problems import Problem
+from services.common.problems import Problem, unauthorized
 from services.common.settings import Settings
 
 
@@ -50,25 +48,6 @@ class Caller:
     @property
     def service(self) -> bool:
         return self.customer is None
-
-
-class _Owners:
-    """Key digest → (customer, key id), least recently used evicted first."""
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._entries: OrderedDict[bytes, tuple[str, str]] = OrderedDict()
-
-    def get(self, digest: bytes) -> tuple[str, str] | None:
-        found = self._entries.get(digest)
-        if found is not None:
-            self._entries.move_to_end(digest)
-        return found
-
-    def put(self, digest: bytes, owner: tuple[str, str]) -> None:
-        self._entries[digest] = owner
-        if len(self._entries) > self._size:
-            self._entries.popitem(last=False)
 
 
 def credential(request: Request) -> str | None:
@@ -98,7 +77,7 @@ class Authenticator:
         self._pool = pool
         self._limiter = limiter
         self._services = [t.encode() for t in settings.service_tokens]
-        self._owners = _Owners(remembered)
+        self._owners: Recent[bytes, tuple[str, str]] = Recent(remembered)
         self._failures = compile_inline(
             (
                 RateLimit(
@@ -190,13 +169,8 @@ class Authenticator:
             async with self._pool.connection() as conn:
                 await projection.project(self._redis, conn, customer)
             raw = await self._redis.hget(redis_keys.api_keys(customer), caller.key_id)
-        state: dict[str, Any] = orjson.loads(raw) if raw else {"r": True}
-        if state.get("r"):
-            raise unauthorized("the API key was revoked")
-        if state.get("x") is not None and state["x"] <= utcnow().timestamp() * 1000:
-            raise unauthorized("the API key has expired")
-        if scope is not None and scope.value not in state["s"]:
-            raise insufficient_scope(scope)
+        state = orjson.loads(raw) if raw else {"s": [], "r": True}
+        keys.Holder.from_state(customer, caller.key_id, state).check(scope, utcnow())
 
 
 def _raise_if_refused(outcome: Outcome) -> None:
@@ -210,14 +184,4 @@ def forbidden_customer() -> Problem:
         "forbidden",
         "Forbidden",
         "this API key belongs to another customer",
-    )
-
-
-def insufficient_scope(scope: Scope) -> Problem:
-    return Problem(
-        403,
-        "insufficient-scope",
-        "Insufficient scope",
-        f"this API key lacks the {scope.value!r} scope",
-        scope=scope.value,
     )

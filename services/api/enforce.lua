@@ -178,15 +178,7 @@ local quota = policies.quotas[ARGV[9]]
 local held_already = false
 if quota then
   local expired = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now, 'LIMIT', 0, 100)
-  for _, d in ipairs(expired) do
-    local r = redis.call('HGET', KEYS[4], d)
-    if r then
-      local m, amount = string.match(r, '^(.*)|(%d+)$')
-      redis.call('HINCRBY', KEYS[6], m, '-' .. amount)
-      redis.call('HDEL', KEYS[4], d)
-    end
-    redis.call('ZREM', KEYS[5], d)
-  end
+  for _, d in ipairs(expired) do release(KEYS[4], KEYS[5], KEYS[6], d) end
   local used = tonumber(redis.call('HGET', KEYS[7], '*') or '0')
   local held = tonumber(redis.call('HGET', KEYS[6], ARGV[9]) or '0')
   if mode == 'reserve' then

@@ -22,14 +22,14 @@ from redis.asyncio import Redis
 from schemas import redis_keys
 from schemas.events import CUSTOMER_ID_PATTERN, VALUE_STRING_PATTERN, utcnow
 from services.api import accounts, projection
-from services.api.auth import Caller, forbidden_customer, insufficient_scope
+from services.api.auth import Caller, forbidden_customer
 from services.api.fallback import Fallback
 from services.api.limiter import UNREACHABLE, Ask, Code, Limiter, Mode, Outcome
-from services.api.refusals import decision, headers, refused, unauthorized
+from services.api.refusals import decision, headers, refused
 from services.common import catalog, keys, metrics
 from services.common.keys import Scope
 from services.common.logging import get_logger
-from services.common.problems import Problem
+from services.common.problems import Problem, invalid_field, unauthorized
 from services.common.settings import Settings
 
 log = get_logger("tally.enforce")
@@ -111,7 +111,9 @@ class Enforcer:
         customer = self._customer(caller, request)
         await self._check_meter(request.meter)
         if request.mode == "reserve" and request.event is None:
-            raise _invalid("event", "mode=reserve needs the event (source, id) that settles it")
+            raise invalid_field(
+                "event", "mode=reserve needs the event (source, id) that settles it"
+            )
         ask = Ask(
             meter=request.meter,
             quantity=request.quantity,
@@ -160,7 +162,7 @@ class Enforcer:
     def _customer(self, caller: Caller, request: EnforceRequest) -> str:
         if caller.customer is None:
             if request.customer is None:
-                raise _invalid("customer", "required when enforcing with a service token")
+                raise invalid_field("customer", "required when enforcing with a service token")
             return request.customer
         if request.customer not in (None, caller.customer):
             raise forbidden_customer()
@@ -172,7 +174,7 @@ class Enforcer:
         self._meters = {m.name for m in await catalog.read_meters(self._pool)}
         if meter not in self._meters:
             known = ", ".join(sorted(self._meters))
-            raise _invalid("meter", f"unknown meter {meter!r}; known meters: {known}")
+            raise invalid_field("meter", f"unknown meter {meter!r}; known meters: {known}")
 
     async def _project(self, customer: str) -> None:
         async with self._pool.connection() as conn:
@@ -223,7 +225,7 @@ class Enforcer:
                 account_status=outcome.status,
             )
         if code is Code.KEY_SCOPE:
-            raise insufficient_scope(Scope.ENFORCE)
+            raise keys.insufficient_scope(Scope.ENFORCE)
         if code is Code.RESERVATION_CONFLICT:
             raise Problem(
                 409,
@@ -261,12 +263,7 @@ class Enforcer:
         if account is None:
             raise Problem(404, "unknown-customer", "Unknown customer", f"no customer {customer!r}")
         if key is not None:
-            scopes = tuple(s.value for s in key.scopes)
-            holder = keys.Holder(key.customer, key.id, scopes, key.expires_at, key.revoked_at)
-            if refusal := holder.refusal(Scope.ENFORCE, utcnow()):
-                if "scope" in refusal:
-                    raise insufficient_scope(Scope.ENFORCE)
-                raise unauthorized(refusal)
+            key.holder().check(Scope.ENFORCE, utcnow())
         if account.status in (accounts.Status.CANCELLED, accounts.Status.SUSPENDED):
             raise Problem(
                 403,
@@ -282,13 +279,3 @@ _KEY_PROBLEMS = {
     Code.KEY_REVOKED: "the API key was revoked",
     Code.KEY_EXPIRED: "the API key has expired",
 }
-
-
-def _invalid(field: str, reason: str) -> Problem:
-    return Problem(
-        422,
-        "invalid-request",
-        "Invalid request",
-        f"{field}: {reason}",
-        errors=[{"field": field, "reason": reason}],
-    )

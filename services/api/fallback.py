@@ -8,29 +8,24 @@ failing open means admitting.  Decisions made here show in ``/metrics``.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from decimal import Decimal
 
 from services.api.limiter import Code, Limit, Outcome
-from services.api.local import Buckets
+from services.api.local import Buckets, Recent
 
 
 class Fallback:
     def __init__(self, default_per_minute: int, remembered: int = 10_000) -> None:
         self._default = (("fallback", default_per_minute, 60_000),)
-        self._seen: OrderedDict[str, tuple[Limit, ...]] = OrderedDict()
+        self._seen: Recent[str, tuple[Limit, ...]] = Recent(remembered)
         self._buckets = Buckets(remembered)
-        self._size = remembered
 
     def remember(self, customer: str, outcome: Outcome) -> None:
         """Called on every decision: keeps a reference, works out nothing."""
-        self._seen[customer] = outcome.limits
-        self._seen.move_to_end(customer)
-        if len(self._seen) > self._size:
-            self._seen.popitem(last=False)
+        self._seen.put(customer, outcome.limits)
 
     def _rates(self, customer: str) -> tuple[tuple[str, int, int], ...]:
-        seen = self._seen.get(customer, ())
+        seen = self._seen.get(customer) or ()
         rates = tuple(
             (lim.policy, int(lim.limit), lim.window_ms) for lim in seen if lim.kind == "rate"
         )

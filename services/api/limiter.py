@@ -25,7 +25,9 @@ from schemas.plans import Enforcement, Plan, RateLimit
 from schemas.windows import Window, bucket_id, next_bucket
 from services.api.pipelined import Arg, Pipelined, pack
 
-SCRIPT = resources.files("services.api").joinpath("enforce.lua").read_text()
+SCRIPT = (
+    redis_keys.RELEASE_LUA + resources.files("services.api").joinpath("enforce.lua").read_text()
+)
 SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
 UNREACHABLE = (RedisError, OSError)
 """What a Redis that cannot decide raises: unreachable, but also loading, busy, out of

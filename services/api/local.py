@@ -10,6 +10,10 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 @dataclass(slots=True)
@@ -29,21 +33,37 @@ class Bucket:
         return (cost - self.tokens) / self.per_second
 
 
+class Recent(Generic[K, V]):
+    """A bounded map that forgets the least recently used entry first: what a process
+    remembers about many customers, keys or addresses must not grow without end."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._entries: OrderedDict[K, V] = OrderedDict()
+
+    def get(self, key: K) -> V | None:
+        found = self._entries.get(key)
+        if found is not None:
+            self._entries.move_to_end(key)
+        return found
+
+    def put(self, key: K, value: V) -> None:
+        self._entries[key] = value
+        self._entries.move_to_end(key)
+        if len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+
 class Buckets:
-    """One bucket per name, the least recently used forgotten first."""
+    """One bucket per name."""
 
     def __init__(self, size: int = 100_000) -> None:
-        self._size = size
-        self._buckets: OrderedDict[str, Bucket] = OrderedDict()
+        self._buckets: Recent[str, Bucket] = Recent(size)
 
     def take(self, name: str, capacity: float, per_second: float) -> tuple[float, Bucket]:
         now = time.monotonic()
         bucket = self._buckets.get(name)
         if bucket is None or bucket.capacity != capacity or bucket.per_second != per_second:
             bucket = Bucket(capacity, per_second, capacity, now)
-            self._buckets[name] = bucket
-            if len(self._buckets) > self._size:
-                self._buckets.popitem(last=False)
-        else:
-            self._buckets.move_to_end(name)
+            self._buckets.put(name, bucket)
         return bucket.take(now), bucket

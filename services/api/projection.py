@@ -42,7 +42,8 @@ async def project(redis: Redis, conn: AsyncConnection, customer_id: str) -> bool
                 },
             )
             states = {
-                k.id: orjson.dumps(k.state()) for k in await accounts.list_keys(conn, customer.id)
+                k.id: orjson.dumps(k.holder().state())
+                for k in await accounts.list_keys(conn, customer.id)
             }
             if states:
                 pipe.hset(keys_key, mapping=states)  # type: ignore[arg-type]

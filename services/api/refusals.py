@@ -105,13 +105,3 @@ def refused(outcome: Outcome, detail: str, customer: str | None = None) -> Probl
         headers=headers(outcome),
         **body,
     )
-
-
-def unauthorized(detail: str) -> Problem:
-    return Problem(
-        401,
-        "unauthorized",
-        "Unauthorized",
-        detail,
-        headers={"WWW-Authenticate": 'Bearer realm="tally"'},
-    )

@@ -17,7 +17,7 @@ from services.api.auth import Authenticator, address, credential
 from services.api.usage import MAX_BUCKETS, UsageReader
 from services.common import catalog
 from services.common.keys import Scope
-from services.common.problems import Problem
+from services.common.problems import Problem, invalid_field
 
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
 LATEST = datetime(2999, 12, 31, tzinfo=UTC)
@@ -118,10 +118,4 @@ def _grouping(meter: Meter, group_by: str | None) -> bool:
 
 
 def _invalid(field: str, reason: str) -> Problem:
-    return Problem(
-        422,
-        "invalid-parameter",
-        "Invalid parameter",
-        f"{field}: {reason}",
-        errors=[{"field": field, "reason": reason}],
-    )
+    return invalid_field(field, reason, "parameter")

@@ -15,11 +15,15 @@ import hmac
 import re
 import secrets
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
+from typing import Any
 
 from psycopg import AsyncConnection
+
+from services.common.problems import Problem, unauthorized
 
 ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 SECRET_CHARS = 43  # 62**43 > 2**256
@@ -98,15 +102,46 @@ class Holder:
     expires_at: datetime | None
     revoked_at: datetime | None
 
-    def refusal(self, scope: Scope, now: datetime) -> str | None:
-        """Why this key may not be used for ``scope`` now; ``None`` if it may."""
+    def state(self) -> dict[str, Any]:
+        """The key's Redis projection, as the enforcement script reads it:
+        ``{s: scopes, x: expires (ms), r: revoked}`` (see ``schemas.redis_keys``)."""
+        state: dict[str, Any] = {"s": list(self.scopes)}
+        if self.expires_at is not None:
+            state["x"] = int(self.expires_at.timestamp() * 1000)
         if self.revoked_at is not None:
-            return "the API key was revoked"
+            state["r"] = True
+        return state
+
+    @classmethod
+    def from_state(cls, customer: str, key_id: str, state: Mapping[str, Any]) -> Holder:
+        """Back from the projection (a revoked key's time is not kept there)."""
+        expires = state.get("x")
+        return cls(
+            customer,
+            key_id,
+            tuple(state["s"]),
+            datetime.fromtimestamp(expires / 1000, UTC) if expires is not None else None,
+            datetime.fromtimestamp(0, UTC) if state.get("r") else None,
+        )
+
+    def check(self, scope: Scope | None, now: datetime) -> None:
+        """Raise the problem (401, 403) that keeps this key from ``scope`` now."""
+        if self.revoked_at is not None:
+            raise unauthorized("the API key was revoked")
         if self.expires_at is not None and self.expires_at <= now:
-            return "the API key has expired"
-        if scope.value not in self.scopes:
-            return f"this API key lacks the {scope.value!r} scope"
-        return None
+            raise unauthorized("the API key has expired")
+        if scope is not None and scope.value not in self.scopes:
+            raise insufficient_scope(scope)
+
+
+def insufficient_scope(scope: Scope) -> Problem:
+    return Problem(
+        403,
+        "insufficient-scope",
+        "Insufficient scope",
+        f"this API key lacks the {scope.value!r} scope",
+        scope=scope.value,
+    )
 
 
 async def holder(conn: AsyncConnection, key_digest: bytes) -> Holder | None:

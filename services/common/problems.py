@@ -72,6 +72,23 @@ def field_path(loc: tuple[int | str, ...]) -> str:
     return path
 
 
+def invalid_field(field: str, reason: str, what: str = "request") -> Problem:
+    """422 for one field (or parameter) of a request, named in ``errors``."""
+    return Problem(
+        422,
+        f"invalid-{what}",
+        f"Invalid {what}",
+        f"{field}: {reason}",
+        errors=[{"field": field, "reason": reason}],
+    )
+
+
+def unauthorized(detail: str) -> Problem:
+    return Problem(
+        401, "unauthorized", "Unauthorized", detail, headers={"WWW-Authenticate": "Bearer"}
+    )
+
+
 def invalid_request(errors: Sequence[Mapping[str, Any]], prefix: str = "") -> Problem:
     """422 naming each failing field of pydantic ``errors`` (``loc`` under ``prefix``)."""
     found = [

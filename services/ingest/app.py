@@ -28,7 +28,7 @@ from pydantic.json_schema import models_json_schema
 from schemas.events import UsageEvent, utcnow
 from services.common import keys, metrics
 from services.common.logging import get_logger
-from services.common.problems import Problem
+from services.common.problems import Problem, unauthorized
 from services.common.settings import Settings
 from services.ingest import parsing
 from services.ingest.parsing import Status, TimeBounds
@@ -57,24 +57,21 @@ class Ingest:
         scheme, _, token = (authorization or "").partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
-            raise _unauthorized("send a service token or API key as 'Authorization: Bearer …'")
+            raise unauthorized("send a service token or API key as 'Authorization: Bearer …'")
         given = token.encode()
         if any(hmac.compare_digest(given, known) for known in self._tokens):
             return None
         if self._pool is None or not token.startswith("tally_"):
-            raise _unauthorized("the bearer token is not a valid service token")
+            raise unauthorized("the bearer token is not a valid service token")
         try:
             keys.check_format(token)
         except keys.MalformedKey as exc:
-            raise _unauthorized(str(exc)) from None
+            raise unauthorized(str(exc)) from None
         async with self._pool.connection() as conn:
             holder = await keys.holder(conn, keys.digest(self.settings.pepper, token))
         if holder is None:
-            raise _unauthorized("unknown API key")
-        if refusal := holder.refusal(keys.Scope.INGEST, utcnow()):
-            if "scope" in refusal:
-                raise Problem(403, "insufficient-scope", "Insufficient scope", refusal)
-            raise _unauthorized(refusal)
+            raise unauthorized("unknown API key")
+        holder.check(keys.Scope.INGEST, utcnow())
         return holder.customer
 
     async def read_body(self, request: Request) -> bytes:
@@ -138,12 +135,6 @@ def _body_schemas() -> dict[str, Any]:
         parsing.BATCH: {"schema": batch},
         parsing.JSON: {"schema": {"oneOf": [batch, one]}},
     }
-
-
-def _unauthorized(detail: str) -> Problem:
-    return Problem(
-        401, "unauthorized", "Unauthorized", detail, headers={"WWW-Authenticate": "Bearer"}
-    )
 
 
 def _too_large(size: int, limit: int) -> Problem:
