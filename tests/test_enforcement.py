@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from typing import Any
 
 import httpx
 import pytest
@@ -402,3 +403,93 @@ async def test_failing_open_still_refuses_revoked_keys(settings: Settings) -> No
     async with running_api(settings, redis_url="redis://127.0.0.1:1/0") as api:
         reply = await enforce(api, account)
         assert reply.status_code == 401 and "revoked" in reply.json()["detail"]
+
+
+async def test_admin_and_key_bad_inputs(api: httpx.AsyncClient) -> None:
+    """Each refused with its status and the field at fault; nothing half-saved."""
+
+    async def field(reply: httpx.Response, status: int) -> str:
+        assert reply.status_code == status, reply.text
+        assert reply.headers["content-type"].startswith("application/problem+json")
+        errors = reply.json().get("errors") or [{"field": ""}]
+        return str(errors[0]["field"])
+
+    bad_plans = [
+        (plan_with() | {"id": "other-id"}, "id"),
+        (plan_with(quotas={"storage_gb": {"limit": 5}}), "plan"),
+        (plan_with(prices={"nope": {"unit_price": "1"}}), "plan"),
+        (plan_with(upgrade_to="gold"), "plan"),
+        (plan_with(endpoint_costs={"/x": 50}, per_minute=10), "body"),
+        (
+            plan_with()
+            | {"rate_limits": [{"name": "g", "limit": 5000, "per": "second", "algorithm": "gcra"}]},
+            "body.rate_limits[0]",
+        ),
+        (plan_with() | {"price": "-1"}, "body.price"),
+    ]
+    for plan, where in bad_plans:
+        path = "/v1/admin/plans/" + ("p-x" if plan["id"] == "other-id" else plan["id"])
+        reply = await api.put(path, json=plan, headers=ADMIN)
+        assert (await field(reply, 422)).startswith(where), reply.text
+        assert (
+            await api.get(f"/v1/admin/plans/{plan['id']}/versions", headers=ADMIN)
+        ).status_code == 404
+    assert (await api.get("/v1/admin/plans")).status_code == 401
+
+    account = await sign_up(api, "pro")
+    customers = "/v1/admin/customers"
+    assert (
+        await field(
+            await api.post(
+                customers, json={"email": "x@example.com", "plan": "gold"}, headers=ADMIN
+            ),
+            422,
+        )
+        == "plan"
+    )
+    again = {"id": account.customer, "email": "new@example.com", "plan": "free"}
+    assert (await api.post(customers, json=again, headers=ADMIN)).status_code == 409
+    one = f"{customers}/{account.customer}"
+    assert (
+        await field(await api.patch(one, json={"status": "asleep"}, headers=ADMIN), 422)
+        == "body.status"
+    )
+    assert await field(await api.patch(one, json={"plan": "gold"}, headers=ADMIN), 422) == "plan"
+    assert (await api.patch(f"{customers}/nobody", json={}, headers=ADMIN)).status_code == 404
+
+    keys = account.auth
+    past = (utcnow() - timedelta(days=1)).isoformat()
+    assert (
+        await field(await api.post("/v1/keys", json={"expires_at": past}, headers=keys), 422)
+        == "body.expires_at"
+    )
+    assert (
+        await field(await api.post("/v1/keys", json={"scopes": []}, headers=keys), 422)
+        == "body.scopes"
+    )
+    assert (
+        await field(await api.post("/v1/keys", json={"scopes": ["root"]}, headers=keys), 422)
+        == "body.scopes[0]"
+    )
+    rotate = f"/v1/keys/{account.key_id}/rotate"
+    too_long = {"grace_seconds": 10**9}
+    assert (
+        await field(await api.post(rotate, json=too_long, headers=keys), 422)
+        == "body.grace_seconds"
+    )
+    assert (await api.post("/v1/keys/key_nope/rotate", json={}, headers=keys)).status_code == 404
+    spare = (await api.post("/v1/keys", json={}, headers=keys)).json()
+    await api.delete(f"/v1/keys/{spare['id']}", headers=keys)
+    assert (
+        await api.post(f"/v1/keys/{spare['id']}/rotate", json={}, headers=keys)
+    ).status_code == 409
+
+    many: dict[str, Any] = {"checks": [{}] * 101}
+    assert (
+        await field(await api.post("/v1/enforce/batch", json=many, headers=keys), 422)
+        == "body.checks"
+    )
+    assert (
+        await field(await api.post("/v1/enforce/batch", json={"checks": []}, headers=keys), 422)
+        == "body.checks"
+    )

@@ -8,9 +8,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from psycopg_pool import AsyncConnectionPool
-from pydantic import BaseModel, ConfigDict, EmailStr, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, EmailStr, Field, field_validator
 from redis.asyncio import Redis
 
+from schemas.events import utcnow
 from schemas.plans import Plan
 from services.api import accounts, projection
 from services.api.accounts import ApiKey, Customer, EmailTaken
@@ -38,8 +39,15 @@ class NewKeyRequest(BaseModel):
 
     name: Annotated[str, Field(max_length=100)] = ""
     scopes: Annotated[list[Scope], Field(min_length=1)] = list(ALL_SCOPES)
-    expires_at: datetime | None = None
+    expires_at: AwareDatetime | None = None
     environment: Environment = Environment.LIVE
+
+    @field_validator("expires_at")
+    @classmethod
+    def _future(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value <= utcnow():
+            raise ValueError("must lie in the future")
+        return value
 
 
 class Rotation(BaseModel):
