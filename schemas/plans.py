@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Set
 from decimal import Decimal
 from enum import StrEnum
-from typing import Annotated, Self
+from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -25,6 +25,15 @@ Units = Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=6)]
 class Interval(StrEnum):
     MONTH = "month"
     YEAR = "year"
+
+
+class Cycle(StrEnum):
+    """Where billing periods start: on calendar months (or years), or on the day of the
+    month the subscription started (its anniversary; the 31st falls back to the last day
+    of shorter months)."""
+
+    CALENDAR = "calendar"
+    ANNIVERSARY = "anniversary"
 
 
 class Per(StrEnum):
@@ -110,16 +119,25 @@ class Tier(BaseModel):
     flat_price: Money = Decimal(0)
 
 
+UNLIMITED = "unlimited"
+
+
 class Price(BaseModel):
-    """How one meter's usage in a billing period becomes money."""
+    """How one meter's usage in a billing period becomes money.
+
+    ``included`` units are deducted before the model prices the rest (``unlimited``: all
+    usage is included, shown on the invoice at no charge); ``minimum`` is the least the
+    line costs for a billed stretch of the period, whatever the usage.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     model: PriceModel = PriceModel.PER_UNIT
-    included: Units = Decimal(0)
+    included: Units | Literal["unlimited"] = Decimal(0)
     unit_price: Money | None = None
     package_size: Units | None = None
     tiers: tuple[Tier, ...] = ()
+    minimum: Money = Decimal(0)
 
     @model_validator(mode="after")
     def _coherent(self) -> Self:
@@ -150,6 +168,7 @@ class Plan(BaseModel):
     price: Money = Decimal(0)
     currency: Annotated[str, Field(pattern=r"^[a-z]{3}$")] = "usd"
     interval: Interval = Interval.MONTH
+    cycle: Cycle = Cycle.CALENDAR
     trial_days: Annotated[int, Field(ge=0, le=365)] = 0
     prices: dict[str, Price] = Field(default_factory=dict, description="Usage prices by meter.")
     quotas: dict[str, Quota] = Field(default_factory=dict, description="Limits by meter.")

@@ -1,0 +1,86 @@
+"""Billing periods: where each one starts and ends, in UTC, at midnight.
+
+A calendar cycle starts periods on the 1st of the month (or on 1 January, yearly).  An
+anniversary cycle starts them on the day of the month the subscription's anchor fell
+on — its trial end, or its start — and when that day does not exist in a month (the
+31st in April, the 29th of February) on that month's last day.  A period is named by
+the month it starts in (``2026-11``).
+"""
+
+from __future__ import annotations
+
+import calendar
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time
+
+from schemas.plans import Cycle, Interval
+
+
+@dataclass(frozen=True, slots=True)
+class Period:
+    start: datetime
+    end: datetime
+
+    @property
+    def label(self) -> str:
+        return f"{self.start:%Y-%m}"
+
+    @property
+    def seconds(self) -> int:
+        return int((self.end - self.start).total_seconds())
+
+
+def period_in_month(month: date, anchor: date, cycle: Cycle, interval: Interval) -> Period | None:
+    """The period that starts in ``month`` (any day of it), if one does."""
+    months = _months(interval)
+    first = _first_month(anchor, cycle, interval)
+    offset = _month_index(month) - _month_index(first)
+    if offset % months:
+        return None
+    return _nth(first, anchor.day if cycle is Cycle.ANNIVERSARY else 1, offset, months)
+
+
+def period_containing(instant: datetime, anchor: date, cycle: Cycle, interval: Interval) -> Period:
+    """The period ``instant`` falls in (periods extend backwards before the anchor too)."""
+    months = _months(interval)
+    first = _first_month(anchor, cycle, interval)
+    day = anchor.day if cycle is Cycle.ANNIVERSARY else 1
+    offset = (_month_index(instant.date()) - _month_index(first)) // months * months
+    period = _nth(first, day, offset, months)
+    if instant < period.start:
+        period = _nth(first, day, offset - months, months)
+    return period
+
+
+def parse_month(text: str) -> date:
+    """``YYYY-MM`` as the first day of that month; ValueError otherwise."""
+    try:
+        return datetime.strptime(text, "%Y-%m").date()
+    except ValueError:
+        raise ValueError(f"expected a month as YYYY-MM, got {text!r}") from None
+
+
+def _nth(first: date, day: int, offset: int, months: int) -> Period:
+    return Period(_start(first, day, offset), _start(first, day, offset + months))
+
+
+def _start(first: date, day: int, offset: int) -> datetime:
+    index = _month_index(first) + offset
+    year, month = divmod(index, 12)
+    last = calendar.monthrange(year, month + 1)[1]
+    return datetime.combine(date(year, month + 1, min(day, last)), time(), UTC)
+
+
+def _first_month(anchor: date, cycle: Cycle, interval: Interval) -> date:
+    """The month the anchor's period starts in: a calendar year starts in January."""
+    if cycle is Cycle.CALENDAR and interval is Interval.YEAR:
+        return date(anchor.year, 1, 1)
+    return anchor.replace(day=1)
+
+
+def _months(interval: Interval) -> int:
+    return 12 if interval is Interval.YEAR else 1
+
+
+def _month_index(day: date) -> int:
+    return day.year * 12 + day.month - 1
