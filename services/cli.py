@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import date
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -12,7 +13,7 @@ from services.common.settings import Settings, get_settings
 from services.runtime import Runtime, Starter, run, serve
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
-billing_app = typer.Typer(help="Rollups of raw events into usage_daily (and, later, invoices).")
+billing_app = typer.Typer(help="Rollups of raw events into usage_daily, and billing runs.")
 app.add_typer(billing_app, name="billing")
 
 PortOption = Annotated[int | None, typer.Option(help="HTTP port (default: TALLY_PORT)")]
@@ -112,6 +113,61 @@ def billing_rollup(
             )
 
     run(main())
+
+
+@billing_app.command("run")
+def billing_run(
+    period: Annotated[str, typer.Option(help="Bill the periods starting in this month, YYYY-MM")],
+    finalize: Annotated[
+        bool, typer.Option(help="Finalize the drafts now, without waiting out the grace period")
+    ] = False,
+) -> None:
+    """Invoice every customer whose period starting in --period has ended; idempotent."""
+    from services.billing.periods import parse_month
+    from services.billing.service import billing_run as make_run
+
+    try:
+        month = parse_month(period)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--period") from None
+
+    async def main() -> None:
+        async with Runtime(_settings()) as runtime:
+            report = await (await make_run(runtime)).run(month, finalize=finalize)
+            typer.echo(
+                f"{report.period}: {report.customers} customers, {report.written} invoices"
+                f" written, {report.skipped} without a closed period"
+                + (f" (resumed after {report.resumed_after})" if report.resumed_after else "")
+            )
+
+    run(main())
+
+
+@app.command()
+def rate(
+    plan: Annotated[str, typer.Option(help="The plan's id in the catalog")],
+    usage: Annotated[list[str] | None, typer.Option(help="meter=quantity, once per meter")] = None,
+    catalog: Annotated[
+        Path | None, typer.Option(help="A catalog YAML file (default: the built-in one)")
+    ] = None,
+    period_days: Annotated[
+        int | None, typer.Option(help="Rate the last N days of a period (prorates the fee)")
+    ] = None,
+) -> None:
+    """Print the invoice a plan would produce for some usage, as JSON."""
+    from schemas.catalog import Catalog
+    from services.billing.simulate import parse_usage, simulate
+
+    try:
+        chosen = Catalog.from_file(catalog) if catalog else Catalog.default()
+        invoice = simulate(chosen, plan, parse_usage(usage or []), period_days)
+    except (OSError, ValueError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+    typer.echo(
+        invoice.model_dump_json(
+            indent=2, exclude={"id", "status", "computed_at", "finalized_at", "customer"}
+        )
+    )
 
 
 @app.command()

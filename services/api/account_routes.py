@@ -20,7 +20,7 @@ from services.api.limiter import UNREACHABLE
 from services.common import catalog
 from services.common.keys import ALL_SCOPES, Environment, Scope
 from services.common.logging import get_logger
-from services.common.problems import Problem, invalid_field
+from services.common.problems import Problem, invalid_field, unknown_customer
 from services.common.settings import Settings
 
 log = get_logger("tally.accounts")
@@ -84,9 +84,7 @@ class Accounts:
         async with self.pool.connection() as conn:
             found = await accounts.get_customer(conn, customer_id)
         if found is None:
-            raise Problem(
-                404, "unknown-customer", "Unknown customer", f"no customer {customer_id!r}"
-            )
+            raise unknown_customer(customer_id)
         return found
 
     async def key(self, customer_id: str, key_id: str) -> ApiKey:

@@ -36,7 +36,7 @@ from services.api.local import Buckets, Recent
 from services.api.refusals import refused
 from services.common import keys
 from services.common.keys import MalformedKey, Scope
-from services.common.problems import Problem, unauthorized
+from services.common.problems import unauthorized
 from services.common.settings import Settings
 
 
@@ -163,7 +163,7 @@ class Authenticator:
         if caller.service:
             return
         if caller.customer != customer:
-            raise forbidden_customer()
+            raise keys.forbidden_customer()
         raw = await self._redis.hget(redis_keys.api_keys(customer), caller.key_id)
         if raw is None:
             async with self._pool.connection() as conn:
@@ -176,12 +176,3 @@ class Authenticator:
 def _raise_if_refused(outcome: Outcome) -> None:
     if not outcome.allowed and outcome.violated is not None:
         raise refused(outcome, "too many requests from this address")
-
-
-def forbidden_customer() -> Problem:
-    return Problem(
-        403,
-        "forbidden",
-        "Forbidden",
-        "this API key belongs to another customer",
-    )

@@ -22,14 +22,14 @@ from redis.asyncio import Redis
 from schemas import redis_keys
 from schemas.events import CUSTOMER_ID_PATTERN, VALUE_STRING_PATTERN, utcnow
 from services.api import accounts, projection
-from services.api.auth import Caller, forbidden_customer
+from services.api.auth import Caller
 from services.api.fallback import Fallback
 from services.api.limiter import UNREACHABLE, Ask, Code, Limiter, Mode, Outcome
 from services.api.refusals import decision, headers, refused
 from services.common import catalog, keys, metrics
-from services.common.keys import Scope
+from services.common.keys import Scope, forbidden_customer
 from services.common.logging import get_logger
-from services.common.problems import Problem, invalid_field, unauthorized
+from services.common.problems import Problem, invalid_field, unauthorized, unknown_customer
 from services.common.settings import Settings
 
 log = get_logger("tally.enforce")
@@ -179,9 +179,7 @@ class Enforcer:
     async def _project(self, customer: str) -> None:
         async with self._pool.connection() as conn:
             if not await projection.project(self._redis, conn, customer):
-                raise Problem(
-                    404, "unknown-customer", "Unknown customer", f"no customer {customer!r}"
-                )
+                raise unknown_customer(customer)
 
     async def _end_trial(self, customer: str) -> None:
         settings = self._settings
@@ -261,7 +259,7 @@ class Enforcer:
             account = await accounts.get_customer(conn, customer)
             key = await accounts.get_key(conn, caller.key_id) if caller.key_id else None
         if account is None:
-            raise Problem(404, "unknown-customer", "Unknown customer", f"no customer {customer!r}")
+            raise unknown_customer(customer)
         if key is not None:
             key.holder().check(Scope.ENFORCE, utcnow())
         if account.status in (accounts.Status.CANCELLED, accounts.Status.SUSPENDED):

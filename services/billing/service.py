@@ -1,15 +1,24 @@
-"""Billing as a running service: the scheduled incremental rollup."""
+"""Billing as a running service: the scheduled rollup and billing run, and invoices
+over HTTP."""
 
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from collections.abc import Awaitable, Callable
+from datetime import UTC, date, datetime, timedelta
 
+from services.billing import routes
 from services.billing.rollup import Rollup
+from services.billing.run import BillingRun
+from services.common import keys
 from services.common.logging import get_logger
 from services.runtime import Component, Runtime
 
 log = get_logger("tally.billing")
+
+# Periods starting this many months ago can have ended (or left their grace) this
+# month: monthly ones 1-2 months back, yearly ones 12-13.
+RECENT = (1, 2, 12, 13)
 
 
 async def rollup(runtime: Runtime) -> Rollup:
@@ -21,21 +30,54 @@ async def rollup(runtime: Runtime) -> Rollup:
     )
 
 
+async def billing_run(runtime: Runtime) -> BillingRun:
+    grace = timedelta(hours=runtime.settings.invoice_grace_hours)
+    return BillingRun(await runtime.pool(), runtime.clickhouse, grace)
+
+
 async def start(runtime: Runtime) -> Component:
-    job = await rollup(runtime)
-    runtime.background(_every(job, runtime.settings.rollup_interval_seconds), "rollup")
+    settings = runtime.settings
+    job, billing = await rollup(runtime), await billing_run(runtime)
+    runtime.background(
+        _every(lambda: _roll_up(job), "rollup", settings.rollup_interval_seconds), "rollup"
+    )
+    runtime.background(
+        _every(lambda: _bill_recent(billing), "billing", settings.billing_interval_seconds),
+        "billing",
+    )
+    pool = await runtime.pool()
+    bearer = keys.Bearer(settings.service_tokens, settings.pepper, pool)
     return Component(
         "billing",
+        routers=[routes.router(pool, bearer, runtime.clickhouse)],
         checks={"clickhouse": runtime.check_clickhouse(), "postgres": runtime.check_postgres()},
     )
 
 
-async def _every(job: Rollup, seconds: float) -> None:
+async def _roll_up(job: Rollup) -> None:
+    report = await job.run_incremental()
+    if report.cells:
+        log.info("rollup", cells=report.cells, rows=report.rows, watermark=report.watermark)
+
+
+async def _bill_recent(billing: BillingRun) -> None:
+    today = datetime.now(UTC).date()
+    for back in RECENT:
+        report = await billing.run(months_before(today, back))
+        if report.written:
+            log.info("billing run", period=report.period, written=report.written)
+
+
+def months_before(day: date, months: int) -> date:
+    """The first day of the month ``months`` before ``day``'s."""
+    index = day.year * 12 + day.month - 1 - months
+    return date(index // 12, index % 12 + 1, 1)
+
+
+async def _every(job: Callable[[], Awaitable[None]], name: str, seconds: float) -> None:
     while True:
         try:
-            report = await job.run_incremental()
-            if report.cells:
-                log.info("rollup", cells=report.cells, rows=report.rows, watermark=report.watermark)
+            await job()
         except Exception as exc:  # the next pass picks up where this one failed
-            log.error("rollup failed", error=repr(exc))
+            log.error(f"{name} failed", error=repr(exc))
         await asyncio.sleep(seconds)

@@ -15,13 +15,14 @@ import hmac
 import re
 import secrets
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
 from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
 
 from services.common.problems import Problem, unauthorized
 
@@ -144,6 +145,15 @@ def insufficient_scope(scope: Scope) -> Problem:
     )
 
 
+def forbidden_customer() -> Problem:
+    return Problem(
+        403,
+        "forbidden",
+        "Forbidden",
+        "this API key belongs to another customer",
+    )
+
+
 async def holder(conn: AsyncConnection, key_digest: bytes) -> Holder | None:
     cur = await conn.execute(
         "SELECT customer_id, id, scopes, expires_at, revoked_at FROM api_keys WHERE hash = %s",
@@ -151,3 +161,39 @@ async def holder(conn: AsyncConnection, key_digest: bytes) -> Holder | None:
     )
     row = await cur.fetchone()
     return Holder(row[0], row[1], tuple(row[2]), row[3], row[4]) if row else None
+
+
+class Bearer:
+    """``Authorization: Bearer`` as the services other than enforcement take it: one of
+    the seller's service tokens (acting for anyone), or a customer's API key with the
+    scope the route needs (acting for that customer only)."""
+
+    def __init__(
+        self, tokens: Sequence[str], pepper: bytes, pool: AsyncConnectionPool | None
+    ) -> None:
+        """Without ``pool`` only service tokens are accepted, not customers' API keys."""
+        self._tokens = [t.encode() for t in tokens]
+        self._pepper = pepper
+        self._pool = pool
+
+    async def authenticate(self, authorization: str | None, scope: Scope) -> str | None:
+        """``None`` for a service token; for an API key, the customer it belongs to."""
+        scheme, _, token = (authorization or "").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise unauthorized("send a service token or API key as 'Authorization: Bearer …'")
+        given = token.encode()
+        if any(hmac.compare_digest(given, known) for known in self._tokens):
+            return None
+        if self._pool is None or not token.startswith("tally_"):
+            raise unauthorized("the bearer token is not a valid service token")
+        try:
+            check_format(token)
+        except MalformedKey as exc:
+            raise unauthorized(str(exc)) from None
+        async with self._pool.connection() as conn:
+            found = await holder(conn, digest(self._pepper, token))
+        if found is None:
+            raise unauthorized("unknown API key")
+        found.check(scope, datetime.now(UTC))
+        return found.customer

@@ -112,3 +112,7 @@ def install(app: FastAPI) -> None:
     """Register the problem+json handlers on a FastAPI app."""
     app.add_exception_handler(Problem, problem_handler)
     app.add_exception_handler(RequestValidationError, request_validation_handler)
+
+
+def unknown_customer(customer: str) -> Problem:
+    return Problem(404, "unknown-customer", "Unknown customer", f"no customer {customer!r}")

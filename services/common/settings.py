@@ -85,6 +85,12 @@ class Settings(BaseSettings):
 
     rollup_interval_seconds: float = 60.0
     rollup_safety_lag_seconds: float = 5.0
+    billing_interval_seconds: float = Field(
+        3600.0, description="How often the billing service runs the recent periods' billing."
+    )
+    invoice_grace_hours: float = Field(
+        24.0, description="How long after its period a draft waits for late usage."
+    )
 
     catalog_path: Path | None = None
 

@@ -12,7 +12,6 @@ Answers:
 
 from __future__ import annotations
 
-import hmac
 import time
 import uuid
 import zlib
@@ -28,7 +27,7 @@ from pydantic.json_schema import models_json_schema
 from schemas.events import UsageEvent, utcnow
 from services.common import keys, metrics
 from services.common.logging import get_logger
-from services.common.problems import Problem, unauthorized
+from services.common.problems import Problem
 from services.common.settings import Settings
 from services.ingest import parsing
 from services.ingest.parsing import Status, TimeBounds
@@ -48,31 +47,12 @@ class Ingest:
         self.settings = settings
         self.publisher = publisher
         self.bounds = TimeBounds(settings.future_tolerance, settings.backfill_window)
-        self._tokens = [t.encode() for t in settings.service_tokens]
-        self._pool = pool
+        self.bearer = keys.Bearer(settings.service_tokens, settings.pepper, pool)
 
     async def authenticate(self, authorization: str | None) -> str | None:
         """``None`` for a service token (any subject); for a customer's API key with
         the ``ingest`` scope, the customer its events must be about."""
-        scheme, _, token = (authorization or "").partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            raise unauthorized("send a service token or API key as 'Authorization: Bearer …'")
-        given = token.encode()
-        if any(hmac.compare_digest(given, known) for known in self._tokens):
-            return None
-        if self._pool is None or not token.startswith("tally_"):
-            raise unauthorized("the bearer token is not a valid service token")
-        try:
-            keys.check_format(token)
-        except keys.MalformedKey as exc:
-            raise unauthorized(str(exc)) from None
-        async with self._pool.connection() as conn:
-            holder = await keys.holder(conn, keys.digest(self.settings.pepper, token))
-        if holder is None:
-            raise unauthorized("unknown API key")
-        holder.check(keys.Scope.INGEST, utcnow())
-        return holder.customer
+        return await self.bearer.authenticate(authorization, keys.Scope.INGEST)
 
     async def read_body(self, request: Request) -> bytes:
         """The body, decompressed when sent with ``Content-Encoding: gzip``; the size limit

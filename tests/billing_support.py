@@ -1,0 +1,75 @@
+"""Customers with a past, and usage on given days, written straight into PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from decimal import Decimal
+
+from psycopg_pool import AsyncConnectionPool
+
+from schemas.invoices import Invoice
+from services.billing import invoices
+
+
+def at(text: str) -> datetime:
+    return datetime.fromisoformat(text).replace(tzinfo=UTC)
+
+
+async def subscribe(
+    pool: AsyncConnectionPool,
+    customer: str,
+    plan: str,
+    since: datetime,
+    status: str = "active",
+    trial_ends_at: datetime | None = None,
+) -> None:
+    async with pool.connection() as conn:
+        await conn.execute(
+            "INSERT INTO customers (id, email, plan_id, status, trial_ends_at, created_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s)",
+            (customer, f"{customer}@example.com", plan, status, trial_ends_at, since),
+        )
+
+
+async def change(
+    pool: AsyncConnectionPool,
+    customer: str,
+    when: datetime,
+    plan: str | None = None,
+    status: str | None = None,
+) -> None:
+    """Change plan or status as of ``when`` (the trigger records it; we back-date it)."""
+    async with pool.connection() as conn:
+        await conn.execute(
+            "UPDATE customers SET plan_id = coalesce(%s, plan_id), status = coalesce(%s, status)"
+            " WHERE id = %s",
+            (plan, status, customer),
+        )
+        await conn.execute(
+            "UPDATE subscription_history SET at = %s WHERE customer_id = %s AND seq ="
+            " (SELECT max(seq) FROM subscription_history WHERE customer_id = %s)",
+            (when, customer, customer),
+        )
+
+
+async def record_usage(
+    pool: AsyncConnectionPool, customer: str, meter: str, day: date, value: Decimal | int | str
+) -> None:
+    """A day's rolled-up usage, as the rollup would write it."""
+    async with pool.connection() as conn:
+        await conn.execute(
+            "INSERT INTO usage_daily (customer, meter, day, value, latest_at, watermark)"
+            " VALUES (%s, %s, %s, %s, %s, now()) ON CONFLICT (customer, meter, day, group_key)"
+            " DO UPDATE SET value = excluded.value, latest_at = excluded.latest_at",
+            (customer, meter, day, Decimal(value), datetime.combine(day, datetime.max.time(), UTC)),
+        )
+
+
+async def invoice_of(pool: AsyncConnectionPool, customer: str) -> Invoice:
+    async with pool.connection() as conn:
+        [invoice] = await invoices.listed(conn, customer)
+    return invoice
+
+
+def amounts(invoice: Invoice) -> list[tuple[str | None, Decimal]]:
+    return [(line.meter or line.plan, line.amount) for line in invoice.lines]
