@@ -40,7 +40,8 @@ def upgrade() -> None:
             FOR EACH ROW EXECUTE FUNCTION record_subscription();
         CREATE TRIGGER customers_history_update AFTER UPDATE OF plan_id, status ON customers
             FOR EACH ROW
-            WHEN (OLD.plan_id IS DISTINCT FROM NEW.plan_id OR OLD.status IS DISTINCT FROM NEW.status)
+            WHEN (OLD.plan_id IS DISTINCT FROM NEW.plan_id
+                  OR OLD.status IS DISTINCT FROM NEW.status)
             EXECUTE FUNCTION record_subscription();
 
         INSERT INTO subscription_history (customer_id, at, plan_id, status)
