@@ -146,6 +146,7 @@ def test_forecast_grows_additive_meters_linearly() -> None:
         usage,
         stretches,
         {"calls": invoicing.Aggregation.COUNT, "storage": invoicing.Aggregation.MAX},
+        at("2026-10-01"),
         at("2026-11-11"),
         NOVEMBER,
     )

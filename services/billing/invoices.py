@@ -64,7 +64,9 @@ async def upcoming(
         draft,
         fees=invoicing.fee_stretches(period, states, period.end),
         stretches=invoicing.usage_stretches(period, states, period.end),
-        usage=invoicing.extrapolate(draft.usage, draft.stretches, aggregations, now, period),
+        usage=invoicing.extrapolate(
+            draft.usage, draft.stretches, aggregations, states[0].at, now, period
+        ),
     )
     lines = tuple(whole.lines())
     return UpcomingInvoice(

@@ -138,16 +138,19 @@ def extrapolate(
     usage: Usage,
     stretches: Sequence[Stretch],
     aggregations: Mapping[str, Aggregation],
+    since: datetime,
     as_of: datetime,
     period: Period,
 ) -> dict[tuple[int, str], Decimal]:
-    """Usage at the period's end if the current stretch keeps its pace so far: additive
-    meters grow linearly; max, latest and unique counts stay where they are."""
+    """Usage at the period's end if the current stretch keeps the pace it had between
+    ``since`` (its start, or the subscription's if later) and ``as_of``: additive meters
+    grow linearly; max, latest and unique counts stay where they are."""
     if not stretches:
         return dict(usage)
     last = len(stretches) - 1
-    elapsed = (as_of - stretches[last].start).total_seconds()
-    whole = (period.end - stretches[last].start).total_seconds()
+    since = max(since, stretches[last].start)
+    elapsed = (as_of - since).total_seconds()
+    whole = (period.end - since).total_seconds()
     with localcontext(EXACT):
         factor = Decimal(whole) / Decimal(elapsed) if elapsed > 0 else Decimal(1)
         return {

@@ -59,8 +59,8 @@ def upgrade() -> None:
                 CHECK (status IN ('draft', 'finalized', 'paid', 'payment_failed', 'void')),
             currency        text NOT NULL,
             lines           jsonb NOT NULL,
-            subtotal        numeric(24, 6) NOT NULL,
-            total           numeric(24, 6) NOT NULL,
+            subtotal        numeric NOT NULL,  -- as rounded: scale of the currency
+            total           numeric NOT NULL,
             computed_at     timestamptz NOT NULL DEFAULT now(),
             finalized_at    timestamptz,
             paid_at         timestamptz,
