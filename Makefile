@@ -27,9 +27,10 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy .
 
-bench: setup  ## the ingest pipeline and enforcement benchmarks (print rates and latencies)
+bench: setup  ## the pipeline, enforcement and billing-run benchmarks (print rates and latencies)
 	$(BIN)/python -m bench.pipeline
 	$(BIN)/python -m bench.enforce
+	$(BIN)/python -m bench.billing
 
 schemas: setup  ## regenerate the JSON Schema files from the pydantic models
 	$(BIN)/python -m schemas.jsonschema
