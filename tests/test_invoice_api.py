@@ -41,7 +41,10 @@ async def test_upcoming_invoice_so_far_and_forecast(settings, pool) -> None:
     invoice, forecast = body["invoice"], body["forecast"]
     assert invoice["period_start"] == f"{today:%Y-%m}-01T00:00:00Z"
     [calls] = [line for line in invoice["lines"] if line["meter"] == "api_calls"]
-    assert (Decimal(calls["quantity"]), Decimal(calls["amount"])) == (20_000, Decimal("10.00"))
+    assert (Decimal(calls["quantity"]), Decimal(calls["amount"])) == (
+        Decimal(20_000),
+        Decimal("10.00"),
+    )
     as_of = datetime.fromisoformat(body["as_of"])
     async with pool.connection() as conn:
         cur = await conn.execute(

@@ -8,6 +8,7 @@ from decimal import Decimal
 from hypothesis import given
 from hypothesis import strategies as st
 
+from schemas.catalog import Aggregation
 from schemas.plans import Cycle, Interval, Plan, Price
 from services.billing import invoicing
 from services.billing.invoicing import Span, State, Stretch
@@ -145,7 +146,7 @@ def test_forecast_grows_additive_meters_linearly() -> None:
     forecast = invoicing.extrapolate(
         usage,
         stretches,
-        {"calls": invoicing.Aggregation.COUNT, "storage": invoicing.Aggregation.MAX},
+        {"calls": Aggregation.COUNT, "storage": Aggregation.MAX},
         at("2026-10-01"),
         at("2026-11-11"),
         NOVEMBER,

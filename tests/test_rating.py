@@ -7,6 +7,7 @@ engine works tier by tier in exact decimals.  They must agree to the last digit.
 from __future__ import annotations
 
 import math
+from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 
 import pytest
@@ -68,7 +69,7 @@ def test_included_units_come_off_first_and_minimum_applies_to_any_usage() -> Non
 def test_unlimited_is_never_charged() -> None:
     price = Price(unit_price=D(1), included="unlimited")
     rated = rating.rate(price, D(10**12))
-    assert (rated.billable, rated.amount) == (0, 0)
+    assert (rated.billable, rated.amount) == (D(0), D(0))
     assert rating.describe(price, "usd") == "unlimited, included"
 
 
@@ -98,9 +99,7 @@ def _amount(plan: Plan, meter: str, quantity: int) -> Decimal:
     return rating.usage_line(plan, meter, D(quantity), *_period()).amount
 
 
-def _period():  # type: ignore[no-untyped-def]
-    from datetime import UTC, datetime
-
+def _period() -> tuple[datetime, datetime]:
     return datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)
 
 
@@ -116,9 +115,9 @@ def naive(price: Price, quantity: int) -> Decimal:
         pass
     elif price.model is PriceModel.PER_UNIT:
         for _ in range(billable):
-            amount += price.unit_price or 0
+            amount += price.unit_price or D(0)
     elif price.model is PriceModel.PACKAGE:
-        amount = math.ceil(billable / int(price.package_size or 1)) * (price.unit_price or 0)
+        amount = math.ceil(billable / int(price.package_size or 1)) * (price.unit_price or D(0))
     elif price.model is PriceModel.GRADUATED:
         reached = set()
         for unit in range(1, billable + 1):
