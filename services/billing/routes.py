@@ -9,12 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Path, Query
+from fastapi import APIRouter, Header, Path, Query, Request
 from psycopg_pool import AsyncConnectionPool
 
 from schemas.events import CUSTOMER_ID_PATTERN, utcnow
 from schemas.invoices import Invoice, InvoiceStatus, UpcomingInvoice
 from services.billing import invoices
+from services.billing.webhooks import Webhooks
 from services.common import keys
 from services.common.clickhouse import ClickHouse
 from services.common.problems import unknown_customer
@@ -24,7 +25,10 @@ Authorization = Annotated[str | None, Header()]
 
 
 def router(
-    pool: AsyncConnectionPool, bearer: keys.Bearer, clickhouse: Callable[[], ClickHouse]
+    pool: AsyncConnectionPool,
+    bearer: keys.Bearer,
+    clickhouse: Callable[[], ClickHouse],
+    webhooks: Webhooks | None = None,
 ) -> APIRouter:
     api = APIRouter(tags=["invoices"])
 
@@ -57,5 +61,12 @@ def router(
         if found is None:
             raise unknown_customer(customer)
         return found
+
+    if webhooks is not None:
+
+        @api.post("/v1/stripe/webhook", summary="Stripe's events (signed)", tags=["stripe"])
+        async def stripe_webhook(request: Request) -> dict[str, object]:
+            body = await request.body()
+            return await webhooks.receive(body, request.headers.get("stripe-signature"))
 
     return api

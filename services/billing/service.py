@@ -7,9 +7,13 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta
 
-from services.billing import routes
+from psycopg_pool import AsyncConnectionPool
+
+from services.billing import outbox, routes, stripe_client
+from services.billing.outbox import MeterPusher
 from services.billing.rollup import Rollup
 from services.billing.run import BillingRun
+from services.billing.webhooks import Webhooks
 from services.common import keys
 from services.common.logging import get_logger
 from services.runtime import Component, Runtime
@@ -46,10 +50,22 @@ async def start(runtime: Runtime) -> Component:
         "billing",
     )
     pool = await runtime.pool()
+    api = stripe_client.client(settings)
+    if api is not None:
+        pusher = MeterPusher(pool, api, stream=settings.stripe_meter_event_stream)
+        runtime.background(
+            _every(
+                lambda: _push(pool, pusher), "stripe push", settings.stripe_push_interval_seconds
+            ),
+            "stripe",
+        )
     bearer = keys.Bearer(settings.service_tokens, settings.pepper, pool)
+    webhooks = Webhooks(
+        pool, runtime.redis(), settings.stripe_webhook_secret, settings.downgrade_plan
+    )
     return Component(
         "billing",
-        routers=[routes.router(pool, bearer, runtime.clickhouse)],
+        routers=[routes.router(pool, bearer, runtime.clickhouse, webhooks)],
         checks={"clickhouse": runtime.check_clickhouse(), "postgres": runtime.check_postgres()},
     )
 
@@ -58,6 +74,14 @@ async def _roll_up(job: Rollup) -> None:
     report = await job.run_incremental()
     if report.cells:
         log.info("rollup", cells=report.cells, rows=report.rows, watermark=report.watermark)
+
+
+async def _push(pool: AsyncConnectionPool, pusher: MeterPusher) -> None:
+    """Queue the rollups' changes for Stripe, then send what is due."""
+    queued = await outbox.enqueue(pool)
+    report = await pusher.push()
+    if queued or report.sent or report.failed:
+        log.info("stripe push", queued=queued, report=report)
 
 
 async def _bill_recent(billing: BillingRun) -> None:

@@ -92,6 +92,17 @@ class Settings(BaseSettings):
         24.0, description="How long after its period a draft waits for late usage."
     )
 
+    stripe_api_key: str | None = Field(None, validation_alias=_alias("STRIPE_API_KEY"))
+    stripe_webhook_secret: str | None = Field(
+        None, validation_alias=_alias("STRIPE_WEBHOOK_SECRET")
+    )
+    stripe_api_base: str | None = Field(None, description="Another Stripe API host (tests).")
+    stripe_meter_events_base: str | None = None
+    stripe_meter_event_stream: bool = Field(
+        False, description="Send meter events through the v2 high-throughput stream."
+    )
+    stripe_push_interval_seconds: float = 10.0
+
     catalog_path: Path | None = None
 
     @field_validator("service_tokens", mode="before")

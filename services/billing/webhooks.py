@@ -1,0 +1,185 @@
+"""``POST /v1/stripe/webhook``: Stripe's word on payments and subscriptions.
+
+An event is accepted only with a valid ``Stripe-Signature`` no older than 300 s (else
+400, and nothing changes).  Its id goes into ``stripe_inbox`` in the same transaction
+that applies it, so a redelivery finds the row and changes nothing.  Events about a
+customer are applied only if no newer one was (Stripe does not promise order): a late
+``customer.subscription.updated`` cannot undo the cancellation that overtook it.
+
+What each event does:
+- ``checkout.session.completed``: the customer moves to the plan in its metadata, active;
+- ``customer.subscription.updated``: status (and plan, from metadata) follow Stripe's;
+- ``customer.subscription.deleted``: back to the downgrade plan (free);
+- ``invoice.paid``: the invoice is paid, a past-due customer is active again;
+- ``invoice.payment_failed``: the invoice failed, the customer is past due.
+After a change, the customer's enforcement state in Redis is dropped; the next decision
+reads it afresh from PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import stripe
+from psycopg import AsyncConnection
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+from redis.asyncio import Redis
+
+from schemas import redis_keys
+from services.common.problems import Problem
+
+TOLERANCE_SECONDS = 300
+STATUSES = {
+    "active": "active",
+    "trialing": "trial",
+    "past_due": "past_due",
+    "unpaid": "past_due",
+    "incomplete": "past_due",
+    "paused": "suspended",
+}
+
+
+class Webhooks:
+    def __init__(
+        self, pool: AsyncConnectionPool, redis: Redis, secret: str | None, downgrade_plan: str
+    ) -> None:
+        self._pool = pool
+        self._redis = redis
+        self._secret = secret
+        self._downgrade = downgrade_plan
+
+    async def receive(self, payload: bytes, signature: str | None) -> dict[str, Any]:
+        event = self._verified(payload, signature)
+        obj: dict[str, Any] = event["data"]["object"]
+        created = datetime.fromtimestamp(int(event["created"]), UTC)
+        async with self._pool.connection() as conn, conn.transaction():
+            cur = await conn.execute(
+                "INSERT INTO stripe_inbox (event_id, type, created, outcome, payload)"
+                " VALUES (%s, %s, %s, 'received', %s) ON CONFLICT (event_id) DO NOTHING",
+                (event["id"], event["type"], created, Jsonb(orjson.loads(payload))),
+            )
+            if cur.rowcount == 0:
+                return {"received": True, "outcome": "duplicate"}
+            customer, outcome = await self._apply(conn, event["type"], obj, created)
+            await conn.execute(
+                "UPDATE stripe_inbox SET outcome = %s WHERE event_id = %s", (outcome, event["id"])
+            )
+        if customer is not None:
+            await self._redis.delete(redis_keys.account(customer))
+        return {"received": True, "outcome": outcome}
+
+    def _verified(self, payload: bytes, signature: str | None) -> dict[str, Any]:
+        if not self._secret:
+            raise Problem(
+                503,
+                "stripe-not-configured",
+                "Stripe webhooks are not configured",
+                "set STRIPE_WEBHOOK_SECRET to receive Stripe's webhooks",
+            )
+        if not signature:
+            raise _bad_signature("the Stripe-Signature header is missing")
+        try:
+            stripe.Webhook.construct_event(payload, signature, self._secret, TOLERANCE_SECONDS)
+        except stripe.SignatureVerificationError as exc:
+            raise _bad_signature(str(exc.user_message or exc)) from None
+        except ValueError:
+            raise _bad_signature("the payload is not JSON") from None
+        event: dict[str, Any] = orjson.loads(payload)
+        return event
+
+    async def _apply(
+        self, conn: AsyncConnection, kind: str, obj: dict[str, Any], created: datetime
+    ) -> tuple[str | None, str]:
+        """The customer the event changed (if any) and what became of the event."""
+        customer = await _customer_of(conn, kind, obj)
+        if customer is None:
+            return None, "ignored: no Tally customer"
+        if not await _newest(conn, customer, created):
+            return None, "stale: a newer event was applied"
+        metadata = obj.get("metadata") or {}
+        match kind:
+            case "checkout.session.completed":
+                return customer, await _change(conn, customer, metadata.get("plan"), "active")
+            case "customer.subscription.updated" if obj.get("status") == "canceled":
+                return customer, await _change(conn, customer, self._downgrade, "active")
+            case "customer.subscription.updated":
+                status = STATUSES.get(str(obj.get("status")))
+                return customer, await _change(conn, customer, metadata.get("plan"), status)
+            case "customer.subscription.deleted":
+                return customer, await _change(conn, customer, self._downgrade, "active")
+            case "invoice.paid":
+                await _invoice_status(conn, obj, "paid")
+                return customer, await _recover(conn, customer)
+            case "invoice.payment_failed":
+                await _invoice_status(conn, obj, "payment_failed")
+                return customer, await _change(conn, customer, None, "past_due")
+        return None, f"ignored: {kind} is not handled"
+
+
+def _bad_signature(detail: str) -> Problem:
+    return Problem(400, "bad-signature", "Webhook signature rejected", detail)
+
+
+async def _customer_of(conn: AsyncConnection, kind: str, obj: dict[str, Any]) -> str | None:
+    if kind == "checkout.session.completed" and obj.get("client_reference_id"):
+        return str(obj["client_reference_id"])
+    cur = await conn.execute(
+        "SELECT key FROM stripe_objects WHERE kind = 'customer' AND stripe_id = %s",
+        (obj.get("customer"),),
+    )
+    row = await cur.fetchone()
+    return str(row[0]) if row else None
+
+
+async def _newest(conn: AsyncConnection, customer: str, created: datetime) -> bool:
+    """Record ``created`` as the customer's newest event, unless a newer one was applied."""
+    cur = await conn.execute(
+        "INSERT INTO stripe_customer_events (customer_id, created) VALUES (%s, %s)"
+        " ON CONFLICT (customer_id) DO UPDATE SET created = excluded.created"
+        " WHERE stripe_customer_events.created <= excluded.created",
+        (customer, created),
+    )
+    return cur.rowcount == 1
+
+
+async def _change(
+    conn: AsyncConnection, customer: str, plan: str | None, status: str | None
+) -> str:
+    if plan is not None:
+        cur = await conn.execute("SELECT 1 FROM plans WHERE id = %s", (plan,))
+        if await cur.fetchone() is None:
+            return f"ignored: unknown plan {plan!r}"
+    cur = await conn.execute(
+        "UPDATE customers SET plan_id = coalesce(%s, plan_id), status = coalesce(%s, status),"
+        " updated_at = now() WHERE id = %s RETURNING plan_id, status",
+        (plan, status, customer),
+    )
+    row = await cur.fetchone()
+    if row is None:
+        return "ignored: no Tally customer"
+    await conn.execute(
+        "INSERT INTO audit_log (actor, action, subject, detail) VALUES ('stripe', %s, %s, %s)",
+        ("customer.sync", customer, Jsonb({"plan": row[0], "status": row[1]})),
+    )
+    return f"applied: {row[0]}, {row[1]}"
+
+
+async def _recover(conn: AsyncConnection, customer: str) -> str:
+    cur = await conn.execute("SELECT status FROM customers WHERE id = %s", (customer,))
+    row = await cur.fetchone()
+    if row and row[0] == "past_due":
+        return await _change(conn, customer, None, "active")
+    return "applied: invoice paid"
+
+
+async def _invoice_status(conn: AsyncConnection, obj: dict[str, Any], status: str) -> None:
+    tally_invoice = (obj.get("metadata") or {}).get("tally_invoice")
+    await conn.execute(
+        "UPDATE invoices SET status = %s, paid_at = CASE WHEN %s = 'paid' THEN now() END,"
+        " stripe_invoice_id = coalesce(stripe_invoice_id, %s)"
+        " WHERE (id = %s OR stripe_invoice_id = %s) AND status IN ('finalized', 'payment_failed')",
+        (status, status, obj.get("id"), tally_invoice, obj.get("id")),
+    )
