@@ -125,7 +125,13 @@ class MeterPusher:
                 await _settle(conn, row, "adjustment", "older than Stripe's 35-day window")
                 report.adjustments += 1
                 continue
-            customer = await stripe_client.ensure_customer(conn, self._api, row.customer)
+            try:
+                customer = await stripe_client.ensure_customer(conn, self._api, row.customer)
+            except LookupError:
+                await _settle(conn, row, "failed", "no Tally customer with this id")
+                report.failed += 1
+                continue
+            await stripe_client.ensure_meter(conn, self._api, row.meter)
             ready.append((row, _event(row, customer)))
         if self._stream:
             await self._send_stream(conn, ready, report)

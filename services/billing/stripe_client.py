@@ -13,7 +13,6 @@ from typing import Any
 import stripe
 from psycopg import AsyncConnection
 
-from schemas.catalog import Meter
 from services.common.settings import Settings
 
 
@@ -74,20 +73,20 @@ async def ensure_customer(conn: AsyncConnection, api: stripe.StripeClient, custo
     return str(created.id)
 
 
-async def ensure_meter(conn: AsyncConnection, api: stripe.StripeClient, meter: Meter) -> str:
+async def ensure_meter(conn: AsyncConnection, api: stripe.StripeClient, meter: str) -> str:
     """The Billing Meter Tally pushes ``meter``'s usage to: summed daily deltas."""
-    known = await stripe_id(conn, "meter", meter.name)
+    known = await stripe_id(conn, "meter", meter)
     if known:
         return known
     params: Any = {
-        "display_name": meter.description or meter.name,
-        "event_name": event_name(meter.name),
+        "display_name": meter,
+        "event_name": event_name(meter),
         "default_aggregation": {"formula": "sum"},
         "customer_mapping": {"type": "by_id", "event_payload_key": "stripe_customer_id"},
         "value_settings": {"event_payload_key": "value"},
     }
     created = await asyncio.to_thread(
-        api.v1.billing.meters.create, params, {"idempotency_key": f"tally-meter-{meter.name}"}
+        api.v1.billing.meters.create, params, {"idempotency_key": f"tally-meter-{meter}"}
     )
-    await remember(conn, "meter", meter.name, created.id)
+    await remember(conn, "meter", meter, created.id)
     return str(created.id)

@@ -1,0 +1,235 @@
+"""Stripe through the real SDK against the fake server: usage pushed exactly once through
+429s and a crash between send and commit, corrections outside Stripe's window, the v2
+stream, and webhooks that are verified, de-duplicated and applied in order."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+
+import httpx
+import orjson
+import pytest
+
+from schemas import redis_keys
+from services.billing import outbox, routes
+from services.billing.outbox import MeterPusher
+from services.billing.webhooks import Webhooks
+from services.common import keys
+from services.runtime import Component, http_app
+from tests.billing_support import at, invoice_of, record_usage, subscribe
+from tests.fake_stripe import FakeStripe, sign_webhook, webhook_event
+
+SECRET = "whsec_test"
+
+
+@pytest.fixture(scope="module")
+def fake():
+    """One Stripe account for the module, as the Stripe ids Tally records persist."""
+    with FakeStripe() as server:
+        yield server
+
+
+async def outbox_rows(pool, customer):
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT identifier, quantity, state FROM stripe_outbox WHERE customer_id = %s"
+            " ORDER BY id",
+            (customer,),
+        )
+        return [(i, int(q), s) for i, q, s in await cur.fetchall()]
+
+
+async def due_now(pool):
+    async with pool.connection() as conn:
+        await conn.execute(
+            "UPDATE stripe_outbox SET next_attempt_at = now() WHERE state = 'pending'"
+        )
+
+
+async def test_usage_reaches_stripe_exactly_once(pool, tenant, fake, monkeypatch) -> None:
+    customer, today = f"{tenant}-meter", datetime.now(UTC).date()
+    await subscribe(pool, customer, "starter", at("2026-01-01"))
+    await record_usage(pool, customer, "api_calls", today, 120)
+    pusher = MeterPusher(pool, fake.client())
+
+    await outbox.enqueue(pool)
+    identifier = f"tally:{customer}:api_calls:{today}:1"
+    assert await outbox_rows(pool, customer) == [(identifier, 120, "pending")]
+
+    fake.fail_next("/v1/billing/meter_events", 429)
+    assert (await pusher.push()).retrying >= 1
+    assert await outbox_rows(pool, customer) == [(identifier, 120, "pending")]
+    await due_now(pool)
+    await pusher.push()
+    assert await outbox_rows(pool, customer) == [(identifier, 120, "sent")]
+    [stripe_customer] = [c for c in fake.customers.values() if c["email"].startswith(customer)]
+    assert fake.meter_total("tally_api_calls", stripe_customer["id"]) == 120
+    [sent] = [e for e in fake.meter_events if e.identifier == identifier]
+    assert sent.payload == {"stripe_customer_id": stripe_customer["id"], "value": "120"}
+    assert datetime.fromtimestamp(sent.timestamp, UTC).date() == today
+
+    # Late events raise the day to 150: revision 2 carries the difference.
+    await record_usage(pool, customer, "api_calls", today, 150)
+    await outbox.enqueue(pool)
+    await outbox.enqueue(pool)  # nothing changed since: nothing more is queued
+    assert await outbox_rows(pool, customer) == [
+        (identifier, 120, "sent"),
+        (f"tally:{customer}:api_calls:{today}:2", 30, "pending"),
+    ]
+
+    # The pusher dies after Stripe took the event but before the outbox recorded it.
+    real_settle = outbox._settle
+
+    async def killed(*args, **kwargs):
+        raise SystemExit("killed between send and commit")
+
+    monkeypatch.setattr(outbox, "_settle", killed)
+    with pytest.raises(SystemExit):
+        await pusher.push()
+    monkeypatch.setattr(outbox, "_settle", real_settle)
+    assert (await outbox_rows(pool, customer))[-1][2] == "pending"
+    await pusher.push()  # resends the same identifier; Stripe refuses the duplicate
+    assert [s for *_, s in await outbox_rows(pool, customer)] == ["sent", "sent"]
+    assert fake.meter_total("tally_api_calls", stripe_customer["id"]) == 150
+
+
+async def test_corrections_stripe_cannot_take_become_adjustments(pool, tenant, fake) -> None:
+    customer, today = f"{tenant}-adjust", datetime.now(UTC).date()
+    await subscribe(pool, customer, "starter", at("2026-01-01"))
+    await record_usage(pool, customer, "api_calls", today - timedelta(days=40), 500)
+    await record_usage(pool, customer, "api_calls", today, 80)
+    await outbox.enqueue(pool)
+    await MeterPusher(pool, fake.client()).push()
+    await record_usage(pool, customer, "api_calls", today, 70)  # usage corrected downwards
+    await outbox.enqueue(pool)
+    states = [(q, s) for _, q, s in await outbox_rows(pool, customer)]
+    assert sorted(states) == [(-10, "adjustment"), (80, "sent"), (500, "adjustment")]
+
+
+async def test_the_v2_meter_event_stream(pool, tenant, fake) -> None:
+    customer, today = f"{tenant}-stream", datetime.now(UTC).date()
+    await subscribe(pool, customer, "starter", at("2026-01-01"))
+    await record_usage(pool, customer, "compute_seconds", today, "7.9")  # whole units only
+    await outbox.enqueue(pool)
+    await MeterPusher(pool, fake.client(), stream=True).push()
+    [event] = [e for e in fake.meter_events if e.identifier.startswith(f"tally:{customer}:")]
+    assert (event.via, event.payload["value"]) == ("stream", "7")
+    assert not [e for e in fake.meter_event_errors if e.identifier == event.identifier]
+
+
+# --- webhooks -----------------------------------------------------------------------
+
+
+def webhook_client(settings, pool, redis) -> httpx.AsyncClient:
+    bearer = keys.Bearer(settings.service_tokens, settings.pepper, pool)
+    hooks = Webhooks(pool, redis, SECRET, "free")
+    app = http_app([Component("billing", routers=[routes.router(pool, bearer, None, hooks)])])
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t")
+
+
+async def post(client, kind, obj, *, created=None, event_id=None, secret=SECRET, signed_at=None):
+    body = webhook_event(kind, obj, id=event_id, created=created)
+    signature = sign_webhook(body, secret, signed_at)
+    reply = await client.post(
+        "/v1/stripe/webhook", content=body, headers={"Stripe-Signature": signature}
+    )
+    return reply, orjson.loads(body)["id"]
+
+
+async def account(pool, customer):
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT plan_id, status FROM customers WHERE id = %s", (customer,))
+        return await cur.fetchone()
+
+
+async def test_webhooks_verified_deduplicated_and_in_order(settings, pool, redis, tenant) -> None:
+    customer = f"{tenant}-hook"
+    await subscribe(pool, customer, "free", at("2026-01-01"))
+    async with pool.connection() as conn:
+        await conn.execute(
+            "INSERT INTO stripe_objects (kind, key, stripe_id) VALUES ('customer', %s, %s)",
+            (customer, f"cus_{tenant}"),
+        )
+    await redis.set(redis_keys.account(customer), "stale projection")
+    checkout = {
+        "id": "cs_1",
+        "object": "checkout.session",
+        "client_reference_id": customer,
+        "customer": f"cus_{tenant}",
+        "metadata": {"plan": "pro"},
+    }
+    async with webhook_client(settings, pool, redis) as client:
+        forged, _ = await post(client, "checkout.session.completed", checkout, secret="whsec_other")
+        stale, _ = await post(
+            client, "checkout.session.completed", checkout, signed_at=int(time.time()) - 301
+        )
+        unsigned = await client.post("/v1/stripe/webhook", content=b"{}")
+        assert [forged.status_code, stale.status_code, unsigned.status_code] == [400, 400, 400]
+        assert forged.headers["content-type"] == "application/problem+json"
+        assert await account(pool, customer) == ("free", "active")
+
+        now = int(time.time())
+        ok, event_id = await post(client, "checkout.session.completed", checkout, created=now)
+        assert ok.status_code == 200 and ok.json()["outcome"] == "applied: pro, active"
+        assert await redis.get(redis_keys.account(customer)) is None  # enforcement re-reads
+        async with pool.connection() as conn:
+            await conn.execute(
+                "UPDATE customers SET plan_id = 'starter' WHERE id = %s", (customer,)
+            )
+        replay, _ = await post(
+            client, "checkout.session.completed", checkout, created=now, event_id=event_id
+        )
+        assert replay.json()["outcome"] == "duplicate"
+        assert await account(pool, customer) == ("starter", "active")
+
+        subscription = {
+            "id": "sub_1",
+            "object": "subscription",
+            "customer": f"cus_{tenant}",
+            "status": "active",
+            "metadata": {"plan": "enterprise"},
+        }
+        deleted, _ = await post(
+            client, "customer.subscription.deleted", subscription, created=now + 20
+        )
+        late, _ = await post(
+            client, "customer.subscription.updated", subscription, created=now + 10
+        )
+        assert deleted.json()["outcome"] == "applied: free, active"
+        assert late.json()["outcome"].startswith("stale")
+        assert await account(pool, customer) == ("free", "active")
+
+
+async def test_invoice_payment_webhooks(settings, pool, redis, tenant) -> None:
+    from services.billing.run import BillingRun
+
+    customer = f"{tenant}-pay"
+    await subscribe(pool, customer, "pro", at("2021-01-01"))
+    async with pool.connection() as conn:
+        await conn.execute(
+            "INSERT INTO stripe_objects (kind, key, stripe_id) VALUES ('customer', %s, %s)",
+            (customer, f"cus_{tenant}p"),
+        )
+    await record_usage(pool, customer, "api_calls", date(2021, 3, 3), 1)
+    await BillingRun(pool, lambda: None, timedelta(hours=1)).run(  # type: ignore[arg-type]
+        date(2021, 3, 1), now=at("2021-04-02"), finalize=True
+    )
+    invoice = await invoice_of(pool, customer)
+    obj = {
+        "id": "in_1",
+        "object": "invoice",
+        "customer": f"cus_{tenant}p",
+        "metadata": {"tally_invoice": invoice.id},
+        "amount_due": 19900,
+    }
+    now = int(time.time())
+    async with webhook_client(settings, pool, redis) as client:
+        failed, _ = await post(client, "invoice.payment_failed", obj, created=now)
+        assert failed.json()["outcome"] == "applied: pro, past_due"
+        assert (await invoice_of(pool, customer)).status == "payment_failed"
+        paid, _ = await post(client, "invoice.paid", obj, created=now + 5)
+        assert paid.json()["outcome"] == "applied: pro, active"
+    paid_invoice = await invoice_of(pool, customer)
+    assert (paid_invoice.status, paid_invoice.total) == ("paid", Decimal("199.00"))
