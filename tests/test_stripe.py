@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import httpx
 import orjson
@@ -24,6 +25,10 @@ from tests.fake_stripe import FakeStripe, sign_webhook, webhook_event
 SECRET = "whsec_test"
 
 
+def no_clickhouse() -> Any:
+    raise AssertionError("no distinct-count meter is priced")
+
+
 @pytest.fixture(scope="module")
 def fake():
     """One Stripe account for the module, as the Stripe ids Tally records persist."""
@@ -31,7 +36,7 @@ def fake():
         yield server
 
 
-async def outbox_rows(pool, customer):
+async def outbox_rows(pool: Any, customer: str) -> list[tuple[str, int, str]]:
     async with pool.connection() as conn:
         cur = await conn.execute(
             "SELECT identifier, quantity, state FROM stripe_outbox WHERE customer_id = %s"
@@ -41,7 +46,7 @@ async def outbox_rows(pool, customer):
         return [(i, int(q), s) for i, q, s in await cur.fetchall()]
 
 
-async def due_now(pool):
+async def due_now(pool: Any) -> None:
     async with pool.connection() as conn:
         await conn.execute(
             "UPDATE stripe_outbox SET next_attempt_at = now() WHERE state = 'pending'"
@@ -122,14 +127,25 @@ async def test_the_v2_meter_event_stream(pool, tenant, fake) -> None:
 # --- webhooks -----------------------------------------------------------------------
 
 
-def webhook_client(settings, pool, redis) -> httpx.AsyncClient:
+def webhook_client(settings: Any, pool: Any, redis: Any) -> httpx.AsyncClient:
     bearer = keys.Bearer(settings.service_tokens, settings.pepper, pool)
     hooks = Webhooks(pool, redis, SECRET, "free")
-    app = http_app([Component("billing", routers=[routes.router(pool, bearer, None, hooks)])])
+    app = http_app(
+        [Component("billing", routers=[routes.router(pool, bearer, no_clickhouse, hooks)])]
+    )
     return httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t")
 
 
-async def post(client, kind, obj, *, created=None, event_id=None, secret=SECRET, signed_at=None):
+async def post(
+    client: httpx.AsyncClient,
+    kind: str,
+    obj: dict[str, Any],
+    *,
+    created: int | None = None,
+    event_id: str | None = None,
+    secret: str = SECRET,
+    signed_at: int | None = None,
+) -> tuple[httpx.Response, str]:
     body = webhook_event(kind, obj, id=event_id, created=created)
     signature = sign_webhook(body, secret, signed_at)
     reply = await client.post(
@@ -138,7 +154,7 @@ async def post(client, kind, obj, *, created=None, event_id=None, secret=SECRET,
     return reply, orjson.loads(body)["id"]
 
 
-async def account(pool, customer):
+async def account(pool: Any, customer: str) -> Any:
     async with pool.connection() as conn:
         cur = await conn.execute("SELECT plan_id, status FROM customers WHERE id = %s", (customer,))
         return await cur.fetchone()
@@ -213,7 +229,7 @@ async def test_invoice_payment_webhooks(settings, pool, redis, tenant) -> None:
             (customer, f"cus_{tenant}p"),
         )
     await record_usage(pool, customer, "api_calls", date(2021, 3, 3), 1)
-    await BillingRun(pool, lambda: None, timedelta(hours=1)).run(  # type: ignore[arg-type]
+    await BillingRun(pool, no_clickhouse, timedelta(hours=1)).run(
         date(2021, 3, 1), now=at("2021-04-02"), finalize=True
     )
     invoice = await invoice_of(pool, customer)
