@@ -46,6 +46,16 @@ async def outbox_rows(pool: Any, customer: str) -> list[tuple[str, int, str]]:
         return [(i, int(q), s) for i, q, s in await cur.fetchall()]
 
 
+async def enqueue(pool: Any, customer: str) -> None:
+    """Queue usage changes, keeping only ``customer``'s: other tests' usage in the shared
+    database would otherwise be pushed (and take the injected failures) first."""
+    await outbox.enqueue(pool)
+    async with pool.connection() as conn:
+        await conn.execute(
+            "DELETE FROM stripe_outbox WHERE customer_id <> %s AND state = 'pending'", (customer,)
+        )
+
+
 async def due_now(pool: Any) -> None:
     async with pool.connection() as conn:
         await conn.execute(
@@ -59,7 +69,7 @@ async def test_usage_reaches_stripe_exactly_once(pool, tenant, fake, monkeypatch
     await record_usage(pool, customer, "api_calls", today, 120)
     pusher = MeterPusher(pool, fake.client())
 
-    await outbox.enqueue(pool)
+    await enqueue(pool, customer)
     identifier = f"tally:{customer}:api_calls:{today}:1"
     assert await outbox_rows(pool, customer) == [(identifier, 120, "pending")]
 
@@ -77,8 +87,8 @@ async def test_usage_reaches_stripe_exactly_once(pool, tenant, fake, monkeypatch
 
     # Late events raise the day to 150: revision 2 carries the difference.
     await record_usage(pool, customer, "api_calls", today, 150)
-    await outbox.enqueue(pool)
-    await outbox.enqueue(pool)  # nothing changed since: nothing more is queued
+    await enqueue(pool, customer)
+    await enqueue(pool, customer)  # nothing changed since: nothing more is queued
     assert await outbox_rows(pool, customer) == [
         (identifier, 120, "sent"),
         (f"tally:{customer}:api_calls:{today}:2", 30, "pending"),
@@ -105,10 +115,10 @@ async def test_corrections_stripe_cannot_take_become_adjustments(pool, tenant, f
     await subscribe(pool, customer, "starter", at("2026-01-01"))
     await record_usage(pool, customer, "api_calls", today - timedelta(days=40), 500)
     await record_usage(pool, customer, "api_calls", today, 80)
-    await outbox.enqueue(pool)
+    await enqueue(pool, customer)
     await MeterPusher(pool, fake.client()).push()
     await record_usage(pool, customer, "api_calls", today, 70)  # usage corrected downwards
-    await outbox.enqueue(pool)
+    await enqueue(pool, customer)
     states = [(q, s) for _, q, s in await outbox_rows(pool, customer)]
     assert sorted(states) == [(-10, "adjustment"), (80, "sent"), (500, "adjustment")]
 
@@ -117,7 +127,7 @@ async def test_the_v2_meter_event_stream(pool, tenant, fake) -> None:
     customer, today = f"{tenant}-stream", datetime.now(UTC).date()
     await subscribe(pool, customer, "starter", at("2026-01-01"))
     await record_usage(pool, customer, "compute_seconds", today, "7.9")  # whole units only
-    await outbox.enqueue(pool)
+    await enqueue(pool, customer)
     await MeterPusher(pool, fake.client(), stream=True).push()
     [event] = [e for e in fake.meter_events if e.identifier.startswith(f"tally:{customer}:")]
     assert (event.via, event.payload["value"]) == ("stream", "7")
