@@ -13,7 +13,7 @@ from psycopg import AsyncConnection
 from schemas.catalog import Meter
 from schemas.invoices import Invoice, InvoiceLine
 from schemas.plans import Plan
-from services.billing import invoicing, rating, usage
+from services.billing import invoicing, usage
 from services.billing.invoicing import Span, Stretch
 from services.billing.periods import Period, period_containing, period_in_month
 from services.billing.subscriptions import PlanBook, Subscription
@@ -50,19 +50,8 @@ class Draft:
         return invoicing.lines(self.fees, self.stretches, self.usage, self.plans, period_of)
 
     def invoice(self) -> Invoice:
-        lines = self.lines()
-        subtotal = rating.total(lines)
-        period, customer = self.ask.period, self.ask.subscription.customer
-        return Invoice(
-            customer=customer,
-            period=period.label,
-            period_start=period.start,
-            period_end=period.end,
-            currency=self.currency,
-            lines=tuple(lines),
-            subtotal=subtotal,
-            total=subtotal,
-        )
+        customer = self.ask.subscription.customer
+        return invoicing.invoice(customer, self.ask.period, self.currency, self.lines())
 
 
 class Drafter:

@@ -22,7 +22,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal, localcontext
 
 from schemas.catalog import ADDITIVE, Aggregation
-from schemas.invoices import InvoiceLine
+from schemas.invoices import Invoice, InvoiceLine
 from schemas.plans import Plan
 from services.billing import rating
 from services.billing.money import EXACT
@@ -132,6 +132,21 @@ def lines(
             quantity = usage.get((index, meter), Decimal(0))
             out.append(rating.usage_line(plan, meter, quantity, stretch.start, stretch.end))
     return out
+
+
+def invoice(customer: str, period: Period, currency: str, lines: Sequence[InvoiceLine]) -> Invoice:
+    """The invoice these lines make: its total is the sum of the rounded lines."""
+    subtotal = rating.total(lines)
+    return Invoice(
+        customer=customer,
+        period=period.label,
+        period_start=period.start,
+        period_end=period.end,
+        currency=currency,
+        lines=tuple(lines),
+        subtotal=subtotal,
+        total=subtotal,
+    )
 
 
 def extrapolate(

@@ -120,19 +120,24 @@ class MeterPusher:
         self, conn: AsyncConnection, due: Sequence[Queued], report: PushReport, now: datetime
     ) -> None:
         ready: list[tuple[Queued, dict[str, Any]]] = []
+        customers: dict[str, str] = {}
+        for meter in {row.meter for row in due}:
+            await stripe_client.ensure_meter(conn, self._api, meter)
         for row in due:
             if row.event_at < now - STRIPE_WINDOW + MARGIN:
                 await _settle(conn, row, "adjustment", "older than Stripe's 35-day window")
                 report.adjustments += 1
                 continue
             try:
-                customer = await stripe_client.ensure_customer(conn, self._api, row.customer)
+                if row.customer not in customers:
+                    customers[row.customer] = await stripe_client.ensure_customer(
+                        conn, self._api, row.customer
+                    )
             except LookupError:
                 await _settle(conn, row, "failed", "no Tally customer with this id")
                 report.failed += 1
                 continue
-            await stripe_client.ensure_meter(conn, self._api, row.meter)
-            ready.append((row, _event(row, customer)))
+            ready.append((row, _event(row, customers[row.customer])))
         if self._stream:
             await self._send_stream(conn, ready, report)
         else:

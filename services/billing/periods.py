@@ -60,6 +60,12 @@ def parse_month(text: str) -> date:
         raise ValueError(f"expected a month as YYYY-MM, got {text!r}") from None
 
 
+def months_before(day: date, months: int) -> date:
+    """The first day of the month ``months`` before ``day``'s."""
+    year, month = divmod(_month_index(day) - months, 12)
+    return date(year, month + 1, 1)
+
+
 def _nth(first: date, day: int, offset: int, months: int) -> Period:
     return Period(_start(first, day, offset), _start(first, day, offset + months))
 

@@ -166,13 +166,12 @@ async def _write(
 
 async def _start(conn: AsyncConnection, label: str) -> str:
     """The cursor to start from: where an unfinished run stopped, else the beginning."""
-    cur = await conn.execute(
+    await conn.execute(
         "INSERT INTO billing_runs (period) VALUES (%s) ON CONFLICT (period) DO UPDATE SET"
         " started_at = now(), finished_at = NULL, cursor = '', invoices = 0"
         " WHERE billing_runs.finished_at IS NOT NULL",
         (label,),
     )
-    del cur
     cur = await conn.execute("SELECT cursor FROM billing_runs WHERE period = %s", (label,))
     row = await cur.fetchone()
     assert row is not None

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from psycopg_pool import AsyncConnectionPool
 
 from services.billing import outbox, routes, stripe_client
 from services.billing.outbox import MeterPusher
+from services.billing.periods import months_before
 from services.billing.rollup import Rollup
 from services.billing.run import BillingRun
 from services.billing.webhooks import Webhooks
@@ -90,12 +91,6 @@ async def _bill_recent(billing: BillingRun) -> None:
         report = await billing.run(months_before(today, back))
         if report.written:
             log.info("billing run", period=report.period, written=report.written)
-
-
-def months_before(day: date, months: int) -> date:
-    """The first day of the month ``months`` before ``day``'s."""
-    index = day.year * 12 + day.month - 1 - months
-    return date(index // 12, index % 12 + 1, 1)
 
 
 async def _every(job: Callable[[], Awaitable[None]], name: str, seconds: float) -> None:

@@ -12,7 +12,7 @@ from decimal import Decimal, InvalidOperation
 
 from schemas.catalog import Catalog
 from schemas.invoices import Invoice
-from services.billing import invoicing, rating
+from services.billing import invoicing
 from services.billing.invoicing import Span, Stretch, midnight
 from services.billing.periods import period_containing
 
@@ -68,14 +68,4 @@ def simulate(
         plans,
         lambda _plan, _instant: period,
     )
-    subtotal = rating.total(lines)
-    return Invoice(
-        customer="simulation",
-        period=period.label,
-        period_start=period.start,
-        period_end=period.end,
-        currency=plan.currency,
-        lines=tuple(lines),
-        subtotal=subtotal,
-        total=subtotal,
-    )
+    return invoicing.invoice("simulation", period, plan.currency, lines)

@@ -8,6 +8,7 @@ instead of making a second one.  Calls are the SDK's synchronous ones, run in a 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import stripe
@@ -66,11 +67,7 @@ async def ensure_customer(conn: AsyncConnection, api: stripe.StripeClient, custo
         "name": row[1] or row[0],
         "metadata": {"tally_customer": customer},
     }
-    created = await asyncio.to_thread(
-        api.v1.customers.create, params, {"idempotency_key": f"tally-customer-{customer}"}
-    )
-    await remember(conn, "customer", customer, created.id)
-    return str(created.id)
+    return await _create(conn, "customer", customer, api.v1.customers.create, params)
 
 
 async def ensure_meter(conn: AsyncConnection, api: stripe.StripeClient, meter: str) -> str:
@@ -85,8 +82,13 @@ async def ensure_meter(conn: AsyncConnection, api: stripe.StripeClient, meter: s
         "customer_mapping": {"type": "by_id", "event_payload_key": "stripe_customer_id"},
         "value_settings": {"event_payload_key": "value"},
     }
-    created = await asyncio.to_thread(
-        api.v1.billing.meters.create, params, {"idempotency_key": f"tally-meter-{meter}"}
-    )
-    await remember(conn, "meter", meter, created.id)
+    return await _create(conn, "meter", meter, api.v1.billing.meters.create, params)
+
+
+async def _create(
+    conn: AsyncConnection, kind: str, key: str, create: Callable[..., Any], params: Any
+) -> str:
+    """Create the Stripe object under an idempotency key of Tally's id, and record it."""
+    created = await asyncio.to_thread(create, params, {"idempotency_key": f"tally-{kind}-{key}"})
+    await remember(conn, kind, key, created.id)
     return str(created.id)
