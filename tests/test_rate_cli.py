@@ -65,3 +65,10 @@ def test_bad_input_is_named() -> None:
         result = rate(*args)
         assert result.exit_code == 2, (args, result.output)
         assert message in " ".join(result.output.split()), (args, result.output)
+
+
+def test_billing_run_names_a_bad_period() -> None:
+    for period in ("2026-13", "November", "2026-11-01"):
+        result = runner.invoke(app, ["billing", "run", "--period", period])
+        assert result.exit_code == 2, (period, result.output)
+        assert "YYYY-MM" in " ".join(result.output.split())

@@ -164,6 +164,15 @@ async def post(
     return reply, orjson.loads(body)["id"]
 
 
+async def link(pool: Any, customer: str, stripe_customer: str) -> None:
+    """The customer as already known to Stripe."""
+    async with pool.connection() as conn:
+        await conn.execute(
+            "INSERT INTO stripe_objects (kind, key, stripe_id) VALUES ('customer', %s, %s)",
+            (customer, stripe_customer),
+        )
+
+
 async def account(pool: Any, customer: str) -> Any:
     async with pool.connection() as conn:
         cur = await conn.execute("SELECT plan_id, status FROM customers WHERE id = %s", (customer,))
@@ -173,11 +182,7 @@ async def account(pool: Any, customer: str) -> Any:
 async def test_webhooks_verified_deduplicated_and_in_order(settings, pool, redis, tenant) -> None:
     customer = f"{tenant}-hook"
     await subscribe(pool, customer, "free", at("2026-01-01"))
-    async with pool.connection() as conn:
-        await conn.execute(
-            "INSERT INTO stripe_objects (kind, key, stripe_id) VALUES ('customer', %s, %s)",
-            (customer, f"cus_{tenant}"),
-        )
+    await link(pool, customer, f"cus_{tenant}")
     await redis.set(redis_keys.account(customer), "stale projection")
     checkout = {
         "id": "cs_1",
@@ -193,6 +198,10 @@ async def test_webhooks_verified_deduplicated_and_in_order(settings, pool, redis
         )
         unsigned = await client.post("/v1/stripe/webhook", content=b"{}")
         assert [forged.status_code, stale.status_code, unsigned.status_code] == [400, 400, 400]
+        for body, problem in [(b"not json", "not-an-event"), (b'{"id": "evt_1"}', "not-an-event")]:
+            signed = {"Stripe-Signature": sign_webhook(body, SECRET)}
+            reply = await client.post("/v1/stripe/webhook", content=body, headers=signed)
+            assert reply.status_code == 400 and reply.json()["type"].endswith(problem)
         assert forged.headers["content-type"] == "application/problem+json"
         assert await account(pool, customer) == ("free", "active")
 
@@ -233,11 +242,7 @@ async def test_invoice_payment_webhooks(settings, pool, redis, tenant) -> None:
 
     customer = f"{tenant}-pay"
     await subscribe(pool, customer, "pro", at("2021-01-01"))
-    async with pool.connection() as conn:
-        await conn.execute(
-            "INSERT INTO stripe_objects (kind, key, stripe_id) VALUES ('customer', %s, %s)",
-            (customer, f"cus_{tenant}p"),
-        )
+    await link(pool, customer, f"cus_{tenant}p")
     await record_usage(pool, customer, "api_calls", date(2021, 3, 3), 1)
     await BillingRun(pool, no_clickhouse, timedelta(hours=1)).run(
         date(2021, 3, 1), now=at("2021-04-02"), finalize=True

@@ -59,7 +59,7 @@ class Webhooks:
             cur = await conn.execute(
                 "INSERT INTO stripe_inbox (event_id, type, created, outcome, payload)"
                 " VALUES (%s, %s, %s, 'received', %s) ON CONFLICT (event_id) DO NOTHING",
-                (event["id"], event["type"], created, Jsonb(orjson.loads(payload))),
+                (event["id"], event["type"], created, Jsonb(event)),
             )
             if cur.rowcount == 0:
                 return {"received": True, "outcome": "duplicate"}
@@ -82,12 +82,16 @@ class Webhooks:
         if not signature:
             raise _bad_signature("the Stripe-Signature header is missing")
         try:
-            stripe.Webhook.construct_event(payload, signature, self._secret, TOLERANCE_SECONDS)
+            stripe.WebhookSignature.verify_header(
+                payload.decode(), signature, self._secret, TOLERANCE_SECONDS
+            )
+            event: dict[str, Any] = orjson.loads(payload)
         except stripe.SignatureVerificationError as exc:
             raise _bad_signature(str(exc.user_message or exc)) from None
-        except ValueError:
-            raise _bad_signature("the payload is not JSON") from None
-        event: dict[str, Any] = orjson.loads(payload)
+        except (UnicodeDecodeError, orjson.JSONDecodeError):
+            raise _not_an_event("the payload is not JSON") from None
+        if not _is_event(event):
+            raise _not_an_event("expected an object with id, type, created and data.object")
         return event
 
     async def _apply(
@@ -117,6 +121,21 @@ class Webhooks:
                 await _invoice_status(conn, obj, "payment_failed")
                 return customer, await _change(conn, customer, None, "past_due")
         return None, f"ignored: {kind} is not handled"
+
+
+def _is_event(event: Any) -> bool:
+    return (
+        isinstance(event, dict)
+        and isinstance(event.get("id"), str)
+        and isinstance(event.get("type"), str)
+        and isinstance(event.get("created"), int)
+        and isinstance(event.get("data"), dict)
+        and isinstance(event["data"].get("object"), dict)
+    )
+
+
+def _not_an_event(detail: str) -> Problem:
+    return Problem(400, "not-an-event", "Not a Stripe event", detail)
 
 
 def _bad_signature(detail: str) -> Problem:
