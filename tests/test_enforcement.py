@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
@@ -252,6 +253,48 @@ async def test_account_status(api: httpx.AsyncClient, pool: AsyncConnectionPool)
     assert refused.status_code == 403 and refused.json()["account_status"] == "cancelled"
 
 
+async def fall_behind(pool: AsyncConnectionPool, customer: str, hours_ago: float) -> None:
+    """Make ``customer`` past_due since ``hours_ago`` (the status trigger stamps now)."""
+    async with pool.connection() as conn:
+        await conn.execute("UPDATE customers SET status = 'past_due' WHERE id = %s", (customer,))
+        await conn.execute(
+            "UPDATE customers SET status_since = now() - make_interval(secs => %s) WHERE id = %s",
+            (hours_ago * 3600, customer),
+        )
+
+
+async def test_past_due_is_admitted_during_the_grace_period_then_refused(
+    settings: Settings, pool: AsyncConnectionPool
+) -> None:
+    async with running_api(settings, past_due_grace_hours=48) as api:
+        recent, overdue = await sign_up(api, "starter"), await sign_up(api, "starter")
+        await fall_behind(pool, recent.customer, hours_ago=47)
+        await fall_behind(pool, overdue.customer, hours_ago=49)
+        for account in (recent, overdue):  # re-project, as every status change does
+            await api.patch(f"/v1/admin/customers/{account.customer}", json={}, headers=ADMIN)
+
+        admitted = await enforce(api, recent)
+        assert admitted.status_code == 200 and admitted.json()["account_status"] == "past_due"
+        refused = await enforce(api, overdue)
+        assert refused.status_code == 403
+        problem = refused.json()
+        assert problem["type"].endswith("payment-overdue")
+        assert problem["account_status"] == "past_due"
+        assert problem["billing_portal"] == f"/v1/customers/{overdue.customer}/billing/portal"
+        ended = datetime.fromisoformat(problem["grace_ended_at"])
+        assert abs(ended - (utcnow() - timedelta(hours=1))) < timedelta(minutes=1)
+
+        paid = {"status": "active"}  # as invoice.paid does: access comes back at once
+        await api.patch(f"/v1/admin/customers/{overdue.customer}", json=paid, headers=ADMIN)
+        assert (await enforce(api, overdue)).status_code == 200
+
+    await fall_behind(pool, overdue.customer, hours_ago=72)
+    down = {"redis_url": "redis://127.0.0.1:1/0", "past_due_grace_hours": 48}
+    async with running_api(settings, **down) as api:  # failing open still refuses it
+        reply = await enforce(api, overdue)
+        assert reply.status_code == 403 and reply.json()["type"].endswith("payment-overdue")
+
+
 async def test_expired_trial_moves_to_free(
     api: httpx.AsyncClient, pool: AsyncConnectionPool
 ) -> None:
@@ -328,6 +371,7 @@ async def test_redis_unreachable_fail_open_and_closed(settings: Settings) -> Non
         service = {"Authorization": "Bearer test-token"}
         reply = await api.post("/v1/enforce", json={"customer": account.customer}, headers=service)
         assert reply.status_code == 503 and reply.json()["type"].endswith("unavailable")
+    before = REGISTRY.get_sample_value("tally_enforce_fallback_total", {"mode": "open"}) or 0
     async with running_api(
         settings, redis_failure_mode="open", redis_url=down, fallback_rate_per_minute=3
     ) as api:
@@ -339,7 +383,7 @@ async def test_redis_unreachable_fail_open_and_closed(settings: Settings) -> Non
         assert [r.status_code for r in replies] == [200, 200, 200, 429]
         assert replies[0].json()["fallback"] is True
         metrics = (await api.get("/metrics")).text
-        assert 'tally_enforce_fallback_total{mode="open"} 4.0' in metrics
+        assert f'tally_enforce_fallback_total{{mode="open"}} {before + 4}' in metrics
         assert "tally_enforce_redis_available 0.0" in metrics
 
 

@@ -41,6 +41,7 @@ class Customer(BaseModel):
     status: Status
     trial_ends_at: datetime | None
     created_at: datetime
+    status_since: datetime
 
 
 class ApiKey(BaseModel):
@@ -67,7 +68,8 @@ class EmailTaken(Exception):
 
 
 _CUSTOMER = (
-    "SELECT id, email, company, plan_id AS plan, status, trial_ends_at, created_at FROM customers"
+    "SELECT id, email, company, plan_id AS plan, status, trial_ends_at, created_at,"
+    " status_since FROM customers"
 )
 _KEY = (
     "SELECT id, customer_id AS customer, prefix, last4, name, scopes, created_at,"

@@ -9,7 +9,7 @@
 -- ARGV: 1 key id ('' = service token)  2 scope  3 now in µs ('' = Redis TIME)
 --       4 endpoint  5 quantity (micro-units)  6 mode (check|reserve)  7 event digest
 --       8 reservation ttl (ms)  9 meter  10 period start (ms)  11 period end (ms)
---       12 inline policies (optional)
+--       12 inline policies (optional)  13 past_due grace (ms; '' = never refused)
 -- mode peek decides without recording anything.
 local MICRO = 1000000
 
@@ -31,9 +31,10 @@ end
 -- ARGV[12], when given, holds the policies inline: limits on something that is not a
 -- customer (a client address before authentication); no account, key or quota then.
 local inline = ARGV[12] ~= nil and ARGV[12] ~= ''
-local account = {'', '', '', ARGV[12]}
+local account = {'', '', '', ARGV[12], ''}
 if not inline then
-  account = redis.call('HMGET', KEYS[1], 'plan', 'status', 'trial_ends', 'policies')
+  account = redis.call(
+    'HMGET', KEYS[1], 'plan', 'status', 'trial_ends', 'policies', 'past_due_since')
   if not account[1] then return answer('no_account') end
 end
 local plan, status = account[1], account[2]
@@ -54,6 +55,12 @@ if status == 'cancelled' or status == 'suspended' then
 end
 if status == 'trial' and account[3] ~= '' and tonumber(account[3]) <= now then
   return answer('trial_expired', {p = plan, s = status})
+end
+-- An unpaid account keeps working for the grace period, then is refused until paid.
+if status == 'past_due' and ARGV[13] and ARGV[13] ~= ''
+   and account[5] and account[5] ~= '' then
+  local ends = tonumber(account[5]) + tonumber(ARGV[13])
+  if ends <= now then return answer('past_due', {p = plan, s = status, g = ends}) end
 end
 
 local policies = cjson.decode(account[4])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
@@ -215,13 +216,9 @@ class Enforcer:
                 customer,
             )
         if code is Code.INACTIVE:
-            raise Problem(
-                403,
-                "account-inactive",
-                "Account inactive",
-                f"the account is {outcome.status}",
-                account_status=outcome.status,
-            )
+            raise _inactive(outcome.status)
+        if code is Code.PAST_DUE:
+            raise _overdue(customer, datetime.fromtimestamp(outcome.grace_ended_ms / 1000, UTC))
         if code is Code.KEY_SCOPE:
             raise keys.insufficient_scope(Scope.ENFORCE)
         if code is Code.RESERVATION_CONFLICT:
@@ -263,13 +260,35 @@ class Enforcer:
         if key is not None:
             key.holder().check(Scope.ENFORCE, utcnow())
         if account.status in (accounts.Status.CANCELLED, accounts.Status.SUSPENDED):
-            raise Problem(
-                403,
-                "account-inactive",
-                "Account inactive",
-                f"the account is {account.status.value}",
-                account_status=account.status.value,
-            )
+            raise _inactive(account.status.value)
+        if account.status is accounts.Status.PAST_DUE:
+            ends = account.status_since + timedelta(hours=self._settings.past_due_grace_hours)
+            if ends <= utcnow():
+                raise _overdue(customer, ends)
+
+
+def _inactive(status: str) -> Problem:
+    return Problem(
+        403,
+        "account-inactive",
+        "Account inactive",
+        f"the account is {status}",
+        account_status=status,
+    )
+
+
+def _overdue(customer: str, grace_ended: datetime) -> Problem:
+    """Refusing an unpaid account says how to pay: the billing portal."""
+    return Problem(
+        403,
+        "payment-overdue",
+        "Payment overdue",
+        f"the account is past_due and its grace period ended at {grace_ended.isoformat()};"
+        " paying the open invoice restores access",
+        account_status="past_due",
+        grace_ended_at=grace_ended.isoformat(),
+        billing_portal=f"/v1/customers/{customer}/billing/portal",
+    )
 
 
 _KEY_PROBLEMS = {

@@ -50,6 +50,7 @@ class Code(StrEnum):
     KEY_SCOPE = "key_scope"
     INACTIVE = "inactive"
     TRIAL_EXPIRED = "trial_expired"
+    PAST_DUE = "past_due"  # unpaid beyond the grace period
     RESERVATION_CONFLICT = "reservation_conflict"
 
 
@@ -91,6 +92,7 @@ class Outcome:
     limits: tuple[Limit, ...] = ()
     violated: Limit | None = None
     reserved: bool = False
+    grace_ended_ms: int = 0  # for PAST_DUE
 
     @property
     def allowed(self) -> bool:
@@ -168,9 +170,14 @@ def compile_inline(rates: tuple[RateLimit, ...], costs: dict[str, int] | None = 
 
 
 class Limiter:
-    def __init__(self, connection: Pipelined, reservation_ttl_ms: int) -> None:
+    def __init__(
+        self, connection: Pipelined, reservation_ttl_ms: int, past_due_grace_ms: int | None = None
+    ) -> None:
+        """``past_due_grace_ms``: how long a past_due account is still admitted (None:
+        for ever)."""
         self._connection = connection
         self._ttl = reservation_ttl_ms
+        self._grace: Arg = "" if past_due_grace_ms is None else past_due_grace_ms
 
     async def _script(self, keys: list[str], args: list[Arg]) -> Any:
         packed = pack(b"EVALSHA", SHA, len(keys), *keys, *args)
@@ -208,6 +215,8 @@ class Limiter:
             ask.meter,
             start_ms,
             end_ms,
+            "",
+            self._grace,
         ]
         return parse(await self._script(keys, args))
 
@@ -238,6 +247,7 @@ def parse(raw: bytes) -> Outcome:
         limits=limits,
         violated=limits[violated - 1] if violated else None,
         reserved=bool(body.get("r")),
+        grace_ended_ms=body.get("g") or 0,
     )
 
 

@@ -9,6 +9,8 @@ demand by the first decision that misses it.
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import orjson
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
@@ -32,13 +34,15 @@ async def project(redis: Redis, conn: AsyncConnection, customer_id: str) -> bool
             plan = await catalog.read_plan(conn, customer.plan)
             assert plan is not None, "customers.plan_id references plans"
             trial_ends = customer.trial_ends_at
+            past_due = customer.status is accounts.Status.PAST_DUE
             pipe.hset(
                 account_key,
                 mapping={
                     "plan": plan.id,
                     "status": customer.status.value,
-                    "trial_ends": int(trial_ends.timestamp() * 1000) if trial_ends else "",
+                    "trial_ends": _ms(trial_ends) if trial_ends else "",
                     "policies": compile_plan(plan),
+                    "past_due_since": _ms(customer.status_since) if past_due else "",
                 },
             )
             states = {
@@ -63,3 +67,7 @@ async def project_plan(redis: Redis, pool: AsyncConnectionPool, plan_id: str) ->
 async def remember_owner(redis: Redis, digest: bytes, customer: str, key_id: str) -> None:
     """Who a key belongs to never changes, so this index entry never goes stale."""
     await redis.set(redis_keys.key_owner(digest), f"{customer} {key_id}")
+
+
+def _ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)

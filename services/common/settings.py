@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     reservation_ttl_seconds: int = 300
     trial_expiry: Literal["downgrade", "suspend"] = "downgrade"
     downgrade_plan: str = "free"
+    past_due_grace_hours: float = Field(
+        168, ge=0, description="How long a past_due account is still admitted."
+    )
     redis_failure_mode: Literal["open", "closed"] = "open"
     fallback_rate_per_minute: int = 60
     enforce_redis_timeout: float = 1.0
