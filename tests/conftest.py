@@ -27,6 +27,7 @@ from services.common import catalog, clickhouse, kafka, postgres
 from services.common.broker import EmbeddedBroker
 from services.common.clickhouse import ClickHouse
 from services.common.settings import Settings
+from tests.fake_stripe import FakeStripe
 
 ADMIN_URL = os.environ.get(
     "TALLY_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -164,3 +165,13 @@ def meters() -> dict[str, list[Meter]]:
     for meter in Catalog.default().meters:
         index.setdefault(meter.event_type, []).append(meter)
     return index
+
+
+@pytest.fixture(scope="module")
+def fake_stripe(database_url: str) -> Iterator[FakeStripe]:
+    """A fresh Stripe account per test module: the ids Tally recorded in an earlier
+    module's account are forgotten, as they would mean nothing to this one."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("DELETE FROM stripe_objects")
+    with FakeStripe() as server:
+        yield server

@@ -828,7 +828,7 @@ class FakeStripe:
     _PRICE_PARAMS: frozenset[str] = frozenset(
         {"product", "currency", "unit_amount", "unit_amount_decimal", "recurring"}
         | {"billing_scheme", "tiers_mode", "tiers", "lookup_key", "transfer_lookup_key"}
-        | {"metadata", "nickname", "active", "tax_behavior"}
+        | {"metadata", "nickname", "active", "tax_behavior", "transform_quantity"}
     )
 
     def _create_price(self, call: _Call) -> JSON:
@@ -867,6 +867,7 @@ class FakeStripe:
             self._apply_tiers(price, p)
         else:
             self._apply_unit_amount(price, p)
+        price["transform_quantity"] = self._transform_quantity(p, scheme)
         self._claim_lookup_key(price, _str(p, "lookup_key"), _bool(p, "transfer_lookup_key"))
         self.prices[price["id"]] = price
         return self._render_price(price, _expands(p))
@@ -901,6 +902,24 @@ class FakeStripe:
             "trial_period_days": None,
             "usage_type": usage_type,
         }
+
+    @staticmethod
+    def _transform_quantity(p: JSON, scheme: str) -> JSON | None:
+        if "transform_quantity" not in p:
+            return None
+        if scheme == "tiered":
+            raise _invalid("transform_quantity", "transform_quantity needs per_unit pricing.")
+        raw = _dict(p, "transform_quantity")
+        _check_known(raw, {"divide_by", "round"}, "transform_quantity")
+        if "divide_by" not in raw:
+            raise _missing("transform_quantity[divide_by]")
+        divide_by = _int(raw["divide_by"], "transform_quantity[divide_by]")
+        if divide_by < 1:
+            raise _invalid("transform_quantity[divide_by]", "divide_by must be positive.")
+        rounding = _str(raw, "round")
+        if rounding not in ("up", "down"):
+            raise _invalid("transform_quantity[round]", "round must be up or down.")
+        return {"divide_by": divide_by, "round": rounding}
 
     def _apply_unit_amount(self, price: JSON, p: JSON) -> None:
         if "tiers" in p or "tiers_mode" in p:

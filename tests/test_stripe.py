@@ -14,8 +14,9 @@ import orjson
 import pytest
 
 from schemas import redis_keys
-from services.billing import outbox, routes
+from services.billing import outbox, stripe_routes
 from services.billing.outbox import MeterPusher
+from services.billing.stripe_sessions import Sessions
 from services.billing.webhooks import Webhooks
 from services.common import keys
 from services.runtime import Component, http_app
@@ -30,10 +31,8 @@ def no_clickhouse() -> Any:
 
 
 @pytest.fixture(scope="module")
-def fake():
-    """One Stripe account for the module, as the Stripe ids Tally records persist."""
-    with FakeStripe() as server:
-        yield server
+def fake(fake_stripe: FakeStripe) -> FakeStripe:
+    return fake_stripe
 
 
 async def outbox_rows(pool: Any, customer: str) -> list[tuple[str, int, str]]:
@@ -138,11 +137,15 @@ async def test_the_v2_meter_event_stream(pool, tenant, fake) -> None:
 
 
 def webhook_client(settings: Any, pool: Any, redis: Any) -> httpx.AsyncClient:
+    return stripe_app(settings, pool, redis, None)
+
+
+def stripe_app(settings: Any, pool: Any, redis: Any, api: Any) -> httpx.AsyncClient:
+    """The billing service's Stripe routes, on ``api`` (None: Stripe not configured)."""
     bearer = keys.Bearer(settings.service_tokens, settings.pepper, pool)
     hooks = Webhooks(pool, redis, SECRET, "free")
-    app = http_app(
-        [Component("billing", routers=[routes.router(pool, bearer, no_clickhouse, hooks)])]
-    )
+    router = stripe_routes.router(bearer, Sessions(pool, api), hooks)
+    app = http_app([Component("billing", routers=[router])])
     return httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t")
 
 

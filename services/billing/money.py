@@ -31,3 +31,9 @@ def round_line(amount: Decimal, currency: str) -> Decimal:
 def minor_units(amount: Decimal, currency: str) -> int:
     """A rounded amount in the currency's minor unit (what Stripe calls ``unit_amount``)."""
     return int(round_line(amount, currency).scaleb(exponent(currency)))
+
+
+def minor_decimal(amount: Decimal, currency: str) -> str:
+    """An exact amount in the currency's minor unit, unrounded, as Stripe's
+    ``*_decimal`` fields take it (0.0005 usd is "0.05" cents)."""
+    return format(amount.scaleb(exponent(currency)).normalize(), "f")

@@ -9,13 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Path, Query, Request
+from fastapi import APIRouter, Header, Path, Query
 from psycopg_pool import AsyncConnectionPool
 
 from schemas.events import CUSTOMER_ID_PATTERN, utcnow
 from schemas.invoices import Invoice, InvoiceStatus, UpcomingInvoice
 from services.billing import invoices
-from services.billing.webhooks import Webhooks
 from services.common import keys
 from services.common.clickhouse import ClickHouse
 from services.common.problems import unknown_customer
@@ -28,14 +27,11 @@ def router(
     pool: AsyncConnectionPool,
     bearer: keys.Bearer,
     clickhouse: Callable[[], ClickHouse],
-    webhooks: Webhooks | None = None,
 ) -> APIRouter:
     api = APIRouter(tags=["invoices"])
 
     async def allow(authorization: str | None, customer: str) -> None:
-        caller = await bearer.authenticate(authorization, keys.Scope.USAGE_READ)
-        if caller is not None and caller != customer:
-            raise keys.forbidden_customer()
+        await bearer.allow(authorization, keys.Scope.USAGE_READ, customer)
 
     @api.get("/v1/customers/{customer}/invoices", summary="A customer's invoices, newest first")
     async def list_invoices(
@@ -61,12 +57,5 @@ def router(
         if found is None:
             raise unknown_customer(customer)
         return found
-
-    if webhooks is not None:
-
-        @api.post("/v1/stripe/webhook", summary="Stripe's events (signed)", tags=["stripe"])
-        async def stripe_webhook(request: Request) -> dict[str, object]:
-            body = await request.body()
-            return await webhooks.receive(body, request.headers.get("stripe-signature"))
 
     return api

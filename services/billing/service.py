@@ -7,13 +7,15 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
+import stripe
 from psycopg_pool import AsyncConnectionPool
 
-from services.billing import outbox, routes, stripe_client
+from services.billing import outbox, routes, stripe_client, stripe_mirror, stripe_routes
 from services.billing.outbox import MeterPusher
 from services.billing.periods import months_before
 from services.billing.rollup import Rollup
 from services.billing.run import BillingRun
+from services.billing.stripe_sessions import Sessions
 from services.billing.webhooks import Webhooks
 from services.common import keys
 from services.common.logging import get_logger
@@ -53,21 +55,34 @@ async def start(runtime: Runtime) -> Component:
     pool = await runtime.pool()
     api = stripe_client.client(settings)
     if api is not None:
-        pusher = MeterPusher(pool, api, stream=settings.stripe_meter_event_stream)
-        runtime.background(
-            _every(
-                lambda: _push(pool, pusher), "stripe push", settings.stripe_push_interval_seconds
-            ),
-            "stripe",
-        )
+        _stripe_jobs(runtime, pool, api)
     bearer = keys.Bearer(settings.service_tokens, settings.pepper, pool)
     webhooks = Webhooks(
         pool, runtime.redis(), settings.stripe_webhook_secret, settings.downgrade_plan
     )
     return Component(
         "billing",
-        routers=[routes.router(pool, bearer, runtime.clickhouse, webhooks)],
+        routers=[
+            routes.router(pool, bearer, runtime.clickhouse),
+            stripe_routes.router(bearer, Sessions(pool, api), webhooks),
+        ],
         checks={"clickhouse": runtime.check_clickhouse(), "postgres": runtime.check_postgres()},
+    )
+
+
+def _stripe_jobs(runtime: Runtime, pool: AsyncConnectionPool, api: stripe.StripeClient) -> None:
+    """The catalog mirrored every minute; new customers and usage every few seconds."""
+    settings = runtime.settings
+    pusher = MeterPusher(pool, api, stream=settings.stripe_meter_event_stream)
+    runtime.background(
+        _every(
+            lambda: _push(pool, api, pusher), "stripe push", settings.stripe_push_interval_seconds
+        ),
+        "stripe",
+    )
+    runtime.background(
+        _every(lambda: _mirror(pool, api), "stripe sync", settings.stripe_sync_interval_seconds),
+        "stripe sync",
     )
 
 
@@ -77,12 +92,19 @@ async def _roll_up(job: Rollup) -> None:
         log.info("rollup", cells=report.cells, rows=report.rows, watermark=report.watermark)
 
 
-async def _push(pool: AsyncConnectionPool, pusher: MeterPusher) -> None:
-    """Queue the rollups' changes for Stripe, then send what is due."""
+async def _push(pool: AsyncConnectionPool, api: stripe.StripeClient, pusher: MeterPusher) -> None:
+    """Create new sign-ups' Stripe customers, queue the rollups' changes, send what is due."""
+    customers = await stripe_client.ensure_new_customers(pool, api)
     queued = await outbox.enqueue(pool)
     report = await pusher.push()
-    if queued or report.sent or report.failed:
-        log.info("stripe push", queued=queued, report=report)
+    if customers or queued or report.sent or report.failed:
+        log.info("stripe push", customers=customers, queued=queued, report=report)
+
+
+async def _mirror(pool: AsyncConnectionPool, api: stripe.StripeClient) -> None:
+    report = await stripe_mirror.sync(pool, api)
+    if report.changed:
+        log.info("stripe sync", report=report)
 
 
 async def _bill_recent(billing: BillingRun) -> None:

@@ -42,9 +42,10 @@ class Scope(StrEnum):
     ENFORCE = "enforce"
     USAGE_READ = "usage:read"
     KEYS = "keys"  # manage the customer's keys
+    BILLING = "billing"  # open Stripe Checkout and the billing portal
 
 
-ALL_SCOPES = (Scope.INGEST, Scope.ENFORCE, Scope.USAGE_READ, Scope.KEYS)
+ALL_SCOPES = (Scope.INGEST, Scope.ENFORCE, Scope.USAGE_READ, Scope.KEYS, Scope.BILLING)
 
 
 class MalformedKey(ValueError):
@@ -197,3 +198,9 @@ class Bearer:
             raise unauthorized("unknown API key")
         found.check(scope, datetime.now(UTC))
         return found.customer
+
+    async def allow(self, authorization: str | None, scope: Scope, customer: str) -> None:
+        """A service token, or ``customer``'s own key with ``scope``; else 401/403."""
+        caller = await self.authenticate(authorization, scope)
+        if caller is not None and caller != customer:
+            raise forbidden_customer()

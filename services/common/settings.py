@@ -105,6 +105,7 @@ class Settings(BaseSettings):
         False, description="Send meter events through the v2 high-throughput stream."
     )
     stripe_push_interval_seconds: float = 10.0
+    stripe_sync_interval_seconds: float = 60.0
 
     catalog_path: Path | None = None
 
