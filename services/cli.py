@@ -15,6 +15,8 @@ from services.runtime import Runtime, Starter, run, serve
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
 billing_app = typer.Typer(help="Rollups of raw events into usage_daily, and billing runs.")
 app.add_typer(billing_app, name="billing")
+stripe_app = typer.Typer(help="Stripe: the catalog mirrored as products, prices and meters.")
+app.add_typer(stripe_app, name="stripe")
 
 PortOption = Annotated[int | None, typer.Option(help="HTTP port (default: TALLY_PORT)")]
 
@@ -139,6 +141,30 @@ def billing_run(
                 f" written, {report.skipped} without a closed period"
                 + (f" (resumed after {report.resumed_after})" if report.resumed_after else "")
             )
+
+    run(main())
+
+
+@stripe_app.command("sync")
+def stripe_sync() -> None:
+    """Mirror the catalog in Stripe now and print what changed, as JSON; idempotent.
+
+    The billing service does the same every TALLY_STRIPE_SYNC_INTERVAL_SECONDS."""
+    import dataclasses
+
+    import orjson
+
+    from services.billing import stripe_client, stripe_mirror
+
+    settings = _settings()
+    api = stripe_client.client(settings)
+    if api is None:
+        raise typer.BadParameter("set STRIPE_API_KEY to mirror the catalog in Stripe")
+
+    async def main() -> None:
+        async with Runtime(settings) as runtime:
+            report = await stripe_mirror.sync(await runtime.pool(), api)
+            typer.echo(orjson.dumps(dataclasses.asdict(report), option=orjson.OPT_INDENT_2))
 
     run(main())
 

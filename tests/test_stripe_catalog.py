@@ -8,19 +8,26 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from hypothesis import given, settings
+import orjson
+from hypothesis import given
+from hypothesis import settings as examples
 from hypothesis import strategies as st
+from typer.testing import CliRunner
 
 from schemas.catalog import Aggregation, Catalog
 from schemas.plans import Plan, Price
+from services import cli
 from services.billing import stripe_client, stripe_mirror
 from services.billing.rating import rate
 from services.billing.stripe_prices import mirror
+from services.cli import app
 from services.common import catalog
 from tests.accounts_support import running_api, sign_up
 from tests.billing_support import at, subscribe
 from tests.fake_stripe import FakeStripe
 from tests.test_stripe import stripe_app
+
+runner = CliRunner()
 
 AGGREGATIONS = {
     "api_calls": Aggregation.COUNT,
@@ -159,7 +166,7 @@ prices = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@examples(max_examples=300, deadline=None)
 @given(prices, st.integers(1, 3000))
 def test_mirrored_prices_charge_what_tally_charges(price: dict[str, Any], quantity: int) -> None:
     """For any usage, Stripe's arithmetic on the mirrored price equals Tally's rating."""
@@ -346,3 +353,18 @@ async def test_new_sign_ups_become_stripe_customers(pool, fake_stripe, tenant) -
     assert found is not None
     assert fake.customers[found]["metadata"] == {"tally_customer": f"{tenant}-new"}
     assert await stripe_client.ensure_new_customers(pool, fake.client()) == 0
+
+
+def test_stripe_sync_command(settings, fake_stripe, monkeypatch) -> None:
+    monkeypatch.setattr(cli, "get_settings", lambda: settings)
+    result = runner.invoke(app, ["stripe", "sync"])
+    assert result.exit_code == 2 and "STRIPE_API_KEY" in result.output
+    configured = settings.model_copy(
+        update={"stripe_api_key": "sk_test_fake", "stripe_api_base": fake_stripe.api_base}
+    )
+    monkeypatch.setattr(cli, "get_settings", lambda: configured)
+    result = runner.invoke(app, ["stripe", "sync"])
+    assert result.exit_code == 0, result.output
+    report = orjson.loads(result.output)
+    assert set(report) == {"created", "updated", "retired", "not_mirrored"}
+    assert report["not_mirrored"]["payg/storage_gb"].startswith("max meters")
