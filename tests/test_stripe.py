@@ -239,6 +239,16 @@ async def test_webhooks_verified_deduplicated_and_in_order(settings, pool, redis
         assert late.json()["outcome"].startswith("stale")
         assert await account(pool, customer) == ("free", "active")
 
+        # A plan switched in the billing portal: the prices say which plan it is now.
+        switched = subscription | {
+            "metadata": {"plan": "pro"},
+            "items": {
+                "data": [{"price": {"id": "price_x", "metadata": {"tally_plan": "starter"}}}]
+            },
+        }
+        moved, _ = await post(client, "customer.subscription.updated", switched, created=now + 30)
+        assert moved.json()["outcome"] == "applied: starter, active"
+
 
 async def test_invoice_payment_webhooks(settings, pool, redis, tenant) -> None:
     from services.billing.run import BillingRun

@@ -8,7 +8,8 @@ customer are applied only if no newer one was (Stripe does not promise order): a
 
 What each event does:
 - ``checkout.session.completed``: the customer moves to the plan in its metadata, active;
-- ``customer.subscription.updated``: status (and plan, from metadata) follow Stripe's;
+- ``customer.subscription.updated``: status and plan (from its prices' ``tally_plan``,
+  else its metadata) follow Stripe's;
 - ``customer.subscription.deleted``: back to the downgrade plan (free);
 - ``invoice.paid``: the invoice is paid, a past-due customer is active again;
 - ``invoice.payment_failed``: the invoice failed, the customer is past due.
@@ -111,7 +112,7 @@ class Webhooks:
                 return customer, await _change(conn, customer, self._downgrade, "active")
             case "customer.subscription.updated":
                 status = STATUSES.get(str(obj.get("status")))
-                return customer, await _change(conn, customer, metadata.get("plan"), status)
+                return customer, await _change(conn, customer, _subscribed_plan(obj), status)
             case "customer.subscription.deleted":
                 return customer, await _change(conn, customer, self._downgrade, "active")
             case "invoice.paid":
@@ -121,6 +122,18 @@ class Webhooks:
                 await _invoice_status(conn, obj, "payment_failed")
                 return customer, await _change(conn, customer, None, "past_due")
         return None, f"ignored: {kind} is not handled"
+
+
+def _subscribed_plan(subscription: dict[str, Any]) -> str | None:
+    """The plan whose mirrored prices the subscription holds (``tally_plan`` on each
+    price), so a plan switched in the billing portal is followed; else the plan named
+    in its metadata at checkout."""
+    for item in (subscription.get("items") or {}).get("data") or ():
+        plan = ((item.get("price") or {}).get("metadata") or {}).get("tally_plan")
+        if plan:
+            return str(plan)
+    plan = (subscription.get("metadata") or {}).get("plan")
+    return str(plan) if plan else None
 
 
 def _is_event(event: Any) -> bool:
