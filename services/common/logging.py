@@ -9,8 +9,9 @@ import structlog
 
 def configure(level: str = "INFO", json: bool = False) -> None:
     logging.basicConfig(level=level.upper(), format="%(message)s")
-    # Faust and aiokafka narrate every rebalance step at INFO; keep them for warnings.
-    for noisy in ("faust", "mode", "aiokafka", "kafka", "uvicorn.access", "httpx"):
+    # Faust and aiokafka narrate every rebalance step at INFO, the Stripe SDK every
+    # request; keep them for warnings.
+    for noisy in ("faust", "mode", "aiokafka", "kafka", "uvicorn.access", "httpx", "stripe"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
