@@ -1,14 +1,23 @@
-"""Customers with a past, and usage on given days, written straight into PostgreSQL."""
+"""Customers with a past, and usage on given days, written straight into PostgreSQL;
+the billing service's Stripe routes as an HTTP client."""
 
 from __future__ import annotations
 
 from datetime import UTC, date, datetime
 from decimal import Decimal
+from typing import Any
 
+import httpx
 from psycopg_pool import AsyncConnectionPool
 
 from schemas.invoices import Invoice
-from services.billing import invoices
+from services.billing import invoices, stripe_routes
+from services.billing.stripe_sessions import Sessions
+from services.billing.webhooks import Webhooks
+from services.common import keys
+from services.runtime import Component, http_app
+
+WEBHOOK_SECRET = "whsec_test"
 
 
 def at(text: str) -> datetime:
@@ -73,3 +82,12 @@ async def invoice_of(pool: AsyncConnectionPool, customer: str) -> Invoice:
 
 def amounts(invoice: Invoice) -> list[tuple[str | None, Decimal]]:
     return [(line.meter or line.plan, line.amount) for line in invoice.lines]
+
+
+def stripe_app(settings: Any, pool: Any, redis: Any, api: Any) -> httpx.AsyncClient:
+    """The billing service's Stripe routes, on ``api`` (None: Stripe not configured)."""
+    bearer = keys.Bearer(settings.service_tokens, settings.pepper, pool)
+    hooks = Webhooks(pool, redis, WEBHOOK_SECRET, "free")
+    router = stripe_routes.router(bearer, Sessions(pool, api), hooks)
+    app = http_app([Component("billing", routers=[router])])
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t")

@@ -14,16 +14,19 @@ import orjson
 import pytest
 
 from schemas import redis_keys
-from services.billing import outbox, stripe_routes
+from services.billing import outbox
 from services.billing.outbox import MeterPusher
-from services.billing.stripe_sessions import Sessions
-from services.billing.webhooks import Webhooks
-from services.common import keys
-from services.runtime import Component, http_app
-from tests.billing_support import at, invoice_of, record_usage, subscribe
+from tests.billing_support import (
+    WEBHOOK_SECRET as SECRET,
+)
+from tests.billing_support import (
+    at,
+    invoice_of,
+    record_usage,
+    stripe_app,
+    subscribe,
+)
 from tests.fake_stripe import FakeStripe, sign_webhook, webhook_event
-
-SECRET = "whsec_test"
 
 
 def no_clickhouse() -> Any:
@@ -138,15 +141,6 @@ async def test_the_v2_meter_event_stream(pool, tenant, fake) -> None:
 
 def webhook_client(settings: Any, pool: Any, redis: Any) -> httpx.AsyncClient:
     return stripe_app(settings, pool, redis, None)
-
-
-def stripe_app(settings: Any, pool: Any, redis: Any, api: Any) -> httpx.AsyncClient:
-    """The billing service's Stripe routes, on ``api`` (None: Stripe not configured)."""
-    bearer = keys.Bearer(settings.service_tokens, settings.pepper, pool)
-    hooks = Webhooks(pool, redis, SECRET, "free")
-    router = stripe_routes.router(bearer, Sessions(pool, api), hooks)
-    app = http_app([Component("billing", routers=[router])])
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t")
 
 
 async def post(

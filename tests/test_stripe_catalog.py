@@ -23,9 +23,8 @@ from services.billing.stripe_prices import mirror
 from services.cli import app
 from services.common import catalog
 from tests.accounts_support import running_api, sign_up
-from tests.billing_support import at, subscribe
+from tests.billing_support import at, stripe_app, subscribe
 from tests.fake_stripe import FakeStripe
-from tests.test_stripe import stripe_app
 
 runner = CliRunner()
 

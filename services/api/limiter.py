@@ -117,10 +117,11 @@ def _period(year: int, month: int) -> tuple[str, int, int]:
     """The quota period (a UTC calendar month): its bucket id, start and end in ms."""
     start = datetime(year, month, 1, tzinfo=UTC)
     end = next_bucket(Window.MONTH, start)
-    return bucket_id(Window.MONTH, start), _ms(start), _ms(end)
+    return bucket_id(Window.MONTH, start), epoch_ms(start), epoch_ms(end)
 
 
-def _ms(moment: datetime) -> int:
+def epoch_ms(moment: datetime) -> int:
+    """An instant as the enforcement script reads times: milliseconds since the epoch."""
     return int(moment.timestamp() * 1000)
 
 

@@ -9,8 +9,6 @@ demand by the first decision that misses it.
 
 from __future__ import annotations
 
-from datetime import datetime
-
 import orjson
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
@@ -18,7 +16,7 @@ from redis.asyncio import Redis
 
 from schemas import redis_keys
 from services.api import accounts
-from services.api.limiter import compile_plan
+from services.api.limiter import compile_plan, epoch_ms
 from services.common import catalog
 
 
@@ -40,9 +38,9 @@ async def project(redis: Redis, conn: AsyncConnection, customer_id: str) -> bool
                 mapping={
                     "plan": plan.id,
                     "status": customer.status.value,
-                    "trial_ends": _ms(trial_ends) if trial_ends else "",
+                    "trial_ends": epoch_ms(trial_ends) if trial_ends else "",
                     "policies": compile_plan(plan),
-                    "past_due_since": _ms(customer.status_since) if past_due else "",
+                    "past_due_since": epoch_ms(customer.status_since) if past_due else "",
                 },
             )
             states = {
@@ -67,7 +65,3 @@ async def project_plan(redis: Redis, pool: AsyncConnectionPool, plan_id: str) ->
 async def remember_owner(redis: Redis, digest: bytes, customer: str, key_id: str) -> None:
     """Who a key belongs to never changes, so this index entry never goes stale."""
     await redis.set(redis_keys.key_owner(digest), f"{customer} {key_id}")
-
-
-def _ms(moment: datetime) -> int:
-    return int(moment.timestamp() * 1000)

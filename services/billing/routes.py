@@ -30,9 +30,6 @@ def router(
 ) -> APIRouter:
     api = APIRouter(tags=["invoices"])
 
-    async def allow(authorization: str | None, customer: str) -> None:
-        await bearer.allow(authorization, keys.Scope.USAGE_READ, customer)
-
     @api.get("/v1/customers/{customer}/invoices", summary="A customer's invoices, newest first")
     async def list_invoices(
         customer: Customer,
@@ -40,7 +37,7 @@ def router(
         status: InvoiceStatus | None = None,
         limit: Annotated[int, Query(ge=1, le=120)] = 24,
     ) -> dict[str, list[Invoice]]:
-        await allow(authorization, customer)
+        await bearer.allow(authorization, keys.Scope.USAGE_READ, customer)
         async with pool.connection() as conn:
             return {"invoices": await invoices.listed(conn, customer, status, limit)}
 
@@ -51,7 +48,7 @@ def router(
     async def upcoming_invoice(
         customer: Customer, authorization: Authorization = None
     ) -> UpcomingInvoice:
-        await allow(authorization, customer)
+        await bearer.allow(authorization, keys.Scope.USAGE_READ, customer)
         async with pool.connection() as conn:
             found = await invoices.upcoming(conn, clickhouse, customer, utcnow())
         if found is None:

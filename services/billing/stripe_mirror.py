@@ -98,10 +98,10 @@ async def _sync_plan(
     conn: AsyncConnection, api: stripe.StripeClient, plan: Plan, meters: _Meters, report: SyncReport
 ) -> None:
     wanted = mirror(plan, meters.aggregations)
-    meter_ids = meters.stripe_ids
     product = await _sync_product(conn, api, wanted, report)
     for spec in wanted.prices:
-        await _sync_price(conn, api, wanted.plan, _params(spec, product, meter_ids), spec, report)
+        params = _params(spec, product, meters.stripe_ids)
+        await _sync_price(conn, api, wanted.plan, params, spec, report)
     live = await price_ids(conn, wanted.plan)
     for component in live.keys() - {spec.component for spec in wanted.prices}:
         await _retire(conn, api, "price", f"{wanted.plan}/{component}", report)
