@@ -18,7 +18,7 @@ from fastapi.responses import Response
 
 from services.api.enforcement import EnforceRequest
 from services.common.settings import Settings
-from services.runtime import run, server_config
+from services.runtime import freeze_heap, run, server_config
 
 ANSWER = orjson.dumps({"allowed": True, "remaining": 1, "reset": 1, "limits": []})
 HEADERS = {"RateLimit-Policy": '"bare";q=1;w=1', "RateLimit": '"bare";r=1;t=1'}
@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     port = parser.parse_args().port
     settings = Settings(port=port, log_level="WARNING")
+    freeze_heap()  # as Tally's processes do
     run(uvicorn.Server(server_config(app(), settings)).serve())
 
 

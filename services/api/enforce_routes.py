@@ -1,9 +1,9 @@
 """The enforcement routes: one decision, or a batch of independent ones.
 
-They are plain Starlette routes, matched before the FastAPI ones: FastAPI's
-per-request work (dependency solving, body and response handling) costs about 60 µs
-here, more than half of what a decision costs in all, on the path whose latency the
-product sells.  Their OpenAPI entries are written out below instead.
+They are plain Starlette routes served as hot paths (``services.common.hot_paths``),
+ahead of FastAPI's application: its dependency solving, body and response handling and
+middleware cost more per request than a decision's own work, on the path whose latency
+the product sells.  Their OpenAPI entries are written out below instead.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import Route
 
 from services.api.auth import Authenticator, Caller, address, credential
 from services.api.enforcement import (
@@ -31,7 +31,7 @@ REF = "#/components/schemas/{model}"
 Model = TypeVar("Model", bound=BaseModel)
 
 
-def routes(auth: Authenticator, enforcer: Enforcer) -> list[BaseRoute]:
+def routes(auth: Authenticator, enforcer: Enforcer) -> list[Route]:
     async def caller(request: Request) -> Caller:
         client = address(request)
         auth.limit_address(client)

@@ -1,0 +1,63 @@
+"""Hot paths: a few routes answered ahead of the FastAPI application.
+
+A request that enters FastAPI's application passes five layers of middleware (server
+errors, exception handlers, an exit stack, a body-size limit, telemetry) and the router,
+and each wraps ``send`` once more for the response.  On these machines that costs about
+60 µs per request: a quarter of what an enforcement decision costs the API process in
+all (measured under load, 275 → 206 µs per decision), on the path whose latency the
+product sells.  A hot path is found by its exact path and method, before any of that,
+and answers its own problems as problem+json.
+
+Its route stays registered in the application too, so the router still answers a wrong
+method with 405 and the OpenAPI document is unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from services.common.logging import get_logger
+from services.common.problems import Problem
+
+log = get_logger("tally.http")
+
+
+class HotPaths:
+    """An ASGI application: ``routes`` by exact path and method, the rest to ``app``."""
+
+    def __init__(self, app: ASGIApp, routes: Sequence[Route]) -> None:
+        self.app = app
+        self._endpoints: dict[tuple[str, str], Any] = {
+            (route.path, method): route.endpoint
+            for route in routes
+            for method in route.methods or ()
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        endpoint = None
+        if scope["type"] == "http":
+            endpoint = self._endpoints.get((scope["path"], scope["method"]))
+        if endpoint is None:
+            await self.app(scope, receive, send)
+            return
+        response = await _answer(endpoint, Request(scope, receive))
+        await response(scope, receive, send)
+
+
+async def _answer(endpoint: Any, request: Request) -> Response:
+    path = request.scope["path"]
+    try:
+        response: Response = await endpoint(request)
+    except Problem as problem:
+        return problem.response(instance=path)
+    except Exception:
+        log.exception("request failed", path=path)
+        failed = Problem(500, "internal-error", "Internal server error", "the request failed")
+        return failed.response(instance=path)
+    return response

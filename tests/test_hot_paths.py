@@ -1,0 +1,72 @@
+"""Hot paths answer as the application would: problems, failures, methods, the rest."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from services.common.problems import PROBLEM_JSON, invalid_field
+from services.runtime import Component, http_app
+
+
+async def decide(request: Request) -> Response:
+    body = await request.json()
+    if body.get("fail"):
+        raise RuntimeError("a bug")
+    if "meter" not in body:
+        raise invalid_field("meter", "required")
+    return JSONResponse({"meter": body["meter"], "client": request.client and request.client.host})
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    slow = APIRouter()
+
+    @slow.get("/v1/other")
+    async def other() -> dict[str, str]:
+        return {"served": "by FastAPI"}
+
+    component = Component(
+        "test", routers=[slow], fast_routes=[Route("/v1/decide", decide, methods=["POST"])]
+    )
+    transport = httpx.ASGITransport(http_app([component]), client=("198.51.100.7", 4000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        yield c
+
+
+async def test_a_hot_path_answers_ahead_of_the_application(client: httpx.AsyncClient) -> None:
+    reply = await client.post("/v1/decide", json={"meter": "api_calls"})
+    assert reply.status_code == 200
+    assert reply.json() == {"meter": "api_calls", "client": "198.51.100.7"}
+    assert (await client.get("/v1/other")).json() == {"served": "by FastAPI"}
+
+
+async def test_its_problems_are_problem_json_naming_the_path(client: httpx.AsyncClient) -> None:
+    reply = await client.post("/v1/decide", json={})
+    assert reply.status_code == 422
+    assert reply.headers["content-type"] == PROBLEM_JSON
+    assert reply.json()["errors"] == [{"field": "meter", "reason": "required"}]
+    assert reply.json()["instance"] == "/v1/decide"
+
+
+async def test_a_failure_is_a_500_problem_not_a_dropped_connection(
+    client: httpx.AsyncClient,
+) -> None:
+    reply = await client.post("/v1/decide", json={"fail": True})
+    assert reply.status_code == 500
+    assert reply.headers["content-type"] == PROBLEM_JSON
+    assert reply.json()["type"].endswith("/internal-error")
+
+
+async def test_another_method_or_path_falls_through_to_the_router(
+    client: httpx.AsyncClient,
+) -> None:
+    assert (await client.get("/v1/decide")).status_code == 405
+    assert (await client.post("/v1/decide/")).status_code == 307  # the router redirects
+    assert (await client.get("/v1/nothing")).status_code == 404
