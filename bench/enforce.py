@@ -36,7 +36,7 @@ import orjson
 import redis as sync_redis
 from tally_sdk import Tally
 
-from bench.http_load import Result, closed_loop, open_loop, request
+from bench.http_load import Result, closed_loop, collector_paused, open_loop, request
 from services.common.broker import free_port
 from tests.support import TALLY, TallyProcess, wait_for
 
@@ -78,6 +78,8 @@ def requests_for(port: int, accounts: list[tuple[str, str]], mode: str, count: i
 
 
 async def through_sdk(url: str, accounts: list[tuple[str, str]], seconds: float) -> Result:
+    """16 concurrent callers of ``Tally.check``; also what each decision cost this
+    process in CPU (httpx's share: the client is the limit here)."""
     result = Result(seconds)
     deadline = time.perf_counter() + seconds
     async with Tally(url, TOKEN, source="bench") as tally:
@@ -89,9 +91,11 @@ async def through_sdk(url: str, accounts: list[tuple[str, str]], seconds: float)
                 status = 200 if decision.allowed else 429
                 result.statuses[status] = result.statuses.get(status, 0) + 1
 
-        begin = time.perf_counter()
-        await asyncio.gather(*(caller(n) for n in range(16)))
-        result.seconds = time.perf_counter() - begin
+        with collector_paused():
+            cpu, begin = time.process_time(), time.perf_counter()
+            await asyncio.gather(*(caller(n) for n in range(16)))
+            result.seconds = time.perf_counter() - begin
+            result.client_cpu_s = time.process_time() - cpu
     return result
 
 

@@ -26,6 +26,7 @@ class Result:
     seconds: float
     latencies: list[float] = field(default_factory=list)
     statuses: dict[int, int] = field(default_factory=dict)
+    client_cpu_s: float | None = None  # what the requests cost the client, when measured
 
     @property
     def per_second(self) -> float:
@@ -36,13 +37,18 @@ class Result:
         return ordered[min(len(ordered) - 1, int(len(ordered) * p))] * 1000
 
     def summary(self) -> dict[str, object]:
-        return {
+        summary: dict[str, object] = {
             "requests": len(self.latencies),
             "per_second": round(self.per_second),
             "p50_ms": round(statistics.median(self.latencies) * 1000, 2),
             "p99_ms": round(self.percentile(0.99), 2),
             "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
         }
+        if self.client_cpu_s is not None:
+            summary["client_cpu_us_per_request"] = round(
+                self.client_cpu_s / len(self.latencies) * 1e6
+            )
+        return summary
 
 
 def request(host: str, port: int, path: str, body: bytes, headers: dict[str, str]) -> bytes:
