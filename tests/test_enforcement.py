@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from prometheus_client import REGISTRY
 from psycopg_pool import AsyncConnectionPool
@@ -18,6 +19,7 @@ from schemas.catalog import Meter
 from schemas.events import VALUE_SCALE, utcnow
 from schemas.windows import Window, bucket_id
 from services.common.clickhouse import ClickHouse
+from services.common.projection_lock import lock_projection
 from services.common.settings import Settings
 from tests.accounts_support import (
     ADMIN,
@@ -99,6 +101,42 @@ async def test_upgrade_mid_window_applies_to_the_next_call(api: httpx.AsyncClien
     reply = await enforce(api, account)
     assert reply.status_code == 200 and reply.json()["plan"] == "pro"
     assert reply.headers["RateLimit-Policy"].startswith('"pro-per-minute";q=500;w=60')
+
+
+async def test_a_stale_projection_never_lands_after_a_fresh_one(
+    api: httpx.AsyncClient, redis: Redis, database_url: str
+) -> None:
+    """A decision projecting on demand read the row before a plan change committed; its
+    stale copy is written while the change's own projection waits, which then lands."""
+    account = await sign_up(api, "free")
+    account_key = redis_keys.account(account.customer)
+    stale = await redis.hgetall(account_key)
+    in_flight = await psycopg.AsyncConnection.connect(database_url)
+    async with in_flight, in_flight.transaction():
+        await lock_projection(in_flight, account.customer)
+        change = asyncio.create_task(
+            api.patch(
+                f"/v1/admin/customers/{account.customer}", json={"plan": "pro"}, headers=ADMIN
+            )
+        )
+        for _ in range(500):
+            if await _plan_of(in_flight, account.customer) == "pro":  # committed
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        assert not change.done()  # its projection waits for the one in flight
+        await redis.delete(account_key)
+        await redis.hset(account_key, mapping=stale)  # type: ignore[arg-type]  # as read
+    assert (await change).status_code == 200
+    assert await redis.hget(account_key, "plan") == b"pro"
+    assert (await enforce(api, account)).json()["plan"] == "pro"
+
+
+async def _plan_of(conn: psycopg.AsyncConnection, customer: str) -> str:
+    cur = await conn.execute("SELECT plan_id FROM customers WHERE id = %s", (customer,))
+    row = await cur.fetchone()
+    assert row is not None
+    return str(row[0])
 
 
 async def test_plan_edit_applies_to_the_next_call(api: httpx.AsyncClient) -> None:

@@ -4,6 +4,7 @@ stream, and webhooks that are verified, de-duplicated and applied in order."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -11,11 +12,13 @@ from typing import Any
 
 import httpx
 import orjson
+import psycopg
 import pytest
 
 from schemas import redis_keys
 from services.billing import outbox
 from services.billing.outbox import MeterPusher
+from services.common.projection_lock import lock_projection
 from tests.billing_support import (
     WEBHOOK_SECRET as SECRET,
 )
@@ -242,6 +245,34 @@ async def test_webhooks_verified_deduplicated_and_in_order(settings, pool, redis
         }
         moved, _ = await post(client, "customer.subscription.updated", switched, created=now + 30)
         assert moved.json()["outcome"] == "applied: starter, active"
+
+
+async def test_a_webhook_drops_the_projection_after_one_in_flight(
+    settings, pool, redis, tenant, database_url
+) -> None:
+    """A decision projecting on demand read the row before the webhook's change; its
+    copy must not outlive the webhook's drop."""
+    customer = f"{tenant}-race"
+    await subscribe(pool, customer, "free", at("2026-01-01"))
+    await link(pool, customer, f"cus_{tenant}r")
+    checkout = {
+        "id": "cs_2",
+        "object": "checkout.session",
+        "client_reference_id": customer,
+        "customer": f"cus_{tenant}r",
+        "metadata": {"plan": "pro"},
+    }
+    in_flight = await psycopg.AsyncConnection.connect(database_url)
+    async with webhook_client(settings, pool, redis) as client:
+        async with in_flight, in_flight.transaction():
+            await lock_projection(in_flight, customer)
+            hook = asyncio.create_task(post(client, "checkout.session.completed", checkout))
+            await asyncio.sleep(0.3)
+            assert not hook.done()  # it waits to commit until the projection is written
+            await redis.hset(redis_keys.account(customer), mapping={"plan": "free"})
+        reply, _ = await hook
+    assert reply.json()["outcome"] == "applied: pro, active"
+    assert await redis.exists(redis_keys.account(customer)) == 0  # re-projected when next used
 
 
 async def test_invoice_payment_webhooks(settings, pool, redis, tenant) -> None:
