@@ -18,6 +18,7 @@ from schemas import redis_keys
 from schemas.catalog import Meter
 from schemas.events import VALUE_SCALE, utcnow
 from schemas.windows import Window, bucket_id
+from services.api import accounts
 from services.common.clickhouse import ClickHouse
 from services.common.projection_lock import lock_projection
 from services.common.settings import Settings
@@ -229,6 +230,25 @@ async def test_revocation_applies_at_once(api: httpx.AsyncClient) -> None:
     assert revoke.status_code == 204
     refused = await enforce(api, account)
     assert refused.status_code == 401 and "revoked" in refused.json()["detail"]
+
+
+async def test_a_key_revoked_while_it_is_rotated_stays_dead(
+    api: httpx.AsyncClient, pool: AsyncConnectionPool, settings: Settings
+) -> None:
+    """The rotation read the key before the revocation committed: no replacement."""
+    account = await sign_up(api, "pro")
+    async with pool.connection() as conn:
+        seen = await accounts.get_key(conn, account.key_id)
+    assert seen is not None and seen.revoked_at is None
+    revoke = await api.delete(
+        f"/v1/admin/customers/{account.customer}/keys/{account.key_id}", headers=ADMIN
+    )
+    assert revoke.status_code == 204
+    async with pool.connection() as conn:
+        with pytest.raises(accounts.KeyRevoked):
+            await accounts.rotate_key(conn, seen, settings.pepper, timedelta(minutes=1), "test")
+        await conn.rollback()
+        assert [k.id for k in await accounts.list_keys(conn, account.customer)] == [seen.id]
 
 
 async def test_key_scopes(api: httpx.AsyncClient) -> None:

@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from schemas.events import utcnow
 from schemas.plans import Plan
 from services.api import accounts, projection
-from services.api.accounts import ApiKey, Customer, EmailTaken
+from services.api.accounts import ApiKey, Customer, EmailTaken, KeyRevoked
 from services.api.auth import Authenticator, Caller, address, credential
 from services.api.limiter import UNREACHABLE
 from services.common import catalog
@@ -120,15 +120,18 @@ class Accounts:
         return issued(key, secret)
 
     async def rotate(self, key: ApiKey, body: Rotation, actor: str) -> dict[str, Any]:
-        if key.revoked_at is not None:
-            raise Problem(409, "key-revoked", "Key revoked", "a revoked key cannot be rotated")
         grace = body.grace_seconds
         if grace is None:
             grace = self.settings.key_rotation_grace_seconds
-        async with self.pool.connection() as conn:
-            new, secret = await accounts.rotate_key(
-                conn, key, self.settings.pepper, timedelta(seconds=grace), actor
-            )
+        try:
+            async with self.pool.connection() as conn:
+                new, secret = await accounts.rotate_key(
+                    conn, key, self.settings.pepper, timedelta(seconds=grace), actor
+                )
+        except KeyRevoked:
+            raise Problem(
+                409, "key-revoked", "Key revoked", "a revoked key cannot be rotated"
+            ) from None
         await self.reproject(key.customer)
         return issued(new, secret) | {"old_key_valid_for_seconds": grace}
 

@@ -67,6 +67,10 @@ class EmailTaken(Exception):
     pass
 
 
+class KeyRevoked(Exception):
+    """A revoked key cannot be rotated: its replacement would bring it back to life."""
+
+
 _CUSTOMER = (
     "SELECT id, email, company, plan_id AS plan, status, trial_ends_at, created_at,"
     " status_since FROM customers"
@@ -240,7 +244,16 @@ async def rotate_key(
     conn: AsyncConnection, key: ApiKey, pepper: bytes, grace: timedelta, actor: str
 ) -> tuple[ApiKey, str]:
     """A replacement with the same scopes; the old key keeps working for ``grace``, so
-    deployments can switch over without a failed request."""
+    deployments can switch over without a failed request.
+
+    The key's row stays locked until the caller commits, and its revocation is read
+    under that lock: a revocation that commits first is seen here (``KeyRevoked``), and
+    one that comes later waits, then revokes the old key only.
+    """
+    cur = await conn.execute("SELECT revoked_at FROM api_keys WHERE id = %s FOR UPDATE", (key.id,))
+    row = await cur.fetchone()
+    if row is None or row[0] is not None:
+        raise KeyRevoked(key.id)
     new, secret = await issue_key(
         conn,
         key.customer,
