@@ -21,7 +21,8 @@ from schemas.events import UsageEvent
 ENVELOPE_VERSION = 1
 MAX_EVENTS_PER_ENVELOPE = 500
 MAX_ENVELOPE_BYTES = 900 * 1024
-"""Under Kafka's default 1 MB ``message.max.bytes``, whatever the events' sizes."""
+"""Under Kafka's (and Faust's) default 1 MB ``message.max.bytes``: envelopes, and the
+dead letters made of them, whatever the events' sizes."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas import topics
+from schemas.envelope import MAX_ENVELOPE_BYTES
 from services.aggregator.processor import BatchProcessor, DeadLetter, Record
 from services.aggregator.transport import Transport
 from services.common import metrics
@@ -28,7 +29,6 @@ from services.common.settings import Settings
 log = get_logger("tally.aggregator")
 MAX_BACKOFF_SECONDS = 10.0
 T = TypeVar("T")
-MAX_DEAD_LETTER_BYTES = 900 * 1024  # under Kafka's (and Faust's) 1 MB message limit
 
 
 class _App(faust.App):
@@ -76,7 +76,7 @@ def dead_letter_message(record: Record, reason: str) -> bytes:
         "value": record.value.decode(errors="replace"),
     }
     message = orjson.dumps(payload)
-    if len(message) > MAX_DEAD_LETTER_BYTES:  # JSON escaping can double a record's size
+    if len(message) > MAX_ENVELOPE_BYTES:  # JSON escaping can double a record's size
         del payload["value"]
         payload["value_bytes"] = len(record.value)
         message = orjson.dumps(payload)

@@ -12,7 +12,6 @@ from typing import Any, TypeVar
 
 import orjson
 from pydantic import BaseModel, ValidationError
-from pydantic.json_schema import models_json_schema
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -25,9 +24,9 @@ from services.api.enforcement import (
     Enforcer,
     EnforceRequest,
 )
+from services.common.openapi import component_schemas, ref
 from services.common.problems import PROBLEM_JSON, Problem, invalid_request
 
-REF = "#/components/schemas/{model}"
 Model = TypeVar("Model", bound=BaseModel)
 
 
@@ -79,11 +78,7 @@ def _response(answer: Answer) -> Response:
 
 
 def openapi_schemas() -> dict[str, Any]:
-    _, top = models_json_schema(
-        [(EnforceRequest, "validation"), (BatchRequest, "validation")], ref_template=REF
-    )
-    schemas: dict[str, Any] = top["$defs"]
-    return schemas
+    return component_schemas(EnforceRequest, BatchRequest)
 
 
 def _problem(description: str) -> dict[str, Any]:
@@ -104,14 +99,14 @@ RATE_HEADERS = {
 }
 
 
-def _operation(summary: str, model: str, ok: str) -> dict[str, Any]:
+def _operation(summary: str, model: type[BaseModel], ok: str) -> dict[str, Any]:
     return {
         "post": {
             "tags": ["enforcement"],
             "summary": summary,
             "requestBody": {
                 "required": True,
-                "content": {"application/json": {"schema": {"$ref": REF.format(model=model)}}},
+                "content": {"application/json": {"schema": ref(model)}},
             },
             "responses": {
                 "200": {
@@ -129,12 +124,12 @@ def openapi_paths() -> dict[str, Any]:
     return {
         "/v1/enforce": _operation(
             "Decide one call: allowed or refused, with remaining and reset",
-            "EnforceRequest",
+            EnforceRequest,
             "Allowed: the decision, and the RateLimit fields",
         ),
         "/v1/enforce/batch": _operation(
             f"Up to {MAX_BATCH} decisions, each independent, in order",
-            "BatchRequest",
+            BatchRequest,
             "Each decision's status and body, in order",
         ),
     }

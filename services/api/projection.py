@@ -32,12 +32,13 @@ async def project(redis: Redis, conn: AsyncConnection, customer_id: str) -> bool
     async with conn.transaction():
         await lock_projection(conn, customer_id)
         account, keys = await _read(conn, customer_id)
+        account_key, keys_key = redis_keys.account(customer_id), redis_keys.api_keys(customer_id)
         async with redis.pipeline(transaction=True) as pipe:
-            pipe.delete(redis_keys.account(customer_id), redis_keys.api_keys(customer_id))
+            pipe.delete(account_key, keys_key)
             if account:
-                pipe.hset(redis_keys.account(customer_id), mapping=account)
+                pipe.hset(account_key, mapping=account)
             if keys:
-                pipe.hset(redis_keys.api_keys(customer_id), mapping=keys)
+                pipe.hset(keys_key, mapping=keys)
             await pipe.execute()
     return account is not None
 

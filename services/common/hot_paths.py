@@ -14,8 +14,7 @@ method with 405 and the OpenAPI document is unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -27,13 +26,15 @@ from services.common.problems import Problem
 
 log = get_logger("tally.http")
 
+Endpoint = Callable[[Request], Awaitable[Response]]
+
 
 class HotPaths:
     """An ASGI application: ``routes`` by exact path and method, the rest to ``app``."""
 
     def __init__(self, app: ASGIApp, routes: Sequence[Route]) -> None:
         self.app = app
-        self._endpoints: dict[tuple[str, str], Any] = {
+        self._endpoints: dict[tuple[str, str], Endpoint] = {
             (route.path, method): route.endpoint
             for route in routes
             for method in route.methods or ()
@@ -50,14 +51,13 @@ class HotPaths:
         await response(scope, receive, send)
 
 
-async def _answer(endpoint: Any, request: Request) -> Response:
+async def _answer(endpoint: Endpoint, request: Request) -> Response:
     path = request.scope["path"]
     try:
-        response: Response = await endpoint(request)
+        return await endpoint(request)
     except Problem as problem:
         return problem.response(instance=path)
     except Exception:
         log.exception("request failed", path=path)
         failed = Problem(500, "internal-error", "Internal server error", "the request failed")
         return failed.response(instance=path)
-    return response

@@ -22,11 +22,11 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from psycopg_pool import AsyncConnectionPool
-from pydantic.json_schema import models_json_schema
 
 from schemas.events import UsageEvent, utcnow
 from services.common import keys, metrics
 from services.common.logging import get_logger
+from services.common.openapi import component_schemas, ref
 from services.common.problems import Problem
 from services.common.settings import Settings
 from services.ingest import parsing
@@ -34,7 +34,6 @@ from services.ingest.parsing import Status, TimeBounds
 from services.ingest.publisher import Publisher
 
 log = get_logger("tally.ingest")
-REF = "#/components/schemas/{model}"
 
 
 class Ingest:
@@ -102,14 +101,12 @@ def _bad_gzip(detail: str) -> Problem:
 
 def openapi_schemas() -> dict[str, Any]:
     """The usage event's JSON Schemas, for the OpenAPI document's components."""
-    _, top = models_json_schema([(UsageEvent, "validation")], ref_template=REF)
-    schemas: dict[str, Any] = top["$defs"]
-    return schemas
+    return component_schemas(UsageEvent)
 
 
-def _body_schemas() -> dict[str, Any]:
-    one = {"$ref": REF.format(model="UsageEvent")}
-    batch = {"type": "array", "items": one, "minItems": 1, "maxItems": 10_000}
+def _body_schemas(max_batch: int) -> dict[str, Any]:
+    one = ref(UsageEvent)
+    batch = {"type": "array", "items": one, "minItems": 1, "maxItems": max_batch}
     return {
         parsing.SINGLE: {"schema": one},
         parsing.BATCH: {"schema": batch},
@@ -128,13 +125,14 @@ def _too_large(size: int, limit: int) -> Problem:
 
 def router(ingest: Ingest) -> APIRouter:
     api = APIRouter(tags=["ingest"])
+    documented = {"required": True, "content": _body_schemas(ingest.settings.max_batch_events)}
 
     @api.post(
         "/v1/events",
         status_code=202,
         response_class=JSONResponse,
         summary="Ingest usage events (CloudEvents 1.0, one or a batch)",
-        openapi_extra={"requestBody": {"required": True, "content": _body_schemas()}},
+        openapi_extra={"requestBody": documented},
     )
     async def post_events(request: Request) -> Response:
         subject = await ingest.authenticate(request.headers.get("authorization"))
