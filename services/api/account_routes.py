@@ -99,10 +99,44 @@ class Accounts:
         new secret is still returned): enforcement re-projects an account or key it
         lacks, and the next change re-projects the rest."""
         try:
-            async with self.pool.connection() as conn:
-                await projection.project(self.redis, conn, customer_id)
+            await projection.project_customer(self.redis, self.pool, customer_id)
         except UNREACHABLE as exc:
             log.warning("projection into Redis failed", customer=customer_id, error=repr(exc))
+
+    async def open_account(
+        self,
+        email: str,
+        company: str,
+        plan: Plan,
+        actor: str,
+        *,
+        customer_id: str | None = None,
+        with_key: bool = True,
+    ) -> dict[str, Any]:
+        """A new customer and, unless told otherwise, its first key: sign-up and the
+        admin API alike."""
+        try:
+            async with self.pool.connection() as conn:
+                customer = await accounts.create_customer(
+                    conn,
+                    email=email,
+                    company=company,
+                    plan=plan,
+                    actor=actor,
+                    customer_id=customer_id,
+                )
+                key = None
+                if with_key:
+                    new, secret = await accounts.issue_key(
+                        conn, customer.id, self.settings.pepper, actor
+                    )
+                    key = issued(new, secret)
+        except EmailTaken:
+            raise Problem(
+                409, "email-taken", "Email taken", "an account with this email exists"
+            ) from None
+        await self.reproject(customer.id)
+        return {"customer": customer.model_dump(mode="json"), "api_key": key}
 
     async def new_key(self, customer_id: str, body: NewKeyRequest, actor: str) -> dict[str, Any]:
         async with self.pool.connection() as conn:
@@ -164,23 +198,8 @@ def router(service: Accounts) -> APIRouter:
         if not plan.public:
             raise invalid_field("plan", f"plan {plan.id!r} is not offered at sign-up")
         actor = f"signup:{address(request)}"
-        try:
-            async with service.pool.connection() as conn:
-                customer = await accounts.create_customer(
-                    conn, email=body.email, company=body.company, plan=plan, actor=actor
-                )
-                key, secret = await accounts.issue_key(
-                    conn, customer.id, service.settings.pepper, actor
-                )
-        except EmailTaken:
-            raise Problem(
-                409, "email-taken", "Email taken", "an account with this email exists"
-            ) from None
-        await service.reproject(customer.id)
-        return JSONResponse(
-            {"customer": customer.model_dump(mode="json"), "api_key": issued(key, secret)},
-            status_code=201,
-        )
+        opened = await service.open_account(body.email, body.company, plan, actor)
+        return JSONResponse(opened, status_code=201)
 
     @api.get("/v1/keys", summary="The caller's keys (never their secrets)")
     async def list_keys(request: Request) -> dict[str, list[ApiKey]]:

@@ -16,7 +16,7 @@ from schemas.events import CUSTOMER_ID_PATTERN
 from schemas.plans import Plan, check_plan
 from services.api import accounts, projection
 from services.api.account_routes import Accounts, NewKeyRequest, Rotation
-from services.api.accounts import Customer, EmailTaken, Status
+from services.api.accounts import Customer, Status
 from services.api.auth import credential
 from services.common import catalog
 from services.common.problems import Problem, invalid_field, unauthorized
@@ -112,30 +112,13 @@ def router(service: Accounts) -> APIRouter:
     @api.post("/customers", status_code=201, summary="Create a customer (and a first key)")
     async def create_customer(body: NewCustomer) -> dict[str, Any]:
         plan = await service.plan(body.plan)
-        try:
+        if body.id:
             async with pool.connection() as conn:
-                if body.id and await accounts.get_customer(conn, body.id):
+                if await accounts.get_customer(conn, body.id):
                     raise Problem(409, "customer-exists", "Customer exists", f"{body.id!r} exists")
-                customer = await accounts.create_customer(
-                    conn,
-                    email=body.email,
-                    company=body.company,
-                    plan=plan,
-                    actor=ACTOR,
-                    customer_id=body.id,
-                )
-                key = None
-                if body.issue_key:
-                    new, secret = await accounts.issue_key(
-                        conn, customer.id, service.settings.pepper, ACTOR
-                    )
-                    key = new.model_dump(mode="json") | {"key": secret}
-        except EmailTaken:
-            raise Problem(
-                409, "email-taken", "Email taken", "an account with this email exists"
-            ) from None
-        await service.reproject(customer.id)
-        return {"customer": customer.model_dump(mode="json"), "api_key": key}
+        return await service.open_account(
+            body.email, body.company, plan, ACTOR, customer_id=body.id, with_key=body.issue_key
+        )
 
     @api.get("/customers/{customer_id}", summary="One customer and its keys")
     async def get_customer(customer_id: str) -> dict[str, Any]:

@@ -166,8 +166,7 @@ class Authenticator:
             raise keys.forbidden_customer()
         raw = await self._redis.hget(redis_keys.api_keys(customer), caller.key_id)
         if raw is None:
-            async with self._pool.connection() as conn:
-                await projection.project(self._redis, conn, customer)
+            await projection.project_customer(self._redis, self._pool, customer)
             raw = await self._redis.hget(redis_keys.api_keys(customer), caller.key_id)
         state = orjson.loads(raw) if raw else {"s": [], "r": True}
         keys.Holder.from_state(customer, caller.key_id, state).check(scope, utcnow())

@@ -178,9 +178,8 @@ class Enforcer:
             raise invalid_field("meter", f"unknown meter {meter!r}; known meters: {known}")
 
     async def _project(self, customer: str) -> None:
-        async with self._pool.connection() as conn:
-            if not await projection.project(self._redis, conn, customer):
-                raise unknown_customer(customer)
+        if not await projection.project_customer(self._redis, self._pool, customer):
+            raise unknown_customer(customer)
 
     async def _end_trial(self, customer: str) -> None:
         settings = self._settings

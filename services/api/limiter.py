@@ -20,7 +20,7 @@ import orjson
 from redis.exceptions import RedisError, ResponseError
 
 from schemas import redis_keys
-from schemas.events import VALUE_SCALE
+from schemas.events import from_micros, to_micros
 from schemas.plans import Enforcement, Plan, RateLimit
 from schemas.windows import Window, bucket_id, next_bucket
 from services.api.pipelined import Arg, Pipelined, pack
@@ -129,10 +129,6 @@ def _seconds(ms: int) -> int:
     return -(-ms // 1000)
 
 
-def micros(amount: Decimal) -> int:
-    return int(amount * VALUE_SCALE)
-
-
 def compile_rates(rates: tuple[RateLimit, ...]) -> list[dict[str, Any]]:
     return [
         {
@@ -155,7 +151,7 @@ def compile_plan(plan: Plan) -> str:
             "rates": compile_rates(plan.rate_limits),
             "costs": plan.endpoint_costs or {},
             "quotas": {
-                meter: {"l": micros(q.limit), "h": q.enforcement is Enforcement.HARD}
+                meter: {"l": to_micros(q.limit), "h": q.enforcement is Enforcement.HARD}
                 for meter, q in plan.quotas.items()
             }
             or {},
@@ -209,7 +205,7 @@ class Limiter:
             ask.scope,
             "" if clock_us is None else clock_us,
             ask.endpoint,
-            micros(ask.quantity),
+            to_micros(ask.quantity),
             ask.mode.value,
             ask.digest,
             self._ttl,
@@ -252,16 +248,13 @@ def parse(raw: bytes) -> Outcome:
     )
 
 
-_MICRO = Decimal(VALUE_SCALE)
-
-
 def _limit(item: dict[str, Any]) -> Limit:
     if item["k"] == "quota":  # amounts in micro-units, as strings
         return Limit(
             item["n"],
             "quota",
-            Decimal(item["lim"]) / _MICRO,
-            Decimal(item["rem"]) / _MICRO,
+            from_micros(int(item["lim"])),
+            from_micros(int(item["rem"])),
             item["reset"],
             item["retry"],
             item["w"],

@@ -65,6 +65,12 @@ async def _read(conn: AsyncConnection, customer_id: str) -> tuple[Fields | None,
     return account, keys
 
 
+async def project_customer(redis: Redis, pool: AsyncConnectionPool, customer_id: str) -> bool:
+    """``project`` on a connection of its own."""
+    async with pool.connection() as conn:
+        return await project(redis, conn, customer_id)
+
+
 async def project_plan(redis: Redis, pool: AsyncConnectionPool, plan_id: str) -> int:
     """Re-project every customer on a plan that just changed."""
     async with pool.connection() as conn:
