@@ -36,7 +36,6 @@ ZERO = Decimal(0)
 class Rated:
     """One meter's usage priced, before rounding."""
 
-    quantity: Decimal
     billable: Decimal
     amount: Decimal
     tranches: tuple[Tranche, ...]
@@ -49,7 +48,7 @@ def rate(price: Price, quantity: Decimal) -> Rated:
         billable = max(ZERO, quantity - included) if isinstance(included, Decimal) else ZERO
         tranches = _tranches(price, billable) if billable else ()
         amount = sum((t.amount for t in tranches), ZERO)
-        return Rated(quantity, billable, max(amount, price.minimum), tranches)
+        return Rated(billable, max(amount, price.minimum), tranches)
 
 
 def _tranches(price: Price, billable: Decimal) -> tuple[Tranche, ...]:
