@@ -26,6 +26,7 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy .
+	$(BIN)/lint-imports
 
 bench: setup  ## the pipeline, enforcement and billing-run benchmarks (print rates and latencies)
 	$(BIN)/python -m bench.pipeline

@@ -16,7 +16,7 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import Response
 
-from services.api.enforcement import EnforceRequest
+from services.api.enforcement.enforcer import EnforceRequest
 from services.common.settings import Settings
 from services.runtime import freeze_heap, run, server_config
 

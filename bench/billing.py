@@ -24,7 +24,7 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from schemas.catalog import Catalog
-from services.billing.run import BillingRun
+from services.billing.invoicing.run import BillingRun
 from services.common import catalog, postgres
 
 ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"

@@ -125,7 +125,7 @@ def billing_run(
     ] = False,
 ) -> None:
     """Invoice every customer whose period starting in --period has ended; idempotent."""
-    from services.billing.periods import parse_month
+    from services.billing.invoicing.periods import parse_month
     from services.billing.service import billing_run as make_run
 
     try:
@@ -154,7 +154,8 @@ def stripe_sync() -> None:
 
     import orjson
 
-    from services.billing import stripe_client, stripe_mirror
+    from services.billing.stripe import client as stripe_client
+    from services.billing.stripe import mirror as stripe_mirror
 
     settings = _settings()
     api = stripe_client.client(settings)
@@ -182,7 +183,7 @@ def rate(
 ) -> None:
     """Print the invoice a plan would produce for some usage, as JSON."""
     from schemas.catalog import Catalog
-    from services.billing.simulate import parse_usage, simulate
+    from services.billing.invoicing.simulate import parse_usage, simulate
 
     try:
         chosen = Catalog.from_file(catalog) if catalog else Catalog.default()

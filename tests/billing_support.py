@@ -11,9 +11,10 @@ import httpx
 from psycopg_pool import AsyncConnectionPool
 
 from schemas.invoices import Invoice
-from services.billing import invoices, stripe_routes
-from services.billing.stripe_sessions import Sessions
-from services.billing.webhooks import Webhooks
+from services.billing.invoicing import reader as invoices
+from services.billing.stripe import routes as stripe_routes
+from services.billing.stripe.sessions import Sessions
+from services.billing.stripe.webhooks import Webhooks
 from services.common import keys
 from services.runtime import Component, http_app
 

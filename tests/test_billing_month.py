@@ -10,8 +10,8 @@ from schemas.envelope import StoredEvent
 from schemas.events import utcnow
 from schemas.plans import Plan, Price
 from services.aggregator.clickhouse_sink import ClickHouseSink
-from services.billing.rollup import Rollup
-from services.billing.run import BillingRun
+from services.billing.invoicing.run import BillingRun
+from services.billing.rollup.job import Rollup
 from services.common import catalog
 from tests.billing_support import amounts, at, invoice_of, subscribe
 

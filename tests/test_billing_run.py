@@ -11,9 +11,9 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from schemas.invoices import InvoiceStatus
-from services.billing import run as run_module
-from services.billing import watermark as watermarks
-from services.billing.run import BillingRun, RunInProgress
+from services.billing.invoicing import run as run_module
+from services.billing.invoicing.run import BillingRun, RunInProgress
+from services.billing.rollup import watermark as watermarks
 from tests.billing_support import amounts, at, change, invoice_of, record_usage, subscribe
 
 D = Decimal

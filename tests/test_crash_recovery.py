@@ -24,7 +24,7 @@ from psycopg_pool import AsyncConnectionPool
 from schemas import redis_keys
 from schemas.events import UsageEvent, from_micros, utcnow
 from schemas.windows import Window
-from services.billing.rollup import Rollup
+from services.billing.rollup.job import Rollup
 from services.common import clickhouse, kafka
 from services.common.settings import Settings
 from services.ingest.publisher import Publisher

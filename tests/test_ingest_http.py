@@ -16,7 +16,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from schemas import envelope, topics
 from schemas.events import utcnow
-from services.api import accounts
+from services.api.accounts import service as accounts
 from services.common import catalog, kafka
 from services.common.keys import Scope
 from services.common.settings import Settings

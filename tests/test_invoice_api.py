@@ -7,8 +7,8 @@ from decimal import Decimal
 
 import httpx
 
-from services.billing import routes
-from services.billing.run import BillingRun
+from services.billing.invoicing import routes
+from services.billing.invoicing.run import BillingRun
 from services.common import keys
 from services.runtime import Component, http_app
 from tests.accounts_support import running_api, sign_up

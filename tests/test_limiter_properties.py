@@ -15,9 +15,10 @@ from fractions import Fraction
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from schemas.account_state import compile_inline
 from schemas.plans import Algorithm, Per, RateLimit
-from services.api.limiter import Limiter, Mode, compile_inline
-from services.api.pipelined import Pipelined
+from services.api.enforcement.limiter import Limiter, Mode
+from services.api.enforcement.pipelined import Pipelined
 from tests.conftest import REDIS_URL
 
 START_MS = 1_790_000_000_000

@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 
 from schemas.catalog import Aggregation
 from schemas.plans import Cycle, Interval, Plan, Price
-from services.billing import invoicing
-from services.billing.invoicing import Span, State, Stretch
-from services.billing.periods import Period, period_containing, period_in_month
+from services.billing.invoicing import compose as invoicing
+from services.billing.invoicing.compose import Span, State, Stretch
+from services.billing.invoicing.periods import Period, period_containing, period_in_month
 
 
 def at(text: str) -> datetime:

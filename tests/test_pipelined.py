@@ -9,7 +9,7 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from services.api.pipelined import Pipelined, pack
+from services.api.enforcement.pipelined import Pipelined, pack
 from tests.conftest import REDIS_URL
 
 

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 from schemas.catalog import Catalog
 from schemas.plans import Plan, Price, PriceModel, Tier
-from services.billing import rating
-from services.billing.money import minor_units, round_line
+from services.billing.rating import engine as rating
+from services.billing.rating.money import minor_units, round_line
 
 D = Decimal
 TYPOGRAPHIC = (  # docs.stripe.com/subscriptions/pricing-models/tiered-pricing

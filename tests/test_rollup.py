@@ -15,7 +15,7 @@ from psycopg_pool import AsyncConnectionPool
 from schemas.envelope import StoredEvent
 from schemas.events import utcnow
 from services.aggregator.clickhouse_sink import ClickHouseSink
-from services.billing.rollup import Rollup
+from services.billing.rollup.job import Rollup
 from services.common import clickhouse
 from services.common.clickhouse import ClickHouse
 from services.common.settings import Settings

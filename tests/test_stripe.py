@@ -16,8 +16,8 @@ import psycopg
 import pytest
 
 from schemas import redis_keys
-from services.billing import outbox
-from services.billing.outbox import MeterPusher
+from services.billing.stripe import outbox
+from services.billing.stripe.outbox import MeterPusher
 from services.common.projection_lock import lock_projection
 from tests.billing_support import (
     WEBHOOK_SECRET as SECRET,
@@ -276,7 +276,7 @@ async def test_a_webhook_drops_the_projection_after_one_in_flight(
 
 
 async def test_invoice_payment_webhooks(settings, pool, redis, tenant) -> None:
-    from services.billing.run import BillingRun
+    from services.billing.invoicing.run import BillingRun
 
     customer = f"{tenant}-pay"
     await subscribe(pool, customer, "pro", at("2021-01-01"))

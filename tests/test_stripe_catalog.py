@@ -17,9 +17,10 @@ from typer.testing import CliRunner
 from schemas.catalog import Aggregation, Catalog
 from schemas.plans import Plan, Price
 from services import cli
-from services.billing import stripe_client, stripe_mirror
-from services.billing.rating import rate
-from services.billing.stripe_prices import mirror
+from services.billing.rating.engine import rate
+from services.billing.stripe import client as stripe_client
+from services.billing.stripe import mirror as stripe_mirror
+from services.billing.stripe.prices import mirror
 from services.cli import app
 from services.common import catalog
 from tests.accounts_support import running_api, sign_up

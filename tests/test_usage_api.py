@@ -21,9 +21,9 @@ from services.aggregator.dedupe import DedupeWindow
 from services.aggregator.processor import BatchProcessor, Record
 from services.aggregator.redis_sink import RedisSink
 from services.api.auth import Authenticator
-from services.api.limiter import Limiter
-from services.api.pipelined import Pipelined
-from services.api.usage_routes import router
+from services.api.enforcement.limiter import Limiter
+from services.api.enforcement.pipelined import Pipelined
+from services.api.usage.routes import router
 from services.common.clickhouse import ClickHouse
 from services.common.settings import Settings
 from services.runtime import Component, http_app

@@ -20,23 +20,17 @@ from redis.asyncio import Redis
 from starlette.requests import Request
 
 from schemas import redis_keys
+from schemas.account_state import compile_inline
 from schemas.events import utcnow
 from schemas.plans import Per, RateLimit
-from services.api import projection
-from services.api.limiter import (
-    UNREACHABLE,
-    Code,
-    Limit,
-    Limiter,
-    Mode,
-    Outcome,
-    compile_inline,
-)
-from services.api.local import Buckets, Recent
-from services.api.refusals import refused
+from services.api.accounts import projection
+from services.api.enforcement.limiter import Code, Limit, Limiter, Mode, Outcome
+from services.api.enforcement.local import Buckets, Recent
+from services.api.enforcement.refusals import refused
 from services.common import keys
 from services.common.keys import MalformedKey, Scope
 from services.common.problems import unauthorized
+from services.common.redis import UNREACHABLE
 from services.common.settings import Settings
 
 

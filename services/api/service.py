@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from redis.asyncio import BlockingConnectionPool, Redis
 
-from services.api import account_routes, admin_routes, enforce_routes, usage_routes
-from services.api.account_routes import Accounts
+from services.api.accounts import admin_routes
+from services.api.accounts import routes as account_routes
+from services.api.accounts.routes import Accounts
 from services.api.auth import Authenticator
-from services.api.enforcement import Enforcer
-from services.api.limiter import Limiter
-from services.api.pipelined import Pipelined
+from services.api.enforcement import routes as enforce_routes
+from services.api.enforcement.enforcer import Enforcer
+from services.api.enforcement.limiter import Limiter
+from services.api.enforcement.pipelined import Pipelined
+from services.api.usage import routes as usage_routes
 from services.common.logging import get_logger
 from services.common.settings import DEV_ADMIN_TOKEN, DEV_PEPPER, Settings
 from services.runtime import Component, Runtime

@@ -1,1 +1,1 @@
-"""Billing: rollups of raw events into PostgreSQL today; rating, invoices and Stripe later."""
+"""Billing: the rollup, rating, invoicing and Stripe, each a folder of its own."""

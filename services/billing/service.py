@@ -10,13 +10,17 @@ from datetime import UTC, datetime, timedelta
 import stripe
 from psycopg_pool import AsyncConnectionPool
 
-from services.billing import outbox, routes, stripe_client, stripe_mirror, stripe_routes
-from services.billing.outbox import MeterPusher
-from services.billing.periods import months_before
-from services.billing.rollup import Rollup
-from services.billing.run import BillingRun
-from services.billing.stripe_sessions import Sessions
-from services.billing.webhooks import Webhooks
+from services.billing.invoicing import routes
+from services.billing.invoicing.periods import months_before
+from services.billing.invoicing.run import BillingRun
+from services.billing.rollup.job import Rollup
+from services.billing.stripe import client as stripe_client
+from services.billing.stripe import mirror as stripe_mirror
+from services.billing.stripe import outbox
+from services.billing.stripe import routes as stripe_routes
+from services.billing.stripe.outbox import MeterPusher
+from services.billing.stripe.sessions import Sessions
+from services.billing.stripe.webhooks import Webhooks
 from services.common import keys
 from services.common.logging import get_logger
 from services.runtime import Component, Runtime

@@ -1,0 +1,86 @@
+"""Copying accounts from PostgreSQL into Redis, where the enforcement script reads them.
+
+PostgreSQL stays the truth; Redis holds a projection the hot path can read in the same
+atomic call that decides.  Every change re-projects the customers it touches right
+after its transaction commits, so the very next decision sees it: there is no cache to
+go stale.  A customer missing from Redis (a flushed or new Redis) is projected on
+demand by the first decision that misses it.  Writers of one customer's copy take turns
+(``projection_lock``), so a stale copy never lands on top of a fresh one.
+"""
+
+from __future__ import annotations
+
+import orjson
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+from redis.asyncio import Redis
+from redis.typing import EncodableT, FieldT
+
+from schemas import account_state, redis_keys
+from schemas.account_state import compile_plan, epoch_ms
+from services.api.accounts import service as accounts
+from services.common import catalog
+from services.common.projection_lock import lock_projection
+
+Fields = dict[FieldT, EncodableT]
+"""A Redis hash's fields, as redis-py types them."""
+
+
+async def project(redis: Redis, conn: AsyncConnection, customer_id: str) -> bool:
+    """Write one customer's account and keys to Redis; ``False`` if there is no such
+    customer (whatever Redis held for it is removed)."""
+    async with conn.transaction():
+        await lock_projection(conn, customer_id)
+        account, keys = await _read(conn, customer_id)
+        account_key, keys_key = redis_keys.account(customer_id), redis_keys.api_keys(customer_id)
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.delete(account_key, keys_key)
+            if account:
+                pipe.hset(account_key, mapping=account)
+            if keys:
+                pipe.hset(keys_key, mapping=keys)
+            await pipe.execute()
+    return account is not None
+
+
+async def _read(conn: AsyncConnection, customer_id: str) -> tuple[Fields | None, Fields]:
+    """The account hash and each key's state, as the enforcement script reads them."""
+    customer = await accounts.get_customer(conn, customer_id)
+    if customer is None:
+        return None, {}
+    plan = await catalog.read_plan(conn, customer.plan)
+    assert plan is not None, "customers.plan_id references plans"
+    trial_ends = customer.trial_ends_at
+    past_due = customer.status is accounts.Status.PAST_DUE
+    account: Fields = {
+        account_state.PLAN: plan.id,
+        account_state.STATUS: customer.status.value,
+        account_state.TRIAL_ENDS: epoch_ms(trial_ends) if trial_ends else "",
+        account_state.POLICIES: compile_plan(plan),
+        account_state.PAST_DUE_SINCE: epoch_ms(customer.status_since) if past_due else "",
+    }
+    keys: Fields = {
+        k.id: orjson.dumps(k.holder().state()) for k in await accounts.list_keys(conn, customer.id)
+    }
+    return account, keys
+
+
+async def project_customer(redis: Redis, pool: AsyncConnectionPool, customer_id: str) -> bool:
+    """``project`` on a connection of its own."""
+    async with pool.connection() as conn:
+        return await project(redis, conn, customer_id)
+
+
+async def project_plan(redis: Redis, pool: AsyncConnectionPool, plan_id: str) -> int:
+    """Re-project every customer on a plan that just changed."""
+    async with pool.connection() as conn:
+        customers = await accounts.customers_on(conn, plan_id)
+        await conn.commit()  # each projection then commits, and unlocks, on its own
+        for customer in customers:
+            await project(redis, conn, customer)
+    return len(customers)
+
+
+async def remember_owner(redis: Redis, digest: bytes, customer: str, key_id: str) -> None:
+    """Who a key belongs to never changes, so this index entry never goes stale."""
+    await redis.set(redis_keys.key_owner(digest), f"{customer} {key_id}")

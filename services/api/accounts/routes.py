@@ -1,0 +1,241 @@
+"""Self-service: the plans on offer, sign-up, and a customer managing its own keys."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from psycopg_pool import AsyncConnectionPool
+from pydantic import AwareDatetime, BaseModel, ConfigDict, EmailStr, Field, field_validator
+from redis.asyncio import Redis
+
+from schemas.events import utcnow
+from schemas.plans import Plan
+from services.api.accounts import projection
+from services.api.accounts import service as accounts
+from services.api.accounts.service import ApiKey, Customer, EmailTaken, KeyRevoked
+from services.api.auth import Authenticator, Caller, address, credential
+from services.common import catalog
+from services.common.keys import ALL_SCOPES, Environment, Scope
+from services.common.logging import get_logger
+from services.common.problems import Problem, invalid_field, unknown_customer
+from services.common.redis import UNREACHABLE
+from services.common.settings import Settings
+
+log = get_logger("tally.accounts")
+
+
+class SignUp(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    email: EmailStr
+    company: Annotated[str, Field(min_length=1, max_length=200)]
+    plan: Annotated[str, Field(min_length=1, max_length=64)] = "free"
+
+
+class NewKeyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, Field(max_length=100)] = ""
+    scopes: Annotated[list[Scope], Field(min_length=1)] = list(ALL_SCOPES)
+    expires_at: AwareDatetime | None = None
+    environment: Environment = Environment.LIVE
+
+    @field_validator("expires_at")
+    @classmethod
+    def _future(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value <= utcnow():
+            raise ValueError("must lie in the future")
+        return value
+
+
+class Rotation(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    grace_seconds: Annotated[int | None, Field(ge=0, le=30 * 86400)] = None
+
+
+def issued(key: ApiKey, secret: str) -> dict[str, Any]:
+    """The only response that ever carries a key's secret."""
+    return key.model_dump(mode="json") | {"key": secret}
+
+
+class Accounts:
+    """What sign-up and key management share with the admin routes."""
+
+    def __init__(
+        self, settings: Settings, redis: Redis, pool: AsyncConnectionPool, auth: Authenticator
+    ) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.pool = pool
+        self.auth = auth
+
+    async def plan(self, plan_id: str, field: str = "plan") -> Plan:
+        async with self.pool.connection() as conn:
+            found = await catalog.read_plan(conn, plan_id)
+            if found is not None:
+                return found
+            known = [p.id for p in await catalog.read_plans(conn)]
+        raise invalid_field(field, f"unknown plan {plan_id!r}; plans: {', '.join(known)}")
+
+    async def customer(self, customer_id: str) -> Customer:
+        async with self.pool.connection() as conn:
+            found = await accounts.get_customer(conn, customer_id)
+        if found is None:
+            raise unknown_customer(customer_id)
+        return found
+
+    async def key(self, customer_id: str, key_id: str) -> ApiKey:
+        async with self.pool.connection() as conn:
+            found = await accounts.get_key(conn, key_id)
+        if found is None or found.customer != customer_id:
+            raise Problem(404, "unknown-key", "Unknown key", f"no key {key_id!r} for this customer")
+        return found
+
+    async def reproject(self, customer_id: str) -> None:
+        """After a committed change.  If Redis fails here the change still stands (and a
+        new secret is still returned): enforcement re-projects an account or key it
+        lacks, and the next change re-projects the rest."""
+        try:
+            await projection.project_customer(self.redis, self.pool, customer_id)
+        except UNREACHABLE as exc:
+            log.warning("projection into Redis failed", customer=customer_id, error=repr(exc))
+
+    async def open_account(
+        self,
+        email: str,
+        company: str,
+        plan: Plan,
+        actor: str,
+        *,
+        customer_id: str | None = None,
+        with_key: bool = True,
+    ) -> dict[str, Any]:
+        """A new customer and, unless told otherwise, its first key: sign-up and the
+        admin API alike."""
+        try:
+            async with self.pool.connection() as conn:
+                customer = await accounts.create_customer(
+                    conn,
+                    email=email,
+                    company=company,
+                    plan=plan,
+                    actor=actor,
+                    customer_id=customer_id,
+                )
+                key = None
+                if with_key:
+                    new, secret = await accounts.issue_key(
+                        conn, customer.id, self.settings.pepper, actor
+                    )
+                    key = issued(new, secret)
+        except EmailTaken:
+            raise Problem(
+                409, "email-taken", "Email taken", "an account with this email exists"
+            ) from None
+        await self.reproject(customer.id)
+        return {"customer": customer.model_dump(mode="json"), "api_key": key}
+
+    async def new_key(self, customer_id: str, body: NewKeyRequest, actor: str) -> dict[str, Any]:
+        async with self.pool.connection() as conn:
+            key, secret = await accounts.issue_key(
+                conn,
+                customer_id,
+                self.settings.pepper,
+                actor,
+                scopes=body.scopes,
+                name=body.name,
+                expires_at=body.expires_at,
+                environment=body.environment,
+            )
+        await self.reproject(customer_id)
+        return issued(key, secret)
+
+    async def rotate(self, key: ApiKey, body: Rotation, actor: str) -> dict[str, Any]:
+        grace = body.grace_seconds
+        if grace is None:
+            grace = self.settings.key_rotation_grace_seconds
+        try:
+            async with self.pool.connection() as conn:
+                new, secret = await accounts.rotate_key(
+                    conn, key, self.settings.pepper, timedelta(seconds=grace), actor
+                )
+        except KeyRevoked:
+            raise Problem(
+                409, "key-revoked", "Key revoked", "a revoked key cannot be rotated"
+            ) from None
+        await self.reproject(key.customer)
+        return issued(new, secret) | {"old_key_valid_for_seconds": grace}
+
+    async def revoke(self, key: ApiKey, actor: str) -> None:
+        async with self.pool.connection() as conn:
+            await accounts.revoke_key(conn, key, actor)
+        await self.reproject(key.customer)
+
+
+def router(service: Accounts) -> APIRouter:
+    api = APIRouter(tags=["accounts"])
+    auth = service.auth
+
+    async def signed_in(request: Request) -> Caller:
+        caller = await auth.caller(credential(request), address(request))
+        if caller.customer is None:
+            raise invalid_field("authorization", "use the customer's own API key here")
+        await auth.require(caller, caller.customer, Scope.KEYS)
+        return caller
+
+    @api.get("/v1/plans", summary="The plans on offer")
+    async def plans() -> dict[str, list[Plan]]:
+        async with service.pool.connection() as conn:
+            return {"plans": [p for p in await catalog.read_plans(conn) if p.public]}
+
+    @api.post("/v1/signup", status_code=201, summary="Create a customer and its first API key")
+    async def signup(body: SignUp, request: Request) -> JSONResponse:
+        auth.limit_address(address(request))
+        plan = await service.plan(body.plan)
+        if not plan.public:
+            raise invalid_field("plan", f"plan {plan.id!r} is not offered at sign-up")
+        actor = f"signup:{address(request)}"
+        opened = await service.open_account(body.email, body.company, plan, actor)
+        return JSONResponse(opened, status_code=201)
+
+    @api.get("/v1/keys", summary="The caller's keys (never their secrets)")
+    async def list_keys(request: Request) -> dict[str, list[ApiKey]]:
+        caller = await signed_in(request)
+        assert caller.customer is not None
+        async with service.pool.connection() as conn:
+            return {"keys": await accounts.list_keys(conn, caller.customer)}
+
+    @api.post("/v1/keys", status_code=201, summary="Issue another key; its secret is shown once")
+    async def new_key(body: NewKeyRequest, request: Request) -> dict[str, Any]:
+        caller = await signed_in(request)
+        assert caller.customer is not None
+        own = await service.key(caller.customer, caller.key_id)
+        if not set(body.scopes) <= set(own.scopes):
+            raise invalid_field("scopes", "a key can only issue keys with scopes it has itself")
+        if own.expires_at and (body.expires_at is None or body.expires_at > own.expires_at):
+            raise invalid_field(
+                "expires_at",
+                f"this key expires at {own.expires_at.isoformat()};"
+                " it cannot issue one that outlives it",
+            )
+        return await service.new_key(caller.customer, body, f"customer:{caller.key_id}")
+
+    @api.post("/v1/keys/{key_id}/rotate", status_code=201, summary="Replace a key, with grace")
+    async def rotate(key_id: str, body: Rotation, request: Request) -> dict[str, Any]:
+        caller = await signed_in(request)
+        assert caller.customer is not None
+        key = await service.key(caller.customer, key_id)
+        return await service.rotate(key, body, f"customer:{caller.key_id}")
+
+    @api.delete("/v1/keys/{key_id}", status_code=204, summary="Revoke a key now")
+    async def revoke(key_id: str, request: Request) -> None:
+        caller = await signed_in(request)
+        assert caller.customer is not None
+        key = await service.key(caller.customer, key_id)
+        await service.revoke(key, f"customer:{caller.key_id}")
+
+    return api

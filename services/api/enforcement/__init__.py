@@ -1,0 +1,6 @@
+"""Enforcement: may this customer make this call now?
+
+The decision is one Redis Lua call (``schemas/lua/enforce.lua``, driven by ``limiter``) over
+a pipelined connection; ``refusals`` tells it as headers and problem+json, ``fallback``
+decides when Redis cannot be reached.
+"""

@@ -1,0 +1,107 @@
+"""Invoices drafted for many customers at once: the step the billing run and the
+upcoming invoice share.  One usage query serves a whole batch of customers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+from decimal import Decimal
+
+from psycopg import AsyncConnection
+
+from schemas.catalog import Meter
+from schemas.invoices import Invoice, InvoiceLine
+from schemas.plans import Plan
+from services.billing.invoicing import compose as invoicing
+from services.billing.invoicing import usage
+from services.billing.invoicing.compose import Span, Stretch
+from services.billing.invoicing.periods import Period, period_containing, period_in_month
+from services.billing.invoicing.subscriptions import PlanBook, Subscription
+from services.common.clickhouse import ClickHouse
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """Draft ``subscription``'s invoice for ``period`` with what happened before ``until``."""
+
+    subscription: Subscription
+    period: Period
+    until: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    ask: Ask
+    plans: Mapping[str, Plan]
+    fees: Sequence[Span]
+    stretches: Sequence[Stretch]
+    usage: Mapping[tuple[int, str], Decimal]  # (stretch index, meter) -> quantity
+
+    @property
+    def currency(self) -> str:
+        return self.plans[self.ask.subscription.state_at(self.ask.until).plan].currency
+
+    def lines(self) -> list[InvoiceLine]:
+        anchor = self.ask.subscription.anchor
+
+        def period_of(plan: Plan, instant: datetime) -> Period:
+            return period_containing(instant, anchor, plan.cycle, plan.interval)
+
+        return invoicing.lines(self.fees, self.stretches, self.usage, self.plans, period_of)
+
+    def invoice(self) -> Invoice:
+        customer = self.ask.subscription.customer
+        return invoicing.invoice(customer, self.ask.period, self.currency, self.lines())
+
+
+class Drafter:
+    def __init__(
+        self,
+        book: PlanBook,
+        meters: Mapping[str, Meter],
+        clickhouse: Callable[[], ClickHouse],
+    ) -> None:
+        self._book = book
+        self._meters = meters
+        self._clickhouse = clickhouse
+
+    async def draft(self, conn: AsyncConnection, asks: Sequence[Ask]) -> list[Draft]:
+        """Every ask's draft, with one usage query for all of them."""
+        shapes = [self._shape(ask) for ask in asks]
+        wanted: list[usage.Wanted] = []
+        offsets = []
+        for ask, (plans, _, stretches) in zip(asks, shapes, strict=True):
+            offsets.append(len(wanted))
+            customer = ask.subscription.customer
+            wanted += [
+                (customer, s.first_day, s.end_day, tuple(plans[s.plan].prices)) for s in stretches
+            ]
+        found = await usage.quantities(conn, self._clickhouse, self._meters, wanted)
+        drafts = []
+        for ask, (plans, fees, stretches), offset in zip(asks, shapes, offsets, strict=True):
+            mine = {
+                (i, meter): found[offset + i, meter]
+                for i, stretch in enumerate(stretches)
+                for meter in plans[stretch.plan].prices
+                if (offset + i, meter) in found
+            }
+            drafts.append(Draft(ask, plans, fees, stretches, mine))
+        return drafts
+
+    def plan_at(self, subscription: Subscription, instant: datetime) -> Plan:
+        """The subscription's plan at ``instant``, as it was defined then."""
+        return self._book.at(subscription.state_at(instant).plan, instant)
+
+    def period_in(self, subscription: Subscription, month: date) -> Period | None:
+        """The subscription's period starting in ``month``, shaped by the plan it had then."""
+        plan = self.plan_at(subscription, invoicing.midnight(month))
+        return period_in_month(month, subscription.anchor, plan.cycle, plan.interval)
+
+    def _shape(self, ask: Ask) -> tuple[dict[str, Plan], list[Span], list[Stretch]]:
+        states = ask.subscription.states
+        as_of = min(ask.until, ask.period.end)
+        plans = {s.plan: self._book.at(s.plan, as_of) for s in states}
+        fees = invoicing.fee_stretches(ask.period, states, ask.until)
+        stretches = invoicing.usage_stretches(ask.period, states, ask.until)
+        return plans, fees, stretches

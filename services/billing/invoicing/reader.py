@@ -1,0 +1,78 @@
+"""Reading invoices, and the upcoming one: the current period so far plus a forecast.
+
+The forecast assumes the plan and status of the moment last to the period's end and
+the usage keeps the pace it had so far (additive meters grow linearly; maxima, latest
+values and distinct counts stay) — the figure quota alerts and dashboards can show.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from datetime import datetime
+
+from psycopg import AsyncConnection
+from psycopg.rows import dict_row
+
+from schemas.invoices import Forecast, Invoice, InvoiceStatus, UpcomingInvoice
+from services.billing.invoicing import compose as invoicing
+from services.billing.invoicing import subscriptions
+from services.billing.invoicing.drafts import Ask, Drafter
+from services.billing.invoicing.periods import period_containing
+from services.billing.rating import engine as rating
+from services.common import catalog
+from services.common.clickhouse import ClickHouse
+
+_COLUMNS = (
+    "id, customer_id AS customer, period, period_start, period_end, status, currency,"
+    " lines, subtotal, total, computed_at, finalized_at"
+)
+
+
+async def listed(
+    conn: AsyncConnection,
+    customer: str,
+    status: InvoiceStatus | None = None,
+    limit: int = 24,
+) -> list[Invoice]:
+    """The customer's invoices, newest period first."""
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(
+            f"SELECT {_COLUMNS} FROM invoices WHERE customer_id = %s"
+            " AND (%s::text IS NULL OR status = %s) ORDER BY period_start DESC LIMIT %s",
+            (customer, status, status, limit),
+        )
+        return [Invoice.model_validate(row) for row in await cur.fetchall()]
+
+
+async def upcoming(
+    conn: AsyncConnection,
+    clickhouse: Callable[[], ClickHouse],
+    customer: str,
+    now: datetime,
+) -> UpcomingInvoice | None:
+    """The current period's invoice so far and its forecast; None for unknown customers."""
+    subscription = await subscriptions.one(conn, customer)
+    if subscription is None:
+        return None
+    meters = {m.name: m for m in await catalog.meters(conn)}
+    drafter = Drafter(await subscriptions.plan_book(conn), meters, clickhouse)
+    plan = drafter.plan_at(subscription, now)
+    period = period_containing(now, subscription.anchor, plan.cycle, plan.interval)
+    [draft] = await drafter.draft(conn, [Ask(subscription, period, now)])
+    states = subscription.states
+    aggregations = {name: meter.aggregation for name, meter in meters.items()}
+    whole = dataclasses.replace(
+        draft,
+        fees=invoicing.fee_stretches(period, states, period.end),
+        stretches=invoicing.usage_stretches(period, states, period.end),
+        usage=invoicing.extrapolate(
+            draft.usage, draft.stretches, aggregations, states[0].at, now, period
+        ),
+    )
+    lines = tuple(whole.lines())
+    return UpcomingInvoice(
+        invoice=draft.invoice(),
+        forecast=Forecast(lines=lines, total=rating.total(lines)),
+        as_of=now,
+    )

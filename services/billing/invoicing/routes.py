@@ -1,0 +1,58 @@
+"""Invoices over HTTP: a customer's invoices and the upcoming one.
+
+A service token reads any customer's; a customer's API key with ``usage:read`` reads
+only its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Path, Query
+from psycopg_pool import AsyncConnectionPool
+
+from schemas.events import CUSTOMER_ID_PATTERN, utcnow
+from schemas.invoices import Invoice, InvoiceStatus, UpcomingInvoice
+from services.billing.invoicing import reader as invoices
+from services.common import keys
+from services.common.clickhouse import ClickHouse
+from services.common.problems import unknown_customer
+
+Customer = Annotated[str, Path(pattern=CUSTOMER_ID_PATTERN)]
+Authorization = Annotated[str | None, Header()]
+
+
+def router(
+    pool: AsyncConnectionPool,
+    bearer: keys.Bearer,
+    clickhouse: Callable[[], ClickHouse],
+) -> APIRouter:
+    api = APIRouter(tags=["invoices"])
+
+    @api.get("/v1/customers/{customer}/invoices", summary="A customer's invoices, newest first")
+    async def list_invoices(
+        customer: Customer,
+        authorization: Authorization = None,
+        status: InvoiceStatus | None = None,
+        limit: Annotated[int, Query(ge=1, le=120)] = 24,
+    ) -> dict[str, list[Invoice]]:
+        await bearer.allow(authorization, keys.Scope.USAGE_READ, customer)
+        async with pool.connection() as conn:
+            return {"invoices": await invoices.listed(conn, customer, status, limit)}
+
+    @api.get(
+        "/v1/customers/{customer}/invoices/upcoming",
+        summary="The current period's invoice so far, and a forecast to its end",
+    )
+    async def upcoming_invoice(
+        customer: Customer, authorization: Authorization = None
+    ) -> UpcomingInvoice:
+        await bearer.allow(authorization, keys.Scope.USAGE_READ, customer)
+        async with pool.connection() as conn:
+            found = await invoices.upcoming(conn, clickhouse, customer, utcnow())
+        if found is None:
+            raise unknown_customer(customer)
+        return found
+
+    return api

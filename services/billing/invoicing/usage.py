@@ -1,0 +1,101 @@
+"""A billing period's usage per customer and meter, read from the daily rollups.
+
+Sums and counts add their days up, maxima take the largest day, ``latest`` takes the
+value seen last; all three come from one PostgreSQL query over ``usage_daily`` for a
+whole batch of customers.  Distinct counts cannot be added across days, so meters that
+count unique values are asked of the raw events in ClickHouse, once per distinct range
+of days in the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from datetime import date
+from decimal import Decimal
+
+from psycopg import AsyncConnection
+
+from schemas.catalog import Aggregation, Meter
+from services.billing.invoicing.compose import midnight
+from services.billing.rollup.job import value_sql
+from services.common.clickhouse import ClickHouse
+
+Wanted = tuple[str, date, date, Sequence[str]]  # customer, first day, end day, meters
+Quantities = dict[tuple[int, str], Decimal]  # (index in the request, meter) -> quantity
+
+_DAILY = """
+    SELECT s.idx, u.meter, sum(u.value), max(u.value),
+           (array_agg(u.value ORDER BY u.latest_at DESC NULLS LAST, u.day DESC))[1]
+    FROM unnest(%s::int[], %s::text[], %s::date[], %s::date[]) AS s(idx, customer, first, stop)
+    JOIN usage_daily u ON u.customer = s.customer AND u.day >= s.first AND u.day < s.stop
+    WHERE u.group_key = '*' AND u.meter = ANY(%s)
+    GROUP BY s.idx, u.meter
+"""
+_COLUMN = {
+    Aggregation.COUNT: 2,
+    Aggregation.SUM: 2,
+    Aggregation.MAX: 3,
+    Aggregation.LATEST: 4,
+}
+
+
+async def quantities(
+    conn: AsyncConnection,
+    clickhouse: Callable[[], ClickHouse],
+    meters: Mapping[str, Meter],
+    wanted: Sequence[Wanted],
+) -> Quantities:
+    """Each wanted (customer, days, meters)'s usage; meters without usage are absent."""
+    found = await _from_rollups(conn, meters, wanted)
+    distinct = [m for m in meters.values() if m.aggregation is Aggregation.UNIQUE_COUNT]
+    for meter in distinct:
+        asked = [(i, w) for i, w in enumerate(wanted) if meter.name in w[3]]
+        if asked:
+            found |= await asyncio.to_thread(_distinct, clickhouse(), meter, asked)
+    return found
+
+
+async def _from_rollups(
+    conn: AsyncConnection, meters: Mapping[str, Meter], wanted: Sequence[Wanted]
+) -> Quantities:
+    rolled = [m.name for m in meters.values() if m.aggregation in _COLUMN]
+    if not wanted or not rolled:
+        return {}
+    columns = list(zip(*[(i, c, f, s) for i, (c, f, s, _) in enumerate(wanted)], strict=True))
+    cur = await conn.execute(_DAILY, [*map(list, columns), rolled])
+    found: Quantities = {}
+    for row in await cur.fetchall():
+        index, meter = row[0], row[1]
+        if meter in wanted[index][3]:
+            found[index, meter] = row[_COLUMN[meters[meter].aggregation]]
+    return found
+
+
+def _distinct(
+    clickhouse: ClickHouse, meter: Meter, asked: Sequence[tuple[int, Wanted]]
+) -> Quantities:
+    by_days: dict[tuple[date, date], dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for index, (customer, first, stop, _) in asked:
+        by_days[first, stop][customer].append(index)
+    found: Quantities = {}
+    for (first, stop), customers in by_days.items():
+        rows = clickhouse.query(
+            f"SELECT customer, toString({value_sql(meter)})"
+            f" FROM {clickhouse.database}.events FINAL"
+            " WHERE type = {type:String} AND customer IN {customers:Array(String)}"
+            " AND time >= {start:DateTime64(6, 'UTC')} AND time < {stop:DateTime64(6, 'UTC')}"
+            " GROUP BY customer",
+            {
+                "type": meter.event_type,
+                "prop": meter.value_property,
+                "customers": list(customers),
+                "start": midnight(first).strftime("%Y-%m-%d %H:%M:%S"),
+                "stop": midnight(stop).strftime("%Y-%m-%d %H:%M:%S"),
+            },
+        )
+        for customer, value in rows:
+            for index in customers[customer]:
+                found[index, meter.name] = Decimal(value)
+    return found

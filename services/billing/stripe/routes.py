@@ -1,0 +1,70 @@
+"""Stripe over HTTP: Checkout and the billing portal for customers, webhooks for Stripe.
+
+Sessions are opened with a service token, or by the customer's own key with the
+``billing`` scope; the answer is a Stripe-hosted URL to send the customer to.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Path, Request
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
+
+from schemas.events import CUSTOMER_ID_PATTERN, utcnow
+from schemas.plans import PLAN_ID_PATTERN
+from services.billing.stripe.sessions import Session, Sessions
+from services.billing.stripe.webhooks import Webhooks
+from services.common import keys
+
+Customer = Annotated[str, Path(pattern=CUSTOMER_ID_PATTERN)]
+Authorization = Annotated[str | None, Header()]
+
+
+class CheckoutRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    plan: Annotated[str, Field(pattern=PLAN_ID_PATTERN)]
+    success_url: AnyHttpUrl = Field(description="Where Stripe sends the customer after paying.")
+    cancel_url: AnyHttpUrl = Field(description="Where Stripe sends the customer on cancel.")
+
+
+class PortalRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    return_url: AnyHttpUrl = Field(description="Where the portal's back link goes.")
+
+
+def router(bearer: keys.Bearer, sessions: Sessions, webhooks: Webhooks) -> APIRouter:
+    api = APIRouter(tags=["stripe"])
+
+    @api.post(
+        "/v1/customers/{customer}/billing/checkout",
+        status_code=201,
+        summary="A Stripe Checkout page subscribing the customer to a plan",
+    )
+    async def checkout(
+        customer: Customer, body: CheckoutRequest, authorization: Authorization = None
+    ) -> Session:
+        await bearer.allow(authorization, keys.Scope.BILLING, customer)
+        return await sessions.checkout(
+            customer, body.plan, str(body.success_url), str(body.cancel_url), utcnow()
+        )
+
+    @api.post(
+        "/v1/customers/{customer}/billing/portal",
+        status_code=201,
+        summary="A Stripe billing-portal page: pay, change the card, see invoices, cancel",
+    )
+    async def portal(
+        customer: Customer, body: PortalRequest, authorization: Authorization = None
+    ) -> Session:
+        await bearer.allow(authorization, keys.Scope.BILLING, customer)
+        return await sessions.portal(customer, str(body.return_url))
+
+    @api.post("/v1/stripe/webhook", summary="Stripe's events (signed)")
+    async def stripe_webhook(request: Request) -> dict[str, object]:
+        body = await request.body()
+        return await webhooks.receive(body, request.headers.get("stripe-signature"))
+
+    return api
