@@ -24,6 +24,7 @@ from services.common.projection_lock import lock_projection
 from services.common.settings import Settings
 from tests.accounts_support import (
     ADMIN,
+    Account,
     customer_on,
     enforce,
     plan_with,
@@ -249,6 +250,121 @@ async def test_a_key_revoked_while_it_is_rotated_stays_dead(
             await accounts.rotate_key(conn, seen, settings.pepper, timedelta(minutes=1), "test")
         await conn.rollback()
         assert [k.id for k in await accounts.list_keys(conn, account.customer)] == [seen.id]
+
+
+async def keys_only_key(
+    api: httpx.AsyncClient, account: Account, expires_at: datetime | None
+) -> dict[str, Any]:
+    """A second key of ``account`` that may only manage keys, expiring at ``expires_at``."""
+    body: dict[str, Any] = {"scopes": ["keys"]}
+    if expires_at is not None:
+        body["expires_at"] = expires_at.isoformat()
+    reply = await api.post("/v1/keys", json=body, headers=account.auth)
+    assert reply.status_code == 201, reply.text
+    return dict(reply.json())
+
+
+def bearer(issued: dict[str, Any]) -> dict[str, str]:
+    return {"Authorization": f"Bearer {issued['key']}"}
+
+
+async def test_a_narrow_key_cannot_rotate_a_wider_one(api: httpx.AsyncClient) -> None:
+    """The defect: a keys-only key expiring in a day rotated the full-scope, never-expiring
+    key into a new full-scope, never-expiring one (and, with grace 0, locked its owner
+    out).  Refused, naming what exceeds the caller's; nothing changes."""
+    account = await sign_up(api, "pro")
+    day = utcnow() + timedelta(days=1)
+    narrow = await keys_only_key(api, account, day)
+    attack = await api.post(
+        f"/v1/keys/{account.key_id}/rotate", json={"grace_seconds": 0}, headers=bearer(narrow)
+    )
+    assert attack.status_code == 403, attack.text
+    assert attack.headers["content-type"] == "application/problem+json"
+    problem = attack.json()
+    assert problem["type"].endswith("/scope-escalation")
+    assert set(problem["scopes"]) == {"ingest", "enforce", "usage:read", "billing"}
+    assert problem["expires_at"] is None
+    assert datetime.fromisoformat(problem["caller_expires_at"]) == day
+    assert (await enforce(api, account)).status_code == 200  # the target still works
+    listed = (await api.get("/v1/keys", headers=account.auth)).json()["keys"]
+    assert [(k["id"], k["replaced_by"], k["expires_at"]) for k in listed] == [
+        (account.key_id, None, None),
+        (narrow["id"], None, narrow["expires_at"]),
+    ]
+
+
+async def test_rotation_refuses_a_longer_life_or_wider_scopes_alone(
+    api: httpx.AsyncClient,
+) -> None:
+    """Each half of the rule on its own: a full-scope key expiring in a day may not
+    rotate a never-expiring key; a never-expiring keys-only key may not rotate a key
+    with more scopes (and the problem names only what exceeds)."""
+    account = await sign_up(api, "pro")
+    day = utcnow() + timedelta(days=1)
+    mortal = await api.post("/v1/keys", json={"expires_at": day.isoformat()}, headers=account.auth)
+    assert mortal.status_code == 201, mortal.text
+    outlives = await api.post(
+        f"/v1/keys/{account.key_id}/rotate", json={}, headers=bearer(mortal.json())
+    )
+    assert outlives.status_code == 403, outlives.text
+    assert "scopes" not in outlives.json() and outlives.json()["expires_at"] is None
+    narrow = await keys_only_key(api, account, None)
+    wider = await api.post(
+        f"/v1/keys/{mortal.json()['id']}/rotate", json={}, headers=bearer(narrow)
+    )
+    assert wider.status_code == 403, wider.text
+    assert len(wider.json()["scopes"]) == 4 and "caller_expires_at" not in wider.json()
+    listed = (await api.get("/v1/keys", headers=account.auth)).json()["keys"]
+    assert len(listed) == 3 and all(k["replaced_by"] is None for k in listed)
+
+
+async def test_creating_a_key_beyond_the_callers_own_is_refused(api: httpx.AsyncClient) -> None:
+    account = await sign_up(api, "pro")
+    day = utcnow() + timedelta(days=1)
+    narrow = bearer(await keys_only_key(api, account, day))
+    scopes = await api.post(
+        "/v1/keys",
+        json={"scopes": ["keys", "ingest"], "expires_at": day.isoformat()},
+        headers=narrow,
+    )
+    assert scopes.status_code == 403, scopes.text
+    assert scopes.json()["type"].endswith("/scope-escalation")
+    assert scopes.json()["scopes"] == ["ingest"] and "caller_expires_at" not in scopes.json()
+    later = (day + timedelta(seconds=1)).isoformat()
+    for asked in ({"scopes": ["keys"]}, {"scopes": ["keys"], "expires_at": later}):
+        refused = await api.post("/v1/keys", json=asked, headers=narrow)
+        assert refused.status_code == 403, refused.text
+        assert datetime.fromisoformat(refused.json()["caller_expires_at"]) == day
+        assert refused.json()["expires_at"] == asked.get("expires_at")
+    listed = (await api.get("/v1/keys", headers=account.auth)).json()["keys"]
+    assert len(listed) == 2
+    within = {"scopes": ["keys"], "expires_at": day.isoformat()}
+    assert (await api.post("/v1/keys", json=within, headers=narrow)).status_code == 201
+
+
+async def test_rotation_within_the_callers_own_bounds(api: httpx.AsyncClient) -> None:
+    """A key rotates itself (keeping its scopes and expiry), a full-scope key rotates a
+    narrower one, and the admin token rotates anything."""
+    account = await sign_up(api, "pro")
+    day = utcnow() + timedelta(days=1)
+    narrow = await keys_only_key(api, account, day)
+    itself = await api.post(f"/v1/keys/{narrow['id']}/rotate", json={}, headers=bearer(narrow))
+    assert itself.status_code == 201, itself.text
+    assert itself.json()["scopes"] == ["keys"]
+    assert datetime.fromisoformat(itself.json()["expires_at"]) == day
+    by_wider = await api.post(
+        f"/v1/keys/{itself.json()['id']}/rotate", json={}, headers=account.auth
+    )
+    assert by_wider.status_code == 201, by_wider.text
+    assert by_wider.json()["scopes"] == ["keys"]
+    assert datetime.fromisoformat(by_wider.json()["expires_at"]) == day
+    admin = await api.post(
+        f"/v1/admin/customers/{account.customer}/keys/{account.key_id}/rotate",
+        json={},
+        headers=ADMIN,
+    )
+    assert admin.status_code == 201, admin.text
+    assert len(admin.json()["scopes"]) == 5 and admin.json()["expires_at"] is None
 
 
 async def test_key_scopes(api: httpx.AsyncClient) -> None:
@@ -490,7 +606,7 @@ async def test_restricted_keys_cannot_widen_themselves(api: httpx.AsyncClient) -
     issued = await api.post("/v1/keys", json={"scopes": ["enforce", "keys"]}, headers=account.auth)
     limited = {"Authorization": f"Bearer {issued.json()['key']}"}
     wider = await api.post("/v1/keys", json={"scopes": ["ingest"]}, headers=limited)
-    assert wider.status_code == 422 and wider.json()["errors"][0]["field"] == "scopes"
+    assert wider.status_code == 403 and wider.json()["scopes"] == ["ingest"]
     reader = await api.post("/v1/keys", json={"scopes": ["usage:read"]}, headers=account.auth)
     read_only = {"Authorization": f"Bearer {reader.json()['key']}"}
     assert (await api.get("/v1/keys", headers=read_only)).status_code == 403

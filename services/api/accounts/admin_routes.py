@@ -143,11 +143,12 @@ def router(service: Accounts) -> APIRouter:
     @api.post("/customers/{customer_id}/keys", status_code=201, summary="Issue a key")
     async def new_key(customer_id: str, body: NewKeyRequest) -> dict[str, Any]:
         await service.customer(customer_id)
-        return await service.new_key(customer_id, body, ACTOR)
+        return await service.new_key(customer_id, body, ACTOR, grantor=None)
 
     @api.post("/customers/{customer_id}/keys/{key_id}/rotate", status_code=201)
     async def rotate_key(customer_id: str, key_id: str, body: Rotation) -> dict[str, Any]:
-        return await service.rotate(await service.key(customer_id, key_id), body, ACTOR)
+        key = await service.key(customer_id, key_id)
+        return await service.rotate(key, body, ACTOR, grantor=None)
 
     @api.delete("/customers/{customer_id}/keys/{key_id}", status_code=204)
     async def revoke_key(customer_id: str, key_id: str) -> None:

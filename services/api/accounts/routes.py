@@ -18,7 +18,7 @@ from services.api.accounts import service as accounts
 from services.api.accounts.service import ApiKey, Customer, EmailTaken, KeyRevoked
 from services.api.auth import Authenticator, Caller, address, credential
 from services.common import catalog
-from services.common.keys import ALL_SCOPES, Environment, Scope
+from services.common.keys import ALL_SCOPES, Environment, Holder, Scope, check_grant
 from services.common.logging import get_logger
 from services.common.problems import Problem, invalid_field, unknown_customer
 from services.common.redis import UNREACHABLE
@@ -139,7 +139,13 @@ class Accounts:
         await self.reproject(customer.id)
         return {"customer": customer.model_dump(mode="json"), "api_key": key}
 
-    async def new_key(self, customer_id: str, body: NewKeyRequest, actor: str) -> dict[str, Any]:
+    async def new_key(
+        self, customer_id: str, body: NewKeyRequest, actor: str, *, grantor: Holder | None
+    ) -> dict[str, Any]:
+        """``grantor``: the customer's key asking (``None``: the seller, who may ask
+        anything); it cannot issue more than it holds (``check_grant``)."""
+        if grantor is not None:
+            check_grant(grantor, body.scopes, body.expires_at)
         async with self.pool.connection() as conn:
             key, secret = await accounts.issue_key(
                 conn,
@@ -154,7 +160,13 @@ class Accounts:
         await self.reproject(customer_id)
         return issued(key, secret)
 
-    async def rotate(self, key: ApiKey, body: Rotation, actor: str) -> dict[str, Any]:
+    async def rotate(
+        self, key: ApiKey, body: Rotation, actor: str, *, grantor: Holder | None
+    ) -> dict[str, Any]:
+        """The replacement has ``key``'s scopes and expiry, so ``grantor`` (as in
+        ``new_key``) must be able to issue those; if not, nothing changes."""
+        if grantor is not None:
+            check_grant(grantor, key.scopes, key.expires_at)
         grace = body.grace_seconds
         if grace is None:
             grace = self.settings.key_rotation_grace_seconds
@@ -187,6 +199,11 @@ def router(service: Accounts) -> APIRouter:
         await auth.require(caller, caller.customer, Scope.KEYS)
         return caller
 
+    async def own_key(caller: Caller) -> Holder:
+        """The caller's key as PostgreSQL has it: the most it may pass on."""
+        assert caller.customer is not None
+        return (await service.key(caller.customer, caller.key_id)).holder()
+
     @api.get("/v1/plans", summary="The plans on offer")
     async def plans() -> dict[str, list[Plan]]:
         async with service.pool.connection() as conn:
@@ -213,23 +230,18 @@ def router(service: Accounts) -> APIRouter:
     async def new_key(body: NewKeyRequest, request: Request) -> dict[str, Any]:
         caller = await signed_in(request)
         assert caller.customer is not None
-        own = await service.key(caller.customer, caller.key_id)
-        if not set(body.scopes) <= set(own.scopes):
-            raise invalid_field("scopes", "a key can only issue keys with scopes it has itself")
-        if own.expires_at and (body.expires_at is None or body.expires_at > own.expires_at):
-            raise invalid_field(
-                "expires_at",
-                f"this key expires at {own.expires_at.isoformat()};"
-                " it cannot issue one that outlives it",
-            )
-        return await service.new_key(caller.customer, body, f"customer:{caller.key_id}")
+        return await service.new_key(
+            caller.customer, body, f"customer:{caller.key_id}", grantor=await own_key(caller)
+        )
 
     @api.post("/v1/keys/{key_id}/rotate", status_code=201, summary="Replace a key, with grace")
     async def rotate(key_id: str, body: Rotation, request: Request) -> dict[str, Any]:
         caller = await signed_in(request)
         assert caller.customer is not None
         key = await service.key(caller.customer, key_id)
-        return await service.rotate(key, body, f"customer:{caller.key_id}")
+        return await service.rotate(
+            key, body, f"customer:{caller.key_id}", grantor=await own_key(caller)
+        )
 
     @api.delete("/v1/keys/{key_id}", status_code=204, summary="Revoke a key now")
     async def revoke(key_id: str, request: Request) -> None:
