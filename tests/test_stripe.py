@@ -189,6 +189,7 @@ async def test_webhooks_verified_deduplicated_and_in_order(settings, pool, redis
         "object": "checkout.session",
         "client_reference_id": customer,
         "customer": f"cus_{tenant}",
+        "payment_status": "paid",
         "metadata": {"plan": "pro"},
     }
     async with webhook_client(settings, pool, redis) as client:
@@ -260,6 +261,7 @@ async def test_a_webhook_drops_the_projection_after_one_in_flight(
         "object": "checkout.session",
         "client_reference_id": customer,
         "customer": f"cus_{tenant}r",
+        "payment_status": "paid",
         "metadata": {"plan": "pro"},
     }
     in_flight = await psycopg.AsyncConnection.connect(database_url)
@@ -302,3 +304,246 @@ async def test_invoice_payment_webhooks(settings, pool, redis, tenant) -> None:
         assert paid.json()["outcome"] == "applied: pro, active"
     paid_invoice = await invoice_of(pool, customer)
     assert (paid_invoice.status, paid_invoice.total) == ("paid", Decimal("199.00"))
+
+
+def checkout_session(customer: str, stripe_customer: str, payment_status: str) -> dict[str, Any]:
+    """A Checkout session as Tally opens it, in the state Stripe reports."""
+    return {
+        "id": f"cs_{customer}",
+        "object": "checkout.session",
+        "client_reference_id": customer,
+        "customer": stripe_customer,
+        "mode": "subscription",
+        "payment_status": payment_status,
+        "metadata": {"plan": "pro", "tally_customer": customer},
+    }
+
+
+async def inbox_outcome(pool: Any, event_id: str) -> str:
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT outcome FROM stripe_inbox WHERE event_id = %s", (event_id,)
+        )
+        [outcome] = await cur.fetchone()
+        return str(outcome)
+
+
+async def test_an_unpaid_checkout_upgrades_only_once_paid(settings, pool, redis, tenant) -> None:
+    """A Checkout paid by a delayed method (bank debit) completes unpaid: the plan waits
+    for ``async_payment_succeeded``; ``async_payment_failed`` changes nothing."""
+    customer = f"{tenant}-unpaid"
+    await subscribe(pool, customer, "free", at("2026-01-01"))
+    await link(pool, customer, f"cus_{tenant}u")
+    session = checkout_session(customer, f"cus_{tenant}u", "unpaid")
+    now = int(time.time())
+    async with webhook_client(settings, pool, redis) as client:
+        completed, completed_id = await post(
+            client, "checkout.session.completed", session, created=now
+        )
+        assert completed.status_code == 200
+        assert await account(pool, customer) == ("free", "active")
+        assert completed.json()["outcome"] == await inbox_outcome(pool, completed_id)
+        assert completed.json()["outcome"].startswith("acknowledged: ")
+
+        failed, failed_id = await post(
+            client, "checkout.session.async_payment_failed", session, created=now + 1
+        )
+        assert failed.status_code == 200
+        assert await account(pool, customer) == ("free", "active")
+        assert failed.json()["outcome"] == await inbox_outcome(pool, failed_id)
+        assert failed.json()["outcome"].startswith("acknowledged: ")
+
+        retried = session | {"id": f"cs_{customer}_2"}
+        await post(client, "checkout.session.completed", retried, created=now + 2)
+        assert await account(pool, customer) == ("free", "active")
+        await redis.set(redis_keys.account(customer), "stale projection")
+        paid, _ = await post(
+            client,
+            "checkout.session.async_payment_succeeded",
+            retried | {"payment_status": "paid"},
+            created=now + 3,
+        )
+        assert paid.json()["outcome"] == "applied: pro, active"
+        assert await account(pool, customer) == ("pro", "active")
+        assert await redis.get(redis_keys.account(customer)) is None
+
+
+@pytest.mark.parametrize("payment_status", ["paid", "no_payment_required"])
+async def test_a_paid_checkout_upgrades_at_once(
+    settings, pool, redis, tenant, payment_status
+) -> None:
+    customer = f"{tenant}-{payment_status}"
+    await subscribe(pool, customer, "free", at("2026-01-01"))
+    await link(pool, customer, f"cus_{tenant}{payment_status}")
+    session = checkout_session(customer, f"cus_{tenant}{payment_status}", payment_status)
+    async with webhook_client(settings, pool, redis) as client:
+        reply, _ = await post(client, "checkout.session.completed", session)
+    assert reply.json()["outcome"] == "applied: pro, active"
+    assert await account(pool, customer) == ("pro", "active")
+
+
+async def test_an_incomplete_subscription_upgrades_no_one(settings, pool, redis, tenant) -> None:
+    """The subscription an unpaid Checkout made is ``incomplete`` (then
+    ``incomplete_expired``): it was never paid, so its plan is not the customer's."""
+    customer = f"{tenant}-incomplete"
+    await subscribe(pool, customer, "free", at("2026-01-01"))
+    await link(pool, customer, f"cus_{tenant}i")
+    subscription = {
+        "id": f"sub_{tenant}i",
+        "object": "subscription",
+        "customer": f"cus_{tenant}i",
+        "metadata": {"plan": "pro"},
+        "items": {"data": [{"price": {"id": "price_p", "metadata": {"tally_plan": "pro"}}}]},
+    }
+    now = int(time.time())
+    async with webhook_client(settings, pool, redis) as client:
+        for offset, status in enumerate(["incomplete", "incomplete_expired"]):
+            reply, _ = await post(
+                client,
+                "customer.subscription.updated",
+                subscription | {"status": status},
+                created=now + offset,
+            )
+            assert reply.status_code == 200
+            assert await account(pool, customer) == ("free", "active"), status
+        active, _ = await post(
+            client,
+            "customer.subscription.updated",
+            subscription | {"status": "active"},
+            created=now + 5,
+        )
+    assert active.json()["outcome"] == "applied: pro, active"
+
+
+async def test_the_first_invoice_paid_applies_the_subscribed_plan(
+    settings, pool, redis, tenant
+) -> None:
+    """``invoice.paid`` for the invoice that created the subscription: the plan comes from
+    the subscription as ``customer.subscription.updated`` reads it (its prices'
+    ``tally_plan``, else its metadata), here as Stripe puts it on the invoice."""
+    now = int(time.time())
+    shapes = {
+        # API 2025-03-31 and later: the subscription's metadata under parent.
+        "parent": {
+            "parent": {
+                "type": "subscription_details",
+                "subscription_details": {
+                    "subscription": f"sub_{tenant}",
+                    "metadata": {"plan": "pro"},
+                },
+            }
+        },
+        # The subscription expanded, its prices naming the plan.
+        "expanded": {
+            "subscription": {
+                "id": f"sub_{tenant}",
+                "object": "subscription",
+                "metadata": {"plan": "starter"},
+                "items": {
+                    "data": [{"price": {"id": "price_p", "metadata": {"tally_plan": "pro"}}}]
+                },
+            }
+        },
+    }
+    async with webhook_client(settings, pool, redis) as client:
+        for shape, fields in shapes.items():
+            customer = f"{tenant}-first-{shape}"
+            await subscribe(pool, customer, "free", at("2026-01-01"))
+            await link(pool, customer, f"cus_{tenant}{shape}")
+            invoice = {
+                "id": f"in_{tenant}{shape}",
+                "object": "invoice",
+                "customer": f"cus_{tenant}{shape}",
+                "billing_reason": "subscription_create",
+                "metadata": {},
+                **fields,
+            }
+            renewal = invoice | {
+                "id": f"in_{tenant}{shape}r",
+                "billing_reason": "subscription_cycle",
+            }
+            renewed, _ = await post(client, "invoice.paid", renewal, created=now)
+            assert renewed.json()["outcome"] == "applied: invoice paid", shape  # not the first
+            paid, _ = await post(client, "invoice.paid", invoice, created=now + 1)
+            assert paid.json()["outcome"] == "applied: pro, active", shape
+            assert await account(pool, customer) == ("pro", "active"), shape
+
+
+async def test_a_checkout_records_the_stripe_customer_it_made(
+    settings, pool, redis, tenant
+) -> None:
+    """A session on a Stripe customer Tally did not make (a payment link, a pricing
+    table): once paid, that Stripe customer's later events reach the Tally customer."""
+    customer = f"{tenant}-adopted"
+    await subscribe(pool, customer, "free", at("2026-01-01"))
+    stripe_customer = f"cus_{tenant}made_by_checkout"
+    subscription = {
+        "id": f"sub_{tenant}a",
+        "object": "subscription",
+        "customer": stripe_customer,
+        "status": "past_due",
+        "metadata": {"plan": "pro"},
+    }
+    now = int(time.time())
+    async with webhook_client(settings, pool, redis) as client:
+        completed, _ = await post(
+            client,
+            "checkout.session.completed",
+            checkout_session(customer, stripe_customer, "paid"),
+            created=now,
+        )
+        assert completed.json()["outcome"] == "applied: pro, active"
+        updated, _ = await post(
+            client, "customer.subscription.updated", subscription, created=now + 1
+        )
+        assert updated.json()["outcome"] == "applied: pro, past_due"
+        recovered, _ = await post(
+            client,
+            "customer.subscription.updated",
+            subscription | {"status": "active"},
+            created=now + 2,
+        )
+        assert recovered.json()["outcome"] == "applied: pro, active"
+        invoice = {"id": f"in_{tenant}a", "object": "invoice", "customer": stripe_customer}
+        failed, _ = await post(client, "invoice.payment_failed", invoice, created=now + 3)
+        assert failed.json()["outcome"] == "applied: pro, past_due"
+    assert await account(pool, customer) == ("pro", "past_due")
+
+
+async def test_a_checkout_for_no_tally_customer_is_acknowledged(
+    settings, pool, redis, tenant
+) -> None:
+    session = checkout_session(f"{tenant}-nobody", f"cus_{tenant}nobody", "paid")
+    async with webhook_client(settings, pool, redis) as client:
+        reply, _ = await post(client, "checkout.session.completed", session)
+    assert reply.status_code == 200
+    assert reply.json()["outcome"] == "ignored: no Tally customer"
+
+
+async def test_only_a_paid_checkout_takes_over_the_stripe_customer(
+    settings, pool, redis, tenant
+) -> None:
+    """The customer already has a Stripe customer (made at sign-up); a session on another
+    one takes its place only once paid: the paid subscription lives there."""
+    customer = f"{tenant}-moved"
+    await subscribe(pool, customer, "free", at("2026-01-01"))
+    await link(pool, customer, f"cus_{tenant}signup")
+    session = checkout_session(customer, f"cus_{tenant}elsewhere", "unpaid")
+    failed = {"id": f"in_{tenant}m", "object": "invoice", "customer": f"cus_{tenant}elsewhere"}
+    now = int(time.time())
+    async with webhook_client(settings, pool, redis) as client:
+        await post(client, "checkout.session.completed", session, created=now)
+        ignored, _ = await post(client, "invoice.payment_failed", failed, created=now + 1)
+        assert ignored.json()["outcome"] == "ignored: no Tally customer"
+        paid, _ = await post(
+            client, "checkout.session.async_payment_succeeded", session, created=now + 2
+        )
+        assert paid.json()["outcome"] == "applied: pro, active"
+        applied, _ = await post(client, "invoice.payment_failed", failed, created=now + 3)
+        assert applied.json()["outcome"] == "applied: pro, past_due"
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT stripe_id FROM stripe_objects WHERE kind = 'customer' AND key = %s",
+            (customer,),
+        )
+        assert await cur.fetchall() == [(f"cus_{tenant}elsewhere",)]

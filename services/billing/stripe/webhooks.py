@@ -7,11 +7,19 @@ customer are applied only if no newer one was (Stripe does not promise order): a
 ``customer.subscription.updated`` cannot undo the cancellation that overtook it.
 
 What each event does:
-- ``checkout.session.completed``: the customer moves to the plan in its metadata, active;
+- ``checkout.session.completed`` with ``payment_status`` ``paid`` or
+  ``no_payment_required``, and ``checkout.session.async_payment_succeeded``: the customer
+  (``client_reference_id``) moves to the plan in its metadata, active, and the session's
+  Stripe customer becomes the customer's, so that its later events are applied;
+- ``checkout.session.completed`` still unpaid (a delayed payment method) and
+  ``checkout.session.async_payment_failed``: recorded, nothing changes;
 - ``customer.subscription.updated``: status and plan (from its prices' ``tally_plan``,
-  else its metadata) follow Stripe's;
+  else its metadata) follow Stripe's, unless the subscription was never paid
+  (``incomplete``, ``incomplete_expired``);
 - ``customer.subscription.deleted``: back to the downgrade plan (free);
-- ``invoice.paid``: the invoice is paid, a past-due customer is active again;
+- ``invoice.paid``: the invoice is paid, a past-due customer is active again; the
+  subscription's first invoice (``billing_reason`` ``subscription_create``) moves the
+  customer to the subscription's plan, active;
 - ``invoice.payment_failed``: the invoice failed, the customer is past due.
 After a change, the customer's enforcement state in Redis is dropped; the next decision
 reads it afresh from PostgreSQL.
@@ -30,6 +38,7 @@ from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from schemas import redis_keys
+from services.billing import stripe_client
 from services.common.problems import Problem
 from services.common.projection_lock import lock_projection
 
@@ -39,9 +48,10 @@ STATUSES = {
     "trialing": "trial",
     "past_due": "past_due",
     "unpaid": "past_due",
-    "incomplete": "past_due",
     "paused": "suspended",
 }
+PAID = {"paid", "no_payment_required"}  # a Checkout session's payment_status
+NEVER_PAID = {"incomplete", "incomplete_expired"}  # a subscription's first payment
 
 
 class Webhooks:
@@ -105,11 +115,15 @@ class Webhooks:
         customer = await _customer_of(conn, kind, obj)
         if customer is None:
             return None, "ignored: no Tally customer"
+        unpaid = _unpaid(kind, obj)
+        if unpaid is not None:
+            return None, unpaid
         if not await _newest(conn, customer, created):
             return None, "stale: a newer event was applied"
         metadata = obj.get("metadata") or {}
         match kind:
-            case "checkout.session.completed":
+            case "checkout.session.completed" | "checkout.session.async_payment_succeeded":
+                await _adopt_stripe_customer(conn, customer, obj.get("customer"))
                 return customer, await _change(conn, customer, metadata.get("plan"), "active")
             case "customer.subscription.updated" if obj.get("status") == "canceled":
                 return customer, await _change(conn, customer, self._downgrade, "active")
@@ -120,11 +134,51 @@ class Webhooks:
                 return customer, await _change(conn, customer, self._downgrade, "active")
             case "invoice.paid":
                 await _invoice_status(conn, obj, "paid")
+                plan = _subscription_started(obj)
+                if plan is not None:
+                    return customer, await _change(conn, customer, plan, "active")
                 return customer, await _recover(conn, customer)
             case "invoice.payment_failed":
                 await _invoice_status(conn, obj, "payment_failed")
                 return customer, await _change(conn, customer, None, "past_due")
         return None, f"ignored: {kind} is not handled"
+
+
+def _unpaid(kind: str, obj: dict[str, Any]) -> str | None:
+    """Why an event about a customer changes nothing because nobody has paid yet, else
+    None.  Such an event is acknowledged and kept in the inbox, but does not count as the
+    customer's newest: it must not make an older event that does change something stale.
+    """
+    match kind:
+        case "checkout.session.completed" if obj.get("payment_status") not in PAID:
+            return f"acknowledged: checkout payment {obj.get('payment_status') or 'missing'}"
+        case "checkout.session.async_payment_failed":
+            return "acknowledged: checkout payment failed"
+        case "customer.subscription.updated" if obj.get("status") in NEVER_PAID:
+            return f"acknowledged: subscription {obj['status']}, never paid"
+    return None
+
+
+def _subscription_started(invoice: dict[str, Any]) -> str | None:
+    """The plan a subscription's first invoice (``billing_reason`` ``subscription_create``)
+    pays for, else None.  Only the first: a late payment of an older invoice must not
+    undo a plan switched or cancelled since.  Read as ``_subscribed_plan`` reads it: from
+    the subscription when expanded, else from what Stripe copies onto the invoice — the
+    subscription's metadata (``parent.subscription_details``; top-level
+    ``subscription_details`` before API 2025-03-31) and the lines' prices."""
+    if invoice.get("billing_reason") != "subscription_create":
+        return None
+    details = (
+        (invoice.get("parent") or {}).get("subscription_details")
+        or invoice.get("subscription_details")
+        or {}
+    )
+    subscription = invoice.get("subscription") or details.get("subscription")
+    if isinstance(subscription, dict):
+        return _subscribed_plan(subscription)
+    lines = (invoice.get("lines") or {}).get("data") or ()
+    prices = [{"price": line["price"]} for line in lines if isinstance(line.get("price"), dict)]
+    return _subscribed_plan({"items": {"data": prices}, "metadata": details.get("metadata")})
 
 
 def _subscribed_plan(subscription: dict[str, Any]) -> str | None:
@@ -159,14 +213,41 @@ def _bad_signature(detail: str) -> Problem:
 
 
 async def _customer_of(conn: AsyncConnection, kind: str, obj: dict[str, Any]) -> str | None:
-    if kind == "checkout.session.completed" and obj.get("client_reference_id"):
-        return str(obj["client_reference_id"])
+    """The Tally customer a Checkout session names (if it exists), else the one whose
+    Stripe customer the event is about."""
+    if kind.startswith("checkout.session.") and obj.get("client_reference_id"):
+        cur = await conn.execute(
+            "SELECT id FROM customers WHERE id = %s", (str(obj["client_reference_id"]),)
+        )
+        row = await cur.fetchone()
+        return str(row[0]) if row else None
+    return await _owner_of(conn, obj.get("customer"))
+
+
+async def _owner_of(conn: AsyncConnection, stripe_customer: Any) -> str | None:
+    """The Tally customer a Stripe customer id is recorded for."""
     cur = await conn.execute(
         "SELECT key FROM stripe_objects WHERE kind = 'customer' AND stripe_id = %s",
-        (obj.get("customer"),),
+        (stripe_customer,),
     )
     row = await cur.fetchone()
     return str(row[0]) if row else None
+
+
+async def _adopt_stripe_customer(
+    conn: AsyncConnection, customer: str, stripe_customer: Any
+) -> None:
+    """Record a paid Checkout's Stripe customer as the customer's: the subscription it
+    paid for lives there, so its later events must reach the customer and its usage be
+    pushed there, also when the session was not opened by Tally (a payment link, a
+    pricing table).  Only once paid, so an unpaid session cannot take over a customer's
+    billing; never a Stripe customer already recorded for another Tally customer."""
+    if not isinstance(stripe_customer, str) or not stripe_customer:
+        return
+    if await stripe_client.stripe_id(conn, "customer", customer) == stripe_customer:
+        return
+    if await _owner_of(conn, stripe_customer) is None:
+        await stripe_client.remember(conn, "customer", customer, stripe_customer)
 
 
 async def _newest(conn: AsyncConnection, customer: str, created: datetime) -> bool:
