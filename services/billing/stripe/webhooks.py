@@ -38,7 +38,7 @@ from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from schemas import redis_keys
-from services.billing import stripe_client
+from services.billing.stripe import client as stripe_client
 from services.common.problems import Problem
 from services.common.projection_lock import lock_projection
 
