@@ -67,6 +67,10 @@ class EmailTaken(Exception):
     pass
 
 
+class UnknownPlan(LookupError):
+    """A plan id the catalog does not have."""
+
+
 class KeyRevoked(Exception):
     """A revoked key cannot be rotated: its replacement would bring it back to life."""
 
@@ -165,6 +169,43 @@ async def set_status(
         (status.value, customer_id),
     )
     await audit(conn, actor, "customer.status_changed", customer_id, status=status, **detail)
+
+
+async def exists(conn: AsyncConnection, customer_id: str) -> bool:
+    cur = await conn.execute("SELECT 1 FROM customers WHERE id = %s", (customer_id,))
+    return await cur.fetchone() is not None
+
+
+async def status_of(conn: AsyncConnection, customer_id: str) -> Status | None:
+    cur = await conn.execute("SELECT status FROM customers WHERE id = %s", (customer_id,))
+    row = await cur.fetchone()
+    return Status(row[0]) if row else None
+
+
+async def follow_billing(
+    conn: AsyncConnection,
+    customer_id: str,
+    plan_id: str | None,
+    status: Status | None,
+    actor: str,
+) -> tuple[str, Status] | None:
+    """Apply the payment provider's word (a plan and/or a status; ``None`` keeps the
+    current one) in one statement, audited as ``customer.sync``.  ``None`` when the
+    customer does not exist; ``UnknownPlan`` when the plan is not in the catalog."""
+    if plan_id is not None:
+        cur = await conn.execute("SELECT 1 FROM plans WHERE id = %s", (plan_id,))
+        if await cur.fetchone() is None:
+            raise UnknownPlan(plan_id)
+    cur = await conn.execute(
+        "UPDATE customers SET plan_id = coalesce(%s, plan_id), status = coalesce(%s, status),"
+        " updated_at = now() WHERE id = %s RETURNING plan_id, status",
+        (plan_id, status.value if status else None, customer_id),
+    )
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    await audit(conn, actor, "customer.sync", customer_id, plan=row[0], status=row[1])
+    return str(row[0]), Status(row[1])
 
 
 async def end_trial(

@@ -38,6 +38,7 @@ from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from schemas import redis_keys
+from services.api.accounts import service as accounts
 from services.billing.stripe import client as stripe_client
 from services.common.problems import Problem
 from services.common.projection_lock import lock_projection
@@ -216,11 +217,8 @@ async def _customer_of(conn: AsyncConnection, kind: str, obj: dict[str, Any]) ->
     """The Tally customer a Checkout session names (if it exists), else the one whose
     Stripe customer the event is about."""
     if kind.startswith("checkout.session.") and obj.get("client_reference_id"):
-        cur = await conn.execute(
-            "SELECT id FROM customers WHERE id = %s", (str(obj["client_reference_id"]),)
-        )
-        row = await cur.fetchone()
-        return str(row[0]) if row else None
+        customer = str(obj["client_reference_id"])
+        return customer if await accounts.exists(conn, customer) else None
     return await _owner_of(conn, obj.get("customer"))
 
 
@@ -264,29 +262,19 @@ async def _newest(conn: AsyncConnection, customer: str, created: datetime) -> bo
 async def _change(
     conn: AsyncConnection, customer: str, plan: str | None, status: str | None
 ) -> str:
-    if plan is not None:
-        cur = await conn.execute("SELECT 1 FROM plans WHERE id = %s", (plan,))
-        if await cur.fetchone() is None:
-            return f"ignored: unknown plan {plan!r}"
-    cur = await conn.execute(
-        "UPDATE customers SET plan_id = coalesce(%s, plan_id), status = coalesce(%s, status),"
-        " updated_at = now() WHERE id = %s RETURNING plan_id, status",
-        (plan, status, customer),
-    )
-    row = await cur.fetchone()
-    if row is None:
+    try:
+        changed = await accounts.follow_billing(
+            conn, customer, plan, accounts.Status(status) if status else None, "stripe"
+        )
+    except accounts.UnknownPlan:
+        return f"ignored: unknown plan {plan!r}"
+    if changed is None:
         return "ignored: no Tally customer"
-    await conn.execute(
-        "INSERT INTO audit_log (actor, action, subject, detail) VALUES ('stripe', %s, %s, %s)",
-        ("customer.sync", customer, Jsonb({"plan": row[0], "status": row[1]})),
-    )
-    return f"applied: {row[0]}, {row[1]}"
+    return f"applied: {changed[0]}, {changed[1].value}"
 
 
 async def _recover(conn: AsyncConnection, customer: str) -> str:
-    cur = await conn.execute("SELECT status FROM customers WHERE id = %s", (customer,))
-    row = await cur.fetchone()
-    if row and row[0] == "past_due":
+    if await accounts.status_of(conn, customer) is accounts.Status.PAST_DUE:
         return await _change(conn, customer, None, "active")
     return "applied: invoice paid"
 
