@@ -44,6 +44,17 @@ def docker_available() -> bool:
     return False
 
 
+def pytest_report_header() -> list[str]:
+    """Which real services this run talks to: a reader of the log knows what was tested."""
+    docker = docker_available()
+    return [
+        f"kafka: {'Apache Kafka (testcontainers)' if docker else 'Tansu, embedded'}",
+        f"clickhouse: {'ClickHouse server (testcontainers)' if docker else 'chDB, in-process'}",
+        f"postgresql: {ADMIN_URL}",
+        f"redis: {REDIS_URL}",
+    ]
+
+
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> Iterator[str]:
     if docker_available():

@@ -32,7 +32,7 @@ from tests.accounts_support import (
     running_api,
     sign_up,
 )
-from tests.test_usage_api import aggregate, call
+from tests.integration.test_usage_api import aggregate, call
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ def test_payg_from_the_brief() -> None:
 
 
 def test_a_price_change_tried_from_a_catalog_file(tmp_path: Path) -> None:
-    catalog = (Path(__file__).parents[1] / "schemas/catalog/default.yaml").read_text()
+    catalog = (Path(__file__).parents[2] / "schemas/catalog/default.yaml").read_text()
     changed = tmp_path / "catalog.yaml"
     changed.write_text(catalog.replace('unit_price: "0.001"}', 'unit_price: "0.002"}'))
     result = rate(

@@ -1,0 +1,1 @@
+"""The whole pipeline as processes: `tally` commands, crashes, scale-out, the SDK."""
