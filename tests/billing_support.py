@@ -14,7 +14,7 @@ from schemas.invoices import Invoice
 from services.billing import invoices, stripe_routes
 from services.billing.stripe_sessions import Sessions
 from services.billing.webhooks import Webhooks
-from services.common import keys
+from services.common.auth import Authenticator
 from services.runtime import Component, http_app
 
 WEBHOOK_SECRET = "whsec_test"
@@ -86,8 +86,7 @@ def amounts(invoice: Invoice) -> list[tuple[str | None, Decimal]]:
 
 def stripe_app(settings: Any, pool: Any, redis: Any, api: Any) -> httpx.AsyncClient:
     """The billing service's Stripe routes, on ``api`` (None: Stripe not configured)."""
-    bearer = keys.Bearer(settings.service_tokens, settings.pepper, pool)
     hooks = Webhooks(pool, redis, WEBHOOK_SECRET, "free")
-    router = stripe_routes.router(bearer, Sessions(pool, api), hooks)
+    router = stripe_routes.router(Authenticator(settings, redis, pool), Sessions(pool, api), hooks)
     app = http_app([Component("billing", routers=[router])])
     return httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t")

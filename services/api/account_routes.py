@@ -15,12 +15,13 @@ from schemas.events import utcnow
 from schemas.plans import Plan
 from services.api import accounts, projection
 from services.api.accounts import ApiKey, Customer, EmailTaken, KeyRevoked
-from services.api.auth import Authenticator, Caller, address, credential
-from services.api.limiter import UNREACHABLE
+from services.api.auth import AddressLimit
 from services.common import catalog
+from services.common.auth import Authenticator, Caller, address, credential
 from services.common.keys import ALL_SCOPES, Environment, Scope
 from services.common.logging import get_logger
 from services.common.problems import Problem, invalid_field, unknown_customer
+from services.common.redis import UNREACHABLE
 from services.common.settings import Settings
 
 log = get_logger("tally.accounts")
@@ -65,12 +66,18 @@ class Accounts:
     """What sign-up and key management share with the admin routes."""
 
     def __init__(
-        self, settings: Settings, redis: Redis, pool: AsyncConnectionPool, auth: Authenticator
+        self,
+        settings: Settings,
+        redis: Redis,
+        pool: AsyncConnectionPool,
+        auth: Authenticator,
+        addresses: AddressLimit,
     ) -> None:
         self.settings = settings
         self.redis = redis
         self.pool = pool
         self.auth = auth
+        self.addresses = addresses
 
     async def plan(self, plan_id: str, field: str = "plan") -> Plan:
         async with self.pool.connection() as conn:
@@ -193,7 +200,7 @@ def router(service: Accounts) -> APIRouter:
 
     @api.post("/v1/signup", status_code=201, summary="Create a customer and its first API key")
     async def signup(body: SignUp, request: Request) -> JSONResponse:
-        auth.limit_address(address(request))
+        service.addresses.check(address(request))
         plan = await service.plan(body.plan)
         if not plan.public:
             raise invalid_field("plan", f"plan {plan.id!r} is not offered at sign-up")

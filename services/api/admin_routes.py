@@ -17,9 +17,9 @@ from schemas.plans import Plan, check_plan
 from services.api import accounts, projection
 from services.api.account_routes import Accounts, NewKeyRequest, Rotation
 from services.api.accounts import Customer, Status
-from services.api.auth import credential
 from services.common import catalog
-from services.common.problems import Problem, invalid_field, unauthorized
+from services.common.auth import address, credential
+from services.common.problems import Problem, invalid_field
 
 ACTOR = "admin"
 
@@ -45,8 +45,7 @@ class CustomerChange(BaseModel):
 
 def router(service: Accounts) -> APIRouter:
     async def admin(request: Request) -> None:
-        if not service.auth.is_admin(credential(request)):
-            raise unauthorized("the admin API needs 'Authorization: Bearer <admin token>'")
+        await service.auth.admin(credential(request), address(request))
 
     api = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(admin)])
     pool, redis = service.pool, service.redis

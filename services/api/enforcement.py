@@ -23,14 +23,15 @@ from redis.asyncio import Redis
 from schemas import redis_keys
 from schemas.events import CUSTOMER_ID_PATTERN, VALUE_STRING_PATTERN, utcnow
 from services.api import accounts, projection
-from services.api.auth import Caller
 from services.api.fallback import Fallback
-from services.api.limiter import UNREACHABLE, Ask, Code, Limiter, Mode, Outcome
+from services.api.limiter import Ask, Code, Limiter, Mode, Outcome
 from services.api.refusals import decision, headers, refused
 from services.common import catalog, keys, metrics
+from services.common.auth import Caller
 from services.common.keys import Scope, forbidden_customer
 from services.common.logging import get_logger
 from services.common.problems import Problem, invalid_field, unauthorized, unknown_customer
+from services.common.redis import UNREACHABLE
 from services.common.settings import Settings
 
 log = get_logger("tally.enforce")

@@ -17,7 +17,7 @@ from importlib import resources
 from typing import Any
 
 import orjson
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from schemas import redis_keys
 from schemas.events import from_micros, to_micros
@@ -29,9 +29,6 @@ SCRIPT = (
     redis_keys.RELEASE_LUA + resources.files("services.api").joinpath("enforce.lua").read_text()
 )
 SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
-UNREACHABLE = (RedisError, OSError)
-"""What a Redis that cannot decide raises: unreachable, but also loading, busy, out of
-memory or read-only after a failover — all answered by the configured failure mode."""
 
 
 class Mode(StrEnum):

@@ -17,7 +17,6 @@ from services.billing.rollup import Rollup
 from services.billing.run import BillingRun
 from services.billing.stripe_sessions import Sessions
 from services.billing.webhooks import Webhooks
-from services.common import keys
 from services.common.logging import get_logger
 from services.runtime import Component, Runtime
 
@@ -56,15 +55,15 @@ async def start(runtime: Runtime) -> Component:
     api = stripe_client.client(settings)
     if api is not None:
         _stripe_jobs(runtime, pool, api)
-    bearer = keys.Bearer(settings.service_tokens, settings.pepper, pool)
+    auth = await runtime.authenticator()
     webhooks = Webhooks(
         pool, runtime.redis(), settings.stripe_webhook_secret, settings.downgrade_plan
     )
     return Component(
         "billing",
         routers=[
-            routes.router(pool, bearer, runtime.clickhouse),
-            stripe_routes.router(bearer, Sessions(pool, api), webhooks),
+            routes.router(pool, auth, runtime.clickhouse),
+            stripe_routes.router(auth, Sessions(pool, api), webhooks),
         ],
         checks={"clickhouse": runtime.check_clickhouse(), "postgres": runtime.check_postgres()},
     )
