@@ -27,6 +27,8 @@ Enforcement state (written by the api; reservations settled by the aggregator):
 ``tally:{cust}:held``            HASH meter → micro-units held by open reservations
 ``tally:key:<hex digest>``       STRING ``<cust> <key id>``: who an API key belongs to
 ``tally:ip:{<ip>}``              HASH the per-IP limits' state (before authentication)
+``tally:ip:{<ip>}:auth``         STRING failed credentials from the address in its current
+                                 one-minute window (expires with the window)
 
 ``<window>`` is minute|hour|day|month and ``<bucket>`` its UTC start as in
 ``schemas.windows.bucket_id``.  ``<group>`` is the JSON array of the group-by values in
@@ -128,6 +130,10 @@ def key_owner(key_digest: bytes) -> str:
 
 def client_ip(address: str) -> str:
     return f"{PREFIX}:ip:{{{address}}}"
+
+
+def auth_failures(address: str) -> str:
+    return f"{client_ip(address)}:auth"
 
 
 def event_digest(source: str, event_id: str) -> bytes:

@@ -10,7 +10,7 @@ import typer
 
 from services.common.logging import configure
 from services.common.settings import Settings, get_settings
-from services.runtime import Runtime, Starter, run, serve
+from services.runtime import DevelopmentSecrets, Runtime, Starter, run, serve
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
 billing_app = typer.Typer(help="Rollups of raw events into usage_daily, and billing runs.")
@@ -46,7 +46,11 @@ def _run(starters: list[Starter], port: int | None, prepare: bool = False) -> No
                 await runtime.prepare()
             await serve(runtime, starters)
 
-    run(main())
+    try:
+        run(main())
+    except DevelopmentSecrets as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()

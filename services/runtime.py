@@ -29,6 +29,7 @@ from starlette.types import ASGIApp
 from schemas.catalog import Catalog
 from services.common import broker, catalog, clickhouse, kafka, postgres, problems
 from services.common import redis as redis_client
+from services.common.auth import Authenticator
 from services.common.clickhouse import ClickHouse
 from services.common.health import Check, health_router
 from services.common.hot_paths import HotPaths
@@ -62,6 +63,8 @@ class Runtime:
         self.kafka_incarnation = settings.kafka_incarnation
         self._pool: AsyncConnectionPool | None = None
         self._redis: Redis | None = None
+        self._limits: Redis | None = None
+        self._authenticator: Authenticator | None = None
         self._clickhouse: ClickHouse | None = None
         self._producer: AIOKafkaProducer | None = None
 
@@ -109,6 +112,27 @@ class Runtime:
             self._redis = redis_client.connect(self.settings.redis_url)
             self.stack.push_async_callback(self._redis.aclose)
         return self._redis
+
+    def limits_store(self) -> Redis:
+        """Redis with short timeouts, for what surrounds decisions (``limits_store``)."""
+        if self._limits is None:
+            self._limits = redis_client.limits_store(self.settings)
+            self.stack.push_async_callback(self._limits.connection_pool.disconnect)
+        return self._limits
+
+    async def authenticator(self) -> Authenticator:
+        """The process's one authenticator, shared by its services: one owner cache,
+        one view of the addresses refused for guessing."""
+        if self._authenticator is None:
+            self._authenticator = Authenticator(
+                self.settings, self.limits_store(), await self.pool()
+            )
+        return self._authenticator
+
+    @property
+    def authenticates(self) -> bool:
+        """Does this process accept credentials (service tokens, keys, the admin token)?"""
+        return self._authenticator is not None
 
     def clickhouse(self) -> ClickHouse:
         if self._clickhouse is None:
@@ -238,6 +262,28 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
+class DevelopmentSecrets(RuntimeError):
+    """``TALLY_ENV=production`` with secrets still at their development values."""
+
+
+def check_secrets(runtime: Runtime) -> None:
+    """The development secrets are public (they are in the source): a process that
+    accepts them says so loudly at start-up, and in production refuses to start."""
+    names = runtime.settings.development_secrets() if runtime.authenticates else []
+    if not names:
+        return
+    listed = ", ".join(names)
+    if runtime.settings.env == "production":
+        raise DevelopmentSecrets(
+            f"TALLY_ENV=production refuses the development secrets: set {listed}"
+        )
+    log.warning(
+        f"DEVELOPMENT SECRETS IN USE: anyone who has read Tally's source can authenticate"
+        f" here; set {listed} (TALLY_ENV=production refuses to start with them)",
+        settings=names,
+    )
+
+
 Starter = Callable[["Runtime"], Awaitable[Component]]
 """A service's ``start``: what it contributes to a process, once it is running."""
 
@@ -247,6 +293,7 @@ async def serve(runtime: Runtime, starters: list[Starter]) -> None:
     runtime`` then stops everything in reverse order, flushing on the way."""
     settings = runtime.settings
     components = [await start(runtime) for start in starters]
+    check_secrets(runtime)
     config = server_config(http_app(components), settings)
     log.info("serving", services=[c.name for c in components], port=config.port)
     freeze_heap()

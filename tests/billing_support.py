@@ -15,7 +15,7 @@ from services.billing.invoicing import reader as invoices
 from services.billing.stripe import routes as stripe_routes
 from services.billing.stripe.sessions import Sessions
 from services.billing.stripe.webhooks import Webhooks
-from services.common import keys
+from services.common.auth import Authenticator
 from services.runtime import Component, http_app
 
 WEBHOOK_SECRET = "whsec_test"
@@ -87,8 +87,7 @@ def amounts(invoice: Invoice) -> list[tuple[str | None, Decimal]]:
 
 def stripe_app(settings: Any, pool: Any, redis: Any, api: Any) -> httpx.AsyncClient:
     """The billing service's Stripe routes, on ``api`` (None: Stripe not configured)."""
-    bearer = keys.Bearer(settings.service_tokens, settings.pepper, pool)
     hooks = Webhooks(pool, redis, WEBHOOK_SECRET, "free")
-    router = stripe_routes.router(bearer, Sessions(pool, api), hooks)
+    router = stripe_routes.router(Authenticator(settings, redis, pool), Sessions(pool, api), hooks)
     app = http_app([Component("billing", routers=[router])])
     return httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t")

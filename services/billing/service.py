@@ -21,7 +21,6 @@ from services.billing.stripe import routes as stripe_routes
 from services.billing.stripe.outbox import MeterPusher
 from services.billing.stripe.sessions import Sessions
 from services.billing.stripe.webhooks import Webhooks
-from services.common import keys
 from services.common.logging import get_logger
 from services.runtime import Component, Runtime
 
@@ -60,15 +59,15 @@ async def start(runtime: Runtime) -> Component:
     api = stripe_client.client(settings)
     if api is not None:
         _stripe_jobs(runtime, pool, api)
-    bearer = keys.Bearer(settings.service_tokens, settings.pepper, pool)
+    auth = await runtime.authenticator()
     webhooks = Webhooks(
         pool, runtime.redis(), settings.stripe_webhook_secret, settings.downgrade_plan
     )
     return Component(
         "billing",
         routers=[
-            routes.router(pool, bearer, runtime.clickhouse),
-            stripe_routes.router(bearer, Sessions(pool, api), webhooks),
+            routes.router(pool, auth, runtime.clickhouse),
+            stripe_routes.router(auth, Sessions(pool, api), webhooks),
         ],
         checks={"clickhouse": runtime.check_clickhouse(), "postgres": runtime.check_postgres()},
     )

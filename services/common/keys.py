@@ -15,14 +15,13 @@ import hmac
 import re
 import secrets
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from psycopg import AsyncConnection
-from psycopg_pool import AsyncConnectionPool
+from psycopg import AsyncConnection, sql
 
 from services.common.problems import Problem, unauthorized
 
@@ -189,51 +188,21 @@ def forbidden_customer() -> Problem:
 
 
 async def holder(conn: AsyncConnection, key_digest: bytes) -> Holder | None:
+    """Who holds the key with this digest (a lookup by the secret)."""
+    return await _holder(conn, "hash", key_digest)
+
+
+async def holder_of(conn: AsyncConnection, key_id: str) -> Holder | None:
+    """The key with this id, as PostgreSQL has it now (a lookup by the key's id)."""
+    return await _holder(conn, "id", key_id)
+
+
+async def _holder(conn: AsyncConnection, column: str, value: bytes | str) -> Holder | None:
     cur = await conn.execute(
-        "SELECT customer_id, id, scopes, expires_at, revoked_at FROM api_keys WHERE hash = %s",
-        (key_digest,),
+        sql.SQL(
+            "SELECT customer_id, id, scopes, expires_at, revoked_at FROM api_keys WHERE {} = %s"
+        ).format(sql.Identifier(column)),
+        (value,),
     )
     row = await cur.fetchone()
     return Holder(row[0], row[1], tuple(row[2]), row[3], row[4]) if row else None
-
-
-class Bearer:
-    """``Authorization: Bearer`` as the services other than enforcement take it: one of
-    the seller's service tokens (acting for anyone), or a customer's API key with the
-    scope the route needs (acting for that customer only)."""
-
-    def __init__(
-        self, tokens: Sequence[str], pepper: bytes, pool: AsyncConnectionPool | None
-    ) -> None:
-        """Without ``pool`` only service tokens are accepted, not customers' API keys."""
-        self._tokens = [t.encode() for t in tokens]
-        self._pepper = pepper
-        self._pool = pool
-
-    async def authenticate(self, authorization: str | None, scope: Scope) -> str | None:
-        """``None`` for a service token; for an API key, the customer it belongs to."""
-        scheme, _, token = (authorization or "").partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            raise unauthorized("send a service token or API key as 'Authorization: Bearer …'")
-        given = token.encode()
-        if any(hmac.compare_digest(given, known) for known in self._tokens):
-            return None
-        if self._pool is None or not token.startswith("tally_"):
-            raise unauthorized("the bearer token is not a valid service token")
-        try:
-            check_format(token)
-        except MalformedKey as exc:
-            raise unauthorized(str(exc)) from None
-        async with self._pool.connection() as conn:
-            found = await holder(conn, digest(self._pepper, token))
-        if found is None:
-            raise unauthorized("unknown API key")
-        found.check(scope, datetime.now(UTC))
-        return found.customer
-
-    async def allow(self, authorization: str | None, scope: Scope, customer: str) -> None:
-        """A service token, or ``customer``'s own key with ``scope``; else 401/403."""
-        caller = await self.authenticate(authorization, scope)
-        if caller is not None and caller != customer:
-            raise forbidden_customer()

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     clickhouse_url: str | None = Field(None, validation_alias=_alias("CLICKHOUSE_URL"))
     clickhouse_database: str = "tally"
 
+    env: Literal["development", "production"] = Field(
+        "development", description="production: refuse to start with the development secrets."
+    )
     data_dir: Path = Path(".tally")
     host: str = "127.0.0.1"
     port: int = 8000
@@ -125,6 +128,18 @@ class Settings(BaseSettings):
     @property
     def dedupe_window(self) -> timedelta:
         return timedelta(hours=self.dedupe_window_hours)
+
+    def development_secrets(self) -> list[str]:
+        """The secret settings still at their development values (public: they are in
+        the source), by their environment variable's name."""
+        found = []
+        if DEV_TOKEN in self.service_tokens:
+            found.append("TALLY_SERVICE_TOKENS")
+        if self.admin_token == DEV_ADMIN_TOKEN:
+            found.append("TALLY_ADMIN_TOKEN")
+        if self.key_pepper == DEV_PEPPER:
+            found.append("TALLY_KEY_PEPPER")
+        return found
 
     @property
     def pepper(self) -> bytes:

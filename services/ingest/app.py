@@ -4,10 +4,11 @@ Answers:
 - 202 with a per-event result when at least one event was accepted (or was a repeat
   within the request); rejected ones are listed with the field and reason, and copied
   to the dead-letter topic;
-- 422 when every event was rejected; 400 for malformed JSON; 401 without a valid token;
-  413 over the size or count limit; 415 for other content types; 503 when Kafka did not
-  acknowledge (nothing is reported accepted, so the client's retry is safe: duplicates
-  are dropped downstream by (source, id)).
+- 422 when every event was rejected; 400 for malformed JSON; 401 without a valid token
+  (429 once an address keeps sending wrong ones); 413 over the size or count limit;
+  415 for other content types; 503 when Kafka did not acknowledge (nothing is reported
+  accepted, so the client's retry is safe: duplicates are dropped downstream by
+  (source, id)).
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from psycopg_pool import AsyncConnectionPool
 
 from schemas.events import UsageEvent, utcnow
-from services.common import keys, metrics
+from services.common import metrics
+from services.common.auth import Authenticator
+from services.common.keys import Scope
 from services.common.logging import get_logger
 from services.common.openapi import component_schemas, ref
 from services.common.problems import Problem
@@ -39,19 +41,16 @@ log = get_logger("tally.ingest")
 class Ingest:
     """What the ingest route needs, built once per process."""
 
-    def __init__(
-        self, settings: Settings, publisher: Publisher, pool: AsyncConnectionPool | None = None
-    ) -> None:
-        """Without ``pool`` only service tokens are accepted, not customers' API keys."""
+    def __init__(self, settings: Settings, publisher: Publisher, auth: Authenticator) -> None:
         self.settings = settings
         self.publisher = publisher
         self.bounds = TimeBounds(settings.future_tolerance, settings.backfill_window)
-        self.bearer = keys.Bearer(settings.service_tokens, settings.pepper, pool)
+        self.auth = auth
 
-    async def authenticate(self, authorization: str | None) -> str | None:
+    async def authenticate(self, request: Request) -> str | None:
         """``None`` for a service token (any subject); for a customer's API key with
         the ``ingest`` scope, the customer its events must be about."""
-        return await self.bearer.authenticate(authorization, keys.Scope.INGEST)
+        return (await self.auth.authorize(request, Scope.INGEST)).customer
 
     async def read_body(self, request: Request) -> bytes:
         """The body, decompressed when sent with ``Content-Encoding: gzip``; the size limit
@@ -135,7 +134,7 @@ def router(ingest: Ingest) -> APIRouter:
         openapi_extra={"requestBody": documented},
     )
     async def post_events(request: Request) -> Response:
-        subject = await ingest.authenticate(request.headers.get("authorization"))
+        subject = await ingest.authenticate(request)
         kind = parsing.media_type(request.headers.get("content-type"))
         body = await ingest.read_body(request)
         raw_items = parsing.items(body, kind, ingest.settings.max_batch_events)

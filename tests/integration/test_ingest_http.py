@@ -13,11 +13,13 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from psycopg_pool import AsyncConnectionPool
+from redis.asyncio import Redis
 
 from schemas import envelope, topics
 from schemas.events import utcnow
 from services.api.accounts import service as accounts
 from services.common import catalog, kafka
+from services.common.auth import Authenticator
 from services.common.keys import Scope
 from services.common.settings import Settings
 from services.ingest.app import Ingest, router
@@ -42,10 +44,12 @@ def event(tenant: str, **changes: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-async def client(settings: Settings, pool: AsyncConnectionPool) -> AsyncIterator[httpx.AsyncClient]:
+async def client(
+    settings: Settings, redis: Redis, pool: AsyncConnectionPool
+) -> AsyncIterator[httpx.AsyncClient]:
     settings = settings.model_copy(update={"max_batch_events": 50, "max_body_bytes": 16 * 1024})
     producer = await kafka.start_producer(settings.kafka_bootstrap_servers or "")
-    ingest = Ingest(settings, Publisher(producer), pool)
+    ingest = Ingest(settings, Publisher(producer), Authenticator(settings, redis, pool))
     app = http_app([Component("ingest", [router(ingest)])])
     headers = {"Authorization": "Bearer test-token"}
     async with httpx.AsyncClient(
@@ -194,10 +198,11 @@ async def test_missing_or_wrong_token_is_401(
 
 
 async def test_kafka_failure_is_503_and_reports_nothing_accepted(
-    settings: Settings, tenant: str
+    settings: Settings, redis: Redis, pool: AsyncConnectionPool, tenant: str
 ) -> None:
     producer = await kafka.start_producer(settings.kafka_bootstrap_servers or "")
-    app = http_app([Component("ingest", [router(Ingest(settings, Publisher(producer)))])])
+    ingest = Ingest(settings, Publisher(producer), Authenticator(settings, redis, pool))
+    app = http_app([Component("ingest", [router(ingest)])])
     await producer.stop()  # the broker connection is gone
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as http:
         response = await http.post(

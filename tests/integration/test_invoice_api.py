@@ -9,7 +9,7 @@ import httpx
 
 from services.billing.invoicing import routes
 from services.billing.invoicing.run import BillingRun
-from services.common import keys
+from services.common.auth import Authenticator
 from services.runtime import Component, http_app
 from tests.accounts_support import running_api, sign_up
 from tests.billing_support import at, record_usage, subscribe
@@ -17,9 +17,9 @@ from tests.billing_support import at, record_usage, subscribe
 SERVICE = {"Authorization": "Bearer test-token"}
 
 
-def billing_client(settings, pool) -> httpx.AsyncClient:
-    bearer = keys.Bearer(settings.service_tokens, settings.pepper, pool)
-    app = http_app([Component("billing", routers=[routes.router(pool, bearer, _no_clickhouse)])])
+def billing_client(settings, pool, redis) -> httpx.AsyncClient:
+    auth = Authenticator(settings, redis, pool)
+    app = http_app([Component("billing", routers=[routes.router(pool, auth, _no_clickhouse)])])
     return httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t")
 
 
@@ -27,12 +27,12 @@ def _no_clickhouse():
     raise AssertionError("the default catalog prices no distinct-count meter")
 
 
-async def test_upcoming_invoice_so_far_and_forecast(settings, pool) -> None:
+async def test_upcoming_invoice_so_far_and_forecast(settings, pool, redis) -> None:
     async with running_api(settings) as api:
         account = await sign_up(api, plan="payg")
     today = datetime.now(UTC).date()
     await record_usage(pool, account.customer, "api_calls", today, 20_000)
-    async with billing_client(settings, pool) as client:
+    async with billing_client(settings, pool, redis) as client:
         reply = await client.get(
             f"/v1/customers/{account.customer}/invoices/upcoming", headers=account.auth
         )
@@ -58,7 +58,7 @@ async def test_upcoming_invoice_so_far_and_forecast(settings, pool) -> None:
     assert Decimal(forecast["total"]) >= Decimal(invoice["total"])
 
 
-async def test_listing_invoices_and_who_may_read_them(settings, pool, tenant) -> None:
+async def test_listing_invoices_and_who_may_read_them(settings, pool, redis, tenant) -> None:
     async with running_api(settings) as api:
         mine, theirs = await sign_up(api, plan="pro"), await sign_up(api, plan="pro")
     customer = f"{tenant}-listed"
@@ -68,7 +68,7 @@ async def test_listing_invoices_and_who_may_read_them(settings, pool, tenant) ->
     for month in (1, 2):
         await run.run(date(2022, month, 1), now=at("2022-03-02"), finalize=True)
 
-    async with billing_client(settings, pool) as client:
+    async with billing_client(settings, pool, redis) as client:
         listed = await client.get(f"/v1/customers/{customer}/invoices", headers=SERVICE)
         drafts = await client.get(
             f"/v1/customers/{customer}/invoices", params={"status": "draft"}, headers=SERVICE

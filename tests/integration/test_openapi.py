@@ -9,6 +9,7 @@ from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from services.api import service as api_service
+from services.common.auth import Authenticator
 from services.common.settings import Settings
 from services.ingest.app import Ingest, openapi_schemas
 from services.ingest.app import router as ingest_router
@@ -19,7 +20,7 @@ from services.runtime import Component, Runtime, http_app
 async def test_every_reference_resolves_and_docs_render(
     redis: Redis, pool: AsyncConnectionPool, settings: Settings
 ) -> None:
-    ingest = Ingest(settings, Publisher(producer=None))
+    ingest = Ingest(settings, Publisher(producer=None), Authenticator(settings, redis, pool))
     async with Runtime(settings) as runtime:
         app = http_app(
             [

@@ -20,10 +20,8 @@ from services.aggregator.clickhouse_sink import ClickHouseSink
 from services.aggregator.dedupe import DedupeWindow
 from services.aggregator.processor import BatchProcessor, Record
 from services.aggregator.redis_sink import RedisSink
-from services.api.auth import Authenticator
-from services.api.enforcement.limiter import Limiter
-from services.api.enforcement.pipelined import Pipelined
 from services.api.usage.routes import router
+from services.common.auth import Authenticator
 from services.common.clickhouse import ClickHouse
 from services.common.settings import Settings
 from services.runtime import Component, http_app
@@ -33,8 +31,7 @@ from services.runtime import Component, http_app
 async def api(
     redis: Redis, pool: AsyncConnectionPool, settings: Settings
 ) -> AsyncIterator[httpx.AsyncClient]:
-    limiter = Limiter(Pipelined(settings.redis_url, 1.0), 1000)
-    auth = Authenticator(settings, redis, pool, limiter)
+    auth = Authenticator(settings, redis, pool)
     app = http_app([Component("api", [router(redis, pool, auth)])])
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app),

@@ -18,9 +18,9 @@ from services.api.accounts import projection
 from services.api.accounts import service as accounts
 from services.api.accounts.routes import Accounts, NewKeyRequest, Rotation
 from services.api.accounts.service import Customer, Status
-from services.api.auth import credential
 from services.common import catalog
-from services.common.problems import Problem, invalid_field, unauthorized
+from services.common.auth import address, credential
+from services.common.problems import Problem, invalid_field
 
 ACTOR = "admin"
 
@@ -46,8 +46,7 @@ class CustomerChange(BaseModel):
 
 def router(service: Accounts) -> APIRouter:
     async def admin(request: Request) -> None:
-        if not service.auth.is_admin(credential(request)):
-            raise unauthorized("the admin API needs 'Authorization: Bearer <admin token>'")
+        await service.auth.admin(credential(request), address(request))
 
     api = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(admin)])
     pool, redis = service.pool, service.redis

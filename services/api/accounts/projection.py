@@ -79,8 +79,3 @@ async def project_plan(redis: Redis, pool: AsyncConnectionPool, plan_id: str) ->
         for customer in customers:
             await project(redis, conn, customer)
     return len(customers)
-
-
-async def remember_owner(redis: Redis, digest: bytes, customer: str, key_id: str) -> None:
-    """Who a key belongs to never changes, so this index entry never goes stale."""
-    await redis.set(redis_keys.key_owner(digest), f"{customer} {key_id}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Annotated, Any
 
@@ -16,8 +17,8 @@ from schemas.plans import Plan
 from services.api.accounts import projection
 from services.api.accounts import service as accounts
 from services.api.accounts.service import ApiKey, Customer, EmailTaken, KeyRevoked
-from services.api.auth import Authenticator, Caller, address, credential
 from services.common import catalog
+from services.common.auth import Authenticator, Caller, address, credential
 from services.common.keys import ALL_SCOPES, Environment, Holder, Scope, check_grant
 from services.common.logging import get_logger
 from services.common.problems import Problem, invalid_field, unknown_customer
@@ -66,12 +67,20 @@ class Accounts:
     """What sign-up and key management share with the admin routes."""
 
     def __init__(
-        self, settings: Settings, redis: Redis, pool: AsyncConnectionPool, auth: Authenticator
+        self,
+        settings: Settings,
+        redis: Redis,
+        pool: AsyncConnectionPool,
+        auth: Authenticator,
+        admit_address: Callable[[str], None],
     ) -> None:
+        """``admit_address`` raises 429 for a client address that sends too much (the
+        layer before authentication, which sign-up shares with enforcement)."""
         self.settings = settings
         self.redis = redis
         self.pool = pool
         self.auth = auth
+        self.admit_address = admit_address
 
     async def plan(self, plan_id: str, field: str = "plan") -> Plan:
         async with self.pool.connection() as conn:
@@ -211,7 +220,7 @@ def router(service: Accounts) -> APIRouter:
 
     @api.post("/v1/signup", status_code=201, summary="Create a customer and its first API key")
     async def signup(body: SignUp, request: Request) -> JSONResponse:
-        auth.limit_address(address(request))
+        service.admit_address(address(request))
         plan = await service.plan(body.plan)
         if not plan.public:
             raise invalid_field("plan", f"plan {plan.id!r} is not offered at sign-up")

@@ -24,11 +24,11 @@ from schemas import redis_keys
 from schemas.events import CUSTOMER_ID_PATTERN, VALUE_STRING_PATTERN, utcnow
 from services.api.accounts import projection
 from services.api.accounts import service as accounts
-from services.api.auth import Caller
 from services.api.enforcement.fallback import Fallback
 from services.api.enforcement.limiter import Ask, Code, Limiter, Mode, Outcome
 from services.api.enforcement.refusals import decision, headers, refused
 from services.common import catalog, keys, metrics
+from services.common.auth import Caller
 from services.common.keys import Scope, forbidden_customer
 from services.common.logging import get_logger
 from services.common.problems import Problem, invalid_field, unauthorized, unknown_customer

@@ -11,7 +11,8 @@ from __future__ import annotations
 from decimal import Decimal
 
 from services.api.enforcement.limiter import Code, Limit, Outcome
-from services.api.enforcement.local import Buckets, Recent
+from services.api.enforcement.local import Buckets
+from services.common.recent import Recent
 
 
 class Fallback:

@@ -8,12 +8,9 @@ each API process counts its own share) and the fallback while Redis is unreachab
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Generic, TypeVar
 
-K = TypeVar("K")
-V = TypeVar("V")
+from services.common.recent import Recent
 
 
 @dataclass(slots=True)
@@ -31,27 +28,6 @@ class Bucket:
             self.tokens -= cost
             return 0.0
         return (cost - self.tokens) / self.per_second
-
-
-class Recent(Generic[K, V]):
-    """A bounded map that forgets the least recently used entry first: what a process
-    remembers about many customers, keys or addresses must not grow without end."""
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._entries: OrderedDict[K, V] = OrderedDict()
-
-    def get(self, key: K) -> V | None:
-        found = self._entries.get(key)
-        if found is not None:
-            self._entries.move_to_end(key)
-        return found
-
-    def put(self, key: K, value: V) -> None:
-        self._entries[key] = value
-        self._entries.move_to_end(key)
-        if len(self._entries) > self._size:
-            self._entries.popitem(last=False)
 
 
 class Buckets:

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from services.api.auth import Authenticator, Caller, address, credential
+from services.api.enforcement.address_limit import AddressLimit
 from services.api.enforcement.enforcer import (
     MAX_BATCH,
     Answer,
@@ -24,16 +24,17 @@ from services.api.enforcement.enforcer import (
     Enforcer,
     EnforceRequest,
 )
+from services.common.auth import Authenticator, Caller, address, credential
 from services.common.openapi import component_schemas, ref
 from services.common.problems import PROBLEM_JSON, Problem, invalid_request
 
 Model = TypeVar("Model", bound=BaseModel)
 
 
-def routes(auth: Authenticator, enforcer: Enforcer) -> list[Route]:
+def routes(auth: Authenticator, addresses: AddressLimit, enforcer: Enforcer) -> list[Route]:
     async def caller(request: Request) -> Caller:
         client = address(request)
-        auth.limit_address(client)
+        addresses.check(client)
         return await auth.caller(credential(request), client)
 
     async def enforce(request: Request) -> Response:

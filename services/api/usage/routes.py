@@ -13,9 +13,9 @@ from redis.asyncio import Redis
 from schemas.catalog import Meter
 from schemas.events import CUSTOMER_ID_PATTERN, utcnow
 from schemas.windows import RETENTION, Window, buckets
-from services.api.auth import Authenticator, address, credential
 from services.api.usage.reader import MAX_BUCKETS, UsageReader
 from services.common import catalog
+from services.common.auth import Authenticator, address, credential
 from services.common.keys import Scope
 from services.common.problems import Problem, invalid_field
 

@@ -9,35 +9,35 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Path, Query
+from fastapi import APIRouter, Path, Query, Request
 from psycopg_pool import AsyncConnectionPool
 
 from schemas.events import CUSTOMER_ID_PATTERN, utcnow
 from schemas.invoices import Invoice, InvoiceStatus, UpcomingInvoice
 from services.billing.invoicing import reader as invoices
-from services.common import keys
+from services.common.auth import Authenticator
 from services.common.clickhouse import ClickHouse
+from services.common.keys import Scope
 from services.common.problems import unknown_customer
 
 Customer = Annotated[str, Path(pattern=CUSTOMER_ID_PATTERN)]
-Authorization = Annotated[str | None, Header()]
 
 
 def router(
     pool: AsyncConnectionPool,
-    bearer: keys.Bearer,
+    auth: Authenticator,
     clickhouse: Callable[[], ClickHouse],
 ) -> APIRouter:
     api = APIRouter(tags=["invoices"])
 
     @api.get("/v1/customers/{customer}/invoices", summary="A customer's invoices, newest first")
     async def list_invoices(
+        request: Request,
         customer: Customer,
-        authorization: Authorization = None,
         status: InvoiceStatus | None = None,
         limit: Annotated[int, Query(ge=1, le=120)] = 24,
     ) -> dict[str, list[Invoice]]:
-        await bearer.allow(authorization, keys.Scope.USAGE_READ, customer)
+        await auth.authorize(request, Scope.USAGE_READ, customer)
         async with pool.connection() as conn:
             return {"invoices": await invoices.listed(conn, customer, status, limit)}
 
@@ -45,10 +45,8 @@ def router(
         "/v1/customers/{customer}/invoices/upcoming",
         summary="The current period's invoice so far, and a forecast to its end",
     )
-    async def upcoming_invoice(
-        customer: Customer, authorization: Authorization = None
-    ) -> UpcomingInvoice:
-        await bearer.allow(authorization, keys.Scope.USAGE_READ, customer)
+    async def upcoming_invoice(request: Request, customer: Customer) -> UpcomingInvoice:
+        await auth.authorize(request, Scope.USAGE_READ, customer)
         async with pool.connection() as conn:
             found = await invoices.upcoming(conn, clickhouse, customer, utcnow())
         if found is None:

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Path, Request
+from fastapi import APIRouter, Path, Request
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
 
 from schemas.events import CUSTOMER_ID_PATTERN, utcnow
 from schemas.plans import PLAN_ID_PATTERN
 from services.billing.stripe.sessions import Session, Sessions
 from services.billing.stripe.webhooks import Webhooks
-from services.common import keys
+from services.common.auth import Authenticator
+from services.common.keys import Scope
 
 Customer = Annotated[str, Path(pattern=CUSTOMER_ID_PATTERN)]
-Authorization = Annotated[str | None, Header()]
 
 
 class CheckoutRequest(BaseModel):
@@ -35,7 +35,7 @@ class PortalRequest(BaseModel):
     return_url: AnyHttpUrl = Field(description="Where the portal's back link goes.")
 
 
-def router(bearer: keys.Bearer, sessions: Sessions, webhooks: Webhooks) -> APIRouter:
+def router(auth: Authenticator, sessions: Sessions, webhooks: Webhooks) -> APIRouter:
     api = APIRouter(tags=["stripe"])
 
     @api.post(
@@ -43,10 +43,8 @@ def router(bearer: keys.Bearer, sessions: Sessions, webhooks: Webhooks) -> APIRo
         status_code=201,
         summary="A Stripe Checkout page subscribing the customer to a plan",
     )
-    async def checkout(
-        customer: Customer, body: CheckoutRequest, authorization: Authorization = None
-    ) -> Session:
-        await bearer.allow(authorization, keys.Scope.BILLING, customer)
+    async def checkout(request: Request, customer: Customer, body: CheckoutRequest) -> Session:
+        await auth.authorize(request, Scope.BILLING, customer)
         return await sessions.checkout(
             customer, body.plan, str(body.success_url), str(body.cancel_url), utcnow()
         )
@@ -56,10 +54,8 @@ def router(bearer: keys.Bearer, sessions: Sessions, webhooks: Webhooks) -> APIRo
         status_code=201,
         summary="A Stripe billing-portal page: pay, change the card, see invoices, cancel",
     )
-    async def portal(
-        customer: Customer, body: PortalRequest, authorization: Authorization = None
-    ) -> Session:
-        await bearer.allow(authorization, keys.Scope.BILLING, customer)
+    async def portal(request: Request, customer: Customer, body: PortalRequest) -> Session:
+        await auth.authorize(request, Scope.BILLING, customer)
         return await sessions.portal(customer, str(body.return_url))
 
     @api.post("/v1/stripe/webhook", summary="Stripe's events (signed)")
