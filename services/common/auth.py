@@ -19,16 +19,17 @@ import hmac
 import math
 import time
 from dataclasses import dataclass
+from datetime import datetime
 
 import orjson
+from psycopg import AsyncConnection, sql
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 from starlette.requests import Request
 
-from schemas import redis_keys
+from schemas import api_keys, redis_keys
+from schemas.api_keys import Holder, MalformedKey, Refusal, Scope
 from schemas.events import utcnow
-from services.common import keys
-from services.common.keys import MalformedKey, Scope
 from services.common.problems import Problem, unauthorized
 from services.common.recent import Recent
 from services.common.redis import UNREACHABLE
@@ -167,7 +168,7 @@ class Authenticator:
         given = token.encode()
         if any(hmac.compare_digest(given, known) for known in self._services):
             return Caller(None)
-        digest = keys.digest(self._pepper, token)
+        digest = api_keys.digest(self._pepper, token)
         owner = self._owners.get(digest)
         if owner is None:
             owner = await self._look_up(token, digest, client)
@@ -209,7 +210,7 @@ class Authenticator:
                 customer, key_id = (raw if isinstance(raw, str) else raw.decode()).split(" ")
                 return customer, key_id
         async with self._pool.connection() as conn:
-            found = await keys.holder(conn, digest)
+            found = await holder(conn, digest)
         if found is None:
             await self._failures.failed(client)
             raise unauthorized("unknown API key")
@@ -227,27 +228,79 @@ class Authenticator:
         if caller.service:
             return
         if caller.customer != customer:
-            raise keys.forbidden_customer()
-        (await self._holder(customer, caller.key_id)).check(scope, utcnow())
+            raise forbidden_customer()
+        check_holder(await self._holder(customer, caller.key_id), scope, utcnow())
 
-    async def _holder(self, customer: str, key_id: str) -> keys.Holder:
+    async def _holder(self, customer: str, key_id: str) -> Holder:
         """The key's state: its Redis projection, else PostgreSQL (the truth) for a
         customer not projected yet or a Redis that cannot answer."""
         with contextlib.suppress(*UNREACHABLE):
             raw = await self._redis.hget(redis_keys.api_keys(customer), key_id)
             if raw is not None:
-                return keys.Holder.from_state(customer, key_id, orjson.loads(raw))
+                return Holder.from_state(customer, key_id, orjson.loads(raw))
         async with self._pool.connection() as conn:
-            found = await keys.holder_of(conn, key_id)
+            found = await holder_of(conn, key_id)
         if found is None or found.customer != customer:
-            return keys.Holder.from_state(customer, key_id, {"s": [], "r": True})
+            return Holder.from_state(customer, key_id, {"s": [], "r": True})
         return found
 
 
 def _check_format(token: str) -> None:
-    """``keys.check_format``, with a plainer word for what is no Tally key at all."""
+    """``api_keys.check_format``, with a plainer word for what is no Tally key at all."""
     if not token.startswith("tally_"):
         raise MalformedKey(
             "not a valid service token, nor an API key (tally_live_… or tally_test_…)"
         )
-    keys.check_format(token)
+    api_keys.check_format(token)
+
+
+def check_holder(holder: Holder, scope: Scope | None, now: datetime) -> None:
+    """Raise the problem (401, 403) that keeps ``holder``'s key from ``scope`` now."""
+    match holder.refusal(scope, now):
+        case Refusal.REVOKED:
+            raise unauthorized("the API key was revoked")
+        case Refusal.EXPIRED:
+            raise unauthorized("the API key has expired")
+        case Refusal.SCOPE:
+            assert scope is not None
+            raise insufficient_scope(scope)
+
+
+def insufficient_scope(scope: Scope) -> Problem:
+    return Problem(
+        403,
+        "insufficient-scope",
+        "Insufficient scope",
+        f"this API key lacks the {scope.value!r} scope",
+        scope=scope.value,
+    )
+
+
+def forbidden_customer() -> Problem:
+    return Problem(
+        403,
+        "forbidden",
+        "Forbidden",
+        "this API key belongs to another customer",
+    )
+
+
+async def holder(conn: AsyncConnection, key_digest: bytes) -> Holder | None:
+    """Who holds the key with this digest (a lookup by the secret)."""
+    return await _holder(conn, "hash", key_digest)
+
+
+async def holder_of(conn: AsyncConnection, key_id: str) -> Holder | None:
+    """The key with this id, as PostgreSQL has it now (a lookup by the key's id)."""
+    return await _holder(conn, "id", key_id)
+
+
+async def _holder(conn: AsyncConnection, column: str, value: bytes | str) -> Holder | None:
+    cur = await conn.execute(
+        sql.SQL(
+            "SELECT customer_id, id, scopes, expires_at, revoked_at FROM api_keys WHERE {} = %s"
+        ).format(sql.Identifier(column)),
+        (value,),
+    )
+    row = await cur.fetchone()
+    return Holder(row[0], row[1], tuple(row[2]), row[3], row[4]) if row else None

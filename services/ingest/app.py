@@ -23,10 +23,10 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from schemas.api_keys import Scope
 from schemas.events import UsageEvent, utcnow
 from services.common import metrics
 from services.common.auth import Authenticator
-from services.common.keys import Scope
 from services.common.logging import get_logger
 from services.common.openapi import component_schemas, ref
 from services.common.problems import Problem

@@ -17,13 +17,13 @@ import psycopg
 import pytest
 from starlette.types import ASGIApp
 
+from schemas import api_keys
 from schemas.events import utcnow
 from services.api import service as api_service
 from services.billing.invoicing import routes
 from services.billing.stripe import routes as stripe_routes
 from services.billing.stripe.sessions import Sessions
 from services.billing.stripe.webhooks import Webhooks
-from services.common import keys
 from services.common.settings import Settings
 from services.ingest import service as ingest_service
 from services.runtime import Component, Runtime, http_app
@@ -105,7 +105,7 @@ async def admin_plans(client: httpx.AsyncClient, token: str, customer: str) -> h
 
 
 def guess() -> str:
-    return keys.generate().secret
+    return api_keys.generate().secret
 
 
 # (route, how it is called, what the real credential of another address then gets:

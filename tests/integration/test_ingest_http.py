@@ -16,11 +16,11 @@ from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from schemas import envelope, topics
+from schemas.api_keys import Scope
 from schemas.events import utcnow
 from services.api.accounts import service as accounts
 from services.common import catalog, kafka
 from services.common.auth import Authenticator
-from services.common.keys import Scope
 from services.common.settings import Settings
 from services.ingest.app import Ingest, router
 from services.ingest.publisher import Publisher

@@ -16,9 +16,9 @@ import psycopg
 import pytest
 
 from schemas import redis_keys
+from services.api.accounts.projection_lock import lock_projection
 from services.billing.stripe import outbox
 from services.billing.stripe.outbox import MeterPusher
-from services.common.projection_lock import lock_projection
 from tests.billing_support import (
     WEBHOOK_SECRET as SECRET,
 )

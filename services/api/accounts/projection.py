@@ -19,8 +19,8 @@ from redis.typing import EncodableT, FieldT
 from schemas import account_state, redis_keys
 from schemas.account_state import compile_plan, epoch_ms
 from services.api.accounts import service as accounts
+from services.api.accounts.projection_lock import lock_projection
 from services.common import catalog
-from services.common.projection_lock import lock_projection
 
 Fields = dict[FieldT, EncodableT]
 """A Redis hash's fields, as redis-py types them."""

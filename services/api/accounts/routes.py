@@ -12,14 +12,15 @@ from psycopg_pool import AsyncConnectionPool
 from pydantic import AwareDatetime, BaseModel, ConfigDict, EmailStr, Field, field_validator
 from redis.asyncio import Redis
 
+from schemas.api_keys import ALL_SCOPES, Environment, Holder, Scope
 from schemas.events import utcnow
 from schemas.plans import Plan
 from services.api.accounts import projection
 from services.api.accounts import service as accounts
+from services.api.accounts.grants import check_grant
 from services.api.accounts.service import ApiKey, Customer, EmailTaken, KeyRevoked
 from services.common import catalog
 from services.common.auth import Authenticator, Caller, address, credential
-from services.common.keys import ALL_SCOPES, Environment, Holder, Scope, check_grant
 from services.common.logging import get_logger
 from services.common.problems import Problem, invalid_field, unknown_customer
 from services.common.redis import UNREACHABLE

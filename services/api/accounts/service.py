@@ -19,10 +19,11 @@ from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 from pydantic import BaseModel
 
+from schemas import api_keys
+from schemas.api_keys import Environment, Scope
 from schemas.events import utcnow
 from schemas.plans import Plan
-from services.common import keys
-from services.common.keys import Environment, Scope
+from services.api.accounts.projection_lock import lock_projection
 
 
 class Status(StrEnum):
@@ -58,9 +59,9 @@ class ApiKey(BaseModel):
     revoked_at: datetime | None
     replaced_by: str | None
 
-    def holder(self) -> keys.Holder:
+    def holder(self) -> api_keys.Holder:
         scopes = tuple(s.value for s in self.scopes)
-        return keys.Holder(self.customer, self.id, scopes, self.expires_at, self.revoked_at)
+        return api_keys.Holder(self.customer, self.id, scopes, self.expires_at, self.revoked_at)
 
 
 class EmailTaken(Exception):
@@ -191,7 +192,10 @@ async def follow_billing(
 ) -> tuple[str, Status] | None:
     """Apply the payment provider's word (a plan and/or a status; ``None`` keeps the
     current one) in one statement, audited as ``customer.sync``.  ``None`` when the
-    customer does not exist; ``UnknownPlan`` when the plan is not in the catalog."""
+    customer does not exist; ``UnknownPlan`` when the plan is not in the catalog.
+
+    The caller drops the customer's Redis projection once this transaction commits: the
+    projection lock taken here keeps a projection already in flight from landing after."""
     if plan_id is not None:
         cur = await conn.execute("SELECT 1 FROM plans WHERE id = %s", (plan_id,))
         if await cur.fetchone() is None:
@@ -205,6 +209,7 @@ async def follow_billing(
     if row is None:
         return None
     await audit(conn, actor, "customer.sync", customer_id, plan=row[0], status=row[1])
+    await lock_projection(conn, customer_id)  # no projection in flight lands after the drop
     return str(row[0]), Status(row[1])
 
 
@@ -234,13 +239,13 @@ async def issue_key(
     pepper: bytes,
     actor: str,
     *,
-    scopes: Sequence[Scope] = keys.ALL_SCOPES,
+    scopes: Sequence[Scope] = api_keys.ALL_SCOPES,
     name: str = "",
     expires_at: datetime | None = None,
     environment: Environment = Environment.LIVE,
 ) -> tuple[ApiKey, str]:
     """A new key; the secret is returned here and never again."""
-    new = keys.generate(environment)
+    new = api_keys.generate(environment)
     kid = new_id("key")
     await conn.execute(
         "INSERT INTO api_keys (id, customer_id, hash, prefix, last4, name, scopes, expires_at)"
@@ -248,7 +253,7 @@ async def issue_key(
         (
             kid,
             customer_id,
-            keys.digest(pepper, new.secret),
+            api_keys.digest(pepper, new.secret),
             new.prefix,
             new.last4,
             name,

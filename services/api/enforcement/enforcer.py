@@ -21,15 +21,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from redis.asyncio import Redis
 
 from schemas import redis_keys
+from schemas.api_keys import Scope
 from schemas.events import CUSTOMER_ID_PATTERN, VALUE_STRING_PATTERN, utcnow
 from services.api.accounts import projection
 from services.api.accounts import service as accounts
 from services.api.enforcement.fallback import Fallback
 from services.api.enforcement.limiter import Ask, Code, Limiter, Mode, Outcome
 from services.api.enforcement.refusals import decision, headers, refused
-from services.common import catalog, keys, metrics
-from services.common.auth import Caller
-from services.common.keys import Scope, forbidden_customer
+from services.common import auth, catalog, metrics
+from services.common.auth import Caller, check_holder, forbidden_customer
 from services.common.logging import get_logger
 from services.common.problems import Problem, invalid_field, unauthorized, unknown_customer
 from services.common.redis import UNREACHABLE
@@ -221,7 +221,7 @@ class Enforcer:
         if code is Code.PAST_DUE:
             raise _overdue(customer, datetime.fromtimestamp(outcome.grace_ended_ms / 1000, UTC))
         if code is Code.KEY_SCOPE:
-            raise keys.insufficient_scope(Scope.ENFORCE)
+            raise auth.insufficient_scope(Scope.ENFORCE)
         if code is Code.RESERVATION_CONFLICT:
             raise Problem(
                 409,
@@ -259,7 +259,7 @@ class Enforcer:
         if account is None:
             raise unknown_customer(customer)
         if key is not None:
-            key.holder().check(Scope.ENFORCE, utcnow())
+            check_holder(key.holder(), Scope.ENFORCE, utcnow())
         if account.status in (accounts.Status.CANCELLED, accounts.Status.SUSPENDED):
             raise _inactive(account.status.value)
         if account.status is accounts.Status.PAST_DUE:

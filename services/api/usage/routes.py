@@ -10,13 +10,13 @@ from fastapi import APIRouter, Path, Query, Request
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
+from schemas.api_keys import Scope
 from schemas.catalog import Meter
 from schemas.events import CUSTOMER_ID_PATTERN, utcnow
 from schemas.windows import RETENTION, Window, buckets
 from services.api.usage.reader import MAX_BUCKETS, UsageReader
 from services.common import catalog
 from services.common.auth import Authenticator, address, credential
-from services.common.keys import Scope
 from services.common.problems import Problem, invalid_field
 
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)

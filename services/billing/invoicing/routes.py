@@ -12,12 +12,12 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Request
 from psycopg_pool import AsyncConnectionPool
 
+from schemas.api_keys import Scope
 from schemas.events import CUSTOMER_ID_PATTERN, utcnow
 from schemas.invoices import Invoice, InvoiceStatus, UpcomingInvoice
 from services.billing.invoicing import reader as invoices
 from services.common.auth import Authenticator
 from services.common.clickhouse import ClickHouse
-from services.common.keys import Scope
 from services.common.problems import unknown_customer
 
 Customer = Annotated[str, Path(pattern=CUSTOMER_ID_PATTERN)]

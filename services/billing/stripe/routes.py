@@ -11,12 +11,12 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Request
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
 
+from schemas.api_keys import Scope
 from schemas.events import CUSTOMER_ID_PATTERN, utcnow
 from schemas.plans import PLAN_ID_PATTERN
 from services.billing.stripe.sessions import Session, Sessions
 from services.billing.stripe.webhooks import Webhooks
 from services.common.auth import Authenticator
-from services.common.keys import Scope
 
 Customer = Annotated[str, Path(pattern=CUSTOMER_ID_PATTERN)]
 

@@ -41,7 +41,6 @@ from schemas import redis_keys
 from services.api.accounts import service as accounts
 from services.billing.stripe import client as stripe_client
 from services.common.problems import Problem
-from services.common.projection_lock import lock_projection
 
 TOLERANCE_SECONDS = 300
 STATUSES = {
@@ -80,8 +79,6 @@ class Webhooks:
             await conn.execute(
                 "UPDATE stripe_inbox SET outcome = %s WHERE event_id = %s", (outcome, event["id"])
             )
-            if customer is not None:  # no projection in flight may land after the drop
-                await lock_projection(conn, customer)
         if customer is not None:
             await self._redis.delete(redis_keys.account(customer))
         return {"received": True, "outcome": outcome}

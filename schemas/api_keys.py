@@ -1,4 +1,7 @@
-"""API key format: what a key looks like, and how it is stored.
+"""API keys as every service sees them: the format, the scopes, and who holds a key.
+
+Accounts issues keys; every service verifies them (``services.common.auth``), so what a
+key looks like and what its projection holds is a contract, kept here.
 
 A key is ``tally_live_`` or ``tally_test_``, 43 base62 characters of a 256-bit random
 secret, and a 6-character CRC32 checksum of them.  The fixed prefix lets secret
@@ -15,15 +18,11 @@ import hmac
 import re
 import secrets
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
-
-from psycopg import AsyncConnection, sql
-
-from services.common.problems import Problem, unauthorized
 
 ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 SECRET_CHARS = 43  # 62**43 > 2**256
@@ -93,6 +92,12 @@ def digest(pepper: bytes, key: str) -> bytes:
     return hmac.new(pepper, key.encode(), hashlib.sha256).digest()
 
 
+class Refusal(StrEnum):
+    REVOKED = "revoked"
+    EXPIRED = "expired"
+    SCOPE = "scope"
+
+
 @dataclass(frozen=True, slots=True)
 class Holder:
     """Who holds a key, and what it may do, as PostgreSQL (the truth) has it now."""
@@ -125,84 +130,12 @@ class Holder:
             datetime.fromtimestamp(0, UTC) if state.get("r") else None,
         )
 
-    def check(self, scope: Scope | None, now: datetime) -> None:
-        """Raise the problem (401, 403) that keeps this key from ``scope`` now."""
+    def refusal(self, scope: Scope | None, now: datetime) -> Refusal | None:
+        """What keeps this key from ``scope`` now, if anything."""
         if self.revoked_at is not None:
-            raise unauthorized("the API key was revoked")
+            return Refusal.REVOKED
         if self.expires_at is not None and self.expires_at <= now:
-            raise unauthorized("the API key has expired")
+            return Refusal.EXPIRED
         if scope is not None and scope.value not in self.scopes:
-            raise insufficient_scope(scope)
-
-
-def insufficient_scope(scope: Scope) -> Problem:
-    return Problem(
-        403,
-        "insufficient-scope",
-        "Insufficient scope",
-        f"this API key lacks the {scope.value!r} scope",
-        scope=scope.value,
-    )
-
-
-def check_grant(grantor: Holder, scopes: Iterable[str], expires_at: datetime | None) -> None:
-    """Raise 403 ``scope-escalation`` unless ``grantor`` may hand out a key with ``scopes``
-    that expires at ``expires_at`` (``None``: never).
-
-    A customer's key passes on only what it holds: scopes it has, a lifetime no longer
-    than its own.  Creating a key and rotating one both issue a key, so both ask here;
-    otherwise a narrow or short-lived key (a leaked one, say) mints a wider, longer-lived
-    one.  Service and admin tokens act for the seller and do not ask.
-    """
-    asked = {str(s) for s in scopes}
-    reasons: list[str] = []
-    extra: dict[str, Any] = {}
-    excess = [s.value for s in ALL_SCOPES if s.value in asked and s.value not in grantor.scopes]
-    if excess:
-        reasons.append(f"scopes it lacks ({', '.join(excess)})")
-        extra["scopes"] = excess
-    limit = grantor.expires_at
-    if limit is not None and (expires_at is None or expires_at > limit):
-        asked_expiry = expires_at.isoformat() if expires_at else None
-        reasons.append(
-            f"an expiry ({asked_expiry or 'never'}) later than its own ({limit.isoformat()})"
-        )
-        extra |= {"expires_at": asked_expiry, "caller_expires_at": limit.isoformat()}
-    if reasons:
-        raise Problem(
-            403,
-            "scope-escalation",
-            "Scope escalation",
-            f"this API key cannot issue a key with {' and '.join(reasons)}",
-            **extra,
-        )
-
-
-def forbidden_customer() -> Problem:
-    return Problem(
-        403,
-        "forbidden",
-        "Forbidden",
-        "this API key belongs to another customer",
-    )
-
-
-async def holder(conn: AsyncConnection, key_digest: bytes) -> Holder | None:
-    """Who holds the key with this digest (a lookup by the secret)."""
-    return await _holder(conn, "hash", key_digest)
-
-
-async def holder_of(conn: AsyncConnection, key_id: str) -> Holder | None:
-    """The key with this id, as PostgreSQL has it now (a lookup by the key's id)."""
-    return await _holder(conn, "id", key_id)
-
-
-async def _holder(conn: AsyncConnection, column: str, value: bytes | str) -> Holder | None:
-    cur = await conn.execute(
-        sql.SQL(
-            "SELECT customer_id, id, scopes, expires_at, revoked_at FROM api_keys WHERE {} = %s"
-        ).format(sql.Identifier(column)),
-        (value,),
-    )
-    row = await cur.fetchone()
-    return Holder(row[0], row[1], tuple(row[2]), row[3], row[4]) if row else None
+            return Refusal.SCOPE
+        return None
