@@ -100,13 +100,20 @@ class Runtime:
 
     async def pool(self) -> AsyncConnectionPool:
         if self._pool is None:
-            self._pool = await postgres.open_pool(self.settings.database_url)
+            self._pool = await postgres.open_pool(
+                self.settings.database_url,
+                connect_timeout=self.settings.postgres_connect_timeout,
+                pool_timeout=self.settings.postgres_pool_timeout,
+            )
             self.stack.push_async_callback(self._pool.close)
         return self._pool
 
     def redis(self) -> Redis:
         if self._redis is None:
-            self._redis = redis_client.connect(self.settings.redis_url)
+            settings = self.settings
+            self._redis = redis_client.connect(
+                settings.redis_url, settings.redis_connect_timeout, settings.redis_timeout
+            )
             self.stack.push_async_callback(self._redis.aclose)
         return self._redis
 

@@ -6,13 +6,21 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
+import psycopg
+import redis.exceptions
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
+from services.common.clickhouse import ClickHouseUnavailable
+from services.common.logging import get_logger
+
+log = get_logger("tally.http")
+
 PROBLEM_JSON = "application/problem+json"
 TYPE_BASE = "https://tally.dev/problems/"
+STORE_RETRY_AFTER_SECONDS = 5
 
 
 class Problem(Exception):
@@ -108,10 +116,69 @@ async def request_validation_handler(request: Request, exc: Exception) -> Respon
     return problem.response(instance=request.url.path)
 
 
+STORE_NAMES = {"redis": "Redis", "postgresql": "PostgreSQL", "clickhouse": "ClickHouse"}
+# SQLSTATE classes that mean PostgreSQL cannot serve now: connection exceptions,
+# insufficient resources (too many connections), operator intervention (shutting down,
+# starting up, statement timeout).  Others (a deadlock, a lock not available) are not
+# outages.  Client-side failures (refused, timed out, pool exhausted) carry no SQLSTATE.
+_PG_UNAVAILABLE = ("08", "53", "57")
+
+
+def unavailable_store(exc: BaseException) -> str | None:
+    """The store ``exc`` says cannot be reached or did not answer in time, if any."""
+    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        return "redis"
+    if isinstance(exc, psycopg.OperationalError) and (
+        exc.sqlstate is None or exc.sqlstate.startswith(_PG_UNAVAILABLE)
+    ):
+        return "postgresql"  # psycopg_pool's PoolTimeout is an OperationalError too
+    if isinstance(exc, ClickHouseUnavailable):
+        return "clickhouse"
+    return None
+
+
+def store_unavailable(exc: BaseException, path: str) -> Problem | None:
+    """503 naming the store ``exc`` reports as down (logged), or ``None`` for another error.
+
+    The detail names the store but not the error, which may carry hosts and ports.
+    """
+    store = unavailable_store(exc)
+    if store is None:
+        return None
+    log.warning("store unavailable", store=store, path=path, error=repr(exc))
+    return Problem(
+        503,
+        "store-unavailable",
+        "Store unavailable",
+        f"{STORE_NAMES[store]} cannot be reached or did not answer in time; retry later",
+        headers={"Retry-After": str(STORE_RETRY_AFTER_SECONDS)},
+        store=store,
+    )
+
+
+def internal_error() -> Problem:
+    return Problem(500, "internal-error", "Internal server error", "the request failed")
+
+
+async def store_error_handler(request: Request, exc: Exception) -> Response:
+    """Stores' connection and timeout errors, wherever a route meets them, as 503."""
+    problem = store_unavailable(exc, request.url.path)
+    if problem is None:
+        raise exc  # not an outage: the server error handler answers 500
+    return problem.response(instance=request.url.path)
+
+
 def install(app: FastAPI) -> None:
-    """Register the problem+json handlers on a FastAPI app."""
+    """Register the problem+json handlers on a FastAPI app (stores that are down: 503)."""
     app.add_exception_handler(Problem, problem_handler)
     app.add_exception_handler(RequestValidationError, request_validation_handler)
+    for store_error in (
+        redis.exceptions.ConnectionError,
+        redis.exceptions.TimeoutError,
+        psycopg.OperationalError,
+        ClickHouseUnavailable,
+    ):
+        app.add_exception_handler(store_error, store_error_handler)
 
 
 def unknown_customer(customer: str) -> Problem:
