@@ -27,7 +27,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from schemas.catalog import Catalog
-from services.common import broker, catalog, clickhouse, kafka, postgres, problems
+from services.common import broker, catalog, clickhouse, kafka, pages, postgres, problems
 from services.common import redis as redis_client
 from services.common.clickhouse import ClickHouse
 from services.common.health import Check, health_router
@@ -176,6 +176,8 @@ def http_app(components: list[Component], title: str = "Tally") -> ASGIApp:
         title=title,
         version="0.1.0",
         description="Usage metering, limits and billing for companies that sell API access.",
+        docs_url=None,  # pages.install serves /docs and /redoc with local assets
+        redoc_url=None,
     )
     problems.install(app)
     checks: dict[str, Check] = {}
@@ -191,6 +193,7 @@ def http_app(components: list[Component], title: str = "Tally") -> ASGIApp:
         fast += component.fast_routes
     app.router.routes[:0] = fast
     app.include_router(health_router(checks))
+    pages.install(app)
     _add_openapi_schemas(app, schemas, paths)
     return HotPaths(app, fast)
 

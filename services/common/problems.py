@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from http import HTTPStatus
 from typing import Any
 
 import orjson
@@ -10,8 +11,10 @@ import psycopg
 import redis.exceptions
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Match, Mount
 
 from services.common.clickhouse import ClickHouseUnavailable
 from services.common.logging import get_logger
@@ -168,10 +171,64 @@ async def store_error_handler(request: Request, exc: Exception) -> Response:
     return problem.response(instance=request.url.path)
 
 
+async def server_error_handler(request: Request, exc: Exception) -> Response:
+    """An unexpected failure: 500 as problem+json (the server still logs the traceback)."""
+    return internal_error().response(instance=request.url.path)
+
+
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(request: Request, named: str) -> list[str]:
+    """Every method some route serves at this path.  Starlette's ``Allow`` (``named``)
+    lists only the methods of the first route that matched the path, not those of the
+    others at the same path, so each method is tried against the routes (mounted apps
+    such as the static files name their own)."""
+    given = {m.strip() for m in named.split(",") if m.strip()}
+    routes = [r for r in request.app.router.routes if not isinstance(r, Mount)]
+    found = {
+        method
+        for method in METHODS
+        if any(r.matches({**request.scope, "method": method})[0] is Match.FULL for r in routes)
+    }
+    allowed = found | given
+    return [m for m in METHODS if m in allowed] + sorted(allowed - set(METHODS))
+
+
+def http_problem(request: Request, exc: HTTPException) -> Problem:
+    """Starlette's and FastAPI's own errors (no route, wrong method, a body that cannot
+    be read) as problem+json: 404 names the path, 405 the methods allowed."""
+    status, path, method = exc.status_code, request.url.path, request.method
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Error"
+    title = phrase[:1] + phrase[1:].lower()  # "Not found", as the other titles read
+    detail = str(exc.detail) if exc.detail and exc.detail != phrase else ""
+    headers = dict(exc.headers or {})
+    if status == 404:
+        detail = detail or f"nothing is served at {path}"
+        return Problem(404, "not-found", title, detail, headers, path=path)
+    if status == 405:
+        allowed = allowed_methods(request, headers.get("Allow", ""))
+        headers["Allow"] = ", ".join(allowed)
+        detail = detail or f"{method} is not allowed on {path}; allowed: {headers['Allow']}"
+        return Problem(405, "method-not-allowed", title, detail, headers, allowed=allowed)
+    slug = title.lower().replace(" ", "-").replace("'", "")
+    return Problem(status, slug, title, detail or title, headers)
+
+
+async def http_error_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return http_problem(request, exc).response(instance=request.url.path)
+
+
 def install(app: FastAPI) -> None:
-    """Register the problem+json handlers on a FastAPI app (stores that are down: 503)."""
+    """Register the problem+json handlers on a FastAPI app: every error it answers,
+    ours, the framework's and the stores', is problem+json."""
     app.add_exception_handler(Problem, problem_handler)
     app.add_exception_handler(RequestValidationError, request_validation_handler)
+    app.add_exception_handler(HTTPException, http_error_handler)
     for store_error in (
         redis.exceptions.ConnectionError,
         redis.exceptions.TimeoutError,
@@ -179,6 +236,7 @@ def install(app: FastAPI) -> None:
         ClickHouseUnavailable,
     ):
         app.add_exception_handler(store_error, store_error_handler)
+    app.add_exception_handler(Exception, server_error_handler)
 
 
 def unknown_customer(customer: str) -> Problem:
