@@ -27,7 +27,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from schemas.catalog import Catalog
-from services.common import broker, catalog, clickhouse, kafka, postgres, problems
+from services.common import broker, catalog, clickhouse, kafka, pages, postgres, problems
 from services.common import redis as redis_client
 from services.common.auth import Authenticator
 from services.common.clickhouse import ClickHouse
@@ -103,13 +103,20 @@ class Runtime:
 
     async def pool(self) -> AsyncConnectionPool:
         if self._pool is None:
-            self._pool = await postgres.open_pool(self.settings.database_url)
+            self._pool = await postgres.open_pool(
+                self.settings.database_url,
+                connect_timeout=self.settings.postgres_connect_timeout,
+                pool_timeout=self.settings.postgres_pool_timeout,
+            )
             self.stack.push_async_callback(self._pool.close)
         return self._pool
 
     def redis(self) -> Redis:
         if self._redis is None:
-            self._redis = redis_client.connect(self.settings.redis_url)
+            settings = self.settings
+            self._redis = redis_client.connect(
+                settings.redis_url, settings.redis_connect_timeout, settings.redis_timeout
+            )
             self.stack.push_async_callback(self._redis.aclose)
         return self._redis
 
@@ -193,6 +200,8 @@ def http_app(components: list[Component], title: str = "Tally") -> ASGIApp:
         title=title,
         version="0.1.0",
         description="Usage metering, limits and billing for companies that sell API access.",
+        docs_url=None,  # pages.install serves /docs and /redoc with local assets
+        redoc_url=None,
     )
     problems.install(app)
     checks: dict[str, Check] = {}
@@ -208,6 +217,7 @@ def http_app(components: list[Component], title: str = "Tally") -> ASGIApp:
         fast += component.fast_routes
     app.router.routes[:0] = fast
     app.include_router(health_router(checks))
+    pages.install(app)
     _add_openapi_schemas(app, schemas, paths)
     return HotPaths(app, fast)
 

@@ -9,7 +9,8 @@ in ``asyncio.to_thread``.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -111,30 +112,39 @@ def _chdb_literal(value: Any, nested: bool = False) -> str:
 class ServerClickHouse:
     """A ClickHouse server over HTTP (clickhouse-connect)."""
 
-    def __init__(self, url: str, database: str) -> None:
+    def __init__(self, url: str, database: str, connect_timeout: float = 2.0) -> None:
         import clickhouse_connect
 
         self.database = database
-        self._client = clickhouse_connect.get_client(dsn=url, autogenerate_session_id=False)
+        with _reachable():
+            self._client = clickhouse_connect.get_client(
+                dsn=url, autogenerate_session_id=False, connect_timeout=connect_timeout
+            )
 
     def command(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
-        self._client.command(sql, parameters=dict(params or {}))
+        with _reachable():
+            self._client.command(sql, parameters=dict(params or {}))
 
     def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[list[Any]]:
-        raw = self._client.raw_query(
-            sql, parameters=dict(params or {}), settings=_READ_SETTINGS, fmt="JSONCompactEachRow"
-        )
+        with _reachable():
+            raw = self._client.raw_query(
+                sql,
+                parameters=dict(params or {}),
+                settings=_READ_SETTINGS,
+                fmt="JSONCompactEachRow",
+            )
         return _parse_rows(raw)
 
     def insert(self, table: str, columns: Sequence[str], rows: bytes) -> None:
         if rows:
-            self._client.raw_insert(
-                table,
-                list(columns),
-                insert_block=rows,
-                settings=_INSERT_SETTINGS,
-                fmt="JSONEachRow",
-            )
+            with _reachable():
+                self._client.raw_insert(
+                    table,
+                    list(columns),
+                    insert_block=rows,
+                    settings=_INSERT_SETTINGS,
+                    fmt="JSONEachRow",
+                )
 
     def close(self) -> None:
         self._client.close()
@@ -144,9 +154,30 @@ class ClickHouseError(RuntimeError):
     pass
 
 
+class ClickHouseUnavailable(ClickHouseError):
+    """The ClickHouse server cannot be reached or did not answer: a request that needs
+    it is answered 503, unlike a query ClickHouse refused."""
+
+
+@contextmanager
+def _reachable() -> Iterator[None]:
+    """clickhouse-connect's ``OperationalError`` (the HTTP exchange failed) as
+    ``ClickHouseUnavailable``, so callers need not know the client library."""
+    from clickhouse_connect.driver.exceptions import OperationalError
+
+    try:
+        yield
+    except OperationalError as exc:
+        raise ClickHouseUnavailable(str(exc)) from exc
+
+
 def connect(settings: Settings) -> ClickHouse:
     if settings.clickhouse_url:
-        return ServerClickHouse(settings.clickhouse_url, settings.clickhouse_database)
+        return ServerClickHouse(
+            settings.clickhouse_url,
+            settings.clickhouse_database,
+            settings.clickhouse_connect_timeout,
+        )
     return ChdbClickHouse(settings.chdb_path, settings.clickhouse_database)
 
 

@@ -47,7 +47,22 @@ def sqlalchemy_url(url: str) -> str:
     return url
 
 
-async def open_pool(url: str, max_size: int = 10) -> AsyncConnectionPool:
-    pool = AsyncConnectionPool(url, min_size=1, max_size=max_size, open=False)
-    await pool.open(wait=True, timeout=10)
+async def open_pool(
+    url: str, max_size: int = 10, *, connect_timeout: int = 2, pool_timeout: float = 2.0
+) -> AsyncConnectionPool:
+    """A pool whose every wait is bounded: a connection is opened within
+    ``connect_timeout`` seconds, and a request waits at most ``pool_timeout`` for one (then
+    ``PoolTimeout``, answered 503), so a PostgreSQL that is down or hangs costs a request
+    seconds, not minutes.  It opens without waiting for a first connection: a process
+    started while PostgreSQL is away serves (503 for what needs it, ``/readyz`` says
+    why) and recovers when PostgreSQL answers again."""
+    pool = AsyncConnectionPool(
+        url,
+        min_size=1,
+        max_size=max_size,
+        kwargs={"connect_timeout": connect_timeout},
+        timeout=pool_timeout,
+        open=False,
+    )
+    await pool.open(wait=False)
     return pool

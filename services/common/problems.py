@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from http import HTTPStatus
 from typing import Any
 
 import orjson
+import psycopg
+import redis.exceptions
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Match, Mount
+
+from services.common.clickhouse import ClickHouseUnavailable
+from services.common.logging import get_logger
+
+log = get_logger("tally.http")
 
 PROBLEM_JSON = "application/problem+json"
 TYPE_BASE = "https://tally.dev/problems/"
+STORE_RETRY_AFTER_SECONDS = 5
 
 
 class Problem(Exception):
@@ -108,10 +119,124 @@ async def request_validation_handler(request: Request, exc: Exception) -> Respon
     return problem.response(instance=request.url.path)
 
 
+STORE_NAMES = {"redis": "Redis", "postgresql": "PostgreSQL", "clickhouse": "ClickHouse"}
+# SQLSTATE classes that mean PostgreSQL cannot serve now: connection exceptions,
+# insufficient resources (too many connections), operator intervention (shutting down,
+# starting up, statement timeout).  Others (a deadlock, a lock not available) are not
+# outages.  Client-side failures (refused, timed out, pool exhausted) carry no SQLSTATE.
+_PG_UNAVAILABLE = ("08", "53", "57")
+
+
+def unavailable_store(exc: BaseException) -> str | None:
+    """The store ``exc`` says cannot be reached or did not answer in time, if any."""
+    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        return "redis"
+    if isinstance(exc, psycopg.OperationalError) and (
+        exc.sqlstate is None or exc.sqlstate.startswith(_PG_UNAVAILABLE)
+    ):
+        return "postgresql"  # psycopg_pool's PoolTimeout is an OperationalError too
+    if isinstance(exc, ClickHouseUnavailable):
+        return "clickhouse"
+    return None
+
+
+def store_unavailable(exc: BaseException, path: str) -> Problem | None:
+    """503 naming the store ``exc`` reports as down (logged), or ``None`` for another error.
+
+    The detail names the store but not the error, which may carry hosts and ports.
+    """
+    store = unavailable_store(exc)
+    if store is None:
+        return None
+    log.warning("store unavailable", store=store, path=path, error=repr(exc))
+    return Problem(
+        503,
+        "store-unavailable",
+        "Store unavailable",
+        f"{STORE_NAMES[store]} cannot be reached or did not answer in time; retry later",
+        headers={"Retry-After": str(STORE_RETRY_AFTER_SECONDS)},
+        store=store,
+    )
+
+
+def internal_error() -> Problem:
+    return Problem(500, "internal-error", "Internal server error", "the request failed")
+
+
+async def store_error_handler(request: Request, exc: Exception) -> Response:
+    """Stores' connection and timeout errors, wherever a route meets them, as 503."""
+    problem = store_unavailable(exc, request.url.path)
+    if problem is None:
+        raise exc  # not an outage: the server error handler answers 500
+    return problem.response(instance=request.url.path)
+
+
+async def server_error_handler(request: Request, exc: Exception) -> Response:
+    """An unexpected failure: 500 as problem+json (the server still logs the traceback)."""
+    return internal_error().response(instance=request.url.path)
+
+
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(request: Request, named: str) -> list[str]:
+    """Every method some route serves at this path.  Starlette's ``Allow`` (``named``)
+    lists only the methods of the first route that matched the path, not those of the
+    others at the same path, so each method is tried against the routes (mounted apps
+    such as the static files name their own)."""
+    given = {m.strip() for m in named.split(",") if m.strip()}
+    routes = [r for r in request.app.router.routes if not isinstance(r, Mount)]
+    found = {
+        method
+        for method in METHODS
+        if any(r.matches({**request.scope, "method": method})[0] is Match.FULL for r in routes)
+    }
+    allowed = found | given
+    return [m for m in METHODS if m in allowed] + sorted(allowed - set(METHODS))
+
+
+def http_problem(request: Request, exc: HTTPException) -> Problem:
+    """Starlette's and FastAPI's own errors (no route, wrong method, a body that cannot
+    be read) as problem+json: 404 names the path, 405 the methods allowed."""
+    status, path, method = exc.status_code, request.url.path, request.method
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Error"
+    title = phrase[:1] + phrase[1:].lower()  # "Not found", as the other titles read
+    detail = str(exc.detail) if exc.detail and exc.detail != phrase else ""
+    headers = dict(exc.headers or {})
+    if status == 404:
+        detail = detail or f"nothing is served at {path}"
+        return Problem(404, "not-found", title, detail, headers, path=path)
+    if status == 405:
+        allowed = allowed_methods(request, headers.get("Allow", ""))
+        headers["Allow"] = ", ".join(allowed)
+        detail = detail or f"{method} is not allowed on {path}; allowed: {headers['Allow']}"
+        return Problem(405, "method-not-allowed", title, detail, headers, allowed=allowed)
+    slug = title.lower().replace(" ", "-").replace("'", "")
+    return Problem(status, slug, title, detail or title, headers)
+
+
+async def http_error_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return http_problem(request, exc).response(instance=request.url.path)
+
+
 def install(app: FastAPI) -> None:
-    """Register the problem+json handlers on a FastAPI app."""
+    """Register the problem+json handlers on a FastAPI app: every error it answers,
+    ours, the framework's and the stores', is problem+json."""
     app.add_exception_handler(Problem, problem_handler)
     app.add_exception_handler(RequestValidationError, request_validation_handler)
+    app.add_exception_handler(HTTPException, http_error_handler)
+    for store_error in (
+        redis.exceptions.ConnectionError,
+        redis.exceptions.TimeoutError,
+        psycopg.OperationalError,
+        ClickHouseUnavailable,
+    ):
+        app.add_exception_handler(store_error, store_error_handler)
+    app.add_exception_handler(Exception, server_error_handler)
 
 
 def unknown_customer(customer: str) -> Problem:

@@ -40,6 +40,20 @@ class Settings(BaseSettings):
     )
     clickhouse_url: str | None = Field(None, validation_alias=_alias("CLICKHOUSE_URL"))
     clickhouse_database: str = "tally"
+    # How long a request waits on a store that does not answer before it is told 503.
+    postgres_connect_timeout: int = Field(
+        2, ge=2, description="Seconds to open a PostgreSQL connection (libpq's minimum is 2)."
+    )
+    postgres_pool_timeout: float = Field(
+        2.0, gt=0, description="Seconds a request waits for a pooled PostgreSQL connection."
+    )
+    redis_connect_timeout: float = Field(
+        2.0, gt=0, description="Seconds to open a Redis connection."
+    )
+    redis_timeout: float = Field(2.0, gt=0, description="Seconds to wait for a Redis reply.")
+    clickhouse_connect_timeout: float = Field(
+        2.0, gt=0, description="Seconds to open a connection to a ClickHouse server."
+    )
 
     env: Literal["development", "production"] = Field(
         "development", description="production: refuse to start with the development secrets."
