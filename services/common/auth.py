@@ -30,6 +30,7 @@ from starlette.requests import Request
 from schemas import api_keys, redis_keys
 from schemas.api_keys import Holder, MalformedKey, Refusal, Scope
 from schemas.events import utcnow
+from schemas.problem_types import FORBIDDEN, INSUFFICIENT_SCOPE, RATE_LIMITED
 from services.common.problems import Problem, unauthorized
 from services.common.recent import Recent
 from services.common.redis import UNREACHABLE
@@ -124,9 +125,7 @@ class Failures:
         refusals have them."""
         retry = max(1, math.ceil(wait))
         return Problem(
-            429,
-            "rate-limited",
-            "Rate limit exceeded",
+            RATE_LIMITED,
             f"too many failed credentials from this address ({self._limit} a minute):"
             f" retry after {retry} s",
             headers={
@@ -268,9 +267,7 @@ def check_holder(holder: Holder, scope: Scope | None, now: datetime) -> None:
 
 def insufficient_scope(scope: Scope) -> Problem:
     return Problem(
-        403,
-        "insufficient-scope",
-        "Insufficient scope",
+        INSUFFICIENT_SCOPE,
         f"this API key lacks the {scope.value!r} scope",
         scope=scope.value,
     )
@@ -278,9 +275,7 @@ def insufficient_scope(scope: Scope) -> Problem:
 
 def forbidden_customer() -> Problem:
     return Problem(
-        403,
-        "forbidden",
-        "Forbidden",
+        FORBIDDEN,
         "this API key belongs to another customer",
     )
 

@@ -16,43 +16,53 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Match, Mount
 
+from schemas.problem_types import (
+    BAD_REQUEST,
+    HTTP_ERROR,
+    INTERNAL_ERROR,
+    INVALID_REQUEST,
+    METHOD_NOT_ALLOWED,
+    NOT_FOUND,
+    STORE_UNAVAILABLE,
+    UNAUTHORIZED,
+    UNKNOWN_CUSTOMER,
+    ProblemType,
+)
 from services.common.clickhouse import ClickHouseUnavailable
 from services.common.logging import get_logger
 
 log = get_logger("tally.http")
 
 PROBLEM_JSON = "application/problem+json"
-TYPE_BASE = "https://tally.dev/problems/"
 STORE_RETRY_AFTER_SECONDS = 5
 
 
 class Problem(Exception):
     """An error to answer with ``application/problem+json``.
 
-    ``slug`` names the problem type (``type`` becomes ``TYPE_BASE + slug``); ``extra``
-    holds members specific to it, such as the failing ``errors``.
+    ``kind`` is one of the registered types (``schemas.problem_types``), which give the
+    ``type``, ``status`` and ``title``; ``detail`` says what went wrong in this request;
+    ``extra`` holds members specific to the type, such as the failing ``errors``.
     """
 
     def __init__(
         self,
-        status: int,
-        slug: str,
-        title: str,
+        kind: ProblemType,
         detail: str,
         headers: dict[str, str] | None = None,
         **extra: Any,
     ) -> None:
         super().__init__(detail)
-        self.status = status
-        self.slug = slug
-        self.title = title
+        self.kind = kind
+        self.status = kind.status
+        self.title = kind.title
         self.detail = detail
         self.headers = headers or {}
         self.extra = extra
 
     def body(self, instance: str | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "type": TYPE_BASE + self.slug,
+            "type": self.kind.uri,
             "title": self.title,
             "status": self.status,
             "detail": self.detail,
@@ -83,21 +93,14 @@ def field_path(loc: tuple[int | str, ...]) -> str:
     return path
 
 
-def invalid_field(field: str, reason: str, what: str = "request") -> Problem:
-    """422 for one field (or parameter) of a request, named in ``errors``."""
-    return Problem(
-        422,
-        f"invalid-{what}",
-        f"Invalid {what}",
-        f"{field}: {reason}",
-        errors=[{"field": field, "reason": reason}],
-    )
+def invalid_field(field: str, reason: str, kind: ProblemType = INVALID_REQUEST) -> Problem:
+    """422 for one field (or, with ``INVALID_PARAMETER``, one query parameter) of a
+    request, named in ``errors``."""
+    return Problem(kind, f"{field}: {reason}", errors=[{"field": field, "reason": reason}])
 
 
 def unauthorized(detail: str) -> Problem:
-    return Problem(
-        401, "unauthorized", "Unauthorized", detail, headers={"WWW-Authenticate": "Bearer"}
-    )
+    return Problem(UNAUTHORIZED, detail, headers={"WWW-Authenticate": "Bearer"})
 
 
 def invalid_request(errors: Sequence[Mapping[str, Any]], prefix: str = "") -> Problem:
@@ -110,7 +113,7 @@ def invalid_request(errors: Sequence[Mapping[str, Any]], prefix: str = "") -> Pr
         for e in errors
     ]
     fields = ", ".join(e["field"] for e in found)
-    return Problem(422, "invalid-request", "Invalid request", f"invalid: {fields}", errors=found)
+    return Problem(INVALID_REQUEST, f"invalid: {fields}", errors=found)
 
 
 async def request_validation_handler(request: Request, exc: Exception) -> Response:
@@ -150,9 +153,7 @@ def store_unavailable(exc: BaseException, path: str) -> Problem | None:
         return None
     log.warning("store unavailable", store=store, path=path, error=repr(exc))
     return Problem(
-        503,
-        "store-unavailable",
-        "Store unavailable",
+        STORE_UNAVAILABLE,
         f"{STORE_NAMES[store]} cannot be reached or did not answer in time; retry later",
         headers={"Retry-After": str(STORE_RETRY_AFTER_SECONDS)},
         store=store,
@@ -160,7 +161,7 @@ def store_unavailable(exc: BaseException, path: str) -> Problem | None:
 
 
 def internal_error() -> Problem:
-    return Problem(500, "internal-error", "Internal server error", "the request failed")
+    return Problem(INTERNAL_ERROR, "the request failed")
 
 
 async def store_error_handler(request: Request, exc: Exception) -> Response:
@@ -203,19 +204,21 @@ def http_problem(request: Request, exc: HTTPException) -> Problem:
         phrase = HTTPStatus(status).phrase
     except ValueError:
         phrase = "Error"
-    title = phrase[:1] + phrase[1:].lower()  # "Not found", as the other titles read
     detail = str(exc.detail) if exc.detail and exc.detail != phrase else ""
     headers = dict(exc.headers or {})
     if status == 404:
         detail = detail or f"nothing is served at {path}"
-        return Problem(404, "not-found", title, detail, headers, path=path)
+        return Problem(NOT_FOUND, detail, headers, path=path)
     if status == 405:
         allowed = allowed_methods(request, headers.get("Allow", ""))
         headers["Allow"] = ", ".join(allowed)
         detail = detail or f"{method} is not allowed on {path}; allowed: {headers['Allow']}"
-        return Problem(405, "method-not-allowed", title, detail, headers, allowed=allowed)
-    slug = title.lower().replace(" ", "-").replace("'", "")
-    return Problem(status, slug, title, detail or title, headers)
+        return Problem(METHOD_NOT_ALLOWED, detail, headers, allowed=allowed)
+    if status == 400:
+        return Problem(BAD_REQUEST, detail or phrase, headers)
+    problem = Problem(HTTP_ERROR, detail or phrase, headers)
+    problem.status, problem.title = status, phrase  # the framework's own, as it answered
+    return problem
 
 
 async def http_error_handler(request: Request, exc: Exception) -> Response:
@@ -240,4 +243,4 @@ def install(app: FastAPI) -> None:
 
 
 def unknown_customer(customer: str) -> Problem:
-    return Problem(404, "unknown-customer", "Unknown customer", f"no customer {customer!r}")
+    return Problem(UNKNOWN_CUSTOMER, f"no customer {customer!r}")

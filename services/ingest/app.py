@@ -25,6 +25,13 @@ from fastapi.responses import JSONResponse, Response
 
 from schemas.api_keys import Scope
 from schemas.events import UsageEvent, utcnow
+from schemas.problem_types import (
+    BROKER_UNAVAILABLE,
+    INVALID_EVENTS,
+    MALFORMED_BODY,
+    PAYLOAD_TOO_LARGE,
+    UNSUPPORTED_ENCODING,
+)
 from services.common import metrics
 from services.common.auth import Authenticator
 from services.common.logging import get_logger
@@ -80,9 +87,7 @@ def _decompressor(encoding: str | None) -> Any:
     if kind == "gzip":
         return zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
     raise Problem(
-        415,
-        "unsupported-encoding",
-        "Unsupported content encoding",
+        UNSUPPORTED_ENCODING,
         f"Content-Encoding {kind!r} is not accepted; send gzip or no encoding",
     )
 
@@ -95,7 +100,7 @@ def _inflated(inflate: Any, chunk: bytes, room: int) -> bytes:
 
 
 def _bad_gzip(detail: str) -> Problem:
-    return Problem(400, "malformed-body", "Malformed body", detail)
+    return Problem(MALFORMED_BODY, detail)
 
 
 def openapi_schemas() -> dict[str, Any]:
@@ -115,9 +120,7 @@ def _body_schemas(max_batch: int) -> dict[str, Any]:
 
 def _too_large(size: int, limit: int) -> Problem:
     return Problem(
-        413,
-        "payload-too-large",
-        "Payload too large",
+        PAYLOAD_TOO_LARGE,
         f"the body is {size} bytes or more; the limit is {limit} bytes ({limit // 2**20} MiB)",
     )
 
@@ -159,9 +162,7 @@ async def _publish(
     except Exception as exc:
         log.error("kafka publish failed", error=repr(exc), events=len(accepted))
         raise Problem(
-            503,
-            "broker-unavailable",
-            "Events not stored",
+            BROKER_UNAVAILABLE,
             "Kafka did not acknowledge all the events, so none is reported accepted; retry the"
             " whole request (events that did get stored are dropped as duplicates)",
             headers={"Retry-After": "1"},
@@ -178,9 +179,7 @@ async def _publish(
         "results": [v.summary() for v in verdicts],
     }
     if not accepted and not duplicates:
-        raise Problem(
-            422, "invalid-events", "Invalid events", _first_rejection(rejected), None, **summary
-        )
+        raise Problem(INVALID_EVENTS, _first_rejection(rejected), None, **summary)
     return Response(orjson.dumps(summary), status_code=202, media_type="application/json")
 
 

@@ -15,6 +15,12 @@ import jiter
 from pydantic import ValidationError
 
 from schemas.events import UsageEvent
+from schemas.problem_types import (
+    BATCH_TOO_LARGE,
+    EMPTY_BATCH,
+    MALFORMED_JSON,
+    UNSUPPORTED_MEDIA_TYPE,
+)
 from services.common.problems import Problem, field_path
 
 SINGLE = "application/cloudevents+json"
@@ -75,9 +81,7 @@ def media_type(content_type: str | None) -> str:
     kind = (content_type or "").split(";", 1)[0].strip().lower()
     if kind not in CONTENT_TYPES:
         raise Problem(
-            415,
-            "unsupported-media-type",
-            "Unsupported media type",
+            UNSUPPORTED_MEDIA_TYPE,
             f"Content-Type {kind or '(none)'!r} is not accepted; send one of "
             + ", ".join(CONTENT_TYPES),
         )
@@ -87,32 +91,24 @@ def media_type(content_type: str | None) -> str:
 def items(body: bytes, kind: str, max_events: int) -> list[Any]:
     """The raw items of a request: one for a single event, the array for a batch."""
     if not body.strip():
-        raise Problem(400, "malformed-json", "Malformed JSON", "the request body is empty")
+        raise Problem(MALFORMED_JSON, "the request body is empty")
     try:
         parsed = jiter.from_json(body, float_mode="decimal")
     except ValueError as exc:
-        raise Problem(
-            400, "malformed-json", "Malformed JSON", f"body is not valid JSON: {exc}"
-        ) from exc
+        raise Problem(MALFORMED_JSON, f"body is not valid JSON: {exc}") from exc
     if kind == SINGLE or (kind == JSON and isinstance(parsed, dict)):
         if not isinstance(parsed, dict):
-            raise Problem(
-                400, "malformed-json", "Malformed JSON", f"{SINGLE} must hold one JSON object"
-            )
+            raise Problem(MALFORMED_JSON, f"{SINGLE} must hold one JSON object")
         return [parsed]
     if not isinstance(parsed, list):
-        raise Problem(
-            400, "malformed-json", "Malformed JSON", f"{kind} must hold a JSON array of events"
-        )
+        raise Problem(MALFORMED_JSON, f"{kind} must hold a JSON array of events")
     if len(parsed) > max_events:
         raise Problem(
-            413,
-            "batch-too-large",
-            "Batch too large",
+            BATCH_TOO_LARGE,
             f"the batch holds {len(parsed)} events; the limit is {max_events} per request",
         )
     if not parsed:
-        raise Problem(400, "empty-batch", "Empty batch", "the batch holds no events")
+        raise Problem(EMPTY_BATCH, "the batch holds no events")
     return parsed
 
 

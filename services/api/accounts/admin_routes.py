@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, EmailStr, Field
 from schemas.catalog import ADDITIVE
 from schemas.events import CUSTOMER_ID_PATTERN
 from schemas.plans import Plan, check_plan
+from schemas.problem_types import CUSTOMER_EXISTS, UNKNOWN_PLAN
 from services.api.accounts import projection
 from services.api.accounts import service as accounts
 from services.api.accounts.routes import Accounts, NewKeyRequest, Rotation
@@ -91,7 +92,7 @@ def router(service: Accounts) -> APIRouter:
             )
             rows = await cur.fetchall()
         if not rows:
-            raise Problem(404, "unknown-plan", "Unknown plan", f"no plan {plan_id!r}")
+            raise Problem(UNKNOWN_PLAN, f"no plan {plan_id!r}")
         return {
             "versions": [
                 {"version": v, "definition": d, "changed_by": by, "changed_at": at}
@@ -115,7 +116,7 @@ def router(service: Accounts) -> APIRouter:
         if body.id:
             async with pool.connection() as conn:
                 if await accounts.get_customer(conn, body.id):
-                    raise Problem(409, "customer-exists", "Customer exists", f"{body.id!r} exists")
+                    raise Problem(CUSTOMER_EXISTS, f"{body.id!r} exists")
         return await service.open_account(
             body.email, body.company, plan, ACTOR, customer_id=body.id, with_key=body.issue_key
         )

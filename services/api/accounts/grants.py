@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from schemas.api_keys import ALL_SCOPES, Holder
+from schemas.problem_types import SCOPE_ESCALATION
 from services.common.problems import Problem
 
 
@@ -35,9 +36,7 @@ def check_grant(grantor: Holder, scopes: Iterable[str], expires_at: datetime | N
         extra |= {"expires_at": asked_expiry, "caller_expires_at": limit.isoformat()}
     if reasons:
         raise Problem(
-            403,
-            "scope-escalation",
-            "Scope escalation",
+            SCOPE_ESCALATION,
             f"this API key cannot issue a key with {' and '.join(reasons)}",
             **extra,
         )

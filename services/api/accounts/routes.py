@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from schemas.api_keys import ALL_SCOPES, Environment, Holder, Scope
 from schemas.events import utcnow
 from schemas.plans import Plan
+from schemas.problem_types import EMAIL_TAKEN, KEY_REVOKED, UNKNOWN_KEY
 from services.api.accounts import projection
 from services.api.accounts import service as accounts
 from services.api.accounts.grants import check_grant
@@ -102,7 +103,7 @@ class Accounts:
         async with self.pool.connection() as conn:
             found = await accounts.get_key(conn, key_id)
         if found is None or found.customer != customer_id:
-            raise Problem(404, "unknown-key", "Unknown key", f"no key {key_id!r} for this customer")
+            raise Problem(UNKNOWN_KEY, f"no key {key_id!r} for this customer")
         return found
 
     async def reproject(self, customer_id: str) -> None:
@@ -143,9 +144,7 @@ class Accounts:
                     )
                     key = issued(new, secret)
         except EmailTaken:
-            raise Problem(
-                409, "email-taken", "Email taken", "an account with this email exists"
-            ) from None
+            raise Problem(EMAIL_TAKEN, "an account with this email exists") from None
         await self.reproject(customer.id)
         return {"customer": customer.model_dump(mode="json"), "api_key": key}
 
@@ -186,9 +185,7 @@ class Accounts:
                     conn, key, self.settings.pepper, timedelta(seconds=grace), actor
                 )
         except KeyRevoked:
-            raise Problem(
-                409, "key-revoked", "Key revoked", "a revoked key cannot be rotated"
-            ) from None
+            raise Problem(KEY_REVOKED, "a revoked key cannot be rotated") from None
         await self.reproject(key.customer)
         return issued(new, secret) | {"old_key_valid_for_seconds": grace}
 

@@ -23,6 +23,12 @@ from redis.asyncio import Redis
 from schemas import redis_keys
 from schemas.api_keys import Scope
 from schemas.events import CUSTOMER_ID_PATTERN, VALUE_STRING_PATTERN, utcnow
+from schemas.problem_types import (
+    ACCOUNT_INACTIVE,
+    ENFORCEMENT_UNAVAILABLE,
+    PAYMENT_OVERDUE,
+    RESERVATION_CONFLICT,
+)
 from services.api.accounts import projection
 from services.api.accounts import service as accounts
 from services.api.enforcement.fallback import Fallback
@@ -224,9 +230,7 @@ class Enforcer:
             raise auth.insufficient_scope(Scope.ENFORCE)
         if code is Code.RESERVATION_CONFLICT:
             raise Problem(
-                409,
-                "reservation-conflict",
-                "Reservation conflict",
+                RESERVATION_CONFLICT,
                 "this event already holds a reservation of another meter or quantity",
             )
         raise unauthorized(_KEY_PROBLEMS[code])
@@ -237,9 +241,7 @@ class Enforcer:
         metrics.ENFORCE_FALLBACK.labels(mode).inc()
         if mode == "closed":
             raise Problem(
-                503,
-                "enforcement-unavailable",
-                "Enforcement unavailable",
+                ENFORCEMENT_UNAVAILABLE,
                 "the limits store cannot be reached and this server fails closed",
                 headers={"Retry-After": "1"},
             )
@@ -270,9 +272,7 @@ class Enforcer:
 
 def _inactive(status: str) -> Problem:
     return Problem(
-        403,
-        "account-inactive",
-        "Account inactive",
+        ACCOUNT_INACTIVE,
         f"the account is {status}",
         account_status=status,
     )
@@ -281,9 +281,7 @@ def _inactive(status: str) -> Problem:
 def _overdue(customer: str, grace_ended: datetime) -> Problem:
     """Refusing an unpaid account says how to pay: the billing portal."""
     return Problem(
-        403,
-        "payment-overdue",
-        "Payment overdue",
+        PAYMENT_OVERDUE,
         f"the account is past_due and its grace period ended at {grace_ended.isoformat()};"
         " paying the open invoice restores access",
         account_status="past_due",

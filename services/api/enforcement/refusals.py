@@ -10,6 +10,7 @@ from __future__ import annotations
 from decimal import ROUND_FLOOR, Decimal
 from typing import Any
 
+from schemas.problem_types import QUOTA_EXCEEDED, RATE_LIMITED
 from services.api.enforcement.limiter import Limit, Outcome
 from services.common.problems import Problem
 
@@ -98,9 +99,7 @@ def refused(outcome: Outcome, detail: str, customer: str | None = None) -> Probl
         }
     body = decision(outcome, customer) | {"upgrade": upgrade}
     return Problem(
-        429,
-        "quota-exceeded" if quota else "rate-limited",
-        "Quota exceeded" if quota else "Rate limit exceeded",
+        QUOTA_EXCEEDED if quota else RATE_LIMITED,
         detail,
         headers=headers(outcome),
         **body,

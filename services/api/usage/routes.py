@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from schemas.api_keys import Scope
 from schemas.catalog import Meter
 from schemas.events import CUSTOMER_ID_PATTERN, utcnow
+from schemas.problem_types import INVALID_PARAMETER
 from schemas.windows import RETENTION, Window, buckets
 from services.api.usage.reader import MAX_BUCKETS, UsageReader
 from services.common import catalog
@@ -118,4 +119,4 @@ def _grouping(meter: Meter, group_by: str | None) -> bool:
 
 
 def _invalid(field: str, reason: str) -> Problem:
-    return invalid_field(field, reason, "parameter")
+    return invalid_field(field, reason, INVALID_PARAMETER)

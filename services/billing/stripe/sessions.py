@@ -20,6 +20,7 @@ import stripe
 from psycopg_pool import AsyncConnectionPool
 
 from schemas.plans import Cycle, Plan
+from schemas.problem_types import ALREADY_SUBSCRIBED, STRIPE_ERROR, STRIPE_NOT_CONFIGURED
 from services.billing.invoicing.periods import period_containing
 from services.billing.stripe import client as stripe_client
 from services.billing.stripe import mirror as stripe_mirror
@@ -59,9 +60,7 @@ class Sessions:
             if not charges(plan):
                 raise invalid_field("plan", f"plan {plan.id!r} is free: there is nothing to pay")
             if tuple(account) == (plan.id, "active"):
-                raise Problem(
-                    409, "already-subscribed", "Already subscribed", f"already on {plan.id!r}"
-                )
+                raise Problem(ALREADY_SUBSCRIBED, f"already on {plan.id!r}")
             prices = await _stripe(stripe_mirror.sync_plan(conn, api, plan))
             if not prices:
                 raise invalid_field("plan", f"no price of plan {plan.id!r} is mirrored in Stripe")
@@ -87,9 +86,7 @@ class Sessions:
     def _configured(self) -> stripe.StripeClient:
         if self._api is None:
             raise Problem(
-                503,
-                "stripe-not-configured",
-                "Stripe is not configured",
+                STRIPE_NOT_CONFIGURED,
                 "set STRIPE_API_KEY to take payments through Stripe",
             )
         return self._api
@@ -123,9 +120,7 @@ async def _stripe(pending: Awaitable[T]) -> T:
         return await pending
     except stripe.StripeError as exc:
         raise Problem(
-            502,
-            "stripe-error",
-            "Stripe refused the request",
+            STRIPE_ERROR,
             exc.user_message or str(exc),
             stripe_code=exc.code,
         ) from exc

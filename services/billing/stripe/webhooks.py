@@ -38,6 +38,7 @@ from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from schemas import redis_keys
+from schemas.problem_types import BAD_SIGNATURE, NOT_AN_EVENT, STRIPE_NOT_CONFIGURED
 from services.api.accounts import service as accounts
 from services.billing.stripe import client as stripe_client
 from services.common.problems import Problem
@@ -86,9 +87,7 @@ class Webhooks:
     def _verified(self, payload: bytes, signature: str | None) -> dict[str, Any]:
         if not self._secret:
             raise Problem(
-                503,
-                "stripe-not-configured",
-                "Stripe webhooks are not configured",
+                STRIPE_NOT_CONFIGURED,
                 "set STRIPE_WEBHOOK_SECRET to receive Stripe's webhooks",
             )
         if not signature:
@@ -203,11 +202,11 @@ def _is_event(event: Any) -> bool:
 
 
 def _not_an_event(detail: str) -> Problem:
-    return Problem(400, "not-an-event", "Not a Stripe event", detail)
+    return Problem(NOT_AN_EVENT, detail)
 
 
 def _bad_signature(detail: str) -> Problem:
-    return Problem(400, "bad-signature", "Webhook signature rejected", detail)
+    return Problem(BAD_SIGNATURE, detail)
 
 
 async def _customer_of(conn: AsyncConnection, kind: str, obj: dict[str, Any]) -> str | None:

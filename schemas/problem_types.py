@@ -1,0 +1,82 @@
+"""Every kind of error Tally answers with: one registry of RFC 9457 problem types.
+
+A client branches on a problem's ``type`` (``TYPE_BASE`` + slug), so the types are part
+of the API contract: each is defined once here, with its status and title, and every
+service raises its errors from these.  ``docs/api.md`` lists the same table (a test
+keeps the two equal).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TYPE_BASE = "https://tally.dev/problems/"
+
+
+@dataclass(frozen=True, slots=True)
+class ProblemType:
+    slug: str
+    status: int
+    title: str
+
+    @property
+    def uri(self) -> str:
+        return TYPE_BASE + self.slug
+
+
+REGISTRY: dict[str, ProblemType] = {}
+
+
+def _define(slug: str, status: int, title: str) -> ProblemType:
+    assert slug not in REGISTRY, f"problem type {slug!r} defined twice"
+    REGISTRY[slug] = found = ProblemType(slug, status, title)
+    return found
+
+
+# 400: the request cannot be read
+MALFORMED_JSON = _define("malformed-json", 400, "Malformed JSON")
+MALFORMED_BODY = _define("malformed-body", 400, "Malformed body")
+EMPTY_BATCH = _define("empty-batch", 400, "Empty batch")
+NOT_AN_EVENT = _define("not-an-event", 400, "Not a Stripe event")
+BAD_SIGNATURE = _define("bad-signature", 400, "Webhook signature rejected")
+BAD_REQUEST = _define("bad-request", 400, "Bad request")
+# 401, 403: who is asking, and may they
+UNAUTHORIZED = _define("unauthorized", 401, "Unauthorized")
+FORBIDDEN = _define("forbidden", 403, "Forbidden")
+INSUFFICIENT_SCOPE = _define("insufficient-scope", 403, "Insufficient scope")
+SCOPE_ESCALATION = _define("scope-escalation", 403, "Scope escalation")
+ACCOUNT_INACTIVE = _define("account-inactive", 403, "Account inactive")
+PAYMENT_OVERDUE = _define("payment-overdue", 403, "Payment overdue")
+# 404, 405: what is asked for
+NOT_FOUND = _define("not-found", 404, "Not found")
+UNKNOWN_CUSTOMER = _define("unknown-customer", 404, "Unknown customer")
+UNKNOWN_KEY = _define("unknown-key", 404, "Unknown key")
+UNKNOWN_PLAN = _define("unknown-plan", 404, "Unknown plan")
+METHOD_NOT_ALLOWED = _define("method-not-allowed", 405, "Method not allowed")
+# 409: the state does not allow it
+EMAIL_TAKEN = _define("email-taken", 409, "Email taken")
+CUSTOMER_EXISTS = _define("customer-exists", 409, "Customer exists")
+KEY_REVOKED = _define("key-revoked", 409, "Key revoked")
+RESERVATION_CONFLICT = _define("reservation-conflict", 409, "Reservation conflict")
+ALREADY_SUBSCRIBED = _define("already-subscribed", 409, "Already subscribed")
+# 413, 415: too much, or the wrong kind
+PAYLOAD_TOO_LARGE = _define("payload-too-large", 413, "Payload too large")
+BATCH_TOO_LARGE = _define("batch-too-large", 413, "Batch too large")
+UNSUPPORTED_MEDIA_TYPE = _define("unsupported-media-type", 415, "Unsupported media type")
+UNSUPPORTED_ENCODING = _define("unsupported-encoding", 415, "Unsupported content encoding")
+# 422: readable, but wrong
+INVALID_REQUEST = _define("invalid-request", 422, "Invalid request")
+INVALID_PARAMETER = _define("invalid-parameter", 422, "Invalid parameter")
+INVALID_EVENTS = _define("invalid-events", 422, "Invalid events")
+# 429: too much, too fast
+RATE_LIMITED = _define("rate-limited", 429, "Rate limit exceeded")
+QUOTA_EXCEEDED = _define("quota-exceeded", 429, "Quota exceeded")
+# 5xx: Tally or what it depends on
+INTERNAL_ERROR = _define("internal-error", 500, "Internal server error")
+STRIPE_ERROR = _define("stripe-error", 502, "Stripe refused the request")
+BROKER_UNAVAILABLE = _define("broker-unavailable", 503, "Events not stored")
+STORE_UNAVAILABLE = _define("store-unavailable", 503, "Store unavailable")
+ENFORCEMENT_UNAVAILABLE = _define("enforcement-unavailable", 503, "Enforcement unavailable")
+STRIPE_NOT_CONFIGURED = _define("stripe-not-configured", 503, "Stripe is not configured")
+HTTP_ERROR = _define("http-error", 400, "HTTP error")
+"""Any other error the HTTP framework answers (its own status and phrase as title)."""
