@@ -14,7 +14,8 @@ de-duplication marks and its offset watermark in a single atomic Lua call.
 ``tally:{cust}:seen:<bucket>``   SET of 8-byte digests of (source, id) first seen in a
                                  de-duplication bucket (processing time)
 ``tally:{cust}:offsets``         HASH ``<topic>/<partition>[@<incarnation>]`` → last Kafka
-                                 offset applied
+                                 offset applied; ``<incarnation>`` is
+                                 ``[<TALLY_KAFKA_INCARNATION>:]<topic id>``
 
 Enforcement state (written by the api; reservations settled by the aggregator):
 
@@ -70,9 +71,9 @@ def offsets(customer: str) -> str:
 
 
 def offset_field(topic: str, partition: int, incarnation: str = "") -> str:
-    """``incarnation`` names one life of the topic: offsets restart from 0 when a topic is
-    recreated (always, for the embedded in-memory broker), and old watermarks must not
-    then hide new records."""
+    """``incarnation`` names one life of the topic (the aggregator puts the topic's Kafka
+    id in it): offsets restart from 0 when a topic is recreated (always, for the embedded
+    in-memory broker), and old watermarks must not then hide new records."""
     return f"{topic}/{partition}" + (f"@{incarnation}" if incarnation else "")
 
 

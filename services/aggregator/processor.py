@@ -34,6 +34,8 @@ class Record:
 
 
 DeadLetter = Callable[[Record, str], Awaitable[None]]
+TopicIds = Callable[[Sequence[str]], Awaitable[dict[str, str]]]
+"""The current id of each named topic (``services.common.topic_ids``), "" for none."""
 
 
 @dataclass(slots=True)
@@ -62,8 +64,12 @@ class BatchProcessor:
         dedupe: DedupeWindow,
         dead_letter: DeadLetter,
         incarnation: str = "",
+        topic_ids: TopicIds | None = None,
     ) -> None:
         self._incarnation = incarnation
+        self._topic_ids = topic_ids
+        # per (topic, partition): the last offset decoded and the life it belonged to
+        self._lives: dict[tuple[str, int], tuple[int, str]] = {}
         self._clickhouse = clickhouse
         self._redis = redis
         self._meters = meters
@@ -92,7 +98,8 @@ class BatchProcessor:
 
     async def _decode(self, records: Sequence[Record]) -> list[_Share]:
         shares: dict[tuple[str, str], _Share] = {}
-        for record in records:
+        lives = await self._incarnations(records)
+        for record, life in zip(records, lives, strict=True):
             try:
                 events = envelope.decode(record.value)
             except (ValueError, KeyError, TypeError, ArithmeticError) as exc:
@@ -101,10 +108,52 @@ class BatchProcessor:
             if not events:
                 continue
             customer = events[0].customer
-            field_ = redis_keys.offset_field(record.topic, record.partition, self._incarnation)
+            field_ = redis_keys.offset_field(record.topic, record.partition, life)
             share = shares.setdefault((customer, field_), _Share(customer, field_))
             share.records.append((record, events))
         return list(shares.values())
+
+    async def _incarnations(self, records: Sequence[Record]) -> list[str]:
+        """The incarnation each record's applied offsets are kept under: the configured
+        one (``TALLY_KAFKA_INCARNATION``) joined with its topic's id.
+
+        A recreated topic starts its offsets again at 0; keyed by the topic's id, the
+        offsets applied from its previous life never make a new record look like a
+        replay.  Within one life a partition's offsets run on by one (Tally writes no
+        transactions), so the id is asked for only where they do not: the first record
+        of a partition, a rewind (a replay, or a new life read from its start) and a gap
+        (the partition comes back from another worker).  It is asked after those records
+        were fetched, so it names their topic's life; records fetched earlier and still in
+        hand follow on from the ones before them and keep the old life.  A restart of the
+        aggregator finds the same id and still skips what it had applied.
+        """
+        if self._topic_ids is None:
+            return [self._incarnation] * len(records)
+        breaks = self._breaks(records)
+        asked = sorted({r.topic for r, broken in zip(records, breaks, strict=True) if broken})
+        ids = await self._topic_ids(asked) if asked else {}
+        lives = []
+        for record, broken in zip(records, breaks, strict=True):
+            where = (record.topic, record.partition)
+            if broken:
+                life = ":".join(p for p in (self._incarnation, ids[record.topic]) if p)
+                if life != self._lives.get(where, (0, None))[1]:
+                    log.info("topic life", topic=where[0], partition=where[1], life=life)
+            else:
+                life = self._lives[where][1]
+            self._lives[where] = (record.offset, life)
+            lives.append(life)
+        return lives
+
+    def _breaks(self, records: Sequence[Record]) -> list[bool]:
+        """Which records do not follow on from the one before them in their partition."""
+        last = {where: offset for where, (offset, _) in self._lives.items()}
+        breaks = []
+        for record in records:
+            where = (record.topic, record.partition)
+            breaks.append(last.get(where, -2) + 1 != record.offset)
+            last[where] = record.offset
+        return breaks
 
     async def _apply(self, shares: list[_Share], now: datetime) -> None:
         """Send every share; re-plan the ones Redis refused, until none is refused."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 
 from services.aggregator import worker
 from services.aggregator.clickhouse_sink import ClickHouseSink
@@ -10,7 +11,7 @@ from services.aggregator.dedupe import DedupeWindow
 from services.aggregator.meters import MeterCache
 from services.aggregator.processor import BatchProcessor
 from services.aggregator.redis_sink import RedisSink
-from services.common import clickhouse
+from services.common import clickhouse, topic_ids
 from services.common.logging import get_logger
 from services.runtime import Component, Runtime
 
@@ -32,6 +33,7 @@ async def start(runtime: Runtime) -> Component:
         dedupe=DedupeWindow(settings.dedupe_window),
         dead_letter=worker.dead_letter_sender(app),
         incarnation=runtime.kafka_incarnation,
+        topic_ids=partial(topic_ids.topic_ids, bootstrap),
     )
     worker.attach(app, settings, processor)
     await app.start()

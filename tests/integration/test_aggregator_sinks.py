@@ -6,6 +6,7 @@ raw rows must come out exactly once each.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -140,6 +141,57 @@ async def test_records_at_or_below_the_applied_offset_are_skipped(
     )
     assert await day_counter(redis, customer, "api_calls") == 2
     assert await redis.hget(redis_keys.offsets(customer), field) == b"6"
+
+
+async def test_offsets_of_a_topic_s_earlier_life_never_hide_its_new_records(
+    ch: ClickHouse,
+    redis: Redis,
+    meters: dict[str, list[Meter]],
+    settings: Settings,
+    tenant: str,
+) -> None:
+    """The topic is recreated: its offsets start again at 0, under a new topic id."""
+    customer = f"{tenant}-r"
+    lives = ["first-life"]
+
+    async def topic_ids(names: Sequence[str]) -> dict[str, str]:
+        return dict.fromkeys(names, lives[-1])
+
+    def worker() -> BatchProcessor:
+        return BatchProcessor(
+            ClickHouseSink(ch),
+            RedisSink(redis),
+            lambda: meters,
+            DedupeWindow(timedelta(hours=24)),
+            dead_letter=_no_dead_letters,
+            incarnation=settings.kafka_incarnation,
+            topic_ids=topic_ids,
+        )
+
+    def call(ident: str) -> StoredEvent:
+        return stored(customer, "api_call", ident, endpoint="/a")
+
+    processor = worker()
+    await processor.process([record(7, call("1")), record(8, call("2"))])
+    lives.append("second-life")
+    # Record 9 was fetched before the topic went: it follows on from 8 and keeps the
+    # first life.  Records 0 and 1 are the new topic's, read from its start.
+    await processor.process([record(9, call("3")), record(0, call("4")), record(1, call("5"))])
+    assert await day_counter(redis, customer, "api_calls") == 5
+    offsets = await redis.hgetall(redis_keys.offsets(customer))
+    first, second = (f"{settings.kafka_incarnation}:{life}" for life in lives)
+    assert offsets == {
+        redis_keys.offset_field(TOPIC, 0, first).encode(): b"9",
+        redis_keys.offset_field(TOPIC, 0, second).encode(): b"1",
+    }
+    # A restarted aggregator on the same topic still skips what was applied: an event
+    # it has never seen, at an applied offset, can only be a replay.
+    await worker().process([record(1, call("never-seen")), record(2, call("6"))])
+    assert await day_counter(redis, customer, "api_calls") == 6
+
+
+async def _no_dead_letters(record: Record, reason: str) -> None:
+    raise AssertionError(f"dead-lettered {record}: {reason}")
 
 
 async def test_a_stale_writer_is_refused_atomically(redis: Redis, tenant: str) -> None:
