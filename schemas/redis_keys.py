@@ -42,6 +42,7 @@ from hashlib import blake2b
 
 import orjson
 
+from schemas import lua
 from schemas.windows import Window
 
 PREFIX = "tally"
@@ -86,19 +87,9 @@ def parse_group(field: str) -> tuple[str, ...]:
     return () if field == TOTAL else tuple(orjson.loads(field))
 
 
-RELEASE_LUA = """
--- Release a reservation (settled by its event, or expired): one definition for the
--- api's enforcement script and the aggregator's, which both do it.
-local function release(reservations, expiries, held, digest)
-  local r = redis.call('HGET', reservations, digest)
-  if r then
-    local meter, amount = string.match(r, '^(.*)|(%d+)$')
-    redis.call('HINCRBY', held, meter, '-' .. amount)
-    redis.call('HDEL', reservations, digest)
-  end
-  redis.call('ZREM', expiries, digest)
-end
-"""
+RELEASE_LUA = lua.source("release")
+"""``release(reservations, expiries, held, digest)``: the Lua function both the enforcement
+script and the aggregator's sink use to release a reservation; prepended to each."""
 
 
 def account(customer: str) -> str:
