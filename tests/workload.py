@@ -15,8 +15,11 @@ from decimal import Decimal
 from typing import Any
 
 import psycopg
+import redis
 
 from schemas import redis_keys
+from schemas.events import from_micros
+from schemas.windows import Window
 from services.common.clickhouse import ClickHouse
 
 ENDPOINTS = ["/v1/search", "/v1/orders", "/v1/export"]
@@ -156,4 +159,15 @@ def rollup_cells(database_url: str, table: str, tenant: str) -> dict[Key, Decima
     for customer, meter, bucket, group_key, value in rows:
         group = redis_keys.parse_group(group_key)
         found[(customer, meter, bucket, group[0] if group else "*")] = value.normalize() + 0
+    return found
+
+
+def live_counters(redis_url: str, want: dict[Key, Decimal]) -> dict[Key, Decimal]:
+    """The aggregator's daily Redis counters for each cell of ``want``."""
+    client = redis.Redis.from_url(redis_url)
+    found = {}
+    for customer, meter, day, group in want:
+        key = redis_keys.counters(customer, meter, Window.DAY, day.strftime("%Y%m%d"))
+        found[(customer, meter, day, group)] = from_micros(int(client.hget(key, group) or 0))
+    client.close()
     return found

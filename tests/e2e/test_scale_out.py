@@ -5,22 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import re
-from decimal import Decimal
 from pathlib import Path
 
 import httpx
 import pytest
-import redis
 
-from schemas import redis_keys
-from schemas.events import UsageEvent, from_micros, utcnow
-from schemas.windows import Window
+from schemas.events import UsageEvent, utcnow
 from services.common import kafka
 from services.common.settings import Settings
 from services.ingest.publisher import Publisher
 from tests.conftest import env_for
 from tests.support import TallyProcess, wait_for
-from tests.workload import Key, generate
+from tests.workload import generate, live_counters
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +35,12 @@ def test_two_workers_share_the_partitions_exactly(
         events = [UsageEvent.model_validate(e) for e in work.valid + work.duplicates]
         asyncio.run(_publish(settings.kafka_bootstrap_servers or "", events))
         want = {k: v for k, v in work.daily.items() if k[1] == "api_calls" and k[3] == "*"}
-        wait_for(lambda: _counted(settings, want) == want, 120, "exact counts", workers[1].tail)
+        wait_for(
+            lambda: live_counters(settings.redis_url, want) == want,
+            120,
+            "exact counts",
+            workers[1].tail,
+        )
         assert all(_counted_by(worker) > 0 for worker in workers), "one worker did nothing"
     finally:
         for worker in workers:
@@ -53,16 +54,6 @@ async def _publish(bootstrap: str, events: list[UsageEvent]) -> None:
             await Publisher(producer).publish(events[start : start + 500], utcnow())
     finally:
         await producer.stop()
-
-
-def _counted(settings: Settings, want: dict[Key, Decimal]) -> dict[Key, Decimal]:
-    client = redis.Redis.from_url(settings.redis_url)
-    found = {}
-    for customer, meter, day, group in want:
-        key = redis_keys.counters(customer, meter, Window.DAY, day.strftime("%Y%m%d"))
-        found[(customer, meter, day, group)] = from_micros(int(client.hget(key, group) or 0))
-    client.close()
-    return found
 
 
 def _counted_by(worker: TallyProcess) -> float:

@@ -16,20 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from schemas import redis_keys
-from schemas.events import UsageEvent, from_micros, utcnow
-from schemas.windows import Window
+from schemas.events import UsageEvent, utcnow
 from services.common import kafka, topic_ids
 from services.common.broker import EmbeddedBroker
 from services.common.settings import Settings
 from services.ingest.publisher import Publisher
 from tests.conftest import PARTITIONS, env_for
 from tests.support import TallyProcess, wait_for
-from tests.workload import Key, expected, generate
+from tests.workload import Key, expected, generate, live_counters
 
 
 async def test_a_topic_id_names_one_life_of_the_topic(kafka_bootstrap: str, tenant: str) -> None:
@@ -85,7 +82,12 @@ def test_a_restarted_broker_loses_no_counts(
         aggregator = TallyProcess(["aggregator"], env, tmp_path / "agg.log").start()
         asyncio.run(_publish(bootstrap, before))
         first = _counters(before)
-        wait_for(lambda: _counted(settings, first) == first, 120, "first life", aggregator.tail)
+        wait_for(
+            lambda: live_counters(settings.redis_url, first) == first,
+            120,
+            "first life",
+            aggregator.tail,
+        )
 
         broker.stop()  # the memory store goes with it
         broker = EmbeddedBroker(port=broker.port, log_path=tmp_path / "tansu.log")
@@ -94,10 +96,10 @@ def test_a_restarted_broker_loses_no_counts(
         want = _counters(stream)
         assert want != first
         wait_for(
-            lambda: _counted(settings, want) == want,
+            lambda: live_counters(settings.redis_url, want) == want,
             120,
             "both lives",
-            lambda: _shortfall(_counted(settings, want), want),
+            lambda: _shortfall(live_counters(settings.redis_url, want), want),
         )
     finally:
         if aggregator is not None:
@@ -130,16 +132,6 @@ def _counters(events: list[dict[str, Any]]) -> dict[Key, Decimal]:
     return {
         k: v for k, v in cells.items() if k[1] in ("api_calls", "compute_seconds") and k[3] == "*"
     }
-
-
-def _counted(settings: Settings, want: dict[Key, Decimal]) -> dict[Key, Decimal]:
-    client = redis.Redis.from_url(settings.redis_url)
-    found = {}
-    for customer, meter, day, group in want:
-        key = redis_keys.counters(customer, meter, Window.DAY, day.strftime("%Y%m%d"))
-        found[(customer, meter, day, group)] = from_micros(int(client.hget(key, group) or 0))
-    client.close()
-    return found
 
 
 def _shortfall(found: dict[Key, Decimal], want: dict[Key, Decimal]) -> str:

@@ -14,7 +14,7 @@ from schemas.catalog import Meter
 from schemas.invoices import Invoice, InvoiceLine
 from schemas.plans import Plan
 from services.billing.invoicing import compose as invoicing
-from services.billing.invoicing import usage
+from services.billing.invoicing import period_usage
 from services.billing.invoicing.compose import Span, Stretch
 from services.billing.invoicing.periods import Period, period_containing, period_in_month
 from services.billing.invoicing.subscriptions import PlanBook, Subscription
@@ -69,7 +69,7 @@ class Drafter:
     async def draft(self, conn: AsyncConnection, asks: Sequence[Ask]) -> list[Draft]:
         """Every ask's draft, with one usage query for all of them."""
         shapes = [self._shape(ask) for ask in asks]
-        wanted: list[usage.Wanted] = []
+        wanted: list[period_usage.Wanted] = []
         offsets = []
         for ask, (plans, _, stretches) in zip(asks, shapes, strict=True):
             offsets.append(len(wanted))
@@ -77,7 +77,7 @@ class Drafter:
             wanted += [
                 (customer, s.first_day, s.end_day, tuple(plans[s.plan].prices)) for s in stretches
             ]
-        found = await usage.quantities(conn, self._clickhouse, self._meters, wanted)
+        found = await period_usage.quantities(conn, self._clickhouse, self._meters, wanted)
         drafts = []
         for ask, (plans, fees, stretches), offset in zip(asks, shapes, offsets, strict=True):
             mine = {
