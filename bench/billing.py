@@ -1,10 +1,10 @@
 """Billing run benchmark: one month of invoices for many customers, each using 4 meters.
 
-Seeds a fresh PostgreSQL database (dropped afterwards) with ``--customers`` customers on
-a plan pricing four meters — a count, a max, a sum and a latest, the four aggregations
-the daily rollups serve — and ``--days`` days of rolled-up usage per customer and meter,
-then times the billing run that invoices them all, and a second run that finds nothing
-to change.  Prints JSON.
+Seeds a fresh PostgreSQL database of its own (``bench.stores``: never ``DATABASE_URL``;
+dropped afterwards) with ``--customers`` customers on a plan pricing four meters — a
+count, a max, a sum and a latest, the four aggregations the daily rollups serve — and
+``--days`` days of rolled-up usage per customer and meter, then times the billing run
+that invoices them all, and a second run that finds nothing to change.  Prints JSON.
 """
 
 from __future__ import annotations
@@ -14,20 +14,17 @@ import asyncio
 import random
 import resource
 import time
-import uuid
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import orjson
 import psycopg
-from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
+from bench.stores import bench_database, forget_user_settings
 from schemas.catalog import Catalog
 from services.billing.invoicing.run import BillingRun
-from services.common import catalog, postgres
 
-ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 MONTH = date(2026, 10, 1)
 PLAN = """
 meters:
@@ -110,13 +107,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=5000, help="customers per transaction")
     args = parser.parse_args()
 
-    name = f"tally_bench_billing_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    try:
-        postgres.migrate(url)
-        asyncio.run(_load(url))
+    forget_user_settings()
+    with bench_database(Catalog.from_yaml(PLAN)) as url:
         started = time.perf_counter()
         rows = seed(url, args.customers, args.days)
         seeded = time.perf_counter() - started
@@ -128,15 +120,7 @@ def main() -> None:
             **asyncio.run(bill(url, args.batch)),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
         }
-    finally:
-        with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
     print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
-
-
-async def _load(url: str) -> None:
-    async with AsyncConnectionPool(url, open=False) as pool:
-        await catalog.load(pool, Catalog.from_yaml(PLAN))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,19 @@
-"""Enforcement benchmark: decisions/s and latency over HTTP, against a bare endpoint.
+"""Enforcement benchmark: decisions/s and latency over HTTP, against two bare endpoints.
 
-Starts ``tally api`` and, with the same uvicorn settings, ``bench.bare_app`` (a FastAPI
-endpoint that validates the same body and decides nothing).  Signs up customers on a
-plan with generous limits (so every decision runs the whole script and is allowed),
-then from this process:
+Starts ``tally api`` and, with the same uvicorn settings, two baselines from
+``bench.bare_app`` that validate the same body and decide nothing: a FastAPI endpoint,
+and a hot path answered ahead of FastAPI the way ``/v1/enforce`` is.  All of it runs on
+the benchmark's own stores (``bench.stores``: a fresh PostgreSQL database, its own Redis
+database, a temporary directory), never on ``DATABASE_URL`` / ``REDIS_URL``.  Signs up
+customers on a plan with generous limits (so every decision runs the whole script and
+is allowed), then from this process:
 
 1. flat out (closed loop, ``--connections`` keep-alive connections), ``--rounds``
-   times: bare, ``/v1/enforce`` in check mode, in reserve mode — decisions/s and the
-   ratio to bare within each round;
-2. a fixed offered rate (``--rate``, open loop): p50/p99 latency, bare and enforce;
+   times: the two baselines, ``/v1/enforce`` in check mode, in reserve mode —
+   decisions/s, and each mode's ratio to either baseline within each round (then the
+   median, min and max across rounds).  Every reservation names a new event: no round
+   replays an earlier one's (which would be answered as already reserved);
+2. a fixed offered rate (``--rate``, open loop): p50/p99 latency, baselines and enforce;
 3. through the SDK (``tally_sdk.Tally.check``, httpx underneath): decisions/s.
 
 Each request carries a customer's API key and an end user's address in
@@ -21,24 +26,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
+import json
+import math
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
-import redis as sync_redis
 from tally_sdk import Tally
 
+from bench.bare_app import KINDS
 from bench.http_load import Result, closed_loop, collector_paused, open_loop, request
+from bench.stores import bench_stores
 from services.common.broker import free_port
-from tests.support import TALLY, TallyProcess, wait_for
+from tests.support import TallyProcess, wait_for
 
 TOKEN = "bench-token"
 ADMIN = "bench-admin"
@@ -48,6 +56,9 @@ PLAN = {
     "rate_limits": [{"name": "bench-per-second", "limit": 100_000, "per": "second"}],
     "quotas": {"api_calls": {"limit": 1_000_000_000, "enforcement": "soft"}},
 }
+ADDRESSES = 250  # end users per run, in X-Forwarded-For
+BARE = {"fastapi": "bare_fastapi", "hot-path": "bare_hot_path"}  # --kind: name in results
+MODES = {"enforce_check": "check", "enforce_reserve": "reserve"}  # name in results: short
 
 
 def sign_up(url: str, customers: int) -> list[tuple[str, str]]:
@@ -65,16 +76,39 @@ def sign_up(url: str, customers: int) -> list[tuple[str, str]]:
     return accounts
 
 
-def requests_for(port: int, accounts: list[tuple[str, str]], mode: str, count: int) -> list[bytes]:
-    built = []
-    for n in range(count):
-        _, key = accounts[n % len(accounts)]
-        body: dict[str, Any] = {"endpoint": "/v1/geocode", "mode": mode}
-        if mode == "reserve":
-            body["event"] = {"source": "bench", "id": uuid.uuid4().hex}
-        headers = {"Authorization": f"Bearer {key}", "X-Forwarded-For": f"203.0.113.{n % 250}"}
-        built.append(request("127.0.0.1", port, "/v1/enforce", orjson.dumps(body), headers))
-    return built
+def _headers(accounts: list[tuple[str, str]], n: int) -> dict[str, str]:
+    _, key = accounts[n % len(accounts)]
+    return {"Authorization": f"Bearer {key}", "X-Forwarded-For": f"203.0.113.{n % ADDRESSES}"}
+
+
+def checks(port: int, accounts: list[tuple[str, str]], count: int) -> list[bytes]:
+    """Check-mode requests (they change nothing, so they may be sent again and again)."""
+    body = orjson.dumps({"endpoint": "/v1/geocode", "mode": "check"})
+    return [
+        request("127.0.0.1", port, "/v1/enforce", body, _headers(accounts, n)) for n in range(count)
+    ]
+
+
+def reservations(port: int, accounts: list[tuple[str, str]], tag: str) -> Iterator[bytes]:
+    """Reserve-mode requests without end, each naming a new event: ``<tag>-<n>``, n
+    counting up.  Give each round its own ``tag`` and no reservation repeats, in a round
+    or across rounds.  Each request is a pre-encoded template around the id (fixed
+    width, so the Content-Length holds), which keeps the client's cost per request at
+    two concatenations."""
+    width = 12
+    hole = "#" * (len(tag) + 1 + width)
+    body = orjson.dumps(
+        {"endpoint": "/v1/geocode", "mode": "reserve", "event": {"source": "bench", "id": hole}}
+    )
+    templates = []
+    for n in range(math.lcm(len(accounts), ADDRESSES)):
+        raw = request("127.0.0.1", port, "/v1/enforce", body, _headers(accounts, n))
+        before, after = raw.split(hole.encode())
+        templates.append((before, after))
+    prefix = f"{tag}-".encode()
+    for n in range(16**width):
+        before, after = templates[n % len(templates)]
+        yield before + prefix + b"%012x" % n + after
 
 
 async def through_sdk(url: str, accounts: list[tuple[str, str]], seconds: float) -> Result:
@@ -99,67 +133,116 @@ async def through_sdk(url: str, accounts: list[tuple[str, str]], seconds: float)
     return result
 
 
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
 async def measure(
-    args: argparse.Namespace, api_port: int, bare_port: int, api_url: str
+    args: argparse.Namespace, api_port: int, bare_ports: dict[str, int], api_url: str
 ) -> dict[str, Any]:
     accounts = sign_up(api_url, args.customers)
-    total = int(args.seconds * 6_000 * args.rounds)
-    check = requests_for(api_port, accounts, "check", 5_000)
-    reserve = requests_for(api_port, accounts, "reserve", total)
-    bare = requests_for(bare_port, accounts, "check", 5_000)
+    check = checks(api_port, accounts, 5_000)
+    bare = {name: checks(port, accounts, 5_000) for name, port in bare_ports.items()}
     host, conns = "127.0.0.1", args.connections
-    await closed_loop(host, bare_port, bare, conns, 2)  # warm up both servers
-    await closed_loop(host, api_port, check, conns, 2)
-    # This VM's speed drifts by tens of percent over a minute: interleave the three
-    # kinds round by round, compare within rounds, report medians.
+    warm_up = min(2.0, args.seconds)
+    for name, port in bare_ports.items():
+        await closed_loop(host, port, bare[name], conns, warm_up)
+    await closed_loop(host, api_port, check, conns, warm_up)
+    # This VM's speed drifts by tens of percent over a minute: interleave the kinds
+    # round by round, compare within rounds, report medians and the spread.
+    run = uuid.uuid4().hex[:8]
     rounds: list[dict[str, Result]] = []
-    for _ in range(args.rounds):
-        rounds.append(
-            {
-                "bare": await closed_loop(host, bare_port, bare, conns, args.seconds),
-                "enforce_check": await closed_loop(host, api_port, check, conns, args.seconds),
-                "enforce_reserve": await closed_loop(host, api_port, reserve, conns, args.seconds),
-            }
-        )
+    for number in range(args.rounds):
+        measured = {
+            name: await closed_loop(host, port, bare[name], conns, args.seconds)
+            for name, port in bare_ports.items()
+        }
+        measured["enforce_check"] = await closed_loop(host, api_port, check, conns, args.seconds)
+        fresh = reservations(api_port, accounts, f"{run}r{number}")
+        measured["enforce_reserve"] = await closed_loop(host, api_port, fresh, conns, args.seconds)
+        rounds.append(measured)
     fixed = {
-        "bare": await open_loop(host, bare_port, bare, args.rate, args.seconds, 64),
-        "enforce_check": await open_loop(host, api_port, check, args.rate, args.seconds, 64),
+        name: await open_loop(host, port, bare[name], args.rate, args.seconds, 64)
+        for name, port in bare_ports.items()
     }
+    fixed["enforce_check"] = await open_loop(host, api_port, check, args.rate, args.seconds, 64)
     sdk = await through_sdk(api_url, accounts, args.seconds)
 
-    def ratios(kind: str) -> list[float]:
-        return [round(r[kind].per_second / r["bare"].per_second, 3) for r in rounds]
-
+    per_s = [{name: round(r.per_second) for name, r in measured.items()} for measured in rounds]
+    ratios = [
+        {
+            f"{short}_vs_{baseline.removeprefix('bare_')}": round(
+                measured[mode].per_second / measured[baseline].per_second, 3
+            )
+            for mode, short in MODES.items()
+            for baseline in bare_ports
+        }
+        for measured in rounds
+    ]
     return {
         "customers": args.customers,
         "connections": conns,
-        "flat_out_rounds": [{k: round(v.per_second) for k, v in r.items()} for r in rounds],
-        "flat_out_median_per_s": {
-            kind: round(statistics.median(r[kind].per_second for r in rounds)) for kind in rounds[0]
+        "seconds_per_round": args.seconds,
+        "flat_out_per_s_per_round": per_s,
+        "flat_out_per_s_across_rounds": {
+            name: {k: round(v) for k, v in spread([r[name] for r in per_s]).items()}
+            for name in per_s[0]
         },
-        "check_vs_bare_per_round": ratios("enforce_check"),
-        "check_vs_bare_median": statistics.median(ratios("enforce_check")),
-        "reserve_vs_bare_median": statistics.median(ratios("enforce_reserve")),
+        "ratio_to_bare_per_round": ratios,
+        "ratio_to_bare_across_rounds": {
+            name: {k: round(v, 3) for k, v in spread([r[name] for r in ratios]).items()}
+            for name in ratios[0]
+        },
+        "flat_out_answers_other_than_200": {
+            name: {str(k): v for k, v in sorted(other.items())}
+            for name in rounds[0]
+            if (other := _others(r[name] for r in rounds))
+        },
         "flat_out_enforce_check_latency": rounds[-1]["enforce_check"].summary(),
         f"offered_{args.rate}_per_s": {name: r.summary() for name, r in fixed.items()},
         "sdk_check_16_concurrent": sdk.summary(),
     }
 
 
-def start_bare(port: int, log: Path) -> subprocess.Popen[bytes]:
+def _others(results: Iterable[Result]) -> dict[int, int]:
+    """Answers other than 200 in these results, by status (none, when all went well)."""
+    counted: Counter[int] = Counter()
+    for result in results:
+        counted.update({k: v for k, v in result.statuses.items() if k != 200})
+    return dict(counted)
+
+
+def start_bare(kind: str, port: int, log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "bench.bare_app", "--port", str(port)], stdout=out, stderr=out
+            [sys.executable, "-m", "bench.bare_app", "--port", str(port), "--kind", kind],
+            stdout=out,
+            stderr=out,
         )
 
     def ready() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"bare app ({kind}) exited:\n{log.read_text(errors='replace')}")
         try:
             return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
 
-    wait_for(ready, 30, "bare app ready")
+    wait_for(ready, 30, f"bare app ({kind}) ready")
     return process
+
+
+def dumps(value: Any, indent: str = "") -> str:
+    """JSON, indented, with what fits on one line on one line (a round's figures side
+    by side)."""
+    flat = json.dumps(value, ensure_ascii=False)
+    if len(indent) + len(flat) <= 120 or not isinstance(value, dict | list):
+        return flat
+    inner = indent + "  "
+    if isinstance(value, dict):
+        items = [f"{inner}{json.dumps(k)}: {dumps(v, inner)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + f"\n{indent}}}"
+    return "[\n" + ",\n".join(inner + dumps(v, inner) for v in value) + f"\n{indent}]"
 
 
 def main() -> None:
@@ -171,30 +254,26 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=16)
     args = parser.parse_args()
 
-    data_dir = Path(tempfile.mkdtemp(prefix="tally-bench-enforce-"))
-    redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/13")
-    env = {
-        "TALLY_DATA_DIR": str(data_dir),
-        "REDIS_URL": redis_url,
-        "DATABASE_URL": os.environ.get(
-            "DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/tally_bench"
-        ),
-        "TALLY_SERVICE_TOKENS": TOKEN,
-        "TALLY_ADMIN_TOKEN": ADMIN,
-        "TALLY_LOG_LEVEL": "WARNING",
-    }
-    sync_redis.Redis.from_url(redis_url).flushdb()
-    subprocess.run([*TALLY, "migrate"], env=os.environ | env, check=True, capture_output=True)
-    api = TallyProcess(["api"], env, data_dir / "api.log").start()
-    bare_port = free_port()
-    bare = start_bare(bare_port, data_dir / "bare.log")
-    try:
-        result = asyncio.run(measure(args, api.port, bare_port, api.url))
-    finally:
-        bare.terminate()
-        bare.wait(10)
-        api.stop()
-    print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+    with bench_stores("tally-bench-enforce-") as stores:
+        env = stores.env() | {
+            "TALLY_SERVICE_TOKENS": TOKEN,
+            "TALLY_ADMIN_TOKEN": ADMIN,
+            "TALLY_LOG_LEVEL": "WARNING",
+        }
+        api = TallyProcess(["api"], env, stores.data_dir / "api.log").start()
+        bare: dict[str, subprocess.Popen[bytes]] = {}
+        try:
+            ports = {BARE[kind]: free_port() for kind in KINDS}
+            for kind in KINDS:
+                log = stores.data_dir / f"{BARE[kind]}.log"
+                bare[BARE[kind]] = start_bare(kind, ports[BARE[kind]], log)
+            result = asyncio.run(measure(args, api.port, ports, api.url))
+        finally:
+            for process in bare.values():
+                process.terminate()
+                process.wait(10)
+            api.stop()
+    print(dumps(result))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import gc
 import itertools
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 
@@ -49,6 +49,15 @@ class Result:
                 self.client_cpu_s / len(self.latencies) * 1e6
             )
         return summary
+
+
+Requests = Sequence[bytes] | Iterator[bytes]
+"""Pre-encoded requests: a sequence is sent round and round, an iterator is drawn from
+(one that never runs dry, for requests that must not repeat)."""
+
+
+def _source(requests: Requests) -> Iterator[bytes]:
+    return requests if isinstance(requests, Iterator) else itertools.cycle(requests)
 
 
 def request(host: str, port: int, path: str, body: bytes, headers: dict[str, str]) -> bytes:
@@ -92,13 +101,13 @@ class Connection:
 
 
 async def closed_loop(
-    host: str, port: int, requests: list[bytes], connections: int, seconds: float
+    host: str, port: int, requests: Requests, connections: int, seconds: float
 ) -> Result:
     """As fast as the server answers: each connection sends its next request on reply."""
     pool = [await Connection.open(host, port) for _ in range(connections)]
     deadline = time.perf_counter() + seconds
     result = Result(seconds)
-    source = itertools.cycle(requests)
+    source = _source(requests)
 
     async def run(conn: Connection) -> None:
         while (started := time.perf_counter()) < deadline:
@@ -116,14 +125,14 @@ async def closed_loop(
 
 
 async def open_loop(
-    host: str, port: int, requests: list[bytes], rate: float, seconds: float, connections: int
+    host: str, port: int, requests: Requests, rate: float, seconds: float, connections: int
 ) -> Result:
     """Requests due at a fixed rate, whatever the server does."""
     idle: asyncio.Queue[Connection] = asyncio.Queue()
     for _ in range(connections):
         idle.put_nowait(await Connection.open(host, port))
     result = Result(seconds)
-    source = itertools.cycle(requests)
+    source = _source(requests)
 
     async def one(due: float) -> None:
         conn = await idle.get()

@@ -10,6 +10,7 @@ From this separate process it then posts pre-built batches over HTTP from severa
 concurrent senders for a fixed duration.  Each request carries one "probe" event of a customer
 owned by its sender, so the time from the 202 to the request being visible in Redis is
 measured per request: the probe customer's day counter reaching the request's number.
+It runs on its own stores (``bench.stores``), never on ``DATABASE_URL`` / ``REDIS_URL``.
 
     python -m bench.pipeline --seconds 20 --customers 50 --batch 2000 --senders 4 --layout split
 """
@@ -18,24 +19,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
+from contextlib import ExitStack
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
-import redis as sync_redis
 import redis.asyncio as aioredis
 
+from bench.stores import bench_stores
 from schemas import redis_keys
 from schemas.events import utcnow
 from schemas.windows import Window, bucket_id
@@ -182,18 +181,25 @@ async def drive(args: argparse.Namespace, url: str, redis_url: str) -> dict[str,
 
 
 def start_services(
-    args: argparse.Namespace, env: dict[str, str], data_dir: Path
-) -> list[TallyProcess]:
-    """The services under test, ready; the last one serves ingest."""
+    args: argparse.Namespace, env: dict[str, str], data_dir: Path, stack: ExitStack
+) -> TallyProcess:
+    """The services under test, ready, each stopped by ``stack`` (the last started
+    first); returns the one serving ingest."""
+
+    def start(command: list[str], env: dict[str, str]) -> TallyProcess:
+        service = TallyProcess(command, env, data_dir / f"{command[0]}.log")
+        stack.callback(service.stop)  # also when it does not get ready
+        return service.start()
+
     if args.layout == "up":
-        return [TallyProcess(["up"], env, data_dir / "up.log").start()]
-    broker = EmbeddedBroker(log_path=data_dir / "tansu.log").start()
-    atexit.register(broker.stop)
+        return start(["up"], env)
+    broker = EmbeddedBroker(log_path=data_dir / "tansu.log")
+    stack.callback(broker.stop)
+    broker.start()
     env = env | {"KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers}
     subprocess.run([*TALLY, "migrate"], env=os.environ | env, check=True, capture_output=True)
-    aggregator = TallyProcess(["aggregator"], env, data_dir / "aggregator.log").start()
-    ingest = TallyProcess(["ingest"], env, data_dir / "ingest.log").start()
-    return [aggregator, ingest]
+    start(["aggregator"], env)
+    return start(["ingest"], env)
 
 
 def main() -> None:
@@ -207,25 +213,15 @@ def main() -> None:
     parser.add_argument("--target", type=int, default=60_000, help="events/s to pre-build for")
     args = parser.parse_args()
 
-    data_dir = Path(tempfile.mkdtemp(prefix="tally-bench-"))
-    redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/13")
-    database = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/tally_bench")
-    env = {
-        "TALLY_DATA_DIR": str(data_dir),
-        "REDIS_URL": redis_url,
-        "DATABASE_URL": database,
-        "TALLY_SERVICE_TOKENS": TOKEN,
-        "TALLY_LOG_LEVEL": "WARNING",
-        "TALLY_KAFKA_SESSION_TIMEOUT": "6",
-    }
-    sync_redis.Redis.from_url(redis_url).flushdb()
-    services = start_services(args, env, data_dir)
-    try:
-        result = asyncio.run(drive(args, services[-1].url, redis_url))
-    finally:
-        for service in reversed(services):
-            service.stop()
-        shutil.rmtree(data_dir, ignore_errors=True)
+    with bench_stores("tally-bench-pipeline-") as stores:
+        env = stores.env() | {
+            "TALLY_SERVICE_TOKENS": TOKEN,
+            "TALLY_LOG_LEVEL": "WARNING",
+            "TALLY_KAFKA_SESSION_TIMEOUT": "6",
+        }
+        with ExitStack() as stack:
+            ingest = start_services(args, env, stores.data_dir, stack)
+            result = asyncio.run(drive(args, ingest.url, stores.redis_url))
     print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
     sys.stdout.flush()
 

@@ -1,0 +1,93 @@
+"""The benchmarks keep off the user's stores, reserve new events, and their baselines answer."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+
+import httpx
+import orjson
+import pytest
+import redis
+
+from bench import bare_app, stores
+from bench.enforce import reservations
+from services.api.enforcement.enforcer import EnforceRequest
+
+ACCOUNTS = [(f"cust_{n}", f"tk_{n:04d}") for n in range(3)]
+
+
+def test_an_empty_or_marked_redis_database_is_the_benchmarks() -> None:
+    assert stores.redis_refusal("redis://h/13", 0, None) is None
+    assert stores.redis_refusal("redis://h/13", 5_000, b"bench pid 1") is None
+
+
+def test_a_database_holding_keys_without_the_mark_is_refused_with_the_way_out() -> None:
+    refusal = stores.redis_refusal("redis://h/3", 12, None)
+    assert refusal is not None
+    assert "redis://h/3" in refusal and "12 key(s)" in refusal
+    assert stores.OWNER_KEY in refusal and stores.REDIS_VARIABLE in refusal
+
+
+def test_an_unmarked_database_is_left_as_it_was() -> None:
+    url = "redis://127.0.0.1:6379/12"
+    client = redis.Redis.from_url(url)
+    key = f"someone:else:{uuid.uuid4().hex}"
+    client.set(key, "theirs")
+    try:
+        with pytest.raises(stores.Refused, match="refusing to run"), stores.bench_redis(url):
+            pytest.fail("a database holding someone's keys was used")
+        assert client.get(key) == b"theirs"
+        assert client.get(stores.OWNER_KEY) is None
+    finally:
+        client.delete(key)
+        client.close()
+
+
+def test_the_users_stores_and_settings_leave_the_environment() -> None:
+    theirs = ("DATABASE_URL", "REDIS_URL", "CLICKHOUSE_URL", "TALLY_ENV", "tally_redis_url")
+    environ = dict.fromkeys(theirs, "theirs") | {
+        stores.REDIS_VARIABLE: "redis://127.0.0.1:6379/13",
+        "PATH": "/usr/bin",
+    }
+    stores.forget_user_settings(environ)
+    assert environ == {stores.REDIS_VARIABLE: "redis://127.0.0.1:6379/13", "PATH": "/usr/bin"}
+
+
+def _parse(raw: bytes) -> tuple[dict[str, str], bytes]:
+    head, body = raw.split(b"\r\n\r\n", 1)
+    headers = dict(line.split(": ", 1) for line in head.decode().split("\r\n")[1:])
+    return headers, body
+
+
+def test_reservations_never_repeat_in_a_round_or_across_rounds() -> None:
+    seen: set[str] = set()
+    for tag in ("run1r0", "run1r1"):
+        for raw in itertools.islice(reservations(8000, ACCOUNTS, tag), 3_000):
+            headers, body = _parse(raw)
+            assert int(headers["Content-Length"]) == len(body)
+            parsed = EnforceRequest.model_validate_json(body)
+            assert parsed.mode == "reserve" and parsed.event is not None
+            assert parsed.event.id not in seen
+            seen.add(parsed.event.id)
+    assert len(seen) == 6_000
+
+
+def test_reservations_carry_the_keys_and_addresses_checks_do() -> None:
+    first = [_parse(raw)[0] for raw in itertools.islice(reservations(8000, ACCOUNTS, "t"), 6)]
+    assert [h["Authorization"] for h in first] == [f"Bearer {k}" for _, k in ACCOUNTS] * 2
+    assert [h["X-Forwarded-For"] for h in first] == [f"203.0.113.{n}" for n in range(6)]
+
+
+@pytest.mark.parametrize("kind", bare_app.KINDS)
+async def test_both_baselines_answer_like_enforce(kind: str) -> None:
+    transport = httpx.ASGITransport(app=bare_app.app(kind))
+    async with httpx.AsyncClient(transport=transport, base_url="http://bare") as client:
+        allowed = await client.post("/v1/enforce", json={"endpoint": "/x", "mode": "check"})
+        invalid = await client.post("/v1/enforce", json={"mode": "maybe"})
+        ready = await client.get("/readyz")
+    assert allowed.status_code == 200 and allowed.json()["allowed"] is True
+    assert allowed.headers["RateLimit"] == '"bare";r=1;t=1'
+    assert invalid.status_code == 422
+    assert ready.status_code == 200
+    assert orjson.loads(allowed.content) == orjson.loads(bare_app.ANSWER)
