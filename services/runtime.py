@@ -34,6 +34,7 @@ from services.common.clickhouse import ClickHouse
 from services.common.health import Check, health_router
 from services.common.hot_paths import HotPaths
 from services.common.logging import get_logger
+from services.common.openapi import problem_schemas
 from services.common.settings import Settings
 
 log = get_logger("tally")
@@ -205,7 +206,7 @@ def http_app(components: list[Component], title: str = "Tally") -> ASGIApp:
     )
     problems.install(app)
     checks: dict[str, Check] = {}
-    schemas: dict[str, Any] = {}
+    schemas: dict[str, Any] = problem_schemas()  # the problem_responses all routers declare
     paths: dict[str, Any] = {}
     fast: list[Route] = []
     for component in components:

@@ -7,20 +7,34 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 
 from services.common.metrics import metrics_endpoint
 
 Check = Callable[[], Awaitable[object]]
 
 
+class Health(BaseModel):
+    status: str = Field(description="`ok`: the process is up.")
+
+
+class Readiness(BaseModel):
+    status: str = Field(description="`ready`, or `not ready` (with 503)")
+    checks: dict[str, str] = Field(description="Each dependency: `ok`, or `failed: …`")
+
+
 def health_router(checks: Mapping[str, Check], timeout: float = 2.0) -> APIRouter:
     router = APIRouter(tags=["operations"])
 
     @router.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    async def healthz() -> Health:
+        return Health(status="ok")
 
-    @router.get("/readyz")
+    @router.get(
+        "/readyz",
+        response_model=Readiness,
+        responses={503: {"model": Readiness, "description": "A dependency failed"}},
+    )
     async def readyz() -> JSONResponse:
         results = await asyncio.gather(
             *(asyncio.wait_for(check(), timeout) for check in checks.values()),

@@ -17,11 +17,12 @@ import time
 import uuid
 import zlib
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
 
 from schemas.api_keys import Scope
 from schemas.events import UsageEvent, utcnow
@@ -35,7 +36,7 @@ from schemas.problem_types import (
 from services.common import metrics
 from services.common.auth import Authenticator
 from services.common.logging import get_logger
-from services.common.openapi import component_schemas, ref
+from services.common.openapi import InvalidField, component_schemas, problem_responses, ref
 from services.common.problems import Problem
 from services.common.settings import Settings
 from services.ingest import parsing
@@ -43,6 +44,23 @@ from services.ingest.parsing import Status, TimeBounds
 from services.ingest.publisher import Publisher
 
 log = get_logger("tally.ingest")
+
+
+class EventResult(BaseModel):
+    index: int = Field(description="The event's position in the request, from 0.")
+    status: Literal["accepted", "duplicate", "rejected"]  # parsing.Status
+    id: str | None = Field(None, description="The event's id, when it has one (absent if not).")
+    errors: list[InvalidField] | None = Field(None, description="Why it was rejected.")
+
+
+class IngestReceipt(BaseModel):
+    """The 202 answer (also the extra members of the 422 when every event is rejected)."""
+
+    request_id: str
+    accepted: int
+    duplicates: int = Field(description="Repeats of an earlier event of the same request.")
+    rejected: int = Field(description="Copied to the dead-letter topic with their reasons.")
+    results: list[EventResult] = Field(description="One per event, in order.")
 
 
 class Ingest:
@@ -133,6 +151,8 @@ def router(ingest: Ingest) -> APIRouter:
         "/v1/events",
         status_code=202,
         response_class=JSONResponse,
+        response_model=IngestReceipt,  # documents the body _publish builds by hand
+        responses=problem_responses(400, 401, 403, 413, 415, 422, 429, 503),
         summary="Ingest usage events (CloudEvents 1.0, one or a batch)",
         openapi_extra={"requestBody": documented},
     )

@@ -6,6 +6,7 @@ before the response, so enforcement applies it from the very next request.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -17,10 +18,18 @@ from schemas.plans import Plan, check_plan
 from schemas.problem_types import CUSTOMER_EXISTS, UNKNOWN_PLAN
 from services.api.accounts import projection
 from services.api.accounts import service as accounts
-from services.api.accounts.routes import Accounts, NewKeyRequest, Rotation
-from services.api.accounts.service import Customer, Status
+from services.api.accounts.routes import (
+    Accounts,
+    IssuedKey,
+    NewKeyRequest,
+    OpenedAccount,
+    RotatedKey,
+    Rotation,
+)
+from services.api.accounts.service import ApiKey, Customer, Status
 from services.common import catalog
 from services.common.auth import address, credential
+from services.common.openapi import problem_responses
 from services.common.problems import Problem, invalid_field
 
 ACTOR = "admin"
@@ -45,22 +54,82 @@ class CustomerChange(BaseModel):
     status: Status | None = None
 
 
+class CatalogPlan(Plan):
+    """A plan of the catalog, with its current version; archived ones too."""
+
+    version: int
+    archived: bool
+
+
+class CatalogPlans(BaseModel):
+    plans: list[CatalogPlan]
+
+
+class SavedPlan(BaseModel):
+    plan: Plan
+    version: int = Field(description="The version this change created.")
+    customers: int = Field(description="Customers on the plan, to whom it applies at once.")
+
+
+class PlanVersion(BaseModel):
+    version: int
+    definition: dict[str, Any] = Field(description="The plan as it was saved (a Plan).")
+    changed_by: str
+    changed_at: datetime
+
+
+class PlanHistory(BaseModel):
+    versions: list[PlanVersion]
+
+
+class CustomerList(BaseModel):
+    customers: list[Customer]
+
+
+class CustomerDetail(BaseModel):
+    customer: Customer
+    keys: list[ApiKey]
+
+
+class AuditEntry(BaseModel):
+    at: datetime
+    actor: str
+    action: str
+    subject: str
+    detail: dict[str, Any]
+
+
+class AuditLog(BaseModel):
+    entries: list[AuditEntry]
+
+
 def router(service: Accounts) -> APIRouter:
     async def admin(request: Request) -> None:
         await service.auth.admin(credential(request), address(request))
 
-    api = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(admin)])
+    api = APIRouter(
+        prefix="/v1/admin",
+        tags=["admin"],
+        dependencies=[Depends(admin)],
+        responses=problem_responses(401, 429, 503),
+    )
     pool, redis = service.pool, service.redis
 
     @api.get("/plans", summary="Every plan, with its current version")
-    async def list_plans() -> dict[str, list[dict[str, Any]]]:
+    async def list_plans() -> CatalogPlans:
         async with pool.connection() as conn:
             cur = await conn.execute("SELECT definition, version, archived FROM plans ORDER BY id")
             rows = await cur.fetchall()
-        return {"plans": [d | {"version": v, "archived": a} for d, v, a in rows]}
+        return CatalogPlans.model_validate(
+            {"plans": [d | {"version": v, "archived": a} for d, v, a in rows]}
+        )
 
-    @api.put("/plans/{plan_id}", summary="Create or replace a plan: a new version, at once")
-    async def put_plan(plan_id: str, plan: Plan) -> dict[str, Any]:
+    @api.put(
+        "/plans/{plan_id}",
+        summary="Create or replace a plan: a new version, at once",
+        responses=problem_responses(422),
+    )
+    async def put_plan(plan_id: str, plan: Plan) -> SavedPlan:
         if plan.id != plan_id:
             raise invalid_field(
                 "id", f"the body's id {plan.id!r} differs from the path's {plan_id!r}"
@@ -80,10 +149,14 @@ def router(service: Accounts) -> APIRouter:
             version = await catalog.save_plan(conn, plan, ACTOR)
             await accounts.audit(conn, ACTOR, "plan.saved", plan.id, version=version)
         moved = await projection.project_plan(redis, pool, plan.id)
-        return {"plan": plan.model_dump(mode="json"), "version": version, "customers": moved}
+        return SavedPlan(plan=plan, version=version, customers=moved)
 
-    @api.get("/plans/{plan_id}/versions", summary="A plan's history: who changed what, when")
-    async def plan_versions(plan_id: str) -> dict[str, list[dict[str, Any]]]:
+    @api.get(
+        "/plans/{plan_id}/versions",
+        summary="A plan's history: who changed what, when",
+        responses=problem_responses(404, 422),
+    )
+    async def plan_versions(plan_id: str) -> PlanHistory:
         async with pool.connection() as conn:
             cur = await conn.execute(
                 "SELECT version, definition, changed_by, changed_at FROM plan_versions"
@@ -93,25 +166,34 @@ def router(service: Accounts) -> APIRouter:
             rows = await cur.fetchall()
         if not rows:
             raise Problem(UNKNOWN_PLAN, f"no plan {plan_id!r}")
-        return {
-            "versions": [
-                {"version": v, "definition": d, "changed_by": by, "changed_at": at}
+        return PlanHistory(
+            versions=[
+                PlanVersion(version=v, definition=d, changed_by=by, changed_at=at)
                 for v, d, by, at in rows
             ]
-        }
+        )
 
-    @api.get("/customers", summary="Customers, by id, a page at a time")
+    @api.get(
+        "/customers",
+        summary="Customers, by id, a page at a time",
+        responses=problem_responses(422),
+    )
     async def list_customers(
         plan: str | None = None,
         after: str = "",
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    ) -> dict[str, list[Customer]]:
+    ) -> CustomerList:
         async with pool.connection() as conn:
             found = await accounts.list_customers(conn, plan=plan, limit=limit, after=after)
-        return {"customers": found}
+        return CustomerList(customers=found)
 
-    @api.post("/customers", status_code=201, summary="Create a customer (and a first key)")
-    async def create_customer(body: NewCustomer) -> dict[str, Any]:
+    @api.post(
+        "/customers",
+        status_code=201,
+        summary="Create a customer (and a first key)",
+        responses=problem_responses(409, 422),
+    )
+    async def create_customer(body: NewCustomer) -> OpenedAccount:
         plan = await service.plan(body.plan)
         if body.id:
             async with pool.connection() as conn:
@@ -121,14 +203,22 @@ def router(service: Accounts) -> APIRouter:
             body.email, body.company, plan, ACTOR, customer_id=body.id, with_key=body.issue_key
         )
 
-    @api.get("/customers/{customer_id}", summary="One customer and its keys")
-    async def get_customer(customer_id: str) -> dict[str, Any]:
+    @api.get(
+        "/customers/{customer_id}",
+        summary="One customer and its keys",
+        responses=problem_responses(404, 422),
+    )
+    async def get_customer(customer_id: str) -> CustomerDetail:
         customer = await service.customer(customer_id)
         async with pool.connection() as conn:
             keys = await accounts.list_keys(conn, customer_id)
-        return {"customer": customer, "keys": keys}
+        return CustomerDetail(customer=customer, keys=keys)
 
-    @api.patch("/customers/{customer_id}", summary="Change plan or status; applies at once")
+    @api.patch(
+        "/customers/{customer_id}",
+        summary="Change plan or status; applies at once",
+        responses=problem_responses(404, 422),
+    )
     async def change_customer(customer_id: str, body: CustomerChange) -> Customer:
         await service.customer(customer_id)
         plan = await service.plan(body.plan) if body.plan else None
@@ -140,25 +230,42 @@ def router(service: Accounts) -> APIRouter:
         await service.reproject(customer_id)
         return await service.customer(customer_id)
 
-    @api.post("/customers/{customer_id}/keys", status_code=201, summary="Issue a key")
-    async def new_key(customer_id: str, body: NewKeyRequest) -> dict[str, Any]:
+    @api.post(
+        "/customers/{customer_id}/keys",
+        status_code=201,
+        summary="Issue a key",
+        responses=problem_responses(404, 422),
+    )
+    async def new_key(customer_id: str, body: NewKeyRequest) -> IssuedKey:
         await service.customer(customer_id)
         return await service.new_key(customer_id, body, ACTOR, grantor=None)
 
-    @api.post("/customers/{customer_id}/keys/{key_id}/rotate", status_code=201)
-    async def rotate_key(customer_id: str, key_id: str, body: Rotation) -> dict[str, Any]:
+    @api.post(
+        "/customers/{customer_id}/keys/{key_id}/rotate",
+        status_code=201,
+        responses=problem_responses(404, 409, 422),
+    )
+    async def rotate_key(customer_id: str, key_id: str, body: Rotation) -> RotatedKey:
         key = await service.key(customer_id, key_id)
         return await service.rotate(key, body, ACTOR, grantor=None)
 
-    @api.delete("/customers/{customer_id}/keys/{key_id}", status_code=204)
+    @api.delete(
+        "/customers/{customer_id}/keys/{key_id}",
+        status_code=204,
+        responses=problem_responses(404, 422),
+    )
     async def revoke_key(customer_id: str, key_id: str) -> None:
         await service.revoke(await service.key(customer_id, key_id), ACTOR)
 
-    @api.get("/audit", summary="The audit log, newest first")
+    @api.get(
+        "/audit",
+        summary="The audit log, newest first",
+        responses=problem_responses(422),
+    )
     async def audit_log(
         subject: Annotated[str | None, Query()] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    ) -> dict[str, list[dict[str, Any]]]:
+    ) -> AuditLog:
         async with pool.connection() as conn:
             cur = await conn.execute(
                 "SELECT at, actor, action, subject, detail FROM audit_log"
@@ -167,6 +274,8 @@ def router(service: Accounts) -> APIRouter:
             )
             rows = await cur.fetchall()
         keys = ("at", "actor", "action", "subject", "detail")
-        return {"entries": [dict(zip(keys, row, strict=True)) for row in rows]}
+        return AuditLog.model_validate(
+            {"entries": [dict(zip(keys, row, strict=True)) for row in rows]}
+        )
 
     return api

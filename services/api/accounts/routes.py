@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
 from psycopg_pool import AsyncConnectionPool
 from pydantic import AwareDatetime, BaseModel, ConfigDict, EmailStr, Field, field_validator
 from redis.asyncio import Redis
@@ -23,6 +22,7 @@ from services.api.accounts.service import ApiKey, Customer, EmailTaken, KeyRevok
 from services.common import catalog
 from services.common.auth import Authenticator, Caller, address, credential
 from services.common.logging import get_logger
+from services.common.openapi import problem_responses
 from services.common.problems import Problem, invalid_field, unknown_customer
 from services.common.redis import UNREACHABLE
 from services.common.settings import Settings
@@ -60,9 +60,34 @@ class Rotation(BaseModel):
     grace_seconds: Annotated[int | None, Field(ge=0, le=30 * 86400)] = None
 
 
-def issued(key: ApiKey, secret: str) -> dict[str, Any]:
+class IssuedKey(ApiKey):
+    """A key as issued: the only response that ever carries a key's secret."""
+
+    key: str = Field(description="The secret: shown this once, never again.")
+
+
+class RotatedKey(IssuedKey):
+    """The replacement key; the old one keeps working for ``old_key_valid_for_seconds``."""
+
+    old_key_valid_for_seconds: int
+
+
+class OpenedAccount(BaseModel):
+    customer: Customer
+    api_key: IssuedKey | None = Field(description="Its first key; null when opened without one.")
+
+
+class PlanList(BaseModel):
+    plans: list[Plan]
+
+
+class KeyList(BaseModel):
+    keys: list[ApiKey]
+
+
+def issued(key: ApiKey, secret: str) -> IssuedKey:
     """The only response that ever carries a key's secret."""
-    return key.model_dump(mode="json") | {"key": secret}
+    return IssuedKey.model_validate(key.model_dump() | {"key": secret})
 
 
 class Accounts:
@@ -124,7 +149,7 @@ class Accounts:
         *,
         customer_id: str | None = None,
         with_key: bool = True,
-    ) -> dict[str, Any]:
+    ) -> OpenedAccount:
         """A new customer and, unless told otherwise, its first key: sign-up and the
         admin API alike."""
         try:
@@ -146,11 +171,11 @@ class Accounts:
         except EmailTaken:
             raise Problem(EMAIL_TAKEN, "an account with this email exists") from None
         await self.reproject(customer.id)
-        return {"customer": customer.model_dump(mode="json"), "api_key": key}
+        return OpenedAccount(customer=customer, api_key=key)
 
     async def new_key(
         self, customer_id: str, body: NewKeyRequest, actor: str, *, grantor: Holder | None
-    ) -> dict[str, Any]:
+    ) -> IssuedKey:
         """``grantor``: the customer's key asking (``None``: the seller, who may ask
         anything); it cannot issue more than it holds (``check_grant``)."""
         if grantor is not None:
@@ -171,7 +196,7 @@ class Accounts:
 
     async def rotate(
         self, key: ApiKey, body: Rotation, actor: str, *, grantor: Holder | None
-    ) -> dict[str, Any]:
+    ) -> RotatedKey:
         """The replacement has ``key``'s scopes and expiry, so ``grantor`` (as in
         ``new_key``) must be able to issue those; if not, nothing changes."""
         if grantor is not None:
@@ -187,7 +212,9 @@ class Accounts:
         except KeyRevoked:
             raise Problem(KEY_REVOKED, "a revoked key cannot be rotated") from None
         await self.reproject(key.customer)
-        return issued(new, secret) | {"old_key_valid_for_seconds": grace}
+        return RotatedKey.model_validate(
+            issued(new, secret).model_dump() | {"old_key_valid_for_seconds": grace}
+        )
 
     async def revoke(self, key: ApiKey, actor: str) -> None:
         async with self.pool.connection() as conn:
@@ -196,7 +223,7 @@ class Accounts:
 
 
 def router(service: Accounts) -> APIRouter:
-    api = APIRouter(tags=["accounts"])
+    api = APIRouter(tags=["accounts"], responses=problem_responses(503))
     auth = service.auth
 
     async def signed_in(request: Request) -> Caller:
@@ -212,37 +239,55 @@ def router(service: Accounts) -> APIRouter:
         return (await service.key(caller.customer, caller.key_id)).holder()
 
     @api.get("/v1/plans", summary="The plans on offer")
-    async def plans() -> dict[str, list[Plan]]:
+    async def plans() -> PlanList:
         async with service.pool.connection() as conn:
-            return {"plans": [p for p in await catalog.read_plans(conn) if p.public]}
+            return PlanList(plans=[p for p in await catalog.read_plans(conn) if p.public])
 
-    @api.post("/v1/signup", status_code=201, summary="Create a customer and its first API key")
-    async def signup(body: SignUp, request: Request) -> JSONResponse:
+    @api.post(
+        "/v1/signup",
+        status_code=201,
+        summary="Create a customer and its first API key",
+        responses=problem_responses(409, 422, 429),
+    )
+    async def signup(body: SignUp, request: Request) -> OpenedAccount:
         service.admit_address(address(request))
         plan = await service.plan(body.plan)
         if not plan.public:
             raise invalid_field("plan", f"plan {plan.id!r} is not offered at sign-up")
         actor = f"signup:{address(request)}"
-        opened = await service.open_account(body.email, body.company, plan, actor)
-        return JSONResponse(opened, status_code=201)
+        return await service.open_account(body.email, body.company, plan, actor)
 
-    @api.get("/v1/keys", summary="The caller's keys (never their secrets)")
-    async def list_keys(request: Request) -> dict[str, list[ApiKey]]:
+    @api.get(
+        "/v1/keys",
+        summary="The caller's keys (never their secrets)",
+        responses=problem_responses(401, 403, 422, 429),
+    )
+    async def list_keys(request: Request) -> KeyList:
         caller = await signed_in(request)
         assert caller.customer is not None
         async with service.pool.connection() as conn:
-            return {"keys": await accounts.list_keys(conn, caller.customer)}
+            return KeyList(keys=await accounts.list_keys(conn, caller.customer))
 
-    @api.post("/v1/keys", status_code=201, summary="Issue another key; its secret is shown once")
-    async def new_key(body: NewKeyRequest, request: Request) -> dict[str, Any]:
+    @api.post(
+        "/v1/keys",
+        status_code=201,
+        summary="Issue another key; its secret is shown once",
+        responses=problem_responses(401, 403, 404, 422, 429),
+    )
+    async def new_key(body: NewKeyRequest, request: Request) -> IssuedKey:
         caller = await signed_in(request)
         assert caller.customer is not None
         return await service.new_key(
             caller.customer, body, f"customer:{caller.key_id}", grantor=await own_key(caller)
         )
 
-    @api.post("/v1/keys/{key_id}/rotate", status_code=201, summary="Replace a key, with grace")
-    async def rotate(key_id: str, body: Rotation, request: Request) -> dict[str, Any]:
+    @api.post(
+        "/v1/keys/{key_id}/rotate",
+        status_code=201,
+        summary="Replace a key, with grace",
+        responses=problem_responses(401, 403, 404, 409, 422, 429),
+    )
+    async def rotate(key_id: str, body: Rotation, request: Request) -> RotatedKey:
         caller = await signed_in(request)
         assert caller.customer is not None
         key = await service.key(caller.customer, key_id)
@@ -250,7 +295,12 @@ def router(service: Accounts) -> APIRouter:
             key, body, f"customer:{caller.key_id}", grantor=await own_key(caller)
         )
 
-    @api.delete("/v1/keys/{key_id}", status_code=204, summary="Revoke a key now")
+    @api.delete(
+        "/v1/keys/{key_id}",
+        status_code=204,
+        summary="Revoke a key now",
+        responses=problem_responses(401, 403, 404, 422, 429),
+    )
     async def revoke(key_id: str, request: Request) -> None:
         caller = await signed_in(request)
         assert caller.customer is not None

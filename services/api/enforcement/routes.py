@@ -8,10 +8,10 @@ the product sells.  Their OpenAPI entries are written out below instead.
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import orjson
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -23,12 +23,58 @@ from services.api.enforcement.enforcer import (
     BatchRequest,
     Enforcer,
     EnforceRequest,
+    EventRef,
 )
 from services.common.auth import Authenticator, Caller, address, credential
-from services.common.openapi import component_schemas, ref
-from services.common.problems import PROBLEM_JSON, Problem, invalid_request
+from services.common.openapi import ProblemDetails, component_schemas, problem_responses, ref
+from services.common.problems import Problem, invalid_request
 
 Model = TypeVar("Model", bound=BaseModel)
+
+
+class EnforceLimit(BaseModel):
+    """One policy's state after the decision."""
+
+    policy: str
+    kind: Literal["rate", "quota"]
+    limit: int | str = Field(description="Whole amounts as numbers, fractional as decimal strings")
+    remaining: int | str
+    reset: int = Field(description="Seconds until it resets")
+    window: int = Field(description="Seconds")
+    algorithm: str | None = Field(None, description="Rate limits only")
+    hard: bool | None = Field(None, description="Quotas only")
+
+
+class EnforceReservation(BaseModel):
+    event: EventRef = Field(description="The usage event that settles it")
+    expires_in: int = Field(description="Seconds until it lapses, unless settled")
+
+
+class EnforceDecision(BaseModel):
+    """An allowed call (refusals are problem+json with these members too)."""
+
+    allowed: bool
+    customer: str | None
+    plan: str | None
+    account_status: str | None
+    policy: str | None = Field(description="The policy that refused, if any")
+    remaining: int | str | None = Field(description="Of the policy closest to refusing")
+    reset: int | None = Field(description="Seconds until that policy resets")
+    retry_after: int | None
+    limits: list[EnforceLimit]
+    reservation: EnforceReservation | None = Field(description="With mode=reserve")
+    fallback: bool | None = Field(
+        None, description="Present when the limits store was down and the server failed open"
+    )
+
+
+class EnforceBatchResult(BaseModel):
+    status: int = Field(description="What the one decision's own request would have answered")
+    body: EnforceDecision | ProblemDetails
+
+
+class EnforceBatchResults(BaseModel):
+    results: list[EnforceBatchResult] = Field(description="One per check, in order")
 
 
 def routes(auth: Authenticator, addresses: AddressLimit, enforcer: Enforcer) -> list[Route]:
@@ -79,20 +125,23 @@ def _response(answer: Answer) -> Response:
 
 
 def openapi_schemas() -> dict[str, Any]:
-    return component_schemas(EnforceRequest, BatchRequest)
+    return component_schemas(EnforceRequest, BatchRequest, EnforceDecision, EnforceBatchResults)
 
 
-def _problem(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {PROBLEM_JSON: {"schema": {"type": "object"}}}}
+def _problem(status: int, description: str) -> dict[str, Any]:
+    return problem_responses(status)[status] | {"description": description}
 
 
 REFUSALS = {
-    "401": _problem("Missing, malformed, unknown, revoked or expired key"),
-    "403": _problem("Account inactive, another customer's id, or a key without the scope"),
-    "404": _problem("A service token naming no customer"),
-    "422": _problem("Unknown meter, bad quantity, reserve without event; `errors` names fields"),
-    "429": _problem("A rate limit or hard quota refused: `policy`, `retry_after`, `upgrade`"),
-    "503": _problem("The limits store is unreachable and the server fails closed"),
+    "401": _problem(401, "Missing, malformed, unknown, revoked or expired key"),
+    "403": _problem(403, "Account inactive, another customer's id, or a key without the scope"),
+    "404": _problem(404, "A service token naming no customer"),
+    "409": _problem(409, "The event already holds a reservation of another meter or quantity"),
+    "422": _problem(
+        422, "Unknown meter, bad quantity, reserve without event; `errors` names fields"
+    ),
+    "429": _problem(429, "A rate limit or hard quota refused: `policy`, `retry_after`, `upgrade`"),
+    "503": _problem(503, "The limits store is unreachable and the server fails closed"),
 }
 RATE_HEADERS = {
     "RateLimit-Policy": {"schema": {"type": "string"}, "description": "every policy applied"},
@@ -100,7 +149,9 @@ RATE_HEADERS = {
 }
 
 
-def _operation(summary: str, model: type[BaseModel], ok: str) -> dict[str, Any]:
+def _operation(
+    summary: str, model: type[BaseModel], answer: type[BaseModel], ok: str
+) -> dict[str, Any]:
     return {
         "post": {
             "tags": ["enforcement"],
@@ -113,7 +164,7 @@ def _operation(summary: str, model: type[BaseModel], ok: str) -> dict[str, Any]:
                 "200": {
                     "description": ok,
                     "headers": RATE_HEADERS,
-                    "content": {"application/json": {"schema": {"type": "object"}}},
+                    "content": {"application/json": {"schema": ref(answer)}},
                 },
                 **REFUSALS,
             },
@@ -126,11 +177,13 @@ def openapi_paths() -> dict[str, Any]:
         "/v1/enforce": _operation(
             "Decide one call: allowed or refused, with remaining and reset",
             EnforceRequest,
+            EnforceDecision,
             "Allowed: the decision, and the RateLimit fields",
         ),
         "/v1/enforce/batch": _operation(
             f"Up to {MAX_BATCH} decisions, each independent, in order",
             BatchRequest,
+            EnforceBatchResults,
             "Each decision's status and body, in order",
         ),
     }

@@ -4,20 +4,22 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from itertools import islice
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request
 from psycopg_pool import AsyncConnectionPool
+from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 
 from schemas.api_keys import Scope
-from schemas.catalog import Meter
+from schemas.catalog import Aggregation, Meter
 from schemas.events import CUSTOMER_ID_PATTERN, utcnow
 from schemas.problem_types import INVALID_PARAMETER
 from schemas.windows import RETENTION, Window, buckets
 from services.api.usage.reader import MAX_BUCKETS, UsageReader
 from services.common import catalog
 from services.common.auth import Authenticator, address, credential
+from services.common.openapi import problem_responses
 from services.common.problems import Problem, invalid_field
 
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
@@ -28,17 +30,47 @@ DEFAULT_SPAN = {
     Window.DAY: timedelta(days=30),
     Window.MONTH: timedelta(days=365),
 }
+Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"})]  # RFC 3339
+
+
+class MeterList(BaseModel):
+    meters: list[Meter]
+
+
+class UsagePoint(BaseModel):
+    start: Timestamp
+    end: Timestamp
+    value: str = Field(description="A decimal, as a string.")
+    groups: dict[str, str] | None = Field(
+        None, description="With group_by: the group's dimension values (absent otherwise)."
+    )
+
+
+class UsageSeries(BaseModel):
+    customer: str
+    meter: str
+    aggregation: Aggregation
+    window: Window
+    from_: Timestamp = Field(alias="from")
+    to: Timestamp
+    group_by: list[str]
+    data: list[UsagePoint] = Field(description="One point per window, oldest first.")
 
 
 def router(redis: Redis, pool: AsyncConnectionPool, auth: Authenticator) -> APIRouter:
-    api = APIRouter(tags=["usage"])
+    api = APIRouter(tags=["usage"], responses=problem_responses(503))
     reader = UsageReader(redis, pool)
 
     @api.get("/v1/meters", summary="The meters of the catalog")
-    async def list_meters() -> dict[str, list[Meter]]:
-        return {"meters": await catalog.read_meters(pool)}
+    async def list_meters() -> MeterList:
+        return MeterList(meters=await catalog.read_meters(pool))
 
-    @api.get("/v1/customers/{customer}/usage", summary="A customer's usage of one meter over time")
+    @api.get(
+        "/v1/customers/{customer}/usage",
+        summary="A customer's usage of one meter over time",
+        response_model_exclude_none=True,  # a point has groups only when grouped
+        responses=problem_responses(401, 403, 422, 429),
+    )
     async def usage(
         request: Request,
         customer: Annotated[str, Path(pattern=CUSTOMER_ID_PATTERN)],
@@ -53,7 +85,7 @@ def router(redis: Redis, pool: AsyncConnectionPool, auth: Authenticator) -> APIR
         group_by: Annotated[
             str | None, Query(description="Comma-separated dimensions: the meter's group_by")
         ] = None,
-    ) -> dict[str, Any]:
+    ) -> UsageSeries:
         caller = await auth.caller(credential(request), address(request))
         await auth.require(caller, customer, Scope.USAGE_READ)
         found = await _meter(pool, meter)
@@ -63,7 +95,7 @@ def router(redis: Redis, pool: AsyncConnectionPool, auth: Authenticator) -> APIR
         _check_range(window, start, end, now)
         grouped = _grouping(found, group_by)
         points = await reader.read(customer, found, window, start, end, grouped, now)
-        return {
+        series = {
             "customer": customer,
             "meter": found.name,
             "aggregation": found.aggregation.value,
@@ -73,6 +105,7 @@ def router(redis: Redis, pool: AsyncConnectionPool, auth: Authenticator) -> APIR
             "group_by": list(found.group_by) if grouped else [],
             "data": [p.as_json() for p in points],
         }
+        return UsageSeries.model_validate(series)
 
     return api
 

@@ -11,6 +11,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request
 from psycopg_pool import AsyncConnectionPool
+from pydantic import BaseModel
 
 from schemas.api_keys import Scope
 from schemas.events import CUSTOMER_ID_PATTERN, utcnow
@@ -18,9 +19,14 @@ from schemas.invoices import Invoice, InvoiceStatus, UpcomingInvoice
 from services.billing.invoicing import reader as invoices
 from services.common.auth import Authenticator
 from services.common.clickhouse import ClickHouse
+from services.common.openapi import problem_responses
 from services.common.problems import unknown_customer
 
 Customer = Annotated[str, Path(pattern=CUSTOMER_ID_PATTERN)]
+
+
+class InvoiceList(BaseModel):
+    invoices: list[Invoice]
 
 
 def router(
@@ -28,7 +34,7 @@ def router(
     auth: Authenticator,
     clickhouse: Callable[[], ClickHouse],
 ) -> APIRouter:
-    api = APIRouter(tags=["invoices"])
+    api = APIRouter(tags=["invoices"], responses=problem_responses(401, 403, 422, 429, 503))
 
     @api.get("/v1/customers/{customer}/invoices", summary="A customer's invoices, newest first")
     async def list_invoices(
@@ -36,14 +42,15 @@ def router(
         customer: Customer,
         status: InvoiceStatus | None = None,
         limit: Annotated[int, Query(ge=1, le=120)] = 24,
-    ) -> dict[str, list[Invoice]]:
+    ) -> InvoiceList:
         await auth.authorize(request, Scope.USAGE_READ, customer)
         async with pool.connection() as conn:
-            return {"invoices": await invoices.listed(conn, customer, status, limit)}
+            return InvoiceList(invoices=await invoices.listed(conn, customer, status, limit))
 
     @api.get(
         "/v1/customers/{customer}/invoices/upcoming",
         summary="The current period's invoice so far, and a forecast to its end",
+        responses=problem_responses(404),
     )
     async def upcoming_invoice(request: Request, customer: Customer) -> UpcomingInvoice:
         await auth.authorize(request, Scope.USAGE_READ, customer)

@@ -17,6 +17,7 @@ from schemas.plans import PLAN_ID_PATTERN
 from services.billing.stripe.sessions import Session, Sessions
 from services.billing.stripe.webhooks import Webhooks
 from services.common.auth import Authenticator
+from services.common.openapi import problem_responses
 
 Customer = Annotated[str, Path(pattern=CUSTOMER_ID_PATTERN)]
 
@@ -35,13 +36,20 @@ class PortalRequest(BaseModel):
     return_url: AnyHttpUrl = Field(description="Where the portal's back link goes.")
 
 
+class WebhookReceipt(BaseModel):
+    received: bool
+    outcome: str = Field(description="What the event did: applied, ignored, duplicate…")
+
+
 def router(auth: Authenticator, sessions: Sessions, webhooks: Webhooks) -> APIRouter:
-    api = APIRouter(tags=["stripe"])
+    api = APIRouter(tags=["stripe"], responses=problem_responses(503))
+    session_problems = problem_responses(401, 403, 404, 422, 429, 502)
 
     @api.post(
         "/v1/customers/{customer}/billing/checkout",
         status_code=201,
         summary="A Stripe Checkout page subscribing the customer to a plan",
+        responses=session_problems | problem_responses(409),
     )
     async def checkout(request: Request, customer: Customer, body: CheckoutRequest) -> Session:
         await auth.authorize(request, Scope.BILLING, customer)
@@ -53,14 +61,18 @@ def router(auth: Authenticator, sessions: Sessions, webhooks: Webhooks) -> APIRo
         "/v1/customers/{customer}/billing/portal",
         status_code=201,
         summary="A Stripe billing-portal page: pay, change the card, see invoices, cancel",
+        responses=session_problems,
     )
     async def portal(request: Request, customer: Customer, body: PortalRequest) -> Session:
         await auth.authorize(request, Scope.BILLING, customer)
         return await sessions.portal(customer, str(body.return_url))
 
-    @api.post("/v1/stripe/webhook", summary="Stripe's events (signed)")
-    async def stripe_webhook(request: Request) -> dict[str, object]:
+    @api.post(
+        "/v1/stripe/webhook", summary="Stripe's events (signed)", responses=problem_responses(400)
+    )
+    async def stripe_webhook(request: Request) -> WebhookReceipt:
         body = await request.body()
-        return await webhooks.receive(body, request.headers.get("stripe-signature"))
+        receipt = await webhooks.receive(body, request.headers.get("stripe-signature"))
+        return WebhookReceipt.model_validate(receipt)
 
     return api
