@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from services.api.accounts import admin_routes
 from services.api.accounts import routes as account_routes
-from services.api.accounts.routes import Accounts
+from services.api.accounts.service import Accounts
 from services.api.enforcement import routes as enforce_routes
 from services.api.enforcement.address_limit import AddressLimit
 from services.api.enforcement.enforcer import Enforcer

@@ -18,7 +18,7 @@ from schemas import redis_keys
 from schemas.catalog import Meter
 from schemas.events import VALUE_SCALE, utcnow
 from schemas.windows import Window, bucket_id
-from services.api.accounts import service as accounts
+from services.api.accounts import store as accounts
 from services.api.accounts.projection_lock import lock_projection
 from services.common.clickhouse import ClickHouse
 from services.common.settings import Settings

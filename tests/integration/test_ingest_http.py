@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from schemas import envelope, topics
 from schemas.api_keys import Scope
 from schemas.events import utcnow
-from services.api.accounts import service as accounts
+from services.api.accounts import store as accounts
 from services.common import catalog, kafka
 from services.common.auth import Authenticator
 from services.common.settings import Settings

@@ -17,8 +17,8 @@ from schemas.events import CUSTOMER_ID_PATTERN
 from schemas.plans import Plan, check_plan
 from schemas.problem_types import CUSTOMER_EXISTS, UNKNOWN_PLAN
 from services.api.accounts import projection
-from services.api.accounts import service as accounts
-from services.api.accounts.routes import (
+from services.api.accounts import store as accounts
+from services.api.accounts.service import (
     Accounts,
     IssuedKey,
     NewKeyRequest,
@@ -26,7 +26,7 @@ from services.api.accounts.routes import (
     RotatedKey,
     Rotation,
 )
-from services.api.accounts.service import ApiKey, Customer, Status
+from services.api.accounts.store import ApiKey, Customer, Status
 from services.common import catalog
 from services.common.auth import address, credential
 from services.common.openapi import problem_responses

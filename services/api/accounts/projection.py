@@ -18,7 +18,7 @@ from redis.typing import EncodableT, FieldT
 
 from schemas import account_state, redis_keys
 from schemas.account_state import compile_plan, epoch_ms
-from services.api.accounts import service as accounts
+from services.api.accounts import store as accounts
 from services.api.accounts.projection_lock import lock_projection
 from services.common import catalog
 

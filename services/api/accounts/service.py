@@ -1,320 +1,231 @@
-"""Customers and their API keys in PostgreSQL, the source of truth; every change audited.
+"""The accounts service: the one way customers, API keys and the audit log change.
 
-The enforcement hot path never reads these tables: ``projection`` copies what it needs
-into Redis after each change.  Functions here take a connection so that a caller can
-group them in one transaction.
+Sign-up, self-service and the admin API (its routes), and Stripe's webhook (a plan or
+status the payment provider decided) all go through here: the store (``store``) writes
+PostgreSQL, then the projection (``projection``) copies the account into Redis for
+enforcement.
 """
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import Sequence
+from collections.abc import Callable
 from datetime import datetime, timedelta
-from enum import StrEnum
-from typing import Any
+from typing import Annotated
 
 from psycopg import AsyncConnection
-from psycopg.errors import UniqueViolation
-from psycopg.rows import class_row
-from psycopg.types.json import Jsonb
-from pydantic import BaseModel
+from psycopg_pool import AsyncConnectionPool
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from redis.asyncio import Redis
 
-from schemas import api_keys
-from schemas.api_keys import Environment, Scope
+from schemas.api_keys import ALL_SCOPES, Environment, Holder, Scope
 from schemas.events import utcnow
 from schemas.plans import Plan
+from schemas.problem_types import EMAIL_TAKEN, KEY_REVOKED, UNKNOWN_KEY
+from services.api.accounts import projection, store
+from services.api.accounts.grants import check_grant
 from services.api.accounts.projection_lock import lock_projection
+from services.api.accounts.store import ApiKey, Customer, EmailTaken, KeyRevoked
+from services.api.accounts.store import Status as Status
+from services.common import catalog
+from services.common.auth import Authenticator
+from services.common.logging import get_logger
+from services.common.problems import Problem, invalid_field, unknown_customer
+from services.common.redis import UNREACHABLE
+from services.common.settings import Settings
+
+log = get_logger("tally.accounts")
 
 
-class Status(StrEnum):
-    TRIAL = "trial"
-    ACTIVE = "active"
-    PAST_DUE = "past_due"
-    SUSPENDED = "suspended"
-    CANCELLED = "cancelled"
+class NewKeyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, Field(max_length=100)] = ""
+    scopes: Annotated[list[Scope], Field(min_length=1)] = list(ALL_SCOPES)
+    expires_at: AwareDatetime | None = None
+    environment: Environment = Environment.LIVE
+
+    @field_validator("expires_at")
+    @classmethod
+    def _future(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value <= utcnow():
+            raise ValueError("must lie in the future")
+        return value
 
 
-class Customer(BaseModel):
-    id: str
-    email: str
-    company: str
-    plan: str
-    status: Status
-    trial_ends_at: datetime | None
-    created_at: datetime
-    status_since: datetime
+class Rotation(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    grace_seconds: Annotated[int | None, Field(ge=0, le=30 * 86400)] = None
 
 
-class ApiKey(BaseModel):
-    """A key as it may be shown after creation: never the secret, only its last 4."""
+class IssuedKey(ApiKey):
+    """A key as issued: the only response that ever carries a key's secret."""
 
-    id: str
-    customer: str
-    prefix: str
-    last4: str
-    name: str
-    scopes: list[Scope]
-    created_at: datetime
-    expires_at: datetime | None
-    revoked_at: datetime | None
-    replaced_by: str | None
-
-    def holder(self) -> api_keys.Holder:
-        scopes = tuple(s.value for s in self.scopes)
-        return api_keys.Holder(self.customer, self.id, scopes, self.expires_at, self.revoked_at)
+    key: str = Field(description="The secret: shown this once, never again.")
 
 
-class EmailTaken(Exception):
-    pass
+class RotatedKey(IssuedKey):
+    """The replacement key; the old one keeps working for ``old_key_valid_for_seconds``."""
+
+    old_key_valid_for_seconds: int
 
 
-class UnknownPlan(LookupError):
-    """A plan id the catalog does not have."""
+class OpenedAccount(BaseModel):
+    customer: Customer
+    api_key: IssuedKey | None = Field(description="Its first key; null when opened without one.")
 
 
-class KeyRevoked(Exception):
-    """A revoked key cannot be rotated: its replacement would bring it back to life."""
+def issued(key: ApiKey, secret: str) -> IssuedKey:
+    """The only response that ever carries a key's secret."""
+    return IssuedKey.model_validate(key.model_dump() | {"key": secret})
 
 
-_CUSTOMER = (
-    "SELECT id, email, company, plan_id AS plan, status, trial_ends_at, created_at,"
-    " status_since FROM customers"
-)
-_KEY = (
-    "SELECT id, customer_id AS customer, prefix, last4, name, scopes, created_at,"
-    " expires_at, revoked_at, replaced_by FROM api_keys"
-)
+class Accounts:
+    """What sign-up and key management share with the admin routes."""
 
+    def __init__(
+        self,
+        settings: Settings,
+        redis: Redis,
+        pool: AsyncConnectionPool,
+        auth: Authenticator,
+        admit_address: Callable[[str], None],
+    ) -> None:
+        """``admit_address`` raises 429 for a client address that sends too much (the
+        layer before authentication, which sign-up shares with enforcement)."""
+        self.settings = settings
+        self.redis = redis
+        self.pool = pool
+        self.auth = auth
+        self.admit_address = admit_address
 
-def new_id(kind: str) -> str:
-    return f"{kind}_{secrets.token_hex(8)}"
+    async def plan(self, plan_id: str, field: str = "plan") -> Plan:
+        async with self.pool.connection() as conn:
+            found = await catalog.read_plan(conn, plan_id)
+            if found is not None:
+                return found
+            known = [p.id for p in await catalog.read_plans(conn)]
+        raise invalid_field(field, f"unknown plan {plan_id!r}; plans: {', '.join(known)}")
 
+    async def customer(self, customer_id: str) -> Customer:
+        async with self.pool.connection() as conn:
+            found = await store.get_customer(conn, customer_id)
+        if found is None:
+            raise unknown_customer(customer_id)
+        return found
 
-async def audit(
-    conn: AsyncConnection, actor: str, action: str, subject: str, **detail: Any
-) -> None:
-    await conn.execute(
-        "INSERT INTO audit_log (actor, action, subject, detail) VALUES (%s, %s, %s, %s)",
-        (actor, action, subject, Jsonb(detail)),
-    )
+    async def key(self, customer_id: str, key_id: str) -> ApiKey:
+        async with self.pool.connection() as conn:
+            found = await store.get_key(conn, key_id)
+        if found is None or found.customer != customer_id:
+            raise Problem(UNKNOWN_KEY, f"no key {key_id!r} for this customer")
+        return found
 
+    async def reproject(self, customer_id: str) -> None:
+        """After a committed change.  If Redis fails here the change still stands (and a
+        new secret is still returned): enforcement re-projects an account or key it
+        lacks, and the next change re-projects the rest."""
+        try:
+            await projection.project_customer(self.redis, self.pool, customer_id)
+        except UNREACHABLE as exc:
+            log.warning("projection into Redis failed", customer=customer_id, error=repr(exc))
 
-async def create_customer(
-    conn: AsyncConnection,
-    *,
-    email: str,
-    company: str,
-    plan: Plan,
-    actor: str,
-    customer_id: str | None = None,
-) -> Customer:
-    """A new customer on ``plan``, in trial when the plan offers one."""
-    now = utcnow()
-    trial_ends = now + timedelta(days=plan.trial_days) if plan.trial_days else None
-    status = Status.TRIAL if trial_ends else Status.ACTIVE
-    cid = customer_id or new_id("cus")
-    taken = await conn.execute("SELECT 1 FROM customers WHERE lower(email) = lower(%s)", (email,))
-    if await taken.fetchone():
-        raise EmailTaken(email)
-    try:
-        await conn.execute(
-            "INSERT INTO customers (id, email, company, plan_id, status, trial_ends_at)"
-            " VALUES (%s, %s, %s, %s, %s, %s)",
-            (cid, email, company, plan.id, status.value, trial_ends),
+    async def open_account(
+        self,
+        email: str,
+        company: str,
+        plan: Plan,
+        actor: str,
+        *,
+        customer_id: str | None = None,
+        with_key: bool = True,
+    ) -> OpenedAccount:
+        """A new customer and, unless told otherwise, its first key: sign-up and the
+        admin API alike."""
+        try:
+            async with self.pool.connection() as conn:
+                customer = await store.create_customer(
+                    conn,
+                    email=email,
+                    company=company,
+                    plan=plan,
+                    actor=actor,
+                    customer_id=customer_id,
+                )
+                key = None
+                if with_key:
+                    new, secret = await store.issue_key(
+                        conn, customer.id, self.settings.pepper, actor
+                    )
+                    key = issued(new, secret)
+        except EmailTaken:
+            raise Problem(EMAIL_TAKEN, "an account with this email exists") from None
+        await self.reproject(customer.id)
+        return OpenedAccount(customer=customer, api_key=key)
+
+    async def new_key(
+        self, customer_id: str, body: NewKeyRequest, actor: str, *, grantor: Holder | None
+    ) -> IssuedKey:
+        """``grantor``: the customer's key asking (``None``: the seller, who may ask
+        anything); it cannot issue more than it holds (``check_grant``)."""
+        if grantor is not None:
+            check_grant(grantor, body.scopes, body.expires_at)
+        async with self.pool.connection() as conn:
+            key, secret = await store.issue_key(
+                conn,
+                customer_id,
+                self.settings.pepper,
+                actor,
+                scopes=body.scopes,
+                name=body.name,
+                expires_at=body.expires_at,
+                environment=body.environment,
+            )
+        await self.reproject(customer_id)
+        return issued(key, secret)
+
+    async def rotate(
+        self, key: ApiKey, body: Rotation, actor: str, *, grantor: Holder | None
+    ) -> RotatedKey:
+        """The replacement has ``key``'s scopes and expiry, so ``grantor`` (as in
+        ``new_key``) must be able to issue those; if not, nothing changes."""
+        if grantor is not None:
+            check_grant(grantor, key.scopes, key.expires_at)
+        grace = body.grace_seconds
+        if grace is None:
+            grace = self.settings.key_rotation_grace_seconds
+        try:
+            async with self.pool.connection() as conn:
+                new, secret = await store.rotate_key(
+                    conn, key, self.settings.pepper, timedelta(seconds=grace), actor
+                )
+        except KeyRevoked:
+            raise Problem(KEY_REVOKED, "a revoked key cannot be rotated") from None
+        await self.reproject(key.customer)
+        return RotatedKey.model_validate(
+            issued(new, secret).model_dump() | {"old_key_valid_for_seconds": grace}
         )
-    except UniqueViolation as exc:  # a concurrent sign-up with the same email or id
-        raise EmailTaken(email) from exc
-    await audit(conn, actor, "customer.created", cid, plan=plan.id, status=status.value)
-    found = await get_customer(conn, cid)
-    assert found is not None
-    return found
 
-
-async def get_customer(conn: AsyncConnection, customer_id: str) -> Customer | None:
-    async with conn.cursor(row_factory=class_row(Customer)) as cur:
-        await cur.execute(f"{_CUSTOMER} WHERE id = %s", (customer_id,))
-        return await cur.fetchone()
-
-
-async def list_customers(
-    conn: AsyncConnection, *, plan: str | None = None, limit: int = 100, after: str = ""
-) -> list[Customer]:
-    async with conn.cursor(row_factory=class_row(Customer)) as cur:
-        await cur.execute(
-            f"{_CUSTOMER} WHERE id > %s AND (%s::text IS NULL OR plan_id = %s)"
-            " ORDER BY id LIMIT %s",
-            (after, plan, plan, limit),
-        )
-        return await cur.fetchall()
-
-
-async def customers_on(conn: AsyncConnection, plan_id: str) -> list[str]:
-    cur = await conn.execute("SELECT id FROM customers WHERE plan_id = %s", (plan_id,))
-    return [row[0] for row in await cur.fetchall()]
-
-
-async def change_plan(conn: AsyncConnection, customer_id: str, plan: Plan, actor: str) -> None:
-    """Move a customer to ``plan``; an expired or absent trial does not restart."""
-    await conn.execute(
-        "UPDATE customers SET plan_id = %s, updated_at = now() WHERE id = %s",
-        (plan.id, customer_id),
-    )
-    await audit(conn, actor, "customer.plan_changed", customer_id, plan=plan.id)
-
-
-async def set_status(
-    conn: AsyncConnection, customer_id: str, status: Status, actor: str, **detail: Any
-) -> None:
-    await conn.execute(
-        "UPDATE customers SET status = %s, updated_at = now() WHERE id = %s",
-        (status.value, customer_id),
-    )
-    await audit(conn, actor, "customer.status_changed", customer_id, status=status, **detail)
-
-
-async def exists(conn: AsyncConnection, customer_id: str) -> bool:
-    cur = await conn.execute("SELECT 1 FROM customers WHERE id = %s", (customer_id,))
-    return await cur.fetchone() is not None
-
-
-async def status_of(conn: AsyncConnection, customer_id: str) -> Status | None:
-    cur = await conn.execute("SELECT status FROM customers WHERE id = %s", (customer_id,))
-    row = await cur.fetchone()
-    return Status(row[0]) if row else None
+    async def revoke(self, key: ApiKey, actor: str) -> None:
+        async with self.pool.connection() as conn:
+            await store.revoke_key(conn, key, actor)
+        await self.reproject(key.customer)
 
 
 async def follow_billing(
-    conn: AsyncConnection,
-    customer_id: str,
-    plan_id: str | None,
-    status: Status | None,
-    actor: str,
+    conn: AsyncConnection, customer_id: str, plan_id: str | None, status: Status | None
 ) -> tuple[str, Status] | None:
-    """Apply the payment provider's word (a plan and/or a status; ``None`` keeps the
-    current one) in one statement, audited as ``customer.sync``.  ``None`` when the
-    customer does not exist; ``UnknownPlan`` when the plan is not in the catalog.
+    """Apply the payment provider's word in the caller's transaction (see
+    ``store.sync_plan_and_status``), audited as done by ``stripe``.
 
-    The caller drops the customer's Redis projection once this transaction commits: the
+    The caller drops the customer's Redis projection once the transaction commits: the
     projection lock taken here keeps a projection already in flight from landing after."""
-    if plan_id is not None:
-        cur = await conn.execute("SELECT 1 FROM plans WHERE id = %s", (plan_id,))
-        if await cur.fetchone() is None:
-            raise UnknownPlan(plan_id)
-    cur = await conn.execute(
-        "UPDATE customers SET plan_id = coalesce(%s, plan_id), status = coalesce(%s, status),"
-        " updated_at = now() WHERE id = %s RETURNING plan_id, status",
-        (plan_id, status.value if status else None, customer_id),
-    )
-    row = await cur.fetchone()
-    if row is None:
-        return None
-    await audit(conn, actor, "customer.sync", customer_id, plan=row[0], status=row[1])
-    await lock_projection(conn, customer_id)  # no projection in flight lands after the drop
-    return str(row[0]), Status(row[1])
+    changed = await store.sync_plan_and_status(conn, customer_id, plan_id, status, "stripe")
+    if changed is not None:
+        await lock_projection(conn, customer_id)
+    return changed
 
 
-async def end_trial(
-    conn: AsyncConnection, customer_id: str, downgrade_to: Plan | None, actor: str
-) -> bool:
-    """An unpaid trial that has run out: onto ``downgrade_to`` (active), or suspended.
-    Returns whether this call made the change (concurrent callers race harmlessly)."""
-    cur = await conn.execute(
-        "UPDATE customers SET plan_id = coalesce(%s, plan_id), status = %s,"
-        " updated_at = now() WHERE id = %s AND status = 'trial' AND trial_ends_at <= now()",
-        (
-            downgrade_to.id if downgrade_to else None,
-            (Status.ACTIVE if downgrade_to else Status.SUSPENDED).value,
-            customer_id,
-        ),
-    )
-    if cur.rowcount:
-        plan = downgrade_to.id if downgrade_to else None
-        await audit(conn, actor, "customer.trial_ended", customer_id, downgraded_to=plan)
-    return bool(cur.rowcount)
-
-
-async def issue_key(
-    conn: AsyncConnection,
-    customer_id: str,
-    pepper: bytes,
-    actor: str,
-    *,
-    scopes: Sequence[Scope] = api_keys.ALL_SCOPES,
-    name: str = "",
-    expires_at: datetime | None = None,
-    environment: Environment = Environment.LIVE,
-) -> tuple[ApiKey, str]:
-    """A new key; the secret is returned here and never again."""
-    new = api_keys.generate(environment)
-    kid = new_id("key")
-    await conn.execute(
-        "INSERT INTO api_keys (id, customer_id, hash, prefix, last4, name, scopes, expires_at)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-        (
-            kid,
-            customer_id,
-            api_keys.digest(pepper, new.secret),
-            new.prefix,
-            new.last4,
-            name,
-            [s.value for s in scopes],
-            expires_at,
-        ),
-    )
-    await audit(conn, actor, "key.issued", customer_id, key=kid, scopes=list(scopes))
-    key = await get_key(conn, kid)
-    assert key is not None
-    return key, new.secret
-
-
-async def get_key(conn: AsyncConnection, key_id: str) -> ApiKey | None:
-    async with conn.cursor(row_factory=class_row(ApiKey)) as cur:
-        await cur.execute(f"{_KEY} WHERE id = %s", (key_id,))
-        return await cur.fetchone()
-
-
-async def list_keys(conn: AsyncConnection, customer_id: str) -> list[ApiKey]:
-    async with conn.cursor(row_factory=class_row(ApiKey)) as cur:
-        await cur.execute(f"{_KEY} WHERE customer_id = %s ORDER BY created_at", (customer_id,))
-        return await cur.fetchall()
-
-
-async def revoke_key(conn: AsyncConnection, key: ApiKey, actor: str) -> None:
-    await conn.execute(
-        "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = %s", (key.id,)
-    )
-    await audit(conn, actor, "key.revoked", key.customer, key=key.id)
-
-
-async def rotate_key(
-    conn: AsyncConnection, key: ApiKey, pepper: bytes, grace: timedelta, actor: str
-) -> tuple[ApiKey, str]:
-    """A replacement with the same scopes; the old key keeps working for ``grace``, so
-    deployments can switch over without a failed request.
-
-    The key's row stays locked until the caller commits, and its revocation is read
-    under that lock: a revocation that commits first is seen here (``KeyRevoked``), and
-    one that comes later waits, then revokes the old key only.
-    """
-    cur = await conn.execute("SELECT revoked_at FROM api_keys WHERE id = %s FOR UPDATE", (key.id,))
-    row = await cur.fetchone()
-    if row is None or row[0] is not None:
-        raise KeyRevoked(key.id)
-    new, secret = await issue_key(
-        conn,
-        key.customer,
-        pepper,
-        actor,
-        scopes=key.scopes,
-        name=key.name,
-        expires_at=key.expires_at,
-        environment=Environment(key.prefix.removeprefix("tally_").rstrip("_")),
-    )
-    ends = utcnow() + grace
-    await conn.execute(
-        "UPDATE api_keys SET replaced_by = %s,"
-        " expires_at = least(coalesce(expires_at, %s), %s) WHERE id = %s",
-        (new.id, ends, ends, key.id),
-    )
-    await audit(conn, actor, "key.rotated", key.customer, key=key.id, replaced_by=new.id)
-    return new, secret
+exists = store.exists
+status_of = store.status_of
+UnknownPlan = store.UnknownPlan

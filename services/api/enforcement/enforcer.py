@@ -30,7 +30,7 @@ from schemas.problem_types import (
     RESERVATION_CONFLICT,
 )
 from services.api.accounts import projection
-from services.api.accounts import service as accounts
+from services.api.accounts import store as accounts
 from services.api.enforcement.fallback import Fallback
 from services.api.enforcement.limiter import Ask, Code, Limiter, Mode, Outcome
 from services.api.enforcement.refusals import decision, headers, refused

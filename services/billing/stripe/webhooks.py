@@ -260,7 +260,7 @@ async def _change(
 ) -> str:
     try:
         changed = await accounts.follow_billing(
-            conn, customer, plan, accounts.Status(status) if status else None, "stripe"
+            conn, customer, plan, accounts.Status(status) if status else None
         )
     except accounts.UnknownPlan:
         return f"ignored: unknown plan {plan!r}"
