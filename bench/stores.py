@@ -36,7 +36,8 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from schemas.catalog import Catalog
-from services.common import catalog, postgres
+from services.api.catalog import store as catalog_store
+from services.common import postgres
 
 REDIS_VARIABLE = "TALLY_BENCH_REDIS_URL"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/13"
@@ -135,7 +136,7 @@ def bench_database(load: Catalog | None = None, server: str | None = None) -> It
 
 async def _load(url: str, load: Catalog) -> None:
     async with AsyncConnectionPool(url, open=False) as pool:
-        await catalog.load(pool, load)
+        await catalog_store.load(pool, load)
 
 
 @contextlib.contextmanager

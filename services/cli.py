@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from schemas.catalog import Catalog
+from services.api.catalog import store as catalog_store
 from services.common.logging import configure
 from services.common.settings import Settings, get_settings
 from services.runtime import DevelopmentSecrets, Runtime, Starter, run, serve
@@ -35,15 +37,25 @@ def _require_kafka(settings: Settings, command: str) -> None:
         )
 
 
-def _run(starters: list[Starter], port: int | None, prepare: bool = False) -> None:
+async def prepare(runtime: Runtime) -> None:
+    """Stores ready for every service: databases, migrations, ClickHouse tables and topics
+    (``Runtime.prepare``), then the catalog seeded by its owner."""
+    await runtime.prepare()
+    path = runtime.settings.catalog_path
+    await catalog_store.load(
+        await runtime.pool(), Catalog.from_file(path) if path else Catalog.default()
+    )
+
+
+def _run(starters: list[Starter], port: int | None, prepare_stores: bool = False) -> None:
     settings = _settings()
     if port is not None:
         settings = settings.model_copy(update={"port": port})
 
     async def main() -> None:
         async with Runtime(settings) as runtime:
-            if prepare:
-                await runtime.prepare()
+            if prepare_stores:
+                await prepare(runtime)
             await serve(runtime, starters)
 
     try:
@@ -68,7 +80,7 @@ def up(
     starters: list[Starter] = [aggregator.start, billing.start, ingest.start, api.start]
     if demo:
         starters.append(demo_load.start)
-    _run(starters, port, prepare=True)
+    _run(starters, port, prepare_stores=True)
 
 
 @app.command()
@@ -215,7 +227,7 @@ def migrate() -> None:
 
     async def main() -> None:
         async with Runtime(_settings()) as runtime:
-            await runtime.prepare()
+            await prepare(runtime)
 
     run(main())
     typer.echo("schema and catalog are up to date")

@@ -26,8 +26,7 @@ from redis.asyncio import Redis
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from schemas.catalog import Catalog
-from services.common import broker, catalog, clickhouse, kafka, pages, postgres, problems
+from services.common import broker, clickhouse, kafka, pages, postgres, problems
 from services.common import redis as redis_client
 from services.common.auth import Authenticator
 from services.common.clickhouse import ClickHouse
@@ -88,14 +87,11 @@ class Runtime:
         return self._bootstrap
 
     async def prepare(self) -> None:
-        """Create databases and schemas, run migrations, load the catalog."""
+        """Create databases and schemas, run migrations (the catalog is seeded after, by
+        its owner: ``services.cli.prepare``)."""
         url = self.settings.database_url
         await asyncio.to_thread(postgres.ensure_database, url)
         await asyncio.to_thread(postgres.migrate, url)
-        path = self.settings.catalog_path
-        await catalog.load(
-            await self.pool(), Catalog.from_file(path) if path else Catalog.default()
-        )
         await asyncio.to_thread(clickhouse.create_schema, self.clickhouse())
         if self.settings.kafka_bootstrap_servers:
             await kafka.ensure_topics(

@@ -23,7 +23,8 @@ from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from schemas.catalog import Catalog, Meter
-from services.common import catalog, clickhouse, kafka, postgres
+from services.api.catalog import store as catalog_store
+from services.common import clickhouse, kafka, postgres
 from services.common.broker import EmbeddedBroker
 from services.common.clickhouse import ClickHouse
 from services.common.settings import Settings
@@ -98,7 +99,7 @@ def database_url() -> Iterator[str]:
 
 async def _load_catalog(url: str) -> None:
     async with AsyncConnectionPool(url, open=False) as pool:
-        await catalog.load(pool, Catalog.default())
+        await catalog_store.load(pool, Catalog.default())
 
 
 @pytest.fixture

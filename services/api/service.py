@@ -5,6 +5,7 @@ from __future__ import annotations
 from services.api.accounts import admin_routes
 from services.api.accounts import routes as account_routes
 from services.api.accounts.service import Accounts
+from services.api.catalog import routes as catalog_routes
 from services.api.enforcement import routes as enforce_routes
 from services.api.enforcement.address_limit import AddressLimit
 from services.api.enforcement.enforcer import Enforcer
@@ -30,6 +31,7 @@ async def start(runtime: Runtime) -> Component:
             usage_routes.router(runtime.redis(), pool, auth),
             account_routes.router(accounts),
             admin_routes.router(accounts),
+            catalog_routes.router(accounts),
         ],
         checks={"redis": runtime.check_redis(), "postgres": runtime.check_postgres()},
         schemas=enforce_routes.openapi_schemas(),

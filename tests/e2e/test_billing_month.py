@@ -10,9 +10,9 @@ from schemas.envelope import StoredEvent
 from schemas.events import utcnow
 from schemas.plans import Plan, Price
 from services.aggregator.clickhouse_sink import ClickHouseSink
+from services.api.catalog import store as catalog_store
 from services.billing.invoicing.run import BillingRun
 from services.billing.rollup.job import Rollup
-from services.common import catalog
 from tests.billing_support import amounts, at, invoice_of, subscribe
 
 D = Decimal
@@ -36,7 +36,7 @@ async def test_a_month_through_the_pipeline_to_invoices(ch, pool, tenant) -> Non
         prices={"active_users": Price(unit_price=D("2"), included=D(1))},
     )
     async with pool.connection() as conn:
-        await catalog.save_plan(conn, seats, "test")
+        await catalog_store.save_plan(conn, seats, "test")
     plans = ["free", "starter", "pro", "enterprise", "payg", seats.id]
     for plan in plans:
         await subscribe(pool, f"{tenant}-{plan}", plan, at("2026-08-01"))

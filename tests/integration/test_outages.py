@@ -19,8 +19,8 @@ import psycopg
 
 from schemas import api_keys
 from schemas.plans import Plan, Price
+from services.api.catalog import store as catalog_store
 from services.billing.invoicing import routes as billing_routes
-from services.common import catalog
 from services.common.problems import unavailable_store
 from services.common.settings import Settings
 from services.ingest.app import Ingest
@@ -160,7 +160,7 @@ async def test_upcoming_invoice_with_clickhouse_refused_answers_503(
         prices={"active_users": Price(unit_price=Decimal(2), included=Decimal(1))},
     )
     async with pool.connection() as conn:
-        await catalog.save_plan(conn, seats, "test")
+        await catalog_store.save_plan(conn, seats, "test")
     customer = f"{tenant}-{uuid.uuid4().hex[:6]}"
     await subscribe(pool, customer, seats.id, at("2026-01-01"))
 

@@ -17,12 +17,12 @@ from typer.testing import CliRunner
 from schemas.catalog import Aggregation, Catalog
 from schemas.plans import Plan, Price
 from services import cli
+from services.api.catalog import store as catalog_store
 from services.billing.rating.engine import rate
 from services.billing.stripe import client as stripe_client
 from services.billing.stripe import mirror as stripe_mirror
 from services.billing.stripe.prices import mirror
 from services.cli import app
-from services.common import catalog
 from tests.accounts_support import running_api, sign_up
 from tests.billing_support import at, stripe_app, subscribe
 from tests.fake_stripe import FakeStripe
@@ -206,12 +206,12 @@ async def test_sync_mirrors_the_catalog_once_and_follows_edits(pool, fake_stripe
     async with pool.connection() as conn:
         edited = default_plan("starter").model_dump()
         edited["prices"]["api_calls"]["unit_price"] = "0.002"
-        await catalog.save_plan(conn, Plan.model_validate(edited), "test")
+        await catalog_store.save_plan(conn, Plan.model_validate(edited), "test")
     edit = await stripe_mirror.sync(pool, fake.client())
     assert edit.created == ["price starter/api_calls"]
     async with pool.connection() as conn:
         now = await stripe_mirror.price_ids(conn, "starter")
-        await catalog.save_plan(conn, default_plan("starter"), "test")  # put it back
+        await catalog_store.save_plan(conn, default_plan("starter"), "test")  # put it back
     old, new = fake.prices[starter["api_calls"]], fake.prices[now["api_calls"]]
     assert (old["active"], old["lookup_key"]) == (False, None)
     assert (new["active"], new["lookup_key"]) == (True, "tally_starter_api_calls")
@@ -234,7 +234,7 @@ async def test_archived_plan_is_deactivated_in_stripe(pool, fake_stripe, tenant)
     fake = fake_stripe
     gone = plan(tenant, compute_seconds={"model": "per_unit", "unit_price": "0.01"})
     async with pool.connection() as conn:
-        await catalog.save_plan(conn, gone, "test")
+        await catalog_store.save_plan(conn, gone, "test")
     await stripe_mirror.sync(pool, fake.client())
     async with pool.connection() as conn:
         ids = await stripe_mirror.price_ids(conn, tenant)

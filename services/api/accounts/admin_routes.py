@@ -1,4 +1,4 @@
-"""The admin API (admin token): plans as versioned data, customers, their keys, the audit.
+"""The admin API for accounts (admin token): customers, their keys, the audit log.
 
 Every change is written to PostgreSQL with an audit entry, then projected into Redis
 before the response, so enforcement applies it from the very next request.
@@ -12,11 +12,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, EmailStr, Field
 
-from schemas.catalog import ADDITIVE
 from schemas.events import CUSTOMER_ID_PATTERN
-from schemas.plans import Plan, check_plan
-from schemas.problem_types import CUSTOMER_EXISTS, UNKNOWN_PLAN
-from services.api.accounts import projection
+from schemas.problem_types import CUSTOMER_EXISTS
 from services.api.accounts import store as accounts
 from services.api.accounts.service import (
     Accounts,
@@ -27,10 +24,9 @@ from services.api.accounts.service import (
     Rotation,
 )
 from services.api.accounts.store import ApiKey, Customer, Status
-from services.common import catalog
 from services.common.auth import address, credential
 from services.common.openapi import problem_responses
-from services.common.problems import Problem, invalid_field
+from services.common.problems import Problem
 
 ACTOR = "admin"
 
@@ -54,34 +50,6 @@ class CustomerChange(BaseModel):
     status: Status | None = None
 
 
-class CatalogPlan(Plan):
-    """A plan of the catalog, with its current version; archived ones too."""
-
-    version: int
-    archived: bool
-
-
-class CatalogPlans(BaseModel):
-    plans: list[CatalogPlan]
-
-
-class SavedPlan(BaseModel):
-    plan: Plan
-    version: int = Field(description="The version this change created.")
-    customers: int = Field(description="Customers on the plan, to whom it applies at once.")
-
-
-class PlanVersion(BaseModel):
-    version: int
-    definition: dict[str, Any] = Field(description="The plan as it was saved (a Plan).")
-    changed_by: str
-    changed_at: datetime
-
-
-class PlanHistory(BaseModel):
-    versions: list[PlanVersion]
-
-
 class CustomerList(BaseModel):
     customers: list[Customer]
 
@@ -103,75 +71,23 @@ class AuditLog(BaseModel):
     entries: list[AuditEntry]
 
 
-def router(service: Accounts) -> APIRouter:
+def admin_api(service: Accounts) -> APIRouter:
+    """A router under ``/v1/admin`` whose every route asks for the admin token first."""
+
     async def admin(request: Request) -> None:
         await service.auth.admin(credential(request), address(request))
 
-    api = APIRouter(
+    return APIRouter(
         prefix="/v1/admin",
         tags=["admin"],
         dependencies=[Depends(admin)],
         responses=problem_responses(401, 429, 503),
     )
-    pool, redis = service.pool, service.redis
 
-    @api.get("/plans", summary="Every plan, with its current version")
-    async def list_plans() -> CatalogPlans:
-        async with pool.connection() as conn:
-            cur = await conn.execute("SELECT definition, version, archived FROM plans ORDER BY id")
-            rows = await cur.fetchall()
-        return CatalogPlans.model_validate(
-            {"plans": [d | {"version": v, "archived": a} for d, v, a in rows]}
-        )
 
-    @api.put(
-        "/plans/{plan_id}",
-        summary="Create or replace a plan: a new version, at once",
-        responses=problem_responses(422),
-    )
-    async def put_plan(plan_id: str, plan: Plan) -> SavedPlan:
-        if plan.id != plan_id:
-            raise invalid_field(
-                "id", f"the body's id {plan.id!r} differs from the path's {plan_id!r}"
-            )
-        async with pool.connection() as conn:
-            meters = await catalog.meters(conn)
-            plans = {p.id for p in await catalog.read_plans(conn)} | {plan.id}
-            try:
-                check_plan(
-                    plan,
-                    {m.name for m in meters},
-                    {m.name for m in meters if m.aggregation in ADDITIVE},
-                    plans,
-                )
-            except ValueError as exc:
-                raise invalid_field("plan", str(exc)) from None
-            version = await catalog.save_plan(conn, plan, ACTOR)
-            await accounts.audit(conn, ACTOR, "plan.saved", plan.id, version=version)
-        moved = await projection.project_plan(redis, pool, plan.id)
-        return SavedPlan(plan=plan, version=version, customers=moved)
-
-    @api.get(
-        "/plans/{plan_id}/versions",
-        summary="A plan's history: who changed what, when",
-        responses=problem_responses(404, 422),
-    )
-    async def plan_versions(plan_id: str) -> PlanHistory:
-        async with pool.connection() as conn:
-            cur = await conn.execute(
-                "SELECT version, definition, changed_by, changed_at FROM plan_versions"
-                " WHERE plan_id = %s ORDER BY version",
-                (plan_id,),
-            )
-            rows = await cur.fetchall()
-        if not rows:
-            raise Problem(UNKNOWN_PLAN, f"no plan {plan_id!r}")
-        return PlanHistory(
-            versions=[
-                PlanVersion(version=v, definition=d, changed_by=by, changed_at=at)
-                for v, d, by, at in rows
-            ]
-        )
+def router(service: Accounts) -> APIRouter:
+    api = admin_api(service)
+    pool = service.pool
 
     @api.get(
         "/customers",
