@@ -20,6 +20,7 @@ DEV_TOKEN = "dev-service-token"
 """Accepted by default so that `tally up` works out of the box; never in production."""
 DEV_ADMIN_TOKEN = "dev-admin-token"
 DEV_PEPPER = "dev-pepper-not-secret"
+PLACEHOLDER = "change-me"  # the prefix of the placeholder secrets docker-compose.yml ships
 
 
 def _alias(name: str) -> AliasChoices:
@@ -144,14 +145,19 @@ class Settings(BaseSettings):
         return timedelta(hours=self.dedupe_window_hours)
 
     def development_secrets(self) -> list[str]:
-        """The secret settings still at their development values (public: they are in
-        the source), by their environment variable's name."""
+        """The secret settings still at a public value — the development defaults, or a
+        ``change-me…`` placeholder such as ``docker-compose.yml`` ships — by their
+        environment variable's name."""
+
+        def public(value: str, default: str) -> bool:
+            return value == default or value.startswith(PLACEHOLDER)
+
         found = []
-        if DEV_TOKEN in self.service_tokens:
+        if any(public(token, DEV_TOKEN) for token in self.service_tokens):
             found.append("TALLY_SERVICE_TOKENS")
-        if self.admin_token == DEV_ADMIN_TOKEN:
+        if public(self.admin_token, DEV_ADMIN_TOKEN):
             found.append("TALLY_ADMIN_TOKEN")
-        if self.key_pepper == DEV_PEPPER:
+        if public(self.key_pepper, DEV_PEPPER):
             found.append("TALLY_KEY_PEPPER")
         return found
 

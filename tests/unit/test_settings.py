@@ -1,0 +1,32 @@
+"""Which secret settings are still public values: development defaults or placeholders."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.common.settings import Settings
+
+
+def test_the_development_defaults_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("TALLY_SERVICE_TOKENS", "TALLY_INGEST_TOKENS", "TALLY_ADMIN_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("TALLY_KEY_PEPPER", raising=False)
+    assert Settings(_env_file=None).development_secrets() == [
+        "TALLY_SERVICE_TOKENS",
+        "TALLY_ADMIN_TOKEN",
+        "TALLY_KEY_PEPPER",
+    ]
+
+
+def test_compose_placeholders_count_as_public() -> None:
+    settings = Settings(
+        service_tokens=["a-real-token", "change-me-service-token"],
+        admin_token="change-me-admin-token",
+        key_pepper="a-real-pepper",
+    )
+    assert settings.development_secrets() == ["TALLY_SERVICE_TOKENS", "TALLY_ADMIN_TOKEN"]
+
+
+def test_real_secrets_are_not_named() -> None:
+    settings = Settings(service_tokens=["s3cret"], admin_token="adm1n", key_pepper="p3pper")
+    assert settings.development_secrets() == []
