@@ -7,6 +7,7 @@ from services.api.accounts import routes as account_routes
 from services.api.accounts.service import Accounts
 from services.api.catalog import routes as catalog_routes
 from services.api.enforcement import routes as enforce_routes
+from services.api.enforcement import status_routes
 from services.api.enforcement.address_limit import AddressLimit
 from services.api.enforcement.enforcer import Enforcer
 from services.api.enforcement.limiter import Limiter
@@ -29,6 +30,7 @@ async def start(runtime: Runtime) -> Component:
         "api",
         routers=[
             usage_routes.router(runtime.redis(), pool, auth),
+            status_routes.router(runtime.redis(), pool, auth),
             account_routes.router(accounts),
             admin_routes.router(accounts),
             catalog_routes.router(accounts),
