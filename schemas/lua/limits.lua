@@ -10,6 +10,8 @@
 --       6.. each meter's counters for the current period, in the order of ARGV[4..]
 -- ARGV: 1 now in µs ('' = Redis TIME)  2 period start (ms)  3 period end (ms)
 --       4.. the catalog's meter names
+-- The answer carries the trial's end (`e`): a trial that ran out is ended by the caller
+-- (as enforcement does) before its limits are told.
 local now_us
 if ARGV[1] ~= '' then
   now_us = tonumber(ARGV[1])
@@ -119,5 +121,5 @@ for meter, _ in pairs(policies.quotas) do
   if not counted[meter] then missing[#missing + 1] = meter end
 end
 
-return cjson.encode({c = 'ok', p = account[1], s = account[2], t = now, l = limits,
-                     k = policies.costs, x = missing})
+return cjson.encode({c = 'ok', p = account[1], s = account[2], e = account[4], t = now,
+                     l = limits, k = policies.costs, x = missing})

@@ -30,7 +30,7 @@ async def start(runtime: Runtime) -> Component:
         "api",
         routers=[
             usage_routes.router(runtime.redis(), pool, auth),
-            status_routes.router(runtime.redis(), pool, auth),
+            status_routes.router(settings, runtime.redis(), pool, auth),
             account_routes.router(accounts),
             admin_routes.router(accounts),
             catalog_routes.router(accounts),

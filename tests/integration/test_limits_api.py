@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
+from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from schemas import redis_keys
@@ -16,7 +17,14 @@ from schemas.catalog import Meter
 from schemas.events import utcnow
 from services.common.clickhouse import ClickHouse
 from services.common.settings import Settings
-from tests.accounts_support import customer_on, enforce, plan_with, running_api, sign_up
+from tests.accounts_support import (
+    ADMIN,
+    customer_on,
+    enforce,
+    plan_with,
+    running_api,
+    sign_up,
+)
 from tests.integration.test_usage_api import aggregate, call
 
 SERVICE = {"Authorization": "Bearer test-token"}
@@ -190,6 +198,25 @@ async def test_a_customer_never_projected_is_projected_first(
     assert body["plan"] == "free" and body["account_status"] == "active"
     assert (policy(body, "free-per-minute")["remaining"], len(body["limits"])) == (10, 2)
     assert await redis.hget(redis_keys.account(account.customer), "plan") == b"free"
+
+
+async def test_a_trial_that_ran_out_is_told_on_the_plan_it_moves_to(
+    api: httpx.AsyncClient, pool: AsyncConnectionPool
+) -> None:
+    """The next decision would end the trial and count free's limits: so does the read."""
+    account = await sign_up(api, "starter")
+    assert (await limits(api, account.customer))["account_status"] == "trial"
+    async with pool.connection() as conn:
+        await conn.execute(
+            "UPDATE customers SET trial_ends_at = %s WHERE id = %s",
+            (utcnow() - timedelta(seconds=1), account.customer),
+        )
+    await api.patch(f"/v1/admin/customers/{account.customer}", json={}, headers=ADMIN)
+    body = await limits(api, account.customer, account.auth)
+    assert (body["plan"], body["account_status"]) == ("free", "active")
+    assert [lim["policy"] for lim in body["limits"]] == ["free-per-minute", "quota:api_calls"]
+    decided = await enforce(api, account)
+    assert (decided.json()["plan"], decided.json()["account_status"]) == ("free", "active")
 
 
 async def test_redis_down_is_a_503_problem(settings: Settings) -> None:

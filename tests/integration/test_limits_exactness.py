@@ -73,7 +73,7 @@ async def _replay(database_url: str, policy: RateLimit, calls: list[tuple[int, s
     customer = f"prop-{uuid.uuid4().hex}"
     try:
         await _project(redis, customer, policy)
-        limiter, reader = Limiter(connection, 1000), LimitsReader(redis, pool)
+        limiter, reader = Limiter(connection, 1000), LimitsReader(Settings(), redis, pool)
         now = START_MS + uuid.uuid4().int % 60_000
 
         async def status(at: int) -> PolicyState:
@@ -127,7 +127,7 @@ async def test_held_is_what_the_next_decision_counts(
     seconds, micros = await redis.time()
     later = (seconds + settings.reservation_ttl_seconds + 1) * 1_000_000 + micros
     connection = Pipelined(REDIS_URL, 5.0)
-    limiter, reader = Limiter(connection, 1000), LimitsReader(redis, pool)
+    limiter, reader = Limiter(connection, 1000), LimitsReader(settings, redis, pool)
 
     async def quota() -> PolicyState:
         (found,) = [p for p in (await reader.read(customer, utcnow(), later)).limits if p.meter]

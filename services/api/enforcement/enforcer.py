@@ -31,6 +31,7 @@ from schemas.problem_types import (
 )
 from services.api.accounts import projection
 from services.api.accounts import store as accounts
+from services.api.enforcement import trials
 from services.api.enforcement.fallback import Fallback
 from services.api.enforcement.limiter import Ask, Code, Limiter, Mode, Outcome
 from services.api.enforcement.refusals import decision, headers, refused
@@ -190,14 +191,7 @@ class Enforcer:
             raise unknown_customer(customer)
 
     async def _end_trial(self, customer: str) -> None:
-        settings = self._settings
-        async with self._pool.connection() as conn:
-            plan = None
-            if settings.trial_expiry == "downgrade":
-                plan = await catalog.read_plan(conn, settings.downgrade_plan)
-            await accounts.end_trial(conn, customer, plan, "system:trial-expiry")
-            await conn.commit()
-            await projection.project(self._redis, conn, customer)
+        await trials.end_trial(self._settings, self._redis, self._pool, customer)
 
     def _answer(self, customer: str, request: EnforceRequest, outcome: Outcome) -> Answer:
         code = outcome.code

@@ -20,14 +20,17 @@ from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from schemas import lua, redis_keys
-from schemas.account_state import PLAN, POLICIES, STATUS, epoch_ms
+from schemas.account_state import PLAN, POLICIES, STATUS, TRIAL_ENDS, epoch_ms
 from schemas.events import from_micros, utcnow
 from schemas.windows import Window, bucket_id, bucket_start, next_bucket
 from services.api.accounts import projection
+from services.api.enforcement.trials import end_trial
 from services.common import catalog
 from services.common.problems import unknown_customer
+from services.common.settings import Settings
 
-SCRIPT = lua.source("limits", ACCOUNT_FIELDS=", ".join(f"'{f}'" for f in (PLAN, STATUS, POLICIES)))
+FIELDS = (PLAN, STATUS, POLICIES, TRIAL_ENDS)  # in the order limits.lua reads them
+SCRIPT = lua.source("limits", ACCOUNT_FIELDS=", ".join(f"'{f}'" for f in FIELDS))
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -64,7 +67,8 @@ class LimitsStatus:
 
 
 class LimitsReader:
-    def __init__(self, redis: Redis, pool: AsyncConnectionPool) -> None:
+    def __init__(self, settings: Settings, redis: Redis, pool: AsyncConnectionPool) -> None:
+        self._settings = settings
         self._redis = redis
         self._pool = pool
         self._script = redis.register_script(SCRIPT)
@@ -74,12 +78,18 @@ class LimitsReader:
         self, customer: str, now: datetime | None = None, clock_us: int | None = None
     ) -> LimitsStatus:
         """``now`` picks the quota period (default: the current UTC month, as enforcement
-        has it); ``clock_us`` overrides Redis's clock (tests).  Unknown customer: 404."""
+        has it); ``clock_us`` overrides Redis's clock (tests).  Unknown customer: 404.
+
+        What a decision would put right first is put right here too — an account not
+        projected yet, a trial that ran out — so the limits told are those it will use."""
         now = now or utcnow()
         body = await self._ask(customer, now, clock_us)
         if body["c"] == "no_account":
             if not await projection.project_customer(self._redis, self._pool, customer):
                 raise unknown_customer(customer)
+            body = await self._ask(customer, now, clock_us)
+        if body["c"] == "ok" and _trial_over(body):
+            await end_trial(self._settings, self._redis, self._pool, customer)
             body = await self._ask(customer, now, clock_us)
         if body["c"] == "ok" and body.get("x"):  # a quota on a meter this process never saw
             self._meters = tuple(m.name for m in await catalog.read_meters(self._pool))
@@ -106,6 +116,10 @@ class LimitsReader:
         raw = await self._script(keys=keys, args=args)
         found: dict[str, Any] = orjson.loads(raw)
         return found
+
+
+def _trial_over(body: dict[str, Any]) -> bool:
+    return body["s"] == "trial" and bool(body.get("e")) and int(body["e"]) <= int(body["t"])
 
 
 def parse(body: dict[str, Any]) -> LimitsStatus:

@@ -20,6 +20,7 @@ from schemas.events import CUSTOMER_ID_PATTERN
 from services.api.enforcement.status import LimitsReader, LimitsStatus, PolicyState
 from services.common.auth import Authenticator, address, credential
 from services.common.openapi import problem_responses
+from services.common.settings import Settings
 
 Amount = int | str  # whole amounts as JSON numbers, fractional ones as decimal strings
 
@@ -57,9 +58,11 @@ class CustomerLimits(BaseModel):
     )
 
 
-def router(redis: Redis, pool: AsyncConnectionPool, auth: Authenticator) -> APIRouter:
+def router(
+    settings: Settings, redis: Redis, pool: AsyncConnectionPool, auth: Authenticator
+) -> APIRouter:
     api = APIRouter(tags=["enforcement"])
-    reader = LimitsReader(redis, pool)
+    reader = LimitsReader(settings, redis, pool)
 
     @api.get(
         "/v1/customers/{customer}/limits",
