@@ -44,12 +44,13 @@ async def put_account(
     quota: int | None = None,
     rates: tuple[RateLimit, ...] = (),
     costs: dict[str, int] | None = None,
+    hard: bool = True,
 ) -> None:
-    """An active account whose plan has ``rates`` and a hard quota of ``quota`` calls."""
+    """An active account whose plan has ``rates`` and a quota of ``quota`` calls."""
     policies = {
         "rates": account_state.compile_rates(rates),
         "costs": costs or {},
-        "quotas": {METER: {"l": quota * VALUE_SCALE, "h": True}} if quota is not None else {},
+        "quotas": {METER: {"l": quota * VALUE_SCALE, "h": hard}} if quota is not None else {},
         "up": False,
     }
     await redis.hset(

@@ -57,11 +57,19 @@ if mode ~= 'take' then
     end
     return answer('returned', {m = meter, h = int(carried), f = int(freed)})
   end
-  record(carried, 0, now)  -- stands if the renewal is refused below
+  -- its record is rewritten below; meanwhile no expiry sweep may release it (whose
+  -- held it states no longer does)
+  redis.call('ZADD', KEYS[5], now + settle, id)
+end
+
+-- A refused renewal keeps the lease, its grant returned: what it spent stays held.
+local function refuse(refusal)
+  if mode == 'renew' then record(carried, 0, now) end
+  return refusal
 end
 
 local refusal = check_caller(account, KEYS[2], ARGV[1], ARGV[2], ARGV[15])
-if refusal then return refusal end
+if refusal then return refuse(refusal) end
 local plan, status = account[1], account[2]
 
 local policies = cjson.decode(account[4])
@@ -100,7 +108,7 @@ if quota then
   if over and quota.h then refused = #limits end
 end
 local result = {p = plan, s = status, u = policies.up, l = limits, v = refused}
-if refused > 0 then return answer('refused', result) end
+if refused > 0 then return refuse(answer('refused', result)) end
 if granted == 0 then return redis.error_reply('lease: a room of 0 refused nothing') end
 
 write_rates(KEYS[3], states, keep)

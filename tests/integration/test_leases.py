@@ -319,3 +319,28 @@ async def test_renewing_under_another_meter_or_without_a_customer_is_refused(
     back = await give_back(api, account.auth, lease=ident, spent=2)
     assert back.status_code == 200
     assert back.json() | {"lease": ident, "meter": METER} == back.json()
+
+
+async def test_without_redis_no_lease_is_granted(settings: Settings) -> None:
+    async with running_api(settings, redis_url="redis://127.0.0.1:1/0") as api:
+        reply = await lease(api, {"Authorization": "Bearer test-token"}, want=5, customer="c1")
+    assert reply.status_code == 503, reply.text
+    assert reply.json()["type"].endswith("/enforcement-unavailable")
+    assert reply.headers["Retry-After"] == "1"
+
+
+async def test_a_lease_renewed_after_its_deadline_is_released_once(
+    redis: Redis, leaser: Leaser, tenant: str
+) -> None:
+    """Renewing a lease whose deadline passed (not yet swept) returns its grant once: the
+    expiry sweep in the same call must not release it a second time."""
+    customer = f"{tenant}-late"
+    await put_account(redis, customer, quota=100)
+    start = int(utcnow().timestamp() * 1000)
+    take = LeaseAsk(new_lease_id(), LeaseMode.TAKE, METER, 100)
+    assert (await leaser.ask(customer, take, utcnow(), start * 1000)).granted == 12
+    late = (start + TTL_MS + SETTLE_MS + 5) * 1000
+    renew = LeaseAsk(take.lease, LeaseMode.RENEW, METER, 100, spent=0)
+    grant = await leaser.ask(customer, renew, utcnow(), late)
+    assert grant.freed == 12 and grant.granted == 12
+    assert await usage_and_held(redis, customer) == (0, 12 * VALUE_SCALE)

@@ -18,13 +18,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.api_keys import Scope
 from schemas.events import CUSTOMER_ID_PATTERN, LEASE_ID_PATTERN, utcnow
-from schemas.problem_types import UNKNOWN_LEASE
+from schemas.problem_types import ENFORCEMENT_UNAVAILABLE, UNKNOWN_LEASE
 from services.api.enforcement.enforcer import Answer, Enforcer
 from services.api.enforcement.leaser import Grant, LeaseAsk, LeaseMode, Leaser, new_lease_id
 from services.api.enforcement.limiter import Code
 from services.api.enforcement.refusals import decision, headers
 from services.common.auth import Caller
 from services.common.problems import Problem, invalid_field
+from services.common.redis import UNREACHABLE
 
 MAX_LEASE = 10_000
 """The most calls one lease may ask for (``want``)."""
@@ -131,9 +132,9 @@ class Leases:
     async def _ask(self, customer: str, ask: LeaseAsk) -> Grant:
         """Ask; put right a missing projection or an ended trial and ask once more, as
         ``/v1/enforce`` does.  An unknown lease is the caller's mistake."""
-        grant = await self._leaser.ask(customer, ask, utcnow())
+        grant = await self._grant(customer, ask)
         if await self._enforcer.repair(customer, grant.outcome.code):
-            grant = await self._leaser.ask(customer, ask, utcnow())
+            grant = await self._grant(customer, ask)
             if grant.outcome.code is Code.NO_ACCOUNT:
                 raise RuntimeError(f"customer {customer} could not be projected into Redis")
             if grant.outcome.code is Code.TRIAL_EXPIRED:  # Redis and PostgreSQL clocks differ
@@ -146,6 +147,20 @@ class Leases:
                 errors=[{"field": "lease", "reason": "unknown lease"}],
             )
         return grant
+
+
+    async def _grant(self, customer: str, ask: LeaseAsk) -> Grant:
+        """A lease is never granted without Redis, whatever the failure mode: the holder
+        keeps to ``/v1/enforce`` meanwhile, which fails open or closed as configured."""
+        try:
+            return await self._leaser.ask(customer, ask, utcnow())
+        except UNREACHABLE:
+            raise Problem(
+                ENFORCEMENT_UNAVAILABLE,
+                "the limits store cannot be reached: no lease is granted without it;"
+                " decide calls with /v1/enforce meanwhile",
+                headers={"Retry-After": "1"},
+            ) from None
 
 
 def _moment(ms: int) -> str:
