@@ -24,7 +24,8 @@ Enforcement state (written by the api; reservations settled by the aggregator):
 ``tally:{cust}:keys``            HASH API key id → JSON {s: scopes, x: expires (ms), r: revoked}
 ``tally:{cust}:rl``              HASH rate-limit policy name → algorithm state
 ``tally:{cust}:resv``            HASH event digest → ``<meter>|<micro-units>`` held for it;
-                                 lease id → ``<meter>|<micro-units held>|<term grant>|<term end ms>``
+                                 lease id → ``<meter>|<held>|<term grant>|<term end ms>``
+                                 (micro-units; see ``lua/lease.lua``)
 ``tally:{cust}:resv:exp``        ZSET event digest or lease id scored by when what it
                                  holds is released (ms)
 ``tally:{cust}:held``            HASH meter → micro-units held by open reservations and leases

@@ -148,7 +148,6 @@ class Leases:
             )
         return grant
 
-
     async def _grant(self, customer: str, ask: LeaseAsk) -> Grant:
         """A lease is never granted without Redis, whatever the failure mode: the holder
         keeps to ``/v1/enforce`` meanwhile, which fails open or closed as configured."""
