@@ -42,6 +42,12 @@ def test_the_lease_travels_from_the_event_through_the_envelope() -> None:
     assert event.lease == LEASE and event == stored
 
 
+def test_ingest_publishes_the_lease_of_a_validated_event() -> None:
+    """Ingest puts ``UsageEvent``s themselves in envelopes (``services.ingest.publisher``)."""
+    [event] = decode(encode("cust_42", [usage(tallylease=LEASE)], NOW))
+    assert event.lease == LEASE
+
+
 def test_an_event_without_a_lease_carries_none_in_the_envelope() -> None:
     payload = encode("cust_42", [StoredEvent.from_usage(usage(), NOW)], NOW)
     assert "lease" not in orjson.loads(payload)["events"][0]

@@ -2,5 +2,6 @@
 
 The decision is one Redis Lua call (``schemas/lua/enforce.lua``, driven by ``limiter``) over
 a pipelined connection; ``refusals`` tells it as headers and problem+json, ``fallback``
-decides when Redis cannot be reached.
+decides when Redis cannot be reached.  ``leases`` (``schemas/lua/lease.lua``, driven by
+``leaser``) grants an app process a share of the limits to decide locally.
 """
