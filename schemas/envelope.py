@@ -37,6 +37,7 @@ class StoredEvent:
     value: Decimal
     dimensions: dict[str, str]
     received_at: datetime
+    lease: str = ""  # the lease it was spent under ('' for none), settled when counted
 
     @classmethod
     def from_usage(cls, event: UsageEvent, received_at: datetime) -> StoredEvent:
@@ -49,6 +50,7 @@ class StoredEvent:
             value=event.value,
             dimensions=event.dimensions,
             received_at=received_at,
+            lease=event.lease,
         )
 
 
@@ -67,6 +69,8 @@ class EventLike(Protocol):
     def value(self) -> Decimal: ...
     @property
     def dimensions(self) -> dict[str, str]: ...
+    @property
+    def lease(self) -> str: ...
 
 
 def encode(customer: str, events: Iterable[EventLike], received_at: datetime) -> bytes:
@@ -75,19 +79,23 @@ def encode(customer: str, events: Iterable[EventLike], received_at: datetime) ->
             "v": ENVELOPE_VERSION,
             "customer": customer,
             "received_at": received_at.isoformat(),
-            "events": [
-                {
-                    "id": e.id,
-                    "source": e.source,
-                    "type": e.type,
-                    "time": e.time.isoformat(),
-                    "value": str(e.value),
-                    "dims": e.dimensions,
-                }
-                for e in events
-            ],
+            "events": [_event(e) for e in events],
         }
     )
+
+
+def _event(e: EventLike) -> dict[str, Any]:
+    encoded = {
+        "id": e.id,
+        "source": e.source,
+        "type": e.type,
+        "time": e.time.isoformat(),
+        "value": str(e.value),
+        "dims": e.dimensions,
+    }
+    if e.lease:  # only when there is one: most events have none
+        encoded["lease"] = e.lease
+    return encoded
 
 
 def decode(payload: bytes) -> list[StoredEvent]:
@@ -106,6 +114,7 @@ def decode(payload: bytes) -> list[StoredEvent]:
             value=Decimal(raw["value"]),
             dimensions=raw["dims"],
             received_at=received_at,
+            lease=raw.get("lease", ""),
         )
         for raw in envelope["events"]
     ]

@@ -27,6 +27,8 @@ VALUE_DECIMALS = 6
 VALUE_SCALE: int = 10**VALUE_DECIMALS
 MAX_VALUE = Decimal(10) ** 12
 CUSTOMER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"
+LEASE_ID_PATTERN = r"^ls_[A-Za-z0-9_-]{16}$"
+"""A lease's id (``POST /v1/leases``), as usage events spent under it name it."""
 DIMENSION_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
 MAX_DIMENSION_LENGTH = 256
 MAX_DIMENSIONS = 32
@@ -135,6 +137,13 @@ class UsageEvent(BaseModel):
     time: UtcDatetime
     datacontenttype: Literal["application/json"] | None = None
     data: EventData = Field(default_factory=EventData)
+    tallylease: Annotated[str | None, Field(pattern=LEASE_ID_PATTERN)] = Field(
+        None,
+        description=(
+            "A CloudEvents extension attribute: the lease (POST /v1/leases) this usage was"
+            " spent under.  Counting the event settles that much of the lease."
+        ),
+    )
 
     @property
     def key(self) -> tuple[str, str]:
@@ -152,6 +161,10 @@ class UsageEvent(BaseModel):
     @property
     def dimensions(self) -> dict[str, str]:
         return self.data.dimensions
+
+    @property
+    def lease(self) -> str:
+        return self.tallylease or ""
 
 
 def to_micros(value: Decimal) -> int:

@@ -42,6 +42,7 @@ class EnvelopeEvent(BaseModel):
         description="The exact decimal value as a string."
     )
     dims: dict[str, str] = Field(description="The event's dimensions.")
+    lease: str | None = Field(None, description="The lease it was spent under (tallylease).")
 
 
 class Envelope(BaseModel):

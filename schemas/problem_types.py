@@ -52,6 +52,7 @@ NOT_FOUND = _define("not-found", 404, "Not found")
 UNKNOWN_CUSTOMER = _define("unknown-customer", 404, "Unknown customer")
 UNKNOWN_KEY = _define("unknown-key", 404, "Unknown key")
 UNKNOWN_PLAN = _define("unknown-plan", 404, "Unknown plan")
+UNKNOWN_LEASE = _define("unknown-lease", 404, "Unknown lease")
 METHOD_NOT_ALLOWED = _define("method-not-allowed", 405, "Method not allowed")
 # 409: the state does not allow it
 EMAIL_TAKEN = _define("email-taken", 409, "Email taken")

@@ -23,9 +23,12 @@ Enforcement state (written by the api; reservations settled by the aggregator):
                                  plan's limits compiled for the enforcement script)
 ``tally:{cust}:keys``            HASH API key id → JSON {s: scopes, x: expires (ms), r: revoked}
 ``tally:{cust}:rl``              HASH rate-limit policy name → algorithm state
-``tally:{cust}:resv``            HASH event digest → ``<meter>|<micro-units>`` held for it
-``tally:{cust}:resv:exp``        ZSET event digest scored by its expiry (ms)
-``tally:{cust}:held``            HASH meter → micro-units held by open reservations
+``tally:{cust}:resv``            HASH event digest → ``<meter>|<micro-units>`` held for it;
+                                 lease id → ``<meter>|<held>|<term grant>|<term end ms>``
+                                 (micro-units; see ``lua/lease.lua``)
+``tally:{cust}:resv:exp``        ZSET event digest or lease id scored by when what it
+                                 holds is released (ms)
+``tally:{cust}:held``            HASH meter → micro-units held by open reservations and leases
 ``tally:key:<hex digest>``       STRING ``<cust> <key id>``: who an API key belongs to
 ``tally:ip:{<ip>}``              HASH the per-IP limits' state (before authentication)
 ``tally:ip:{<ip>}:auth``         STRING failed credentials from the address in its current

@@ -7,6 +7,8 @@
 --       offsets ttl, digest size, n live sets, the digests concatenated (one argument:
 --       cheap to send), expire-at per touched key,
 --       then ops as (code, key index, field, value, extra) quintuples.
+-- Op S settles a lease (lease.lua): `value` micro-units of meter `extra` counted from
+-- events naming lease `field` move from what it holds to usage, in this same call.
 local SCALE = @SCALE@
 local LIMIT = 9.0e18  -- below 2^63 by more than a double's rounding error there
 local function gt(a, b)
@@ -54,6 +56,17 @@ while i <= #ARGV do
     local old = redis.call('HGET', key, field .. '@TIME_SUFFIX@')
     if not old or not gt(old, extra) then
       redis.call('HSET', key, field, value, field .. '@TIME_SUFFIX@', extra)
+    end
+  elseif code == 'S' then
+    local found = redis.call('HGET', KEYS[2], field)
+    local m, held, rest
+    if found then m, held, rest = string.match(found, '^([^|]*)|(%d+)(|%d+|%d+)$') end
+    if rest and m == extra then
+      local settled = math.min(tonumber(value), tonumber(held))
+      if settled > 0 then
+        redis.call('HINCRBY', KEYS[4], m, string.format('-%d', settled))
+        redis.call('HSET', KEYS[2], field, string.format('%s|%d%s', m, held - settled, rest))
+      end
     end
   elseif code == 'U' then
     if redis.call('SADD', key, value) == 1 then

@@ -10,7 +10,7 @@ micro-units: sums of decimals stay exact.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -37,16 +37,19 @@ class CounterOps:
     # into the counters hash so that every aggregation reads the same way.
     members: dict[tuple[str, str, str], set[str]] = field(default_factory=lambda: defaultdict(set))
     expiry: dict[str, int] = field(default_factory=dict)
+    # (lease, meter) → micro-units its events add to the meter: settled in the same call
+    settle: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
 
     def __bool__(self) -> bool:
-        return bool(self.sums or self.maxima or self.latest or self.members)
+        return bool(self.sums or self.maxima or self.latest or self.members or self.settle)
 
 
 def build(
-    customer: str, events: Iterable[StoredEvent], meters: dict[str, list[Meter]], now: datetime
+    customer: str, events: Sequence[StoredEvent], meters: dict[str, list[Meter]], now: datetime
 ) -> CounterOps:
     by_name = {m.name: m for ms in meters.values() for m in ms}
     ops = CounterOps()
+    _settle(ops, events, meters)
     now_ts = int(now.timestamp())
     for (name, minute), groups in _fold(events, meters).items():
         meter = by_name[name]
@@ -55,6 +58,19 @@ def build(
                 continue  # a bucket already dropped from Redis: history is in rollups
             _spread(ops, customer, meter, window, bucket, expires, groups)
     return ops
+
+
+def _settle(ops: CounterOps, events: Sequence[StoredEvent], meters: dict[str, list[Meter]]) -> None:
+    """What events spent under a lease add to each additive meter: that much of the
+    lease's holding becomes usage (quotas, hence leases, are on additive meters)."""
+    for event in events:
+        if not event.lease:
+            continue
+        for meter in meters.get(event.type, ()):
+            if meter.aggregation is Aggregation.COUNT:
+                ops.settle[(event.lease, meter.name)] += VALUE_SCALE
+            elif meter.aggregation is Aggregation.SUM:
+                ops.settle[(event.lease, meter.name)] += to_micros(event.value)
 
 
 def _fold(events: Iterable[StoredEvent], meters: dict[str, list[Meter]]) -> Cells:

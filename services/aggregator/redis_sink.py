@@ -2,7 +2,8 @@
 
 The call checks the batch's event digests against the de-duplication window, applies
 its counter operations, marks the digests as seen, settles the enforcement reservations
-the events close (so usage + held never counts an event twice or not at all) and
+the events close and the lease units they spent (so usage + held never counts an event
+twice or not at all) and
 records the partition offset it reached — all or nothing.  It refuses to run unless the
 stored offset is still the one the batch was computed against (compare-and-set), so a
 replay after a crash, or a stale worker after a rebalance, can never count twice.
@@ -100,6 +101,8 @@ def _arguments(item: Apply) -> tuple[list[str], list[bytes | str | int]]:
     for (unique, counters, field), members in ops.members.items():
         for member in members:
             args += ["U", index[unique], field, member, index[counters]]
+    for (lease, meter), value in ops.settle.items():
+        args += ["S", 2, lease, value, meter]  # key 2: the reservations hash, as read
     customer = item.customer
     keys = [
         redis_keys.offsets(customer),

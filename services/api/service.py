@@ -10,6 +10,8 @@ from services.api.enforcement import routes as enforce_routes
 from services.api.enforcement import status_routes
 from services.api.enforcement.address_limit import AddressLimit
 from services.api.enforcement.enforcer import Enforcer
+from services.api.enforcement.leaser import Leaser
+from services.api.enforcement.leases import Leases
 from services.api.enforcement.limiter import Limiter
 from services.api.enforcement.pipelined import Pipelined
 from services.api.usage import routes as usage_routes
@@ -25,6 +27,9 @@ async def start(runtime: Runtime) -> Component:
     limiter = Limiter(decisions, settings.reservation_ttl_seconds * 1000, grace_ms)
     auth, addresses = await runtime.authenticator(), AddressLimit(settings.ip_limit_per_second)
     enforcer = Enforcer(settings, redis, pool, limiter)
+    settle = settings.reservation_ttl_seconds
+    leaser = Leaser(decisions, settings.lease_ttl_ms, settle * 1000, settings.lease_share, grace_ms)
+    leases = Leases(enforcer, leaser, settle)
     accounts = Accounts(settings, redis, pool, auth, addresses.check)
     return Component(
         "api",
@@ -37,6 +42,7 @@ async def start(runtime: Runtime) -> Component:
         ],
         checks={"redis": runtime.check_redis(), "postgres": runtime.check_postgres()},
         schemas=enforce_routes.openapi_schemas(),
-        fast_routes=enforce_routes.routes(auth, addresses, enforcer),
+        fast_routes=enforce_routes.routes(auth, addresses, enforcer)
+        + enforce_routes.lease_routes(auth, addresses, leases),
         paths=enforce_routes.openapi_paths(),
     )

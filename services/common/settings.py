@@ -75,7 +75,19 @@ class Settings(BaseSettings):
     admin_token: str = DEV_ADMIN_TOKEN
     key_pepper: str = Field(DEV_PEPPER, description="HMAC key for API key hashes; keep secret.")
     key_rotation_grace_seconds: int = 24 * 3600
-    reservation_ttl_seconds: int = 300
+    reservation_ttl_seconds: int = Field(
+        300,
+        description="How long a reservation, or a lease's spent units, wait for their events.",
+    )
+    lease_ttl_ms: int = Field(
+        2000,
+        ge=100,
+        le=60_000,
+        description="A lease's lifetime: how soon plan, key and status changes reach holders.",
+    )
+    lease_share: int = Field(
+        8, ge=1, description="A lease takes at most 1/share of what the tightest limit has left."
+    )
     trial_expiry: Literal["downgrade", "suspend"] = "downgrade"
     downgrade_plan: str = "free"
     past_due_grace_hours: float = Field(

@@ -118,8 +118,8 @@ class Enforcer:
         metrics.REDIS_AVAILABLE.set(1)
 
     async def enforce(self, caller: Caller, request: EnforceRequest) -> Answer:
-        customer = self._customer(caller, request)
-        await self._check_meter(request.meter)
+        customer = self.customer(caller, request.customer)
+        await self.check_meter(request.meter)
         if request.mode == "reserve" and request.event is None:
             raise invalid_field(
                 "event", "mode=reserve needs the event (source, id) that settles it"
@@ -156,11 +156,7 @@ class Enforcer:
         projection that failed), or the trial just ran out, put that right and ask once
         more.  What is still wrong the second time is the answer."""
         outcome = await self._limiter.decide(customer, ask, utcnow())
-        if outcome.code in (Code.NO_ACCOUNT, Code.KEY_UNKNOWN):
-            await self._project(customer)
-        elif outcome.code is Code.TRIAL_EXPIRED:
-            await self._end_trial(customer)
-        else:
+        if not await self.repair(customer, outcome.code):
             return outcome
         outcome = await self._limiter.decide(customer, ask, utcnow())
         if outcome.code is Code.NO_ACCOUNT:
@@ -169,16 +165,28 @@ class Enforcer:
             outcome.code = Code.INACTIVE
         return outcome
 
-    def _customer(self, caller: Caller, request: EnforceRequest) -> str:
+    async def repair(self, customer: str, code: Code) -> bool:
+        """Put right what a decision found missing or stale in Redis (an account or key
+        never projected, a trial that ran out); True when it is worth asking again."""
+        if code in (Code.NO_ACCOUNT, Code.KEY_UNKNOWN):
+            await self._project(customer)
+        elif code is Code.TRIAL_EXPIRED:
+            await self._end_trial(customer)
+        else:
+            return False
+        return True
+
+    def customer(self, caller: Caller, requested: str | None) -> str:
+        """Whom a call is about: a key's own customer, or the one a service token names."""
         if caller.customer is None:
-            if request.customer is None:
+            if requested is None:
                 raise invalid_field("customer", "required when enforcing with a service token")
-            return request.customer
-        if request.customer not in (None, caller.customer):
+            return requested
+        if requested not in (None, caller.customer):
             raise forbidden_customer()
         return caller.customer
 
-    async def _check_meter(self, meter: str) -> None:
+    async def check_meter(self, meter: str) -> None:
         if meter in self._meters:
             return
         self._meters = {m.name for m in await catalog.read_meters(self._pool)}
@@ -208,26 +216,31 @@ class Enforcer:
             )
             return Answer(200, body, headers(outcome))
         _REFUSED.inc()
+        raise self.problem(customer, outcome)
+
+    def problem(self, customer: str, outcome: Outcome) -> Problem:
+        """The problem a refusal is answered with (any code but OK)."""
+        code = outcome.code
         if code is Code.REFUSED:
             assert outcome.violated is not None
             what = "quota" if outcome.violated.kind == "quota" else "rate limit"
-            raise refused(
+            return refused(
                 outcome,
                 f"{what} {outcome.violated.policy!r} of plan {outcome.plan!r} exhausted",
                 customer,
             )
         if code is Code.INACTIVE:
-            raise _inactive(outcome.status)
+            return _inactive(outcome.status)
         if code is Code.PAST_DUE:
-            raise _overdue(customer, datetime.fromtimestamp(outcome.grace_ended_ms / 1000, UTC))
+            return _overdue(customer, datetime.fromtimestamp(outcome.grace_ended_ms / 1000, UTC))
         if code is Code.KEY_SCOPE:
-            raise auth.insufficient_scope(Scope.ENFORCE)
+            return auth.insufficient_scope(Scope.ENFORCE)
         if code is Code.RESERVATION_CONFLICT:
-            raise Problem(
+            return Problem(
                 RESERVATION_CONFLICT,
                 "this event already holds a reservation of another meter or quantity",
             )
-        raise unauthorized(_KEY_PROBLEMS[code])
+        return unauthorized(_KEY_PROBLEMS[code])
 
     async def _unavailable(self, caller: Caller, customer: str) -> Answer:
         metrics.REDIS_AVAILABLE.set(0)

@@ -24,10 +24,13 @@ from schemas.events import from_micros, to_micros
 from schemas.windows import Window, bucket_id, next_bucket
 from services.api.enforcement.pipelined import Arg, Pipelined, pack
 
-SCRIPT = redis_keys.RELEASE_LUA + lua.source(
-    "enforce", ACCOUNT_FIELDS=", ".join(f"'{f}'" for f in account_state.FIELDS)
-)
+_FIELDS = ", ".join(f"'{f}'" for f in account_state.FIELDS)
+ADMISSION = redis_keys.RELEASE_LUA + lua.source("admission")
+"""What ``enforce.lua`` and ``lease.lua`` share (checks, algorithms), prepended to each."""
+SCRIPT = ADMISSION + lua.source("enforce", ACCOUNT_FIELDS=_FIELDS)
 SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
+LEASE_SCRIPT = ADMISSION + lua.source("lease", ACCOUNT_FIELDS=_FIELDS)
+LEASE_SHA = hashlib.sha1(LEASE_SCRIPT.encode()).hexdigest()
 
 
 class Mode(StrEnum):
@@ -48,6 +51,9 @@ class Code(StrEnum):
     TRIAL_EXPIRED = "trial_expired"
     PAST_DUE = "past_due"  # unpaid beyond the grace period
     RESERVATION_CONFLICT = "reservation_conflict"
+    LEASE_UNKNOWN = "lease_unknown"  # no such lease (for this customer), or settled
+    LEASE_METER = "lease_meter"  # a renewal naming another meter than the lease's
+    RETURNED = "returned"  # a lease given back
 
 
 @dataclass(slots=True)
@@ -131,29 +137,13 @@ class Limiter:
         self._grace: Arg = "" if past_due_grace_ms is None else past_due_grace_ms
 
     async def _script(self, keys: list[str], args: list[Arg]) -> Any:
-        packed = pack(b"EVALSHA", SHA, len(keys), *keys, *args)
-        try:
-            return await self._connection.execute(packed)
-        except ResponseError as exc:
-            if not str(exc).startswith("NOSCRIPT"):
-                raise
-        await self._connection.execute(pack(b"SCRIPT", b"LOAD", SCRIPT))
-        return await self._connection.execute(packed)
+        return await run(self._connection, SCRIPT, SHA, keys, args)
 
     async def decide(
         self, customer: str, ask: Ask, now: datetime, clock_us: int | None = None
     ) -> Outcome:
         """``now`` picks the quota period; ``clock_us`` overrides Redis's clock (tests)."""
-        month, start_ms, end_ms = _period(now.year, now.month)
-        keys = [
-            redis_keys.account(customer),
-            redis_keys.api_keys(customer),
-            redis_keys.rate_states(customer),
-            redis_keys.reservations(customer),
-            redis_keys.reservation_expiries(customer),
-            redis_keys.held(customer),
-            redis_keys.counters(customer, ask.meter, Window.MONTH, month),
-        ]
+        keys, (start_ms, end_ms) = decision_keys(customer, ask.meter, now)
         args: list[Arg] = [
             ask.key_id,
             ask.scope,
@@ -186,8 +176,41 @@ class Limiter:
         return parse(await self._script([key] * 7, args))
 
 
+async def run(
+    connection: Pipelined, script: str, sha: str, keys: list[str], args: list[Arg]
+) -> Any:
+    """EVALSHA, loading the script first when this Redis does not know it yet."""
+    packed = pack(b"EVALSHA", sha, len(keys), *keys, *args)
+    try:
+        return await connection.execute(packed)
+    except ResponseError as exc:
+        if not str(exc).startswith("NOSCRIPT"):
+            raise
+    await connection.execute(pack(b"SCRIPT", b"LOAD", script))
+    return await connection.execute(packed)
+
+
+def decision_keys(customer: str, meter: str, now: datetime) -> tuple[list[str], tuple[int, int]]:
+    """The keys a decision on ``meter`` reads and writes (``enforce.lua`` and
+    ``lease.lua`` alike), and the quota period (start, end in ms) ``now`` falls in."""
+    month, start_ms, end_ms = _period(now.year, now.month)
+    keys = [
+        redis_keys.account(customer),
+        redis_keys.api_keys(customer),
+        redis_keys.rate_states(customer),
+        redis_keys.reservations(customer),
+        redis_keys.reservation_expiries(customer),
+        redis_keys.held(customer),
+        redis_keys.counters(customer, meter, Window.MONTH, month),
+    ]
+    return keys, (start_ms, end_ms)
+
+
 def parse(raw: bytes) -> Outcome:
-    body = orjson.loads(raw)
+    return parse_body(orjson.loads(raw))
+
+
+def parse_body(body: dict[str, Any]) -> Outcome:
     limits = tuple(_limit(item) for item in body.get("l") or ())
     violated = body.get("v") or 0
     return Outcome(

@@ -25,6 +25,7 @@ from services.api.enforcement.enforcer import (
     EnforceRequest,
     EventRef,
 )
+from services.api.enforcement.leases import LeaseRequest, Leases, ReturnRequest
 from services.common.auth import Authenticator, Caller, address, credential
 from services.common.openapi import ProblemDetails, component_schemas, problem_responses, ref
 from services.common.problems import Problem, invalid_request
@@ -50,8 +51,8 @@ class EnforceReservation(BaseModel):
     expires_in: int = Field(description="Seconds until it lapses, unless settled")
 
 
-class EnforceDecision(BaseModel):
-    """An allowed call (refusals are problem+json with these members too)."""
+class Decision(BaseModel):
+    """What every admission reports (refusals are problem+json with these members too)."""
 
     allowed: bool
     customer: str | None
@@ -62,10 +63,38 @@ class EnforceDecision(BaseModel):
     reset: int | None = Field(description="Seconds until that policy resets")
     retry_after: int | None
     limits: list[EnforceLimit]
+
+
+class EnforceDecision(Decision):
+    """An allowed call (refusals are problem+json with these members too)."""
+
     reservation: EnforceReservation | None = Field(description="With mode=reserve")
     fallback: bool | None = Field(
         None, description="Present when the limits store was down and the server failed open"
     )
+
+
+class LeaseGrant(Decision):
+    """A lease: calls to admit locally until ``expires_at``, tagging their events."""
+
+    lease: str = Field(description="Its id: the tallylease attribute of events spent under it")
+    meter: str
+    endpoint: str
+    granted: int = Field(description="Calls granted (≤ want): quota units held, tokens taken")
+    tokens: dict[str, int] = Field(description="Tokens taken from each rate limit that applied")
+    expires_at: str = Field(description="When the grant ends (RFC 3339, Tally's clock)")
+    ttl_ms: int = Field(description="A grant's lifetime: the bound on plan and key changes")
+    settle_seconds: int = Field(description="How long spent units wait for their events")
+    returned: int | str = Field(description="Renewals: units of the previous grant freed")
+
+
+class LeaseReturned(BaseModel):
+    lease: str
+    customer: str
+    meter: str
+    returned: int | str = Field(description="Unspent units freed now")
+    held: int | str = Field(description="Spent units still held until their events are counted")
+    settle_seconds: int = Field(description="The most they stay held")
 
 
 class EnforceBatchResult(BaseModel):
@@ -108,6 +137,26 @@ def routes(auth: Authenticator, addresses: AddressLimit, enforcer: Enforcer) -> 
     ]
 
 
+def lease_routes(auth: Authenticator, addresses: AddressLimit, leases: Leases) -> list[Route]:
+    async def caller(request: Request) -> Caller:
+        client = address(request)
+        addresses.check(client)
+        return await auth.caller(credential(request), client)
+
+    async def take(request: Request) -> Response:
+        body = _parse(LeaseRequest, await request.body())
+        return _response(await leases.take(await caller(request), body))
+
+    async def give_back(request: Request) -> Response:
+        body = _parse(ReturnRequest, await request.body())
+        return _response(await leases.give_back(await caller(request), body))
+
+    return [
+        Route("/v1/leases", take, methods=["POST"]),
+        Route("/v1/leases/return", give_back, methods=["POST"]),
+    ]
+
+
 def _parse(model: type[Model], raw: bytes) -> Model:
     try:
         return model.model_validate_json(raw)
@@ -125,7 +174,16 @@ def _response(answer: Answer) -> Response:
 
 
 def openapi_schemas() -> dict[str, Any]:
-    return component_schemas(EnforceRequest, BatchRequest, EnforceDecision, EnforceBatchResults)
+    return component_schemas(
+        EnforceRequest,
+        BatchRequest,
+        EnforceDecision,
+        EnforceBatchResults,
+        LeaseRequest,
+        LeaseGrant,
+        ReturnRequest,
+        LeaseReturned,
+    )
 
 
 def _problem(status: int, description: str) -> dict[str, Any]:
@@ -149,8 +207,21 @@ RATE_HEADERS = {
 }
 
 
+LEASE_REFUSALS = {
+    **{status: REFUSALS[status] for status in ("401", "403", "429", "503")},
+    "404": _problem(404, "A service token naming no customer, or an unknown lease"),
+    "422": _problem(422, "Unknown meter, want or spent out of range; `errors` names fields"),
+}
+RETURN_REFUSALS = {status: LEASE_REFUSALS[status] for status in ("401", "403", "404", "422", "503")}
+
+
 def _operation(
-    summary: str, model: type[BaseModel], answer: type[BaseModel], ok: str
+    summary: str,
+    model: type[BaseModel],
+    answer: type[BaseModel],
+    ok: str,
+    refusals: dict[str, Any] | None = None,
+    rate_headers: bool = True,
 ) -> dict[str, Any]:
     return {
         "post": {
@@ -163,10 +234,10 @@ def _operation(
             "responses": {
                 "200": {
                     "description": ok,
-                    "headers": RATE_HEADERS,
+                    **({"headers": RATE_HEADERS} if rate_headers else {}),
                     "content": {"application/json": {"schema": ref(answer)}},
                 },
-                **REFUSALS,
+                **(REFUSALS if refusals is None else refusals),
             },
         }
     }
@@ -185,5 +256,20 @@ def openapi_paths() -> dict[str, Any]:
             BatchRequest,
             EnforceBatchResults,
             "Each decision's status and body, in order",
+        ),
+        "/v1/leases": _operation(
+            "Take or renew a lease: calls to admit locally, settled by their events",
+            LeaseRequest,
+            LeaseGrant,
+            "Granted: the lease, and the RateLimit fields",
+            LEASE_REFUSALS,
+        ),
+        "/v1/leases/return": _operation(
+            "Return a lease: its unspent units are freed at once",
+            ReturnRequest,
+            LeaseReturned,
+            "Returned: what was freed and what still awaits its events",
+            RETURN_REFUSALS,
+            rate_headers=False,
         ),
     }

@@ -1,0 +1,241 @@
+-- What every admission shares, enforce.lua and lease.lua alike: the clock, the answer's
+-- encoding, the caller's checks (key and account status), the rate-limit algorithms and
+-- a quota's report.  Prepended to each script, so that both decide with one definition.
+local MICRO = 1000000
+
+-- Times come from the Redis server's clock, so every API server agrees; a non-empty
+-- override replaces it (tests only).
+local now_us, now
+local function set_clock(override)
+  if override ~= '' then
+    now_us = tonumber(override)
+  else
+    local t = redis.call('TIME')
+    now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  end
+  now = math.floor(now_us / 1000)
+end
+
+local function answer(code, extra)
+  extra = extra or {}
+  extra.c = code
+  return cjson.encode(extra)
+end
+
+-- amounts as strings: cjson would round numbers beyond 14 digits
+local function int(n) return string.format('%d', n) end
+
+local function ceil_div(a, b) return math.floor((a + b - 1) / b) end
+
+-- The key (unless a service token asks: key_id '') and the account's status; nil when
+-- the caller may go on, else the refusal to return.  `account` is the HMGET of the
+-- account_state.FIELDS; `grace` the past_due grace in ms ('' = never refused).
+local function check_caller(account, keys, key_id, scope, grace)
+  local plan, status = account[1], account[2]
+  if key_id ~= '' then
+    local key = redis.call('HGET', keys, key_id)
+    if not key then return answer('key_unknown') end
+    local k = cjson.decode(key)
+    if k.r then return answer('key_revoked') end
+    if k.x and k.x <= now then return answer('key_expired') end
+    local scoped = false
+    for _, s in ipairs(k.s) do if s == scope then scoped = true end end
+    if not scoped then return answer('key_scope') end
+  end
+  if status == 'cancelled' or status == 'suspended' then
+    return answer('inactive', {p = plan, s = status})
+  end
+  if status == 'trial' and account[3] ~= '' and tonumber(account[3]) <= now then
+    return answer('trial_expired', {p = plan, s = status})
+  end
+  -- An unpaid account keeps working for the grace period, then is refused until paid.
+  if status == 'past_due' and grace and grace ~= '' and account[5] and account[5] ~= '' then
+    local ends = tonumber(account[5]) + tonumber(grace)
+    if ends <= now then return answer('past_due', {p = plan, s = status, g = ends}) end
+  end
+  return nil
+end
+
+-- Each algorithm: (limit, window ms, capacity, state or false, cost) ->
+--   ok, remaining, reset ms, retry ms, new state.
+-- Each room: (limit, window ms, capacity, state or false, cost) -> how many calls of
+--   `cost` the policy admits now: n calls fit exactly when the algorithm admits n * cost.
+local algorithms, rooms = {}, {}
+
+-- Token bucket in integer token-milliseconds: `limit` tokens arrive per window.
+local function bucket_tokens(l, w, cap, state)
+  local capacity = cap * w
+  local tokens = capacity
+  if state then
+    local a, b = string.match(state, '^(%d+):(%d+)$')
+    local ts
+    tokens, ts = tonumber(a), tonumber(b)
+    local elapsed = math.min(math.max(now - ts, 0), ceil_div(capacity, l))
+    tokens = math.min(capacity, tokens + elapsed * l)
+  end
+  return tokens, capacity
+end
+
+function algorithms.token_bucket(l, w, cap, state, cost)
+  local tokens, capacity = bucket_tokens(l, w, cap, state)
+  local need = cost * w
+  if tokens >= need then
+    local left = tokens - need
+    return true, math.floor(left / w), ceil_div(capacity - left, l), 0,
+      string.format('%d:%d', left, now)
+  end
+  local retry = cost > cap and w or ceil_div(need - tokens, l)
+  return false, math.floor(tokens / w), ceil_div(capacity - tokens, l), retry, nil
+end
+
+function rooms.token_bucket(l, w, cap, state, cost)
+  return math.floor(bucket_tokens(l, w, cap, state) / (cost * w))
+end
+
+-- GCRA in integer microseconds: a theoretical arrival time, `cap` emission intervals
+-- of tolerance.
+function algorithms.gcra(l, w, cap, state, cost)
+  local interval = math.floor(w * 1000 / l)
+  local tolerance = interval * cap
+  local tat = state and tonumber(state) or now_us
+  if tat < now_us then tat = now_us end
+  local new_tat = tat + cost * interval
+  local debt = new_tat - now_us
+  if debt <= tolerance then
+    return true, math.floor((tolerance - debt) / interval), ceil_div(debt, 1000), 0,
+      string.format('%d', new_tat)
+  end
+  local retry = cost > cap and w or ceil_div(debt - tolerance, 1000)
+  return false, math.floor(math.max(tolerance - (tat - now_us), 0) / interval),
+    ceil_div(tat - now_us, 1000), retry, nil
+end
+
+function rooms.gcra(l, w, cap, state, cost)
+  local interval = math.floor(w * 1000 / l)
+  local tat = state and tonumber(state) or now_us
+  if tat < now_us then tat = now_us end
+  return math.max(math.floor((interval * cap - (tat - now_us)) / (cost * interval)), 0)
+end
+
+-- Fixed window: a count per window, reset at each boundary.
+local function window_count(w, state)
+  local index, count = math.floor(now / w), 0
+  if state then
+    local a, b = string.match(state, '^(%d+):(%d+)$')
+    if tonumber(a) == index then count = tonumber(b) end
+  end
+  return index, count
+end
+
+function algorithms.fixed_window(l, w, _, state, cost)
+  local index, count = window_count(w, state)
+  local reset = (index + 1) * w - now
+  if count + cost <= l then
+    return true, l - count - cost, reset, 0, string.format('%d:%d', index, count + cost)
+  end
+  return false, l - count, reset, cost > l and w or reset, nil
+end
+
+function rooms.fixed_window(l, w, _, state, cost)
+  local _, count = window_count(w, state)
+  return math.max(math.floor((l - count) / cost), 0)
+end
+
+-- Sliding window counter: this window's count plus the previous one's, weighted by
+-- how much of it the sliding window still covers.  Integer count-milliseconds.
+local function sliding_counts(w, state)
+  local index = math.floor(now / w)
+  local current, previous = 0, 0
+  if state then
+    local a, b, c = string.match(state, '^(%d+):(%d+):(%d+)$')
+    a, b, c = tonumber(a), tonumber(b), tonumber(c)
+    if a == index then current, previous = b, c
+    elseif a == index - 1 then previous = b end
+  end
+  local elapsed = now - index * w
+  return index, current, previous, elapsed, previous * (w - elapsed) + current * w
+end
+
+function algorithms.sliding_window(l, w, _, state, cost)
+  local index, current, previous, elapsed, estimate = sliding_counts(w, state)
+  local reset = w - elapsed
+  if estimate + cost * w <= l * w then
+    local left = math.floor((l * w - estimate) / w) - cost
+    return true, left, reset, 0,
+      string.format('%d:%d:%d', index, current + cost, previous)
+  end
+  local remaining = math.max(math.floor((l * w - estimate) / w), 0)
+  if cost > l then return false, remaining, reset, w, nil end
+  local retry
+  if current + cost <= l then
+    retry = ceil_div(w * previous - (l - current - cost) * w, previous) - elapsed
+  else
+    retry = reset
+    if current > 0 then
+      retry = retry + math.max(ceil_div(w * current - (l - cost) * w, current), 0)
+    end
+  end
+  return false, remaining, reset, math.max(retry, 1), nil
+end
+
+function rooms.sliding_window(l, w, _, state, cost)
+  local _, _, _, _, estimate = sliding_counts(w, state)
+  return math.max(math.floor((l * w - estimate) / (cost * w)), 0)
+end
+
+-- The rate-limit cost of one call to `endpoint` (the plan's endpoint costs, else 1).
+local function call_cost(policies, endpoint)
+  if endpoint ~= '' and policies.costs[endpoint] then return policies.costs[endpoint] end
+  return 1
+end
+
+-- Every rate limit that applies to `endpoint`, asked for `cost` tokens: the limits'
+-- reports, the index of the one refusing longest (0: none), the states to write if
+-- everything is admitted, and how long the states must live.  A state is filed under
+-- its policy's name and algorithm: a policy whose algorithm changed starts afresh
+-- instead of misreading another algorithm's state.  The states live as long as the
+-- slowest policy of the plan needs, whichever policies this call touched (an
+-- endpoint's daily limit must outlive calls to other endpoints).
+local function ask_rates(policies, endpoint, cost, states_key)
+  local limits, refused, states, keep = {}, 0, {}, 0
+  for _, p in ipairs(policies.rates) do
+    keep = math.max(keep, 2 * p.w, p.w * math.ceil(p.b / p.l) + p.w)
+    if not p.e or p.e == endpoint then
+      local field = p.n .. '|' .. p.a
+      local ok, remaining, reset, retry, state =
+        algorithms[p.a](p.l, p.w, p.b, redis.call('HGET', states_key, field) or false, cost)
+      limits[#limits + 1] = {n = p.n, k = 'rate', a = p.a, lim = p.l, w = p.w,
+                             rem = remaining, reset = reset, retry = retry}
+      if ok then
+        states[#states + 1] = field
+        states[#states + 1] = state
+      elseif refused == 0 or retry > limits[refused].retry then
+        refused = #limits
+      end
+    end
+  end
+  return limits, refused, states, keep
+end
+
+local function write_rates(states_key, states, keep)
+  if #states > 0 then
+    redis.call('HSET', states_key, unpack(states))
+    redis.call('PEXPIRE', states_key, keep)
+  end
+end
+
+-- Release what expired among reservations and leases (a bounded number per call).
+local function release_expired(reservations, expiries, held)
+  local expired = redis.call('ZRANGEBYSCORE', expiries, '-inf', now, 'LIMIT', 0, 100)
+  for _, d in ipairs(expired) do release(reservations, expiries, held, d) end
+end
+
+-- A quota's report after `wanted` more micro-units; over = it would be exceeded.
+local function quota_limit(meter, quota, used, held, wanted, period_start, period_end)
+  local window, reset = period_end - period_start, period_end - now
+  local over = used + held + wanted > quota.l
+  return {n = 'quota:' .. meter, k = 'quota', lim = int(quota.l), w = window,
+          rem = int(math.max(quota.l - used - held - wanted, 0)),
+          reset = reset, retry = (over and quota.h) and reset or 0,
+          h = quota.h, used = int(used + held)}, over
+end

@@ -1,0 +1,119 @@
+-- A lease: units of a meter's quota and tokens of each rate limit, taken at once for a
+-- process to spend locally (DESIGN.md decision 8).  The caller's checks, the algorithms
+-- and the quota's report are enforce.lua's (admission.lua); only the amount differs:
+--   granted = min(want, every rate limit's room, the hard quota's room,
+--                 max(1, the tightest of those rooms / share))
+-- so leases are large far from a limit and one unit near it, and concurrent holders
+-- cannot starve each other.  Rate-limit tokens are consumed when granted.  The quota's
+-- part is held like a reservation: `held[meter]` grows by the grant and the lease's
+-- record in the reservations hash, `<meter>|<held>|<term grant>|<term end ms>`, says
+-- how much of it is this lease's.  Events naming the lease move their units from held
+-- to usage as the aggregator counts them (apply_batch.lua); a return (or a renewal)
+-- frees the unspent part of the term at once; whatever is still held when the record's
+-- deadline (term end, or return, + settle window) passes is released as reservations
+-- are.
+--
+-- KEYS: 1 account  2 keys  3 rate states  4 reservations  5 reservation expiries
+--       6 held totals  7 the meter's counters for the current period
+-- ARGV: 1 key id ('' = service token)  2 scope  3 now in µs ('' = Redis TIME)
+--       4 endpoint  5 calls wanted  6 mode (take|renew|return)  7 lease id
+--       8 micro-units spent of the current term (renew, return)  9 meter
+--       10 period start (ms)  11 period end (ms)  12 lease ttl (ms)
+--       13 settle window (ms)  14 share  15 past_due grace (ms; '' = never refused)
+set_clock(ARGV[3])
+local mode, id, meter = ARGV[6], ARGV[7], ARGV[9]
+local ttl, settle = tonumber(ARGV[12]), tonumber(ARGV[13])
+
+local account = redis.call('HMGET', KEYS[1], @ACCOUNT_FIELDS@)
+if not account[1] then return answer('no_account') end
+
+local function record(held, term, ends)
+  redis.call('HSET', KEYS[4], id, string.format('%s|%d|%d|%d', meter, held, term, ends))
+  redis.call('ZADD', KEYS[5], ends + settle, id)
+  for k = 4, 6 do redis.call('PEXPIRE', KEYS[k], 2 * (ttl + settle)) end
+end
+
+-- A renewal or a return first gives back the term's unspent units: held no longer
+-- covers what the holder can no longer spend.  What it spent stays held until its
+-- events settle it or the settle window passes.
+local carried, freed = 0, 0
+if mode ~= 'take' then
+  local found = redis.call('HGET', KEYS[4], id)
+  if not found then return answer('lease_unknown') end
+  local m, held, term = string.match(found, '^([^|]*)|(%d+)|(%d+)|')
+  if not term then return answer('lease_unknown') end
+  if mode == 'return' then meter = m end
+  if m ~= meter then return answer('lease_meter', {m = m}) end
+  held, term = tonumber(held), tonumber(term)
+  freed = math.min(math.max(term - tonumber(ARGV[8]), 0), held)
+  if freed > 0 then redis.call('HINCRBY', KEYS[6], meter, int(-freed)) end
+  carried = held - freed
+  if mode == 'return' then
+    if carried == 0 then
+      redis.call('HDEL', KEYS[4], id)
+      redis.call('ZREM', KEYS[5], id)
+    else
+      record(carried, 0, now)
+    end
+    return answer('returned', {m = meter, h = int(carried), f = int(freed)})
+  end
+  -- its record is rewritten below; meanwhile no expiry sweep may release it (whose
+  -- held it states no longer does)
+  redis.call('ZADD', KEYS[5], now + settle, id)
+end
+
+-- A refused renewal keeps the lease, its grant returned: what it spent stays held.
+local function refuse(refusal)
+  if mode == 'renew' then record(carried, 0, now) end
+  return refusal
+end
+
+local refusal = check_caller(account, KEYS[2], ARGV[1], ARGV[2], ARGV[15])
+if refusal then return refuse(refusal) end
+local plan, status = account[1], account[2]
+
+local policies = cjson.decode(account[4])
+local endpoint = ARGV[4]
+local cost = call_cost(policies, endpoint)
+local tightest = math.huge
+for _, p in ipairs(policies.rates) do
+  if not p.e or p.e == endpoint then
+    local state = redis.call('HGET', KEYS[3], p.n .. '|' .. p.a) or false
+    tightest = math.min(tightest, rooms[p.a](p.l, p.w, p.b, state, cost))
+  end
+end
+local quota = policies.quotas[meter]
+local used, held = 0, 0
+if quota then
+  release_expired(KEYS[4], KEYS[5], KEYS[6])
+  used = tonumber(redis.call('HGET', KEYS[7], '*') or '0')
+  held = tonumber(redis.call('HGET', KEYS[6], meter) or '0')
+  if quota.h then
+    tightest = math.min(tightest, math.max(math.floor((quota.l - used - held) / MICRO), 0))
+  end
+end
+local granted = math.min(tonumber(ARGV[5]), tightest)
+if tightest < math.huge then
+  granted = math.min(granted, math.max(math.floor(tightest / tonumber(ARGV[14])), 1))
+end
+
+-- Nothing to grant: the refusal /v1/enforce would give one call now.
+local wanted = granted > 0 and granted or 1
+local limits, refused, states, keep =
+  ask_rates(policies, endpoint, wanted * cost, KEYS[3])
+if quota then
+  local item, over = quota_limit(meter, quota, used, held, wanted * MICRO,
+                                 tonumber(ARGV[10]), tonumber(ARGV[11]))
+  limits[#limits + 1] = item
+  if over and quota.h then refused = #limits end
+end
+local result = {p = plan, s = status, u = policies.up, l = limits, v = refused}
+if refused > 0 then return refuse(answer('refused', result)) end
+if granted == 0 then return redis.error_reply('lease: a room of 0 refused nothing') end
+
+write_rates(KEYS[3], states, keep)
+local hold = quota and granted * MICRO or 0
+if hold > 0 then redis.call('HINCRBY', KEYS[6], meter, int(hold)) end
+record(carried + hold, hold, now + ttl)
+result.n, result.t, result.e, result.f = granted, granted * cost, now + ttl, int(freed)
+return answer('ok', result)

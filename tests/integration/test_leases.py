@@ -1,0 +1,346 @@
+"""Leases over HTTP and below it, against real Redis and PostgreSQL (and chDB for events).
+
+The brief's exactness scenario runs two API servers and two simulated app processes that
+admit calls only from their leases; the rest checks sizes, refusals, settlement by
+events, expiry, returns, and every bad input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from schemas.catalog import Meter
+from schemas.envelope import StoredEvent
+from schemas.events import LEASE_ID_PATTERN, VALUE_SCALE, utcnow
+from services.api.enforcement.leaser import LeaseAsk, LeaseMode, Leaser, new_lease_id
+from services.api.enforcement.limiter import Code
+from services.api.enforcement.pipelined import Pipelined
+from services.common.clickhouse import ClickHouse
+from services.common.settings import Settings
+from tests.accounts_support import ADMIN, Account, customer_on, plan_with, running_api, sign_up
+from tests.conftest import REDIS_URL
+from tests.integration.test_enforcement import set_usage
+from tests.integration.test_usage_api import aggregate
+from tests.lease_support import (
+    METER,
+    catalog_meters,
+    count,
+    put_account,
+    spent_events,
+    usage_and_held,
+)
+
+TTL_MS, SETTLE_MS = 2000, 300_000
+
+
+@pytest.fixture
+async def api(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    async with running_api(settings) as client:
+        yield client
+
+
+@pytest.fixture
+async def leaser() -> AsyncIterator[Leaser]:
+    connection = Pipelined(REDIS_URL, 5.0)
+    yield Leaser(connection, TTL_MS, SETTLE_MS, 8)
+    await connection.aclose()
+
+
+async def lease(client: httpx.AsyncClient, auth: dict[str, str], **body: Any) -> httpx.Response:
+    return await client.post("/v1/leases", json=body, headers=auth)
+
+
+async def give_back(client: httpx.AsyncClient, auth: dict[str, str], **body: Any) -> httpx.Response:
+    return await client.post("/v1/leases/return", json=body, headers=auth)
+
+
+async def test_a_lease_takes_a_share_of_the_tightest_limit(
+    api: httpx.AsyncClient, redis: Redis
+) -> None:
+    customer, auth = await customer_on(api, plan_with(quota=100))
+    reply = await lease(api, auth, want=50)
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert re.match(LEASE_ID_PATTERN, body["lease"])
+    assert body["granted"] == 12  # 100 left, a share of 1/8
+    assert body | {"customer": customer, "meter": METER, "endpoint": "", "ttl_ms": 2000} == body
+    assert body["tokens"] == {"per-minute": 12} and body["returned"] == 0
+    ends = datetime.fromisoformat(body["expires_at"])
+    assert timedelta(seconds=1) < ends - utcnow() <= timedelta(seconds=2)
+    quota = next(lim for lim in body["limits"] if lim["kind"] == "quota")
+    assert quota["remaining"] == 88
+    assert reply.headers[
+        "RateLimit-Policy"
+    ] == '"per-minute";q=100000;w=60, "quota:api_calls";q=100;w=' + str(quota["window"])
+    assert reply.headers["RateLimit"].startswith('"quota:api_calls";r=88;')
+    assert await usage_and_held(redis, customer) == (0, 12 * VALUE_SCALE)
+
+
+async def test_a_rate_limit_of_ten_a_minute_is_never_exceeded(api: httpx.AsyncClient) -> None:
+    """Near a rate limit a lease is one call: ten leases of one, then refusals."""
+    account = await sign_up(api, "free")
+    grants = [await lease(api, account.auth, want=5, endpoint="/v1/geocode") for _ in range(14)]
+    assert [g.status_code for g in grants] == [200] * 10 + [429] * 4
+    assert [g.json()["granted"] for g in grants[:10]] == [1] * 10
+    assert grants[0].json()["tokens"] == {"free-per-minute": 1}
+    refusal = grants[10]
+    assert refusal.headers["content-type"] == "application/problem+json"
+    assert refusal.json()["type"].endswith("/rate-limited")
+    assert refusal.json()["policy"] == "free-per-minute"
+    assert 1 <= int(refusal.headers["Retry-After"]) <= 60
+    assert refusal.headers["RateLimit"].startswith('"free-per-minute";r=0;')
+
+
+class EdgeApp:
+    """An app process admitting calls only from leases, as the SDK will: waiting calls
+    are served from the current lease, one renewal at a time asks for as many units as
+    calls wait, and a refusal refuses the calls waiting then."""
+
+    def __init__(self, client: httpx.AsyncClient, account: Account) -> None:
+        self.client, self.account = client, account
+        self.waiting: list[asyncio.Future[bool]] = []
+        self.lease: str | None = None
+        self.spent = 0
+        self.events: list[StoredEvent] = []
+        self.refusals: list[httpx.Response] = []
+        self._renewing: asyncio.Task[None] | None = None
+
+    async def call(self) -> bool:
+        admitted: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.waiting.append(admitted)
+        if self._renewing is None or self._renewing.done():
+            self._renewing = asyncio.create_task(self._renew())
+        return await admitted
+
+    async def _renew(self) -> None:
+        while self.waiting:
+            body: dict[str, Any] = {"want": len(self.waiting)}
+            if self.lease:
+                body |= {"lease": self.lease, "spent": self.spent}
+            reply = await lease(self.client, self.account.auth, **body)
+            if reply.status_code == 429:
+                self.refusals.append(reply)
+                self.spent = 0
+                for call in self.waiting:
+                    call.set_result(False)
+                self.waiting.clear()
+                return
+            assert reply.status_code == 200, reply.text
+            granted = reply.json()
+            self.lease, self.spent = granted["lease"], granted["granted"]
+            served, self.waiting = self.waiting[: self.spent], self.waiting[self.spent :]
+            self.events += spent_events(self.account.customer, self.lease, len(served))
+            for call in served:
+                call.set_result(True)
+
+
+async def test_500_calls_over_two_apps_against_100_left_serve_exactly_100(
+    settings: Settings,
+    redis: Redis,
+    ch: ClickHouse,
+    meters: dict[str, list[Meter]],
+) -> None:
+    async with running_api(settings) as one, running_api(settings) as two:
+        account = await sign_up(one, "free")
+        apps = [EdgeApp(one, account), EdgeApp(two, account)]
+        # free allows 10 calls a minute: lift it, keep its hard quota of 1000
+        await put_rate(one, account, 100_000)
+        await set_usage(redis, account.customer, 900)
+        served = await asyncio.gather(*(apps[i % 2].call() for i in range(500)))
+        assert sum(served) == 100
+        for app in apps:
+            assert app.refusals, "each app was refused once the quota was spent"
+            refusal = app.refusals[0]
+            assert refusal.json()["type"].endswith("/quota-exceeded")
+            assert refusal.headers["RateLimit"].startswith('"quota:api_calls";r=0;')
+            assert int(refusal.headers["Retry-After"]) > 0
+        used, held = await usage_and_held(redis, account.customer)
+        assert (used, held) == (900 * VALUE_SCALE, 100 * VALUE_SCALE)
+        events = apps[0].events + apps[1].events
+        await aggregate(settings, ch, redis, meters, events)  # the real batch processor
+        assert await usage_and_held(redis, account.customer) == (1000 * VALUE_SCALE, 0)
+        for app in apps:
+            returned = await give_back(app.client, account.auth, lease=app.lease, spent=0)
+            assert returned.status_code == 200 and returned.json()["held"] == 0
+
+
+async def put_rate(client: httpx.AsyncClient, account: Account, per_minute: int) -> None:
+    """Move ``account`` to a plan with free's quota and ``per_minute`` calls a minute."""
+    plan = plan_with(quota=1000, per_minute=per_minute)
+    reply = await client.put(f"/v1/admin/plans/{plan['id']}", json=plan, headers=ADMIN)
+    assert reply.status_code == 200, reply.text
+    moved = await client.patch(
+        f"/v1/admin/customers/{account.customer}", json={"plan": plan["id"]}, headers=ADMIN
+    )
+    assert moved.status_code == 200, moved.text
+
+
+async def test_events_settle_what_they_spent(redis: Redis, leaser: Leaser, tenant: str) -> None:
+    customer, meters = f"{tenant}-settle", catalog_meters()
+    await put_account(redis, customer, quota=100)
+    take = LeaseAsk(new_lease_id(), LeaseMode.TAKE, METER, 50)
+    grant = await leaser.ask(customer, take, utcnow())
+    assert grant.granted == 12
+    events = spent_events(customer, take.lease, 5)
+    await count(redis, customer, events, meters)
+    assert await usage_and_held(redis, customer) == (5 * VALUE_SCALE, 7 * VALUE_SCALE)
+    back = await leaser.ask(customer, LeaseAsk(take.lease, LeaseMode.RETURN, spent=5), utcnow())
+    assert back.outcome.code is Code.RETURNED and back.freed == 7 and back.held == 0
+    assert await usage_and_held(redis, customer) == (5 * VALUE_SCALE, 0)
+    # returned before its events arrive: the spent part stays held until they do
+    again = LeaseAsk(new_lease_id(), LeaseMode.TAKE, METER, 50)
+    assert (await leaser.ask(customer, again, utcnow())).granted == 11  # 95 left
+    back = await leaser.ask(customer, LeaseAsk(again.lease, LeaseMode.RETURN, spent=4), utcnow())
+    assert back.freed == 7 and back.held == 4
+    assert await usage_and_held(redis, customer) == (5 * VALUE_SCALE, 4 * VALUE_SCALE)
+    await count(redis, customer, spent_events(customer, again.lease, 4), meters)
+    assert await usage_and_held(redis, customer) == (9 * VALUE_SCALE, 0)
+
+
+async def test_an_unreturned_lease_is_released_after_its_settle_window(
+    redis: Redis, leaser: Leaser, tenant: str
+) -> None:
+    customer = f"{tenant}-expiry"
+    await put_account(redis, customer, quota=100)
+    start = int(utcnow().timestamp() * 1000)
+
+    async def take(at_ms: int) -> int:
+        ask = LeaseAsk(new_lease_id(), LeaseMode.TAKE, METER, 100)
+        return (await leaser.ask(customer, ask, utcnow(), at_ms * 1000)).granted
+
+    assert await take(start) == 12
+    # ended, but what it spent may still be on its way: still held
+    assert await take(start + TTL_MS + 1) == 11  # 88 left
+    assert await usage_and_held(redis, customer) == (0, 23 * VALUE_SCALE)
+    # past the first lease's settle window its 12 come back, whatever it spent
+    assert await take(start + TTL_MS + SETTLE_MS) == 11  # 89 left
+    assert await usage_and_held(redis, customer) == (0, 22 * VALUE_SCALE)
+
+
+async def test_a_revoked_key_or_a_plan_change_reaches_the_next_lease(
+    api: httpx.AsyncClient,
+) -> None:
+    """The bound: a holder learns at its next renewal, at most ``ttl_ms`` later."""
+    account = await sign_up(api, "free")
+    first = await lease(api, account.auth, want=5)
+    assert first.status_code == 200 and first.json()["plan"] == "free"
+    ident = first.json()["lease"]
+    change = await api.patch(
+        f"/v1/admin/customers/{account.customer}", json={"plan": "pro"}, headers=ADMIN
+    )
+    assert change.status_code == 200
+    renewed = await lease(api, account.auth, want=5, lease=ident, spent=1)
+    assert renewed.status_code == 200 and renewed.json()["plan"] == "pro"
+    assert renewed.json()["lease"] == ident
+    assert renewed.headers["RateLimit-Policy"].startswith('"pro-per-minute";q=500;w=60')
+    revoke = await api.delete(
+        f"/v1/admin/customers/{account.customer}/keys/{account.key_id}", headers=ADMIN
+    )
+    assert revoke.status_code == 204
+    refused = await lease(api, account.auth, want=5, lease=ident, spent=0)
+    assert refused.status_code == 401 and "revoked" in refused.json()["detail"]
+
+
+async def test_a_suspended_account_is_refused_its_next_lease(api: httpx.AsyncClient) -> None:
+    account = await sign_up(api, "pro")
+    assert (await lease(api, account.auth, want=5)).status_code == 200
+    suspend = await api.patch(
+        f"/v1/admin/customers/{account.customer}", json={"status": "cancelled"}, headers=ADMIN
+    )
+    assert suspend.status_code == 200
+    refused = await lease(api, account.auth, want=5)
+    assert refused.status_code == 403 and refused.json()["account_status"] == "cancelled"
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"want": 0}, "body.want"),
+        ({"want": 10_001}, "body.want"),
+        ({"want": 1.5}, "body.want"),
+        ({}, "body.want"),
+        ({"want": 5, "meter": "no_such_meter"}, "meter"),
+        ({"want": 5, "lease": "not-a-lease"}, "body.lease"),
+        ({"want": 5, "lease": "ls_AAAAAAAAAAAAAAAA"}, "body"),  # renewing needs spent
+        ({"want": 5, "lease": "ls_AAAAAAAAAAAAAAAA", "spent": -1}, "body.spent"),
+        ({"want": 5, "colour": "red"}, "body.colour"),
+    ],
+)
+async def test_bad_lease_requests_name_the_field(
+    api: httpx.AsyncClient, body: dict[str, Any], field: str
+) -> None:
+    account = await sign_up(api, "pro")
+    reply = await lease(api, account.auth, **body)
+    assert reply.status_code == 422, reply.text
+    assert reply.headers["content-type"] == "application/problem+json"
+    assert field in [e["field"] for e in reply.json()["errors"]]
+
+
+async def test_unknown_and_foreign_leases_are_404_naming_the_lease(
+    api: httpx.AsyncClient,
+) -> None:
+    mine, theirs = await sign_up(api, "pro"), await sign_up(api, "pro")
+    taken = (await lease(api, theirs.auth, want=5)).json()
+    foreign = taken["lease"]
+    for ident in ("ls_AAAAAAAAAAAAAAAA", foreign):
+        for reply in (
+            await lease(api, mine.auth, want=5, lease=ident, spent=0),
+            await give_back(api, mine.auth, lease=ident, spent=0),
+        ):
+            assert reply.status_code == 404, reply.text
+            assert reply.json()["type"].endswith("/unknown-lease")
+            assert reply.json()["errors"] == [{"field": "lease", "reason": "unknown lease"}]
+    # the other customer's lease is untouched, and still theirs to return
+    back = await give_back(api, theirs.auth, lease=foreign, spent=0)
+    assert back.status_code == 200 and back.json()["returned"] == taken["granted"] > 0
+
+
+async def test_renewing_under_another_meter_or_without_a_customer_is_refused(
+    api: httpx.AsyncClient,
+) -> None:
+    account = await sign_up(api, "pro")
+    ident = (await lease(api, account.auth, want=5)).json()["lease"]
+    other = await lease(api, account.auth, want=5, lease=ident, spent=0, meter="storage_gb")
+    assert other.status_code == 422
+    assert other.json()["errors"][0]["field"] == "meter"
+    service = {"Authorization": "Bearer test-token"}
+    nobody = await lease(api, service, want=5)
+    assert nobody.status_code == 422 and nobody.json()["errors"][0]["field"] == "customer"
+    ok = await lease(api, service, want=5, customer=account.customer)
+    assert ok.status_code == 200 and ok.json()["customer"] == account.customer
+    back = await give_back(api, account.auth, lease=ident, spent=2)
+    assert back.status_code == 200
+    assert back.json() | {"lease": ident, "meter": METER} == back.json()
+
+
+async def test_without_redis_no_lease_is_granted(settings: Settings) -> None:
+    async with running_api(settings, redis_url="redis://127.0.0.1:1/0") as api:
+        reply = await lease(api, {"Authorization": "Bearer test-token"}, want=5, customer="c1")
+    assert reply.status_code == 503, reply.text
+    assert reply.json()["type"].endswith("/enforcement-unavailable")
+    assert reply.headers["Retry-After"] == "1"
+
+
+async def test_a_lease_renewed_after_its_deadline_is_released_once(
+    redis: Redis, leaser: Leaser, tenant: str
+) -> None:
+    """Renewing a lease whose deadline passed (not yet swept) returns its grant once: the
+    expiry sweep in the same call must not release it a second time."""
+    customer = f"{tenant}-late"
+    await put_account(redis, customer, quota=100)
+    start = int(utcnow().timestamp() * 1000)
+    take = LeaseAsk(new_lease_id(), LeaseMode.TAKE, METER, 100)
+    assert (await leaser.ask(customer, take, utcnow(), start * 1000)).granted == 12
+    late = (start + TTL_MS + SETTLE_MS + 5) * 1000
+    renew = LeaseAsk(take.lease, LeaseMode.RENEW, METER, 100, spent=0)
+    grant = await leaser.ask(customer, renew, utcnow(), late)
+    assert grant.freed == 12 and grant.granted == 12
+    assert await usage_and_held(redis, customer) == (0, 12 * VALUE_SCALE)
