@@ -64,6 +64,12 @@ def bucket_id(window: Window, moment: datetime) -> str:
     return bucket_start(window, moment).strftime(_ID_FORMAT[window])
 
 
+def start_id(window: Window, start: datetime) -> str:
+    """``bucket_id`` of a bucket's own start, as ``buckets`` yields them: not rounded
+    again (the usage API names dozens of buckets per read)."""
+    return start.strftime(_ID_FORMAT[window])
+
+
 def bucket_expiry(window: Window, moment: datetime) -> datetime:
     """When a bucket holding ``moment`` may be dropped from Redis."""
     return next_bucket(window, bucket_start(window, moment)) + RETENTION[window]

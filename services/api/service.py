@@ -23,18 +23,21 @@ async def start(runtime: Runtime) -> Component:
     grace_ms = round(settings.past_due_grace_hours * 3_600_000)
     limiter = Limiter(decisions, settings.reservation_ttl_seconds * 1000, grace_ms)
     auth, addresses = await runtime.authenticator(), AddressLimit(settings.ip_limit_per_second)
-    enforcer = Enforcer(settings, redis, pool, limiter)
+    meters = await runtime.meters()
+    enforcer = Enforcer(settings, redis, pool, limiter, meters)
+    usage = usage_routes.Usage(runtime.redis(), pool, auth, meters)
     accounts = Accounts(settings, redis, pool, auth, addresses.check)
     return Component(
         "api",
         routers=[
-            usage_routes.router(runtime.redis(), pool, auth),
+            usage_routes.router(usage, meters),
             account_routes.router(accounts),
             admin_routes.router(accounts),
             catalog_routes.router(accounts),
         ],
         checks={"redis": runtime.check_redis(), "postgres": runtime.check_postgres()},
         schemas=enforce_routes.openapi_schemas(),
-        fast_routes=enforce_routes.routes(auth, addresses, enforcer),
+        fast_routes=enforce_routes.routes(auth, addresses, enforcer)
+        + usage_routes.fast_routes(usage),
         paths=enforce_routes.openapi_paths(),
     )
