@@ -8,6 +8,7 @@ and live ones Redis has lost, after a flush — come from the ``usage_daily`` /
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, time
@@ -34,21 +35,26 @@ class Point:
     value: Decimal
     groups: dict[str, str] | None
 
-    def as_json(self, stamps: dict[datetime, str] | None = None) -> dict[str, Any]:
-        """``stamps``: RFC 3339 texts already made, shared by the points of one answer
-        (a bucket's end is the next one's start; grouped, a bucket has many points)."""
-        stamps = {} if stamps is None else stamps
-        start = stamps.get(self.start) or stamps.setdefault(self.start, self.start.isoformat())
-        end = stamps.get(self.end) or stamps.setdefault(self.end, self.end.isoformat())
-        body: dict[str, Any] = {"start": start, "end": end, "value": str(self.value)}
+    def as_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "start": _stamp(self.start),
+            "end": _stamp(self.end),
+            "value": str(self.value),
+        }
         if self.groups is not None:
             body["groups"] = self.groups
         return body
 
 
+@functools.lru_cache(maxsize=8192)
+def _stamp(moment: datetime) -> str:
+    """RFC 3339 of a bucket boundary, remembered: a bucket's end is the next one's start,
+    grouped a bucket has many points, and reads ask for the same buckets again."""
+    return moment.isoformat()
+
+
 def as_json(points: Sequence[Point]) -> list[dict[str, Any]]:
-    stamps: dict[datetime, str] = {}
-    return [p.as_json(stamps) for p in points]
+    return [p.as_json() for p in points]
 
 
 @dataclass(frozen=True, slots=True)
