@@ -27,6 +27,7 @@ class Result:
     latencies: list[float] = field(default_factory=list)
     statuses: dict[int, int] = field(default_factory=dict)
     client_cpu_s: float | None = None  # what the requests cost the client, when measured
+    server_cpu_s: float | None = None  # and the server, when measured
 
     @property
     def per_second(self) -> float:
@@ -60,8 +61,10 @@ def _source(requests: Requests) -> Iterator[bytes]:
     return requests if isinstance(requests, Iterator) else itertools.cycle(requests)
 
 
-def request(host: str, port: int, path: str, body: bytes, headers: dict[str, str]) -> bytes:
-    lines = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", f"Content-Length: {len(body)}"]
+def request(
+    host: str, port: int, path: str, body: bytes, headers: dict[str, str], method: str = "POST"
+) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", f"Content-Length: {len(body)}"]
     lines += ["Content-Type: application/json", *(f"{k}: {v}" for k, v in headers.items())]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 

@@ -173,6 +173,9 @@ def to_micros(value: Decimal) -> int:
 
 
 def from_micros(micros: int) -> Decimal:
+    whole, rest = divmod(micros, VALUE_SCALE)
+    if not rest:  # most counters (counts): a third of the cost of the general case
+        return Decimal(whole)
     return Decimal(micros).scaleb(-VALUE_DECIMALS).normalize() + Decimal(0)
 
 

@@ -6,6 +6,7 @@ sortable.  Months are calendar months; nothing here depends on the local time zo
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -62,6 +63,14 @@ def next_bucket(window: Window, start: datetime) -> datetime:
 
 def bucket_id(window: Window, moment: datetime) -> str:
     return bucket_start(window, moment).strftime(_ID_FORMAT[window])
+
+
+@functools.lru_cache(maxsize=8192)
+def start_id(window: Window, start: datetime) -> str:
+    """``bucket_id`` of a bucket's own start, as ``buckets`` yields them: not rounded
+    again, and remembered — the usage API names dozens of buckets per read, mostly the
+    same ones, and ``strftime`` costs 3 µs each (a fifth of a month's read)."""
+    return start.strftime(_ID_FORMAT[window])
 
 
 def bucket_expiry(window: Window, moment: datetime) -> datetime:

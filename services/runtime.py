@@ -33,6 +33,7 @@ from services.common.clickhouse import ClickHouse
 from services.common.health import Check, health_router
 from services.common.hot_paths import HotPaths
 from services.common.logging import get_logger
+from services.common.meter_cache import MeterCache
 from services.common.openapi import problem_schemas
 from services.common.settings import Settings
 
@@ -65,6 +66,7 @@ class Runtime:
         self._redis: Redis | None = None
         self._limits: Redis | None = None
         self._authenticator: Authenticator | None = None
+        self._meters: MeterCache | None = None
         self._clickhouse: ClickHouse | None = None
         self._producer: AIOKafkaProducer | None = None
 
@@ -132,6 +134,21 @@ class Runtime:
                 self.settings, self.limits_store(), await self.pool()
             )
         return self._authenticator
+
+    async def meters(self) -> MeterCache:
+        """The process's one meter cache, shared by its services: one listening
+        connection, one copy of the meters."""
+        if self._meters is None:
+            settings = self.settings
+            self._meters = MeterCache(
+                await self.pool(),
+                settings.database_url,
+                settings.meter_refresh_seconds,
+                settings.postgres_connect_timeout,
+            )
+            await self._meters.start()
+            self.stack.push_async_callback(self._meters.stop)
+        return self._meters
 
     @property
     def authenticates(self) -> bool:

@@ -1,4 +1,4 @@
-"""The aggregator as a running service: the Faust app plus its meter cache."""
+"""The aggregator as a running service: the Faust app plus the process's meter cache."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from functools import partial
 from services.aggregator import worker
 from services.aggregator.clickhouse_sink import ClickHouseSink
 from services.aggregator.dedupe import DedupeWindow
-from services.aggregator.meters import MeterCache
 from services.aggregator.processor import BatchProcessor
 from services.aggregator.redis_sink import RedisSink
 from services.common import clickhouse, topic_ids
@@ -22,9 +21,8 @@ async def start(runtime: Runtime) -> Component:
     settings = runtime.settings
     bootstrap = await runtime.bootstrap_servers()
     await asyncio.to_thread(clickhouse.create_schema, runtime.clickhouse())
-    meters = MeterCache(await runtime.pool(), settings.meter_refresh_seconds)
-    await meters.start()
-    runtime.stack.push_async_callback(meters.stop)
+    meters = await runtime.meters()
+    await meters.meters()  # no aggregating without them: PostgreSQL's error stops start-up
     app = worker.create_app(settings, bootstrap)
     processor = BatchProcessor(
         clickhouse=ClickHouseSink(runtime.clickhouse()),

@@ -26,7 +26,9 @@ async def start(runtime: Runtime) -> Component:
     grace_ms = round(settings.past_due_grace_hours * 3_600_000)
     limiter = Limiter(decisions, settings.reservation_ttl_seconds * 1000, grace_ms)
     auth, addresses = await runtime.authenticator(), AddressLimit(settings.ip_limit_per_second)
-    enforcer = Enforcer(settings, redis, pool, limiter)
+    meters = await runtime.meters()
+    enforcer = Enforcer(settings, redis, pool, limiter, meters)
+    usage = usage_routes.Usage(runtime.redis(), pool, auth, meters)
     settle = settings.reservation_ttl_seconds
     leaser = Leaser(decisions, settings.lease_ttl_ms, settle * 1000, settings.lease_share, grace_ms)
     leases = Leases(enforcer, leaser, settle)
@@ -34,7 +36,7 @@ async def start(runtime: Runtime) -> Component:
     return Component(
         "api",
         routers=[
-            usage_routes.router(runtime.redis(), pool, auth),
+            usage_routes.router(usage, meters),
             status_routes.router(settings, runtime.redis(), pool, auth),
             account_routes.router(accounts),
             admin_routes.router(accounts),
@@ -43,6 +45,7 @@ async def start(runtime: Runtime) -> Component:
         checks={"redis": runtime.check_redis(), "postgres": runtime.check_postgres()},
         schemas=enforce_routes.openapi_schemas(),
         fast_routes=enforce_routes.routes(auth, addresses, enforcer)
-        + enforce_routes.lease_routes(auth, addresses, leases),
+        + enforce_routes.lease_routes(auth, addresses, leases)
+        + usage_routes.fast_routes(usage),
         paths=enforce_routes.openapi_paths(),
     )

@@ -10,7 +10,9 @@ and answers its own problems as problem+json (a store that is down as the
 application does: 503 naming it).
 
 Its route stays registered in the application too, so the router still answers a wrong
-method with 405 and the OpenAPI document is unchanged.
+method with 405 and the OpenAPI document is unchanged.  A path with parameters
+(``/v1/customers/{customer}/usage``) is matched by its pattern after the exact paths, and
+its endpoint finds them in ``request.path_params``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.common.logging import get_logger
@@ -35,21 +37,34 @@ class HotPaths:
 
     def __init__(self, app: ASGIApp, routes: Sequence[Route]) -> None:
         self.app = app
+        exact = [r for r in routes if not r.param_convertors]
         self._endpoints: dict[tuple[str, str], Endpoint] = {
             (route.path, method): route.endpoint
-            for route in routes
+            for route in exact
             for method in route.methods or ()
         }
+        self._patterns = [r for r in routes if r.param_convertors]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         endpoint = None
         if scope["type"] == "http":
             endpoint = self._endpoints.get((scope["path"], scope["method"]))
+            if endpoint is None and self._patterns:
+                endpoint, scope = self._match(scope)
         if endpoint is None:
             await self.app(scope, receive, send)
             return
         response = await _answer(endpoint, Request(scope, receive))
         await response(scope, receive, send)
+
+    def _match(self, scope: Scope) -> tuple[Endpoint | None, Scope]:
+        """The endpoint of the route whose pattern and method match, and the scope with
+        its path parameters."""
+        for route in self._patterns:
+            match, child = route.matches(scope)
+            if match is Match.FULL:
+                return route.endpoint, {**scope, **child}
+        return None, scope
 
 
 async def _answer(endpoint: Endpoint, request: Request) -> Response:

@@ -520,6 +520,34 @@ async def test_bad_inputs_each_name_their_field(api: httpx.AsyncClient) -> None:
     assert not_json.status_code == 422 and not_json.json()["errors"][0]["field"] == "body"
 
 
+async def test_a_meter_created_after_a_miss_is_enforced(
+    settings: Settings, pool: AsyncConnectionPool, tenant: str
+) -> None:
+    """Unknown meters are answered from the cached meters, without a query; a meter
+    created right after a miss is known within seconds (the catalog's notification: the
+    safety-net reload is 600 s off)."""
+    name = f"m_{tenant}"
+    async with running_api(settings, meter_refresh_seconds=600) as api:
+        account = await sign_up(api, "free")
+        miss = await enforce(api, account, meter=name)
+        assert miss.status_code == 422 and "unknown meter" in miss.text
+        try:
+            async with pool.connection() as conn:
+                await conn.execute(
+                    "INSERT INTO meters (name, event_type, aggregation) VALUES (%s, 'x', 'count')",
+                    (name,),
+                )
+            for _ in range(250):
+                reply = await enforce(api, account, meter=name)
+                if "unknown meter" not in reply.text:
+                    break
+                await asyncio.sleep(0.02)
+            assert reply.status_code == 200, reply.text
+        finally:
+            async with pool.connection() as conn:
+                await conn.execute("DELETE FROM meters WHERE name = %s", (name,))
+
+
 async def test_batch(api: httpx.AsyncClient) -> None:
     account = await sign_up(api, "free")
     checks = [{}] * 11 + [{"meter": "nope"}, {"quantity": -2}]

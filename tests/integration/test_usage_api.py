@@ -1,8 +1,11 @@
-"""The usage API over real Redis and PostgreSQL: live windows, history, and bad input."""
+"""The usage API over real Redis and PostgreSQL: live windows, history, top groups, the
+cached meters, and bad input."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -20,19 +23,31 @@ from services.aggregator.clickhouse_sink import ClickHouseSink
 from services.aggregator.dedupe import DedupeWindow
 from services.aggregator.processor import BatchProcessor, Record
 from services.aggregator.redis_sink import RedisSink
-from services.api.usage.routes import router
+from services.api.usage.routes import Usage, fast_routes, router
 from services.common.auth import Authenticator
 from services.common.clickhouse import ClickHouse
+from services.common.meter_cache import MeterCache
 from services.common.settings import Settings
 from services.runtime import Component, http_app
 
 
 @pytest.fixture
+async def meter_cache(pool: AsyncConnectionPool, database_url: str) -> AsyncIterator[MeterCache]:
+    """The api's meter cache; its safety-net reload far off, so only a notification
+    explains a change seen within seconds."""
+    cache = MeterCache(pool, database_url, max_age=600)
+    await cache.start()
+    yield cache
+    await cache.stop()
+
+
+@pytest.fixture
 async def api(
-    redis: Redis, pool: AsyncConnectionPool, settings: Settings
+    redis: Redis, pool: AsyncConnectionPool, settings: Settings, meter_cache: MeterCache
 ) -> AsyncIterator[httpx.AsyncClient]:
-    auth = Authenticator(settings, redis, pool)
-    app = http_app([Component("api", [router(redis, pool, auth)])])
+    usage = Usage(redis, pool, Authenticator(settings, redis, pool), meter_cache)
+    routes = [router(usage, meter_cache)]
+    app = http_app([Component("api", routes, fast_routes=fast_routes(usage))])
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app),
         base_url="http://t",
@@ -172,6 +187,42 @@ async def test_meters_are_listed(api: httpx.AsyncClient) -> None:
         ({"meter": "api_calls", "from": "0001-01-01T00:00:00+01:00"}, "from", "must lie between"),
         ({"meter": "api_calls", "group_by": "method"}, "group_by", "groups by endpoint"),
         ({"meter": "storage_gb", "group_by": "endpoint"}, "group_by", "groups by (none)"),
+        ({"meter": "api_calls", "order_by": "value"}, "order_by", "needs group_by"),
+        (
+            {"meter": "api_calls", "group_by": "endpoint", "order_by": "-value"},
+            "order_by",
+            "must be 'value'",
+        ),
+        (
+            {"meter": "api_calls", "group_by": "endpoint", "order_by": "value", "limit": "0"},
+            "limit",
+            "from 1 to 1000",
+        ),
+        (
+            {"meter": "api_calls", "group_by": "endpoint", "order_by": "value", "limit": "1001"},
+            "limit",
+            "from 1 to 1000",
+        ),
+        (
+            {"meter": "api_calls", "group_by": "endpoint", "order_by": "value", "limit": "5x"},
+            "limit",
+            "whole number",
+        ),
+        (
+            {
+                "meter": "api_calls",
+                "group_by": "endpoint",
+                "order_by": "value",
+                "limit": "9" * 5000,
+            },
+            "limit",
+            "whole number",
+        ),
+        (
+            {"meter": "api_calls", "group_by": "endpoint", "limit": "5"},
+            "limit",
+            "only with order_by",
+        ),
     ],
 )
 async def test_bad_parameters_are_422_naming_the_field(
@@ -188,3 +239,176 @@ async def test_a_malformed_customer_id_is_422(api: httpx.AsyncClient) -> None:
     response = await api.get("/v1/customers/{acme}/usage", params={"meter": "api_calls"})
     assert response.status_code == 422
     assert response.json()["errors"][0]["field"] == "path.customer"
+
+
+async def test_top_groups_of_the_live_counters(
+    api: httpx.AsyncClient,
+    settings: Settings,
+    ch: ClickHouse,
+    redis: Redis,
+    meters: dict[str, list[Meter]],
+    tenant: str,
+) -> None:
+    customer = f"{tenant}-top"
+    now = utcnow().replace(second=30)
+    counts = {"/a": (2, 1), "/b": (1, 4), "/c": (1, 0), "/d": (0, 2)}  # 2 min ago, now
+    events = [
+        call(customer, "api_call", f"{e}-{m}-{n}", now - timedelta(minutes=2 - 2 * m), endpoint=e)
+        for e, per_minute in counts.items()
+        for m, count in enumerate(per_minute)
+        for n in range(count)
+    ]
+    await aggregate(settings, ch, redis, meters, events)
+    start = (now - timedelta(minutes=3)).replace(second=0, microsecond=0)
+    params = {"meter": "api_calls", "window": "minute", "group_by": "endpoint"}
+    body = await usage(
+        api, customer, order_by="value", limit="2", **params, **{"from": start.isoformat()}
+    )
+    assert body["totals"] == [
+        {"groups": {"endpoint": "/b"}, "value": "5"},
+        {"groups": {"endpoint": "/a"}, "value": "3"},
+    ]
+    shown = [(p["start"], p["groups"]["endpoint"], p["value"]) for p in body["data"]]
+    earlier, latest = sorted({p["start"] for p in body["data"]})
+    assert shown == [
+        (earlier, "/b", "1"),
+        (earlier, "/a", "2"),
+        (latest, "/b", "4"),
+        (latest, "/a", "1"),
+    ]
+    everything = await usage(
+        api, customer, order_by="value", **params, **{"from": start.isoformat()}
+    )
+    assert [t["groups"]["endpoint"] for t in everything["totals"]] == ["/b", "/a", "/d", "/c"]
+    unranked = await usage(api, customer, **params, **{"from": start.isoformat()})
+    assert "totals" not in unranked and len(unranked["data"]) == 6
+
+
+async def test_top_groups_over_a_month_of_rollups(
+    api: httpx.AsyncClient, pool: AsyncConnectionPool, tenant: str
+) -> None:
+    customer = f"{tenant}-month"
+    first = (utcnow() - timedelta(days=90)).date()
+    rows = [
+        (customer, first + timedelta(days=d), f'["/e{e}"]', (e + 1) * (d + 1))
+        for d in range(30)
+        for e in range(8)
+    ]
+    async with pool.connection() as conn, conn.cursor() as cur:
+        await cur.executemany(
+            "INSERT INTO usage_daily (customer, meter, day, group_key, value, watermark)"
+            " VALUES (%s, 'api_calls', %s, %s, %s, now())",
+            rows,
+        )
+    start = datetime(first.year, first.month, first.day, tzinfo=UTC)
+    body = await usage(
+        api,
+        customer,
+        meter="api_calls",
+        group_by="endpoint",
+        order_by="value",
+        limit="3",
+        **{"from": start.isoformat(), "to": (start + timedelta(days=30)).isoformat()},
+    )
+    days = 30 * 31 // 2  # each endpoint's value is (e + 1) x the day's number
+    assert body["totals"] == [
+        {"groups": {"endpoint": f"/e{e}"}, "value": str((e + 1) * days)} for e in (7, 6, 5)
+    ]
+    assert len(body["data"]) == 3 * 30
+    assert [p["groups"]["endpoint"] for p in body["data"][:3]] == ["/e7", "/e6", "/e5"]
+
+
+async def _add_meter(conn: Any, name: str, group_by: list[str]) -> None:
+    await conn.execute(
+        "INSERT INTO meters (name, event_type, aggregation, group_by) VALUES (%s, %s, 'sum', %s)"
+        " ON CONFLICT (name) DO UPDATE SET group_by = excluded.group_by",
+        (name, f"{name}_event", group_by),
+    )
+
+
+async def _within(seconds: float, seen: Callable[[], Any]) -> float:
+    """How long until ``seen()`` (awaited) is true; fails after ``seconds``."""
+    began = time.monotonic()
+    while not await seen():
+        assert time.monotonic() - began < seconds, "not seen in time"
+        await asyncio.sleep(0.02)
+    return time.monotonic() - began
+
+
+async def test_a_meter_added_or_changed_is_served_without_a_restart(
+    api: httpx.AsyncClient, pool: AsyncConnectionPool, meter_cache: MeterCache, tenant: str
+) -> None:
+    """The api's cache reloads only every 600 s: seeing the change within seconds is
+    PostgreSQL's notification at work."""
+    name = f"m_{tenant}"
+
+    async def listening() -> bool:
+        return meter_cache.listening
+
+    await _within(5, listening)  # its first load is done: from now on, only notifications
+    asked = {"meter": name, "window": "minute"}
+    unknown = await api.get("/v1/customers/acme/usage", params=asked)
+    assert unknown.status_code == 422 and "unknown meter" in unknown.text
+
+    async def served(**params: str) -> bool:
+        reply = await api.get("/v1/customers/acme/usage", params=asked | params)
+        return reply.status_code == 200
+
+    try:
+        async with pool.connection() as conn:
+            await _add_meter(conn, name, ["region"])
+        await _within(5, served)
+        async with pool.connection() as conn:
+            await _add_meter(conn, name, ["region", "zone"])
+        await _within(5, lambda: served(group_by="region,zone"))
+    finally:
+        async with pool.connection() as conn:
+            await conn.execute("DELETE FROM meters WHERE name = %s", (name,))
+
+
+async def test_a_missed_notification_is_caught_within_the_max_age(
+    pool: AsyncConnectionPool, database_url: str, meter_cache: MeterCache, tenant: str
+) -> None:
+    """A change made with triggers off sends no notification: the cache reloading every
+    0.5 s sees it, the one waiting 600 s for a notification does not."""
+    name = f"m_{tenant}"
+    safety_net = MeterCache(pool, database_url, max_age=0.5)
+    await safety_net.start()
+
+    async def listening() -> bool:
+        return meter_cache.listening
+
+    await _within(5, listening)  # its first load is done: from now on, only notifications
+    try:
+        async with pool.connection() as conn:
+            await conn.execute("SET session_replication_role = replica")  # no triggers
+            await _add_meter(conn, name, [])
+            await conn.commit()
+            await conn.execute("RESET session_replication_role")
+
+        async def seen() -> bool:
+            return name in (await safety_net.meters()).by_name
+
+        assert await _within(3, seen) <= 1.5
+        assert name not in (await meter_cache.meters()).by_name
+    finally:
+        await safety_net.stop()
+        async with pool.connection() as conn:
+            await conn.execute("DELETE FROM meters WHERE name = %s", (name,))
+
+
+async def test_reads_take_no_postgresql_connection_per_request(
+    api: httpx.AsyncClient, pool: AsyncConnectionPool, tenant: str
+) -> None:
+    """Live windows come from Redis and the meters from the cache: a hundred reads, and
+    the unknown meters and meter lists among them, ask the pool for nothing."""
+    params = {"meter": "api_calls", "window": "minute", "group_by": "endpoint"}
+    await usage(api, f"{tenant}-q", **params)  # anything lazy is done
+    before = pool.get_stats().get("requests_num", 0)
+    for n in range(100):
+        if n % 10 == 0:
+            assert (await api.get("/v1/meters")).status_code == 200
+            bad = await api.get(f"/v1/customers/{tenant}-q/usage", params={"meter": f"no{n}"})
+            assert bad.status_code == 422
+        await usage(api, f"{tenant}-q", order_by="value", limit="5", **params)
+    assert pool.get_stats().get("requests_num", 0) == before

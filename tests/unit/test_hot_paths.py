@@ -32,9 +32,14 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
     async def other() -> dict[str, str]:
         return {"served": "by FastAPI"}
 
-    component = Component(
-        "test", routers=[slow], fast_routes=[Route("/v1/decide", decide, methods=["POST"])]
-    )
+    async def owner(request: Request) -> Response:
+        return JSONResponse({"customer": request.path_params["customer"]})
+
+    fast = [
+        Route("/v1/decide", decide, methods=["POST"]),
+        Route("/v1/customers/{customer}/owner", owner, methods=["GET"]),
+    ]
+    component = Component("test", routers=[slow], fast_routes=fast)
     transport = httpx.ASGITransport(http_app([component]), client=("198.51.100.7", 4000))
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
         yield c
@@ -70,3 +75,12 @@ async def test_another_method_or_path_falls_through_to_the_router(
     assert (await client.get("/v1/decide")).status_code == 405
     assert (await client.post("/v1/decide/")).status_code == 307  # the router redirects
     assert (await client.get("/v1/nothing")).status_code == 404
+
+
+async def test_a_path_with_parameters_is_matched_by_its_pattern(
+    client: httpx.AsyncClient,
+) -> None:
+    reply = await client.get("/v1/customers/acme/owner")
+    assert reply.status_code == 200 and reply.json() == {"customer": "acme"}
+    assert (await client.get("/v1/customers/acme/owner/more")).status_code == 404
+    assert (await client.get("/v1/other")).json() == {"served": "by FastAPI"}

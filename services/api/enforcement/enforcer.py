@@ -35,9 +35,10 @@ from services.api.enforcement import trials
 from services.api.enforcement.fallback import Fallback
 from services.api.enforcement.limiter import Ask, Code, Limiter, Mode, Outcome
 from services.api.enforcement.refusals import decision, headers, refused
-from services.common import auth, catalog, metrics
+from services.common import auth, metrics
 from services.common.auth import Caller, check_holder, forbidden_customer
 from services.common.logging import get_logger
+from services.common.meter_cache import MeterCache
 from services.common.problems import Problem, invalid_field, unauthorized, unknown_customer
 from services.common.redis import UNREACHABLE
 from services.common.settings import Settings
@@ -107,13 +108,14 @@ class Enforcer:
         redis: Redis,
         pool: AsyncConnectionPool,
         limiter: Limiter,
+        meters: MeterCache,
     ) -> None:
         self._settings = settings
         self._redis = redis
         self._pool = pool
         self._limiter = limiter
         self._fallback = Fallback(settings.fallback_rate_per_minute)
-        self._meters: set[str] = set()
+        self._meters = meters
         self._redis_up = True
         metrics.REDIS_AVAILABLE.set(1)
 
@@ -187,12 +189,12 @@ class Enforcer:
         return caller.customer
 
     async def check_meter(self, meter: str) -> None:
-        if meter in self._meters:
-            return
-        self._meters = {m.name for m in await catalog.read_meters(self._pool)}
-        if meter not in self._meters:
-            known = ", ".join(sorted(self._meters))
-            raise invalid_field("meter", f"unknown meter {meter!r}; known meters: {known}")
+        """Against the cached meters: a meter created since is in the cache within
+        milliseconds (``MeterCache``), so a miss needs no query."""
+        known = (await self._meters.meters()).by_name
+        if meter not in known:
+            names = ", ".join(sorted(known))
+            raise invalid_field("meter", f"unknown meter {meter!r}; known meters: {names}")
 
     async def _project(self, customer: str) -> None:
         if not await projection.project_customer(self._redis, self._pool, customer):

@@ -1,0 +1,231 @@
+"""Usage-read benchmark: ``GET /v1/customers/{c}/usage`` for a customer with months of data.
+
+Starts ``tally api`` on the benchmark's own stores (``bench.stores``: a fresh PostgreSQL
+database, its own Redis database, a temporary directory) and, with the same uvicorn
+settings, a bare FastAPI endpoint (``bench.bare_app``'s ``/readyz``) as the baseline.
+Seeds one customer's ``api_calls`` as the services leave them: the last 31 days' day
+buckets in Redis (the aggregator's live counters: the total and ``--endpoints`` endpoints),
+and 75 days of ``usage_daily`` rows (the rollup's). Then, from this process
+(``bench.http_load``), reads with a service token:
+
+- ``month_by_day``: the default window, the last 30 days by day (31 points, from Redis);
+- ``top5_endpoints``: the same month, ``group_by=endpoint&order_by=value&limit=5``;
+- ``older_month``: 30 days that Redis no longer keeps, from ``usage_daily``;
+
+1. flat out (closed loop, ``--connections`` keep-alive connections), ``--rounds``
+   interleaved rounds: reads/s of each and of the baseline, then median, min and max;
+2. at an offered ``--rate`` (open loop): p50/p99 latency of each.
+
+``--compare PATH`` serves a second API from another checkout's code (e.g. ``git archive
+main | tar -x -C /tmp/main``) on the same stores, measured in the same rounds: a change's
+effect side by side, on a machine whose speed drifts.
+
+    python -m bench.usage --seconds 10 --rounds 3 --rate 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import psycopg
+import redis
+
+from bench.enforce import dumps, spread, start_bare
+from bench.http_load import Result, closed_loop, open_loop, request
+from bench.stores import bench_stores
+from schemas import redis_keys
+from schemas.events import VALUE_SCALE
+from schemas.windows import Window, bucket_id, bucket_start
+from services.common.broker import free_port
+from tests.support import TallyProcess
+
+TOKEN = "bench-token"
+CUSTOMER = "bench-usage"
+LIVE_DAYS = 31  # in Redis: the default 30-day span's buckets
+ROLLUP_DAYS = 75  # in usage_daily: that month and the ones before
+
+
+def daily(day: int, endpoint: int) -> int:
+    """Calls of one endpoint on the day ``day`` days ago: uneven, so a top 5 is a choice."""
+    return (endpoint + 1) * 1000 + day * 37 % 500
+
+
+def seed(redis_url: str, database_url: str, endpoints: int, now: datetime) -> None:
+    """The customer's day buckets in Redis and rows in ``usage_daily``, as the aggregator
+    and the rollup leave them."""
+    today = bucket_start(Window.DAY, now)
+    client = redis.Redis.from_url(redis_url)
+    with client.pipeline(transaction=False) as pipe:
+        for day in range(LIVE_DAYS):
+            start = today - timedelta(days=day)
+            key = redis_keys.counters(
+                CUSTOMER, "api_calls", Window.DAY, bucket_id(Window.DAY, start)
+            )
+            cells: dict[str | bytes, int] = {
+                redis_keys.group_field((f"/v1/e{e}",)): daily(day, e) * VALUE_SCALE
+                for e in range(endpoints)
+            }
+            cells[redis_keys.TOTAL] = sum(cells.values())
+            pipe.hset(key, mapping=cells)  # type: ignore[arg-type]  # ints are fine
+        pipe.execute()
+    client.close()
+    rows = []
+    for day in range(1, ROLLUP_DAYS + 1):  # closed days only, as the rollup writes them
+        date = (today - timedelta(days=day)).date()
+        values = [daily(day, e) for e in range(endpoints)]
+        rows.append((CUSTOMER, date, redis_keys.TOTAL, sum(values)))
+        rows += [(CUSTOMER, date, f'["/v1/e{e}"]', v) for e, v in enumerate(values)]
+    with psycopg.connect(database_url) as conn, conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO usage_daily (customer, meter, day, group_key, value, watermark)"
+            " VALUES (%s, 'api_calls', %s, %s, %s, now())",
+            rows,
+        )
+
+
+def reads(port: int, now: datetime) -> dict[str, bytes]:
+    """The three reads, as raw requests."""
+    base = f"/v1/customers/{CUSTOMER}/usage?"
+    older = bucket_start(Window.DAY, now) - timedelta(days=ROLLUP_DAYS - 2)
+    queries = {
+        "month_by_day": {"meter": "api_calls"},
+        "top5_endpoints": {
+            "meter": "api_calls",
+            "group_by": "endpoint",
+            "order_by": "value",
+            "limit": "5",
+        },
+        "older_month": {
+            "meter": "api_calls",
+            "from": older.isoformat(),
+            "to": (older + timedelta(days=30)).isoformat(),
+        },
+    }
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    return {
+        name: request("127.0.0.1", port, base + urlencode(q), b"", auth, "GET")
+        for name, q in queries.items()
+    }
+
+
+def cpu_seconds(pid: int) -> float:
+    """The CPU time (user + system) a process has used so far, from Linux's /proc: what a
+    read costs the server, whatever else the machine is busy with."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def flat_out(args: argparse.Namespace, port: int, pid: int, raw: list[bytes]) -> Result:
+    """Reads/s with ``--connections`` in flight, and the server's CPU per read."""
+    cpu = cpu_seconds(pid)
+    result = await closed_loop("127.0.0.1", port, raw, args.connections, args.seconds)
+    result.server_cpu_s = cpu_seconds(pid) - cpu
+    return result
+
+
+async def measure(
+    args: argparse.Namespace, apis: dict[str, tuple[int, int]], bare: tuple[int, int]
+) -> dict[str, Any]:
+    """``apis`` and ``bare``: (port, pid) of each server."""
+    now = datetime.now(UTC)
+    get_ready = request("127.0.0.1", bare[0], "/readyz", b"", {}, "GET")
+    kinds = {"bare_fastapi": (*bare, [get_ready])}
+    for api, (port, pid) in apis.items():
+        for name, one in reads(port, now).items():
+            kinds[name if api == "api" else f"{api}:{name}"] = (port, pid, [one])
+    for port, _, raw in kinds.values():
+        await closed_loop("127.0.0.1", port, raw, args.connections, min(1.0, args.seconds))
+    rounds: list[dict[str, Result]] = []
+    for _ in range(args.rounds):  # interleaved: this VM's speed drifts within a minute
+        rounds.append(
+            {name: await flat_out(args, port, pid, raw) for name, (port, pid, raw) in kinds.items()}
+        )
+    fixed = {
+        name: await open_loop("127.0.0.1", port, raw, args.rate, args.seconds, 64)
+        for name, (port, _, raw) in kinds.items()
+    }
+    per_s = [{name: round(r.per_second) for name, r in measured.items()} for measured in rounds]
+    cpu_us = [
+        {
+            name: round((r.server_cpu_s or 0) / len(r.latencies) * 1e6)
+            for name, r in measured.items()
+        }
+        for measured in rounds
+    ]
+    return {
+        "customer": {
+            "live_days": LIVE_DAYS,
+            "rollup_days": ROLLUP_DAYS,
+            "endpoints": args.endpoints,
+        },
+        "connections": args.connections,
+        "seconds_per_round": args.seconds,
+        "flat_out_per_s_per_round": per_s,
+        "flat_out_per_s_across_rounds": {
+            name: {k: round(v) for k, v in spread([r[name] for r in per_s]).items()}
+            for name in kinds
+        },
+        "server_cpu_us_per_read_across_rounds": {
+            name: {k: round(v) for k, v in spread([r[name] for r in cpu_us]).items()}
+            for name in kinds
+        },
+        "flat_out_p50_p99_ms_last_round": {
+            name: [r.summary()["p50_ms"], r.summary()["p99_ms"]] for name, r in rounds[-1].items()
+        },
+        "flat_out_statuses": {
+            name: {str(k): v for k, v in sorted(rounds[-1][name].statuses.items())}
+            for name in kinds
+        },
+        f"offered_{args.rate}_per_s": {name: r.summary() for name, r in fixed.items()},
+    }
+
+
+def _pid(process: subprocess.Popen[bytes] | None) -> int:
+    assert process is not None
+    return process.pid
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved flat-out rounds")
+    parser.add_argument("--rate", type=int, default=1000, help="offered reads/s (open loop)")
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--endpoints", type=int, default=20, help="endpoints in the data")
+    parser.add_argument("--compare", help="another checkout whose api to measure alongside")
+    args = parser.parse_args()
+
+    with bench_stores("tally-bench-usage-") as stores:
+        seed(stores.redis_url, stores.database_url, args.endpoints, datetime.now(UTC))
+        env = stores.env() | {"TALLY_SERVICE_TOKENS": TOKEN, "TALLY_LOG_LEVEL": "WARNING"}
+        apis = {"api": TallyProcess(["api"], env, stores.data_dir / "api.log")}
+        if args.compare:
+            other = env | {"PYTHONPATH": args.compare}
+            apis["compare"] = TallyProcess(["api"], other, stores.data_dir / "compare.log")
+        bare: subprocess.Popen[bytes] | None = None
+        try:
+            for api in apis.values():
+                api.start()
+            bare_port = free_port()
+            bare = start_bare("fastapi", bare_port, stores.data_dir / "bare.log")
+            servers = {name: (api.port, _pid(api.process)) for name, api in apis.items()}
+            result = asyncio.run(measure(args, servers, (bare_port, bare.pid)))
+        finally:
+            if bare is not None:
+                bare.terminate()
+                bare.wait(10)
+            for api in apis.values():
+                if api.process is not None:
+                    api.stop()
+    print(dumps(result))
+
+
+if __name__ == "__main__":
+    main()
