@@ -10,13 +10,14 @@ from typing import Any
 
 import httpx
 from tally_sdk import Tally, TallyMiddleware
+from tally_sdk.asgi import Receive, Scope, Send
 
 from tests.sdk_fake import Answer, Seen, allow_all, fake_tally, reply
 
 Message = dict[str, Any]
 
 
-async def hello(scope: dict[str, Any], receive: Any, send: Any) -> None:
+async def hello(scope: Scope, receive: Receive, send: Send) -> None:
     """The app behind the middleware: lifespan support and one plain answer."""
     if scope["type"] == "lifespan":
         while (await receive())["type"] != "lifespan.shutdown":
