@@ -28,9 +28,11 @@ lint: setup
 	$(BIN)/mypy .
 	$(BIN)/lint-imports
 
-bench: setup  ## the pipeline, enforcement and billing-run benchmarks (print rates and latencies)
+bench: setup  ## the pipeline, enforcement, edge (SDK) and billing-run benchmarks (print rates and latencies)
 	$(BIN)/python -m bench.pipeline
 	$(BIN)/python -m bench.enforce
+	$(BIN)/python -m bench.sdk_client
+	$(BIN)/python -m bench.edge
 	$(BIN)/python -m bench.billing
 
 schemas: setup  ## regenerate the JSON Schema files from the pydantic models

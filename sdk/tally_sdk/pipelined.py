@@ -19,6 +19,7 @@ import ssl
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import cast
 
 import httptools
 
@@ -50,8 +51,8 @@ class Connection(asyncio.Protocol):
     # asyncio.Protocol -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A cast, not an isinstance check: uvloop's transports are not asyncio's classes.
+        self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -105,11 +106,11 @@ class Connection(asyncio.Protocol):
         return waiter
 
     def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
         self._fail(Dropped("the connection was closed"))
 
     def _fail(self, exc: Exception) -> None:
+        if not self.closed and self._transport is not None:
+            self._transport.close()  # nothing more can be matched on it
         self.closed = True
         while self._waiting:
             waiter = self._waiting.popleft()

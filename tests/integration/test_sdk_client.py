@@ -13,6 +13,7 @@ import socket
 import time
 
 import pytest
+import uvloop
 from tally_sdk import Tally, Unavailable
 from tally_sdk.pipelined import Dropped, Pool
 
@@ -137,3 +138,20 @@ async def test_a_hung_tally_fails_after_the_enforce_timeout_and_frees_the_connec
             assert all(isinstance(r, Unavailable) for r in results)
             assert 0.2 <= elapsed < 2
             assert tally._pool._open == [] or all(c.closed for c in tally._pool._open)
+
+
+def test_the_pool_runs_on_uvloop_as_the_apps_behind_uvicorn_do() -> None:
+    """uvloop's transports are not asyncio's classes (the pool once refused them)."""
+
+    async def decide() -> list[int]:
+        async with fake_tally(echo_slowly) as fake:
+            pool = Pool("127.0.0.1", fake.port)
+            try:
+                replies = await asyncio.gather(
+                    *(pool.request(enforce_request(n), within=10) for n in range(20))
+                )
+            finally:
+                pool.close()
+        return [json.loads(r.body)["id"] for r in replies]
+
+    assert uvloop.run(decide()) == list(range(20))
