@@ -28,6 +28,7 @@ import asyncio
 import subprocess
 import sys
 from collections.abc import Callable, Coroutine
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -103,31 +104,18 @@ async def measure(
     }
     for kind, port in ports.items():  # warm up: connections, caches, Tally's first batches
         await closed_loop(host, port, requests[kind], conns, min(2.0, args.seconds))
-    flat, fixed = [], {rate: [] for rate in args.rates}  # type: ignore[var-annotated]
+    flat: list[dict[str, dict[str, Any]]] = []
+    fixed: dict[int, list[dict[str, dict[str, Any]]]] = {rate: [] for rate in args.rates}
     for _ in range(args.rounds):
-        flat.append(
-            {
-                kind: await measured(
-                    lambda k=kind, p=port: closed_loop(host, p, requests[k], conns, args.seconds),
-                    apps[kind],
-                    tally,
-                )
-                for kind, port in ports.items()
-            }
-        )
+        flat.append({})
+        for kind, port in ports.items():
+            run = partial(closed_loop, host, port, requests[kind], conns, args.seconds)
+            flat[-1][kind] = await measured(run, apps[kind], tally)
         for rate in args.rates:
-            fixed[rate].append(
-                {
-                    kind: await measured(
-                        lambda k=kind, p=port, r=rate: open_loop(
-                            host, p, requests[k], r, args.seconds, 64
-                        ),
-                        apps[kind],
-                        tally,
-                    )
-                    for kind, port in ports.items()
-                }
-            )
+            fixed[rate].append({})
+            for kind, port in ports.items():
+                run = partial(open_loop, host, port, requests[kind], rate, args.seconds, 64)
+                fixed[rate][-1][kind] = await measured(run, apps[kind], tally)
     return summarise(args, flat, fixed)
 
 
