@@ -18,13 +18,14 @@ this process (``bench.http_load``, requests carrying a customer's key):
 Medians and the spread (min, max) across rounds, as JSON.  Tally's per-address limit is
 off: every request here comes from 127.0.0.1.
 
-    python -m bench.edge --seconds 5 --rounds 3 --rates 1000 2000
+    python -m bench.edge --seconds 5 --rounds 3 --rates 1000 2000 [--baseline-sdk old/sdk]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import subprocess
 import sys
 from collections.abc import Callable, Coroutine
@@ -36,7 +37,7 @@ import httpx
 import orjson
 import psutil
 
-from bench.edge_app import KINDS, TOKEN
+from bench.edge_app import TOKEN
 from bench.enforce import ADMIN, dumps, sign_up, spread
 from bench.http_load import Result, closed_loop, open_loop, request
 from bench.stores import bench_stores
@@ -69,10 +70,16 @@ async def measured(run: Run, app: psutil.Process, tally: psutil.Process) -> dict
     }
 
 
-def start_app(kind: str, port: int, extra: list[str], log: Path) -> subprocess.Popen[bytes]:
+def start_app(
+    kind: str, port: int, extra: list[str], log: Path, sdk: str | None = None
+) -> subprocess.Popen[bytes]:
+    """An ``edge_app`` of ``kind``; ``sdk``: a directory whose ``tally_sdk`` it imports."""
+    env = os.environ.copy()
+    if sdk is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [sdk, env.get("PYTHONPATH")]))
     with log.open("ab") as out:
-        command = [sys.executable, "-m", "bench.edge_app", "--kind", kind, "--port", str(port)]
-        process = subprocess.Popen([*command, *extra], stdout=out, stderr=out)
+        command = [sys.executable, "-m", "bench.edge_app", "--port", str(port)]
+        process = subprocess.Popen([*command, *extra], stdout=out, stderr=out, env=env)
 
     def ready() -> bool:
         if process.poll() is not None:
@@ -127,12 +134,11 @@ def summarise(
     def across(rounds: list[dict[str, dict[str, Any]]], metric: str) -> dict[str, Any]:
         return {kind: spread([r[kind][metric] for r in rounds]) for kind in rounds[0]}
 
+    pairs = [("tally", "plain"), ("tally", "slowapi"), ("slowapi", "plain")]
+    if "tally_baseline" in flat[0]:
+        pairs += [("tally", "tally_baseline"), ("tally_baseline", "plain")]
     ratios = [
-        {
-            "tally_vs_plain": round(r["tally"]["per_second"] / r["plain"]["per_second"], 3),
-            "tally_vs_slowapi": round(r["tally"]["per_second"] / r["slowapi"]["per_second"], 3),
-            "slowapi_vs_plain": round(r["slowapi"]["per_second"] / r["plain"]["per_second"], 3),
-        }
+        {f"{a}_vs_{b}": round(r[a]["per_second"] / r[b]["per_second"], 3) for a, b in pairs}
         for r in flat
     ]
     offered = {}
@@ -173,6 +179,11 @@ def main() -> None:
     parser.add_argument("--rates", type=int, nargs="+", default=[1000, 2000])
     parser.add_argument("--customers", type=int, default=50)
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument(
+        "--baseline-sdk",
+        help="also serve the API behind another tally_sdk (a directory holding the package, "
+        "e.g. an older checkout's sdk/) as kind 'tally_baseline', for before/after figures",
+    )
     args = parser.parse_args()
 
     with bench_stores("tally-bench-edge-") as stores:
@@ -186,15 +197,19 @@ def main() -> None:
         processes: dict[str, subprocess.Popen[bytes]] = {}
         try:
             keys = [key for _, key in sign_up(tally.url, args.customers)]
-            ports = {kind: free_port() for kind in KINDS}
             options = {
-                "plain": [],
-                "slowapi": ["--redis-url", stores.redis_url],
-                "tally": ["--tally-url", tally.url],
+                "plain": ["--kind", "plain"],
+                "slowapi": ["--kind", "slowapi", "--redis-url", stores.redis_url],
+                "tally": ["--kind", "tally", "--tally-url", tally.url],
             }
-            for kind in KINDS:
+            sdks = dict.fromkeys(options)
+            if args.baseline_sdk:
+                options["tally_baseline"] = options["tally"]
+                sdks["tally_baseline"] = str(Path(args.baseline_sdk).resolve())
+            ports = {kind: free_port() for kind in options}
+            for kind, extra in options.items():
                 log = stores.data_dir / f"edge-{kind}.log"
-                processes[kind] = start_app(kind, ports[kind], options[kind], log)
+                processes[kind] = start_app(kind, ports[kind], extra, log, sdks[kind])
             apps = {kind: psutil.Process(p.pid) for kind, p in processes.items()}
             assert tally.process is not None
             result = asyncio.run(

@@ -63,7 +63,7 @@ class Tally:
         close_timeout: float = 10.0,
         on_undelivered: OnUndelivered | None = None,
         compress: bool = True,
-        enforce_connections: int = 4,
+        enforce_connections: int = 16,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.source = source or socket.gethostname()
