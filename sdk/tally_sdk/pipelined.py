@@ -183,19 +183,30 @@ class Pool:
             raise
 
     async def _connection(self) -> Connection:
-        while True:
+        closed_at_once = 0
+        while True:  # returns once a connection has room or `size` are open
             live = [c for c in self._open if not c.closed]
             if len(live) != len(self._open):
                 self._open = live
             best = min(live, key=_load) if live else None
             if best is not None and (best.in_flight < self.depth or len(live) >= self.size):
                 return best
-            if self._connecting is None:
-                self._connecting = asyncio.ensure_future(self._connect())
-                self._connecting.add_done_callback(self._connected)
             # Every open connection is `depth` deep: a new one (a local connect takes
             # about 100 µs) serves this request sooner than the queue it would join.
-            await asyncio.shield(self._connecting)
+            # Concurrent callers share one attempt; a finished one is never awaited
+            # again (awaiting a done future does not yield: the loop would spin).
+            attempt = self._connecting
+            if attempt is None or attempt.done():
+                attempt = self._connecting = asyncio.ensure_future(self._connect())
+            try:
+                connection = await asyncio.shield(attempt)
+            finally:
+                if self._connecting is attempt and attempt.done():
+                    self._connecting = None
+            if connection.closed:
+                closed_at_once += 1
+                if closed_at_once == 3:
+                    raise Dropped("Tally closed every new connection at once")
 
     async def _connect(self) -> Connection:
         if time.monotonic() < self._down_until:
@@ -210,11 +221,6 @@ class Pool:
             raise Dropped(f"cannot connect to Tally: {exc!r}") from exc
         self._open.append(connection)
         return connection
-
-    def _connected(self, attempt: asyncio.Future[Connection]) -> None:
-        self._connecting = None
-        if not attempt.cancelled():
-            attempt.exception()  # retrieved: the waiters, if any, got it already
 
     def close(self) -> None:
         for connection in self._open:

@@ -10,6 +10,7 @@ import asyncio
 import json
 import random
 import socket
+import threading
 import time
 
 import pytest
@@ -155,3 +156,33 @@ def test_the_pool_runs_on_uvloop_as_the_apps_behind_uvicorn_do() -> None:
         return [json.loads(r.body)["id"] for r in replies]
 
     assert uvloop.run(decide()) == list(range(20))
+
+
+def test_a_tally_that_closes_every_connection_fails_requests_without_spinning() -> None:
+    """Run in a thread of its own: a pool that spun without yielding (as one did, under
+    load, on a connection attempt already finished) would block its loop for good, and
+    the test then fails on the join instead of hanging."""
+    outcomes: list[object] = []
+
+    async def main() -> None:
+        async def slam(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.close()
+
+        server = await asyncio.start_server(slam, "127.0.0.1", 0)
+        pool = Pool("127.0.0.1", server.sockets[0].getsockname()[1], size=2, depth=1)
+        try:
+            outcomes.extend(
+                await asyncio.gather(
+                    *(pool.request(enforce_request(n), within=5) for n in range(50)),
+                    return_exceptions=True,
+                )
+            )
+        finally:
+            pool.close()
+            server.close()
+
+    worker = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+    worker.start()
+    worker.join(20)
+    assert not worker.is_alive(), "the pool never gave its event loop back"
+    assert len(outcomes) == 50 and all(isinstance(o, Dropped) for o in outcomes)
