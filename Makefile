@@ -33,6 +33,7 @@ bench: setup  ## the pipeline, enforcement, edge (SDK) and billing-run benchmark
 	$(BIN)/python -m bench.enforce
 	$(BIN)/python -m bench.sdk_client
 	$(BIN)/python -m bench.edge
+	$(BIN)/python -m bench.emit_cost
 	$(BIN)/python -m bench.billing
 
 schemas: setup  ## regenerate the JSON Schema files from the pydantic models

@@ -184,7 +184,8 @@ def main() -> None:
     parser.add_argument(
         "--baseline-sdk",
         help="also serve the API behind another tally_sdk (a directory holding the package, "
-        "e.g. an older checkout's sdk/) as kind 'tally_baseline', for before/after figures",
+        "e.g. an older checkout's sdk/) as kind 'tally_baseline', for before/after figures "
+        "(flat out only)",
     )
     args = parser.parse_args()
 
