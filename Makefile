@@ -28,11 +28,14 @@ lint: setup
 	$(BIN)/mypy .
 	$(BIN)/lint-imports
 
-bench: setup  ## the pipeline, enforcement, lease, usage-read and billing-run benchmarks (print rates and latencies)
+bench: setup  ## pipeline, enforcement, leases, usage reads, the SDK edge, events' cost, billing run (rates and latencies)
 	$(BIN)/python -m bench.pipeline
 	$(BIN)/python -m bench.enforce
 	$(BIN)/python -m bench.leases
 	$(BIN)/python -m bench.usage
+	$(BIN)/python -m bench.sdk_client
+	$(BIN)/python -m bench.edge
+	$(BIN)/python -m bench.emit_cost
 	$(BIN)/python -m bench.billing
 
 schemas: setup  ## regenerate the JSON Schema files from the pydantic models

@@ -7,6 +7,7 @@ async with Tally("http://127.0.0.1:8000", token, source="my-api") as tally:
 
 from tally_sdk.backoff import Backoff
 from tally_sdk.client import Tally
+from tally_sdk.decider import Ask, Decider, RemoteDecider
 from tally_sdk.decision import Decision
 from tally_sdk.errors import (
     AuthenticationError,
@@ -22,14 +23,17 @@ from tally_sdk.reports import EmitStats, Outcome, Undelivered
 
 __version__ = "0.1.0"
 __all__ = [
+    "Ask",
     "AuthenticationError",
     "Backoff",
     "BufferFull",
     "ClientClosed",
+    "Decider",
     "Decision",
     "EmitStats",
     "InvalidRequest",
     "Outcome",
+    "RemoteDecider",
     "ServerError",
     "Tally",
     "TallyError",

@@ -1,20 +1,26 @@
 """``Tally``: the async client a metered service keeps for its whole life.
 
 Two jobs with opposite needs share it.  Emitting usage must never slow the caller down,
-so ``emit`` only buffers and a background task sends.  Enforcement sits on the request
-path and must answer at once, so ``check`` and ``reserve`` call Tally directly, with a
-short timeout and no retries — what to do when Tally is unreachable is the caller's
-policy (see ``TallyMiddleware``'s ``fail_open``), not the SDK's.
+so ``emit`` only buffers and a background task sends gzip-compressed batches (httpx: a
+request per batch, so its cost per event is small).  Enforcement sits on the request
+path and must answer at once and cheaply, so ``check`` and ``reserve`` go over a few
+keep-alive connections of ``tally_sdk.pipelined``, requests from concurrent callers
+written back to back (tens of µs of CPU per decision, where httpx took about 2 ms), with
+a short timeout; a request whose connection dropped is sent once more on a new one
+(both are safe to repeat: a reservation names its event).  What to do when Tally does
+not answer is the caller's policy (``TallyMiddleware``'s ``fail_open``), not the SDK's.
 """
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Mapping
 from datetime import datetime
 from decimal import Decimal
 from types import TracebackType
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -22,8 +28,9 @@ from tally_sdk.backoff import Backoff
 from tally_sdk.buffer import Overflow
 from tally_sdk.decision import Decision
 from tally_sdk.emitter import Emitter
-from tally_sdk.errors import error_for, unavailable
+from tally_sdk.errors import error_of, unavailable
 from tally_sdk.events import Dimension, Value, completed, usage_event
+from tally_sdk.pipelined import Dropped, Pool
 from tally_sdk.reports import EmitStats, OnUndelivered, Reporter
 
 Mode = Literal["check", "reserve"]
@@ -36,7 +43,8 @@ class Tally:
     ``token`` is a service token: it emits events for any customer and enforces for the
     customer named by ``customer=``.  ``source`` is the CloudEvents source of every event
     this client emits; with the event ids it makes retries idempotent, so keep it stable
-    per service (the default is the host name).
+    per service (the default is the host name).  ``compress`` gzips event batches;
+    ``enforce_connections`` bounds the connections decisions share.
     """
 
     def __init__(
@@ -54,6 +62,8 @@ class Tally:
         enforce_timeout: float = 2.0,
         close_timeout: float = 10.0,
         on_undelivered: OnUndelivered | None = None,
+        compress: bool = True,
+        enforce_connections: int = 16,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.source = source or socket.gethostname()
@@ -64,6 +74,13 @@ class Tally:
             headers={"Authorization": f"Bearer {token}", "User-Agent": "tally-sdk-python"},
             timeout=timeout,
         )
+        self._enforce_url = _EnforceTarget(self.base_url, token)
+        self._pool = Pool(
+            self._enforce_url.host,
+            self._enforce_url.port,
+            size=enforce_connections,
+            tls=self._enforce_url.tls,
+        )
         self._reporter = Reporter(on_undelivered)
         self._emitter = Emitter(
             self._http,
@@ -73,6 +90,7 @@ class Tally:
             max_batch=max_batch,
             max_delay=max_delay,
             backoff=backoff or Backoff(),
+            compress=compress,
         )
 
     @property
@@ -121,6 +139,7 @@ class Tally:
         try:
             await self._emitter.aclose(self.close_timeout)
         finally:
+            self._pool.close()
             await self._http.aclose()
 
     async def __aenter__(self) -> Tally:
@@ -182,18 +201,56 @@ class Tally:
         else the service token acts for ``body["customer"]``."""
         if key is None and "customer" not in body:
             raise ValueError("pass the caller's API key (key=) or a customer id (customer=)")
-        headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
-        if client_ip is not None:
-            headers["X-Forwarded-For"] = client_ip
+        raw = self._enforce_url.request(json.dumps(body, separators=(",", ":")), key, client_ip)
         try:
-            response = await self._http.post(
-                "/v1/enforce", json=body, headers=headers, timeout=self.enforce_timeout
-            )
-        except httpx.TransportError as exc:
+            reply = await self._pool.request(raw, self.enforce_timeout)
+        except (Dropped, TimeoutError) as exc:
             raise unavailable(exc, self.base_url) from exc
-        if response.status_code not in DECISION_STATUSES:
-            raise error_for(response)
-        return Decision.from_response(response)
+        answer = _json_object(reply.body)
+        if reply.status not in DECISION_STATUSES:
+            raise error_of(reply.status, answer, "POST /v1/enforce", "")
+        return Decision.from_answer(reply.status, reply.headers, answer or {})
+
+
+class _EnforceTarget:
+    """Where decisions go, and their requests pre-encoded but for key, address and body."""
+
+    def __init__(self, base_url: str, token: str) -> None:
+        url = urlsplit(base_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"base_url must be an http(s) URL, not {base_url!r}")
+        self.tls = url.scheme == "https"
+        self.host = url.hostname
+        self.port = url.port or (443 if self.tls else 80)
+        self._token = token
+        self._start = (
+            f"POST {url.path}/v1/enforce HTTP/1.1\r\nHost: {url.netloc}\r\n"
+            "User-Agent: tally-sdk-python\r\nContent-Type: application/json\r\n"
+        )
+
+    def request(self, body: str, key: str | None, client_ip: str | None) -> bytes:
+        credential = self._token if key is None else key
+        forwarded = "" if client_ip is None else f"X-Forwarded-For: {client_ip}\r\n"
+        if _unsafe(credential) or _unsafe(forwarded[:-2]):
+            raise ValueError("a key or address with line breaks cannot be sent as a header")
+        encoded = body.encode()
+        head = (
+            f"{self._start}Authorization: Bearer {credential}\r\n{forwarded}"
+            f"Content-Length: {len(encoded)}\r\n\r\n"
+        )
+        return head.encode("latin-1") + encoded
+
+
+def _unsafe(value: str) -> bool:
+    return "\r" in value or "\n" in value
+
+
+def _json_object(raw: bytes) -> dict[str, Any] | None:
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
 
 
 def _enforce_body(

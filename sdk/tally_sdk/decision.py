@@ -8,6 +8,7 @@ RateLimit headers Tally computed, ready to copy onto the caller's own response.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -16,7 +17,7 @@ import httpx
 
 from tally_sdk.errors import problem_of
 
-RELAYED_HEADERS = ("RateLimit", "RateLimit-Policy", "Retry-After")
+RELAYED_HEADERS = tuple((h, h.lower()) for h in ("RateLimit", "RateLimit-Policy", "Retry-After"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,10 +44,16 @@ class Decision:
     def from_response(cls, response: httpx.Response) -> Decision:
         """The decision in a 200, 403 or 429 answer of ``/v1/enforce``."""
         body = problem_of(response) or {}
-        refused = response.status_code != 200
+        return cls.from_answer(response.status_code, response.headers, body)
+
+    @classmethod
+    def from_answer(cls, status: int, headers: Mapping[str, str], body: dict[str, Any]) -> Decision:
+        """The decision in an answer already read: ``headers`` looked up by lower-case
+        name (an ``httpx.Headers`` or a dict of lower-case names)."""
+        refused = status != 200
         return cls(
             allowed=bool(body.get("allowed", not refused)) and not refused,
-            status=response.status_code,
+            status=status,
             customer=body.get("customer"),
             plan=body.get("plan"),
             policy=body.get("policy"),
@@ -55,7 +62,7 @@ class Decision:
             retry_after=_int(body.get("retry_after")),
             limits=list(body.get("limits") or []),
             reservation=body.get("reservation"),
-            headers={h: response.headers[h] for h in RELAYED_HEADERS if h in response.headers},
+            headers={h: headers[low] for h, low in RELAYED_HEADERS if low in headers},
             problem=body if refused else None,
             body=body,
         )

@@ -5,13 +5,16 @@ cost the metered service almost nothing.  One batch is in flight at a time and i
 until Tally answers with something final, so order is kept and a retry resends exactly
 the same events — ingest answers 202 only once Kafka holds them, and Tally drops the
 copies of what a lost answer already stored.  While a batch waits, new events wait in
-the bounded buffer: backpressure instead of unbounded memory.
+the bounded buffer: backpressure instead of unbounded memory.  Batches are gzipped
+(level 1: CloudEvents JSON shrinks several-fold for a fraction of a millisecond per
+batch), which ingest accepts with ``Content-Encoding: gzip``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import logging
 from typing import Any
@@ -38,6 +41,7 @@ class Emitter:
         max_batch: int,
         max_delay: float,
         backoff: Backoff,
+        compress: bool = True,
     ) -> None:
         if not 1 <= max_batch <= 10_000:
             raise ValueError("max_batch must be between 1 and 10,000 (ingest's limit)")
@@ -47,6 +51,9 @@ class Emitter:
         self._max_batch = max_batch
         self._max_delay = max_delay
         self._backoff = backoff
+        self._headers = {"Content-Type": BATCH_MEDIA_TYPE}
+        if compress:
+            self._headers["Content-Encoding"] = "gzip"
         self._in_flight: list[Entry] = []
         self._wake = asyncio.Event()  # the sender has something to do
         self._progress = asyncio.Event()  # pulsed whenever events stop being pending
@@ -144,6 +151,8 @@ class Emitter:
 
     async def _deliver(self, events: list[dict[str, Any]]) -> None:
         body = json.dumps(events, separators=(",", ":")).encode()
+        if "Content-Encoding" in self._headers:
+            body = gzip.compress(body, compresslevel=1, mtime=0)
         attempt = 0
         while True:
             response = await self._post(body)
@@ -162,9 +171,7 @@ class Emitter:
     async def _post(self, body: bytes) -> httpx.Response | None:
         self._reporter.stats.requests += 1
         try:
-            return await self._http.post(
-                "/v1/events", content=body, headers={"Content-Type": BATCH_MEDIA_TYPE}
-            )
+            return await self._http.post("/v1/events", content=body, headers=self._headers)
         except httpx.TransportError as exc:
             log.debug("tally: posting events failed: %r", exc)
             return None

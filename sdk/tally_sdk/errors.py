@@ -37,7 +37,7 @@ class ServerError(TallyError):
 
 
 class Unavailable(TallyError):
-    """No answer at all: connection refused, timeout, DNS.  Wraps the httpx error."""
+    """No answer at all: connection refused or dropped, timeout, DNS.  Wraps the cause."""
 
 
 class BufferFull(TallyError):
@@ -61,10 +61,14 @@ def problem_of(response: httpx.Response) -> dict[str, Any] | None:
 
 def error_for(response: httpx.Response) -> TallyError:
     """The typed error for an unsuccessful answer, carrying its problem body."""
-    problem = problem_of(response)
-    status = response.status_code
-    detail = (problem or {}).get("detail") or response.reason_phrase or "no detail"
-    message = f"{response.request.method} {response.request.url.path} → {status}: {detail}"
+    what = f"{response.request.method} {response.request.url.path}"
+    return error_of(response.status_code, problem_of(response), what, response.reason_phrase)
+
+
+def error_of(status: int, problem: dict[str, Any] | None, what: str, reason: str) -> TallyError:
+    """The typed error for an unsuccessful answer to ``what`` (method and path)."""
+    detail = (problem or {}).get("detail") or reason or "no detail"
+    message = f"{what} → {status}: {detail}"
     kind: type[TallyError] = TallyError
     if status == 401:
         kind = AuthenticationError
@@ -75,5 +79,5 @@ def error_for(response: httpx.Response) -> TallyError:
     return kind(message, status=status, problem=problem)
 
 
-def unavailable(exc: httpx.TransportError, url: str) -> Unavailable:
+def unavailable(exc: Exception, url: str) -> Unavailable:
     return Unavailable(f"Tally at {url} did not answer: {exc!r}")

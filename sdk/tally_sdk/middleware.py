@@ -7,16 +7,22 @@ app nothing; the caller gets Tally's own answer (status, problem+json, RateLimit
 Retry-After headers), which is what a client library already knows how to read.  An
 allowed request reserves its unit up front (``mode="reserve"``), so a burst of
 concurrent requests cannot overshoot a limit; the ``api_call`` event emitted after the
-response carries the reserved id and settles the reservation.
+response carries the reserved id and settles the reservation.  Who decides is a
+``Decider`` (Tally, one pipelined round trip per request, by default).  Events are
+batched by the client; on the app's lifespan shutdown the middleware flushes them
+before the server exits, so stopping the app loses none.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Iterable
 
 from tally_sdk.asgi import ASGIApp, Message, Receive, Scope, Send, encoded, header, send_problem
 from tally_sdk.client import Mode, Tally
+from tally_sdk.decider import Ask, Decider, RemoteDecider
 from tally_sdk.decision import Decision
 from tally_sdk.errors import AuthenticationError, TallyError
 from tally_sdk.events import new_id
@@ -62,7 +68,8 @@ class TallyMiddleware:
     ``exclude`` (and below them) pass untouched.  When Tally cannot decide — unreachable,
     a 5xx, a misconfigured meter — requests are refused with 503 unless ``fail_open``,
     which serves them unmetered: fail closed by default because an outage of Tally
-    should not become free unlimited access.
+    should not become free unlimited access.  ``decider`` replaces who decides (Tally
+    for every request by default).
     """
 
     def __init__(
@@ -76,8 +83,10 @@ class TallyMiddleware:
         endpoint: Callable[[Scope], str] = raw_path,
         exclude: Iterable[str] = DEFAULT_EXCLUDE,
         fail_open: bool = False,
+        decider: Decider | None = None,
     ) -> None:
         self.app = app
+        self.decider = decider or RemoteDecider(tally)
         self.tally = tally
         self.meter = meter
         self.event_type = event_type
@@ -87,6 +96,9 @@ class TallyMiddleware:
         self.fail_open = fail_open
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, self._flushing_on_shutdown(send))
+            return
         if scope["type"] != "http" or self._excluded(scope["path"]):
             await self.app(scope, receive, send)
             return
@@ -116,11 +128,21 @@ class TallyMiddleware:
     async def _decide(self, scope: Scope, key: str, endpoint: str, event_id: str) -> Decision:
         client = scope.get("client")
         ip = str(client[0]) if client else None
-        if self.mode == "reserve":
-            return await self.tally.reserve(
-                event_id, key=key, meter=self.meter, endpoint=endpoint, client_ip=ip
-            )
-        return await self.tally.check(key=key, meter=self.meter, endpoint=endpoint, client_ip=ip)
+        return await self.decider.decide(Ask(key, self.meter, endpoint, event_id, self.mode, ip))
+
+    def _flushing_on_shutdown(self, send: Send) -> Send:
+        """``send`` for the lifespan scope, holding back the app's "shutdown complete"
+        until the events still buffered are sent (for up to the client's
+        ``close_timeout``): after it the server exits and would take them along."""
+
+        async def flushing(message: Message) -> None:
+            if message["type"] == "lifespan.shutdown.complete":
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.tally.close_timeout):
+                        await self.tally.flush()
+            await send(message)
+
+        return flushing
 
     async def _undecided(self, exc: TallyError, scope: Scope, receive: Receive, send: Send) -> None:
         if not self.fail_open:

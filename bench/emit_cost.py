@@ -1,0 +1,104 @@
+"""What the middleware's usage events cost ``tally up``: CPU per event, by how they travel.
+
+Starts ``tally up`` on the benchmark's own stores and, in interleaved rounds, emits
+``api_call`` events through ``tally_sdk.Tally.emit`` at a steady ``--rate`` (as an API
+behind ``TallyMiddleware`` serving that many requests/s would) with each sending setup:
+gzip on or off (the SDK before this change sent plain JSON, batched the same way), and
+``max_delay`` 0.5 s (the default) or 0.05 s.  It reports the CPU ``tally up`` (with its
+embedded broker) spent per event, until every event is acknowledged, and the sending
+process's own CPU per event.
+
+    python -m bench.emit_cost --seconds 4 --rounds 3 --rate 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from typing import Any
+
+import psutil
+from tally_sdk import Tally
+
+from bench.edge import cpu
+from bench.enforce import ADMIN, TOKEN, dumps, sign_up, spread
+from bench.stores import bench_stores
+from tests.support import TallyProcess
+
+SETUPS: dict[str, dict[str, Any]] = {
+    "plain_json_0.5s": {"compress": False, "max_delay": 0.5},
+    "gzip_0.5s": {"compress": True, "max_delay": 0.5},
+    "gzip_0.05s": {"compress": True, "max_delay": 0.05},
+}
+
+
+async def one(
+    url: str, options: dict[str, Any], customers: list[str], args: Any, tally: psutil.Process
+) -> dict[str, float]:
+    before_tally, before_here = cpu(tally), time.process_time()
+    sent = 0
+    async with Tally(url, TOKEN, source="bench-emit", **options) as client:
+        began = time.perf_counter()
+        while (elapsed := time.perf_counter() - began) < args.seconds:
+            due = int(elapsed * args.rate)
+            for n in range(sent, due):
+                client.emit(
+                    "api_call",
+                    customers[n % len(customers)],
+                    endpoint="/v1/geocode",
+                    method="POST",
+                    status=200,
+                )
+            sent = max(sent, due)
+            await asyncio.sleep(0.005)
+        await client.flush()
+    assert client.stats.accepted == sent, client.stats
+    return {
+        "events": sent,
+        "tally_cpu_us_per_event": round((cpu(tally) - before_tally) / sent * 1e6, 1),
+        "sender_cpu_us_per_event": round((time.process_time() - before_here) / sent * 1e6, 1),
+        "requests": client.stats.requests,
+    }
+
+
+async def run(args: argparse.Namespace, url: str, tally: psutil.Process) -> dict[str, Any]:
+    customers = [customer for customer, _ in sign_up(url, 50)]
+    await one(url, SETUPS["gzip_0.5s"], customers, args, tally)  # warm up
+    rounds = [
+        {name: await one(url, options, customers, args, tally) for name, options in SETUPS.items()}
+        for _ in range(args.rounds)
+    ]
+    return {
+        "rate": args.rate,
+        "seconds": args.seconds,
+        "rounds": rounds,
+        "tally_cpu_us_per_event": {
+            name: spread([r[name]["tally_cpu_us_per_event"] for r in rounds]) for name in SETUPS
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rate", type=int, default=2000)
+    args = parser.parse_args()
+    with bench_stores("tally-bench-emit-") as stores:
+        env = stores.env() | {
+            "TALLY_SERVICE_TOKENS": TOKEN,
+            "TALLY_ADMIN_TOKEN": ADMIN,
+            "TALLY_LOG_LEVEL": "WARNING",
+        }
+        up = TallyProcess(["up"], env, stores.data_dir / "up.log").start()
+        try:
+            assert up.process is not None
+            result = asyncio.run(run(args, up.url, psutil.Process(up.process.pid)))
+        finally:
+            up.stop()
+    print(dumps(result))
+
+
+if __name__ == "__main__":
+    main()
