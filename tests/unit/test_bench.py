@@ -13,6 +13,7 @@ import redis
 from bench import bare_app, stores
 from bench.enforce import reservations
 from services.api.enforcement.enforcer import EnforceRequest
+from tests.conftest import REDIS_URL
 
 ACCOUNTS = [(f"cust_{n}", f"tk_{n:04d}") for n in range(3)]
 
@@ -30,7 +31,8 @@ def test_a_database_holding_keys_without_the_mark_is_refused_with_the_way_out() 
 
 
 def test_an_unmarked_database_is_left_as_it_was() -> None:
-    url = "redis://127.0.0.1:6379/12"
+    """The tests' own Redis database (never a benchmark's) holding one key of someone's."""
+    url = REDIS_URL
     client = redis.Redis.from_url(url)
     key = f"someone:else:{uuid.uuid4().hex}"
     client.set(key, "theirs")
