@@ -28,13 +28,14 @@ lint: setup
 	$(BIN)/mypy .
 	$(BIN)/lint-imports
 
-bench: setup  ## pipeline, enforcement, leases, usage reads, the SDK edge, events' cost, billing run (rates and latencies)
+bench: setup  ## pipeline, enforcement, leases, usage reads, the SDK edge, the middleware's cost, events' cost, billing run (rates and latencies)
 	$(BIN)/python -m bench.pipeline
 	$(BIN)/python -m bench.enforce
 	$(BIN)/python -m bench.leases
 	$(BIN)/python -m bench.usage
 	$(BIN)/python -m bench.sdk_client
 	$(BIN)/python -m bench.edge
+	$(BIN)/python -m bench.middleware_cost
 	$(BIN)/python -m bench.emit_cost
 	$(BIN)/python -m bench.billing
 

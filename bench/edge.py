@@ -5,11 +5,13 @@ benchmark's own stores (``bench.stores``: its PostgreSQL database, its Redis dat
 a temporary directory), signs up customers on a plan with generous limits, and serves
 the same small FastAPI API (``bench.edge_app``) three ways, each in its own uvicorn
 process: plain, behind slowapi (limits in the same Redis), behind ``TallyMiddleware``
-(every request reserved in Tally, its ``api_call`` event batched to ingest).  Then, from
+(``tally``: calls admitted from leases held in the app, its default; ``tally_remote``:
+every request reserved in Tally over ``/v1/enforce``; each call's ``api_call`` event
+batched to ingest).  Then, from
 this process (``bench.http_load``, requests carrying a customer's key):
 
 1. flat out, ``--connections`` keep-alive connections, ``--rounds`` interleaved rounds
-   (plain, slowapi, tally in each): requests/s, and the CPU each served request cost the
+   (every kind in each): requests/s, and the CPU each served request cost the
    app process and Tally (psutil: CPU over the run ÷ requests; Tally's figure includes
    its children, the embedded Kafka broker);
 2. offered ``--rates`` (open loop), the kinds interleaved per round too: p50/p99
@@ -137,6 +139,7 @@ def summarise(
         return {kind: spread([r[kind][metric] for r in rounds]) for kind in rounds[0]}
 
     pairs = [("tally", "plain"), ("tally", "slowapi"), ("slowapi", "plain")]
+    pairs += [("tally", "tally_remote"), ("tally_remote", "plain")]
     if "tally_baseline" in flat[0]:
         pairs += [("tally", "tally_baseline"), ("tally_baseline", "plain")]
     ratios = [
@@ -204,6 +207,7 @@ def main() -> None:
                 "plain": ["--kind", "plain"],
                 "slowapi": ["--kind", "slowapi", "--redis-url", stores.redis_url],
                 "tally": ["--kind", "tally", "--tally-url", tally.url],
+                "tally_remote": ["--kind", "tally_remote", "--tally-url", tally.url],
             }
             sdks = dict.fromkeys(options)
             if args.baseline_sdk:

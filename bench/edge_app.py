@@ -7,8 +7,10 @@ difference between the kinds is the limiter alone:
 - ``plain``: nothing in front;
 - ``slowapi``: slowapi's ``SlowAPIMiddleware`` with a generous per-key limit kept in
   Redis (``--redis-url``), the common way to rate-limit a FastAPI app;
-- ``tally``: ``TallyMiddleware`` (reserve mode, events batched to ``/v1/events``),
-  against the Tally at ``--tally-url``.
+- ``tally``: ``TallyMiddleware`` (calls admitted from leases held in the app, events
+  batched to ``/v1/events``), against the Tally at ``--tally-url``;
+- ``tally_remote``: the same, every request decided by Tally (``RemoteDecider``, one
+  pipelined ``/v1/enforce`` round trip per request), the middleware's earlier default.
 
     python -m bench.edge_app --kind tally --port 8200 --tally-url http://127.0.0.1:8000
 """
@@ -24,11 +26,11 @@ from slowapi import Limiter, _rate_limit_exceeded_handler
 from slowapi.errors import RateLimitExceeded
 from slowapi.middleware import SlowAPIMiddleware
 from starlette.types import ASGIApp
-from tally_sdk import Tally, TallyMiddleware
+from tally_sdk import RemoteDecider, Tally, TallyMiddleware
 
 from services.runtime import freeze_heap
 
-KINDS = ("plain", "slowapi", "tally")
+KINDS = ("plain", "slowapi", "tally", "tally_remote")
 TOKEN = "bench-token"
 
 
@@ -64,9 +66,10 @@ def with_slowapi(redis_url: str) -> ASGIApp:
     return app
 
 
-def with_tally(tally_url: str) -> ASGIApp:
-    tally = Tally(tally_url, TOKEN, source="bench-edge")
-    return TallyMiddleware(api(), tally=tally, exclude=("/readyz",))
+def with_tally(tally_url: str, token: str, remote: bool) -> ASGIApp:
+    tally = Tally(tally_url, token, source="bench-edge")
+    decider = RemoteDecider(tally) if remote else None
+    return TallyMiddleware(api(), tally=tally, exclude=("/readyz",), decider=decider)
 
 
 def main() -> None:
@@ -75,12 +78,13 @@ def main() -> None:
     parser.add_argument("--kind", choices=KINDS, required=True)
     parser.add_argument("--redis-url", default="")
     parser.add_argument("--tally-url", default="")
+    parser.add_argument("--token", default=TOKEN, help="Tally's service token")
     args = parser.parse_args()
     app: ASGIApp = api()
     if args.kind == "slowapi":
         app = with_slowapi(args.redis_url)
-    elif args.kind == "tally":
-        app = with_tally(args.tally_url)
+    elif args.kind.startswith("tally"):
+        app = with_tally(args.tally_url, args.token, remote=args.kind == "tally_remote")
     config = uvicorn.Config(
         app,
         host="127.0.0.1",

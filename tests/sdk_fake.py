@@ -53,12 +53,75 @@ def reply(status: int, body: Any, headers: dict[str, str] | None = None) -> Answ
 
 
 async def allow_all(seen: Seen) -> Answer | None:
-    """Every decision allowed for customer ``cus_1``; every event batch accepted."""
+    """Every decision allowed for customer ``cus_1`` (leases of what is wanted); every
+    event batch accepted."""
     if seen.path.endswith("/v1/events"):
         events = seen.json()
         results = [{"index": n, "status": "accepted"} for n in range(len(events))]
         return reply(202, {"results": results})
+    if seen.path.endswith("/v1/leases/return"):
+        return reply(200, {"lease": seen.json()["lease"], "returned": 0, "held": 0})
+    if seen.path.endswith("/v1/leases"):
+        asked = seen.json()
+        body = {"lease": asked.get("lease", "ls_fake0000000000000"), "granted": asked["want"]}
+        return reply(200, LEASE_ANSWER | body, {"RateLimit": '"p";r=9;t=1'})
     return reply(200, {"allowed": True, "customer": "cus_1"}, {"RateLimit": '"p";r=9;t=1'})
+
+
+LEASE_ANSWER = {"allowed": True, "customer": "cus_1", "ttl_ms": 2000, "plan": "pro"}
+
+
+@dataclass
+class LeaseModel:
+    """A Tally granting leases against a hard quota of ``room`` calls as ``lease.lua``
+    does (at most ``room // share``, at least one), counting what each lease reported
+    spent, so a test can check that the units served are exactly the units reported."""
+
+    room: int
+    share: int = 8
+    ttl_ms: int = 2000
+    grants: dict[str, int] = field(default_factory=dict)
+    spent: dict[str, int] = field(default_factory=dict)
+    returned: list[str] = field(default_factory=list)
+    _ids: int = 0
+
+    async def __call__(self, seen: Seen) -> Answer | None:
+        if seen.path.endswith("/v1/events"):
+            return await allow_all(seen)
+        asked = seen.json()
+        lease = asked.get("lease")
+        if lease is not None:  # renew or return: the unspent rest comes back first
+            if lease not in self.grants:
+                return reply(404, {"type": UNKNOWN_LEASE, "status": 404})
+            self._settle(lease, int(asked["spent"]))
+        if seen.path.endswith("/return"):
+            self.returned.append(str(lease))
+            return reply(200, {"lease": lease, "returned": 0, "held": 0})
+        if self.room == 0:
+            refusal = {"type": QUOTA, "status": 429, "policy": "quota:api_calls", "retry_after": 1}
+            return reply(429, refusal, {"Retry-After": "1", "RateLimit": '"q";r=0;t=1'})
+        granted = min(int(asked["want"]), max(1, self.room // self.share))
+        if lease is None:
+            self._ids += 1
+            lease = f"ls_fake{self._ids:012d}"
+        self.grants[lease], self.room = granted, self.room - granted
+        body = LEASE_ANSWER | {"lease": lease, "granted": granted, "ttl_ms": self.ttl_ms}
+        return reply(200, body, {"RateLimit": f'"q";r={self.room};t=1'})
+
+    def _settle(self, lease: str, spent: int) -> None:
+        granted = self.grants[lease]
+        assert 0 <= spent <= granted, (lease, spent, granted)
+        self.spent[lease] = self.spent.get(lease, 0) + spent
+        self.room += granted - spent
+        self.grants[lease] = 0
+
+    @property
+    def total_spent(self) -> int:
+        return sum(self.spent.values())
+
+
+UNKNOWN_LEASE = "https://tally.dev/problems/unknown-lease"
+QUOTA = "https://tally.dev/problems/quota-exceeded"
 
 
 @asynccontextmanager

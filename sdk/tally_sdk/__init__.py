@@ -18,6 +18,7 @@ from tally_sdk.errors import (
     TallyError,
     Unavailable,
 )
+from tally_sdk.leases import LeaseDecider
 from tally_sdk.middleware import TallyMiddleware
 from tally_sdk.reports import EmitStats, Outcome, Undelivered
 
@@ -32,6 +33,7 @@ __all__ = [
     "Decision",
     "EmitStats",
     "InvalidRequest",
+    "LeaseDecider",
     "Outcome",
     "RemoteDecider",
     "ServerError",

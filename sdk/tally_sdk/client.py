@@ -201,15 +201,25 @@ class Tally:
         else the service token acts for ``body["customer"]``."""
         if key is None and "customer" not in body:
             raise ValueError("pass the caller's API key (key=) or a customer id (customer=)")
-        raw = self._enforce_url.request(json.dumps(body, separators=(",", ":")), key, client_ip)
+        status, headers, answer = await self.post_decision("/v1/enforce", body, key, client_ip)
+        if status not in DECISION_STATUSES:
+            raise error_of(status, answer, "POST /v1/enforce", "")
+        return Decision.from_answer(status, headers, answer or {})
+
+    async def post_decision(
+        self, path: str, body: dict[str, Any], key: str | None, client_ip: str | None = None
+    ) -> tuple[int, dict[str, str], dict[str, Any] | None]:
+        """POST ``body`` to ``path`` over the decisions' pipelined connections: status,
+        lower-case headers and the JSON object answered.  For the request path's calls
+        (``/v1/enforce``, ``/v1/leases``): they must be safe to send twice."""
+        raw = self._enforce_url.request(
+            json.dumps(body, separators=(",", ":")), key, client_ip, path
+        )
         try:
             reply = await self._pool.request(raw, self.enforce_timeout)
         except (Dropped, TimeoutError) as exc:
             raise unavailable(exc, self.base_url) from exc
-        answer = _json_object(reply.body)
-        if reply.status not in DECISION_STATUSES:
-            raise error_of(reply.status, answer, "POST /v1/enforce", "")
-        return Decision.from_answer(reply.status, reply.headers, answer or {})
+        return reply.status, reply.headers, _json_object(reply.body)
 
 
 class _EnforceTarget:
@@ -223,19 +233,28 @@ class _EnforceTarget:
         self.host = url.hostname
         self.port = url.port or (443 if self.tls else 80)
         self._token = token
-        self._start = (
-            f"POST {url.path}/v1/enforce HTTP/1.1\r\nHost: {url.netloc}\r\n"
-            "User-Agent: tally-sdk-python\r\nContent-Type: application/json\r\n"
-        )
+        self._prefix, self._netloc = url.path, url.netloc
+        self._starts: dict[str, str] = {}
 
-    def request(self, body: str, key: str | None, client_ip: str | None) -> bytes:
+    def _start(self, path: str) -> str:
+        start = self._starts.get(path)
+        if start is None:
+            start = self._starts[path] = (
+                f"POST {self._prefix}{path} HTTP/1.1\r\nHost: {self._netloc}\r\n"
+                "User-Agent: tally-sdk-python\r\nContent-Type: application/json\r\n"
+            )
+        return start
+
+    def request(
+        self, body: str, key: str | None, client_ip: str | None, path: str = "/v1/enforce"
+    ) -> bytes:
         credential = self._token if key is None else key
         forwarded = "" if client_ip is None else f"X-Forwarded-For: {client_ip}\r\n"
         if _unsafe(credential) or _unsafe(forwarded[:-2]):
             raise ValueError("a key or address with line breaks cannot be sent as a header")
         encoded = body.encode()
         head = (
-            f"{self._start}Authorization: Bearer {credential}\r\n{forwarded}"
+            f"{self._start(path)}Authorization: Bearer {credential}\r\n{forwarded}"
             f"Content-Length: {len(encoded)}\r\n\r\n"
         )
         return head.encode("latin-1") + encoded

@@ -39,6 +39,9 @@ class Decision:
     problem: dict[str, Any] | None = None
     """The problem+json body of a refusal."""
     body: dict[str, Any] = field(default_factory=dict)
+    lease: str | None = None
+    """The lease an allowed call was admitted from: its usage event carries it
+    (``tallylease``), which settles the unit the lease held."""
 
     @classmethod
     def from_response(cls, response: httpx.Response) -> Decision:

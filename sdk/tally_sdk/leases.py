@@ -1,0 +1,285 @@
+"""``LeaseDecider``: most calls decided in this process, from leases (DESIGN.md decision 8).
+
+A round trip to Tally per request costs the app more than its own work.  So the
+decider holds a lease per (key, meter, endpoint): calls are admitted from it with no
+await at all while units remain, the next term is fetched in the background before
+this one runs out, and concurrent callers that find nothing left share one lease
+request.  Exactness stays with Tally: a lease's units are reserved there atomically,
+grants shrink to one call near a limit, each admitted call's event carries the lease
+id (``tallylease``) that settles its unit, and unspent units are handed back on
+renewal, when idle, and on shutdown.
+
+Asked for only what is waiting plus a small lookahead (doubled while grants come back
+full, halved when they do not or units expire unused, zero after a refusal): a rate
+limit's tokens are used up when granted, so over-asking would waste them.  A refusal is
+cached for its ``Retry-After`` (at most a lease's ttl), so a refused caller costs Tally
+nothing meanwhile.  Where Tally cannot grant leases (503: no Redis; an older Tally
+without the route), calls go to ``fallback`` (``RemoteDecider``, ``/v1/enforce``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from tally_sdk.client import Tally
+from tally_sdk.decider import Ask, Decider, RemoteDecider
+from tally_sdk.decision import Decision
+from tally_sdk.errors import TallyError, error_of
+from tally_sdk.holding import Holding, Term
+
+log = logging.getLogger("tally_sdk")
+
+Slot = tuple[str, str, str]  # key, meter, endpoint
+REFUSALS = frozenset({403, 429})
+UNKNOWN_LEASE = "https://tally.dev/problems/unknown-lease"
+MAX_WANT = 10_000  # the most one lease request may ask for
+
+
+@dataclass(slots=True)
+class _Lease:
+    """A slot's holding and what is under way for it."""
+
+    slot: Slot
+    holding: Holding = field(default_factory=Holding)
+    waiters: deque[asyncio.Future[Decision]] = field(default_factory=deque)
+    fetching: asyncio.Task[None] | None = None
+    lookahead: int = 1
+    refusal: Decision | None = None
+    refused_until: float = 0.0
+    remote_until: float = 0.0
+    used_at: float = 0.0
+    customer: str | None = None
+
+
+class LeaseDecider:
+    """Decide calls from leases; ``fallback`` decides when leases cannot be had.
+
+    ``max_slots`` bounds memory (least recently used slots are returned and dropped);
+    a slot unused for ``idle`` seconds is returned too.  ``max_lookahead`` caps how many
+    calls beyond those waiting one request asks for.
+    """
+
+    def __init__(
+        self,
+        tally: Tally,
+        *,
+        fallback: Decider | None = None,
+        max_slots: int = 10_000,
+        max_lookahead: int = 1_000,
+        idle: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.tally = tally
+        self.fallback = fallback or RemoteDecider(tally)
+        self.max_slots, self.max_lookahead, self.idle = max_slots, max_lookahead, idle
+        self._clock = clock
+        self._leases: OrderedDict[Slot, _Lease] = OrderedDict()
+        self._ttl = 2.0  # a term's length as Tally last said; refusals are cached no longer
+        self._unsupported = False
+        self._janitor: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+
+    async def decide(self, ask: Ask) -> Decision:
+        if ask.mode != "reserve" or self._unsupported:
+            return await self.fallback.decide(ask)
+        lease, now = self._lease((ask.key, ask.meter, ask.endpoint)), self._clock()
+        lease.used_at = now
+        admitted = lease.holding.spend(now)
+        if admitted is not None:
+            if self._running_low(lease, now):
+                self._fetch(lease, ask)
+            return admitted
+        if now < lease.refused_until and lease.refusal is not None:
+            return lease.refusal
+        if now < lease.remote_until:
+            return await self.fallback.decide(ask)
+        return await self._wait(lease, ask)
+
+    async def aclose(self) -> None:
+        """Return every lease (on shutdown): their unspent units are free at once."""
+        if self._janitor is not None:
+            self._janitor.cancel()
+        leases, self._leases = list(self._leases.values()), OrderedDict()
+        for lease in leases:
+            if lease.fetching is not None:
+                lease.fetching.cancel()
+        await asyncio.gather(*(self._return(lease, lease.holding.finished()) for lease in leases))
+
+    # Local ------------------------------------------------------------------------
+
+    def _lease(self, slot: Slot) -> _Lease:
+        lease = self._leases.get(slot)
+        if lease is not None:
+            self._leases.move_to_end(slot)
+            return lease
+        lease = self._leases[slot] = _Lease(slot)
+        if len(self._leases) > self.max_slots:
+            _, evicted = self._leases.popitem(last=False)
+            self._drop(evicted)
+        if self._janitor is None:
+            self._janitor = asyncio.create_task(self._sweep())
+        return lease
+
+    def _running_low(self, lease: _Lease, now: float) -> bool:
+        """Fetch the next term ahead when this one is nearly spent or nearly over."""
+        holding = lease.holding
+        if lease.fetching is not None or holding.ready is not None or lease.lookahead == 0:
+            return False
+        term = holding.active
+        if term is None:
+            return True
+        return term.left(now) <= max(1, term.granted // 4) or term.deadline - now < self._ttl / 4
+
+    async def _wait(self, lease: _Lease, ask: Ask) -> Decision:
+        waiter: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
+        lease.waiters.append(waiter)
+        self._fetch(lease, ask)
+        decision = await waiter
+        return decision if decision is not _REMOTE else await self.fallback.decide(ask)
+
+    def _serve(self, lease: _Lease, answer: Decision | None = None) -> None:
+        """Admit waiting calls from what is held; with ``answer``, answer them all so."""
+        now = self._clock()
+        while lease.waiters:
+            waiter = lease.waiters[0]
+            if waiter.done():  # its caller went away: it spends nothing
+                lease.waiters.popleft()
+                continue
+            decision = answer or lease.holding.spend(now)
+            if decision is None:
+                return
+            lease.waiters.popleft().set_result(decision)
+
+    def _fail(self, lease: _Lease, exc: BaseException) -> None:
+        while lease.waiters:
+            waiter = lease.waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(exc)
+
+    # Talking to Tally -----------------------------------------------------------
+
+    def _fetch(self, lease: _Lease, ask: Ask) -> None:
+        if lease.fetching is None:
+            lease.fetching = asyncio.create_task(self._fetching(lease, ask))
+
+    async def _fetching(self, lease: _Lease, ask: Ask) -> None:
+        """Ask for terms until nobody waits; always leave no waiter unanswered."""
+        try:
+            while await self._ask(lease, ask) and lease.waiters:
+                pass
+        except TallyError as exc:
+            self._fail(lease, exc)
+        except BaseException as exc:
+            self._fail(lease, TallyError(f"lease request failed: {exc!r}"))
+            raise
+        finally:
+            lease.fetching = None
+            self._serve(lease, None)
+            if lease.waiters:  # arrived after the last grant was handed out
+                self._fetch(lease, ask)
+
+    async def _ask(self, lease: _Lease, ask: Ask) -> bool:
+        """One lease request; whether to ask again for calls still waiting."""
+        want = min(MAX_WANT, max(1, len(lease.waiters) + lease.lookahead))
+        renewed = lease.holding.renewal()
+        body: dict[str, Any] = {"want": want, "meter": ask.meter, "endpoint": ask.endpoint}
+        if renewed is not None:
+            body |= {"lease": renewed.lease, "spent": renewed.spent}
+        sent = self._clock()
+        try:
+            status, headers, answer = await self.tally.post_decision(
+                "/v1/leases", body, ask.key, ask.client_ip
+            )
+        except TallyError:
+            if renewed is not None:
+                lease.holding.spare = renewed  # not renewed after all, as far as we know
+            raise
+        if status == 200 and answer is not None:
+            self._granted(lease, answer, headers, want, sent)
+            return True
+        if status in REFUSALS:
+            self._refused(lease, Decision.from_answer(status, headers, answer or {}), sent)
+            return False
+        if status == 404 and (answer or {}).get("type") == UNKNOWN_LEASE:
+            return True  # the renewed lease ended: the next request takes a new one
+        if status == 503 or status in (404, 405):
+            self._unsupported = status != 503
+            lease.remote_until = sent + 1.0
+            self._serve(lease, _REMOTE)
+            return False
+        raise error_of(status, answer, "POST /v1/leases", "")
+
+    def _granted(
+        self, lease: _Lease, answer: dict[str, Any], headers: dict[str, str], want: int, sent: float
+    ) -> None:
+        """Hold the new term (its clock starts when we asked: safe whatever the skew)."""
+        self._ttl = int(answer.get("ttl_ms") or 2000) / 1000
+        granted, lease_id = int(answer.get("granted") or 0), str(answer["lease"])
+        decision = replace(Decision.from_answer(200, headers, answer), lease=lease_id)
+        lease.customer = decision.customer
+        deadline = sent + self._ttl - min(0.25, self._ttl / 10)
+        lease.holding.add(Term(lease_id, granted, deadline, decision), self._clock())
+        lease.lookahead = (
+            min(self.max_lookahead, max(1, lease.lookahead * 2))
+            if granted >= want
+            else granted // 2
+        )
+        lease.refusal = None
+        self._serve(lease)
+
+    def _refused(self, lease: _Lease, refusal: Decision, sent: float) -> None:
+        """Answer every waiter, and the same callers until ``Retry-After``, with it."""
+        lease.lookahead = 0
+        lease.refusal = refusal
+        lease.refused_until = sent + min(float(refusal.retry_after or self._ttl), self._ttl)
+        self._serve(lease, refusal)
+
+    # Giving back ----------------------------------------------------------------
+
+    async def _sweep(self) -> None:
+        """Return what idle slots hold, and terms that finished with units unspent:
+        unreturned, those stay held in Tally until its settle window passes."""
+        while True:
+            await asyncio.sleep(max(0.1, self._ttl / 2))
+            now = self._clock()
+            for slot, lease in list(self._leases.items()):
+                busy = lease.fetching is not None or lease.waiters
+                if not busy and now - lease.used_at > self.idle:
+                    del self._leases[slot]
+                    self._drop(lease)
+                elif lease.holding.retired:
+                    self._later(self._return(lease, lease.holding.take_retired()))
+
+    def _drop(self, lease: _Lease) -> None:
+        if lease.fetching is not None:
+            lease.fetching.cancel()
+        self._later(self._return(lease, lease.holding.finished()))
+
+    def _later(self, work: Any) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _return(self, lease: _Lease, terms: list[Term]) -> None:
+        """``POST /v1/leases/return`` each term, as the service (a revoked key may not)."""
+        if lease.customer is None:
+            return
+        for term in terms:
+            body = {"lease": term.lease, "spent": term.spent, "customer": lease.customer}
+            try:
+                status, _, answer = await self.tally.post_decision("/v1/leases/return", body, None)
+            except TallyError as exc:
+                log.warning("tally: lease %s not returned: %s", term.lease, exc)
+                continue
+            if status != 200 and status != 404:
+                log.warning("tally: lease %s not returned: %s %s", term.lease, status, answer)
+
+
+_REMOTE = Decision(allowed=False, status=0)
+"""Marks waiters to be decided by the fallback (never relayed to a caller)."""

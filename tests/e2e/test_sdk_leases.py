@@ -1,0 +1,158 @@
+"""``TallyMiddleware`` deciding from leases (its default) against a real `tally up`:
+exact quotas across two app processes, rate limits, and how soon a plan change or a
+revoked key reaches a process holding a lease (the lease ttl, 2 s by default)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+from tally_sdk import Tally, TallyMiddleware
+
+from bench.edge import start_app
+from bench.edge_app import api
+from schemas import redis_keys
+from services.common.broker import free_port
+from services.common.settings import Settings
+from tests.accounts_support import ADMIN, plan_with
+from tests.conftest import env_for
+from tests.support import TallyProcess, wait_for
+
+pytestmark = pytest.mark.slow
+TOKEN = "test-token"  # the service token of the `settings` fixture
+TTL = 2.0  # seconds: TALLY_LEASE_TTL_MS's default
+PROBLEM = "application/problem+json"
+
+
+@pytest.fixture
+def up(settings: Settings, tmp_path: Path) -> Iterator[TallyProcess]:
+    env = env_for(settings) | {
+        "TALLY_ADMIN_TOKEN": ADMIN["Authorization"].removeprefix("Bearer "),
+        "TALLY_IP_LIMIT_PER_SECOND": "0",
+    }
+    process = TallyProcess(["up"], env, tmp_path / "up.log").start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+async def tally(up: TallyProcess) -> AsyncIterator[Tally]:
+    async with Tally(up.url, TOKEN, source=f"lease-test-{uuid.uuid4().hex[:8]}") as client:
+        yield client
+
+
+def customer_on(url: str, plan: dict[str, Any]) -> tuple[str, str, str]:
+    """Save ``plan``, create a customer on it: its id, its key and the key's id."""
+    saved = httpx.put(f"{url}/v1/admin/plans/{plan['id']}", json=plan, headers=ADMIN)
+    assert saved.status_code in (200, 201), saved.text
+    made = httpx.post(
+        f"{url}/v1/admin/customers",
+        json={"email": f"{uuid.uuid4().hex[:10]}@example.com", "plan": plan["id"]},
+        headers=ADMIN,
+    )
+    assert made.status_code == 201, made.text
+    body = made.json()
+    return body["customer"]["id"], body["api_key"]["key"], body["api_key"]["id"]
+
+
+def in_process(tally: Tally) -> httpx.AsyncClient:
+    app = TallyMiddleware(api(), tally=tally, exclude=("/readyz",))
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://app")
+
+
+async def geocode(client: httpx.AsyncClient, key: str) -> httpx.Response:
+    return await client.post("/v1/geocode", json={"q": "berlin"}, headers={"X-API-Key": key})
+
+
+def usage(url: str, customer: str) -> Decimal:
+    answer = httpx.get(
+        f"{url}/v1/customers/{customer}/usage",
+        params={"meter": "api_calls", "window": "hour"},
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    ).json()
+    return sum((Decimal(p["value"]) for p in answer.get("data", [])), Decimal(0))
+
+
+async def held(redis: Redis, customer: str) -> int:
+    return int(await redis.hget(redis_keys.held(customer), "api_calls") or 0)
+
+
+async def test_500_calls_over_two_app_processes_against_100_left_serve_exactly_100(
+    up: TallyProcess, redis: Redis, tmp_path: Path
+) -> None:
+    customer, key, _ = customer_on(up.url, plan_with(quota=100))
+    extra = ["--kind", "tally", "--tally-url", up.url, "--token", TOKEN]
+    ports = [free_port(), free_port()]
+    apps = [start_app("tally", p, extra, tmp_path / f"app{p}.log") for p in ports]
+    try:
+        clients = [httpx.AsyncClient(base_url=f"http://127.0.0.1:{p}", timeout=30) for p in ports]
+        answers = await asyncio.gather(*(geocode(clients[n % 2], key) for n in range(500)))
+        for client in clients:
+            await client.aclose()
+    finally:
+        for app in apps:  # SIGTERM: lifespan shutdown returns leases and flushes events
+            app.terminate()
+            app.wait(30)
+    statuses = [a.status_code for a in answers]
+    assert statuses.count(200) == 100 and statuses.count(429) == 400
+    for port_answers in (answers[0::2], answers[1::2]):
+        refused = next(a for a in port_answers if a.status_code == 429)
+        assert refused.headers["content-type"] == PROBLEM
+        assert refused.json()["type"].endswith("/quota-exceeded")
+        assert int(refused.headers["Retry-After"]) > 0
+        assert "RateLimit" in refused.headers and "RateLimit-Policy" in refused.headers
+    # The events of the 100 settle what the leases held: usage 100, nothing held.
+    wait_for(lambda: usage(up.url, customer) == 100, 30, "usage of 100", up.tail)
+    for _ in range(50):  # the last events' batch may still be on its way
+        if await held(redis, customer) == 0:
+            break
+        await asyncio.sleep(0.2)
+    assert await held(redis, customer) == 0
+
+
+async def test_ten_a_minute_with_fifteen_rapid_calls_serves_ten(
+    up: TallyProcess, tally: Tally
+) -> None:
+    _, key, _ = customer_on(up.url, plan_with(per_minute=10))
+    async with in_process(tally) as client:
+        answers = await asyncio.gather(*(geocode(client, key) for _ in range(15)))
+    statuses = sorted(a.status_code for a in answers)
+    assert statuses == [200] * 10 + [429] * 5
+    for refused in (a for a in answers if a.status_code == 429):
+        assert refused.json()["policy"] == "per-minute"
+        assert refused.headers["RateLimit-Policy"].startswith('"per-minute";q=10;w=60')
+        assert int(refused.headers["Retry-After"]) > 0
+        assert "RateLimit" in refused.headers and "RateLimit-Policy" in refused.headers
+
+
+async def test_a_downgrade_and_a_revoked_key_reach_a_lease_holder_within_its_ttl(
+    up: TallyProcess, tally: Tally
+) -> None:
+    customer, key, key_id = customer_on(up.url, plan_with())
+    small = plan_with(per_minute=2)
+    async with in_process(tally) as client, httpx.AsyncClient(base_url=up.url) as admin:
+        saved = await admin.put(f"/v1/admin/plans/{small['id']}", json=small, headers=ADMIN)
+        assert saved.status_code in (200, 201), saved.text
+        before = [(await geocode(client, key)).status_code for _ in range(20)]
+        assert before == [200] * 20  # a lease is held now
+        moved = await admin.patch(
+            f"/v1/admin/customers/{customer}", json={"plan": small["id"]}, headers=ADMIN
+        )
+        assert moved.status_code == 200, moved.text
+        await asyncio.sleep(TTL + 0.1)
+        after = [await geocode(client, key) for _ in range(5)]
+        assert [a.status_code for a in after] == [200, 200, 429, 429, 429]
+        assert after[-1].headers["RateLimit-Policy"].startswith('"per-minute";q=2;w=60')
+
+        revoked = await admin.delete(f"/v1/admin/customers/{customer}/keys/{key_id}", headers=ADMIN)
+        assert revoked.status_code in (200, 204), revoked.text
+        await asyncio.sleep(TTL + 0.1)
+        answer = await geocode(client, key)
+        assert answer.status_code == 401 and answer.headers["content-type"] == PROBLEM

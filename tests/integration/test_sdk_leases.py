@@ -1,0 +1,157 @@
+"""``LeaseDecider`` over real sockets against the scripted stand-in Tally of
+``tests.sdk_fake`` (``LeaseModel`` grants as ``lease.lua`` does): concurrent callers
+share one lease request, calls are admitted locally, what is reported spent is what was
+admitted, refusals are cached, and the fallbacks.  Against a real Tally in
+``tests/e2e/test_sdk_leases.py``."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+from tally_sdk import Ask, LeaseDecider, Tally, TallyMiddleware
+
+from tests.integration.test_sdk_events import hello, serve_requests, shut_down
+from tests.sdk_fake import Answer, LeaseModel, Seen, allow_all, fake_tally, reply
+
+
+def ask(n: int, key: str = "k", endpoint: str = "/e") -> Ask:
+    return Ask(key, "api_calls", endpoint, f"ev{n}")
+
+
+def lease_requests(seen: list[Seen]) -> list[dict[str, Any]]:
+    return [s.json() for s in seen if s.path == "/v1/leases"]
+
+
+async def test_concurrent_calls_share_one_lease_request_and_spend_locally() -> None:
+    model = LeaseModel(room=10_000)
+    async with fake_tally(model) as fake, Tally(fake.url, "svc") as tally:
+        decider = LeaseDecider(tally)
+        first = await asyncio.gather(*(decider.decide(ask(n)) for n in range(200)))
+        assert all(d.allowed and d.lease is not None for d in first)
+        assert len(lease_requests(fake.seen)) == 1  # 200 waiters, one request
+        assert lease_requests(fake.seen)[0]["want"] == 201  # waiting calls + lookahead
+        before = len(fake.seen)
+        more = [await decider.decide(ask(n)) for n in range(30)]
+        # One by one: the lookahead doubles (2, 4, 8, 16) while grants come back full.
+        assert all(d.allowed for d in more) and len(fake.seen) - before == 4
+        await decider.aclose()
+    assert model.total_spent == 230  # spent reported over renewals and returns
+    assert sum(model.grants.values()) == 0 and model.room == 10_000 - 230
+
+
+async def test_calls_past_a_quota_are_refused_and_served_equals_spent() -> None:
+    model = LeaseModel(room=100)
+    async with fake_tally(model) as fake, Tally(fake.url, "svc") as tally:
+        decider = LeaseDecider(tally)
+        decisions = await asyncio.gather(*(decider.decide(ask(n)) for n in range(500)))
+        served = sum(d.allowed for d in decisions)
+        refused = [d for d in decisions if not d.allowed]
+        assert served == 100 and len(refused) == 400
+        assert {d.status for d in refused} == {429}
+        assert refused[0].headers["Retry-After"] == "1" and "RateLimit" in refused[0].headers
+        assert refused[0].problem is not None and refused[0].problem["status"] == 429
+        asked = len(fake.seen)
+        again = await decider.decide(ask(501))
+        assert not again.allowed and len(fake.seen) == asked  # cached until Retry-After
+        await decider.aclose()
+    assert model.total_spent == 100 and model.room == 0
+
+
+async def test_refusal_cache_ends_at_retry_after_and_units_come_back() -> None:
+    model = LeaseModel(room=0)
+    async with fake_tally(model) as fake, Tally(fake.url, "svc") as tally:
+        decider = LeaseDecider(tally)
+        assert (await decider.decide(ask(0))).status == 429
+        model.room = 5  # units given back elsewhere
+        assert (await decider.decide(ask(1))).status == 429  # still within Retry-After
+        await asyncio.sleep(1.05)
+        assert (await decider.decide(ask(2))).allowed
+        assert len(lease_requests(fake.seen)) == 2
+        await decider.aclose()
+    assert model.total_spent == 1 and model.room == 4
+
+
+async def test_an_ended_lease_is_taken_afresh() -> None:
+    model = LeaseModel(room=1_000, ttl_ms=300)
+    async with fake_tally(model) as fake, Tally(fake.url, "svc") as tally:
+        decider = LeaseDecider(tally)
+        first = await decider.decide(ask(0))
+        await asyncio.sleep(0.35)  # the term is over: nothing more is admitted from it
+        model.grants.clear()  # and Tally forgot the lease (ended and settled)
+        second = await decider.decide(ask(1))
+        assert second.allowed and second.lease != first.lease
+        assert [r.get("lease") for r in lease_requests(fake.seen)][-2:] == [first.lease, None]
+        await decider.aclose()
+
+
+async def test_without_leases_decisions_fall_back_to_enforce() -> None:
+    async def no_redis_for_leases(seen: Seen) -> Answer | None:
+        if seen.path == "/v1/leases":
+            return reply(503, {"type": "enforcement-unavailable"}, {"Retry-After": "1"})
+        return await allow_all(seen)
+
+    async with fake_tally(no_redis_for_leases) as fake, Tally(fake.url, "svc") as tally:
+        decider = LeaseDecider(tally)
+        decisions = await asyncio.gather(*(decider.decide(ask(n)) for n in range(5)))
+        assert all(d.allowed and d.lease is None for d in decisions)
+        paths = [s.path for s in fake.seen]
+        assert paths.count("/v1/leases") == 1 and paths.count("/v1/enforce") == 5
+
+
+async def test_an_older_tally_without_leases_is_asked_per_request() -> None:
+    async def no_route(seen: Seen) -> Answer | None:
+        if seen.path.startswith("/v1/leases"):
+            return reply(404, {"detail": "Not Found"})
+        return await allow_all(seen)
+
+    async with fake_tally(no_route) as fake, Tally(fake.url, "svc") as tally:
+        decider = LeaseDecider(tally)
+        for n in range(3):
+            assert (await decider.decide(ask(n))).allowed
+        assert [s.path for s in fake.seen] == ["/v1/leases"] + ["/v1/enforce"] * 3
+
+
+async def test_middleware_tags_events_and_returns_leases_on_shutdown() -> None:
+    model = LeaseModel(room=1_000)
+    async with fake_tally(model) as fake:
+        tally = Tally(fake.url, "svc", max_delay=0.05)
+        app = TallyMiddleware(hello, tally=tally)
+        assert await serve_requests(app, 20) == [200] * 20
+        assert await shut_down(app) == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+        await tally.aclose()
+    sent = [e for s in fake.seen if s.path == "/v1/events" for e in s.json()]
+    assert len(sent) == 20 and {e["tallylease"] for e in sent} <= set(model.grants)
+    assert model.total_spent == 20 and sum(model.grants.values()) == 0
+    assert model.returned  # the shutdown gave back what was left
+
+
+async def test_idle_leases_are_returned_and_memory_is_bounded() -> None:
+    model = LeaseModel(room=10_000)
+    async with fake_tally(model) as fake, Tally(fake.url, "svc") as tally:
+        decider = LeaseDecider(tally, max_slots=3, idle=0.2)
+        for n in range(6):  # six slots, at most three kept
+            assert (await decider.decide(ask(n, endpoint=f"/e{n}"))).allowed
+        await asyncio.sleep(0.05)
+        assert len(model.returned) >= 3  # the three least recently used were returned
+        await asyncio.sleep(1.5)  # idle: the rest too
+        assert sum(model.grants.values()) == 0 and model.total_spent == 6
+        await decider.aclose()
+
+
+async def test_unreachable_tally_fails_as_the_middleware_is_told() -> None:
+    async with fake_tally(lambda seen: _never(seen)) as fake:
+        url = fake.url
+    for fail_open, status in ((False, 503), (True, 200)):
+        tally = Tally(url, "svc", close_timeout=0.1)
+        app = TallyMiddleware(hello, tally=tally, fail_open=fail_open)
+        transport = httpx.ASGITransport(app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            answer = await client.get("/r", headers={"X-API-Key": "k"})
+        assert answer.status_code == status
+        await tally.aclose()
+
+
+async def _never(seen: Seen) -> Answer | None:
+    return None
