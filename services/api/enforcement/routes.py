@@ -8,6 +8,7 @@ the product sells.  Their OpenAPI entries are written out below instead.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal, TypeVar
 
 import orjson
@@ -106,11 +107,21 @@ class EnforceBatchResults(BaseModel):
     results: list[EnforceBatchResult] = Field(description="One per check, in order")
 
 
-def routes(auth: Authenticator, addresses: AddressLimit, enforcer: Enforcer) -> list[Route]:
+def _identify(
+    auth: Authenticator, addresses: AddressLimit
+) -> Callable[[Request], Awaitable[Caller]]:
+    """Who calls a hot path: the per-address limit first, then the credential."""
+
     async def caller(request: Request) -> Caller:
         client = address(request)
         addresses.check(client)
         return await auth.caller(credential(request), client)
+
+    return caller
+
+
+def routes(auth: Authenticator, addresses: AddressLimit, enforcer: Enforcer) -> list[Route]:
+    caller = _identify(auth, addresses)
 
     async def enforce(request: Request) -> Response:
         body = _parse(EnforceRequest, await request.body())
@@ -138,10 +149,7 @@ def routes(auth: Authenticator, addresses: AddressLimit, enforcer: Enforcer) -> 
 
 
 def lease_routes(auth: Authenticator, addresses: AddressLimit, leases: Leases) -> list[Route]:
-    async def caller(request: Request) -> Caller:
-        client = address(request)
-        addresses.check(client)
-        return await auth.caller(credential(request), client)
+    caller = _identify(auth, addresses)
 
     async def take(request: Request) -> Response:
         body = _parse(LeaseRequest, await request.body())
