@@ -1,0 +1,58 @@
+"""Notifications: what Tally tells a customer or the seller, as every service hands it over.
+
+Any process that decides something worth telling (the aggregator's threshold crossings,
+the enforcer's first refusal of a hard quota, billing's finalized invoice, a plan change)
+builds a ``Notification`` with a *stable* id and publishes it to the Redis stream
+``STREAM``.  Billing's notification package is the one owner of what happens next: it
+stores each id once (a repeat of the same id is the same notification: replays, retries
+and restarts never tell twice), fans it out to the customer's and the seller's webhook
+endpoints and to the customer's email, and delivers with retries.
+
+The id doubles as the Standard Webhooks ``webhook-id``, so a receiver de-duplicates by it.
+"""
+
+from __future__ import annotations
+
+from base64 import b32encode
+from enum import StrEnum
+from hashlib import blake2b
+from typing import Any
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict
+
+STREAM = "tally:notifications"
+"""Redis stream every producer appends to (field ``n``: the notification as JSON)."""
+STREAM_MAXLEN = 1_000_000
+"""Approximate cap on the stream; the notifier acknowledges and trims far below it."""
+
+
+class NotificationType(StrEnum):
+    ALERT_TRIGGERED = "alert.triggered"
+    USAGE_FORECAST_OVERAGE = "usage.forecast_overage"
+    TRIAL_ENDING = "trial.ending"
+    QUOTA_EXHAUSTED = "quota.exhausted"
+    INVOICE_FINALIZED = "invoice.finalized"
+    PAYMENT_FAILED = "payment.failed"
+    PLAN_CHANGED = "plan.changed"
+    API_KEY_EXPIRING = "api_key.expiring"
+    WEBHOOK_TEST = "webhook.test"
+
+
+class Notification(BaseModel):
+    """One thing to tell one customer; ``data`` is the payload's ``data`` object as sent."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str
+    type: NotificationType
+    customer: str
+    occurred_at: AwareDatetime
+    data: dict[str, Any]
+
+
+def notification_id(kind: NotificationType, customer: str, *what: object) -> str:
+    """The stable id of a notification: the same decision always yields the same id
+    (e.g. ``(ALERT_TRIGGERED, cust, meter, period, threshold)``)."""
+    parts = "\x00".join([kind.value, customer, *(str(p) for p in what)])
+    digest = blake2b(parts.encode(), digest_size=15).digest()
+    return "msg_" + b32encode(digest).decode().lower()
