@@ -8,6 +8,9 @@ it whether the delivery succeeded, is retried on the schedule, or ends.  Both ch
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
+
+from schemas.notifications import Notification
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,3 +21,9 @@ class Attempt:
     error: str | None  # why nothing usable came back (timeout, refused, TLS, ...)
     duration_ms: int
     gone: bool = False  # the receiver says it is gone for good (HTTP 410): disable it
+
+
+class Mailer(Protocol):
+    """The email channel as the delivery worker sees it (``notification.email``)."""
+
+    async def send(self, notification: Notification, to: str) -> Attempt: ...
