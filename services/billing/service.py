@@ -13,6 +13,7 @@ from psycopg_pool import AsyncConnectionPool
 from services.billing.invoicing import routes
 from services.billing.invoicing.periods import months_before
 from services.billing.invoicing.run import BillingRun
+from services.billing.notification.notifier import notifier
 from services.billing.rollup.job import Rollup
 from services.billing.stripe import client as stripe_client
 from services.billing.stripe import mirror as stripe_mirror
@@ -63,11 +64,15 @@ async def start(runtime: Runtime) -> Component:
     webhooks = Webhooks(
         pool, runtime.redis(), settings.stripe_webhook_secret, settings.downgrade_plan
     )
+    notifications = notifier(settings, pool, runtime.redis(), auth)
+    runtime.background(notifications.intake.run(), "notification intake")
+    runtime.background(notifications.sender.run(), "notification sender")
     return Component(
         "billing",
         routers=[
             routes.router(pool, auth, runtime.clickhouse),
             stripe_routes.router(auth, Sessions(pool, api), webhooks),
+            *notifications.routers,
         ],
         checks={"clickhouse": runtime.check_clickhouse(), "postgres": runtime.check_postgres()},
     )

@@ -64,3 +64,24 @@ ENFORCE_FALLBACK = Counter(
 REDIS_AVAILABLE = Gauge(
     "tally_enforce_redis_available", "1 while the limits store answers, 0 since it failed"
 )
+
+NOTIFICATIONS = Counter(
+    "tally_notifications_total",
+    "Notifications stored once each (alert.triggered counts the alerts fired), by type",
+    ["type"],
+)
+DELIVERIES = Counter(
+    "tally_notification_deliveries_total",
+    "Delivery attempts by channel (webhook|email) and outcome (succeeded|retrying|failed)",
+    ["channel", "outcome"],
+)
+DELIVERY_QUEUE = Gauge(
+    "tally_notification_deliveries_pending",
+    "Deliveries waiting to be sent or being sent (the notification outbox's depth)",
+)
+DELIVERY_LATENCY = Histogram(
+    "tally_notification_delivery_seconds",
+    "From a notification's occurred_at to its successful delivery, by channel",
+    ["channel"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 3600, 86400),
+)

@@ -139,10 +139,42 @@ class Settings(BaseSettings):
 
     catalog_path: Path | None = None
 
+    # Webhook delivery (services.billing.notification)
+    webhook_retry_schedule: Annotated[list[float], NoDecode] = Field(
+        [0, 5, 300, 1800, 7200, 18000, 36000, 36000],
+        min_length=1,
+        description="Seconds before each attempt (comma-separated; Svix's schedule, ~27.6 h).",
+    )
+    webhook_timeout_seconds: float = Field(
+        15.0, gt=0, le=60, description="How long one webhook attempt waits for a 2xx."
+    )
+    webhook_lease_seconds: float = Field(
+        60.0, gt=0, description="A 'sending' delivery older than this was left by a crash."
+    )
+    webhook_concurrency: int = Field(64, ge=1, description="Deliveries in flight at once.")
+    webhook_per_endpoint: int = Field(
+        4, ge=1, description="Deliveries in flight to one endpoint (a slow one holds no more)."
+    )
+    webhook_max_endpoints: int = Field(10, ge=1, description="Webhook endpoints per customer.")
+    webhook_secret_overlap_hours: float = Field(
+        24.0, ge=0, description="How long a rotated-out secret still signs."
+    )
+    notification_poll_seconds: float = Field(
+        1.0, gt=0, le=1.0, description="How often the sender looks for due retries."
+    )
+    notification_consumer: str = Field(
+        "", description="This notifier's name in the stream's group (default: the host name)."
+    )
+
     @field_validator("service_tokens", mode="before")
     @classmethod
     def _comma_separated(cls, raw: object) -> object:
         return [t.strip() for t in raw.split(",") if t.strip()] if isinstance(raw, str) else raw
+
+    @field_validator("webhook_retry_schedule", mode="before")
+    @classmethod
+    def _schedule(cls, raw: object) -> object:
+        return [float(t) for t in raw.split(",") if t.strip()] if isinstance(raw, str) else raw
 
     @property
     def future_tolerance(self) -> timedelta:

@@ -42,6 +42,10 @@ def upgrade() -> None:
             url             text NOT NULL,
             event_types     text[],
             secret          text NOT NULL,
+            -- After a rotation the old secret still signs (a second v1 signature)
+            -- until previous_secret_until, so receivers can switch without a gap.
+            previous_secret       text,
+            previous_secret_until timestamptz,
             created_at      timestamptz NOT NULL DEFAULT now(),
             disabled_at     timestamptz,
             disabled_reason text,
@@ -76,10 +80,18 @@ def upgrade() -> None:
             last_status     integer,
             last_response   text,
             last_error      text,
+            -- A 'sending' row whose lease has run out was left by a crashed worker: it
+            -- is sent again, under the same webhook-id.
+            leased_until    timestamptz,
+            succeeded_at    timestamptz,
             UNIQUE (notification_id, channel, recipient)
         );
         CREATE INDEX notification_deliveries_due ON notification_deliveries (next_attempt_at)
             WHERE state = 'pending';
+        CREATE INDEX notification_deliveries_leased ON notification_deliveries (leased_until)
+            WHERE state = 'sending';
+        CREATE INDEX notification_deliveries_endpoint ON notification_deliveries (endpoint_id)
+            WHERE state IN ('pending', 'sending');
 
         -- Every attempt, for the delivery log.
         CREATE TABLE delivery_attempts (

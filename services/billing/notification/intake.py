@@ -1,0 +1,215 @@
+"""The notification outbox's intake: the Redis stream into PostgreSQL, each id once.
+
+Producers publish to ``schemas.notifications.STREAM``; this reads it in the consumer
+group ``notifier`` and, per batch, in one transaction stores each notification once
+(``ON CONFLICT (id) DO NOTHING``: a replayed, retried or duplicate publication of the same
+decision is the same notification) and, for a new one, a delivery row per channel:
+every enabled endpoint of the customer and every enabled seller endpoint whose event types
+match, plus the customer's email when a mailer is configured.  Entries are acknowledged
+only after the commit, so a crash in between re-reads them (and stores nothing twice).
+
+At start it takes over what a crashed notifier left unacknowledged (``XAUTOCLAIM``) and
+re-reads its own pending entries.  After a new notification is stored it wakes the
+sender at once and calls the registered listeners (e.g. alerts recompiling thresholds
+when a plan changes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import orjson
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+from pydantic import ValidationError
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from schemas.notifications import STREAM, Notification, NotificationType
+from services.common.logging import get_logger
+from services.common.metrics import NOTIFICATIONS
+
+log = get_logger("tally.notifications")
+GROUP = "notifier"
+BATCH = 200
+BLOCK_MS = 1000
+STALE_MS = 60_000  # an entry another notifier has held this long without acking: it died
+
+Listener = Callable[[Notification], Awaitable[None]]
+
+
+def payload(notification: Notification) -> dict[str, Any]:
+    """The webhook body: ``{type, timestamp, data}`` (Standard Webhooks' shape)."""
+    return {
+        "type": notification.type.value,
+        "timestamp": notification.occurred_at.isoformat().replace("+00:00", "Z"),
+        "data": notification.data,
+    }
+
+
+_DELIVERIES = """
+    INSERT INTO notification_deliveries (notification_id, channel, endpoint_id, recipient)
+    SELECT %(id)s, 'webhook', e.id, e.id FROM webhook_endpoints e
+    WHERE (e.customer_id = %(customer)s OR e.customer_id IS NULL)
+      AND e.deleted_at IS NULL AND e.disabled_at IS NULL
+      AND (e.event_types IS NULL OR %(type)s = ANY(e.event_types))
+      AND (%(only)s::text IS NULL OR e.id = %(only)s)
+    UNION ALL
+    SELECT %(id)s, 'email', NULL, c.email FROM customers c
+    WHERE %(mail)s AND c.id = %(customer)s AND c.email IS NOT NULL AND c.email <> ''
+    ON CONFLICT DO NOTHING
+"""
+
+
+async def store(
+    conn: AsyncConnection, notifications: Sequence[Notification], mail: bool
+) -> list[Notification]:
+    """Store each notification once with its delivery rows; returns those that are new.
+    A ``webhook.test`` goes only to the endpoint it names, and never by email."""
+    new = []
+    for n in notifications:
+        cur = await conn.execute(
+            "INSERT INTO notifications (id, type, customer_id, occurred_at, payload)"
+            " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING RETURNING id",
+            (n.id, n.type.value, n.customer, n.occurred_at, orjson.dumps(payload(n)).decode()),
+        )
+        if await cur.fetchone() is None:
+            continue
+        test = n.type is NotificationType.WEBHOOK_TEST
+        only = str(n.data.get("endpoint_id", "")) if test else None
+        await conn.execute(
+            _DELIVERIES,
+            {
+                "id": n.id,
+                "customer": n.customer,
+                "type": n.type.value,
+                "only": only,
+                "mail": mail and not test,
+            },
+        )
+        new.append(n)
+    return new
+
+
+class Intake:
+    """Reads the stream, stores, acknowledges; ``accept`` stores directly (the test
+    webhook route)."""
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool,
+        redis: Redis,
+        wake: asyncio.Event,
+        mail: bool,
+        consumer: str = "",
+    ) -> None:
+        self._pool = pool
+        self._redis = redis
+        self._wake = wake
+        self._mail = mail
+        self._consumer = consumer or socket.gethostname()
+        self._listeners: list[Listener] = []
+
+    def listen(self, listener: Listener) -> None:
+        """Call ``listener`` after each NEW notification is stored (never for a repeat)."""
+        self._listeners.append(listener)
+
+    async def accept(self, notifications: Sequence[Notification]) -> list[Notification]:
+        """Store, then wake the sender and tell the listeners; returns the new ones."""
+        async with self._pool.connection() as conn, conn.transaction():
+            new = await store(conn, notifications, self._mail)
+        await self._stored(new)
+        return new
+
+    async def _stored(self, new: Sequence[Notification]) -> None:
+        if not new:
+            return
+        self._wake.set()
+        for n in new:
+            NOTIFICATIONS.labels(n.type.value).inc()
+            for listener in self._listeners:
+                try:
+                    await listener(n)
+                except Exception as exc:  # one listener's failure is not the intake's
+                    log.error("notification listener failed", id=n.id, error=repr(exc))
+
+    async def run(self) -> None:
+        """Consume for as long as the process serves; a failed batch is read again."""
+        backlog = True
+        while True:
+            try:
+                if backlog:
+                    await self._ensure_group()
+                    await self._claim_stale()
+                    while await self._read("0"):
+                        pass
+                    backlog = False
+                await self._read(">")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.error("notification intake failed", error=repr(exc))
+                backlog = True
+                await asyncio.sleep(1.0)
+
+    async def _ensure_group(self) -> None:
+        with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
+            await self._redis.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+
+    async def _claim_stale(self) -> None:
+        """Take over entries a dead notifier read and never acknowledged."""
+        start: Any = "0-0"
+        while True:
+            reply = await self._redis.xautoclaim(
+                STREAM, GROUP, self._consumer, STALE_MS, start_id=start, count=BATCH
+            )
+            start, entries = reply[0], reply[1]
+            if entries:
+                await self._handle(entries)
+            if start in (b"0-0", "0-0"):
+                return
+
+    async def _read(self, position: str) -> int:
+        """One batch from ``position`` (``0``: this consumer's pending, ``>``: new)."""
+        reply: Any = await self._redis.xreadgroup(
+            GROUP,
+            self._consumer,
+            {STREAM: position},
+            count=BATCH,
+            block=None if position == "0" else BLOCK_MS,
+        )
+        entries = reply[0][1] if reply else []
+        if entries:
+            await self._handle(entries)
+        return len(entries)
+
+    async def _handle(self, entries: Sequence[tuple[Any, Any]]) -> None:
+        notifications = []
+        for entry_id, fields in entries:
+            found = _parse(entry_id, fields)
+            if found is not None:
+                notifications.append(found)
+        new = []
+        if notifications:
+            async with self._pool.connection() as conn, conn.transaction():
+                new = await store(conn, notifications, self._mail)
+        await self._redis.xack(STREAM, GROUP, *[entry_id for entry_id, _ in entries])
+        await self._stored(new)
+
+
+def _parse(entry_id: Any, fields: Any) -> Notification | None:
+    """A stream entry's notification; a malformed one is logged and dropped (it can
+    never become valid, and must not block the ones behind it)."""
+    raw = (fields or {}).get(b"n", (fields or {}).get("n"))
+    if raw is None:
+        log.error("notification entry without 'n'", entry=str(entry_id))
+        return None
+    try:
+        return Notification.model_validate_json(raw)
+    except ValidationError as exc:
+        log.error("malformed notification", entry=str(entry_id), error=str(exc))
+        return None

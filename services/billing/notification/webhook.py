@@ -1,0 +1,75 @@
+"""One webhook attempt: POST the signed body, and what came back as an ``Attempt``.
+
+2xx is success; anything else, 3xx included (redirects are not followed: a receiver
+moves its endpoint by updating it), is a failure to retry; 410 Gone says the receiver
+wants no more (the endpoint is disabled).  The whole attempt, connect to last byte, is
+bounded by one timeout, so a receiver that trickles its answer holds a slot no longer
+than one that never answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+import httpx
+
+from services.billing.notification import signing
+from services.billing.notification.channel import Attempt
+
+EXCERPT_BYTES = 1024
+USER_AGENT = "Tally-Webhooks/1"
+
+
+async def post(
+    client: httpx.AsyncClient,
+    url: str,
+    secrets_now: Sequence[str],
+    msg_id: str,
+    body: bytes,
+    timeout: float,  # noqa: ASYNC109  (the whole attempt's bound, set per sender)
+) -> Attempt:
+    started = time.monotonic()
+    headers = {
+        "content-type": "application/json",
+        "user-agent": USER_AGENT,
+        **signing.headers(secrets_now, msg_id, int(time.time()), body),
+    }
+    try:
+        async with (
+            asyncio.timeout(timeout),
+            client.stream("POST", url, content=body, headers=headers) as reply,
+        ):
+            excerpt = await _excerpt(reply)
+    except TimeoutError:
+        return _failed(started, f"no answer within {timeout:g} s")
+    except httpx.HTTPError as exc:
+        return _failed(started, f"{type(exc).__name__}: {exc}"[:EXCERPT_BYTES])
+    status = reply.status_code
+    return Attempt(
+        ok=200 <= status < 300,
+        status=status,
+        response=excerpt,
+        error=None,
+        duration_ms=_ms(started),
+        gone=status == 410,
+    )
+
+
+async def _excerpt(reply: httpx.Response) -> str:
+    """The start of the body (the delivery log shows it), never the whole of a big one."""
+    read = b""
+    async for chunk in reply.aiter_raw():
+        read += chunk
+        if len(read) >= EXCERPT_BYTES:
+            break
+    return read[:EXCERPT_BYTES].decode("utf-8", "replace")
+
+
+def _failed(started: float, error: str) -> Attempt:
+    return Attempt(ok=False, status=None, response="", error=error, duration_ms=_ms(started))
+
+
+def _ms(started: float) -> int:
+    return round((time.monotonic() - started) * 1000)
