@@ -1,0 +1,222 @@
+"""A real HTTP receiver for webhooks, and a running notifier (intake + sender + routes).
+
+The receiver listens on 127.0.0.1 and records every request; what it answers depends
+on the path: ``/ok/…`` 200, ``/fail/…`` 500, ``/gone/…`` 410, ``/hang/…`` never.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import orjson
+from aiohttp import web
+from psycopg_pool import AsyncConnectionPool
+from redis.asyncio import Redis
+
+from schemas.notifications import STREAM, Notification, NotificationType, notification_id
+from services.billing.notification.notifier import Notifier, notifier
+from services.common.auth import Authenticator
+from services.common.settings import Settings
+from services.runtime import Component, http_app
+from tests.accounts_support import random_address
+from tests.billing_support import subscribe
+
+SERVICE = {"Authorization": "Bearer test-token"}
+ADMIN = {"Authorization": "Bearer test-admin-token"}
+
+
+@dataclass(frozen=True)
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    at: float  # time.monotonic()
+
+    @property
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+
+@dataclass
+class Receiver:
+    base: str = ""
+    requests: list[Received] = field(default_factory=list)
+    arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    def url(self, path: str) -> str:
+        return f"{self.base}{path}"
+
+    def at(self, path: str) -> list[Received]:
+        return [r for r in self.requests if r.path == path]
+
+    async def wait_for(self, path: str, count: int = 1, timeout: float = 10.0) -> list[Received]:
+        async def enough() -> None:
+            async with self.arrived:
+                await self.arrived.wait_for(lambda: len(self.at(path)) >= count)
+
+        await asyncio.wait_for(enough(), timeout)
+        return self.at(path)
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        async with self.arrived:
+            self.requests.append(
+                Received(request.path, dict(request.headers), body, time.monotonic())
+            )
+            self.arrived.notify_all()
+        kind = request.path.split("/")[1]
+        if kind == "hang":
+            await asyncio.sleep(3600)
+        status = {"ok": 200, "fail": 500, "gone": 410, "moved": 301}[kind]
+        return web.Response(status=status, text=f"{kind} says {status}")
+
+
+@asynccontextmanager
+async def receiver() -> AsyncIterator[Receiver]:
+    found = Receiver()
+    app = web.Application()
+    app.router.add_route("POST", "/{tail:.*}", found._handle)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    found.base = f"http://127.0.0.1:{port}"
+    try:
+        yield found
+    finally:
+        await runner.cleanup()
+
+
+def quick(settings: Settings, **overrides: Any) -> Settings:
+    """Delivery settings a test can wait out: retries within a second."""
+    return settings.model_copy(
+        update={
+            "admin_token": "test-admin-token",
+            "webhook_retry_schedule": [0, 0.2, 0.2],
+            "webhook_timeout_seconds": 2.0,
+            "notification_poll_seconds": 0.1,
+            "notification_consumer": f"test-{uuid.uuid4().hex[:6]}",
+            **overrides,
+        }
+    )
+
+
+@dataclass
+class Running:
+    notifier: Notifier
+    client: httpx.AsyncClient
+    pool: AsyncConnectionPool
+    redis: Redis
+
+
+@asynccontextmanager
+async def running_notifier(
+    settings: Settings, pool: AsyncConnectionPool, redis: Redis, send: bool = True
+) -> AsyncIterator[Running]:
+    """Intake and (unless ``send`` is False) the sender running, routes as a client."""
+    await redis.delete(STREAM)  # this test's stream and group, nothing older
+    auth = Authenticator(settings, redis, pool)
+    made = notifier(settings, pool, redis, auth)
+    tasks = [asyncio.create_task(made.intake.run())]
+    if send:
+        tasks.append(asyncio.create_task(made.sender.run()))
+    app = http_app([Component("billing", routers=made.routers)])
+    transport = httpx.ASGITransport(app, client=(random_address(), 40000))
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            yield Running(made, client, pool, redis)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def new_customer(pool: AsyncConnectionPool, tenant: str) -> str:
+    customer = f"{tenant}-{uuid.uuid4().hex[:6]}"
+    await subscribe(pool, customer, "free", datetime.now(UTC))
+    return customer
+
+
+def alert(customer: str, usage: int = 800, meter: str = "api_calls") -> Notification:
+    occurred = datetime.now(UTC)
+    period = {"start": f"{occurred:%Y-%m}-01T00:00:00Z", "end": "2027-01-01T00:00:00Z"}
+    return Notification(
+        id=notification_id(
+            NotificationType.ALERT_TRIGGERED,
+            customer,
+            meter,
+            period["start"],
+            "plan",
+            "percent",
+            usage,
+        ),
+        type=NotificationType.ALERT_TRIGGERED,
+        customer=customer,
+        occurred_at=occurred,
+        data={
+            "customer": customer,
+            "meter": meter,
+            "period": period,
+            "threshold": {"kind": "percent", "value": "80", "quantity": str(usage)},
+            "usage": str(usage),
+            "limit": "1000",
+            "rule": "plan",
+        },
+    )
+
+
+def invoice(customer: str) -> Notification:
+    invoice_id = f"in_{uuid.uuid4().hex[:8]}"
+    return Notification(
+        id=notification_id(NotificationType.INVOICE_FINALIZED, customer, invoice_id),
+        type=NotificationType.INVOICE_FINALIZED,
+        customer=customer,
+        occurred_at=datetime.now(UTC),
+        data={
+            "customer": customer,
+            "invoice_id": invoice_id,
+            "total": "12.50",
+            "currency": "usd",
+            "period": {},
+        },
+    )
+
+
+async def add_endpoint(
+    client: httpx.AsyncClient,
+    url: str,
+    customer: str | None = None,
+    events: list[str] | None = None,
+    headers: dict[str, str] = SERVICE,
+) -> dict[str, Any]:
+    path = f"/v1/customers/{customer}/webhook-endpoints" if customer else "/v1/webhook-endpoints"
+    body: dict[str, Any] = {"url": url}
+    if events is not None:
+        body["events"] = events
+    reply = await client.post(path, json=body, headers=headers)
+    assert reply.status_code == 201, reply.text
+    found: dict[str, Any] = reply.json()
+    return found
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Poll ``check`` (sync or async) until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        await asyncio.sleep(0.05)
