@@ -57,12 +57,12 @@ class Receiver:
     def at(self, path: str) -> list[Received]:
         return [r for r in self.requests if r.path == path]
 
-    async def wait_for(self, path: str, count: int = 1, timeout: float = 10.0) -> list[Received]:
+    async def wait_for(self, path: str, count: int = 1, within: float = 10.0) -> list[Received]:
         async def enough() -> None:
             async with self.arrived:
                 await self.arrived.wait_for(lambda: len(self.at(path)) >= count)
 
-        await asyncio.wait_for(enough(), timeout)
+        await asyncio.wait_for(enough(), within)
         return self.at(path)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
@@ -208,9 +208,9 @@ async def add_endpoint(
     return found
 
 
-async def eventually(check: Callable[[], Any], timeout: float = 10.0) -> Any:
+async def eventually(check: Callable[[], Any], within: float = 10.0) -> Any:
     """Poll ``check`` (sync or async) until it returns something truthy."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while True:
         result = check()
         if asyncio.iscoroutine(result):

@@ -36,7 +36,7 @@ from services.common.metrics import NOTIFICATIONS
 log = get_logger("tally.notifications")
 GROUP = "notifier"
 BATCH = 200
-BLOCK_MS = 1000
+IDLE_SECONDS = 0.05  # between reads of an empty stream
 STALE_MS = 60_000  # an entry another notifier has held this long without acking: it died
 
 Listener = Callable[[Notification], Awaitable[None]]
@@ -141,6 +141,7 @@ class Intake:
         """Consume for as long as the process serves; a failed batch is read again."""
         backlog = True
         while True:
+            stop_if_cancelled()
             try:
                 if backlog:
                     await self._ensure_group()
@@ -148,7 +149,8 @@ class Intake:
                     while await self._read("0"):
                         pass
                     backlog = False
-                await self._read(">")
+                if not await self._read(">"):
+                    await asyncio.sleep(IDLE_SECONDS)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -174,13 +176,16 @@ class Intake:
                 return
 
     async def _read(self, position: str) -> int:
-        """One batch from ``position`` (``0``: this consumer's pending, ``>``: new)."""
+        """One batch from ``position`` (``0``: this consumer's pending, ``>``: new).
+
+        Never ``BLOCK``: a task cancelled inside a blocking read can leave redis-py's
+        connection waiting (seen here on shutdown), so an empty stream is polled every
+        50 ms instead."""
         reply: Any = await self._redis.xreadgroup(
             GROUP,
             self._consumer,
             {STREAM: position},
             count=BATCH,
-            block=None if position == "0" else BLOCK_MS,
         )
         entries = reply[0][1] if reply else []
         if entries:
@@ -199,6 +204,14 @@ class Intake:
                 new = await store(conn, notifications, self._mail)
         await self._redis.xack(STREAM, GROUP, *[entry_id for entry_id, _ in entries])
         await self._stored(new)
+
+
+def stop_if_cancelled() -> None:
+    """Leave when cancelled, even if a client library swallowed the ``CancelledError``
+    (redis-py can, when cancelled inside a command): otherwise shutdown waits forever."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _parse(entry_id: Any, fields: Any) -> Notification | None:

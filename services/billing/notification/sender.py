@@ -36,6 +36,7 @@ from psycopg_pool import AsyncConnectionPool
 from schemas.notifications import Notification
 from services.billing.notification import endpoints, webhook
 from services.billing.notification.channel import Attempt, Mailer
+from services.billing.notification.intake import stop_if_cancelled
 from services.common.logging import get_logger
 from services.common.metrics import DELIVERIES, DELIVERY_LATENCY, DELIVERY_QUEUE
 from services.common.settings import Settings
@@ -171,6 +172,7 @@ class Sender:
         flight (those rows are sent again after their lease)."""
         try:
             while True:
+                stop_if_cancelled()
                 self._wake.clear()
                 try:
                     full = await self.pass_once()
