@@ -3,6 +3,9 @@ naming the field; who may manage which endpoints."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import httpx
 import pytest
 
 from tests.accounts_support import running_api, sign_up
@@ -18,10 +21,12 @@ from tests.webhook_support import (
 PROBLEMS = "https://tally.dev/problems/"
 
 
-def problem(reply, status: int, slug: str, field: str | None = None) -> dict:
+def problem(
+    reply: httpx.Response, status: int, slug: str, field: str | None = None
+) -> dict[str, Any]:
     assert reply.status_code == status, reply.text
     assert reply.headers["content-type"] == "application/problem+json"
-    body = reply.json()
+    body: dict[str, Any] = reply.json()
     assert body["type"] == PROBLEMS + slug, body
     if field is not None:
         assert [e["field"] for e in body["errors"]] == [field], body

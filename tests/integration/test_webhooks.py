@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
+from psycopg_pool import AsyncConnectionPool
 from standardwebhooks import Webhook
 
 from services.common.notify import publish
@@ -24,7 +26,7 @@ from tests.webhook_support import (
 )
 
 
-async def deliveries(pool, notification_id: str) -> list[tuple]:
+async def deliveries(pool: AsyncConnectionPool, notification_id: str) -> list[tuple[Any, ...]]:
     async with pool.connection() as conn:
         cur = await conn.execute(
             "SELECT endpoint_id, state, attempts, last_status, last_error"
@@ -68,7 +70,7 @@ async def test_delivered_signed_and_verified(settings, pool, redis, tenant) -> N
         assert after == before + 1
 
 
-async def _settled(pool, notification_id: str) -> list[tuple] | None:
+async def _settled(pool: AsyncConnectionPool, notification_id: str) -> list[tuple[Any, ...]] | None:
     rows = await deliveries(pool, notification_id)
     return rows if rows and all(r[1] in ("succeeded", "failed") for r in rows) else None
 
