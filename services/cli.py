@@ -19,6 +19,8 @@ billing_app = typer.Typer(help="Rollups of raw events into usage_daily, and bill
 app.add_typer(billing_app, name="billing")
 stripe_app = typer.Typer(help="Stripe: the catalog mirrored as products, prices and meters.")
 app.add_typer(stripe_app, name="stripe")
+notifications_app = typer.Typer(help="Notifications: the delivery log, and resend.")
+app.add_typer(notifications_app, name="notifications")
 
 PortOption = Annotated[int | None, typer.Option(help="HTTP port (default: TALLY_PORT)")]
 
@@ -184,6 +186,54 @@ def stripe_sync() -> None:
             typer.echo(orjson.dumps(dataclasses.asdict(report), option=orjson.OPT_INDENT_2))
 
     run(main())
+
+
+@notifications_app.command("list")
+def notifications_list(
+    customer: Annotated[str | None, typer.Option(help="Only this customer's")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="How many, newest first")] = 20,
+) -> None:
+    """The newest notifications, one line each: when, id, type, customer, and each
+    delivery as channel:recipient=state (attempts)."""
+    from services.billing.notification import history
+
+    async def main() -> None:
+        async with Runtime(_settings()) as runtime, (await runtime.pool()).connection() as conn:
+            for n in await history.page(conn, customer, limit, None, own=False):
+                sent = " ".join(
+                    f"{d.channel}:{d.endpoint_id or d.recipient}={d.state}({d.attempts})"
+                    for d in n.deliveries
+                )
+                typer.echo(
+                    f"{n.created_at:%Y-%m-%dT%H:%M:%SZ}  {n.id}  {n.type}  {n.customer}  {sent}"
+                )
+
+    run(main())
+
+
+@notifications_app.command("resend")
+def notifications_resend(
+    notification: Annotated[str, typer.Argument(help="The notification's id (msg_…)")],
+) -> None:
+    """Deliver a notification again on every channel; a running billing service sends it
+    within a second.  The attempts already made stay in the log."""
+    from services.billing.notification import history
+    from services.common.problems import Problem
+
+    async def main() -> None:
+        async with Runtime(_settings()) as runtime:
+            pool = await runtime.pool()
+            async with pool.connection() as conn, conn.transaction():
+                count = await history.resend(conn, notification, own=False)
+                if not count:
+                    await history.customer_of(conn, notification)  # 404 when unknown
+            typer.echo(f"{notification}: {count} deliveries due again")
+
+    try:
+        run(main())
+    except Problem as exc:
+        typer.echo(f"error: {exc.detail}", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()

@@ -54,7 +54,7 @@ class NotificationLog(BaseModel):
 _NOTIFICATIONS = """
     SELECT id, type, customer_id AS customer, occurred_at, created_at, payload
     FROM notifications
-    WHERE customer_id = %(customer)s
+    WHERE (%(customer)s::text IS NULL OR customer_id = %(customer)s)
       AND (%(before)s::timestamptz IS NULL OR (created_at, id) < (%(before)s, %(before_id)s))
     ORDER BY created_at DESC, id DESC LIMIT %(limit)s
 """
@@ -78,12 +78,13 @@ _ATTEMPTS = """
 
 async def page(
     conn: AsyncConnection,
-    customer: str,
+    customer: str | None,
     limit: int,
     before: tuple[datetime, str] | None,
     own: bool,
 ) -> list[NotificationLog]:
-    """A customer's notifications, newest first, ``limit`` after the cursor ``before``."""
+    """A customer's (``None``: every customer's) notifications, newest first, ``limit``
+    after the cursor ``before``."""
     cur = await conn.cursor(row_factory=dict_row).execute(
         _NOTIFICATIONS,
         {
