@@ -13,7 +13,8 @@ from psycopg_pool import AsyncConnectionPool
 from services.billing.invoicing import routes
 from services.billing.invoicing.periods import months_before
 from services.billing.invoicing.run import BillingRun
-from services.billing.notification.notifier import notifier
+from services.billing.notification.channel import Mailer
+from services.billing.notification.notifier import Notifier, notifier
 from services.billing.rollup.job import Rollup
 from services.billing.stripe import client as stripe_client
 from services.billing.stripe import mirror as stripe_mirror
@@ -64,9 +65,7 @@ async def start(runtime: Runtime) -> Component:
     webhooks = Webhooks(
         pool, runtime.redis(), settings.stripe_webhook_secret, settings.downgrade_plan
     )
-    notifications = notifier(settings, pool, runtime.redis(), auth)
-    runtime.background(notifications.intake.run(), "notification intake")
-    runtime.background(notifications.sender.run(), "notification sender")
+    notifications = await notify(runtime)
     return Component(
         "billing",
         routers=[
@@ -76,6 +75,21 @@ async def start(runtime: Runtime) -> Component:
         ],
         checks={"clickhouse": runtime.check_clickhouse(), "postgres": runtime.check_postgres()},
     )
+
+
+async def notify(runtime: Runtime, mailer: Mailer | None = None) -> Notifier:
+    """The notifier: the stream into the outbox, and the outbox out by webhook (and by
+    email with a ``mailer``), running for as long as the process serves."""
+    made = notifier(
+        runtime.settings,
+        await runtime.pool(),
+        runtime.redis(),
+        await runtime.authenticator(),
+        mailer,
+    )
+    runtime.background(made.intake.run(), "notification intake")
+    runtime.background(made.sender.run(), "notification sender")
+    return made
 
 
 def _stripe_jobs(runtime: Runtime, pool: AsyncConnectionPool, api: stripe.StripeClient) -> None:
