@@ -7,6 +7,7 @@ on the path: ``/ok/…`` 200, ``/fail/…`` 500, ``/gone/…`` 410, ``/hang/…`
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -22,6 +23,7 @@ from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from schemas.notifications import STREAM, Notification, NotificationType, notification_id
+from services.billing.notification.channel import Attempt, Mailer
 from services.billing.notification.notifier import Notifier, notifier
 from services.common.auth import Authenticator
 from services.common.settings import Settings
@@ -120,12 +122,16 @@ class Running:
 
 @asynccontextmanager
 async def running_notifier(
-    settings: Settings, pool: AsyncConnectionPool, redis: Redis, send: bool = True
+    settings: Settings,
+    pool: AsyncConnectionPool,
+    redis: Redis,
+    send: bool = True,
+    mailer: Mailer | None = None,
 ) -> AsyncIterator[Running]:
     """Intake and (unless ``send`` is False) the sender running, routes as a client."""
     await redis.delete(STREAM)  # this test's stream and group, nothing older
     auth = Authenticator(settings, redis, pool)
-    made = notifier(settings, pool, redis, auth)
+    made = notifier(settings, pool, redis, auth, mailer)
     tasks = [asyncio.create_task(made.intake.run())]
     if send:
         tasks.append(asyncio.create_task(made.sender.run()))
@@ -220,3 +226,59 @@ async def eventually(check: Callable[[], Any], within: float = 10.0) -> Any:
         if time.monotonic() > deadline:
             raise AssertionError("timed out waiting")
         await asyncio.sleep(0.05)
+
+
+@dataclass
+class Inbox:
+    """A real SMTP server in-process (aiosmtpd), keeping what it was sent."""
+
+    port: int = 0
+    messages: list[tuple[list[str], bytes]] = field(default_factory=list)
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.messages.append((list(envelope.rcpt_tos), bytes(envelope.content)))
+        return "250 OK"
+
+
+@asynccontextmanager
+async def smtp_inbox() -> AsyncIterator[Inbox]:
+    from aiosmtpd.controller import Controller
+
+    with socket.socket() as probe:  # the controller checks its port, so not 0
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    inbox = Inbox(port)
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    await asyncio.to_thread(controller.start)
+    try:
+        yield inbox
+    finally:
+        await asyncio.to_thread(controller.stop)
+
+
+class PlainMailer:
+    """The simplest ``Mailer`` (the email channel's own lives in ``notification.email``):
+    one plain-text message over SMTP, to exercise the sender's email path."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    async def send(self, notification: Notification, to: str) -> Attempt:
+        import aiosmtplib
+
+        started = time.monotonic()
+        message = f"Subject: {notification.type}\r\n\r\n{notification.id}\r\n"
+        errors, reply = await aiosmtplib.send(
+            message,
+            sender="tally@example.com",
+            recipients=[to],
+            hostname="127.0.0.1",
+            port=self.port,
+        )
+        return Attempt(
+            ok=not errors,
+            status=250,
+            response=reply,
+            error=None,
+            duration_ms=round((time.monotonic() - started) * 1000),
+        )

@@ -15,6 +15,7 @@ from standardwebhooks import Webhook
 from services.common.notify import publish
 from tests.webhook_support import (
     SERVICE,
+    PlainMailer,
     add_endpoint,
     alert,
     eventually,
@@ -23,6 +24,7 @@ from tests.webhook_support import (
     quick,
     receiver,
     running_notifier,
+    smtp_inbox,
 )
 
 
@@ -148,12 +150,16 @@ async def test_failing_endpoint_retried_on_schedule_then_failed(
     customer = await new_customer(pool, tenant)
     async with receiver() as rx, running_notifier(settings, pool, redis) as run:
         await add_endpoint(run.client, rx.url("/fail/x"), customer)
+        labels = {"channel": "webhook", "outcome": "retrying"}
+        retried = REGISTRY.get_sample_value("tally_notification_deliveries_total", labels) or 0
         n = alert(customer)
         await publish(redis, n)
         got = await rx.wait_for("/fail/x", 3)
         rows = await eventually(lambda: _settled(pool, n.id))
         assert [r[1:4] for r in rows] == [("failed", 3, 500)]
         assert {g.headers["webhook-id"] for g in got} == {n.id}
+        now_retried = REGISTRY.get_sample_value("tally_notification_deliveries_total", labels)
+        assert now_retried == retried + 2
         gaps = [b.at - a.at for a, b in itertools.pairwise(got)]
         assert 0.3 * 0.8 - 0.05 <= gaps[0] <= 0.3 * 1.2 + 0.5  # the schedule, with jitter
         assert 0.6 * 0.8 - 0.05 <= gaps[1] <= 0.6 * 1.2 + 0.5
@@ -347,3 +353,31 @@ async def test_deleted_endpoint_gets_nothing_more(settings, pool, redis, tenant)
             f"/v1/customers/{customer}/webhook-endpoints", headers=SERVICE
         )
         assert listed.json()["endpoints"] == []
+
+
+async def test_email_to_the_customer_when_a_mailer_is_configured(
+    settings, pool, redis, tenant
+) -> None:
+    settings = quick(settings)
+    customer = await new_customer(pool, tenant)
+    async with (
+        smtp_inbox() as inbox,
+        receiver() as rx,
+        running_notifier(settings, pool, redis, mailer=PlainMailer(inbox.port)) as run,
+    ):
+        made = await add_endpoint(run.client, rx.url("/ok/mail"), customer)
+        n = alert(customer)
+        await publish(redis, n)
+        await rx.wait_for("/ok/mail")
+        rows = await eventually(lambda: _settled(pool, n.id))
+        assert {(r[0], r[1]) for r in rows} == {(made["id"], "succeeded"), (None, "succeeded")}
+        [(to, content)] = inbox.messages
+        assert to == [f"{customer}@example.com"] and n.id.encode() in content
+        test = await run.client.post(
+            f"/v1/customers/{customer}/webhook-endpoints/{made['id']}/test", headers=SERVICE
+        )
+        await rx.wait_for("/ok/mail", 2)
+        assert [r[0] for r in await deliveries(pool, test.json()["notification_id"])] == [
+            made["id"]
+        ]  # a test webhook is never emailed
+        assert len(inbox.messages) == 1
