@@ -3,6 +3,7 @@ naming the field; who may manage which endpoints."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import httpx
@@ -177,3 +178,23 @@ async def test_a_customer_key_manages_its_own_endpoints_only(settings, pool, red
             f"/v1/customers/{theirs.customer}/webhook-endpoints", headers=ADMIN
         )
         assert admin.status_code == 200
+
+
+async def test_routes_are_documented(settings, pool, redis) -> None:
+    async with running_notifier(quick(settings), pool, redis, send=False) as run:
+        spec = (await run.client.get("/openapi.json")).json()
+    assert {
+        "/v1/customers/{customer}/webhook-endpoints",
+        "/v1/customers/{customer}/webhook-endpoints/{endpoint}",
+        "/v1/customers/{customer}/webhook-endpoints/{endpoint}/rotate-secret",
+        "/v1/customers/{customer}/webhook-endpoints/{endpoint}/test",
+        "/v1/webhook-endpoints",
+        "/v1/customers/{customer}/notifications",
+        "/v1/notifications/{notification}",
+        "/v1/notifications/{notification}/resend",
+    } <= set(spec["paths"])
+    referenced = set(re.findall(r"#/components/schemas/([\w-]+)", str(spec)))
+    assert referenced <= set(spec["components"]["schemas"])
+    created = spec["paths"]["/v1/customers/{customer}/webhook-endpoints"]["post"]
+    schema = created["responses"]["201"]["content"]["application/json"]["schema"]["$ref"]
+    assert "secret" in spec["components"]["schemas"][schema.rsplit("/", 1)[1]]["properties"]

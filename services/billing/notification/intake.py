@@ -106,12 +106,14 @@ class Intake:
         wake: asyncio.Event,
         mail: bool,
         consumer: str = "",
+        stale_ms: int = STALE_MS,
     ) -> None:
         self._pool = pool
         self._redis = redis
         self._wake = wake
         self._mail = mail
         self._consumer = consumer or socket.gethostname()
+        self._stale_ms = stale_ms
         self._listeners: list[Listener] = []
 
     def listen(self, listener: Listener) -> None:
@@ -167,7 +169,7 @@ class Intake:
         start: Any = "0-0"
         while True:
             reply = await self._redis.xautoclaim(
-                STREAM, GROUP, self._consumer, STALE_MS, start_id=start, count=BATCH
+                STREAM, GROUP, self._consumer, self._stale_ms, start_id=start, count=BATCH
             )
             start, entries = reply[0], reply[1]
             if entries:

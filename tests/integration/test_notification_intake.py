@@ -1,0 +1,73 @@
+"""The intake: what a crashed notifier left unacknowledged is taken over, malformed
+entries do not block the stream, and listeners hear of new notifications only."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from psycopg_pool import AsyncConnectionPool
+from redis.asyncio import Redis
+
+from schemas.notifications import STREAM, Notification
+from services.billing.notification.intake import GROUP, Intake
+from services.common.notify import publish
+from services.common.settings import Settings
+from tests.webhook_support import alert, eventually, new_customer, quick, running_notifier
+
+
+async def _stored(pool: AsyncConnectionPool, notification_id: str) -> bool:
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT 1 FROM notifications WHERE id = %s", (notification_id,))
+        return await cur.fetchone() is not None
+
+
+async def _pending(redis: Redis) -> Any:
+    return (await redis.xpending(STREAM, GROUP))["pending"]
+
+
+async def test_entries_a_dead_notifier_held_are_taken_over(
+    settings: Settings, pool: AsyncConnectionPool, redis: Redis, tenant: str
+) -> None:
+    customer = await new_customer(pool, tenant)
+    await redis.delete(STREAM)
+    await redis.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+    n = alert(customer)
+    await publish(redis, n)
+    # a notifier that read the entry and died before storing and acknowledging it
+    read = await redis.xreadgroup(GROUP, "dead-notifier", {STREAM: ">"}, count=10)
+    assert len(read[0][1]) == 1 and await _pending(redis) == 1
+
+    intake = Intake(pool, redis, asyncio.Event(), mail=False, consumer="alive", stale_ms=0)
+    task = asyncio.create_task(intake.run())
+    try:
+        await eventually(lambda: _stored(pool, n.id))
+        await eventually(lambda: _acked(redis))
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def _acked(redis: Redis) -> bool:
+    return bool(await _pending(redis) == 0)
+
+
+async def test_malformed_entries_are_dropped_not_blocking(
+    settings: Settings, pool: AsyncConnectionPool, redis: Redis, tenant: str
+) -> None:
+    customer = await new_customer(pool, tenant)
+    heard: list[Notification] = []
+
+    async def listener(n: Notification) -> None:
+        heard.append(n)
+
+    async with running_notifier(quick(settings), pool, redis, send=False) as run:
+        run.notifier.intake.listen(listener)
+        await redis.xadd(STREAM, {"n": b'{"id": "msg_x", "type": "no.such.type"}'})
+        await redis.xadd(STREAM, {"other": b"field"})
+        n = alert(customer)
+        await publish(redis, n)
+        await eventually(lambda: _stored(pool, n.id))
+        await eventually(lambda: _acked(redis))
+        assert not await _stored(pool, "msg_x")
+        assert [h.id for h in heard] == [n.id]
