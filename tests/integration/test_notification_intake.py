@@ -35,7 +35,7 @@ async def test_entries_a_dead_notifier_held_are_taken_over(
     n = alert(customer)
     await publish(redis, n)
     # a notifier that read the entry and died before storing and acknowledging it
-    read = await redis.xreadgroup(GROUP, "dead-notifier", {STREAM: ">"}, count=10)
+    read: Any = await redis.xreadgroup(GROUP, "dead-notifier", {STREAM: ">"}, count=10)
     assert len(read[0][1]) == 1 and await _pending(redis) == 1
 
     intake = Intake(pool, redis, asyncio.Event(), mail=False, consumer="alive", stale_ms=0)
