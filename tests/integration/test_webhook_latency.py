@@ -8,6 +8,7 @@ import statistics
 import time
 
 import httpx
+from prometheus_client import REGISTRY
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 from standardwebhooks import Webhook
@@ -17,7 +18,7 @@ from services.billing.service import notify
 from services.common.notify import publish
 from services.common.settings import Settings
 from services.runtime import Component, Runtime, http_app
-from tests.webhook_support import add_endpoint, alert, new_customer, quick, receiver
+from tests.webhook_support import add_endpoint, alert, eventually, new_customer, quick, receiver
 
 CUSTOMERS = 50
 PER_CUSTOMER = 6  # 300 notifications
@@ -38,6 +39,8 @@ async def test_event_to_webhook_latency_through_the_service(
                 c_id: (await add_endpoint(c, rx.url(f"/ok/{c_id}"), c_id))["secret"]
                 for c_id in customers
             }
+        histogram = "tally_notification_delivery_seconds_count"
+        observed = REGISTRY.get_sample_value(histogram, {"channel": "webhook"}) or 0.0
         published: dict[str, float] = {}
         for round_ in range(PER_CUSTOMER):
             for customer in customers:
@@ -57,3 +60,7 @@ async def test_event_to_webhook_latency_through_the_service(
         p99 = latencies[int(len(latencies) * 0.99) - 1]
         print(f"\nlatency, {total} at {RATE}/s: p50 {p50 * 1e3:.0f} ms, p99 {p99 * 1e3:.0f} ms")
         assert p99 < 2.0
+        await eventually(
+            lambda: REGISTRY.get_sample_value(histogram, {"channel": "webhook"}) == observed + total
+        )
+        assert REGISTRY.get_sample_value("tally_notification_deliveries_pending") is not None
