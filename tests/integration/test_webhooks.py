@@ -381,3 +381,27 @@ async def test_email_to_the_customer_when_a_mailer_is_configured(
             made["id"]
         ]  # a test webhook is never emailed
         assert len(inbox.messages) == 1
+
+
+async def test_production_never_calls_an_address_that_turned_internal(
+    settings, pool, redis, tenant
+) -> None:
+    """An endpoint whose host resolves to an internal address by the time of sending
+    (DNS re-pointed after it was checked) is not called; the attempt says why."""
+    settings = quick(settings, env="production", webhook_retry_schedule=[0])
+    customer = await new_customer(pool, tenant)
+    async with receiver() as rx, running_notifier(settings, pool, redis) as run:
+        async with pool.connection() as conn:  # as if it had resolved publicly at creation
+            await conn.execute(
+                "INSERT INTO webhook_endpoints (id, customer_id, url, secret)"
+                " VALUES (%s, %s, %s, 'whsec_AAAA')",
+                (f"ep_{tenant}", customer, rx.url("/ok/internal").replace("http:", "https:")),
+            )
+        n = alert(customer)
+        await publish(redis, n)
+        rows = await eventually(lambda: _settled(pool, n.id))
+        assert [r[1] for r in rows] == ["failed"] and "non-public address" in rows[0][4]
+        assert rx.at("/ok/internal") == []
+        log = await run.client.get(f"/v1/notifications/{n.id}", headers=SERVICE)
+        [attempt] = log.json()["deliveries"][0]["attempt_log"]
+        assert attempt["status"] is None and attempt["error"].startswith("refused")

@@ -34,11 +34,12 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from schemas.notifications import Notification
-from services.billing.notification import endpoints, webhook
+from services.billing.notification import endpoints, urls, webhook
 from services.billing.notification.channel import Attempt, Mailer
 from services.billing.notification.intake import stop_if_cancelled
 from services.common.logging import get_logger
 from services.common.metrics import DELIVERIES, DELIVERY_LATENCY, DELIVERY_QUEUE
+from services.common.problems import Problem
 from services.common.settings import Settings
 
 log = get_logger("tally.notifications")
@@ -54,6 +55,7 @@ class Policy:
     concurrency: int
     per_endpoint: int
     poll: float
+    development: bool = False  # production: every attempt re-checks the URL's addresses
 
     def retry_in(self, attempts: int) -> timedelta | None:
         """After ``attempts`` failed attempts: how long until the next, or ``None``."""
@@ -245,11 +247,25 @@ class Sender:
             assert self._mailer is not None
             return await self._mailer.send(row.notification(), row.recipient)
         assert row.url is not None
+        refused = await self._unsafe(row.url)
+        if refused is not None:
+            return Attempt(ok=False, status=None, response="", error=refused, duration_ms=0)
         body = orjson.dumps(row.payload)
         secrets_now = row.secrets(datetime.now(UTC))
         return await webhook.post(
             self._client, row.url, secrets_now, row.notification_id, body, self._policy.timeout
         )
+
+    async def _unsafe(self, url: str) -> str | None:
+        """Why ``url`` may not be called now: its host may have been re-pointed at an
+        internal address since the endpoint was created (DNS rebinding)."""
+        if self._policy.development:
+            return None
+        try:
+            await urls.check(url, development=False)
+        except Problem as refused:
+            return f"refused: {refused.detail}"
+        return None
 
     async def _record(self, row: Due, attempt: Attempt) -> None:
         """The attempt logged, and what it means for the delivery, in one transaction."""
@@ -320,4 +336,5 @@ def policy(settings: Settings) -> Policy:
         concurrency=settings.webhook_concurrency,
         per_endpoint=settings.webhook_per_endpoint,
         poll=settings.notification_poll_seconds,
+        development=settings.env == "development",
     )
