@@ -144,6 +144,10 @@ async def running_notifier(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        async with pool.connection() as conn:  # seller endpoints get everyone's: not later tests'
+            await conn.execute(
+                "UPDATE webhook_endpoints SET deleted_at = now() WHERE customer_id IS NULL"
+            )
 
 
 async def new_customer(pool: AsyncConnectionPool, tenant: str) -> str:

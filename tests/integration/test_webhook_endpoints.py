@@ -9,11 +9,15 @@ from typing import Any
 import httpx
 import pytest
 
+from services.common.notify import publish
 from tests.accounts_support import running_api, sign_up
 from tests.webhook_support import (
     ADMIN,
     SERVICE,
+    Running,
     add_endpoint,
+    alert,
+    eventually,
     new_customer,
     quick,
     running_notifier,
@@ -178,6 +182,45 @@ async def test_a_customer_key_manages_its_own_endpoints_only(settings, pool, red
             f"/v1/customers/{theirs.customer}/webhook-endpoints", headers=ADMIN
         )
         assert admin.status_code == 200
+
+        # the delivery log: a key sees its own channels, not the seller's endpoints
+        seller_endpoint = await add_endpoint(run.client, "http://127.0.0.1:9/seller")
+        n = alert(mine.customer)
+        await publish(redis, n)
+        await eventually(lambda: _logged(run, n.id))
+        own = await run.client.get(f"/v1/notifications/{n.id}", headers=mine.auth)
+        assert [d["endpoint_id"] for d in own.json()["deliveries"]] == [made["id"]]
+        everything = await run.client.get(f"/v1/notifications/{n.id}", headers=SERVICE)
+        assert {d["endpoint_id"] for d in everything.json()["deliveries"]} == {
+            made["id"],
+            seller_endpoint["id"],
+        }
+        page = await run.client.get(
+            f"/v1/customers/{mine.customer}/notifications", headers=mine.auth
+        )
+        assert [x["id"] for x in page.json()["notifications"]] == [n.id]
+        problem(
+            await run.client.get(f"/v1/notifications/{n.id}", headers=theirs.auth), 403, "forbidden"
+        )
+        problem(
+            await run.client.post(f"/v1/notifications/{n.id}/resend", headers=theirs.auth),
+            403,
+            "forbidden",
+        )
+        resent = await run.client.post(f"/v1/notifications/{n.id}/resend", headers=mine.auth)
+        assert resent.status_code == 202 and resent.json()["deliveries"] == 1  # its own only
+        problem(
+            await run.client.get(
+                f"/v1/customers/{theirs.customer}/notifications", headers=mine.auth
+            ),
+            403,
+            "forbidden",
+        )
+
+
+async def _logged(run: Running, notification_id: str) -> bool:
+    reply = await run.client.get(f"/v1/notifications/{notification_id}", headers=SERVICE)
+    return reply.status_code == 200
 
 
 async def test_routes_are_documented(settings, pool, redis) -> None:
