@@ -245,7 +245,12 @@ class Sender:
     async def _attempt(self, row: Due) -> Attempt:
         if row.channel == "email":
             assert self._mailer is not None
-            return await self._mailer.send(row.notification(), row.recipient)
+            started = time.monotonic()
+            try:
+                return await self._mailer.send(row.notification(), row.recipient)
+            except Exception as exc:  # a mailer that raises is a failed attempt, retried
+                took = round((time.monotonic() - started) * 1000)
+                return Attempt(False, None, "", repr(exc)[:1024], took)
         assert row.url is not None
         refused = await self._unsafe(row.url)
         if refused is not None:
