@@ -1,7 +1,8 @@
 """A real HTTP receiver for webhooks, and a running notifier (intake + sender + routes).
 
 The receiver listens on 127.0.0.1 and records every request; what it answers depends
-on the path: ``/ok/…`` 200, ``/fail/…`` 500, ``/gone/…`` 410, ``/hang/…`` never.
+on the path: ``/ok/…`` 200, ``/fail/…`` 500, ``/gone/…`` 410, ``/moved/…`` 301,
+``/busy/…`` 429 with ``Retry-After: 1``, ``/hang/…`` never.
 """
 
 from __future__ import annotations
@@ -77,8 +78,9 @@ class Receiver:
         kind = request.path.split("/")[1]
         if kind == "hang":
             await asyncio.sleep(3600)
-        status = {"ok": 200, "fail": 500, "gone": 410, "moved": 301}[kind]
-        return web.Response(status=status, text=f"{kind} says {status}")
+        status = {"ok": 200, "fail": 500, "gone": 410, "moved": 301, "busy": 429}[kind]
+        headers = {"Retry-After": "1"} if kind == "busy" else {}
+        return web.Response(status=status, text=f"{kind} says {status}", headers=headers)
 
 
 @asynccontextmanager

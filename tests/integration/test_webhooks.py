@@ -393,3 +393,19 @@ async def test_production_never_calls_an_address_that_turned_internal(
         log = await run.client.get(f"/v1/notifications/{n.id}", headers=SERVICE)
         [attempt] = log.json()["deliveries"][0]["attempt_log"]
         assert attempt["status"] is None and attempt["error"].startswith("refused")
+
+
+async def test_redirects_fail_and_retry_after_is_honoured(settings, pool, redis, tenant) -> None:
+    settings = quick(settings, webhook_retry_schedule=[0, 0.1])
+    customer = await new_customer(pool, tenant)
+    async with receiver() as rx, running_notifier(settings, pool, redis) as run:
+        await add_endpoint(run.client, rx.url("/moved/x"), customer)
+        await add_endpoint(run.client, rx.url("/busy/x"), customer)
+        n = alert(customer)
+        await publish(redis, n)
+        busy = await rx.wait_for("/busy/x", 2)
+        assert busy[1].at - busy[0].at >= 0.95  # Retry-After: 1 beats the 0.1 s schedule
+        moved = await rx.wait_for("/moved/x", 2)
+        assert moved[1].at - moved[0].at < 0.9  # a 3xx is a failure, on the schedule
+        rows = await eventually(lambda: _settled(pool, n.id))
+        assert sorted((r[1], r[3]) for r in rows) == [("failed", 301), ("failed", 429)]

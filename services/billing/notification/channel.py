@@ -21,6 +21,7 @@ class Attempt:
     error: str | None  # why nothing usable came back (timeout, refused, TLS, ...)
     duration_ms: int
     gone: bool = False  # the receiver says it is gone for good (HTTP 410): disable it
+    retry_after: float | None = None  # seconds the receiver asked us to wait (Retry-After)
 
 
 class Mailer(Protocol):

@@ -45,6 +45,7 @@ from services.common.settings import Settings
 log = get_logger("tally.notifications")
 JITTER = 0.2  # each retry delay is stretched or shrunk by up to a fifth
 GAUGE_SECONDS = 5.0
+MAX_RETRY_AFTER = 3600.0  # a receiver's Retry-After is honoured up to an hour
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,6 +276,8 @@ class Sender:
     async def _record(self, row: Due, attempt: Attempt) -> None:
         """The attempt logged, and what it means for the delivery, in one transaction."""
         retry = None if attempt.ok or attempt.gone else self._policy.retry_in(row.attempts + 1)
+        if retry is not None and attempt.retry_after:
+            retry = max(retry, timedelta(seconds=min(attempt.retry_after, MAX_RETRY_AFTER)))
         state = "succeeded" if attempt.ok else ("pending" if retry is not None else "failed")
         async with self._pool.connection() as conn, conn.transaction():
             await conn.execute(

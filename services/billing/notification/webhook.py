@@ -4,7 +4,8 @@
 moves its endpoint by updating it), is a failure to retry; 410 Gone says the receiver
 wants no more (the endpoint is disabled).  The whole attempt, connect to last byte, is
 bounded by one timeout, so a receiver that trickles its answer holds a slot no longer
-than one that never answers.
+than one that never answers.  A 429 or 503 with ``Retry-After`` pushes the next attempt
+back to at least that long (at most an hour).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ async def post(
         error=None,
         duration_ms=_ms(started),
         gone=status == 410,
+        retry_after=_retry_after(reply) if status in (429, 503) else None,
     )
 
 
@@ -65,6 +67,12 @@ async def _excerpt(reply: httpx.Response) -> str:
         if len(read) >= EXCERPT_BYTES:
             break
     return read[:EXCERPT_BYTES].decode("utf-8", "replace")
+
+
+def _retry_after(reply: httpx.Response) -> float | None:
+    """``Retry-After`` in seconds (the delta form; an HTTP date is ignored)."""
+    raw = reply.headers.get("retry-after", "")
+    return float(raw) if raw.strip().isdigit() else None
 
 
 def _failed(started: float, error: str) -> Attempt:
