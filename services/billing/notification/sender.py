@@ -107,29 +107,34 @@ class Due:
         )
 
 
-_CLAIM = """
+_DUE = """((d.state = 'pending' AND d.next_attempt_at <= now())
+          OR (d.state = 'sending' AND d.leased_until < now()))"""
+
+_CLAIM = f"""
     WITH ranked AS (
         SELECT d.id, d.next_attempt_at,
                coalesce(d.endpoint_id, d.recipient) AS target,
                row_number() OVER (PARTITION BY coalesce(d.endpoint_id, d.recipient)
                                   ORDER BY d.next_attempt_at, d.id) AS n
         FROM notification_deliveries d
-        WHERE ((d.state = 'pending' AND d.next_attempt_at <= now())
-               OR (d.state = 'sending' AND d.leased_until < now()))
-          AND (%(mail)s OR d.channel <> 'email')
+        WHERE {_DUE} AND (%(mail)s OR d.channel <> 'email')
     ), picked AS (
-        SELECT id FROM ranked
-        WHERE n <= %(cap)s - coalesce((%(inflight)s::jsonb ->> target)::int, 0)
-        ORDER BY next_attempt_at, id LIMIT %(limit)s
+        SELECT d.id FROM notification_deliveries d
+        WHERE d.id IN (
+            SELECT id FROM ranked
+            WHERE n <= %(cap)s - coalesce((%(inflight)s::jsonb ->> target)::int, 0)
+            ORDER BY next_attempt_at, id LIMIT %(limit)s
+        ) AND {_DUE}
+        FOR UPDATE SKIP LOCKED
     )
     UPDATE notification_deliveries d
     SET state = 'sending', leased_until = now() + %(lease)s
-    FROM picked
-    WHERE d.id = picked.id
-      AND ((d.state = 'pending' AND d.next_attempt_at <= now())
-           OR (d.state = 'sending' AND d.leased_until < now()))
+    FROM picked WHERE d.id = picked.id
     RETURNING d.id
 """
+"""Due rows, at most ``cap`` per endpoint (less what is in flight to it here), locked
+with ``SKIP LOCKED`` so that several senders never take the same row, marked ``sending``
+under a lease.  ``_DUE`` is checked again on the locked row version."""
 
 _DETAILS = """
     SELECT d.id, n.id AS notification_id, n.type, n.customer_id, n.occurred_at, n.payload,
