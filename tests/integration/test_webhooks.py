@@ -11,6 +11,7 @@ from prometheus_client import REGISTRY
 from psycopg_pool import AsyncConnectionPool
 from standardwebhooks import Webhook
 
+from services.billing.notification.sender import Sender, policy
 from services.common.notify import publish
 from tests.webhook_support import (
     SERVICE,
@@ -409,3 +410,27 @@ async def test_redirects_fail_and_retry_after_is_honoured(settings, pool, redis,
         assert moved[1].at - moved[0].at < 0.9  # a 3xx is a failure, on the schedule
         rows = await eventually(lambda: _settled(pool, n.id))
         assert sorted((r[1], r[3]) for r in rows) == [("failed", 301), ("failed", 429)]
+
+
+async def test_two_senders_never_send_one_delivery_twice(settings, pool, redis, tenant) -> None:
+    settings = quick(settings, notification_poll_seconds=0.05)
+    customers = [await new_customer(pool, tenant) for _ in range(5)]
+    async with receiver() as rx, running_notifier(settings, pool, redis) as run:
+        for customer in customers:
+            await add_endpoint(run.client, rx.url(f"/ok/{customer}"), customer)
+        other = asyncio.create_task(Sender(pool, policy(settings), asyncio.Event()).run())
+        try:
+            ids = []
+            for usage in range(20):
+                for customer in customers:
+                    n = alert(customer, usage=usage)
+                    ids.append(n.id)
+                    await publish(redis, n)
+            async with rx.arrived:
+                await asyncio.wait_for(rx.arrived.wait_for(lambda: len(rx.requests) >= 100), 20)
+            await asyncio.sleep(0.5)
+        finally:
+            other.cancel()
+            await asyncio.gather(other, return_exceptions=True)
+        sent = [r.headers["webhook-id"] for r in rx.requests]
+        assert sorted(sent) == sorted(ids)  # each exactly once
