@@ -201,7 +201,9 @@ class Settings(BaseSettings):
     def _base_url(cls, raw: str) -> str:
         parts = urlsplit(raw)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("TALLY_PUBLIC_URL must be an http(s) URL, e.g. https://api.example.com")
+            raise ValueError(
+                "TALLY_PUBLIC_URL must be an http(s) URL, e.g. https://api.example.com"
+            )
         if parts.query or parts.fragment:
             raise ValueError("TALLY_PUBLIC_URL takes no query or fragment")
         return raw.rstrip("/")

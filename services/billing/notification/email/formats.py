@@ -52,6 +52,11 @@ def money(value: object, currency: str) -> str:
     return f"{sign}{symbol}{digits}" if symbol else f"{sign}{digits} {currency.upper()}"
 
 
+def excess(value: object, limit: object) -> str:
+    """How far ``value`` goes past ``limit`` (0 when it does not), as a quantity."""
+    return quantity(max(decimal(value) - decimal(limit), Decimal(0)))
+
+
 def percent(part: object, whole: object) -> str:
     """``part`` as a share of ``whole``, rounded down so 99.9 % never reads "100 %"."""
     total = decimal(whole)
@@ -91,7 +96,10 @@ def period(value: Any) -> str:
     month, else "3 December 2026 to 2 January 2027" (the last day included)."""
     start, end = instant(value["start"]), instant(value["end"])
     month_end = (start.replace(day=28) + timedelta(days=4)).replace(day=1)
-    if start == start.replace(day=1, hour=0, minute=0, second=0, microsecond=0) and end == month_end:
+    if (
+        start == start.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        and end == month_end
+    ):
         return f"{start:%B %Y}"
     return f"{day(start)} to {day(end - timedelta(microseconds=1))}"
 
@@ -100,6 +108,7 @@ FILTERS = {
     "quantity": quantity,
     "money": money,
     "percent": percent,
+    "excess": excess,
     "when": when,
     "day": day,
     "period": period,

@@ -34,6 +34,22 @@ ENV = Environment(
 )
 ENV.filters.update(FILTERS)
 
+CHANGE_SOURCES = {
+    "admin": "by the seller",
+    "stripe": "through your Stripe subscription",
+    "self": "by you",
+    "trial_end": "because your trial ended",
+    "past_due": "because a payment failed",
+}
+"""Who changed a plan (``plan.changed``'s ``source``), as a sentence reads it."""
+
+
+def _change_source(source: str) -> str:
+    return CHANGE_SOURCES.get(source, f"({source})")
+
+
+ENV.filters["change_source"] = _change_source
+
 
 class RenderError(ValueError):
     """The payload does not have what the type's template says."""
@@ -90,6 +106,7 @@ def message(
     mail["X-Tally-Notification-Id"] = notification.id
     mail["X-Tally-Notification-Type"] = notification.type.value
     mail["Auto-Submitted"] = "auto-generated"  # RFC 3834: no vacation replies, please
-    mail.set_content(rendered.text)
-    mail.add_alternative(rendered.html, subtype="html")
+    # quoted-printable keeps the message 7-bit: any server takes it, 8BITMIME or not
+    mail.set_content(rendered.text, cte="quoted-printable")
+    mail.add_alternative(rendered.html, subtype="html", cte="quoted-printable")
     return mail

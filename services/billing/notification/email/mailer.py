@@ -1,0 +1,156 @@
+"""Sending one notification email over SMTP, and telling the delivery worker how it went.
+
+One connection per email: notifications are few per customer and a fresh connection
+never inherits a half-broken session.  The whole exchange, from connecting to the reply
+after the message, is bounded by ``TALLY_SMTP_TIMEOUT``.
+
+Every outcome is an ``Attempt``; ``send`` never raises.  A refusal that is about this
+message or this recipient (5xx to ``RCPT`` or after ``DATA``, a payload the templates
+cannot render, an address that is not one) is ``permanent``: retrying cannot help.
+Everything else — 4xx replies, a refused or timed-out connection, TLS, a login or sender
+address the server refuses (the operator's ``TALLY_SMTP_*`` to fix, after which the
+retries go through) — is transient.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from email.errors import HeaderParseError
+from email.message import EmailMessage
+from email.utils import parseaddr
+
+from aiosmtplib import (
+    SMTP,
+    SMTPAuthenticationError,
+    SMTPDataError,
+    SMTPException,
+    SMTPRecipientRefused,
+    SMTPResponse,
+    SMTPResponseException,
+    SMTPSenderRefused,
+)
+
+from schemas.notifications import Notification
+from services.billing.notification.channel import Attempt
+from services.billing.notification.email.links import Links
+from services.billing.notification.email.render import RenderError, message
+from services.billing.notification.email.target import SmtpTarget
+from services.common.settings import Settings
+
+EXCERPT = 1024
+"""How much of a server's reply the delivery log keeps."""
+
+
+class SmtpMailer:
+    """The email channel (``channel.Mailer``): renders a notification and hands it to
+    the mail server named by ``TALLY_SMTP_URL``."""
+
+    def __init__(self, target: SmtpTarget, sender: str, public_url: str, timeout: float) -> None:
+        self.target = target
+        self.sender = sender
+        self.public_url = public_url.rstrip("/")
+        self.timeout = timeout
+
+    async def send(
+        self, notification: Notification, to: str, *, company: str | None = None
+    ) -> Attempt:
+        """Email ``notification`` to ``to`` (``company`` greets the reader by name)."""
+        started = time.perf_counter()
+        try:
+            mail = message(
+                notification,
+                to,
+                self.sender,
+                Links(self.public_url, notification.customer),
+                company,
+            )
+        except RenderError as exc:
+            return _failed(started, None, "", str(exc), permanent=True)
+        except (ValueError, IndexError, HeaderParseError):
+            return _failed(started, None, "", f"not an email address: {to!r}", permanent=True)
+        try:
+            async with asyncio.timeout(self.timeout):
+                reply = await self._deliver(mail, to)
+        except TimeoutError:
+            error = f"no answer from {self.target} within {self.timeout:g} s"
+            return _failed(started, None, "", error)
+        except SMTPResponseException as exc:
+            return _refused(started, exc, self.target)
+        except (SMTPException, OSError) as exc:
+            return _failed(started, None, "", f"cannot talk to {self.target}: {_reason(exc)}")
+        return Attempt(
+            ok=True,
+            status=reply.code,
+            response=reply.message[:EXCERPT],
+            error=None,
+            duration_ms=_since(started),
+        )
+
+    async def _deliver(self, mail: EmailMessage, to: str) -> SMTPResponse:
+        target = self.target
+        client = SMTP(
+            hostname=target.host,
+            port=target.port,
+            use_tls=target.implicit_tls,
+            start_tls=target.starttls,
+            username=target.username,
+            password=target.password,
+            timeout=self.timeout,
+        )
+        async with client:
+            await client.mail(parseaddr(self.sender)[1])
+            await client.rcpt(to)
+            return await client.data(mail.as_bytes())
+
+
+def build_mailer(settings: Settings) -> SmtpMailer | None:
+    """The mailer ``TALLY_SMTP_URL`` asks for, or ``None`` when it is unset (no email)."""
+    if settings.smtp_url is None:
+        return None
+    return SmtpMailer(
+        SmtpTarget.parse(settings.smtp_url),
+        settings.smtp_from,
+        settings.public_url,
+        settings.smtp_timeout,
+    )
+
+
+def _refused(started: float, exc: SMTPResponseException, target: SmtpTarget) -> Attempt:
+    """A reply that is not the one hoped for, and whether retrying could change it."""
+    code, text = exc.code, exc.message
+    lasting = 500 <= code < 600
+    if isinstance(exc, SMTPRecipientRefused):
+        what = "refused the recipient" if lasting else "deferred the recipient"
+        return _failed(started, code, text, f"{target} {what}", permanent=lasting)
+    if isinstance(exc, SMTPDataError):
+        what = "refused the message" if lasting else "deferred the message"
+        return _failed(started, code, text, f"{target} {what}", permanent=lasting)
+    if isinstance(exc, SMTPAuthenticationError):
+        return _failed(started, code, text, f"{target} refused the login in TALLY_SMTP_URL")
+    if isinstance(exc, SMTPSenderRefused):
+        return _failed(started, code, text, f"{target} refused the sender TALLY_SMTP_FROM")
+    return _failed(started, code, text, f"{target} answered {code}")
+
+
+def _failed(
+    started: float, status: int | None, response: str, error: str, *, permanent: bool = False
+) -> Attempt:
+    return Attempt(
+        ok=False,
+        status=status,
+        response=response[:EXCERPT],
+        error=error,
+        duration_ms=_since(started),
+        permanent=permanent,
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def _since(started: float) -> int:
+    return round((time.perf_counter() - started) * 1000)
