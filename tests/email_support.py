@@ -87,7 +87,7 @@ EXPECTED: dict[NotificationType, tuple[str, list[str], str]] = {
     ),
     T.PAYMENT_FAILED: (
         "Payment failed: $49.00 is due",
-        ["$49.00", "inv_2026_11_acme", "past_due"],
+        ["$49.00", "inv_2026_11_acme", "past due"],
         "/redoc#tag/stripe/operation/portal_v1_customers__customer__billing_portal_post",
     ),
     T.PLAN_CHANGED: (

@@ -15,6 +15,7 @@ retries go through) — is transient.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from email.errors import HeaderParseError
 from email.message import EmailMessage
@@ -23,6 +24,7 @@ from email.utils import parseaddr
 from aiosmtplib import (
     SMTP,
     SMTPAuthenticationError,
+    SMTPConnectError,
     SMTPDataError,
     SMTPException,
     SMTPRecipientRefused,
@@ -77,6 +79,8 @@ class SmtpMailer:
             return _failed(started, None, "", error)
         except SMTPResponseException as exc:
             return _refused(started, exc, self.target)
+        except SMTPConnectError as exc:
+            return _failed(started, None, "", f"cannot connect to {self.target}: {_reason(exc)}")
         except (SMTPException, OSError) as exc:
             return _failed(started, None, "", f"cannot talk to {self.target}: {_reason(exc)}")
         return Attempt(
@@ -147,8 +151,11 @@ def _failed(
 
 
 def _reason(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
+    """The operating system's word for a network error ("Connection refused"), else the
+    library's message."""
+    for cause in (exc, exc.__cause__, exc.__context__):
+        if isinstance(cause, OSError) and cause.errno:
+            return os.strerror(cause.errno)
     return str(exc) or type(exc).__name__
 
 

@@ -1,0 +1,273 @@
+"""The email channel against a real SMTP server: aiosmtpd, in-process on 127.0.0.1.
+
+Each test reads what the server received (envelope and message, parsed with the
+standard library) and the ``Attempt`` the mailer answered with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
+from email.message import EmailMessage
+from email.parser import BytesParser
+from email.policy import default
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from schemas.notifications import NotificationType
+from services.billing.notification.email import SmtpMailer, build_mailer
+from services.billing.notification.email.target import SmtpTarget
+from services.common.settings import Settings
+from tests.email_support import EXPECTED, sample
+
+SENDER = "Tally <notifications@tally.test>"
+PUBLIC = "https://api.tally.test"
+
+
+class Inbox:
+    """An aiosmtpd handler that keeps every message, refuses ``nobody@`` for good (550)
+    and defers ``busy@`` (450)."""
+
+    def __init__(self) -> None:
+        self.envelopes: list[Envelope] = []
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: Any
+    ) -> str:
+        if address.startswith("nobody@"):
+            return "550 5.1.1 <nobody@example.com>: no such user here"
+        if address.startswith("busy@"):
+            return "450 4.2.1 Mailbox busy, try again later"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.envelopes.append(envelope)
+        return "250 2.0.0 Ok: queued as 4F2A"
+
+    def messages(self) -> list[EmailMessage]:
+        parse = BytesParser(policy=default).parsebytes
+        return [parse(e.original_content or b"") for e in self.envelopes]  # type: ignore[misc]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def check_login(
+    server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
+) -> AuthResult:
+    ok = isinstance(data, LoginPassword) and (data.login, data.password) == (b"tally", b"p@ss w")
+    return AuthResult(success=ok, handled=False)  # False: aiosmtpd answers 535 itself
+
+
+@pytest.fixture
+def inbox() -> Iterator[tuple[Inbox, int]]:
+    handler, port = Inbox(), free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        yield handler, port
+    finally:
+        controller.stop()
+
+
+@pytest.fixture
+def guarded_inbox() -> Iterator[tuple[Inbox, int]]:
+    """A server that wants a login (over plain text: a test has no certificate)."""
+    handler, port = Inbox(), free_port()
+    controller = Controller(
+        handler,
+        hostname="127.0.0.1",
+        port=port,
+        authenticator=check_login,
+        auth_required=True,
+        auth_require_tls=False,
+    )
+    controller.start()
+    try:
+        yield handler, port
+    finally:
+        controller.stop()
+
+
+@pytest.fixture
+async def mute_port() -> AsyncIterator[int]:
+    """A server that accepts the connection and never says a word."""
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    async with server:
+        yield server.sockets[0].getsockname()[1]
+
+
+def mailer(url: str, timeout: float = 5.0) -> SmtpMailer:
+    return SmtpMailer(SmtpTarget.parse(url), SENDER, PUBLIC, timeout)
+
+
+def body(mail: EmailMessage, subtype: str) -> str:
+    part = mail.get_body(preferencelist=(subtype,))
+    assert part is not None and part.get_content_type() == f"text/{subtype}"
+    return str(part.get_content())
+
+
+@pytest.mark.parametrize("kind", list(NotificationType))
+async def test_every_type_arrives_with_its_numbers_and_link(
+    inbox: tuple[Inbox, int], kind: NotificationType
+) -> None:
+    handler, port = inbox
+    notification = sample(kind)
+    attempt = await mailer(f"smtp://127.0.0.1:{port}?starttls=false").send(
+        notification, "billing@acme.example", company="Acme Corp"
+    )
+    assert attempt.ok and attempt.status == 250 and attempt.error is None, attempt
+    assert attempt.response == "2.0.0 Ok: queued as 4F2A"
+    [envelope] = handler.envelopes
+    assert envelope.mail_from == "notifications@tally.test"
+    assert envelope.rcpt_tos == ["billing@acme.example"]
+    [mail] = handler.messages()
+    subject, numbers, link = EXPECTED[kind]
+    assert mail["Subject"] == subject
+    assert mail["From"] == SENDER and mail["To"] == "billing@acme.example"
+    assert mail["Message-ID"] == f"<{notification.id}@tally.test>"
+    assert mail["X-Tally-Notification-Id"] == notification.id
+    assert mail["X-Tally-Notification-Type"] == kind.value
+    assert mail.get_content_type() == "multipart/alternative"
+    text, html = body(mail, "plain"), body(mail, "html")
+    for part in (text, html):
+        assert "Hello Acme Corp," in part
+        for number in numbers:
+            assert number in part, (number, part)
+    assert PUBLIC + link in text
+    assert f'href="{PUBLIC}{link}' in html.replace("&amp;", "&")
+
+
+async def test_a_resend_is_the_same_message(inbox: tuple[Inbox, int]) -> None:
+    """Same notification, same Message-ID: a mail client threads or drops the repeat."""
+    handler, port = inbox
+    notification = sample(NotificationType.QUOTA_EXHAUSTED)
+    channel = mailer(f"smtp://127.0.0.1:{port}?starttls=false")
+    for _ in range(2):
+        assert (await channel.send(notification, "ops@acme.example")).ok
+    first, second = handler.messages()
+    assert first["Message-ID"] == second["Message-ID"] == f"<{notification.id}@tally.test>"
+
+
+async def test_a_refused_recipient_is_a_permanent_failure(inbox: tuple[Inbox, int]) -> None:
+    handler, port = inbox
+    attempt = await mailer(f"smtp://127.0.0.1:{port}?starttls=false").send(
+        sample(NotificationType.INVOICE_FINALIZED), "nobody@example.com"
+    )
+    assert not attempt.ok and attempt.permanent and attempt.status == 550
+    assert "no such user here" in attempt.response
+    assert attempt.error == f"smtp://127.0.0.1:{port} refused the recipient"
+    assert handler.envelopes == []
+
+
+async def test_a_deferred_recipient_is_retried(inbox: tuple[Inbox, int]) -> None:
+    _, port = inbox
+    attempt = await mailer(f"smtp://127.0.0.1:{port}?starttls=false").send(
+        sample(NotificationType.INVOICE_FINALIZED), "busy@example.com"
+    )
+    assert not attempt.ok and not attempt.permanent and attempt.status == 450
+    assert attempt.error == f"smtp://127.0.0.1:{port} deferred the recipient"
+
+
+async def test_a_server_that_is_down_is_a_transient_failure() -> None:
+    port = free_port()  # nothing listens there
+    started = time.perf_counter()
+    attempt = await mailer(f"smtp://127.0.0.1:{port}?starttls=false", timeout=2).send(
+        sample(NotificationType.TRIAL_ENDING), "billing@acme.example"
+    )
+    assert time.perf_counter() - started < 2
+    assert not attempt.ok and not attempt.permanent and attempt.status is None
+    assert attempt.error is not None
+    assert attempt.error == f"cannot connect to smtp://127.0.0.1:{port}: Connection refused"
+
+
+async def test_a_server_that_never_answers_is_bounded_by_the_timeout(mute_port: int) -> None:
+    started = time.perf_counter()
+    attempt = await mailer(f"smtp://127.0.0.1:{mute_port}?starttls=false", timeout=0.5).send(
+        sample(NotificationType.TRIAL_ENDING), "billing@acme.example"
+    )
+    elapsed = time.perf_counter() - started
+    assert 0.4 < elapsed < 1.5, elapsed
+    assert not attempt.ok and not attempt.permanent and attempt.status is None
+    assert attempt.error == f"no answer from smtp://127.0.0.1:{mute_port} within 0.5 s"
+    assert 400 <= attempt.duration_ms < 1500
+
+
+async def test_insisting_on_starttls_never_falls_back_to_plain_text(
+    inbox: tuple[Inbox, int],
+) -> None:
+    handler, port = inbox  # this server offers no STARTTLS
+    attempt = await mailer(f"smtp://127.0.0.1:{port}?starttls=true").send(
+        sample(NotificationType.PLAN_CHANGED), "billing@acme.example"
+    )
+    assert not attempt.ok and not attempt.permanent
+    assert attempt.error is not None and "STARTTLS" in attempt.error
+    assert handler.envelopes == []
+
+
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS:UserWarning")
+async def test_a_login_from_the_url(guarded_inbox: tuple[Inbox, int]) -> None:
+    handler, port = guarded_inbox
+    notification = sample(NotificationType.PLAN_CHANGED)
+    good = await mailer(f"smtp://tally:p%40ss%20w@127.0.0.1:{port}").send(
+        notification, "billing@acme.example"
+    )
+    assert good.ok, good
+    assert len(handler.envelopes) == 1
+    bad = await mailer(f"smtp://tally:wrong@127.0.0.1:{port}").send(
+        notification, "billing@acme.example"
+    )
+    assert not bad.ok and not bad.permanent and bad.status == 535
+    assert bad.error == f"smtp://tally@127.0.0.1:{port} refused the login in TALLY_SMTP_URL"
+    assert "wrong" not in f"{bad}"
+    anonymous = await mailer(f"smtp://127.0.0.1:{port}").send(notification, "billing@acme.example")
+    assert not anonymous.ok and not anonymous.permanent and anonymous.status == 530
+    assert len(handler.envelopes) == 1
+
+
+async def test_what_cannot_be_sent_is_not_retried(inbox: tuple[Inbox, int]) -> None:
+    handler, port = inbox
+    channel = mailer(f"smtp://127.0.0.1:{port}?starttls=false")
+    broken = sample(NotificationType.INVOICE_FINALIZED, total=None)
+    attempt = await channel.send(broken, "billing@acme.example")
+    assert not attempt.ok and attempt.permanent and attempt.status is None
+    assert attempt.error is not None and "invoice.finalized" in attempt.error
+    for address in ("", "not an address", "a@example.com\r\nBcc: victim@example.com"):
+        attempt = await channel.send(sample(NotificationType.PLAN_CHANGED), address)
+        assert not attempt.ok and attempt.permanent, address
+        assert attempt.error == f"not an email address: {address!r}"
+    assert handler.envelopes == []
+
+
+def test_build_mailer_follows_the_settings() -> None:
+    assert build_mailer(Settings(_env_file=None, smtp_url=None)) is None
+    built = build_mailer(
+        Settings(
+            _env_file=None,
+            smtp_url="smtps://tally:s3cret@mail.example.com",
+            smtp_from=SENDER,
+            smtp_timeout=3,
+            public_url="https://api.example.com/",
+        )
+    )
+    assert built is not None
+    assert built.target == SmtpTarget("mail.example.com", 465, True, False, "tally", "s3cret")
+    assert (built.sender, built.public_url, built.timeout) == (
+        SENDER,
+        "https://api.example.com",
+        3,
+    )
