@@ -52,7 +52,7 @@ class Inbox:
 
     def messages(self) -> list[EmailMessage]:
         parse = BytesParser(policy=default).parsebytes
-        return [parse(e.original_content or b"") for e in self.envelopes]  # type: ignore[misc]
+        return [parse(e.original_content or b"") for e in self.envelopes]
 
 
 def free_port() -> int:

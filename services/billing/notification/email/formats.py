@@ -7,6 +7,7 @@ takes those or the parsed value, and never goes through a float.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_DOWN, Decimal, InvalidOperation
 from typing import Any
@@ -104,7 +105,7 @@ def period(value: Any) -> str:
     return f"{day(start)} to {day(end - timedelta(microseconds=1))}"
 
 
-FILTERS = {
+FILTERS: dict[str, Callable[..., str]] = {
     "quantity": quantity,
     "money": money,
     "percent": percent,

@@ -9,6 +9,7 @@ that, so the mailer reports it as a permanent failure.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from email import policy
@@ -17,7 +18,14 @@ from email.message import EmailMessage
 from email.utils import format_datetime, parseaddr
 from typing import Any
 
-from jinja2 import Environment, PackageLoader, StrictUndefined, TemplateError, select_autoescape
+from jinja2 import (
+    Environment,
+    PackageLoader,
+    StrictUndefined,
+    TemplateError,
+    Undefined,
+    select_autoescape,
+)
 
 from schemas.events import utcnow
 from schemas.notifications import Notification
@@ -32,7 +40,22 @@ ENV = Environment(
     lstrip_blocks=True,
     keep_trailing_newline=True,
 )
-ENV.filters.update(FILTERS)
+
+
+def _strict(fmt: Callable[..., str]) -> Callable[..., str]:
+    """A format that first insists its arguments are there: a missing payload key then
+    fails naming the key, not as "not a number: Undefined"."""
+
+    def checked(*args: Any) -> str:
+        for arg in args:
+            if isinstance(arg, Undefined):
+                str(arg)  # StrictUndefined raises UndefinedError, naming the key
+        return fmt(*args)
+
+    return checked
+
+
+ENV.filters.update({name: _strict(fmt) for name, fmt in FILTERS.items()})
 
 CHANGE_SOURCES = {
     "admin": "by the seller",
