@@ -7,6 +7,7 @@ standard library) and the ``Attempt`` the mailer answered with.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -15,14 +16,21 @@ from email.parser import BytesParser
 from email.policy import default
 from typing import Any
 
+import httpx
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from schemas.notifications import NotificationType
-from services.billing.notification.email import SmtpMailer, build_mailer
+from services.api import service as api_service
+from services.billing import service as billing_service
+from services.billing.notification.email import SmtpMailer, build_mailer, render
+from services.billing.notification.email.links import Links
 from services.billing.notification.email.target import SmtpTarget
+from services.common.clickhouse import ClickHouse
 from services.common.settings import Settings
+from services.runtime import Runtime, http_app
+from tests.accounts_support import sign_up
 from tests.email_support import EXPECTED, sample
 
 SENDER = "Tally <notifications@tally.test>"
@@ -271,3 +279,36 @@ def test_build_mailer_follows_the_settings() -> None:
         "https://api.example.com",
         3,
     )
+
+
+LINK = re.compile(r"https?://t(/[^\s\"<>]*)")
+
+
+async def test_the_links_lead_somewhere_real(settings: Settings, ch: ClickHouse) -> None:
+    """Every link an email carries, followed with the customer's own key, answers 200; every
+    API-reference anchor names an operation the served OpenAPI document has."""
+    async with Runtime(settings) as runtime:
+        app = http_app([await api_service.start(runtime), await billing_service.start(runtime)])
+        transport = httpx.ASGITransport(app, client=("203.0.113.7", 40000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            account = await sign_up(client)
+            operations = {
+                (tag, op.get("operationId"))
+                for path in (await client.get("/openapi.json")).json()["paths"].values()
+                for op in path.values()
+                for tag in op.get("tags", [])
+            }
+            followed: set[str] = set()
+            for kind in NotificationType:
+                rendered = render(
+                    sample(kind, account.customer), Links("http://t", account.customer)
+                )
+                for path in set(LINK.findall(rendered.text)) - followed:
+                    followed.add(path)
+                    if "#tag/" in path:
+                        tag, operation = path.split("#tag/")[1].split("/operation/")
+                        assert (tag, operation) in operations, path
+                    elif not path.endswith("/notifications"):  # the delivery log's own route
+                        reply = await client.get(path, headers=account.auth)
+                        assert reply.status_code == 200, (path, reply.text)
+    assert len(followed) >= 10, followed
