@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shutil
 import socket
+import ssl
+import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.policy import default
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -43,6 +47,7 @@ class Inbox:
 
     def __init__(self) -> None:
         self.envelopes: list[Envelope] = []
+        self.encrypted: list[bool] = []  # whether each message came over TLS
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: Any
@@ -56,6 +61,10 @@ class Inbox:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         self.envelopes.append(envelope)
+        transport = server.transport
+        self.encrypted.append(
+            transport is not None and bool(transport.get_extra_info("ssl_object"))
+        )
         return "250 2.0.0 Ok: queued as 4F2A"
 
     def messages(self) -> list[EmailMessage]:
@@ -312,3 +321,102 @@ async def test_the_links_lead_somewhere_real(settings: Settings, ch: ClickHouse)
                         reply = await client.get(path, headers=account.auth)
                         assert reply.status_code == 200, (path, reply.text)
     assert len(followed) >= 10, followed
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1, made by the machine's openssl."""
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl to make a test certificate with")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"),
+            *("-addext", "subjectAltName=IP:127.0.0.1"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+def server_tls(certificate: tuple[Path, Path]) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(*certificate)
+    return context
+
+
+@pytest.fixture
+def tls_inbox(certificate: tuple[Path, Path]) -> Iterator[tuple[Inbox, int]]:
+    """A server that offers STARTTLS and takes a login only after it."""
+    handler, port = Inbox(), free_port()
+    controller = Controller(
+        handler,
+        hostname="127.0.0.1",
+        port=port,
+        tls_context=server_tls(certificate),
+        require_starttls=True,
+        authenticator=check_login,
+        auth_required=True,
+    )
+    controller.start()
+    try:
+        yield handler, port
+    finally:
+        controller.stop()
+
+
+@pytest.fixture
+def smtps_inbox(certificate: tuple[Path, Path]) -> Iterator[tuple[Inbox, int]]:
+    handler, port = Inbox(), free_port()
+    controller = Controller(
+        handler, hostname="127.0.0.1", port=port, ssl_context=server_tls(certificate)
+    )
+    controller.start()
+    try:
+        yield handler, port
+    finally:
+        controller.stop()
+
+
+async def test_starttls_when_offered_then_the_login(
+    tls_inbox: tuple[Inbox, int],
+    certificate: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    handler, port = tls_inbox
+    monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))  # trust the test's own CA
+    attempt = await mailer(f"smtp://tally:p%40ss%20w@127.0.0.1:{port}").send(
+        sample(NotificationType.PAYMENT_FAILED), "billing@acme.example"
+    )
+    assert attempt.ok, attempt
+    assert handler.encrypted == [True]
+
+
+async def test_an_untrusted_certificate_is_refused(tls_inbox: tuple[Inbox, int]) -> None:
+    handler, port = tls_inbox
+    attempt = await mailer(f"smtp://tally:p%40ss%20w@127.0.0.1:{port}").send(
+        sample(NotificationType.PAYMENT_FAILED), "billing@acme.example"
+    )
+    assert not attempt.ok and not attempt.permanent
+    assert attempt.error == (
+        f"cannot talk to smtp://tally@127.0.0.1:{port}: "
+        "TLS: certificate verify failed: self-signed certificate"
+    )
+    assert handler.envelopes == []
+
+
+async def test_smtps_is_tls_from_the_first_byte(
+    smtps_inbox: tuple[Inbox, int],
+    certificate: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    handler, port = smtps_inbox
+    monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))
+    attempt = await mailer(f"smtps://127.0.0.1:{port}").send(
+        sample(NotificationType.INVOICE_FINALIZED), "billing@acme.example"
+    )
+    assert attempt.ok, attempt
+    assert handler.encrypted == [True]

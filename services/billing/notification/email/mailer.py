@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 import time
 from email.errors import HeaderParseError
 from email.message import EmailMessage
@@ -151,9 +152,13 @@ def _failed(
 
 
 def _reason(exc: BaseException) -> str:
-    """The operating system's word for a network error ("Connection refused"), else the
-    library's message."""
+    """What went wrong in a reader's words: the TLS failure, the operating system's word
+    for a network error ("Connection refused"), else the library's message."""
     for cause in (exc, exc.__cause__, exc.__context__):
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return f"TLS: certificate verify failed: {cause.verify_message}"
+        if isinstance(cause, ssl.SSLError):
+            return f"TLS: {cause.reason or cause}"
         if isinstance(cause, OSError) and cause.errno:
             return os.strerror(cause.errno)
     return str(exc) or type(exc).__name__
