@@ -267,6 +267,11 @@ async def test_what_cannot_be_sent_is_not_retried(inbox: tuple[Inbox, int]) -> N
         attempt = await channel.send(sample(NotificationType.PLAN_CHANGED), address)
         assert not attempt.ok and attempt.permanent, address
         assert attempt.error == f"not an email address: {address!r}"
+    attempt = await channel.send(sample(NotificationType.PLAN_CHANGED), "jörg@example.com")
+    assert not attempt.ok and attempt.permanent
+    assert (
+        attempt.error == "an address with non-ASCII characters needs SMTPUTF8: 'jörg@example.com'"
+    )
     assert handler.envelopes == []
 
 

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from email.parser import BytesParser
 from email.policy import default
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
@@ -150,7 +151,25 @@ def test_a_period_reads_as_its_month_or_its_days() -> None:
     assert period(odd) == "10 February 2027 to 9 March 2027"
 
 
+def test_a_subject_is_one_line_whatever_the_payload_says() -> None:
+    trial = sample(NotificationType.TRIAL_ENDING, plan="pro\r\nBcc: victim@example.com")
+    assert (
+        render(trial, LINKS).subject == "Your pro Bcc: victim@example.com trial ends 2 January 2027"
+    )
+    mail = BytesParser(policy=default).parsebytes(
+        message(trial, "ops@acme.example", "n@example.com", LINKS).as_bytes()
+    )
+    assert mail["Bcc"] is None and mail["To"] == "ops@acme.example"
+
+
 def test_the_templates_ship_with_the_package() -> None:
-    data = tomllib.loads(Path("pyproject.toml").read_text())["tool"]["setuptools"]
-    assert "billing/notification/email/templates/*" in data["package-data"]["services"]
-    assert {p.name for p in TEMPLATES.iterdir() if p.is_dir()} == set()  # the glob is flat
+    setuptools = tomllib.loads(Path("pyproject.toml").read_text())["tool"]["setuptools"]
+    globs = setuptools["package-data"]["services"]
+    shipped = [
+        path
+        for path in TEMPLATES.rglob("*")
+        if path.is_file()
+        and any(fnmatch(str(path.relative_to("services")), pattern) for pattern in globs)
+    ]
+    assert sorted(shipped) == sorted(p for p in TEMPLATES.rglob("*") if p.is_file())
+    assert len(shipped) >= 2 * len(NotificationType)

@@ -4,9 +4,10 @@ One connection per email: notifications are few per customer and a fresh connect
 never inherits a half-broken session.  The whole exchange, from connecting to the reply
 after the message, is bounded by ``TALLY_SMTP_TIMEOUT``.
 
-Every outcome is an ``Attempt``; ``send`` never raises.  A refusal that is about this
-message or this recipient (5xx to ``RCPT`` or after ``DATA``, a payload the templates
-cannot render, an address that is not one) is ``permanent``: retrying cannot help.
+Every outcome a server or a payload can cause is an ``Attempt``: ``send`` does not raise.
+A refusal that is about this message or this recipient (5xx to ``RCPT`` or after
+``DATA``, a payload the templates cannot render, an address that is not one) is
+``permanent``: retrying cannot help.
 Everything else — 4xx replies, a refused or timed-out connection, TLS, a login or sender
 address the server refuses (the operator's ``TALLY_SMTP_*`` to fix, after which the
 retries go through) — is transient.
@@ -60,6 +61,9 @@ class SmtpMailer:
     ) -> Attempt:
         """Email ``notification`` to ``to`` (``company`` greets the reader by name)."""
         started = time.perf_counter()
+        if not to.isascii():  # SMTPUTF8 is not spoken here: say so rather than garble it
+            error = f"an address with non-ASCII characters needs SMTPUTF8: {to!r}"
+            return _failed(started, None, "", error, permanent=True)
         try:
             mail = message(
                 notification,
