@@ -190,6 +190,9 @@ class Settings(BaseSettings):
     smtp_timeout: float = Field(
         10.0, gt=0, description="Seconds one email may take, from connecting to the reply."
     )
+    smtp_max_connections: int = Field(
+        10, ge=1, le=1000, description="Emails sent at once; the rest wait for a connection."
+    )
 
     @field_validator("service_tokens", mode="before")
     @classmethod

@@ -180,6 +180,41 @@ async def test_a_resend_is_the_same_message(inbox: tuple[Inbox, int]) -> None:
     assert first["Message-ID"] == second["Message-ID"] == f"<{notification.id}@tally.test>"
 
 
+class SlowInbox(Inbox):
+    """Takes a while over each message, and counts how many it is taking at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open = self.most_open = 0
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.open += 1
+        self.most_open = max(self.most_open, self.open)
+        await asyncio.sleep(0.1)
+        self.open -= 1
+        return await super().handle_DATA(server, session, envelope)
+
+
+async def test_a_burst_waits_for_a_connection_and_each_wait_is_not_a_timeout() -> None:
+    handler, port = SlowInbox(), free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        channel = SmtpMailer(
+            SmtpTarget.parse(f"smtp://127.0.0.1:{port}?starttls=false"),
+            SENDER,
+            PUBLIC,
+            timeout=1,
+            max_connections=2,
+        )
+        burst = [sample(NotificationType.QUOTA_EXHAUSTED, f"c{n}") for n in range(12)]
+        attempts = await asyncio.gather(*(channel.send(n, "ops@acme.example") for n in burst))
+    finally:
+        controller.stop()
+    assert all(a.ok for a in attempts), attempts  # 12 x 0.1 s / 2 > the 1 s timeout
+    assert handler.most_open == 2 and len(handler.envelopes) == 12
+
+
 async def test_a_refused_recipient_is_a_permanent_failure(inbox: tuple[Inbox, int]) -> None:
     handler, port = inbox
     attempt = await mailer(f"smtp://127.0.0.1:{port}?starttls=false").send(
@@ -283,15 +318,17 @@ def test_build_mailer_follows_the_settings() -> None:
             smtp_url="smtps://tally:s3cret@mail.example.com",
             smtp_from=SENDER,
             smtp_timeout=3,
+            smtp_max_connections=4,
             public_url="https://api.example.com/",
         )
     )
     assert built is not None
     assert built.target == SmtpTarget("mail.example.com", 465, True, False, "tally", "s3cret")
-    assert (built.sender, built.public_url, built.timeout) == (
+    assert (built.sender, built.public_url, built.timeout, built.max_connections) == (
         SENDER,
         "https://api.example.com",
         3,
+        4,
     )
 
 

@@ -1,7 +1,8 @@
 """Sending one notification email over SMTP, and telling the delivery worker how it went.
 
 One connection per email: notifications are few per customer and a fresh connection
-never inherits a half-broken session.  The whole exchange, from connecting to the reply
+never inherits a half-broken session.  At most ``TALLY_SMTP_MAX_CONNECTIONS`` are open
+at once.  The whole exchange, from connecting to the reply
 after the message, is bounded by ``TALLY_SMTP_TIMEOUT``.
 
 Every outcome a server or a payload can cause is an ``Attempt``: ``send`` does not raise.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import ssl
 import time
 from email.errors import HeaderParseError
@@ -50,16 +52,32 @@ class SmtpMailer:
     """The email channel (``channel.Mailer``): renders a notification and hands it to
     the mail server named by ``TALLY_SMTP_URL``."""
 
-    def __init__(self, target: SmtpTarget, sender: str, public_url: str, timeout: float) -> None:
+    def __init__(
+        self,
+        target: SmtpTarget,
+        sender: str,
+        public_url: str,
+        timeout: float,
+        max_connections: int = 10,
+    ) -> None:
         self.target = target
         self.sender = sender
         self.public_url = public_url.rstrip("/")
         self.timeout = timeout
+        self.max_connections = max_connections
+        # Mail servers cap connections per client (421 beyond); a burst of alerts waits
+        # here instead, and the timeout starts once a connection may open.
+        self._connections = asyncio.Semaphore(max_connections)
+        self._local_hostname: str | None = None  # our EHLO name, looked up once
 
     async def send(
         self, notification: Notification, to: str, *, company: str | None = None
     ) -> Attempt:
         """Email ``notification`` to ``to`` (``company`` greets the reader by name)."""
+        async with self._connections:
+            return await self._send(notification, to, company)
+
+    async def _send(self, notification: Notification, to: str, company: str | None) -> Attempt:
         started = time.perf_counter()
         if not to.isascii():  # SMTPUTF8 is not spoken here: say so rather than garble it
             error = f"an address with non-ASCII characters needs SMTPUTF8: {to!r}"
@@ -97,8 +115,11 @@ class SmtpMailer:
         )
 
     async def _deliver(self, mail: EmailMessage, to: str) -> SMTPResponse:
+        if self._local_hostname is None:
+            self._local_hostname = await asyncio.to_thread(socket.getfqdn)
         target = self.target
         client = SMTP(
+            local_hostname=self._local_hostname,
             hostname=target.host,
             port=target.port,
             use_tls=target.implicit_tls,
@@ -122,6 +143,7 @@ def build_mailer(settings: Settings) -> SmtpMailer | None:
         settings.smtp_from,
         settings.public_url,
         settings.smtp_timeout,
+        settings.smtp_max_connections,
     )
 
 
