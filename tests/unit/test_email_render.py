@@ -8,6 +8,7 @@ from decimal import Decimal
 from email.parser import BytesParser
 from email.policy import default
 from fnmatch import fnmatch
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,29 @@ def test_the_templates_ship_with_the_package() -> None:
     ]
     assert sorted(shipped) == sorted(p for p in TEMPLATES.rglob("*") if p.is_file())
     assert len(shipped) >= 2 * len(NotificationType)
+
+
+class Balance(HTMLParser):
+    """Checks that every element an HTML body opens is closed, in order."""
+
+    VOID = frozenset({"meta", "br", "img", "hr", "link", "input"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag not in self.VOID:
+            self.open.append(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        assert self.open and self.open[-1] == tag, (tag, self.open)
+        self.open.pop()
+
+
+@pytest.mark.parametrize("kind", list(NotificationType))
+def test_every_html_body_is_well_formed(kind: NotificationType) -> None:
+    parser = Balance()
+    parser.feed(render(sample(kind), LINKS, HOSTILE).html)
+    parser.close()
+    assert parser.open == []
