@@ -299,7 +299,7 @@ async def test_what_cannot_be_sent_is_not_retried(inbox: tuple[Inbox, int]) -> N
     attempt = await channel.send(broken, "billing@acme.example")
     assert not attempt.ok and attempt.permanent and attempt.status is None
     assert attempt.error is not None and "invoice.finalized" in attempt.error
-    for address in ("", "not an address", "a@example.com\r\nBcc: victim@example.com"):
+    for address in ("", "not an address", "a@", "a@example.com\r\nBcc: victim@example.com"):
         attempt = await channel.send(sample(NotificationType.PLAN_CHANGED), address)
         assert not attempt.ok and attempt.permanent, address
         assert attempt.error == f"not an email address: {address!r}"

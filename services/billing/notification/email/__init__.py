@@ -2,7 +2,8 @@
 and sent by SMTP (``TALLY_SMTP_URL``) with aiosmtplib.
 
 ``build_mailer(settings)`` is what the delivery worker is given (``None``: no email);
-``SmtpMailer.send`` answers every send with an ``Attempt`` and never raises.
+``SmtpMailer.send`` answers every send with an ``Attempt``: what a server or a payload
+does to it is never an exception.
 """
 
 from services.billing.notification.email.mailer import SmtpMailer, build_mailer

@@ -22,6 +22,7 @@ import socket
 import ssl
 import time
 from email.errors import HeaderParseError
+from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import parseaddr
 
@@ -79,21 +80,14 @@ class SmtpMailer:
 
     async def _send(self, notification: Notification, to: str, company: str | None) -> Attempt:
         started = time.perf_counter()
-        if not to.isascii():  # SMTPUTF8 is not spoken here: say so rather than garble it
-            error = f"an address with non-ASCII characters needs SMTPUTF8: {to!r}"
-            return _failed(started, None, "", error, permanent=True)
+        unusable = _address_problem(to)
+        if unusable is not None:
+            return _failed(started, None, "", unusable, permanent=True)
+        links = Links(self.public_url, notification.customer)
         try:
-            mail = message(
-                notification,
-                to,
-                self.sender,
-                Links(self.public_url, notification.customer),
-                company,
-            )
+            mail = message(notification, to, self.sender, links, company)
         except RenderError as exc:
             return _failed(started, None, "", str(exc), permanent=True)
-        except (ValueError, IndexError, HeaderParseError):
-            return _failed(started, None, "", f"not an email address: {to!r}", permanent=True)
         try:
             async with asyncio.timeout(self.timeout):
                 reply = await self._deliver(mail, to)
@@ -145,6 +139,19 @@ def build_mailer(settings: Settings) -> SmtpMailer | None:
         settings.smtp_timeout,
         settings.smtp_max_connections,
     )
+
+
+def _address_problem(to: str) -> str | None:
+    """Why ``to`` cannot be written into an envelope and a ``To`` header, if it cannot."""
+    if not to.isascii():  # SMTPUTF8 is not spoken here: say so rather than garble it
+        return f"an address with non-ASCII characters needs SMTPUTF8: {to!r}"
+    try:
+        address = Address(addr_spec=to)
+    except (ValueError, IndexError, HeaderParseError):
+        return f"not an email address: {to!r}"
+    if not address.username or not address.domain:
+        return f"not an email address: {to!r}"
+    return None
 
 
 def _refused(started: float, exc: SMTPResponseException, target: SmtpTarget) -> Attempt:
