@@ -200,3 +200,15 @@ def test_every_html_body_is_well_formed(kind: NotificationType) -> None:
     parser.feed(render(sample(kind), LINKS, HOSTILE).html)
     parser.close()
     assert parser.open == []
+
+
+def test_the_optional_parts_of_a_payload_may_be_null() -> None:
+    failed = render(sample(NotificationType.PAYMENT_FAILED, invoice_id=None), LINKS)
+    assert "We could not collect $49.00. Your account is now past due." in failed.text
+    changed = render(sample(NotificationType.PLAN_CHANGED, from_plan=None, source="x"), LINKS)
+    assert changed.subject == "Your plan changed to pro"
+    assert "Your plan changed to pro (x) on" in changed.text
+    quota_only = {"meter": "gb", "usage": "9", "forecast": "12", "included": None, "quota": "10"}
+    forecast = render(sample(NotificationType.USAGE_FORECAST_OVERAGE, meters=[quota_only]), LINKS)
+    assert "gb: 9 so far, forecast 12, quota 10" in forecast.text
+    assert '<td style="padding:4px 12px;">—</td>' in forecast.html
