@@ -1,23 +1,26 @@
 """Reading invoices, and the upcoming one: the current period so far plus a forecast.
 
 The forecast assumes the plan and status of the moment last to the period's end and
-the usage keeps the pace it had so far (additive meters grow linearly; maxima, latest
-values and distinct counts stay) — the figure quota alerts and dashboards can show.
+the usage keeps its recent pace (``pace``: the last seven days' rate, never measured
+over less than a day; maxima, latest values and distinct counts stay) — the figure the
+period-end warning, quota alerts and dashboards can show.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
+from decimal import Decimal
 
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 
+from schemas.catalog import ADDITIVE, Meter
 from schemas.invoices import Forecast, Invoice, InvoiceStatus, UpcomingInvoice
 from services.billing.invoicing import compose as invoicing
-from services.billing.invoicing import subscriptions
-from services.billing.invoicing.drafts import Ask, Drafter
+from services.billing.invoicing import pace, period_usage, subscriptions
+from services.billing.invoicing.drafts import Ask, Draft, Drafter
 from services.billing.invoicing.periods import period_containing
 from services.billing.rating import engine as rating
 from services.common import catalog
@@ -62,17 +65,39 @@ async def upcoming(
     [draft] = await drafter.draft(conn, [Ask(subscription, period, now)])
     states = subscription.states
     aggregations = {name: meter.aggregation for name, meter in meters.items()}
+    recent, window = await _recent(conn, clickhouse, meters, draft, now)
     whole = dataclasses.replace(
         draft,
         fees=invoicing.fee_stretches(period, states, period.end),
         stretches=invoicing.usage_stretches(period, states, period.end),
-        usage=invoicing.extrapolate(
-            draft.usage, draft.stretches, aggregations, states[0].at, now, period
-        ),
+        usage=pace.forecast(draft.usage, recent, draft.stretches, aggregations, window, period),
     )
     lines = tuple(whole.lines())
     return UpcomingInvoice(
         invoice=draft.invoice(),
-        forecast=Forecast(lines=lines, total=rating.total(lines)),
+        forecast=Forecast(lines=lines, total=rating.total(lines), method=pace.METHOD),
         as_of=now,
     )
+
+
+async def _recent(
+    conn: AsyncConnection,
+    clickhouse: Callable[[], ClickHouse],
+    meters: Mapping[str, Meter],
+    draft: Draft,
+    now: datetime,
+) -> tuple[dict[str, Decimal], pace.Window]:
+    """The current stretch's usage over the pace window, per additive priced meter."""
+    stretches = draft.stretches
+    started = draft.ask.subscription.states[0].at
+    if not stretches:
+        return {}, pace.window(started, now)
+    window = pace.window(pace.since(stretches, started), now)
+    last = stretches[-1]
+    priced = draft.plans[last.plan].prices
+    additive = [m for m in priced if m in meters and meters[m].aggregation in ADDITIVE]
+    if not additive:
+        return {}, window
+    wanted = [(draft.ask.subscription.customer, window.first_day, last.end_day, additive)]
+    found = await period_usage.quantities(conn, clickhouse, meters, wanted)
+    return {meter: quantity for (_, meter), quantity in found.items()}, window
