@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
@@ -18,10 +19,11 @@ from psycopg.rows import dict_row
 
 from schemas.catalog import ADDITIVE, Meter
 from schemas.invoices import Forecast, Invoice, InvoiceStatus, UpcomingInvoice
+from schemas.plans import Plan
 from services.billing.invoicing import compose as invoicing
 from services.billing.invoicing import pace, period_usage, subscriptions
 from services.billing.invoicing.drafts import Ask, Draft, Drafter
-from services.billing.invoicing.periods import period_containing
+from services.billing.invoicing.periods import Period, period_containing
 from services.billing.rating import engine as rating
 from services.common import catalog
 from services.common.clickhouse import ClickHouse
@@ -48,6 +50,25 @@ async def listed(
         return [Invoice.model_validate(row) for row in await cur.fetchall()]
 
 
+@dataclass(frozen=True, slots=True)
+class Outlook:
+    """A customer's current period: the invoice so far and the same at its end, forecast."""
+
+    period: Period
+    plan: Plan  # the plan in effect now
+    so_far: Draft
+    whole: Draft  # the usage forecast to the period's end, at its recent pace
+    as_of: datetime
+
+    def upcoming(self) -> UpcomingInvoice:
+        lines = tuple(self.whole.lines())
+        return UpcomingInvoice(
+            invoice=self.so_far.invoice(),
+            forecast=Forecast(lines=lines, total=rating.total(lines), method=pace.METHOD),
+            as_of=self.as_of,
+        )
+
+
 async def upcoming(
     conn: AsyncConnection,
     clickhouse: Callable[[], ClickHouse],
@@ -60,24 +81,30 @@ async def upcoming(
         return None
     meters = {m.name: m for m in await catalog.meters(conn)}
     drafter = Drafter(await subscriptions.plan_book(conn), meters, clickhouse)
+    return (await outlook(conn, drafter, meters, subscription, now)).upcoming()
+
+
+async def outlook(
+    conn: AsyncConnection,
+    drafter: Drafter,
+    meters: Mapping[str, Meter],
+    subscription: subscriptions.Subscription,
+    now: datetime,
+) -> Outlook:
+    """The subscription's current period at ``now``, so far and forecast."""
     plan = drafter.plan_at(subscription, now)
     period = period_containing(now, subscription.anchor, plan.cycle, plan.interval)
     [draft] = await drafter.draft(conn, [Ask(subscription, period, now)])
     states = subscription.states
     aggregations = {name: meter.aggregation for name, meter in meters.items()}
-    recent, window = await _recent(conn, clickhouse, meters, draft, now)
+    recent, window = await _recent(conn, drafter.clickhouse, meters, draft, now)
     whole = dataclasses.replace(
         draft,
         fees=invoicing.fee_stretches(period, states, period.end),
         stretches=invoicing.usage_stretches(period, states, period.end),
         usage=pace.forecast(draft.usage, recent, draft.stretches, aggregations, window, period),
     )
-    lines = tuple(whole.lines())
-    return UpcomingInvoice(
-        invoice=draft.invoice(),
-        forecast=Forecast(lines=lines, total=rating.total(lines), method=pace.METHOD),
-        as_of=now,
-    )
+    return Outlook(period, plan, draft, whole, now)
 
 
 async def _recent(
