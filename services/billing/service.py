@@ -13,6 +13,8 @@ from psycopg_pool import AsyncConnectionPool
 from services.billing.invoicing import routes
 from services.billing.invoicing.periods import months_before
 from services.billing.invoicing.run import BillingRun
+from services.billing.notification.lifecycle import LifecycleScan
+from services.billing.notification.period_end import PeriodEndWarning
 from services.billing.rollup.job import Rollup
 from services.billing.stripe import client as stripe_client
 from services.billing.stripe import mirror as stripe_mirror
@@ -42,18 +44,44 @@ async def rollup(runtime: Runtime) -> Rollup:
 
 async def billing_run(runtime: Runtime) -> BillingRun:
     grace = timedelta(hours=runtime.settings.invoice_grace_hours)
-    return BillingRun(await runtime.pool(), runtime.clickhouse, grace)
+    return BillingRun(await runtime.pool(), runtime.clickhouse, grace, redis=runtime.redis())
+
+
+def lifecycle_jobs(
+    runtime: Runtime, pool: AsyncConnectionPool
+) -> tuple[PeriodEndWarning, LifecycleScan]:
+    """The jobs that tell what time brings: period ends, trials and keys running out."""
+    settings, redis = runtime.settings, runtime.redis()
+    warning = PeriodEndWarning(
+        pool, redis, runtime.clickhouse, timedelta(hours=settings.period_end_warning_hours)
+    )
+    scan = LifecycleScan(
+        pool,
+        redis,
+        timedelta(days=settings.trial_ending_days),
+        timedelta(days=settings.key_expiring_days),
+    )
+    return warning, scan
 
 
 async def start(runtime: Runtime) -> Component:
     settings = runtime.settings
     job, billing = await rollup(runtime), await billing_run(runtime)
+    warning, scan = lifecycle_jobs(runtime, await runtime.pool())
     runtime.background(
         _every(lambda: _roll_up(job), "rollup", settings.rollup_interval_seconds), "rollup"
     )
     runtime.background(
         _every(lambda: _bill_recent(billing), "billing", settings.billing_interval_seconds),
         "billing",
+    )
+    runtime.background(
+        _every(
+            lambda: _lifecycle(warning, scan),
+            "lifecycle",
+            settings.lifecycle_interval_seconds,
+        ),
+        "lifecycle",
     )
     pool = await runtime.pool()
     api = stripe_client.client(settings)
@@ -102,6 +130,12 @@ async def _push(pool: AsyncConnectionPool, api: stripe.StripeClient, pusher: Met
     report = await pusher.push()
     if customers or queued or report.sent or report.failed:
         log.info("stripe push", customers=customers, queued=queued, report=report)
+
+
+async def _lifecycle(warning: PeriodEndWarning, scan: LifecycleScan) -> None:
+    warned, report = await warning.run(), await scan.run()
+    if warned or report.trials or report.keys or report.invoices:
+        log.info("lifecycle notifications", period_end=warned, report=report)
 
 
 async def _mirror(pool: AsyncConnectionPool, api: stripe.StripeClient) -> None:
