@@ -12,7 +12,8 @@ async def published(
 ) -> list[Notification]:
     """The notifications on the stream for customers whose id starts with ``prefix``."""
     found = []
-    for _, fields in await redis.xrange(STREAM):
+    for _, fields in await redis.xrange(STREAM) or []:
+        assert fields is not None
         note = Notification.model_validate_json(fields[b"n"])
         if note.customer.startswith(prefix) and (kind is None or note.type is kind):
             found.append(note)

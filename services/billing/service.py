@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import stripe
 from psycopg_pool import AsyncConnectionPool
+from redis.asyncio import Redis
 
 from services.billing.invoicing import routes
 from services.billing.invoicing.periods import months_before
@@ -18,7 +19,7 @@ from services.billing.notification.period_end import PeriodEndWarning
 from services.billing.rollup.job import Rollup
 from services.billing.stripe import client as stripe_client
 from services.billing.stripe import mirror as stripe_mirror
-from services.billing.stripe import outbox
+from services.billing.stripe import notices, outbox
 from services.billing.stripe import routes as stripe_routes
 from services.billing.stripe.outbox import MeterPusher
 from services.billing.stripe.sessions import Sessions
@@ -67,7 +68,8 @@ def lifecycle_jobs(
 async def start(runtime: Runtime) -> Component:
     settings = runtime.settings
     job, billing = await rollup(runtime), await billing_run(runtime)
-    warning, scan = lifecycle_jobs(runtime, await runtime.pool())
+    pool = await runtime.pool()
+    warning, scan = lifecycle_jobs(runtime, pool)
     runtime.background(
         _every(lambda: _roll_up(job), "rollup", settings.rollup_interval_seconds), "rollup"
     )
@@ -77,13 +79,12 @@ async def start(runtime: Runtime) -> Component:
     )
     runtime.background(
         _every(
-            lambda: _lifecycle(warning, scan),
+            lambda: _lifecycle(warning, scan, pool, runtime.redis()),
             "lifecycle",
             settings.lifecycle_interval_seconds,
         ),
         "lifecycle",
     )
-    pool = await runtime.pool()
     api = stripe_client.client(settings)
     if api is not None:
         _stripe_jobs(runtime, pool, api)
@@ -132,10 +133,15 @@ async def _push(pool: AsyncConnectionPool, api: stripe.StripeClient, pusher: Met
         log.info("stripe push", customers=customers, queued=queued, report=report)
 
 
-async def _lifecycle(warning: PeriodEndWarning, scan: LifecycleScan) -> None:
+async def _lifecycle(
+    warning: PeriodEndWarning, scan: LifecycleScan, pool: AsyncConnectionPool, redis: Redis
+) -> None:
+    """What time brings, and what a crash between a commit and its publish lost."""
     warned, report = await warning.run(), await scan.run()
-    if warned or report.trials or report.keys or report.invoices:
-        log.info("lifecycle notifications", period_end=warned, report=report)
+    async with pool.connection() as conn:
+        payments = await notices.retell(conn, redis, datetime.now(UTC))
+    if warned or report.trials or report.keys or report.invoices or payments:
+        log.info("lifecycle notifications", period_end=warned, report=report, payments=payments)
 
 
 async def _mirror(pool: AsyncConnectionPool, api: stripe.StripeClient) -> None:

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
+from psycopg.types.json import Jsonb
 from redis.asyncio import Redis
 
 from schemas import redis_keys
@@ -18,6 +19,7 @@ from schemas.events import VALUE_SCALE, utcnow
 from schemas.notifications import Notification, NotificationType, notification_id
 from schemas.windows import Window, bucket_id
 from services.api.enforcement.trials import end_trial
+from services.billing.stripe import notices
 from services.common.settings import Settings
 from tests.accounts_support import ADMIN, enforce, running_api, sign_up
 from tests.billing_support import at, subscribe
@@ -213,3 +215,38 @@ async def test_stripe_payment_failed_and_plan_change_are_told_once(
         "to_plan": "starter",
         "source": "stripe",
     }
+
+
+async def test_a_failed_payment_lost_before_its_publish_is_told_by_the_next_pass(
+    pool, redis, tenant
+) -> None:
+    customer = f"{tenant}-lost"
+    await subscribe(pool, customer, "pro", at("2026-01-01"))
+    await link(pool, customer, f"cus_{tenant}l")
+    created = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
+    event = {
+        "id": f"evt_{tenant}",
+        "type": "invoice.payment_failed",
+        "created": int(created.timestamp()),
+        "data": {
+            "object": {
+                "id": "in_7",
+                "customer": f"cus_{tenant}l",
+                "amount_due": 4900,
+                "currency": "usd",
+            }
+        },
+    }
+    async with pool.connection() as conn:  # applied and committed; the process died then
+        await conn.execute(
+            "INSERT INTO stripe_inbox (event_id, type, created, outcome, payload)"
+            " VALUES (%s, 'invoice.payment_failed', %s, 'applied: pro, past_due', %s)",
+            (event["id"], created, Jsonb(event)),
+        )
+        assert await notices.retell(conn, redis, datetime.now(UTC)) >= 1
+        assert await notices.retell(conn, redis, datetime.now(UTC)) == 0
+
+    [told] = await published(redis, customer)
+    assert told.id == notification_id(FAILED, customer, event["id"])
+    assert told.occurred_at == created
+    assert (told.data["amount_due"], told.data["invoice_id"]) == ("49.00", None)

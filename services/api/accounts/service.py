@@ -250,14 +250,16 @@ def plan_changed(
     )
 
 
-async def tell(redis: Redis, note: Notification | None) -> None:
+async def tell(
+    redis: Redis, note: Notification | None, remember: timedelta = PLAN_CHANGE_REMEMBERED
+) -> None:
     """Publish a decision already committed.  Telling never undoes or fails the
     decision: if Redis cannot take it, it is logged and lost (a crash between the commit
     and this call loses it too; the audit log still records the change)."""
     if note is None:
         return
     try:
-        await publish_once(redis, note, PLAN_CHANGE_REMEMBERED)
+        await publish_once(redis, note, remember)
     except UNREACHABLE as exc:
         log.warning("notification not published", id=note.id, type=note.type, error=repr(exc))
 

@@ -27,8 +27,10 @@ reads it afresh from PostgreSQL.
 Once the transaction commits, what it decided is told (``notices``): ``payment.failed``
 for ``invoice.payment_failed`` (the account is now past due), ``plan.changed`` when the
 plan moved, each with the Stripe event's id in its stable id.  A crash between the
-commit and the publish loses the telling (Stripe's redelivery finds the event applied
-and says nothing); Redis failing to take it is logged and never fails the webhook.
+commit and the publish loses a ``plan.changed`` (Stripe's redelivery finds the event
+applied and says nothing); a lost ``payment.failed`` is told by the billing service's
+next lifecycle pass (``notices.retell``).  Redis failing to take either is logged and
+never fails the webhook.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from schemas.notifications import Notification
 from schemas.problem_types import BAD_SIGNATURE, NOT_AN_EVENT, STRIPE_NOT_CONFIGURED
 from services.api.accounts import service as accounts
 from services.billing.stripe import client as stripe_client
+from services.billing.stripe import notices
 from services.billing.stripe.notices import Teller
 from services.common.problems import Problem
 
@@ -94,7 +97,7 @@ class Webhooks:
         if customer is not None:
             await self._redis.delete(redis_keys.account(customer))
         for note in told:
-            await accounts.tell(self._redis, note)
+            await accounts.tell(self._redis, note, notices.REMEMBER)
         return {"received": True, "outcome": outcome}
 
     def _verified(self, payload: bytes, signature: str | None) -> dict[str, Any]:
