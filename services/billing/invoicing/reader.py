@@ -9,7 +9,7 @@ period-end warning, quota alerts and dashboards can show.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -92,39 +92,66 @@ async def outlook(
     now: datetime,
 ) -> Outlook:
     """The subscription's current period at ``now``, so far and forecast."""
-    plan = drafter.plan_at(subscription, now)
-    period = period_containing(now, subscription.anchor, plan.cycle, plan.interval)
-    [draft] = await drafter.draft(conn, [Ask(subscription, period, now)])
-    states = subscription.states
-    aggregations = {name: meter.aggregation for name, meter in meters.items()}
-    recent, window = await _recent(conn, drafter.clickhouse, meters, draft, now)
-    whole = dataclasses.replace(
-        draft,
-        fees=invoicing.fee_stretches(period, states, period.end),
-        stretches=invoicing.usage_stretches(period, states, period.end),
-        usage=pace.forecast(draft.usage, recent, draft.stretches, aggregations, window, period),
+    [found] = await outlooks(conn, drafter, meters, [subscription], now)
+    return found
+
+
+async def outlooks(
+    conn: AsyncConnection,
+    drafter: Drafter,
+    meters: Mapping[str, Meter],
+    batch: Sequence[subscriptions.Subscription],
+    now: datetime,
+) -> list[Outlook]:
+    """Each subscription's current period at ``now``: two usage queries for the batch
+    (the period so far, the pace windows)."""
+    plans = [drafter.plan_at(s, now) for s in batch]
+    periods = [
+        period_containing(now, s.anchor, plan.cycle, plan.interval)
+        for s, plan in zip(batch, plans, strict=True)
+    ]
+    drafts = await drafter.draft(
+        conn, [Ask(s, period, now) for s, period in zip(batch, periods, strict=True)]
     )
-    return Outlook(period, plan, draft, whole, now)
+    paces = await _recent(conn, drafter.clickhouse, meters, drafts, now)
+    aggregations = {name: meter.aggregation for name, meter in meters.items()}
+    found = []
+    for draft, plan, period, (recent, window) in zip(drafts, plans, periods, paces, strict=True):
+        states = draft.ask.subscription.states
+        usage = pace.forecast(draft.usage, recent, draft.stretches, aggregations, window, period)
+        whole = dataclasses.replace(
+            draft,
+            fees=invoicing.fee_stretches(period, states, period.end),
+            stretches=invoicing.usage_stretches(period, states, period.end),
+            usage=usage,
+        )
+        found.append(Outlook(period, plan, draft, whole, now))
+    return found
 
 
 async def _recent(
     conn: AsyncConnection,
     clickhouse: Callable[[], ClickHouse],
     meters: Mapping[str, Meter],
-    draft: Draft,
+    drafts: Sequence[Draft],
     now: datetime,
-) -> tuple[dict[str, Decimal], pace.Window]:
-    """The current stretch's usage over the pace window, per additive priced meter."""
-    stretches = draft.stretches
-    started = draft.ask.subscription.states[0].at
-    if not stretches:
-        return {}, pace.window(started, now)
-    window = pace.window(pace.since(stretches, started), now)
-    last = stretches[-1]
-    priced = draft.plans[last.plan].prices
-    additive = [m for m in priced if m in meters and meters[m].aggregation in ADDITIVE]
-    if not additive:
-        return {}, window
-    wanted = [(draft.ask.subscription.customer, window.first_day, last.end_day, additive)]
+) -> list[tuple[dict[str, Decimal], pace.Window]]:
+    """Each draft's pace window and the current stretch's usage over it, per additive
+    priced meter: one query for the batch."""
+    windows, wanted = [], []
+    for draft in drafts:
+        stretches, started = draft.stretches, draft.ask.subscription.states[0].at
+        window = pace.window(pace.since(stretches, started) if stretches else started, now)
+        windows.append(window)
+        additive: list[str] = []
+        if stretches:
+            last = stretches[-1]
+            priced = draft.plans[last.plan].prices
+            additive = [m for m in priced if m in meters and meters[m].aggregation in ADDITIVE]
+        first, end = window.first_day, stretches[-1].end_day if stretches else window.first_day
+        wanted.append((draft.ask.subscription.customer, first, end, additive))
     found = await period_usage.quantities(conn, clickhouse, meters, wanted)
-    return {meter: quantity for (_, meter), quantity in found.items()}, window
+    recent: list[dict[str, Decimal]] = [{} for _ in drafts]
+    for (index, meter), quantity in found.items():
+        recent[index][meter] = quantity
+    return list(zip(recent, windows, strict=True))

@@ -23,23 +23,21 @@ on a plan is rated with that plan's own included units).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
-from schemas.catalog import Meter
 from schemas.events import utcnow
 from schemas.invoices import LineKind
 from schemas.notifications import Notification, NotificationType, notification_id
 from schemas.plans import Plan
 from services.billing.invoicing import pace, subscriptions
 from services.billing.invoicing.drafts import Draft, Drafter
-from services.billing.invoicing.periods import period_containing
-from services.billing.invoicing.reader import Outlook, outlook
+from services.billing.invoicing.periods import Period, period_containing
+from services.billing.invoicing.reader import Outlook, outlooks
 from services.billing.notification.amounts import money, period, units
 from services.billing.rating import engine as rating
 from services.common import catalog
@@ -78,33 +76,37 @@ class PeriodEndWarning:
             cursor = ""
             while batch := await subscriptions.page(conn, cursor, self._batch):
                 cursor = batch[-1].customer
-                for subscription in batch:
-                    published += await self._one(conn, drafter, meters, subscription, now)
+                due = await self._unwarned(
+                    [(s, span) for s in batch if (span := self._ending(drafter, s, now))]
+                )
+                for look in await outlooks(conn, drafter, meters, due, now):
+                    note = warning(look)
+                    if note is not None:
+                        remember = look.period.end - now + REMEMBER
+                        published += await publish_once(self._redis, note, remember)
         return published
 
-    async def _one(
-        self,
-        conn: AsyncConnection,
-        drafter: Drafter,
-        meters: Mapping[str, Meter],
-        subscription: subscriptions.Subscription,
-        now: datetime,
-    ) -> int:
+    def _ending(
+        self, drafter: Drafter, subscription: subscriptions.Subscription, now: datetime
+    ) -> Period | None:
+        """The subscription's current period if it ends within the warning's horizon."""
         if subscription.state_at(now).status in QUIET:
-            return 0
+            return None
         plan = drafter.plan_at(subscription, now)
         span = period_containing(now, subscription.anchor, plan.cycle, plan.interval)
-        if span.end - now > self._ahead:
-            return 0
-        key = notification_id(
-            NotificationType.USAGE_FORECAST_OVERAGE, subscription.customer, span.start
-        )
-        if await self._redis.exists(SENT + key):
-            return 0
-        note = warning(await outlook(conn, drafter, meters, subscription, now))
-        if note is None:
-            return 0
-        return int(await publish_once(self._redis, note, span.end - now + REMEMBER))
+        return span if span.end - now <= self._ahead else None
+
+    async def _unwarned(
+        self, due: list[tuple[subscriptions.Subscription, Period]]
+    ) -> list[subscriptions.Subscription]:
+        """Those not yet warned for the period: one pipelined EXISTS each."""
+        if not due:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for subscription, span in due:
+                pipe.exists(SENT + _id(subscription.customer, span))
+            seen = await pipe.execute()
+        return [s for (s, _), known in zip(due, seen, strict=True) if not known]
 
 
 def warning(look: Outlook) -> Notification | None:
@@ -142,10 +144,9 @@ def warning(look: Outlook) -> Notification | None:
         "currency": plan.currency,
         "method": pace.METHOD,
     }
-    kind = NotificationType.USAGE_FORECAST_OVERAGE
     return Notification(
-        id=notification_id(kind, customer, look.period.start),
-        type=kind,
+        id=_id(customer, look.period),
+        type=NotificationType.USAGE_FORECAST_OVERAGE,
         customer=customer,
         occurred_at=look.as_of,
         data=data,
@@ -164,6 +165,10 @@ def overage(whole: Draft) -> Decimal:
         base = rating.usage_line(plan, line.meter, within, line.start, line.end)
         total += line.amount - base.amount
     return total
+
+
+def _id(customer: str, span: Period) -> str:
+    return notification_id(NotificationType.USAGE_FORECAST_OVERAGE, customer, span.start)
 
 
 def _total(draft: Draft, meter: str) -> Decimal:
