@@ -8,6 +8,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
 import httpx
 import pytest
@@ -18,6 +19,8 @@ from schemas import redis_keys
 from schemas.events import VALUE_SCALE, utcnow
 from schemas.notifications import Notification, NotificationType, notification_id
 from schemas.windows import Window, bucket_id
+from services.api.enforcement.exhaustion import Exhaustion
+from services.api.enforcement.limiter import Code, Limit, Outcome
 from services.api.enforcement.trials import end_trial
 from services.billing.stripe import notices
 from services.common.settings import Settings
@@ -250,3 +253,19 @@ async def test_a_failed_payment_lost_before_its_publish_is_told_by_the_next_pass
     assert told.id == notification_id(FAILED, customer, event["id"])
     assert told.occurred_at == created
     assert (told.data["amount_due"], told.data["invoice_id"]) == ("49.00", None)
+
+
+async def test_a_publish_that_fails_never_fails_the_refusal_and_is_tried_again() -> None:
+    unreachable = Redis.from_url("redis://127.0.0.1:9/0", socket_connect_timeout=0.2)
+    exhaustion = Exhaustion(unreachable)
+    quota = Limit("quota:api_calls", "quota", Decimal(1000), Decimal(0), 1, 1, 1, hard=True)
+    refused = Outcome(Code.REFUSED, limits=(quota,), violated=quota)
+    try:
+        exhaustion.refused("cus_nowhere", refused, utcnow())  # returns at once
+        assert exhaustion.pending == 1
+        await exhaustion.drain()  # the publish failed: logged, not raised
+        exhaustion.refused("cus_nowhere", refused, utcnow())  # so the next refusal retries
+        assert exhaustion.pending == 1
+        await exhaustion.drain()
+    finally:
+        await unreachable.aclose()

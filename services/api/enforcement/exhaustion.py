@@ -57,6 +57,14 @@ class Exhaustion:
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
+    async def drain(self) -> None:
+        """Wait for the publishes under way (at shutdown)."""
+        await asyncio.gather(*self._pending)
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
     async def _tell(self, memo: tuple[str, str, datetime], note: Notification) -> None:
         try:
             await publish_once(self._redis, note, REMEMBER)
