@@ -79,7 +79,7 @@ async def start(runtime: Runtime) -> Component:
     )
     runtime.background(
         _every(
-            lambda: _lifecycle(warning, scan, pool, runtime.redis()),
+            lambda: lifecycle_pass(warning, scan, pool, runtime.redis()),
             "lifecycle",
             settings.lifecycle_interval_seconds,
         ),
@@ -133,7 +133,7 @@ async def _push(pool: AsyncConnectionPool, api: stripe.StripeClient, pusher: Met
         log.info("stripe push", customers=customers, queued=queued, report=report)
 
 
-async def _lifecycle(
+async def lifecycle_pass(
     warning: PeriodEndWarning, scan: LifecycleScan, pool: AsyncConnectionPool, redis: Redis
 ) -> None:
     """What time brings, and what a crash between a commit and its publish lost."""

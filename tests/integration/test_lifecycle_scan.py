@@ -7,8 +7,10 @@ from datetime import UTC, date, datetime, timedelta
 
 from schemas.notifications import NotificationType, notification_id
 from services.api.accounts import store
+from services.billing import service as billing
 from services.billing.invoicing.run import BillingRun
 from services.billing.notification.lifecycle import LifecycleScan
+from services.runtime import Runtime
 from tests.billing_support import at, record_usage, subscribe
 from tests.notification_support import published
 
@@ -132,3 +134,18 @@ async def _invoice_id(pool, customer: str, period: str) -> str:
         )
         [row] = await cur.fetchall()
     return str(row[0])
+
+
+async def test_the_billing_service_runs_the_lifecycle_jobs(settings, pool, redis, tenant) -> None:
+    """The service's schedule: its pass tells what the jobs find, with its settings."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    ends = now + timedelta(hours=30)
+    customer = f"{tenant}-svc"
+    await subscribe(pool, customer, "pro", now - timedelta(days=3), "trial", trial_ends_at=ends)
+    settings = settings.model_copy(update={"trial_ending_days": 2})
+    async with Runtime(settings) as runtime:
+        runtime_pool = await runtime.pool()
+        warning, lifecycle = billing.lifecycle_jobs(runtime, runtime_pool)
+        await billing.lifecycle_pass(warning, lifecycle, runtime_pool, runtime.redis())
+    [told] = await published(redis, tenant)
+    assert told.type is TRIAL and told.data["trial_ends_at"] == z(ends)
