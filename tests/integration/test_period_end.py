@@ -50,7 +50,7 @@ async def test_a_day_before_the_end_an_overage_is_told_once(pool, redis, tenant)
     # 87,000 so far; the window is Nov 24 00:00 .. Nov 30 01:00 (145 h) with 18,000
     # calls; 23 h left -> + 18,000 x 23 / 145.
     forecast = Decimal(87_000) + Decimal(18_000) * 23 / 145
-    assert warning.id == notification_id(FORECAST, customer, at("2026-11-01"))
+    assert warning.id == notification_id(FORECAST, customer, "2026-11-01T00:00:00Z")
     assert warning.customer == customer
     data = warning.data
     assert data["period"] == {"start": "2026-11-01T00:00:00Z", "end": "2026-12-01T00:00:00Z"}

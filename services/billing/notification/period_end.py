@@ -38,7 +38,7 @@ from services.billing.invoicing import pace, subscriptions
 from services.billing.invoicing.drafts import Draft, Drafter
 from services.billing.invoicing.periods import Period, period_containing
 from services.billing.invoicing.reader import Outlook, outlooks
-from services.billing.notification.amounts import money, period, units
+from services.billing.notification.amounts import moment, money, period, units
 from services.billing.rating import engine as rating
 from services.common import catalog
 from services.common.clickhouse import ClickHouse
@@ -168,7 +168,8 @@ def overage(whole: Draft) -> Decimal:
 
 
 def _id(customer: str, span: Period) -> str:
-    return notification_id(NotificationType.USAGE_FORECAST_OVERAGE, customer, span.start)
+    kind = NotificationType.USAGE_FORECAST_OVERAGE
+    return notification_id(kind, customer, moment(span.start))
 
 
 def _total(draft: Draft, meter: str) -> Decimal:
