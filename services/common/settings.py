@@ -159,6 +159,16 @@ class Settings(BaseSettings):
     invoice_grace_hours: float = Field(
         24.0, description="How long after its period a draft waits for late usage."
     )
+    period_end_warning_hours: float = Field(
+        24.0, gt=0, description="How long before its period ends a forecast overage is told."
+    )
+    lifecycle_interval_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="How often billing scans for period ends, trials and keys to tell about.",
+    )
+    trial_ending_days: float = Field(3.0, gt=0, description="Trial ending: told this early.")
+    key_expiring_days: float = Field(7.0, gt=0, description="API key expiring: told this early.")
 
     stripe_api_key: str | None = Field(None, validation_alias=_alias("STRIPE_API_KEY"))
     stripe_webhook_secret: str | None = Field(
