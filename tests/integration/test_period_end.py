@@ -16,14 +16,11 @@ END = at("2026-12-01")
 FORECAST = NotificationType.USAGE_FORECAST_OVERAGE
 
 
-def _no_clickhouse():
-    raise AssertionError("the default catalog prices no distinct-count meter")
-
-
-def job(pool, redis, now: datetime) -> PeriodEndWarning:
-    # Small pages: the pass walks the shared test database a few customers at a time.
+def job(pool, redis, ch, now: datetime) -> PeriodEndWarning:
+    # Small pages: the pass walks the shared test database a few customers at a time
+    # (other tests' customers too, some on plans pricing distinct counts: chDB answers).
     return PeriodEndWarning(
-        pool, redis, _no_clickhouse, timedelta(hours=24), clock=lambda: now, batch=7
+        pool, redis, lambda: ch, timedelta(hours=24), clock=lambda: now, batch=7
     )
 
 
@@ -35,14 +32,14 @@ async def _starter_using(pool, customer: str, per_day: int) -> None:
         await record_usage(pool, customer, "api_calls", date(2026, 11, day), per_day)
 
 
-async def test_a_day_before_the_end_an_overage_is_told_once(pool, redis, tenant) -> None:
+async def test_a_day_before_the_end_an_overage_is_told_once(pool, redis, tenant, ch) -> None:
     customer = f"{tenant}-heavy"
     await _starter_using(pool, customer, 3_000)
 
-    assert await job(pool, redis, END - timedelta(hours=30)).run() >= 0
+    assert await job(pool, redis, ch, END - timedelta(hours=30)).run() >= 0
     assert await published(redis, tenant, FORECAST) == []  # 30 h before: not yet
 
-    due = job(pool, redis, END - timedelta(hours=23))
+    due = job(pool, redis, ch, END - timedelta(hours=23))
     await due.run()
     await due.run()  # again: nothing new
     [warning] = await published(redis, tenant, FORECAST)
@@ -70,13 +67,13 @@ async def test_a_day_before_the_end_an_overage_is_told_once(pool, redis, tenant)
     assert data["method"] == pace.METHOD
 
 
-async def test_below_the_included_units_nothing_is_told(pool, redis, tenant) -> None:
+async def test_below_the_included_units_nothing_is_told(pool, redis, tenant, ch) -> None:
     await _starter_using(pool, f"{tenant}-light", 100)
-    assert await job(pool, redis, END - timedelta(hours=23)).run() >= 0
+    assert await job(pool, redis, ch, END - timedelta(hours=23)).run() >= 0
     assert await published(redis, tenant) == []
 
 
-async def test_a_hard_quota_forecast_to_be_exceeded_is_told(pool, redis, tenant) -> None:
+async def test_a_hard_quota_forecast_to_be_exceeded_is_told(pool, redis, tenant, ch) -> None:
     # free: 1,000 calls included and a hard quota of 1,000; 970 by the 29th, 45 a day
     # lately: + 270 x 23 / 145 = 42.8 more by the end.
     customer = f"{tenant}-free"
@@ -84,7 +81,7 @@ async def test_a_hard_quota_forecast_to_be_exceeded_is_told(pool, redis, tenant)
     await record_usage(pool, customer, "api_calls", date(2026, 11, 1), 700)
     for day in range(24, 30):
         await record_usage(pool, customer, "api_calls", date(2026, 11, day), 45)
-    await job(pool, redis, END - timedelta(hours=23)).run()
+    await job(pool, redis, ch, END - timedelta(hours=23)).run()
     [warning] = await published(redis, tenant, FORECAST)
     [meter] = warning.data["meters"]
     assert Decimal(meter["usage"]) == 970
