@@ -34,7 +34,7 @@ class Record:
 
 
 DeadLetter = Callable[[Record, str], Awaitable[None]]
-Drain = Callable[[set[str]], Awaitable[None]]
+Drain = Callable[[set[str]], Awaitable[object]]
 """Publishes the alert crossings queued for these customers (``services.aggregator.alerts``)."""
 TopicIds = Callable[[Sequence[str]], Awaitable[dict[str, str]]]
 """The current id of each named topic (``services.common.topic_ids``), "" for none."""

@@ -13,6 +13,8 @@ from psycopg_pool import AsyncConnectionPool
 from services.billing.invoicing import routes
 from services.billing.invoicing.periods import months_before
 from services.billing.invoicing.run import BillingRun
+from services.billing.notification import alert_routes
+from services.billing.notification.alerts.compile import AlertCompiler
 from services.billing.rollup.job import Rollup
 from services.billing.stripe import client as stripe_client
 from services.billing.stripe import mirror as stripe_mirror
@@ -56,6 +58,11 @@ async def start(runtime: Runtime) -> Component:
         "billing",
     )
     pool = await runtime.pool()
+    compiler = AlertCompiler(pool, runtime.redis())
+    runtime.background(
+        _every(lambda: _recompile(compiler), "alerts", settings.alerts_recompile_seconds),
+        "alerts",
+    )
     api = stripe_client.client(settings)
     if api is not None:
         _stripe_jobs(runtime, pool, api)
@@ -67,6 +74,7 @@ async def start(runtime: Runtime) -> Component:
         "billing",
         routers=[
             routes.router(pool, auth, runtime.clickhouse),
+            alert_routes.router(pool, auth, compiler),
             stripe_routes.router(auth, Sessions(pool, api), webhooks),
         ],
         checks={"clickhouse": runtime.check_clickhouse(), "postgres": runtime.check_postgres()},
@@ -102,6 +110,13 @@ async def _push(pool: AsyncConnectionPool, api: stripe.StripeClient, pusher: Met
     report = await pusher.push()
     if customers or queued or report.sent or report.failed:
         log.info("stripe push", customers=customers, queued=queued, report=report)
+
+
+async def _recompile(compiler: AlertCompiler) -> None:
+    """Every customer's alert levels, at start and then as a safety net behind the
+    recompiles a rule change or a plan change does at once (and for catalog edits)."""
+    count = await compiler.everyone()
+    log.debug("alerts compiled", customers=count)
 
 
 async def _mirror(pool: AsyncConnectionPool, api: stripe.StripeClient) -> None:

@@ -125,6 +125,10 @@ class Settings(BaseSettings):
         24.0, description="How long after its period a draft waits for late usage."
     )
 
+    alerts_recompile_seconds: float = Field(
+        300.0, description="How often billing recompiles every customer's alert thresholds."
+    )
+
     stripe_api_key: str | None = Field(None, validation_alias=_alias("STRIPE_API_KEY"))
     stripe_webhook_secret: str | None = Field(
         None, validation_alias=_alias("STRIPE_WEBHOOK_SECRET")
