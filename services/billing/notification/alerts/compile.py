@@ -162,7 +162,7 @@ class AlertCompiler:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.delete(key)
             if levels:
-                fields: dict[FieldT, EncodableT] = dict(levels)
+                fields: dict[FieldT, EncodableT] = {m: v for m, v in levels.items()}
                 pipe.hset(key, mapping=fields)
             await pipe.execute()
 
