@@ -15,6 +15,7 @@ import itertools
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import orjson
 from hypothesis import given, settings
@@ -76,7 +77,7 @@ class Feed:
 
 async def take_out(redis: Redis, customer: str) -> list[str]:
     key = redis_keys.alerts_out(customer)
-    raw = await redis.lrange(key, 0, -1)
+    raw: Any = await redis.lrange(key, 0, -1)
     await redis.delete(key)
     return [r.decode() for r in raw]
 
@@ -171,7 +172,7 @@ async def test_published_once_under_a_stable_id_even_after_a_crash(
     ]
     await redis.hset(redis_keys.alerts(customer), METER, encode(thresholds))
     feed, publisher = Feed(redis, customer, METERS), AlertPublisher(redis, lambda: METERS)
-    start = await redis.xrevrange(STREAM, count=1)
+    start: Any = await redis.xrevrange(STREAM, count=1)
     after = start[0][0].decode() if start else "0"
     assert await feed.send(calls(customer, 9)) is Outcome.APPLIED  # 80 and 90 at once
     out = redis_keys.alerts_out(customer)
@@ -181,11 +182,9 @@ async def test_published_once_under_a_stable_id_even_after_a_crash(
     await redis.rpush(out, queued)
     assert await publisher.drain([customer]) == 1
     assert await redis.llen(out) == 0
-    mine = [
-        orjson.loads(fields[b"n"])
-        for _, fields in await redis.xrange(STREAM, min=f"({after}")
-        if orjson.loads(fields[b"n"])["customer"] == customer
-    ]
+    entries: Any = await redis.xrange(STREAM, min=f"({after}")
+    published = [orjson.loads(fields[b"n"]) for _, fields in entries]
+    mine = [n for n in published if n["customer"] == customer]
     period = datetime(utcnow().year, utcnow().month, 1, tzinfo=UTC)
     want_id = notification_id(
         NotificationType.ALERT_TRIGGERED, customer, METER, period.isoformat(), "plan", "percent", 90

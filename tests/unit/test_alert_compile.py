@@ -62,9 +62,9 @@ def test_the_default_catalog_alerts_at_80_90_100_percent_of_the_free_quota() -> 
     found = plan_thresholds(PLANS["free"])
     assert list(found) == ["api_calls"]
     assert [(t.quantity, t.value, t.rule) for t in found["api_calls"]] == [
-        (800 * VALUE_SCALE, 80, PLAN_RULE),
-        (900 * VALUE_SCALE, 90, PLAN_RULE),
-        (1000 * VALUE_SCALE, 100, PLAN_RULE),
+        (800 * VALUE_SCALE, D(80), PLAN_RULE),
+        (900 * VALUE_SCALE, D(90), PLAN_RULE),
+        (1000 * VALUE_SCALE, D(100), PLAN_RULE),
     ]
     assert all(t.limit == 1000 for t in found["api_calls"])
     assert plan_thresholds(PLANS["payg"]) == {}  # no quota, nothing included
@@ -151,5 +151,5 @@ def test_volume_spend_takes_the_first_usage_that_reaches_the_amount() -> None:
     # 10 units cost $20, 11 cost $11: $15 is first reached in the first tier, at 7.4975
     # units ($14.995, rounded half up to $15.00)
     assert micros_for(plan, "m", D(15)) == 7_497_500
-    # $25 is past what the first tier ever costs ($20): 25 units in the second
-    assert micros_for(plan, "m", D(25)) == 25 * VALUE_SCALE
+    # $25 is past what the first tier ever costs ($20): 24.995 units, in the second
+    assert micros_for(plan, "m", D(25)) == 24_995_000
