@@ -4,6 +4,7 @@ over HTTP."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
@@ -59,9 +60,14 @@ async def start(runtime: Runtime) -> Component:
     )
     pool = await runtime.pool()
     compiler = AlertCompiler(pool, runtime.redis())
+    catalog_changed = asyncio.Event()
+
+    async def changed() -> None:
+        catalog_changed.set()
+
+    (await runtime.meters()).on_change(changed)
     runtime.background(
-        _every(lambda: _recompile(compiler), "alerts", settings.alerts_recompile_seconds),
-        "alerts",
+        _recompile(compiler, catalog_changed, settings.alerts_recompile_seconds), "alerts"
     )
     api = stripe_client.client(settings)
     if api is not None:
@@ -112,11 +118,19 @@ async def _push(pool: AsyncConnectionPool, api: stripe.StripeClient, pusher: Met
         log.info("stripe push", customers=customers, queued=queued, report=report)
 
 
-async def _recompile(compiler: AlertCompiler) -> None:
-    """Every customer's alert levels, at start and then as a safety net behind the
-    recompiles a rule change or a plan change does at once (and for catalog edits)."""
-    count = await compiler.everyone()
-    log.debug("alerts compiled", customers=count)
+async def _recompile(compiler: AlertCompiler, changed: asyncio.Event, seconds: float) -> None:
+    """Every customer's alert levels: at start, when the catalog changes (a plan's
+    quotas, prices or alerts), and every ``seconds`` as a safety net behind the
+    recompiles a rule change or a plan change does at once."""
+    while True:
+        changed.clear()
+        try:
+            count = await compiler.everyone()
+            log.debug("alerts compiled", customers=count)
+        except Exception as exc:  # the next pass picks up where this one failed
+            log.error("alerts compile failed", error=repr(exc))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), seconds)
 
 
 async def _mirror(pool: AsyncConnectionPool, api: stripe.StripeClient) -> None:
