@@ -85,7 +85,7 @@ async def test_a_catalog_change_tells_the_watchers(
     await cache.start()
     try:
         async with asyncio.timeout(10):
-            while not cache.listening:
+            while not cache.listening:  # noqa: ASYNC110 (a flag, no event to wait on)
                 await asyncio.sleep(0.05)
         free = next(p for p in Catalog.default().plans if p.id == "free")
         copy = free.model_copy(
