@@ -5,7 +5,9 @@ crossing in the customer's out list; this module turns them into notifications o
 stream and only then trims what it published.  A crash in between publishes the same
 crossings again under the same stable ids, which the notifier stores once: never a lost
 alert, never a second id for one.  At start the aggregator sweeps every out list once,
-so leftovers from a crash do not wait for the customer's next event.
+so leftovers from a crash do not wait for the customer's next event.  The trim removes
+only what is still the list's head as read (``alerts_trim.lua``): the sweep and the
+partition's owner may drain one list at once without dropping what the other added.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from datetime import UTC, datetime
 
 from redis.asyncio import Redis
 
-from schemas import redis_keys
+from schemas import lua, redis_keys
 from schemas.alerts import AlertKind, Crossing, parse_crossing
 from schemas.catalog import Meter
 from schemas.events import from_micros, utcnow
@@ -34,6 +36,7 @@ class AlertPublisher:
     def __init__(self, redis: Redis, meters: Callable[[], dict[str, list[Meter]]]) -> None:
         self._redis = redis
         self._meters = meters
+        self._trim = redis.register_script(lua.source("alerts_trim"))
 
     async def drain(self, customers: Iterable[str]) -> int:
         """Publish every crossing waiting for these customers; how many were published."""
@@ -62,7 +65,7 @@ class AlertPublisher:
                 for item in raw:
                     crossing = parse_crossing(item.decode() if isinstance(item, bytes) else item)
                     await publish(pipe, notification(customer, crossing, units.get(crossing.meter)))
-                pipe.ltrim(key, len(raw), -1)
+                await self._trim(keys=[key], args=raw, client=pipe)
                 await pipe.execute()
             published += len(raw)
             metrics.ALERTS_FIRED.inc(len(raw))

@@ -30,7 +30,7 @@ from schemas.events import VALUE_SCALE, utcnow
 from schemas.notifications import STREAM, NotificationType, notification_id
 from schemas.windows import Window, bucket_id
 from services.aggregator import increments
-from services.aggregator.alerts import AlertPublisher
+from services.aggregator.alerts import AlertPublisher, notification
 from services.aggregator.dedupe import DedupeWindow
 from services.aggregator.redis_sink import Apply, Outcome, RedisSink
 from tests.conftest import REDIS_URL
@@ -199,3 +199,31 @@ async def test_published_once_under_a_stable_id_even_after_a_crash(
         "calls",
     )
     assert data["period"]["start"] == period.isoformat()
+
+
+async def test_two_drainers_of_one_list_lose_nothing(redis: Redis, tenant: str) -> None:
+    """The start-up sweep and the partition's owner may drain one list at once: every
+    crossing is published (some twice, under the same id), none is trimmed unread."""
+    customer = f"{tenant}-two"
+    out = redis_keys.alerts_out(customer)
+    crossings = [
+        f"{METER} 2026{m:02d} {q * VALUE_SCALE} {q * VALUE_SCALE} usage,{q},r{q},,"
+        for m in range(1, 13)
+        for q in range(1, 26)
+    ]
+    start: Any = await redis.xrevrange(STREAM, count=1)
+    after = start[0][0].decode() if start else "0"
+    first, second = AlertPublisher(redis, lambda: METERS), AlertPublisher(redis, lambda: METERS)
+
+    async def feed() -> None:
+        for chunk in range(0, len(crossings), 30):
+            await redis.rpush(out, *crossings[chunk : chunk + 30])
+            await asyncio.sleep(0)
+
+    await asyncio.gather(feed(), first.drain([customer]), second.drain([customer]))
+    await first.drain([customer])  # what was pushed after both had found the list empty
+    assert await redis.llen(out) == 0
+    entries: Any = await redis.xrange(STREAM, min=f"({after}")
+    published = {orjson.loads(f[b"n"])["id"] for _, f in entries}
+    wanted = {notification(customer, parse_crossing(c), "calls").id for c in crossings}
+    assert wanted <= published
