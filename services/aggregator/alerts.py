@@ -78,6 +78,11 @@ def period(month: str) -> tuple[datetime, datetime]:
     return start, next_bucket(Window.MONTH, start)
 
 
+def moment(instant: datetime) -> str:
+    """An instant as ids and payloads carry it: RFC 3339 UTC (``2026-11-01T00:00:00Z``)."""
+    return instant.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
 def notification(customer: str, crossing: Crossing, unit: str | None) -> Notification:
     """The ``alert.triggered`` notification for a crossing (payloads.md), with its stable id."""
     threshold = crossing.threshold
@@ -85,7 +90,7 @@ def notification(customer: str, crossing: Crossing, unit: str | None) -> Notific
     data: dict[str, object] = {
         "customer": customer,
         "meter": crossing.meter,
-        "period": {"start": start.isoformat(), "end": end.isoformat()},
+        "period": {"start": moment(start), "end": moment(end)},
         "threshold": {
             "kind": threshold.kind.value,
             "value": str(threshold.value),
@@ -103,7 +108,7 @@ def notification(customer: str, crossing: Crossing, unit: str | None) -> Notific
         NotificationType.ALERT_TRIGGERED,
         customer,
         crossing.meter,
-        start.isoformat(),
+        moment(start),
         threshold.rule,
         threshold.kind.value,
         threshold.value,

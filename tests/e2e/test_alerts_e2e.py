@@ -114,7 +114,7 @@ def test_thresholds_fire_once_each_through_the_pipeline(
     assert own["data"]["rule"].startswith("alr_") and own["data"]["usage"] == "550"
     periods = [a["data"]["period"]["start"] for a in alerts(months)]
     assert sorted(periods) == sorted(
-        [start.isoformat(), (start - timedelta(hours=1)).replace(day=1, hour=0).isoformat()]
+        [f"{start:%Y-%m-%dT%H:%M:%SZ}", f"{start - timedelta(hours=1):%Y-%m-01T00:00:00Z}"]
     )
     assert values(months) == ["80", "80"]
     sync.close()

@@ -187,7 +187,13 @@ async def test_published_once_under_a_stable_id_even_after_a_crash(
     mine = [n for n in published if n["customer"] == customer]
     period = datetime(utcnow().year, utcnow().month, 1, tzinfo=UTC)
     want_id = notification_id(
-        NotificationType.ALERT_TRIGGERED, customer, METER, period.isoformat(), "plan", "percent", 90
+        NotificationType.ALERT_TRIGGERED,
+        customer,
+        METER,
+        f"{period:%Y-%m-%dT%H:%M:%SZ}",
+        "plan",
+        "percent",
+        90,
     )
     assert [n["id"] for n in mine] == [want_id, want_id]
     data = mine[0]["data"]
@@ -198,7 +204,7 @@ async def test_published_once_under_a_stable_id_even_after_a_crash(
         "plan",
         "calls",
     )
-    assert data["period"]["start"] == period.isoformat()
+    assert data["period"]["start"] == f"{period:%Y-%m-%dT%H:%M:%SZ}"
 
 
 async def test_two_drainers_of_one_list_lose_nothing(redis: Redis, tenant: str) -> None:

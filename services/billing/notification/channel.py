@@ -21,6 +21,7 @@ class Attempt:
     error: str | None  # why nothing usable came back (timeout, refused, TLS, ...)
     duration_ms: int
     gone: bool = False  # the receiver says it is gone for good (HTTP 410): disable it
+    permanent: bool = False  # retrying cannot help (SMTP 5xx for this recipient): stop
 
 
 class Mailer(Protocol):
