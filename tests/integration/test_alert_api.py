@@ -174,6 +174,25 @@ async def test_threshold_lists_out_of_bounds(
     assert [e["field"] for e in reply.json()["errors"]] == [f"body.{field}"]
 
 
+async def test_at_most_ten_rules_a_meter(
+    settings: Settings, pool: AsyncConnectionPool, redis: Redis, accounts: dict[str, Account]
+) -> None:
+    customer = accounts["payg"].customer
+    path = f"/v1/customers/{customer}/alerts"
+    async with alerts_client(settings, pool, redis) as client:
+        for n in range(1, 11):
+            body = {"meter": "compute_seconds", "kind": "usage", "thresholds": [n]}
+            assert (await client.post(path, json=body, headers=SERVICE)).status_code == 201
+        body = {"meter": "compute_seconds", "kind": "usage", "thresholds": [11]}
+        refused = await client.post(path, json=body, headers=SERVICE)
+        other = {"meter": "api_calls", "kind": "usage", "thresholds": [11]}
+        assert (await client.post(path, json=other, headers=SERVICE)).status_code == 201
+    assert refused.status_code == 422
+    [error] = refused.json()["errors"]
+    assert error["field"] == "meter" and "10 rules already" in error["reason"]
+    assert len(await levels(redis, customer, "compute_seconds")) == 10
+
+
 async def test_who_may_see_and_change_alerts(
     settings: Settings, pool: AsyncConnectionPool, redis: Redis, accounts: dict[str, Account]
 ) -> None:

@@ -39,6 +39,8 @@ from services.common.openapi import problem_responses
 from services.common.problems import Problem, invalid_field, unknown_customer
 
 Customer = Annotated[str, Path(pattern=CUSTOMER_ID_PATTERN)]
+MAX_RULES_PER_METER = 10
+"""Bounds the levels the aggregator walks for a meter (10 rules of 10, plus the plan's)."""
 Amount = Annotated[Decimal, Field(gt=0, max_digits=18, decimal_places=6)]
 
 
@@ -98,6 +100,11 @@ def router(pool: AsyncConnectionPool, auth: Authenticator, compiler: AlertCompil
         async with pool.connection() as conn:
             plan = await _plan(conn, customer)
             await _check(conn, plan, body)
+            same_meter = sum(r.meter == body.meter for r in await rules.listed(conn, customer))
+            if same_meter >= MAX_RULES_PER_METER:
+                raise invalid_field(
+                    "meter", f"{body.meter!r} has {MAX_RULES_PER_METER} rules already; remove one"
+                )
             rule = await rules.add(conn, customer, body.meter, body.kind, body.thresholds)
         await compiler.customer(customer)
         return _rule(plan, rule)
