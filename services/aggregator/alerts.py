@@ -33,6 +33,8 @@ PAGE = 100  # crossings published per round trip
 
 
 class AlertPublisher:
+    """Drains customers' crossings lists onto the notification stream."""
+
     def __init__(self, redis: Redis, meters: Callable[[], dict[str, list[Meter]]]) -> None:
         self._redis = redis
         self._meters = meters
@@ -65,8 +67,8 @@ class AlertPublisher:
                 for item in raw:
                     crossing = parse_crossing(item.decode() if isinstance(item, bytes) else item)
                     await publish(pipe, notification(customer, crossing, units.get(crossing.meter)))
-                await self._trim(keys=[key], args=raw, client=pipe)
-                await pipe.execute()
+                await pipe.execute()  # raises unless every XADD succeeded: then no trim
+            await self._trim(keys=[key], args=raw)
             published += len(raw)
             metrics.ALERTS_FIRED.inc(len(raw))
         return published
