@@ -53,6 +53,7 @@ UNKNOWN_CUSTOMER = _define("unknown-customer", 404, "Unknown customer")
 UNKNOWN_KEY = _define("unknown-key", 404, "Unknown key")
 UNKNOWN_PLAN = _define("unknown-plan", 404, "Unknown plan")
 UNKNOWN_LEASE = _define("unknown-lease", 404, "Unknown lease")
+UNKNOWN_ALERT = _define("unknown-alert", 404, "Unknown alert rule")
 METHOD_NOT_ALLOWED = _define("method-not-allowed", 405, "Method not allowed")
 # 409: the state does not allow it
 EMAIL_TAKEN = _define("email-taken", 409, "Email taken")

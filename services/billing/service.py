@@ -4,6 +4,7 @@ over HTTP."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
@@ -14,6 +15,8 @@ from redis.asyncio import Redis
 from services.billing.invoicing import routes
 from services.billing.invoicing.periods import months_before
 from services.billing.invoicing.run import BillingRun
+from services.billing.notification import alert_routes
+from services.billing.notification.alerts.compile import AlertCompiler
 from services.billing.notification.lifecycle import LifecycleScan
 from services.billing.notification.period_end import PeriodEndWarning
 from services.billing.rollup.job import Rollup
@@ -85,6 +88,16 @@ async def start(runtime: Runtime) -> Component:
         ),
         "lifecycle",
     )
+    compiler = AlertCompiler(pool, runtime.redis())
+    catalog_changed = asyncio.Event()
+
+    async def changed() -> None:
+        catalog_changed.set()
+
+    (await runtime.meters()).on_change(changed)
+    runtime.background(
+        _recompile(compiler, catalog_changed, settings.alerts_recompile_seconds), "alerts"
+    )
     api = stripe_client.client(settings)
     if api is not None:
         _stripe_jobs(runtime, pool, api)
@@ -96,6 +109,7 @@ async def start(runtime: Runtime) -> Component:
         "billing",
         routers=[
             routes.router(pool, auth, runtime.clickhouse),
+            alert_routes.router(pool, auth, compiler),
             stripe_routes.router(auth, Sessions(pool, api), webhooks),
         ],
         checks={"clickhouse": runtime.check_clickhouse(), "postgres": runtime.check_postgres()},
@@ -142,6 +156,21 @@ async def lifecycle_pass(
         payments = await notices.retell(conn, redis, datetime.now(UTC))
     if warned or report.trials or report.keys or report.invoices or payments:
         log.info("lifecycle notifications", period_end=warned, report=report, payments=payments)
+
+
+async def _recompile(compiler: AlertCompiler, changed: asyncio.Event, seconds: float) -> None:
+    """Every customer's alert levels: at start, when the catalog changes (a plan's
+    quotas, prices or alerts), and every ``seconds`` as a safety net behind the
+    recompiles a rule change or a plan change does at once."""
+    while True:
+        changed.clear()
+        try:
+            count = await compiler.everyone()
+            log.debug("alerts compiled", customers=count)
+        except Exception as exc:  # the next pass picks up where this one failed
+            log.error("alerts compile failed", error=repr(exc))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), seconds)
 
 
 async def _mirror(pool: AsyncConnectionPool, api: stripe.StripeClient) -> None:

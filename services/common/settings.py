@@ -170,6 +170,10 @@ class Settings(BaseSettings):
     trial_ending_days: float = Field(3.0, gt=0, description="Trial ending: told this early.")
     key_expiring_days: float = Field(7.0, gt=0, description="API key expiring: told this early.")
 
+    alerts_recompile_seconds: float = Field(
+        300.0, gt=0, description="How often billing recompiles every customer's alert thresholds."
+    )
+
     stripe_api_key: str | None = Field(None, validation_alias=_alias("STRIPE_API_KEY"))
     stripe_webhook_secret: str | None = Field(
         None, validation_alias=_alias("STRIPE_WEBHOOK_SECRET")
