@@ -72,10 +72,11 @@ class Invoice(BaseModel):
 
 
 class Forecast(BaseModel):
-    """The upcoming invoice extrapolated to the period's end, linearly on its usage so far."""
+    """The upcoming invoice forecast to the period's end at its usage's recent pace."""
 
     lines: tuple[InvoiceLine, ...]
     total: Decimal
+    method: str = Field(description="How the usage was forecast, in words.")
 
 
 class UpcomingInvoice(BaseModel):

@@ -159,6 +159,27 @@ class Price(BaseModel):
         return self
 
 
+MAX_THRESHOLDS = 10
+MAX_PERCENT = Decimal(1000)
+
+
+class AlertDefaults(BaseModel):
+    """The alerts every customer on a plan gets: ``percent`` of every quota, and of the
+    included units of every priced meter without a quota (``[]``: none)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    percent: tuple[Annotated[Decimal, Field(gt=0, le=MAX_PERCENT, decimal_places=4)], ...] = Field(
+        (), max_length=MAX_THRESHOLDS
+    )
+
+    @model_validator(mode="after")
+    def _distinct(self) -> Self:
+        if len(set(self.percent)) != len(self.percent):
+            raise ValueError("alert percentages must be distinct")
+        return self
+
+
 class Plan(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -180,6 +201,9 @@ class Plan(BaseModel):
     features: tuple[str, ...] = ()
     upgrade_to: str | None = Field(None, description="The plan refusals point to.")
     public: bool = Field(True, description="Offered at sign-up.")
+    alerts: AlertDefaults = Field(
+        default_factory=AlertDefaults, description="The alerts every customer gets."
+    )
 
     @model_validator(mode="after")
     def _coherent(self) -> Self:

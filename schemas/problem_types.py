@@ -55,6 +55,7 @@ UNKNOWN_PLAN = _define("unknown-plan", 404, "Unknown plan")
 UNKNOWN_LEASE = _define("unknown-lease", 404, "Unknown lease")
 UNKNOWN_ENDPOINT = _define("unknown-endpoint", 404, "Unknown webhook endpoint")
 UNKNOWN_NOTIFICATION = _define("unknown-notification", 404, "Unknown notification")
+UNKNOWN_ALERT = _define("unknown-alert", 404, "Unknown alert rule")
 METHOD_NOT_ALLOWED = _define("method-not-allowed", 405, "Method not allowed")
 # 409: the state does not allow it
 EMAIL_TAKEN = _define("email-taken", 409, "Email taken")

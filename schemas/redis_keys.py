@@ -17,6 +17,16 @@ de-duplication marks and its offset watermark in a single atomic Lua call.
                                  offset applied; ``<incarnation>`` is
                                  ``[<TALLY_KAFKA_INCARNATION>:]<topic id>``
 
+Alerts (thresholds written by billing's notification package, evaluated by the
+aggregator's batch call, drained by the aggregator; see ``schemas.alerts``):
+
+``tally:{cust}:alerts``          HASH meter → the meter's compiled thresholds: lines
+                                 ``<micro-units> <label>`` in increasing quantity
+``tally:{cust}:alerts:fired``    HASH ``<meter>|<yyyymm>`` → the highest threshold
+                                 (micro-units) fired in that month
+``tally:{cust}:alerts:out``      LIST crossings waiting to be published:
+                                 ``<meter> <yyyymm> <threshold µ> <total µ> <label>``
+
 Enforcement state (written by the api; reservations settled by the aggregator):
 
 ``tally:{cust}:account``         HASH plan, status, trial_ends (ms), policies (JSON: the
@@ -93,6 +103,29 @@ def parse_group(field: str) -> tuple[str, ...]:
 RELEASE_LUA = lua.source("release")
 """``release(reservations, expiries, held, digest)``: the Lua function both the enforcement
 script and the aggregator's sink use to release a reservation; prepended to each."""
+
+
+def alerts(customer: str) -> str:
+    return f"{_tag(customer)}:alerts"
+
+
+def alerts_fired(customer: str) -> str:
+    return f"{_tag(customer)}:alerts:fired"
+
+
+def alerts_out(customer: str) -> str:
+    return f"{_tag(customer)}:alerts:out"
+
+
+ALERTS_OUT_PATTERN = f"{PREFIX}:*:alerts:out"
+"""Every customer's crossings list, for the aggregator's sweep at start."""
+FIRED_TTL_SECONDS = 400 * 24 * 3600
+"""Fired markers outlive their month (the marker field names it) by a year."""
+
+
+def customer_of(key: str) -> str:
+    """The customer a hash-tagged key belongs to."""
+    return key[key.index("{") + 1 : key.rindex("}")]
 
 
 def account(customer: str) -> str:

@@ -91,7 +91,7 @@ async def count(
         digests=[redis_keys.event_digest(e.source, e.id) for e in events],
         ops=increments.build(customer, events, meters, now),
     )
-    [(outcome, seen)] = await sink.apply([plan])
+    [(outcome, seen, _)] = await sink.apply([plan])
     assert outcome is Outcome.APPLIED, (outcome, seen)
 
 

@@ -1,24 +1,31 @@
 -- The aggregator's Redis sink: one customer's share of a batch, applied atomically and
 -- guarded by the Kafka offset it reaches (services/aggregator/redis_sink.py).
--- KEYS: offsets hash, the reservations hash, their expiries, the held totals, the live
+-- KEYS: offsets hash, the reservations hash, their expiries, the held totals, the
+--       compiled alert thresholds, the fired markers, the crossings out list, the live
 --       de-duplication sets (the current bucket first), then every counter/unique key
 --       the ops touch.
 -- ARGV: offset field, expected offset ('' = none yet), new offset, seen-set expire-at,
 --       offsets ttl, digest size, n live sets, the digests concatenated (one argument:
---       cheap to send), expire-at per touched key,
+--       cheap to send), the month totals to check against alert thresholds
+--       ('<key index> <meter> <yyyymm>' lines), expire-at per touched key,
 --       then ops as (code, key index, field, value, extra) quintuples.
 -- Op S settles a lease (lease.lua): `value` micro-units of meter `extra` counted from
 -- events naming lease `field` move from what it holds to usage, in this same call.
+-- Replies {1, {}, crossings waiting}, {0, {}, crossings waiting} (offset moved),
+-- {2, digests already seen} or {3} (a counter would overflow).
 local SCALE = @SCALE@
 local LIMIT = 9.0e18  -- below 2^63 by more than a double's rounding error there
 local function gt(a, b)
   if #a ~= #b then return #a > #b end
   return a > b
 end
+local FIXED_KEYS, FIXED_ARGS = 7, 9
+local FIRED_TTL = @FIRED_TTL@
 local current = redis.call('HGET', KEYS[1], ARGV[1]) or ''
-if current ~= ARGV[2] then return {0} end
+if current ~= ARGV[2] then return {0, {}, redis.call('LLEN', KEYS[7])} end
 local size, live, blob = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
-local first_op = 9 + #KEYS - 4 - live
+local first_key = FIXED_KEYS + 1 + live  -- the first counter/unique key
+local first_op = FIXED_ARGS + 1 + #KEYS - first_key + 1
 for i = first_op, #ARGV, 5 do
   if ARGV[i] == 'I' then  -- HINCRBY past 2^63 would fail halfway: refuse before writing
     local old = redis.call('HGET', KEYS[tonumber(ARGV[i + 1])], ARGV[i + 2]) or '0'
@@ -29,7 +36,7 @@ local digests = {}
 for j = 1, #blob, size do digests[#digests + 1] = string.sub(blob, j, j + size - 1) end
 local seen = {}
 for _, d in ipairs(digests) do
-  for k = 5, 4 + live do
+  for k = FIXED_KEYS + 1, FIXED_KEYS + live do
     if redis.call('SISMEMBER', KEYS[k], d) == 1 then
       seen[#seen + 1] = d
       break
@@ -37,12 +44,12 @@ for _, d in ipairs(digests) do
   end
 end
 if #seen > 0 then return {2, seen} end
-for _, d in ipairs(digests) do redis.call('SADD', KEYS[5], d) end
-if #digests > 0 then redis.call('EXPIREAT', KEYS[5], ARGV[4]) end
+local current_seen = KEYS[FIXED_KEYS + 1]
+for _, d in ipairs(digests) do redis.call('SADD', current_seen, d) end
+if #digests > 0 then redis.call('EXPIREAT', current_seen, ARGV[4]) end
 if redis.call('HLEN', KEYS[2]) > 0 then  -- settle the reservations these events close
   for _, d in ipairs(digests) do release(KEYS[2], KEYS[3], KEYS[4], d) end
 end
-local expiries = 9
 local i = first_op
 while i <= #ARGV do
   local code, key = ARGV[i], KEYS[tonumber(ARGV[i + 1])]
@@ -75,9 +82,32 @@ while i <= #ARGV do
   end
   i = i + 5
 end
-for k = 5 + live, #KEYS do
-  redis.call('EXPIREAT', KEYS[k], ARGV[expiries + k - 5 - live])
+for k = first_key, #KEYS do
+  redis.call('EXPIREAT', KEYS[k], ARGV[FIXED_ARGS + 1 + k - first_key])
+end
+-- Alert thresholds: for each month total this call changed, the highest compiled
+-- threshold at or below it fires when it is above the highest one already fired this
+-- month (so several crossed at once fire once, and none ever fires twice).
+for index, meter, month in string.gmatch(ARGV[9], '(%d+) (%S+) (%d+)') do
+  local compiled = redis.call('HGET', KEYS[5], meter)
+  local total = compiled and redis.call('HGET', KEYS[tonumber(index)], '*')
+  if total and string.sub(total, 1, 1) ~= '-' then
+    local best, label
+    for quantity, name in string.gmatch(compiled, '(%d+) (%S+)') do
+      if gt(quantity, total) then break end
+      best, label = quantity, name
+    end
+    if best then
+      local marker = meter .. '|' .. month
+      local fired = redis.call('HGET', KEYS[6], marker)
+      if not fired or gt(best, fired) then
+        redis.call('HSET', KEYS[6], marker, best)
+        redis.call('EXPIRE', KEYS[6], FIRED_TTL)
+        redis.call('RPUSH', KEYS[7], table.concat({meter, month, best, total, label}, ' '))
+      end
+    end
+  end
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
-return {1}
+return {1, {}, redis.call('LLEN', KEYS[7])}

@@ -39,6 +39,8 @@ class CounterOps:
     expiry: dict[str, int] = field(default_factory=dict)
     # (lease, meter) → micro-units its events add to the meter: settled in the same call
     settle: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    # month counters key → (meter, yyyymm): the totals checked against alert thresholds
+    months: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.sums or self.maxima or self.latest or self.members or self.settle)
@@ -116,6 +118,8 @@ def _spread(
 ) -> None:
     key = redis_keys.counters(customer, meter.name, window, bucket)
     ops.expiry[key] = expires
+    if window is Window.MONTH:
+        ops.months[key] = (meter.name, bucket)
     aggregation = meter.aggregation
     for group, partial in groups.items():
         slot = (key, group)

@@ -34,6 +34,8 @@ class Record:
 
 
 DeadLetter = Callable[[Record, str], Awaitable[None]]
+Drain = Callable[[set[str]], Awaitable[object]]
+"""Publishes the alert crossings queued for these customers (``services.aggregator.alerts``)."""
 TopicIds = Callable[[Sequence[str]], Awaitable[dict[str, str]]]
 """The current id of each named topic (``services.common.topic_ids``), "" for none."""
 
@@ -65,8 +67,12 @@ class BatchProcessor:
         dead_letter: DeadLetter,
         incarnation: str = "",
         topic_ids: TopicIds | None = None,
+        drain_alerts: Drain | None = None,
     ) -> None:
         self._incarnation = incarnation
+        self._drain_alerts = drain_alerts
+        # customers whose alert crossings wait to be published (kept across a failure)
+        self._alerting: set[str] = set()
         self._topic_ids = topic_ids
         # per (topic, partition): the last offset decoded and the life it belonged to
         self._lives: dict[tuple[str, int], tuple[int, str]] = {}
@@ -89,6 +95,9 @@ class BatchProcessor:
             await self._clickhouse.write(events)
         with metrics.SINK_SECONDS.labels("redis").time():
             await self._apply(batch.shares, utcnow())
+        if self._drain_alerts is not None and self._alerting:
+            await self._drain_alerts(self._alerting)
+            self._alerting.clear()
         for record in batch.records:
             self.positions[(record.topic, record.partition)] = record.offset
 
@@ -163,14 +172,17 @@ class BatchProcessor:
             stored = await self._redis.stored_offsets(
                 [(s.customer, s.offset_field) for s in pending]
             )
-            planned = [
-                (share, plan)
-                for share, offset in zip(pending, stored, strict=True)
-                if (plan := self._plan(share, offset, meters, now))
-            ]
-            outcomes = await self._redis.apply([plan for _, plan in planned])
+            planned = []
+            for share, offset in zip(pending, stored, strict=True):
+                if plan := self._plan(share, offset, meters, now):
+                    planned.append((share, plan))
+                else:  # a replay: what a crash left unpublished is drained with it
+                    self._alerting.add(share.customer)
+            replies = await self._redis.apply([plan for _, plan in planned])
             pending = []
-            for (share, plan), (outcome, seen) in zip(planned, outcomes, strict=True):
+            for (share, plan), (outcome, seen, crossings) in zip(planned, replies, strict=True):
+                if crossings:
+                    self._alerting.add(share.customer)
                 if outcome is Outcome.APPLIED:
                     metrics.REPLAYED_RECORDS.inc(plan.replayed)
                     metrics.AGGREGATED_EVENTS.labels("counted").inc(len(plan.digests))

@@ -10,12 +10,18 @@ replay after a crash, or a stale worker after a rebalance, can never count twice
 When some digests were already seen (client retries) it applies nothing and names
 them; the caller drops those events and calls again.  Duplicates are rare, so a batch
 usually costs one round trip.
+
+The same call evaluates the customer's alert thresholds against each month total it
+changed and queues what crossed (``schemas.alerts``): inside the offset guard, a replay
+or a duplicate can never fire a threshold twice.  Its reply says how many crossings wait
+to be published.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any, NamedTuple
 
 from redis.asyncio import Redis
 
@@ -26,7 +32,10 @@ from services.aggregator.increments import CounterOps
 OFFSETS_TTL_SECONDS = 45 * 24 * 3600
 
 _APPLY = redis_keys.RELEASE_LUA + lua.source(
-    "apply_batch", SCALE=str(VALUE_SCALE), TIME_SUFFIX=redis_keys.TIME_SUFFIX
+    "apply_batch",
+    SCALE=str(VALUE_SCALE),
+    TIME_SUFFIX=redis_keys.TIME_SUFFIX,
+    FIRED_TTL=str(redis_keys.FIRED_TTL_SECONDS),
 )
 
 
@@ -53,6 +62,12 @@ class Outcome(Enum):
     OVERFLOW = 3
 
 
+class Reply(NamedTuple):
+    outcome: Outcome
+    seen: set[bytes]  # DUPLICATES: the digests already counted
+    crossings: int = 0  # alert crossings waiting in the customer's out list
+
+
 class RedisSink:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
@@ -66,20 +81,25 @@ class RedisSink:
             raw = await pipe.execute()
         return [int(v) if v is not None else None for v in raw]
 
-    async def apply(self, batch: list[Apply]) -> list[tuple[Outcome, set[bytes]]]:
+    async def apply(self, batch: list[Apply]) -> list[Reply]:
         """Try each customer's share; for refused ones, say why (and which digests)."""
         async with self._redis.pipeline(transaction=False) as pipe:
             for item in batch:
                 keys, args = _arguments(item)
                 await self._script(keys=keys, args=args, client=pipe)
             results = await pipe.execute()
-        return [(Outcome(int(r[0])), set(r[1]) if len(r) > 1 else set()) for r in results]
+        return [_reply(r) for r in results]
+
+
+def _reply(raw: list[Any]) -> Reply:
+    seen = set(raw[1]) if len(raw) > 1 else set()
+    return Reply(Outcome(int(raw[0])), seen, int(raw[2]) if len(raw) > 2 else 0)
 
 
 def _arguments(item: Apply) -> tuple[list[str], list[bytes | str | int]]:
     ops = item.ops
     touched = list(ops.expiry)
-    first = 5 + len(item.seen_keys)
+    first = 8 + len(item.seen_keys)
     index = {key: position + first for position, key in enumerate(touched)}
     args: list[bytes | str | int] = [
         item.offset_field,
@@ -90,6 +110,7 @@ def _arguments(item: Apply) -> tuple[list[str], list[bytes | str | int]]:
         redis_keys.DIGEST_BYTES,
         len(item.seen_keys),
         b"".join(item.digests),
+        "\n".join(f"{index[key]} {meter} {month}" for key, (meter, month) in ops.months.items()),
         *(ops.expiry[key] for key in touched),
     ]
     for (key, field), value in ops.sums.items():
@@ -109,6 +130,9 @@ def _arguments(item: Apply) -> tuple[list[str], list[bytes | str | int]]:
         redis_keys.reservations(customer),
         redis_keys.reservation_expiries(customer),
         redis_keys.held(customer),
+        redis_keys.alerts(customer),
+        redis_keys.alerts_fired(customer),
+        redis_keys.alerts_out(customer),
         *item.seen_keys,
         *touched,
     ]

@@ -6,6 +6,7 @@ import asyncio
 from functools import partial
 
 from services.aggregator import worker
+from services.aggregator.alerts import AlertPublisher
 from services.aggregator.clickhouse_sink import ClickHouseSink
 from services.aggregator.dedupe import DedupeWindow
 from services.aggregator.processor import BatchProcessor
@@ -24,6 +25,8 @@ async def start(runtime: Runtime) -> Component:
     meters = await runtime.meters()
     await meters.meters()  # no aggregating without them: PostgreSQL's error stops start-up
     app = worker.create_app(settings, bootstrap)
+    alerts = AlertPublisher(runtime.redis(), meters.by_type)
+    await alerts.sweep()
     processor = BatchProcessor(
         clickhouse=ClickHouseSink(runtime.clickhouse()),
         redis=RedisSink(runtime.redis()),
@@ -32,6 +35,7 @@ async def start(runtime: Runtime) -> Component:
         dead_letter=worker.dead_letter_sender(app),
         incarnation=runtime.kafka_incarnation,
         topic_ids=partial(topic_ids.topic_ids, bootstrap),
+        drain_alerts=alerts.drain,
     )
     worker.attach(app, settings, processor)
     await app.start()

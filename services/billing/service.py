@@ -4,21 +4,28 @@ over HTTP."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import stripe
 from psycopg_pool import AsyncConnectionPool
+from redis.asyncio import Redis
 
 from services.billing.invoicing import routes
 from services.billing.invoicing.periods import months_before
 from services.billing.invoicing.run import BillingRun
+from services.billing.notification import alert_routes
+from services.billing.notification.alerts.compile import AlertCompiler
 from services.billing.notification.channel import Mailer
+from services.billing.notification.email.mailer import build_mailer
+from services.billing.notification.lifecycle import LifecycleScan
 from services.billing.notification.notifier import Notifier, notifier
+from services.billing.notification.period_end import PeriodEndWarning
 from services.billing.rollup.job import Rollup
 from services.billing.stripe import client as stripe_client
 from services.billing.stripe import mirror as stripe_mirror
-from services.billing.stripe import outbox
+from services.billing.stripe import notices, outbox
 from services.billing.stripe import routes as stripe_routes
 from services.billing.stripe.outbox import MeterPusher
 from services.billing.stripe.sessions import Sessions
@@ -44,12 +51,31 @@ async def rollup(runtime: Runtime) -> Rollup:
 
 async def billing_run(runtime: Runtime) -> BillingRun:
     grace = timedelta(hours=runtime.settings.invoice_grace_hours)
-    return BillingRun(await runtime.pool(), runtime.clickhouse, grace)
+    return BillingRun(await runtime.pool(), runtime.clickhouse, grace, redis=runtime.redis())
+
+
+def lifecycle_jobs(
+    runtime: Runtime, pool: AsyncConnectionPool
+) -> tuple[PeriodEndWarning, LifecycleScan]:
+    """The jobs that tell what time brings: period ends, trials and keys running out."""
+    settings, redis = runtime.settings, runtime.redis()
+    warning = PeriodEndWarning(
+        pool, redis, runtime.clickhouse, timedelta(hours=settings.period_end_warning_hours)
+    )
+    scan = LifecycleScan(
+        pool,
+        redis,
+        timedelta(days=settings.trial_ending_days),
+        timedelta(days=settings.key_expiring_days),
+    )
+    return warning, scan
 
 
 async def start(runtime: Runtime) -> Component:
     settings = runtime.settings
     job, billing = await rollup(runtime), await billing_run(runtime)
+    pool = await runtime.pool()
+    warning, scan = lifecycle_jobs(runtime, pool)
     runtime.background(
         _every(lambda: _roll_up(job), "rollup", settings.rollup_interval_seconds), "rollup"
     )
@@ -57,7 +83,24 @@ async def start(runtime: Runtime) -> Component:
         _every(lambda: _bill_recent(billing), "billing", settings.billing_interval_seconds),
         "billing",
     )
-    pool = await runtime.pool()
+    runtime.background(
+        _every(
+            lambda: lifecycle_pass(warning, scan, pool, runtime.redis()),
+            "lifecycle",
+            settings.lifecycle_interval_seconds,
+        ),
+        "lifecycle",
+    )
+    compiler = AlertCompiler(pool, runtime.redis())
+    catalog_changed = asyncio.Event()
+
+    async def changed() -> None:
+        catalog_changed.set()
+
+    (await runtime.meters()).on_change(changed)
+    runtime.background(
+        _recompile(compiler, catalog_changed, settings.alerts_recompile_seconds), "alerts"
+    )
     api = stripe_client.client(settings)
     if api is not None:
         _stripe_jobs(runtime, pool, api)
@@ -65,11 +108,13 @@ async def start(runtime: Runtime) -> Component:
     webhooks = Webhooks(
         pool, runtime.redis(), settings.stripe_webhook_secret, settings.downgrade_plan
     )
-    notifications = await notify(runtime)
+    notifications = await notify(runtime, build_mailer(settings))
+    notifications.intake.listen(compiler.on_notification)  # a plan change recompiles
     return Component(
         "billing",
         routers=[
             routes.router(pool, auth, runtime.clickhouse),
+            alert_routes.router(pool, auth, compiler),
             stripe_routes.router(auth, Sessions(pool, api), webhooks),
             *notifications.routers,
         ],
@@ -121,6 +166,32 @@ async def _push(pool: AsyncConnectionPool, api: stripe.StripeClient, pusher: Met
     report = await pusher.push()
     if customers or queued or report.sent or report.failed:
         log.info("stripe push", customers=customers, queued=queued, report=report)
+
+
+async def lifecycle_pass(
+    warning: PeriodEndWarning, scan: LifecycleScan, pool: AsyncConnectionPool, redis: Redis
+) -> None:
+    """What time brings, and what a crash between a commit and its publish lost."""
+    warned, report = await warning.run(), await scan.run()
+    async with pool.connection() as conn:
+        payments = await notices.retell(conn, redis, datetime.now(UTC))
+    if warned or report.trials or report.keys or report.invoices or payments:
+        log.info("lifecycle notifications", period_end=warned, report=report, payments=payments)
+
+
+async def _recompile(compiler: AlertCompiler, changed: asyncio.Event, seconds: float) -> None:
+    """Every customer's alert levels: at start, when the catalog changes (a plan's
+    quotas, prices or alerts), and every ``seconds`` as a safety net behind the
+    recompiles a rule change or a plan change does at once."""
+    while True:
+        changed.clear()
+        try:
+            count = await compiler.everyone()
+            log.debug("alerts compiled", customers=count)
+        except Exception as exc:  # the next pass picks up where this one failed
+            log.error("alerts compile failed", error=repr(exc))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), seconds)
 
 
 async def _mirror(pool: AsyncConnectionPool, api: stripe.StripeClient) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import psycopg
@@ -61,6 +62,12 @@ class MeterCache:
         self._index: MeterIndex | None = None
         self._task: asyncio.Task[None] | None = None
         self._listening = False
+        self._watchers: list[Callable[[], Awaitable[None]]] = []
+
+    def on_change(self, watcher: Callable[[], Awaitable[None]]) -> None:
+        """Call ``watcher`` after each notified change of the catalog (meters or plans),
+        once the meters are reloaded: e.g. billing recompiles alert thresholds."""
+        self._watchers.append(watcher)
 
     async def meters(self) -> MeterIndex:
         """The meters as last loaded (loaded now when no load has succeeded yet)."""
@@ -119,5 +126,15 @@ class MeterCache:
             while True:
                 await self.refresh(conn)
                 self._listening = True
+                notified = False
                 async for _ in conn.notifies(timeout=self._max_age, stop_after=1):
-                    pass
+                    notified = True
+                if notified:
+                    await self._tell_watchers()
+
+    async def _tell_watchers(self) -> None:
+        for watcher in self._watchers:
+            try:
+                await watcher()
+            except Exception as exc:  # a watcher's failure must not stop the listening
+                log.warning("catalog watcher failed", error=repr(exc))

@@ -45,6 +45,11 @@ REPLAYED_RECORDS = Counter(
     "Records skipped by the Redis sink because their offset was already applied",
 )
 
+ALERTS_FIRED = Counter(
+    "tally_alerts_fired_total",
+    "alert.triggered notifications published by the aggregator (a crash may repeat an id)",
+)
+
 ROLLUP_ROWS = Counter("tally_rollup_rows_total", "usage_daily/monthly rows written")
 ROLLUP_SECONDS = Histogram("tally_rollup_seconds", "Time for one rollup pass")
 

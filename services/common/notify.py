@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from redis.asyncio import Redis
 
 from schemas.notifications import STREAM, STREAM_MAXLEN, Notification
+
+SENT = "{" + STREAM + "}:sent:"
+"""Prefix of the markers ``publish_once`` leaves, hash-tagged into the stream's slot so
+the marker and the XADD are one atomic script on Redis Cluster too."""
+
+_ONCE = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'n', ARGV[3])
+  return 1
+end
+return 0
+"""
 
 
 async def publish(redis: Redis, notification: Notification) -> None:
@@ -16,3 +30,22 @@ async def publish(redis: Redis, notification: Notification) -> None:
         maxlen=STREAM_MAXLEN,
         approximate=True,
     )
+
+
+async def publish_once(redis: Redis, notification: Notification, remember: timedelta) -> bool:
+    """Publish unless this id was published (by this function) within ``remember``;
+    True when it was published now.
+
+    For producers that re-decide the same thing on every pass (scan jobs, the first
+    refusal of a quota in several processes): the marker and the XADD are one script,
+    so a crash never leaves one without the other, and the stream carries the id once."""
+    published = await redis.eval(
+        _ONCE,
+        2,
+        SENT + notification.id,
+        STREAM,
+        int(remember.total_seconds() * 1000),
+        STREAM_MAXLEN,
+        notification.model_dump_json(),
+    )
+    return bool(published)

@@ -9,9 +9,11 @@ chDB in-process.
 from __future__ import annotations
 
 from datetime import timedelta
+from email.utils import parseaddr
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -27,9 +29,42 @@ def _alias(name: str) -> AliasChoices:
     return AliasChoices(name, f"TALLY_{name}")
 
 
+SMTP_STARTTLS = ("auto", "true", "false")
+"""``?starttls=`` of an ``smtp://`` URL: when the server offers it, always, never."""
+
+
+def smtp_url_problem(raw: str) -> None:
+    """Raise ``ValueError`` naming what is wrong with an SMTP URL, so a typo in
+    ``TALLY_SMTP_URL`` stops the process at start rather than every email later."""
+    parts = urlsplit(raw)
+    if parts.scheme not in ("smtp", "smtps"):
+        raise ValueError("TALLY_SMTP_URL must start with smtp:// or smtps://")
+    if not parts.hostname:
+        raise ValueError("TALLY_SMTP_URL names no host")
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number in range
+    except ValueError:
+        raise ValueError("TALLY_SMTP_URL has a port that is not a number from 1 to 65535") from None
+    options = parse_qs(parts.query, keep_blank_values=True)
+    unknown = set(options) - {"starttls"}
+    if unknown:
+        raise ValueError(f"TALLY_SMTP_URL has unknown options: {', '.join(sorted(unknown))}")
+    starttls = options.get("starttls", ["auto"])
+    if len(starttls) != 1 or starttls[0] not in SMTP_STARTTLS:
+        raise ValueError("TALLY_SMTP_URL: starttls must be one of auto, true, false")
+    if parts.scheme == "smtps" and "starttls" in options:
+        raise ValueError("TALLY_SMTP_URL: smtps:// is TLS from the start; starttls is for smtp://")
+    if bool(parts.username) != bool(parts.password):
+        raise ValueError("TALLY_SMTP_URL: give both a user and a password, or neither")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="TALLY_", env_file=".env", extra="ignore", populate_by_name=True
+        env_prefix="TALLY_",
+        env_file=".env",
+        extra="ignore",
+        populate_by_name=True,
+        hide_input_in_errors=True,  # a bad URL's error must not print its password
     )
 
     database_url: str = Field(
@@ -124,6 +159,20 @@ class Settings(BaseSettings):
     invoice_grace_hours: float = Field(
         24.0, description="How long after its period a draft waits for late usage."
     )
+    period_end_warning_hours: float = Field(
+        24.0, gt=0, description="How long before its period ends a forecast overage is told."
+    )
+    lifecycle_interval_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="How often billing scans for period ends, trials and keys to tell about.",
+    )
+    trial_ending_days: float = Field(3.0, gt=0, description="Trial ending: told this early.")
+    key_expiring_days: float = Field(7.0, gt=0, description="API key expiring: told this early.")
+
+    alerts_recompile_seconds: float = Field(
+        300.0, gt=0, description="How often billing recompiles every customer's alert thresholds."
+    )
 
     stripe_api_key: str | None = Field(None, validation_alias=_alias("STRIPE_API_KEY"))
     stripe_webhook_secret: str | None = Field(
@@ -165,6 +214,25 @@ class Settings(BaseSettings):
     notification_consumer: str = Field(
         "", description="This notifier's name in the stream's group (default: the host name)."
     )
+    public_url: str = Field(
+        "http://127.0.0.1:8000",
+        description="Where customers reach this API: the base of the links in emails.",
+    )
+    smtp_url: str | None = Field(
+        None,
+        description="The mail server notifications are sent through; unset: no email. "
+        "smtp://user:pass@host:587 (STARTTLS when the server offers it; ?starttls=true "
+        "insists, ?starttls=false never), smtps://user:pass@host:465 (TLS from the start).",
+    )
+    smtp_from: str = Field(
+        "Tally <notifications@localhost>", description="The From of every notification email."
+    )
+    smtp_timeout: float = Field(
+        10.0, gt=0, description="Seconds one email may take, from connecting to the reply."
+    )
+    smtp_max_connections: int = Field(
+        10, ge=1, le=1000, description="Emails sent at once; the rest wait for a connection."
+    )
 
     @field_validator("service_tokens", mode="before")
     @classmethod
@@ -175,6 +243,34 @@ class Settings(BaseSettings):
     @classmethod
     def _schedule(cls, raw: object) -> object:
         return [float(t) for t in raw.split(",") if t.strip()] if isinstance(raw, str) else raw
+
+    @field_validator("public_url")
+    @classmethod
+    def _base_url(cls, raw: str) -> str:
+        parts = urlsplit(raw)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                "TALLY_PUBLIC_URL must be an http(s) URL, e.g. https://api.example.com"
+            )
+        if parts.query or parts.fragment:
+            raise ValueError("TALLY_PUBLIC_URL takes no query or fragment")
+        return raw.rstrip("/")
+
+    @field_validator("smtp_url")
+    @classmethod
+    def _smtp(cls, raw: str | None) -> str | None:
+        if raw is None or not raw.strip():
+            return None
+        smtp_url_problem(raw)
+        return raw
+
+    @field_validator("smtp_from")
+    @classmethod
+    def _sender(cls, raw: str) -> str:
+        _, address = parseaddr(raw)
+        if "@" not in address or any(c in raw for c in "\r\n"):
+            raise ValueError(f"TALLY_SMTP_FROM is not an email address: {raw!r}")
+        return raw
 
     @property
     def future_tolerance(self) -> timedelta:

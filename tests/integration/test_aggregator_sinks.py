@@ -204,9 +204,9 @@ async def test_a_stale_writer_is_refused_atomically(redis: Redis, tenant: str) -
     seen = [redis_keys.seen(customer, "2"), redis_keys.seen(customer, "1")]
     expires = int(utcnow().timestamp()) + 600
     share = Apply(customer, "t/0", None, 7, seen, expires, [b"d" * 8], ops)
-    assert await sink.apply([share]) == [(Outcome.APPLIED, set())]
+    assert await sink.apply([share]) == [(Outcome.APPLIED, set(), 0)]
     stale = Apply(customer, "t/0", 3, 9, seen, expires, [b"e" * 8], ops)
-    assert await sink.apply([stale]) == [(Outcome.OFFSET_MOVED, set())]
+    assert await sink.apply([stale]) == [(Outcome.OFFSET_MOVED, set(), 0)]
     assert await redis.hget(key, "*") == b"1000000"
     assert not await redis.sismember(seen[0], "e" * 8)
     assert await redis.hget(redis_keys.offsets(customer), "t/0") == b"7"
@@ -225,7 +225,7 @@ async def test_already_seen_digests_are_named_and_nothing_is_applied(
     ops.expiry[key] = int(utcnow().timestamp()) + 600
     expires = int(utcnow().timestamp()) + 600
     share = Apply(customer, "t/0", None, 4, [current, older], expires, [b"n" * 8, b"o" * 8], ops)
-    assert await sink.apply([share]) == [(Outcome.DUPLICATES, {b"o" * 8})]
+    assert await sink.apply([share]) == [(Outcome.DUPLICATES, {b"o" * 8}, 0)]
     assert not await redis.exists(key)
     assert await redis.hget(redis_keys.offsets(customer), "t/0") is None
 

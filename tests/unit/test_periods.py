@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from schemas.catalog import Aggregation
 from schemas.plans import Cycle, Interval, Plan, Price
 from services.billing.invoicing import compose as invoicing
+from services.billing.invoicing import pace
 from services.billing.invoicing.compose import Span, State, Stretch
 from services.billing.invoicing.periods import Period, period_containing, period_in_month
 
@@ -140,15 +141,16 @@ def test_fee_and_usage_lines_of_a_split_period() -> None:
     ]
 
 
-def test_forecast_grows_additive_meters_linearly() -> None:
+def test_forecast_grows_additive_meters_at_their_recent_pace() -> None:
     stretches = [Stretch("pro", date(2026, 11, 1), date(2026, 11, 11))]
     usage = {(0, "calls"): Decimal(100), (0, "storage"): Decimal(7)}
-    forecast = invoicing.extrapolate(
+    window = pace.window(pace.since(stretches, at("2026-10-01")), at("2026-11-11"))
+    forecast = pace.forecast(
         usage,
+        {"calls": Decimal(60)},  # 10 a day over the window's six days
         stretches,
         {"calls": Aggregation.COUNT, "storage": Aggregation.MAX},
-        at("2026-10-01"),
-        at("2026-11-11"),
+        window,
         NOVEMBER,
     )
     assert forecast == {(0, "calls"): Decimal(300), (0, "storage"): Decimal(7)}

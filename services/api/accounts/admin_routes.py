@@ -22,6 +22,8 @@ from services.api.accounts.service import (
     OpenedAccount,
     RotatedKey,
     Rotation,
+    plan_changed,
+    tell,
 )
 from services.api.accounts.store import ApiKey, Customer, Status
 from services.common.auth import address, credential
@@ -138,12 +140,17 @@ def router(service: Accounts) -> APIRouter:
     async def change_customer(customer_id: str, body: CustomerChange) -> Customer:
         await service.customer(customer_id)
         plan = await service.plan(body.plan) if body.plan else None
+        changed = None
         async with pool.connection() as conn:
             if plan is not None:
-                await accounts.change_plan(conn, customer_id, plan, ACTOR)
+                changed = await accounts.change_plan(conn, customer_id, plan, ACTOR)
             if body.status is not None:
                 await accounts.set_status(conn, customer_id, body.status, ACTOR)
         await service.reproject(customer_id)
+        if plan is not None and changed is not None:
+            before, at = changed
+            note = plan_changed(customer_id, before, plan.id, ACTOR, at.isoformat(), at)
+            await tell(service.redis, note)
         return await service.customer(customer_id)
 
     @api.post(

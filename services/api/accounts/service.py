@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 
 from schemas.api_keys import ALL_SCOPES, Environment, Holder, Scope
 from schemas.events import utcnow
+from schemas.notifications import Notification, NotificationType, notification_id
 from schemas.plans import Plan
 from schemas.problem_types import EMAIL_TAKEN, KEY_REVOKED, UNKNOWN_KEY
 from services.api.accounts import projection, store
@@ -29,6 +30,7 @@ from services.api.accounts.store import Status as Status
 from services.common import catalog
 from services.common.auth import Authenticator
 from services.common.logging import get_logger
+from services.common.notify import publish_once
 from services.common.problems import Problem, invalid_field, unknown_customer
 from services.common.redis import UNREACHABLE
 from services.common.settings import Settings
@@ -214,9 +216,10 @@ class Accounts:
 
 async def follow_billing(
     conn: AsyncConnection, customer_id: str, plan_id: str | None, status: Status | None
-) -> tuple[str, Status] | None:
+) -> tuple[str, Status, str] | None:
     """Apply the payment provider's word in the caller's transaction (see
-    ``store.sync_plan_and_status``), audited as done by ``stripe``.
+    ``store.sync_plan_and_status``), audited as done by ``stripe``: the plan and status
+    now and the plan before (``plan_changed`` tells a change once committed).
 
     The caller drops the customer's Redis projection once the transaction commits: the
     projection lock taken here keeps a projection already in flight from landing after."""
@@ -224,6 +227,41 @@ async def follow_billing(
     if changed is not None:
         await lock_projection(conn, customer_id)
     return changed
+
+
+PLAN_CHANGE_REMEMBERED = timedelta(days=7)
+
+
+def plan_changed(
+    customer: str, before: str, after: str, source: str, change: str, at: datetime
+) -> Notification | None:
+    """``plan.changed`` for a change from ``before`` to ``after`` made by ``source``
+    (admin, stripe, trial_end); ``change`` is its own id (a Stripe event id) or its
+    time.  None when the plan stayed the same."""
+    if before == after:
+        return None
+    kind = NotificationType.PLAN_CHANGED
+    return Notification(
+        id=notification_id(kind, customer, change),
+        type=kind,
+        customer=customer,
+        occurred_at=at,
+        data={"customer": customer, "from_plan": before, "to_plan": after, "source": source},
+    )
+
+
+async def tell(
+    redis: Redis, note: Notification | None, remember: timedelta = PLAN_CHANGE_REMEMBERED
+) -> None:
+    """Publish a decision already committed.  Telling never undoes or fails the
+    decision: if Redis cannot take it, it is logged and lost (a crash between the commit
+    and this call loses it too; the audit log still records the change)."""
+    if note is None:
+        return
+    try:
+        await publish_once(redis, note, remember)
+    except UNREACHABLE as exc:
+        log.warning("notification not published", id=note.id, type=note.type, error=repr(exc))
 
 
 exists = store.exists

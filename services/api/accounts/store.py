@@ -155,13 +155,20 @@ async def customers_on(conn: AsyncConnection, plan_id: str) -> list[str]:
     return [row[0] for row in await cur.fetchall()]
 
 
-async def change_plan(conn: AsyncConnection, customer_id: str, plan: Plan, actor: str) -> None:
-    """Move a customer to ``plan``; an expired or absent trial does not restart."""
-    await conn.execute(
-        "UPDATE customers SET plan_id = %s, updated_at = now() WHERE id = %s",
+async def change_plan(
+    conn: AsyncConnection, customer_id: str, plan: Plan, actor: str
+) -> tuple[str, datetime] | None:
+    """Move a customer to ``plan``; an expired or absent trial does not restart.  The
+    plan it was on and when it changed; None for an unknown customer."""
+    cur = await conn.execute(
+        "UPDATE customers c SET plan_id = %s, updated_at = now()"
+        " FROM (SELECT id, plan_id FROM customers WHERE id = %s FOR UPDATE) old"
+        " WHERE c.id = old.id RETURNING old.plan_id, c.updated_at",
         (plan.id, customer_id),
     )
+    row = await cur.fetchone()
     await audit(conn, actor, "customer.plan_changed", customer_id, plan=plan.id)
+    return (str(row[0]), row[1]) if row else None
 
 
 async def set_status(
@@ -191,44 +198,53 @@ async def sync_plan_and_status(
     plan_id: str | None,
     status: Status | None,
     actor: str,
-) -> tuple[str, Status] | None:
+) -> tuple[str, Status, str] | None:
     """Set a plan and/or a status (``None`` keeps the current one) in one statement,
-    audited as ``customer.sync``.  ``None`` when the customer does not exist;
-    ``UnknownPlan`` when the plan is not in the catalog."""
+    audited as ``customer.sync``: the plan and status now and the plan before.  ``None``
+    when the customer does not exist; ``UnknownPlan`` when the plan is not in the
+    catalog."""
     if plan_id is not None:
         cur = await conn.execute("SELECT 1 FROM plans WHERE id = %s", (plan_id,))
         if await cur.fetchone() is None:
             raise UnknownPlan(plan_id)
     cur = await conn.execute(
-        "UPDATE customers SET plan_id = coalesce(%s, plan_id), status = coalesce(%s, status),"
-        " updated_at = now() WHERE id = %s RETURNING plan_id, status",
+        "UPDATE customers c SET plan_id = coalesce(%s, c.plan_id),"
+        " status = coalesce(%s, c.status), updated_at = now()"
+        " FROM (SELECT id, plan_id FROM customers WHERE id = %s FOR UPDATE) old"
+        " WHERE c.id = old.id RETURNING c.plan_id, c.status, old.plan_id",
         (plan_id, status.value if status else None, customer_id),
     )
     row = await cur.fetchone()
     if row is None:
         return None
     await audit(conn, actor, "customer.sync", customer_id, plan=row[0], status=row[1])
-    return str(row[0]), Status(row[1])
+    return str(row[0]), Status(row[1]), str(row[2])
 
 
 async def end_trial(
     conn: AsyncConnection, customer_id: str, downgrade_to: Plan | None, actor: str
-) -> bool:
+) -> str | None:
     """An unpaid trial that has run out: onto ``downgrade_to`` (active), or suspended.
-    Returns whether this call made the change (concurrent callers race harmlessly)."""
+    The plan the trial was on when this call made the change, else None (concurrent
+    callers race harmlessly)."""
     cur = await conn.execute(
-        "UPDATE customers SET plan_id = coalesce(%s, plan_id), status = %s,"
-        " updated_at = now() WHERE id = %s AND status = 'trial' AND trial_ends_at <= now()",
+        "UPDATE customers c SET plan_id = coalesce(%s, c.plan_id), status = %s,"
+        " updated_at = now()"
+        " FROM (SELECT id, plan_id FROM customers WHERE id = %s FOR UPDATE) old"
+        " WHERE c.id = old.id AND c.status = 'trial' AND c.trial_ends_at <= now()"
+        " RETURNING old.plan_id",
         (
             downgrade_to.id if downgrade_to else None,
             (Status.ACTIVE if downgrade_to else Status.SUSPENDED).value,
             customer_id,
         ),
     )
-    if cur.rowcount:
-        plan = downgrade_to.id if downgrade_to else None
-        await audit(conn, actor, "customer.trial_ended", customer_id, downgraded_to=plan)
-    return bool(cur.rowcount)
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    plan = downgrade_to.id if downgrade_to else None
+    await audit(conn, actor, "customer.trial_ended", customer_id, downgraded_to=plan)
+    return str(row[0])
 
 
 async def issue_key(

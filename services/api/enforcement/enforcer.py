@@ -32,6 +32,7 @@ from schemas.problem_types import (
 from services.api.accounts import projection
 from services.api.accounts import store as accounts
 from services.api.enforcement import trials
+from services.api.enforcement.exhaustion import Exhaustion
 from services.api.enforcement.fallback import Fallback
 from services.api.enforcement.limiter import Ask, Code, Limiter, Mode, Outcome
 from services.api.enforcement.refusals import decision, headers, refused
@@ -116,6 +117,7 @@ class Enforcer:
         self._limiter = limiter
         self._fallback = Fallback(settings.fallback_rate_per_minute)
         self._meters = meters
+        self._exhaustion = Exhaustion(redis)
         self._redis_up = True
         metrics.REDIS_AVAILABLE.set(1)
 
@@ -225,6 +227,7 @@ class Enforcer:
         code = outcome.code
         if code is Code.REFUSED:
             assert outcome.violated is not None
+            self._exhaustion.refused(customer, outcome, utcnow())
             what = "quota" if outcome.violated.kind == "quota" else "rate limit"
             return refused(
                 outcome,

@@ -6,7 +6,8 @@ from __future__ import annotations
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
-from services.api.accounts import projection
+from schemas.events import utcnow
+from services.api.accounts import projection, service
 from services.api.accounts import store as accounts
 from services.common import catalog
 from services.common.settings import Settings
@@ -21,6 +22,11 @@ async def end_trial(
         plan = None
         if settings.trial_expiry == "downgrade":
             plan = await catalog.read_plan(conn, settings.downgrade_plan)
-        await accounts.end_trial(conn, customer, plan, "system:trial-expiry")
+        before = await accounts.end_trial(conn, customer, plan, "system:trial-expiry")
         await conn.commit()
         await projection.project(redis, conn, customer)
+    if before is not None and plan is not None:
+        now = utcnow()
+        # The trial's end is the change's own id: a trial ends once.
+        note = service.plan_changed(customer, before, plan.id, "trial_end", "trial_end", now)
+        await service.tell(redis, note)

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal, localcontext
 
-from schemas.catalog import ADDITIVE, Aggregation
 from schemas.invoices import Invoice, InvoiceLine
 from schemas.plans import Plan
 from services.billing.invoicing.periods import Period
@@ -147,33 +146,6 @@ def invoice(customer: str, period: Period, currency: str, lines: Sequence[Invoic
         subtotal=subtotal,
         total=subtotal,
     )
-
-
-def extrapolate(
-    usage: Usage,
-    stretches: Sequence[Stretch],
-    aggregations: Mapping[str, Aggregation],
-    since: datetime,
-    as_of: datetime,
-    period: Period,
-) -> dict[tuple[int, str], Decimal]:
-    """Usage at the period's end if the current stretch keeps the pace it had between
-    ``since`` (its start, or the subscription's if later) and ``as_of``: additive meters
-    grow linearly; max, latest and unique counts stay where they are."""
-    if not stretches:
-        return dict(usage)
-    last = len(stretches) - 1
-    since = max(since, stretches[last].start)
-    elapsed = (as_of - since).total_seconds()
-    whole = (period.end - since).total_seconds()
-    with localcontext(EXACT):
-        factor = Decimal(whole) / Decimal(elapsed) if elapsed > 0 else Decimal(1)
-        return {
-            (index, meter): quantity * factor
-            if index == last and aggregations.get(meter) in ADDITIVE
-            else quantity
-            for (index, meter), quantity in usage.items()
-        }
 
 
 def midnight(day: date) -> datetime:

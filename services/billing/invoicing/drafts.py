@@ -66,6 +66,11 @@ class Drafter:
         self._meters = meters
         self._clickhouse = clickhouse
 
+    @property
+    def clickhouse(self) -> Callable[[], ClickHouse]:
+        """Where distinct-count meters are read (for the forecast's window too)."""
+        return self._clickhouse
+
     async def draft(self, conn: AsyncConnection, asks: Sequence[Ask]) -> list[Draft]:
         """Every ask's draft, with one usage query for all of them."""
         shapes = [self._shape(ask) for ask in asks]

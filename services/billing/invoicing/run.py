@@ -24,19 +24,22 @@ from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 from pydantic import TypeAdapter
+from redis.asyncio import Redis
 
 from schemas.invoices import InvoiceLine, InvoiceStatus
-from services.billing.invoicing import subscriptions
+from services.billing.invoicing import finalized, subscriptions
 from services.billing.invoicing.drafts import Ask, Draft, Drafter
 from services.billing.rollup import watermark as watermarks
 from services.common import catalog
 from services.common.clickhouse import ClickHouse
 from services.common.logging import get_logger
+from services.common.redis import UNREACHABLE
 
 log = get_logger("tally.billing")
 LINES = TypeAdapter(tuple[InvoiceLine, ...])
 
-_UPSERT = """
+_UPSERT = (
+    """
     INSERT INTO invoices (id, customer_id, period, period_start, period_end, status,
                           currency, lines, subtotal, total, finalized_at)
     VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
@@ -47,6 +50,8 @@ _UPSERT = """
     WHERE invoices.status = 'draft'
       AND (invoices.lines <> excluded.lines OR excluded.status <> 'draft')
 """
+    + finalized.RETURNING
+)
 
 
 class RunInProgress(RuntimeError):
@@ -69,8 +74,12 @@ class BillingRun:
         clickhouse: Callable[[], ClickHouse],
         grace: timedelta,
         batch: int = 5000,
+        redis: Redis | None = None,
     ) -> None:
+        """``redis``: where finalized invoices are told (``invoice.finalized``); None
+        tells nobody (the lifecycle scan still will)."""
         self._pool = pool
+        self._redis = redis
         self._clickhouse = clickhouse
         self._grace = grace
         self._batch = batch
@@ -100,13 +109,15 @@ class BillingRun:
             asks = [a for s in batch if (a := _ask(drafter, s, month, now))]
             drafts = await drafter.draft(conn, asks)
             async with conn.transaction():
-                written += await _write(conn, drafts, self._finalizes(now, complete, finalize))
+                rows = await _write(conn, drafts, self._finalizes(now, complete, finalize))
+                written += len(rows)
                 cursor = batch[-1].customer
                 await conn.execute(
                     "UPDATE billing_runs SET cursor = %s, invoices = invoices + %s"
                     " WHERE period = %s",
                     (cursor, len(drafts), label),
                 )
+            await self._tell([r for r in rows if r[6] is not None])
             customers += len(batch)
             skipped += len(batch) - len(asks)
             log.info("billing batch", period=label, cursor=cursor, invoices=len(drafts))
@@ -114,6 +125,16 @@ class BillingRun:
             "UPDATE billing_runs SET finished_at = now() WHERE period = %s", (label,)
         )
         return Report(label, customers, written, skipped, resumed)
+
+    async def _tell(self, finals: list[finalized.Row]) -> None:
+        """After the batch's commit: a failure to publish loses nothing the lifecycle
+        scan does not publish again, so it is logged, not raised."""
+        if self._redis is None or not finals:
+            return
+        try:
+            await finalized.tell(self._redis, finals)
+        except UNREACHABLE as exc:
+            log.warning("invoice.finalized not published", error=repr(exc))
 
     def _finalizes(
         self, now: datetime, complete: datetime | None, forced: bool
@@ -137,9 +158,10 @@ def _ask(
 
 async def _write(
     conn: AsyncConnection, drafts: Sequence[Draft], finalizes: Callable[[Draft], bool]
-) -> int:
+) -> list[finalized.Row]:
+    """The invoices written: created, recomputed or finalized (``finalized_at`` set)."""
     if not drafts:
-        return 0
+        return []
     rows = []
     for draft in drafts:
         invoice = draft.invoice()
@@ -159,9 +181,14 @@ async def _write(
                 datetime.now(UTC) if final else None,
             )
         )
+    written: list[finalized.Row] = []
     async with conn.cursor() as cur:
-        await cur.executemany(_UPSERT, rows)
-        return cur.rowcount
+        await cur.executemany(_UPSERT, rows, returning=True)
+        while True:
+            written += [tuple(row) for row in await cur.fetchall()]
+            if not cur.nextset():
+                break
+    return written
 
 
 async def _start(conn: AsyncConnection, label: str) -> str:

@@ -22,6 +22,7 @@ class Attempt:
     duration_ms: int
     gone: bool = False  # the receiver says it is gone for good (HTTP 410): disable it
     retry_after: float | None = None  # seconds the receiver asked us to wait (Retry-After)
+    permanent: bool = False  # retrying cannot help (SMTP 5xx for this recipient): stop
 
 
 class Mailer(Protocol):

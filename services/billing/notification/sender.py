@@ -280,7 +280,8 @@ class Sender:
 
     async def _record(self, row: Due, attempt: Attempt) -> None:
         """The attempt logged, and what it means for the delivery, in one transaction."""
-        retry = None if attempt.ok or attempt.gone else self._policy.retry_in(row.attempts + 1)
+        final = attempt.ok or attempt.gone or attempt.permanent  # nothing to retry
+        retry = None if final else self._policy.retry_in(row.attempts + 1)
         if retry is not None and attempt.retry_after:
             retry = max(retry, timedelta(seconds=min(attempt.retry_after, MAX_RETRY_AFTER)))
         state = "succeeded" if attempt.ok else ("pending" if retry is not None else "failed")

@@ -23,6 +23,14 @@ What each event does:
 - ``invoice.payment_failed``: the invoice failed, the customer is past due.
 After a change, the customer's enforcement state in Redis is dropped; the next decision
 reads it afresh from PostgreSQL.
+
+Once the transaction commits, what it decided is told (``notices``): ``payment.failed``
+for ``invoice.payment_failed`` (the account is now past due), ``plan.changed`` when the
+plan moved, each with the Stripe event's id in its stable id.  A crash between the
+commit and the publish loses a ``plan.changed`` (Stripe's redelivery finds the event
+applied and says nothing); a lost ``payment.failed`` is told by the billing service's
+next lifecycle pass (``notices.retell``).  Redis failing to take either is logged and
+never fails the webhook.
 """
 
 from __future__ import annotations
@@ -38,9 +46,12 @@ from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from schemas import redis_keys
+from schemas.notifications import Notification
 from schemas.problem_types import BAD_SIGNATURE, NOT_AN_EVENT, STRIPE_NOT_CONFIGURED
 from services.api.accounts import service as accounts
 from services.billing.stripe import client as stripe_client
+from services.billing.stripe import notices
+from services.billing.stripe.notices import Teller
 from services.common.problems import Problem
 
 TOLERANCE_SECONDS = 300
@@ -68,6 +79,7 @@ class Webhooks:
         event = self._verified(payload, signature)
         obj: dict[str, Any] = event["data"]["object"]
         created = datetime.fromtimestamp(int(event["created"]), UTC)
+        told: list[Notification] = []
         async with self._pool.connection() as conn, conn.transaction():
             cur = await conn.execute(
                 "INSERT INTO stripe_inbox (event_id, type, created, outcome, payload)"
@@ -76,12 +88,16 @@ class Webhooks:
             )
             if cur.rowcount == 0:
                 return {"received": True, "outcome": "duplicate"}
-            customer, outcome = await self._apply(conn, event["type"], obj, created)
+            customer, outcome = await self._apply(
+                conn, event["type"], obj, created, Teller(event["id"], created, told)
+            )
             await conn.execute(
                 "UPDATE stripe_inbox SET outcome = %s WHERE event_id = %s", (outcome, event["id"])
             )
         if customer is not None:
             await self._redis.delete(redis_keys.account(customer))
+        for note in told:
+            await accounts.tell(self._redis, note, notices.REMEMBER)
         return {"received": True, "outcome": outcome}
 
     def _verified(self, payload: bytes, signature: str | None) -> dict[str, Any]:
@@ -106,7 +122,12 @@ class Webhooks:
         return event
 
     async def _apply(
-        self, conn: AsyncConnection, kind: str, obj: dict[str, Any], created: datetime
+        self,
+        conn: AsyncConnection,
+        kind: str,
+        obj: dict[str, Any],
+        created: datetime,
+        teller: Teller,
     ) -> tuple[str | None, str]:
         """The customer the event changed (if any) and what became of the event."""
         customer = await _customer_of(conn, kind, obj)
@@ -121,23 +142,29 @@ class Webhooks:
         match kind:
             case "checkout.session.completed" | "checkout.session.async_payment_succeeded":
                 await _adopt_stripe_customer(conn, customer, obj.get("customer"))
-                return customer, await _change(conn, customer, metadata.get("plan"), "active")
+                return customer, await _change(
+                    conn, customer, metadata.get("plan"), "active", teller
+                )
             case "customer.subscription.updated" if obj.get("status") == "canceled":
-                return customer, await _change(conn, customer, self._downgrade, "active")
+                return customer, await _change(conn, customer, self._downgrade, "active", teller)
             case "customer.subscription.updated":
                 status = STATUSES.get(str(obj.get("status")))
-                return customer, await _change(conn, customer, _subscribed_plan(obj), status)
+                return customer, await _change(
+                    conn, customer, _subscribed_plan(obj), status, teller
+                )
             case "customer.subscription.deleted":
-                return customer, await _change(conn, customer, self._downgrade, "active")
+                return customer, await _change(conn, customer, self._downgrade, "active", teller)
             case "invoice.paid":
                 await _invoice_status(conn, obj, "paid")
                 plan = _subscription_started(obj)
                 if plan is not None:
-                    return customer, await _change(conn, customer, plan, "active")
-                return customer, await _recover(conn, customer)
+                    return customer, await _change(conn, customer, plan, "active", teller)
+                return customer, await _recover(conn, customer, teller)
             case "invoice.payment_failed":
                 await _invoice_status(conn, obj, "payment_failed")
-                return customer, await _change(conn, customer, None, "past_due")
+                outcome = await _change(conn, customer, None, "past_due", teller)
+                teller.payment_failed(customer, obj)
+                return customer, outcome
         return None, f"ignored: {kind} is not handled"
 
 
@@ -256,7 +283,7 @@ async def _newest(conn: AsyncConnection, customer: str, created: datetime) -> bo
 
 
 async def _change(
-    conn: AsyncConnection, customer: str, plan: str | None, status: str | None
+    conn: AsyncConnection, customer: str, plan: str | None, status: str | None, teller: Teller
 ) -> str:
     try:
         changed = await accounts.follow_billing(
@@ -266,12 +293,14 @@ async def _change(
         return f"ignored: unknown plan {plan!r}"
     if changed is None:
         return "ignored: no Tally customer"
+    after, _, before = changed
+    teller.add(accounts.plan_changed(customer, before, after, "stripe", teller.event_id, teller.at))
     return f"applied: {changed[0]}, {changed[1].value}"
 
 
-async def _recover(conn: AsyncConnection, customer: str) -> str:
+async def _recover(conn: AsyncConnection, customer: str, teller: Teller) -> str:
     if await accounts.status_of(conn, customer) is accounts.Status.PAST_DUE:
-        return await _change(conn, customer, None, "active")
+        return await _change(conn, customer, None, "active", teller)
     return "applied: invoice paid"
 
 

@@ -1,0 +1,124 @@
+"""Publishing the alert crossings the batch call queued, as ``alert.triggered``.
+
+``apply_batch.lua`` decides (atomically, once per threshold and month) and queues each
+crossing in the customer's out list; this module turns them into notifications on the
+stream and only then trims what it published.  A crash in between publishes the same
+crossings again under the same stable ids, which the notifier stores once: never a lost
+alert, never a second id for one.  At start the aggregator sweeps every out list once,
+so leftovers from a crash do not wait for the customer's next event.  The trim removes
+only what is still the list's head as read (``alerts_trim.lua``): the sweep and the
+partition's owner may drain one list at once without dropping what the other added.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+
+from redis.asyncio import Redis
+
+from schemas import lua, redis_keys
+from schemas.alerts import AlertKind, Crossing, parse_crossing
+from schemas.catalog import Meter
+from schemas.events import from_micros, utcnow
+from schemas.notifications import Notification, NotificationType, notification_id
+from schemas.windows import Window, next_bucket
+from services.common import metrics
+from services.common.logging import get_logger
+from services.common.notify import publish
+
+log = get_logger("tally.aggregator.alerts")
+
+PAGE = 100  # crossings published per round trip
+
+
+class AlertPublisher:
+    """Drains customers' crossings lists onto the notification stream."""
+
+    def __init__(self, redis: Redis, meters: Callable[[], dict[str, list[Meter]]]) -> None:
+        self._redis = redis
+        self._meters = meters
+        self._trim = redis.register_script(lua.source("alerts_trim"))
+
+    async def drain(self, customers: Iterable[str]) -> int:
+        """Publish every crossing waiting for these customers; how many were published."""
+        published = 0
+        for customer in customers:
+            published += await self._drain_one(customer)
+        return published
+
+    async def sweep(self) -> int:
+        """Drain every customer's out list (at start: what a crash left behind)."""
+        customers = {
+            redis_keys.customer_of(key.decode() if isinstance(key, bytes) else key)
+            async for key in self._redis.scan_iter(match=redis_keys.ALERTS_OUT_PATTERN, count=1000)
+        }
+        published = await self.drain(sorted(customers))
+        if published:
+            log.info("published alerts left from before the start", count=published)
+        return published
+
+    async def _drain_one(self, customer: str) -> int:
+        key = redis_keys.alerts_out(customer)
+        units = {m.name: m.unit for ms in self._meters().values() for m in ms}
+        published = 0
+        while raw := await self._redis.lrange(key, 0, PAGE - 1):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for item in raw:
+                    crossing = parse_crossing(item.decode() if isinstance(item, bytes) else item)
+                    await publish(pipe, notification(customer, crossing, units.get(crossing.meter)))
+                await pipe.execute()  # raises unless every XADD succeeded: then no trim
+            await self._trim(keys=[key], args=raw)
+            published += len(raw)
+            metrics.ALERTS_FIRED.inc(len(raw))
+        return published
+
+
+def period(month: str) -> tuple[datetime, datetime]:
+    """The quota period a month bucket (yyyymm) names: the UTC calendar month."""
+    start = datetime(int(month[:4]), int(month[4:]), 1, tzinfo=UTC)
+    return start, next_bucket(Window.MONTH, start)
+
+
+def moment(instant: datetime) -> str:
+    """An instant as ids and payloads carry it: RFC 3339 UTC (``2026-11-01T00:00:00Z``)."""
+    return instant.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def notification(customer: str, crossing: Crossing, unit: str | None) -> Notification:
+    """The ``alert.triggered`` notification for a crossing (payloads.md), with its stable id."""
+    threshold = crossing.threshold
+    start, end = period(crossing.month)
+    data: dict[str, object] = {
+        "customer": customer,
+        "meter": crossing.meter,
+        "period": {"start": moment(start), "end": moment(end)},
+        "threshold": {
+            "kind": threshold.kind.value,
+            "value": str(threshold.value),
+            "quantity": str(from_micros(threshold.quantity)),
+        },
+        "usage": str(from_micros(crossing.total)),
+        "limit": None if threshold.limit is None else str(threshold.limit),
+        "rule": threshold.rule,
+    }
+    if unit:
+        data["unit"] = unit
+    if threshold.kind is AlertKind.SPEND:
+        data["currency"] = threshold.currency
+    ident = notification_id(
+        NotificationType.ALERT_TRIGGERED,
+        customer,
+        crossing.meter,
+        moment(start),
+        threshold.rule,
+        threshold.kind.value,
+        threshold.value,
+    )
+    return Notification(
+        id=ident,
+        type=NotificationType.ALERT_TRIGGERED,
+        customer=customer,
+        occurred_at=utcnow(),
+        data=data,
+    )
