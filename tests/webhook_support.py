@@ -269,7 +269,9 @@ class PlainMailer:
     def __init__(self, port: int) -> None:
         self.port = port
 
-    async def send(self, notification: Notification, to: str) -> Attempt:
+    async def send(
+        self, notification: Notification, to: str, *, company: str | None = None
+    ) -> Attempt:
         import aiosmtplib
 
         started = time.monotonic()

@@ -45,6 +45,10 @@ async def test_one_webhook_and_one_email_per_alert(
     settings: Settings, pool: AsyncConnectionPool, redis: Redis, tenant: str
 ) -> None:
     customer = await new_customer(pool, tenant)
+    async with pool.connection() as conn:
+        await conn.execute(
+            "UPDATE customers SET company = 'Acme Rockets' WHERE id = %s", (customer,)
+        )
     await redis.delete(STREAM)
     async with smtp_inbox() as inbox, receiver() as rx:
         settings = quick(settings, smtp_url=f"smtp://127.0.0.1:{inbox.port}?starttls=false")
@@ -70,3 +74,4 @@ async def test_one_webhook_and_one_email_per_alert(
     assert sorted(g.headers["webhook-id"] for g in got) == sorted(a.id for a in alerts)
     assert len(inbox.messages) == 3
     assert all(to == [f"{customer}@example.com"] for to, _ in inbox.messages)
+    assert all(b"Acme Rockets" in content for _, content in inbox.messages)  # greeted by name

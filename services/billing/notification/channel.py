@@ -28,4 +28,6 @@ class Attempt:
 class Mailer(Protocol):
     """The email channel as the delivery worker sees it (``notification.email``)."""
 
-    async def send(self, notification: Notification, to: str) -> Attempt: ...
+    async def send(
+        self, notification: Notification, to: str, *, company: str | None = None
+    ) -> Attempt: ...

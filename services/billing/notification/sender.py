@@ -83,6 +83,7 @@ class Due:
     previous_secret: str | None
     previous_secret_until: datetime | None
     endpoint_off: str | None  # why the endpoint takes nothing now (deleted, disabled)
+    company: str | None  # the customer's company, to greet an email's reader by name
 
     @property
     def target(self) -> str:
@@ -142,10 +143,12 @@ _DETAILS = """
            e.previous_secret, e.previous_secret_until,
            CASE WHEN e.deleted_at IS NOT NULL THEN 'the endpoint was deleted'
                 WHEN e.disabled_at IS NOT NULL THEN 'endpoint disabled: ' || e.disabled_reason
-           END AS endpoint_off
+           END AS endpoint_off,
+           nullif(c.company, '') AS company
     FROM notification_deliveries d
     JOIN notifications n ON n.id = d.notification_id
     LEFT JOIN webhook_endpoints e ON e.id = d.endpoint_id
+    LEFT JOIN customers c ON c.id = n.customer_id
     WHERE d.id = ANY(%s)
     ORDER BY d.next_attempt_at, d.id
 """
@@ -253,7 +256,9 @@ class Sender:
             assert self._mailer is not None
             started = time.monotonic()
             try:
-                return await self._mailer.send(row.notification(), row.recipient)
+                return await self._mailer.send(
+                    row.notification(), row.recipient, company=row.company
+                )
             except Exception as exc:  # a mailer that raises is a failed attempt, retried
                 took = round((time.monotonic() - started) * 1000)
                 return Attempt(False, None, "", repr(exc)[:1024], took)
