@@ -21,6 +21,7 @@ from schemas.events import utcnow
 from services.api import service as api_service
 from services.api.enforcement.routes import EnforceBatchResults, EnforceDecision
 from services.billing.invoicing import routes as invoice_routes
+from services.billing.notification.notifier import notifier
 from services.billing.stripe import routes as stripe_routes
 from services.billing.stripe.sessions import Sessions
 from services.billing.stripe.webhooks import Webhooks
@@ -66,6 +67,7 @@ async def tally(settings: Settings) -> AsyncIterator[tuple[FastAPI, httpx.AsyncC
                 routers=[
                     invoice_routes.router(pool, auth, runtime.clickhouse),
                     stripe_routes.router(auth, Sessions(pool, None), hooks),
+                    *notifier(settings, pool, runtime.redis(), auth).routers,
                 ],
             ),
             Component("ingest", [ingest_router(ingest)], schemas=openapi_schemas()),
