@@ -22,12 +22,12 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterable
 
-from tally_sdk.asgi import ASGIApp, Message, Receive, Scope, Send, encoded, header, send_problem
+from tally_sdk.asgi import ASGIApp, Message, Receive, Scope, Send, header, send_problem
 from tally_sdk.client import Mode, Tally
 from tally_sdk.decider import Ask, Decider, RemoteDecider
 from tally_sdk.decision import Decision
 from tally_sdk.errors import AuthenticationError, TallyError
-from tally_sdk.events import Dimension, new_id, usage_event
+from tally_sdk.events import new_id, now
 from tally_sdk.leases import LeaseDecider
 
 log = logging.getLogger("tally_sdk")
@@ -176,7 +176,7 @@ class TallyMiddleware:
         event_id: str,
     ) -> None:
         """Run the app with the RateLimit headers added, then meter what it answered."""
-        extra = encoded({k: v for k, v in decision.headers.items() if k != "Retry-After"})
+        extra = decision.added_headers
         status = 500  # what the server answers if the app fails before responding
 
         async def send_with_limits(message: Message) -> None:
@@ -194,19 +194,25 @@ class TallyMiddleware:
     def _meter(
         self, decision: Decision, scope: Scope, endpoint: str, event_id: str, status: int
     ) -> None:
-        """Emit the usage event; a request already served must not fail because of it."""
+        """Emit the usage event; a request already served must not fail because of it.
+
+        The event is built complete here (``emit_event`` would copy it to fill in what
+        the wire format needs): this runs for every request served."""
         if decision.customer is None:
             log.error("tally: the decision names no customer; %s not metered", scope["path"])
             return
-        dimensions: dict[str, Dimension] = {
-            "endpoint": endpoint,
-            "method": str(scope["method"]),
-            "status": status,
+        event = {
+            "specversion": "1.0",
+            "source": self.tally.source,
+            "id": event_id,
+            "type": self.event_type,
+            "subject": decision.customer,
+            "time": now(),
+            "data": {"endpoint": endpoint, "method": str(scope["method"]), "status": status},
         }
-        event = usage_event(self.event_type, decision.customer, id=event_id, dimensions=dimensions)
         if decision.lease is not None:
             event["tallylease"] = decision.lease  # settles the unit the lease held for it
         try:
-            self.tally.emit_event(event)
+            self.tally.emit_complete(event)
         except TallyError as exc:
             log.error("tally: %s %s not metered: %s", scope["method"], scope["path"], exc)
