@@ -22,7 +22,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterable
 
-from tally_sdk.asgi import ASGIApp, Message, Receive, Scope, Send, header, send_problem
+from tally_sdk.asgi import ASGIApp, Message, Receive, Scope, Send, send_problem
 from tally_sdk.client import Mode, Tally
 from tally_sdk.decider import Ask, Decider, RemoteDecider
 from tally_sdk.decision import Decision
@@ -55,11 +55,21 @@ def raw_path(scope: Scope) -> str:
 
 
 def api_key(scope: Scope) -> str | None:
-    """The caller's key from ``Authorization: Bearer`` or, failing that, ``X-API-Key``."""
-    scheme, _, token = (header(scope, b"authorization") or "").partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
-    return (header(scope, b"x-api-key") or "").strip() or None
+    """The caller's key from ``Authorization: Bearer`` or, failing that, ``X-API-Key``
+    (the first of each; one pass over the headers, as this runs for every request)."""
+    authorization = x_api_key = None
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization" and authorization is None:
+            authorization = value
+        elif name == b"x-api-key" and x_api_key is None:
+            x_api_key = value
+    if authorization is not None:
+        scheme, _, token = bytes(authorization).decode("latin-1").partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    if x_api_key is None:
+        return None
+    return bytes(x_api_key).decode("latin-1").strip() or None
 
 
 class TallyMiddleware:
@@ -128,6 +138,8 @@ class TallyMiddleware:
         await self._serve(scope, receive, send, decision, endpoint, event_id)
 
     def _excluded(self, path: str) -> bool:
+        if not path.startswith(self.exclude):  # one C call settles most requests
+            return False
         return any(path == p or path.startswith(p + "/") for p in self.exclude)
 
     async def _decide(self, scope: Scope, key: str, endpoint: str, event_id: str) -> Decision:
