@@ -13,7 +13,8 @@ Encoding a batch is the one piece of work here that grows with the batch (a few 
 500 events with ``json`` and ``gzip``), and on the event loop it would stall every
 request the app is serving at that moment: a p99 spike per batch.  So the body is made
 in a worker thread (``gzip`` releases the GIL, so it even runs beside the loop), with
-``orjson`` (a tenth of ``json``'s time) when it is installed.
+``orjson`` (a tenth of ``json``'s time) in chunks of ``CHUNK`` events, so the thread
+lets go of the GIL every ~0.1 ms and the loop never waits long for it.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from tally_sdk.reports import Outcome, Reporter, Undelivered
 
 log = logging.getLogger("tally_sdk")
 BATCH_MEDIA_TYPE = "application/cloudevents-batch+json"
+CHUNK = 200  # events encoded per call: about 0.1 ms of holding the GIL with orjson
 
 
 def _json(events: list[dict[str, Any]]) -> bytes:
@@ -62,8 +64,9 @@ to_json = _fast_json()
 
 
 def batch_body(events: list[dict[str, Any]], compress: bool) -> bytes:
-    """The request body for a batch: JSON, gzipped when ``compress``."""
-    body = to_json(events)
+    """The request body for a batch: a JSON array, gzipped when ``compress``."""
+    chunks = (to_json(events[n : n + CHUNK])[1:-1] for n in range(0, len(events), CHUNK))
+    body = b"[" + b",".join(chunks) + b"]"
     return gzip.compress(body, compresslevel=1, mtime=0) if compress else body
 
 

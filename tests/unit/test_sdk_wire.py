@@ -54,9 +54,10 @@ def test_a_given_time_keeps_its_own_offset() -> None:
 
 
 def test_a_batch_body_is_the_events_json_gzipped() -> None:
-    events = [{"id": "a", "data": {"endpoint": "/ü", "status": 200}}, {"id": "b", "data": {}}]
+    events = [{"id": str(n), "data": {"endpoint": "/ü", "status": 200}} for n in range(450)]
     assert json.loads(gzip.decompress(batch_body(events, compress=True))) == events
-    assert json.loads(batch_body(events, compress=False)) == events
+    assert json.loads(batch_body(events, compress=False)) == events  # across chunks
+    assert json.loads(batch_body(events[:1], compress=False)) == events[:1]
 
 
 def test_what_orjson_refuses_still_encodes() -> None:
