@@ -28,6 +28,7 @@ from services.billing.notification.alerts import rules
 from services.billing.notification.alerts.compile import (
     AlertCompiler,
     RuleError,
+    plan_of,
     plan_thresholds,
     reference,
     rule_thresholds,
@@ -126,9 +127,7 @@ def router(pool: AsyncConnectionPool, auth: Authenticator, compiler: AlertCompil
 
 
 async def _plan(conn: AsyncConnection, customer: str) -> Plan:
-    cur = await conn.execute("SELECT plan_id FROM customers WHERE id = %s", (customer,))
-    row = await cur.fetchone()
-    plan = None if row is None else await catalog.read_plan(conn, row[0])
+    plan = await plan_of(conn, customer)
     if plan is None:
         raise unknown_customer(customer)
     return plan
