@@ -14,6 +14,7 @@ The id doubles as the Standard Webhooks ``webhook-id``, so a receiver de-duplica
 from __future__ import annotations
 
 from base64 import b32encode
+from datetime import UTC, datetime
 from enum import StrEnum
 from hashlib import blake2b
 from typing import Any
@@ -48,6 +49,12 @@ class Notification(BaseModel):
     customer: str
     occurred_at: AwareDatetime
     data: dict[str, Any]
+
+
+def moment(instant: datetime) -> str:
+    """An instant as ids and payloads carry it: RFC 3339 UTC (``2026-11-01T00:00:00Z``), so
+    every producer derives the same id from the same instant whatever its time zone."""
+    return instant.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def notification_id(kind: NotificationType, customer: str, *what: object) -> str:

@@ -21,7 +21,7 @@ from schemas import lua, redis_keys
 from schemas.alerts import AlertKind, Crossing, parse_crossing
 from schemas.catalog import Meter
 from schemas.events import from_micros, utcnow
-from schemas.notifications import Notification, NotificationType, notification_id
+from schemas.notifications import Notification, NotificationType, moment, notification_id
 from schemas.windows import Window, next_bucket
 from services.common import metrics
 from services.common.logging import get_logger
@@ -80,13 +80,9 @@ def period(month: str) -> tuple[datetime, datetime]:
     return start, next_bucket(Window.MONTH, start)
 
 
-def moment(instant: datetime) -> str:
-    """An instant as ids and payloads carry it: RFC 3339 UTC (``2026-11-01T00:00:00Z``)."""
-    return instant.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
 def notification(customer: str, crossing: Crossing, unit: str | None) -> Notification:
-    """The ``alert.triggered`` notification for a crossing (payloads.md), with its stable id."""
+    """The ``alert.triggered`` notification for a crossing, with its stable id (its payload:
+    docs/notifications.md)."""
     threshold = crossing.threshold
     start, end = period(crossing.month)
     data: dict[str, object] = {

@@ -16,6 +16,7 @@ from services.billing.invoicing import routes
 from services.billing.invoicing.periods import months_before
 from services.billing.invoicing.run import BillingRun
 from services.billing.notification import alert_routes
+from services.billing.notification.access import Access
 from services.billing.notification.alerts.compile import AlertCompiler
 from services.billing.notification.channel import Mailer
 from services.billing.notification.email.mailer import build_mailer
@@ -114,7 +115,7 @@ async def start(runtime: Runtime) -> Component:
         "billing",
         routers=[
             routes.router(pool, auth, runtime.clickhouse),
-            alert_routes.router(pool, auth, compiler),
+            alert_routes.router(pool, Access(auth, settings.admin_token), compiler),
             stripe_routes.router(auth, Sessions(pool, api), webhooks),
             *notifications.routers,
         ],

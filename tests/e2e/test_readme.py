@@ -226,3 +226,20 @@ def test_the_readme_tour_runs(tally_up: TallyProcess, tmp_path: Path) -> None:
 
     moved = json.loads(output_of(tour, outputs, "/v1/admin/customers/"))
     assert (moved["plan"], moved["status"]) == ("starter", "active"), moved
+
+    added, *alerts = output_of(tour, outputs, "/alerts").splitlines()
+    assert json.loads(added)["kind"] == "spend", added
+    shown = {row["id"]: row for row in map(json.loads, alerts)}
+    assert shown["plan"]["value"] == ["80", "90", "100"], alerts
+    assert shown["plan"]["fires_at"] == ["40000", "45000", "50000"], alerts
+    (spend,) = (row for row in shown.values() if row["kind"] == "spend")
+    assert spend["value"] == ["60"] and int(spend["fires_at"][0]) > 50_000, alerts
+
+    endpoint, sent, *log = output_of(tour, outputs, "/webhook-endpoints").splitlines()
+    assert json.loads(endpoint)["secret"].startswith("whsec_"), endpoint
+    assert json.loads(sent)["notification_id"].startswith("msg_"), sent
+    told = {row["type"]: row["deliveries"] for row in map(json.loads, log)}
+    assert set(told) >= {"webhook.test", "plan.changed"}, log
+    (tested,) = told["webhook.test"]
+    assert (tested["channel"], tested["state"]) == ("webhook", "pending"), tested
+    assert tested["attempts"] >= 1 and tested["last_error"] and tested["next_attempt_at"], tested

@@ -16,18 +16,19 @@ from schemas.alerts import decode
 from schemas.events import VALUE_SCALE
 from schemas.problem_types import TYPE_BASE
 from services.billing.notification import alert_routes
+from services.billing.notification.access import Access
 from services.billing.notification.alerts.compile import AlertCompiler
 from services.common.auth import Authenticator
 from services.common.settings import Settings
 from services.runtime import Component, http_app
-from tests.accounts_support import Account, running_api, sign_up
+from tests.accounts_support import ADMIN, Account, running_api, sign_up
 
 SERVICE = {"Authorization": "Bearer test-token"}
 
 
 def alerts_client(settings: Settings, pool: AsyncConnectionPool, redis: Redis) -> httpx.AsyncClient:
-    auth = Authenticator(settings, redis, pool)
-    router = alert_routes.router(pool, auth, AlertCompiler(pool, redis))
+    access = Access(Authenticator(settings, redis, pool), "test-admin-token")
+    router = alert_routes.router(pool, access, AlertCompiler(pool, redis))
     app = http_app([Component("billing", routers=[router])])
     return httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t")
 
@@ -204,6 +205,13 @@ async def test_who_may_see_and_change_alerts(
             f"/v1/customers/{theirs.customer}/alerts", json=body, headers=mine.auth
         )
         anonymous = await client.get(f"/v1/customers/{mine.customer}/alerts")
+        wrong_admin = await client.get(
+            f"/v1/customers/{mine.customer}/alerts", headers={"Authorization": "Bearer nope"}
+        )
+        admin_add = await client.post(
+            f"/v1/customers/{theirs.customer}/alerts", json=body, headers=ADMIN
+        )
+        admin_list = await client.get(f"/v1/customers/{theirs.customer}/alerts", headers=ADMIN)
         unknown = await client.get("/v1/customers/nobody-here/alerts", headers=SERVICE)
         bad_kind = await client.post(
             f"/v1/customers/{mine.customer}/alerts",
@@ -211,6 +219,9 @@ async def test_who_may_see_and_change_alerts(
             headers=SERVICE,
         )
     assert (other.status_code, other_add.status_code, anonymous.status_code) == (403, 403, 401)
+    assert wrong_admin.status_code == 401
+    assert admin_add.status_code == 201, admin_add.text
+    assert [a["source"] for a in admin_list.json()["alerts"]] == ["plan", "customer"]
     assert unknown.status_code == 404
     assert unknown.json()["type"] == TYPE_BASE + "unknown-customer"
     assert bad_kind.status_code == 422

@@ -15,10 +15,8 @@ import pytest
 from psycopg.types.json import Jsonb
 from redis.asyncio import Redis
 
-from schemas import redis_keys
-from schemas.events import VALUE_SCALE, utcnow
+from schemas.events import utcnow
 from schemas.notifications import Notification, NotificationType, notification_id
-from schemas.windows import Window, bucket_id
 from services.api.enforcement.exhaustion import Exhaustion
 from services.api.enforcement.limiter import Code, Limit, Outcome
 from services.api.enforcement.trials import end_trial
@@ -26,6 +24,7 @@ from services.billing.stripe import notices
 from services.common.settings import Settings
 from tests.accounts_support import ADMIN, enforce, running_api, sign_up
 from tests.billing_support import at, subscribe
+from tests.integration.test_enforcement import set_usage
 from tests.integration.test_stripe import link, post, webhook_client
 from tests.notification_support import published
 
@@ -38,13 +37,6 @@ FAILED = NotificationType.PAYMENT_FAILED
 async def api(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     async with running_api(settings) as client:
         yield client
-
-
-async def set_usage(redis: Redis, customer: str, calls: int) -> None:
-    key = redis_keys.counters(
-        customer, "api_calls", Window.MONTH, bucket_id(Window.MONTH, utcnow())
-    )
-    await redis.hset(key, "*", calls * VALUE_SCALE)
 
 
 async def settled(redis: Redis, customer: str, count: int) -> list[Notification]:

@@ -63,11 +63,16 @@ async def test_malformed_entries_are_dropped_not_blocking(
 
     async with running_notifier(quick(settings), pool, redis, send=False) as run:
         run.notifier.intake.listen(listener)
-        await redis.xadd(STREAM, {"n": b'{"id": "msg_x", "type": "no.such.type"}'})
-        await redis.xadd(STREAM, {"other": b"field"})
-        n = alert(customer)
-        await publish(redis, n)
-        await eventually(lambda: _stored(pool, n.id))
-        await eventually(lambda: _acked(redis))
-        assert not await _stored(pool, "msg_x")
-        assert [h.id for h in heard] == [n.id]
+        malformed = [
+            await redis.xadd(STREAM, {"n": b'{"id": "msg_x", "type": "no.such.type"}'}),
+            await redis.xadd(STREAM, {"other": b"field"}),
+        ]
+        try:
+            n = alert(customer)
+            await publish(redis, n)
+            await eventually(lambda: _stored(pool, n.id))
+            await eventually(lambda: _acked(redis))
+            assert not await _stored(pool, "msg_x")
+            assert [h.id for h in heard] == [n.id]
+        finally:  # other tests read the stream back as notifications
+            await redis.xdel(STREAM, *malformed)

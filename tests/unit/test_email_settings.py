@@ -7,6 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from services.billing.notification.email.target import SmtpTarget
+from services.billing.notification.sender import policy
 from services.common.settings import Settings
 
 
@@ -75,3 +76,13 @@ def test_the_sender_and_the_public_url_are_checked() -> None:
         Settings(_env_file=None, public_url="ftp://tally.example.com")
     with pytest.raises(ValidationError, match="smtp_timeout"):
         Settings(_env_file=None, smtp_timeout=0)
+
+
+def test_the_delivery_lease_outlasts_a_slow_mail_server() -> None:
+    """An email attempt may take TALLY_SMTP_TIMEOUT: a lease shorter than that would let
+    another sender take the row of a mail still being sent, and send it twice."""
+    assert (
+        policy(Settings(_env_file=None, smtp_timeout=10)).lease == 60
+    )  # the default lease already covers it
+    assert policy(Settings(_env_file=None, smtp_timeout=50)).lease == 105
+    assert policy(Settings(_env_file=None, webhook_timeout_seconds=40, smtp_timeout=5)).lease == 85

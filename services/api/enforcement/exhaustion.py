@@ -17,7 +17,7 @@ from decimal import Decimal
 
 from redis.asyncio import Redis
 
-from schemas.notifications import Notification, NotificationType, notification_id
+from schemas.notifications import Notification, NotificationType, moment, notification_id
 from schemas.windows import Window, next_bucket
 from services.api.enforcement.limiter import Outcome
 from services.common.logging import get_logger
@@ -78,18 +78,14 @@ def notice(
 ) -> Notification:
     end = next_bucket(Window.MONTH, start)
     return Notification(
-        id=notification_id(KIND, customer, meter, _moment(start)),
+        id=notification_id(KIND, customer, meter, moment(start)),
         type=KIND,
         customer=customer,
         occurred_at=now,
         data={
             "customer": customer,
             "meter": meter,
-            "period": {"start": _moment(start), "end": _moment(end)},
+            "period": {"start": moment(start), "end": moment(end)},
             "limit": format(limit, "f"),
         },
     )
-
-
-def _moment(instant: datetime) -> str:
-    return instant.astimezone(UTC).isoformat().replace("+00:00", "Z")

@@ -8,13 +8,13 @@ in the last days again, by the same stable id: the stream carries it once
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 
 from psycopg import AsyncConnection
 from redis.asyncio import Redis
 
-from schemas.notifications import Notification, NotificationType, notification_id
+from schemas.notifications import Notification, NotificationType, moment, notification_id
 from services.common.notify import publish_once
 
 KIND = NotificationType.INVOICE_FINALIZED
@@ -39,7 +39,7 @@ def notice(row: Row) -> Notification:
         data={
             "customer": customer,
             "invoice_id": invoice,
-            "period": {"start": _moment(start), "end": _moment(end)},
+            "period": {"start": moment(start), "end": moment(end)},
             "total": format(total, "f"),
             "currency": currency,
         },
@@ -57,7 +57,3 @@ async def tell(redis: Redis, rows: list[Row]) -> int:
 async def finalized_since(conn: AsyncConnection, since: datetime) -> list[Row]:
     cur = await conn.execute(_RECENT, (since,))
     return [tuple(row) for row in await cur.fetchall()]
-
-
-def _moment(instant: datetime) -> str:
-    return instant.astimezone(UTC).isoformat().replace("+00:00", "Z")

@@ -2,9 +2,9 @@
 
 ``GET`` lists both, each threshold with the usage level it fires at; ``POST`` adds a
 rule and ``DELETE`` removes one, recompiling the customer's levels in the request so
-the next batch the aggregator applies already checks them.  A service token manages any
-customer's alerts; a customer's key reads its own (``usage:read``) and changes them
-(``billing``).
+the next batch the aggregator applies already checks them.  A service token or the admin
+token manages any customer's alerts (as they do its webhook endpoints); a customer's key
+reads its own (``usage:read``) and changes them (``billing``).
 """
 
 from __future__ import annotations
@@ -24,17 +24,18 @@ from schemas.api_keys import Scope
 from schemas.events import CUSTOMER_ID_PATTERN, from_micros
 from schemas.plans import MAX_PERCENT, MAX_THRESHOLDS, Plan
 from schemas.problem_types import UNKNOWN_ALERT
+from services.billing.notification.access import Access
 from services.billing.notification.alerts import rules
 from services.billing.notification.alerts.compile import (
     AlertCompiler,
     RuleError,
+    plan_of,
     plan_thresholds,
     reference,
     rule_thresholds,
 )
 from services.billing.notification.alerts.rules import Rule
 from services.common import catalog
-from services.common.auth import Authenticator
 from services.common.openapi import problem_responses
 from services.common.problems import Problem, invalid_field, unknown_customer
 
@@ -79,12 +80,12 @@ class AlertList(BaseModel):
     alerts: list[AlertRule]
 
 
-def router(pool: AsyncConnectionPool, auth: Authenticator, compiler: AlertCompiler) -> APIRouter:
+def router(pool: AsyncConnectionPool, access: Access, compiler: AlertCompiler) -> APIRouter:
     api = APIRouter(tags=["alerts"], responses=problem_responses(401, 403, 404, 422, 429, 503))
 
     @api.get("/v1/customers/{customer}/alerts", summary="A customer's usage alerts")
     async def list_alerts(request: Request, customer: Customer) -> AlertList:
-        await auth.authorize(request, Scope.USAGE_READ, customer)
+        await access.customer(request, customer, Scope.USAGE_READ)
         async with pool.connection() as conn:
             plan = await _plan(conn, customer)
             own = await rules.listed(conn, customer)
@@ -96,7 +97,7 @@ def router(pool: AsyncConnectionPool, auth: Authenticator, compiler: AlertCompil
         summary="Add an alert rule",
     )
     async def add_alert(request: Request, customer: Customer, body: NewAlertRule) -> AlertRule:
-        await auth.authorize(request, Scope.BILLING, customer)
+        await access.customer(request, customer, Scope.BILLING)
         async with pool.connection() as conn:
             plan = await _plan(conn, customer)
             await _check(conn, plan, body)
@@ -115,7 +116,7 @@ def router(pool: AsyncConnectionPool, auth: Authenticator, compiler: AlertCompil
         summary="Remove an alert rule",
     )
     async def remove_alert(request: Request, customer: Customer, rule_id: str) -> None:
-        await auth.authorize(request, Scope.BILLING, customer)
+        await access.customer(request, customer, Scope.BILLING)
         async with pool.connection() as conn:
             await _plan(conn, customer)
             if not await rules.remove(conn, customer, rule_id):
@@ -126,9 +127,7 @@ def router(pool: AsyncConnectionPool, auth: Authenticator, compiler: AlertCompil
 
 
 async def _plan(conn: AsyncConnection, customer: str) -> Plan:
-    cur = await conn.execute("SELECT plan_id FROM customers WHERE id = %s", (customer,))
-    row = await cur.fetchone()
-    plan = None if row is None else await catalog.read_plan(conn, row[0])
+    plan = await plan_of(conn, customer)
     if plan is None:
         raise unknown_customer(customer)
     return plan

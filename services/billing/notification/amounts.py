@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from decimal import Decimal
 
+from schemas.notifications import moment
 from services.billing.invoicing.periods import Period
 
 UNITS = Decimal("0.000001")  # usage has at most six decimals
@@ -18,10 +18,6 @@ def units(quantity: Decimal) -> str:
 def money(amount: Decimal) -> str:
     """An amount already rounded to its minor unit, as a string (``"12.50"``)."""
     return format(amount, "f")
-
-
-def moment(instant: datetime) -> str:
-    return instant.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def period(span: Period) -> dict[str, str]:

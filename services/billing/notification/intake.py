@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from schemas.notifications import STREAM, Notification, NotificationType
+from schemas.notifications import STREAM, Notification, NotificationType, moment
 from services.common.logging import get_logger
 from services.common.metrics import NOTIFICATIONS
 
@@ -46,7 +46,7 @@ def payload(notification: Notification) -> dict[str, Any]:
     """The webhook body: ``{type, timestamp, data}`` (Standard Webhooks' shape)."""
     return {
         "type": notification.type.value,
-        "timestamp": notification.occurred_at.isoformat().replace("+00:00", "Z"),
+        "timestamp": moment(notification.occurred_at),
         "data": notification.data,
     }
 

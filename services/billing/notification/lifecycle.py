@@ -26,9 +26,8 @@ from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from schemas.events import utcnow
-from schemas.notifications import Notification, NotificationType, notification_id
+from schemas.notifications import Notification, NotificationType, moment, notification_id
 from services.billing.invoicing import finalized
-from services.billing.notification.amounts import moment
 from services.common.notify import publish_once
 
 LOOK_BACK = timedelta(days=7)

@@ -32,13 +32,13 @@ from redis.asyncio import Redis
 
 from schemas.events import utcnow
 from schemas.invoices import LineKind
-from schemas.notifications import Notification, NotificationType, notification_id
+from schemas.notifications import Notification, NotificationType, moment, notification_id
 from schemas.plans import Plan
 from services.billing.invoicing import pace, subscriptions
 from services.billing.invoicing.drafts import Draft, Drafter
 from services.billing.invoicing.periods import Period, period_containing
 from services.billing.invoicing.reader import Outlook, outlooks
-from services.billing.notification.amounts import moment, money, period, units
+from services.billing.notification.amounts import money, period, units
 from services.billing.rating import engine as rating
 from services.common import catalog
 from services.common.clickhouse import ClickHouse

@@ -345,13 +345,15 @@ class Sender:
 
 
 def policy(settings: Settings) -> Policy:
-    """The delivery policy from settings; the lease always outlasts two timeouts, so a
-    live worker's attempt is never taken for a crashed one."""
+    """The delivery policy from settings; the lease always outlasts two timeouts of the
+    slower channel (a webhook's or an email's), so a live worker's attempt is never taken
+    for a crashed one and sent twice."""
     timeout = settings.webhook_timeout_seconds
+    slowest = max(timeout, settings.smtp_timeout)
     return Policy(
         schedule=tuple(settings.webhook_retry_schedule),
         timeout=timeout,
-        lease=max(settings.webhook_lease_seconds, 2 * timeout + 5),
+        lease=max(settings.webhook_lease_seconds, 2 * slowest + 5),
         concurrency=settings.webhook_concurrency,
         per_endpoint=settings.webhook_per_endpoint,
         poll=settings.notification_poll_seconds,

@@ -129,7 +129,7 @@ class AlertCompiler:
     async def customer(self, customer: str) -> dict[str, str] | None:
         """Recompile one customer (None: no such customer)."""
         async with self._pool.connection() as conn:
-            plan = await _plan_of(conn, customer)
+            plan = await plan_of(conn, customer)
             if plan is None:
                 return None
             levels = compiled(plan, await rules.listed(conn, customer))
@@ -167,7 +167,8 @@ class AlertCompiler:
             await pipe.execute()
 
 
-async def _plan_of(conn: AsyncConnection, customer: str) -> Plan | None:
+async def plan_of(conn: AsyncConnection, customer: str) -> Plan | None:
+    """The plan ``customer`` is on now; ``None`` for an unknown customer."""
     cur = await conn.execute("SELECT plan_id FROM customers WHERE id = %s", (customer,))
     row = await cur.fetchone()
     return None if row is None else await read_plan(conn, row[0])
