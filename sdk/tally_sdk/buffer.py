@@ -20,7 +20,7 @@ from tally_sdk.errors import BufferFull
 Overflow = Literal["raise", "drop_oldest"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ is several times slower
 class Entry:
     seq: int
     queued_at: float

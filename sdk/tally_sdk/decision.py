@@ -42,6 +42,17 @@ class Decision:
     lease: str | None = None
     """The lease an allowed call was admitted from: its usage event carries it
     (``tallylease``), which settles the unit the lease held."""
+    added_headers: tuple[tuple[bytes, bytes], ...] = field(init=False, repr=False, compare=False)
+    """``headers`` but ``Retry-After``, ASGI-encoded: what an allowed response gets.  Made
+    once per decision, as every call a lease's term admits shares its decision."""
+
+    def __post_init__(self) -> None:
+        added = tuple(
+            (name.lower().encode("latin-1"), value.encode("latin-1"))
+            for name, value in self.headers.items()
+            if name != "Retry-After"
+        )
+        object.__setattr__(self, "added_headers", added)
 
     @classmethod
     def from_response(cls, response: httpx.Response) -> Decision:

@@ -3,11 +3,18 @@
 An event's identity, (``source``, ``id``), and its ``time`` are fixed when it is emitted,
 never when it is sent: a retry then carries the same identity, so Tally drops the copy,
 and an event delayed by an outage still counts in the minute it happened.
+
+The middleware makes an id and a timestamp for every request it serves, so both are
+cheap: an id is a random per-process prefix and a counter (a fifth of ``uuid4``'s cost;
+unique per ``source`` because each process, forked ones included, draws its own
+96-bit prefix), and the current time is formatted from a cached per-second prefix.
 """
 
 from __future__ import annotations
 
-import uuid
+import itertools
+import os
+import time as clock
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -20,14 +27,48 @@ Dimension = str | int
 """A dimension value; Tally stores numbers as strings."""
 
 
-def new_id() -> str:
-    return uuid.uuid4().hex
+class _Ids:
+    """Event ids: ``<24 random hex digits><counter in hex>``, never repeated by a process."""
+
+    def __init__(self) -> None:
+        self.reseed()
+        os.register_at_fork(after_in_child=self.reseed)  # a forked worker must not repeat
+
+    def reseed(self) -> None:
+        self.prefix = os.urandom(12).hex()
+        self.counter = itertools.count()
+
+    def next(self) -> str:
+        return f"{self.prefix}{next(self.counter):x}"
+
+
+_ids = _Ids()
+new_id = _ids.next
+
+
+class _Now:
+    """The current UTC time in RFC 3339, its seconds part formatted once per second."""
+
+    second = -1
+    prefix = ""
+
+    def __call__(self) -> str:
+        now = clock.time()
+        second = int(now)
+        if second != self.second:
+            self.prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            self.second = second
+        return f"{self.prefix}.{int((now - second) * 1e6):06d}+00:00"
+
+
+now = _Now()
 
 
 def timestamp(moment: datetime | None = None) -> str:
     """RFC 3339 with an offset.  A naive datetime is refused here rather than by ingest,
     where the rejection would only show up later, in a report."""
-    moment = moment or datetime.now(UTC)
+    if moment is None:
+        return now()
     if moment.tzinfo is None or moment.utcoffset() is None:
         raise ValueError("event time must be timezone-aware, e.g. datetime.now(UTC)")
     return moment.isoformat()

@@ -1,0 +1,96 @@
+"""The SDK's cheap per-request pieces say the same as the slow ones they replaced: event
+ids never repeat (not even in a forked worker), timestamps are RFC 3339 UTC, batch
+bodies are the events' JSON (gzipped), relayed headers are ASGI-encoded once."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from datetime import UTC, datetime, timedelta
+
+from tally_sdk import Tally, TallyMiddleware
+from tally_sdk.decision import Decision
+from tally_sdk.emitter import batch_body
+from tally_sdk.events import new_id, now, timestamp
+from tally_sdk.middleware import api_key
+
+
+def test_ids_do_not_repeat_within_a_process() -> None:
+    ids = [new_id() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+    assert all(0 < len(i) <= 256 for i in ids)  # what ingest accepts
+
+
+def test_a_forked_process_draws_its_own_ids() -> None:
+    """A pre-forking server (gunicorn --preload) must not send the parent's ids again:
+    Tally would drop the child's events as duplicates."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report the next few ids it makes
+        os.write(write, " ".join(new_id() for _ in range(3)).encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 4096).decode().split()
+    os.close(read)
+    os.waitpid(pid, 0)
+    parent = [new_id() for _ in range(3)]
+    assert len(child) == 3
+    assert {i[:24] for i in child}.isdisjoint({i[:24] for i in parent})
+
+
+def test_now_is_rfc3339_utc_and_current() -> None:
+    stamps = [now() for _ in range(1000)]
+    for stamp in (stamps[0], stamps[-1], timestamp()):
+        parsed = datetime.fromisoformat(stamp)
+        assert stamp.endswith("+00:00") and len(stamp) == len("2026-12-02T06:28:05.123456+00:00")
+        assert abs(parsed - datetime.now(UTC)) < timedelta(seconds=1)
+    assert stamps == sorted(stamps)  # the same clock as datetime.now, never behind itself
+
+
+def test_a_given_time_keeps_its_own_offset() -> None:
+    moment = datetime(2026, 12, 2, 8, 0, tzinfo=UTC)
+    assert timestamp(moment) == "2026-12-02T08:00:00+00:00"
+
+
+def test_a_batch_body_is_the_events_json_gzipped() -> None:
+    events = [{"id": str(n), "data": {"endpoint": "/ü", "status": 200}} for n in range(450)]
+    assert json.loads(gzip.decompress(batch_body(events, compress=True))) == events
+    assert json.loads(batch_body(events, compress=False)) == events  # across chunks
+    assert json.loads(batch_body(events[:1], compress=False)) == events[:1]
+
+
+def test_what_orjson_refuses_still_encodes() -> None:
+    events = [{"id": "a", "data": {"value": 2**70}}]  # beyond orjson's 64-bit integers
+    assert json.loads(batch_body(events, compress=False)) == events
+
+
+def test_an_allowed_answer_relays_its_ratelimit_headers_but_retry_after() -> None:
+    headers = {"RateLimit": '"d";r=9;t=60', "RateLimit-Policy": '"d";q=10;w=60', "Retry-After": "5"}
+    decision = Decision(allowed=True, status=200, headers=headers)
+    assert decision.added_headers == (
+        (b"ratelimit", b'"d";r=9;t=60'),
+        (b"ratelimit-policy", b'"d";q=10;w=60'),
+    )
+
+
+def scope_with(*headers: tuple[bytes, bytes]) -> dict[str, object]:
+    return {"type": "http", "path": "/", "headers": list(headers)}
+
+
+def test_the_key_comes_from_a_bearer_token_else_x_api_key() -> None:
+    bearer, x_key = (b"authorization", b"Bearer  k1 "), (b"x-api-key", b" k2 ")
+    assert api_key(scope_with(x_key, bearer)) == "k1"
+    assert api_key(scope_with((b"authorization", b"Basic abc"), x_key)) == "k2"
+    assert api_key(scope_with((b"authorization", b"Bearer "), x_key)) == "k2"
+    assert api_key(scope_with(x_key, (b"x-api-key", b"other"))) == "k2"  # the first one
+    assert api_key(scope_with((b"x-api-key", b"  "))) is None
+    assert api_key(scope_with()) is None
+
+
+def test_excluded_paths_and_everything_below_them_pass_untouched() -> None:
+    async def app(scope: object, receive: object, send: object) -> None: ...
+
+    middleware = TallyMiddleware(app, tally=Tally("http://tally.invalid", "t"), exclude=["/docs/"])
+    assert middleware._excluded("/docs") and middleware._excluded("/docs/a")
+    assert not middleware._excluded("/docsx") and not middleware._excluded("/v1/docs")
