@@ -92,16 +92,7 @@ async def start(runtime: Runtime) -> Component:
         ),
         "lifecycle",
     )
-    compiler = AlertCompiler(pool, runtime.redis())
-    catalog_changed = asyncio.Event()
-
-    async def changed() -> None:
-        catalog_changed.set()
-
-    (await runtime.meters()).on_change(changed)
-    runtime.background(
-        _recompile(compiler, catalog_changed, settings.alerts_recompile_seconds), "alerts"
-    )
+    compiler = await alert_compiler(runtime, pool)
     api = stripe_client.client(settings)
     if api is not None:
         _stripe_jobs(runtime, pool, api)
@@ -121,6 +112,22 @@ async def start(runtime: Runtime) -> Component:
         ],
         checks={"clickhouse": runtime.check_clickhouse(), "postgres": runtime.check_postgres()},
     )
+
+
+async def alert_compiler(runtime: Runtime, pool: AsyncConnectionPool) -> AlertCompiler:
+    """Every customer's alert levels kept compiled in Redis for the aggregator: now, on
+    each catalog change and on the safety-net interval (rule and plan changes recompile
+    their customer at once)."""
+    compiler = AlertCompiler(pool, runtime.redis())
+    catalog_changed = asyncio.Event()
+
+    async def changed() -> None:
+        catalog_changed.set()
+
+    (await runtime.meters()).on_change(changed)
+    seconds = runtime.settings.alerts_recompile_seconds
+    runtime.background(_recompile(compiler, catalog_changed, seconds), "alerts")
+    return compiler
 
 
 async def notify(runtime: Runtime, mailer: Mailer | None = None) -> Notifier:
