@@ -11,12 +11,12 @@ is what isolation costs and not a single shared endpoint's queue.  The alert lev
 compiled once (``AlertCompiler.everyone``, as billing does at start).
 
 1. **Latency.** Offers ``--rate`` events/s (open loop: one request of the due events
-   every 10 ms) spread over the customers: customer *n* starts *n* x (10 / rate) s in
-   and sends its 10 events ``--spacing`` apart, so its 8th, 9th and 10th calls land in
-   different aggregator batches (each fires its own alert) and crossings arrive steadily
-   (3 x customers over the run) rather than all at the end.  For each webhook: latency
-   = receive time - the time the 202 came back for the request that carried the
-   crossing event (the customer's nth accepted event for the threshold at n calls).
+   every 10 ms) spread over the customers in rounds: round n carries every customer's
+   nth call, so the rate holds throughout and a customer's calls are a round
+   (customers / rate, 1 s) apart: its 8th, 9th and 10th calls land in different
+   aggregator batches (each fires its own alert) while the crossings come in the last
+   three rounds, at the offered rate.  For each webhook: latency = receive time - the
+   time the 202 came back for the request that carried the crossing event (the customer's nth accepted event for the threshold at n calls).
    p50/p99/max, split at the stream (202 -> published: the pipeline and the
    aggregator's Lua; published -> received: the notifier), the count (expected
    3 x customers), ``missing`` (when the aggregator lags and takes two of a customer's
@@ -156,14 +156,14 @@ async def compile_alerts(stores: Stores, customers: list[str]) -> None:
     await redis.aclose()
 
 
-def schedule(customers: list[str], rate: float, spacing: float) -> list[list[tuple[str, int]]]:
-    """Per 10 ms tick, the (customer, nth call) pairs due: customer i starts at
-    i x EVENTS / rate and calls every ``spacing`` seconds."""
-    stagger = EVENTS / rate
+def schedule(customers: list[str], rate: float) -> list[list[tuple[str, int]]]:
+    """Per 10 ms tick, the (customer, nth call) pairs due: round n sends every
+    customer's nth call, customer i at i / rate into the round, so the offered rate is
+    ``rate`` throughout and one customer's calls are a round (customers / rate) apart."""
     ticks: dict[int, list[tuple[str, int]]] = {}
-    for i, customer in enumerate(customers):
-        for n in range(1, EVENTS + 1):
-            due = i * stagger + (n - 1) * spacing
+    for n in range(1, EVENTS + 1):
+        for i, customer in enumerate(customers):
+            due = ((n - 1) * len(customers) + i) / rate
             ticks.setdefault(round(due / TICK), []).append((customer, n))
     return [ticks.get(t, []) for t in range(max(ticks) + 1)]
 
@@ -330,7 +330,7 @@ async def run(args: argparse.Namespace, stores: Stores, url: str) -> dict[str, A
         customers = list(secrets)
         await compile_alerts(stores, customers)
         setup_s = time.perf_counter() - began
-        plan = schedule(customers, args.rate, args.spacing)
+        plan = schedule(customers, args.rate)
         accepted, statuses, lag = await offer(url, plan)
         await rx.until(len(accepted), idle=args.idle)
         result = latencies(rx, secrets, accepted)
@@ -354,7 +354,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--customers", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=1000, help="events/s offered")
-    parser.add_argument("--spacing", type=float, default=2.0, help="s between a customer's calls")
     parser.add_argument("--burst", type=int, default=3000, help="notifications, flat out")
     parser.add_argument(
         "--concurrency", type=int, help="TALLY_WEBHOOK_CONCURRENCY (default: Tally's, 64)"
