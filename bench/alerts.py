@@ -16,13 +16,13 @@ compiled once (``AlertCompiler.everyone``, as billing does at start).
    (customers / rate, 1 s) apart: its 8th, 9th and 10th calls land in different
    aggregator batches (each fires its own alert) while the crossings come in the last
    three rounds, at the offered rate.  For each webhook: latency = receive time - the
-   time the 202 came back for the request that carried the crossing event (the customer's nth accepted event for the threshold at n calls).
-   p50/p99/max, split at the stream (202 -> published: the pipeline and the
-   aggregator's Lua; published -> received: the notifier), the count (expected
-   3 x customers), ``missing`` (when the aggregator lags and takes two of a customer's
-   crossings in one batch, only the higher fires: ``published`` says how many it
-   fired), and the duplicated (a ``webhook-id`` seen twice); each signature verified
-   with ``standardwebhooks``.
+   time the 202 came back for the request that carried the crossing event (the
+   customer's nth accepted event for the threshold at n calls).  p50/p99/max, split at
+   the stream (202 -> published: the pipeline and the aggregator's Lua; published ->
+   received: the notifier), the count (expected 3 x customers), ``missing`` (when the
+   aggregator lags and takes two of a customer's crossings in one batch, only the
+   higher fires: ``published`` says how many it fired), and the duplicated (a
+   ``webhook-id`` seen twice); each signature verified with ``standardwebhooks``.
 2. **Deliveries/s.** ``--burst`` notifications published onto the stream at once
    (``services.common.notify.publish``, spread over the customers): count ÷ time from
    the first publish to the last webhook received.
