@@ -2,7 +2,8 @@
 
 The receiver listens on 127.0.0.1 and records every request; what it answers depends
 on the path: ``/ok/…`` 200, ``/fail/…`` 500, ``/gone/…`` 410, ``/moved/…`` 301,
-``/busy/…`` 429 with ``Retry-After: 1``, ``/hang/…`` never.
+``/busy/…`` 429 with ``Retry-After: 1``, ``/hang/…`` never, ``/hold/…`` 200 once the
+test sets ``released`` (so it can act while a delivery is in flight).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class Receiver:
     base: str = ""
     requests: list[Received] = field(default_factory=list)
     arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
+    released: asyncio.Event = field(default_factory=asyncio.Event)
 
     def url(self, path: str) -> str:
         return f"{self.base}{path}"
@@ -78,7 +80,9 @@ class Receiver:
         kind = request.path.split("/")[1]
         if kind == "hang":
             await asyncio.sleep(3600)
-        status = {"ok": 200, "fail": 500, "gone": 410, "moved": 301, "busy": 429}[kind]
+        if kind == "hold":
+            await self.released.wait()
+        status = {"ok": 200, "hold": 200, "fail": 500, "gone": 410, "moved": 301, "busy": 429}[kind]
         headers = {"Retry-After": "1"} if kind == "busy" else {}
         return web.Response(status=status, text=f"{kind} says {status}", headers=headers)
 
