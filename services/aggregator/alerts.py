@@ -29,7 +29,7 @@ from services.common.notify import publish
 
 log = get_logger("tally.aggregator.alerts")
 
-PAGE = 100  # crossings published per round trip
+PAGE = 100  # crossings read per customer and round trip
 
 
 class AlertPublisher:
@@ -41,16 +41,47 @@ class AlertPublisher:
         self._trim = redis.register_script(lua.source("alerts_trim"))
 
     async def drain(self, customers: Iterable[str]) -> int:
-        """Publish every crossing waiting for these customers; how many were published."""
-        published = 0
-        for customer in customers:
-            published += await self._drain_one(customer)
+        """Publish every crossing waiting for these customers; how many were published.
+
+        Three round trips per page however many customers crossed (read the lists' heads,
+        publish, trim): a batch in which a thousand customers crossed a threshold must
+        not hold the partition up for thousands of round trips."""
+        units = {m.name: m.unit for ms in self._meters().values() for m in ms}
+        waiting, published = list(customers), 0
+        while waiting:
+            heads = await self._heads(waiting)
+            if not heads:
+                break
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for customer, raw in heads.items():
+                    for item in raw:
+                        crossing = parse_crossing(_text(item))
+                        await publish(
+                            pipe, notification(customer, crossing, units.get(crossing.meter))
+                        )
+                await pipe.execute()  # raises unless every XADD succeeded: then no trim
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for customer, raw in heads.items():
+                    await self._trim(keys=[redis_keys.alerts_out(customer)], args=raw, client=pipe)
+                await pipe.execute()
+            count = sum(len(raw) for raw in heads.values())
+            published += count
+            metrics.ALERTS_FIRED.inc(count)
+            waiting = [customer for customer, raw in heads.items() if len(raw) == PAGE]
         return published
+
+    async def _heads(self, customers: list[str]) -> dict[str, list[bytes]]:
+        """The first page of each customer's out list, for those with any."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for customer in customers:
+                pipe.lrange(redis_keys.alerts_out(customer), 0, PAGE - 1)
+            pages = await pipe.execute()
+        return {customer: raw for customer, raw in zip(customers, pages, strict=True) if raw}
 
     async def sweep(self) -> int:
         """Drain every customer's out list (at start: what a crash left behind)."""
         customers = {
-            redis_keys.customer_of(key.decode() if isinstance(key, bytes) else key)
+            redis_keys.customer_of(_text(key))
             async for key in self._redis.scan_iter(match=redis_keys.ALERTS_OUT_PATTERN, count=1000)
         }
         published = await self.drain(sorted(customers))
@@ -58,20 +89,9 @@ class AlertPublisher:
             log.info("published alerts left from before the start", count=published)
         return published
 
-    async def _drain_one(self, customer: str) -> int:
-        key = redis_keys.alerts_out(customer)
-        units = {m.name: m.unit for ms in self._meters().values() for m in ms}
-        published = 0
-        while raw := await self._redis.lrange(key, 0, PAGE - 1):
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for item in raw:
-                    crossing = parse_crossing(item.decode() if isinstance(item, bytes) else item)
-                    await publish(pipe, notification(customer, crossing, units.get(crossing.meter)))
-                await pipe.execute()  # raises unless every XADD succeeded: then no trim
-            await self._trim(keys=[key], args=raw)
-            published += len(raw)
-            metrics.ALERTS_FIRED.inc(len(raw))
-        return published
+
+def _text(item: bytes | str) -> str:
+    return item.decode() if isinstance(item, bytes) else item
 
 
 def period(month: str) -> tuple[datetime, datetime]:
