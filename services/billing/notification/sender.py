@@ -256,9 +256,12 @@ class Sender:
             assert self._mailer is not None
             started = time.monotonic()
             try:
-                return await self._mailer.send(
-                    row.notification(), row.recipient, company=row.company
-                )
+                # Waiting for one of the mailer's connections counts too: an attempt that
+                # outlived the lease would be claimed and mailed again meanwhile.
+                async with asyncio.timeout(self._policy.lease / 2):
+                    return await self._mailer.send(
+                        row.notification(), row.recipient, company=row.company
+                    )
             except Exception as exc:  # a mailer that raises is a failed attempt, retried
                 took = round((time.monotonic() - started) * 1000)
                 return Attempt(False, None, "", repr(exc)[:1024], took)
