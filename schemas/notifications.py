@@ -50,6 +50,26 @@ class Notification(BaseModel):
     occurred_at: AwareDatetime
     data: dict[str, Any]
 
+    @classmethod
+    def decided(
+        cls,
+        kind: NotificationType,
+        customer: str,
+        what: tuple[object, ...],
+        at: datetime,
+        data: dict[str, Any],
+    ) -> Notification:
+        """The notification of one decision: its stable id from ``what`` decided it (e.g.
+        meter, period start, threshold), and ``customer`` first in ``data`` as every
+        payload carries it."""
+        return cls(
+            id=notification_id(kind, customer, *what),
+            type=kind,
+            customer=customer,
+            occurred_at=at,
+            data={"customer": customer, **data},
+        )
+
 
 def moment(instant: datetime) -> str:
     """An instant as ids and payloads carry it: RFC 3339 UTC (``2026-11-01T00:00:00Z``), so

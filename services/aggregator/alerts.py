@@ -21,7 +21,7 @@ from schemas import lua, redis_keys
 from schemas.alerts import AlertKind, Crossing, parse_crossing
 from schemas.catalog import Meter
 from schemas.events import from_micros, utcnow
-from schemas.notifications import Notification, NotificationType, moment, notification_id
+from schemas.notifications import Notification, NotificationType, moment
 from schemas.windows import Window, next_bucket
 from services.common import metrics
 from services.common.logging import get_logger
@@ -106,7 +106,6 @@ def notification(customer: str, crossing: Crossing, unit: str | None) -> Notific
     threshold = crossing.threshold
     start, end = period(crossing.month)
     data: dict[str, object] = {
-        "customer": customer,
         "meter": crossing.meter,
         "period": {"start": moment(start), "end": moment(end)},
         "threshold": {
@@ -122,19 +121,5 @@ def notification(customer: str, crossing: Crossing, unit: str | None) -> Notific
         data["unit"] = unit
     if threshold.kind is AlertKind.SPEND:
         data["currency"] = threshold.currency
-    ident = notification_id(
-        NotificationType.ALERT_TRIGGERED,
-        customer,
-        crossing.meter,
-        moment(start),
-        threshold.rule,
-        threshold.kind.value,
-        threshold.value,
-    )
-    return Notification(
-        id=ident,
-        type=NotificationType.ALERT_TRIGGERED,
-        customer=customer,
-        occurred_at=utcnow(),
-        data=data,
-    )
+    what = (crossing.meter, moment(start), threshold.rule, threshold.kind.value, threshold.value)
+    return Notification.decided(NotificationType.ALERT_TRIGGERED, customer, what, utcnow(), data)

@@ -6,19 +6,14 @@ from datetime import timedelta
 
 from redis.asyncio import Redis
 
+from schemas import lua
 from schemas.notifications import STREAM, STREAM_MAXLEN, Notification
 
 SENT = "{" + STREAM + "}:sent:"
 """Prefix of the markers ``publish_once`` leaves, hash-tagged into the stream's slot so
 the marker and the XADD are one atomic script on Redis Cluster too."""
 
-_ONCE = """
-if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'n', ARGV[3])
-  return 1
-end
-return 0
-"""
+_ONCE = lua.source("publish_once")
 
 
 async def publish(redis: Redis, notification: Notification) -> None:

@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 
 from schemas.api_keys import ALL_SCOPES, Environment, Holder, Scope
 from schemas.events import utcnow
-from schemas.notifications import Notification, NotificationType, notification_id
+from schemas.notifications import Notification, NotificationType
 from schemas.plans import Plan
 from schemas.problem_types import EMAIL_TAKEN, KEY_REVOKED, UNKNOWN_KEY
 from services.api.accounts import projection, store
@@ -241,12 +241,8 @@ def plan_changed(
     if before == after:
         return None
     kind = NotificationType.PLAN_CHANGED
-    return Notification(
-        id=notification_id(kind, customer, change),
-        type=kind,
-        customer=customer,
-        occurred_at=at,
-        data={"customer": customer, "from_plan": before, "to_plan": after, "source": source},
+    return Notification.decided(
+        kind, customer, (change,), at, {"from_plan": before, "to_plan": after, "source": source}
     )
 
 

@@ -17,7 +17,7 @@ from decimal import Decimal
 
 from redis.asyncio import Redis
 
-from schemas.notifications import Notification, NotificationType, moment, notification_id
+from schemas.notifications import Notification, NotificationType, moment
 from schemas.windows import Window, next_bucket
 from services.api.enforcement.limiter import Outcome
 from services.common.logging import get_logger
@@ -77,13 +77,12 @@ def notice(
     customer: str, meter: str, start: datetime, limit: Decimal, now: datetime
 ) -> Notification:
     end = next_bucket(Window.MONTH, start)
-    return Notification(
-        id=notification_id(KIND, customer, meter, moment(start)),
-        type=KIND,
-        customer=customer,
-        occurred_at=now,
-        data={
-            "customer": customer,
+    return Notification.decided(
+        KIND,
+        customer,
+        (meter, moment(start)),
+        now,
+        {
             "meter": meter,
             "period": {"start": moment(start), "end": moment(end)},
             "limit": format(limit, "f"),

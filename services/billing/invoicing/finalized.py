@@ -14,7 +14,7 @@ from decimal import Decimal
 from psycopg import AsyncConnection
 from redis.asyncio import Redis
 
-from schemas.notifications import Notification, NotificationType, moment, notification_id
+from schemas.notifications import Notification, NotificationType, moment
 from services.common.notify import publish_once
 
 KIND = NotificationType.INVOICE_FINALIZED
@@ -31,13 +31,12 @@ _RECENT = (
 
 def notice(row: Row) -> Notification:
     invoice, customer, start, end, total, currency, finalized_at = row
-    return Notification(
-        id=notification_id(KIND, customer, invoice),
-        type=KIND,
-        customer=customer,
-        occurred_at=finalized_at,
-        data={
-            "customer": customer,
+    return Notification.decided(
+        KIND,
+        customer,
+        (invoice,),
+        finalized_at,
+        {
             "invoice_id": invoice,
             "period": {"start": moment(start), "end": moment(end)},
             "total": format(total, "f"),

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.api_keys import Scope
 from schemas.events import CUSTOMER_ID_PATTERN, utcnow
-from schemas.notifications import Notification, NotificationType, notification_id
+from schemas.notifications import Notification, NotificationType
 from services.billing.notification import endpoints, urls
 from services.billing.notification.access import Access
 from services.billing.notification.endpoints import Endpoint
@@ -176,14 +176,12 @@ def router(
         await access.customer(request, customer, Scope.KEYS)
         async with pool.connection() as conn:
             await endpoints.get(conn, customer, endpoint)
-        now = utcnow()
-        test = Notification(
-            id=notification_id(NotificationType.WEBHOOK_TEST, customer, endpoint, uuid.uuid4().hex),
-            type=NotificationType.WEBHOOK_TEST,
-            customer=customer,
-            occurred_at=now,
-            data={
-                "customer": customer,
+        test = Notification.decided(
+            NotificationType.WEBHOOK_TEST,
+            customer,
+            (endpoint, uuid.uuid4().hex),
+            utcnow(),
+            {
                 "endpoint_id": endpoint,
                 "message": "A test notification from Tally: your endpoint receives webhooks.",
             },

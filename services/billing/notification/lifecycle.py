@@ -26,7 +26,7 @@ from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from schemas.events import utcnow
-from schemas.notifications import Notification, NotificationType, moment, notification_id
+from schemas.notifications import Notification, NotificationType, moment
 from services.billing.invoicing import finalized
 from services.common.notify import publish_once
 
@@ -88,12 +88,8 @@ async def _trials(conn: AsyncConnection, now: datetime, until: datetime) -> list
     cur = await conn.execute(_TRIALS, (now, until))
     kind = NotificationType.TRIAL_ENDING
     return [
-        Notification(
-            id=notification_id(kind, customer, moment(ends)),
-            type=kind,
-            customer=customer,
-            occurred_at=now,
-            data={"customer": customer, "plan": plan, "trial_ends_at": moment(ends)},
+        Notification.decided(
+            kind, customer, (moment(ends),), now, {"plan": plan, "trial_ends_at": moment(ends)}
         )
         for customer, plan, ends in await cur.fetchall()
     ]
@@ -103,13 +99,12 @@ async def _keys(conn: AsyncConnection, now: datetime, until: datetime) -> list[N
     cur = await conn.execute(_KEYS, (now, until))
     kind = NotificationType.API_KEY_EXPIRING
     return [
-        Notification(
-            id=notification_id(kind, customer, key, moment(expires)),
-            type=kind,
-            customer=customer,
-            occurred_at=now,
-            data={
-                "customer": customer,
+        Notification.decided(
+            kind,
+            customer,
+            (key, moment(expires)),
+            now,
+            {
                 "key_id": key,
                 "name": name,
                 "expires_at": moment(expires),

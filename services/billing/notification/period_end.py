@@ -44,6 +44,8 @@ from services.common import catalog
 from services.common.clickhouse import ClickHouse
 from services.common.notify import SENT, publish_once
 
+KIND = NotificationType.USAGE_FORECAST_OVERAGE
+
 REMEMBER = timedelta(days=7)
 """How long a warning's marker outlives its period."""
 QUIET = frozenset({"cancelled", "suspended"})
@@ -135,7 +137,6 @@ def warning(look: Outlook) -> Notification | None:
     lines = look.whole.lines()
     customer = look.so_far.ask.subscription.customer
     data = {
-        "customer": customer,
         "plan": plan.id,
         "period": period(look.period),
         "meters": rows,
@@ -144,13 +145,8 @@ def warning(look: Outlook) -> Notification | None:
         "currency": plan.currency,
         "method": pace.METHOD,
     }
-    return Notification(
-        id=_id(customer, look.period),
-        type=NotificationType.USAGE_FORECAST_OVERAGE,
-        customer=customer,
-        occurred_at=look.as_of,
-        data=data,
-    )
+    what = (moment(look.period.start),)
+    return Notification.decided(KIND, customer, what, look.as_of, data)
 
 
 def overage(whole: Draft) -> Decimal:
@@ -168,8 +164,7 @@ def overage(whole: Draft) -> Decimal:
 
 
 def _id(customer: str, span: Period) -> str:
-    kind = NotificationType.USAGE_FORECAST_OVERAGE
-    return notification_id(kind, customer, moment(span.start))
+    return notification_id(KIND, customer, moment(span.start))
 
 
 def _total(draft: Draft, meter: str) -> Decimal:

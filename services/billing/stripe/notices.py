@@ -18,7 +18,7 @@ from typing import Any
 from psycopg import AsyncConnection
 from redis.asyncio import Redis
 
-from schemas.notifications import Notification, NotificationType, notification_id
+from schemas.notifications import Notification, NotificationType
 from services.billing.rating.money import exponent
 from services.common.notify import publish_once
 
@@ -56,13 +56,12 @@ class Teller:
         due = Decimal(int(invoice.get("amount_due") or 0)).scaleb(-exponent(currency))
         kind = NotificationType.PAYMENT_FAILED
         self.told.append(
-            Notification(
-                id=notification_id(kind, customer, self.event_id),
-                type=kind,
-                customer=customer,
-                occurred_at=self.at,
-                data={
-                    "customer": customer,
+            Notification.decided(
+                kind,
+                customer,
+                (self.event_id,),
+                self.at,
+                {
                     "invoice_id": (invoice.get("metadata") or {}).get("tally_invoice"),
                     "stripe_invoice_id": invoice.get("id"),
                     "amount_due": format(due, "f"),
