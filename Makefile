@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup up demo test lint bench schemas compose-config clean
+.PHONY: setup browser up demo test lint bench schemas compose-config clean
 
 $(BIN)/tally: pyproject.toml sdk/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,13 +13,20 @@ $(BIN)/tally: pyproject.toml sdk/pyproject.toml
 
 setup: $(BIN)/tally
 
+# The dashboards' tests drive Debian's Chromium (not a Playwright download).
+CHROMIUM ?= /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@[ -x $(CHROMIUM) ] || { $(SUDO) apt-get install -y -q chromium \
+		|| { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }; }
+
 up: setup  ## all four services in one process, embedded Kafka (Tansu) and ClickHouse (chDB)
 	$(BIN)/tally up
 
 demo: setup  ## the same, with a synthetic workload driving it
 	$(BIN)/tally up --demo
 
-test: setup  ## the whole suite against real PostgreSQL, Redis, Tansu and chDB
+test: setup browser  ## the whole suite against real PostgreSQL, Redis, Tansu and chDB
 	$(BIN)/pytest
 
 lint: setup

@@ -21,7 +21,14 @@ from starlette.types import Scope
 
 HERE = Path(__file__).resolve().parent
 STATIC = HERE / "static"
-templates = Jinja2Templates(directory=HERE / "templates")
+TEMPLATES = HERE / "templates"
+templates = Jinja2Templates(directory=TEMPLATES)
+
+
+def page_templates(own: Path) -> Jinja2Templates:
+    """Templates from a service's own folder that may extend the common ``base.html``
+    (the page shell and ``/static/tally.css``), so every page looks like one product."""
+    return Jinja2Templates(directory=[own, TEMPLATES])
 
 
 class _StaticFiles(StaticFiles):

@@ -22,6 +22,7 @@ DEV_TOKEN = "dev-service-token"
 """Accepted by default so that `tally up` works out of the box; never in production."""
 DEV_ADMIN_TOKEN = "dev-admin-token"
 DEV_PEPPER = "dev-pepper-not-secret"
+DEV_PORTAL_SECRET = "dev-portal-secret-not-secret"
 PLACEHOLDER = "change-me"  # the prefix of the placeholder secrets docker-compose.yml ships
 
 
@@ -233,6 +234,33 @@ class Settings(BaseSettings):
     smtp_max_connections: int = Field(
         10, ge=1, le=1000, description="Emails sent at once; the rest wait for a connection."
     )
+    portal_secret: str = Field(
+        DEV_PORTAL_SECRET,
+        description="Signs portal tokens and dashboard sessions; rotating it revokes them all.",
+    )
+    portal_token_ttl_seconds: int = Field(
+        3600, ge=60, le=30 * 86400, description="Default lifetime of a portal token."
+    )
+    billing_url: str | None = Field(
+        None,
+        description="Where the api service reads billing's JSON API for the customer "
+        "dashboard when billing runs in another process; unset: in this process.",
+    )
+    analytics_max_execution_seconds: float = Field(
+        10.0, gt=0, le=600, description="Analytics SQL: longest a query may run."
+    )
+    analytics_max_rows_to_read: int = Field(
+        100_000_000, ge=1, description="Analytics SQL: most rows a query may read."
+    )
+    analytics_max_memory_bytes: int = Field(
+        1 << 30, ge=1 << 20, description="Analytics SQL: most memory a query may use."
+    )
+    analytics_default_rows: int = Field(
+        100, ge=1, description="Analytics SQL: rows returned when a query names no LIMIT."
+    )
+    analytics_max_rows: int = Field(
+        50_000, ge=1, description="Analytics SQL: most rows a query may return."
+    )
 
     @field_validator("service_tokens", mode="before")
     @classmethod
@@ -299,6 +327,8 @@ class Settings(BaseSettings):
             found.append("TALLY_ADMIN_TOKEN")
         if public(self.key_pepper, DEV_PEPPER):
             found.append("TALLY_KEY_PEPPER")
+        if public(self.portal_secret, DEV_PORTAL_SECRET):
+            found.append("TALLY_PORTAL_SECRET")
         return found
 
     @property

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from services.common.settings import DEV_PEPPER, Settings
+from services.common.settings import DEV_PEPPER, DEV_PORTAL_SECRET, Settings
 from tests.conftest import env_for
 from tests.support import TallyProcess
 
@@ -18,13 +18,15 @@ DEV = {
     "TALLY_SERVICE_TOKENS": "dev-service-token,test-token",
     "TALLY_ADMIN_TOKEN": "dev-admin-token",
     "TALLY_KEY_PEPPER": DEV_PEPPER,
+    "TALLY_PORTAL_SECRET": DEV_PORTAL_SECRET,
 }
 REAL = {
     "TALLY_SERVICE_TOKENS": "svc-3f1e0c7b9a",
     "TALLY_ADMIN_TOKEN": "adm-8d2c4a6e1f",
     "TALLY_KEY_PEPPER": "pepper-5b7d9f1a3c",
+    "TALLY_PORTAL_SECRET": "portal-0e9a7c5b3d",
 }
-NAMES = ("TALLY_SERVICE_TOKENS", "TALLY_ADMIN_TOKEN", "TALLY_KEY_PEPPER")
+NAMES = ("TALLY_SERVICE_TOKENS", "TALLY_ADMIN_TOKEN", "TALLY_KEY_PEPPER", "TALLY_PORTAL_SECRET")
 
 
 def ingest(settings: Settings, tmp_path: Path, **env: str) -> TallyProcess:
