@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
 import pytest
@@ -56,7 +57,7 @@ async def test_the_seller_mints_a_link_that_expires_when_asked(
 
 async def test_bad_requests_name_the_field(api: httpx.AsyncClient) -> None:
     account = await sign_up(api)
-    cases = [
+    cases: list[tuple[str, dict[str, Any]]] = [
         ("body.expires_in", {"expires_in": 59}),
         ("body.expires_in", {"expires_in": 30 * 86_400 + 1}),
         ("body.expires_in", {"expires_in": "an hour"}),

@@ -4,7 +4,7 @@ the same with or without JavaScript, and money never passes through a float."""
 from __future__ import annotations
 
 from datetime import datetime
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 
 WARN_PERCENT = Decimal(70)
 OVER_PERCENT = Decimal(90)
@@ -16,6 +16,11 @@ def number(value: Decimal | int) -> str:
     if amount == amount.to_integral_value():
         return f"{amount.quantize(Decimal(1)):,}"
     return f"{amount.normalize():,f}"
+
+
+def estimate(value: Decimal) -> str:
+    """A forecast quantity, to two decimals: its precision is the pace's, not the digits'."""
+    return number(value.quantize(Decimal("0.01"), ROUND_HALF_UP))
 
 
 def money(amount: Decimal, currency: str) -> str:

@@ -48,6 +48,7 @@ SERVICE_TOKEN = (
 templates = page_templates(Path(__file__).parent / "templates")
 templates.env.filters.update(
     num=figures.number,
+    estimate=figures.estimate,
     day=figures.day,
     instant=figures.instant,
     level=figures.level,
