@@ -56,3 +56,11 @@ def day(moment: datetime) -> str:
 
 def instant(moment: datetime) -> str:
     return f"{moment:%Y-%m-%d %H:%M} UTC"
+
+
+WINDOWS = {1: "second", 60: "minute", 3600: "hour", 86_400: "day"}
+
+
+def per(seconds: int) -> str:
+    """A rate limit's window in words: ``minute``, or ``90 s`` for an uncommon one."""
+    return WINDOWS.get(seconds) or f"{number(seconds)} s"

@@ -28,7 +28,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from schemas.api_keys import Scope
 from services.api.portal import figures, tokens
 from services.api.portal.tokens import Grant
-from services.api.portal.view import Dashboard, DashboardView
+from services.api.portal.view import TOP, Dashboard, DashboardView
 from services.common.auth import Authenticator, Caller, address
 from services.common.pages import page_templates
 from services.common.problems import Problem
@@ -49,6 +49,7 @@ templates = page_templates(Path(__file__).parent / "templates")
 templates.env.filters.update(
     num=figures.number,
     estimate=figures.estimate,
+    per=figures.per,
     day=figures.day,
     instant=figures.instant,
     level=figures.level,
@@ -188,6 +189,7 @@ def _context(board: Dashboard, grant: Grant) -> dict[str, Any]:
     }
     return {
         "board": board,
+        "top": TOP,
         "restricted": grant.meters,
         "via_key": grant.key_id is not None,
         "expires_at": grant.expires_at,
