@@ -91,7 +91,8 @@ async def test_the_dashboard_in_a_browser(
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     async with (
-        tally_app(settings, public_url=base) as app,
+        # billing read over real HTTP (TALLY_BILLING_URL), as when it runs apart
+        tally_app(settings, public_url=base, billing_url=base) as app,
         serving(app, port),
         client_of(app) as api,
         chromium() as browser,
@@ -136,5 +137,6 @@ async def test_the_dashboard_in_a_browser(
             await still.locator("section.usage[data-meter=api_calls] table.days tr").count() == 31
         )
         assert await still.locator(".chart canvas").count() == 0
-        assert await still.locator("#to-date").count() == 1
+        assert await still.locator("#to-date").count() == 1  # billing answered over HTTP
+        assert await still.locator(".unavailable").count() == 0
         assert trouble == []

@@ -268,6 +268,17 @@ async def test_a_customer_signs_in_with_its_key(settings: Settings) -> None:
         )
         assert rule.status_code == 201, rule.text
 
+        narrow = await api.post(
+            "/v1/keys", json={"scopes": ["enforce"]}, headers=account.auth
+        )  # a key for enforcement only may not read usage, here either
+        assert narrow.status_code == 201, narrow.text
+        refused = await api.post("/portal/login", data={"api_key": narrow.json()["key"]})
+        assert refused.status_code == 403 and "usage:read" in refused.text
+        assert (
+            "set-cookie" not in refused.headers
+            or 'tally_portal=""' in refused.headers["set-cookie"]
+        )
+
         wrong = await api.post("/portal/login", data={"api_key": "tally_live_wrong"})
         assert wrong.status_code == 401 and 'name="api_key"' in wrong.text
         assert 'class="error"' in wrong.text

@@ -106,7 +106,8 @@ def router(settings: Settings, auth: Authenticator, view: DashboardView) -> APIR
             return sign_in(request, "Your session has ended: sign in again.", 401)
         try:
             if grant.key_id is not None:  # a key's session lasts as long as the key works
-                await auth.require(Caller(grant.customer, grant.key_id), grant.customer)
+                caller = Caller(grant.customer, grant.key_id)
+                await auth.require(caller, grant.customer, Scope.USAGE_READ)
             board = await view.gather(request, grant)
         except Problem as problem:
             if problem.status not in (401, 403, 404):
@@ -126,11 +127,12 @@ def router(settings: Settings, auth: Authenticator, view: DashboardView) -> APIR
             await auth.require(caller, caller.customer, Scope.USAGE_READ)
         except Problem as problem:
             reply = sign_in(request, problem.detail, problem.status)
-            reply.headers.update(problem.headers)
+            if "Retry-After" in problem.headers:  # an address that keeps guessing
+                reply.headers["Retry-After"] = problem.headers["Retry-After"]
             return reply
         lifetime = timedelta(seconds=settings.portal_token_ttl_seconds)
-        expires = datetime.fromtimestamp(int((datetime.now(UTC) + lifetime).timestamp()), UTC)
-        return enter(request, Grant(caller.customer, None, expires, key_id=caller.key_id))
+        grant = Grant(caller.customer, None, tokens.expiry(lifetime), key_id=caller.key_id)
+        return enter(request, grant)
 
     @pages.post("/portal/logout", response_class=HTMLResponse)
     async def logout(request: Request) -> Response:

@@ -41,14 +41,17 @@ class Grant:
         return claims
 
 
+def expiry(lifetime: timedelta) -> datetime:
+    """When something lasting ``lifetime`` from now ends, in whole seconds (as signed)."""
+    return datetime.fromtimestamp(int((datetime.now(UTC) + lifetime).timestamp()), UTC)
+
+
 def mint(
     settings: Settings, customer: str, lifetime: timedelta, meters: tuple[str, ...] | None
 ) -> tuple[str, Grant]:
     """A portal token for ``customer`` that expires after ``lifetime``."""
-    now = datetime.now(UTC)
-    expires = datetime.fromtimestamp(int((now + lifetime).timestamp()), UTC)
-    grant = Grant(customer, meters, expires)
-    return _signer(settings, TOKEN_PURPOSE).sign(grant.claims(), lifetime, now), grant
+    grant = Grant(customer, meters, expiry(lifetime))
+    return _sign(settings, TOKEN_PURPOSE, grant), grant
 
 
 def verify_token(settings: Settings, token: str) -> Grant | None:
@@ -58,12 +61,16 @@ def verify_token(settings: Settings, token: str) -> Grant | None:
 
 def open_session(settings: Settings, grant: Grant) -> str:
     """A session cookie's value: the grant, expiring when it does."""
-    lifetime = grant.expires_at - datetime.now(UTC)
-    return _signer(settings, SESSION_PURPOSE).sign(grant.claims(), lifetime)
+    return _sign(settings, SESSION_PURPOSE, grant)
 
 
 def verify_session(settings: Settings, value: str) -> Grant | None:
     return _grant(_signer(settings, SESSION_PURPOSE).verify(value))
+
+
+def _sign(settings: Settings, purpose: str, grant: Grant) -> str:
+    now = datetime.now(UTC)
+    return _signer(settings, purpose).sign(grant.claims(), grant.expires_at - now, now)
 
 
 def _signer(settings: Settings, purpose: str) -> Signer:
