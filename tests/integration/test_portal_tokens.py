@@ -131,3 +131,20 @@ async def test_rotating_the_secret_revokes_links_and_sessions(settings: Settings
         assert (await api.get("/portal", params={"token": token})).status_code == 401
         api.cookies.set("tally_portal", cookie, path="/portal")
         assert (await api.get("/portal")).status_code == 401
+
+
+async def test_the_session_cookie_is_secure_behind_https(settings: Settings) -> None:
+    public = "https://tally.example.com"
+    async with tally_app(settings, public_url=public) as app, client_of(app) as api:
+        account = await sign_up(api)
+        minted = (await mint(api, account.customer, expires_in=600)).json()
+        assert minted["url"].startswith(f"{public}/portal?token=")
+        entered = await api.get("/portal", params={"token": minted["token"]})
+    assert entered.status_code == 303 and entered.headers["location"] == "/portal"
+    assert entered.headers["cache-control"] == "no-store"
+    cookie = entered.headers["set-cookie"]
+    for attribute in ("HttpOnly", "Secure", "SameSite=lax", "Path=/portal"):
+        assert attribute in cookie, (attribute, cookie)
+    assert "Max-Age=" in cookie
+    max_age = int(cookie.split("Max-Age=")[1].split(";")[0])
+    assert 590 <= max_age <= 600  # the session ends with the token
