@@ -5,8 +5,9 @@ Signing in sets a session cookie signed under ``TALLY_PORTAL_SECRET`` (purpose
 ``admin-session``): HttpOnly, SameSite=Strict, scoped to ``/admin``, Secure when Tally
 is served over https, valid for ``SESSION_HOURS``.  A wrong token is a failed
 credential like any other (the per-address limiter counts it).  The page carries every
-number in its tables; the chart is drawn by a static script from JSON embedded in the
-page, so the page runs under ``Content-Security-Policy: default-src 'self'``.
+number in its tables; the chart is drawn by a static script (``/static/revenue.js``) from
+JSON embedded in the page, so the page runs under ``Content-Security-Policy:
+default-src 'self'``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from urllib.parse import parse_qs
 
 import orjson
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
@@ -159,13 +160,5 @@ def router(
             "by_plan": by_plan(found),
         }
         return templates.TemplateResponse(request, "revenue.html", context, headers=HEADERS)
-
-    @pages.get("/admin/revenue.js")
-    async def script() -> FileResponse:
-        return FileResponse(
-            HERE / "static" / "revenue.js",
-            media_type="text/javascript",
-            headers={"Cache-Control": "no-cache"},
-        )
 
     return pages
