@@ -288,3 +288,37 @@ async def test_the_page_shows_the_jsons_numbers(client) -> None:
     assert out.status_code == 303 and 'tally_admin=""' in out.headers["set-cookie"]
     http.cookies.clear()
     assert (await http.get("/admin/revenue")).status_code == 303
+
+
+async def test_guessing_at_the_form_is_limited_and_https_makes_the_cookie_secure(
+    seeded: tuple[str, dict[str, str]],
+) -> None:
+    url, _ = seeded
+    mine = Settings(
+        database_url=url,
+        redis_url=REDIS_URL,
+        ip_auth_failures_per_minute=2,
+        public_url="https://tally.example",
+    )
+    redis = Redis.from_url(REDIS_URL)
+    async with (
+        AsyncConnectionPool(url, open=False) as pool,
+        revenue_client(mine, pool, redis) as http,
+    ):
+        statuses = [
+            (await http.post("/admin/login", data={"token": f"guess-{n}"})).status_code
+            for n in range(2)
+        ]
+        refused = await http.post("/admin/login", data={"token": "dev-admin-token"})
+        assert statuses == [401, 401]
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) > 0
+        assert "too many failed credentials" in refused.text
+        assert "set-cookie" not in refused.headers
+    async with (
+        AsyncConnectionPool(url, open=False) as pool,
+        revenue_client(mine, pool, redis) as http,  # another address
+    ):
+        signed_in = await http.post("/admin/login", data={"token": "dev-admin-token"})
+        assert signed_in.status_code == 303
+        assert "secure" in signed_in.headers["set-cookie"].lower()
+    await redis.aclose()

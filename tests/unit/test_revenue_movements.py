@@ -184,6 +184,20 @@ def test_trials_started_converted_and_expired() -> None:
     assert (mar.started, mar.conversion_rate) == (1, None)
 
 
+VERSIONED = FeeBook(
+    {
+        "free": [(EPOCH, plan("free", "0"))],
+        "starter": [(EPOCH, plan("starter", "49")), (t("2025-03-10"), plan("starter", "59"))],
+        "pro": [
+            (EPOCH, plan("pro", "199")),
+            (t("2025-02-01"), plan("pro", "99")),
+            (t("2025-05-20"), plan("pro", "0")),
+            (t("2025-06-01"), plan("pro", "249", currency="eur")),
+        ],
+        "yearly": [(EPOCH, plan("yearly", "2000", Interval.YEAR))],
+        "euro": [(EPOCH, plan("euro", "30", currency="eur"))],
+    }
+)
 PLANS = sorted(BOOK._changed)
 STATUSES = ["trial", "active", "past_due", "suspended", "cancelled"]
 state_rows = st.lists(
@@ -198,15 +212,19 @@ state_rows = st.lists(
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(state_rows, min_size=1, max_size=8), st.integers(0, 5))
-def test_every_month_balances_exactly(rows, skip) -> None:
+@given(st.lists(state_rows, min_size=1, max_size=8), st.integers(0, 5), st.booleans())
+def test_every_month_balances_exactly(rows, skip, versioned) -> None:
     start = t("2025-01-01")
     histories = [
         [State(start + timedelta(hours=h), p, s) for h, p, s in sorted(r, key=lambda x: x[0])]
         for r in rows
     ]
     window = months("2025-01-01", 8)[skip:]
-    timelines = [timeline(h, BOOK) for h in histories]
+    book = VERSIONED if versioned else BOOK
+    timelines = [timeline(h, book) for h in histories]
+    for history, points in zip(histories, timelines, strict=True):
+        for probe in _probes(history):
+            assert at(points, probe) == _brute_force(history, book, probe), probe
     for currency, months_of in movements.monthly(timelines, window).items():
         for index, flow in enumerate(months_of):
             assert flow.balances(), (currency, index, flow)
@@ -218,6 +236,24 @@ def test_every_month_balances_exactly(rows, skip) -> None:
             if index:
                 assert flow.starting == months_of[index - 1].ending
             assert all(amount >= 0 for amount in flow.moved.values())
+
+
+VERSION_CHANGES = sorted({when for rows in VERSIONED._changed.values() for when in rows})
+
+
+def _probes(history: list[State]) -> list[datetime]:
+    """Every instant the MRR may change at, and a second before and after each."""
+    second = timedelta(seconds=1)
+    instants = {s.at for s in history} | set(VERSION_CHANGES)
+    return sorted({i + d for i in instants for d in (-second, timedelta(0), second)})
+
+
+def _brute_force(history: list[State], book: FeeBook, instant: datetime) -> Mrr | None:
+    """The last row at or before ``instant``, valued with the version in effect then."""
+    rows = [s for s in history if s.at <= instant]
+    if not rows or rows[-1].status not in ("active", "past_due"):
+        return None
+    return book.at(rows[-1].plan, instant)
 
 
 def _amount_at(points, instant: datetime, currency: str) -> Decimal:
