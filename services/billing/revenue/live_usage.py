@@ -62,6 +62,8 @@ async def _from_redis(
 async def _from_rollups(
     conn: AsyncConnection, missing: Sequence[tuple[str, str]], now: datetime
 ) -> Found:
+    """The rollup rows of the pairs Redis did not answer, by their primary key (the
+    table has no index by month alone)."""
     if not missing:
         return {}
     customers, meters = zip(*missing, strict=True)
