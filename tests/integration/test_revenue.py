@@ -322,3 +322,21 @@ async def test_guessing_at_the_form_is_limited_and_https_makes_the_cookie_secure
         assert signed_in.status_code == 303
         assert "secure" in signed_in.headers["set-cookie"].lower()
     await redis.aclose()
+
+
+async def test_a_seller_without_customers_sees_zeros_not_errors() -> None:
+    async with own_database() as url, AsyncConnectionPool(url, open=False) as pool:
+        redis = Redis.from_url(REDIS_URL)
+        async with revenue_client(
+            Settings(database_url=url, redis_url=REDIS_URL), pool, redis
+        ) as http:
+            body = await _revenue(http, 2)
+            assert (body["mrr"], body["movements"], body["customers"]) == ([], [], 0)
+            assert body["trials"]["conversion_rate"] is None
+            assert body["past_due"] == {"customers_past_due": 0, "balances": []}
+            await http.post("/admin/login", data={"token": "dev-admin-token"})
+            page = await http.get("/admin/revenue")
+            assert page.status_code == 200, page.text
+            reader = PageReader(page.text)
+            assert reader.text("mrr-none") == "0" and reader.text("customers") == "0"
+        await redis.aclose()

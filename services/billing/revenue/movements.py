@@ -121,9 +121,12 @@ class _Walk:
             flow.starting += self.current.amount
 
 
-def monthly(timelines: Iterable[Sequence[Point]], months: Sequence[Month]) -> Flows:
-    """Each currency's flows over consecutive ``months``, from every customer's timeline."""
-    flows: Flows = {}
+def monthly(
+    timelines: Iterable[Sequence[Point]], months: Sequence[Month], flows: Flows | None = None
+) -> Flows:
+    """Each currency's flows over consecutive ``months``, from every customer's timeline
+    (added to ``flows``, when given: customers come a page at a time)."""
+    flows = {} if flows is None else flows
     for points in timelines:
         walk = _Walk(points, flows, len(months))
         for index, (start, end) in enumerate(months):

@@ -63,28 +63,13 @@ class _Histories:
 
     def add(self, batch: Sequence[subscriptions.Subscription]) -> None:
         timelines = [mrr.timeline(s.states, self.book) for s in batch]
-        for currency, flows in movements.monthly(timelines, self.months).items():
-            mine = self.flows.setdefault(currency, [movements.MonthFlow() for _ in self.months])
-            for total, flow in zip(mine, flows, strict=True):
-                _merge(total, flow)
+        movements.monthly(timelines, self.months, self.flows)
         for points in timelines:
             worth = mrr.at(points, self.now)
             if worth is not None:
                 self.now_by_currency.setdefault(worth.currency, []).append(worth.amount)
-        found = trials.monthly((s.states for s in batch), self.book, self.months)
-        for sums, month in zip(self.trials, found, strict=True):
-            sums.started += month.started
-            sums.converted += month.converted
-            sums.expired += month.expired
+        trials.monthly((s.states for s in batch), self.book, self.months, self.trials)
         self.running += sum(1 for s in batch if s.state_at(self.now).status == trials.TRIAL)
-
-
-def _merge(total: movements.MonthFlow, flow: movements.MonthFlow) -> None:
-    total.starting += flow.starting
-    total.ending += flow.ending
-    for movement in Movement:
-        total.moved[movement] += flow.moved[movement]
-        total.customers[movement] += flow.customers[movement]
 
 
 async def _walk(conn: AsyncConnection, months: Sequence[Month], now: datetime) -> _Histories:

@@ -45,10 +45,14 @@ def _month_of(instant: datetime, months: Sequence[Month]) -> int | None:
 
 
 def monthly(
-    histories: Iterable[Sequence[State]], book: FeeBook, months: Sequence[Month]
+    histories: Iterable[Sequence[State]],
+    book: FeeBook,
+    months: Sequence[Month],
+    found: list[TrialMonth] | None = None,
 ) -> list[TrialMonth]:
-    """Trials started, converted and expired in each of ``months``."""
-    found = [TrialMonth() for _ in months]
+    """Trials started, converted and expired in each of ``months`` (added to ``found``,
+    when given)."""
+    found = [TrialMonth() for _ in months] if found is None else found
     for states in histories:
         before = None
         for state in states:
