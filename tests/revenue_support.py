@@ -1,17 +1,17 @@
 """A database of the revenue tests' own (the shared one holds every other test's
 customers and invoices, so its MRR is nobody's hand computation), the billing service's
-revenue routes and pages over HTTP, and a reader for the page's tables."""
+revenue routes and pages over HTTP, and the page's figures and tables as text."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from html.parser import HTMLParser
 from urllib.parse import urlsplit
 
 import httpx
 import psycopg
+from bs4 import BeautifulSoup
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
@@ -72,54 +72,21 @@ async def revenue_client(
         yield client
 
 
-class PageReader(HTMLParser):
-    """Each table's rows of cell texts (by the table's id), and each element's text by id."""
-
-    def __init__(self, page: str) -> None:
-        super().__init__()
-        self.tables: dict[str, list[list[str]]] = {}
-        self.texts: dict[str, str] = {}
-        self._table: str | None = None
-        self._cell: list[str] | None = None
-        self._open: list[tuple[str, str | None]] = []  # (tag, id) of elements with an id
-        self.feed(page)
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        found = dict(attrs)
-        if tag == "table":
-            self._table = found.get("id")
-            if self._table:
-                self.tables[self._table] = []
-        elif tag == "tr" and self._table:
-            self.tables[self._table].append([])
-        elif tag in ("td", "th") and self._table:
-            self._cell = []
-        if found.get("id") and tag != "table":
-            self._open.append((tag, found["id"]))
-            self.texts[found["id"] or ""] = ""
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag == "table":
-            self._table = None
-        elif tag in ("td", "th") and self._table and self._cell is not None:
-            self.tables[self._table][-1].append(" ".join("".join(self._cell).split()))
-            self._cell = None
-        if self._open and self._open[-1][0] == tag:
-            self._open.pop()
-
-    def handle_data(self, data: str) -> None:
-        if self._cell is not None:
-            self._cell.append(data)
-        for _, element in self._open:
-            self.texts[element or ""] += data
-
-    def text(self, element: str) -> str:
-        return " ".join(self.texts[element].split())
+def text(page: BeautifulSoup, element: str) -> str:
+    """The text of the element with this id, whitespace folded."""
+    found = page.find(id=element)
+    assert found is not None, element
+    return " ".join(found.get_text(" ").split())
 
 
-def rows(reader: PageReader, table: str) -> list[list[str]]:
-    """The table's body rows (its header row left out)."""
-    return reader.tables[table][1:]
+def rows(page: BeautifulSoup, table: str) -> list[list[str]]:
+    """The cell texts of the table's body rows."""
+    found = page.find("table", id=table)
+    assert found is not None, table
+    return [
+        [" ".join(cell.get_text(" ").split()) for cell in row.find_all("td")]
+        for row in found.select("tbody tr")
+    ]
 
 
 def plain(number: str) -> str:

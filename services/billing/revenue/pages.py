@@ -5,9 +5,9 @@ Signing in sets a session cookie signed under ``TALLY_PORTAL_SECRET`` (purpose
 ``admin-session``): HttpOnly, SameSite=Strict, scoped to ``/admin``, Secure when Tally
 is served over https, valid for ``SESSION_HOURS``.  A wrong token is a failed
 credential like any other (the per-address limiter counts it).  The page carries every
-number in its tables; the chart is drawn by a static script (``/static/revenue.js``) from
+number in its tables; the chart is drawn by a static script (``/static/revenue/revenue.js``) from
 JSON embedded in the page, so the page runs under ``Content-Security-Policy:
-default-src 'self'``.
+default-src 'self'`` (and ``frame-ancestors 'none'``: nobody frames it).
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ MAX_FORM_BYTES = 4096
 STATUSES = ("trial", "active", "past_due", "suspended", "cancelled")
 HEADERS = {
     "Cache-Control": "no-store",
-    "Content-Security-Policy": "default-src 'self'",
+    # frame-ancestors is not covered by default-src: no one frames the seller's page
+    "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
