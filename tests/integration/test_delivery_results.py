@@ -48,7 +48,7 @@ async def states(pool: AsyncConnectionPool, ids: list[int]) -> list[tuple[str, i
             " WHERE d.id = ANY(%s) ORDER BY d.id",
             (ids,),
         )
-        return [tuple(row) for row in await cur.fetchall()]  # type: ignore[misc]
+        return [tuple(row) for row in await cur.fetchall()]
 
 
 async def test_a_result_is_committed_when_record_returns(
