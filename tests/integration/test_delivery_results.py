@@ -20,7 +20,7 @@ from tests.webhook_support import alert, new_customer
 
 
 async def queued(pool: AsyncConnectionPool, tenant: str, count: int) -> list[int]:
-    """``count`` email deliveries of new notifications (one intake batch)."""
+    """``count`` email deliveries of new notifications (one intake batch), claimed."""
     customer = await new_customer(pool, tenant)
     async with pool.connection() as conn, conn.transaction():
         await conn.execute(
@@ -28,12 +28,14 @@ async def queued(pool: AsyncConnectionPool, tenant: str, count: int) -> list[int
         )
         notes = [alert(customer, usage=800 + n) for n in range(count)]
         assert len(await store(conn, notes, mail=True)) == count
+        # Claimed, as the sender's are, for a day: no notifier of another test mails them.
         cur = await conn.execute(
-            "SELECT d.id FROM notification_deliveries d JOIN notifications n"
-            " ON n.id = d.notification_id WHERE n.customer_id = %s ORDER BY d.id",
+            "UPDATE notification_deliveries d SET state = 'sending',"
+            " leased_until = now() + interval '1 day' FROM notifications n"
+            " WHERE n.id = d.notification_id AND n.customer_id = %s RETURNING d.id",
             (customer,),
         )
-        return [row[0] for row in await cur.fetchall()]
+        return sorted(row[0] for row in await cur.fetchall())
 
 
 def ok(delivery: int) -> Result:
@@ -60,7 +62,7 @@ async def test_a_result_is_committed_when_record_returns(
         await recorder.record(ok(ids[0]))  # alone: written at once
         assert await states(pool, ids[:1]) == [("succeeded", 1, 1)]
         failed = Attempt(False, 500, "no", None, 2)
-        retry = Result(ids[1], failed, "pending", timedelta(seconds=60), None)
+        retry = Result(ids[1], failed, "pending", timedelta(days=1), None)
         await asyncio.gather(recorder.record(retry), *(recorder.record(ok(i)) for i in ids[2:]))
         assert await states(pool, ids[1:]) == [("pending", 1, 1)] + [("succeeded", 1, 1)] * 10
     finally:
@@ -80,7 +82,7 @@ async def test_a_failed_write_fails_every_result_in_it_and_keeps_none(
             return_exceptions=True,
         )
         assert all(isinstance(e, Exception) for e in found), found
-        assert await states(pool, ids[:2]) == [("pending", 0, 0)] * 2
+        assert await states(pool, ids[:2]) == [("sending", 0, 0)] * 2  # still leased
         await recorder.record(ok(ids[2]))  # the next write is a new one
         assert await states(pool, ids[2:]) == [("succeeded", 1, 1)]
     finally:
