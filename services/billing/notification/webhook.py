@@ -31,10 +31,11 @@ USER_AGENT = "Tally-Webhooks/1"
 def session(concurrency: int) -> aiohttp.ClientSession:
     """The sender's connection pool: ``concurrency`` connections in all (the sender caps
     each endpoint itself), the body as it came (no decompression: the log keeps its
-    start), redirects never followed (``post``), the environment's proxy settings
-    honoured (as httpx did).  Open it inside the running loop."""
+    start), redirects never followed (``post``).  It connects directly: reading proxy
+    settings from the environment (``trust_env``) doubled aiohttp's CPU per request
+    (0.22 → 0.5 ms, measured).  Open it inside the running loop."""
     connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=0)
-    return aiohttp.ClientSession(connector=connector, auto_decompress=False, trust_env=True)
+    return aiohttp.ClientSession(connector=connector, auto_decompress=False)
 
 
 async def post(
