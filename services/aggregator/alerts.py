@@ -8,10 +8,17 @@ alert, never a second id for one.  At start the aggregator sweeps every out list
 so leftovers from a crash do not wait for the customer's next event.  The trim removes
 only what is still the list's head as read (``alerts_trim.lua``): the sweep and the
 partition's owner may drain one list at once without dropping what the other added.
+
+Publishing runs beside the batches, not inside them (``wake`` and ``run``): the batch
+that queued a crossing only names its customer and goes on to the next, and the
+publishing task drains every customer named meanwhile in one pass.  Inline, the drain
+was a third of each batch's time when a thousand customers a second crossed, and the
+batches behind it (and their crossings) waited for it.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 
@@ -30,6 +37,7 @@ from services.common.notify import publish
 log = get_logger("tally.aggregator.alerts")
 
 PAGE = 100  # crossings read per customer and round trip
+MAX_BACKOFF_SECONDS = 10.0
 
 
 class AlertPublisher:
@@ -39,6 +47,40 @@ class AlertPublisher:
         self._redis = redis
         self._meters = meters
         self._trim = redis.register_script(lua.source("alerts_trim"))
+        self._named: set[str] = set()  # customers whose lists ``run`` drains next
+        self._due = asyncio.Event()
+
+    def wake(self, customers: Iterable[str]) -> None:
+        """Have ``run`` drain these customers' lists now; returns at once."""
+        self._named.update(customers)
+        if self._named:
+            self._due.set()
+
+    async def run(self) -> None:
+        """Drain what ``wake`` named, as soon as it is named, for as long as the process
+        serves.  A failed drain keeps its customers named and is tried again (their
+        crossings wait in Redis meanwhile: nothing is lost, nothing fires twice)."""
+        backoff = 0.1
+        while True:
+            await self._due.wait()
+            try:
+                await self.flush()
+                backoff = 0.1
+            except Exception as exc:
+                log.error("publishing alerts failed; retrying", error=repr(exc), backoff=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(MAX_BACKOFF_SECONDS, backoff * 2)
+
+    async def flush(self) -> int:
+        """Drain every customer named so far (also at stop: nothing waits for a restart's
+        sweep); on failure they stay named."""
+        self._due.clear()
+        customers, self._named = self._named, set()
+        try:
+            return await self.drain(sorted(customers))
+        except BaseException:
+            self.wake(customers)
+            raise
 
     async def drain(self, customers: Iterable[str]) -> int:
         """Publish every crossing waiting for these customers; how many were published.

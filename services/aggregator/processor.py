@@ -34,8 +34,9 @@ class Record:
 
 
 DeadLetter = Callable[[Record, str], Awaitable[None]]
-Drain = Callable[[set[str]], Awaitable[object]]
-"""Publishes the alert crossings queued for these customers (``services.aggregator.alerts``)."""
+Alerting = Callable[[set[str]], None]
+"""Names the customers whose alert crossings were queued, for publishing without waiting
+for it (``AlertPublisher.wake`` in ``services.aggregator.alerts``)."""
 TopicIds = Callable[[Sequence[str]], Awaitable[dict[str, str]]]
 """The current id of each named topic (``services.common.topic_ids``), "" for none."""
 
@@ -67,11 +68,11 @@ class BatchProcessor:
         dead_letter: DeadLetter,
         incarnation: str = "",
         topic_ids: TopicIds | None = None,
-        drain_alerts: Drain | None = None,
+        alerting: Alerting | None = None,
     ) -> None:
         self._incarnation = incarnation
-        self._drain_alerts = drain_alerts
-        # customers whose alert crossings wait to be published (kept across a failure)
+        self._tell_alerting = alerting
+        # customers whose alert crossings wait to be published (told once the batch is in)
         self._alerting: set[str] = set()
         self._topic_ids = topic_ids
         # per (topic, partition): the last offset decoded and the life it belonged to
@@ -95,9 +96,9 @@ class BatchProcessor:
             await self._clickhouse.write(events)
         with metrics.SINK_SECONDS.labels("redis").time():
             await self._apply(batch.shares, utcnow())
-        if self._drain_alerts is not None and self._alerting:
-            await self._drain_alerts(self._alerting)
-            self._alerting.clear()
+        if self._tell_alerting is not None and self._alerting:
+            self._tell_alerting(self._alerting)
+            self._alerting = set()
         for record in batch.records:
             self.positions[(record.topic, record.partition)] = record.offset
 

@@ -35,8 +35,9 @@ async def start(runtime: Runtime) -> Component:
         dead_letter=worker.dead_letter_sender(app),
         incarnation=runtime.kafka_incarnation,
         topic_ids=partial(topic_ids.topic_ids, bootstrap),
-        drain_alerts=alerts.drain,
+        alerting=alerts.wake,
     )
+    runtime.background(alerts.run(), "alert publisher")
     worker.attach(app, settings, processor)
     await app.start()
 
@@ -48,6 +49,10 @@ async def start(runtime: Runtime) -> Component:
             except TimeoutError:
                 log.warning("stopping with accepted events not yet aggregated")
         await app.stop()
+        try:  # what the last batches crossed, before the publisher stops
+            await alerts.flush()
+        except Exception as exc:  # they wait in Redis for the next start's sweep
+            log.warning("alerts left for the next start", error=repr(exc))
 
     runtime.stack.push_async_callback(stop)
     return Component(

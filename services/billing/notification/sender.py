@@ -2,10 +2,10 @@
 
 Due rows are claimed in one statement (``state = 'sending'`` under a lease) and sent
 outside any transaction; each result is recorded with its ``Attempt`` in one short
-transaction.  Isolation: at most ``per_endpoint`` deliveries are in flight to one
-endpoint (or email address) and ``concurrency`` in all, and each attempt is bounded by the
-timeout, so a slow or dead endpoint holds a few slots and never delays anyone else's
-deliveries, nor the intake.
+transaction, shared with the results that finished meanwhile (``results``).  Isolation:
+at most ``per_endpoint`` deliveries are in flight to one endpoint (or email address) and
+``concurrency`` in all, and each attempt is bounded by the timeout, so a slow or dead
+endpoint holds a few slots and never delays anyone else's deliveries, nor the intake.
 
 A row left ``sending`` by a crash between send and commit is claimed again once its lease
 has run out and sent again under the same ``webhook-id`` (the notification id): the
@@ -27,16 +27,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
 from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from schemas.notifications import Notification
-from services.billing.notification import endpoints, urls, webhook
+from services.billing.notification import urls, webhook
 from services.billing.notification.channel import Attempt, Mailer
 from services.billing.notification.intake import stop_if_cancelled
+from services.billing.notification.results import Recorder, Result
 from services.common.logging import get_logger
 from services.common.metrics import DELIVERIES, DELIVERY_LATENCY, DELIVERY_QUEUE
 from services.common.problems import Problem
@@ -161,19 +162,13 @@ class Sender:
         policy: Policy,
         wake: asyncio.Event,
         mailer: Mailer | None = None,
-        client: httpx.AsyncClient | None = None,
     ) -> None:
         self._pool = pool
         self._policy = policy
         self._wake = wake
         self._mailer = mailer
-        self._client = client or httpx.AsyncClient(
-            limits=httpx.Limits(
-                max_connections=policy.concurrency, max_keepalive_connections=policy.concurrency
-            ),
-            timeout=policy.timeout,
-            follow_redirects=False,
-        )
+        self._client: aiohttp.ClientSession | None = None  # opened by ``run``, in its loop
+        self._results = Recorder(pool)
         self._inflight: Counter[str] = Counter()
         self._tasks: set[asyncio.Task[None]] = set()
         self._gauge_at = 0.0
@@ -181,6 +176,7 @@ class Sender:
     async def run(self) -> None:
         """Send for as long as the process serves; cancelled, it abandons what is in
         flight (those rows are sent again after their lease)."""
+        self._client = webhook.session(self._policy.concurrency)
         try:
             while True:
                 stop_if_cancelled()
@@ -198,7 +194,8 @@ class Sender:
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
-            await self._client.aclose()
+            await self._results.close()
+            await self._client.close()
 
     async def pass_once(self) -> bool:
         """Claim what is due into the free slots and start sending it; ``True`` when
@@ -265,7 +262,7 @@ class Sender:
             except Exception as exc:  # a mailer that raises is a failed attempt, retried
                 took = round((time.monotonic() - started) * 1000)
                 return Attempt(False, None, "", repr(exc)[:1024], took)
-        assert row.url is not None
+        assert row.url is not None and self._client is not None
         refused = await self._unsafe(row.url)
         if refused is not None:
             return Attempt(ok=False, status=None, response="", error=refused, duration_ms=0)
@@ -287,38 +284,14 @@ class Sender:
         return None
 
     async def _record(self, row: Due, attempt: Attempt) -> None:
-        """The attempt logged, and what it means for the delivery, in one transaction."""
+        """The attempt logged, and what it means for the delivery, committed (with the
+        other attempts that finished meanwhile: ``results``)."""
         final = attempt.ok or attempt.gone or attempt.permanent  # nothing to retry
         retry = None if final else self._policy.retry_in(row.attempts + 1)
         if retry is not None and attempt.retry_after:
             retry = max(retry, timedelta(seconds=min(attempt.retry_after, MAX_RETRY_AFTER)))
         state = "succeeded" if attempt.ok else ("pending" if retry is not None else "failed")
-        async with self._pool.connection() as conn, conn.transaction():
-            await conn.execute(
-                "INSERT INTO delivery_attempts (delivery_id, status, response, error, duration_ms)"
-                " VALUES (%s, %s, %s, %s, %s)",
-                (row.id, attempt.status, attempt.response, attempt.error, attempt.duration_ms),
-            )
-            await conn.execute(
-                "UPDATE notification_deliveries SET state = %(state)s,"
-                " attempts = attempts + 1, last_attempt_at = now(), last_status = %(status)s,"
-                " last_response = %(response)s, last_error = %(error)s, leased_until = NULL,"
-                " next_attempt_at = CASE WHEN %(retry)s::interval IS NULL THEN next_attempt_at"
-                "   ELSE now() + %(retry)s::interval END,"
-                " succeeded_at = CASE WHEN %(ok)s THEN now() END"
-                " WHERE id = %(id)s",
-                {
-                    "state": state,
-                    "status": attempt.status,
-                    "response": attempt.response,
-                    "error": attempt.error,
-                    "retry": retry,
-                    "ok": attempt.ok,
-                    "id": row.id,
-                },
-            )
-            if attempt.gone and row.endpoint_id is not None:
-                await endpoints.disable(conn, row.endpoint_id, "the endpoint answered 410 Gone")
+        await self._results.record(Result(row.id, attempt, state, retry, row.endpoint_id))
         outcome = "succeeded" if attempt.ok else ("retrying" if retry is not None else "failed")
         DELIVERIES.labels(row.channel, outcome).inc()
         if attempt.ok:

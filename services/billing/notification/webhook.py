@@ -6,6 +6,11 @@ wants no more (the endpoint is disabled).  The whole attempt, connect to last by
 bounded by one timeout, so a receiver that trickles its answer holds a slot no longer
 than one that never answers.  A 429 or 503 with ``Retry-After`` pushes the next attempt
 back to at least that long (at most an hour).
+
+The client is aiohttp's: measured on the notifier's load (3,000 POSTs, 64 in flight,
+1,000 endpoint paths on one host), httpx spent about 3 ms of CPU per request, most of it
+in its connection pool's bookkeeping, and aiohttp 0.15-0.25 ms; at a thousand alerts a
+second that is the difference between a saturated process and an idle one.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 
-import httpx
+import aiohttp
 
 from services.billing.notification import signing
 from services.billing.notification.channel import Attempt
@@ -23,8 +28,18 @@ EXCERPT_BYTES = 1024
 USER_AGENT = "Tally-Webhooks/1"
 
 
+def session(concurrency: int) -> aiohttp.ClientSession:
+    """The sender's connection pool: ``concurrency`` connections in all (the sender caps
+    each endpoint itself), the body as it came (no decompression: the log keeps its
+    start), redirects never followed (``post``).  It connects directly: reading proxy
+    settings from the environment (``trust_env``) doubled aiohttp's CPU per request
+    (0.22 → 0.5 ms, measured).  Open it inside the running loop."""
+    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=0)
+    return aiohttp.ClientSession(connector=connector, auto_decompress=False)
+
+
 async def post(
-    client: httpx.AsyncClient,
+    client: aiohttp.ClientSession,
     url: str,
     secrets_now: Sequence[str],
     msg_id: str,
@@ -40,14 +55,14 @@ async def post(
     try:
         async with (
             asyncio.timeout(timeout),
-            client.stream("POST", url, content=body, headers=headers) as reply,
+            client.post(url, data=body, headers=headers, allow_redirects=False) as reply,
         ):
             excerpt = await _excerpt(reply)
     except TimeoutError:
         return _failed(started, f"no answer within {timeout:g} s")
-    except httpx.HTTPError as exc:
+    except (aiohttp.ClientError, ValueError) as exc:  # ValueError: a URL aiohttp cannot use
         return _failed(started, f"{type(exc).__name__}: {exc}"[:EXCERPT_BYTES])
-    status = reply.status_code
+    status = reply.status
     return Attempt(
         ok=200 <= status < 300,
         status=status,
@@ -59,17 +74,17 @@ async def post(
     )
 
 
-async def _excerpt(reply: httpx.Response) -> str:
+async def _excerpt(reply: aiohttp.ClientResponse) -> str:
     """The start of the body (the delivery log shows it), never the whole of a big one."""
     read = b""
-    async for chunk in reply.aiter_raw():
+    async for chunk in reply.content.iter_any():
         read += chunk
         if len(read) >= EXCERPT_BYTES:
             break
     return read[:EXCERPT_BYTES].decode("utf-8", "replace")
 
 
-def _retry_after(reply: httpx.Response) -> float | None:
+def _retry_after(reply: aiohttp.ClientResponse) -> float | None:
     """``Retry-After`` in seconds (the delta form; an HTTP date is ignored)."""
     raw = reply.headers.get("retry-after", "")
     return float(raw) if raw.strip().isdigit() else None
