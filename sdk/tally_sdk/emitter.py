@@ -129,8 +129,9 @@ class Emitter:
         if self._closed:
             return
         self._closed = True
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.flush(), grace)
+        with contextlib.suppress(TimeoutError):  # not wait_for: it can lose a cancellation
+            async with asyncio.timeout(grace):
+                await self.flush()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -192,7 +193,8 @@ class Emitter:
                 return
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self._wake.wait()
 
     async def _deliver(self, events: list[dict[str, Any]]) -> None:
         compress = "Content-Encoding" in self._headers

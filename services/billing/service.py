@@ -4,7 +4,6 @@ over HTTP."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
@@ -34,6 +33,7 @@ from services.billing.stripe.outbox import MeterPusher
 from services.billing.stripe.sessions import Sessions
 from services.billing.stripe.webhooks import Webhooks
 from services.common.logging import get_logger
+from services.common.waits import wait_set
 from services.runtime import Component, Runtime
 
 log = get_logger("tally.billing")
@@ -202,8 +202,7 @@ async def _recompile(compiler: AlertCompiler, changed: asyncio.Event, seconds: f
             log.debug("alerts compiled", customers=count)
         except Exception as exc:  # the next pass picks up where this one failed
             log.error("alerts compile failed", error=repr(exc))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(changed.wait(), seconds)
+        await wait_set(changed, seconds)
 
 
 async def _mirror(pool: AsyncConnectionPool, api: stripe.StripeClient) -> None:

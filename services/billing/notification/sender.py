@@ -18,7 +18,6 @@ it looks for due retries every ``poll`` seconds.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import random
 import time
@@ -42,6 +41,7 @@ from services.common.logging import get_logger
 from services.common.metrics import DELIVERIES, DELIVERY_LATENCY, DELIVERY_QUEUE
 from services.common.problems import Problem
 from services.common.settings import Settings
+from services.common.waits import wait_set
 
 log = get_logger("tally.notifications")
 JITTER = 0.2  # each retry delay is stretched or shrunk by up to a fifth
@@ -188,8 +188,7 @@ class Sender:
                     full = False
                 if full:
                     continue
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._policy.poll)
+                await wait_set(self._wake, self._policy.poll)
         finally:
             for task in self._tasks:
                 task.cancel()
