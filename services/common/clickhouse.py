@@ -125,18 +125,26 @@ class ChdbReader:
     """
 
     def __init__(self, path: Path, settings: Mapping[str, str | int | float]) -> None:
-        import chdb
-
-        query = urlencode({"readonly": 1, **settings})
-        self._conn = chdb.connect(f"{path}?{query}")  # type: ignore[no-untyped-call]
+        self._url = f"{path}?{urlencode({'readonly': 1, **settings})}"
+        self._conn = self._connect()
         self._lock = threading.Lock()
 
+    def _connect(self) -> Any:
+        import chdb
+
+        return chdb.connect(self._url)  # type: ignore[no-untyped-call]
+
     def select(self, sql: str, params: Mapping[str, Any], fmt: str) -> bytes:
-        try:
-            with self._lock:
+        with self._lock:
+            try:
                 result = self._conn.query(sql, fmt, params=_chdb_params(params))
-        except RuntimeError as exc:  # chDB's ChdbError
-            raise ClickHouseError(str(exc)) from None
+            except RuntimeError as exc:  # chDB's ChdbError
+                # A query stopped by an error leaves its partial output in the
+                # connection, and chDB 4.4 prepends it to the next query's (seen after
+                # a timeout): a fresh connection starts clean.
+                self._conn.close()
+                self._conn = self._connect()
+                raise ClickHouseError(str(exc)) from None
         return bytes(result.bytes())
 
     def close(self) -> None:
