@@ -181,7 +181,8 @@ def assert_tenant_bound(sql: str) -> None:
         if table_name(table) in ctes:
             continue
         assert table_name(table) in VIEWS, sql
-        select = table.parent.parent  # Table → From → Select
+        assert isinstance(table.parent, exp.From), sql
+        select = table.parent.parent
         assert isinstance(select, exp.Select) and isinstance(select.parent, exp.Subquery), sql
         where = select.args["where"].this
         assert isinstance(where, exp.EQ), sql
