@@ -46,23 +46,23 @@ def test_tally_sql_reads_the_running_tally(settings: Settings, tmp_path: Path) -
                 )
                 assert reply.status_code == 202, reply.text
         cli_env = env | {"TALLY_ADMIN_TOKEN": DEV_ADMIN_TOKEN}
-        count = "SELECT customer, count() AS n FROM events WHERE customer IN {c:Array(String)}"
-        count += " GROUP BY customer ORDER BY customer"
+        sql = "SELECT customer, count() AS n FROM events WHERE customer IN {c:Array(String)}"
+        sql += " GROUP BY customer ORDER BY customer"
         wanted = f"c=['{mine[0]}','{other[0]}']"
 
         def both_stored() -> bool:
-            out = tally_sql(cli_env, count, "--param", wanted, "--format", "json", "--url", up.url)
+            out = tally_sql(cli_env, sql, "--param", wanted, "--format", "json", "--url", up.url)
             return out.returncode == 0 and len(json.loads(out.stdout)["rows"]) == 2
 
         wait_for(both_stored, 60, "events in ClickHouse", up.tail)
-        table = tally_sql(cli_env, count, "--param", wanted, "--url", up.url)
+        table = tally_sql(cli_env, sql, "--param", wanted, "--url", up.url)
         assert table.returncode == 0, table.stderr
         lines = table.stdout.splitlines()
         assert lines[0].split() == ["customer", "n"]
         assert sorted(line.split() for line in lines[2:4]) == sorted(
             [[mine[0], "7"], [other[0], "5"]]
         )
-        as_key = tally_sql(cli_env, count, "--param", wanted, "--url", up.url, "--token", mine[1])
+        as_key = tally_sql(cli_env, sql, "--param", wanted, "--url", up.url, "--token", mine[1])
         assert as_key.returncode == 0, as_key.stderr
         assert as_key.stdout.splitlines()[2].split() == [mine[0], "7"]
         refused = tally_sql(cli_env, "SELECT * FROM system.tables", "--url", up.url)
