@@ -36,6 +36,7 @@ TENANT = "__tenant"
 TABLES: dict[str, str] = {
     "events": "analytics_events",
     "daily_usage": "analytics_daily_usage",
+    "invoice_lines": "analytics_invoice_lines",
 }
 """Exposed name → the view behind it (``infra/clickhouse/views``)."""
 
