@@ -63,6 +63,7 @@ def analytics_runner(runtime: Runtime) -> Runner | None:
     ``tally aggregator``) is never opened from here."""
     if not (runtime.settings.clickhouse_url or runtime.clickhouse_open):
         return None
-    reader = runtime.clickhouse().reader(reader_settings(runtime.settings))
-    runtime.stack.callback(reader.close)
-    return Runner(reader)
+    limits = reader_settings(runtime.settings)
+    runner = Runner(lambda: runtime.clickhouse().reader(limits))
+    runtime.stack.callback(runner.close)
+    return runner

@@ -7,7 +7,8 @@ from __future__ import annotations
 import csv
 import io
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, timedelta
 from decimal import Decimal
@@ -271,8 +272,14 @@ async def test_bad_request_fields(world: World) -> None:
     assert reply.status_code == 422 and "format" in reply.text
 
 
-def runner_for(world: World, **limits: Any) -> Runner:
-    return Runner(world.ch.reader(reader_settings(world.settings) | limits))
+@contextmanager
+def runner_for(world: World, **limits: Any) -> Iterator[Runner]:
+    """A runner on a reader of its own (closed after), with ``limits`` over the usual."""
+    runner = Runner(lambda: world.ch.reader(reader_settings(world.settings) | limits))
+    try:
+        yield runner
+    finally:
+        runner.close()
 
 
 def raw(sql: str) -> Guarded:
@@ -281,7 +288,7 @@ def raw(sql: str) -> Guarded:
 
 async def test_the_connection_itself_refuses_writes_and_settings(world: World) -> None:
     """What the guard never passes, handed to the runner directly: ClickHouse refuses."""
-    runner, table = runner_for(world), f"{world.ch.database}.events"
+    table = f"{world.ch.database}.events"
     smuggled = [
         f"INSERT INTO {table} (customer, type, source, id, time, value, received_at)"
         f" SELECT 'x', 't', 's', 'i', now64(6), 1, now64(6)",
@@ -290,20 +297,20 @@ async def test_the_connection_itself_refuses_writes_and_settings(world: World) -
         "SELECT 1 SETTINGS max_execution_time = 0",
         "SET readonly = 0",
     ]
-    for sql in smuggled:
-        with pytest.raises(Problem) as refused:
-            await runner.run(raw(sql))
-        assert refused.value.extra["reason"] == "readonly", (sql, refused.value.detail)
-    # The owner's session writes on, and the reader sees what it wrote.
-    await ClickHouseSink(world.ch).write(events("late", 1))
-    seen = await runner.run(raw(f"SELECT count() FROM {table} WHERE customer = 'late'"))
+    with runner_for(world) as runner:
+        for sql in smuggled:
+            with pytest.raises(Problem) as refused:
+                await runner.run(raw(sql))
+            assert refused.value.extra["reason"] == "readonly", (sql, refused.value.detail)
+        # The owner's session writes on, and the reader sees what it wrote.
+        await ClickHouseSink(world.ch).write(events("late", 1))
+        seen = await runner.run(raw(f"SELECT count() FROM {table} WHERE customer = 'late'"))
     assert seen.rows == [[1]]
 
 
 async def test_rows_read_limit(world: World) -> None:
-    runner = runner_for(world, max_rows_to_read=10)
     guarded = guard("SELECT count() FROM events", {}, None, world.ch.database, 100, 1000)
-    with pytest.raises(Problem) as refused:
+    with runner_for(world, max_rows_to_read=10) as runner, pytest.raises(Problem) as refused:
         await runner.run(guarded)
     assert refused.value.extra["limit"] == "rows-read"
 

@@ -19,6 +19,8 @@ import asyncio
 import csv
 import io
 import re
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,15 +99,29 @@ def _cell(value: Any) -> Any:
 
 
 class Runner:
-    def __init__(self, reader: Reader) -> None:
-        self._reader = reader
+    """Runs guarded SQL on a reader it opens on first use: an api that starts while a
+    ClickHouse server is down serves everything else, and a query then answers 503."""
+
+    def __init__(self, open_reader: Callable[[], Reader]) -> None:
+        self._open = open_reader
+        self._reader: Reader | None = None
+        self._opening = threading.Lock()
+
+    def _select(self, sql: str, params: Mapping[str, Any]) -> bytes:
+        with self._opening:
+            if self._reader is None:
+                self._reader = self._open()
+            reader = self._reader
+        return reader.select(sql, params, "JSONCompact")
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
 
     async def run(self, guarded: Guarded) -> Result:
         """Run ``guarded`` (chDB blocks: in a thread) and keep at most ``guarded.rows``."""
         try:
-            raw = await asyncio.to_thread(
-                self._reader.select, guarded.sql, guarded.params, "JSONCompact"
-            )
+            raw = await asyncio.to_thread(self._select, guarded.sql, guarded.params)
         except ClickHouseUnavailable:
             raise
         except ClickHouseError as exc:
