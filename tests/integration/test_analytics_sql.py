@@ -265,6 +265,18 @@ async def test_credentials(world: World, headers: dict[str, str], status: int) -
     assert reply.headers["content-type"] == "application/problem+json"
 
 
+async def test_a_key_without_usage_read_is_refused(world: World) -> None:
+    reply = await world.client.post(
+        "/v1/keys",
+        json={"scopes": ["ingest"]},
+        headers={"Authorization": f"Bearer {world.key_a}"},
+    )
+    assert reply.status_code == 201, reply.text
+    refused = await world.sql("SELECT count() FROM events", reply.json()["key"])
+    assert refused.status_code == 403
+    assert refused.json()["type"].endswith("/insufficient-scope")
+
+
 async def test_bad_request_fields(world: World) -> None:
     reply = await world.client.post(
         SQL_PATH, json={"sql": "SELECT 1", "format": "xml"}, headers=ADMIN
