@@ -273,11 +273,18 @@ def create_schema(client: ClickHouse) -> None:
     the tables first, then the views in ``views/`` that read them.
 
     ``CREATE TABLE IF NOT EXISTS`` leaves an older table as it is, so check that the
-    events table has the key exactly-once depends on, rather than silently run on another.
+    events table has the key exactly-once depends on, rather than silently run on another
+    (before the views, which would fail on another layout with a less helpful error).
     """
     client.command(f"CREATE DATABASE IF NOT EXISTS {client.database}")
-    for ddl in [*sorted(DDL.glob("*.sql")), *sorted((DDL / "views").glob("*.sql"))]:
+    for ddl in sorted(DDL.glob("*.sql")):
         client.command(ddl.read_text().replace("{database}", client.database))
+    _check_events(client)
+    for ddl in sorted((DDL / "views").glob("*.sql")):
+        client.command(ddl.read_text().replace("{database}", client.database))
+
+
+def _check_events(client: ClickHouse) -> None:
     [[key, engine]] = client.query(
         "SELECT sorting_key, engine_full FROM system.tables"
         " WHERE database = {db:String} AND name = 'events'",
