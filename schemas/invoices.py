@@ -83,3 +83,10 @@ class UpcomingInvoice(BaseModel):
     invoice: Invoice = Field(description="The current period's invoice so far.")
     forecast: Forecast
     as_of: AwareDatetime
+
+
+class InvoiceList(BaseModel):
+    """``GET /v1/customers/{c}/invoices``: billing answers it, the customer dashboard
+    (api service) reads it."""
+
+    invoices: list[Invoice]

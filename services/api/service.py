@@ -16,6 +16,9 @@ from services.api.enforcement.leaser import Leaser
 from services.api.enforcement.leases import Leases
 from services.api.enforcement.limiter import Limiter
 from services.api.enforcement.pipelined import Pipelined
+from services.api.portal import pages as portal_pages
+from services.api.portal import routes as portal_routes
+from services.api.portal.view import DashboardView
 from services.api.usage import routes as usage_routes
 from services.runtime import Component, Runtime
 
@@ -35,6 +38,7 @@ async def start(runtime: Runtime) -> Component:
     leaser = Leaser(decisions, settings.lease_ttl_ms, settle * 1000, settings.lease_share, grace_ms)
     leases = Leases(enforcer, leaser, settle)
     accounts = Accounts(settings, redis, pool, auth, addresses.check)
+    dashboard = DashboardView(settings, runtime.redis(), pool, meters)
     analytics = analytics_routes.Analytics(
         settings, auth, analytics_runner(runtime), settings.clickhouse_database
     )
@@ -46,6 +50,8 @@ async def start(runtime: Runtime) -> Component:
             account_routes.router(accounts),
             admin_routes.router(accounts),
             catalog_routes.router(accounts),
+            portal_routes.router(settings, pool, auth, meters),
+            portal_pages.router(settings, auth, dashboard),
             analytics_routes.router(analytics),
         ],
         checks={"redis": runtime.check_redis(), "postgres": runtime.check_postgres()},

@@ -24,6 +24,8 @@ from services.billing.notification.email.mailer import build_mailer
 from services.billing.notification.lifecycle import LifecycleScan
 from services.billing.notification.notifier import Notifier, notifier
 from services.billing.notification.period_end import PeriodEndWarning
+from services.billing.revenue import pages as revenue_pages
+from services.billing.revenue import routes as revenue_routes
 from services.billing.rollup.job import Rollup
 from services.billing.stripe import client as stripe_client
 from services.billing.stripe import mirror as stripe_mirror
@@ -113,6 +115,8 @@ async def start(runtime: Runtime) -> Component:
             alert_routes.router(pool, Access(auth, settings.admin_token), compiler),
             stripe_routes.router(auth, Sessions(pool, api), webhooks),
             *notifications.routers,
+            revenue_routes.router(pool, runtime.redis(), auth),
+            revenue_pages.router(settings, pool, runtime.redis(), auth),
         ],
         checks={"clickhouse": runtime.check_clickhouse(), "postgres": runtime.check_postgres()},
     )

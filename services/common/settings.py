@@ -241,6 +241,11 @@ class Settings(BaseSettings):
     portal_token_ttl_seconds: int = Field(
         3600, ge=60, le=30 * 86400, description="Default lifetime of a portal token."
     )
+    portal_frame_ancestors: str = Field(
+        "'self'",
+        description="Who may show the customer dashboard in a frame (CSP frame-ancestors):"
+        " 'self', or origins such as https://app.example.com, space-separated.",
+    )
     billing_url: str | None = Field(
         None,
         description="Where the api service reads billing's JSON API for the customer "
@@ -283,6 +288,16 @@ class Settings(BaseSettings):
         if parts.query or parts.fragment:
             raise ValueError("TALLY_PUBLIC_URL takes no query or fragment")
         return raw.rstrip("/")
+
+    @field_validator("portal_frame_ancestors")
+    @classmethod
+    def _frame_ancestors(cls, raw: str) -> str:
+        if not raw.strip() or any(c in raw for c in ";,\r\n"):
+            raise ValueError(
+                "TALLY_PORTAL_FRAME_ANCESTORS: sources separated by spaces, e.g."
+                " 'self' https://app.example.com"
+            )
+        return raw.strip()
 
     @field_validator("smtp_url")
     @classmethod

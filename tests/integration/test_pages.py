@@ -11,9 +11,11 @@ import httpx
 import pytest
 from fastapi import APIRouter
 
+from services.api import service as api_service
+from services.billing.revenue import pages as revenue_pages
 from services.common.settings import Settings
-from services.runtime import Component, http_app
-from tests.accounts_support import running_api
+from services.runtime import Component, Runtime, http_app
+from tests.accounts_support import random_address, running_api
 
 SERVICE = {"Authorization": "Bearer test-token"}
 ASSET = re.compile(r"""(?:src|href)=["']([^"']+)["']""")
@@ -89,7 +91,21 @@ async def test_docs_load_only_local_assets(api: httpx.AsyncClient, page: str) ->
     assert "/openapi.json" in reply.text
 
 
-async def test_front_page_links_docs_and_operations(api: httpx.AsyncClient) -> None:
+@pytest.fixture
+async def front(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The api service and the billing service's pages (``/admin``), as ``tally up``
+    serves them both: the front page links to either."""
+    async with Runtime(settings) as runtime:
+        pool, redis = await runtime.pool(), runtime.redis()
+        pages = revenue_pages.router(settings, pool, redis, await runtime.authenticator())
+        app = http_app([await api_service.start(runtime), Component("billing", [pages])])
+        transport = httpx.ASGITransport(app, client=(random_address(), 40000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            yield client
+
+
+async def test_front_page_links_docs_and_operations(front: httpx.AsyncClient) -> None:
+    api = front
     reply = await api.get("/")
     assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/html")
     assert "<title>Tally" in reply.text

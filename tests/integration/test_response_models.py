@@ -22,6 +22,8 @@ from services.api import service as api_service
 from services.api.enforcement.routes import EnforceBatchResults, EnforceDecision
 from services.billing.invoicing import routes as invoice_routes
 from services.billing.notification.notifier import notifier
+from services.billing.revenue import pages as revenue_pages
+from services.billing.revenue import routes as revenue_routes
 from services.billing.stripe import routes as stripe_routes
 from services.billing.stripe.sessions import Sessions
 from services.billing.stripe.webhooks import Webhooks
@@ -68,6 +70,8 @@ async def tally(settings: Settings) -> AsyncIterator[tuple[FastAPI, httpx.AsyncC
                     invoice_routes.router(pool, auth, runtime.clickhouse),
                     stripe_routes.router(auth, Sessions(pool, None), hooks),
                     *notifier(settings, pool, runtime.redis(), auth).routers,
+                    revenue_routes.router(pool, runtime.redis(), auth),
+                    revenue_pages.router(settings, pool, runtime.redis(), auth),
                 ],
             ),
             Component("ingest", [ingest_router(ingest)], schemas=openapi_schemas()),

@@ -11,10 +11,12 @@ def test_the_development_defaults_are_named(monkeypatch: pytest.MonkeyPatch) -> 
     for name in ("TALLY_SERVICE_TOKENS", "TALLY_INGEST_TOKENS", "TALLY_ADMIN_TOKEN"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("TALLY_KEY_PEPPER", raising=False)
+    monkeypatch.delenv("TALLY_PORTAL_SECRET", raising=False)
     assert Settings(_env_file=None).development_secrets() == [
         "TALLY_SERVICE_TOKENS",
         "TALLY_ADMIN_TOKEN",
         "TALLY_KEY_PEPPER",
+        "TALLY_PORTAL_SECRET",
     ]
 
 
@@ -23,10 +25,13 @@ def test_compose_placeholders_count_as_public() -> None:
         service_tokens=["a-real-token", "change-me-service-token"],
         admin_token="change-me-admin-token",
         key_pepper="a-real-pepper",
+        portal_secret="a-real-portal-secret",
     )
     assert settings.development_secrets() == ["TALLY_SERVICE_TOKENS", "TALLY_ADMIN_TOKEN"]
 
 
 def test_real_secrets_are_not_named() -> None:
-    settings = Settings(service_tokens=["s3cret"], admin_token="adm1n", key_pepper="p3pper")
+    settings = Settings(
+        service_tokens=["s3cret"], admin_token="adm1n", key_pepper="p3pper", portal_secret="p0rtal"
+    )
     assert settings.development_secrets() == []

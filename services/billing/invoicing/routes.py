@@ -11,11 +11,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request
 from psycopg_pool import AsyncConnectionPool
-from pydantic import BaseModel
 
 from schemas.api_keys import Scope
 from schemas.events import CUSTOMER_ID_PATTERN, utcnow
-from schemas.invoices import Invoice, InvoiceStatus, UpcomingInvoice
+from schemas.invoices import InvoiceList, InvoiceStatus, UpcomingInvoice
 from services.billing.invoicing import reader as invoices
 from services.common.auth import Authenticator
 from services.common.clickhouse import ClickHouse
@@ -23,10 +22,6 @@ from services.common.openapi import problem_responses
 from services.common.problems import unknown_customer
 
 Customer = Annotated[str, Path(pattern=CUSTOMER_ID_PATTERN)]
-
-
-class InvoiceList(BaseModel):
-    invoices: list[Invoice]
 
 
 def router(

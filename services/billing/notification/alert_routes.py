@@ -12,13 +12,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Path, Request
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel, ConfigDict, Field
 
+from schemas.alert_rules import AlertList, AlertRule, CompiledThreshold
 from schemas.alerts import PLAN_RULE, AlertKind, Threshold
 from schemas.api_keys import Scope
 from schemas.events import CUSTOMER_ID_PATTERN, from_micros
@@ -54,30 +55,6 @@ class NewAlertRule(BaseModel):
     meter: str
     kind: AlertKind
     thresholds: list[Amount] = Field(min_length=1, max_length=MAX_THRESHOLDS)
-
-
-class CompiledThreshold(BaseModel):
-    value: Decimal = Field(description="As configured: 80 (%), 900 (units), 50.00 (money).")
-    quantity: Decimal | None = Field(
-        description="The period usage at which it fires; null: never on this plan."
-    )
-
-
-class AlertRule(BaseModel):
-    id: str = Field(description="\"plan\" for the plan's defaults, else the rule's id.")
-    source: Literal["plan", "customer"]
-    meter: str
-    kind: AlertKind
-    thresholds: list[CompiledThreshold]
-    limit: Decimal | None = Field(None, description="What a percentage refers to.")
-    currency: str | None = None
-    created_at: datetime | None = None
-
-
-class AlertList(BaseModel):
-    customer: str
-    plan: str
-    alerts: list[AlertRule]
 
 
 def router(pool: AsyncConnectionPool, access: Access, compiler: AlertCompiler) -> APIRouter:

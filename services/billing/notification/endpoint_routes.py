@@ -9,7 +9,7 @@ other, to that endpoint only.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Request, Response
@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from schemas.api_keys import Scope
 from schemas.events import CUSTOMER_ID_PATTERN, utcnow
 from schemas.notifications import Notification, NotificationType
+from schemas.webhook_endpoints import EndpointList, EndpointOut
 from services.billing.notification import endpoints, urls
 from services.billing.notification.access import Access
 from services.billing.notification.endpoints import Endpoint
@@ -41,36 +42,8 @@ class EndpointIn(BaseModel):
     )
 
 
-class EndpointOut(BaseModel):
-    id: str
-    customer: str | None  # None: a seller endpoint (every customer's notifications)
-    url: str
-    events: list[str] | None
-    created_at: datetime
-    disabled: bool
-    disabled_reason: str | None
-    previous_secret_until: datetime | None  # the rotated-out secret still signs until then
-
-    @classmethod
-    def of(cls, e: Endpoint) -> EndpointOut:
-        return cls(
-            id=e.id,
-            customer=e.customer_id,
-            url=e.url,
-            events=e.event_types,
-            created_at=e.created_at,
-            disabled=e.disabled_at is not None,
-            disabled_reason=e.disabled_reason,
-            previous_secret_until=e.previous_secret_until,
-        )
-
-
 class EndpointWithSecret(EndpointOut):
     secret: str  # whsec_…: shown this once
-
-
-class EndpointList(BaseModel):
-    endpoints: list[EndpointOut]
 
 
 class TestSent(BaseModel):
@@ -92,7 +65,7 @@ def router(
         made, secret = await endpoints.create(
             conn, customer, url, events, settings.webhook_max_endpoints
         )
-        out = EndpointWithSecret(**EndpointOut.of(made).model_dump(), secret=secret)
+        out = EndpointWithSecret(**_out(made).model_dump(), secret=secret)
         return Response(out.model_dump_json(), status_code=201, media_type="application/json")
 
     @api.post(
@@ -114,7 +87,7 @@ def router(
         await access.customer(request, customer, Scope.KEYS)
         async with pool.connection() as conn:
             found = await endpoints.listed(conn, customer)
-        return EndpointList(endpoints=[EndpointOut.of(e) for e in found])
+        return EndpointList(endpoints=[_out(e) for e in found])
 
     @api.delete(
         "/v1/customers/{customer}/webhook-endpoints/{endpoint}",
@@ -162,7 +135,7 @@ def router(
     ) -> EndpointOut:
         await access.customer(request, customer, Scope.KEYS)
         async with pool.connection() as conn, conn.transaction():
-            return EndpointOut.of(await endpoints.enable(conn, customer, endpoint))
+            return _out(await endpoints.enable(conn, customer, endpoint))
 
     @api.post(
         "/v1/customers/{customer}/webhook-endpoints/{endpoint}/test",
@@ -206,7 +179,7 @@ def router(
         await access.seller(request)
         async with pool.connection() as conn:
             found = await endpoints.listed(conn, None)
-        return EndpointList(endpoints=[EndpointOut.of(e) for e in found])
+        return EndpointList(endpoints=[_out(e) for e in found])
 
     @api.delete(
         "/v1/webhook-endpoints/{endpoint}",
@@ -246,20 +219,33 @@ def router(
     async def enable_seller_endpoint(request: Request, endpoint: EndpointId) -> EndpointOut:
         await access.seller(request)
         async with pool.connection() as conn, conn.transaction():
-            return EndpointOut.of(await endpoints.enable(conn, None, endpoint))
+            return _out(await endpoints.enable(conn, None, endpoint))
 
     async def _rotate(customer: str | None, endpoint: str) -> EndpointWithSecret:
         async with pool.connection() as conn, conn.transaction():
             rotated, secret = await endpoints.rotate(conn, customer, endpoint, overlap)
-        return EndpointWithSecret(**EndpointOut.of(rotated).model_dump(), secret=secret)
+        return EndpointWithSecret(**_out(rotated).model_dump(), secret=secret)
 
     async def _disable(customer: str | None, endpoint: str) -> EndpointOut:
         async with pool.connection() as conn, conn.transaction():
             await endpoints.get(conn, customer, endpoint)
             await endpoints.disable(conn, endpoint, "disabled by its owner")
-            return EndpointOut.of(await endpoints.get(conn, customer, endpoint))
+            return _out(await endpoints.get(conn, customer, endpoint))
 
     return api
+
+
+def _out(e: Endpoint) -> EndpointOut:
+    return EndpointOut(
+        id=e.id,
+        customer=e.customer_id,
+        url=e.url,
+        events=e.event_types,
+        created_at=e.created_at,
+        disabled=e.disabled_at is not None,
+        disabled_reason=e.disabled_reason,
+        previous_secret_until=e.previous_secret_until,
+    )
 
 
 async def _exists(conn: AsyncConnection, customer: str) -> bool:
