@@ -92,8 +92,8 @@ def guard(
     """Check ``sql`` and rewrite it for ``tenant`` (``None``: every customer's rows)."""
     _check_params(params)
     root = _parse(sql)
-    _check_tree(root)
     _check_placeholders(root, params)
+    _check_tree(root)
     _bind_tables(root, tenant, database)
     root, rows, fetch = _limit(root, default_rows, max_rows)
     bound = dict(params) | ({TENANT: tenant} if tenant is not None else {})
@@ -247,6 +247,17 @@ def _check_params(params: Mapping[str, Any]) -> None:
 
 
 def _check_placeholders(root: exp.Expr, params: Mapping[str, Any]) -> None:
+    """Values only: an ``Identifier`` parameter would name a table or column from
+    outside the checked SQL (``x IN {t:Identifier}`` reads a table)."""
+    for placeholder in root.find_all(exp.Placeholder):
+        kind = placeholder.args.get("kind")
+        text = kind.sql(dialect="clickhouse") if isinstance(kind, exp.Expr) else str(kind)
+        if text.lower() == "identifier":
+            raise Refused(
+                "parameter",
+                f"{{{placeholder.name}:Identifier}} is not allowed: name tables and columns"
+                " in the SQL; parameters carry values",
+            )
     used = _placeholders(root)
     reserved = sorted(n for n in used if n.startswith("__"))
     if reserved:
