@@ -195,16 +195,33 @@ def _known() -> str:
 
 def _cte_scope(table: exp.Table) -> exp.CTE | None:
     """The table CTE ``table`` names, looked up as ClickHouse does: in the WITH of the
-    queries around it, innermost first."""
+    queries around it, innermost first; inside a CTE's own body only the CTEs before
+    it (itself too under WITH RECURSIVE).  A name no CTE in scope answers is a table,
+    and must be an exposed one: ``WITH invoices AS (SELECT * FROM invoices)`` would
+    read the raw table of the session's database."""
     node: exp.Expr | None = table.parent
+    came_from: exp.Expr = table
     while node is not None:
         with_ = node.args.get("with_") if isinstance(node, exp.Query) else None
         if isinstance(with_, exp.With):
-            for cte in with_.expressions:
+            visible = list(with_.expressions)
+            if came_from is with_:  # from inside one CTE's body: those before it
+                body = next(c for c in visible if c is _child_of(with_, table))
+                at = visible.index(body)
+                visible = visible[: at + 1 if with_.args.get("recursive") else at]
+            for cte in reversed(visible):
                 if not cte.args.get("scalar") and cte.alias_or_name == table.name:
                     return cte  # type: ignore[no-any-return]
-        node = node.parent
+        came_from, node = node, node.parent
     return None
+
+
+def _child_of(parent: exp.Expr, node: exp.Expr) -> exp.Expr:
+    """The child of ``parent`` that ``node`` descends from."""
+    while node.parent is not parent:
+        assert node.parent is not None
+        node = node.parent
+    return node
 
 
 def _check_in(node: exp.In) -> None:
