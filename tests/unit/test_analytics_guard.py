@@ -147,6 +147,11 @@ def test_accepts_and_binds_every_table(sql: str) -> None:
     assert_tenant_bound(guarded.sql)
 
 
+def test_comments_are_not_forwarded() -> None:
+    sql = "SELECT count() -- */ FROM system.tables --\nFROM events /* x */"
+    assert "system" not in run(sql).sql and "/*" not in run(sql).sql
+
+
 def test_the_admin_reads_the_views_unfiltered() -> None:
     guarded = run("SELECT count() FROM events", tenant=None)
     assert TENANT not in guarded.params

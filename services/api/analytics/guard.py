@@ -97,7 +97,8 @@ def guard(
     _bind_tables(root, tenant, database)
     root, rows, fetch = _limit(root, default_rows, max_rows)
     bound = dict(params) | ({TENANT: tenant} if tenant is not None else {})
-    return Guarded(root.sql(dialect="clickhouse"), bound, rows, fetch)
+    # Comments are not forwarded: what runs is exactly the tree that was checked.
+    return Guarded(root.sql(dialect="clickhouse", comments=False), bound, rows, fetch)
 
 
 def _parse(sql: str) -> exp.Query:
