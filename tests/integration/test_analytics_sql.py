@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 from psycopg_pool import AsyncConnectionPool
+from redis.asyncio import Redis
 
 from schemas.envelope import StoredEvent
 from schemas.events import utcnow
@@ -25,9 +26,12 @@ from services.aggregator.clickhouse_sink import ClickHouseSink
 from services.api import service as api_service
 from services.api.analytics import functions
 from services.api.analytics.guard import Guarded, Refused, guard
+from services.api.analytics.routes import Analytics
+from services.api.analytics.routes import router as analytics_router
 from services.api.analytics.runner import Runner, reader_settings
 from services.billing.invoicing.mirror import InvoiceMirror
 from services.billing.invoicing.run import BillingRun
+from services.common.auth import Authenticator
 from services.common.clickhouse import ClickHouse
 from services.common.problems import Problem
 from services.common.settings import DEV_ADMIN_TOKEN, Settings
@@ -275,6 +279,22 @@ async def test_a_key_without_usage_read_is_refused(world: World) -> None:
     refused = await world.sql("SELECT count() FROM events", reply.json()["key"])
     assert refused.status_code == 403
     assert refused.json()["type"].endswith("/insufficient-scope")
+
+
+async def test_a_process_without_clickhouse_answers_503(world: World, redis: Redis) -> None:
+    """`tally api` beside `tally aggregator` on chDB: never opens the path itself."""
+    settings = world.settings
+    async with AsyncConnectionPool(settings.database_url, open=False) as pool:
+        auth = Authenticator(settings, redis, pool)
+        analytics = Analytics(settings, auth, None, settings.clickhouse_database)
+        app = http_app([Component("api", [analytics_router(analytics)])])
+        transport = httpx.ASGITransport(app, client=(random_address(), 40000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            reply = await client.post(SQL_PATH, json={"sql": "SELECT 1"}, headers=ADMIN)
+            anonymous = await client.post(SQL_PATH, json={"sql": "SELECT 1"})
+    assert reply.status_code == 503 and reply.json()["type"].endswith("/analytics-unavailable")
+    assert "tally up" in reply.json()["detail"]
+    assert anonymous.status_code == 401  # credentials first
 
 
 async def test_bad_request_fields(world: World) -> None:
