@@ -347,6 +347,14 @@ async def test_rows_read_limit(world: World) -> None:
     assert refused.value.extra["limit"] == "rows-read"
 
 
+async def test_memory_limit(world: World) -> None:
+    sql = "SELECT length(groupArray(repeat('x', 10000))) FROM events AS a, events AS b"
+    guarded = guard(sql, {}, None, world.ch.database, 100, 1000)
+    with runner_for(world, max_memory_usage=8 << 20) as runner, pytest.raises(Problem) as refused:
+        await runner.run(guarded)
+    assert refused.value.extra["limit"] == "memory", refused.value.detail
+
+
 async def test_every_function_of_a_denied_category_is_denied(world: World) -> None:
     """An engine upgrade that adds a dictionary, AI or introspection function fails here."""
     rows = world.ch.query(
