@@ -90,3 +90,8 @@ ENFORCEMENT_UNAVAILABLE = _define("enforcement-unavailable", 503, "Enforcement u
 STRIPE_NOT_CONFIGURED = _define("stripe-not-configured", 503, "Stripe is not configured")
 HTTP_ERROR = _define("http-error", 400, "HTTP error")
 """Any other error the HTTP framework answers (its own status and phrase as title)."""
+# analytics SQL (``docs/analytics.md``): ``reason`` names what, in a stable slug
+SQL_INVALID = _define("sql-invalid", 400, "Invalid SQL")
+SQL_NOT_ALLOWED = _define("sql-not-allowed", 400, "SQL not allowed")
+SQL_LIMIT_EXCEEDED = _define("sql-limit-exceeded", 422, "Query limit exceeded")
+ANALYTICS_UNAVAILABLE = _define("analytics-unavailable", 503, "Analytics SQL unavailable")

@@ -272,6 +272,34 @@ def api(port: PortOption = None) -> None:
 
 
 @app.command()
+def sql(
+    query: Annotated[str, typer.Argument(help="One SELECT over events, daily_usage, …")],
+    param: Annotated[
+        list[str] | None, typer.Option("--param", help="name=value for {name:Type}; repeat")
+    ] = None,
+    format_: Annotated[
+        str, typer.Option("--format", help="table, json or csv", case_sensitive=False)
+    ] = "table",
+    customer: Annotated[str | None, typer.Option(help="Only this customer's rows")] = None,
+    url: Annotated[
+        str | None, typer.Option(help="The running Tally (default: TALLY_HOST:TALLY_PORT)")
+    ] = None,
+    token: Annotated[str | None, typer.Option(help="Default: TALLY_ADMIN_TOKEN")] = None,
+) -> None:
+    """Run analytics SQL on the running Tally (docs/analytics.md) and print the rows."""
+    from services.api.analytics import client
+
+    if format_.lower() not in ("table", "json", "csv"):
+        raise typer.BadParameter("--format must be table, json or csv")
+    settings = get_settings()
+    base = url or f"http://{settings.host}:{settings.port}"
+    status = client.main(
+        base, token or settings.admin_token, query, param or [], format_.lower(), customer
+    )
+    raise typer.Exit(status)
+
+
+@app.command()
 def migrate() -> None:
     """Create the database, run migrations, load the catalog, create ClickHouse tables."""
 

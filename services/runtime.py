@@ -155,6 +155,11 @@ class Runtime:
         """Does this process accept credentials (service tokens, keys, the admin token)?"""
         return self._authenticator is not None
 
+    @property
+    def clickhouse_open(self) -> bool:
+        """Has a service of this process opened ClickHouse (in ``tally up``: chDB)?"""
+        return self._clickhouse is not None
+
     def clickhouse(self) -> ClickHouse:
         if self._clickhouse is None:
             self._clickhouse = clickhouse.connect(self.settings)

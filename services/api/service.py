@@ -5,6 +5,8 @@ from __future__ import annotations
 from services.api.accounts import admin_routes
 from services.api.accounts import routes as account_routes
 from services.api.accounts.service import Accounts
+from services.api.analytics import routes as analytics_routes
+from services.api.analytics.runner import Runner, reader_settings
 from services.api.catalog import routes as catalog_routes
 from services.api.enforcement import routes as enforce_routes
 from services.api.enforcement import status_routes
@@ -37,6 +39,9 @@ async def start(runtime: Runtime) -> Component:
     leases = Leases(enforcer, leaser, settle)
     accounts = Accounts(settings, redis, pool, auth, addresses.check)
     dashboard = DashboardView(settings, runtime.redis(), pool, meters)
+    analytics = analytics_routes.Analytics(
+        settings, auth, analytics_runner(runtime), settings.clickhouse_database
+    )
     return Component(
         "api",
         routers=[
@@ -47,6 +52,7 @@ async def start(runtime: Runtime) -> Component:
             catalog_routes.router(accounts),
             portal_routes.router(settings, pool, auth, meters),
             portal_pages.router(settings, auth, dashboard),
+            analytics_routes.router(analytics),
         ],
         checks={"redis": runtime.check_redis(), "postgres": runtime.check_postgres()},
         schemas=enforce_routes.openapi_schemas(),
@@ -55,3 +61,15 @@ async def start(runtime: Runtime) -> Component:
         + usage_routes.fast_routes(usage),
         paths=enforce_routes.openapi_paths(),
     )
+
+
+def analytics_runner(runtime: Runtime) -> Runner | None:
+    """Analytics SQL's runner, on a read-only connection of its own; ``None`` where this
+    process may not read ClickHouse: chDB that another process owns (``tally api`` beside
+    ``tally aggregator``) is never opened from here."""
+    if not (runtime.settings.clickhouse_url or runtime.clickhouse_open):
+        return None
+    limits = reader_settings(runtime.settings)
+    runner = Runner(lambda: runtime.clickhouse().reader(limits))
+    runtime.stack.callback(runner.close)
+    return runner

@@ -12,6 +12,7 @@ from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from services.billing.invoicing import routes
+from services.billing.invoicing.mirror import InvoiceMirror
 from services.billing.invoicing.periods import months_before
 from services.billing.invoicing.run import BillingRun
 from services.billing.notification import alert_routes
@@ -54,7 +55,10 @@ async def rollup(runtime: Runtime) -> Rollup:
 
 async def billing_run(runtime: Runtime) -> BillingRun:
     grace = timedelta(hours=runtime.settings.invoice_grace_hours)
-    return BillingRun(await runtime.pool(), runtime.clickhouse, grace, redis=runtime.redis())
+    mirror = InvoiceMirror(runtime.clickhouse)
+    return BillingRun(
+        await runtime.pool(), runtime.clickhouse, grace, redis=runtime.redis(), mirror=mirror
+    )
 
 
 def lifecycle_jobs(

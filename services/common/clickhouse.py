@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlencode
 
 import jiter
 
@@ -45,6 +46,22 @@ class ClickHouse(Protocol):
 
     def close(self) -> None: ...
 
+    def reader(self, settings: Mapping[str, str | int | float]) -> Reader:
+        """A read-only connection to the same data with ``settings`` fixed for good."""
+        ...
+
+
+class Reader(Protocol):
+    """A connection for other people's queries: opened with ``readonly=1`` and its
+    limits in its settings, so ClickHouse itself refuses a write, a ``SET`` or a
+    ``SETTINGS`` clause that would lift them, whatever SQL reaches it."""
+
+    def select(self, sql: str, params: Mapping[str, Any], fmt: str) -> bytes:
+        """The raw output of ``sql`` in format ``fmt``; ``ClickHouseError`` if refused."""
+        ...
+
+    def close(self) -> None: ...
+
 
 def _parse_rows(raw: bytes) -> list[list[Any]]:
     return [jiter.from_json(line) for line in raw.splitlines() if line]
@@ -62,6 +79,7 @@ class ChdbClickHouse:
 
         path.mkdir(parents=True, exist_ok=True)
         self.database = database
+        self.path = path
         self._session = session.Session(str(path))  # type: ignore[no-untyped-call]
         self._lock = threading.Lock()
 
@@ -93,6 +111,45 @@ class ChdbClickHouse:
     def close(self) -> None:
         with self._lock:
             self._session.close()  # type: ignore[no-untyped-call]
+
+    def reader(self, settings: Mapping[str, str | int | float]) -> Reader:
+        return ChdbReader(self.path, settings)
+
+
+class ChdbReader:
+    """A second chDB connection to the path this process already holds.
+
+    Its settings ride in the connection string, which chDB applies to this connection's
+    session alone: the owner's session keeps writing, and runs alongside (a long read
+    here holds this connection's lock, not the owner's).
+    """
+
+    def __init__(self, path: Path, settings: Mapping[str, str | int | float]) -> None:
+        self._url = f"{path}?{urlencode({'readonly': 1, **settings})}"
+        self._conn = self._connect()
+        self._lock = threading.Lock()
+
+    def _connect(self) -> Any:
+        import chdb
+
+        return chdb.connect(self._url)  # type: ignore[no-untyped-call]
+
+    def select(self, sql: str, params: Mapping[str, Any], fmt: str) -> bytes:
+        with self._lock:
+            try:
+                result = self._conn.query(sql, fmt, params=_chdb_params(params))
+            except RuntimeError as exc:  # chDB's ChdbError
+                # A query stopped by an error leaves its partial output in the
+                # connection, and chDB 4.4 prepends it to the next query's (seen after
+                # a timeout): a fresh connection starts clean.
+                self._conn.close()
+                self._conn = self._connect()
+                raise ClickHouseError(str(exc)) from None
+        return bytes(result.bytes())
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
 
 
 def _chdb_params(params: Mapping[str, Any] | None) -> dict[str, str]:
@@ -149,6 +206,33 @@ class ServerClickHouse:
     def close(self) -> None:
         self._client.close()
 
+    def reader(self, settings: Mapping[str, str | int | float]) -> Reader:
+        return ServerReader(self._client, settings)
+
+
+class ServerReader:
+    """Queries through the server client with ``readonly=1`` and the limits sent as
+    settings of every request (the HTTP interface applies them before the query runs)."""
+
+    def __init__(self, client: Any, settings: Mapping[str, str | int | float]) -> None:
+        self._client = client
+        self._settings = {"readonly": 1, **settings}
+
+    def select(self, sql: str, params: Mapping[str, Any], fmt: str) -> bytes:
+        from clickhouse_connect.driver.exceptions import DatabaseError
+
+        try:
+            with _reachable():
+                raw = self._client.raw_query(
+                    sql, parameters=dict(params), settings=self._settings, fmt=fmt
+                )
+        except DatabaseError as exc:
+            raise ClickHouseError(str(exc)) from None
+        return bytes(raw)
+
+    def close(self) -> None:
+        """The client belongs to the ``ServerClickHouse`` it came from."""
+
 
 class ClickHouseError(RuntimeError):
     pass
@@ -185,14 +269,22 @@ EVENTS_SORTING_KEY = "customer, source, id"
 
 
 def create_schema(client: ClickHouse) -> None:
-    """Create the database and apply every DDL file in ``infra/clickhouse`` (idempotent).
+    """Create the database and apply every DDL file in ``infra/clickhouse`` (idempotent),
+    the tables first, then the views in ``views/`` that read them.
 
     ``CREATE TABLE IF NOT EXISTS`` leaves an older table as it is, so check that the
-    events table has the key exactly-once depends on, rather than silently run on another.
+    events table has the key exactly-once depends on, rather than silently run on another
+    (before the views, which would fail on another layout with a less helpful error).
     """
     client.command(f"CREATE DATABASE IF NOT EXISTS {client.database}")
     for ddl in sorted(DDL.glob("*.sql")):
         client.command(ddl.read_text().replace("{database}", client.database))
+    _check_events(client)
+    for ddl in sorted((DDL / "views").glob("*.sql")):
+        client.command(ddl.read_text().replace("{database}", client.database))
+
+
+def _check_events(client: ClickHouse) -> None:
     [[key, engine]] = client.query(
         "SELECT sorting_key, engine_full FROM system.tables"
         " WHERE database = {db:String} AND name = 'events'",

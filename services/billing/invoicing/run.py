@@ -29,6 +29,7 @@ from redis.asyncio import Redis
 from schemas.invoices import InvoiceLine, InvoiceStatus
 from services.billing.invoicing import finalized, subscriptions
 from services.billing.invoicing.drafts import Ask, Draft, Drafter
+from services.billing.invoicing.mirror import InvoiceMirror
 from services.billing.rollup import watermark as watermarks
 from services.common import catalog
 from services.common.clickhouse import ClickHouse
@@ -75,9 +76,12 @@ class BillingRun:
         grace: timedelta,
         batch: int = 5000,
         redis: Redis | None = None,
+        mirror: InvoiceMirror | None = None,
     ) -> None:
         """``redis``: where finalized invoices are told (``invoice.finalized``); None
-        tells nobody (the lifecycle scan still will)."""
+        tells nobody (the lifecycle scan still will).  ``mirror``: where each batch's
+        invoices are copied for analytics SQL; None copies them nowhere."""
+        self._mirror = mirror
         self._pool = pool
         self._redis = redis
         self._clickhouse = clickhouse
@@ -118,6 +122,8 @@ class BillingRun:
                     (cursor, len(drafts), label),
                 )
             await self._tell([r for r in rows if r[6] is not None])
+            if self._mirror is not None:
+                await self._mirror.copy(conn, label, [s.customer for s in batch])
             customers += len(batch)
             skipped += len(batch) - len(asks)
             log.info("billing batch", period=label, cursor=cursor, invoices=len(drafts))
