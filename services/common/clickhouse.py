@@ -84,8 +84,13 @@ class ChdbClickHouse:
         self._lock = threading.Lock()
 
     def _run(self, sql: str, fmt: str, params: Mapping[str, Any] | None) -> bytes:
+        from chdb import ChdbError
+
         with self._lock:
-            result = self._session.query(sql, fmt, params=_chdb_params(params))  # type: ignore[no-untyped-call]
+            try:
+                result = self._session.query(sql, fmt, params=_chdb_params(params))  # type: ignore[no-untyped-call]
+            except (ChdbError, RuntimeError) as exc:  # chDB has two ChdbErrors, one a RuntimeError
+                raise ClickHouseError(str(exc)) from None
         error = getattr(result, "error_message", lambda: "")()
         if error:
             raise ClickHouseError(error)

@@ -32,7 +32,7 @@ from services.api.analytics.runner import Runner, reader_settings
 from services.billing.invoicing.mirror import InvoiceMirror
 from services.billing.invoicing.run import BillingRun
 from services.common.auth import Authenticator
-from services.common.clickhouse import ClickHouse
+from services.common.clickhouse import ClickHouse, ClickHouseError
 from services.common.problems import Problem
 from services.common.settings import DEV_ADMIN_TOKEN, Settings
 from services.runtime import Component, Runtime, http_app
@@ -428,3 +428,13 @@ async def test_each_documented_example_runs(world: World, title: str, sql: str) 
         assert reply.status_code == 200, (title, reply.text)
     if "invoice_lines" not in sql:  # the test's customers have no closed period
         assert await world.rows(sql, world.key_a, params=params), title
+
+
+async def test_the_owners_session_reports_a_refused_query_as_clickhouse_error(
+    world: World,
+) -> None:
+    """chDB raises its own error types; callers catch one, whichever engine answers, and
+    the session answers the next query cleanly."""
+    with pytest.raises(ClickHouseError, match="TIMEOUT_EXCEEDED"):
+        world.ch.query("SELECT count() FROM numbers(100000000000) SETTINGS max_execution_time=0.2")
+    assert world.ch.query("SELECT 1") == [[1]]
