@@ -9,6 +9,7 @@ served by the process itself.
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
@@ -47,9 +48,38 @@ def install(app: FastAPI) -> None:
     app.include_router(router())
 
 
-def _root(request: Request) -> str:
+def root_path(request: Request) -> str:
     """The path prefix a proxy serves this process under (``--root-path``), if any."""
     return str(request.scope.get("root_path", "")).rstrip("/")
+
+
+MAX_FORM_BYTES = 4096
+"""A sign-in form carries one short field: anything longer is not one."""
+
+
+async def form_field(request: Request, name: str) -> str:
+    """Field ``name`` of a small urlencoded form, stripped; empty when absent or when
+    the body is larger than a sign-in form can be."""
+    body = await request.body()
+    if len(body) > MAX_FORM_BYTES:
+        return ""
+    return (parse_qs(body.decode("utf-8", "replace")).get(name) or [""])[0].strip()
+
+
+CROSS_SITE = "Sign in from this page: a sign-in form posted from another site is refused."
+
+
+def cross_site(request: Request) -> bool:
+    """A form posted from another site's page (login CSRF: signing a browser in as
+    someone else). Browsers say so in ``Sec-Fetch-Site``; older ones send an ``Origin``
+    that names another host. Requests without either (curl, tests) are not browsers'."""
+    fetch_site = request.headers.get("sec-fetch-site")
+    if fetch_site is not None:
+        return fetch_site not in ("same-origin", "none")
+    origin = request.headers.get("origin")
+    if origin is None:
+        return False
+    return origin == "null" or urlsplit(origin).netloc != request.headers.get("host", "")
 
 
 def router() -> APIRouter:
@@ -57,12 +87,12 @@ def router() -> APIRouter:
 
     @pages.get("/", response_class=HTMLResponse)
     async def index(request: Request) -> HTMLResponse:
-        context = {"title": request.app.title, "root": _root(request)}
+        context = {"title": request.app.title, "root": root_path(request)}
         return templates.TemplateResponse(request, "index.html", context)
 
     @pages.get("/docs", response_class=HTMLResponse)
     async def swagger_ui(request: Request) -> HTMLResponse:
-        root = _root(request)
+        root = root_path(request)
         return get_swagger_ui_html(
             openapi_url=root + request.app.openapi_url,
             title=f"{request.app.title} API",
@@ -74,7 +104,7 @@ def router() -> APIRouter:
 
     @pages.get("/redoc", response_class=HTMLResponse)
     async def redoc(request: Request) -> HTMLResponse:
-        root = _root(request)
+        root = root_path(request)
         return get_redoc_html(
             openapi_url=root + request.app.openapi_url,
             title=f"{request.app.title} API",

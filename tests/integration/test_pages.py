@@ -110,6 +110,38 @@ async def test_front_page_links_docs_and_operations(front: httpx.AsyncClient) ->
     assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/html")
     assert "<title>Tally" in reply.text
     links = set(re.findall(r'<a href="([^"]+)"', reply.text))
-    assert {"/docs", "/redoc", "/healthz", "/readyz", "/metrics"} <= links
+    assert {"/docs", "/redoc", "/healthz", "/readyz", "/metrics", "/portal", "/admin"} <= links
     for link in links:
         assert (await api.get(link)).status_code in (200, 503), link  # /readyz may be 503
+
+
+SIGN_INS = [("/portal/login", {"api_key": "tally_live_x"}), ("/admin/login", {"token": "x"})]
+
+
+@pytest.mark.parametrize(("path", "form"), SIGN_INS)
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Sec-Fetch-Site": "same-site"},
+        {"Origin": "https://evil.example"},
+    ],
+)
+async def test_a_sign_in_posted_from_another_site_is_refused(
+    front: httpx.AsyncClient, path: str, form: dict[str, str], headers: dict[str, str]
+) -> None:
+    """Login CSRF: another site's page cannot sign a visitor's browser in (as anyone)."""
+    reply = await front.post(path, data=form, headers=headers)
+    assert reply.status_code == 403 and "another site" in reply.text
+    assert "set-cookie" not in reply.headers or "Max-Age=0" in reply.headers["set-cookie"]
+
+
+@pytest.mark.parametrize(("path", "form"), SIGN_INS)
+@pytest.mark.parametrize("headers", [{"Sec-Fetch-Site": "same-origin"}, {"Origin": "http://t"}, {}])
+async def test_a_sign_in_from_the_page_itself_is_checked(
+    front: httpx.AsyncClient, path: str, form: dict[str, str], headers: dict[str, str]
+) -> None:
+    """The form's own page (or a client that is not a browser) gets to the credential
+    check: a wrong one is a 401, not the cross-site refusal."""
+    reply = await front.post(path, data=form, headers=headers)
+    assert reply.status_code == 401 and "another site" not in reply.text

@@ -20,7 +20,6 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -30,12 +29,17 @@ from services.api.portal import figures, tokens
 from services.api.portal.tokens import Grant
 from services.api.portal.view import TOP, Dashboard, DashboardView
 from services.common.auth import Authenticator, Caller, address
-from services.common.pages import page_templates
+from services.common.pages import (
+    CROSS_SITE,
+    cross_site,
+    form_field,
+    page_templates,
+    root_path,
+)
 from services.common.problems import Problem
 from services.common.settings import Settings
 
 COOKIE = "tally_portal"
-MAX_FORM_BYTES = 4096
 BAD_TOKEN = (
     "This dashboard link is not valid: it has expired, been revoked, or was altered."
     " Ask for a new link, or sign in with your API key."
@@ -66,7 +70,7 @@ def router(settings: Settings, auth: Authenticator, view: DashboardView) -> APIR
     def page(
         request: Request, name: str, context: dict[str, Any], status: int = 200
     ) -> HTMLResponse:
-        context = {"root": _root(request), "title": "Usage dashboard", **context}
+        context = {"root": root_path(request), "title": "Usage dashboard", **context}
         reply = templates.TemplateResponse(request, name, context, status_code=status)
         _protect(reply, policy)
         return reply
@@ -117,7 +121,9 @@ def router(settings: Settings, auth: Authenticator, view: DashboardView) -> APIR
 
     @pages.post("/portal/login", response_class=HTMLResponse)
     async def login(request: Request) -> Response:
-        key = await _form_key(request)
+        if cross_site(request):
+            return sign_in(request, CROSS_SITE, 403)
+        key = await form_field(request, "api_key")
         if not key:
             return sign_in(request, "Paste your API key (tally_live_… or tally_test_…).", 401)
         try:
@@ -136,6 +142,8 @@ def router(settings: Settings, auth: Authenticator, view: DashboardView) -> APIR
 
     @pages.post("/portal/logout", response_class=HTMLResponse)
     async def logout(request: Request) -> Response:
+        if cross_site(request):
+            return sign_in(request, CROSS_SITE, 403)
         reply = RedirectResponse(_path(request), status_code=303)
         reply.delete_cookie(COOKIE, path=_path(request))
         _protect(reply, policy)
@@ -144,13 +152,8 @@ def router(settings: Settings, auth: Authenticator, view: DashboardView) -> APIR
     return pages
 
 
-def _root(request: Request) -> str:
-    """The path prefix a proxy serves this process under (``--root-path``), if any."""
-    return str(request.scope.get("root_path", "")).rstrip("/")
-
-
 def _path(request: Request) -> str:
-    return f"{_root(request)}/portal"
+    return f"{root_path(request)}/portal"
 
 
 def _policy(frame_ancestors: str) -> str:
@@ -166,15 +169,6 @@ def _protect(reply: Response, policy: str) -> None:
     reply.headers["Content-Security-Policy"] = policy
     reply.headers["Referrer-Policy"] = "no-referrer"
     reply.headers["X-Content-Type-Options"] = "nosniff"
-
-
-async def _form_key(request: Request) -> str:
-    """The ``api_key`` field of a urlencoded form (the one field the form has)."""
-    body = await request.body()
-    if len(body) > MAX_FORM_BYTES:
-        return ""
-    fields = parse_qs(body.decode("utf-8", "replace"))
-    return (fields.get("api_key") or [""])[0].strip()
 
 
 def _context(board: Dashboard, grant: Grant) -> dict[str, Any]:

@@ -16,7 +16,6 @@ from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
 
 import orjson
 from fastapi import APIRouter, Request
@@ -28,7 +27,13 @@ from schemas.events import utcnow
 from schemas.revenue import Revenue
 from services.billing.revenue import report
 from services.common.auth import Authenticator, address
-from services.common.pages import page_templates
+from services.common.pages import (
+    CROSS_SITE,
+    cross_site,
+    form_field,
+    page_templates,
+    root_path,
+)
 from services.common.problems import Problem
 from services.common.settings import Settings
 from services.common.signed import Signer
@@ -37,7 +42,6 @@ HERE = Path(__file__).resolve().parent
 COOKIE = "tally_admin"
 SESSION_HOURS = 12
 MONTHS = 12
-MAX_FORM_BYTES = 4096
 STATUSES = ("trial", "active", "past_due", "suspended", "cancelled")
 HEADERS = {
     "Cache-Control": "no-store",
@@ -48,10 +52,6 @@ HEADERS = {
 }
 templates = page_templates(HERE / "templates")
 templates.env.filters["money"] = lambda amount: f"{Decimal(amount):,}"
-
-
-def _root(request: Request) -> str:
-    return str(request.scope.get("root_path", "")).rstrip("/")
 
 
 def chart_data(revenue: Revenue) -> list[dict[str, Any]]:
@@ -113,13 +113,13 @@ def router(
     session = Session(settings)
 
     def login(request: Request, error: str = "", status: int = 200, **headers: str) -> Response:
-        context = {"title": "Tally admin", "root": _root(request), "error": error}
+        context = {"title": "Tally admin", "root": root_path(request), "error": error}
         return templates.TemplateResponse(
             request, "admin_login.html", context, status_code=status, headers=HEADERS | headers
         )
 
     def to(request: Request, path: str) -> RedirectResponse:
-        return RedirectResponse(_root(request) + path, status_code=303, headers=HEADERS)
+        return RedirectResponse(root_path(request) + path, status_code=303, headers=HEADERS)
 
     @pages.get("/admin", response_class=HTMLResponse)
     async def admin(request: Request) -> Response:
@@ -127,11 +127,11 @@ def router(
 
     @pages.post("/admin/login", response_class=HTMLResponse)
     async def sign_in(request: Request) -> Response:
-        body = await request.body()
-        form = parse_qs(body[:MAX_FORM_BYTES].decode("utf-8", "replace"))
-        token = (form.get("token") or [""])[0]
+        if cross_site(request):
+            return login(request, CROSS_SITE, 403)
+        token = await form_field(request, "token")
         try:
-            await auth.admin(token.strip() or None, address(request))
+            await auth.admin(token or None, address(request))
         except Problem as problem:
             retry = problem.headers.get("Retry-After")
             extra = {"Retry-After": retry} if retry else {}
@@ -143,6 +143,8 @@ def router(
 
     @pages.post("/admin/logout", response_class=HTMLResponse)
     async def sign_out(request: Request) -> Response:
+        if cross_site(request):
+            return login(request, CROSS_SITE, 403)
         response = to(request, "/admin")
         session.close(response)
         return response
@@ -154,7 +156,7 @@ def router(
         found = await report.build(pool, redis, MONTHS, utcnow())
         context = {
             "title": "Revenue · Tally",
-            "root": _root(request),
+            "root": root_path(request),
             "r": found,
             "chart": orjson.dumps(chart_data(found)).decode().replace("<", "\\u003c"),
             "statuses": STATUSES,
