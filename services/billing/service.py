@@ -193,7 +193,7 @@ async def lifecycle_pass(
     warned, report = await warning.run(), await scan.run()
     async with pool.connection() as conn:
         payments = await notices.retell(conn, redis, datetime.now(UTC))
-    if warned or report.trials or report.keys or report.invoices or payments:
+    if warned or report.trials or report.keys or report.invoices or report.plans or payments:
         log.info("lifecycle notifications", period_end=warned, report=report, payments=payments)
 
 
