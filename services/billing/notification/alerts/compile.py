@@ -114,10 +114,10 @@ def compiled(plan: Plan, customer_rules: Iterable[Rule]) -> dict[str, str]:
         except RuleError:  # the plan changed under the rule: it waits for a plan it fits
             continue
         by_meter[rule.meter] += [t for t in found if t is not None]
-    levels = {meter: encode(levels) for meter, levels in by_meter.items() if levels}
+    encoded = {meter: encode(levels) for meter, levels in by_meter.items() if levels}
     if whole_invoice:
-        levels[SPEND_FIELD] = "1"
-    return levels
+        encoded[SPEND_FIELD] = "1"
+    return encoded
 
 
 def _percent(limit: Decimal, value: Decimal, rule: str) -> Threshold:
