@@ -18,14 +18,15 @@ from schemas.alerts import AlertKind
 class CompiledThreshold(BaseModel):
     value: Decimal = Field(description="As configured: 80 (%), 900 (units), 50.00 (money).")
     quantity: Decimal | None = Field(
-        description="The period usage at which it fires; null: never on this plan."
+        description="The period usage at which it fires; null: never on this plan, or a"
+        " spend on the whole invoice (several meters' usage: no one level)."
     )
 
 
 class AlertRule(BaseModel):
     id: str = Field(description="\"plan\" for the plan's defaults, else the rule's id.")
     source: Literal["plan", "customer"]
-    meter: str
+    meter: str | None = Field(description="null: a spend rule on the whole invoice to date.")
     kind: AlertKind
     thresholds: list[CompiledThreshold]
     limit: Decimal | None = Field(None, description="What a percentage refers to.")

@@ -16,6 +16,11 @@ from dataclasses import dataclass
 from decimal import Decimal
 from enum import StrEnum
 
+SPEND_FIELD = "*spend"
+"""The field of a customer's compiled alerts hash present while it has whole-invoice spend
+rules (no meter name starts with ``*``): the batch call then marks the customer for
+billing to evaluate whenever it changes a month total."""
+
 PLAN_RULE = "plan"
 """The ``rule`` of a plan's default alert (customer rules carry their id)."""
 

@@ -83,3 +83,20 @@ def notification_id(kind: NotificationType, customer: str, *what: object) -> str
     parts = "\x00".join([kind.value, customer, *(str(p) for p in what)])
     digest = blake2b(parts.encode(), digest_size=15).digest()
     return "msg_" + b32encode(digest).decode().lower()
+
+
+def plan_changed(
+    customer: str, before: str, after: str, source: str, change: str, at: datetime
+) -> Notification | None:
+    """``plan.changed`` for a change from ``before`` to ``after`` made by ``source``
+    (admin, stripe, trial_end); ``change`` is its own id (a Stripe event id, ``trial_end``,
+    or the change's time as ``moment`` writes it).  None when the plan stayed the same.
+
+    Here, where both meet: the api tells a change at once, billing's lifecycle pass
+    re-tells it from ``subscription_history`` under the same id."""
+    if before == after:
+        return None
+    kind = NotificationType.PLAN_CHANGED
+    return Notification.decided(
+        kind, customer, (change,), at, {"from_plan": before, "to_plan": after, "source": source}
+    )

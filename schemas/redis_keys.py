@@ -26,6 +26,14 @@ aggregator's batch call, drained by the aggregator; see ``schemas.alerts``):
                                  (micro-units) fired in that month
 ``tally:{cust}:alerts:out``      LIST crossings waiting to be published:
                                  ``<meter> <yyyymm> <threshold µ> <total µ> <label>``
+``tally:{cust}:alerts:spend``    STRING a counter the batch call bumps when it changes a
+                                 month total of a customer whose ``alerts`` hash holds
+                                 ``*spend`` (whole-invoice spend rules): the invoice
+                                 must be rated again; the aggregator moves it to
+``tally:alerts:spend:due``       ZSET customers whose whole-invoice spend alerts billing
+                                 evaluates next, scored by when first marked (ms)
+``tally:{cust}:alerts:spent``    HASH ``<rule>|<period start>`` → the highest spend
+                                 threshold fired in that period
 
 Enforcement state (written by the api; reservations settled by the aggregator):
 
@@ -118,6 +126,20 @@ def alerts_out(customer: str) -> str:
 
 
 ALERTS_OUT_PATTERN = f"{PREFIX}:*:alerts:out"
+
+
+def spend_mark(customer: str) -> str:
+    return f"{_tag(customer)}:alerts:spend"
+
+
+SPEND_MARK_PATTERN = f"{PREFIX}:*:alerts:spend"
+SPEND_DUE = f"{PREFIX}:alerts:spend:due"
+
+
+def spend_fired(customer: str) -> str:
+    return f"{_tag(customer)}:alerts:spent"
+
+
 """Every customer's crossings list, for the aggregator's sweep at start."""
 FIRED_TTL_SECONDS = 400 * 24 * 3600
 """Fired markers outlive their month (the marker field names it) by a year."""

@@ -1,7 +1,8 @@
 -- The aggregator's Redis sink: one customer's share of a batch, applied atomically and
 -- guarded by the Kafka offset it reaches (services/aggregator/redis_sink.py).
 -- KEYS: offsets hash, the reservations hash, their expiries, the held totals, the
---       compiled alert thresholds, the fired markers, the crossings out list, the live
+--       compiled alert thresholds, the fired markers, the crossings out list, the
+--       whole-invoice spend mark, the live
 --       de-duplication sets (the current bucket first), then every counter/unique key
 --       the ops touch.
 -- ARGV: offset field, expected offset ('' = none yet), new offset, seen-set expire-at,
@@ -11,7 +12,8 @@
 --       then ops as (code, key index, field, value, extra) quintuples.
 -- Op S settles a lease (lease.lua): `value` micro-units of meter `extra` counted from
 -- events naming lease `field` move from what it holds to usage, in this same call.
--- Replies {1, {}, crossings waiting}, {0, {}, crossings waiting} (offset moved),
+-- Replies {1, {}, waiting}, {0, {}, waiting} (offset moved), where `waiting` counts the
+-- crossings queued plus 1 while a spend mark waits for the aggregator to hand it over,
 -- {2, digests already seen} or {3} (a counter would overflow).
 local SCALE = @SCALE@
 local LIMIT = 9.0e18  -- below 2^63 by more than a double's rounding error there
@@ -19,10 +21,13 @@ local function gt(a, b)
   if #a ~= #b then return #a > #b end
   return a > b
 end
-local FIXED_KEYS, FIXED_ARGS = 7, 9
+local FIXED_KEYS, FIXED_ARGS = 8, 9
 local FIRED_TTL = @FIRED_TTL@
 local current = redis.call('HGET', KEYS[1], ARGV[1]) or ''
-if current ~= ARGV[2] then return {0, {}, redis.call('LLEN', KEYS[7])} end
+local function waiting()
+  return redis.call('LLEN', KEYS[7]) + redis.call('EXISTS', KEYS[8])
+end
+if current ~= ARGV[2] then return {0, {}, waiting()} end
 local size, live, blob = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
 local first_key = FIXED_KEYS + 1 + live  -- the first counter/unique key
 local first_op = FIXED_ARGS + 1 + #KEYS - first_key + 1
@@ -108,6 +113,12 @@ for index, meter, month in string.gmatch(ARGV[9], '(%d+) (%S+) (%d+)') do
     end
   end
 end
+-- Whole-invoice spend rules are rated by billing, not here (money over several meters'
+-- tiers is no usage level of one meter): mark the customer for billing to evaluate.
+if ARGV[9] ~= '' and redis.call('HEXISTS', KEYS[5], '@SPEND_FIELD@') == 1 then
+  redis.call('INCR', KEYS[8])
+  redis.call('EXPIRE', KEYS[8], ARGV[5])
+end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
-return {1, {}, redis.call('LLEN', KEYS[7])}
+return {1, {}, waiting()}

@@ -9,6 +9,12 @@ so leftovers from a crash do not wait for the customer's next event.  The trim r
 only what is still the list's head as read (``alerts_trim.lua``): the sweep and the
 partition's owner may drain one list at once without dropping what the other added.
 
+The same drain hands customers' whole-invoice spend marks (bumped by the batch call when
+it changes a month total of a customer with such rules) over to billing's due set, and
+only then clears each mark, unless a batch bumped it meanwhile (``spend_unmark.lua``):
+marks live in the customer's slot and the due set in none, so no one script can move
+them, and this order never loses one.
+
 Publishing runs beside the batches, not inside them (``wake`` and ``run``): the batch
 that queued a crossing only names its customer and goes on to the next, and the
 publishing task drains every customer named meanwhile in one pass.  Inline, the drain
@@ -47,6 +53,7 @@ class AlertPublisher:
         self._redis = redis
         self._meters = meters
         self._trim = redis.register_script(lua.source("alerts_trim"))
+        self._unmark = redis.register_script(lua.source("spend_unmark"))
         self._named: set[str] = set()  # customers whose lists ``run`` drains next
         self._due = asyncio.Event()
 
@@ -90,6 +97,7 @@ class AlertPublisher:
         not hold the partition up for thousands of round trips."""
         units = {m.name: m.unit for ms in self._meters().values() for m in ms}
         waiting, published = list(customers), 0
+        await self._hand_over_spend(waiting)
         while waiting:
             heads = await self._heads(waiting)
             if not heads:
@@ -112,6 +120,22 @@ class AlertPublisher:
             waiting = [customer for customer, raw in heads.items() if len(raw) == PAGE]
         return published
 
+    async def _hand_over_spend(self, customers: list[str]) -> None:
+        """Move these customers' spend marks to billing's due set: add, then clear."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for customer in customers:
+                pipe.get(redis_keys.spend_mark(customer))
+            marks = await pipe.execute()
+        marked = {c: m for c, m in zip(customers, marks, strict=True) if m is not None}
+        if not marked:
+            return
+        now_ms = int(utcnow().timestamp() * 1000)
+        await self._redis.zadd(redis_keys.SPEND_DUE, dict.fromkeys(marked, now_ms), nx=True)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for customer, mark in marked.items():
+                await self._unmark(keys=[redis_keys.spend_mark(customer)], args=[mark], client=pipe)
+            await pipe.execute()
+
     async def _heads(self, customers: list[str]) -> dict[str, list[bytes]]:
         """The first page of each customer's out list, for those with any."""
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -121,10 +145,12 @@ class AlertPublisher:
         return {customer: raw for customer, raw in zip(customers, pages, strict=True) if raw}
 
     async def sweep(self) -> int:
-        """Drain every customer's out list (at start: what a crash left behind)."""
+        """Drain every customer's out list and hand over every spend mark (at start: what
+        a crash left behind)."""
         customers = {
             redis_keys.customer_of(_text(key))
-            async for key in self._redis.scan_iter(match=redis_keys.ALERTS_OUT_PATTERN, count=1000)
+            for pattern in (redis_keys.ALERTS_OUT_PATTERN, redis_keys.SPEND_MARK_PATTERN)
+            async for key in self._redis.scan_iter(match=pattern, count=1000)
         }
         published = await self.drain(sorted(customers))
         if published:

@@ -14,7 +14,9 @@ usually costs one round trip.
 The same call evaluates the customer's alert thresholds against each month total it
 changed and queues what crossed (``schemas.alerts``): inside the offset guard, a replay
 or a duplicate can never fire a threshold twice.  Its reply says how many crossings wait
-to be published.
+to be published (plus one when the customer's whole-invoice spend alerts are marked for
+billing to evaluate: the call bumps that mark when it changes a month total of a customer
+with such rules).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any, NamedTuple
 from redis.asyncio import Redis
 
 from schemas import lua, redis_keys
+from schemas.alerts import SPEND_FIELD
 from schemas.events import VALUE_SCALE
 from services.aggregator.increments import CounterOps
 
@@ -36,6 +39,7 @@ _APPLY = redis_keys.RELEASE_LUA + lua.source(
     SCALE=str(VALUE_SCALE),
     TIME_SUFFIX=redis_keys.TIME_SUFFIX,
     FIRED_TTL=str(redis_keys.FIRED_TTL_SECONDS),
+    SPEND_FIELD=SPEND_FIELD,
 )
 
 
@@ -65,7 +69,7 @@ class Outcome(Enum):
 class Reply(NamedTuple):
     outcome: Outcome
     seen: set[bytes]  # DUPLICATES: the digests already counted
-    crossings: int = 0  # alert crossings waiting in the customer's out list
+    crossings: int = 0  # alert crossings waiting in the out list, +1 for a spend mark
 
 
 class RedisSink:
@@ -99,7 +103,7 @@ def _reply(raw: list[Any]) -> Reply:
 def _arguments(item: Apply) -> tuple[list[str], list[bytes | str | int]]:
     ops = item.ops
     touched = list(ops.expiry)
-    first = 8 + len(item.seen_keys)
+    first = 9 + len(item.seen_keys)
     index = {key: position + first for position, key in enumerate(touched)}
     args: list[bytes | str | int] = [
         item.offset_field,
@@ -133,6 +137,7 @@ def _arguments(item: Apply) -> tuple[list[str], list[bytes | str | int]]:
         redis_keys.alerts(customer),
         redis_keys.alerts_fired(customer),
         redis_keys.alerts_out(customer),
+        redis_keys.spend_mark(customer),
         *item.seen_keys,
         *touched,
     ]

@@ -18,6 +18,7 @@ from services.billing.invoicing.run import BillingRun
 from services.billing.notification import alert_routes
 from services.billing.notification.access import Access
 from services.billing.notification.alerts.compile import AlertCompiler
+from services.billing.notification.alerts.invoice import SpendWatch
 from services.billing.notification.channel import Mailer
 from services.billing.notification.email.mailer import build_mailer
 from services.billing.notification.lifecycle import LifecycleScan
@@ -135,6 +136,7 @@ async def alert_compiler(runtime: Runtime, pool: AsyncConnectionPool) -> AlertCo
     (await runtime.meters()).on_change(changed)
     seconds = runtime.settings.alerts_recompile_seconds
     runtime.background(_recompile(compiler, catalog_changed, seconds), "alerts")
+    runtime.background(SpendWatch(pool, runtime.redis()).run(), "spend alerts")
     return compiler
 
 
@@ -191,7 +193,7 @@ async def lifecycle_pass(
     warned, report = await warning.run(), await scan.run()
     async with pool.connection() as conn:
         payments = await notices.retell(conn, redis, datetime.now(UTC))
-    if warned or report.trials or report.keys or report.invoices or payments:
+    if warned or report.trials or report.keys or report.invoices or report.plans or payments:
         log.info("lifecycle notifications", period_end=warned, report=report, payments=payments)
 
 

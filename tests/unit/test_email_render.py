@@ -87,6 +87,25 @@ def test_the_alert_kinds_each_read_their_threshold() -> None:
     assert "/v1/customers/acme/invoices/upcoming" in rendered.text
 
 
+def test_a_whole_invoice_spend_alert_reads_the_invoice_so_far() -> None:
+    whole = sample(
+        NotificationType.ALERT_TRIGGERED,
+        meter=None,
+        usage=None,
+        amount="10.004",
+        meters={"api_calls": "15000", "compute_seconds": "4599"},
+        threshold={"kind": "spend", "value": "10", "quantity": None},
+        limit=None,
+        rule="alr_1",
+        currency="usd",
+    )
+    rendered = render(whole, LINKS)
+    assert rendered.subject == "Your spend reached $10.00 in December 2026"
+    assert "Invoice so far: $10.00" in rendered.text and "alert rule alr_1" in rendered.text
+    assert "None" not in rendered.text and "None" not in rendered.html
+    assert "/v1/customers/acme/invoices/upcoming" in rendered.html
+
+
 def test_a_payload_missing_a_number_is_an_error_naming_it() -> None:
     broken = sample(NotificationType.INVOICE_FINALIZED)
     del broken.data["total"]

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, EmailStr, Field
 
 from schemas.events import CUSTOMER_ID_PATTERN
+from schemas.notifications import moment
 from schemas.problem_types import CUSTOMER_EXISTS
 from services.api.accounts import store as accounts
 from services.api.accounts.service import (
@@ -149,7 +150,7 @@ def router(service: Accounts) -> APIRouter:
         await service.reproject(customer_id)
         if plan is not None and changed is not None:
             before, at = changed
-            note = plan_changed(customer_id, before, plan.id, ACTOR, at.isoformat(), at)
+            note = plan_changed(customer_id, before, plan.id, ACTOR, moment(at), at)
             await tell(service.redis, note)
         return await service.customer(customer_id)
 

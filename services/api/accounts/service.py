@@ -17,9 +17,10 @@ from psycopg_pool import AsyncConnectionPool
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 from redis.asyncio import Redis
 
+from schemas import notifications
 from schemas.api_keys import ALL_SCOPES, Environment, Holder, Scope
 from schemas.events import utcnow
-from schemas.notifications import Notification, NotificationType
+from schemas.notifications import Notification
 from schemas.plans import Plan
 from schemas.problem_types import EMAIL_TAKEN, KEY_REVOKED, UNKNOWN_KEY
 from services.api.accounts import projection, store
@@ -215,15 +216,22 @@ class Accounts:
 
 
 async def follow_billing(
-    conn: AsyncConnection, customer_id: str, plan_id: str | None, status: Status | None
+    conn: AsyncConnection,
+    customer_id: str,
+    plan_id: str | None,
+    status: Status | None,
+    change: str | None = None,
 ) -> tuple[str, Status, str] | None:
     """Apply the payment provider's word in the caller's transaction (see
     ``store.sync_plan_and_status``), audited as done by ``stripe``: the plan and status
-    now and the plan before (``plan_changed`` tells a change once committed).
+    now and the plan before (``plan_changed`` tells a change once committed; ``change``,
+    the Stripe event's id, is recorded with it for billing to re-tell a lost one).
 
     The caller drops the customer's Redis projection once the transaction commits: the
     projection lock taken here keeps a projection already in flight from landing after."""
-    changed = await store.sync_plan_and_status(conn, customer_id, plan_id, status, "stripe")
+    changed = await store.sync_plan_and_status(
+        conn, customer_id, plan_id, status, "stripe", change=change
+    )
     if changed is not None:
         await lock_projection(conn, customer_id)
     return changed
@@ -232,18 +240,8 @@ async def follow_billing(
 PLAN_CHANGE_REMEMBERED = timedelta(days=7)
 
 
-def plan_changed(
-    customer: str, before: str, after: str, source: str, change: str, at: datetime
-) -> Notification | None:
-    """``plan.changed`` for a change from ``before`` to ``after`` made by ``source``
-    (admin, stripe, trial_end); ``change`` is its own id (a Stripe event id) or its
-    time.  None when the plan stayed the same."""
-    if before == after:
-        return None
-    kind = NotificationType.PLAN_CHANGED
-    return Notification.decided(
-        kind, customer, (change,), at, {"from_plan": before, "to_plan": after, "source": source}
-    )
+plan_changed = notifications.plan_changed
+"""``plan.changed`` of a committed change (``schemas.notifications.plan_changed``)."""
 
 
 async def tell(

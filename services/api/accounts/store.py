@@ -155,11 +155,29 @@ async def customers_on(conn: AsyncConnection, plan_id: str) -> list[str]:
     return [row[0] for row in await cur.fetchall()]
 
 
+TRIAL_END = "trial_end"
+"""The source of a plan change an ended trial makes, and the change's id (a trial ends
+once)."""
+
+
+async def record_change(conn: AsyncConnection, source: str, change: str | None = None) -> None:
+    """Name who makes the plan change about to be written in this transaction, for the
+    ``subscription_history`` trigger to record beside it (billing re-tells a change whose
+    ``plan.changed`` a crash lost, under the id the immediate publish used: ``change``,
+    else the change's time)."""
+    await conn.execute(
+        "SELECT set_config('tally.change_source', %s, true),"
+        " set_config('tally.change_ref', %s, true)",
+        (source, change or ""),
+    )
+
+
 async def change_plan(
     conn: AsyncConnection, customer_id: str, plan: Plan, actor: str
 ) -> tuple[str, datetime] | None:
     """Move a customer to ``plan``; an expired or absent trial does not restart.  The
     plan it was on and when it changed; None for an unknown customer."""
+    await record_change(conn, actor)
     cur = await conn.execute(
         "UPDATE customers c SET plan_id = %s, updated_at = now()"
         " FROM (SELECT id, plan_id FROM customers WHERE id = %s FOR UPDATE) old"
@@ -198,15 +216,17 @@ async def sync_plan_and_status(
     plan_id: str | None,
     status: Status | None,
     actor: str,
+    change: str | None = None,
 ) -> tuple[str, Status, str] | None:
     """Set a plan and/or a status (``None`` keeps the current one) in one statement,
     audited as ``customer.sync``: the plan and status now and the plan before.  ``None``
     when the customer does not exist; ``UnknownPlan`` when the plan is not in the
-    catalog."""
+    catalog.  ``change`` (the provider's event id) is recorded with the history row."""
     if plan_id is not None:
         cur = await conn.execute("SELECT 1 FROM plans WHERE id = %s", (plan_id,))
         if await cur.fetchone() is None:
             raise UnknownPlan(plan_id)
+    await record_change(conn, actor, change)
     cur = await conn.execute(
         "UPDATE customers c SET plan_id = coalesce(%s, c.plan_id),"
         " status = coalesce(%s, c.status), updated_at = now()"
@@ -227,6 +247,7 @@ async def end_trial(
     """An unpaid trial that has run out: onto ``downgrade_to`` (active), or suspended.
     The plan the trial was on when this call made the change, else None (concurrent
     callers race harmlessly)."""
+    await record_change(conn, TRIAL_END, TRIAL_END)
     cur = await conn.execute(
         "UPDATE customers c SET plan_id = coalesce(%s, c.plan_id), status = %s,"
         " updated_at = now()"

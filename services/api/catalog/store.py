@@ -2,6 +2,9 @@
 
 Meters follow the YAML catalog.  Plans are seeded from it: a plan the database lacks is
 added, and from then on the admin API owns it (a restart must not undo an admin's edit).
+One exception: a plan stored before plans had default alerts has no ``alerts`` at all
+(every plan saved since has the key, if only as ``{percent: []}``, an admin's "none"), so
+it takes the catalog's, in a new version that keeps everything else as stored.
 Every plan change is a new version, kept with who made it.  Every service reads the
 catalog through ``services.common.catalog``.
 """
@@ -16,7 +19,6 @@ from psycopg_pool import AsyncConnectionPool
 
 from schemas.catalog import Catalog
 from schemas.plans import Plan
-from services.common.catalog import read_plan
 
 SEEDED_BY = "catalog"
 
@@ -27,8 +29,19 @@ async def load(pool: AsyncConnectionPool, catalog: Catalog) -> None:
     async with pool.connection() as conn:
         await _load_meters(conn, catalog)
         for plan in catalog.plans:
-            if await read_plan(conn, plan.id) is None:
+            stored = await _definition(conn, plan.id)
+            if stored is None:
                 await save_plan(conn, plan, SEEDED_BY)
+            elif "alerts" not in stored and plan.alerts.percent:
+                alerts = plan.alerts.model_dump(mode="json")
+                await save_plan(conn, Plan.model_validate(stored | {"alerts": alerts}), SEEDED_BY)
+
+
+async def _definition(conn: AsyncConnection, plan_id: str) -> dict[str, Any] | None:
+    """A plan's definition exactly as stored (absent keys stay absent)."""
+    cur = await conn.execute("SELECT definition FROM plans WHERE id = %s", (plan_id,))
+    row = await cur.fetchone()
+    return None if row is None else dict(row[0])
 
 
 async def _load_meters(conn: AsyncConnection, catalog: Catalog) -> None:

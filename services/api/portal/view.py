@@ -322,4 +322,8 @@ def _money(upcoming: UpcomingInvoice | None, grant: Grant) -> Money | None:
 def _alerts(billing: BillingView, grant: Grant) -> list[AlertRule] | None:
     if billing.alerts is None:
         return None
-    return [rule for rule in billing.alerts.alerts if grant.shows(rule.meter)]
+    return [  # a whole-invoice spend rule (no meter) only to a grant of every meter
+        rule
+        for rule in billing.alerts.alerts
+        if (grant.meters is None if rule.meter is None else grant.shows(rule.meter))
+    ]

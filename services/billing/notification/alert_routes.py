@@ -35,6 +35,7 @@ from services.billing.notification.alerts.compile import (
     reference,
     rule_thresholds,
 )
+from services.billing.notification.alerts.invoice import reachable
 from services.billing.notification.alerts.rules import Rule
 from services.common import catalog
 from services.common.openapi import problem_responses
@@ -48,11 +49,17 @@ Amount = Annotated[Decimal, Field(gt=0, max_digits=18, decimal_places=6)]
 
 class NewAlertRule(BaseModel):
     """Thresholds on one meter: percent of the quota (else of the included units), usage
-    in the meter's unit, or spend in the plan's currency (the invoice to date)."""
+    in the meter's unit, or spend in the plan's currency (the invoice to date); a spend
+    rule without a meter watches the whole invoice to date."""
 
     model_config = ConfigDict(extra="forbid")
 
-    meter: str
+    meter: str | None = Field(
+        None,
+        description="Required for percent and usage; for spend, absent (null) means the"
+        " whole invoice to date (the plan's fee plus every priced meter's usage line),"
+        " a meter name means the fee plus that meter's line.",
+    )
     kind: AlertKind
     thresholds: list[Amount] = Field(min_length=1, max_length=MAX_THRESHOLDS)
 
@@ -81,7 +88,9 @@ def router(pool: AsyncConnectionPool, access: Access, compiler: AlertCompiler) -
             same_meter = sum(r.meter == body.meter for r in await rules.listed(conn, customer))
             if same_meter >= MAX_RULES_PER_METER:
                 raise invalid_field(
-                    "meter", f"{body.meter!r} has {MAX_RULES_PER_METER} rules already; remove one"
+                    "meter",
+                    f"{body.meter or 'the whole invoice'!r} has {MAX_RULES_PER_METER} rules"
+                    " already; remove one",
                 )
             rule = await rules.add(conn, customer, body.meter, body.kind, body.thresholds)
         await compiler.customer(customer)
@@ -112,7 +121,9 @@ async def _plan(conn: AsyncConnection, customer: str) -> Plan:
 
 async def _check(conn: AsyncConnection, plan: Plan, body: NewAlertRule) -> None:
     """Every way a rule can be wrong, each named by its field."""
-    if body.meter not in {m.name for m in await catalog.meters(conn)}:
+    if body.meter is None and body.kind is not AlertKind.SPEND:
+        raise invalid_field("meter", f"a {body.kind} alert needs a meter (only spend may omit it)")
+    if body.meter is not None and body.meter not in {m.name for m in await catalog.meters(conn)}:
         raise invalid_field("meter", f"unknown meter {body.meter!r}")
     seen: set[Decimal] = set()
     for index, value in enumerate(body.thresholds):
@@ -123,6 +134,14 @@ async def _check(conn: AsyncConnection, plan: Plan, body: NewAlertRule) -> None:
         if body.kind is AlertKind.PERCENT and value > MAX_PERCENT:
             raise invalid_field(field, f"a percentage is at most {MAX_PERCENT}")
     draft = Rule("", body.meter, body.kind, tuple(body.thresholds), datetime.min)
+    if rules.whole_invoice(draft):
+        for index, value in enumerate(body.thresholds):
+            if not reachable(plan, value):
+                raise invalid_field(
+                    f"thresholds[{index}]",
+                    f"no usage brings the invoice to {value} {plan.currency} on plan {plan.id!r}",
+                )
+        return
     try:
         compiled = rule_thresholds(plan, draft)
     except RuleError as exc:
@@ -152,6 +171,8 @@ def _shown(plan: Plan, own: Sequence[Rule]) -> list[AlertRule]:
 
 
 def _rule(plan: Plan, rule: Rule) -> AlertRule:
+    """A rule as listed; a whole-invoice spend rule has no usage level (``quantity``
+    null): billing rates the invoice itself."""
     try:
         levels = rule_thresholds(plan, rule)
     except RuleError:  # the plan changed under the rule: it does not fire on this one
@@ -162,7 +183,9 @@ def _rule(plan: Plan, rule: Rule) -> AlertRule:
         meter=rule.meter,
         kind=rule.kind,
         thresholds=[_compiled(v, t) for v, t in zip(rule.thresholds, levels, strict=True)],
-        limit=reference(plan, rule.meter) if rule.kind is AlertKind.PERCENT else None,
+        limit=reference(plan, rule.meter)
+        if rule.kind is AlertKind.PERCENT and rule.meter is not None
+        else None,
         currency=plan.currency if rule.kind is AlertKind.SPEND else None,
         created_at=rule.created_at,
     )

@@ -9,7 +9,9 @@ Every ``TALLY_LIFECYCLE_INTERVAL_SECONDS`` the billing service looks, read-only,
   ``TALLY_KEY_EXPIRING_DAYS`` (7) → ``api_key.expiring``, id (customer, key, expiry);
   an already expired key is not told;
 - ``invoices`` finalized in the last ``LOOK_BACK``: ``invoice.finalized`` again, by
-  its stable id, for any the billing run lost between its commit and its publish.
+  its stable id, for any the billing run lost between its commit and its publish;
+- ``subscription_history``: plan changes of the last two days, ``plan.changed`` again by
+  the id their immediate publish used (``plan_changes``).
 
 Each is published with ``publish_once`` (a marker and the XADD in one Redis script), so
 every pass, and every billing process, puts each id on the stream once.
@@ -28,6 +30,7 @@ from redis.asyncio import Redis
 from schemas.events import utcnow
 from schemas.notifications import Notification, NotificationType, moment
 from services.billing.invoicing import finalized
+from services.billing.notification import plan_changes
 from services.common.notify import publish_once
 
 LOOK_BACK = timedelta(days=7)
@@ -49,6 +52,7 @@ class Report:
     trials: int
     keys: int
     invoices: int
+    plans: int = 0
 
 
 class LifecycleScan:
@@ -73,15 +77,17 @@ class LifecycleScan:
             trials = await _trials(conn, now, now + self._trial_ahead)
             keys = await _keys(conn, now, now + self._key_ahead)
             invoices = await finalized.finalized_since(conn, now - LOOK_BACK)
+            plans = await plan_changes.recent(conn, now - plan_changes.WINDOW)
         told = [await self._once(note) for note in [*trials, *keys]]
         return Report(
             trials=sum(told[: len(trials)]),
             keys=sum(told[len(trials) :]),
             invoices=await finalized.tell(self._redis, invoices),
+            plans=sum([await self._once(note, plan_changes.REMEMBER) for note in plans]),
         )
 
-    async def _once(self, note: Notification) -> int:
-        return int(await publish_once(self._redis, note, REMEMBER))
+    async def _once(self, note: Notification, remember: timedelta = REMEMBER) -> int:
+        return int(await publish_once(self._redis, note, remember))
 
 
 async def _trials(conn: AsyncConnection, now: datetime, until: datetime) -> list[Notification]:

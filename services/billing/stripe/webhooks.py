@@ -287,7 +287,7 @@ async def _change(
 ) -> str:
     try:
         changed = await accounts.follow_billing(
-            conn, customer, plan, accounts.Status(status) if status else None
+            conn, customer, plan, accounts.Status(status) if status else None, teller.event_id
         )
     except accounts.UnknownPlan:
         return f"ignored: unknown plan {plan!r}"

@@ -3,8 +3,10 @@
 The aggregator knows neither plans nor money: it compares a meter's month total with a
 sorted list of micro-unit levels (``schemas.alerts``).  This module turns a customer's
 plan defaults (percent of every quota, else of the included units) and own rules
-(percent, absolute usage, spend) into those levels and writes them to
-``redis_keys.alerts``.  It runs when a rule is added or removed (in the request), when the
+(percent, absolute usage, spend on one meter) into those levels and writes them to
+``redis_keys.alerts``; spend rules on the whole invoice are no level of one meter, so
+the hash only says the customer has some (``SPEND_FIELD``), and billing rates them
+(``alerts.invoice``).  It runs when a rule is added or removed (in the request), when the
 customer's plan changes (``on_notification``), and for everyone at billing start and
 every few minutes (which also picks up catalog edits).
 """
@@ -12,7 +14,7 @@ every few minutes (which also picks up catalog edits).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from decimal import Decimal, localcontext
 
 from psycopg import AsyncConnection
@@ -21,7 +23,8 @@ from redis.asyncio import Redis
 from redis.typing import EncodableT, FieldT
 
 from schemas import redis_keys
-from schemas.alerts import PLAN_RULE, AlertKind, Threshold, encode
+from schemas.alerts import PLAN_RULE, SPEND_FIELD, AlertKind, Threshold, encode
+from schemas.events import utcnow
 from schemas.notifications import Notification, NotificationType
 from schemas.plans import Plan
 from services.billing.notification.alerts import rules
@@ -70,8 +73,11 @@ def plan_thresholds(plan: Plan) -> dict[str, list[Threshold]]:
 def rule_thresholds(plan: Plan, rule: Rule) -> list[Threshold | None]:
     """Each of a rule's thresholds on this plan (None: a spend no usage ever reaches).
 
-    Raises ``RuleError`` when the rule cannot apply to the plan at all.
+    Raises ``RuleError`` when the rule cannot apply to the plan at all.  A spend rule on
+    the whole invoice has no usage level: use ``rules.whole_invoice`` first.
     """
+    if rule.meter is None:
+        raise RuleError("meter", f"a {rule.kind} alert needs a meter")
     match rule.kind:
         case AlertKind.PERCENT:
             limit = reference(plan, rule.meter)
@@ -90,20 +96,28 @@ def rule_thresholds(plan: Plan, rule: Rule) -> list[Threshold | None]:
         case AlertKind.SPEND:
             if rule.meter not in plan.prices:
                 raise RuleError("meter", f"plan {plan.id!r} has no price for {rule.meter!r}")
-            return [_spend(plan, rule, value) for value in rule.thresholds]
+            return [_spend(plan, rule.meter, rule.id, value) for value in rule.thresholds]
 
 
 def compiled(plan: Plan, customer_rules: Iterable[Rule]) -> dict[str, str]:
     """Every meter's encoded levels: plan defaults first (they win a tie of equal
     quantities), then the rules in the order they were added."""
     by_meter: dict[str, list[Threshold]] = defaultdict(list, plan_thresholds(plan))
+    whole_invoice = False
     for rule in customer_rules:
+        if rules.whole_invoice(rule):
+            whole_invoice = True
+            continue
+        assert rule.meter is not None  # only whole-invoice spend rules have none
         try:
             found = rule_thresholds(plan, rule)
         except RuleError:  # the plan changed under the rule: it waits for a plan it fits
             continue
         by_meter[rule.meter] += [t for t in found if t is not None]
-    return {meter: encode(levels) for meter, levels in by_meter.items() if levels}
+    encoded = {meter: encode(levels) for meter, levels in by_meter.items() if levels}
+    if whole_invoice:
+        encoded[SPEND_FIELD] = "1"
+    return encoded
 
 
 def _percent(limit: Decimal, value: Decimal, rule: str) -> Threshold:
@@ -112,11 +126,11 @@ def _percent(limit: Decimal, value: Decimal, rule: str) -> Threshold:
     return Threshold(quantity, AlertKind.PERCENT, value, rule, limit=limit)
 
 
-def _spend(plan: Plan, rule: Rule, value: Decimal) -> Threshold | None:
-    quantity = micros_for(plan, rule.meter, value)
+def _spend(plan: Plan, meter: str, rule: str, value: Decimal) -> Threshold | None:
+    quantity = micros_for(plan, meter, value)
     if quantity is None:
         return None
-    return Threshold(quantity, AlertKind.SPEND, value, rule.id, currency=plan.currency)
+    return Threshold(quantity, AlertKind.SPEND, value, rule, currency=plan.currency)
 
 
 class AlertCompiler:
@@ -158,6 +172,8 @@ class AlertCompiler:
             await self.customer(notification.customer)
 
     async def _write(self, customer: str, levels: dict[str, str]) -> None:
+        """Replace the levels; a customer with whole-invoice spend rules is also marked
+        due, so a new rule (and every safety-net pass) evaluates the invoice so far."""
         key = redis_keys.alerts(customer)
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.delete(key)
@@ -165,6 +181,16 @@ class AlertCompiler:
                 fields: dict[FieldT, EncodableT] = {m: v for m, v in levels.items()}
                 pipe.hset(key, mapping=fields)
             await pipe.execute()
+        if SPEND_FIELD in levels:
+            await mark_due(self._redis, [customer])
+
+
+async def mark_due(redis: Redis, customers: Sequence[str]) -> None:
+    """Have billing's ``SpendWatch`` evaluate these customers' whole-invoice spend rules
+    next (a customer already due keeps its place)."""
+    if customers:
+        now_ms = int(utcnow().timestamp() * 1000)
+        await redis.zadd(redis_keys.SPEND_DUE, dict.fromkeys(customers, now_ms), nx=True)
 
 
 async def plan_of(conn: AsyncConnection, customer: str) -> Plan | None:

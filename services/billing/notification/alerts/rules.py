@@ -1,6 +1,7 @@
 """A customer's own alert rules (table ``alert_rules``): added, listed, removed.
 
-A rule is one meter, one kind and 1-10 thresholds; the plan's defaults are not rows
+A rule is one meter (or none: a spend rule on the whole invoice), one kind and 1-10
+thresholds; the plan's defaults are not rows
 here (they live in the catalog, on the plan).
 """
 
@@ -19,7 +20,7 @@ from schemas.alerts import AlertKind
 @dataclass(frozen=True, slots=True)
 class Rule:
     id: str
-    meter: str
+    meter: str | None  # None: a spend rule on the whole invoice to date
     kind: AlertKind
     thresholds: tuple[Decimal, ...]
     created_at: datetime
@@ -42,7 +43,7 @@ async def listed(conn: AsyncConnection, customer: str) -> list[Rule]:
 
 
 async def add(
-    conn: AsyncConnection, customer: str, meter: str, kind: AlertKind, values: list[Decimal]
+    conn: AsyncConnection, customer: str, meter: str | None, kind: AlertKind, values: list[Decimal]
 ) -> Rule:
     rule_id = new_rule_id()
     cur = await conn.execute(
@@ -60,3 +61,8 @@ async def remove(conn: AsyncConnection, customer: str, rule_id: str) -> bool:
         "DELETE FROM alert_rules WHERE id = %s AND customer_id = %s", (rule_id, customer)
     )
     return cur.rowcount == 1
+
+
+def whole_invoice(rule: Rule) -> bool:
+    """A spend rule on the whole invoice to date (billing rates it; no meter level)."""
+    return rule.kind is AlertKind.SPEND and rule.meter is None

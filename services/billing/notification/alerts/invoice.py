@@ -1,0 +1,201 @@
+"""Spend alerts on the whole invoice to date: rated by billing when usage changes.
+
+A spend rule without a meter fires when the period's invoice to date (the plan's fee
+plus every priced meter's usage line, each rounded as the invoice rounds it) reaches an
+amount.  The sum of several meters' tiered prices is no usage level of one meter, and
+Redis Lua numbers are doubles, so the aggregator does not rate: its batch call marks a
+customer with such rules whenever it changes a month total (``schemas.alerts.SPEND_FIELD``),
+the aggregator hands the mark over to ``redis_keys.SPEND_DUE``, and ``SpendWatch`` pops
+it at once and rates the live month counters with the invoicing code.
+
+Once per customer, rule, threshold and period: the highest threshold at or below the
+amount fires when it is above the highest one already fired this period
+(``redis_keys.spend_fired``), through ``publish_once`` under an id derived from (customer,
+rule, threshold, period start).  A crash between the publish and the marker repeats the
+same id, which publishes nothing; a replayed batch changes no counter, so rating it
+again finds nothing new.  The period is the UTC calendar month, the counters' and every
+other alert's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from psycopg_pool import AsyncConnectionPool
+from redis.asyncio import Redis
+
+from schemas import redis_keys
+from schemas.alerts import AlertKind
+from schemas.events import from_micros, utcnow
+from schemas.notifications import Notification, NotificationType, moment
+from schemas.plans import Plan
+from schemas.windows import Window, bucket_id, bucket_start, next_bucket
+from services.billing.invoicing import compose
+from services.billing.invoicing.periods import Period
+from services.billing.notification.alerts import rules
+from services.billing.notification.alerts.compile import mark_due, plan_of
+from services.billing.notification.alerts.rules import Rule
+from services.billing.notification.alerts.spend import MAX_MICROS
+from services.billing.rating import engine as rating
+from services.common.logging import get_logger
+from services.common.notify import publish_once
+
+log = get_logger("tally.billing.spend_alerts")
+
+REMEMBER = timedelta(days=40)
+"""How long ``publish_once`` remembers a fired id: longer than any month."""
+FIRED_TTL = timedelta(days=62)
+BATCH = 100  # customers popped from the due set at once
+WAIT_SECONDS = 1.0  # how long one blocking pop waits (bounds how late a stop is noticed)
+
+
+def month_of(now: datetime) -> Period:
+    """The UTC calendar month ``now`` falls in: the period live counters and alerts use."""
+    start = bucket_start(Window.MONTH, now)
+    return Period(start, next_bucket(Window.MONTH, start))
+
+
+def invoice_to_date(plan: Plan, usage: Mapping[str, Decimal], period: Period) -> Decimal:
+    """The period's invoice to date on ``plan``: the whole fee and one usage line per
+    priced meter, built and rounded by the invoicing code itself."""
+    lines = compose.lines(
+        [compose.Span(plan.id, period.start, period.end)],
+        [compose.Stretch(plan.id, period.start.date(), period.end.date())],
+        {(0, meter): quantity for meter, quantity in usage.items()},
+        {plan.id: plan},
+        lambda _plan, _at: period,
+    )
+    return rating.total(lines)
+
+
+def reachable(plan: Plan, amount: Decimal) -> bool:
+    """Whether some usage brings the invoice to ``amount`` (the counters' largest total
+    on every priced meter bounds what usage can add)."""
+    most = from_micros(MAX_MICROS)
+    ceiling = invoice_to_date(plan, dict.fromkeys(plan.prices, most), month_of(utcnow()))
+    return ceiling >= amount
+
+
+def highest_crossed(rule: Rule, amount: Decimal, fired: Decimal | None) -> Decimal | None:
+    """The threshold to fire: the highest at or below ``amount``, if above ``fired``."""
+    best = max((value for value in rule.thresholds if value <= amount), default=None)
+    if best is None or (fired is not None and best <= fired):
+        return None
+    return best
+
+
+class SpendWatch:
+    """Evaluates the whole-invoice spend rules of customers marked due."""
+
+    def __init__(self, pool: AsyncConnectionPool, redis: Redis) -> None:
+        self._pool = pool
+        self._redis = redis
+
+    async def run(self) -> None:
+        """Pop due customers as soon as they are marked, for as long as billing serves.
+        A customer whose evaluation fails is marked due again; a crash loses the popped
+        marks until the alerts safety-net recompile marks every such customer due."""
+        while True:
+            try:
+                await self.drain(block=True)
+            except Exception as exc:
+                log.error("spend alerts failed; retrying", error=repr(exc))
+                await asyncio.sleep(WAIT_SECONDS)
+
+    async def drain(self, block: bool = False) -> int:
+        """Evaluate the customers due now (waiting up to a second for one when
+        ``block``); how many alerts fired."""
+        due = await self._pop(block)
+        fired = 0
+        for index, customer in enumerate(due):
+            try:
+                fired += await self.evaluate(customer)
+            except BaseException:
+                await mark_due(self._redis, due[index:])
+                raise
+        return fired
+
+    async def evaluate(self, customer: str, now: datetime | None = None) -> int:
+        """Rate the customer's invoice to date and fire what it newly crossed."""
+        now = now or utcnow()
+        async with self._pool.connection() as conn:
+            plan = await plan_of(conn, customer)
+            whole = [r for r in await rules.listed(conn, customer) if rules.whole_invoice(r)]
+        if plan is None or not whole:
+            return 0
+        period = month_of(now)
+        usage = await self._usage(customer, plan, now)
+        amount = invoice_to_date(plan, usage, period)
+        key = redis_keys.spend_fired(customer)
+        fields = [f"{rule.id}|{moment(period.start)}" for rule in whole]
+        markers = await self._redis.hmget(key, fields)
+        fired = 0
+        for rule, field, marker in zip(whole, fields, markers, strict=True):
+            best = highest_crossed(rule, amount, None if marker is None else Decimal(_text(marker)))
+            if best is None:
+                continue
+            message = notification(customer, plan, rule.id, best, amount, usage, period, now)
+            await publish_once(self._redis, message, REMEMBER)
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hset(key, field, str(best))
+                pipe.expire(key, FIRED_TTL)
+                await pipe.execute()
+            fired += 1
+        return fired
+
+    async def _usage(self, customer: str, plan: Plan, now: datetime) -> dict[str, Decimal]:
+        """The month's live totals of the plan's priced meters (the aggregator's counters)."""
+        month = bucket_id(Window.MONTH, now)
+        meters = sorted(plan.prices)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for meter in meters:
+                pipe.hget(redis_keys.counters(customer, meter, Window.MONTH, month), "*")
+            totals = await pipe.execute()
+        return {
+            meter: from_micros(int(total))
+            for meter, total in zip(meters, totals, strict=True)
+            if total is not None
+        }
+
+    async def _pop(self, block: bool) -> list[str]:
+        popped_now: list[Any] = await self._redis.zpopmin(redis_keys.SPEND_DUE, BATCH)
+        found = [_text(pair[0]) for pair in popped_now]
+        if not found and block:
+            popped = await self._redis.bzpopmin(redis_keys.SPEND_DUE, WAIT_SECONDS)
+            found = [] if popped is None else [_text(popped[1])]
+        return found
+
+
+def notification(
+    customer: str,
+    plan: Plan,
+    rule: str,
+    value: Decimal,
+    amount: Decimal,
+    usage: Mapping[str, Decimal],
+    period: Period,
+    at: datetime,
+) -> Notification:
+    """The ``alert.triggered`` of a whole-invoice spend threshold; its id is (customer,
+    rule, threshold, period start), so deciding it again is the same notification."""
+    data: dict[str, object] = {
+        "meter": None,
+        "period": {"start": moment(period.start), "end": moment(period.end)},
+        "threshold": {"kind": AlertKind.SPEND.value, "value": str(value), "quantity": None},
+        "usage": None,
+        "amount": str(amount),
+        "meters": {meter: str(quantity) for meter, quantity in sorted(usage.items())},
+        "limit": None,
+        "rule": rule,
+        "currency": plan.currency,
+    }
+    what = ("*", moment(period.start), rule, AlertKind.SPEND.value, value)
+    return Notification.decided(NotificationType.ALERT_TRIGGERED, customer, what, at, data)
+
+
+def _text(item: object) -> str:
+    return item.decode() if isinstance(item, bytes) else str(item)
