@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 
@@ -64,6 +65,11 @@ class PlanBook:
     def __init__(self, versions: dict[str, list[tuple[datetime, Plan]]]) -> None:
         self._versions = versions
         self._changed = {pid: [at for at, _ in rows] for pid, rows in versions.items()}
+
+    @property
+    def versions(self) -> Mapping[str, Sequence[tuple[datetime, Plan]]]:
+        """Each plan's versions, oldest first, with when each was saved."""
+        return self._versions
 
     def at(self, plan_id: str, instant: datetime) -> Plan:
         """The version saved last before ``instant`` (the first version, if none was)."""

@@ -13,7 +13,6 @@ first version saved is valued at the first version, as the billing run rates it)
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -22,6 +21,7 @@ from decimal import Decimal, localcontext
 from psycopg import AsyncConnection
 
 from schemas.plans import Interval, Plan
+from services.billing.invoicing import subscriptions
 from services.billing.invoicing.compose import FEE_STATUSES, State
 from services.billing.rating.money import EXACT, round_line
 
@@ -69,13 +69,7 @@ class FeeBook:
 
 
 async def fee_book(conn: AsyncConnection) -> FeeBook:
-    cur = await conn.execute(
-        "SELECT plan_id, changed_at, definition FROM plan_versions ORDER BY plan_id, version"
-    )
-    versions: dict[str, list[tuple[datetime, Plan]]] = defaultdict(list)
-    for plan_id, changed_at, definition in await cur.fetchall():
-        versions[plan_id].append((changed_at, Plan.model_validate(definition)))
-    return FeeBook(versions)
+    return FeeBook((await subscriptions.plan_book(conn)).versions)
 
 
 def value(state: State, book: FeeBook, instant: datetime) -> Mrr | None:
