@@ -80,8 +80,9 @@ class Runtime:
     async def bootstrap_servers(self) -> str:
         if self._bootstrap is None:
             embedded = broker.EmbeddedBroker(log_path=self.settings.data_dir / "tansu.log")
-            await asyncio.to_thread(embedded.start)
+            embedded.spawn()  # on the loop's thread: the broker dies with this process
             self.stack.callback(embedded.stop)
+            await asyncio.to_thread(embedded.wait_listening, 20.0)
             self._bootstrap = embedded.bootstrap_servers
             self.kafka_incarnation = f"embedded-{uuid.uuid4().hex[:12]}"
             log.info("embedded kafka (tansu) started", bootstrap=self._bootstrap)
