@@ -10,6 +10,8 @@ from urllib.parse import urlsplit
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from tests.conftest import REDIS_URL
 from tests.faults import FaultProxy
@@ -25,7 +27,10 @@ def proxy() -> Iterator[FaultProxy]:
 
 def client(proxy: FaultProxy) -> redis.Redis:
     return redis.Redis(
-        port=proxy.port, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT, retry=None
+        port=proxy.port,
+        socket_timeout=TIMEOUT,
+        socket_connect_timeout=TIMEOUT,
+        retry=Retry(NoBackoff(), 0),
     )
 
 
