@@ -56,8 +56,16 @@ def _die_with(parent: int) -> Callable[[], None]:
 class EmbeddedBroker:
     """A Tansu broker process on a loopback port, stopped with the context."""
 
-    def __init__(self, port: int | None = None, log_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        log_path: Path | None = None,
+        advertised_port: int | None = None,
+    ) -> None:
         self.port = port or free_port()
+        # Clients connect where the broker advertises: a proxy in front of it (tests'
+        # fault proxy) must be advertised, or clients would go around it.
+        self.advertised_port = advertised_port or self.port
         self._log_path = log_path
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -78,6 +86,7 @@ class EmbeddedBroker:
         on a worker thread of a pool.
         """
         url = f"tcp://127.0.0.1:{self.port}"
+        advertised = f"tcp://127.0.0.1:{self.advertised_port}"
         log = self._log_path.open("ab") if self._log_path else subprocess.DEVNULL
         self._process = subprocess.Popen(
             [
@@ -86,7 +95,7 @@ class EmbeddedBroker:
                 "--listener-url",
                 url,
                 "--advertised-listener-url",
-                url,
+                advertised,
                 "--storage-engine",
                 "memory://tansu/",
             ],

@@ -146,6 +146,11 @@ class Settings(BaseSettings):
     kafka_incarnation: str = ""
     kafka_session_timeout: float = 10.0
     kafka_rebalance_timeout: float = 3.0
+    kafka_publish_timeout: float = Field(
+        5.0,
+        description="Seconds ingest waits for Kafka's acknowledgement before it answers"
+        " 503 broker-unavailable (nothing reported accepted; the client retries).",
+    )
     aggregator_batch_records: int = 200
     aggregator_batch_seconds: float = 0.05
     dedupe_window_hours: int = 24
