@@ -156,6 +156,11 @@ class Settings(BaseSettings):
     dedupe_window_hours: int = 24
     meter_refresh_seconds: float = 5.0
     aggregator_drain_seconds: float = 60.0
+    shutdown_seconds: float = Field(
+        9.0,
+        description="After SIGTERM/SIGINT a process stops in order within this, or exits"
+        " at it (code 70, logged) whatever its stores are doing.",
+    )
 
     rollup_interval_seconds: float = 60.0
     rollup_safety_lag_seconds: float = 5.0
