@@ -113,16 +113,20 @@ def test_broker_cut_ingest_answers_503_in_bounded_time_then_counts_each_event_on
 
 
 @pytest.mark.parametrize("store", ["kafka", "redis"])
-def test_tally_up_stops_on_sigterm_within_10s_with_a_store_blackholed(
+def test_sigterm_with_a_store_blackholed_stops_within_10s_and_loses_nothing(
     settings: Settings, kafka_proxy: FaultProxy, tmp_path: Path, tenant: str, store: str
 ) -> None:
+    """Stopped at the bound mid-batch, the process commits nothing it had not stored: the
+    next start, with the store back, counts every event exactly once."""
+    customer = f"{tenant}-c"
+    batches = [events(customer, uuid.uuid4().hex, 3) for _ in range(2)]
     redis = urlsplit(REDIS_URL)
     with FaultProxy(redis.port or 6379) as redis_proxy:
-        redis_url = redis_proxy.url("redis", redis.path)
-        up = up_behind(settings, kafka_proxy, tmp_path, REDIS_URL=redis_url)
-        post(up, events(f"{tenant}-c", uuid.uuid4().hex, 3))
+        env = {"REDIS_URL": redis_proxy.url("redis", redis.path)}
+        up = up_behind(settings, kafka_proxy, tmp_path, **env)
+        answers = [post(up, batches[0])[0].status_code]
         (kafka_proxy if store == "kafka" else redis_proxy).blackhole()
-        post(up, events(f"{tenant}-c", uuid.uuid4().hex, 3))  # something in hand
+        answers.append(post(up, batches[1])[0].status_code)  # something in hand
         started = time.monotonic()
         code = up.stop(signal.SIGTERM, timeout=30)
         took = time.monotonic() - started
@@ -130,3 +134,16 @@ def test_tally_up_stops_on_sigterm_within_10s_with_a_store_blackholed(
         assert took < SHUTDOWN_BOUND, f"SIGTERM took {took:.1f}s with {store} blackholed"
         # in order (0), or cut short at the bound (70), saying so: never killed from outside
         assert code == 0 or (code == 70 and "did not finish in time" in up.tail()), up.tail()
+        assert answers[0] == 202 and answers[1] in (202, 503)
+
+        kafka_proxy.restore()
+        redis_proxy.restore()
+        again = up_behind(settings, kafka_proxy, tmp_path, **env)
+        try:
+            if answers[1] == 503:  # the client's retry of what was refused
+                assert post(again, batches[1])[0].status_code == 202
+            wait_for(lambda: counted(again, customer) >= 6, 60, "6 events counted", again.tail)
+            time.sleep(1)
+            assert counted(again, customer) == 6
+        finally:
+            again.stop(signal.SIGTERM)
