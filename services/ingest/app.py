@@ -209,8 +209,9 @@ async def _publish(
 async def _dead_letter(
     ingest: Ingest, rejected: list[parsing.Verdict], received_at: datetime, request_id: str
 ) -> None:
-    try:
-        await ingest.publisher.dead_letter(rejected, received_at, request_id)
+    try:  # bounded too: the accepted events are stored, their 202 must not wait on this
+        async with asyncio.timeout(ingest.settings.kafka_publish_timeout):
+            await ingest.publisher.dead_letter(rejected, received_at, request_id)
     except Exception as exc:  # the accepted events are safe; losing a DLQ copy is logged
         log.error("dead-letter publish failed", error=repr(exc), events=len(rejected))
 

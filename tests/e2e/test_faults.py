@@ -3,7 +3,8 @@
 - the broker cut: ingest answers 503 problem+json with Retry-After within the publish
   timeout, never hangs; back: it accepts again, and every event it answered 202 for
   (and every retried one) is counted exactly once;
-- the broker or Redis blackholed: ``tally up`` still stops on SIGTERM within 10 s.
+- the broker, Redis or PostgreSQL blackholed: ``tally up`` still stops on SIGTERM
+  within 10 s, and its next start counts every event exactly once.
 """
 
 from __future__ import annotations
@@ -52,6 +53,14 @@ def up_behind(settings: Settings, proxy: FaultProxy, tmp_path: Path, **env: str)
         **env,
     }
     return TallyProcess(["up"], environment, tmp_path / "up.log").start()
+
+
+def behind(url: str, proxy: FaultProxy) -> str:
+    """``url`` with its host and port replaced by the proxy's (credentials kept)."""
+    parts = urlsplit(url)
+    credentials = parts.netloc.rpartition("@")[0]
+    netloc = f"{credentials}@{proxy.address}" if credentials else proxy.address
+    return parts._replace(netloc=netloc).geturl()
 
 
 def events(customer: str, batch: str, count: int) -> list[dict[str, Any]]:
@@ -113,20 +122,28 @@ def test_broker_cut_ingest_answers_503_in_bounded_time_then_counts_each_event_on
         up.stop(signal.SIGTERM)
 
 
-@pytest.mark.parametrize("store", ["kafka", "redis"])
+@pytest.mark.parametrize("store", ["kafka", "redis", "postgresql"])
 def test_sigterm_with_a_store_blackholed_stops_within_10s_and_loses_nothing(
     settings: Settings, kafka_proxy: FaultProxy, tmp_path: Path, tenant: str, store: str
 ) -> None:
-    """Stopped at the bound mid-batch, the process commits nothing it had not stored: the
-    next start, with the store back, counts every event exactly once."""
+    """In order when it can (PostgreSQL hung: nothing on the way out waits for it), else
+    at the bound mid-batch, committing nothing it had not stored: either way the next
+    start, with the store back, counts every event exactly once."""
     customer = f"{tenant}-c"
     batches = [events(customer, uuid.uuid4().hex, 3) for _ in range(2)]
-    redis = urlsplit(REDIS_URL)
-    with FaultProxy(redis.port or 6379) as redis_proxy:
-        env = {"REDIS_URL": redis_proxy.url("redis", redis.path)}
+    redis, database = urlsplit(REDIS_URL), urlsplit(settings.database_url)
+    with (
+        FaultProxy(redis.port or 6379, redis.hostname or "127.0.0.1") as redis_proxy,
+        FaultProxy(database.port or 5432, database.hostname or "127.0.0.1") as pg_proxy,
+    ):
+        env = {
+            "REDIS_URL": behind(REDIS_URL, redis_proxy),
+            "DATABASE_URL": behind(settings.database_url, pg_proxy),
+        }
         up = up_behind(settings, kafka_proxy, tmp_path, **env)
         answers = [post(up, batches[0])[0].status_code]
-        (kafka_proxy if store == "kafka" else redis_proxy).blackhole()
+        proxies = {"kafka": kafka_proxy, "redis": redis_proxy, "postgresql": pg_proxy}
+        proxies[store].blackhole()
         answers.append(post(up, batches[1])[0].status_code)  # something in hand
         started = time.monotonic()
         code = up.stop(signal.SIGTERM, timeout=30)
@@ -137,8 +154,7 @@ def test_sigterm_with_a_store_blackholed_stops_within_10s_and_loses_nothing(
         assert code == 0 or (code == 70 and "did not finish in time" in up.tail()), up.tail()
         assert answers[0] == 202 and answers[1] in (202, 503)
 
-        kafka_proxy.restore()
-        redis_proxy.restore()
+        proxies[store].restore()
         again = up_behind(settings, kafka_proxy, tmp_path, **env)
         try:
             if answers[1] == 503:  # the client's retry of what was refused
