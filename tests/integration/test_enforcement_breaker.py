@@ -97,3 +97,22 @@ async def test_concurrent_decisions_keep_answering_at_once_until_redis_is_back(
             assert time.monotonic() - restored < 4 * TIMEOUT, "Redis back, still falling back"
             await asyncio.sleep(0.05)
         print(f"decisions use Redis again {time.monotonic() - restored:.2f}s after it is back")
+
+
+async def test_failing_closed_refuses_at_once_once_the_breaker_is_open(
+    settings: Settings, redis_proxy: FaultProxy
+) -> None:
+    redis_url = redis_proxy.url("redis", urlsplit(REDIS_URL).path)
+    async with running_api(
+        settings, redis_url=redis_url, enforce_redis_timeout=TIMEOUT, redis_failure_mode="closed"
+    ) as api:
+        account = await sign_up(api, "pro")
+        await decide(api, account)
+        redis_proxy.blackhole()
+        answers = [await decide(api, account) for _ in range(20)]
+    for reply, _ in answers:
+        assert reply.status_code == 503, reply.text
+        assert reply.headers["content-type"].startswith("application/problem+json")
+        assert reply.json()["type"].endswith("/enforcement-unavailable")
+        assert int(reply.headers["retry-after"]) > 0
+    assert answers[-1][1] < TIMEOUT / 5
