@@ -34,7 +34,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _die_with(parent: int) -> Callable[[], None]:
+def die_with(parent: int) -> Callable[[], None]:
     """Have Linux kill the broker when Tally dies, even by kill -9: no orphan brokers.
 
     Run in the child between fork and exec. SIGKILL, because the broker keeps nothing
@@ -102,7 +102,7 @@ class EmbeddedBroker:
             stdout=log,
             stderr=log,
             start_new_session=True,
-            preexec_fn=_die_with(os.getpid()),
+            preexec_fn=die_with(os.getpid()),
         )
 
     def wait_listening(self, timeout: float) -> None:
