@@ -11,10 +11,12 @@ import asyncio
 import contextlib
 import gc
 import signal
+import threading
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -26,7 +28,7 @@ from redis.asyncio import Redis
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from services.common import broker, clickhouse, kafka, pages, postgres, problems
+from services.common import broker, clickhouse, kafka, pages, postgres, problems, shutdown
 from services.common import redis as redis_client
 from services.common.auth import Authenticator
 from services.common.clickhouse import ClickHouse
@@ -80,8 +82,9 @@ class Runtime:
     async def bootstrap_servers(self) -> str:
         if self._bootstrap is None:
             embedded = broker.EmbeddedBroker(log_path=self.settings.data_dir / "tansu.log")
-            await asyncio.to_thread(embedded.start)
+            embedded.spawn()  # on the loop's thread: the broker dies with this process
             self.stack.callback(embedded.stop)
+            await asyncio.to_thread(embedded.wait_listening, 20.0)
             self._bootstrap = embedded.bootstrap_servers
             self.kafka_incarnation = f"embedded-{uuid.uuid4().hex[:12]}"
             log.info("embedded kafka (tansu) started", bootstrap=self._bootstrap)
@@ -219,7 +222,18 @@ async def _stop(task: asyncio.Task[None]) -> None:
 class _Server(uvicorn.Server):
     """uvicorn re-raises SIGINT/SIGTERM once it has stopped serving, which would cut our
     own shutdown short; here a signal only asks it to stop, and the process then closes
-    its services in order and exits 0."""
+    its services in order and exits 0 — within ``shutdown_seconds`` of the first signal,
+    or it is ended there (``shutdown.exit_after``) whatever its stores are doing."""
+
+    def __init__(self, config: uvicorn.Config, shutdown_seconds: float) -> None:
+        super().__init__(config)
+        self._shutdown_seconds = shutdown_seconds
+        self._bound: threading.Timer | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._bound is None:
+            self._bound = shutdown.exit_after(self._shutdown_seconds)
+        super().handle_exit(sig, frame)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -293,6 +307,8 @@ def server_config(app: ASGIApp, settings: Settings) -> uvicorn.Config:
         lifespan="off",
         proxy_headers=True,
         forwarded_allow_ips=settings.trusted_proxies,
+        # requests still in flight at a shutdown get a share of the shutdown bound
+        timeout_graceful_shutdown=max(1, int(settings.shutdown_seconds / 3)),
     )
 
 
@@ -345,5 +361,5 @@ async def serve(runtime: Runtime, starters: list[Starter]) -> None:
     config = server_config(http_app(components), settings)
     log.info("serving", services=[c.name for c in components], port=config.port)
     freeze_heap()
-    await _Server(config).serve()
+    await _Server(config, settings.shutdown_seconds).serve()
     log.info("stopping: flushing and closing")

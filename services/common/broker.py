@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from types import TracebackType
@@ -32,18 +34,38 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _die_with_parent() -> None:
-    """Have Linux stop the broker when Tally dies, even by kill -9: no orphan brokers."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+def die_with(parent: int) -> Callable[[], None]:
+    """Have Linux kill the broker when Tally dies, even by kill -9: no orphan brokers.
+
+    Run in the child between fork and exec. SIGKILL, because the broker keeps nothing
+    worth flushing (memory storage) and a signal it could catch might leave it running.
+    If Tally died before ``prctl`` took effect the child has already been re-parented:
+    it exits at once rather than start an orphan.
+    """
+
+    def arm() -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return arm
 
 
 class EmbeddedBroker:
     """A Tansu broker process on a loopback port, stopped with the context."""
 
-    def __init__(self, port: int | None = None, log_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        log_path: Path | None = None,
+        advertised_port: int | None = None,
+    ) -> None:
         self.port = port or free_port()
+        # Clients connect where the broker advertises: a proxy in front of it (tests'
+        # fault proxy) must be advertised, or clients would go around it.
+        self.advertised_port = advertised_port or self.port
         self._log_path = log_path
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -52,7 +74,19 @@ class EmbeddedBroker:
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 20.0) -> EmbeddedBroker:
+        self.spawn()
+        self.wait_listening(timeout)
+        return self
+
+    def spawn(self) -> None:
+        """Start the broker process without waiting for it to listen.
+
+        Linux sends the death signal when the *thread* that spawned the broker ends, so
+        call this on a thread that lives as long as the process (the event loop's), not
+        on a worker thread of a pool.
+        """
         url = f"tcp://127.0.0.1:{self.port}"
+        advertised = f"tcp://127.0.0.1:{self.advertised_port}"
         log = self._log_path.open("ab") if self._log_path else subprocess.DEVNULL
         self._process = subprocess.Popen(
             [
@@ -61,19 +95,17 @@ class EmbeddedBroker:
                 "--listener-url",
                 url,
                 "--advertised-listener-url",
-                url,
+                advertised,
                 "--storage-engine",
                 "memory://tansu/",
             ],
             stdout=log,
             stderr=log,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with(os.getpid()),
         )
-        self._wait_listening(timeout)
-        return self
 
-    def _wait_listening(self, timeout: float) -> None:
+    def wait_listening(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process is not None and self._process.poll() is not None:

@@ -146,11 +146,21 @@ class Settings(BaseSettings):
     kafka_incarnation: str = ""
     kafka_session_timeout: float = 10.0
     kafka_rebalance_timeout: float = 3.0
+    kafka_publish_timeout: float = Field(
+        5.0,
+        description="Seconds ingest waits for Kafka's acknowledgement before it answers"
+        " 503 broker-unavailable (nothing reported accepted; the client retries).",
+    )
     aggregator_batch_records: int = 200
     aggregator_batch_seconds: float = 0.05
     dedupe_window_hours: int = 24
     meter_refresh_seconds: float = 5.0
     aggregator_drain_seconds: float = 60.0
+    shutdown_seconds: float = Field(
+        9.0,
+        description="After SIGTERM/SIGINT a process stops in order within this, or exits"
+        " at it (code 70, logged) whatever its stores are doing.",
+    )
 
     rollup_interval_seconds: float = 60.0
     rollup_safety_lag_seconds: float = 5.0

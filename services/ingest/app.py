@@ -6,13 +6,15 @@ Answers:
   to the dead-letter topic;
 - 422 when every event was rejected; 400 for malformed JSON; 401 without a valid token
   (429 once an address keeps sending wrong ones); 413 over the size or count limit;
-  415 for other content types; 503 when Kafka did not acknowledge (nothing is reported
-  accepted, so the client's retry is safe: duplicates are dropped downstream by
-  (source, id)).
+  415 for other content types; 503 when Kafka did not acknowledge within
+  ``kafka_publish_timeout`` (5 s: a broker that is down never hangs a client). Nothing
+  is then reported accepted, so the client's retry is safe: events that did get stored
+  are dropped downstream as duplicates by (source, id).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 import zlib
@@ -178,8 +180,9 @@ async def _publish(
     metrics.INGEST_REQUEST_EVENTS.observe(len(verdicts))
     started = time.perf_counter()
     try:
-        await ingest.publisher.publish(accepted, received_at)
-    except Exception as exc:
+        async with asyncio.timeout(ingest.settings.kafka_publish_timeout):
+            await ingest.publisher.publish(accepted, received_at)
+    except Exception as exc:  # including TimeoutError: a broker that is down, not slow
         log.error("kafka publish failed", error=repr(exc), events=len(accepted))
         raise Problem(
             BROKER_UNAVAILABLE,
@@ -206,8 +209,9 @@ async def _publish(
 async def _dead_letter(
     ingest: Ingest, rejected: list[parsing.Verdict], received_at: datetime, request_id: str
 ) -> None:
-    try:
-        await ingest.publisher.dead_letter(rejected, received_at, request_id)
+    try:  # bounded too: the accepted events are stored, their 202 must not wait on this
+        async with asyncio.timeout(ingest.settings.kafka_publish_timeout):
+            await ingest.publisher.dead_letter(rejected, received_at, request_id)
     except Exception as exc:  # the accepted events are safe; losing a DLQ copy is logged
         log.error("dead-letter publish failed", error=repr(exc), events=len(rejected))
 

@@ -87,6 +87,12 @@ class Pipelined:
     Instead of a timer per command, a watchdog checks every quarter ``timeout`` that
     the oldest command waiting is younger than ``timeout``; if not, the connection is
     dropped and every command waiting on it fails with a ``ConnectionError``.
+
+    A circuit breaker keeps a Redis that is down from costing every decision its
+    timeout: a connection that stalls or cannot be opened *trips* it, and from then on
+    commands fail at once (the enforcer decides by its fallback, or fails closed) while
+    a background probe reconnects, one attempt per ``timeout``. No request waits on a
+    probe; the first command after a probe succeeds uses the new connection.
     """
 
     def __init__(self, url: str, timeout: float) -> None:
@@ -96,10 +102,11 @@ class Pipelined:
             )
         self._options = parse_url(url)
         self._timeout = timeout
-        self._failed_at = -1e9
+        self._tripped_at: float | None = None  # the breaker is open since then
         self._protocol: _Protocol | None = None
         self._opening: asyncio.Lock | None = None
         self._watchdog: asyncio.Task[None] | None = None
+        self._probe: asyncio.Task[None] | None = None
 
     async def execute(self, packed: bytes) -> Any:
         """Send one packed command; its reply, or redis-py's exception for it."""
@@ -107,40 +114,69 @@ class Pipelined:
         return await protocol.send(packed)
 
     async def aclose(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            await asyncio.gather(self._watchdog, return_exceptions=True)
-            self._watchdog = None
+        for task in (self._watchdog, self._probe):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._watchdog = self._probe = None
         if self._protocol is not None and self._protocol.transport is not None:
             self._protocol.transport.close()
         self._protocol = None
+
+    @property
+    def tripped(self) -> bool:
+        """Is the breaker open (Redis failed lately, commands fail at once)?"""
+        return self._tripped_at is not None
 
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self._timeout / 4)
             protocol = self._protocol
             if protocol and protocol.transport and protocol.stalled(self._timeout):
+                self._trip()
                 protocol.transport.abort()
+
+    def _trip(self) -> None:
+        self._tripped_at = asyncio.get_running_loop().time()
 
     async def _connected(self) -> _Protocol:
         protocol = self._protocol
         if protocol is not None and protocol.transport is not None:
             return protocol
+        if self._tripped_at is not None:
+            self._probe_when_due(self._tripped_at)
+            raise RedisConnectionError("Redis failed a moment ago (circuit open; probing)")
         self._opening = self._opening or asyncio.Lock()
         async with self._opening:
             if self._protocol is None or self._protocol.transport is None:
-                # After a failed attempt, fail at once for a while instead of queueing
-                # every request behind its own full timeout.
-                if asyncio.get_running_loop().time() - self._failed_at < self._timeout:
-                    raise RedisConnectionError("Redis was unreachable a moment ago")
+                if self._tripped_at is not None:  # what we waited behind just failed
+                    raise RedisConnectionError("Redis failed a moment ago (circuit open)")
                 try:
                     self._protocol = await self._open()
                 except RedisConnectionError:
-                    self._failed_at = asyncio.get_running_loop().time()
+                    self._trip()
                     raise
-            if self._watchdog is None:
-                self._watchdog = asyncio.create_task(self._watch(), name="redis-watchdog")
+            self._start_watchdog()
             return self._protocol
+
+    def _start_watchdog(self) -> None:
+        if self._watchdog is None:
+            self._watchdog = asyncio.create_task(self._watch(), name="redis-watchdog")
+
+    def _probe_when_due(self, tripped_at: float) -> None:
+        """One reconnection attempt at a time, one ``timeout`` after the last failure."""
+        due = asyncio.get_running_loop().time() - tripped_at >= self._timeout
+        if due and (self._probe is None or self._probe.done()):
+            self._probe = asyncio.create_task(self._reconnect(), name="redis-probe")
+
+    async def _reconnect(self) -> None:
+        try:
+            protocol = await self._open()
+        except RedisConnectionError:
+            self._trip()
+            return
+        self._protocol, self._tripped_at = protocol, None
+        self._start_watchdog()
 
     async def _open(self) -> _Protocol:
         options = self._options
