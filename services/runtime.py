@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import gc
 import signal
-import threading
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import AsyncExitStack
@@ -61,6 +60,8 @@ class Runtime:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # armed by the first SIGTERM/SIGINT; the embedded broker's drain extends it
+        self.shutdown = shutdown.Bound(settings.shutdown_seconds)
         self.stack = AsyncExitStack()
         self._bootstrap: str | None = settings.kafka_bootstrap_servers
         self.kafka_incarnation = settings.kafka_incarnation
@@ -223,16 +224,14 @@ class _Server(uvicorn.Server):
     """uvicorn re-raises SIGINT/SIGTERM once it has stopped serving, which would cut our
     own shutdown short; here a signal only asks it to stop, and the process then closes
     its services in order and exits 0 — within ``shutdown_seconds`` of the first signal,
-    or it is ended there (``shutdown.exit_after``) whatever its stores are doing."""
+    or it is ended there (``shutdown.Bound``) whatever its stores are doing."""
 
-    def __init__(self, config: uvicorn.Config, shutdown_seconds: float) -> None:
+    def __init__(self, config: uvicorn.Config, bound: shutdown.Bound) -> None:
         super().__init__(config)
-        self._shutdown_seconds = shutdown_seconds
-        self._bound: threading.Timer | None = None
+        self._bound = bound
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._bound is None:
-            self._bound = shutdown.exit_after(self._shutdown_seconds)
+        self._bound.arm()
         super().handle_exit(sig, frame)
 
     @contextlib.contextmanager
@@ -361,5 +360,5 @@ async def serve(runtime: Runtime, starters: list[Starter]) -> None:
     config = server_config(http_app(components), settings)
     log.info("serving", services=[c.name for c in components], port=config.port)
     freeze_heap()
-    await _Server(config, settings.shutdown_seconds).serve()
+    await _Server(config, runtime.shutdown).serve()
     log.info("stopping: flushing and closing")

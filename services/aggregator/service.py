@@ -45,7 +45,7 @@ async def start(runtime: Runtime) -> Component:
         if settings.embedded_kafka:
             try:
                 async with asyncio.timeout(settings.aggregator_drain_seconds):
-                    await worker.drain(processor, bootstrap)
+                    await worker.drain(processor, bootstrap, runtime.shutdown.extend)
             except TimeoutError:
                 log.warning("stopping with accepted events not yet aggregated")
         await app.stop()

@@ -104,16 +104,23 @@ def attach(app: faust.App, settings: Settings, processor: BatchProcessor) -> Non
                 metrics.CONSUMER_LAG.labels(str(tp.partition)).set(max(0, high - position - 1))
 
 
-async def drain(processor: BatchProcessor, bootstrap_servers: str) -> None:
-    """Wait until every partition of ``tally.events`` is processed up to its end.
+async def drain(
+    processor: BatchProcessor, bootstrap_servers: str, progress: Callable[[], None]
+) -> None:
+    """Wait until every partition of ``tally.events`` is processed up to its end,
+    calling ``progress`` whenever the processed positions move.
 
     For the embedded in-memory broker, which dies with the process: what it still holds
     would be lost.  (With Kafka, stopping a worker simply hands its partitions on.)
     Run it under a timeout: a worker that never joined its group never catches up.
     """
     ends = await _end_offsets(bootstrap_servers)
-    while _behind(processor, ends):  # noqa: ASYNC110 (offsets move without an event)
+    seen = dict(processor.positions)
+    while _behind(processor, ends):
         await asyncio.sleep(0.1)
+        if processor.positions != seen:
+            seen = dict(processor.positions)
+            progress()
 
 
 def _behind(processor: BatchProcessor, ends: dict[int, int]) -> bool:
