@@ -79,6 +79,7 @@ async def test_concurrent_decisions_keep_answering_at_once_until_redis_is_back(
         redis_proxy.blackhole()
         tripped = time.monotonic()
         timings: list[tuple[float, float]] = []
+        stalls: list[tuple[float, float]] = []  # when the event loop itself stood still
 
         async def client() -> None:
             while time.monotonic() - tripped < 4 * TIMEOUT:
@@ -86,10 +87,27 @@ async def test_concurrent_decisions_keep_answering_at_once_until_redis_is_back(
                 assert reply.status_code in (200, 429), reply.text  # the fallback's answer
                 timings.append((time.monotonic() - tripped, took))
 
-        await asyncio.gather(*(client() for _ in range(8)))
+        async def loop_watch() -> None:
+            """A wait of the breaker's leaves the loop running; a stall of the whole loop
+            (a garbage collection of the test process's large heap, a starved CPU) holds
+            every decision at once, and is not the breaker's doing."""
+            last = time.monotonic()
+            while last - tripped < 4 * TIMEOUT:
+                await asyncio.sleep(0.01)
+                now = time.monotonic()
+                if now - last > TIMEOUT / 5:
+                    stalls.append((last - tripped, now - tripped))
+                last = now
+
+        await asyncio.gather(loop_watch(), *(client() for _ in range(8)))
         late = [(round(at, 2), round(took, 2)) for at, took in timings if at > 2 * TIMEOUT]
-        slow = [(at, took) for at, took in late if took > TIMEOUT / 2]
-        print(f"{len(timings)} decisions; after {2 * TIMEOUT}s, slow ones: {slow}")
+        slow = [
+            (at, took)
+            for at, took in late
+            if took > TIMEOUT / 2
+            and not any(start < at and at - took < end for start, end in stalls)
+        ]
+        print(f"{len(timings)} decisions; after {2 * TIMEOUT}s, slow: {slow}; stalls: {stalls}")
         assert len(late) > 20 and not slow
         redis_proxy.restore()
         restored = time.monotonic()
