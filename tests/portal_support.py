@@ -48,9 +48,7 @@ async def tally_app(settings: Settings, **overrides: Any) -> AsyncIterator[ASGIA
             "billing",
             routers=[
                 invoice_routes.router(pool, auth, runtime.clickhouse),
-                alert_routes.router(
-                    pool, Access(auth, settings.admin_token), AlertCompiler(pool, redis)
-                ),
+                alert_routes.router(pool, Access(auth), AlertCompiler(pool, redis)),
                 *notifier(settings, pool, redis, auth).routers,
             ],
         )

@@ -113,7 +113,7 @@ async def start(runtime: Runtime) -> Component:
         "billing",
         routers=[
             routes.router(pool, auth, runtime.clickhouse),
-            alert_routes.router(pool, Access(auth, settings.admin_token), compiler),
+            alert_routes.router(pool, Access(auth), compiler),
             stripe_routes.router(auth, Sessions(pool, api), webhooks),
             *notifications.routers,
             revenue_routes.router(pool, runtime.redis(), auth),

@@ -184,6 +184,11 @@ class Authenticator:
             await self.require(caller, customer or caller.customer, scope)
         return caller
 
+    def is_admin(self, token: str | None) -> bool:
+        """Is ``token`` the admin token? For routes that also take other credentials:
+        a mismatch here is not a failure, the other checks count it."""
+        return token is not None and hmac.compare_digest(token.encode(), self._admin)
+
     async def admin(self, token: str | None, client: str) -> None:
         """The admin token, or 401; a wrong one is a guess like any other."""
         if not token:

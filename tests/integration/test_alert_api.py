@@ -27,7 +27,8 @@ SERVICE = {"Authorization": "Bearer test-token"}
 
 
 def alerts_client(settings: Settings, pool: AsyncConnectionPool, redis: Redis) -> httpx.AsyncClient:
-    access = Access(Authenticator(settings, redis, pool), "test-admin-token")
+    admin = settings.model_copy(update={"admin_token": "test-admin-token"})  # ADMIN's
+    access = Access(Authenticator(admin, redis, pool))
     router = alert_routes.router(pool, access, AlertCompiler(pool, redis))
     app = http_app([Component("billing", routers=[router])])
     return httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t")

@@ -3,8 +3,6 @@ token or the admin token) for anyone, and alone for the seller's own endpoints."
 
 from __future__ import annotations
 
-import hmac
-
 from starlette.requests import Request
 
 from schemas.api_keys import Scope
@@ -12,13 +10,11 @@ from services.common.auth import Authenticator, Caller, address, credential, for
 
 
 class Access:
-    def __init__(self, auth: Authenticator, admin_token: str) -> None:
+    def __init__(self, auth: Authenticator) -> None:
         self._auth = auth
-        self._admin = admin_token.encode()
 
     def _is_admin(self, request: Request) -> bool:
-        token = credential(request)
-        return token is not None and hmac.compare_digest(token.encode(), self._admin)
+        return self._auth.is_admin(credential(request))
 
     async def customer(self, request: Request, customer: str, scope: Scope) -> Caller:
         """The caller, allowed ``scope`` on ``customer``; ``Caller.service`` for the seller."""

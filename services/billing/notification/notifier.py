@@ -40,7 +40,7 @@ def notifier(
     wake = asyncio.Event()
     intake = Intake(pool, redis, wake, mailer is not None, settings.notification_consumer)
     sender = Sender(pool, sending.policy(settings), wake, mailer)
-    access = Access(auth, settings.admin_token)
+    access = Access(auth)
     return Notifier(
         intake,
         sender,
