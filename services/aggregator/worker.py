@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import faust
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from faust.tables import TableManager
 
 from schemas import topics
 from schemas.envelope import MAX_ENVELOPE_BYTES
@@ -36,7 +37,24 @@ class _App(faust.App):
         return Transport(self.conf.broker_consumer, self)
 
 
+class _Tables(TableManager):
+    """Faust's table manager starts with a one-second sleep, for tables to be declared;
+    the consumer subscribes (and joins its group) only after it.  Tally declares no
+    tables (its state lives in Redis and ClickHouse) and declares its agent before the
+    app starts, so the wait only delayed every start and restart by a second."""
+
+    async def on_start(self) -> None:
+        if not self.should_stop:
+            await self._update_channels()
+            await self.recovery.start()
+
+
 def create_app(settings: Settings, bootstrap_servers: str) -> faust.App:
+    """The aggregator's Faust app.  Its consumer-group timings decide how fast a
+    restarted worker counts again: a worker stopped in order leaves the group; one
+    killed stays a member until ``group_session_timeout`` passes without its heartbeat,
+    and on Tansu every join is held for half that timeout (see ``Settings``)."""
+    session = settings.group_session_timeout
     return _App(
         settings.consumer_group,
         broker=f"kafka://{bootstrap_servers}",
@@ -47,9 +65,10 @@ def create_app(settings: Settings, bootstrap_servers: str) -> faust.App:
         topic_partitions=settings.events_partitions,
         topic_allow_declare=False,
         consumer_auto_offset_reset="earliest",
-        broker_session_timeout=settings.kafka_session_timeout,
+        broker_session_timeout=session,
         broker_rebalance_timeout=settings.kafka_rebalance_timeout,
-        broker_heartbeat_interval=min(3.0, settings.kafka_session_timeout / 3),
+        broker_heartbeat_interval=min(3.0, session / 3),
+        TableManager=_Tables,
         broker_commit_interval=1.0,
         stream_buffer_maxsize=4096,
     )

@@ -1,0 +1,179 @@
+"""Aggregator rejoin: seconds from restarting ``tally aggregator`` to counting again.
+
+The split layout on one machine: the embedded Kafka-protocol broker (Tansu) and one
+``tally aggregator`` process with ``KAFKA_BOOTSTRAP_SERVERS``. Each run stops the
+aggregator — SIGTERM (it leaves its consumer group on the way out) or SIGKILL (it
+cannot: the broker still lists it as a member) — publishes one probe event while it is
+down, starts a new process, and measures from the new process's launch to
+
+- ``ready``: its ``/readyz`` answering 200;
+- ``counted``: the probe event in its Redis counter, i.e. joined, assigned, consumed
+  and stored.
+
+Each consumer-group session timeout given is measured with a group of its own (Tansu
+keeps the session timeout a group was created with): 10 s is Tally's default with Kafka,
+2 s the one for Tansu, which holds every JoinGroup for half the group's session timeout.
+It runs on its own stores (``bench.stores``), never on ``DATABASE_URL`` / ``REDIS_URL``.
+
+    python -m bench.rejoin --runs 5 --session-timeouts 10,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import statistics
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import redis
+
+from bench.stores import bench_stores
+from schemas import redis_keys
+from schemas.events import UsageEvent, utcnow
+from schemas.windows import Window, bucket_id
+from services.common import kafka
+from services.common.broker import EmbeddedBroker
+from services.ingest.publisher import Publisher
+from tests.support import TallyProcess, wait_for
+
+PARTITIONS = 8
+PROBE = "bench-rejoin-probe"
+
+
+def probe_event() -> UsageEvent:
+    return UsageEvent.model_validate(
+        {
+            "specversion": "1.0",
+            "id": uuid.uuid4().hex,
+            "source": "bench/rejoin",
+            "type": "api_call",
+            "subject": PROBE,
+            "time": utcnow().isoformat(),
+            "data": {"endpoint": "/v1/x"},
+        }
+    )
+
+
+async def publish_one(bootstrap: str) -> None:
+    producer = await kafka.start_producer(bootstrap)
+    try:
+        await Publisher(producer).publish([probe_event()], utcnow())
+    finally:
+        await producer.stop()
+
+
+def probes_counted(client: redis.Redis) -> int:
+    key = redis_keys.counters(PROBE, "api_calls", Window.DAY, bucket_id(Window.DAY, utcnow()))
+    return int(client.hget(key, redis_keys.TOTAL) or 0) // 1_000_000
+
+
+def restart(aggregator: TallyProcess, client: redis.Redis, want: int) -> tuple[float, float]:
+    """Start ``aggregator`` again; seconds from its launch to ready, and to ``want``
+    probes counted (polled every 20 ms from a thread, so readiness polling does not
+    delay it)."""
+    counted_at: list[float] = []
+
+    def watch() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and probes_counted(client) < want:
+            time.sleep(0.02)
+        counted_at.append(time.monotonic())
+
+    watcher = threading.Thread(target=watch)
+    launched = time.monotonic()
+    watcher.start()
+    aggregator.start(ready_timeout=120)
+    ready = time.monotonic() - launched
+    watcher.join()
+    if probes_counted(client) < want:
+        raise SystemExit(f"probe not counted within 120 s:\n{aggregator.tail()}")
+    return ready, counted_at[0] - launched
+
+
+def summary(values: list[float]) -> str:
+    return (
+        f"median {statistics.median(values):.2f} s, min {min(values):.2f}, "
+        f"max {max(values):.2f} ({len(values)} runs)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=3, help="restarts of each kind")
+    parser.add_argument(
+        "--session-timeouts", default="10,2", help="consumer-group session timeouts (s)"
+    )
+    args = parser.parse_args()
+    sessions = [float(s) for s in args.session_timeouts.split(",")]
+    with (
+        bench_stores("tally-bench-rejoin-") as stores,
+        EmbeddedBroker(log_path=stores.data_dir / "tansu.log") as broker,
+    ):
+        bootstrap = broker.bootstrap_servers
+        asyncio.run(kafka.ensure_topics(bootstrap, PARTITIONS))
+        env = stores.env() | {
+            "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+            "TALLY_EVENTS_PARTITIONS": str(PARTITIONS),
+        }
+        client = redis.Redis.from_url(stores.redis_url)
+        figures: dict[tuple[float, str], tuple[list[float], list[float]]] = {}
+        for session in sessions:
+            group_env = env | {
+                "TALLY_KAFKA_SESSION_TIMEOUT": str(session),
+                "TALLY_CONSUMER_GROUP": f"bench-rejoin-{uuid.uuid4().hex[:8]}",
+            }
+            log = Path(stores.data_dir) / f"aggregator-{session}.log"
+            measure(
+                TallyProcess(["aggregator"], group_env, log),
+                client,
+                bootstrap,
+                session,
+                args.runs,
+                figures,
+            )
+        client.close()
+    print(f"aggregator restart, split layout, Tansu, {PARTITIONS} partitions:")
+    for (session, kind), (ready, counted) in figures.items():
+        print(f"  session timeout {session:g} s, after {kind}:")
+        print(f"    launch -> ready         {summary(ready)}")
+        print(f"    launch -> probe counted {summary(counted)}")
+
+
+def measure(
+    aggregator: TallyProcess,
+    client: redis.Redis,
+    bootstrap: str,
+    session: float,
+    runs: int,
+    figures: dict[tuple[float, str], tuple[list[float], list[float]]],
+) -> None:
+    """Start ``aggregator``, then stop and restart it ``runs`` times each way."""
+    aggregator.start(ready_timeout=120)
+    want = probes_counted(client) + 1
+    asyncio.run(publish_one(bootstrap))
+    wait_for(lambda: probes_counted(client) >= want, 120, "first probe", aggregator.tail)
+    for kind, sig in (("SIGTERM", signal.SIGTERM), ("kill -9", signal.SIGKILL)):
+        ready, counted = figures.setdefault((session, kind), ([], []))
+        for _ in range(runs):
+            time.sleep(1)  # the group settled, as in a real restart
+            if sig == signal.SIGKILL:
+                aggregator.kill()
+            else:
+                aggregator.stop(sig)
+            asyncio.run(publish_one(bootstrap))
+            took = restart(aggregator, client, probes_counted(client) + 1)
+            ready.append(took[0])
+            counted.append(took[1])
+            print(
+                f"session {session:g} s, {kind}: ready {took[0]:.2f} s, counted {took[1]:.2f} s",
+                flush=True,
+            )
+    aggregator.stop(signal.SIGTERM)
+
+
+if __name__ == "__main__":
+    main()
