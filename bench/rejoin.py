@@ -8,7 +8,11 @@ down, starts a new process, and measures from the new process's launch to
 
 - ``ready``: its ``/readyz`` answering 200;
 - ``counted``: the probe event in its Redis counter, i.e. joined, assigned, consumed
-  and stored.
+  and stored;
+
+and, from the aggregator's log, ``join``: from its Faust app starting to its partitions
+assigned — the part the broker decides, apart from Python's start-up and the stores',
+which on a loaded machine vary by seconds.
 
 Each consumer-group session timeout given is measured with a group of its own (Tansu
 keeps the session timeout a group was created with): 10 s is Tally's default with Kafka,
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import signal
 import statistics
 import threading
@@ -71,11 +76,22 @@ def probes_counted(client: redis.Redis) -> int:
     return int(client.hget(key, redis_keys.TOTAL) or 0) // 1_000_000
 
 
-def restart(aggregator: TallyProcess, client: redis.Redis, want: int) -> tuple[float, float]:
-    """Start ``aggregator`` again; seconds from its launch to ready, and to ``want``
-    probes counted (polled every 20 ms from a thread, so readiness polling does not
-    delay it)."""
+JOINED = re.compile(r"consumer group joined.*since_start_seconds=([0-9.]+)")
+Figures = dict[str, list[float]]  # "ready", "counted", "join" -> one value per restart
+
+
+def joins(aggregator: TallyProcess) -> list[float]:
+    """Every join time the aggregator's log reports, oldest first."""
+    text = aggregator.log.read_text(errors="replace") if aggregator.log.exists() else ""
+    return [float(found) for found in JOINED.findall(text)]
+
+
+def restart(aggregator: TallyProcess, client: redis.Redis, want: int) -> dict[str, float]:
+    """Start ``aggregator`` again; seconds from its launch to ready, to ``want`` probes
+    counted (polled every 20 ms from a thread, so readiness polling does not delay it),
+    and its app's start to its partitions assigned (its log)."""
     counted_at: list[float] = []
+    before = len(joins(aggregator))
 
     def watch() -> None:
         deadline = time.monotonic() + 120
@@ -91,7 +107,12 @@ def restart(aggregator: TallyProcess, client: redis.Redis, want: int) -> tuple[f
     watcher.join()
     if probes_counted(client) < want:
         raise SystemExit(f"probe not counted within 120 s:\n{aggregator.tail()}")
-    return ready, counted_at[0] - launched
+    joined = joins(aggregator)[before:]
+    return {
+        "ready": ready,
+        "counted": counted_at[0] - launched,
+        "join": joined[0] if joined else float("nan"),
+    }
 
 
 def summary(values: list[float]) -> str:
@@ -120,7 +141,7 @@ def main() -> None:
             "TALLY_EVENTS_PARTITIONS": str(PARTITIONS),
         }
         client = redis.Redis.from_url(stores.redis_url)
-        figures: dict[tuple[float, str], tuple[list[float], list[float]]] = {}
+        figures: dict[tuple[float, str], Figures] = {}
         for session in sessions:
             group_env = env | {
                 "TALLY_KAFKA_SESSION_TIMEOUT": str(session),
@@ -137,10 +158,11 @@ def main() -> None:
             )
         client.close()
     print(f"aggregator restart, split layout, Tansu, {PARTITIONS} partitions:")
-    for (session, kind), (ready, counted) in figures.items():
+    for (session, kind), found in figures.items():
         print(f"  session timeout {session:g} s, after {kind}:")
-        print(f"    launch -> ready         {summary(ready)}")
-        print(f"    launch -> probe counted {summary(counted)}")
+        print(f"    launch -> probe counted       {summary(found['counted'])}")
+        print(f"    launch -> ready               {summary(found['ready'])}")
+        print(f"    app start -> group joined     {summary(found['join'])}")
 
 
 def measure(
@@ -149,7 +171,7 @@ def measure(
     bootstrap: str,
     session: float,
     runs: int,
-    figures: dict[tuple[float, str], tuple[list[float], list[float]]],
+    figures: dict[tuple[float, str], Figures],
 ) -> None:
     """Start ``aggregator``, then stop and restart it ``runs`` times each way."""
     aggregator.start(ready_timeout=120)
@@ -157,7 +179,7 @@ def measure(
     asyncio.run(publish_one(bootstrap))
     wait_for(lambda: probes_counted(client) >= want, 120, "first probe", aggregator.tail)
     for kind, sig in (("SIGTERM", signal.SIGTERM), ("kill -9", signal.SIGKILL)):
-        ready, counted = figures.setdefault((session, kind), ([], []))
+        found = figures.setdefault((session, kind), {"counted": [], "ready": [], "join": []})
         for _ in range(runs):
             time.sleep(1)  # the group settled, as in a real restart
             if sig == signal.SIGKILL:
@@ -166,10 +188,11 @@ def measure(
                 aggregator.stop(sig)
             asyncio.run(publish_one(bootstrap))
             took = restart(aggregator, client, probes_counted(client) + 1)
-            ready.append(took[0])
-            counted.append(took[1])
+            for name, seconds in took.items():
+                found[name].append(seconds)
             print(
-                f"session {session:g} s, {kind}: ready {took[0]:.2f} s, counted {took[1]:.2f} s",
+                f"session {session:g} s, {kind}: counted {took['counted']:.2f} s,"
+                f" ready {took['ready']:.2f} s, joined {took['join']:.2f} s",
                 flush=True,
             )
     aggregator.stop(signal.SIGTERM)

@@ -10,6 +10,7 @@ the idempotent sinks absorb the replay.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -105,6 +106,19 @@ def dead_letter_message(record: Record, reason: str) -> bytes:
 def attach(app: faust.App, settings: Settings, processor: BatchProcessor) -> None:
     """Register the aggregating agent and the lag reporter on ``app``."""
     events = app.topic(topics.EVENTS, key_type=bytes, value_type=bytes)
+    joining = time.monotonic()  # the app starts, and asks to join, right after
+
+    async def joined(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
+        """Say how long the first join took since the app started: the part of a
+        restart the broker decides (``bench.rejoin`` reads it)."""
+        log.info(
+            "consumer group joined",
+            partitions=len(args[0]) if args else None,
+            since_start_seconds=round(time.monotonic() - joining, 2),
+        )
+
+    # mode types receivers as returning ``Awaitable[None] | None``: a coroutine is one
+    app.on_partitions_assigned.connect(joined)  # type: ignore[arg-type]
 
     @app.agent(events, name="aggregate")
     async def aggregate(stream: faust.StreamT[bytes]) -> None:

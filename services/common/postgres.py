@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, cast
 
 import psycopg
-from psycopg import errors, sql
+from psycopg import errors, pq, sql, waiting
 from psycopg.abc import PQGen
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import AsyncConnectionPool
@@ -44,12 +45,21 @@ class BoundedConnection(psycopg.AsyncConnection[Any]):
         interval: float = 0.1,
         timeout: float | None = None,  # noqa: ASYNC109 -- psycopg's signature
     ) -> RV:
-        bound = self.answer_timeout
-        if timeout is not None or bound is None:  # its own (LISTEN's), or none wanted
-            return await super().wait(gen, interval, timeout)
+        """psycopg's ``wait``, bounded; and cancelled mid-exchange (a request given up,
+        a process stopping), the connection is closed at once.  psycopg would first ask
+        the server to cancel the query, on a new connection, and wait up to 5 s for
+        each step: with PostgreSQL hung, a cancelled task took up to 10 s to end, and a
+        SIGTERM ran into the shutdown bound."""
+        bound = timeout if timeout is not None else self.answer_timeout
         try:
-            return await super().wait(gen, interval, bound)
+            return await waiting.wait_async(gen, self.pgconn.socket, interval, bound)
+        except asyncio.CancelledError:
+            if self.pgconn.transaction_status == pq.TransactionStatus.ACTIVE:
+                self.pgconn.finish()  # mid-exchange: unusable; the pool replaces it
+            raise
         except errors._WaitTimeout:
+            if timeout is not None:  # the caller's own (LISTEN's wait for notifies)
+                raise
             self.pgconn.finish()
             raise psycopg.OperationalError(
                 f"PostgreSQL did not answer within {bound:g} s; connection closed"
