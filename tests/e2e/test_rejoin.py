@@ -15,6 +15,7 @@ import re
 import signal
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -30,8 +31,11 @@ from tests.conftest import env_for
 from tests.support import TallyProcess, wait_for
 
 pytestmark = pytest.mark.slow
-RESTART_BOUND = 10.0  # launch to counting; ~4-6 s measured here, most of it Python start-up
-JOIN_BOUND = 4.0  # app start to partitions assigned; ~1 s measured, >= 5 s before
+# Launch to counting: ~4.5 s on a quiet machine, 10-30 s with this one's two cores shared
+# by other runs (Python's start-up and the stores' wait for CPU). The join is what the
+# broker decides, and what this test pins.
+RESTART_BOUND = 20.0
+JOIN_BOUND = 4.0  # app start to partitions assigned: 1.4-2.4 s measured; 5.4-6.1 s before
 JOINED = re.compile(r"consumer group joined.*since_start_seconds=([0-9.]+)")
 
 
@@ -63,6 +67,10 @@ def counted(client: redis.Redis, customer: str) -> int:
     return int(from_micros(int(client.hget(key, redis_keys.TOTAL) or 0)))
 
 
+def all_counted(client: redis.Redis, customer: str, number: int) -> bool:
+    return counted(client, customer) >= number
+
+
 def test_a_restarted_aggregator_counts_again_within_seconds(
     settings: Settings, tmp_path: Path, tenant: str
 ) -> None:
@@ -83,9 +91,7 @@ def test_a_restarted_aggregator_counts_again_within_seconds(
             publish_one(bootstrap, customer)  # waiting while nobody consumes
             launched = time.monotonic()
             aggregator.start()
-            wait_for(
-                lambda n=number: counted(client, customer) >= n, 60, "counted", aggregator.tail
-            )
+            wait_for(partial(all_counted, client, customer, number), 60, "counted", aggregator.tail)
             took = time.monotonic() - launched
             join = float(JOINED.findall(aggregator.log.read_text())[-1])
             print(f"after {sig.name}: counting again {took:.2f}s after launch, joined in {join}s")
