@@ -35,7 +35,7 @@ lint: setup
 	$(BIN)/mypy .
 	$(BIN)/lint-imports
 
-bench: setup  ## pipeline, enforcement, leases, usage reads, the SDK edge, the middleware's cost, events' cost, billing run, alerts (event → webhook) (rates and latencies)
+bench: setup  ## pipeline, enforcement, leases, usage reads, the SDK edge, the middleware's cost, events' cost, billing run, alerts (event → webhook), aggregator rejoin (rates and latencies)
 	$(BIN)/python -m bench.pipeline
 	$(BIN)/python -m bench.enforce
 	$(BIN)/python -m bench.leases
@@ -46,6 +46,7 @@ bench: setup  ## pipeline, enforcement, leases, usage reads, the SDK edge, the m
 	$(BIN)/python -m bench.emit_cost
 	$(BIN)/python -m bench.billing
 	$(BIN)/python -m bench.alerts
+	$(BIN)/python -m bench.rejoin
 
 schemas: setup  ## regenerate the JSON Schema files from the pydantic models
 	$(BIN)/python -m schemas.jsonschema

@@ -110,6 +110,7 @@ class Runtime:
                 self.settings.database_url,
                 connect_timeout=self.settings.postgres_connect_timeout,
                 pool_timeout=self.settings.postgres_pool_timeout,
+                answer_timeout=self.settings.postgres_answer_timeout,
             )
             self.stack.push_async_callback(self._pool.close)
         return self._pool
@@ -149,6 +150,7 @@ class Runtime:
                 settings.database_url,
                 settings.meter_refresh_seconds,
                 settings.postgres_connect_timeout,
+                settings.postgres_answer_timeout,
             )
             await self._meters.start()
             self.stack.push_async_callback(self._meters.stop)

@@ -23,6 +23,8 @@ DEV_TOKEN = "dev-service-token"
 DEV_ADMIN_TOKEN = "dev-admin-token"
 DEV_PEPPER = "dev-pepper-not-secret"
 DEV_PORTAL_SECRET = "dev-portal-secret-not-secret"
+KAFKA_SESSION_TIMEOUT = 10.0  # seconds, the consumer group's session with Kafka
+EMBEDDED_SESSION_TIMEOUT = 2.0  # with Tansu, which holds each JoinGroup for half of it
 PLACEHOLDER = "change-me"  # the prefix of the placeholder secrets docker-compose.yml ships
 
 
@@ -84,6 +86,14 @@ class Settings(BaseSettings):
     postgres_pool_timeout: float = Field(
         2.0, gt=0, description="Seconds a request waits for a pooled PostgreSQL connection."
     )
+    postgres_answer_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds one exchange with PostgreSQL (a query and its result, a commit)"
+        " may take on an open connection; past it the connection is dropped and the caller"
+        " gets an error (503 store-unavailable for a request). Bounds what a frozen server"
+        " or a dead link holds; also the longest a single query may run.",
+    )
     redis_connect_timeout: float = Field(
         2.0, gt=0, description="Seconds to open a Redis connection."
     )
@@ -144,7 +154,15 @@ class Settings(BaseSettings):
     events_partitions: int = 8
     consumer_group: str = "tally-aggregator"
     kafka_incarnation: str = ""
-    kafka_session_timeout: float = 10.0
+    kafka_session_timeout: float | None = Field(
+        None,
+        gt=0,
+        description="Seconds the broker waits for an aggregator's heartbeat before it drops it"
+        " from the consumer group. Unset: 10 s with Kafka (whose brokers refuse less than 6 s"
+        " by default), 2 s with the embedded broker. Tansu holds every JoinGroup for half the"
+        " group's session timeout, so set 2 when KAFKA_BOOTSTRAP_SERVERS is a Tansu broker:"
+        " an aggregator restarted then counts again ~1 s after it asks to join, not 5 s.",
+    )
     kafka_rebalance_timeout: float = 3.0
     kafka_publish_timeout: float = Field(
         5.0,
@@ -363,6 +381,13 @@ class Settings(BaseSettings):
     @property
     def embedded_kafka(self) -> bool:
         return self.kafka_bootstrap_servers is None
+
+    @property
+    def group_session_timeout(self) -> float:
+        """``kafka_session_timeout``, or its default for the broker in use."""
+        if self.kafka_session_timeout is not None:
+            return self.kafka_session_timeout
+        return EMBEDDED_SESSION_TIMEOUT if self.embedded_kafka else KAFKA_SESSION_TIMEOUT
 
     @property
     def chdb_path(self) -> Path:
