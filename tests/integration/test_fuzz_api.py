@@ -55,6 +55,23 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 SERVICE_TOKEN = "test-token"
+HTTP_METHODS = {"get", "put", "post", "patch", "delete", "head", "options", "trace"}
+
+
+def allow_names_the_documented_methods(ctx: Any, response: Any, case: Any) -> bool | None:
+    """A 405's ``Allow`` lists every method the path documents, and no other (HEAD
+    goes with GET); schemathesis' own check only wants the header present."""
+    if response.status_code != 405:
+        return None
+    [allow] = response.headers.get("allow", [""])
+    allowed = {m.strip().lower() for m in allow.split(",") if m.strip()}
+    item = case.operation.schema.raw_schema["paths"][case.operation.path]
+    documented = {m for m in item if m in HTTP_METHODS}
+    if documented <= allowed and allowed - documented <= {"head"}:
+        return True
+    raise AssertionError(f"405 with Allow: {allow!r}; the path documents {sorted(documented)}")
+
+
 CHECKS = [
     not_a_server_error,
     status_code_conformance,
@@ -62,6 +79,7 @@ CHECKS = [
     response_schema_conformance,
     response_headers_conformance,
     unsupported_method,
+    allow_names_the_documented_methods,
 ]
 # Random cases per operation, after schemathesis' examples and coverage phase (which
 # make most of the ~1,400 requests), with the token each route takes; and with the
