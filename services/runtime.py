@@ -35,7 +35,7 @@ from services.common.health import Check, health_router
 from services.common.hot_paths import HotPaths
 from services.common.logging import get_logger
 from services.common.meter_cache import MeterCache
-from services.common.openapi import problem_schemas
+from services.common.openapi import document_framework_problems, problem_schemas
 from services.common.settings import Settings
 
 log = get_logger("tally")
@@ -285,6 +285,7 @@ def _add_openapi_schemas(app: FastAPI, schemas: dict[str, Any], paths: dict[str,
             spec = generate()
             spec.setdefault("components", {}).setdefault("schemas", {}).update(schemas)
             spec.setdefault("paths", {}).update(paths)
+            document_framework_problems(spec)
             app.openapi_schema = spec
         return app.openapi_schema
 
