@@ -22,6 +22,19 @@ INGEST_REQUEST_EVENTS = Histogram(
     buckets=(1, 10, 100, 500, 1000, 5000, 10000),
 )
 PUBLISH_SECONDS = Histogram("tally_ingest_publish_seconds", "Time to get Kafka acks for a request")
+INGEST_CONSUMER_LAG_SECONDS = Gauge(
+    "tally_ingest_consumer_lag_seconds",
+    "How long ago the oldest record the aggregator's group has not committed was written,"
+    " as ingest last read it (the most behind partition)",
+)
+INGEST_CONSUMER_LAG_RECORDS = Gauge(
+    "tally_ingest_consumer_lag_records",
+    "Records (envelopes) the aggregator's group has not committed, all partitions",
+)
+INGEST_OVERLOADED = Counter(
+    "tally_ingest_overloaded_total",
+    "Requests refused with 503 overloaded while the aggregator was too far behind",
+)
 
 AGGREGATED_EVENTS = Counter(
     "tally_aggregator_events_total", "Events processed by the aggregator", ["outcome"]

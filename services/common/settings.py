@@ -151,6 +151,12 @@ class Settings(BaseSettings):
         description="Seconds ingest waits for Kafka's acknowledgement before it answers"
         " 503 broker-unavailable (nothing reported accepted; the client retries).",
     )
+    ingest_max_lag_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="Ingest answers 503 overloaded while the aggregator's group is this many"
+        " seconds behind the end of tally.events, until it is under half of it; 0 = never.",
+    )
     aggregator_batch_records: int = 200
     aggregator_batch_seconds: float = 0.05
     dedupe_window_hours: int = 24
