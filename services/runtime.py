@@ -53,6 +53,9 @@ class Component:
     # (``hot_paths``), and their OpenAPI path items (FastAPI documents only its own).
     fast_routes: list[Route] = field(default_factory=list)
     paths: dict[str, Any] = field(default_factory=dict)
+    # A route tried after every other (``tally up``'s front forwards what it does not
+    # serve to its back process).
+    fallback: Route | None = None
 
 
 class Runtime:
@@ -269,6 +272,7 @@ def http_app(components: list[Component], title: str = "Tally") -> ASGIApp:
     app.router.routes[:0] = fast
     app.include_router(health_router(checks))
     pages.install(app)
+    app.router.routes += [c.fallback for c in components if c.fallback is not None]
     _add_openapi_schemas(app, schemas, paths)
     return HotPaths(app, fast)
 

@@ -144,6 +144,11 @@ class Settings(BaseSettings):
     events_partitions: int = 8
     consumer_group: str = "tally-aggregator"
     kafka_incarnation: str = ""
+    kafka_in_memory: bool = Field(
+        False,
+        description="Set by `tally up` for its processes: the broker at KAFKA_BOOTSTRAP_SERVERS"
+        " is its embedded one, whose topics die with it, so the aggregator drains it on stop.",
+    )
     kafka_session_timeout: float = 10.0
     kafka_rebalance_timeout: float = 3.0
     kafka_publish_timeout: float = Field(
