@@ -172,9 +172,14 @@ class Supervisor:
         env = await self._kafka_env() | {MULTIPROCESS_DIR: str(metrics)}
         back_port = broker.free_port()
         back_url = f"http://127.0.0.1:{back_port}"
-        back = Child(BACK, back_port, [], env | {"TALLY_HOST": "127.0.0.1"}, metrics)
+        front_bound, back_bound = shutdown_shares(settings)
+        back_env = env | {"TALLY_HOST": "127.0.0.1", "TALLY_SHUTDOWN_SECONDS": str(back_bound)}
+        back = Child(BACK, back_port, [], back_env, metrics)
         front_args = ["--back-url", back_url, *(["--demo"] if self.demo else [])]
-        front_env = env | {"TALLY_BILLING_URL": back_url}
+        front_env = env | {
+            "TALLY_BILLING_URL": back_url,
+            "TALLY_SHUTDOWN_SECONDS": str(front_bound),
+        }
         front = Child(FRONT, settings.port, front_args, front_env, metrics)
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -217,22 +222,32 @@ class Supervisor:
 
     async def _stop(self, front: Child, back: Child) -> int:
         """Front first (it stops taking events), then back (it drains the in-memory
-        broker), then the broker.  Each child keeps its own shutdown bound; this one's
-        covers the whole, drain included, and ends the supervisor (and so, by their death
-        signal, every child) if a step hangs."""
+        broker), then the broker.  Each child ends itself at its share of the shutdown
+        bound (``shutdown_shares``); this one's covers the whole, drain included, and
+        ends the supervisor (and so, by their death signal, every child) if a step
+        hangs."""
         settings = self.settings
-        shutdown.exit_after(
-            2 * settings.shutdown_seconds + settings.aggregator_drain_seconds + EXTRA_STOP_SECONDS
-        )
+        front_bound, back_bound = shutdown_shares(settings)
+        drain = settings.aggregator_drain_seconds
+        shutdown.exit_after(settings.shutdown_seconds + drain + 2 * EXTRA_STOP_SECONDS)
         log.info("stopping: front, then back, then the broker")
-        codes = [await front.stop(signal.SIGTERM, settings.shutdown_seconds + EXTRA_STOP_SECONDS)]
-        drain = settings.aggregator_drain_seconds + settings.shutdown_seconds
-        codes.append(await back.stop(signal.SIGTERM, drain + EXTRA_STOP_SECONDS))
+        codes = [await front.stop(signal.SIGTERM, front_bound + EXTRA_STOP_SECONDS)]
+        codes.append(await back.stop(signal.SIGTERM, back_bound + drain + EXTRA_STOP_SECONDS))
         if self.broker is not None:
             await asyncio.to_thread(self.broker.stop)
         failed = [c for c in codes if c not in (None, 0, -signal.SIGTERM)]
         log.info("stopped", exit_codes=codes)
         return failed[0] if failed else 0
+
+
+def shutdown_shares(settings: Settings) -> tuple[float, float]:
+    """``TALLY_SHUTDOWN_SECONDS`` split between front and back, which stop one after
+    the other, so that the whole stops within it even with a store hung.  Front has
+    little to finish (requests in flight; every 202 is already in the broker, so cutting
+    it loses nothing acknowledged): a third.  Back, the batch in hand and the drain
+    (which, while it moves, gets its share again: a backlog is counted, not cut), the rest."""
+    front = round(settings.shutdown_seconds / 3, 2)
+    return front, round(settings.shutdown_seconds - front, 2)
 
 
 def metrics_dir(settings: Settings) -> Path:
