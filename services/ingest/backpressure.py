@@ -16,10 +16,11 @@ every process can see, whatever process the aggregator runs in.
 from N to 500 N events, depending on how many customers a request names.  Seconds behind
 — how long ago the oldest record the group has not committed was written — mean the
 same for every workload and are what a user feels (the delay before a count shows).
-They are estimated as kafka-lag-exporter and Burrow do, without reading records: every
-poll notes each partition's end offset and the time; the committed offset is then placed
-in that history by interpolation, which says when the record at it was written.  A group
-that stops consuming therefore falls behind by one second per second, exactly.
+They are estimated from offsets alone, as kafka-lag-exporter and Burrow do, without
+reading records: every poll notes when each partition's end offset moved; the record at
+the committed offset was written before the first poll that saw the end beyond it (so
+the estimate is at most one poll short).  A group that stops consuming therefore falls
+behind by one second per second.
 """
 
 from __future__ import annotations
@@ -61,19 +62,17 @@ class PartitionHistory:
 
     def seconds_behind(self, now: float, committed: int) -> float:
         """How long ago the record at ``committed`` (the first one not yet counted) was
-        written; 0 when the group has reached the end."""
+        written: since the first poll that saw the end beyond it (at most one poll
+        late); 0 when the group has reached the end."""
         samples = self.samples
         if not samples or committed >= samples[-1][1]:
             return 0.0
-        # forget what the group has passed, keeping the newest sample at or below it
-        while len(samples) > 1 and samples[1][1] <= committed:
+        # forget what the group has passed: the first sample left is the first poll that
+        # saw the record at ``committed`` (or, if it is older than the history, a lower
+        # bound on its age)
+        while samples[0][1] <= committed:
             samples.popleft()
-        first_time, first_end = samples[0]
-        if first_end > committed:  # written before the history starts: at least this old
-            return now - first_time
-        later_time, later_end = samples[1]
-        share = (committed - first_end) / (later_end - first_end)
-        return now - (first_time + share * (later_time - first_time))
+        return now - samples[0][0]
 
 
 class Backpressure:

@@ -21,7 +21,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
 from schemas.problem_types import BACK_FAILED, BACK_UNAVAILABLE
@@ -214,8 +213,8 @@ async def back_spec(client: httpx.AsyncClient, base_url: str) -> dict[str, Any]:
 
 
 def starter(base_url: str) -> Starter:
-    """The front's forwarding component, for ``serve``: a catch-all route after every
-    other, back's paths in the OpenAPI document, back's checks in ``/readyz``."""
+    """The front's forwarding component, for ``serve``: what no route of front matches
+    goes to back; back's paths in the OpenAPI document, back's checks in ``/readyz``."""
 
     async def start(runtime: Runtime) -> Component:
         forwarder = Forwarder(base_url)
@@ -228,7 +227,7 @@ def starter(base_url: str) -> Starter:
             checks={name: readiness.check(name) for name in names},
             schemas=spec.get("components", {}).get("schemas", {}),
             paths=spec.get("paths", {}),
-            fallback=Route("/{path:path}", endpoint=forwarder, include_in_schema=False),
+            fallback=forwarder,
         )
 
     return start
