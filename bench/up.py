@@ -63,7 +63,7 @@ def one_start(args: argparse.Namespace, layout: str, number: int) -> dict[str, A
         with ExitStack() as stack, working_directory(baseline):
             ingest = start_services(run, env, stores.data_dir, stack)
             flat = asyncio.run(drive(_with(run, tag=f"flat{number}"), ingest.url, stores.redis_url))
-            paced = _with(run, tag=f"paced{number}", rate=PACED_RATE)
+            paced = _with(run, tag=f"paced{number}", rate=PACED_RATE, batch=args.paced_batch)
             steady = asyncio.run(drive(paced, ingest.url, stores.redis_url))
     return {"flat": flat, "paced": steady}
 
@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--customers", type=int, default=50)
     parser.add_argument("--batch", type=int, default=2000, help="events per request")
     parser.add_argument("--senders", type=int, default=4, help="concurrent HTTP senders")
+    parser.add_argument("--paced-batch", type=int, default=1000, help="events per paced request")
     parser.add_argument("--target", type=int, default=60_000, help="events/s to pre-build for")
     parser.add_argument("--baseline", type=Path, help="another checkout's `tally up` to compare")
     args = parser.parse_args()
