@@ -6,7 +6,9 @@ every process in order within 10 s."""
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
 import time
 import uuid
 from decimal import Decimal
@@ -18,10 +20,11 @@ import psutil
 import pytest
 
 from schemas.events import utcnow
+from services.common.broker import free_port
 from services.common.settings import DEV_ADMIN_TOKEN, Settings
 from tests.conftest import env_for
 from tests.e2e.test_no_orphan import dead
-from tests.support import TallyProcess, sample_event, wait_for
+from tests.support import TALLY, TallyProcess, sample_event, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -121,3 +124,21 @@ def counted(client: httpx.Client, token: dict[str, str], customer: str, wanted: 
         usage.status_code == 200
         and sum(Decimal(p["value"]) for p in usage.json()["data"]) == wanted
     )
+
+
+def test_up_exits_non_zero_when_its_processes_cannot_start(settings: Settings) -> None:
+    """Development secrets in production: each process refuses to start (exit 2), and
+    `tally up` stops, says why, and exits 2 rather than restart them for ever."""
+    env = env_for(settings) | {"TALLY_ENV": "production", "TALLY_HOST": "127.0.0.1"}
+    env.pop("KAFKA_BOOTSTRAP_SERVERS")
+    done = subprocess.run(
+        [*TALLY, "up", "--port", str(free_port())],
+        env=os.environ | env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output
+    assert "keeps failing at start" in output and "refuses the development secrets" in output
