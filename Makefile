@@ -37,6 +37,7 @@ lint: setup
 
 bench: setup  ## pipeline, enforcement, leases, usage reads, the SDK edge, the middleware's cost, events' cost, billing run, alerts (event → webhook), aggregator rejoin (rates and latencies)
 	$(BIN)/python -m bench.pipeline
+	$(BIN)/python -m bench.up
 	$(BIN)/python -m bench.enforce
 	$(BIN)/python -m bench.leases
 	$(BIN)/python -m bench.usage

@@ -53,6 +53,9 @@ class Component:
     # (``hot_paths``), and their OpenAPI path items (FastAPI documents only its own).
     fast_routes: list[Route] = field(default_factory=list)
     paths: dict[str, Any] = field(default_factory=dict)
+    # What answers a request no route matches (else 404; a path served for other
+    # methods is still a 405): ``tally up``'s front forwards it to its back process.
+    fallback: ASGIApp | None = None
 
 
 class Runtime:
@@ -271,6 +274,9 @@ def http_app(components: list[Component], title: str = "Tally") -> ASGIApp:
     app.router.routes[:0] = fast
     app.include_router(health_router(checks))
     pages.install(app)
+    for component in components:
+        if component.fallback is not None:
+            app.router.default = component.fallback
     _add_openapi_schemas(app, schemas, paths)
     return HotPaths(app, fast)
 

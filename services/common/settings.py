@@ -154,6 +154,11 @@ class Settings(BaseSettings):
     events_partitions: int = 8
     consumer_group: str = "tally-aggregator"
     kafka_incarnation: str = ""
+    kafka_in_memory: bool = Field(
+        False,
+        description="Set by `tally up` for its processes: the broker at KAFKA_BOOTSTRAP_SERVERS"
+        " is its embedded one, whose topics die with it, so the aggregator drains it on stop.",
+    )
     kafka_session_timeout: float | None = Field(
         None,
         gt=0,
@@ -168,6 +173,12 @@ class Settings(BaseSettings):
         5.0,
         description="Seconds ingest waits for Kafka's acknowledgement before it answers"
         " 503 broker-unavailable (nothing reported accepted; the client retries).",
+    )
+    ingest_max_lag_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="Ingest answers 503 overloaded while the aggregator's group is this many"
+        " seconds behind the end of tally.events, until it is under half of it; 0 = never.",
     )
     aggregator_batch_records: int = 200
     aggregator_batch_seconds: float = 0.05
@@ -387,7 +398,13 @@ class Settings(BaseSettings):
         """``kafka_session_timeout``, or its default for the broker in use."""
         if self.kafka_session_timeout is not None:
             return self.kafka_session_timeout
-        return EMBEDDED_SESSION_TIMEOUT if self.embedded_kafka else KAFKA_SESSION_TIMEOUT
+        return EMBEDDED_SESSION_TIMEOUT if self.in_memory_broker else KAFKA_SESSION_TIMEOUT
+
+    @property
+    def in_memory_broker(self) -> bool:
+        """Is the broker ``tally up``'s own Tansu (started here, or by the supervisor for
+        this process), whose topics die with it?"""
+        return self.embedded_kafka or self.kafka_in_memory
 
     @property
     def chdb_path(self) -> Path:
