@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+from starlette.requests import ClientDisconnect
 from starlette.types import Message, Receive, Scope, Send
 
 from schemas.problem_types import BACK_FAILED, BACK_UNAVAILABLE
@@ -79,12 +80,16 @@ class Forwarder:
         )
         try:
             response = await self.client.send(request, stream=True)
-        except httpx.ConnectError:
+        except ClientDisconnect:  # mid-body: back's connection is dropped, no one to answer
+            return
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout):
+            # no connection to back was had: nothing of the request reached it
             await _problem(scope, receive, send, _unavailable())
             return
         except httpx.HTTPError as exc:
             await _problem(scope, receive, send, _failed(exc))
             return
+        dropped = HOP_BY_HOP | _connection_options(response.headers.raw)
         try:
             await send(
                 {
@@ -93,7 +98,7 @@ class Forwarder:
                     "headers": [
                         (k, v)
                         for k, v in response.headers.raw
-                        if k.decode("latin-1").lower() not in HOP_BY_HOP
+                        if k.decode("latin-1").lower() not in dropped
                     ],
                 }
             )
@@ -121,16 +126,29 @@ async def _body(receive: Receive) -> AsyncIterator[bytes]:
     while True:
         message: Message = await receive()
         if message["type"] == "http.disconnect":
-            return
+            # not the end of the body: ending the stream here would send back a
+            # truncated body as a whole one (chunked, nothing checks its length)
+            raise ClientDisconnect()
         yield message.get("body", b"")
         if not message.get("more_body", False):
             return
 
 
+def _connection_options(headers: list[tuple[bytes, bytes]]) -> frozenset[str]:
+    """The headers a ``Connection`` header names: hop-by-hop too (RFC 9110 §7.6.1)."""
+    return frozenset(
+        name.strip().lower()
+        for key, value in headers
+        if key.lower() == b"connection"
+        for name in value.decode("latin-1").split(",")
+    )
+
+
 def _forwarded_headers(scope: Scope) -> list[tuple[bytes, bytes]]:
     """The request's headers without the hop-by-hop ones, plus who asked: the client
     front resolved (uvicorn already applied a trusted proxy's ``X-Forwarded-For``)."""
-    headers = [(k, v) for k, v in scope["headers"] if k.decode("latin-1") not in HOP_BY_HOP]
+    dropped = HOP_BY_HOP | _connection_options(scope["headers"])
+    headers = [(k, v) for k, v in scope["headers"] if k.decode("latin-1") not in dropped]
     client = scope.get("client")
     if client:
         headers.append((b"x-forwarded-for", str(client[0]).encode("latin-1")))
