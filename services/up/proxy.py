@@ -48,6 +48,9 @@ HOP_BY_HOP = frozenset(
 )
 """Headers that describe one connection, not the message (RFC 9110 §7.6.1), and the
 forwarding headers front writes itself."""
+FRONT_WRITES = frozenset({"date", "server"})
+"""Response headers front's uvicorn writes on every answer: back's are dropped, or the
+client would get each twice (Date is a singleton field, RFC 9110 §6.6.1)."""
 SPEC_WAIT_SECONDS = 80.0
 READINESS_CACHE_SECONDS = 0.5
 READINESS_ASK_SECONDS = 3.0
@@ -90,7 +93,7 @@ class Forwarder:
         except httpx.HTTPError as exc:
             await _problem(scope, receive, send, _failed(exc))
             return
-        dropped = HOP_BY_HOP | _connection_options(response.headers.raw)
+        dropped = HOP_BY_HOP | FRONT_WRITES | _connection_options(response.headers.raw)
         try:
             await send(
                 {
