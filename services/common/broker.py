@@ -43,10 +43,17 @@ def die_with(parent: int) -> Callable[[], None]:
     it exits at once rather than start an orphan.
     """
 
+    # libc is loaded here, in the parent: between fork and exec of a process with other
+    # threads (``tally up``'s supervisor waits for its children on threads) a dlopen
+    # can deadlock on a loader lock some other thread held at the fork
+    libc: ctypes.CDLL | None = None
+    with contextlib.suppress(OSError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+
     def arm() -> None:
         with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL("libc.so.6", use_errno=True)
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            if libc is not None:
+                libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:
             os._exit(1)
 

@@ -130,23 +130,29 @@ class Backpressure:
 
     async def run(self) -> None:
         """Poll for as long as the process serves; a failed poll keeps the last state
-        (a broker that is down is answered by the publish timeout, not here)."""
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap_servers)
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap_servers)
-        try:
-            await consumer.start()
-            await admin.start()
-            while True:
-                try:
-                    await self.poll(consumer, admin)
-                except Exception as exc:  # the next poll tries again
-                    log.warning("consumer lag not read", error=repr(exc))
-                await asyncio.sleep(self.interval)
-        finally:
-            with contextlib.suppress(Exception):
-                await admin.close()
-            with contextlib.suppress(Exception):
-                await consumer.stop()
+        (a broker that is down is answered by the publish timeout, not here).  Clients
+        that cannot start (a broker not up yet) are tried again: the watch must not end
+        with the process still serving."""
+        while True:
+            consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap_servers)
+            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap_servers)
+            try:
+                await consumer.start()
+                await admin.start()
+                while True:
+                    try:
+                        await self.poll(consumer, admin)
+                    except Exception as exc:  # the next poll tries again
+                        log.warning("consumer lag not read", error=repr(exc))
+                    await asyncio.sleep(self.interval)
+            except Exception as exc:
+                log.warning("consumer lag not watched; trying again", error=repr(exc))
+            finally:
+                with contextlib.suppress(Exception):
+                    await admin.close()
+                with contextlib.suppress(Exception):
+                    await consumer.stop()
+            await asyncio.sleep(max(self.interval, 1.0))
 
     async def poll(self, consumer: AIOKafkaConsumer, admin: AIOKafkaAdminClient) -> None:
         partitions = [

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+from starlette.requests import ClientDisconnect
 from starlette.types import Message, Receive, Scope, Send
 
 from schemas.problem_types import BACK_FAILED, BACK_UNAVAILABLE
@@ -47,8 +48,12 @@ HOP_BY_HOP = frozenset(
 )
 """Headers that describe one connection, not the message (RFC 9110 §7.6.1), and the
 forwarding headers front writes itself."""
+FRONT_WRITES = frozenset({"date", "server"})
+"""Response headers front's uvicorn writes on every answer: back's are dropped, or the
+client would get each twice (Date is a singleton field, RFC 9110 §6.6.1)."""
 SPEC_WAIT_SECONDS = 80.0
 READINESS_CACHE_SECONDS = 0.5
+READINESS_ASK_SECONDS = 3.0
 
 
 class Forwarder:
@@ -79,12 +84,16 @@ class Forwarder:
         )
         try:
             response = await self.client.send(request, stream=True)
-        except httpx.ConnectError:
+        except ClientDisconnect:  # mid-body: back's connection is dropped, no one to answer
+            return
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout):
+            # no connection to back was had: nothing of the request reached it
             await _problem(scope, receive, send, _unavailable())
             return
         except httpx.HTTPError as exc:
             await _problem(scope, receive, send, _failed(exc))
             return
+        dropped = HOP_BY_HOP | FRONT_WRITES | _connection_options(response.headers.raw)
         try:
             await send(
                 {
@@ -93,7 +102,7 @@ class Forwarder:
                     "headers": [
                         (k, v)
                         for k, v in response.headers.raw
-                        if k.decode("latin-1").lower() not in HOP_BY_HOP
+                        if k.decode("latin-1").lower() not in dropped
                     ],
                 }
             )
@@ -121,16 +130,29 @@ async def _body(receive: Receive) -> AsyncIterator[bytes]:
     while True:
         message: Message = await receive()
         if message["type"] == "http.disconnect":
-            return
+            # not the end of the body: ending the stream here would send back a
+            # truncated body as a whole one (chunked, nothing checks its length)
+            raise ClientDisconnect()
         yield message.get("body", b"")
         if not message.get("more_body", False):
             return
 
 
+def _connection_options(headers: list[tuple[bytes, bytes]]) -> frozenset[str]:
+    """The headers a ``Connection`` header names: hop-by-hop too (RFC 9110 §7.6.1)."""
+    return frozenset(
+        name.strip().lower()
+        for key, value in headers
+        if key.lower() == b"connection"
+        for name in value.decode("latin-1").split(",")
+    )
+
+
 def _forwarded_headers(scope: Scope) -> list[tuple[bytes, bytes]]:
     """The request's headers without the hop-by-hop ones, plus who asked: the client
     front resolved (uvicorn already applied a trusted proxy's ``X-Forwarded-For``)."""
-    headers = [(k, v) for k, v in scope["headers"] if k.decode("latin-1") not in HOP_BY_HOP]
+    dropped = HOP_BY_HOP | _connection_options(scope["headers"])
+    headers = [(k, v) for k, v in scope["headers"] if k.decode("latin-1") not in dropped]
     client = scope.get("client")
     if client:
         headers.append((b"x-forwarded-for", str(client[0]).encode("latin-1")))
@@ -177,7 +199,9 @@ class BackReadiness:
 
     async def _ask(self) -> dict[str, str]:
         try:
-            answer = await self._client.get(self._url, timeout=2.0)
+            # longer than back's own bound on each check (2 s), so that a check that
+            # hangs there is reported by its name, not as back unreachable
+            answer = await self._client.get(self._url, timeout=READINESS_ASK_SECONDS)
             checks: dict[str, str] = answer.json()["checks"]
             return checks
         except (httpx.HTTPError, ValueError, KeyError) as exc:
@@ -186,7 +210,13 @@ class BackReadiness:
     def check(self, name: str) -> Check:
         async def check() -> None:
             report = await self.report()
-            status = report.get(name) or report.get("reachable") or "failed: not reported"
+            status = report.get(name) or report.get("reachable")
+            if status is None and name == "reachable":
+                # back did not answer when front started, so front knows none of its
+                # checks by name: it stands for them all now that back answers
+                failed = {k: v for k, v in report.items() if v != "ok"}
+                status = f"failed: {failed}" if failed else "ok"
+            status = status or "failed: not reported"
             if status != "ok":
                 raise RuntimeError(f"back: {status}")
 

@@ -173,7 +173,14 @@ class Supervisor:
         back_port = broker.free_port()
         back_url = f"http://127.0.0.1:{back_port}"
         front_bound, back_bound = shutdown_shares(settings)
-        back_env = env | {"TALLY_HOST": "127.0.0.1", "TALLY_SHUTDOWN_SECONDS": str(back_bound)}
+        back_env = env | {
+            "TALLY_HOST": "127.0.0.1",
+            "TALLY_SHUTDOWN_SECONDS": str(back_bound),
+            # back's only client is front, which names the client in X-Forwarded-For: the
+            # user's trusted proxies are front's, and with them back would see 127.0.0.1
+            # for everyone (one failed-credential counter for all clients)
+            "TALLY_TRUSTED_PROXIES": "127.0.0.1",
+        }
         back = Child(BACK, back_port, [], back_env, metrics)
         front_args = ["--back-url", back_url, *(["--demo"] if self.demo else [])]
         front_env = env | {
