@@ -42,7 +42,10 @@ class _Tables(TableManager):
     """Faust's table manager starts with a one-second sleep, for tables to be declared;
     the consumer subscribes (and joins its group) only after it.  Tally declares no
     tables (its state lives in Redis and ClickHouse) and declares its agent before the
-    app starts, so the wait only delayed every start and restart by a second."""
+    app starts, so the wait only delayed every start and restart by a second.
+
+    ``on_start`` is Faust's own minus the sleep, and calls two of its private members:
+    ``pyproject.toml`` keeps faust-streaming below the next minor release for that."""
 
     async def on_start(self) -> None:
         if not self.should_stop:

@@ -35,6 +35,11 @@ class BoundedConnection(psycopg.AsyncConnection[Any]):
     connection that ran out of it is closed (its protocol state is unknown) — the pool
     then replaces it — and the caller gets an ``OperationalError`` without SQLSTATE:
     503 store-unavailable for a request, a logged retry for a loop.
+
+    This overrides a method psycopg does not document (``AsyncConnection.wait``) and
+    catches its private ``errors._WaitTimeout``: psycopg offers no per-exchange timeout.
+    ``pyproject.toml`` pins psycopg below the next minor release for that reason;
+    ``tests/integration/test_postgres_silence.py`` fails if either changes.
     """
 
     answer_timeout: ClassVar[float | None] = None
@@ -74,9 +79,13 @@ def bounded(answer_timeout: float) -> type[BoundedConnection]:
 def connection_options(connect_timeout: int, answer_timeout: float) -> dict[str, Any]:
     """libpq options that bound connecting and, for a peer that stops acknowledging,
     every wait (``tcp_user_timeout``, in ms; keepalives for idle connections)."""
+    millis = int(answer_timeout * 1000)
     return {
         "connect_timeout": connect_timeout,
-        "tcp_user_timeout": int(answer_timeout * 1000),
+        "tcp_user_timeout": millis,
+        # the server gives up too: a query the client stopped waiting for does not go on
+        # holding a backend while the pool opens a replacement connection
+        "options": f"-c statement_timeout={millis}",
         **KEEPALIVES,
     }
 
