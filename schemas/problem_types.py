@@ -85,6 +85,8 @@ QUOTA_EXCEEDED = _define("quota-exceeded", 429, "Quota exceeded")
 INTERNAL_ERROR = _define("internal-error", 500, "Internal server error")
 STRIPE_ERROR = _define("stripe-error", 502, "Stripe refused the request")
 BROKER_UNAVAILABLE = _define("broker-unavailable", 503, "Events not stored")
+JOURNAL_UNAVAILABLE = _define("journal-unavailable", 503, "Events not made durable")
+"""Ingest's write-ahead log could not store them (disk full, I/O error): none accepted."""
 STORE_UNAVAILABLE = _define("store-unavailable", 503, "Store unavailable")
 ENFORCEMENT_UNAVAILABLE = _define("enforcement-unavailable", 503, "Enforcement unavailable")
 STRIPE_NOT_CONFIGURED = _define("stripe-not-configured", 503, "Stripe is not configured")

@@ -9,7 +9,8 @@ Answers:
   415 for other content types; 503 when Kafka did not acknowledge within
   ``kafka_publish_timeout`` (5 s: a broker that is down never hangs a client). Nothing
   is then reported accepted, so the client's retry is safe: events that did get stored
-  are dropped downstream as duplicates by (source, id).
+  are dropped downstream as duplicates by (source, id).  Also 503 (``journal-unavailable``)
+  when the write-ahead log, kept with the embedded broker, could not store them.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from schemas.events import UsageEvent, utcnow
 from schemas.problem_types import (
     BROKER_UNAVAILABLE,
     INVALID_EVENTS,
+    JOURNAL_UNAVAILABLE,
     MALFORMED_BODY,
     PAYLOAD_TOO_LARGE,
     UNSUPPORTED_ENCODING,
@@ -44,6 +46,7 @@ from services.common.settings import Settings
 from services.ingest import parsing
 from services.ingest.parsing import Status, TimeBounds
 from services.ingest.publisher import Publisher
+from services.ingest.wal.journal import JournalError
 
 log = get_logger("tally.ingest")
 
@@ -182,6 +185,14 @@ async def _publish(
     try:
         async with asyncio.timeout(ingest.settings.kafka_publish_timeout):
             await ingest.publisher.publish(accepted, received_at)
+    except JournalError as exc:
+        log.error("write-ahead log failed", error=repr(exc), events=len(accepted))
+        raise Problem(
+            JOURNAL_UNAVAILABLE,
+            "the write-ahead log could not store the events (disk full or an I/O error), so"
+            " none is reported accepted; retry the whole request",
+            headers={"Retry-After": "1"},
+        ) from exc
     except Exception as exc:  # including TimeoutError: a broker that is down, not slow
         log.error("kafka publish failed", error=repr(exc), events=len(accepted))
         raise Problem(

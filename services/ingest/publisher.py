@@ -1,7 +1,9 @@
 """Publishing accepted events as per-customer envelopes, and rejections to the DLQ.
 
-``publish`` returns only when Kafka has acknowledged every record (acks=all): that is
-what lets ingest answer 202 and promise that nothing accepted is lost.
+``publish`` returns only when Kafka has acknowledged every record (acks=all) and, when
+ingest keeps a write-ahead log (the embedded broker keeps topics in memory only), when
+the log has made them durable too: that is what lets ingest answer 202 and promise that
+nothing accepted is lost.  The produce and the log's write run at the same time.
 """
 
 from __future__ import annotations
@@ -18,22 +20,41 @@ from aiokafka import AIOKafkaProducer
 from schemas import envelope, topics
 from schemas.events import UsageEvent
 from services.ingest.parsing import Verdict
+from services.ingest.wal.journal import Journal
+from services.ingest.wal.segment import Record
 
 
 class Publisher:
-    def __init__(self, producer: AIOKafkaProducer) -> None:
+    def __init__(self, producer: AIOKafkaProducer, journal: Journal | None = None) -> None:
         self._producer = producer
+        self._journal = journal
 
     async def publish(self, events: Iterable[UsageEvent], received_at: datetime) -> None:
         by_customer: dict[str, list[UsageEvent]] = defaultdict(list)
         for event in events:
             by_customer[event.subject].append(event)
-        deliveries = [
-            await self._producer.send(topics.EVENTS, value=payload, key=customer.encode())
+        records = [
+            Record(customer.encode(), payload)
             for customer, batch in by_customer.items()
             for payload in envelope.envelopes(customer, batch, received_at)
         ]
-        await asyncio.gather(*deliveries)
+        if self._journal is None:
+            await self.produce(records)
+            return
+        ticket = self._journal.append(records)
+        offsets = None
+        try:
+            offsets, _ = await asyncio.gather(self.produce(records), ticket.wait())
+        finally:  # offsets None: not acknowledged, so the log need not keep them
+            self._journal.release(ticket, offsets)
+
+    async def produce(self, records: list[Record]) -> list[tuple[int, int]]:
+        """Send ``records`` to ``tally.events``; (partition, offset) of each once Kafka
+        has acknowledged them all."""
+        deliveries = [
+            await self._producer.send(topics.EVENTS, value=r.value, key=r.key) for r in records
+        ]
+        return [(m.partition, m.offset) for m in await asyncio.gather(*deliveries)]
 
     async def dead_letter(
         self, rejected: Iterable[Verdict], received_at: datetime, request_id: str

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 from schemas import topics
+from services.common.logging import get_logger
 from services.ingest.app import Ingest, openapi_schemas, router
 from services.ingest.publisher import Publisher
+from services.ingest.wal.committed import CommittedOffsets
+from services.ingest.wal.journal import Journal
+from services.ingest.wal.replay import replay
+from services.ingest.wal.trim import keep_trimmed, trim_before_close
 from services.runtime import Component, Runtime
+
+log = get_logger("tally.ingest")
+TRIM_EVERY_SECONDS = 1.0
+CLOSE_PATIENCE_SECONDS = 3.0  # > Faust's 1 s commit interval: a stalled count, not a slow one
 
 
 async def start(runtime: Runtime) -> Component:
@@ -14,7 +23,32 @@ async def start(runtime: Runtime) -> Component:
     async def kafka() -> None:
         await producer.partitions_for(topics.EVENTS)
 
-    ingest = Ingest(runtime.settings, Publisher(producer), await runtime.authenticator())
+    publisher = Publisher(producer)
+    if runtime.settings.ingest_wal_enabled:
+        publisher = Publisher(producer, await _journal(runtime, publisher))
+    ingest = Ingest(runtime.settings, publisher, await runtime.authenticator())
     return Component(
         "ingest", routers=[router(ingest)], checks={"kafka": kafka}, schemas=openapi_schemas()
     )
+
+
+async def _journal(runtime: Runtime, plain: Publisher) -> Journal:
+    """Open the write-ahead log, produce what it kept from before, keep it trimmed."""
+    settings = runtime.settings
+    recovery = Journal.open(
+        settings.wal_path, settings.ingest_wal_segment_bytes, settings.ingest_wal_segment_seconds
+    )
+    journal = recovery.journal
+    committed = CommittedOffsets(await runtime.bootstrap_servers(), settings.consumer_group)
+    await committed.start()
+    runtime.stack.push_async_callback(committed.close)
+    await replay(recovery, plain.produce)
+
+    async def close() -> None:  # before the aggregator stops: it counts what is left
+        await journal.close()
+        await trim_before_close(journal, committed, CLOSE_PATIENCE_SECONDS, runtime.shutdown.extend)
+
+    runtime.stack.push_async_callback(close)
+    runtime.background(keep_trimmed(journal, committed, TRIM_EVERY_SECONDS), "write-ahead log trim")
+    log.info("write-ahead log open", path=str(settings.wal_path), replayed=recovery.records)
+    return journal
