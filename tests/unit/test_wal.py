@@ -30,6 +30,10 @@ def opened(directory: Path, segment_bytes: int = MIB, seconds: float = 60) -> Jo
     return recovery.journal
 
 
+def files(directory: Path) -> list[Path]:
+    return sorted(directory.iterdir())
+
+
 async def durable(journal: Journal, batch: list[Record], at: int = 0) -> None:
     ticket = journal.append(batch)
     await ticket.wait()
@@ -53,7 +57,7 @@ async def test_a_torn_tail_is_cut_off_on_open_and_never_replayed_half(
 ) -> None:
     journal = opened(tmp_path)
     await durable(journal, records("a", 3))
-    (path,) = tmp_path.iterdir()
+    (path,) = files(tmp_path)
     whole = path.stat().st_size
     next_record = segment.encode(records("torn", 1))
     tail = {
@@ -71,7 +75,7 @@ async def test_a_torn_tail_is_cut_off_on_open_and_never_replayed_half(
 async def test_a_record_whose_crc_does_not_match_ends_what_is_read(tmp_path: Path) -> None:
     journal = opened(tmp_path)
     await durable(journal, records("a", 2))
-    (path,) = tmp_path.iterdir()
+    (path,) = files(tmp_path)
     first_end = len(segment.encode(records("a", 1)))
     data = bytearray(path.read_bytes())
     data[first_end + segment.HEADER.size + 4] ^= 0x01  # one bit of the second record's body
@@ -123,7 +127,7 @@ async def test_segments_go_only_once_the_group_committed_past_every_record(
     assert await journal.trim({0: 1_000, 1: 1_000}) == 0  # ticket_b not yet settled
     journal.release(ticket_b, [(2, 0)] * 4)
     assert await journal.trim({2: 1}) == 1
-    assert list(tmp_path.iterdir()) == []
+    assert files(tmp_path) == []
 
 
 async def test_records_never_acknowledged_do_not_hold_the_log(tmp_path: Path) -> None:
