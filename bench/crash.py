@@ -45,7 +45,7 @@ from services.ingest.wal.segment import Record
 from tests.support import TallyProcess, wait_for
 
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}
-REPLAYED = re.compile(r"write-ahead log replayed.*?records=(\d+)")
+REPLAYED = re.compile(r"write-ahead log replayed.*?records=(\d+) seconds=([\d.]+)")
 
 
 @dataclass
@@ -140,12 +140,14 @@ def settle(up: TallyProcess, ledger: Ledger, wait: float) -> int:
     return counted(up, ledger.customers)
 
 
-def start(env: dict[str, str], log: Path) -> tuple[TallyProcess, float, int]:
+def start(env: dict[str, str], log: Path) -> tuple[TallyProcess, float, tuple[int, float]]:
+    """A started ``tally up``, seconds to ready, and what its log says it replayed:
+    (records, seconds)."""
     began = time.monotonic()
     up = TallyProcess(["up"], env, log).start()
     ready = time.monotonic() - began
-    replayed = sum(int(n) for n in REPLAYED.findall(log.read_text(errors="replace")))
-    return up, ready, replayed
+    found = REPLAYED.findall(log.read_text(errors="replace"))
+    return up, ready, (sum(int(n) for n, _ in found), sum(float(s) for _, s in found))
 
 
 def stored(data_dir: Path) -> tuple[int, set[str]]:
@@ -224,7 +226,8 @@ def main() -> None:
                 first = {
                     "first_start_s": round(ready, 2),
                     "backlog_events": args.backlog,
-                    "replayed_records": replayed,
+                    "replayed_records": replayed[0],
+                    "replay_s": replayed[1],
                     "counted_after_start": total,
                     "lost": max(0, len(ledger.acknowledged) - total),
                 }
@@ -234,7 +237,8 @@ def main() -> None:
                     "lost": max(0, acknowledged - total),
                     "doubled": max(0, total - acknowledged),
                     "restart_s": round(ready, 2),
-                    "replayed_records": replayed,
+                    "replayed_records": replayed[0],
+                    "replay_s": replayed[1],
                 }
             if run == args.runs:
                 up.stop()
