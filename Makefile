@@ -35,7 +35,7 @@ lint: setup
 	$(BIN)/mypy .
 	$(BIN)/lint-imports
 
-bench: setup  ## pipeline, enforcement, leases, usage reads, the SDK edge, the middleware's cost, events' cost, billing run, alerts (event → webhook) (rates and latencies)
+bench: setup  ## pipeline, enforcement, leases, usage reads, the SDK edge, the middleware's cost, events' cost, billing run, alerts (event → webhook), kill -9 of tally up, the write-ahead log's cost (rates and latencies)
 	$(BIN)/python -m bench.pipeline
 	$(BIN)/python -m bench.enforce
 	$(BIN)/python -m bench.leases
@@ -46,6 +46,8 @@ bench: setup  ## pipeline, enforcement, leases, usage reads, the SDK edge, the m
 	$(BIN)/python -m bench.emit_cost
 	$(BIN)/python -m bench.billing
 	$(BIN)/python -m bench.alerts
+	$(BIN)/python -m bench.crash
+	$(BIN)/python -m bench.wal_cost
 
 schemas: setup  ## regenerate the JSON Schema files from the pydantic models
 	$(BIN)/python -m schemas.jsonschema
