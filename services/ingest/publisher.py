@@ -10,18 +10,23 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.producer.message_accumulator import BatchBuilder
+from aiokafka.structs import RecordMetadata
 
 from schemas import envelope, topics
 from schemas.events import UsageEvent
 from services.ingest.parsing import Verdict
 from services.ingest.wal.journal import Journal
 from services.ingest.wal.segment import Record
+
+_PARTITIONER = DefaultPartitioner()  # aiokafka's own: murmur2 of the key, as ``send``
 
 
 class Publisher:
@@ -55,6 +60,38 @@ class Publisher:
             await self._producer.send(topics.EVENTS, value=r.value, key=r.key) for r in records
         ]
         return [(m.partition, m.offset) for m in await asyncio.gather(*deliveries)]
+
+    async def produce_in_batches(self, records: list[Record]) -> list[tuple[int, int]]:
+        """``produce`` for many records at once (the log's replay at start-up): built into
+        one batch per partition and request, which costs a tenth of a ``send`` per record.
+        Partitioned by key as ``send`` does, so a customer's records stay together."""
+        partitions = sorted(await self._producer.partitions_for(topics.EVENTS))
+        by_partition: dict[int, list[Record]] = defaultdict(list)
+        for record in records:
+            by_partition[_PARTITIONER(record.key, partitions, partitions)].append(record)
+        sent: list[tuple[int, int, asyncio.Future[RecordMetadata]]] = []
+        for partition, mine in by_partition.items():
+            for size, batch in self._batches(mine):
+                delivery = await self._producer.send_batch(
+                    batch, topics.EVENTS, partition=partition
+                )
+                sent.append((partition, size, delivery))
+        offsets: list[tuple[int, int]] = []
+        for partition, size, delivery in sent:
+            base = (await delivery).offset
+            offsets += [(partition, base + i) for i in range(size)]
+        return offsets
+
+    def _batches(self, records: list[Record]) -> Iterator[tuple[int, BatchBuilder]]:
+        batch, size = self._producer.create_batch(), 0
+        for record in records:
+            if batch.append(key=record.key, value=record.value, timestamp=None) is None:
+                yield size, batch
+                batch, size = self._producer.create_batch(), 0
+                batch.append(key=record.key, value=record.value, timestamp=None)
+            size += 1
+        if size:
+            yield size, batch
 
     async def dead_letter(
         self, rejected: Iterable[Verdict], received_at: datetime, request_id: str

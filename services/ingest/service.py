@@ -42,7 +42,7 @@ async def _journal(runtime: Runtime, plain: Publisher) -> Journal:
     committed = CommittedOffsets(await runtime.bootstrap_servers(), settings.consumer_group)
     await committed.start()
     runtime.stack.push_async_callback(committed.close)
-    await replay(recovery, plain.produce)
+    await replay(recovery, plain.produce_in_batches)
 
     async def close() -> None:  # before the aggregator stops: it counts what is left
         await journal.close()

@@ -18,7 +18,7 @@ from services.ingest.wal.segment import Record
 
 log = get_logger("tally.ingest.wal")
 Produce = Callable[[list[Record]], Awaitable[list[tuple[int, int]]]]
-CHUNK_RECORDS = 2000  # in flight at once: bounded memory, the producer's batches full
+CHUNK_RECORDS = 20_000  # produced at once: bounded memory, the producer's batches full
 
 
 async def replay(recovery: Recovery, produce: Produce) -> None:
