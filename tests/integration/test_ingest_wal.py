@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
@@ -27,6 +27,7 @@ from services.ingest.app import Ingest, router
 from services.ingest.publisher import Publisher
 from services.ingest.wal.committed import CommittedOffsets
 from services.ingest.wal.journal import Journal
+from services.ingest.wal.segment import Record
 from services.runtime import Component, http_app
 
 HEADERS = {
@@ -131,3 +132,36 @@ async def _consume_and_commit(bootstrap: str, group: str) -> None:
         await consumer.commit()
     finally:
         await consumer.stop()
+
+
+async def test_the_replay_produce_reports_each_records_own_offset(settings: Settings) -> None:
+    """Trimming trusts these offsets: each must be where its record really is."""
+    producer = await kafka.start_producer(settings.kafka_bootstrap_servers or "")
+    try:
+        records = [
+            Record(f"cust-{i % 7}".encode(), f"replayed-{uuid.uuid4().hex}".encode())
+            for i in range(3000)
+        ]
+        offsets = await Publisher(producer).produce_in_batches(records)
+    finally:
+        await producer.stop()
+    assert len(offsets) == len(records)
+    where = dict(zip([r.value for r in records], offsets, strict=True))
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await consumer.start()
+    try:
+        partitions = sorted({p for p, _ in offsets})
+        found: dict[bytes, tuple[int, int]] = {}
+        for partition in partitions:
+            tp = TopicPartition(topics.EVENTS, partition)
+            consumer.assign([tp])
+            low = min(o for p, o in offsets if p == partition)
+            high = max(o for p, o in offsets if p == partition)
+            consumer.seek(tp, low)
+            while await consumer.position(tp) <= high:
+                for record in (await consumer.getmany(tp, timeout_ms=1000)).get(tp, []):
+                    if record.value in where:
+                        found[record.value] = (partition, record.offset)
+    finally:
+        await consumer.stop()
+    assert found == where
