@@ -10,6 +10,11 @@ measures over HTTP:
 - events/s accepted flat out: ``--senders`` clients posting ``--batch``-event requests
   back to back for ``--seconds`` (``bench.pipeline``'s requests and sender).
 
+Before the rounds, the log alone (no HTTP, no broker) in a temporary directory:
+``--writers`` concurrent requests appending ``--small`` events' worth of envelopes each
+(one per customer, as ingest builds them) back to back for ``--seconds``: appends/s,
+events/s, fsyncs per second and the append → durable latency p50/p99.
+
     python -m bench.wal_cost --rounds 3
 """
 
@@ -17,9 +22,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,6 +35,8 @@ import orjson
 
 from bench.pipeline import TOKEN, build_requests, sender
 from bench.stores import bench_stores
+from services.ingest.wal.journal import Journal
+from services.ingest.wal.segment import Record
 from tests.support import TallyProcess
 
 HEADERS = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
@@ -72,6 +82,56 @@ async def flat_out(url: str, args: argparse.Namespace) -> float:
         return sum(accepted) / (time.monotonic() - started)
 
 
+def journal_alone(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
+    fsyncs = 0
+    real_fsync = os.fsync
+
+    def counted_fsync(fd: Any) -> None:
+        nonlocal fsyncs
+        fsyncs += 1
+        real_fsync(fd)
+
+    request = [
+        Record(f"bench-c{c:03d}".encode(), body)
+        for c, body in enumerate(build_requests(argparse.Namespace(batch=5, customers=1), 0, 4))
+    ]  # ~4 envelopes of 5 events: a 20-event request over 4 customers
+    latencies: list[float] = []
+
+    async def writer(journal: Journal, deadline: float) -> int:
+        done = 0
+        while time.monotonic() < deadline:
+            began = time.perf_counter()
+            ticket = journal.append(request)
+            await ticket.wait()
+            journal.release(ticket, None)
+            latencies.append(time.perf_counter() - began)
+            done += 1
+        return done
+
+    async def run() -> tuple[int, float]:
+        journal = Journal.open(directory, 4 * 2**20, 2.0).journal
+        started = time.monotonic()
+        deadline = started + args.seconds
+        done = await asyncio.gather(*(writer(journal, deadline) for _ in range(args.writers)))
+        took = time.monotonic() - started
+        await journal.close()
+        return sum(done), took
+
+    os.fsync = counted_fsync
+    try:
+        appends, took = asyncio.run(run())
+    finally:
+        os.fsync = real_fsync
+    return {
+        "writers": args.writers,
+        "appends_per_s": round(appends / took),
+        "events_per_s": round(appends * 20 / took),
+        "fsyncs_per_s": round(fsyncs / took),
+        "append_p50_ms": round(statistics.median(latencies) * 1000, 2),
+        "append_p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
+    }
+
+
 def percentile(values: list[float], share: float) -> float:
     ordered = sorted(values)
     return ordered[max(0, int(len(ordered) * share) - 1)]
@@ -79,14 +139,18 @@ def percentile(values: list[float], share: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="0: the log alone only")
     parser.add_argument("--seconds", type=float, default=8)
     parser.add_argument("--rate", type=int, default=2000, help="events/s for the latency")
     parser.add_argument("--small", type=int, default=20, help="events per paced request")
     parser.add_argument("--batch", type=int, default=2000, help="events per flat-out request")
     parser.add_argument("--senders", type=int, default=4)
     parser.add_argument("--customers", type=int, default=50)
+    parser.add_argument("--writers", type=int, default=32, help="the log alone: concurrency")
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="tally-bench-wal-") as scratch:
+        alone = journal_alone(args, Path(scratch))
+    print("the log alone", alone, flush=True)
 
     found: dict[str, dict[str, list[float]]] = {
         mode: {"p50_ms": [], "p99_ms": [], "flat_out_per_s": [], "start_s": []}
@@ -114,8 +178,9 @@ def main() -> None:
         "events_per_paced_request": args.small,
         "events_per_flat_out_request": args.batch,
         "rounds": args.rounds,
+        "log_alone": alone,
     }
-    for mode, figures in found.items():
+    for mode, figures in found.items() if args.rounds else ():
         summary[f"wal_{mode}"] = {
             name: {
                 "median": round(statistics.median(values), 1),
