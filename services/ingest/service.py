@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from schemas import topics
 from services.common.logging import get_logger
 from services.ingest.app import Ingest, openapi_schemas, router
 from services.ingest.publisher import Publisher
+from services.ingest.wal import segment
 from services.ingest.wal.committed import CommittedOffsets
 from services.ingest.wal.journal import Journal
 from services.ingest.wal.replay import replay
@@ -26,10 +29,20 @@ async def start(runtime: Runtime) -> Component:
     publisher = Publisher(producer)
     if runtime.settings.ingest_wal_enabled:
         publisher = Publisher(producer, await _journal(runtime, publisher))
+    elif _left_behind(runtime.settings.wal_path):
+        log.warning(
+            "the write-ahead log holds segments but TALLY_INGEST_WAL is off: they are not"
+            " replayed (set it to on for one start to replay them)",
+            path=str(runtime.settings.wal_path),
+        )
     ingest = Ingest(runtime.settings, publisher, await runtime.authenticator())
     return Component(
         "ingest", routers=[router(ingest)], checks={"kafka": kafka}, schemas=openapi_schemas()
     )
+
+
+def _left_behind(path: Path) -> bool:
+    return path.is_dir() and bool(segment.existing(path))
 
 
 async def _journal(runtime: Runtime, plain: Publisher) -> Journal:
