@@ -35,8 +35,9 @@ lint: setup
 	$(BIN)/mypy .
 	$(BIN)/lint-imports
 
-bench: setup  ## pipeline, enforcement, leases, usage reads, the SDK edge, the middleware's cost, events' cost, billing run, alerts (event → webhook), kill -9 of tally up, the write-ahead log's cost (rates and latencies)
+bench: setup  ## pipeline, tally up, enforcement, leases, usage reads, the SDK edge, the middleware's cost, events' cost, billing run, alerts (event → webhook), aggregator rejoin, kill -9 of tally up, the write-ahead log's cost (rates and latencies)
 	$(BIN)/python -m bench.pipeline
+	$(BIN)/python -m bench.up
 	$(BIN)/python -m bench.enforce
 	$(BIN)/python -m bench.leases
 	$(BIN)/python -m bench.usage
@@ -46,6 +47,7 @@ bench: setup  ## pipeline, enforcement, leases, usage reads, the SDK edge, the m
 	$(BIN)/python -m bench.emit_cost
 	$(BIN)/python -m bench.billing
 	$(BIN)/python -m bench.alerts
+	$(BIN)/python -m bench.rejoin
 	$(BIN)/python -m bench.crash
 	$(BIN)/python -m bench.wal_cost
 

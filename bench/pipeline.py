@@ -47,7 +47,7 @@ TOKEN = "bench-token"
 def build_requests(args: argparse.Namespace, sender: int, count: int) -> list[bytes]:
     """Pre-encoded bodies, so the client spends its CPU on sending, not on JSON."""
     now = utcnow()
-    probe = f"bench-probe-{sender}"
+    probe = f"{args.tag}-probe-{sender}"
     bodies = []
     for n in range(count):
         events: list[dict[str, Any]] = [
@@ -56,7 +56,7 @@ def build_requests(args: argparse.Namespace, sender: int, count: int) -> list[by
                 "id": uuid.uuid4().hex,
                 "source": f"bench/{sender}",
                 "type": "api_call",
-                "subject": probe if i == 0 else f"bench-c{(n * 7 + i) % args.customers:03d}",
+                "subject": probe if i == 0 else f"{args.tag}-c{(n * 7 + i) % args.customers:03d}",
                 "time": (now - timedelta(milliseconds=i)).isoformat(),
                 "data": {"endpoint": f"/v1/e{i % 5}", "method": "GET", "status": 200},
             }
@@ -72,8 +72,10 @@ async def sender(
     deadline: float,
     interval: float,
     sent: list[tuple[float, int]],
+    refused: list[int],
 ) -> int:
-    """Post bodies back to back, or one per ``interval`` seconds when pacing."""
+    """Post bodies back to back, or one per ``interval`` seconds when pacing; a 503
+    (ingest's backpressure) is retried after its ``Retry-After``, as a client should."""
     accepted = 0
     headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
     next_at = time.monotonic()
@@ -84,6 +86,12 @@ async def sender(
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
             next_at += interval
         response = await client.post("/v1/events", content=body, headers=headers)
+        while response.status_code == 503 and time.monotonic() < deadline:
+            refused.append(1)
+            await asyncio.sleep(float(response.headers.get("retry-after", "1")))
+            response = await client.post("/v1/events", content=body, headers=headers)
+        if response.status_code == 503:
+            break
         response.raise_for_status()
         sent.append((time.monotonic(), number))
         accepted += int(response.json()["accepted"])
@@ -91,13 +99,17 @@ async def sender(
 
 
 async def watch(
-    redis_url: str, senders: int, sent: list[list[tuple[float, int]]], stop: asyncio.Event
+    redis_url: str,
+    tag: str,
+    senders: int,
+    sent: list[list[tuple[float, int]]],
+    stop: asyncio.Event,
 ) -> list[float]:
     """Poll the probe counters; the latency of request i is when count(probe) reached i."""
     client = aioredis.Redis.from_url(redis_url)
     day = bucket_id(Window.DAY, utcnow())
     keys = [
-        redis_keys.counters(f"bench-probe-{s}", "api_calls", Window.DAY, day)
+        redis_keys.counters(f"{tag}-probe-{s}", "api_calls", Window.DAY, day)
         for s in range(senders)
     ]
     seen = [0] * senders
@@ -120,11 +132,11 @@ async def watch(
     return latencies
 
 
-async def counted(redis_url: str, customers: int, senders: int) -> int:
+async def counted(redis_url: str, tag: str, customers: int, senders: int) -> int:
     client = aioredis.Redis.from_url(redis_url)
     day = bucket_id(Window.DAY, utcnow())
-    names = [f"bench-c{i:03d}" for i in range(customers)] + [
-        f"bench-probe-{s}" for s in range(senders)
+    names = [f"{tag}-c{i:03d}" for i in range(customers)] + [
+        f"{tag}-probe-{s}" for s in range(senders)
     ]
     async with client.pipeline(transaction=False) as pipe:
         for name in names:
@@ -141,14 +153,15 @@ async def drive(args: argparse.Namespace, url: str, redis_url: str) -> dict[str,
     bodies = [build_requests(args, s, per_sender) for s in range(args.senders)]
     sent: list[list[tuple[float, int]]] = [[] for _ in range(args.senders)]
     stop = asyncio.Event()
+    refused: list[int] = []
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-        watcher = asyncio.create_task(watch(redis_url, args.senders, sent, stop))
+        watcher = asyncio.create_task(watch(redis_url, args.tag, args.senders, sent, stop))
         start = time.monotonic()
         deadline = start + args.seconds
         accepted = sum(
             await asyncio.gather(
                 *(
-                    sender(client, bodies[s], deadline, interval, sent[s])
+                    sender(client, bodies[s], deadline, interval, sent[s], refused)
                     for s in range(args.senders)
                 )
             )
@@ -156,10 +169,10 @@ async def drive(args: argparse.Namespace, url: str, redis_url: str) -> dict[str,
         sending = time.monotonic() - start
         stop.set()
         latencies = await asyncio.wait_for(watcher, timeout=300)
-        total = await counted(redis_url, args.customers, args.senders)
+        total = await counted(redis_url, args.tag, args.customers, args.senders)
         while total < accepted and time.monotonic() - start < args.seconds + 300:
             await asyncio.sleep(0.05)
-            total = await counted(redis_url, args.customers, args.senders)
+            total = await counted(redis_url, args.tag, args.customers, args.senders)
         drained = time.monotonic() - start
     latencies.sort()
     return {
@@ -177,6 +190,7 @@ async def drive(args: argparse.Namespace, url: str, redis_url: str) -> dict[str,
         "visible_p50_ms": round(statistics.median(latencies) * 1000, 1),
         "visible_p99_ms": round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 1),
         "requests": len(latencies),
+        "refused_503": len(refused),
     }
 
 
@@ -212,6 +226,7 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=0, help="events/s to offer (0: flat out)")
     parser.add_argument("--target", type=int, default=60_000, help="events/s to pre-build for")
     args = parser.parse_args()
+    args.tag = "bench"
 
     with bench_stores("tally-bench-pipeline-") as stores:
         env = stores.env() | {

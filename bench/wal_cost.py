@@ -77,7 +77,7 @@ async def flat_out(url: str, args: argparse.Namespace) -> float:
         deadline = started + args.seconds
         sent: list[list[tuple[float, int]]] = [[] for _ in range(args.senders)]
         accepted = await asyncio.gather(
-            *(sender(client, bodies[s], deadline, 0.0, sent[s]) for s in range(args.senders))
+            *(sender(client, bodies[s], deadline, 0.0, sent[s], []) for s in range(args.senders))
         )
         return sum(accepted) / (time.monotonic() - started)
 

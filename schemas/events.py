@@ -23,6 +23,8 @@ from pydantic import (
     model_validator,
 )
 
+from schemas.text import PRINTABLE_PATTERN, control_character
+
 VALUE_DECIMALS = 6
 VALUE_SCALE: int = 10**VALUE_DECIMALS
 MAX_VALUE = Decimal(10) ** 12
@@ -45,7 +47,9 @@ def _utc(moment: datetime) -> datetime:
 
 
 UtcDatetime = Annotated[AwareDatetime, AfterValidator(_utc)]
-NonEmpty = Annotated[str, Field(min_length=1, max_length=256)]
+NonEmpty = Annotated[str, Field(min_length=1, max_length=256, pattern=PRINTABLE_PATTERN)]
+CustomerId = Annotated[str, Field(pattern=CUSTOMER_ID_PATTERN)]
+"""A customer's id, wherever a body names one (paths use the same pattern)."""
 
 # What a JSON emitter may send as ``value`` when it sends a string: up to 12 integer
 # digits and 6 decimal places (trailing zeros beyond are harmless).  Validation itself
@@ -72,6 +76,7 @@ def _event_data_schema(schema: dict[str, Any]) -> None:
         "description": "A dimension; numbers are stored as strings.",
         "type": ["string", "number"],
         "maxLength": MAX_DIMENSION_LENGTH,
+        "pattern": PRINTABLE_PATTERN,
     }
     # ``value`` plus at most MAX_DIMENSIONS dimensions.
     schema["if"] = {"required": ["value"]}
@@ -79,7 +84,9 @@ def _event_data_schema(schema: dict[str, Any]) -> None:
     schema["else"] = {"maxProperties": MAX_DIMENSIONS}
 
 
-Dimension = Annotated[str, StringConstraints(max_length=MAX_DIMENSION_LENGTH)]
+Dimension = Annotated[
+    str, StringConstraints(max_length=MAX_DIMENSION_LENGTH, pattern=PRINTABLE_PATTERN)
+]
 
 
 class EventData(BaseModel):
@@ -112,7 +119,8 @@ class EventData(BaseModel):
         for name in extra:
             if name not in _valid_names:
                 if not _dimension_name.fullmatch(name):
-                    raise ValueError(f"dimension name {name!r} must match {DIMENSION_NAME_PATTERN}")
+                    why = control_character(name) or f"must match {DIMENSION_NAME_PATTERN}"
+                    raise ValueError(f"dimension name {name!r} {why}")
                 if len(_valid_names) < 10_000:
                     _valid_names.add(name)
         return self
@@ -131,9 +139,7 @@ class UsageEvent(BaseModel):
     id: NonEmpty
     source: NonEmpty
     type: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
-    subject: Annotated[str, Field(pattern=CUSTOMER_ID_PATTERN)] = Field(
-        description="The customer the usage belongs to."
-    )
+    subject: CustomerId = Field(description="The customer the usage belongs to.")
     time: UtcDatetime
     datacontenttype: Literal["application/json"] | None = None
     data: EventData = Field(default_factory=EventData)

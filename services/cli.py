@@ -71,18 +71,39 @@ def _run(starters: list[Starter], port: int | None, prepare_stores: bool = False
 def up(
     demo: Annotated[bool, typer.Option(help="Also drive a synthetic workload")] = False,
     port: PortOption = None,
+    role: Annotated[
+        str | None, typer.Option(hidden=True, help="front or back: one of tally up's processes")
+    ] = None,
+    back_url: Annotated[str | None, typer.Option(hidden=True)] = None,
 ) -> None:
-    """Run all four services in one process on the embedded defaults."""
+    """Run all four services on the embedded defaults: a supervisor of two processes
+    (ingest and the API on the port; the aggregator, billing and analytics SQL behind)."""
     from services import demo as demo_load
     from services.aggregator import service as aggregator
     from services.api import service as api
     from services.billing import service as billing
     from services.ingest import service as ingest
+    from services.up import proxy, supervisor
 
-    starters: list[Starter] = [aggregator.start, billing.start, ingest.start, api.start]
-    if demo:
-        starters.append(demo_load.start)
-    _run(starters, port, prepare_stores=True)
+    if role is None:
+        settings = _settings()
+        if port is not None:
+            settings = settings.model_copy(update={"port": port})
+        code = 0
+
+        async def main() -> None:
+            nonlocal code
+            code = await supervisor.Supervisor(settings, prepare, demo).run()
+
+        run(main())
+        raise typer.Exit(code)
+    if role == supervisor.FRONT and back_url:
+        starters = [ingest.start, api.start_without_analytics, proxy.starter(back_url)]
+        _run([*starters, demo_load.start] if demo else starters, port)
+    elif role == supervisor.BACK:  # the aggregator first: it opens chDB, analytics reads it
+        _run([aggregator.start, billing.start, api.start_analytics], port)
+    else:
+        raise typer.BadParameter("--role is front (with --back-url) or back")
 
 
 @app.command()

@@ -35,7 +35,7 @@ from services.common.health import Check, health_router
 from services.common.hot_paths import HotPaths
 from services.common.logging import get_logger
 from services.common.meter_cache import MeterCache
-from services.common.openapi import problem_schemas
+from services.common.openapi import document_framework_problems, problem_schemas
 from services.common.settings import Settings
 
 log = get_logger("tally")
@@ -53,6 +53,9 @@ class Component:
     # (``hot_paths``), and their OpenAPI path items (FastAPI documents only its own).
     fast_routes: list[Route] = field(default_factory=list)
     paths: dict[str, Any] = field(default_factory=dict)
+    # What answers a request no route matches (else 404; a path served for other
+    # methods is still a 405): ``tally up``'s front forwards it to its back process.
+    fallback: ASGIApp | None = None
 
 
 class Runtime:
@@ -110,6 +113,7 @@ class Runtime:
                 self.settings.database_url,
                 connect_timeout=self.settings.postgres_connect_timeout,
                 pool_timeout=self.settings.postgres_pool_timeout,
+                answer_timeout=self.settings.postgres_answer_timeout,
             )
             self.stack.push_async_callback(self._pool.close)
         return self._pool
@@ -149,6 +153,7 @@ class Runtime:
                 settings.database_url,
                 settings.meter_refresh_seconds,
                 settings.postgres_connect_timeout,
+                settings.postgres_answer_timeout,
             )
             await self._meters.start()
             self.stack.push_async_callback(self._meters.stop)
@@ -269,6 +274,9 @@ def http_app(components: list[Component], title: str = "Tally") -> ASGIApp:
     app.router.routes[:0] = fast
     app.include_router(health_router(checks))
     pages.install(app)
+    for component in components:
+        if component.fallback is not None:
+            app.router.default = component.fallback
     _add_openapi_schemas(app, schemas, paths)
     return HotPaths(app, fast)
 
@@ -283,6 +291,7 @@ def _add_openapi_schemas(app: FastAPI, schemas: dict[str, Any], paths: dict[str,
             spec = generate()
             spec.setdefault("components", {}).setdefault("schemas", {}).update(schemas)
             spec.setdefault("paths", {}).update(paths)
+            document_framework_problems(spec)
             app.openapi_schema = spec
         return app.openapi_schema
 

@@ -42,7 +42,7 @@ async def start(runtime: Runtime) -> Component:
     await app.start()
 
     async def stop() -> None:
-        if settings.embedded_kafka:
+        if settings.in_memory_broker:
             try:
                 async with asyncio.timeout(settings.aggregator_drain_seconds):
                     await worker.drain(processor, bootstrap, runtime.shutdown.extend)

@@ -10,6 +10,7 @@ the idempotent sinks absorb the replay.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,6 +18,7 @@ from typing import Any, TypeVar
 import faust
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from faust.tables import TableManager
 
 from schemas import topics
 from schemas.envelope import MAX_ENVELOPE_BYTES
@@ -36,7 +38,24 @@ class _App(faust.App):
         return Transport(self.conf.broker_consumer, self)
 
 
+class _Tables(TableManager):
+    """Faust's table manager starts with a one-second sleep, for tables to be declared;
+    the consumer subscribes (and joins its group) only after it.  Tally declares no
+    tables (its state lives in Redis and ClickHouse) and declares its agent before the
+    app starts, so the wait only delayed every start and restart by a second."""
+
+    async def on_start(self) -> None:
+        if not self.should_stop:
+            await self._update_channels()
+            await self.recovery.start()
+
+
 def create_app(settings: Settings, bootstrap_servers: str) -> faust.App:
+    """The aggregator's Faust app.  Its consumer-group timings decide how fast a
+    restarted worker counts again: a worker stopped in order leaves the group; one
+    killed stays a member until ``group_session_timeout`` passes without its heartbeat,
+    and on Tansu every join is held for half that timeout (see ``Settings``)."""
+    session = settings.group_session_timeout
     return _App(
         settings.consumer_group,
         broker=f"kafka://{bootstrap_servers}",
@@ -47,9 +66,10 @@ def create_app(settings: Settings, bootstrap_servers: str) -> faust.App:
         topic_partitions=settings.events_partitions,
         topic_allow_declare=False,
         consumer_auto_offset_reset="earliest",
-        broker_session_timeout=settings.kafka_session_timeout,
+        broker_session_timeout=session,
         broker_rebalance_timeout=settings.kafka_rebalance_timeout,
-        broker_heartbeat_interval=min(3.0, settings.kafka_session_timeout / 3),
+        broker_heartbeat_interval=min(3.0, session / 3),
+        TableManager=_Tables,
         broker_commit_interval=1.0,
         stream_buffer_maxsize=4096,
     )
@@ -86,6 +106,19 @@ def dead_letter_message(record: Record, reason: str) -> bytes:
 def attach(app: faust.App, settings: Settings, processor: BatchProcessor) -> None:
     """Register the aggregating agent and the lag reporter on ``app``."""
     events = app.topic(topics.EVENTS, key_type=bytes, value_type=bytes)
+    joining = time.monotonic()  # the app starts, and asks to join, right after
+
+    async def joined(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
+        """Say how long the first join took since the app started: the part of a
+        restart the broker decides (``bench.rejoin`` reads it)."""
+        log.info(
+            "consumer group joined",
+            partitions=len(args[0]) if args else None,
+            since_start_seconds=round(time.monotonic() - joining, 2),
+        )
+
+    # mode types receivers as returning ``Awaitable[None] | None``: a coroutine is one
+    app.on_partitions_assigned.connect(joined)  # type: ignore[arg-type]
 
     @app.agent(events, name="aggregate")
     async def aggregate(stream: faust.StreamT[bytes]) -> None:

@@ -24,6 +24,27 @@ from services.runtime import Component, Runtime
 
 
 async def start(runtime: Runtime) -> Component:
+    return await _start(runtime, with_analytics=True)
+
+
+async def start_without_analytics(runtime: Runtime) -> Component:
+    """The API but analytics SQL: ``tally up``'s front process, whose back process owns
+    chDB and serves analytics SQL (``start_analytics``)."""
+    return await _start(runtime, with_analytics=False)
+
+
+async def start_analytics(runtime: Runtime) -> Component:
+    """Analytics SQL alone, in the process that owns chDB (``tally up``'s back)."""
+    analytics = analytics_routes.Analytics(
+        runtime.settings,
+        await runtime.authenticator(),
+        analytics_runner(runtime),
+        runtime.settings.clickhouse_database,
+    )
+    return Component("analytics", routers=[analytics_routes.router(analytics)])
+
+
+async def _start(runtime: Runtime, with_analytics: bool) -> Component:
     settings, pool = runtime.settings, await runtime.pool()
     redis = runtime.limits_store()
     decisions = Pipelined(settings.redis_url, settings.enforce_redis_timeout)
@@ -39,9 +60,7 @@ async def start(runtime: Runtime) -> Component:
     leases = Leases(enforcer, leaser, settle)
     accounts = Accounts(settings, redis, pool, auth, addresses.check)
     dashboard = DashboardView(settings, runtime.redis(), pool, meters)
-    analytics = analytics_routes.Analytics(
-        settings, auth, analytics_runner(runtime), settings.clickhouse_database
-    )
+    sql = [(await start_analytics(runtime)).routers[0]] if with_analytics else []
     return Component(
         "api",
         routers=[
@@ -52,7 +71,7 @@ async def start(runtime: Runtime) -> Component:
             catalog_routes.router(accounts),
             portal_routes.router(settings, pool, auth, meters),
             portal_pages.router(settings, auth, dashboard),
-            analytics_routes.router(analytics),
+            *sql,
         ],
         checks={"redis": runtime.check_redis(), "postgres": runtime.check_postgres()},
         schemas=enforce_routes.openapi_schemas(),

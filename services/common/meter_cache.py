@@ -20,12 +20,11 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import psycopg
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from schemas.catalog import Meter
-from services.common import catalog
+from services.common import catalog, postgres
 from services.common.logging import get_logger
 
 log = get_logger("tally.meters")
@@ -52,12 +51,20 @@ class MeterIndex:
 
 class MeterCache:
     def __init__(
-        self, pool: AsyncConnectionPool, url: str, max_age: float, connect_timeout: int = 2
+        self,
+        pool: AsyncConnectionPool,
+        url: str,
+        max_age: float,
+        connect_timeout: int = 2,
+        answer_timeout: float = 10.0,
     ) -> None:
-        """``pool`` serves reads until the listener connects; ``url`` is where it listens."""
+        """``pool`` serves reads until the listener connects; ``url`` is where it listens,
+        on a connection whose every wait is bounded (``postgres.BoundedConnection``), so
+        a PostgreSQL gone silent is noticed and the listener reconnects."""
         self._pool = pool
         self._url = url
         self._connect_timeout = connect_timeout
+        self._answer_timeout = answer_timeout
         self._max_age = max_age
         self._index: MeterIndex | None = None
         self._task: asyncio.Task[None] | None = None
@@ -119,8 +126,9 @@ class MeterCache:
     async def _listen(self) -> None:
         """Listen first, then load: a change committed in between is notified, one
         committed before is read.  Then reload on each notification, or at ``max_age``."""
-        async with await psycopg.AsyncConnection.connect(
-            self._url, autocommit=True, connect_timeout=self._connect_timeout
+        options = postgres.connection_options(self._connect_timeout, self._answer_timeout)
+        async with await postgres.bounded(self._answer_timeout).connect(
+            self._url, autocommit=True, **options
         ) as conn:
             await conn.execute(f"LISTEN {CHANNEL}")
             while True:

@@ -1,11 +1,26 @@
 """Prometheus metrics shared by all services, registered once per process.
 
-Services that run together in ``tally up`` expose one ``/metrics`` page with all of them.
+Services that run together expose one ``/metrics`` page with all of them.  ``tally up``
+runs them in several processes: it sets ``PROMETHEUS_MULTIPROC_DIR`` for them
+(prometheus_client's multiprocess mode), each process writes its values there, and
+``/metrics`` of either process reports the sum over all of them — counters of a process
+that was restarted included, gauges of live processes only.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -22,6 +37,21 @@ INGEST_REQUEST_EVENTS = Histogram(
     buckets=(1, 10, 100, 500, 1000, 5000, 10000),
 )
 PUBLISH_SECONDS = Histogram("tally_ingest_publish_seconds", "Time to get Kafka acks for a request")
+INGEST_CONSUMER_LAG_SECONDS = Gauge(
+    "tally_ingest_consumer_lag_seconds",
+    "How long ago the oldest record the aggregator's group has not committed was written,"
+    " as ingest last read it (the most behind partition)",
+    multiprocess_mode="livemax",
+)
+INGEST_CONSUMER_LAG_RECORDS = Gauge(
+    "tally_ingest_consumer_lag_records",
+    "Records (envelopes) the aggregator's group has not committed, all partitions",
+    multiprocess_mode="livemax",
+)
+INGEST_OVERLOADED = Counter(
+    "tally_ingest_overloaded_total",
+    "Requests refused with 503 overloaded while the aggregator was too far behind",
+)
 
 AGGREGATED_EVENTS = Counter(
     "tally_aggregator_events_total", "Events processed by the aggregator", ["outcome"]
@@ -38,7 +68,10 @@ AGGREGATOR_BATCH_EVENTS = Histogram(
 )
 SINK_SECONDS = Histogram("tally_sink_seconds", "Time to write one batch to a sink", ["sink"])
 CONSUMER_LAG = Gauge(
-    "tally_aggregator_consumer_lag", "Records behind the partition's end", ["partition"]
+    "tally_aggregator_consumer_lag",
+    "Records behind the partition's end",
+    ["partition"],
+    multiprocess_mode="livemax",
 )
 REPLAYED_RECORDS = Counter(
     "tally_aggregator_replayed_records_total",
@@ -54,8 +87,15 @@ ROLLUP_ROWS = Counter("tally_rollup_rows_total", "usage_daily/monthly rows writt
 ROLLUP_SECONDS = Histogram("tally_rollup_seconds", "Time for one rollup pass")
 
 
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+
+
 async def metrics_endpoint(_: Request) -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    registry = REGISTRY
+    if os.environ.get(MULTIPROCESS_DIR):  # tally up: the sum over its processes
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
 ENFORCE_DECISIONS = Counter(
@@ -67,7 +107,9 @@ ENFORCE_FALLBACK = Counter(
     ["mode"],
 )
 REDIS_AVAILABLE = Gauge(
-    "tally_enforce_redis_available", "1 while the limits store answers, 0 since it failed"
+    "tally_enforce_redis_available",
+    "1 while the limits store answers, 0 since it failed",
+    multiprocess_mode="livemin",
 )
 
 NOTIFICATIONS = Counter(
@@ -83,6 +125,7 @@ DELIVERIES = Counter(
 DELIVERY_QUEUE = Gauge(
     "tally_notification_deliveries_pending",
     "Deliveries waiting to be sent or being sent (the notification outbox's depth)",
+    multiprocess_mode="livemax",
 )
 DELIVERY_LATENCY = Histogram(
     "tally_notification_delivery_seconds",

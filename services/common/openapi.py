@@ -74,3 +74,15 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 def problem_schemas() -> dict[str, Any]:
     return component_schemas(ProblemDetails)
+
+
+def document_framework_problems(spec: dict[str, Any]) -> None:
+    """Add the answers the framework gives before any route's own code runs, to every
+    operation they can reach: FastAPI refuses a body it cannot decode (not UTF-8, not
+    JSON) with 400 (problem+json through ``problems.install``), so every operation
+    that takes a body documents 400, whichever router declared it."""
+    for item in spec.get("paths", {}).values():
+        for operation in item.values():
+            if isinstance(operation, dict) and "requestBody" in operation:
+                responses = operation.setdefault("responses", {})
+                responses.setdefault("400", problem_responses(400)[400])

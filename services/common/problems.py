@@ -28,6 +28,7 @@ from schemas.problem_types import (
     UNKNOWN_CUSTOMER,
     ProblemType,
 )
+from schemas.text import reason
 from services.common.clickhouse import ClickHouseUnavailable
 from services.common.logging import get_logger
 
@@ -108,7 +109,7 @@ def invalid_request(errors: Sequence[Mapping[str, Any]], prefix: str = "") -> Pr
     found = [
         {
             "field": field_path((prefix, *e["loc"]) if prefix else tuple(e["loc"])),
-            "reason": e["msg"],
+            "reason": reason(e),
         }
         for e in errors
     ]
@@ -170,6 +171,19 @@ async def store_error_handler(request: Request, exc: Exception) -> Response:
     if problem is None:
         raise exc  # not an outage: the server error handler answers 500
     return problem.response(instance=request.url.path)
+
+
+_NUL_REFUSED = "cannot contain NUL"  # psycopg's words, before anything is sent
+
+
+async def data_error_handler(request: Request, exc: Exception) -> Response:
+    """A NUL byte that reached PostgreSQL (which cannot store one in text) through a
+    field no schema constrains is the client's error, 422, not a 500; every field the
+    API documents refuses control characters by name first (``schemas.text``)."""
+    if _NUL_REFUSED not in str(exc):
+        raise exc  # another data error: the server error handler answers 500
+    detail = "a value holds a NUL byte (U+0000), which Tally does not store"
+    return Problem(INVALID_REQUEST, detail).response(instance=request.url.path)
 
 
 async def server_error_handler(request: Request, exc: Exception) -> Response:
@@ -239,6 +253,7 @@ def install(app: FastAPI) -> None:
         ClickHouseUnavailable,
     ):
         app.add_exception_handler(store_error, store_error_handler)
+    app.add_exception_handler(psycopg.DataError, data_error_handler)
     app.add_exception_handler(Exception, server_error_handler)
 
 

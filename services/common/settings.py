@@ -23,6 +23,8 @@ DEV_TOKEN = "dev-service-token"
 DEV_ADMIN_TOKEN = "dev-admin-token"
 DEV_PEPPER = "dev-pepper-not-secret"
 DEV_PORTAL_SECRET = "dev-portal-secret-not-secret"
+KAFKA_SESSION_TIMEOUT = 10.0  # seconds, the consumer group's session with Kafka
+EMBEDDED_SESSION_TIMEOUT = 2.0  # with Tansu, which holds each JoinGroup for half of it
 PLACEHOLDER = "change-me"  # the prefix of the placeholder secrets docker-compose.yml ships
 
 
@@ -84,6 +86,14 @@ class Settings(BaseSettings):
     postgres_pool_timeout: float = Field(
         2.0, gt=0, description="Seconds a request waits for a pooled PostgreSQL connection."
     )
+    postgres_answer_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds one exchange with PostgreSQL (a query and its result, a commit)"
+        " may take on an open connection; past it the connection is dropped and the caller"
+        " gets an error (503 store-unavailable for a request). Bounds what a frozen server"
+        " or a dead link holds; also the longest a single query may run.",
+    )
     redis_connect_timeout: float = Field(
         2.0, gt=0, description="Seconds to open a Redis connection."
     )
@@ -144,7 +154,20 @@ class Settings(BaseSettings):
     events_partitions: int = 8
     consumer_group: str = "tally-aggregator"
     kafka_incarnation: str = ""
-    kafka_session_timeout: float = 10.0
+    kafka_in_memory: bool = Field(
+        False,
+        description="Set by `tally up` for its processes: the broker at KAFKA_BOOTSTRAP_SERVERS"
+        " is its embedded one, whose topics die with it, so the aggregator drains it on stop.",
+    )
+    kafka_session_timeout: float | None = Field(
+        None,
+        gt=0,
+        description="Seconds the broker waits for an aggregator's heartbeat before it drops it"
+        " from the consumer group. Unset: 10 s with Kafka (whose brokers refuse less than 6 s"
+        " by default), 2 s with the embedded broker. Tansu holds every JoinGroup for half the"
+        " group's session timeout, so set 2 when KAFKA_BOOTSTRAP_SERVERS is a Tansu broker:"
+        " an aggregator restarted then counts again ~1 s after it asks to join, not 5 s.",
+    )
     kafka_rebalance_timeout: float = 3.0
     kafka_publish_timeout: float = Field(
         5.0,
@@ -153,13 +176,20 @@ class Settings(BaseSettings):
     )
     # Ingest's write-ahead log (docs/operations.md): a 202 waits for an fsync of the
     # events in data_dir/wal, replayed into the topic on start.  auto: on iff the broker
-    # is the embedded one (its topics live in memory); with Kafka, acks=all is enough.
+    # is tally up's own Tansu (in_memory_broker: its topics live in memory); with Kafka,
+    # acks=all is enough.
     ingest_wal: Literal["auto", "on", "off"] = "auto"
     ingest_wal_segment_bytes: int = Field(
         4 * 2**20, ge=4096, description="A WAL segment is closed past this size (bytes)."
     )
     ingest_wal_segment_seconds: float = Field(
         2.0, gt=0, description="... or this age: the log is trimmed by whole segments."
+    )
+    ingest_max_lag_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="Ingest answers 503 overloaded while the aggregator's group is this many"
+        " seconds behind the end of tally.events, until it is under half of it; 0 = never.",
     )
     aggregator_batch_records: int = 200
     aggregator_batch_seconds: float = 0.05
@@ -376,11 +406,24 @@ class Settings(BaseSettings):
 
     @property
     def ingest_wal_enabled(self) -> bool:
-        return self.ingest_wal == "on" or (self.ingest_wal == "auto" and self.embedded_kafka)
+        return self.ingest_wal == "on" or (self.ingest_wal == "auto" and self.in_memory_broker)
 
     @property
     def wal_path(self) -> Path:
         return self.data_dir / "wal"
+
+    @property
+    def group_session_timeout(self) -> float:
+        """``kafka_session_timeout``, or its default for the broker in use."""
+        if self.kafka_session_timeout is not None:
+            return self.kafka_session_timeout
+        return EMBEDDED_SESSION_TIMEOUT if self.in_memory_broker else KAFKA_SESSION_TIMEOUT
+
+    @property
+    def in_memory_broker(self) -> bool:
+        """Is the broker ``tally up``'s own Tansu (started here, or by the supervisor for
+        this process), whose topics die with it?"""
+        return self.embedded_kafka or self.kafka_in_memory
 
     @property
     def chdb_path(self) -> Path:

@@ -9,8 +9,10 @@ Answers:
   415 for other content types; 503 when Kafka did not acknowledge within
   ``kafka_publish_timeout`` (5 s: a broker that is down never hangs a client). Nothing
   is then reported accepted, so the client's retry is safe: events that did get stored
-  are dropped downstream as duplicates by (source, id).  Also 503 (``journal-unavailable``)
-  when the write-ahead log, kept with the embedded broker, could not store them.
+  are dropped downstream as duplicates by (source, id).  503 ``overloaded`` with
+  ``Retry-After`` while the aggregator is more than ``ingest_max_lag_seconds`` behind
+  (``backpressure``): the body is not even read.  503 ``journal-unavailable`` when the
+  write-ahead log, kept with the in-memory broker, could not store them.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from services.common.openapi import InvalidField, component_schemas, problem_res
 from services.common.problems import Problem
 from services.common.settings import Settings
 from services.ingest import parsing
+from services.ingest.backpressure import Backpressure
 from services.ingest.parsing import Status, TimeBounds
 from services.ingest.publisher import Publisher
 from services.ingest.wal.journal import JournalError
@@ -71,11 +74,18 @@ class IngestReceipt(BaseModel):
 class Ingest:
     """What the ingest route needs, built once per process."""
 
-    def __init__(self, settings: Settings, publisher: Publisher, auth: Authenticator) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        publisher: Publisher,
+        auth: Authenticator,
+        guard: Backpressure | None = None,
+    ) -> None:
         self.settings = settings
         self.publisher = publisher
         self.bounds = TimeBounds(settings.future_tolerance, settings.backfill_window)
         self.auth = auth
+        self.guard = guard  # refuses while the aggregator is too far behind
 
     async def authenticate(self, request: Request) -> str | None:
         """``None`` for a service token (any subject); for a customer's API key with
@@ -148,6 +158,22 @@ def _too_large(size: int, limit: int) -> Problem:
     )
 
 
+def _responses() -> dict[int | str, dict[str, Any]]:
+    responses = problem_responses(400, 401, 403, 413, 415, 422, 429, 503)
+    responses[503] = responses[503] | {
+        "description": "Nothing accepted, retry after Retry-After: `broker-unavailable` when"
+        " Kafka did not acknowledge in time; `overloaded` while the aggregator is more than"
+        " TALLY_INGEST_MAX_LAG_SECONDS behind (the body is not read).",
+        "headers": {
+            "Retry-After": {
+                "description": "Seconds to wait before retrying the whole request.",
+                "schema": {"type": "integer", "minimum": 1},
+            }
+        },
+    }
+    return responses
+
+
 def router(ingest: Ingest) -> APIRouter:
     api = APIRouter(tags=["ingest"])
     documented = {"required": True, "content": _body_schemas(ingest.settings.max_batch_events)}
@@ -157,12 +183,14 @@ def router(ingest: Ingest) -> APIRouter:
         status_code=202,
         response_class=JSONResponse,
         response_model=IngestReceipt,  # documents the body _publish builds by hand
-        responses=problem_responses(400, 401, 403, 413, 415, 422, 429, 503),
+        responses=_responses(),
         summary="Ingest usage events (CloudEvents 1.0, one or a batch)",
         openapi_extra={"requestBody": documented},
     )
     async def post_events(request: Request) -> Response:
         subject = await ingest.authenticate(request)
+        if ingest.guard is not None:
+            ingest.guard.admit()  # before the body: an overloaded ingest reads nothing
         kind = parsing.media_type(request.headers.get("content-type"))
         body = await ingest.read_body(request)
         raw_items = parsing.items(body, kind, ingest.settings.max_batch_events)

@@ -21,6 +21,7 @@ from schemas.problem_types import (
     MALFORMED_JSON,
     UNSUPPORTED_MEDIA_TYPE,
 )
+from schemas.text import reason
 from services.common.problems import Problem, field_path
 
 SINGLE = "application/cloudevents+json"
@@ -142,16 +143,11 @@ def _judge_one(index: int, raw: Any, bounds: TimeBounds, now: datetime) -> Verdi
     try:
         event = UsageEvent.model_validate(raw)
     except ValidationError as exc:
-        errors = [FieldError(field_path(tuple(e["loc"])), _reason(e)) for e in exc.errors()]
+        errors = [FieldError(field_path(tuple(e["loc"])), reason(e)) for e in exc.errors()]
         return Verdict(index, Status.REJECTED, raw=raw, errors=errors)
     if problem := bounds.check(event, now):
         return Verdict(index, Status.REJECTED, event=event, raw=raw, errors=[problem])
     return Verdict(index, Status.ACCEPTED, event=event, raw=raw)
-
-
-def _reason(error: Any) -> str:
-    message = str(error["msg"])
-    return message.removeprefix("Value error, ")
 
 
 def _raw_id(raw: Any) -> Any:

@@ -9,6 +9,7 @@ nothing accepted is lost.  The produce and the log's write run at the same time.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from datetime import datetime
@@ -112,16 +113,18 @@ class Publisher:
 
 
 def _dead_letter(verdict: Verdict, received_at: datetime, request_id: str) -> bytes:
-    return orjson.dumps(
-        {
-            "received_at": received_at.isoformat(),
-            "request_id": request_id,
-            "index": verdict.index,
-            "errors": [{"field": e.field, "reason": e.reason} for e in verdict.errors],
-            "event": verdict.raw,
-        },
-        default=str,
-    )
+    letter = {
+        "received_at": received_at.isoformat(),
+        "request_id": request_id,
+        "index": verdict.index,
+        "errors": [{"field": e.field, "reason": e.reason} for e in verdict.errors],
+        "event": verdict.raw,
+    }
+    try:
+        return orjson.dumps(letter, default=str)
+    except TypeError:  # an integer beyond 64 bits, which orjson cannot write (rejected
+        # for it, as like as not): the standard library writes any integer
+        return json.dumps(letter, default=str).encode()
 
 
 def _customer_of(raw: Any) -> bytes | None:

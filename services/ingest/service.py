@@ -7,6 +7,7 @@ from pathlib import Path
 from schemas import topics
 from services.common.logging import get_logger
 from services.ingest.app import Ingest, openapi_schemas, router
+from services.ingest.backpressure import Backpressure
 from services.ingest.publisher import Publisher
 from services.ingest.wal import segment
 from services.ingest.wal.committed import CommittedOffsets
@@ -35,10 +36,21 @@ async def start(runtime: Runtime) -> Component:
             " replayed (set it to on for one start to replay them)",
             path=str(runtime.settings.wal_path),
         )
-    ingest = Ingest(runtime.settings, publisher, await runtime.authenticator())
+    guard = backpressure(runtime, await runtime.bootstrap_servers())
+    ingest = Ingest(runtime.settings, publisher, await runtime.authenticator(), guard)
     return Component(
         "ingest", routers=[router(ingest)], checks={"kafka": kafka}, schemas=openapi_schemas()
     )
+
+
+def backpressure(runtime: Runtime, bootstrap: str) -> Backpressure | None:
+    """The aggregator's lag, watched in the background (``TALLY_INGEST_MAX_LAG_SECONDS``)."""
+    settings = runtime.settings
+    if not settings.ingest_max_lag_seconds:
+        return None
+    guard = Backpressure(bootstrap, settings.consumer_group, settings.ingest_max_lag_seconds)
+    runtime.background(guard.run(), "ingest backpressure")
+    return guard
 
 
 def _left_behind(path: Path) -> bool:

@@ -1,5 +1,6 @@
-"""kill -9 ``tally up``: its embedded broker (Tansu) dies with it, and a start after the
-crash comes up with a broker of its own (issue 15: "no process is ever orphaned")."""
+"""kill -9 ``tally up``: its embedded broker (Tansu) and its front and back processes die
+with it, and a start after the crash comes up with a broker of its own (issue 15: "no
+process is ever orphaned")."""
 
 from __future__ import annotations
 
@@ -39,14 +40,18 @@ def test_the_broker_dies_with_tally_up_killed_by_sigkill(
         assert up.process is not None
         (tansu,) = brokers_of(up.process.pid)
         port = next(c.laddr.port for c in tansu.net_connections() if c.status == "LISTEN")
+        # the supervisor's processes: the broker, front (ingest + api), back (aggregator…)
+        children = psutil.Process(up.process.pid).children(recursive=True)
+        assert len(children) == 3, children
         killed = time.monotonic()
         up.kill()  # returns once tally up is reaped
         reaped = time.monotonic()
-        wait_for(partial(dead, tansu), 3, f"run {run}: broker {tansu.pid} to die")
+        for child in children:
+            wait_for(partial(dead, child), 3, f"run {run}: {child.pid} to die")
         gone = time.monotonic()
         print(
             f"run {run}: tally up reaped {reaped - killed:.2f}s after kill -9,"
-            f" its broker gone {gone - reaped:.2f}s later"
+            f" its broker and processes gone {gone - reaped:.2f}s later"
         )
         listening = [c for c in psutil.net_connections("tcp") if c.laddr.port == port]
         assert not [c for c in listening if c.status == "LISTEN"], f"port {port} still held"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -232,6 +233,56 @@ async def _find_in_topic(settings: Settings, topic: str, needle: str) -> bytes |
     finally:
         await consumer.stop()
     return None
+
+
+CONTROLS = ["\x00", "\x1f", "\x7f", "\x85"]
+
+
+@pytest.mark.parametrize("control", CONTROLS, ids=lambda c: f"U+{ord(c):04X}")
+@pytest.mark.parametrize(
+    ("field", "change"),
+    [
+        ("id", lambda c: {"id": f"evt{c}1"}),
+        ("source", lambda c: {"source": f"gw{c}"}),
+        ("type", lambda c: {"type": f"api_call{c}"}),
+        ("subject", lambda c: {"subject": f"acme{c}"}),
+        ("data.endpoint", lambda c: {"endpoint": f"/v1/{c}x"}),
+        ("data", lambda c: {f"end{c}point": "/v1/x"}),
+    ],
+)
+async def test_control_characters_are_rejected_by_field_and_dead_lettered(
+    client: httpx.AsyncClient, settings: Settings, tenant: str, field: str, change, control: str
+) -> None:
+    """A control character in an id, source, type, subject or dimension (name or value)
+    rejects that event alone, naming the field and the character; its batch keeps the
+    valid events, and the rejected one goes to the dead-letter topic."""
+    trace = uuid.uuid4().hex
+    bad = event(tenant, data={"endpoint": "/v1/x", "trace": trace})
+    changed = change(control)
+    if field.startswith("data"):
+        bad["data"] = {"trace": trace} | changed
+    else:
+        bad |= changed
+    body = (await post(client, [event(tenant), bad])).json()
+    assert (body["accepted"], body["rejected"]) == (1, 1), body
+    [error] = body["results"][1]["errors"]
+    assert error["field"] == field
+    assert "must not contain control characters" in error["reason"]
+    assert f"found U+{ord(control):04X}" in error["reason"]
+    letter = await _find_in_topic(settings, topics.DEAD_LETTERS, trace)
+    assert letter is not None and orjson.loads(letter)["errors"] == [error]
+
+
+async def test_an_integer_beyond_64_bits_is_dead_lettered(
+    client: httpx.AsyncClient, settings: Settings, tenant: str
+) -> None:
+    """orjson cannot write such an integer; the dead letter still goes out, whole."""
+    trace = uuid.uuid4().hex
+    bad = event(tenant, data={"value": 10**30, "trace": trace})
+    body = (await post(client, json.dumps([event(tenant), bad]).encode())).json()
+    assert (body["accepted"], body["rejected"]) == (1, 1), body
+    letter = await _find_in_topic(settings, topics.DEAD_LETTERS, trace)
+    assert letter is not None and json.loads(letter)["event"]["data"]["value"] == 10**30
 
 
 async def test_an_event_rejected_for_its_time_does_not_shadow_a_valid_retry(

@@ -35,3 +35,15 @@ def test_real_secrets_are_not_named() -> None:
         service_tokens=["s3cret"], admin_token="adm1n", key_pepper="p3pper", portal_secret="p0rtal"
     )
     assert settings.development_secrets() == []
+
+
+def test_the_group_session_timeout_defaults_to_the_broker_in_use(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("TALLY_KAFKA_SESSION_TIMEOUT", "KAFKA_BOOTSTRAP_SERVERS"):
+        monkeypatch.delenv(name, raising=False)
+    assert Settings(_env_file=None).group_session_timeout == 2.0  # embedded Tansu
+    kafka = Settings(_env_file=None, kafka_bootstrap_servers="kafka:9092")
+    assert kafka.group_session_timeout == 10.0  # Kafka refuses < 6 s by default
+    tansu = kafka.model_copy(update={"kafka_session_timeout": 2.0})
+    assert tansu.group_session_timeout == 2.0  # set for a Tansu given by address

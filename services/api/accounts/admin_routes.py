@@ -9,12 +9,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, EmailStr, Field
 
 from schemas.events import CUSTOMER_ID_PATTERN
 from schemas.notifications import moment
 from schemas.problem_types import CUSTOMER_EXISTS
+from schemas.text import PRINTABLE_PATTERN
 from services.api.accounts import store as accounts
 from services.api.accounts.service import (
     Accounts,
@@ -33,6 +34,10 @@ from services.common.problems import Problem
 
 ACTOR = "admin"
 
+CustomerPath = Annotated[str, Path(pattern=CUSTOMER_ID_PATTERN)]
+IdPath = Annotated[str, Path(pattern=PRINTABLE_PATTERN)]
+"""Ids in paths: control characters are refused by name (``schemas.text``)."""
+
 
 class NewCustomer(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -41,7 +46,7 @@ class NewCustomer(BaseModel):
         None, description="Your own id for the customer (the events' subject); default cus_…"
     )
     email: EmailStr
-    company: Annotated[str, Field(max_length=200)] = ""
+    company: Annotated[str, Field(max_length=200, pattern=PRINTABLE_PATTERN)] = ""
     plan: str = "free"
     issue_key: bool = True
 
@@ -127,7 +132,7 @@ def router(service: Accounts) -> APIRouter:
         summary="One customer and its keys",
         responses=problem_responses(404, 422),
     )
-    async def get_customer(customer_id: str) -> CustomerDetail:
+    async def get_customer(customer_id: CustomerPath) -> CustomerDetail:
         customer = await service.customer(customer_id)
         async with pool.connection() as conn:
             keys = await accounts.list_keys(conn, customer_id)
@@ -138,7 +143,7 @@ def router(service: Accounts) -> APIRouter:
         summary="Change plan or status; applies at once",
         responses=problem_responses(404, 422),
     )
-    async def change_customer(customer_id: str, body: CustomerChange) -> Customer:
+    async def change_customer(customer_id: CustomerPath, body: CustomerChange) -> Customer:
         await service.customer(customer_id)
         plan = await service.plan(body.plan) if body.plan else None
         changed = None
@@ -160,7 +165,7 @@ def router(service: Accounts) -> APIRouter:
         summary="Issue a key",
         responses=problem_responses(404, 422),
     )
-    async def new_key(customer_id: str, body: NewKeyRequest) -> IssuedKey:
+    async def new_key(customer_id: CustomerPath, body: NewKeyRequest) -> IssuedKey:
         await service.customer(customer_id)
         return await service.new_key(customer_id, body, ACTOR, grantor=None)
 
@@ -169,7 +174,7 @@ def router(service: Accounts) -> APIRouter:
         status_code=201,
         responses=problem_responses(404, 409, 422),
     )
-    async def rotate_key(customer_id: str, key_id: str, body: Rotation) -> RotatedKey:
+    async def rotate_key(customer_id: CustomerPath, key_id: IdPath, body: Rotation) -> RotatedKey:
         key = await service.key(customer_id, key_id)
         return await service.rotate(key, body, ACTOR, grantor=None)
 
@@ -178,7 +183,7 @@ def router(service: Accounts) -> APIRouter:
         status_code=204,
         responses=problem_responses(404, 422),
     )
-    async def revoke_key(customer_id: str, key_id: str) -> None:
+    async def revoke_key(customer_id: CustomerPath, key_id: IdPath) -> None:
         await service.revoke(await service.key(customer_id, key_id), ACTOR)
 
     @api.get(

@@ -9,7 +9,9 @@ from pydantic import BaseModel, ConfigDict, EmailStr, Field
 
 from schemas.api_keys import Holder, Scope
 from schemas.plans import Plan
+from schemas.text import PRINTABLE_PATTERN
 from services.api.accounts import store as accounts
+from services.api.accounts.admin_routes import IdPath
 from services.api.accounts.service import (
     Accounts,
     IssuedKey,
@@ -32,7 +34,7 @@ class SignUp(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     email: EmailStr
-    company: Annotated[str, Field(min_length=1, max_length=200)]
+    company: Annotated[str, Field(min_length=1, max_length=200, pattern=PRINTABLE_PATTERN)]
     plan: Annotated[str, Field(min_length=1, max_length=64)] = "free"
 
 
@@ -109,7 +111,7 @@ def router(service: Accounts) -> APIRouter:
         summary="Replace a key, with grace",
         responses=problem_responses(401, 403, 404, 409, 422, 429),
     )
-    async def rotate(key_id: str, body: Rotation, request: Request) -> RotatedKey:
+    async def rotate(key_id: IdPath, body: Rotation, request: Request) -> RotatedKey:
         caller = await signed_in(request)
         assert caller.customer is not None
         key = await service.key(caller.customer, key_id)
@@ -123,7 +125,7 @@ def router(service: Accounts) -> APIRouter:
         summary="Revoke a key now",
         responses=problem_responses(401, 403, 404, 422, 429),
     )
-    async def revoke(key_id: str, request: Request) -> None:
+    async def revoke(key_id: IdPath, request: Request) -> None:
         caller = await signed_in(request)
         assert caller.customer is not None
         key = await service.key(caller.customer, key_id)

@@ -17,7 +17,7 @@ from schemas.plans import Plan, check_plan
 from schemas.problem_types import UNKNOWN_PLAN
 from services.api.accounts import projection
 from services.api.accounts import store as accounts
-from services.api.accounts.admin_routes import admin_api
+from services.api.accounts.admin_routes import IdPath, admin_api
 from services.api.accounts.service import Accounts
 from services.api.catalog import store
 from services.common import catalog
@@ -69,7 +69,7 @@ def router(service: Accounts) -> APIRouter:
         summary="Create or replace a plan: a new version, at once",
         responses=problem_responses(422),
     )
-    async def put_plan(plan_id: str, plan: Plan) -> SavedPlan:
+    async def put_plan(plan_id: IdPath, plan: Plan) -> SavedPlan:
         if plan.id != plan_id:
             raise invalid_field(
                 "id", f"the body's id {plan.id!r} differs from the path's {plan_id!r}"
@@ -96,7 +96,7 @@ def router(service: Accounts) -> APIRouter:
         summary="A plan's history: who changed what, when",
         responses=problem_responses(404, 422),
     )
-    async def plan_versions(plan_id: str) -> PlanHistory:
+    async def plan_versions(plan_id: IdPath) -> PlanHistory:
         async with pool.connection() as conn:
             rows = await store.versions(conn, plan_id)
         if not rows:

@@ -22,13 +22,14 @@ from redis.asyncio import Redis
 
 from schemas import redis_keys
 from schemas.api_keys import Scope
-from schemas.events import CUSTOMER_ID_PATTERN, VALUE_STRING_PATTERN, utcnow
+from schemas.events import CUSTOMER_ID_PATTERN, VALUE_STRING_PATTERN, NonEmpty, utcnow
 from schemas.problem_types import (
     ACCOUNT_INACTIVE,
     ENFORCEMENT_UNAVAILABLE,
     PAYMENT_OVERDUE,
     RESERVATION_CONFLICT,
 )
+from schemas.text import PRINTABLE_PATTERN
 from services.api.accounts import projection
 from services.api.accounts import store as accounts
 from services.api.enforcement import trials
@@ -55,8 +56,8 @@ class EventRef(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    source: Annotated[str, Field(min_length=1, max_length=256)]
-    id: Annotated[str, Field(min_length=1, max_length=256)]
+    source: NonEmpty  # the event's own rules, control characters refused
+    id: NonEmpty
 
 
 class EnforceRequest(BaseModel):
@@ -66,7 +67,7 @@ class EnforceRequest(BaseModel):
         None, description="Required with a service token; implied by an API key."
     )
     meter: Annotated[str, Field(min_length=1, max_length=64)] = "api_calls"
-    endpoint: Annotated[str, Field(max_length=512)] = ""
+    endpoint: Annotated[str, Field(max_length=512, pattern=PRINTABLE_PATTERN)] = ""
     quantity: Decimal = Field(
         Decimal(1), description="Units of the meter this call will use; > 0, ≤ 6 decimals."
     )

@@ -18,6 +18,7 @@ from schemas.api_keys import Scope
 from schemas.catalog import Aggregation, Meter
 from schemas.events import CUSTOMER_ID_PATTERN, utcnow
 from schemas.problem_types import INVALID_PARAMETER
+from schemas.text import control_character
 from schemas.windows import RETENTION, Window, buckets
 from services.api.usage import ranking
 from services.api.usage.reader import MAX_BUCKETS, UsageReader, as_json
@@ -116,7 +117,8 @@ class Usage:
         customer = request.path_params["customer"]
         if not _CUSTOMER.fullmatch(customer):
             raise invalid_field(
-                "path.customer", f"String should match pattern '{_CUSTOMER.pattern}'"
+                "path.customer",
+                control_character(customer) or f"String should match pattern '{_CUSTOMER.pattern}'",
             )
         try:
             query = UsageQuery.model_validate(dict(request.query_params))

@@ -25,6 +25,7 @@ from schemas.api_keys import Scope
 from schemas.events import CUSTOMER_ID_PATTERN, from_micros
 from schemas.plans import MAX_PERCENT, MAX_THRESHOLDS, Plan
 from schemas.problem_types import UNKNOWN_ALERT
+from schemas.text import PRINTABLE_PATTERN
 from services.billing.notification.access import Access
 from services.billing.notification.alerts import rules
 from services.billing.notification.alerts.compile import (
@@ -42,6 +43,7 @@ from services.common.openapi import problem_responses
 from services.common.problems import Problem, invalid_field, unknown_customer
 
 Customer = Annotated[str, Path(pattern=CUSTOMER_ID_PATTERN)]
+RuleId = Annotated[str, Path(pattern=PRINTABLE_PATTERN)]
 MAX_RULES_PER_METER = 10
 """Bounds the levels the aggregator walks for a meter (10 rules of 10, plus the plan's)."""
 Amount = Annotated[Decimal, Field(gt=0, max_digits=18, decimal_places=6)]
@@ -101,7 +103,11 @@ def router(pool: AsyncConnectionPool, access: Access, compiler: AlertCompiler) -
         status_code=204,
         summary="Remove an alert rule",
     )
-    async def remove_alert(request: Request, customer: Customer, rule_id: str) -> None:
+    async def remove_alert(
+        request: Request,
+        customer: Customer,
+        rule_id: Annotated[str, Path(pattern=PRINTABLE_PATTERN)],
+    ) -> None:
         await access.customer(request, customer, Scope.BILLING)
         async with pool.connection() as conn:
             await _plan(conn, customer)

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from schemas.api_keys import Scope
 from schemas.events import CUSTOMER_ID_PATTERN, utcnow
 from schemas.notifications import Notification, NotificationType
+from schemas.text import PRINTABLE_PATTERN
 from schemas.webhook_endpoints import EndpointList, EndpointOut
 from services.billing.notification import endpoints, urls
 from services.billing.notification.access import Access
@@ -30,7 +31,7 @@ from services.common.problems import unknown_customer
 from services.common.settings import Settings
 
 Customer = Annotated[str, Path(pattern=CUSTOMER_ID_PATTERN)]
-EndpointId = Annotated[str, Path(max_length=64)]
+EndpointId = Annotated[str, Path(max_length=64, pattern=PRINTABLE_PATTERN)]
 
 
 class EndpointIn(BaseModel):

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from schemas.api_keys import Scope
 from schemas.events import CUSTOMER_ID_PATTERN
 from schemas.problem_types import INVALID_PARAMETER
+from schemas.text import PRINTABLE_PATTERN
 from services.billing.notification import history
 from services.billing.notification.access import Access
 from services.billing.notification.history import NotificationLog
@@ -25,7 +26,7 @@ from services.common.openapi import problem_responses
 from services.common.problems import invalid_field
 
 Customer = Annotated[str, Path(pattern=CUSTOMER_ID_PATTERN)]
-NotificationId = Annotated[str, Path(max_length=64)]
+NotificationId = Annotated[str, Path(max_length=64, pattern=PRINTABLE_PATTERN)]
 CURSOR_SEPARATOR = "~"
 
 

@@ -1,0 +1,113 @@
+"""`tally up` (a supervisor of processes) against the split layout: events/s counted flat
+out, and 202 → visible latency at a paced 10,000 events/s (issue 15's targets: `tally up`
+counts at least what the split layout counts; p99 < 1 s at 10k/s).
+
+Rounds are interleaved — each round starts every layout once, in a rotated order, on
+fresh stores (``bench.stores``) — so a machine whose load drifts (this one is shared)
+tilts no layout; the medians and the spread over rounds are printed.  Each start runs
+``bench.pipeline``'s drive twice: flat out, then paced, on distinct customers.
+
+Layouts: ``up`` (this code's `tally up`), ``split`` (Tansu + `tally ingest` + `tally
+aggregator`), and with ``--baseline DIR`` ``up@baseline``: `tally up` from another
+checkout (e.g. the main branch's one-process `tally up`), run from that directory.
+
+    python -m bench.up --rounds 3 --seconds 15 [--baseline /work/main]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import statistics
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bench.pipeline import TOKEN, drive, start_services
+from bench.stores import bench_stores
+
+PACED_RATE = 10_000
+
+
+@contextlib.contextmanager
+def working_directory(path: Path | None) -> Iterator[None]:
+    """``python -m`` imports from its working directory first: a baseline checkout's
+    processes are started from it."""
+    if path is None:
+        yield
+        return
+    before = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+def one_start(args: argparse.Namespace, layout: str, number: int) -> dict[str, Any]:
+    baseline = args.baseline if layout.endswith("@baseline") else None
+    with bench_stores("tally-bench-up-") as stores:
+        env = stores.env() | {
+            "TALLY_SERVICE_TOKENS": TOKEN,
+            "TALLY_LOG_LEVEL": "WARNING",
+            "TALLY_KAFKA_SESSION_TIMEOUT": "6",
+        }
+        if baseline is not None:
+            env["PYTHONPATH"] = str(baseline)
+        run = argparse.Namespace(**vars(args), layout=layout.split("@")[0], rate=0)
+        with ExitStack() as stack, working_directory(baseline):
+            ingest = start_services(run, env, stores.data_dir, stack)
+            flat = asyncio.run(drive(_with(run, tag=f"flat{number}"), ingest.url, stores.redis_url))
+            paced = _with(run, tag=f"paced{number}", rate=PACED_RATE, batch=args.paced_batch)
+            steady = asyncio.run(drive(paced, ingest.url, stores.redis_url))
+    return {"flat": flat, "paced": steady}
+
+
+def _with(args: argparse.Namespace, **changes: Any) -> argparse.Namespace:
+    return argparse.Namespace(**(vars(args) | changes))
+
+
+def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    def spread(values: list[float]) -> dict[str, float]:
+        return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+    return {
+        "flat_counted_per_s": spread([r["flat"]["counted_per_s"] for r in runs]),
+        "flat_accepted_per_s": spread([r["flat"]["accepted_per_s"] for r in runs]),
+        "flat_refused_503": spread([r["flat"]["refused_503"] for r in runs]),
+        "paced_10k_visible_p50_ms": spread([r["paced"]["visible_p50_ms"] for r in runs]),
+        "paced_10k_visible_p99_ms": spread([r["paced"]["visible_p99_ms"] for r in runs]),
+        "paced_10k_accepted_per_s": spread([r["paced"]["accepted_per_s"] for r in runs]),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=15)
+    parser.add_argument("--customers", type=int, default=50)
+    parser.add_argument("--batch", type=int, default=2000, help="events per request")
+    parser.add_argument("--senders", type=int, default=4, help="concurrent HTTP senders")
+    parser.add_argument("--paced-batch", type=int, default=1000, help="events per paced request")
+    parser.add_argument("--target", type=int, default=60_000, help="events/s to pre-build for")
+    parser.add_argument("--baseline", type=Path, help="another checkout's `tally up` to compare")
+    args = parser.parse_args()
+    layouts = ["up", "split"] + (["up@baseline"] if args.baseline else [])
+    results: dict[str, list[dict[str, Any]]] = {layout: [] for layout in layouts}
+    for number in range(args.rounds):
+        order = layouts[number % len(layouts) :] + layouts[: number % len(layouts)]
+        for layout in order:
+            outcome = one_start(args, layout, number)
+            results[layout].append(outcome)
+            print(orjson.dumps({"round": number, "layout": layout} | outcome).decode(), flush=True)
+    report = {layout: summary(runs) for layout, runs in results.items()}
+    print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+
+
+if __name__ == "__main__":
+    main()
