@@ -7,6 +7,7 @@ import asyncio
 import errno
 import os
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,22 @@ def records(prefix: str, count: int) -> list[Record]:
     return [Record(f"cust-{i % 3}".encode(), f'{{"{prefix}":{i}}}'.encode()) for i in range(count)]
 
 
+OPENED: list[Journal] = []
+
+
+@pytest.fixture(autouse=True)
+async def close_journals() -> AsyncIterator[None]:
+    """Tests leave journals open on purpose (a crash closes nothing); their files are
+    closed after each test all the same."""
+    yield
+    while OPENED:
+        await OPENED.pop().close()
+
+
 def opened(directory: Path, segment_bytes: int = MIB, seconds: float = 60) -> Journal:
     recovery = Journal.open(directory, segment_bytes, seconds)
     assert recovery.pending == []
+    OPENED.append(recovery.journal)
     return recovery.journal
 
 
