@@ -86,6 +86,8 @@ INTERNAL_ERROR = _define("internal-error", 500, "Internal server error")
 STRIPE_ERROR = _define("stripe-error", 502, "Stripe refused the request")
 BACK_FAILED = _define("back-failed", 502, "Back process failed")
 BROKER_UNAVAILABLE = _define("broker-unavailable", 503, "Events not stored")
+JOURNAL_UNAVAILABLE = _define("journal-unavailable", 503, "Events not made durable")
+"""Ingest's write-ahead log could not store them (disk full, I/O error): none accepted."""
 OVERLOADED = _define("overloaded", 503, "Aggregation is behind; events refused")
 BACK_UNAVAILABLE = _define("back-unavailable", 503, "Back process unavailable")
 STORE_UNAVAILABLE = _define("store-unavailable", 503, "Store unavailable")

@@ -174,6 +174,17 @@ class Settings(BaseSettings):
         description="Seconds ingest waits for Kafka's acknowledgement before it answers"
         " 503 broker-unavailable (nothing reported accepted; the client retries).",
     )
+    # Ingest's write-ahead log (docs/operations.md): a 202 waits for an fsync of the
+    # events in data_dir/wal, replayed into the topic on start.  auto: on iff the broker
+    # is tally up's own Tansu (in_memory_broker: its topics live in memory); with Kafka,
+    # acks=all is enough.
+    ingest_wal: Literal["auto", "on", "off"] = "auto"
+    ingest_wal_segment_bytes: int = Field(
+        4 * 2**20, ge=4096, description="A WAL segment is closed past this size (bytes)."
+    )
+    ingest_wal_segment_seconds: float = Field(
+        2.0, gt=0, description="... or this age: the log is trimmed by whole segments."
+    )
     ingest_max_lag_seconds: float = Field(
         10.0,
         ge=0,
@@ -392,6 +403,14 @@ class Settings(BaseSettings):
     @property
     def embedded_kafka(self) -> bool:
         return self.kafka_bootstrap_servers is None
+
+    @property
+    def ingest_wal_enabled(self) -> bool:
+        return self.ingest_wal == "on" or (self.ingest_wal == "auto" and self.in_memory_broker)
+
+    @property
+    def wal_path(self) -> Path:
+        return self.data_dir / "wal"
 
     @property
     def group_session_timeout(self) -> float:

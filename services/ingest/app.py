@@ -11,7 +11,8 @@ Answers:
   is then reported accepted, so the client's retry is safe: events that did get stored
   are dropped downstream as duplicates by (source, id).  503 ``overloaded`` with
   ``Retry-After`` while the aggregator is more than ``ingest_max_lag_seconds`` behind
-  (``backpressure``): the body is not even read.
+  (``backpressure``): the body is not even read.  503 ``journal-unavailable`` when the
+  write-ahead log, kept with the in-memory broker, could not store them.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from schemas.events import UsageEvent, utcnow
 from schemas.problem_types import (
     BROKER_UNAVAILABLE,
     INVALID_EVENTS,
+    JOURNAL_UNAVAILABLE,
     MALFORMED_BODY,
     PAYLOAD_TOO_LARGE,
     UNSUPPORTED_ENCODING,
@@ -47,6 +49,7 @@ from services.ingest import parsing
 from services.ingest.backpressure import Backpressure
 from services.ingest.parsing import Status, TimeBounds
 from services.ingest.publisher import Publisher
+from services.ingest.wal.journal import JournalError
 
 log = get_logger("tally.ingest")
 
@@ -210,6 +213,14 @@ async def _publish(
     try:
         async with asyncio.timeout(ingest.settings.kafka_publish_timeout):
             await ingest.publisher.publish(accepted, received_at)
+    except JournalError as exc:
+        log.error("write-ahead log failed", error=repr(exc), events=len(accepted))
+        raise Problem(
+            JOURNAL_UNAVAILABLE,
+            "the write-ahead log could not store the events (disk full or an I/O error), so"
+            " none is reported accepted; retry the whole request",
+            headers={"Retry-After": "1"},
+        ) from exc
     except Exception as exc:  # including TimeoutError: a broker that is down, not slow
         log.error("kafka publish failed", error=repr(exc), events=len(accepted))
         raise Problem(
