@@ -50,7 +50,8 @@ REMEMBER = timedelta(days=40)
 """How long ``publish_once`` remembers a fired id: longer than any month."""
 FIRED_TTL = timedelta(days=62)
 BATCH = 100  # customers popped from the due set at once
-WAIT_SECONDS = 1.0  # how long one blocking pop waits (bounds how late a stop is noticed)
+WAIT_SECONDS = 1.0  # how long one waiting pop polls before it returns empty-handed
+POLL_SECONDS = 0.05  # how often it looks: a crossing waits at most this long to be rated
 
 
 def month_of(now: datetime) -> Period:
@@ -162,12 +163,19 @@ class SpendWatch:
         }
 
     async def _pop(self, block: bool) -> list[str]:
-        popped_now: list[Any] = await self._redis.zpopmin(redis_keys.SPEND_DUE, BATCH)
-        found = [_text(pair[0]) for pair in popped_now]
-        if not found and block:
-            popped = await self._redis.bzpopmin(redis_keys.SPEND_DUE, WAIT_SECONDS)
-            found = [] if popped is None else [_text(popped[1])]
-        return found
+        """The customers due now; with ``block``, polled every ``POLL_SECONDS`` for up
+        to ``WAIT_SECONDS`` when none is.
+
+        Never ``BZPOPMIN``: a task cancelled inside a blocking pop can leave redis-py's
+        connection waiting, which hung a stopping billing process (as it did the
+        notification intake, which polls for the same reason)."""
+        waited = 0.0
+        while True:
+            popped: list[Any] = await self._redis.zpopmin(redis_keys.SPEND_DUE, BATCH)
+            if popped or not block or waited >= WAIT_SECONDS:
+                return [_text(pair[0]) for pair in popped]
+            await asyncio.sleep(POLL_SECONDS)
+            waited += POLL_SECONDS
 
 
 def notification(
