@@ -35,23 +35,23 @@ def test_the_broker_dies_with_tally_up_killed_by_sigkill(
 ) -> None:
     env = env_for(settings)
     env.pop("KAFKA_BOOTSTRAP_SERVERS")  # `tally up` starts its own embedded broker
-    for run in range(2):  # the second start is the start after a crash
-        up = TallyProcess(["up"], env, tmp_path / f"up-{run}.log").start()
-        assert up.process is not None
-        (tansu,) = brokers_of(up.process.pid)
-        port = next(c.laddr.port for c in tansu.net_connections() if c.status == "LISTEN")
-        # the supervisor's processes: the broker, front (ingest + api), back (aggregator…)
-        children = psutil.Process(up.process.pid).children(recursive=True)
-        assert len(children) == 3, children
-        killed = time.monotonic()
-        up.kill()  # returns once tally up is reaped
-        reaped = time.monotonic()
-        for child in children:
-            wait_for(partial(dead, child), 3, f"run {run}: {child.pid} to die")
-        gone = time.monotonic()
-        print(
-            f"run {run}: tally up reaped {reaped - killed:.2f}s after kill -9,"
-            f" its broker and processes gone {gone - reaped:.2f}s later"
-        )
-        listening = [c for c in psutil.net_connections("tcp") if c.laddr.port == port]
-        assert not [c for c in listening if c.status == "LISTEN"], f"port {port} still held"
+    # (the start after a crash, and its broker: tests/e2e/test_durable_up.py)
+    up = TallyProcess(["up"], env, tmp_path / "up.log").start()
+    assert up.process is not None
+    (tansu,) = brokers_of(up.process.pid)
+    port = next(c.laddr.port for c in tansu.net_connections() if c.status == "LISTEN")
+    # the supervisor's processes: the broker, front (ingest + api), back (aggregator…)
+    children = psutil.Process(up.process.pid).children(recursive=True)
+    assert len(children) == 3, children
+    killed = time.monotonic()
+    up.kill()  # returns once tally up is reaped
+    reaped = time.monotonic()
+    for child in children:
+        wait_for(partial(dead, child), 3, f"{child.pid} to die")
+    gone = time.monotonic()
+    print(
+        f"tally up reaped {reaped - killed:.2f}s after kill -9,"
+        f" its broker and processes gone {gone - reaped:.2f}s later"
+    )
+    listening = [c for c in psutil.net_connections("tcp") if c.laddr.port == port]
+    assert not [c for c in listening if c.status == "LISTEN"], f"port {port} still held"
