@@ -84,9 +84,10 @@ def clickhouse_url() -> Iterator[str | None]:
     yield None
 
 
-@pytest.fixture(scope="session")
-def database_url() -> Iterator[str]:
-    name = f"tally_test_{uuid.uuid4().hex[:10]}"
+@contextlib.contextmanager
+def fresh_database(prefix: str) -> Iterator[str]:
+    """A new database, migrated and seeded with the default catalog; dropped after."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     url = urlsplit(ADMIN_URL)._replace(path=f"/{name}").geturl()
@@ -95,6 +96,12 @@ def database_url() -> Iterator[str]:
     yield url
     with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    with fresh_database("tally_test") as url:
+        yield url
 
 
 async def _load_catalog(url: str) -> None:

@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import re
-import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
-import psycopg
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase
 from hypothesis import settings as hypothesis_settings
-from psycopg import sql
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.result import Ok
 from schemathesis.pytest.lazy import get_all_tests
@@ -40,12 +37,11 @@ from schemathesis.specs.openapi.checks import (
 from schemas.text import CONTROL_CHARACTERS
 from services.api import service as api_service
 from services.billing import service as billing_service
-from services.common import clickhouse, postgres
+from services.common import clickhouse
 from services.common.settings import DEV_ADMIN_TOKEN, Settings
 from services.ingest import service as ingest_service
 from services.runtime import Component, Runtime, http_app
-from tests.conftest import ADMIN_URL, PARTITIONS, REDIS_URL
-from tests.conftest import _load_catalog as load_catalog
+from tests.conftest import PARTITIONS, REDIS_URL, fresh_database
 from tests.fake_stripe import FakeStripe
 
 # schemathesis' own strategies draw from `random` (its business, not a flaw of the API)
@@ -141,15 +137,8 @@ class Tally:
 def fuzz_database() -> Iterator[str]:
     """A database of its own: the fuzzing creates customers and keys and rewrites plans
     at random, which the other modules of the session must not see."""
-    name = f"tally_fuzz_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = urlsplit(ADMIN_URL)._replace(path=f"/{name}").geturl()
-    postgres.migrate(url)
-    asyncio.run(load_catalog(url))
-    yield url
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+    with fresh_database("tally_fuzz") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
