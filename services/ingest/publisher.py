@@ -44,6 +44,8 @@ class Publisher:
             for customer, batch in by_customer.items()
             for payload in envelope.envelopes(customer, batch, received_at)
         ]
+        if not records:  # every event rejected: nothing to log (an empty append never flushes)
+            return
         if self._journal is None:
             await self.produce(records)
             return

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -87,6 +88,21 @@ async def test_a_202_means_in_the_log_and_trimmed_once_the_group_committed_past_
     finally:
         await committed.close()
     assert not list((tmp_path / "wal").iterdir())
+
+
+async def test_a_request_whose_every_event_is_rejected_is_422_at_once_with_the_log(
+    logged: tuple[httpx.AsyncClient, Journal], tenant: str
+) -> None:
+    """Nothing to log: the answer is the refusal, not a wait for a flush that never
+    comes (it was a 503 broker-unavailable after the publish timeout)."""
+    http, _ = logged
+    bad = events(tenant, 2)
+    for event in bad:
+        event["id"] = "a\x00b"
+    started = time.monotonic()
+    reply = await http.post("/v1/events", content=orjson.dumps(bad), headers=HEADERS)
+    assert reply.status_code == 422, reply.text
+    assert time.monotonic() - started < 2
 
 
 async def test_a_log_that_cannot_be_written_is_503_journal_unavailable(
