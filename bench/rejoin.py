@@ -37,43 +37,17 @@ from pathlib import Path
 import redis
 
 from bench.stores import bench_stores
-from schemas import redis_keys
-from schemas.events import UsageEvent, utcnow
-from schemas.windows import Window, bucket_id
 from services.common import kafka
 from services.common.broker import EmbeddedBroker
-from services.ingest.publisher import Publisher
+from tests.probe_support import counted, publish_one
 from tests.support import TallyProcess, wait_for
 
 PARTITIONS = 8
 PROBE = "bench-rejoin-probe"
 
 
-def probe_event() -> UsageEvent:
-    return UsageEvent.model_validate(
-        {
-            "specversion": "1.0",
-            "id": uuid.uuid4().hex,
-            "source": "bench/rejoin",
-            "type": "api_call",
-            "subject": PROBE,
-            "time": utcnow().isoformat(),
-            "data": {"endpoint": "/v1/x"},
-        }
-    )
-
-
-async def publish_one(bootstrap: str) -> None:
-    producer = await kafka.start_producer(bootstrap)
-    try:
-        await Publisher(producer).publish([probe_event()], utcnow())
-    finally:
-        await producer.stop()
-
-
 def probes_counted(client: redis.Redis) -> int:
-    key = redis_keys.counters(PROBE, "api_calls", Window.DAY, bucket_id(Window.DAY, utcnow()))
-    return int(client.hget(key, redis_keys.TOTAL) or 0) // 1_000_000
+    return counted(client, PROBE)
 
 
 JOINED = re.compile(r"consumer group joined.*since_start_seconds=([0-9.]+)")
@@ -176,7 +150,7 @@ def measure(
     """Start ``aggregator``, then stop and restart it ``runs`` times each way."""
     aggregator.start(ready_timeout=120)
     want = probes_counted(client) + 1
-    asyncio.run(publish_one(bootstrap))
+    publish_one(bootstrap, PROBE)
     wait_for(lambda: probes_counted(client) >= want, 120, "first probe", aggregator.tail)
     for kind, sig in (("SIGTERM", signal.SIGTERM), ("kill -9", signal.SIGKILL)):
         found = figures.setdefault((session, kind), {"counted": [], "ready": [], "join": []})
@@ -186,7 +160,7 @@ def measure(
                 aggregator.kill()
             else:
                 aggregator.stop(sig)
-            asyncio.run(publish_one(bootstrap))
+            publish_one(bootstrap, PROBE)
             took = restart(aggregator, client, probes_counted(client) + 1)
             for name, seconds in took.items():
                 found[name].append(seconds)

@@ -10,24 +10,18 @@ process starting. ``bench.rejoin`` measures it; this test holds generous bounds.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import signal
 import time
-import uuid
 from functools import partial
 from pathlib import Path
 
 import pytest
 import redis
 
-from schemas import redis_keys
-from schemas.events import UsageEvent, from_micros, utcnow
-from schemas.windows import Window, bucket_id
-from services.common import kafka
 from services.common.settings import Settings
-from services.ingest.publisher import Publisher
 from tests.conftest import env_for
+from tests.probe_support import counted, publish_one
 from tests.support import TallyProcess, wait_for
 
 pytestmark = pytest.mark.slow
@@ -37,34 +31,6 @@ pytestmark = pytest.mark.slow
 RESTART_BOUND = 20.0
 JOIN_BOUND = 4.0  # app start to partitions assigned: 1.4-2.4 s measured; 5.4-6.1 s before
 JOINED = re.compile(r"consumer group joined.*since_start_seconds=([0-9.]+)")
-
-
-def publish_one(bootstrap: str, customer: str) -> None:
-    event = UsageEvent.model_validate(
-        {
-            "specversion": "1.0",
-            "id": uuid.uuid4().hex,
-            "source": "rejoin",
-            "type": "api_call",
-            "subject": customer,
-            "time": utcnow().isoformat(),
-            "data": {"endpoint": "/v1/x"},
-        }
-    )
-
-    async def send() -> None:
-        producer = await kafka.start_producer(bootstrap)
-        try:
-            await Publisher(producer).publish([event], utcnow())
-        finally:
-            await producer.stop()
-
-    asyncio.run(send())
-
-
-def counted(client: redis.Redis, customer: str) -> int:
-    key = redis_keys.counters(customer, "api_calls", Window.DAY, bucket_id(Window.DAY, utcnow()))
-    return int(from_micros(int(client.hget(key, redis_keys.TOTAL) or 0)))
 
 
 def all_counted(client: redis.Redis, customer: str, number: int) -> bool:
