@@ -24,8 +24,8 @@ import pytest
 from services.common.settings import Settings
 from tests.conftest import REDIS_URL, env_for
 from tests.e2e.test_faults import behind, events
-from tests.e2e.test_rejoin import publish_one
 from tests.faults import FaultProxy
+from tests.probe_support import publish_one
 from tests.support import TallyProcess
 
 pytestmark = pytest.mark.slow
