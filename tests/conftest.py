@@ -149,6 +149,12 @@ def env_for(settings: Settings) -> dict[str, str]:
     return env
 
 
+UNWATCHED_GROUP = {"TALLY_INGEST_MAX_LAG_SECONDS": "0"}
+"""For an ingest whose test moves the aggregator to a new consumer group (a full replay):
+ingest would go on watching the old group, whose lag only grows, and answer 503
+``overloaded`` once it passed the bound."""
+
+
 @pytest.fixture
 async def redis() -> AsyncIterator[Redis]:
     client = Redis.from_url(REDIS_URL)

@@ -31,7 +31,7 @@ from schemas.windows import Window, bucket_id
 from services.billing.notification.alerts.compile import AlertCompiler
 from services.common.settings import Settings
 from tests.accounts_support import running_api, sign_up
-from tests.conftest import env_for
+from tests.conftest import UNWATCHED_GROUP, env_for
 from tests.integration.test_alert_api import alerts_client
 from tests.support import TallyProcess, sample_event, wait_for
 
@@ -45,7 +45,7 @@ def test_thresholds_fire_once_each_through_the_pipeline(
     brief, both, ruled, months = asyncio.run(_customers(settings))
     env = env_for(settings)
     aggregator = TallyProcess(["aggregator"], env, tmp_path / "agg.log").start()
-    ingest = TallyProcess(["ingest"], env, tmp_path / "ingest.log").start()
+    ingest = TallyProcess(["ingest"], env | UNWATCHED_GROUP, tmp_path / "ingest.log").start()
     sync = redis.Redis.from_url(settings.redis_url)
     try:
         send = _sender(ingest.url, settings.service_tokens[0])

@@ -39,7 +39,7 @@ from schemas.windows import Window, bucket_id
 from services.common.notify import publish
 from services.common.settings import Settings
 from tests.accounts_support import Account, running_api, sign_up
-from tests.conftest import env_for
+from tests.conftest import UNWATCHED_GROUP, env_for
 from tests.integration.test_notify_scenario import crossed
 from tests.support import TallyProcess, sample_event
 from tests.webhook_support import Inbox, Receiver, eventually, receiver, smtp_inbox
@@ -59,7 +59,7 @@ async def test_800_900_1000_calls_are_one_webhook_and_one_email_each(
         env = env_for(settings)
         billing = _billing(env, tmp_path, inbox)
         aggregator = TallyProcess(["aggregator"], env, tmp_path / "agg.log")
-        ingest = TallyProcess(["ingest"], env, tmp_path / "ingest.log")
+        ingest = TallyProcess(["ingest"], env | UNWATCHED_GROUP, tmp_path / "ingest.log")
         async with _running(billing, aggregator, ingest):
             secret = await _endpoint(billing.url, customer, rx.url("/ok/chain"))
             # billing compiles everyone's alert levels at start: the 80/90/100 % of 1,000

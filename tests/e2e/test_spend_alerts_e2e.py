@@ -28,7 +28,7 @@ from schemas.windows import Window, bucket_id
 from services.billing.notification.alerts.invoice import SpendWatch
 from services.common.settings import Settings
 from tests.accounts_support import running_api, sign_up
-from tests.conftest import env_for
+from tests.conftest import UNWATCHED_GROUP, env_for
 from tests.e2e.test_alerts_e2e import _alerts
 from tests.integration.test_alert_api import SERVICE, alerts_client
 from tests.support import TallyProcess, sample_event
@@ -43,7 +43,7 @@ def test_the_whole_invoice_fires_once_through_the_pipeline(
     customer = asyncio.run(_customer(settings))
     env = env_for(settings)
     aggregator = TallyProcess(["aggregator"], env, tmp_path / "agg.log").start()
-    ingest = TallyProcess(["ingest"], env, tmp_path / "ingest.log").start()
+    ingest = TallyProcess(["ingest"], env | UNWATCHED_GROUP, tmp_path / "ingest.log").start()
     sync = redis.Redis.from_url(settings.redis_url)
     send = _sender(ingest.url, settings.service_tokens[0], customer)
 
