@@ -113,6 +113,25 @@ async def _load_catalog(url: str) -> None:
 def settings(
     tmp_path: Path, database_url: str, kafka_bootstrap: str, clickhouse_url: str | None
 ) -> Settings:
+    return _settings(tmp_path, database_url, kafka_bootstrap, clickhouse_url)
+
+
+@pytest.fixture(scope="module")
+def module_settings(
+    tmp_path_factory: pytest.TempPathFactory,
+    database_url: str,
+    kafka_bootstrap: str,
+    clickhouse_url: str | None,
+) -> Settings:
+    """Settings shared by a module's tests, for one ``tally up`` serving them all (starting
+    one takes seconds); its tests keep apart by their own plans and customers."""
+    tmp = tmp_path_factory.mktemp("module")
+    return _settings(tmp, database_url, kafka_bootstrap, clickhouse_url)
+
+
+def _settings(
+    tmp_path: Path, database_url: str, kafka_bootstrap: str, clickhouse_url: str | None
+) -> Settings:
     return Settings(
         database_url=database_url,
         redis_url=REDIS_URL,

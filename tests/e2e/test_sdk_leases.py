@@ -26,18 +26,21 @@ from tests.conftest import env_for
 from tests.support import TallyProcess, wait_for
 
 pytestmark = pytest.mark.slow
-TOKEN = "test-token"  # the service token of the `settings` fixture
+TOKEN = "test-token"  # the service token of the `module_settings` fixture
 TTL = 2.0  # seconds: TALLY_LEASE_TTL_MS's default
 PROBLEM = "application/problem+json"
 
 
-@pytest.fixture
-def up(settings: Settings, tmp_path: Path) -> Iterator[TallyProcess]:
-    env = env_for(settings) | {
+@pytest.fixture(scope="module")
+def up(
+    module_settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TallyProcess]:
+    env = env_for(module_settings) | {
         "TALLY_ADMIN_TOKEN": ADMIN["Authorization"].removeprefix("Bearer "),
         "TALLY_IP_LIMIT_PER_SECOND": "0",
     }
-    process = TallyProcess(["up"], env, tmp_path / "up.log").start()
+    log = tmp_path_factory.mktemp("up") / "up.log"
+    process = TallyProcess(["up"], env, log).start()
     yield process
     process.stop()
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,13 +21,16 @@ from tests.conftest import env_for
 from tests.support import TallyProcess, wait_for
 
 pytestmark = pytest.mark.slow
-TOKEN = "test-token"  # the service token of the `settings` fixture
+TOKEN = "test-token"  # the service token of the `module_settings` fixture
 PROBLEM = "application/problem+json"
 
 
-@pytest.fixture
-def up(settings: Settings, tmp_path: Path) -> Iterator[TallyProcess]:
-    process = TallyProcess(["up"], env_for(settings), tmp_path / "up.log").start()
+@pytest.fixture(scope="module")
+def up(
+    module_settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TallyProcess]:
+    log = tmp_path_factory.mktemp("up") / "up.log"
+    process = TallyProcess(["up"], env_for(module_settings), log).start()
     yield process
     process.stop()
 
