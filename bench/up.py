@@ -7,6 +7,13 @@ fresh stores (``bench.stores``) — so a machine whose load drifts (this one is 
 tilts no layout; the medians and the spread over rounds are printed.  Each start runs
 ``bench.pipeline``'s drive twice: flat out, then paced, on distinct customers.
 
+Paced is issue 15's workload: 10,000 events/s offered as 100-event requests (each over
+the run's customers, 50 by default: about 50 records a request, as a busy API's
+batches look) from 20 senders, each at its own phase on an even schedule (they start
+late only when an answer takes longer than their interval: ``started_late_p99_ms``
+says whether the offered rate held).  Per request, the time from its 202 to its probe
+event counted in the live counters (Redis): p50, p99 and max; and the events/s counted.
+
 Layouts: ``up`` (this code's `tally up`), ``split`` (Tansu + `tally ingest` + `tally
 aggregator`), and with ``--baseline DIR`` ``up@baseline``: `tally up` from another
 checkout (e.g. the main branch's one-process `tally up`), run from that directory.
@@ -63,7 +70,13 @@ def one_start(args: argparse.Namespace, layout: str, number: int) -> dict[str, A
         with ExitStack() as stack, working_directory(baseline):
             ingest = start_services(run, env, stores.data_dir, stack)
             flat = asyncio.run(drive(_with(run, tag=f"flat{number}"), ingest.url, stores.redis_url))
-            paced = _with(run, tag=f"paced{number}", rate=PACED_RATE, batch=args.paced_batch)
+            paced = _with(
+                run,
+                tag=f"paced{number}",
+                rate=PACED_RATE,
+                batch=args.paced_batch,
+                senders=args.paced_senders,
+            )
             steady = asyncio.run(drive(paced, ingest.url, stores.redis_url))
     return {"flat": flat, "paced": steady}
 
@@ -82,6 +95,9 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "flat_refused_503": spread([r["flat"]["refused_503"] for r in runs]),
         "paced_10k_visible_p50_ms": spread([r["paced"]["visible_p50_ms"] for r in runs]),
         "paced_10k_visible_p99_ms": spread([r["paced"]["visible_p99_ms"] for r in runs]),
+        "paced_10k_visible_max_ms": spread([r["paced"]["visible_max_ms"] for r in runs]),
+        "paced_10k_counted_per_s": spread([r["paced"]["counted_per_s"] for r in runs]),
+        "paced_10k_started_late_p99_ms": spread([r["paced"]["started_late_p99_ms"] for r in runs]),
         "paced_10k_accepted_per_s": spread([r["paced"]["accepted_per_s"] for r in runs]),
     }
 
@@ -93,7 +109,10 @@ def main() -> None:
     parser.add_argument("--customers", type=int, default=50)
     parser.add_argument("--batch", type=int, default=2000, help="events per request")
     parser.add_argument("--senders", type=int, default=4, help="concurrent HTTP senders")
-    parser.add_argument("--paced-batch", type=int, default=1000, help="events per paced request")
+    parser.add_argument("--paced-batch", type=int, default=100, help="events per paced request")
+    parser.add_argument(
+        "--paced-senders", type=int, default=20, help="paced senders (each at rate/senders)"
+    )
     parser.add_argument("--target", type=int, default=60_000, help="events/s to pre-build for")
     parser.add_argument("--baseline", type=Path, help="another checkout's `tally up` to compare")
     args = parser.parse_args()
