@@ -111,16 +111,15 @@ class BatchProcessor:
         lives = await self._incarnations(records)
         for record, life in zip(records, lives, strict=True):
             try:
-                events = envelope.decode(record.value)
+                by_customer = envelope.decode_shares(record.value)
             except (ValueError, KeyError, TypeError, ArithmeticError) as exc:
                 await self._dead_letter(record, f"undecodable envelope: {exc!r}")
                 continue
-            if not events:
-                continue
-            customer = events[0].customer
             field_ = redis_keys.offset_field(record.topic, record.partition, life)
-            share = shares.setdefault((customer, field_), _Share(customer, field_))
-            share.records.append((record, events))
+            for customer, events in by_customer:
+                if events:  # a record of several customers is in each one's share
+                    share = shares.setdefault((customer, field_), _Share(customer, field_))
+                    share.records.append((record, events))
         return list(shares.values())
 
     async def _incarnations(self, records: Sequence[Record]) -> list[str]:
@@ -209,7 +208,10 @@ class BatchProcessor:
         for record, events in share.records:
             if applied is None or record.offset > applied:
                 metrics.AGGREGATED_EVENTS.labels("overflow").inc(len(events))
-                await self._dead_letter(record, "counter overflow: a sum would pass 9e12 units")
+                await self._dead_letter(
+                    _only(record, share.customer, events),
+                    "counter overflow: a sum would pass 9e12 units",
+                )
         share.overflowed = True
 
     def _plan(
@@ -236,6 +238,13 @@ class BatchProcessor:
             events=len(candidates),
             replayed=len(share.records) - len(fresh),
         )
+
+
+def _only(record: Record, customer: str, events: list[StoredEvent]) -> Record:
+    """``record`` with only ``customer``'s events: the other customers of an envelope
+    were counted, and a dead letter holds what was not."""
+    payload = envelope.encode_shares([(customer, events)], events[0].received_at)
+    return Record(record.topic, record.partition, record.offset, payload)
 
 
 def _first_sightings(
