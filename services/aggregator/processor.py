@@ -1,12 +1,18 @@
 """One batch of Kafka records through the sinks, with an exactly-once effect.
 
-Order matters: ClickHouse first (idempotent by key), then Redis (idempotent by offset),
-and only then may the caller acknowledge the records.  A crash between any two steps
-replays the batch, and the replay changes nothing that was already applied.
+Both sinks are written at the same time — the ClickHouse insert in a thread (chDB and
+the server client leave the event loop free meanwhile), the Redis calls on the loop —
+and only once both are done may the caller acknowledge the records.  Each is idempotent
+on its own (ClickHouse by event key, Redis by offset), so a crash at any moment replays
+the batch and the replay changes nothing either had applied: a batch counted in Redis
+but not yet in ClickHouse is inserted again (every event of the batch is), one in
+ClickHouse but not in Redis is counted.  Writing them one after the other made a count
+wait for the insert: a batch's 202 → visible time was the sum of the two.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -92,15 +98,25 @@ class BatchProcessor:
         events = [e for share in batch.shares for _, evs in share.records for e in evs]
         metrics.AGGREGATOR_BATCH_RECORDS.observe(len(batch.records))
         metrics.AGGREGATOR_BATCH_EVENTS.observe(len(events))
-        with metrics.SINK_SECONDS.labels("clickhouse").time():
-            await self._clickhouse.write(events)
-        with metrics.SINK_SECONDS.labels("redis").time():
-            await self._apply(batch.shares, utcnow())
+        outcomes = await asyncio.gather(
+            self._insert(events), self._count(batch.shares), return_exceptions=True
+        )
+        for outcome in outcomes:  # both finished; a failure makes the caller retry the batch
+            if isinstance(outcome, BaseException):
+                raise outcome
         if self._tell_alerting is not None and self._alerting:
             self._tell_alerting(self._alerting)
             self._alerting = set()
         for record in batch.records:
             self.positions[(record.topic, record.partition)] = record.offset
+
+    async def _insert(self, events: list[StoredEvent]) -> None:
+        with metrics.SINK_SECONDS.labels("clickhouse").time():
+            await self._clickhouse.write(events)
+
+    async def _count(self, shares: list[_Share]) -> None:
+        with metrics.SINK_SECONDS.labels("redis").time():
+            await self._apply(shares, utcnow())
 
     async def decode(self, records: Sequence[Record]) -> Batch:
         """Group records into shares; unreadable ones go to the dead-letter topic."""

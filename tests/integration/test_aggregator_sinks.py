@@ -333,6 +333,26 @@ async def test_an_overflow_dead_letters_only_its_customers_events_of_a_shared_re
     assert await day_counter(redis, other, "compute_seconds") == Decimal("1.5")
 
 
+async def test_a_batch_counted_while_its_insert_failed_is_inserted_not_counted_on_retry(
+    processor: BatchProcessor, redis: Redis, ch: ClickHouse, tenant: str
+) -> None:
+    """The sinks are written at once: Redis may have counted a batch whose ClickHouse
+    insert failed.  The retry inserts it and counts nothing again."""
+    customer = f"{tenant}-ch"
+    batch = [record(1, stored(customer, "api_call", "1"), stored(customer, "api_call", "2"))]
+    ch.command(f"RENAME TABLE {ch.database}.events TO {ch.database}.events_away")
+    try:
+        with pytest.raises(ClickHouseError):
+            await processor.process(batch)
+    finally:
+        ch.command(f"RENAME TABLE {ch.database}.events_away TO {ch.database}.events")
+    assert await day_counter(redis, customer, "api_calls") == 2
+    assert raw_rows(ch, customer) == 0
+    await processor.process(batch)
+    assert await day_counter(redis, customer, "api_calls") == 2
+    assert raw_rows(ch, customer) == 2
+
+
 def test_dead_letters_stay_under_the_message_limit() -> None:
     quoted = Record(TOPIC, 3, 9, b'"\\' * 400_000)
     letter = orjson.loads(dead_letter_message(quoted, "undecodable envelope"))
