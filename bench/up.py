@@ -64,6 +64,7 @@ def one_start(args: argparse.Namespace, layout: str, number: int) -> dict[str, A
             "TALLY_LOG_LEVEL": "WARNING",
             "TALLY_KAFKA_SESSION_TIMEOUT": "6",
         }
+        env |= dict(setting.split("=", 1) for setting in args.set)
         if baseline is not None:
             env["PYTHONPATH"] = str(baseline)
         run = argparse.Namespace(**vars(args), layout=layout.split("@")[0], rate=0)
@@ -126,6 +127,13 @@ def main() -> None:
     parser.add_argument("--target", type=int, default=60_000, help="events/s to pre-build for")
     parser.add_argument("--layouts", default="up,split", help="of up and split, comma-separated")
     parser.add_argument("--only", choices=["flat", "paced"], help="run one of the two drives")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for every layout's processes, e.g. TALLY_AGGREGATOR_BATCH_SECONDS=0.1",
+    )
     parser.add_argument("--baseline", type=Path, help="another checkout's `tally up` to compare")
     args = parser.parse_args()
     layouts = args.layouts.split(",") + (["up@baseline"] if args.baseline else [])
