@@ -25,7 +25,6 @@ import statistics
 import sys
 import time
 import uuid
-from collections import defaultdict
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -36,12 +35,11 @@ import orjson
 
 from bench.pipeline import TOKEN
 from bench.stores import bench_stores
-from schemas import envelope
 from schemas.events import UsageEvent, utcnow
 from services.common import clickhouse
 from services.common.settings import Settings
+from services.ingest.publisher import envelope_records
 from services.ingest.wal.journal import Journal
-from services.ingest.wal.segment import Record
 from tests.support import TallyProcess, wait_for
 
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}
@@ -165,22 +163,17 @@ def stored(data_dir: Path) -> tuple[int, set[str]]:
 
 def seed_backlog(ledger: Ledger, args: argparse.Namespace, wal: Path) -> None:
     """``--backlog`` events acknowledged and never counted, as a crash leaves them: in
-    the log as ingest writes it (one envelope per customer per request), for the first
+    the log as ingest writes it (one envelope per partition per request), for the first
     start to replay."""
 
     async def write() -> None:
         journal = Journal.open(wal, 4 * 2**20, 2.0).journal
         received_at = utcnow()
+        partitions = tuple(range(Settings.model_fields["events_partitions"].default))
         for _ in range(args.backlog // args.batch):
             batch = ledger.batch(args.batch)
-            by_customer: dict[str, list[UsageEvent]] = defaultdict(list)
-            for raw in batch:
-                by_customer[raw["subject"]].append(UsageEvent.model_validate(raw))
-            records = [
-                Record(c.encode(), payload)
-                for c, events in by_customer.items()
-                for payload in envelope.envelopes(c, events, received_at)
-            ]
+            events = [UsageEvent.model_validate(raw) for raw in batch]
+            records = envelope_records(events, received_at, partitions)
             ticket = journal.append(records)
             await ticket.wait()
             journal.release(ticket, None)

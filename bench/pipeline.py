@@ -73,17 +73,27 @@ async def sender(
     interval: float,
     sent: list[tuple[float, int]],
     refused: list[int],
+    late: list[float] | None = None,
+    phase: float = 0.0,
 ) -> int:
-    """Post bodies back to back, or one per ``interval`` seconds when pacing; a 503
-    (ingest's backpressure) is retried after its ``Retry-After``, as a client should."""
+    """Post bodies back to back, or one per ``interval`` seconds when pacing (starting
+    ``phase`` seconds in, so paced senders spread their requests evenly); a 503
+    (ingest's backpressure) is retried after its ``Retry-After``, as a client should.
+
+    A sender waits for a request's answer before it starts its next one: its requests
+    reach the probe's partition in order, which is what makes "the probe's count reached
+    n" mean "request n is visible".  Paced, it notes in ``late`` how far behind its
+    schedule each request started: near zero when the offered rate held."""
     accepted = 0
     headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
-    next_at = time.monotonic()
+    next_at = time.monotonic() + phase
     for number, body in enumerate(bodies, start=1):
         if time.monotonic() >= deadline:
             break
         if interval:
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            if late is not None:
+                late.append(time.monotonic() - next_at)
             next_at += interval
         response = await client.post("/v1/events", content=body, headers=headers)
         while response.status_code == 503 and time.monotonic() < deadline:
@@ -154,14 +164,25 @@ async def drive(args: argparse.Namespace, url: str, redis_url: str) -> dict[str,
     sent: list[list[tuple[float, int]]] = [[] for _ in range(args.senders)]
     stop = asyncio.Event()
     refused: list[int] = []
-    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+    late: list[float] = []
+    limits = httpx.Limits(max_connections=args.senders, max_keepalive_connections=args.senders)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
         watcher = asyncio.create_task(watch(redis_url, args.tag, args.senders, sent, stop))
         start = time.monotonic()
         deadline = start + args.seconds
         accepted = sum(
             await asyncio.gather(
                 *(
-                    sender(client, bodies[s], deadline, interval, sent[s], refused)
+                    sender(
+                        client,
+                        bodies[s],
+                        deadline,
+                        interval,
+                        sent[s],
+                        refused,
+                        late,
+                        phase=interval * s / args.senders,
+                    )
                     for s in range(args.senders)
                 )
             )
@@ -175,6 +196,7 @@ async def drive(args: argparse.Namespace, url: str, redis_url: str) -> dict[str,
             total = await counted(redis_url, args.tag, args.customers, args.senders)
         drained = time.monotonic() - start
     latencies.sort()
+    late.sort()
     return {
         "layout": args.layout,
         "offered_per_s": args.rate or "flat out",
@@ -189,6 +211,8 @@ async def drive(args: argparse.Namespace, url: str, redis_url: str) -> dict[str,
         "drained_after_s": round(drained, 2),
         "visible_p50_ms": round(statistics.median(latencies) * 1000, 1),
         "visible_p99_ms": round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 1),
+        "visible_max_ms": round(latencies[-1] * 1000, 1),
+        "started_late_p99_ms": round(late[int(len(late) * 0.99) - 1] * 1000, 1) if late else 0,
         "requests": len(latencies),
         "refused_503": len(refused),
     }

@@ -30,7 +30,7 @@ _DECIMAL_STRING = r"^[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?$"
 
 
 class EnvelopeEvent(BaseModel):
-    """One event inside an envelope; its customer is the envelope's."""
+    """One event inside an envelope; its customer is its share's (or the envelope's)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -45,15 +45,49 @@ class EnvelopeEvent(BaseModel):
     lease: str | None = Field(None, description="The lease it was spent under (tallylease).")
 
 
-class Envelope(BaseModel):
-    """A Kafka record on ``tally.events``: one customer's events from one request."""
+class SingleCustomerEnvelope(BaseModel):
+    """Version 1 of a Kafka record on ``tally.events``: one customer's events from one
+    request (still read; no longer written)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    v: Literal[1] = Field(description="The envelope format version (ENVELOPE_VERSION).")
+    v: Literal[1] = Field(description="The envelope format version.")
     customer: str
     received_at: AwareDatetime = Field(description="When ingest accepted the events.")
     events: Annotated[list[EnvelopeEvent], Field(max_length=MAX_EVENTS_PER_ENVELOPE)]
+
+
+class Share(BaseModel):
+    """One customer's events in an envelope."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    customer: str
+    events: list[EnvelopeEvent]
+
+
+class SharedEnvelope(BaseModel):
+    """Version 2 (ENVELOPE_VERSION) of a Kafka record on ``tally.events``: the events of
+    one request's customers that hash to the record's partition, by customer; at most
+    MAX_EVENTS_PER_ENVELOPE events in all."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    v: Literal[2] = Field(description="The envelope format version (ENVELOPE_VERSION).")
+    received_at: AwareDatetime = Field(description="When ingest accepted the events.")
+    shares: list[Share]
+
+
+_Envelope = TypeAdapter(
+    Annotated[
+        SingleCustomerEnvelope | SharedEnvelope,
+        Field(
+            discriminator="v",
+            title="Envelope",
+            description="A Kafka record on tally.events (schemas/envelope.py).",
+        ),
+    ]
+)
 
 
 _Batch = TypeAdapter(
@@ -80,7 +114,7 @@ def documents() -> dict[str, dict[str, Any]]:
         for name, schema in {
             "usage-event.schema.json": UsageEvent.model_json_schema(),
             "usage-event-batch.schema.json": _Batch.json_schema(),
-            "envelope.schema.json": Envelope.model_json_schema(),
+            "envelope.schema.json": _Envelope.json_schema(),
             "catalog.schema.json": Catalog.model_json_schema(),
         }.items()
     }

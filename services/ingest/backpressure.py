@@ -12,8 +12,9 @@ The lag is read from Kafka, not from the aggregator's memory: committed offsets 
 every process can see, whatever process the aggregator runs in.
 
 **Its unit is seconds, not records.** A record is an envelope holding from 1 to
-``MAX_EVENTS_PER_ENVELOPE`` events of one customer, so "N records behind" means anything
-from N to 500 N events, depending on how many customers a request names.  Seconds behind
+``MAX_EVENTS_PER_ENVELOPE`` events of a request (those of its customers in one partition),
+so "N records behind" means anything from N to 500 N events, depending on how large the
+requests are and how many partitions their customers span.  Seconds behind
 — how long ago the oldest record the group has not committed was written — mean the
 same for every workload and are what a user feels (the delay before a count shows).
 They are estimated from offsets alone, as kafka-lag-exporter and Burrow do, without

@@ -1,5 +1,6 @@
-"""Publishing accepted events as per-customer envelopes, and rejections to the DLQ.
+"""Publishing accepted events as envelopes, and rejections to the DLQ.
 
+A request becomes one record per partition its customers hash to (``envelope_records``).
 ``publish`` returns only when Kafka has acknowledged every record (acks=all) and, when
 ingest keeps a write-ahead log (the embedded broker keeps topics in memory only), when
 the log has made them durable too: that is what lets ingest answer 202 and promise that
@@ -9,9 +10,10 @@ nothing accepted is lost.  The produce and the log's write run at the same time.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -36,14 +38,8 @@ class Publisher:
         self._journal = journal
 
     async def publish(self, events: Iterable[UsageEvent], received_at: datetime) -> None:
-        by_customer: dict[str, list[UsageEvent]] = defaultdict(list)
-        for event in events:
-            by_customer[event.subject].append(event)
-        records = [
-            Record(customer.encode(), payload)
-            for customer, batch in by_customer.items()
-            for payload in envelope.envelopes(customer, batch, received_at)
-        ]
+        partitions = await self._partitions()
+        records = envelope_records(events, received_at, partitions)
         if not records:  # every event rejected: nothing to log (an empty append never flushes)
             return
         if self._journal is None:
@@ -59,19 +55,26 @@ class Publisher:
     async def produce(self, records: list[Record]) -> list[tuple[int, int]]:
         """Send ``records`` to ``tally.events``; (partition, offset) of each once Kafka
         has acknowledged them all."""
+        partitions = await self._partitions()
         deliveries = [
-            await self._producer.send(topics.EVENTS, value=r.value, key=r.key) for r in records
+            await self._producer.send(
+                topics.EVENTS, value=r.value, key=r.key, partition=partition_of(r.key, partitions)
+            )
+            for r in records
         ]
         return [(m.partition, m.offset) for m in await asyncio.gather(*deliveries)]
+
+    async def _partitions(self) -> tuple[int, ...]:
+        return tuple(sorted(await self._producer.partitions_for(topics.EVENTS)))
 
     async def produce_in_batches(self, records: list[Record]) -> list[tuple[int, int]]:
         """``produce`` for many records at once (the log's replay at start-up): built into
         one batch per partition and request, which costs a tenth of a ``send`` per record.
         Partitioned by key as ``send`` does, so a customer's records stay together."""
-        partitions = sorted(await self._producer.partitions_for(topics.EVENTS))
+        partitions = await self._partitions()
         by_partition: dict[int, list[int]] = defaultdict(list)  # partition -> indexes
         for index, record in enumerate(records):
-            by_partition[_PARTITIONER(record.key, partitions, partitions)].append(index)
+            by_partition[partition_of(record.key, partitions)].append(index)
         sent: list[tuple[int, list[int], asyncio.Future[RecordMetadata]]] = []
         for partition, indexes in by_partition.items():
             for batch, members in self._batches(records, indexes):
@@ -112,6 +115,35 @@ class Publisher:
             for verdict in rejected
         ]
         await asyncio.gather(*deliveries)
+
+
+def envelope_records(
+    events: Iterable[UsageEvent], received_at: datetime, partitions: Sequence[int]
+) -> list[Record]:
+    """A request's events as records: one envelope per partition its customers hash to
+    (more only past an envelope's limits), keyed by one of those customers, so the
+    partitioner by key sends it where every customer in it belongs.  Fewer records, not
+    fewer events, is what the aggregator's per-record cost asks for
+    (``schemas.envelope``)."""
+    numbers = tuple(partitions)
+    by_partition: dict[int, dict[str, list[UsageEvent]]] = defaultdict(dict)
+    for event in events:
+        customer = event.subject
+        partition = partition_of(customer.encode(), numbers)
+        by_partition[partition].setdefault(customer, []).append(event)
+    return [
+        Record(next(iter(shares)).encode(), payload)
+        for shares in by_partition.values()
+        for payload in envelope.envelopes(shares.items(), received_at)
+    ]
+
+
+@functools.lru_cache(maxsize=65_536)
+def partition_of(key: bytes, partitions: tuple[int, ...]) -> int:
+    """The partition of ``key`` among the sorted ``partitions``, as aiokafka's default
+    partitioner (Kafka's murmur2) picks it.  Cached: murmur2 runs in Python, and a busy
+    customer is named in request after request."""
+    return int(_PARTITIONER(key, list(partitions), list(partitions)))
 
 
 def _dead_letter(verdict: Verdict, received_at: datetime, request_id: str) -> bytes:

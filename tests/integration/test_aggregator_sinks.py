@@ -69,6 +69,15 @@ def record(offset: int, *events: StoredEvent, partition: int = 0) -> Record:
     return Record(TOPIC, partition, offset, envelope.encode(customer, events, utcnow()))
 
 
+def shared(offset: int, *events: StoredEvent, partition: int = 0) -> Record:
+    """A record of several customers' events (envelope version 2), as ingest writes."""
+    by_customer: dict[str, list[StoredEvent]] = {}
+    for event in events:
+        by_customer.setdefault(event.customer, []).append(event)
+    payload = envelope.encode_shares(by_customer.items(), utcnow())
+    return Record(TOPIC, partition, offset, payload)
+
+
 async def day_counter(redis: Redis, customer: str, meter: str, field: str = "*") -> Decimal:
     key = redis_keys.counters(customer, meter, Window.DAY, bucket_id(Window.DAY, utcnow()))
     raw = await redis.hget(key, field)
@@ -292,6 +301,56 @@ async def test_a_counter_overflow_dead_letters_the_share_and_moves_on(
     assert raw_rows(ch, huge) == 10  # the record keeps them
     await processor.process([record(3, stored(huge, "compute", "y", "2"))])
     assert await day_counter(redis, huge, "compute_seconds") == 2
+
+
+async def test_a_record_of_two_customers_half_applied_before_a_crash_counts_once(
+    processor: BatchProcessor, redis: Redis, ch: ClickHouse, tenant: str
+) -> None:
+    """Each customer's share of a record is its own Lua call: a crash between the two
+    leaves one customer's offset past the record and not the other's.  The replay
+    counts the other one only."""
+    a, b = f"{tenant}-sa", f"{tenant}-sb"
+    of_a = [stored(a, "api_call", "1"), stored(a, "api_call", "2")]
+    of_b = [stored(b, "api_call", "3")]
+    await processor.process([record(20, *of_a)])  # a's share of offset 20 was applied
+    both = shared(20, of_a[0], of_b[0], of_a[1])
+    await processor.process([both, shared(21, stored(b, "api_call", "4"))])
+    await processor.process([both])
+    assert await day_counter(redis, a, "api_calls") == 2
+    assert await day_counter(redis, b, "api_calls") == 2
+    assert (raw_rows(ch, a), raw_rows(ch, b)) == (2, 2)
+
+
+async def test_an_overflow_dead_letters_only_its_customers_events_of_a_shared_record(
+    processor: BatchProcessor, redis: Redis, dead_letters: list[tuple[Record, str]], tenant: str
+) -> None:
+    huge, other = f"{tenant}-big2", f"{tenant}-ok2"
+    big = [stored(huge, "compute", str(i), "999999999999") for i in range(10)]
+    await processor.process([shared(1, *big, stored(other, "compute", "x", "1.5"))])
+    [(letter, _)] = dead_letters
+    [(customer, events)] = envelope.decode_shares(letter.value)
+    assert (customer, [e.id for e in events]) == (huge, [e.id for e in big])
+    assert await day_counter(redis, other, "compute_seconds") == Decimal("1.5")
+
+
+async def test_a_batch_counted_while_its_insert_failed_is_inserted_not_counted_on_retry(
+    processor: BatchProcessor, redis: Redis, ch: ClickHouse, tenant: str
+) -> None:
+    """The sinks are written at once: Redis may have counted a batch whose ClickHouse
+    insert failed.  The retry inserts it and counts nothing again."""
+    customer = f"{tenant}-ch"
+    batch = [record(1, stored(customer, "api_call", "1"), stored(customer, "api_call", "2"))]
+    ch.command(f"RENAME TABLE {ch.database}.events TO {ch.database}.events_away")
+    try:
+        with pytest.raises(ClickHouseError):
+            await processor.process(batch)
+    finally:
+        ch.command(f"RENAME TABLE {ch.database}.events_away TO {ch.database}.events")
+    assert await day_counter(redis, customer, "api_calls") == 2
+    assert raw_rows(ch, customer) == 0
+    await processor.process(batch)
+    assert await day_counter(redis, customer, "api_calls") == 2
+    assert raw_rows(ch, customer) == 2
 
 
 def test_dead_letters_stay_under_the_message_limit() -> None:

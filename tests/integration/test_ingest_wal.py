@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
-from schemas import topics
+from schemas import envelope, topics
 from schemas.events import utcnow
 from services.common import kafka
 from services.common.auth import Authenticator
@@ -126,7 +126,7 @@ async def test_a_log_that_cannot_be_written_is_503_journal_unavailable(
 
 
 def _ids(payload: bytes) -> list[str]:
-    return [e["id"] for e in orjson.loads(payload)["events"]]
+    return [e.id for e in envelope.decode(payload)]
 
 
 async def _consume_and_commit(bootstrap: str, group: str) -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -12,7 +13,9 @@ from schemas.envelope import (
     StoredEvent,
     chunks,
     decode,
+    decode_shares,
     encode,
+    encode_shares,
     envelopes,
 )
 from schemas.events import UsageEvent
@@ -93,7 +96,7 @@ def test_empty_envelope() -> None:
     assert decode(encode("cust_42", [], RECEIVED)) == []
 
 
-@pytest.mark.parametrize("version", [0, 2, "1", None])
+@pytest.mark.parametrize("version", [0, 3, "1", "2", None])
 def test_decode_rejects_unknown_version(version: object) -> None:
     raw = orjson.loads(encode("cust_42", [stored()], RECEIVED))
     raw["v"] = version
@@ -145,10 +148,41 @@ def test_envelopes_stay_under_the_byte_limit_whatever_the_event_size() -> None:
         )
         for i in range(400)
     ]
-    payloads = list(envelopes("cust_42", bulky, RECEIVED))
+    payloads = list(envelopes([("cust_42", bulky)], RECEIVED))
     assert len(payloads) > 1
     assert all(len(p) <= MAX_ENVELOPE_BYTES for p in payloads)
     assert [e.id for p in payloads for e in decode(p)] == [e.id for e in bulky]
+
+
+def test_shares_round_trip_with_each_event_under_its_customer() -> None:
+    a = [stored(0, customer="x"), stored(1, "2.5", customer="x")]
+    b = [stored(2, customer="ignored", endpoint="/v1/y")]
+    payload = encode_shares([("cust_a", a), ("cust_b", b)], RECEIVED)
+    assert orjson.loads(payload)["v"] == 2
+    shares = decode_shares(payload)
+    assert [(c, [e.id for e in evs]) for c, evs in shares] == [
+        ("cust_a", ["evt-0", "evt-1"]),
+        ("cust_b", ["evt-2"]),
+    ]
+    assert shares[1][1][0] == dataclasses.replace(b[0], customer="cust_b")
+    assert decode(payload) == [e for _, evs in shares for e in evs]
+
+
+def test_a_version_1_envelope_is_one_share() -> None:
+    assert decode_shares(encode("cust_42", [stored(3)], RECEIVED)) == [("cust_42", [stored(3)])]
+
+
+def test_envelopes_split_many_customers_at_the_event_limit_keeping_order() -> None:
+    shares = [
+        (f"c{c}", [stored(c * 1000 + i, customer=f"c{c}") for i in range(180)]) for c in range(4)
+    ]
+    payloads = list(envelopes(shares, RECEIVED))
+    assert [len(decode(p)) for p in payloads] == [MAX_EVENTS_PER_ENVELOPE, 220]
+    [first, second] = [decode_shares(p) for p in payloads]
+    assert [c for c, _ in first] == ["c0", "c1", "c2"] and [c for c, _ in second] == ["c2", "c3"]
+    for customer, events in shares:  # every event once, in its customer's order
+        got = [e.id for p in payloads for c, evs in decode_shares(p) if c == customer for e in evs]
+        assert got == [e.id for e in events]
 
 
 def test_decode_refuses_naive_times() -> None:

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from schemas import jsonschema as export
 from schemas.catalog import Catalog
-from schemas.envelope import StoredEvent, encode
+from schemas.envelope import StoredEvent, encode, encode_shares
 from schemas.events import UsageEvent
 from tests.support import sample_event as event
 
@@ -116,6 +116,16 @@ def test_envelope_schema_describes_encode() -> None:
     assert not validator("envelope.schema.json").is_valid({**envelope, "v": 2})
     envelope["events"][0]["value"] = float(Decimal(envelope["events"][0]["value"]))
     assert not validator("envelope.schema.json").is_valid(envelope)
+
+
+def test_envelope_schema_describes_encode_shares() -> None:
+    received = datetime(2026, 11, 3, 10, 15, 31, tzinfo=UTC)
+    events = [StoredEvent.from_usage(UsageEvent.model_validate(raw), received) for raw in GOOD]
+    shared = orjson.loads(encode_shares([("cust_1", events), ("cust_2", events)], received))
+    validator("envelope.schema.json").validate(shared)
+    assert not validator("envelope.schema.json").is_valid({**shared, "v": 1})
+    del shared["shares"][1]["customer"]
+    assert not validator("envelope.schema.json").is_valid(shared)
 
 
 def test_catalog_schema_accepts_the_default_catalog() -> None:
