@@ -29,8 +29,13 @@ layout, the kinds interleaved:
 For every run, CPU µs per served request of the app process, of Tally (``tally up``
 with its children, the embedded broker), of Redis (shared with whatever else uses it)
 and of the load generator (``wrk``, or this process for the open loop), from psutil
-and rusage.  Medians and the spread (min, max) across rounds, as JSON.  Tally's
-per-address limit is off: every request here comes from 127.0.0.1.
+and rusage, and how busy the app kept its core (``app_core_busy``, CPU s per s: under
+1 flat out means the app waited for load, or for a core other work held).  Flat out,
+``app_capacity_ratios`` divides the apps' CPU per request (``plain``'s ÷ ``tally``'s):
+the requests/s ratio the two would reach each saturating a core of its own, the figure
+that says what the middleware costs the seller's API when the load generator or Tally
+could not keep the app busy.  Medians and the spread (min, max) across rounds, as JSON.
+Tally's per-address limit is off: every request here comes from 127.0.0.1.
 
     python -m bench.edge --seconds 5 --rounds 3 --rates 1000 2000 [--baseline-sdk old/sdk]
 """
@@ -43,6 +48,7 @@ import os
 import resource
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from functools import partial
@@ -103,15 +109,17 @@ async def measured(run: Run, kind: str, under: Under) -> dict[str, Any]:
     generator."""
     watched = {"app": under.apps[kind], "tally": under.tally, "redis": under.redis}
     before = {name: cpu(p) for name, p in watched.items() if p is not None}
-    before_load = load_cpu()
+    before_load, started = load_cpu(), time.perf_counter()
     result = await run()
+    wall = time.perf_counter() - started
     summary = result.summary()
     served = max(1, int(summary["requests"]))  # type: ignore[call-overload]
-    spent = {name: cpu(p) for name, p in watched.items() if p is not None}
+    spent = {name: cpu(p) - before[name] for name, p in watched.items() if p is not None}
     return (
         summary
-        | {f"{name}_cpu_us": round((spent[name] - before[name]) / served * 1e6) for name in before}
+        | {f"{name}_cpu_us": round(spent[name] / served * 1e6) for name in spent}
         | {"load_cpu_us": round((load_cpu() - before_load) / served * 1e6)}
+        | {"app_core_busy": round(spent["app"] / wall, 2)}
     )
 
 
@@ -232,12 +240,18 @@ def summarise(
         }
         for rate, rounds in fixed.items()
     }
+    capacity = [
+        {f"{a}_vs_{b}": round(r[b]["app_cpu_us"] / r[a]["app_cpu_us"], 3) for a, b in pairs}
+        for r in flat
+    ]
     return {
         "connections": args.connections,
         "seconds_per_run": args.seconds,
         "rounds": args.rounds,
         "flat_out_per_s": across(flat, "per_second"),
         "flat_out_ratios": {name: spread([r[name] for r in ratios]) for name in ratios[0]},
+        "flat_out_app_core_busy": across(flat, "app_core_busy"),
+        "app_capacity_ratios": {name: spread([r[name] for r in capacity]) for name in capacity[0]},
         "flat_out_cpu_us_per_request": cpu_figures(flat),
         "flat_out_errors_last_round": {k: v["errors"] for k, v in flat[-1].items()},
         **offered,

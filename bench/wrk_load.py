@@ -58,7 +58,8 @@ def closed_loop(
     with tempfile.NamedTemporaryFile("w", suffix=".keys") as listed:
         listed.write("\n".join(keys) + "\n")
         listed.flush()
-        command = [wrk_path(), "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "-s", str(SCRIPT)]
+        whole = max(1, round(seconds))
+        command = [wrk_path(), "-t1", f"-c{connections}", f"-d{whole}s", "-s", str(SCRIPT)]
         command += [url, "--", listed.name, path, body.decode()]
         done = subprocess.run(command, capture_output=True, check=False)
     if done.returncode or not done.stdout.strip():
