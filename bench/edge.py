@@ -13,8 +13,10 @@ Two CPU layouts, alternated within every round (``bench.pinning``):
 
 - ``pinned``: the app under test alone on the last core; the load generator, this
   driver, ``tally up`` and its children, the Redis server (its affinity is restored at
-  the end) and the idle apps on the other cores.  This is what the middleware costs the
-  seller's API, whose Tally runs on other machines;
+  the end) and the idle apps on the other cores, the load generator and driver at nice
+  -10 so that Tally's bursts (a batch of events every half second) do not delay the
+  requests they send and time.  This is what the middleware costs the seller's API,
+  whose Tally and clients run on other machines;
 - ``shared``: every process on every core, as on one small machine (the app competes
   with the load generator, Tally and Redis).
 

@@ -25,6 +25,7 @@ import contextlib
 import gzip
 import json
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -66,8 +67,17 @@ to_json = _fast_json()
 
 
 def batch_body(events: list[dict[str, Any]], compress: bool) -> bytes:
-    """The request body for a batch: a JSON array, gzipped when ``compress``."""
-    chunks = (to_json(events[n : n + CHUNK])[1:-1] for n in range(0, len(events), CHUNK))
+    """The request body for a batch: a JSON array, gzipped when ``compress``.
+
+    Run in the emitter's thread.  Between chunks it lets go of the GIL (``sleep(0)``):
+    a thread keeps the GIL from one chunk to the next unless it blocks, and the event
+    loop, once it wants it back, would otherwise wait for the whole encoding (or the
+    interpreter's 5 ms switch interval)."""
+    chunks = []
+    for n in range(0, len(events), CHUNK):
+        if n:
+            time.sleep(0)
+        chunks.append(to_json(events[n : n + CHUNK])[1:-1])
     body = b"[" + b",".join(chunks) + b"]"
     return gzip.compress(body, compresslevel=1, mtime=0) if compress else body
 
