@@ -30,7 +30,7 @@ from tally_sdk.decision import Decision
 from tally_sdk.emitter import Emitter
 from tally_sdk.errors import error_of, unavailable
 from tally_sdk.events import Dimension, Value, completed, usage_event
-from tally_sdk.pipelined import Dropped, Pool
+from tally_sdk.pipelined import Dropped, Pool, Reply
 from tally_sdk.reports import EmitStats, OnUndelivered, Reporter
 
 Mode = Literal["check", "reserve"]
@@ -87,9 +87,15 @@ class Tally:
             size=enforce_connections,
             tls=self._enforce_url.tls,
         )
+        # Event batches on a connection of their own: a large batch queued ahead of a
+        # decision on a pipelined connection would hold the decision up.
+        self._events_pool = Pool(
+            self._enforce_url.host, self._enforce_url.port, size=1, tls=self._enforce_url.tls
+        )
+        self._timeout = timeout
         self._reporter = Reporter(on_undelivered)
         self._emitter = Emitter(
-            self._http,
+            self._post_events,
             self._reporter,
             max_buffer=max_buffer,
             overflow=overflow,
@@ -152,6 +158,7 @@ class Tally:
             await self._emitter.aclose(self.close_timeout)
         finally:
             self._pool.close()
+            self._events_pool.close()
             await self._http.aclose()
 
     async def __aenter__(self) -> Tally:
@@ -218,6 +225,11 @@ class Tally:
             raise error_of(status, answer, "POST /v1/enforce", "")
         return Decision.from_answer(status, headers, answer or {})
 
+    async def _post_events(self, body: bytes, headers: Mapping[str, str]) -> Reply:
+        """One batch to ``/v1/events`` (for the emitter: it retries)."""
+        raw = self._enforce_url.batch("/v1/events", body, headers)
+        return await self._events_pool.request(raw, self._timeout)
+
     async def post_decision(
         self, path: str, body: dict[str, Any], key: str | None, client_ip: str | None = None
     ) -> tuple[int, dict[str, str], dict[str, Any] | None]:
@@ -256,6 +268,16 @@ class _EnforceTarget:
                 "User-Agent: tally-sdk-python\r\nContent-Type: application/json\r\n"
             )
         return start
+
+    def batch(self, path: str, body: bytes, headers: Mapping[str, str]) -> bytes:
+        """A POST of ``body`` (bytes as they are) with ``headers``, as the service."""
+        extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        head = (
+            f"POST {self._prefix}{path} HTTP/1.1\r\nHost: {self._netloc}\r\n"
+            f"User-Agent: tally-sdk-python\r\n{extra}Authorization: Bearer {self._token}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        return head.encode("latin-1") + body
 
     def request(
         self, body: str, key: str | None, client_ip: str | None, path: str = "/v1/enforce"
