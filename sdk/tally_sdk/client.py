@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from tally_sdk.answers import json_object
 from tally_sdk.backoff import Backoff
 from tally_sdk.buffer import Overflow
 from tally_sdk.decision import Decision
@@ -243,7 +244,7 @@ class Tally:
             reply = await self._pool.request(raw, self.enforce_timeout)
         except (Dropped, TimeoutError) as exc:
             raise unavailable(exc, self.base_url) from exc
-        return reply.status, reply.headers, _json_object(reply.body)
+        return reply.status, reply.headers, json_object(reply.body)
 
 
 class _EnforceTarget:
@@ -296,14 +297,6 @@ class _EnforceTarget:
 
 def _unsafe(value: str) -> bool:
     return "\r" in value or "\n" in value
-
-
-def _json_object(raw: bytes) -> dict[str, Any] | None:
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        return None
-    return body if isinstance(body, dict) else None
 
 
 def _enforce_body(

@@ -86,6 +86,14 @@ def batch_body(events: list[dict[str, Any]], compress: bool) -> bytes:
     return gzip.compress(body, compresslevel=1, mtime=0) if compress else body
 
 
+async def _release(batch: list[Entry]) -> None:
+    """Free a delivered batch a chunk per turn of the event loop: freeing 2,000 events
+    (some 10,000 objects) at once is a step of several hundred µs."""
+    while batch:
+        del batch[-CHUNK:]
+        await asyncio.sleep(0)
+
+
 class Emitter:
     def __init__(
         self,
@@ -178,20 +186,18 @@ class Emitter:
     async def _run(self) -> None:
         while True:
             await self._gather()
-            self._in_flight = self._buffer.take(self._max_batch)
+            batch = self._in_flight = self._buffer.take(self._max_batch)
             try:
-                await self._deliver([entry.event for entry in self._in_flight])
+                await self._deliver([entry.event for entry in batch])
             except Exception as exc:  # a bug must not stop metering for good
                 log.exception("tally: unexpected error while sending events")
                 problem = {"detail": repr(exc)}
                 self._reporter.undelivered(
-                    [
-                        Undelivered(e.event, Outcome.ABANDONED, problem=problem)
-                        for e in self._in_flight
-                    ]
+                    [Undelivered(e.event, Outcome.ABANDONED, problem=problem) for e in batch]
                 )
             self._in_flight = []
             self._pulse()
+            await _release(batch)
 
     async def _gather(self) -> None:
         """Wait for a batch worth sending: full, ``max_delay`` old, or wanted by a flush."""
