@@ -48,6 +48,11 @@ WARM_UP_S = 2.0
 class StepClock:
     """Times every ``Handle._run`` of asyncio's loop by the thread's CPU time."""
 
+    steps: int
+    cpu_ns: int
+    over: dict[int, int]
+    longest_us: float
+
     def __init__(self) -> None:
         self.reset()
 
@@ -59,7 +64,7 @@ class StepClock:
             run(handle)
             clock.record(time.thread_time_ns() - started)
 
-        events.Handle._run = timed  # type: ignore[method-assign]
+        events.Handle._run = timed  # type: ignore[method-assign,assignment]
 
     def record(self, spent_ns: int) -> None:
         self.steps += 1
