@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup browser up demo test lint bench schemas compose-config clean
+.PHONY: setup browser wrk up demo test lint bench schemas compose-config clean
 
 $(BIN)/tally: pyproject.toml sdk/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ browser:
 	@[ -x $(CHROMIUM) ] || { $(SUDO) apt-get install -y -q chromium \
 		|| { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }; }
 
+# bench.edge drives the APIs flat out with Debian's wrk (a C load generator).
+wrk:
+	@command -v wrk >/dev/null || { $(SUDO) apt-get install -y -q wrk \
+		|| { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q wrk; }; }
+
 up: setup  ## all four services in one process, embedded Kafka (Tansu) and ClickHouse (chDB)
 	$(BIN)/tally up
 
@@ -35,7 +40,7 @@ lint: setup
 	$(BIN)/mypy .
 	$(BIN)/lint-imports
 
-bench: setup  ## pipeline, tally up, enforcement, leases, usage reads, the SDK edge, the middleware's cost, events' cost, billing run, alerts (event → webhook), aggregator rejoin, kill -9 of tally up, the write-ahead log's cost (rates and latencies)
+bench: setup wrk  ## pipeline, tally up, enforcement, leases, usage reads, the SDK edge, the middleware's cost and longest event-loop steps, events' cost, billing run, alerts (event → webhook), aggregator rejoin, kill -9 of tally up, the write-ahead log's cost (rates and latencies)
 	$(BIN)/python -m bench.pipeline
 	$(BIN)/python -m bench.up
 	$(BIN)/python -m bench.enforce
@@ -44,6 +49,7 @@ bench: setup  ## pipeline, tally up, enforcement, leases, usage reads, the SDK e
 	$(BIN)/python -m bench.sdk_client
 	$(BIN)/python -m bench.edge
 	$(BIN)/python -m bench.middleware_cost
+	$(BIN)/python -m bench.loop_steps
 	$(BIN)/python -m bench.emit_cost
 	$(BIN)/python -m bench.billing
 	$(BIN)/python -m bench.alerts

@@ -3,22 +3,41 @@
 Starts a ``tally up``-like Tally (``tally up``, all services in one process) on the
 benchmark's own stores (``bench.stores``: its PostgreSQL database, its Redis database,
 a temporary directory), signs up customers on a plan with generous limits, and serves
-the same small FastAPI API (``bench.edge_app``) three ways, each in its own uvicorn
+the same small FastAPI API (``bench.edge_app``) several ways, each in its own uvicorn
 process: plain, behind slowapi (limits in the same Redis), behind ``TallyMiddleware``
 (``tally``: calls admitted from leases held in the app, its default; ``tally_remote``:
 every request reserved in Tally over ``/v1/enforce``; each call's ``api_call`` event
-batched to ingest).  Then, from
-this process (``bench.http_load``, requests carrying a customer's key):
+batched to ingest).  Requests carry a customer's key, rotating over ``--customers``.
 
-1. flat out, ``--connections`` keep-alive connections, ``--rounds`` interleaved rounds
-   (every kind in each): requests/s, and the CPU each served request cost the
-   app process and Tally (psutil: CPU over the run ÷ requests; Tally's figure includes
-   its children, the embedded Kafka broker);
-2. offered ``--rates`` (open loop), the kinds interleaved per round too: p50/p99
-   latency, the latency Tally adds over plain, and CPU per request.
+Two CPU layouts, alternated within every round (``bench.pinning``):
 
-Medians and the spread (min, max) across rounds, as JSON.  Tally's per-address limit is
-off: every request here comes from 127.0.0.1.
+- ``pinned``: the app under test alone on the last core; the load generator, this
+  driver, ``tally up`` and its children, the Redis server (its affinity is restored at
+  the end) and the idle apps on the other cores, the load generator and driver at nice
+  -10 so that Tally's bursts (a batch of events every half second) do not delay the
+  requests they send and time.  This is what the middleware costs the seller's API,
+  whose Tally and clients run on other machines;
+- ``shared``: every process on every core, as on one small machine (the app competes
+  with the load generator, Tally and Redis).
+
+Other work on the machine (PostgreSQL, other users) is not pinned.  In each round, per
+layout, the kinds interleaved:
+
+1. flat out: ``wrk`` (C, one thread, ``--connections`` keep-alive connections, the keys
+   rotated by ``bench/edge_keys.lua``): requests/s, the ratios between kinds;
+2. offered ``--rates`` (open loop, ``bench.http_load``: due times kept, so a stall shows
+   as latency): p50/p99, and what the middleware adds over plain in the same round.
+
+For every run, CPU µs per served request of the app process, of Tally (``tally up``
+with its children, the embedded broker), of Redis (shared with whatever else uses it)
+and of the load generator (``wrk``, or this process for the open loop), from psutil
+and rusage, and how busy the app kept its core (``app_core_busy``, CPU s per s: under
+1 flat out means the app waited for load, or for a core other work held).  Flat out,
+``app_capacity_ratios`` divides the apps' CPU per request (``plain``'s ÷ ``tally``'s):
+the requests/s ratio the two would reach each saturating a core of its own, the figure
+that says what the middleware costs the seller's API when the load generator or Tally
+could not keep the app busy.  Medians and the spread (min, max) across rounds, as JSON.
+Tally's per-address limit is off: every request here comes from 127.0.0.1.
 
     python -m bench.edge --seconds 5 --rounds 3 --rates 1000 2000 [--baseline-sdk old/sdk]
 """
@@ -28,25 +47,33 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 import psutil
+import redis
 
+from bench import wrk_load
 from bench.edge_app import TOKEN
 from bench.enforce import ADMIN, dumps, sign_up, spread
-from bench.http_load import Result, closed_loop, open_loop, request
+from bench.http_load import Result, open_loop, request
+from bench.pinning import Pinning, layouts, pinning
 from bench.stores import bench_stores
+from bench.wrk_load import WrkResult
 from services.common.broker import free_port
 from tests.support import TallyProcess, wait_for
 
-Run = Callable[[], Coroutine[Any, Any, Result]]
+Run = Callable[[], Coroutine[Any, Any, Result | WrkResult]]
+PATH = "/v1/geocode"
+BODY = b'{"q":"berlin"}'
 
 
 def cpu(process: psutil.Process) -> float:
@@ -61,15 +88,41 @@ def cpu(process: psutil.Process) -> float:
     return total
 
 
-async def measured(run: Run, app: psutil.Process, tally: psutil.Process) -> dict[str, Any]:
-    """One run's summary with CPU µs per request in the app and in Tally."""
-    before_app, before_tally = cpu(app), cpu(tally)
+def load_cpu() -> float:
+    """CPU seconds of this process (the Python load generator) and of its children
+    reaped so far (``wrk``, the only ones reaped while the benchmark measures)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@dataclass
+class Under:
+    """The processes whose CPU a run accounts for; ``redis`` is shared with whatever
+    else uses that server (other work on the machine included)."""
+
+    apps: dict[str, psutil.Process]
+    tally: psutil.Process
+    redis: psutil.Process | None
+
+
+async def measured(run: Run, kind: str, under: Under) -> dict[str, Any]:
+    """One run's summary with CPU µs per request in the app, Tally, Redis and the load
+    generator."""
+    watched = {"app": under.apps[kind], "tally": under.tally, "redis": under.redis}
+    before = {name: cpu(p) for name, p in watched.items() if p is not None}
+    before_load, started = load_cpu(), time.perf_counter()
     result = await run()
-    served = max(1, len(result.latencies))
-    return result.summary() | {
-        "app_cpu_us": round((cpu(app) - before_app) / served * 1e6),
-        "tally_cpu_us": round((cpu(tally) - before_tally) / served * 1e6),
-    }
+    wall = time.perf_counter() - started
+    summary = result.summary()
+    served = max(1, int(summary["requests"]))  # type: ignore[call-overload]
+    spent = {name: cpu(p) - before[name] for name, p in watched.items() if p is not None}
+    return (
+        summary
+        | {f"{name}_cpu_us": round(spent[name] / served * 1e6) for name in spent}
+        | {"load_cpu_us": round((load_cpu() - before_load) / served * 1e6)}
+        | {"app_core_busy": round(spent["app"] / wall, 2)}
+    )
 
 
 def start_app(
@@ -95,49 +148,82 @@ def start_app(
     return process
 
 
+async def flat_out(url: str, keys: list[str], connections: int, seconds: float) -> WrkResult:
+    """``wrk`` in this thread: nothing else runs in this process meanwhile."""
+    return wrk_load.closed_loop(url, PATH, BODY, keys, connections, seconds)
+
+
 async def measure(
     args: argparse.Namespace,
     ports: dict[str, int],
-    apps: dict[str, psutil.Process],
-    tally: psutil.Process,
+    under: Under,
+    placed: Pinning,
     keys: list[str],
 ) -> dict[str, Any]:
-    body = orjson.dumps({"q": "berlin"})
+    """Every round: each layout, each kind flat out, then each kind at each rate."""
     host, conns = "127.0.0.1", args.connections
+    urls = {kind: f"http://{host}:{port}{PATH}" for kind, port in ports.items()}
     requests = {
         kind: [
-            request(host, port, "/v1/geocode", body, {"X-API-Key": keys[n % len(keys)]})
+            request(host, port, PATH, BODY, {"X-API-Key": keys[n % len(keys)]})
             for n in range(len(keys) * 4)
         ]
         for kind, port in ports.items()
     }
-    for kind, port in ports.items():  # warm up: connections, caches, Tally's first batches
-        await closed_loop(host, port, requests[kind], conns, min(2.0, args.seconds))
-    flat: list[dict[str, dict[str, Any]]] = []
-    fixed: dict[int, list[dict[str, dict[str, Any]]]] = {rate: [] for rate in args.rates}
+    for kind in ports:  # warm up: connections, caches, Tally's first batches
+        await flat_out(urls[kind], keys, conns, min(2.0, args.seconds))
+    placements = layouts()
+    flat: dict[str, list[dict[str, dict[str, Any]]]] = {lay.name: [] for lay in placements}
+    fixed: dict[str, dict[int, list[dict[str, dict[str, Any]]]]] = {
+        lay.name: {rate: [] for rate in args.rates} for lay in placements
+    }
     for _ in range(args.rounds):
-        flat.append({})
-        for kind, port in ports.items():
-            run = partial(closed_loop, host, port, requests[kind], conns, args.seconds)
-            flat[-1][kind] = await measured(run, apps[kind], tally)
-        for rate in args.rates:
-            fixed[rate].append({})
-            for kind, port in ports.items():
-                if kind == "tally_baseline":  # far below these rates: it would only queue
-                    continue
-                run = partial(open_loop, host, port, requests[kind], rate, args.seconds, 64)
-                fixed[rate][-1][kind] = await measured(run, apps[kind], tally)
-    return summarise(args, flat, fixed)
+        for layout in placements:
+            flat[layout.name].append({})
+            for kind in ports:
+                placed.apply(layout, kind)
+                run: Run = partial(flat_out, urls[kind], keys, conns, args.seconds)
+                flat[layout.name][-1][kind] = await measured(run, kind, under)
+            for rate in args.rates:
+                fixed[layout.name][rate].append({})
+                for kind, port in ports.items():
+                    if kind == "tally_baseline":  # far below these rates: it would only queue
+                        continue
+                    placed.apply(layout, kind)
+                    due: Run = partial(
+                        open_loop, host, port, requests[kind], rate, args.seconds, 64
+                    )
+                    fixed[layout.name][rate][-1][kind] = await measured(due, kind, under)
+    return {
+        lay.name: {"layout": lay.describe()} | summarise(args, flat[lay.name], fixed[lay.name])
+        for lay in placements
+    }
+
+
+Rounds = list[dict[str, dict[str, Any]]]
+
+
+def across(rounds: Rounds, metric: str) -> dict[str, Any]:
+    return {kind: spread([r[kind][metric] for r in rounds]) for kind in rounds[0]}
+
+
+def added(rounds: Rounds, metric: str, to: str = "plain") -> dict[str, Any]:
+    """What the middleware adds to ``to``'s figure, round by round (same minutes)."""
+    return spread([round(r["tally"][metric] - r[to][metric], 2) for r in rounds])
+
+
+def cpu_figures(rounds: Rounds) -> dict[str, Any]:
+    names = [m for m in rounds[0]["tally"] if m.endswith("_cpu_us")]
+    return {m: across(rounds, m) for m in names} | {
+        "app_cpu_us_added_by_tally": added(rounds, "app_cpu_us")
+    }
 
 
 def summarise(
     args: argparse.Namespace,
-    flat: list[dict[str, dict[str, Any]]],
-    fixed: dict[int, list[dict[str, dict[str, Any]]]],
+    flat: Rounds,
+    fixed: dict[int, Rounds],
 ) -> dict[str, Any]:
-    def across(rounds: list[dict[str, dict[str, Any]]], metric: str) -> dict[str, Any]:
-        return {kind: spread([r[kind][metric] for r in rounds]) for kind in rounds[0]}
-
     pairs = [("tally", "plain"), ("tally", "slowapi"), ("slowapi", "plain")]
     pairs += [("tally", "tally_remote"), ("tally_remote", "plain")]
     if "tally_baseline" in flat[0]:
@@ -146,35 +232,43 @@ def summarise(
         {f"{a}_vs_{b}": round(r[a]["per_second"] / r[b]["per_second"], 3) for a, b in pairs}
         for r in flat
     ]
-    offered = {}
-    for rate, rounds in fixed.items():
-        added = [
-            {
-                "p50_ms": round(r["tally"]["p50_ms"] - r["plain"]["p50_ms"], 2),
-                "p99_ms": round(r["tally"]["p99_ms"] - r["plain"]["p99_ms"], 2),
-            }
-            for r in rounds
-        ]
-        offered[f"offered_{rate}_per_s"] = {
+    offered = {
+        f"offered_{rate}_per_s": {
             "p50_ms": across(rounds, "p50_ms"),
             "p99_ms": across(rounds, "p99_ms"),
-            "tally_adds_ms": {m: spread([a[m] for a in added]) for m in ("p50_ms", "p99_ms")},
-            "app_cpu_us": across(rounds, "app_cpu_us"),
-            "tally_cpu_us": across(rounds, "tally_cpu_us"),
+            "tally_adds_ms": {m: added(rounds, m) for m in ("p50_ms", "p99_ms")},
+            "cpu_us_per_request": cpu_figures(rounds),
             "statuses_last_round": {k: v["statuses"] for k, v in rounds[-1].items()},
         }
+        for rate, rounds in fixed.items()
+    }
+    capacity = [
+        {f"{a}_vs_{b}": round(r[b]["app_cpu_us"] / r[a]["app_cpu_us"], 3) for a, b in pairs}
+        for r in flat
+    ]
     return {
         "connections": args.connections,
         "seconds_per_run": args.seconds,
         "rounds": args.rounds,
         "flat_out_per_s": across(flat, "per_second"),
         "flat_out_ratios": {name: spread([r[name] for r in ratios]) for name in ratios[0]},
-        "flat_out_app_cpu_us": across(flat, "app_cpu_us"),
-        "flat_out_tally_cpu_us": across(flat, "tally_cpu_us"),
-        "flat_out_statuses_last_round": {k: v["statuses"] for k, v in flat[-1].items()},
+        "flat_out_app_core_busy": across(flat, "app_core_busy"),
+        "app_capacity_ratios": {name: spread([r[name] for r in capacity]) for name in capacity[0]},
+        "flat_out_cpu_us_per_request": cpu_figures(flat),
+        "flat_out_errors_last_round": {k: v["errors"] for k, v in flat[-1].items()},
         **offered,
         "flat_out_per_round": flat,
     }
+
+
+def redis_process(url: str) -> psutil.Process | None:
+    """The local Redis server behind ``url`` (its pid from INFO), if it is on this host."""
+    with redis.Redis.from_url(url) as client:
+        pid = int(client.info("server")["process_id"])
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
 
 
 def main() -> None:
@@ -217,11 +311,15 @@ def main() -> None:
             for kind, extra in options.items():
                 log = stores.data_dir / f"edge-{kind}.log"
                 processes[kind] = start_app(kind, ports[kind], extra, log, sdks[kind])
-            apps = {kind: psutil.Process(p.pid) for kind, p in processes.items()}
             assert tally.process is not None
-            result = asyncio.run(
-                measure(args, ports, apps, psutil.Process(tally.process.pid), keys)
+            under = Under(
+                apps={kind: psutil.Process(p.pid) for kind, p in processes.items()},
+                tally=psutil.Process(tally.process.pid),
+                redis=redis_process(stores.redis_url),
             )
+            others = [under.tally, psutil.Process(), *filter(None, [under.redis])]
+            with pinning(under.apps, others) as placed:
+                result = asyncio.run(measure(args, ports, under, placed, keys))
         finally:
             for process in processes.values():
                 process.terminate()

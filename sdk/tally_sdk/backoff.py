@@ -8,11 +8,10 @@ that lost Tally together do not all come back in the same instant; and a server'
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-
-import httpx
 
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 
@@ -37,9 +36,10 @@ def retryable(status: int) -> bool:
     return status in RETRYABLE_STATUSES
 
 
-def retry_after(response: httpx.Response) -> float | None:
-    """``Retry-After`` in seconds, whether given as seconds or as an HTTP date."""
-    raw = response.headers.get("retry-after", "").strip()
+def retry_after(headers: Mapping[str, str]) -> float | None:
+    """``Retry-After`` in seconds, whether given as seconds or as an HTTP date;
+    ``headers`` looked up by lower-case name (a dict of those, or ``httpx.Headers``)."""
+    raw = headers.get("retry-after", "").strip()
     if not raw:
         return None
     if raw.isdigit():

@@ -88,18 +88,34 @@ class LeaseDecider:
     async def decide(self, ask: Ask) -> Decision:
         if ask.mode != "reserve" or self._unsupported:
             return await self.fallback.decide(ask)
+        decided = self.decide_now(ask.key, ask.meter, ask.endpoint, ask.client_ip)
+        if decided is not None:
+            return decided
         lease, now = self._lease((ask.key, ask.meter, ask.endpoint)), self._clock()
+        if now < lease.remote_until:
+            return await self.fallback.decide(ask)
+        return await self._wait(lease, ask)
+
+    def decide_now(
+        self, key: str, meter: str, endpoint: str, client_ip: str | None = None
+    ) -> Decision | None:
+        """A reserve-mode call decided without awaiting anything — admitted from a held
+        term, or refused by a cached refusal — else ``None`` (then ``decide``).
+
+        The middleware's fast path: no ``Ask`` and no coroutine per call; the next term
+        is fetched in the background when this one runs low, as ``decide`` does."""
+        if self._unsupported:
+            return None
+        lease, now = self._lease((key, meter, endpoint)), self._clock()
         lease.used_at = now
         admitted = lease.holding.spend(now)
         if admitted is not None:
             if self._running_low(lease, now):
-                self._fetch(lease, ask)
+                self._fetch(lease, Ask(key, meter, endpoint, "", "reserve", client_ip))
             return admitted
         if now < lease.refused_until and lease.refusal is not None:
             return lease.refusal
-        if now < lease.remote_until:
-            return await self.fallback.decide(ask)
-        return await self._wait(lease, ask)
+        return None
 
     async def aclose(self) -> None:
         """Return every lease (on shutdown): their unspent units are free at once."""

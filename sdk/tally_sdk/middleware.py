@@ -49,6 +49,10 @@ UNAVAILABLE = {
 }
 CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
+DecideNow = Callable[[str, str, str, str | None], Decision | None]
+"""A decider's ``decide_now(key, meter, endpoint, client_ip)``: the decision when it
+needs no await (``LeaseDecider``: admitted from a held lease), else ``None``."""
+
 
 def raw_path(scope: Scope) -> str:
     return str(scope["path"])[:MAX_ENDPOINT]
@@ -102,6 +106,9 @@ class TallyMiddleware:
         self.decider: Decider = decider or (
             LeaseDecider(tally) if mode == "reserve" else RemoteDecider(tally)
         )
+        self._decide_now: DecideNow | None = (
+            getattr(self.decider, "decide_now", None) if mode == "reserve" else None
+        )
         self.tally = tally
         self.meter = meter
         self.event_type = event_type
@@ -122,14 +129,14 @@ class TallyMiddleware:
             await send_problem(scope, send, 401, MISSING_KEY, CHALLENGE)
             return
         endpoint, event_id = self.endpoint(scope), new_id()
-        try:
-            decision = await self._decide(scope, key, endpoint, event_id)
-        except AuthenticationError as exc:
-            await send_problem(scope, send, 401, exc.problem or MISSING_KEY, CHALLENGE)
-            return
-        except TallyError as exc:
-            await self._undecided(exc, scope, receive, send)
-            return
+        client = scope.get("client")
+        ip = str(client[0]) if client else None
+        decision = self._decide_now and self._decide_now(key, self.meter, endpoint, ip)
+        if decision is None:  # not settled in this process at once: ask, and wait
+            ask = Ask(key, self.meter, endpoint, event_id, self.mode, ip)
+            decision = await self._decide(ask, scope, receive, send)
+            if decision is None:
+                return  # answered already
         if not decision.allowed:
             await send_problem(
                 scope, send, decision.status, decision.problem or {}, decision.headers
@@ -137,15 +144,24 @@ class TallyMiddleware:
             return
         await self._serve(scope, receive, send, decision, endpoint, event_id)
 
+    async def _decide(
+        self, ask: Ask, scope: Scope, receive: Receive, send: Send
+    ) -> Decision | None:
+        """The decider's answer, or ``None`` once the request is answered without one
+        (401 for a key Tally does not know; 503, or served unmetered, when Tally cannot
+        decide)."""
+        try:
+            return await self.decider.decide(ask)
+        except AuthenticationError as exc:
+            await send_problem(scope, send, 401, exc.problem or MISSING_KEY, CHALLENGE)
+        except TallyError as exc:
+            await self._undecided(exc, scope, receive, send)
+        return None
+
     def _excluded(self, path: str) -> bool:
         if not path.startswith(self.exclude):  # one C call settles most requests
             return False
         return any(path == p or path.startswith(p + "/") for p in self.exclude)
-
-    async def _decide(self, scope: Scope, key: str, endpoint: str, event_id: str) -> Decision:
-        client = scope.get("client")
-        ip = str(client[0]) if client else None
-        return await self.decider.decide(Ask(key, self.meter, endpoint, event_id, self.mode, ip))
 
     def _flushing_on_shutdown(self, send: Send) -> Send:
         """``send`` for the lifespan scope, holding back the app's "shutdown complete"

@@ -59,6 +59,24 @@ async def test_calls_past_a_quota_are_refused_and_served_equals_spent() -> None:
     assert model.total_spent == 100 and model.room == 0
 
 
+async def test_decide_now_admits_only_from_what_is_held_and_counts_like_decide() -> None:
+    model = LeaseModel(room=10)
+    async with fake_tally(model) as fake, Tally(fake.url, "svc") as tally:
+        decider = LeaseDecider(tally)
+        assert decider.decide_now("k", "api_calls", "/e") is None  # nothing held yet
+        assert len(fake.seen) == 0  # and asking settles nothing by itself
+        decisions = [await decider.decide(ask(0))]
+        while len(decisions) < 15:
+            now = decider.decide_now("k", "api_calls", "/e")
+            decisions.append(now if now is not None else await decider.decide(ask(99)))
+        assert sum(d.allowed for d in decisions) == 10
+        assert [d.status for d in decisions[10:]] == [429] * 5
+        refused = decider.decide_now("k", "api_calls", "/e")  # the cached refusal
+        assert refused is not None and not refused.allowed
+        await decider.aclose()
+    assert model.total_spent == 10 and model.room == 0
+
+
 async def test_refusal_cache_ends_at_retry_after_and_units_come_back() -> None:
     model = LeaseModel(room=0)
     async with fake_tally(model) as fake, Tally(fake.url, "svc") as tally:
