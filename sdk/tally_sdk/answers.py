@@ -1,10 +1,12 @@
 """Tally's answer to a batch of events, read in the emitter's thread.
 
-Ingest answers a batch with a result per event (``accepted``, ``duplicate`` or
-``rejected`` with its errors).  For a batch of 2,000 events that is a 60 kB JSON body;
-decoding it and walking the results took one to two ms of the event loop in a single
-step, a stall of every request in flight.  Read here, in the emitter's thread, the loop
-gets only the counts and the few rejections to report.
+Ingest answers a batch with its counts and a result per event (``accepted``,
+``duplicate`` or ``rejected`` with its errors); the emitter asks for ``Prefer:
+return=minimal``, so the results are only the events not accepted.  A whole answer for
+2,000 events is a 60 kB JSON body (from a Tally that ignores the preference); decoding it
+and walking the results took one to two ms of the event loop in a single step, a stall
+of every request in flight.  Read here, in the emitter's thread, the loop gets only the
+counts and the few rejections to report.
 """
 
 from __future__ import annotations
@@ -53,23 +55,20 @@ def json_object(raw: bytes) -> dict[str, Any] | None:
 
 
 def read_answer(status: int, headers: Mapping[str, str], raw: bytes) -> BatchAnswer:
-    """What ingest said about a batch; ``headers`` by lower-case name."""
+    """What ingest said about a batch; ``headers`` by lower-case name.  The counts come
+    from the answer's totals, the rejections from its results: asked with ``Prefer:
+    return=minimal``, ingest lists only the events it did not accept."""
     wait = retry_after(headers)
-    body = json_object(raw)
-    results = (body or {}).get("results")
+    body = json_object(raw) or {}
+    results = body.get("results")
     if status not in (202, 422) or not isinstance(results, list):
-        return BatchAnswer(status, wait, problem=body)
-    accepted = duplicates = 0
-    rejected = []
-    for result in results:
-        outcome = result["status"]
-        if outcome == "accepted":
-            accepted += 1
-        elif outcome == "duplicate":
-            duplicates += 1
-        else:
-            rejected.append((int(result["index"]), list(result.get("errors", []))))
-    return BatchAnswer(status, wait, True, accepted, duplicates, rejected)
+        return BatchAnswer(status, wait, problem=body or None)
+    rejected = [
+        (int(result["index"]), list(result.get("errors", [])))
+        for result in results
+        if result["status"] == "rejected"
+    ]
+    return BatchAnswer(status, wait, True, int(body["accepted"]), int(body["duplicates"]), rejected)
 
 
 def read_reply(reply: Reply) -> BatchAnswer:

@@ -115,7 +115,8 @@ class Emitter:
         self._max_batch = max_batch
         self._max_delay = max_delay
         self._backoff = backoff
-        self._headers = {"Content-Type": BATCH_MEDIA_TYPE}
+        # the counts and the events not accepted, not a line per accepted event
+        self._headers = {"Content-Type": BATCH_MEDIA_TYPE, "Prefer": "return=minimal"}
         if compress:
             self._headers["Content-Encoding"] = "gzip"
         self._in_flight: list[Entry] = []

@@ -120,6 +120,32 @@ async def test_batch_accepts_valid_events_and_reports_each_rejection(
     assert letter["errors"] == [reasons[1]] and letter["event"]["id"] == batch[1]["id"]
 
 
+async def test_prefer_return_minimal_lists_only_what_was_not_accepted(
+    client: httpx.AsyncClient, tenant: str
+) -> None:
+    good = event(tenant)
+    batch = [good, event(tenant), dict(good), event(tenant, data={"value": "lots"})]
+    headers = {"Content-Type": BATCH, "Prefer": "respond-async, return=minimal"}
+    response = await client.post("/v1/events", content=orjson.dumps(batch), headers=headers)
+    assert response.status_code == 202, response.text
+    assert response.headers["preference-applied"] == "return=minimal"
+    body = response.json()
+    assert (body["accepted"], body["duplicates"], body["rejected"]) == (2, 1, 1)
+    assert [(r["index"], r["status"]) for r in body["results"]] == [
+        (2, "duplicate"),
+        (3, "rejected"),
+    ]
+    assert body["results"][1]["errors"][0]["field"] == "data.value"
+    # any other preference: the whole answer, one result per event
+    other = await client.post(
+        "/v1/events",
+        content=orjson.dumps([event(tenant)]),
+        headers={"Content-Type": BATCH, "Prefer": "return=representation"},
+    )
+    assert "preference-applied" not in other.headers
+    assert [r["status"] for r in other.json()["results"]] == ["accepted"]
+
+
 @pytest.mark.parametrize(
     ("value", "reason"),
     [
