@@ -78,14 +78,9 @@ def up(
 ) -> None:
     """Run all four services on the embedded defaults: a supervisor of two processes
     (ingest and the API on the port; the aggregator, billing and analytics SQL behind)."""
-    from services import demo as demo_load
-    from services.aggregator import service as aggregator
-    from services.api import service as api
-    from services.billing import service as billing
-    from services.ingest import service as ingest
-    from services.up import proxy, supervisor
+    from services.up import gate, supervisor
 
-    if role is None:
+    if role is None:  # the supervisor imports no service: its children do, meanwhile
         settings = _settings()
         if port is not None:
             settings = settings.model_copy(update={"port": port})
@@ -98,9 +93,20 @@ def up(
         run(main())
         raise typer.Exit(code)
     if role == supervisor.FRONT and back_url:
+        from services import demo as demo_load
+        from services.api import service as api
+        from services.ingest import service as ingest
+        from services.up import proxy
+
         starters = [ingest.start, api.start_without_analytics, proxy.starter(back_url)]
+        gate.wait()  # imported; the stores are prepared once the supervisor opens it
         _run([*starters, demo_load.start] if demo else starters, port)
     elif role == supervisor.BACK:  # the aggregator first: it opens chDB, analytics reads it
+        from services.aggregator import service as aggregator
+        from services.api import service as api
+        from services.billing import service as billing
+
+        gate.wait()
         _run([aggregator.start, billing.start, api.start_analytics], port)
     else:
         raise typer.BadParameter("--role is front (with --back-url) or back")

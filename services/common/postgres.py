@@ -171,17 +171,19 @@ def _literals(script: Path, names: tuple[str, ...]) -> dict[str, Any] | None:
     when one is missing or is not a literal."""
     found: dict[str, Any] = {}
     for node in ast.parse(script.read_text(encoding="utf-8")).body:
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            target, value = node.target, node.value
-        elif isinstance(node, ast.Assign) and len(node.targets) == 1:
-            target, value = node.targets[0], node.value
+        targets: list[ast.expr]
+        if isinstance(node, ast.AnnAssign):
+            targets, value = [node.target], node.value
+        elif isinstance(node, ast.Assign):
+            targets, value = node.targets, node.value
         else:
             continue
-        if isinstance(target, ast.Name) and target.id in names and value is not None:
-            try:
-                found[target.id] = ast.literal_eval(value)
-            except ValueError:
-                return None
+        for target in targets:
+            if isinstance(target, ast.Name) and target.id in names and value is not None:
+                try:
+                    found[target.id] = ast.literal_eval(value)
+                except ValueError:
+                    return None
     return found if found.keys() == set(names) else None
 
 
