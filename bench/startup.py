@@ -1,9 +1,10 @@
 """`tally up`'s start-up: from launch to ready and to counting, first start and after a
 kill -9 under load (issue 15: < 10 s after a crash, with what was pending replayed).
 
-Each start of a round runs on fresh stores (``bench.stores``): a first start (empty
-database: migrations run), ``--rate`` events/s for ``--load`` seconds, kill -9 of the
-supervisor (its children and broker die with it), then ``tally up`` again, timed:
+Each start of a round runs on fresh stores (``bench.stores``: a new database, already
+migrated, and an empty data directory): a first start, ``--rate`` events/s for
+``--load`` seconds, kill -9 of the supervisor (its children and broker die with it),
+then ``tally up`` again, timed:
 
 - ``ready``: launch → ``/readyz`` 200 (asked every 50 ms);
 - ``counted``: launch → every event acknowledged before the kill counted by the usage API

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import date
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -39,10 +40,10 @@ def _require_kafka(settings: Settings, command: str) -> None:
         )
 
 
-async def prepare(runtime: Runtime) -> None:
+async def prepare(runtime: Runtime, with_clickhouse: bool = True) -> None:
     """Stores ready for every service: databases, migrations, ClickHouse tables and topics
     (``Runtime.prepare``), then the catalog seeded by its owner."""
-    await runtime.prepare()
+    await runtime.prepare(with_clickhouse)
     path = runtime.settings.catalog_path
     await catalog_store.load(
         await runtime.pool(), Catalog.from_file(path) if path else Catalog.default()
@@ -88,7 +89,10 @@ def up(
 
         async def main() -> None:
             nonlocal code
-            code = await supervisor.Supervisor(settings, prepare, demo).run()
+            # back's aggregator creates the ClickHouse tables as it starts, before anything
+            # reads them: the supervisor need not load chDB (~0.5 s) only to close it again
+            stores = partial(prepare, with_clickhouse=False)
+            code = await supervisor.Supervisor(settings, stores, demo).run()
 
         run(main())
         raise typer.Exit(code)
