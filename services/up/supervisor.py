@@ -252,7 +252,8 @@ class Supervisor:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
-                code = await self._stop(front, back) or code
+                stopped = await self._stop(front, back)
+                code = code or stopped  # the cause first, else a child's failed stop
         return code
 
     async def _prepare(self, prepared: asyncio.Event) -> None:
