@@ -1,13 +1,11 @@
 """The gate ``tally up``'s children wait at: they import while the supervisor prepares.
 
-A child spends about two seconds importing its services, the supervisor about as long
-migrating PostgreSQL, creating the ClickHouse tables and seeding the catalog.  One after
-the other, a start paid both; so the supervisor starts its children first, and each
-imports, then waits here — before it opens any store — until the supervisor writes to a
-pipe that the preparation is done.  No service touches PostgreSQL or chDB before the
-migrations have run (chDB is opened by one process at a time: the supervisor has closed
-it by then).  End of file instead of the byte means the supervisor gave up: the child
-exits without starting.
+A child spends about two seconds importing its services, the supervisor up to as long
+migrating PostgreSQL and seeding the catalog.  One after the other, a start paid both;
+so the supervisor starts its children first, and each imports, then waits here — before
+it opens any store — until the supervisor writes to a pipe that the preparation is
+done: no service touches PostgreSQL before the migrations have run.  End of file instead
+of the byte means the supervisor gave up: the child exits without starting.
 """
 
 from __future__ import annotations

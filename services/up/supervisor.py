@@ -257,8 +257,9 @@ class Supervisor:
         return code
 
     async def _prepare(self, prepared: asyncio.Event) -> None:
-        """Migrations, the catalog, the ClickHouse tables; then the children may start.
-        chDB is closed again (the context's exit) before back opens it."""
+        """Migrations and the catalog (``prepare``); then the children may start.  The
+        ClickHouse tables are back's aggregator's to create, in the one process that
+        opens chDB."""
         async with Runtime(self.settings) as runtime:
             await self.prepare(runtime)
         log.info("stores prepared")
