@@ -35,7 +35,7 @@ lint: setup
 	$(BIN)/mypy .
 	$(BIN)/lint-imports
 
-bench: setup  ## pipeline, tally up, enforcement, leases, usage reads, the SDK edge, the middleware's cost, events' cost, billing run, alerts (event → webhook), aggregator rejoin, kill -9 of tally up, tally up's start-up after a crash, the write-ahead log's cost (rates and latencies)
+bench: setup  ## pipeline, tally up, enforcement, leases, usage reads, the SDK edge, the middleware's cost, events' cost, billing run, alerts (event → webhook), aggregator rejoin, kill -9 of tally up, the write-ahead log's cost (rates and latencies)
 	$(BIN)/python -m bench.pipeline
 	$(BIN)/python -m bench.up
 	$(BIN)/python -m bench.enforce
@@ -49,7 +49,6 @@ bench: setup  ## pipeline, tally up, enforcement, leases, usage reads, the SDK e
 	$(BIN)/python -m bench.alerts
 	$(BIN)/python -m bench.rejoin
 	$(BIN)/python -m bench.crash
-	$(BIN)/python -m bench.startup
 	$(BIN)/python -m bench.wal_cost
 
 schemas: setup  ## regenerate the JSON Schema files from the pydantic models

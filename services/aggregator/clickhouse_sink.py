@@ -18,23 +18,14 @@ COLUMNS = ("customer", "type", "source", "id", "time", "value", "dimensions", "r
 
 
 class ClickHouseSink:
-    """Given the client, or a future of it: the aggregator opens chDB (~0.4 s of loading
-    a large library) on a thread while its consumer group joins, and a write waits for
-    it, so a restarted aggregator does not pay the two one after the other."""
-
-    def __init__(self, client: ClickHouse | asyncio.Future[ClickHouse]) -> None:
+    def __init__(self, client: ClickHouse) -> None:
         self._client = client
+        self._table = f"{client.database}.events"
 
     async def write(self, events: Sequence[StoredEvent]) -> None:
         if events:
             rows = encode(events)
-            client = await self._opened()
-            await asyncio.to_thread(client.insert, f"{client.database}.events", COLUMNS, rows)
-
-    async def _opened(self) -> ClickHouse:
-        if isinstance(self._client, asyncio.Future):
-            self._client = await self._client
-        return self._client
+            await asyncio.to_thread(self._client.insert, self._table, COLUMNS, rows)
 
 
 def encode(events: Iterable[StoredEvent]) -> bytes:

@@ -19,34 +19,16 @@ log = get_logger("tally.aggregator")
 
 
 async def start(runtime: Runtime) -> Component:
-    """ClickHouse is opened and its tables created on a thread while the rest starts and
-    the consumer group joins (seconds of waiting on the broker); the process is ready,
-    and a batch written, only once it is done."""
-    bootstrap = await runtime.bootstrap_servers()
-    opening = asyncio.ensure_future(asyncio.to_thread(_open_clickhouse, runtime))
-    try:
-        return await _start(runtime, bootstrap, opening)
-    finally:
-        await asyncio.gather(opening, return_exceptions=True)  # no thread left behind
-
-
-def _open_clickhouse(runtime: Runtime) -> clickhouse.ClickHouse:
-    client = runtime.clickhouse()
-    clickhouse.create_schema(client)
-    return client
-
-
-async def _start(
-    runtime: Runtime, bootstrap: str, opening: asyncio.Future[clickhouse.ClickHouse]
-) -> Component:
     settings = runtime.settings
+    bootstrap = await runtime.bootstrap_servers()
+    await asyncio.to_thread(clickhouse.create_schema, runtime.clickhouse())
     meters = await runtime.meters()
     await meters.meters()  # no aggregating without them: PostgreSQL's error stops start-up
     app = worker.create_app(settings, bootstrap)
     alerts = AlertPublisher(runtime.redis(), meters.by_type)
     await alerts.sweep()
     processor = BatchProcessor(
-        clickhouse=ClickHouseSink(opening),
+        clickhouse=ClickHouseSink(runtime.clickhouse()),
         redis=RedisSink(runtime.redis()),
         meters=meters.by_type,
         dedupe=DedupeWindow(settings.dedupe_window),
@@ -72,10 +54,7 @@ async def _start(
         except Exception as exc:  # they wait in Redis for the next start's sweep
             log.warning("alerts left for the next start", error=repr(exc))
 
-    try:  # its error (an events table of another layout) stops start-up
-        await opening
-    finally:  # after ``runtime.clickhouse()`` registered chDB's close: stop drains into it
-        runtime.stack.push_async_callback(stop)
+    runtime.stack.push_async_callback(stop)
     return Component(
         "aggregator",
         checks={
