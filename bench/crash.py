@@ -90,10 +90,13 @@ async def send(
         await asyncio.sleep(max(0.0, next_at - time.monotonic()))
 
 
-async def load_then_kill(up: TallyProcess, ledger: Ledger, args: argparse.Namespace) -> float:
-    """Offer the load for a random while, then SIGKILL ``tally up`` mid-stream."""
+async def load_then_kill(
+    up: TallyProcess, ledger: Ledger, args: argparse.Namespace, seconds: float | None = None
+) -> float:
+    """Offer the load for ``seconds`` (default: a random 2-6), then SIGKILL ``tally up``
+    mid-stream."""
     stop = asyncio.Event()
-    seconds = random.uniform(2, 6)
+    seconds = random.uniform(2, 6) if seconds is None else seconds
     async with httpx.AsyncClient(base_url=up.url, timeout=30) as client:
         senders = [
             asyncio.create_task(send(client, ledger, args, stop)) for _ in range(args.senders)

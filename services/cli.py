@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import date
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -39,10 +40,10 @@ def _require_kafka(settings: Settings, command: str) -> None:
         )
 
 
-async def prepare(runtime: Runtime) -> None:
+async def prepare(runtime: Runtime, with_clickhouse: bool = True) -> None:
     """Stores ready for every service: databases, migrations, ClickHouse tables and topics
     (``Runtime.prepare``), then the catalog seeded by its owner."""
-    await runtime.prepare()
+    await runtime.prepare(with_clickhouse)
     path = runtime.settings.catalog_path
     await catalog_store.load(
         await runtime.pool(), Catalog.from_file(path) if path else Catalog.default()
@@ -78,14 +79,9 @@ def up(
 ) -> None:
     """Run all four services on the embedded defaults: a supervisor of two processes
     (ingest and the API on the port; the aggregator, billing and analytics SQL behind)."""
-    from services import demo as demo_load
-    from services.aggregator import service as aggregator
-    from services.api import service as api
-    from services.billing import service as billing
-    from services.ingest import service as ingest
-    from services.up import proxy, supervisor
+    from services.up import gate, supervisor
 
-    if role is None:
+    if role is None:  # the supervisor imports no service: its children do, meanwhile
         settings = _settings()
         if port is not None:
             settings = settings.model_copy(update={"port": port})
@@ -93,14 +89,28 @@ def up(
 
         async def main() -> None:
             nonlocal code
-            code = await supervisor.Supervisor(settings, prepare, demo).run()
+            # back's aggregator creates the ClickHouse tables as it starts, before anything
+            # reads them: the supervisor need not load chDB (~0.5 s) only to close it again
+            stores = partial(prepare, with_clickhouse=False)
+            code = await supervisor.Supervisor(settings, stores, demo).run()
 
         run(main())
         raise typer.Exit(code)
     if role == supervisor.FRONT and back_url:
+        from services import demo as demo_load
+        from services.api import service as api
+        from services.ingest import service as ingest
+        from services.up import proxy
+
         starters = [ingest.start, api.start_without_analytics, proxy.starter(back_url)]
+        gate.wait()  # imported; the stores are prepared once the supervisor opens it
         _run([*starters, demo_load.start] if demo else starters, port)
     elif role == supervisor.BACK:  # the aggregator first: it opens chDB, analytics reads it
+        from services.aggregator import service as aggregator
+        from services.api import service as api
+        from services.billing import service as billing
+
+        gate.wait()
         _run([aggregator.start, billing.start, api.start_analytics], port)
     else:
         raise typer.BadParameter("--role is front (with --back-url) or back")

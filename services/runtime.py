@@ -95,13 +95,15 @@ class Runtime:
             await kafka.ensure_topics(self._bootstrap, self.settings.events_partitions)
         return self._bootstrap
 
-    async def prepare(self) -> None:
+    async def prepare(self, with_clickhouse: bool = True) -> None:
         """Create databases and schemas, run migrations (the catalog is seeded after, by
-        its owner: ``services.cli.prepare``)."""
+        its owner: ``services.cli.prepare``).  ``with_clickhouse=False`` leaves the
+        ClickHouse tables to the aggregator, which creates them when it starts."""
         url = self.settings.database_url
         await asyncio.to_thread(postgres.ensure_database, url)
         await asyncio.to_thread(postgres.migrate, url)
-        await asyncio.to_thread(clickhouse.create_schema, self.clickhouse())
+        if with_clickhouse:
+            await asyncio.to_thread(clickhouse.create_schema, self.clickhouse())
         if self.settings.kafka_bootstrap_servers:
             await kafka.ensure_topics(
                 await self.bootstrap_servers(), self.settings.events_partitions

@@ -34,12 +34,13 @@ class TallyProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, ready_timeout: float = 90) -> TallyProcess:
+    def start(self, ready_timeout: float = 90, every: float = 0.25) -> TallyProcess:
+        """Launch it and wait until ``/readyz`` answers 200, asking every ``every`` s."""
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
                 [*TALLY, *self.args], env=self.env, stdout=out, stderr=out, cwd=Path.cwd()
             )
-        wait_for(self._ready, ready_timeout, f"{self.args[0]} ready", self.tail)
+        wait_for(self._ready, ready_timeout, f"{self.args[0]} ready", self.tail, every)
         return self
 
     def _ready(self) -> bool:
@@ -80,13 +81,14 @@ def wait_for(
     timeout: float,
     what: str,
     explain: Callable[[], str] = lambda: "",
+    every: float = 0.25,
 ) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         result = condition()
         if result:
             return result
-        time.sleep(0.25)
+        time.sleep(every)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{explain()}")
 
 

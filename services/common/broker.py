@@ -112,6 +112,11 @@ class EmbeddedBroker:
             preexec_fn=die_with(os.getpid()),
         )
 
+    def wait(self) -> int:
+        """Block until the spawned broker exits; its exit code."""
+        assert self._process is not None, "spawn it first"
+        return self._process.wait()
+
     def wait_listening(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -52,6 +52,8 @@ FRONT_WRITES = frozenset({"date", "server"})
 """Response headers front's uvicorn writes on every answer: back's are dropped, or the
 client would get each twice (Date is a singleton field, RFC 9110 §6.6.1)."""
 SPEC_WAIT_SECONDS = 80.0
+SPEC_POLL_SECONDS = 0.1
+"""Front serves once it has back's document: asked often, it waits less for back."""
 READINESS_CACHE_SECONDS = 0.5
 READINESS_ASK_SECONDS = 3.0
 
@@ -239,7 +241,7 @@ async def back_spec(client: httpx.AsyncClient, base_url: str) -> dict[str, Any]:
                     "back's OpenAPI not read: /docs shows front's routes only", error=repr(exc)
                 )
                 return {}
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(SPEC_POLL_SECONDS)
 
 
 def starter(base_url: str) -> Starter:

@@ -16,6 +16,13 @@ events taken; what it answered 202 is in the broker), then back (it drains the i
 broker into the stores, ``TALLY_KAFKA_IN_MEMORY``), then the broker.  A child that dies
 while serving is started again, with a log line; one that keeps failing before it is ready
 makes ``tally up`` stop and exit non-zero.
+
+The children are started before the stores are prepared: they import their services
+(seconds) while this process migrates, and wait at a gate (``services.up.gate``) until
+it is done, so a start pays the longer of the two, not their sum.  The embedded broker
+is watched too: it holds the topics and the group's offsets in memory, so when it dies
+``tally up`` stops and says so (the next start replays what was not counted from
+ingest's write-ahead log).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from services.common.logging import get_logger
 from services.common.metrics import MULTIPROCESS_DIR
 from services.common.settings import Settings
 from services.runtime import Runtime
+from services.up.gate import Gate
 
 log = get_logger("tally.up")
 
@@ -53,6 +61,12 @@ EXIT_CONFIGURATION = 2
 secrets in production): starting it again would fail the same way."""
 WATCH_SECONDS = 0.2
 EXTRA_STOP_SECONDS = 2.0
+STABLE_SECONDS = 30.0
+"""A child that served this long before it died is restarted at once."""
+RESTART_DELAYS = (0.0, 0.5, 1.0, 2.0, 5.0)
+"""Waits before restarting a child that keeps dying soon after it was ready: the first
+restart is at once, then longer, capped at the last (no spinning on a crash loop)."""
+EXIT_BROKER_DIED = 3
 
 Prepare = Callable[[Runtime], Awaitable[None]]
 
@@ -65,6 +79,18 @@ class GaveUp(Exception):
         self.code = code
 
 
+class BrokerDied(Exception):
+    """The embedded broker exited under ``tally up``."""
+
+    code = EXIT_BROKER_DIED
+
+
+def restart_delay(quick_deaths: int) -> float:
+    """Seconds to wait before restarting a child after its ``quick_deaths``-th death in a
+    row within ``STABLE_SECONDS`` of being ready (the first: at once)."""
+    return RESTART_DELAYS[min(quick_deaths, len(RESTART_DELAYS)) - 1]
+
+
 @dataclass
 class Child:
     """One process of ``tally up``, started again when it dies."""
@@ -74,17 +100,39 @@ class Child:
     args: list[str]
     env: dict[str, str]
     metrics_dir: Path
+    prepared: asyncio.Event
+    """Set once the stores are prepared: until then the child waits at its gate."""
     process: subprocess.Popen[bytes] | None = None
 
-    def spawn(self) -> None:
+    def spawn(self) -> Gate:
         """On the event loop's thread: the death signal follows the thread that forked."""
-        self.process = subprocess.Popen(
-            [*TALLY, "up", "--role", self.role, "--port", str(self.port), *self.args],
-            env=os.environ | self.env,
-            start_new_session=True,
-            preexec_fn=broker.die_with(os.getpid()),
-        )
+        gate = Gate()
+        try:
+            self.process = subprocess.Popen(
+                [*TALLY, "up", "--role", self.role, "--port", str(self.port), *self.args],
+                env=os.environ | self.env | gate.env(),
+                start_new_session=True,
+                preexec_fn=broker.die_with(os.getpid()),
+                pass_fds=(gate.read,),
+            )
+        except BaseException:
+            gate.close()
+            raise
+        finally:
+            gate.spawned()
         log.info("process started", role=self.role, pid=self.process.pid, port=self.port)
+        return gate
+
+    async def start(self, client: httpx.AsyncClient) -> bool:
+        """Spawn it (it imports meanwhile), let it through its gate once the stores are
+        prepared, and wait until it is ready (True) or has exited (False)."""
+        gate = self.spawn()
+        try:
+            await self.prepared.wait()
+            gate.open()
+        finally:
+            gate.close()
+        return await self.become_ready(client)
 
     @property
     def exit_code(self) -> int | None:
@@ -106,11 +154,10 @@ class Child:
     async def keep(self, client: httpx.AsyncClient) -> None:
         """Start it, and again whenever it dies; raise ``GaveUp`` when it keeps failing
         at start.  Cancelled when ``tally up`` stops."""
-        failures = 0
+        failures = quick_deaths = 0
         while True:
-            self.spawn()
             try:
-                started = await self.become_ready(client)
+                started = await self.start(client)
             except TimeoutError:
                 log.error("process not ready in time; killing it", role=self.role)
                 await self.stop(signal.SIGKILL, 5.0)
@@ -118,14 +165,17 @@ class Child:
             if started:
                 failures = 0
                 log.info("process ready", role=self.role, port=self.port)
-                pid = self.process.pid if self.process else 0
-                await self.exited()
-                multiprocess.mark_process_dead(pid, str(self.metrics_dir))  # type: ignore[no-untyped-call]
+                served = await self.serve()
+                quick_deaths = 0 if served >= STABLE_SECONDS else quick_deaths + 1
+                delay = restart_delay(quick_deaths) if quick_deaths else 0.0
                 log.error(
                     "process exited unexpectedly; restarting it",
                     role=self.role,
                     exit_code=self.exit_code,
+                    served_seconds=round(served, 1),
+                    restart_in_seconds=delay,
                 )
+                await asyncio.sleep(delay)
                 continue
             failures += 1
             code = self.exit_code
@@ -135,6 +185,14 @@ class Child:
             if failures >= START_ATTEMPTS:
                 raise GaveUp(self.role, 1)
             await asyncio.sleep(0.5 * failures)
+
+    async def serve(self) -> float:
+        """Until the ready child exits; how long it served."""
+        began = asyncio.get_running_loop().time()
+        pid = self.process.pid if self.process else 0
+        await self.exited()
+        multiprocess.mark_process_dead(pid, str(self.metrics_dir))  # type: ignore[no-untyped-call]
+        return asyncio.get_running_loop().time() - began
 
     async def exited(self) -> int:
         """Its exit code, once it has exited (waited for on a thread of its own)."""
@@ -166,10 +224,62 @@ class Supervisor:
 
     async def run(self) -> int:
         settings = self.settings
-        async with Runtime(settings) as runtime:  # chDB is closed again before back opens it
-            await self.prepare(runtime)
         metrics = metrics_dir(settings)
         env = await self._kafka_env() | {MULTIPROCESS_DIR: str(metrics)}
+        prepared = asyncio.Event()
+        back, front = self._children(env, metrics, prepared)
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stopping.set)
+        code = 0
+        tasks: list[asyncio.Task[None]] = []
+        async with httpx.AsyncClient() as client:
+            try:
+                # the children import while the stores are prepared, then pass their gate;
+                # both at once: front's start waits for back's answers, not its start
+                tasks.append(asyncio.create_task(back.keep(client), name=BACK))
+                tasks.append(asyncio.create_task(front.keep(client), name=FRONT))
+                tasks.append(asyncio.create_task(self._prepare(prepared), name="prepare"))
+                if self.broker is not None:
+                    watch = self._watch_broker(self.broker)
+                    tasks.append(asyncio.create_task(watch, name="broker"))
+                await _until(stopping, tasks)
+            except (GaveUp, BrokerDied) as exc:
+                log.error("stopping: " + str(exc))
+                code = exc.code
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                stopped = await self._stop(front, back)
+                code = code or stopped  # the cause first, else a child's failed stop
+        return code
+
+    async def _prepare(self, prepared: asyncio.Event) -> None:
+        """Migrations and the catalog (``prepare``); then the children may start.  The
+        ClickHouse tables are back's aggregator's to create, in the one process that
+        opens chDB."""
+        async with Runtime(self.settings) as runtime:
+            await self.prepare(runtime)
+        log.info("stores prepared")
+        prepared.set()
+
+    async def _watch_broker(self, embedded: broker.EmbeddedBroker) -> None:
+        """Raise ``BrokerDied`` when the embedded broker exits (waited for on a thread of
+        its own, which ends when ``_stop`` stops the broker)."""
+        code = await asyncio.to_thread(embedded.wait)
+        raise BrokerDied(
+            f"the embedded broker exited (code {code}): its topics and the"
+            " consumer group's offsets were in its memory; start tally up again — events"
+            " acknowledged and not yet counted are replayed from ingest's write-ahead log"
+        )
+
+    def _children(
+        self, env: dict[str, str], metrics: Path, prepared: asyncio.Event
+    ) -> tuple[Child, Child]:
+        """Back, on a free loopback port, and front on the user's, forwarding to back."""
+        settings = self.settings
         back_port = broker.free_port()
         back_url = f"http://127.0.0.1:{back_port}"
         front_bound, back_bound = shutdown_shares(settings)
@@ -181,34 +291,13 @@ class Supervisor:
             # for everyone (one failed-credential counter for all clients)
             "TALLY_TRUSTED_PROXIES": "127.0.0.1",
         }
-        back = Child(BACK, back_port, [], back_env, metrics)
+        back = Child(BACK, back_port, [], back_env, metrics, prepared)
         front_args = ["--back-url", back_url, *(["--demo"] if self.demo else [])]
         front_env = env | {
             "TALLY_BILLING_URL": back_url,
             "TALLY_SHUTDOWN_SECONDS": str(front_bound),
         }
-        front = Child(FRONT, settings.port, front_args, front_env, metrics)
-        stopping = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stopping.set)
-        code = 0
-        keepers: list[asyncio.Task[None]] = []
-        async with httpx.AsyncClient() as client:
-            try:
-                # both at once: front's start waits for back's answers, not its start
-                keepers.append(asyncio.create_task(back.keep(client), name=BACK))
-                keepers.append(asyncio.create_task(front.keep(client), name=FRONT))
-                await _until(stopping, keepers)
-            except GaveUp as exc:
-                log.error("stopping: a process keeps failing at start", error=str(exc))
-                code = exc.code
-            finally:
-                for task in keepers:
-                    task.cancel()
-                await asyncio.gather(*keepers, return_exceptions=True)
-                code = await self._stop(front, back) or code
-        return code
+        return back, Child(FRONT, settings.port, front_args, front_env, metrics, prepared)
 
     async def _kafka_env(self) -> dict[str, str]:
         """The broker the children use: the user's, or an embedded one started here."""
@@ -266,14 +355,15 @@ def metrics_dir(settings: Settings) -> Path:
     return path
 
 
-async def _until(stopping: asyncio.Event, keepers: list[asyncio.Task[None]]) -> None:
-    """Until ``stopping`` is set; a keeper that ends first raises its error."""
+async def _until(stopping: asyncio.Event, tasks: list[asyncio.Task[None]]) -> None:
+    """Until ``stopping`` is set; a task that fails raises its error (``GaveUp``,
+    ``BrokerDied``, the preparation's); one that is done (the preparation) is let go."""
     waiting = asyncio.create_task(stopping.wait())
-    tasks: list[asyncio.Task[Any]] = [waiting, *keepers]
+    watched: set[asyncio.Task[Any]] = {waiting, *tasks}
     try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        while waiting in watched:
+            done, watched = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+            for task in done - {waiting}:
+                task.result()
     finally:
         waiting.cancel()
-    for keeper in keepers:
-        if keeper in done:
-            keeper.result()  # GaveUp

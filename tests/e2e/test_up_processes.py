@@ -22,6 +22,7 @@ import pytest
 from schemas.events import utcnow
 from services.common.broker import free_port
 from services.common.settings import DEV_ADMIN_TOKEN, Settings
+from services.up import supervisor
 from tests.conftest import env_for
 from tests.e2e.test_no_orphan import dead
 from tests.support import TALLY, TallyProcess, sample_event, wait_for
@@ -142,3 +143,24 @@ def test_up_exits_non_zero_when_its_processes_cannot_start(settings: Settings) -
     output = done.stdout + done.stderr
     assert done.returncode == 2, output
     assert "keeps failing at start" in output and "refuses the development secrets" in output
+
+
+def test_up_stops_when_its_broker_dies(settings: Settings, tmp_path: Path) -> None:
+    """The embedded broker holds the topics and the group's offsets in memory: when it
+    dies under `tally up`, the supervisor says so and stops everything, non-zero, instead
+    of leaving front taking events nobody will count (the next start replays the log)."""
+    env = env_for(settings)
+    env.pop("KAFKA_BOOTSTRAP_SERVERS")
+    up = TallyProcess(["up"], env, tmp_path / "up.log").start()
+    try:
+        children = processes_of(up)
+        children["tansu"].kill()
+        assert up.process is not None
+        code = up.process.wait(30)
+        assert code == supervisor.EXIT_BROKER_DIED, up.tail()
+        assert "the embedded broker exited" in up.log.read_text(errors="replace")
+        for role, process in children.items():
+            wait_for(partial(dead, process), 5, f"{role} to stop", up.tail)
+    finally:
+        if up.process is not None and up.process.poll() is None:
+            up.kill()
