@@ -63,6 +63,19 @@ PREFER = {
     " and the answer carries `Preference-Applied: return=minimal`.",
 }
 
+BINARY_MODE = [
+    {
+        "name": f"ce-{name}",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": f"CloudEvents HTTP binary mode: the event's `{name}`; the body is then"
+        " its `data` (a JSON object).  With `ce-specversion` present and a Content-Type other"
+        " than a CloudEvents one, every attribute comes from `ce-*` headers.",
+    }
+    for name in ("specversion", "id", "source", "type", "subject", "time")
+]
+
 
 class EventResult(BaseModel):
     index: int = Field(description="The event's position in the request, from 0.")
@@ -200,7 +213,7 @@ def router(ingest: Ingest) -> APIRouter:
         response_model=IngestReceipt,  # documents the body _publish builds by hand
         responses=_responses(),
         summary="Ingest usage events (CloudEvents 1.0, one or a batch)",
-        openapi_extra={"requestBody": documented, "parameters": [PREFER]},
+        openapi_extra={"requestBody": documented, "parameters": [PREFER, *BINARY_MODE]},
     )
     async def post_events(request: Request) -> Response:
         subject = await admit(ingest, request)

@@ -25,8 +25,10 @@ JSON_TYPES = ("application/json", "text/json")
 
 
 def is_binary(headers: Mapping[str, str]) -> bool:
-    """Binary mode is recognised by its one mandatory header (binding, section 3.1)."""
-    return "ce-specversion" in headers
+    """Binary mode is recognised by its one mandatory header (binding, section 3.1); a
+    CloudEvents media type says structured mode, whatever the headers (section 3)."""
+    kind = (headers.get("content-type") or "").split(";", 1)[0].strip().lower()
+    return "ce-specversion" in headers and not kind.startswith("application/cloudevents")
 
 
 def is_json(content_type: str | None) -> bool:

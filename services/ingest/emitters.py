@@ -15,7 +15,8 @@ import jiter
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from schemas.events import utcnow
+from schemas.events import UsageEvent, utcnow
+from services.common.openapi import problem_responses, ref
 from services.ingest import lago, parsing
 from services.ingest.app import Ingest, admit, count, dead_letter, publish
 
@@ -41,48 +42,65 @@ LAGO_ERROR = {
         "error_details": {"type": "object"},
     },
 }
+NULLABLE_TEXT = {"type": ["string", "null"]}
+LAGO_SHOWN = {
+    "type": "object",
+    "required": ["transaction_id", "code", "timestamp", "properties", "created_at"],
+    "properties": {
+        "lago_id": NULLABLE_TEXT,
+        "transaction_id": {"type": "string"},
+        "lago_customer_id": NULLABLE_TEXT,
+        "external_customer_id": NULLABLE_TEXT,
+        "lago_subscription_id": NULLABLE_TEXT,
+        "external_subscription_id": NULLABLE_TEXT,
+        "code": {"type": "string"},
+        "timestamp": {"type": "string"},
+        "precise_total_amount_cents": NULLABLE_TEXT,
+        "properties": {"type": "object"},
+        "created_at": {"type": "string"},
+    },
+}
 
 
-def _lago_docs(root: str, schema: dict[str, Any], has_204: bool) -> dict[str, Any]:
-    ok = {"type": "object", "required": [root], "properties": {root: schema}}
-    shown: dict[str, Any] = {"type": "object"}
-    answers: dict[str, Any] = {
-        "200": {
-            "description": "Lago's answer: the events as Lago serialises them.",
-            "content": {
-                "application/json": {
-                    "schema": {
-                        "type": "object",
-                        "properties": {
-                            root: {"type": "array", "items": shown} if root == "events" else shown
-                        },
-                    }
-                }
-            },
-        },
-        "400": {"description": "Lago's bad request.", "content": _json(LAGO_ERROR)},
-        "422": {"description": "Lago's validation_errors.", "content": _json(LAGO_ERROR)},
+def _lago_docs(
+    root: str, schema: dict[str, Any], openmeter: bool
+) -> tuple[dict[str, Any], dict[int | str, Any]]:
+    """Lago's answers (plain JSON) beside the problem+json ones Tally gives before the
+    body is read (token, size, overload) and, with ``openmeter``, OpenMeter's."""
+    shown = {"type": "array", "items": LAGO_SHOWN} if root == "events" else LAGO_SHOWN
+    answers: dict[int | str, Any] = problem_responses(400, 401, 403, 413, 415, 422, 429, 503)
+    answers[200] = {
+        "description": "Lago's answer: the events as Lago serialises them.",
+        "content": _json({"type": "object", "required": [root], "properties": {root: shown}}),
     }
-    body: dict[str, Any] = {"application/json": {"schema": ok}}
-    if has_204:
-        answers["204"] = {"description": "OpenMeter's answer: CloudEvents accepted."}
-        body[parsing.SINGLE] = {"schema": {"type": "object"}}
-        body[parsing.BATCH] = {"schema": {"type": "array", "items": {"type": "object"}}}
-    return {"requestBody": {"required": True, "content": body}, "responses": answers}
+    for status, what in ((400, "Lago's BadRequest"), (422, "Lago's validation_errors")):
+        answers[status]["content"] |= _json(LAGO_ERROR)
+        answers[status]["description"] = f"{what} (JSON), or a problem (problem+json)."
+    ok = {"type": "object", "required": [root], "properties": {root: schema}}
+    body: dict[str, Any] = {parsing.JSON: {"schema": ok}}
+    if openmeter:
+        answers[204] = {"description": "OpenMeter's answer: the CloudEvents are stored."}
+        body[parsing.SINGLE] = {"schema": ref(UsageEvent)}
+        body[parsing.BATCH] = {"schema": {"type": "array", "items": ref(UsageEvent)}}
+    return {"requestBody": {"required": True, "content": body}}, answers
 
 
 def _json(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"application/json": {"schema": schema}}
+    return {parsing.JSON: {"schema": schema}}
 
 
 def router(ingest: Ingest) -> APIRouter:
     api = APIRouter(tags=["ingest"])
     batch = {"type": "array", "items": LAGO_EVENT, "minItems": 1}
+    one_body, one_answers = _lago_docs("event", LAGO_EVENT, True)
+    batch_body, batch_answers = _lago_docs("events", batch, False)
 
     @api.post(
         "/api/v1/events",
         summary="Lago's event API (one event), or OpenMeter's CloudEvents ingest (204)",
-        openapi_extra=_lago_docs("event", LAGO_EVENT, True),
+        response_class=Response,
+        responses=one_answers,
+        openapi_extra=one_body,
     )
     async def post_one(request: Request) -> Response:
         subject = await admit(ingest, request)
@@ -95,7 +113,9 @@ def router(ingest: Ingest) -> APIRouter:
     @api.post(
         "/api/v1/events/batch",
         summary="Lago's event API (a batch)",
-        openapi_extra=_lago_docs("events", batch, False),
+        response_class=Response,
+        responses=batch_answers,
+        openapi_extra=batch_body,
     )
     async def post_batch(request: Request) -> Response:
         subject = await admit(ingest, request)

@@ -20,6 +20,7 @@ Lago's ``validation_errors`` body; the bad ones are still copied to the dead-let
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -127,7 +128,10 @@ def _details(verdict: parsing.Verdict) -> dict[str, list[str]]:
 
 def _json(body: dict[str, Any], status: int = 200) -> Response:
     # properties keep jiter's exact Decimals; Lago echoes them as JSON numbers
-    content = orjson.dumps(body, default=float)
+    try:
+        content = orjson.dumps(body, default=float)
+    except TypeError:  # an integer beyond 64 bits, which orjson cannot write
+        content = json.dumps(body, default=float).encode()
     return Response(content, status_code=status, media_type="application/json")
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
-import socket
 import uuid
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -16,7 +15,6 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-import uvicorn
 from cloudevents.v1.conversion import to_binary, to_structured
 from cloudevents.v1.http import CloudEvent
 from lago_python_client.client import Client
@@ -35,6 +33,7 @@ from services.ingest.app import Ingest, router
 from services.ingest.publisher import Publisher
 from services.ingest.service import meter_types
 from services.runtime import Component, http_app
+from tests.http_support import serving
 from tests.integration.test_ingest_http import _find_in_topic, problem
 
 TOKEN = "test-token"
@@ -64,17 +63,8 @@ async def client(app: Any) -> AsyncIterator[httpx.AsyncClient]:
 @pytest.fixture
 async def served(app: Any) -> AsyncIterator[str]:
     """Ingest behind a real HTTP server, for clients that bring their own transport."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    for _ in range(500):  # up to 5 s
-        if server.started:
-            break
-        await asyncio.sleep(0.01)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    await task
+    async with serving(app) as url:
+        yield url
 
 
 def cloudevent(tenant: str, data: Any, **attributes: Any) -> CloudEvent:
