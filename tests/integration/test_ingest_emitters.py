@@ -15,11 +15,13 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from cloudevents.v1.conversion import to_binary, to_structured
-from cloudevents.v1.http import CloudEvent
+from cloudevents.conversion import to_binary, to_structured
+from cloudevents.http import CloudEvent
 from lago_python_client.client import Client
 from lago_python_client.exceptions import LagoApiError
 from lago_python_client.models import BatchEvent, Event
+from openmeter import Client as OpenMeter
+from openmeter.models import Event as OpenMeterEvent
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
@@ -267,3 +269,28 @@ async def test_cloudevents_on_the_openmeter_path_answer_204(
     bad = orjson.loads(body) | {"id": uuid.uuid4().hex, "subject": "no spaces allowed"}
     response = await client.post("/api/v1/events", headers=headers, content=orjson.dumps(bad))
     assert problem(response, 422)["results"][0]["errors"][0]["field"] == "subject"
+
+
+async def test_the_openmeter_sdk_ingests_one_event_a_batch_and_plain_json(
+    served: str, settings: Settings, tenant: str
+) -> None:
+    client = OpenMeter(endpoint=served, token=TOKEN)
+
+    def om_event(value: int) -> OpenMeterEvent:
+        return OpenMeterEvent(
+            id=uuid.uuid4().hex,
+            source="openmeter-sdk",
+            specversion="1.0",
+            type="api_call",
+            subject=f"{tenant}-acme",
+            time=utcnow(),
+            data={"value": value, "endpoint": "/v1/x"},
+        )
+
+    one, batch, plain = om_event(5), [om_event(6), om_event(7)], om_event(8)
+    await asyncio.to_thread(client.events.ingest_event, one)  # each raises unless 204
+    await asyncio.to_thread(client.events.ingest_events, batch)
+    await asyncio.to_thread(client.events.ingest_events_json, plain)  # application/json
+    assert (await stored(settings, one.id)).value == 5
+    assert (await stored(settings, batch[1].id)).value == 7
+    assert (await stored(settings, plain.id)).value == 8
