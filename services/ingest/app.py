@@ -248,7 +248,9 @@ async def _binary(ingest: Ingest, request: Request, subject: str | None) -> Resp
         verdict.errors = [
             parsing.FieldError(binary.header_name(e.field), e.reason) for e in verdict.errors
         ]
-    return await publish(ingest, verdicts, received_at, False)
+    return await publish(
+        ingest, verdicts, received_at, prefers_minimal(request.headers.get("prefer"))
+    )
 
 
 def prefers_minimal(prefer: str | None) -> bool:

@@ -162,6 +162,6 @@ async def _lago(ingest: Ingest, body: bytes, subject: str | None, batch: bool) -
     if rejected:  # Lago refuses the whole request; the bad events still reach the DLQ
         await dead_letter(ingest, rejected, received_at, uuid.uuid4().hex)
         count([], rejected, 0)
-        return lago.unprocessable(lago.error_details(verdicts, batch))
+        return lago.unprocessable(lago.error_details(verdicts, events, batch))
     await publish(ingest, verdicts, received_at, True)
     return lago.answer([e for e in events if isinstance(e, dict)], received_at, batch)

@@ -106,19 +106,28 @@ def _time(timestamp: Any, now: datetime) -> Any:
         return timestamp
 
 
-def error_details(verdicts: list[parsing.Verdict], batch: bool) -> dict[str, Any]:
+def error_details(
+    verdicts: list[parsing.Verdict], events: list[Any], batch: bool
+) -> dict[str, Any]:
     """Lago's ``error_details``: field → reasons for one event; by index for a batch."""
-    by_event = {str(v.index): _details(v) for v in verdicts if v.status is parsing.Status.REJECTED}
+    by_event = {
+        str(v.index): _details(v, events[v.index])
+        for v in verdicts
+        if v.status is parsing.Status.REJECTED
+    }
     if batch:
         return by_event
     return next(iter(by_event.values()))
 
 
-def _details(verdict: parsing.Verdict) -> dict[str, list[str]]:
+def _details(verdict: parsing.Verdict, event: Any) -> dict[str, list[str]]:
+    fields = _FIELDS
+    if isinstance(event, dict) and event.get("external_customer_id"):
+        fields = _FIELDS | {"subject": "external_customer_id"}  # the one that became it
     details: dict[str, list[str]] = {}
     for error in verdict.errors:
         head, dot, rest = error.field.partition(".")
-        name = _FIELDS.get(head, head) + dot + rest
+        name = fields.get(head, head) + dot + rest
         missing = error.reason.lower().startswith("field required")
         details.setdefault(name or "event", []).append(
             "value_is_mandatory" if missing else error.reason
@@ -158,6 +167,10 @@ def answer(events: list[dict[str, Any]], received_at: datetime, batch: bool) -> 
     return _json({"events": shown} if batch else {"event": shown[0]})
 
 
+def _given(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
 def _shown(event: dict[str, Any], received_at: datetime) -> dict[str, Any]:
     return {
         "lago_id": None,
@@ -167,7 +180,7 @@ def _shown(event: dict[str, Any], received_at: datetime) -> dict[str, Any]:
         "lago_subscription_id": None,
         "external_subscription_id": event.get("external_subscription_id"),
         "code": event.get("code"),
-        "timestamp": str(event.get("timestamp", received_at.timestamp())),
+        "timestamp": str(_given(event.get("timestamp"), received_at.timestamp())),
         "precise_total_amount_cents": event.get("precise_total_amount_cents"),
         "properties": event.get("properties") or {},
         "created_at": received_at.isoformat(),

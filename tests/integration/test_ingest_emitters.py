@@ -218,6 +218,20 @@ async def test_a_lago_batch_with_one_bad_event_is_refused_whole(
     assert await _find_in_topic(settings, topics.EVENTS, good["transaction_id"]) is None
 
 
+async def test_lago_external_customer_id_is_the_subject_and_named_in_errors(
+    client: httpx.AsyncClient, settings: Settings, tenant: str
+) -> None:
+    event = lago_event(tenant).dict() | {"external_customer_id": f"{tenant}-cust"}
+    del event["timestamp"]  # absent: the time of receipt
+    response = await client.post("/api/v1/events", json={"event": event})
+    assert response.status_code == 200, response.text
+    assert float(response.json()["event"]["timestamp"]) > 0
+    assert (await stored(settings, event["transaction_id"])).customer == f"{tenant}-cust"
+    bad = event | {"transaction_id": uuid.uuid4().hex, "external_customer_id": "no spaces"}
+    response = await client.post("/api/v1/events", json={"event": bad})
+    assert list(response.json()["error_details"]) == ["external_customer_id"]
+
+
 async def test_the_real_client_raises_on_lagos_422(served: str, tenant: str) -> None:
     with pytest.raises(LagoApiError) as raised:
         await asyncio.to_thread(lago_client(served).events.create, lago_event(tenant, code=""))
