@@ -1,4 +1,5 @@
-"""``POST /v1/events``: CloudEvents in, 202 once Kafka holds them.
+"""``POST /v1/events``: CloudEvents in (structured, batched, or HTTP binary mode: see
+``binary``), 202 once Kafka holds them.  ``emitters`` serves Lago's and OpenMeter's paths.
 
 Answers:
 - 202 with a per-event result when at least one event was accepted (or was a repeat
@@ -210,7 +211,7 @@ def router(ingest: Ingest) -> APIRouter:
         "/v1/events",
         status_code=202,
         response_class=JSONResponse,
-        response_model=IngestReceipt,  # documents the body _publish builds by hand
+        response_model=IngestReceipt,  # documents the body publish builds by hand
         responses=_responses(),
         summary="Ingest usage events (CloudEvents 1.0, one or a batch)",
         openapi_extra={"requestBody": documented, "parameters": [PREFER, *BINARY_MODE]},
@@ -231,6 +232,7 @@ def router(ingest: Ingest) -> APIRouter:
 
 
 async def admit(ingest: Ingest, request: Request) -> str | None:
+    """Authenticate, then refuse while overloaded: every ingest route, before its body."""
     subject = await ingest.authenticate(request)
     if ingest.guard is not None:
         ingest.guard.admit()  # before the body: an overloaded ingest reads nothing
