@@ -1,4 +1,5 @@
-"""``POST /v1/events``: CloudEvents in, 202 once Kafka holds them.
+"""``POST /v1/events``: CloudEvents in (structured, batched, or HTTP binary mode: see
+``binary``), 202 once Kafka holds them.  ``emitters`` serves Lago's and OpenMeter's paths.
 
 Answers:
 - 202 with a per-event result when at least one event was accepted (or was a repeat
@@ -45,8 +46,9 @@ from services.common.logging import get_logger
 from services.common.openapi import InvalidField, component_schemas, problem_responses, ref
 from services.common.problems import Problem
 from services.common.settings import Settings
-from services.ingest import parsing
+from services.ingest import binary, parsing
 from services.ingest.backpressure import Backpressure
+from services.ingest.lago import Codes
 from services.ingest.parsing import Status, TimeBounds
 from services.ingest.publisher import Publisher
 from services.ingest.wal.journal import JournalError
@@ -61,6 +63,19 @@ PREFER = {
     "description": "`return=minimal` (RFC 7240): `results` lists only the events not accepted,"
     " and the answer carries `Preference-Applied: return=minimal`.",
 }
+
+BINARY_MODE = [
+    {
+        "name": f"ce-{name}",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": f"CloudEvents HTTP binary mode: the event's `{name}`; the body is then"
+        " its `data` (a JSON object).  With `ce-specversion` present and a Content-Type other"
+        " than a CloudEvents one, every attribute comes from `ce-*` headers.",
+    }
+    for name in ("specversion", "id", "source", "type", "subject", "time")
+]
 
 
 class EventResult(BaseModel):
@@ -92,12 +107,14 @@ class Ingest:
         publisher: Publisher,
         auth: Authenticator,
         guard: Backpressure | None = None,
+        codes: Codes | None = None,
     ) -> None:
         self.settings = settings
         self.publisher = publisher
         self.bounds = TimeBounds(settings.future_tolerance, settings.backfill_window)
         self.auth = auth
         self.guard = guard  # refuses while the aggregator is too far behind
+        self.codes = codes  # Lago's metric codes → event types (services.ingest.lago)
 
     async def authenticate(self, request: Request) -> str | None:
         """``None`` for a service token (any subject); for a customer's API key with
@@ -194,24 +211,48 @@ def router(ingest: Ingest) -> APIRouter:
         "/v1/events",
         status_code=202,
         response_class=JSONResponse,
-        response_model=IngestReceipt,  # documents the body _publish builds by hand
+        response_model=IngestReceipt,  # documents the body publish builds by hand
         responses=_responses(),
         summary="Ingest usage events (CloudEvents 1.0, one or a batch)",
-        openapi_extra={"requestBody": documented, "parameters": [PREFER]},
+        openapi_extra={"requestBody": documented, "parameters": [PREFER, *BINARY_MODE]},
     )
     async def post_events(request: Request) -> Response:
-        subject = await ingest.authenticate(request)
-        if ingest.guard is not None:
-            ingest.guard.admit()  # before the body: an overloaded ingest reads nothing
+        subject = await admit(ingest, request)
+        if binary.is_binary(request.headers):
+            return await _binary(ingest, request, subject)
         kind = parsing.media_type(request.headers.get("content-type"))
         body = await ingest.read_body(request)
         raw_items = parsing.items(body, kind, ingest.settings.max_batch_events)
         received_at = utcnow()
         verdicts = parsing.judge(raw_items, ingest.bounds, received_at, subject)
         minimal = prefers_minimal(request.headers.get("prefer"))
-        return await _publish(ingest, verdicts, received_at, minimal)
+        return await publish(ingest, verdicts, received_at, minimal)
 
     return api
+
+
+async def admit(ingest: Ingest, request: Request) -> str | None:
+    """Authenticate, then refuse while overloaded: every ingest route, before its body."""
+    subject = await ingest.authenticate(request)
+    if ingest.guard is not None:
+        ingest.guard.admit()  # before the body: an overloaded ingest reads nothing
+    return subject
+
+
+async def _binary(ingest: Ingest, request: Request, subject: str | None) -> Response:
+    """A CloudEvent in HTTP binary mode: judged as its structured form, its errors named
+    after the ``ce-*`` headers the client sent."""
+    body = await ingest.read_body(request)
+    raw = binary.binary_event(request.headers, body)
+    received_at = utcnow()
+    verdicts = parsing.judge([raw], ingest.bounds, received_at, subject)
+    for verdict in verdicts:
+        verdict.errors = [
+            parsing.FieldError(binary.header_name(e.field), e.reason) for e in verdict.errors
+        ]
+    return await publish(
+        ingest, verdicts, received_at, prefers_minimal(request.headers.get("prefer"))
+    )
 
 
 def prefers_minimal(prefer: str | None) -> bool:
@@ -229,7 +270,7 @@ def prefers_minimal(prefer: str | None) -> bool:
     return False
 
 
-async def _publish(
+async def publish(
     ingest: Ingest, verdicts: list[parsing.Verdict], received_at: datetime, minimal: bool
 ) -> Response:
     request_id = uuid.uuid4().hex
@@ -259,8 +300,8 @@ async def _publish(
         ) from exc
     metrics.PUBLISH_SECONDS.observe(time.perf_counter() - started)
     if rejected:
-        await _dead_letter(ingest, rejected, received_at, request_id)
-    _count(accepted, rejected, duplicates)
+        await dead_letter(ingest, rejected, received_at, request_id)
+    count(accepted, rejected, duplicates)
     summary = {
         "request_id": request_id,
         "accepted": len(accepted),
@@ -278,7 +319,7 @@ async def _publish(
     )
 
 
-async def _dead_letter(
+async def dead_letter(
     ingest: Ingest, rejected: list[parsing.Verdict], received_at: datetime, request_id: str
 ) -> None:
     try:  # bounded too: the accepted events are stored, their 202 must not wait on this
@@ -288,7 +329,7 @@ async def _dead_letter(
         log.error("dead-letter publish failed", error=repr(exc), events=len(rejected))
 
 
-def _count(accepted: list[Any], rejected: list[parsing.Verdict], duplicates: int) -> None:
+def count(accepted: list[Any], rejected: list[parsing.Verdict], duplicates: int) -> None:
     metrics.EVENTS_ACCEPTED.inc(len(accepted))
     metrics.EVENTS_DUPLICATE_IN_REQUEST.inc(duplicates)
     for verdict in rejected:

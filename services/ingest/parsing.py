@@ -23,6 +23,7 @@ from schemas.problem_types import (
 )
 from schemas.text import reason
 from services.common.problems import Problem, field_path
+from services.ingest import binary
 
 SINGLE = "application/cloudevents+json"
 BATCH = "application/cloudevents-batch+json"
@@ -140,8 +141,13 @@ def _judge_one(index: int, raw: Any, bounds: TimeBounds, now: datetime) -> Verdi
         return Verdict(
             index, Status.REJECTED, raw=raw, errors=[FieldError("", "must be a JSON object")]
         )
+    given: dict[str, Any] | tuple[str, str] = raw
+    if "data_base64" in raw:
+        given = binary.decoded(raw)
+        if isinstance(given, tuple):
+            return Verdict(index, Status.REJECTED, raw=raw, errors=[FieldError(*given)])
     try:
-        event = UsageEvent.model_validate(raw)
+        event = UsageEvent.model_validate(given)
     except ValidationError as exc:
         errors = [FieldError(field_path(tuple(e["loc"])), reason(e)) for e in exc.errors()]
         return Verdict(index, Status.REJECTED, raw=raw, errors=errors)

@@ -4,12 +4,10 @@ came; a back that is down is a 503 problem+json, never a hang or a 500."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -17,6 +15,7 @@ from starlette.routing import Route
 
 from services.common.broker import free_port
 from services.up.proxy import Forwarder
+from tests.http_support import serving
 
 
 async def echo(request: Request) -> Response:
@@ -39,16 +38,8 @@ async def echo(request: Request) -> Response:
 async def back() -> AsyncIterator[str]:
     """A real HTTP server on a loopback port, standing in for back."""
     app = Starlette(routes=[Route("/{path:path}", echo, methods=["GET", "POST", "PUT"])])
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning", lifespan="off"))
-    serving = asyncio.create_task(server.serve())
-    for _ in range(500):  # up to 10 s
-        if server.started:
-            break
-        await asyncio.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    await serving
+    async with serving(app) as url:
+        yield url
 
 
 def front(forwarder: Forwarder) -> httpx.AsyncClient:

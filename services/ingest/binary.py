@@ -1,0 +1,95 @@
+"""CloudEvents over HTTP in binary mode, and ``data_base64`` in structured mode.
+
+Binary mode (CloudEvents HTTP binding, section 3.1) carries the attributes in ``ce-*``
+headers and ``data`` as the body; emitters built on the CloudEvents SDKs send it by
+default.  Both are turned here into the structured JSON object ``/v1/events`` validates,
+so they take exactly the same validation, de-duplication and dead-letter path; only the
+names in the errors change back to what the client sent (``ce-id``, ``data_base64``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import unquote
+
+import jiter
+
+from schemas.problem_types import MALFORMED_JSON, UNSUPPORTED_MEDIA_TYPE
+from services.common.problems import Problem
+
+PREFIX = "ce-"
+JSON_TYPES = ("application/json", "text/json")
+
+
+def is_binary(headers: Mapping[str, str]) -> bool:
+    """Binary mode is recognised by its one mandatory header (binding, section 3.1); a
+    CloudEvents media type says structured mode, whatever the headers (section 3)."""
+    kind = (headers.get("content-type") or "").split(";", 1)[0].strip().lower()
+    return "ce-specversion" in headers and not kind.startswith("application/cloudevents")
+
+
+def is_json(content_type: str | None) -> bool:
+    kind = (content_type or "").split(";", 1)[0].strip().lower()
+    return kind in JSON_TYPES or kind.endswith("+json")
+
+
+def binary_event(headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
+    """The structured event a binary-mode request stands for: every ``ce-*`` header
+    (percent-decoded, as the binding asks) an attribute, the body its ``data``."""
+    event: dict[str, Any] = {
+        name[len(PREFIX) :].lower(): unquote(value)
+        for name, value in headers.items()
+        if name.lower().startswith(PREFIX)
+    }
+    content_type = headers.get("content-type")
+    if not is_json(content_type):
+        raise Problem(
+            UNSUPPORTED_MEDIA_TYPE,
+            f"binary mode: the data's Content-Type {content_type or '(none)'!r} is not"
+            " accepted; send the data as application/json (a JSON object)",
+        )
+    event["datacontenttype"] = "application/json"
+    if body.strip():
+        try:
+            event["data"] = jiter.from_json(body, float_mode="decimal")
+        except ValueError as exc:
+            raise Problem(
+                MALFORMED_JSON, f"binary mode: the body is not valid JSON: {exc}"
+            ) from exc
+    return event
+
+
+def header_name(field: str) -> str:
+    """An error's field as the binary-mode client named it: ``id`` → ``ce-id``;
+    ``data.value`` stays (the body is the data)."""
+    if not field or field.startswith("data"):
+        return field
+    return PREFIX + field
+
+
+def decoded(raw: dict[str, Any]) -> dict[str, Any] | tuple[str, str]:
+    """A structured event with ``data_base64`` as one with ``data``, or the field and
+    reason it cannot be: the data must be JSON to be metered."""
+    encoded = raw["data_base64"]
+    if "data" in raw:
+        return "data_base64", "must not be sent together with data (CloudEvents JSON format)"
+    content_type = raw.get("datacontenttype")
+    if content_type is not None and not (isinstance(content_type, str) and is_json(content_type)):
+        return "data_base64", (
+            f"carries {content_type!r} data; only JSON data can be metered (datacontenttype"
+            " application/json)"
+        )
+    if not isinstance(encoded, str):
+        return "data_base64", "must be a base64 string"
+    try:
+        data = jiter.from_json(base64.b64decode(encoded, validate=True), float_mode="decimal")
+    except (binascii.Error, ValueError) as exc:
+        return "data_base64", f"is not base64 of a JSON document: {exc}"
+    event = {k: v for k, v in raw.items() if k != "data_base64"}
+    event["data"] = data
+    if content_type is not None:
+        event["datacontenttype"] = "application/json"
+    return event

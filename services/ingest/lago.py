@@ -1,0 +1,187 @@
+"""Lago's event API (``POST /api/v1/events`` and ``/api/v1/events/batch``) onto Tally's event.
+
+A seller moving from Lago keeps its emitters: ``lago-python-client`` and the other Lago
+SDKs post ``{"event": {...}}`` or ``{"events": [...]}`` and read Lago's answers.  Each
+Lago event becomes the CloudEvent ``/v1/events`` takes, and goes through the same
+validation, de-duplication and dead-letter path:
+
+- ``transaction_id`` → ``id``, with ``source`` fixed to ``lago`` (so (source, id) is
+  Lago's own idempotency key);
+- ``external_customer_id``, else ``external_subscription_id`` (Tally has no subscription
+  to resolve it to a customer: the subscription's id IS the subject) → ``subject``;
+- ``code`` (a billable metric's code: a meter's name) → the ``event_type`` of the meter
+  of that name, so the event reaches that meter; any other code is taken as the type;
+- ``timestamp`` (Unix seconds, number or string; absent: now) → ``time``;
+- ``properties`` → ``data``.
+
+Lago validates a request as a whole: one bad event refuses the batch with 422 and
+Lago's ``validation_errors`` body; the bad ones are still copied to the dead-letter topic.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import orjson
+from fastapi.responses import Response
+
+from services.ingest import parsing
+
+SOURCE = "lago"
+CODES_TTL_SECONDS = 10.0
+_FIELDS = {  # Tally's field → Lago's
+    "id": "transaction_id",
+    "subject": "external_subscription_id",
+    "type": "code",
+    "time": "timestamp",
+    "data": "properties",
+}
+MeterTypes = Callable[[], Awaitable[dict[str, str]]]
+"""Meter name → event type, as the catalog holds them now."""
+
+
+class Codes:
+    """Lago codes to event types, from the meters; re-read at most every 10 s so that a
+    meter a seller has just created is reached soon, without a query per request."""
+
+    def __init__(self, read: MeterTypes) -> None:
+        self._read = read
+        self._types: dict[str, str] = {}
+        self._until = 0.0
+
+    async def types(self) -> dict[str, str]:
+        if time.monotonic() >= self._until:
+            self._types = await self._read()
+            self._until = time.monotonic() + CODES_TTL_SECONDS
+        return self._types
+
+
+class BadRequest(Exception):
+    """A body that is not Lago's request shape: answered 400 as Lago does."""
+
+
+def events_of(parsed: Any, batch: bool) -> list[Any]:
+    root = "events" if batch else "event"
+    value = parsed.get(root) if isinstance(parsed, dict) else None
+    if value is None or value == [] or value == {}:
+        raise BadRequest(f"param is missing or the value is empty: {root}")
+    if batch and not isinstance(value, list):
+        raise BadRequest("events must be an array")
+    return list(value) if batch else [value]
+
+
+def cloudevent(event: Any, now: datetime, types: dict[str, str]) -> Any:
+    """The CloudEvent a Lago event stands for (anything but an object is left as is, for
+    validation to refuse)."""
+    if not isinstance(event, dict):
+        return event
+    raw: dict[str, Any] = {"specversion": "1.0", "source": SOURCE}
+    put = {
+        "id": event.get("transaction_id"),
+        "subject": event.get("external_customer_id") or event.get("external_subscription_id"),
+        "type": types.get(code, code) if isinstance(code := event.get("code"), str) else code,
+        "time": _time(event.get("timestamp"), now),
+        "data": event.get("properties"),
+    }
+    raw |= {name: value for name, value in put.items() if value is not None}
+    return raw
+
+
+def _time(timestamp: Any, now: datetime) -> Any:
+    """Lago's timestamp: Unix seconds as a number or a numeric string; absent, the time
+    of receipt.  Anything else is passed on for validation to name."""
+    if timestamp is None:
+        return now
+    if isinstance(timestamp, bool):
+        return timestamp
+    try:
+        seconds = Decimal(str(timestamp))
+        return datetime.fromtimestamp(float(seconds), UTC)
+    except (InvalidOperation, ValueError, OverflowError, OSError):
+        return timestamp
+
+
+def error_details(
+    verdicts: list[parsing.Verdict], events: list[Any], batch: bool
+) -> dict[str, Any]:
+    """Lago's ``error_details``: field → reasons for one event; by index for a batch."""
+    by_event = {
+        str(v.index): _details(v, events[v.index])
+        for v in verdicts
+        if v.status is parsing.Status.REJECTED
+    }
+    if batch:
+        return by_event
+    return next(iter(by_event.values()))
+
+
+def _details(verdict: parsing.Verdict, event: Any) -> dict[str, list[str]]:
+    fields = _FIELDS
+    if isinstance(event, dict) and event.get("external_customer_id"):
+        fields = _FIELDS | {"subject": "external_customer_id"}  # the one that became it
+    details: dict[str, list[str]] = {}
+    for error in verdict.errors:
+        head, dot, rest = error.field.partition(".")
+        name = fields.get(head, head) + dot + rest
+        missing = error.reason.lower().startswith("field required")
+        details.setdefault(name or "event", []).append(
+            "value_is_mandatory" if missing else error.reason
+        )
+    return details
+
+
+def _json(body: dict[str, Any], status: int = 200) -> Response:
+    # properties keep jiter's exact Decimals; Lago echoes them as JSON numbers
+    try:
+        content = orjson.dumps(body, default=float)
+    except TypeError:  # an integer beyond 64 bits, which orjson cannot write
+        content = json.dumps(body, default=float).encode()
+    return Response(content, status_code=status, media_type="application/json")
+
+
+def unprocessable(details: dict[str, Any]) -> Response:
+    return _json(
+        {
+            "status": 422,
+            "error": "Unprocessable Entity",
+            "code": "validation_errors",
+            "error_details": details,
+        },
+        422,
+    )
+
+
+def bad_request(message: str) -> Response:
+    return _json({"status": 400, "error": f"BadRequest: {message}"}, 400)
+
+
+def answer(events: list[dict[str, Any]], received_at: datetime, batch: bool) -> Response:
+    """200 with the events as Lago serialises them (ids Tally has no counterpart for,
+    ``lago_id`` and the like, are null)."""
+    shown = [_shown(e, received_at) for e in events]
+    return _json({"events": shown} if batch else {"event": shown[0]})
+
+
+def _given(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _shown(event: dict[str, Any], received_at: datetime) -> dict[str, Any]:
+    return {
+        "lago_id": None,
+        "transaction_id": event.get("transaction_id"),
+        "lago_customer_id": None,
+        "external_customer_id": event.get("external_customer_id"),
+        "lago_subscription_id": None,
+        "external_subscription_id": event.get("external_subscription_id"),
+        "code": event.get("code"),
+        "timestamp": str(_given(event.get("timestamp"), received_at.timestamp())),
+        "precise_total_amount_cents": event.get("precise_total_amount_cents"),
+        "properties": event.get("properties") or {},
+        "created_at": received_at.isoformat(),
+    }
