@@ -224,7 +224,7 @@ def router(ingest: Ingest) -> APIRouter:
         body = await ingest.read_body(request)
         raw_items = parsing.items(body, kind, ingest.settings.max_batch_events)
         received_at = utcnow()
-        verdicts = parsing.judge(raw_items, ingest.bounds, received_at, subject)
+        verdicts = await parsing.judge(raw_items, ingest.bounds, received_at, subject)
         minimal = prefers_minimal(request.headers.get("prefer"))
         return await publish(ingest, verdicts, received_at, minimal)
 
@@ -245,7 +245,7 @@ async def _binary(ingest: Ingest, request: Request, subject: str | None) -> Resp
     body = await ingest.read_body(request)
     raw = binary.binary_event(request.headers, body)
     received_at = utcnow()
-    verdicts = parsing.judge([raw], ingest.bounds, received_at, subject)
+    verdicts = await parsing.judge([raw], ingest.bounds, received_at, subject)
     for verdict in verdicts:
         verdict.errors = [
             parsing.FieldError(binary.header_name(e.field), e.reason) for e in verdict.errors
