@@ -43,12 +43,12 @@ from schemas.problem_types import (
 from services.common import metrics
 from services.common.auth import Authenticator
 from services.common.logging import get_logger
+from services.common.meter_cache import MeterCache
 from services.common.openapi import InvalidField, component_schemas, problem_responses, ref
 from services.common.problems import Problem
 from services.common.settings import Settings
 from services.ingest import binary, parsing
 from services.ingest.backpressure import Backpressure
-from services.ingest.lago import Codes
 from services.ingest.parsing import Status, TimeBounds
 from services.ingest.publisher import Publisher
 from services.ingest.wal.journal import JournalError
@@ -107,14 +107,14 @@ class Ingest:
         publisher: Publisher,
         auth: Authenticator,
         guard: Backpressure | None = None,
-        codes: Codes | None = None,
+        meters: MeterCache | None = None,
     ) -> None:
         self.settings = settings
         self.publisher = publisher
         self.bounds = TimeBounds(settings.future_tolerance, settings.backfill_window)
         self.auth = auth
         self.guard = guard  # refuses while the aggregator is too far behind
-        self.codes = codes  # Lago's metric codes → event types (services.ingest.lago)
+        self.meters = meters  # Lago's metric codes are meter names (services.ingest.lago)
 
     async def authenticate(self, request: Request) -> str | None:
         """``None`` for a service token (any subject); for a customer's API key with

@@ -155,8 +155,8 @@ async def _lago(ingest: Ingest, body: bytes, subject: str | None, batch: bool) -
     if len(events) > ingest.settings.max_batch_events:
         return lago.unprocessable({"events": ["too_many_events"]})
     received_at = utcnow()
-    types = await ingest.codes.types() if ingest.codes is not None else {}
-    raws = [lago.cloudevent(event, received_at, types) for event in events]
+    meters = (await ingest.meters.meters()).by_name if ingest.meters is not None else {}
+    raws = [lago.cloudevent(event, received_at, meters) for event in events]
     verdicts = await parsing.judge(raws, ingest.bounds, received_at, subject)
     rejected = [v for v in verdicts if v.status is parsing.Status.REJECTED]
     if rejected:  # Lago refuses the whole request; the bad events still reach the DLQ

@@ -10,7 +10,8 @@ validation, de-duplication and dead-letter path:
 - ``external_customer_id``, else ``external_subscription_id`` (Tally has no subscription
   to resolve it to a customer: the subscription's id IS the subject) → ``subject``;
 - ``code`` (a billable metric's code: a meter's name) → the ``event_type`` of the meter
-  of that name, so the event reaches that meter; any other code is taken as the type;
+  of that name (the process's ``MeterCache``: a new meter is seen as soon as PostgreSQL
+  notifies it), so the event reaches that meter; any other code is taken as the type;
 - ``timestamp`` (Unix seconds, number or string; absent: now) → ``time``;
 - ``properties`` → ``data``.
 
@@ -21,8 +22,7 @@ Lago's ``validation_errors`` body; the bad ones are still copied to the dead-let
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -30,10 +30,10 @@ from typing import Any
 import orjson
 from fastapi.responses import Response
 
+from schemas.catalog import Meter
 from services.ingest import parsing
 
 SOURCE = "lago"
-CODES_TTL_SECONDS = 10.0
 _FIELDS = {  # Tally's field → Lago's
     "id": "transaction_id",
     "subject": "external_subscription_id",
@@ -41,24 +41,6 @@ _FIELDS = {  # Tally's field → Lago's
     "time": "timestamp",
     "data": "properties",
 }
-MeterTypes = Callable[[], Awaitable[dict[str, str]]]
-"""Meter name → event type, as the catalog holds them now."""
-
-
-class Codes:
-    """Lago codes to event types, from the meters; re-read at most every 10 s so that a
-    meter a seller has just created is reached soon, without a query per request."""
-
-    def __init__(self, read: MeterTypes) -> None:
-        self._read = read
-        self._types: dict[str, str] = {}
-        self._until = 0.0
-
-    async def types(self) -> dict[str, str]:
-        if time.monotonic() >= self._until:
-            self._types = await self._read()
-            self._until = time.monotonic() + CODES_TTL_SECONDS
-        return self._types
 
 
 class BadRequest(Exception):
@@ -75,21 +57,27 @@ def events_of(parsed: Any, batch: bool) -> list[Any]:
     return list(value) if batch else [value]
 
 
-def cloudevent(event: Any, now: datetime, types: dict[str, str]) -> Any:
+def cloudevent(event: Any, now: datetime, meters: Mapping[str, Meter]) -> Any:
     """The CloudEvent a Lago event stands for (anything but an object is left as is, for
-    validation to refuse)."""
+    validation to refuse); ``meters`` by name, as the process's meter cache holds them."""
     if not isinstance(event, dict):
         return event
     raw: dict[str, Any] = {"specversion": "1.0", "source": SOURCE}
     put = {
         "id": event.get("transaction_id"),
         "subject": event.get("external_customer_id") or event.get("external_subscription_id"),
-        "type": types.get(code, code) if isinstance(code := event.get("code"), str) else code,
+        "type": _event_type(event.get("code"), meters),
         "time": _time(event.get("timestamp"), now),
         "data": event.get("properties"),
     }
     raw |= {name: value for name, value in put.items() if value is not None}
     return raw
+
+
+def _event_type(code: Any, meters: Mapping[str, Meter]) -> Any:
+    """The event type of the meter a code names; any other code is the type itself."""
+    meter = meters.get(code) if isinstance(code, str) else None
+    return meter.event_type if meter is not None else code
 
 
 def _time(timestamp: Any, now: datetime) -> Any:

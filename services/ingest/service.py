@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
-from psycopg_pool import AsyncConnectionPool
-
 from schemas import topics
-from services.common import catalog
 from services.common.logging import get_logger
-from services.ingest import emitters, lago
+from services.ingest import emitters
 from services.ingest.app import Ingest, openapi_schemas, router
 from services.ingest.backpressure import Backpressure
 from services.ingest.publisher import Publisher
@@ -42,19 +38,14 @@ async def start(runtime: Runtime) -> Component:
             path=str(runtime.settings.wal_path),
         )
     guard = backpressure(runtime, await runtime.bootstrap_servers())
-    codes = lago.Codes(functools.partial(meter_types, await runtime.pool()))
-    ingest = Ingest(runtime.settings, publisher, await runtime.authenticator(), guard, codes)
+    meters = await runtime.meters()
+    ingest = Ingest(runtime.settings, publisher, await runtime.authenticator(), guard, meters)
     return Component(
         "ingest",
         routers=[router(ingest), emitters.router(ingest)],
         checks={"kafka": kafka},
         schemas=openapi_schemas(),
     )
-
-
-async def meter_types(pool: AsyncConnectionPool) -> dict[str, str]:
-    """Meter name → event type: what a Lago metric code stands for."""
-    return {meter.name: meter.event_type for meter in await catalog.read_meters(pool)}
 
 
 def backpressure(runtime: Runtime, bootstrap: str) -> Backpressure | None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import functools
 import uuid
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -29,11 +28,11 @@ from schemas import envelope, topics
 from schemas.events import utcnow
 from services.common import kafka
 from services.common.auth import Authenticator
+from services.common.meter_cache import MeterCache
 from services.common.settings import Settings
-from services.ingest import emitters, lago
+from services.ingest import emitters
 from services.ingest.app import Ingest, router
 from services.ingest.publisher import Publisher
-from services.ingest.service import meter_types
 from services.runtime import Component, http_app
 from tests.http_support import serving
 from tests.integration.test_ingest_http import _find_in_topic, problem
@@ -45,11 +44,13 @@ TOKEN = "test-token"
 async def app(settings: Settings, redis: Redis, pool: AsyncConnectionPool) -> AsyncIterator[Any]:
     settings = settings.model_copy(update={"max_batch_events": 50})
     producer = await kafka.start_producer(settings.kafka_bootstrap_servers or "")
-    codes = lago.Codes(functools.partial(meter_types, pool))
+    meters = MeterCache(pool, settings.database_url, max_age=60)
+    await meters.start()
     ingest = Ingest(
-        settings, Publisher(producer), Authenticator(settings, redis, pool), None, codes
+        settings, Publisher(producer), Authenticator(settings, redis, pool), None, meters
     )
     yield http_app([Component("ingest", [router(ingest), emitters.router(ingest)])])
+    await meters.stop()
     await producer.stop()
 
 
