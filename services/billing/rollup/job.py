@@ -72,6 +72,10 @@ def value_sql(meter: Meter) -> str:
             return "sum(value)"
         case Aggregation.MAX:
             return "max(value)"
+        case Aggregation.MIN:
+            return "min(value)"
+        case Aggregation.AVG:
+            return "toDecimal128(avg(value), 6)"
         case Aggregation.LATEST:
             return "argMax(value, time)"
         case Aggregation.UNIQUE_COUNT:
