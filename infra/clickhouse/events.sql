@@ -14,7 +14,9 @@ CREATE TABLE IF NOT EXISTS {database}.events
     id          String,
     time        DateTime64(6, 'UTC') COMMENT 'event time, from the CloudEvent',
     value       Decimal(38, 6),
-    dimensions  Map(String, String),
+    dimensions  Map(String, String) COMMENT 'top-level scalars of data, as strings',
+    data        String DEFAULT '' COMMENT 'the event data as sent (JSON); empty before it was kept',
+    catalog_version UInt64 DEFAULT 0 COMMENT 'meter catalog version ingest saw: meters made later back-fill events below theirs',
     received_at DateTime64(6, 'UTC') COMMENT 'ingest time',
     stored_at   DateTime64(6, 'UTC') DEFAULT now64(6) COMMENT 'when the aggregator wrote it',
     first_seen  UInt64 MATERIALIZED 18446744073709551615 - toUnixTimestamp64Micro(received_at)

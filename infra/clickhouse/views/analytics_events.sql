@@ -5,5 +5,5 @@
 -- Views come after the tables (`create_schema` applies `views/` last) and are replaced
 -- on every start, so a new Tally brings its new definition.
 CREATE OR REPLACE VIEW {database}.analytics_events AS
-SELECT customer, type, source, id, time, value, dimensions, received_at, stored_at
+SELECT customer, type, source, id, time, value, dimensions, data, received_at, stored_at
 FROM {database}.events FINAL
