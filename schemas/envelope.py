@@ -48,6 +48,13 @@ class StoredEvent:
     dimensions: dict[str, str]
     received_at: datetime
     lease: str = ""  # the lease it was spent under ('' for none), settled when counted
+    # The data object as sent (nested objects and arrays included), which meters read by
+    # path (``schemas.paths``); None for events from before it was kept, whose meters
+    # read ``value`` and ``dimensions``.
+    data: dict[str, Any] | None = None
+    # The meter catalog version ingest held (``MeterIndex.version``): a meter created at
+    # version v counts live only events stamped >= v; older ones are back-filled.
+    catalog_version: int = 0
 
     @classmethod
     def from_usage(cls, event: UsageEvent, received_at: datetime) -> StoredEvent:
