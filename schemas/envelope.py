@@ -23,6 +23,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, Protocol, TypeVar
 
+import jiter
 import orjson
 
 from schemas.events import UsageEvent
@@ -48,16 +49,18 @@ class StoredEvent:
     dimensions: dict[str, str]
     received_at: datetime
     lease: str = ""  # the lease it was spent under ('' for none), settled when counted
-    # The data object as sent (nested objects and arrays included), which meters read by
-    # path (``schemas.paths``); None for events from before it was kept, whose meters
-    # read ``value`` and ``dimensions``.
-    data: dict[str, Any] | None = None
+    # The data object as sent, as JSON text, when it holds nested members (meters read it
+    # by path, ``schemas.paths``); "" for flat data — and events from before it was kept —
+    # whose meters read ``value`` and ``dimensions``.
+    data: str = ""
     # The meter catalog version ingest held (``MeterIndex.version``): a meter created at
     # version v counts live only events stamped >= v; older ones are back-filled.
     catalog_version: int = 0
 
     @classmethod
-    def from_usage(cls, event: UsageEvent, received_at: datetime) -> StoredEvent:
+    def from_usage(
+        cls, event: UsageEvent, received_at: datetime, catalog_version: int = 0
+    ) -> StoredEvent:
         return cls(
             id=event.id,
             source=event.source,
@@ -68,7 +71,13 @@ class StoredEvent:
             dimensions=event.dimensions,
             received_at=received_at,
             lease=event.lease,
+            data=event.data.as_json(),
+            catalog_version=catalog_version,
         )
+
+    def parsed_data(self) -> dict[str, Any] | None:
+        """``data`` as a dict with exact decimals, None for flat data."""
+        return jiter.from_json(self.data.encode(), float_mode="decimal") if self.data else None
 
 
 class EventLike(Protocol):
@@ -90,6 +99,12 @@ class EventLike(Protocol):
     def lease(self) -> str: ...
 
 
+def _data_json(e: EventLike) -> str:
+    """A ``StoredEvent``'s data text, or a ``UsageEvent``'s made now."""
+    data = getattr(e, "data", "")
+    return data if isinstance(data, str) else data.as_json()
+
+
 def encode(customer: str, events: Iterable[EventLike], received_at: datetime) -> bytes:
     """One customer's events as a version-1 envelope."""
     return orjson.dumps(
@@ -103,19 +118,23 @@ def encode(customer: str, events: Iterable[EventLike], received_at: datetime) ->
 
 
 def encode_shares(
-    shares: Iterable[tuple[str, Iterable[EventLike]]], received_at: datetime
+    shares: Iterable[tuple[str, Iterable[EventLike]]],
+    received_at: datetime,
+    catalog_version: int = 0,
 ) -> bytes:
-    """Several customers' events, as (customer, events) pairs, in one envelope."""
-    return orjson.dumps(
-        {
-            "v": ENVELOPE_VERSION,
-            "received_at": received_at.isoformat(),
-            "shares": [
-                {"customer": customer, "events": [_event(e) for e in events]}
-                for customer, events in shares
-            ],
-        }
-    )
+    """Several customers' events, as (customer, events) pairs, in one envelope, stamped
+    with the meter catalog version ingest held (``cv``, absent when 0)."""
+    body: dict[str, Any] = {
+        "v": ENVELOPE_VERSION,
+        "received_at": received_at.isoformat(),
+        "shares": [
+            {"customer": customer, "events": [_event(e) for e in events]}
+            for customer, events in shares
+        ],
+    }
+    if catalog_version:
+        body["cv"] = catalog_version
+    return orjson.dumps(body)
 
 
 def _event(e: EventLike) -> dict[str, Any]:
@@ -129,6 +148,8 @@ def _event(e: EventLike) -> dict[str, Any]:
     }
     if e.lease:  # only when there is one: most events have none
         encoded["lease"] = e.lease
+    if data := _data_json(e):  # only nested data: flat data is value and dims
+        encoded["data"] = data
     return encoded
 
 
@@ -148,13 +169,16 @@ def decode_shares(payload: bytes) -> list[tuple[str, list[StoredEvent]]]:
     else:
         raise ValueError(f"unsupported envelope version {version!r}")
     received_at = _aware(envelope["received_at"])
+    version = envelope.get("cv", 0)
     return [
-        (customer, [_stored(raw, customer, received_at) for raw in events])
+        (customer, [_stored(raw, customer, received_at, version) for raw in events])
         for customer, events in shares
     ]
 
 
-def _stored(raw: dict[str, Any], customer: str, received_at: datetime) -> StoredEvent:
+def _stored(
+    raw: dict[str, Any], customer: str, received_at: datetime, catalog_version: int
+) -> StoredEvent:
     return StoredEvent(
         id=raw["id"],
         source=raw["source"],
@@ -165,6 +189,8 @@ def _stored(raw: dict[str, Any], customer: str, received_at: datetime) -> Stored
         dimensions=raw["dims"],
         received_at=received_at,
         lease=raw.get("lease", ""),
+        data=raw.get("data", ""),
+        catalog_version=catalog_version,
     )
 
 
@@ -183,7 +209,9 @@ def chunks(events: list[E], size: int = MAX_EVENTS_PER_ENVELOPE) -> Iterator[lis
         yield events[start : start + size]
 
 
-def envelopes(shares: Iterable[tuple[str, list[E]]], received_at: datetime) -> Iterator[bytes]:
+def envelopes(
+    shares: Iterable[tuple[str, list[E]]], received_at: datetime, catalog_version: int = 0
+) -> Iterator[bytes]:
     """The events of several customers, as (customer, events) pairs, as encoded
     version-2 envelopes within both limits; a customer's events keep their order.
 
@@ -191,17 +219,19 @@ def envelopes(shares: Iterable[tuple[str, list[E]]], received_at: datetime) -> I
     """
     flat = [(customer, event) for customer, events in shares for event in events]
     for chunk in chunks(flat):
-        yield from _fitting(chunk, received_at)
+        yield from _fitting(chunk, received_at, catalog_version)
 
 
-def _fitting(pairs: list[tuple[str, Any]], received_at: datetime) -> Iterator[bytes]:
+def _fitting(
+    pairs: list[tuple[str, Any]], received_at: datetime, catalog_version: int
+) -> Iterator[bytes]:
     grouped: dict[str, list[Any]] = {}
     for customer, event in pairs:
         grouped.setdefault(customer, []).append(event)
-    encoded = encode_shares(grouped.items(), received_at)
+    encoded = encode_shares(grouped.items(), received_at, catalog_version)
     if len(encoded) <= MAX_ENVELOPE_BYTES or len(pairs) == 1:
         yield encoded
         return
     middle = len(pairs) // 2
-    yield from _fitting(pairs[:middle], received_at)
-    yield from _fitting(pairs[middle:], received_at)
+    yield from _fitting(pairs[:middle], received_at, catalog_version)
+    yield from _fitting(pairs[middle:], received_at, catalog_version)

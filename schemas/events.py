@@ -13,12 +13,14 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
+import orjson
 from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
+    ModelWrapValidatorHandler,
     StringConstraints,
     model_validator,
 )
@@ -34,6 +36,12 @@ LEASE_ID_PATTERN = r"^ls_[A-Za-z0-9_-]{16}$"
 DIMENSION_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
 MAX_DIMENSION_LENGTH = 256
 MAX_DIMENSIONS = 32
+MAX_DEPTH = 8
+"""Levels of objects and arrays ``data`` may nest (``data`` itself is level 1): a meter's
+path has at most ``schemas.paths.MAX_STEPS`` steps, so deeper values could never count."""
+MAX_NODES = 1000
+"""Keys, array items and values in all of ``data``: an event describes one billable thing."""
+MAX_KEY_LENGTH = 64
 
 _dimension_name = re.compile(DIMENSION_NAME_PATTERN)
 _valid_names: set[str] = set()  # names already checked; they repeat on every event
@@ -73,10 +81,19 @@ def _event_data_schema(schema: dict[str, Any]) -> None:
     }
     schema["propertyNames"] = {"pattern": DIMENSION_NAME_PATTERN}
     schema["additionalProperties"] = {
-        "description": "A dimension; numbers are stored as strings.",
-        "type": ["string", "number"],
-        "maxLength": MAX_DIMENSION_LENGTH,
-        "pattern": PRINTABLE_PATTERN,
+        "description": (
+            "A dimension (a string; numbers are stored as strings), or nested data: objects"
+            f" and arrays up to {MAX_DEPTH} levels deep and {MAX_NODES} nodes in all, which"
+            " meters read by path (`$.tokens.input`)."
+        ),
+        "anyOf": [
+            {
+                "type": ["string", "number"],
+                "maxLength": MAX_DIMENSION_LENGTH,
+                "pattern": PRINTABLE_PATTERN,
+            },
+            {"type": ["object", "array", "boolean", "null"]},
+        ],
     }
     # ``value`` plus at most MAX_DIMENSIONS dimensions.
     schema["if"] = {"required": ["value"]}
@@ -90,13 +107,14 @@ Dimension = Annotated[
 
 
 class EventData(BaseModel):
-    """The payload: a decimal ``value`` plus string dimensions (endpoint, method, status…).
+    """The payload: a decimal ``value``, string dimensions (endpoint, method, status…) and
+    any nested data (``"tokens": {"input": 812, "output": 96}``) that meters read by path.
 
-    Dimensions are the remaining keys of ``data``.  Numbers given as dimensions are
-    turned into strings (``"status": 200`` becomes ``"200"``); booleans, nested objects
-    and arrays are refused, because a meter can only group by a flat string.  Every
-    check but the dimension names runs inside pydantic-core: ingest validates tens of
-    thousands of these a second.
+    Dimensions are the remaining top-level strings of ``data``.  Numbers given there are
+    turned into strings (``"status": 200`` becomes ``"200"``).  Objects, arrays, booleans
+    and null are kept as sent, bounded in depth, size and key length, and checked only
+    when present: ingest validates tens of thousands of flat events a second, and every
+    check of a flat one but the dimension names runs inside pydantic-core.
     """
 
     model_config = ConfigDict(
@@ -105,29 +123,136 @@ class EventData(BaseModel):
         coerce_numbers_to_str=True,
         json_schema_extra=_event_data_schema,
     )
+    # Dimensions once validated; nested members join them after (``_split_nested``).
     __pydantic_extra__: dict[str, Dimension] = Field(init=False)
 
     value: Annotated[
         Decimal, Field(ge=0, lt=MAX_VALUE, decimal_places=VALUE_DECIMALS, allow_inf_nan=False)
     ] = Decimal(1)
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _split_nested(cls, given: Any, flat: ModelWrapValidatorHandler[EventData]) -> EventData:
+        """Validate dimensions in pydantic-core as before nested data existed, and only
+        then check and add the nested members: a flat event pays one scan of its keys."""
+        if not isinstance(given, dict):
+            return flat(given)
+        nested = {
+            k: v for k, v in given.items() if k != "value" and (v is None or type(v) in _NESTED)
+        }
+        if not nested:
+            return flat(given)
+        model = flat({k: v for k, v in given.items() if k not in nested})
+        _check_names(nested)
+        _Bounds().check(list(nested.items()))
+        extra: dict[str, Any] = model.__pydantic_extra__ or {}
+        if len(extra) + len(nested) > MAX_DIMENSIONS:
+            raise ValueError(f"at most {MAX_DIMENSIONS} dimensions are allowed")
+        merged = {k: nested[k] if k in nested else extra[k] for k in given if k != "value"}
+        object.__setattr__(model, "__pydantic_extra__", merged)
+        return model
+
     @model_validator(mode="after")
     def _dimension_names(self) -> EventData:
         extra = self.__pydantic_extra__ or {}
         if len(extra) > MAX_DIMENSIONS:
             raise ValueError(f"at most {MAX_DIMENSIONS} dimensions are allowed")
-        for name in extra:
-            if name not in _valid_names:
-                if not _dimension_name.fullmatch(name):
-                    why = control_character(name) or f"must match {DIMENSION_NAME_PATTERN}"
-                    raise ValueError(f"dimension name {name!r} {why}")
-                if len(_valid_names) < 10_000:
-                    _valid_names.add(name)
+        _check_names(extra)
         return self
 
     @property
     def dimensions(self) -> dict[str, str]:
-        return dict(self.__pydantic_extra__ or {})
+        """The top-level strings: what flat meters group by and ClickHouse keeps as a map."""
+        extra = self.__pydantic_extra__ or {}
+        return {k: v for k, v in extra.items() if isinstance(v, str)}
+
+    @property
+    def nested(self) -> bool:
+        """Does ``data`` hold more than ``value`` and dimensions?"""
+        return any(not isinstance(v, str) for v in (self.__pydantic_extra__ or {}).values())
+
+    def as_json(self) -> str:
+        """``data`` as JSON text when it holds nested members, else ``""`` (a flat event's
+        data is its ``value`` and ``dimensions``).  Numbers stay exact: ingest parses them
+        as decimals and they are written back as the same JSON numbers."""
+        if not self.nested:
+            return ""
+        body: dict[str, Any] = dict(self.__pydantic_extra__ or {})
+        if "value" in self.model_fields_set:
+            body = {"value": self.value, **body}
+        return orjson.dumps(body, default=_exact_number).decode()
+
+
+_NESTED = (dict, list, bool)  # exact types: what a JSON parser makes
+
+
+def _check_names(members: dict[str, Any]) -> None:
+    for name in members:
+        if name not in _valid_names:
+            if not _dimension_name.fullmatch(name):
+                why = control_character(name) or f"must match {DIMENSION_NAME_PATTERN}"
+                raise ValueError(f"dimension name {name!r} {why}")
+            if len(_valid_names) < 10_000:
+                _valid_names.add(name)
+
+
+class _Bounds:
+    """Walks nested data once, counting nodes; raises ``ValueError`` naming where a bound
+    is exceeded (pydantic reports it under ``data``)."""
+
+    def __init__(self) -> None:
+        self.nodes = 0
+
+    def check(self, members: list[tuple[str, Any]]) -> None:
+        for name, value in members:
+            self._walk(value, name, 2)
+
+    def _walk(self, value: Any, where: str, depth: int) -> None:
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            raise ValueError(f"holds more than {MAX_NODES} keys and values in all")
+        if isinstance(value, dict):
+            self._level(where, depth)
+            for key, item in value.items():
+                self._key(key, where)
+                self._walk(item, f"{where}.{key}", depth + 1)
+        elif isinstance(value, list):
+            self._level(where, depth)
+            for index, item in enumerate(value):
+                self._walk(item, f"{where}[{index}]", depth + 1)
+        elif isinstance(value, str):
+            if len(value) > MAX_DIMENSION_LENGTH:
+                raise ValueError(f"{where}: strings are at most {MAX_DIMENSION_LENGTH} characters")
+            if why := control_character(value):
+                raise ValueError(f"{where}: {why}")
+        elif isinstance(value, Decimal | float) and not _finite(value):
+            raise ValueError(f"{where}: numbers must be finite")
+
+    @staticmethod
+    def _level(where: str, depth: int) -> None:
+        if depth > MAX_DEPTH:
+            raise ValueError(f"{where}: nested deeper than {MAX_DEPTH} levels")
+
+    @staticmethod
+    def _key(key: str, where: str) -> None:
+        if not key or len(key) > MAX_KEY_LENGTH:
+            raise ValueError(f"{where}: keys are 1 to {MAX_KEY_LENGTH} characters")
+        if why := control_character(key):
+            raise ValueError(f"{where}: key {key!r} {why}")
+
+
+def _exact_number(number: Any) -> orjson.Fragment:
+    if isinstance(number, Decimal):
+        return orjson.Fragment(str(number))
+    raise TypeError(f"{type(number).__name__} is not JSON")
+
+
+def _finite(number: Decimal | float) -> bool:
+    return (
+        number.is_finite()
+        if isinstance(number, Decimal)
+        else number == number and abs(number) != float("inf")
+    )
 
 
 class UsageEvent(BaseModel):

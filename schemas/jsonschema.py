@@ -43,6 +43,11 @@ class EnvelopeEvent(BaseModel):
     )
     dims: dict[str, str] = Field(description="The event's dimensions.")
     lease: str | None = Field(None, description="The lease it was spent under (tallylease).")
+    data: str | None = Field(
+        None,
+        description="The event's data as sent, as JSON text, when it holds nested members"
+        " (absent for flat data: `value` and `dims` are all of it).",
+    )
 
 
 class SingleCustomerEnvelope(BaseModel):
@@ -75,6 +80,12 @@ class SharedEnvelope(BaseModel):
 
     v: Literal[2] = Field(description="The envelope format version (ENVELOPE_VERSION).")
     received_at: AwareDatetime = Field(description="When ingest accepted the events.")
+    cv: int | None = Field(
+        None,
+        ge=1,
+        description="The meter catalog version ingest held (absent: 0). A meter created at"
+        " version v counts live only events stamped v or later; older ones are back-filled.",
+    )
     shares: list[Share]
 
 

@@ -14,7 +14,18 @@ import orjson
 from schemas.envelope import StoredEvent
 from services.common.clickhouse import ClickHouse
 
-COLUMNS = ("customer", "type", "source", "id", "time", "value", "dimensions", "received_at")
+COLUMNS = (
+    "customer",
+    "type",
+    "source",
+    "id",
+    "time",
+    "value",
+    "dimensions",
+    "data",
+    "catalog_version",
+    "received_at",
+)
 
 
 class ClickHouseSink:
@@ -40,6 +51,8 @@ def encode(events: Iterable[StoredEvent]) -> bytes:
                 "time": e.time,
                 "value": str(e.value),
                 "dimensions": e.dimensions,
+                "data": e.data,
+                "catalog_version": e.catalog_version,
                 "received_at": e.received_at,
             }
             for e in events

@@ -88,6 +88,10 @@ class MeterCache:
         """Are changes being notified (else only the ``max_age`` reload sees them)?"""
         return self._listening
 
+    def current(self) -> MeterIndex | None:
+        """The meters as last loaded, without waiting (None before the first load)."""
+        return self._index
+
     def by_type(self) -> dict[str, list[Meter]]:
         """The meters by the event type they count (none before the first load)."""
         return self._index.by_type if self._index else {}

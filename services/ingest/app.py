@@ -51,6 +51,7 @@ from services.ingest import binary, parsing
 from services.ingest.backpressure import Backpressure
 from services.ingest.parsing import Status, TimeBounds
 from services.ingest.publisher import Publisher
+from services.ingest.readable import MeterChecks
 from services.ingest.wal.journal import JournalError
 
 log = get_logger("tally.ingest")
@@ -115,6 +116,22 @@ class Ingest:
         self.auth = auth
         self.guard = guard  # refuses while the aggregator is too far behind
         self.meters = meters  # Lago's metric codes are meter names (services.ingest.lago)
+        self._checks = MeterChecks()
+
+    async def judge(
+        self, raw_items: list[Any], received_at: datetime, subject: str | None
+    ) -> list[parsing.Verdict]:
+        """Every item's verdict (``parsing.judge``), refusing what a meter cannot read."""
+        verdicts = await parsing.judge(raw_items, self.bounds, received_at, subject)
+        if self.meters is not None:
+            self._checks.refuse_unreadable(verdicts, self.meters.by_type())
+        return verdicts
+
+    @property
+    def catalog_version(self) -> int:
+        """The meter catalog version this process holds, stamped on what it publishes."""
+        index = self.meters.current() if self.meters is not None else None
+        return getattr(index, "version", 0)
 
     async def authenticate(self, request: Request) -> str | None:
         """``None`` for a service token (any subject); for a customer's API key with
@@ -224,7 +241,7 @@ def router(ingest: Ingest) -> APIRouter:
         body = await ingest.read_body(request)
         raw_items = parsing.items(body, kind, ingest.settings.max_batch_events)
         received_at = utcnow()
-        verdicts = await parsing.judge(raw_items, ingest.bounds, received_at, subject)
+        verdicts = await ingest.judge(raw_items, received_at, subject)
         minimal = prefers_minimal(request.headers.get("prefer"))
         return await publish(ingest, verdicts, received_at, minimal)
 
@@ -245,7 +262,7 @@ async def _binary(ingest: Ingest, request: Request, subject: str | None) -> Resp
     body = await ingest.read_body(request)
     raw = binary.binary_event(request.headers, body)
     received_at = utcnow()
-    verdicts = await parsing.judge([raw], ingest.bounds, received_at, subject)
+    verdicts = await ingest.judge([raw], received_at, subject)
     for verdict in verdicts:
         verdict.errors = [
             parsing.FieldError(binary.header_name(e.field), e.reason) for e in verdict.errors
@@ -281,7 +298,7 @@ async def publish(
     started = time.perf_counter()
     try:
         async with asyncio.timeout(ingest.settings.kafka_publish_timeout):
-            await ingest.publisher.publish(accepted, received_at)
+            await ingest.publisher.publish(accepted, received_at, ingest.catalog_version)
     except JournalError as exc:
         log.error("write-ahead log failed", error=repr(exc), events=len(accepted))
         raise Problem(

@@ -140,7 +140,7 @@ async def _openmeter(ingest: Ingest, body: bytes, kind: str, subject: str | None
     """OpenMeter answers 204 with no body once the events are stored."""
     raw_items = parsing.items(body, kind, ingest.settings.max_batch_events)
     received_at = utcnow()
-    verdicts = await parsing.judge(raw_items, ingest.bounds, received_at, subject)
+    verdicts = await ingest.judge(raw_items, received_at, subject)
     await publish(ingest, verdicts, received_at, True)
     return Response(status_code=204)
 
@@ -157,7 +157,7 @@ async def _lago(ingest: Ingest, body: bytes, subject: str | None, batch: bool) -
     received_at = utcnow()
     meters = (await ingest.meters.meters()).by_name if ingest.meters is not None else {}
     raws = [lago.cloudevent(event, received_at, meters) for event in events]
-    verdicts = await parsing.judge(raws, ingest.bounds, received_at, subject)
+    verdicts = await ingest.judge(raws, received_at, subject)
     rejected = [v for v in verdicts if v.status is parsing.Status.REJECTED]
     if rejected:  # Lago refuses the whole request; the bad events still reach the DLQ
         await dead_letter(ingest, rejected, received_at, uuid.uuid4().hex)

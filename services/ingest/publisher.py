@@ -37,9 +37,13 @@ class Publisher:
         self._producer = producer
         self._journal = journal
 
-    async def publish(self, events: Iterable[UsageEvent], received_at: datetime) -> None:
+    async def publish(
+        self, events: Iterable[UsageEvent], received_at: datetime, catalog_version: int = 0
+    ) -> None:
+        """Make ``events`` durable in Kafka (and the write-ahead log), stamped with the
+        meter catalog version ingest held when it accepted them."""
         partitions = await self._partitions()
-        records = envelope_records(events, received_at, partitions)
+        records = envelope_records(events, received_at, partitions, catalog_version)
         if not records:  # every event rejected: nothing to log (an empty append never flushes)
             return
         if self._journal is None:
@@ -118,7 +122,10 @@ class Publisher:
 
 
 def envelope_records(
-    events: Iterable[UsageEvent], received_at: datetime, partitions: Sequence[int]
+    events: Iterable[UsageEvent],
+    received_at: datetime,
+    partitions: Sequence[int],
+    catalog_version: int = 0,
 ) -> list[Record]:
     """A request's events as records: one envelope per partition its customers hash to
     (more only past an envelope's limits), keyed by one of those customers, so the
@@ -134,7 +141,7 @@ def envelope_records(
     return [
         Record(next(iter(shares)).encode(), payload)
         for shares in by_partition.values()
-        for payload in envelope.envelopes(shares.items(), received_at)
+        for payload in envelope.envelopes(shares.items(), received_at, catalog_version)
     ]
 
 

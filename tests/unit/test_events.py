@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
+import jiter
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -128,16 +131,54 @@ def test_dimension_numbers_become_strings() -> None:
     assert parsed.dimensions == {"status": "200", "ratio": "0.5", "method": "GET"}
 
 
-@pytest.mark.parametrize("flag", [True, False])
-def test_boolean_dimensions_are_refused(flag: bool) -> None:
-    with pytest.raises(ValidationError, match="cached"):
-        data(cached=flag)
+@pytest.mark.parametrize("raw", [{"a": 1}, [1, 2], [], None, True, False])
+def test_nested_members_are_kept_but_are_not_dimensions(raw: Any) -> None:
+    parsed = data(endpoint="/v1/x", extra=raw)
+    assert parsed.dimensions == {"endpoint": "/v1/x"}
+    assert parsed.nested
+    assert orjson.loads(parsed.as_json()) == {"endpoint": "/v1/x", "extra": raw}
 
 
-@pytest.mark.parametrize("raw", [{"a": 1}, [1, 2], [], None])
-def test_non_flat_dimensions_rejected(raw: Any) -> None:
-    with pytest.raises(ValidationError):
-        data(endpoint=raw)
+def test_flat_data_has_no_json_of_its_own() -> None:
+    assert data(endpoint="/v1/x", value="2").as_json() == ""
+
+
+def test_nested_numbers_are_kept_exactly() -> None:
+    raw = jiter.from_json(
+        b'{"value": 2, "tokens": {"input": 812, "price": 0.000001234567890123}}',
+        float_mode="decimal",
+    )
+    text = EventData.model_validate(raw).as_json()
+    assert text == '{"value":2,"tokens":{"input":812,"price":0.000001234567890123}}'
+
+
+def _deep(levels: int) -> dict[str, Any]:
+    """A member that makes ``data`` ``levels`` objects deep."""
+    inner: dict[str, Any] = {"leaf": 1}
+    for _ in range(levels - 2):
+        inner = {"a": inner}
+    return inner
+
+
+@pytest.mark.parametrize(
+    ("member", "why"),
+    [
+        (_deep(9), "nested deeper than 8 levels"),
+        (list(range(1000)), "more than 1000 keys and values"),
+        ({"k": "x" * 257}, "o.k: strings are at most 256 characters"),
+        ({"": 1}, "keys are 1 to 64 characters"),
+        ({"k" * 65: 1}, "keys are 1 to 64 characters"),
+        ({"k\x01": 1}, "must not contain control characters"),
+        ({"k": "a\nb"}, "o.k: must not contain control characters"),
+    ],
+)
+def test_nested_data_is_bounded(member: Any, why: str) -> None:
+    with pytest.raises(ValidationError, match=re.escape(why)):
+        data(o=member)
+
+
+def test_eight_levels_counting_data_are_allowed() -> None:
+    assert data(o=_deep(8)).nested
 
 
 @pytest.mark.parametrize("name", ["Endpoint", "1st", "_x", "a-b", "a b", "é", "a" * 65])
