@@ -7,8 +7,9 @@ SQL with — so that they cannot disagree.  The rules:
 - an event feeds a meter when its type is the meter's ``event_type`` and every filter
   matches the dimension at its path (an event without it does not match);
 - count meters count 1; a meter whose ``value_property`` is the legacy ``value`` reads
-  the event's ``value`` (1 when absent); any other path must find a number, else the
-  event does not count in that meter (ingest refuses such events up front);
+  the event's ``value`` (1 when absent); any other path must find a number from 0 to
+  10^12, else the event does not count in that meter (ingest refuses such events up
+  front); counters keep 6 decimal places (``schemas.events.to_micros`` truncates);
 - unique_count counts the dimension at its path; an event without one adds no member;
 - a group is the dimension at each ``group_by`` path, ``""`` where there is none.
 
@@ -26,6 +27,7 @@ from typing import Any
 
 from schemas import paths
 from schemas.catalog import Aggregation, DimensionFilter, Meter
+from schemas.events import MAX_VALUE
 
 LEGACY_VALUE = "value"
 
@@ -76,7 +78,10 @@ class Reader:
             return Decimal(1)
         if self.value_path is None:
             return facts.value
-        return paths.as_decimal(facts.find(self.value_path))
+        number = paths.as_decimal(facts.find(self.value_path))
+        if number is None or not 0 <= number < MAX_VALUE:
+            return None
+        return number
 
     def member(self, facts: Facts) -> str | None:
         """What a unique_count meter counts distinct values of."""
@@ -92,4 +97,4 @@ class Reader:
             return None
         if not self.matches(facts) or self.number(facts) is not None:
             return None
-        return f"meter {self.meter.name} needs a number at {self.value_path.text}"
+        return f"meter {self.meter.name} needs a number from 0 to 10^12 at {self.value_path.text}"

@@ -70,6 +70,9 @@ PREFIX = "tally"
 DIGEST_BYTES = 8
 TOTAL = "*"
 TIME_SUFFIX = "@t"
+COUNT_SUFFIX = "#n"
+"""An avg meter keeps, beside each group's sum, its number of values (in micro-units, as
+every counter) under the group's field plus this suffix: avg = sum / number, exactly."""
 
 
 def _tag(customer: str) -> str:
@@ -102,6 +105,11 @@ def offset_field(topic: str, partition: int, incarnation: str = "") -> str:
 def group_field(values: tuple[str, ...]) -> str:
     """The hash field for one combination of group-by values (``*`` for none)."""
     return orjson.dumps(list(values)).decode() if values else TOTAL
+
+
+def count_field(group: str) -> str:
+    """The field holding an avg meter's number of values for ``group``."""
+    return group + COUNT_SUFFIX
 
 
 def parse_group(field: str) -> tuple[str, ...]:

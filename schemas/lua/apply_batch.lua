@@ -64,6 +64,9 @@ while i <= #ARGV do
   elseif code == 'M' then
     local old = redis.call('HGET', key, field)
     if not old or gt(value, old) then redis.call('HSET', key, field, value) end
+  elseif code == 'N' then  -- a minimum
+    local old = redis.call('HGET', key, field)
+    if not old or gt(old, value) then redis.call('HSET', key, field, value) end
   elseif code == 'L' then
     local old = redis.call('HGET', key, field .. '@TIME_SUFFIX@')
     if not old or not gt(old, extra) then

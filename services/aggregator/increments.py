@@ -1,7 +1,9 @@
 """Turning one customer's new events into counter operations for the Redis sink.
 
 Everything is pre-aggregated here so that the Lua call applying a batch does a handful
-of operations however many events the batch holds.  Events are first folded per meter,
+of operations however many events the batch holds.  What a meter reads from an event —
+whether it counts, its number, member and group — is ``schemas.readings``, the one
+definition ingest and the ClickHouse SQL agree with.  Events are first folded per meter,
 event minute and group — one dict update per event — and only those cells are then
 spread over the minute, hour, day and month buckets.  Values are integers of
 micro-units: sums of decimals stay exact.
@@ -20,6 +22,7 @@ from schemas import redis_keys
 from schemas.catalog import Aggregation, Meter
 from schemas.envelope import StoredEvent
 from schemas.events import VALUE_SCALE, to_micros
+from schemas.readings import Facts, Reader
 from schemas.windows import Window, bucket_expiry, bucket_id
 
 WINDOWS = tuple(Window)
@@ -32,6 +35,7 @@ class CounterOps:
 
     sums: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
     maxima: dict[tuple[str, str], int] = field(default_factory=dict)
+    minima: dict[tuple[str, str], int] = field(default_factory=dict)
     latest: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
     # (set key, counters key, group field) → members; the Lua call counts new members
     # into the counters hash so that every aggregation reads the same way.
@@ -43,18 +47,26 @@ class CounterOps:
     months: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.sums or self.maxima or self.latest or self.members or self.settle)
+        return bool(
+            self.sums or self.maxima or self.minima or self.latest or self.members or self.settle
+        )
 
 
 def build(
-    customer: str, events: Sequence[StoredEvent], meters: dict[str, list[Meter]], now: datetime
+    customer: str,
+    events: Sequence[StoredEvent],
+    meters: dict[str, list[Meter]],
+    now: datetime,
+    counting_from: dict[str, int] | None = None,
 ) -> CounterOps:
-    by_name = {m.name: m for ms in meters.values() for m in ms}
+    """The counter operations of one customer's new events.  ``counting_from`` (meter →
+    catalog version) leaves out of a meter the events stamped before it counted live:
+    those are the back-fill's (``schemas.envelope.StoredEvent.catalog_version``)."""
+    readers = _readers(meters)
     ops = CounterOps()
-    _settle(ops, events, meters)
     now_ts = int(now.timestamp())
-    for (name, minute), groups in _fold(events, meters).items():
-        meter = by_name[name]
+    for (name, minute), groups in _fold(ops, events, readers, counting_from or {}).items():
+        meter = readers.by_name[name]
         for window, bucket, expires in _buckets(minute):
             if expires <= now_ts:
                 continue  # a bucket already dropped from Redis: history is in rollups
@@ -62,49 +74,93 @@ def build(
     return ops
 
 
-def _settle(ops: CounterOps, events: Sequence[StoredEvent], meters: dict[str, list[Meter]]) -> None:
-    """What events spent under a lease add to each additive meter: that much of the
-    lease's holding becomes usage (quotas, hence leases, are on additive meters)."""
-    for event in events:
-        if not event.lease:
-            continue
-        for meter in meters.get(event.type, ()):
-            if meter.aggregation is Aggregation.COUNT:
-                ops.settle[(event.lease, meter.name)] += VALUE_SCALE
-            elif meter.aggregation is Aggregation.SUM:
-                ops.settle[(event.lease, meter.name)] += to_micros(event.value)
+@dataclass(frozen=True, slots=True)
+class _Readers:
+    by_type: dict[str, list[Reader]]
+    by_name: dict[str, Meter]
 
 
-def _fold(events: Iterable[StoredEvent], meters: dict[str, list[Meter]]) -> Cells:
+_compiled: list[tuple[dict[str, list[Meter]], _Readers]] = []
+
+
+def _readers(meters: dict[str, list[Meter]]) -> _Readers:
+    """The meters compiled for reading, again only when the meters are reloaded (the
+    cache replaces its index whole, so identity tells)."""
+    if _compiled and _compiled[0][0] is meters:
+        return _compiled[0][1]
+    compiled = _Readers(
+        {kind: [Reader.of(m) for m in ms] for kind, ms in meters.items()},
+        {m.name: m for ms in meters.values() for m in ms},
+    )
+    _compiled[:] = [(meters, compiled)]
+    return compiled
+
+
+def _fold(
+    ops: CounterOps,
+    events: Iterable[StoredEvent],
+    readers: _Readers,
+    counting_from: dict[str, int],
+) -> Cells:
     cells: Cells = {}
     for event in events:
-        applicable = meters.get(event.type)
+        applicable = readers.by_type.get(event.type)
         if not applicable:
             continue
+        facts = Facts(event.parsed_data(), event.value, event.dimensions)
         minute = int(event.time.timestamp()) // 60
-        for meter in applicable:
+        for reader in applicable:
+            meter = reader.meter
+            if event.catalog_version < counting_from.get(meter.name, 0):
+                continue
+            if reader.filters and not reader.matches(facts):
+                continue
+            read = _read(reader, facts)
+            if read is None:
+                continue
+            if event.lease and meter.aggregation in _SETTLED:
+                ops.settle[(event.lease, meter.name)] += read
             cell = cells.setdefault((meter.name, minute), {})
-            for group in _groups(meter, event.dimensions):
-                _fold_one(cell, group, meter, event)
+            for group in _groups(reader, facts):
+                _fold_one(cell, group, meter.aggregation, read, event)
     return cells
 
 
-def _fold_one(cell: dict[str, Any], group: str, meter: Meter, event: StoredEvent) -> None:
-    aggregation = meter.aggregation
-    if aggregation is Aggregation.COUNT:
-        cell[group] = cell.get(group, 0) + VALUE_SCALE
-    elif aggregation is Aggregation.SUM:
-        cell[group] = cell.get(group, 0) + to_micros(event.value)
+_SETTLED = (Aggregation.COUNT, Aggregation.SUM)
+"""What events spent under a lease add to an additive meter becomes usage of its
+holding (quotas, hence leases, are on additive meters)."""
+
+
+def _read(reader: Reader, facts: Facts) -> Any:
+    """Micro-units of the event's number (count: one unit), its member for unique_count,
+    or None when the meter does not count it."""
+    if reader.meter.aggregation is Aggregation.UNIQUE_COUNT:
+        return reader.member(facts)
+    if reader.meter.aggregation is Aggregation.COUNT:
+        return VALUE_SCALE
+    number = reader.number(facts)
+    return None if number is None else to_micros(number)
+
+
+def _fold_one(
+    cell: dict[str, Any], group: str, aggregation: Aggregation, read: Any, event: StoredEvent
+) -> None:
+    if aggregation in _SETTLED:
+        cell[group] = cell.get(group, 0) + read
     elif aggregation is Aggregation.MAX:
-        cell[group] = max(cell.get(group, -1), to_micros(event.value))
+        cell[group] = max(cell.get(group, -1), read)
+    elif aggregation is Aggregation.MIN:
+        old = cell.get(group)
+        cell[group] = read if old is None else min(old, read)
+    elif aggregation is Aggregation.AVG:
+        total, count = cell.get(group, (0, 0))
+        cell[group] = (total + read, count + VALUE_SCALE)
     elif aggregation is Aggregation.LATEST:
         at = int(event.time.timestamp() * 1_000_000)
         if at >= cell.get(group, (-1, 0))[0]:
-            cell[group] = (at, to_micros(event.value))
+            cell[group] = (at, read)
     else:
-        member = event.dimensions.get(meter.value_property)
-        if member is not None:
-            cell.setdefault(group, set()).add(member)
+        cell.setdefault(group, set()).add(read)
 
 
 def _spread(
@@ -123,10 +179,16 @@ def _spread(
     aggregation = meter.aggregation
     for group, partial in groups.items():
         slot = (key, group)
-        if aggregation in (Aggregation.COUNT, Aggregation.SUM):
+        if aggregation in _SETTLED:
             ops.sums[slot] += partial
+        elif aggregation is Aggregation.AVG:
+            ops.sums[slot] += partial[0]
+            ops.sums[(key, redis_keys.count_field(group))] += partial[1]
         elif aggregation is Aggregation.MAX:
             ops.maxima[slot] = max(ops.maxima.get(slot, -1), partial)
+        elif aggregation is Aggregation.MIN:
+            old = ops.minima.get(slot)
+            ops.minima[slot] = partial if old is None else min(old, partial)
         elif aggregation is Aggregation.LATEST:
             if partial[0] >= ops.latest.get(slot, (-1, 0))[0]:
                 ops.latest[slot] = partial
@@ -136,10 +198,10 @@ def _spread(
             ops.members[(unique, key, group)] |= partial
 
 
-def _groups(meter: Meter, dimensions: dict[str, str]) -> tuple[str, ...]:
-    if not meter.group_by:
+def _groups(reader: Reader, facts: Facts) -> tuple[str, ...]:
+    if not reader.group_paths:
         return (redis_keys.TOTAL,)
-    return (redis_keys.TOTAL, _group_field(tuple(dimensions.get(d, "") for d in meter.group_by)))
+    return (redis_keys.TOTAL, _group_field(reader.group(facts)))
 
 
 @lru_cache(maxsize=65_536)

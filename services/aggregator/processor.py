@@ -27,6 +27,7 @@ from services.aggregator.dedupe import DedupeWindow
 from services.aggregator.redis_sink import Apply, Outcome, RedisSink
 from services.common import metrics
 from services.common.logging import get_logger
+from services.common.meter_cache import MeterCache
 
 log = get_logger("tally.aggregator")
 
@@ -75,7 +76,12 @@ class BatchProcessor:
         incarnation: str = "",
         topic_ids: TopicIds | None = None,
         alerting: Alerting | None = None,
+        catalog: MeterCache | None = None,
     ) -> None:
+        """``catalog``, when given, is the cache ``meters`` reads: its versions decide
+        which events a new meter counts live, and an event stamped with a newer version
+        than it holds makes it reload before counting (``_catalog_for``)."""
+        self._catalog = catalog
         self._incarnation = incarnation
         self._tell_alerting = alerting
         # customers whose alert crossings wait to be published (told once the batch is in)
@@ -180,8 +186,23 @@ class BatchProcessor:
             last[where] = record.offset
         return breaks
 
+    async def _catalog_for(self, shares: list[_Share]) -> dict[str, int]:
+        """Each meter's first catalog version counted live, once the meters held are at
+        least as new as every event's stamp: ingest saw a meter this process has not yet
+        heard of only if its change notification is still on the way."""
+        if self._catalog is None:
+            return {}
+        newest = max(
+            (e.catalog_version for s in shares for _, evs in s.records for e in evs), default=0
+        )
+        if newest > getattr(self._catalog.current(), "version", 0):
+            await self._catalog.refresh()
+        counting_from: dict[str, int] = getattr(self._catalog.current(), "counting_from", {})
+        return counting_from
+
     async def _apply(self, shares: list[_Share], now: datetime) -> None:
         """Send every share; re-plan the ones Redis refused, until none is refused."""
+        counting_from = await self._catalog_for(shares)
         meters = self._meters()
         pending = shares
         while pending:
@@ -190,7 +211,7 @@ class BatchProcessor:
             )
             planned = []
             for share, offset in zip(pending, stored, strict=True):
-                if plan := self._plan(share, offset, meters, now):
+                if plan := self._plan(share, offset, meters, counting_from, now):
                     planned.append((share, plan))
                 else:  # a replay: what a crash left unpublished is drained with it
                     self._alerting.add(share.customer)
@@ -231,7 +252,12 @@ class BatchProcessor:
         share.overflowed = True
 
     def _plan(
-        self, share: _Share, stored: int | None, meters: dict[str, list[Meter]], now: datetime
+        self,
+        share: _Share,
+        stored: int | None,
+        meters: dict[str, list[Meter]],
+        counting_from: dict[str, int],
+        now: datetime,
     ) -> Apply | None:
         fresh = [(r.offset, evs) for r, evs in share.records if stored is None or r.offset > stored]
         if not fresh:
@@ -250,7 +276,7 @@ class BatchProcessor:
             seen_keys=[self._dedupe.key(customer, b) for b in self._dedupe.live(now)],
             seen_expires_at=self._dedupe.expires_at(bucket),
             digests=new_digests,
-            ops=increments.build(customer, new_events, meters, now),
+            ops=increments.build(customer, new_events, meters, now, counting_from),
             events=len(candidates),
             replayed=len(share.records) - len(fresh),
         )

@@ -121,6 +121,8 @@ def _arguments(item: Apply) -> tuple[list[str], list[bytes | str | int]]:
         args += ["I", index[key], field, value, ""]
     for (key, field), value in ops.maxima.items():
         args += ["M", index[key], field, value, ""]
+    for (key, field), value in ops.minima.items():
+        args += ["N", index[key], field, value, ""]
     for (key, field), (at, value) in ops.latest.items():
         args += ["L", index[key], field, value, at]
     for (unique, counters, field), members in ops.members.items():

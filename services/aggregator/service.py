@@ -36,6 +36,7 @@ async def start(runtime: Runtime) -> Component:
         incarnation=runtime.kafka_incarnation,
         topic_ids=partial(topic_ids.topic_ids, bootstrap),
         alerting=alerts.wake,
+        catalog=meters,
     )
     runtime.background(alerts.run(), "alert publisher")
     worker.attach(app, settings, processor)

@@ -121,7 +121,7 @@ async def test_an_event_a_meter_cannot_read_is_refused_and_its_batch_kept(
         assert body["results"][index]["errors"] == [
             {
                 "field": "data.tokens.input",
-                "reason": f"meter {name} needs a number at $.tokens.input",
+                "reason": f"meter {name} needs a number from 0 to 10^12 at $.tokens.input",
             }
         ]
 

@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 from starlette.requests import Request
 
 from schemas.alert_rules import AlertRule
-from schemas.catalog import Meter
+from schemas.catalog import Aggregation, Meter
 from schemas.events import utcnow
 from schemas.invoices import Invoice, LineKind, UpcomingInvoice
 from schemas.plans import Plan
@@ -161,7 +161,7 @@ class DashboardView:
             series, rankings = await asyncio.gather(
                 asyncio.gather(*(self._series(customer, m, since, now) for m in shown)),
                 asyncio.gather(
-                    *(self._ranking(customer, m, month, now) for m in shown if m.group_by)
+                    *(self._ranking(customer, m, month, now) for m in shown if _ranked(m))
                 ),
             )
         finally:
@@ -194,7 +194,7 @@ class DashboardView:
     ) -> Ranking:
         cells = await self._usage.read(customer, meter, Window.DAY, month, now, True, now)
         top = ranking.top(meter, cells, TOP)
-        return Ranking(meter.name, meter.group_by, [(t.groups, t.value) for t in top])
+        return Ranking(meter.name, meter.group_names, [(t.groups, t.value) for t in top])
 
 
 def _plan_meters(plan: Plan | None) -> list[str]:
@@ -327,3 +327,9 @@ def _alerts(billing: BillingView, grant: Grant) -> list[AlertRule] | None:
         for rule in billing.alerts.alerts
         if (grant.meters is None if rule.meter is None else grant.shows(rule.meter))
     ]
+
+
+def _ranked(meter: Meter) -> bool:
+    """Grouped meters get a top list, except averages: an average over a month's buckets
+    needs their counts (``services.api.usage.ranking``)."""
+    return bool(meter.group_by) and meter.aggregation is not Aggregation.AVG

@@ -3,9 +3,10 @@
 Groups are ranked by what they add up to over the range, largest first — how the meter
 aggregates says how buckets add up: ``count``, ``sum`` and ``unique_count`` add their
 buckets (for ``unique_count``, a sum of each bucket's distinct count), ``max`` takes the
-largest bucket, ``latest`` the newest.  Ties go to the group whose values sort first, so
-a ranking is the same on every call.  Ranked before points are made: a month of 20
-endpoints is 620 points, of which a top 5 keeps 155.
+largest bucket, ``min`` the smallest, ``latest`` the newest (``avg`` is not ranked).
+Ties go to the group whose values sort first, so a ranking is the same on every call.
+Ranked before points are made: a month of 20 endpoints is 620 points, of which a top 5
+keeps 155.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def totals(meter: Meter, cells: Cells) -> dict[str, Decimal]:
     found: dict[str, Decimal] = {}
     latest = meter.aggregation is Aggregation.LATEST
     largest = meter.aggregation is Aggregation.MAX
+    smallest = meter.aggregation is Aggregation.MIN
     for bucket in cells.starts:  # oldest first
         for field, value in cells.found.get(bucket, {}).items():
             if field == redis_keys.TOTAL:
@@ -45,6 +47,8 @@ def totals(meter: Meter, cells: Cells) -> dict[str, Decimal]:
                 found[field] = value
             elif largest:
                 found[field] = max(before, value)
+            elif smallest:
+                found[field] = min(before, value)
             else:
                 found[field] = before + value
     return found

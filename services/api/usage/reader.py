@@ -19,13 +19,14 @@ from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from schemas import lua, redis_keys
-from schemas.catalog import Meter
-from schemas.events import from_micros
+from schemas.catalog import Aggregation, Meter
+from schemas.events import VALUE_SCALE, from_micros
 from schemas.windows import RETENTION, Window, buckets, next_bucket, start_id
 
 MAX_BUCKETS = 2000
 READ_BUCKETS = lua.source("read_buckets")
 _TIME_SUFFIX = redis_keys.TIME_SUFFIX.encode()
+_COUNT_SUFFIX = redis_keys.COUNT_SUFFIX
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,8 +88,24 @@ class Cells:
 
 
 def group_names(meter: Meter, field: str) -> dict[str, str]:
-    """A group's hash field as the meter's dimensions and their values."""
-    return dict(zip(meter.group_by, redis_keys.parse_group(field), strict=True))
+    """A group's hash field as the meter's dimensions (named by path) and their values."""
+    return dict(zip(meter.group_names, redis_keys.parse_group(field), strict=True))
+
+
+def _values(micros: dict[str, int]) -> dict[str, Decimal]:
+    return {field: from_micros(value) for field, value in micros.items()}
+
+
+def _averages(micros: dict[str, int]) -> dict[str, Decimal]:
+    """An avg meter's sums divided by their counts, truncated to 6 places as ClickHouse's
+    decimal division does (the rollups agree to the last digit)."""
+    found = {}
+    for field, total in micros.items():
+        count = micros.get(redis_keys.count_field(field))
+        if field.endswith(_COUNT_SUFFIX) or not count:
+            continue
+        found[field] = from_micros(total * VALUE_SCALE // count)
+    return found
 
 
 class UsageReader:
@@ -130,20 +147,25 @@ class UsageReader:
         keys = [
             redis_keys.counters(customer, meter.name, window, start_id(window, s)) for s in starts
         ]
-        replies = await self._read(keys=keys, args=["" if grouped else redis_keys.TOTAL])
+        averages = meter.aggregation is Aggregation.AVG  # needs each sum's count too
+        every_field = grouped or averages
+        replies = await self._read(keys=keys, args=["" if every_field else redis_keys.TOTAL])
         found: dict[datetime, dict[str, Decimal]] = {}
         for bucket, raw in zip(starts, replies, strict=True):
             if not raw:
                 continue
-            if not grouped:
+            if not every_field:
                 found[bucket] = {redis_keys.TOTAL: from_micros(int(raw))}
                 continue
             cells = iter(raw)
-            found[bucket] = {
-                field.decode(): from_micros(int(value))
+            micros = {
+                field.decode(): int(value)
                 for field, value in zip(cells, cells, strict=True)
                 if not field.endswith(_TIME_SUFFIX)
             }
+            found[bucket] = _averages(micros) if averages else _values(micros)
+            if not grouped:
+                found[bucket] = {k: v for k, v in found[bucket].items() if k == redis_keys.TOTAL}
         return found
 
     async def _from_rollups(

@@ -137,6 +137,12 @@ class Usage:
         _check_range(window, start, end, now)
         grouped = _grouping(found, query.group_by)
         top = _top(grouped, query.order_by, query.limit)
+        if top is not None and found.aggregation is Aggregation.AVG:
+            raise _invalid(
+                "order_by",
+                f"meter {found.name!r} averages: an average over several buckets needs their"
+                " counts, which are not kept; rank a sum or count meter instead",
+            )
         cells = await self._reader.read(customer, found, window, start, end, grouped, now)
         series: dict[str, Any] = {
             "customer": customer,
@@ -145,7 +151,7 @@ class Usage:
             "window": window.value,
             "from": start.isoformat(),
             "to": end.isoformat(),
-            "group_by": list(found.group_by) if grouped else [],
+            "group_by": list(found.group_names) if grouped else [],
         }
         if top is None:
             points = cells.points(found, grouped)
@@ -224,8 +230,8 @@ def _grouping(meter: Meter, group_by: str | None) -> bool:
     if not group_by:
         return False
     asked = tuple(d.strip() for d in group_by.split(",") if d.strip())
-    if set(asked) != set(meter.group_by):
-        allowed = ",".join(meter.group_by) or "(none)"
+    if set(asked) != set(meter.group_names):
+        allowed = ",".join(meter.group_names) or "(none)"
         raise _invalid("group_by", f"meter {meter.name!r} groups by {allowed}; got {group_by!r}")
     return True
 
