@@ -26,6 +26,10 @@ MAX_PATH_LENGTH = 256
 _NAME = r"[A-Za-z_][A-Za-z0-9_]{0,63}"
 _STEP = re.compile(rf"\.({_NAME})|\[(0|[1-9][0-9]{{0,5}})\]")
 _FIRST = re.compile(_NAME)
+NUMERIC_STRING = r"^-?[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?$"
+"""A string a meter reads as a number: plain decimal digits, as JSON writes numbers (no
+spaces, no ``+``, no ``.5``), so that ClickHouse's SQL reads exactly the same ones."""
+_NUMERIC = re.compile(NUMERIC_STRING)
 
 
 class _Missing:
@@ -136,11 +140,12 @@ def as_decimal(found: Any) -> Decimal | None:
     if isinstance(found, float):
         return Decimal(repr(found)) if found == found and abs(found) != float("inf") else None
     if isinstance(found, str):
-        try:
-            number = Decimal(found.strip())
-        except InvalidOperation:
+        if not _NUMERIC.fullmatch(found):
             return None
-        return number if number.is_finite() else None
+        try:
+            return Decimal(found)
+        except InvalidOperation:  # pragma: no cover - the pattern admits only numbers
+            return None
     return None
 
 

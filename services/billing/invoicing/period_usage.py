@@ -1,10 +1,10 @@
 """A billing period's usage per customer and meter, read from the daily rollups.
 
-Sums and counts add their days up, maxima take the largest day, ``latest`` takes the
-value seen last; all three come from one PostgreSQL query over ``usage_daily`` for a
-whole batch of customers.  Distinct counts cannot be added across days, so meters that
-count unique values are asked of the raw events in ClickHouse, once per distinct range
-of days in the batch.
+Sums and counts add their days up, maxima and minima take the largest and smallest day,
+``latest`` takes the value seen last; all come from one PostgreSQL query over
+``usage_daily`` for a whole batch of customers.  Distinct counts and averages cannot be
+made of days, so those meters are asked of the raw events in ClickHouse (the rollups'
+SQL, ``meter_sql``), once per distinct range of days in the batch.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from psycopg import AsyncConnection
 
 from schemas.catalog import Aggregation, Meter
 from services.billing.invoicing.compose import midnight
-from services.billing.rollup.job import value_sql
+from services.billing.rollup.meter_sql import meter_sql
 from services.common.clickhouse import ClickHouse
 
 Wanted = tuple[str, date, date, Sequence[str]]  # customer, first day, end day, meters
@@ -27,7 +27,8 @@ Quantities = dict[tuple[int, str], Decimal]  # (index in the request, meter) -> 
 
 _DAILY = """
     SELECT s.idx, u.meter, sum(u.value), max(u.value),
-           (array_agg(u.value ORDER BY u.latest_at DESC NULLS LAST, u.day DESC))[1]
+           (array_agg(u.value ORDER BY u.latest_at DESC NULLS LAST, u.day DESC))[1],
+           min(u.value)
     FROM unnest(%s::int[], %s::text[], %s::date[], %s::date[]) AS s(idx, customer, first, stop)
     JOIN usage_daily u ON u.customer = s.customer AND u.day >= s.first AND u.day < s.stop
     WHERE u.group_key = '*' AND u.meter = ANY(%s)
@@ -38,7 +39,9 @@ _COLUMN = {
     Aggregation.SUM: 2,
     Aggregation.MAX: 3,
     Aggregation.LATEST: 4,
+    Aggregation.MIN: 5,
 }
+_FROM_EVENTS = (Aggregation.UNIQUE_COUNT, Aggregation.AVG)
 
 
 async def quantities(
@@ -49,11 +52,10 @@ async def quantities(
 ) -> Quantities:
     """Each wanted (customer, days, meters)'s usage; meters without usage are absent."""
     found = await _from_rollups(conn, meters, wanted)
-    distinct = [m for m in meters.values() if m.aggregation is Aggregation.UNIQUE_COUNT]
-    for meter in distinct:
+    for meter in (m for m in meters.values() if m.aggregation in _FROM_EVENTS):
         asked = [(i, w) for i, w in enumerate(wanted) if meter.name in w[3]]
         if asked:
-            found |= await asyncio.to_thread(_distinct, clickhouse(), meter, asked)
+            found |= await asyncio.to_thread(_from_events, clickhouse(), meter, asked)
     return found
 
 
@@ -73,23 +75,23 @@ async def _from_rollups(
     return found
 
 
-def _distinct(
+def _from_events(
     clickhouse: ClickHouse, meter: Meter, asked: Sequence[tuple[int, Wanted]]
 ) -> Quantities:
     by_days: dict[tuple[date, date], dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for index, (customer, first, stop, _) in asked:
         by_days[first, stop][customer].append(index)
     found: Quantities = {}
+    built = meter_sql(meter)
     for (first, stop), customers in by_days.items():
         rows = clickhouse.query(
-            f"SELECT customer, toString({value_sql(meter)})"
+            f"SELECT customer, toString({built.value})"
             f" FROM {clickhouse.database}.events FINAL"
-            " WHERE type = {type:String} AND customer IN {customers:Array(String)}"
+            f" WHERE {built.counted} AND customer IN {{customers:Array(String)}}"
             " AND time >= {start:DateTime64(6, 'UTC')} AND time < {stop:DateTime64(6, 'UTC')}"
             " GROUP BY customer",
             {
-                "type": meter.event_type,
-                "prop": meter.value_property,
+                **built.params,
                 "customers": list(customers),
                 "start": midnight(first).strftime("%Y-%m-%d %H:%M:%S"),
                 "stop": midnight(stop).strftime("%Y-%m-%d %H:%M:%S"),

@@ -22,8 +22,9 @@ import orjson
 from psycopg_pool import AsyncConnectionPool
 
 from schemas import redis_keys
-from schemas.catalog import Aggregation, Meter
+from schemas.catalog import Meter
 from services.billing.rollup import watermark as watermarks
+from services.billing.rollup.meter_sql import meter_sql
 from services.common import catalog, metrics
 from services.common.clickhouse import ClickHouse
 
@@ -61,28 +62,6 @@ class Report:
     watermark: datetime
     cells: int
     rows: int
-
-
-def value_sql(meter: Meter) -> str:
-    """The ClickHouse aggregate a meter's aggregation becomes."""
-    match meter.aggregation:
-        case Aggregation.COUNT:
-            return "toDecimal128(count(), 6)"
-        case Aggregation.SUM:
-            return "sum(value)"
-        case Aggregation.MAX:
-            return "max(value)"
-        case Aggregation.MIN:
-            return "min(value)"
-        case Aggregation.AVG:
-            return "toDecimal128(avg(value), 6)"
-        case Aggregation.LATEST:
-            return "argMax(value, time)"
-        case Aggregation.UNIQUE_COUNT:
-            return (
-                "toDecimal128(uniqExactIf(dimensions[{prop:String}],"
-                " mapContains(dimensions, {prop:String})), 6)"
-            )
 
 
 class Rollup:
@@ -164,9 +143,9 @@ class Rollup:
         end = datetime.combine(_bucket_end(grain, buckets[-1]), time(), UTC)
         rows: list[Row] = []
         for meter in meters:
-            for group_by in {(), meter.group_by}:
+            for grouped in {False, bool(meter.group_by)}:
                 rows += await self._aggregate_meter(
-                    grain, meter, group_by, customers, start, end, watermark
+                    grain, meter, grouped, customers, start, end, watermark
                 )
         return rows
 
@@ -174,34 +153,34 @@ class Rollup:
         self,
         grain: Grain,
         meter: Meter,
-        group_by: tuple[str, ...],
+        grouped: bool,
         customers: Sequence[str],
         start: datetime,
         end: datetime,
         watermark: datetime,
     ) -> list[Row]:
-        group_sql = "".join(f", dimensions[{{g{i}:String}}]" for i in range(len(group_by)))
+        built = meter_sql(meter)
+        groups = built.groups if grouped else []
+        group_sql = "".join(f", g{i}" for i in range(len(groups)))
+        select_groups = "".join(f", {g} AS g{i}" for i, g in enumerate(groups))
         sql = (
             f"SELECT customer, toString({grain.bucket_sql}) AS bucket,"
-            f" toString({value_sql(meter)}), toString(max(time)){group_sql}"
+            f" toString({built.value}), toString(max(time)){select_groups}"
             f" FROM {self._events} FINAL"
-            f" WHERE type = {{type:String}} AND customer IN {{customers:Array(String)}}"
+            f" WHERE {built.counted} AND customer IN {{customers:Array(String)}}"
             f" AND time >= {{start:{_TS}}} AND time < {{end:{_TS}}}"
             f" AND stored_at <= {{until:{_TS}}}"
             f" GROUP BY customer, bucket{group_sql}"
         )
-        params: dict[str, Any] = {f"g{i}": g for i, g in enumerate(group_by)}
         result = await self._ch_query(
             sql,
-            type=meter.event_type,
             customers=list(customers),
             start=start,
             end=end,
             until=watermark,
-            prop=meter.value_property,
-            **params,
+            **built.params,
         )
-        return [_row(meter, group_by, raw) for raw in result]
+        return [_row(meter, grouped, raw) for raw in result]
 
     async def _replace(
         self, grain: Grain, cells: set[tuple[str, date]], rows: Iterable[Row], watermark: datetime
@@ -243,14 +222,15 @@ class Rollup:
         return datetime.fromisoformat(now).replace(tzinfo=UTC) - self._safety_lag
 
 
-def _row(meter: Meter, group_by: tuple[str, ...], raw: list[Any]) -> Row:
+def _row(meter: Meter, grouped: bool, raw: list[Any]) -> Row:
     customer, bucket, value, latest, *groups = raw
+    names = meter.group_names if grouped else ()
     return Row(
         customer=customer,
         meter=meter.name,
         bucket=date.fromisoformat(bucket),
         group_key=redis_keys.group_field(tuple(groups)),
-        groups=dict(zip(group_by, groups, strict=True)),
+        groups=dict(zip(names, groups, strict=True)),
         value=Decimal(value),
         latest_at=datetime.fromisoformat(latest).replace(tzinfo=UTC),
     )
