@@ -83,6 +83,12 @@ def counters(customer: str, meter: str, window: Window, bucket: str) -> str:
     return f"{_tag(customer)}:c:{meter}:{window.value}:{bucket}"
 
 
+def counters_of_meter(meter: str) -> str:
+    """A SCAN pattern matching every customer's counters of ``meter`` (admin checks only:
+    a scan of the whole keyspace)."""
+    return f"{PREFIX}:{{*}}:c:{meter}:*"
+
+
 def unique_set(customer: str, meter: str, window: Window, bucket: str, group: str) -> str:
     return f"{_tag(customer)}:u:{meter}:{window.value}:{bucket}:{group}"
 

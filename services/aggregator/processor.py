@@ -195,10 +195,11 @@ class BatchProcessor:
         newest = max(
             (e.catalog_version for s in shares for _, evs in s.records for e in evs), default=0
         )
-        if newest > getattr(self._catalog.current(), "version", 0):
+        index = self._catalog.current()
+        if index is None or newest > index.version:
             await self._catalog.refresh()
-        counting_from: dict[str, int] = getattr(self._catalog.current(), "counting_from", {})
-        return counting_from
+            index = self._catalog.current()
+        return index.counting_from if index is not None else {}
 
     async def _apply(self, shares: list[_Share], now: datetime) -> None:
         """Send every share; re-plan the ones Redis refused, until none is refused."""

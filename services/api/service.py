@@ -7,6 +7,7 @@ from services.api.accounts import routes as account_routes
 from services.api.accounts.service import Accounts
 from services.api.analytics import routes as analytics_routes
 from services.api.analytics.runner import Runner, reader_settings
+from services.api.catalog import meter_routes
 from services.api.catalog import routes as catalog_routes
 from services.api.enforcement import routes as enforce_routes
 from services.api.enforcement import status_routes
@@ -16,6 +17,7 @@ from services.api.enforcement.leaser import Leaser
 from services.api.enforcement.leases import Leases
 from services.api.enforcement.limiter import Limiter
 from services.api.enforcement.pipelined import Pipelined
+from services.api.openmeter import routes as openmeter_routes
 from services.api.portal import pages as portal_pages
 from services.api.portal import routes as portal_routes
 from services.api.portal.view import DashboardView
@@ -69,6 +71,10 @@ async def _start(runtime: Runtime, with_analytics: bool) -> Component:
             account_routes.router(accounts),
             admin_routes.router(accounts),
             catalog_routes.router(accounts),
+            meter_routes.router(accounts),
+            openmeter_routes.router(
+                openmeter_routes.OpenMeterMeters(usage.reader, pool, auth, meters)
+            ),
             portal_routes.router(settings, pool, auth, meters),
             portal_pages.router(settings, auth, dashboard),
             *sql,

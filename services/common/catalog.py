@@ -6,6 +6,8 @@ catalog, and the admin API's versioned plan changes).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
@@ -13,14 +15,44 @@ from psycopg_pool import AsyncConnectionPool
 from schemas.catalog import Meter
 from schemas.plans import Plan
 
+METER_COLUMNS = (
+    "name, description, event_type, aggregation, value_property, group_by, filters, unit"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Meters:
+    """The meters counting now, as of one catalog version, and since which version each
+    counts live (``counting_from``)."""
+
+    meters: list[Meter]
+    version: int
+    counting_from: dict[str, int]
+
 
 async def meters(conn: AsyncConnection) -> list[Meter]:
+    """The meters counting now (archived ones are not)."""
+    return (await current(conn)).meters
+
+
+async def current(conn: AsyncConnection) -> Meters:
+    """The meters and the catalog version, in one snapshot: a version is never read
+    beside meters older than it."""
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(
-            "SELECT name, description, event_type, aggregation, value_property, group_by, unit"
-            " FROM meters ORDER BY name"
+            f"SELECT {METER_COLUMNS}, counting_from, (SELECT version FROM catalog_version)"
+            " AS catalog FROM meters WHERE NOT archived ORDER BY name"
         )
-        return [Meter.model_validate(row) for row in await cur.fetchall()]
+        rows = await cur.fetchall()
+        if not rows:
+            await cur.execute("SELECT version AS catalog FROM catalog_version")
+            found = await cur.fetchone()
+            return Meters([], int(found["catalog"]) if found else 0, {})
+    counting = {row["name"]: int(row.pop("counting_from")) for row in rows}
+    version = int(rows[0].pop("catalog"))
+    for row in rows[1:]:
+        row.pop("catalog")
+    return Meters([Meter.model_validate(row) for row in rows], version, counting)
 
 
 async def read_meters(pool: AsyncConnectionPool) -> list[Meter]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
@@ -40,13 +40,19 @@ class MeterIndex:
     all: tuple[Meter, ...]
     by_name: dict[str, Meter]
     by_type: dict[str, list[Meter]]
+    version: int = 0  # the catalog version these meters are (``catalog.current``)
+    counting_from: dict[str, int] = field(default_factory=dict)  # meter → first version live
 
     @classmethod
-    def of(cls, meters: list[Meter]) -> MeterIndex:
+    def of(
+        cls, meters: list[Meter], version: int = 0, counting_from: dict[str, int] | None = None
+    ) -> MeterIndex:
         by_type: dict[str, list[Meter]] = defaultdict(list)
         for meter in meters:
             by_type[meter.event_type].append(meter)
-        return cls(tuple(meters), {m.name: m for m in meters}, dict(by_type))
+        return cls(
+            tuple(meters), {m.name: m for m in meters}, dict(by_type), version, counting_from or {}
+        )
 
 
 class MeterCache:
@@ -100,10 +106,10 @@ class MeterCache:
         """Load the meters, on ``conn`` or else on a connection of the pool."""
         if conn is None:
             async with self._pool.connection() as pooled:
-                found = await catalog.meters(pooled)
+                found = await catalog.current(pooled)
         else:
-            found = await catalog.meters(conn)
-        self._index = MeterIndex.of(found)
+            found = await catalog.current(conn)
+        self._index = MeterIndex.of(found.meters, found.version, found.counting_from)
 
     async def start(self) -> None:
         """Load the meters (a failure is left to the first read) and start listening."""

@@ -131,7 +131,7 @@ class Ingest:
     def catalog_version(self) -> int:
         """The meter catalog version this process holds, stamped on what it publishes."""
         index = self.meters.current() if self.meters is not None else None
-        return getattr(index, "version", 0)
+        return index.version if index is not None else 0
 
     async def authenticate(self, request: Request) -> str | None:
         """``None`` for a service token (any subject); for a customer's API key with

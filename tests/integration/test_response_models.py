@@ -47,7 +47,7 @@ class KeptEvents(Publisher):
     def __init__(self) -> None:
         super().__init__(producer=None)
 
-    async def publish(self, events: Any, received_at: datetime) -> None:
+    async def publish(self, events: Any, received_at: datetime, catalog_version: int = 0) -> None:
         pass
 
     async def dead_letter(self, *args: Any) -> None:

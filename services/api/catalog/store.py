@@ -1,7 +1,8 @@
 """The catalog's store: the one writer of meters, plans and their versions.
 
-Meters follow the YAML catalog.  Plans are seeded from it: a plan the database lacks is
-added, and from then on the admin API owns it (a restart must not undo an admin's edit).
+Meters and plans are seeded from the YAML catalog: one the database lacks is added, and
+from then on the admin API owns it (a restart must not undo an admin's edit; meters'
+versions are ``meter_store``'s).
 One exception: a plan stored before plans had default alerts has no ``alerts`` at all
 (every plan saved since has the key, if only as ``{percent: []}``, an admin's "none"), so
 it takes the catalog's, in a new version that keeps everything else as stored.
@@ -19,15 +20,15 @@ from psycopg_pool import AsyncConnectionPool
 
 from schemas.catalog import Catalog
 from schemas.plans import Plan
+from services.api.catalog import meter_store
 
 SEEDED_BY = "catalog"
 
 
 async def load(pool: AsyncConnectionPool, catalog: Catalog) -> None:
-    """Upsert the catalog's meters (meters absent from the file are left as they are),
-    then add the plans the database does not have yet."""
+    """Add the catalog's meters and plans the database does not have yet."""
     async with pool.connection() as conn:
-        await _load_meters(conn, catalog)
+        await meter_store.seed(conn, catalog.meters)
         for plan in catalog.plans:
             stored = await _definition(conn, plan.id)
             if stored is None:
@@ -42,39 +43,6 @@ async def _definition(conn: AsyncConnection, plan_id: str) -> dict[str, Any] | N
     cur = await conn.execute("SELECT definition FROM plans WHERE id = %s", (plan_id,))
     row = await cur.fetchone()
     return None if row is None else dict(row[0])
-
-
-async def _load_meters(conn: AsyncConnection, catalog: Catalog) -> None:
-    for meter in catalog.meters:
-        await conn.execute(
-            """
-            INSERT INTO meters (name, description, event_type, aggregation,
-                                value_property, group_by, unit)
-            VALUES (%s, %s, %s, %s, %s, %s, %s)
-            ON CONFLICT (name) DO UPDATE SET
-                description = excluded.description,
-                event_type = excluded.event_type,
-                aggregation = excluded.aggregation,
-                value_property = excluded.value_property,
-                group_by = excluded.group_by,
-                unit = excluded.unit,
-                updated_at = now()
-            WHERE (meters.description, meters.event_type, meters.aggregation,
-                   meters.value_property, meters.group_by, meters.unit)
-               IS DISTINCT FROM
-                  (excluded.description, excluded.event_type, excluded.aggregation,
-                   excluded.value_property, excluded.group_by, excluded.unit)
-            """,
-            (
-                meter.name,
-                meter.description,
-                meter.event_type,
-                meter.aggregation.value,
-                meter.value_property,
-                list(meter.group_by),
-                meter.unit,
-            ),
-        )
 
 
 async def save_plan(conn: AsyncConnection, plan: Plan, actor: str) -> int:

@@ -107,7 +107,7 @@ class Usage:
     def __init__(
         self, redis: Redis, pool: AsyncConnectionPool, auth: Authenticator, meters: MeterCache
     ) -> None:
-        self._reader = UsageReader(redis, pool)
+        self.reader = UsageReader(redis, pool)
         self._auth = auth
         self._meters = meters
 
@@ -143,7 +143,7 @@ class Usage:
                 f"meter {found.name!r} averages: an average over several buckets needs their"
                 " counts, which are not kept; rank a sum or count meter instead",
             )
-        cells = await self._reader.read(customer, found, window, start, end, grouped, now)
+        cells = await self.reader.read(customer, found, window, start, end, grouped, now)
         series: dict[str, Any] = {
             "customer": customer,
             "meter": found.name,

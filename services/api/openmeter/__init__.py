@@ -1,0 +1,1 @@
+"""OpenMeter's meter API over Tally's meters and usage reads, so its SDK queries unchanged."""

@@ -1,0 +1,176 @@
+"""OpenMeter's meter API: ``GET /api/v1/meters``, ``/api/v1/meters/{slug}`` and
+``/api/v1/meters/{slug}/query``, so code written for OpenMeter's SDK reads Tally.
+
+A meter's slug is its Tally name; a subject is a customer.  A query reads the same
+usage the usage API reads (live counters, then rollups), one subject at a time, so it
+names its subjects: OpenMeter's query over every subject at once would be a scan of
+every customer.  Without ``windowSize`` the windows of the range are folded into one
+aggregate, which only meters whose windows fold can give (count, sum, max, min,
+latest); a distinct count or an average over a range is asked with a window size.
+Errors are RFC 7807 problems, as OpenMeter answers them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request, Response
+from psycopg_pool import AsyncConnectionPool
+
+from schemas.api_keys import Scope
+from schemas.catalog import Meter
+from schemas.events import utcnow
+from schemas.problem_types import BAD_REQUEST, UNKNOWN_METER
+from schemas.windows import Window
+from services.api.catalog import meter_store
+from services.api.openmeter import shapes
+from services.api.usage.reader import UsageReader
+from services.common.auth import Authenticator, address, credential
+from services.common.meter_cache import MeterCache
+from services.common.problems import Problem
+
+PREFIX = "/api/v1/meters"
+KNOWN = {"from", "to", "windowSize", "windowTimeZone", "subject", "groupBy", "clientId"}
+DEFAULT_SPAN = timedelta(days=30)
+
+
+class OpenMeterMeters:
+    def __init__(
+        self,
+        reader: UsageReader,
+        pool: AsyncConnectionPool,
+        auth: Authenticator,
+        meters: MeterCache,
+    ) -> None:
+        self._reader = reader
+        self._pool = pool
+        self._auth = auth
+        self._meters = meters
+
+    async def all(self, request: Request) -> list[dict[str, Any]]:
+        await self._auth.caller(credential(request), address(request))
+        async with self._pool.connection() as conn:
+            stored = await meter_store.every(conn)
+        return [shapes.meter(s.meter, s.created_at, s.updated_at) for s in stored if not s.archived]
+
+    async def one(self, request: Request, slug: str) -> dict[str, Any]:
+        await self._auth.caller(credential(request), address(request))
+        async with self._pool.connection() as conn:
+            stored = await meter_store.find(conn, slug)
+        if stored is None or stored.archived:
+            raise Problem(UNKNOWN_METER, f"no meter {slug!r}")
+        return shapes.meter(stored.meter, stored.created_at, stored.updated_at)
+
+    async def query(self, request: Request, slug: str) -> Response:
+        caller = await self._auth.caller(credential(request), address(request))
+        meter = (await self._meters.meters()).by_name.get(slug)
+        if meter is None:
+            raise Problem(UNKNOWN_METER, f"no meter {slug!r}")
+        asked = _Query.of(request, meter)
+        for subject in asked.subjects:
+            await self._auth.require(caller, subject, Scope.USAGE_READ)
+        data: list[dict[str, Any]] = []
+        for subject in asked.subjects:
+            data += await self._subject_rows(meter, asked, subject)
+        body = {
+            "from": shapes.stamp(asked.start),
+            "to": shapes.stamp(asked.end),
+            "windowSize": asked.size,
+            "data": data,
+        }
+        return Response(orjson.dumps(body), media_type="application/json")
+
+    async def _subject_rows(
+        self, meter: Meter, asked: _Query, subject: str
+    ) -> list[dict[str, Any]]:
+        now = utcnow()
+        cells = await self._reader.read(
+            subject, meter, asked.window, asked.start, asked.end, asked.grouped, now
+        )
+        if asked.size is not None:
+            return shapes.rows(cells.points(meter, asked.grouped), subject)
+        return shapes.folded(meter, cells, asked.start, asked.end, asked.grouped, subject)
+
+
+class _Query:
+    """A query's parameters, checked: each refusal names the parameter."""
+
+    def __init__(
+        self,
+        subjects: list[str],
+        start: datetime,
+        end: datetime,
+        size: str | None,
+        window: Window,
+        grouped: bool,
+    ) -> None:
+        self.subjects, self.start, self.end = subjects, start, end
+        self.size, self.window, self.grouped = size, window, grouped
+
+    @classmethod
+    def of(cls, request: Request, meter: Meter) -> _Query:
+        params = request.query_params
+        unknown = sorted(set(params) - KNOWN)
+        if unknown:
+            raise _bad(f"unknown query parameters: {', '.join(unknown)}")
+        subjects = params.getlist("subject")
+        if not subjects:
+            raise _bad("subject: name the subjects (customers) to query, e.g. ?subject=acme")
+        zone = params.get("windowTimeZone", "UTC")
+        if zone not in ("UTC", "Etc/UTC"):
+            raise _bad(f"windowTimeZone: only UTC windows are served yet; got {zone!r}")
+        size = params.get("windowSize")
+        if size is not None and size not in shapes.WINDOW_SIZES:
+            raise _bad(f"windowSize: one of {', '.join(shapes.WINDOW_SIZES)}; got {size!r}")
+        if size is None and meter.aggregation not in shapes.FOLDABLE:
+            raise _bad(
+                f"windowSize: meter {meter.name!r} ({meter.aggregation.value}) cannot fold its"
+                " windows into one value; ask with a windowSize"
+            )
+        end = _moment(params, "to") or utcnow()
+        start = _moment(params, "from") or end - DEFAULT_SPAN
+        if start >= end:
+            raise _bad("from: must be before `to`")
+        groups = [g for g in params.getlist("groupBy") if g != "subject"]
+        if groups and set(groups) != set(meter.group_names):
+            names = ", ".join(meter.group_names) or "(none)"
+            raise _bad(f"groupBy: meter {meter.name!r} groups by {names}; got {', '.join(groups)}")
+        window = shapes.WINDOW_SIZES[size] if size else Window.DAY
+        return cls(subjects, start, end, size, window, bool(groups))
+
+
+def _moment(params: Any, name: str) -> datetime | None:
+    text = params.get(name)
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise _bad(f"{name}: not an RFC 3339 date-time: {text!r}") from None
+    if moment.tzinfo is None:
+        raise _bad(f"{name}: must carry a UTC offset, e.g. 2026-11-01T00:00:00Z")
+    return moment
+
+
+def _bad(detail: str) -> Problem:
+    return Problem(BAD_REQUEST, detail)
+
+
+def router(meters: OpenMeterMeters) -> APIRouter:
+    api = APIRouter(prefix=PREFIX, tags=["openmeter"])
+
+    @api.get("", summary="Meters, in OpenMeter's shape (its SDK's `meters.list`)")
+    async def list_meters(request: Request) -> list[dict[str, Any]]:
+        return await meters.all(request)
+
+    @api.get("/{slug}", summary="One meter, in OpenMeter's shape")
+    async def get_meter(request: Request, slug: str) -> dict[str, Any]:
+        return await meters.one(request, slug)
+
+    @api.get("/{slug}/query", summary="Usage of subjects, in OpenMeter's query shape")
+    async def query_meter(request: Request, slug: str) -> Response:
+        return await meters.query(request, slug)
+
+    return api

@@ -1,0 +1,96 @@
+"""Tally's meters and usage points in OpenMeter's JSON shapes (its ``Meter`` and
+``MeterQueryResult``), read by the ``openmeter`` SDK's generated models."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+from schemas import redis_keys
+from schemas.catalog import Aggregation, Meter
+from schemas.readings import LEGACY_VALUE
+from schemas.windows import Window
+from services.api.usage.reader import Cells, Point, group_names
+
+WINDOW_SIZES = {
+    "MINUTE": Window.MINUTE,
+    "HOUR": Window.HOUR,
+    "DAY": Window.DAY,
+    "MONTH": Window.MONTH,
+}
+
+
+def meter(found: Meter, created_at: datetime, updated_at: datetime) -> dict[str, Any]:
+    """A meter as OpenMeter lists it: the slug is Tally's name, groups named by path."""
+    shaped: dict[str, Any] = {
+        "id": found.name,
+        "slug": found.name,
+        "name": found.name,
+        "description": found.description or None,
+        "aggregation": found.aggregation.value.upper(),
+        "eventType": found.event_type,
+        "groupBy": {p.name: p.text for p in found.group_paths},
+        "createdAt": stamp(created_at),
+        "updatedAt": stamp(updated_at),
+    }
+    if found.aggregation is not Aggregation.COUNT:
+        path = found.value_path
+        shaped["valueProperty"] = "$.value" if found.value_property == LEGACY_VALUE else path.text
+    return shaped
+
+
+def rows(points: list[Point], subject: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "value": orjson.Fragment(str(p.value)),  # exact digits; OpenMeter reads a number
+            "windowStart": stamp(p.start),
+            "windowEnd": stamp(p.end),
+            "subject": subject,
+            "groupBy": p.groups or {},
+        }
+        for p in points
+    ]
+
+
+def folded(
+    meter: Meter, cells: Cells, start: datetime, end: datetime, grouped: bool, subject: str
+) -> list[dict[str, Any]]:
+    """The range's windows folded into one row per group (OpenMeter without a window
+    size); no row for a group without usage, as OpenMeter answers."""
+    by_field: dict[str, list[Decimal]] = {}
+    for bucket in cells.starts:  # oldest first
+        for field, value in cells.found.get(bucket, {}).items():
+            if (field == redis_keys.TOTAL) != grouped:
+                by_field.setdefault(field, []).append(value)
+    return [
+        {
+            "value": orjson.Fragment(str(_fold(meter.aggregation, values))),
+            "windowStart": stamp(start),
+            "windowEnd": stamp(end),
+            "subject": subject,
+            "groupBy": group_names(meter, field) if grouped else {},
+        }
+        for field, values in sorted(by_field.items())
+    ]
+
+
+def _fold(aggregation: Aggregation, values: list[Decimal]) -> Decimal:
+    if aggregation in (Aggregation.COUNT, Aggregation.SUM):
+        return sum(values, Decimal(0))
+    if aggregation is Aggregation.MAX:
+        return max(values)
+    if aggregation is Aggregation.MIN:
+        return min(values)
+    return values[-1]  # latest: the newest window's
+
+
+FOLDABLE = frozenset(
+    {Aggregation.COUNT, Aggregation.SUM, Aggregation.MAX, Aggregation.MIN, Aggregation.LATEST}
+)
+
+
+def stamp(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
