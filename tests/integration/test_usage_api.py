@@ -223,6 +223,8 @@ async def test_meters_are_listed(api: httpx.AsyncClient) -> None:
             "limit",
             "only with order_by",
         ),
+        ({"meter": "api_calls", "tz": "Europe/Paris"}, "query.tz", "Extra inputs"),
+        ({"meter": "api_calls", "groupby": "endpoint"}, "query.groupby", "Extra inputs"),
     ],
 )
 async def test_bad_parameters_are_422_naming_the_field(

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Path, Query, Request, Response
 from psycopg_pool import AsyncConnectionPool
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from redis.asyncio import Redis
 from starlette.routing import Route
 
@@ -75,7 +75,10 @@ class UsageSeries(BaseModel):
 
 class UsageQuery(BaseModel):
     """The usage read's query parameters: one model, so the hot path and the documented
-    route validate them alike."""
+    route validate them alike.  Unknown parameters are refused, named: a misspelt
+    ``group_by`` or a ``tz`` this version does not serve must not pass as the default."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=False)
 
     meter: str = Field(description="Meter name, e.g. api_calls")
     from_: datetime | None = Field(None, alias="from", description="RFC 3339, inclusive")
