@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import date
 from functools import partial
 from pathlib import Path
@@ -22,6 +23,8 @@ stripe_app = typer.Typer(help="Stripe: the catalog mirrored as products, prices 
 app.add_typer(stripe_app, name="stripe")
 notifications_app = typer.Typer(help="Notifications: the delivery log, and resend.")
 app.add_typer(notifications_app, name="notifications")
+meters_app = typer.Typer(help="Meters: back-fill a new meter from the events stored before it.")
+app.add_typer(meters_app, name="meters")
 
 PortOption = Annotated[int | None, typer.Option(help="HTTP port (default: TALLY_PORT)")]
 
@@ -164,6 +167,57 @@ def billing_rollup(
             )
 
     run(main())
+
+
+@meters_app.command("backfill")
+def meters_backfill(
+    name: Annotated[str, typer.Argument(help="The meter, e.g. llm_input_tokens")],
+) -> None:
+    """Count a meter's history: rollups over every day with its events, and its live
+    counters (buckets still in Redis) for the events stored before it counted live.
+    Running it again adds nothing twice.  It opens ClickHouse itself: with the embedded
+    chDB, run it while `tally up` is stopped."""
+    from schemas.events import utcnow
+    from services.aggregator.backfill import backfill_live
+    from services.aggregator.redis_sink import RedisSink
+    from services.billing.service import rollup
+    from services.common import catalog
+
+    async def main() -> None:
+        async with Runtime(_settings()) as runtime:
+            async with (await runtime.pool()).connection() as conn:
+                current = await catalog.current(conn)
+            meter = next((m for m in current.meters if m.name == name), None)
+            if meter is None:
+                raise typer.BadParameter(f"no meter {name!r} counts now", param_hint="NAME")
+            first = await _first_day(runtime, meter.event_type)
+            if first is not None:
+                report = await (await rollup(runtime)).run_range(first, utcnow().date())
+                typer.echo(
+                    f"rolled up {report.cells} customer-days from {first} into {report.rows} rows"
+                )
+            counting_from = current.counting_from.get(name, 0)
+            live = await backfill_live(
+                runtime.clickhouse(), RedisSink(runtime.redis()), meter, counting_from, utcnow()
+            )
+            typer.echo(
+                f"live counters: {live.events} events stamped before version {counting_from}"
+                f" added for {live.customers} customers ({live.already} done by an earlier run)"
+            )
+
+    run(main())
+
+
+async def _first_day(runtime: Runtime, event_type: str) -> date | None:
+    client = runtime.clickhouse()
+    [[first]] = await asyncio.to_thread(
+        client.query,
+        f"SELECT toString(min(toDate(time))) FROM {client.database}.events"
+        " WHERE type = {type:String}",
+        {"type": event_type},
+    )
+    day = date.fromisoformat(first)
+    return None if day.year == 1970 else day
 
 
 @billing_app.command("run")
