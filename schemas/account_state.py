@@ -57,6 +57,7 @@ def compile_plan(plan: Plan) -> str:
             }
             or {},
             "up": plan.upgrade_to or False,
+            "x": plan.legacy_ratelimit_headers,
         }
     ).decode()
 

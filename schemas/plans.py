@@ -200,6 +200,12 @@ class Plan(BaseModel):
     )
     features: tuple[str, ...] = ()
     upgrade_to: str | None = Field(None, description="The plan refusals point to.")
+    legacy_ratelimit_headers: bool = Field(
+        False,
+        description="Also answer `X-RateLimit-Limit`, `X-RateLimit-Remaining` and"
+        " `X-RateLimit-Reset` (Unix seconds) beside the IETF `RateLimit` fields, for clients"
+        " written against them; they describe the policy closest to refusing.",
+    )
     public: bool = Field(True, description="Offered at sign-up.")
     alerts: AlertDefaults = Field(
         default_factory=AlertDefaults, description="The alerts every customer gets."

@@ -48,7 +48,7 @@ if quota then
   if over and quota.h then refused = #limits end
 end
 
-local result = {p = plan, s = status, u = policies.up, l = limits, v = refused}
+local result = {p = plan, s = status, u = policies.up, x = policies.x, l = limits, v = refused}
 if refused > 0 then return answer('refused', result) end
 if mode == 'peek' then return answer('ok', result) end
 

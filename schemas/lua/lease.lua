@@ -107,7 +107,7 @@ if quota then
   limits[#limits + 1] = item
   if over and quota.h then refused = #limits end
 end
-local result = {p = plan, s = status, u = policies.up, l = limits, v = refused}
+local result = {p = plan, s = status, u = policies.up, x = policies.x, l = limits, v = refused}
 if refused > 0 then return refuse(answer('refused', result)) end
 if granted == 0 then return redis.error_reply('lease: a room of 0 refused nothing') end
 

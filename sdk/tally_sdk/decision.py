@@ -17,7 +17,10 @@ import httpx
 
 from tally_sdk.errors import problem_of
 
-RELAYED_HEADERS = tuple((h, h.lower()) for h in ("RateLimit", "RateLimit-Policy", "Retry-After"))
+LEGACY_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")
+"""Answered too when the customer's plan asks for them (`legacy_ratelimit_headers`)."""
+RELAYED = ("RateLimit", "RateLimit-Policy", "Retry-After", *LEGACY_HEADERS)
+RELAYED_HEADERS = tuple((h, h.lower()) for h in RELAYED)
 
 
 @dataclass(frozen=True, slots=True)

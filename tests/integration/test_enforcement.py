@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from typing import Any
@@ -739,3 +740,20 @@ async def test_admin_and_key_bad_inputs(api: httpx.AsyncClient) -> None:
         await field(await api.post("/v1/enforce/batch", json={"checks": []}, headers=keys), 422)
         == "body.checks"
     )
+
+
+async def test_a_plan_may_ask_for_the_legacy_x_ratelimit_headers(api: httpx.AsyncClient) -> None:
+    """Clients written against ``X-RateLimit-*`` (the brief's examples) read them when the
+    plan opts in: the policy closest to refusing, Reset in Unix seconds."""
+    legacy = plan_with(per_minute=2, legacy_ratelimit_headers=True)
+    _, auth = await customer_on(api, legacy)
+    replies = [await api.post("/v1/enforce", json={}, headers=auth) for _ in range(3)]
+    assert [r.status_code for r in replies] == [200, 200, 429]
+    first, refusal = replies[0].headers, replies[2].headers
+    assert (first["X-RateLimit-Limit"], first["X-RateLimit-Remaining"]) == ("2", "1")
+    now = time.time()
+    assert now < int(first["X-RateLimit-Reset"]) <= now + 61
+    assert refusal["X-RateLimit-Remaining"] == "0" and "RateLimit" in refusal
+    _, plain = await customer_on(api, plan_with(per_minute=2))
+    answer = await api.post("/v1/enforce", json={}, headers=plain)
+    assert "RateLimit" in answer.headers and "X-RateLimit-Limit" not in answer.headers

@@ -74,6 +74,23 @@ def test_an_allowed_answer_relays_its_ratelimit_headers_but_retry_after() -> Non
     )
 
 
+def test_the_legacy_x_ratelimit_headers_are_relayed_when_tally_sends_them() -> None:
+    sent = {
+        "content-type": "application/json",
+        "ratelimit": '"d";r=9;t=60',
+        "x-ratelimit-limit": "10",
+        "x-ratelimit-remaining": "9",
+        "x-ratelimit-reset": "1796212800",
+    }
+    decision = Decision.from_answer(200, sent, {"allowed": True})
+    assert dict(decision.added_headers) == {
+        b"ratelimit": b'"d";r=9;t=60',
+        b"x-ratelimit-limit": b"10",
+        b"x-ratelimit-remaining": b"9",
+        b"x-ratelimit-reset": b"1796212800",
+    }
+
+
 def scope_with(*headers: tuple[bytes, bytes]) -> dict[str, object]:
     return {"type": "http", "path": "/", "headers": list(headers)}
 

@@ -95,6 +95,7 @@ class Outcome:
     violated: Limit | None = None
     reserved: bool = False
     grace_ended_ms: int = 0  # for PAST_DUE
+    legacy_headers: bool = False  # the plan asks for X-RateLimit-* too
 
     @property
     def allowed(self) -> bool:
@@ -222,6 +223,7 @@ def parse_body(body: dict[str, Any]) -> Outcome:
         violated=limits[violated - 1] if violated else None,
         reserved=bool(body.get("r")),
         grace_ended_ms=body.get("g") or 0,
+        legacy_headers=body.get("x") is True,
     )
 
 

@@ -7,6 +7,8 @@ closest to refusing (``r`` remaining, ``t`` seconds until it resets).
 
 from __future__ import annotations
 
+import math
+import time
 from decimal import ROUND_FLOOR, Decimal
 from typing import Any
 
@@ -51,7 +53,19 @@ def headers(outcome: Outcome) -> dict[str, str]:
     }
     if outcome.violated is not None:
         found["Retry-After"] = str(outcome.violated.retry_after)
+    if outcome.legacy_headers:
+        found |= legacy(closest, time.time())
     return found
+
+
+def legacy(closest: Limit, now: float) -> dict[str, str]:
+    """The ``X-RateLimit-*`` fields of clients written before the IETF draft (GitHub's
+    convention: ``Reset`` in Unix seconds), for the same policy ``RateLimit`` names."""
+    return {
+        "X-RateLimit-Limit": str(_units(closest.limit)),
+        "X-RateLimit-Remaining": str(_units(closest.remaining)),
+        "X-RateLimit-Reset": str(math.ceil(now + closest.reset)),
+    }
 
 
 def limit_json(lim: Limit) -> dict[str, Any]:
