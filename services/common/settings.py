@@ -147,6 +147,12 @@ class Settings(BaseSettings):
     ip_auth_failures_per_minute: int = 20
     trusted_proxies: str = "127.0.0.1"
     max_batch_events: int = 10_000
+    lago_batch_max_events: int = Field(
+        100,
+        ge=1,
+        description="Events per Lago batch (`/api/v1/events/batch`), as Lago's"
+        " LAGO_EVENTS_BATCH_MAX_LENGTH: more is refused with its 422 `too_many_events`.",
+    )
     max_body_bytes: int = 10 * 1024 * 1024
     future_tolerance_seconds: int = 300
     backfill_days: int = 35

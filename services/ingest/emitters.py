@@ -152,7 +152,7 @@ async def _lago(ingest: Ingest, body: bytes, subject: str | None, batch: bool) -
         return lago.bad_request(f"the body is not valid JSON: {exc}")
     except lago.BadRequest as exc:
         return lago.bad_request(str(exc))
-    if len(events) > ingest.settings.max_batch_events:
+    if len(events) > min(ingest.settings.lago_batch_max_events, ingest.settings.max_batch_events):
         return lago.unprocessable({"events": ["too_many_events"]})
     received_at = utcnow()
     meters = (await ingest.meters.meters()).by_name if ingest.meters is not None else {}

@@ -42,7 +42,7 @@ TOKEN = "test-token"
 
 @pytest.fixture
 async def app(settings: Settings, redis: Redis, pool: AsyncConnectionPool) -> AsyncIterator[Any]:
-    settings = settings.model_copy(update={"max_batch_events": 50})
+    settings = settings.model_copy(update={"max_batch_events": 500})
     producer = await kafka.start_producer(settings.kafka_bootstrap_servers or "")
     meters = MeterCache(pool, settings.database_url, max_age=60)
     await meters.start()
@@ -256,10 +256,12 @@ async def test_malformed_lago_requests_are_lagos_400(
     assert error in response.json()["error"]
 
 
-async def test_a_lago_batch_over_the_limit_is_refused(
+async def test_a_lago_batch_over_lagos_limit_is_refused(
     client: httpx.AsyncClient, tenant: str
 ) -> None:
-    events = [lago_event(tenant).dict() for _ in range(51)]
+    """Lago takes 100 events a batch (LAGO_EVENTS_BATCH_MAX_LENGTH), whatever Tally's own
+    limit (here 500)."""
+    events = [lago_event(tenant).dict() for _ in range(101)]
     response = await client.post("/api/v1/events/batch", json={"events": events})
     assert response.status_code == 422
     assert response.json()["error_details"] == {"events": ["too_many_events"]}
