@@ -155,10 +155,6 @@ def answer(events: list[dict[str, Any]], received_at: datetime, batch: bool) -> 
     return _json({"events": shown} if batch else {"event": shown[0]})
 
 
-def _given(value: Any, default: Any) -> Any:
-    return default if value is None else value
-
-
 def _shown(event: dict[str, Any], received_at: datetime) -> dict[str, Any]:
     return {
         "lago_id": None,
@@ -168,8 +164,15 @@ def _shown(event: dict[str, Any], received_at: datetime) -> dict[str, Any]:
         "lago_subscription_id": None,
         "external_subscription_id": event.get("external_subscription_id"),
         "code": event.get("code"),
-        "timestamp": str(_given(event.get("timestamp"), received_at.timestamp())),
+        "timestamp": _iso(_time(event.get("timestamp"), received_at), milliseconds=True),
         "precise_total_amount_cents": event.get("precise_total_amount_cents"),
         "properties": event.get("properties") or {},
-        "created_at": received_at.isoformat(),
+        "created_at": _iso(received_at),
     }
+
+
+def _iso(moment: datetime, milliseconds: bool = False) -> str:
+    """As Lago's serializer writes times: ISO 8601 in UTC with ``Z``, the event's
+    ``timestamp`` to the millisecond (Ruby's ``iso8601(3)``), ``created_at`` to the second."""
+    text = moment.astimezone(UTC).isoformat(timespec="milliseconds" if milliseconds else "seconds")
+    return text.replace("+00:00", "Z")

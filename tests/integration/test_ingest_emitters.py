@@ -8,6 +8,7 @@ import asyncio
 import base64
 import uuid
 from collections.abc import AsyncIterator
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -226,7 +227,11 @@ async def test_lago_external_customer_id_is_the_subject_and_named_in_errors(
     del event["timestamp"]  # absent: the time of receipt
     response = await client.post("/api/v1/events", json={"event": event})
     assert response.status_code == 200, response.text
-    assert float(response.json()["event"]["timestamp"]) > 0
+    shown = response.json()["event"]
+    # as Lago's serializer: ISO 8601 in UTC, the timestamp to the millisecond
+    assert datetime.fromisoformat(shown["timestamp"]) <= utcnow()
+    assert shown["timestamp"].endswith("Z") and len(shown["timestamp"]) == 24
+    assert shown["created_at"].endswith("Z") and len(shown["created_at"]) == 20
     assert (await stored(settings, event["transaction_id"])).customer == f"{tenant}-cust"
     bad = event | {"transaction_id": uuid.uuid4().hex, "external_customer_id": "no spaces"}
     response = await client.post("/api/v1/events", json={"event": bad})
