@@ -24,6 +24,7 @@ from services.api.accounts import store as accounts
 from services.api.accounts.admin_routes import admin_api
 from services.api.accounts.service import Accounts
 from services.api.catalog import meter_store
+from services.api.catalog.history import History, history
 from services.api.catalog.meter_store import StoredMeter
 from services.common.openapi import problem_responses
 from services.common.problems import Problem, invalid_field
@@ -46,17 +47,6 @@ class CatalogMeter(Meter):
 
 class CatalogMeters(BaseModel):
     meters: list[CatalogMeter]
-
-
-class MeterVersion(BaseModel):
-    version: int
-    definition: dict[str, Any] = Field(description="The meter as it was saved.")
-    changed_by: str
-    changed_at: datetime
-
-
-class MeterHistory(BaseModel):
-    versions: list[MeterVersion]
 
 
 def _out(stored: StoredMeter) -> CatalogMeter:
@@ -140,17 +130,12 @@ def router(service: Accounts) -> APIRouter:
         summary="A meter's history: who changed what, when",
         responses=problem_responses(404, 422),
     )
-    async def meter_versions(name: MeterName) -> MeterHistory:
+    async def meter_versions(name: MeterName) -> History:
         async with pool.connection() as conn:
             rows = await meter_store.versions(conn, name)
         if not rows:
             raise Problem(UNKNOWN_METER, f"no meter {name!r}")
-        return MeterHistory(
-            versions=[
-                MeterVersion(version=v, definition=d, changed_by=by, changed_at=at)
-                for v, d, by, at in rows
-            ]
-        )
+        return history(rows)
 
     return api
 

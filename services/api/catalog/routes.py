@@ -6,9 +6,6 @@ every customer on the plan, so enforcement applies it from the very next request
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any
-
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
@@ -20,6 +17,7 @@ from services.api.accounts import store as accounts
 from services.api.accounts.admin_routes import IdPath, admin_api
 from services.api.accounts.service import Accounts
 from services.api.catalog import store
+from services.api.catalog.history import History, history
 from services.common import catalog
 from services.common.openapi import problem_responses
 from services.common.problems import Problem, invalid_field
@@ -42,17 +40,6 @@ class SavedPlan(BaseModel):
     plan: Plan
     version: int = Field(description="The version this change created.")
     customers: int = Field(description="Customers on the plan, to whom it applies at once.")
-
-
-class PlanVersion(BaseModel):
-    version: int
-    definition: dict[str, Any] = Field(description="The plan as it was saved (a Plan).")
-    changed_by: str
-    changed_at: datetime
-
-
-class PlanHistory(BaseModel):
-    versions: list[PlanVersion]
 
 
 def router(service: Accounts) -> APIRouter:
@@ -96,16 +83,11 @@ def router(service: Accounts) -> APIRouter:
         summary="A plan's history: who changed what, when",
         responses=problem_responses(404, 422),
     )
-    async def plan_versions(plan_id: IdPath) -> PlanHistory:
+    async def plan_versions(plan_id: IdPath) -> History:
         async with pool.connection() as conn:
             rows = await store.versions(conn, plan_id)
         if not rows:
             raise Problem(UNKNOWN_PLAN, f"no plan {plan_id!r}")
-        return PlanHistory(
-            versions=[
-                PlanVersion(version=v, definition=d, changed_by=by, changed_at=at)
-                for v, d, by, at in rows
-            ]
-        )
+        return history(rows)
 
     return api
