@@ -29,6 +29,7 @@ from services.api.openmeter import shapes
 from services.api.usage.reader import UsageReader
 from services.common.auth import Authenticator, address, credential
 from services.common.meter_cache import MeterCache
+from services.common.openapi import problem_responses
 from services.common.problems import Problem
 
 PREFIX = "/api/v1/meters"
@@ -80,7 +81,7 @@ class OpenMeterMeters:
             "windowSize": asked.size,
             "data": data,
         }
-        return Response(orjson.dumps(body), media_type="application/json")
+        return _json(body)
 
     async def _subject_rows(
         self, meter: Meter, asked: _Query, subject: str
@@ -154,6 +155,11 @@ def _moment(params: Any, name: str) -> datetime | None:
     return moment
 
 
+def _json(body: Any) -> Response:
+    """Written as built: the shapes are OpenMeter's, documented by the response models."""
+    return Response(orjson.dumps(body), media_type="application/json")
+
+
 def _bad(detail: str) -> Problem:
     return Problem(BAD_REQUEST, detail)
 
@@ -161,15 +167,30 @@ def _bad(detail: str) -> Problem:
 def router(meters: OpenMeterMeters) -> APIRouter:
     api = APIRouter(prefix=PREFIX, tags=["openmeter"])
 
-    @api.get("", summary="Meters, in OpenMeter's shape (its SDK's `meters.list`)")
-    async def list_meters(request: Request) -> list[dict[str, Any]]:
-        return await meters.all(request)
+    @api.get(
+        "",
+        summary="Meters, in OpenMeter's shape (its SDK's `meters.list`)",
+        responses=problem_responses(401),
+        response_model=list[shapes.OpenMeterMeter],
+    )
+    async def list_meters(request: Request) -> Response:
+        return _json(await meters.all(request))
 
-    @api.get("/{slug}", summary="One meter, in OpenMeter's shape")
-    async def get_meter(request: Request, slug: str) -> dict[str, Any]:
-        return await meters.one(request, slug)
+    @api.get(
+        "/{slug}",
+        summary="One meter, in OpenMeter's shape",
+        responses=problem_responses(401, 404, 422),
+        response_model=shapes.OpenMeterMeter,
+    )
+    async def get_meter(request: Request, slug: str) -> Response:
+        return _json(await meters.one(request, slug))
 
-    @api.get("/{slug}/query", summary="Usage of subjects, in OpenMeter's query shape")
+    @api.get(
+        "/{slug}/query",
+        summary="Usage of subjects, in OpenMeter's query shape",
+        responses=problem_responses(400, 401, 403, 404, 422),
+        response_model=shapes.QueryResult,
+    )
     async def query_meter(request: Request, slug: str) -> Response:
         return await meters.query(request, slug)
 

@@ -8,12 +8,50 @@ from decimal import Decimal
 from typing import Any
 
 import orjson
+from pydantic import BaseModel, ConfigDict, Field
 
 from schemas import redis_keys
 from schemas.catalog import Aggregation, Meter
 from schemas.readings import LEGACY_VALUE
 from schemas.windows import Window
 from services.api.usage.reader import Cells, Point, group_names
+
+
+class OpenMeterMeter(BaseModel):
+    """OpenMeter's ``Meter``, as its SDK reads it (documented here; built by ``meter``)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    id: str
+    slug: str
+    name: str
+    description: str | None = None
+    aggregation: str = Field(description="COUNT, SUM, AVG, MIN, MAX, LATEST or UNIQUE_COUNT")
+    event_type: str = Field(alias="eventType")
+    value_property: str | None = Field(None, alias="valueProperty")
+    group_by: dict[str, str] = Field(alias="groupBy")
+    created_at: str = Field(alias="createdAt")
+    updated_at: str = Field(alias="updatedAt")
+
+
+class QueryRow(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    value: float = Field(description="An exact decimal, written as a JSON number.")
+    window_start: str = Field(alias="windowStart")
+    window_end: str = Field(alias="windowEnd")
+    subject: str
+    group_by: dict[str, str] = Field(alias="groupBy")
+
+
+class QueryResult(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    from_: str = Field(alias="from")
+    to: str
+    window_size: str | None = Field(None, alias="windowSize")
+    data: list[QueryRow]
+
 
 WINDOW_SIZES = {
     "MINUTE": Window.MINUTE,
