@@ -13,10 +13,10 @@ Errors are RFC 7807 problems, as OpenMeter answers them.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Path, Request, Response
 from psycopg_pool import AsyncConnectionPool
 
 from schemas.api_keys import Scope
@@ -33,6 +33,7 @@ from services.common.openapi import problem_responses
 from services.common.problems import Problem
 
 PREFIX = "/api/v1/meters"
+Slug = Annotated[str, Path(pattern=r"^[a-z][a-z0-9_]{0,63}$", description="The meter's name")]
 KNOWN = {"from", "to", "windowSize", "windowTimeZone", "subject", "groupBy", "clientId"}
 DEFAULT_SPAN = timedelta(days=30)
 
@@ -182,7 +183,7 @@ def router(meters: OpenMeterMeters) -> APIRouter:
         responses=problem_responses(401, 404, 422),
         response_model=shapes.OpenMeterMeter,
     )
-    async def get_meter(request: Request, slug: str) -> Response:
+    async def get_meter(request: Request, slug: Slug) -> Response:
         return _json(await meters.one(request, slug))
 
     @api.get(
@@ -191,7 +192,7 @@ def router(meters: OpenMeterMeters) -> APIRouter:
         responses=problem_responses(400, 401, 403, 404, 422),
         response_model=shapes.QueryResult,
     )
-    async def query_meter(request: Request, slug: str) -> Response:
+    async def query_meter(request: Request, slug: Slug) -> Response:
         return await meters.query(request, slug)
 
     return api
