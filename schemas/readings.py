@@ -57,6 +57,9 @@ class Reader:
     value_path: paths.DataPath | None  # None: count, or the legacy `value`
     group_paths: tuple[paths.DataPath, ...]
     filters: tuple[tuple[paths.DataPath, DimensionFilter], ...]
+    # The group's top-level names when every group path is one: a flat event's group is
+    # then read straight from its dimensions (the aggregator's common case).
+    flat_groups: tuple[str, ...] | None
 
     @classmethod
     def of(cls, meter: Meter) -> Reader:
@@ -67,6 +70,7 @@ class Reader:
             value_path=meter.value_path if reads_path else None,
             group_paths=meter.group_paths,
             filters=tuple((paths.parse(p), f) for p, f in meter.filters.items()),
+            flat_groups=_top_level_names(meter.group_paths),
         )
 
     def matches(self, facts: Facts) -> bool:
@@ -89,6 +93,9 @@ class Reader:
         return paths.as_dimension(facts.find(self.value_path))
 
     def group(self, facts: Facts) -> tuple[str, ...]:
+        if facts.data is None and self.flat_groups is not None:
+            dimensions = facts.dimensions  # strings already: as_dimension keeps them
+            return tuple(dimensions.get(name, "") for name in self.flat_groups)
         return tuple(paths.as_dimension(facts.find(p)) or "" for p in self.group_paths)
 
     def missing_number(self, facts: Facts) -> str | None:
@@ -98,3 +105,8 @@ class Reader:
         if not self.matches(facts) or self.number(facts) is not None:
             return None
         return f"meter {self.meter.name} needs a number from 0 to 10^12 at {self.value_path.text}"
+
+
+def _top_level_names(group_paths: tuple[paths.DataPath, ...]) -> tuple[str, ...] | None:
+    names = tuple(p.top_level for p in group_paths)
+    return None if None in names else tuple(n for n in names if n is not None)
