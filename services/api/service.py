@@ -71,7 +71,7 @@ async def _start(runtime: Runtime, with_analytics: bool) -> Component:
             account_routes.router(accounts),
             admin_routes.router(accounts),
             catalog_routes.router(accounts),
-            meter_routes.router(accounts),
+            meter_routes.router(accounts, meters),
             openmeter_routes.router(
                 openmeter_routes.OpenMeterMeters(usage.reader, pool, auth, meters)
             ),

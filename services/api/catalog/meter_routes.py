@@ -1,7 +1,9 @@
 """The admin API for meters (admin token): meters as live, versioned, audited data.
 
-A meter created or changed here counts from the next event on, in every process: the
-change bumps the catalog version and PostgreSQL tells every process's meter cache.  What
+A meter created or changed here counts from the next event on: the change bumps the
+catalog version, this process's meter cache reloads before the answer (so its ingest
+stamps every later event with the new version) and PostgreSQL tells every other
+process's cache, which reloads within ``TALLY_METER_REFRESH_SECONDS`` at worst.  What
 would rewrite history — a new event type, aggregation, value property or filters for a
 meter that has counted events — is refused: such a meter is a new meter (create it, move
 the plans to it, archive the old one).  ``group_by``, ``description`` and ``unit`` change
@@ -26,6 +28,7 @@ from services.api.accounts.service import Accounts
 from services.api.catalog import meter_store
 from services.api.catalog.history import History, history
 from services.api.catalog.meter_store import StoredMeter
+from services.common.meter_cache import MeterCache
 from services.common.openapi import problem_responses
 from services.common.problems import Problem, invalid_field
 
@@ -61,9 +64,15 @@ def _out(stored: StoredMeter) -> CatalogMeter:
     )
 
 
-def router(service: Accounts) -> APIRouter:
+def router(service: Accounts, cache: MeterCache) -> APIRouter:
     api = admin_api(service)
     pool, redis = service.pool, service.redis
+
+    async def changed(stored: StoredMeter) -> CatalogMeter:
+        """Reload this process's meters before answering: an event accepted here after
+        the answer is stamped with the new catalog version, so the meter counts it."""
+        await cache.refresh()
+        return _out(stored)
 
     @api.get("/meters", summary="Every meter, archived ones too")
     async def list_meters() -> CatalogMeters:
@@ -82,7 +91,7 @@ def router(service: Accounts) -> APIRouter:
                 raise Problem(METER_EXISTS, f"a meter {meter.name!r} exists (archived ones too)")
             saved = await meter_store.save(conn, meter, ACTOR, None)
             await accounts.audit(conn, ACTOR, "meter.created", meter.name, version=saved.version)
-        return _out(saved)
+        return await changed(saved)
 
     @api.get("/meters/{name}", summary="One meter", responses=problem_responses(404, 422))
     async def get_meter(name: MeterName) -> CatalogMeter:
@@ -104,7 +113,7 @@ def router(service: Accounts) -> APIRouter:
             saved = await meter_store.save(conn, meter, ACTOR, before)
             action = "meter.created" if before is None else "meter.changed"
             await accounts.audit(conn, ACTOR, action, name, version=saved.version)
-        return _out(saved)
+        return await changed(saved)
 
     @api.delete(
         "/meters/{name}",
@@ -123,7 +132,8 @@ def router(service: Accounts) -> APIRouter:
                 )
             version = await meter_store.archive(conn, stored, ACTOR)
             await accounts.audit(conn, ACTOR, "meter.archived", name, version=version)
-            return _out(await _existing(conn, name))
+            archived = await _existing(conn, name)
+        return await changed(archived)
 
     @api.get(
         "/meters/{name}/versions",
