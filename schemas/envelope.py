@@ -99,6 +99,14 @@ class EventLike(Protocol):
     def lease(self) -> str: ...
 
 
+class Publishable(EventLike, Protocol):
+    """What ingest publishes: an event and the customer it is about (``subject``): a
+    ``UsageEvent``, or a correction (``schemas.corrections.CorrectionEvent``)."""
+
+    @property
+    def subject(self) -> str: ...
+
+
 def _data_json(e: EventLike) -> str:
     """A ``StoredEvent``'s data text, or a ``UsageEvent``'s made now."""
     data = getattr(e, "data", "")

@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from schemas.corrections import RESERVED_TYPE_PREFIX
 from schemas.text import PRINTABLE_PATTERN, control_character
 
 VALUE_DECIMALS = 6
@@ -255,6 +256,17 @@ def _finite(number: Decimal | float) -> bool:
     )
 
 
+def _not_reserved(kind: str) -> str:
+    """Refuse Tally's own event types: a correction sent as an event would bypass the
+    corrections API's checks and audit."""
+    if kind.startswith(RESERVED_TYPE_PREFIX):
+        raise ValueError(
+            f"types starting with {RESERVED_TYPE_PREFIX!r} are Tally's own;"
+            " corrections go to POST /v1/customers/{customer}/usage/corrections"
+        )
+    return kind
+
+
 class UsageEvent(BaseModel):
     """A CloudEvents 1.0 usage event in structured JSON mode."""
 
@@ -263,7 +275,16 @@ class UsageEvent(BaseModel):
     specversion: Literal["1.0"]
     id: NonEmpty
     source: NonEmpty
-    type: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
+    type: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=128,
+            pattern=r"^[A-Za-z0-9._:-]+$",
+            description="What happened; types starting with `tally.` are Tally's own.",
+        ),
+        AfterValidator(_not_reserved),
+    ]
     subject: CustomerId = Field(description="The customer the usage belongs to.")
     time: UtcDatetime
     datacontenttype: Literal["application/json"] | None = None

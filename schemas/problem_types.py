@@ -68,6 +68,7 @@ TOO_MANY_ENDPOINTS = _define("too-many-endpoints", 409, "Too many webhook endpoi
 METER_EXISTS = _define("meter-exists", 409, "Meter exists")
 METER_LOCKED = _define("meter-definition-locked", 409, "Meter has counted events")
 METER_IN_USE = _define("meter-in-use", 409, "Meter in use by plans")
+CORRECTION_CONFLICT = _define("correction-conflict", 409, "Correction id reused")
 # 413, 415: too much, or the wrong kind
 PAYLOAD_TOO_LARGE = _define("payload-too-large", 413, "Payload too large")
 BATCH_TOO_LARGE = _define("batch-too-large", 413, "Batch too large")
@@ -82,6 +83,7 @@ INSECURE_URL = _define("insecure-url", 422, "URL is not https")
 PRIVATE_ADDRESS = _define("private-address", 422, "URL resolves to a private address")
 UNRESOLVABLE_HOST = _define("unresolvable-host", 422, "Host does not resolve")
 UNKNOWN_EVENT_TYPE = _define("unknown-event-type", 422, "Unknown event type")
+NEGATIVE_USAGE = _define("negative-usage", 422, "Correction would make usage negative")
 # 429: too much, too fast
 RATE_LIMITED = _define("rate-limited", 429, "Rate limit exceeded")
 QUOTA_EXCEEDED = _define("quota-exceeded", 429, "Quota exceeded")

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
-from schemas import redis_keys
+from schemas import corrections, redis_keys
 from schemas.catalog import Aggregation, Meter
 from schemas.envelope import StoredEvent
 from schemas.events import VALUE_SCALE, to_micros
@@ -106,6 +106,8 @@ def _fold(
     for event in events:
         applicable = readers.by_type.get(event.type)
         if not applicable:
+            if event.type == corrections.TYPE:
+                _fold_correction(cells, event, readers)
             continue
         facts = Facts(event.parsed_data(), event.value, event.dimensions)
         minute = int(event.time.timestamp()) // 60
@@ -129,6 +131,23 @@ def _fold(
 _SETTLED = (Aggregation.COUNT, Aggregation.SUM)
 """What events spent under a lease add to an additive meter becomes usage of its
 holding (quotas, hence leases, are on additive meters)."""
+
+
+def _fold_correction(cells: Cells, event: StoredEvent, readers: _Readers) -> None:
+    """A correction adds its signed delta to its meter's total and group at its minute
+    (only additive meters take one: ``schemas.corrections``)."""
+    aimed = corrections.target(event.data)
+    meter = readers.by_name.get(aimed.meter) if aimed else None
+    if aimed is None or meter is None or meter.aggregation not in _SETTLED:
+        return  # a meter archived since: its history is the rollups'
+    cell = cells.setdefault((meter.name, int(event.time.timestamp()) // 60), {})
+    delta = to_micros(event.value)
+    fields = [redis_keys.TOTAL]
+    if meter.group_names:
+        values = tuple(aimed.groups.get(name, "") for name in meter.group_names)
+        fields.append(_group_field(values))
+    for group in fields:
+        cell[group] = cell.get(group, 0) + delta
 
 
 def _read(reader: Reader, facts: Facts) -> Any:

@@ -156,6 +156,14 @@ class Settings(BaseSettings):
     max_body_bytes: int = 10 * 1024 * 1024
     future_tolerance_seconds: int = 300
     backfill_days: int = 35
+    correction_days: int = Field(
+        365,
+        ge=1,
+        le=390,
+        description="How far back `POST /v1/customers/{c}/usage/corrections` reaches, in"
+        " days: within the 400 days Redis keeps month counters, which a decrease is checked"
+        " against.",
+    )
 
     events_partitions: int = 8
     consumer_group: str = "tally-aggregator"
@@ -378,6 +386,10 @@ class Settings(BaseSettings):
     @property
     def backfill_window(self) -> timedelta:
         return timedelta(days=self.backfill_days)
+
+    @property
+    def correction_window(self) -> timedelta:
+        return timedelta(days=self.correction_days)
 
     @property
     def dedupe_window(self) -> timedelta:

@@ -22,6 +22,7 @@ import asyncio
 import time
 import uuid
 import zlib
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Literal
 
@@ -31,6 +32,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from schemas.api_keys import Scope
+from schemas.envelope import Publishable
 from schemas.events import UsageEvent, utcnow
 from schemas.problem_types import (
     BROKER_UNAVAILABLE,
@@ -287,6 +289,32 @@ def prefers_minimal(prefer: str | None) -> bool:
     return False
 
 
+async def durably(ingest: Ingest, events: Sequence[Publishable], received_at: datetime) -> None:
+    """Publish ``events``, returning once they are durable; else 503 with ``Retry-After``,
+    having reported nothing accepted."""
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(ingest.settings.kafka_publish_timeout):
+            await ingest.publisher.publish(events, received_at, ingest.catalog_version)
+    except JournalError as exc:
+        log.error("write-ahead log failed", error=repr(exc), events=len(events))
+        raise Problem(
+            JOURNAL_UNAVAILABLE,
+            "the write-ahead log could not store the events (disk full or an I/O error), so"
+            " none is reported accepted; retry the whole request",
+            headers={"Retry-After": "1"},
+        ) from exc
+    except Exception as exc:  # including TimeoutError: a broker that is down, not slow
+        log.error("kafka publish failed", error=repr(exc), events=len(events))
+        raise Problem(
+            BROKER_UNAVAILABLE,
+            "Kafka did not acknowledge all the events, so none is reported accepted; retry the"
+            " whole request (events that did get stored are dropped as duplicates)",
+            headers={"Retry-After": "1"},
+        ) from exc
+    metrics.PUBLISH_SECONDS.observe(time.perf_counter() - started)
+
+
 async def publish(
     ingest: Ingest, verdicts: list[parsing.Verdict], received_at: datetime, minimal: bool
 ) -> Response:
@@ -295,27 +323,7 @@ async def publish(
     rejected = [v for v in verdicts if v.status is Status.REJECTED]
     duplicates = len(verdicts) - len(accepted) - len(rejected)
     metrics.INGEST_REQUEST_EVENTS.observe(len(verdicts))
-    started = time.perf_counter()
-    try:
-        async with asyncio.timeout(ingest.settings.kafka_publish_timeout):
-            await ingest.publisher.publish(accepted, received_at, ingest.catalog_version)
-    except JournalError as exc:
-        log.error("write-ahead log failed", error=repr(exc), events=len(accepted))
-        raise Problem(
-            JOURNAL_UNAVAILABLE,
-            "the write-ahead log could not store the events (disk full or an I/O error), so"
-            " none is reported accepted; retry the whole request",
-            headers={"Retry-After": "1"},
-        ) from exc
-    except Exception as exc:  # including TimeoutError: a broker that is down, not slow
-        log.error("kafka publish failed", error=repr(exc), events=len(accepted))
-        raise Problem(
-            BROKER_UNAVAILABLE,
-            "Kafka did not acknowledge all the events, so none is reported accepted; retry the"
-            " whole request (events that did get stored are dropped as duplicates)",
-            headers={"Retry-After": "1"},
-        ) from exc
-    metrics.PUBLISH_SECONDS.observe(time.perf_counter() - started)
+    await durably(ingest, accepted, received_at)
     if rejected:
         await dead_letter(ingest, rejected, received_at, request_id)
     count(accepted, rejected, duplicates)

@@ -24,7 +24,7 @@ from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.structs import RecordMetadata
 
 from schemas import envelope, topics
-from schemas.events import UsageEvent
+from schemas.envelope import Publishable
 from services.ingest.parsing import Verdict
 from services.ingest.wal.journal import Journal
 from services.ingest.wal.segment import Record
@@ -38,7 +38,7 @@ class Publisher:
         self._journal = journal
 
     async def publish(
-        self, events: Iterable[UsageEvent], received_at: datetime, catalog_version: int = 0
+        self, events: Iterable[Publishable], received_at: datetime, catalog_version: int = 0
     ) -> None:
         """Make ``events`` durable in Kafka (and the write-ahead log), stamped with the
         meter catalog version ingest held when it accepted them."""
@@ -122,7 +122,7 @@ class Publisher:
 
 
 def envelope_records(
-    events: Iterable[UsageEvent],
+    events: Iterable[Publishable],
     received_at: datetime,
     partitions: Sequence[int],
     catalog_version: int = 0,
@@ -133,7 +133,7 @@ def envelope_records(
     fewer events, is what the aggregator's per-record cost asks for
     (``schemas.envelope``)."""
     numbers = tuple(partitions)
-    by_partition: dict[int, dict[str, list[UsageEvent]]] = defaultdict(dict)
+    by_partition: dict[int, dict[str, list[Publishable]]] = defaultdict(dict)
     for event in events:
         customer = event.subject
         partition = partition_of(customer.encode(), numbers)

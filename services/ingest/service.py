@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from schemas import topics
 from services.common.logging import get_logger
-from services.ingest import emitters
-from services.ingest.app import Ingest, openapi_schemas, router
+from services.ingest import corrections, emitters
+from services.ingest.app import Ingest, durably, openapi_schemas, router
 from services.ingest.backpressure import Backpressure
 from services.ingest.publisher import Publisher
 from services.ingest.wal import segment
@@ -40,9 +41,17 @@ async def start(runtime: Runtime) -> Component:
     guard = backpressure(runtime, await runtime.bootstrap_servers())
     meters = await runtime.meters()
     ingest = Ingest(runtime.settings, publisher, await runtime.authenticator(), guard, meters)
+    corrector = corrections.Corrector(
+        runtime.settings,
+        ingest.auth,
+        meters,
+        runtime.redis(),
+        await runtime.pool(),
+        functools.partial(durably, ingest),
+    )
     return Component(
         "ingest",
-        routers=[router(ingest), emitters.router(ingest)],
+        routers=[router(ingest), emitters.router(ingest), corrections.router(corrector)],
         checks={"kafka": kafka},
         schemas=openapi_schemas(),
     )

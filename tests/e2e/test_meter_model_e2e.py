@@ -97,7 +97,10 @@ def test_a_new_meter_counts_nested_events_from_the_next_one(
             assert "needs a number" in unreadable.text
 
             # The event before the meters is history: live counters start after the 201s.
-            want = {"input": {"gpt-4o": "1000", "mini": "50"}, "output": {"gpt-4o": "100", "mini": "5"}}
+            want = {
+                "input": {"gpt-4o": "1000", "mini": "50"},
+                "output": {"gpt-4o": "100", "mini": "5"},
+            }
             wait_for(
                 lambda: {k: _usage(client, customer, n, True) for k, n in names.items()} == want,
                 60,

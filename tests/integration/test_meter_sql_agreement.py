@@ -1,9 +1,10 @@
 """The rollups' SQL counts what the live counters count, to the last digit.
 
 Random events — nested data, flat data, legacy rows without ``data``, numbers as JSON
-numbers and as strings, missing and malformed values — go into ClickHouse through the
-real sink; every aggregation, with paths, filters and groups, is computed by
-``meter_sql`` and by the aggregator's own ``increments.build``, and the two must agree.
+numbers and as strings, missing and malformed values, and corrections of additive and
+other meters — go into ClickHouse through the real sink; every aggregation, with paths,
+filters and groups, is computed by ``meter_sql`` and by the aggregator's own
+``increments.build``, and the two must agree.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pytest
 
 from schemas import redis_keys
 from schemas.catalog import Aggregation, DimensionFilter, Meter
+from schemas.corrections import CorrectionEvent
 from schemas.envelope import StoredEvent
 from schemas.events import VALUE_SCALE, from_micros, utcnow
 from schemas.windows import Window, bucket_id
@@ -110,6 +112,25 @@ def _event(rng: random.Random, customer: str, index: int) -> StoredEvent:
     return StoredEvent(f"e{index}", "s", KIND, customer, time, value, dims, NOW, data=text)
 
 
+def _correction(rng: random.Random, customer: str, index: int) -> StoredEvent:
+    """A correction as ingest publishes it (``schemas.corrections``), of a meter with or
+    without groups; one of a max meter, which neither count takes."""
+    meter = rng.choice(["calls", "input_tokens", "legacy_sum", "first_tool", "output_max"])
+    groups = {
+        "calls": {"model": rng.choice(["gpt-4o", "claude"])},
+        "input_tokens": {"model": "gpt-4o", "region": rng.choice(["eu", "us"])},
+        "legacy_sum": {"region": "uk"},
+        "first_tool": {"tools[0]": "code"},
+        "output_max": {"model": "claude"},
+    }[meter]
+    delta = Decimal(rng.randint(-(10**6), 10**6)) / 1000 if meter != "calls" else rng.randint(-3, 9)
+    time = DAY + timedelta(seconds=rng.randint(0, 1800))
+    made = CorrectionEvent(f"c{index}", customer, time, Decimal(delta) or Decimal(1), meter, groups)
+    return StoredEvent(
+        made.id, made.source, made.type, customer, time, made.value, {}, NOW, data=made.data
+    )
+
+
 def _live(meter: Meter, events: list[StoredEvent], customer: str) -> dict[str, Decimal]:
     """Each group's day value as the aggregator's counter operations hold it."""
     ops = build(customer, events, {KIND: [meter]}, NOW)
@@ -157,6 +178,7 @@ def test_rollup_sql_and_live_counters_agree(ch: ClickHouse, tenant: str, seed: i
     rng = random.Random(seed)
     customer = f"{tenant}-{seed}"
     events = [_event(rng, customer, i) for i in range(300)]
+    events += [_correction(rng, customer, i) for i in range(30)]
     asyncio.run(ClickHouseSink(ch).write(events))
     for meter in METERS:
         live = _live(meter, events, customer)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from schemas import paths
+from schemas import corrections, paths
 from schemas.catalog import Aggregation, DimensionFilter, Meter
 from schemas.readings import LEGACY_VALUE
 
@@ -38,15 +38,44 @@ def meter_sql(meter: Meter) -> MeterSql:
     built.params["type"] = meter.event_type
     for path, only in meter.filters.items():
         conditions.append(built.filter(paths.parse(path), only))
+    if meter.aggregation in _ADDITIVE:
+        return _additive(meter, built, conditions)
     value = _aggregate(meter, built, conditions)
     groups = [f"coalesce({built.dimension(p)}, '')" for p in meter.group_paths]
     return MeterSql(value, groups, " AND ".join(conditions), built.params)
 
 
+_ADDITIVE = (Aggregation.SUM, Aggregation.COUNT)
+_CORRECTION = "type = {correction_type:String}"
+
+
+def _additive(meter: Meter, built: _Builder, conditions: list[str]) -> MeterSql:
+    """A sum or count, corrections included (``schemas.corrections``): events of their
+    own type naming the meter, whose signed ``value`` is the change and whose ``data``
+    names the groups.  Only ingest writes that type: emitters may not."""
+    if meter.aggregation is Aggregation.COUNT:
+        each = "toDecimal128(1, 6)"
+    elif meter.value_property == LEGACY_VALUE:
+        each = "value"
+    else:
+        each = built.number(meter.value_path)
+        conditions.append(f"{each} IS NOT NULL")
+    built.params |= {"correction_type": corrections.TYPE, "correction_meter": meter.name}
+    groups = []
+    for index, (name, path) in enumerate(zip(meter.group_names, meter.group_paths, strict=True)):
+        built.params[f"correction_group{index}"] = name
+        named = f"JSONExtractString(data, 'groups', {{correction_group{index}:String}})"
+        groups.append(f"if({_CORRECTION}, {named}, coalesce({built.dimension(path)}, ''))")
+    counted = (
+        f"(({' AND '.join(conditions)}) OR ({_CORRECTION}"
+        " AND JSONExtractString(data, 'meter') = {correction_meter:String}))"
+    )
+    return MeterSql(f"sum(if({_CORRECTION}, value, {each}))", groups, counted, built.params)
+
+
 def _aggregate(meter: Meter, built: _Builder, conditions: list[str]) -> str:
+    """A maximum, minimum, latest value, average or distinct count (no corrections)."""
     aggregation = meter.aggregation
-    if aggregation is Aggregation.COUNT:
-        return "toDecimal128(count(), 6)"
     if aggregation is Aggregation.UNIQUE_COUNT:
         member = built.dimension(meter.value_path)
         conditions.append(f"{member} IS NOT NULL")
@@ -57,8 +86,6 @@ def _aggregate(meter: Meter, built: _Builder, conditions: list[str]) -> str:
         number = built.number(meter.value_path)
         conditions.append(f"{number} IS NOT NULL")
     match aggregation:
-        case Aggregation.SUM:
-            return f"sum({number})"
         case Aggregation.MAX:
             return f"max({number})"
         case Aggregation.MIN:
