@@ -26,6 +26,7 @@ class InvoiceStatus(StrEnum):
 class LineKind(StrEnum):
     FEE = "fee"  # the plan's recurring price, prorated by time
     USAGE = "usage"  # a meter's usage over (part of) the period
+    CORRECTION = "correction"  # a change to a finalized invoice's usage line, billed later
 
 
 class Tranche(BaseModel):
@@ -52,6 +53,11 @@ class InvoiceLine(BaseModel):
     billable: Decimal = Field(description="What is charged for: quantity less included units.")
     amount: Decimal = Field(description="Rounded once to the currency's minor unit, half up.")
     tranches: tuple[Tranche, ...] = ()
+    corrects_invoice_id: str | None = Field(
+        None,
+        description="A correction line: the finalized invoice it corrects; `start` and `end`"
+        " are that invoice's stretch, `quantity` the change of usage, `amount` of money.",
+    )
 
 
 class Invoice(BaseModel):
@@ -83,6 +89,26 @@ class UpcomingInvoice(BaseModel):
     invoice: Invoice = Field(description="The current period's invoice so far.")
     forecast: Forecast
     as_of: AwareDatetime
+
+
+class CreditNote(BaseModel):
+    """Money given back on a finalized invoice whose usage was corrected downwards."""
+
+    id: str
+    invoice_id: str = Field(description="The finalized invoice it credits.")
+    customer: str
+    period_start: AwareDatetime
+    period_end: AwareDatetime
+    currency: str
+    amount: Decimal = Field(description="What is credited: positive, the sum of the lines.")
+    lines: tuple[InvoiceLine, ...] = Field(
+        description="Correction lines: each usage line's change, in negative amounts."
+    )
+    created_at: AwareDatetime
+
+
+class CreditNoteList(BaseModel):
+    credit_notes: list[CreditNote]
 
 
 class InvoiceList(BaseModel):

@@ -70,7 +70,8 @@ async def record_usage(
         await conn.execute(
             "INSERT INTO usage_daily (customer, meter, day, value, latest_at, watermark)"
             " VALUES (%s, %s, %s, %s, %s, now()) ON CONFLICT (customer, meter, day, group_key)"
-            " DO UPDATE SET value = excluded.value, latest_at = excluded.latest_at",
+            " DO UPDATE SET value = excluded.value, latest_at = excluded.latest_at,"
+            " watermark = excluded.watermark",
             (customer, meter, day, Decimal(value), datetime.combine(day, datetime.max.time(), UTC)),
         )
 

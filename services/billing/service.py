@@ -218,6 +218,9 @@ async def _mirror(pool: AsyncConnectionPool, api: stripe.StripeClient) -> None:
 
 
 async def _bill_recent(billing: BillingRun) -> None:
+    """Corrections of finalized invoices first: the runs then carry their charges."""
+    if corrected := await billing.correct_finalized():
+        log.info("finalized invoices corrected", corrections=corrected)
     today = datetime.now(UTC).date()
     for back in RECENT:
         report = await billing.run(months_before(today, back))

@@ -66,6 +66,16 @@ class Stretch:
         return midnight(self.end_day)
 
 
+@dataclass(frozen=True, slots=True)
+class Carried:
+    """A charge for a finalized invoice's corrected usage, waiting for the customer's
+    next invoice (``corrections``): its lines follow the period's own."""
+
+    id: str
+    period_end: datetime  # of the corrected invoice
+    lines: tuple[InvoiceLine, ...]
+
+
 Usage = Mapping[tuple[int, str], Decimal]  # (stretch index, meter) -> period quantity
 PeriodOf = Callable[[Plan, datetime], Period]  # the plan's own period around an instant
 

@@ -15,7 +15,7 @@ from schemas.invoices import Invoice, InvoiceLine
 from schemas.plans import Plan
 from services.billing.invoicing import compose as invoicing
 from services.billing.invoicing import period_usage
-from services.billing.invoicing.compose import Span, Stretch
+from services.billing.invoicing.compose import Carried, Span, Stretch
 from services.billing.invoicing.periods import Period, period_containing, period_in_month
 from services.billing.invoicing.subscriptions import PlanBook, Subscription
 from services.common.clickhouse import ClickHouse
@@ -37,6 +37,7 @@ class Draft:
     fees: Sequence[Span]
     stretches: Sequence[Stretch]
     usage: Mapping[tuple[int, str], Decimal]  # (stretch index, meter) -> quantity
+    carried: tuple[Carried, ...] = ()  # charges of corrected invoices it bills
 
     @property
     def currency(self) -> str:
@@ -48,7 +49,8 @@ class Draft:
         def period_of(plan: Plan, instant: datetime) -> Period:
             return period_containing(instant, anchor, plan.cycle, plan.interval)
 
-        return invoicing.lines(self.fees, self.stretches, self.usage, self.plans, period_of)
+        own = invoicing.lines(self.fees, self.stretches, self.usage, self.plans, period_of)
+        return own + [line for charge in self.carried for line in charge.lines]
 
     def invoice(self) -> Invoice:
         customer = self.ask.subscription.customer

@@ -1,4 +1,4 @@
-"""Invoices over HTTP: a customer's invoices and the upcoming one.
+"""Invoices over HTTP: a customer's invoices, the upcoming one, its credit notes.
 
 A service token reads any customer's; a customer's API key with ``usage:read`` reads
 only its own.
@@ -14,7 +14,8 @@ from psycopg_pool import AsyncConnectionPool
 
 from schemas.api_keys import Scope
 from schemas.events import CUSTOMER_ID_PATTERN, utcnow
-from schemas.invoices import InvoiceList, InvoiceStatus, UpcomingInvoice
+from schemas.invoices import CreditNoteList, InvoiceList, InvoiceStatus, UpcomingInvoice
+from services.billing.invoicing import corrections
 from services.billing.invoicing import reader as invoices
 from services.common.auth import Authenticator
 from services.common.clickhouse import ClickHouse
@@ -54,5 +55,18 @@ def router(
         if found is None:
             raise unknown_customer(customer)
         return found
+
+    @api.get(
+        "/v1/customers/{customer}/credit-notes",
+        summary="Credit notes for finalized invoices whose usage was corrected downwards",
+    )
+    async def list_credit_notes(
+        request: Request, customer: Customer, limit: Annotated[int, Query(ge=1, le=120)] = 24
+    ) -> CreditNoteList:
+        await auth.authorize(request, Scope.USAGE_READ, customer)
+        async with pool.connection() as conn:
+            return CreditNoteList(
+                credit_notes=await corrections.credit_notes(conn, customer, limit)
+            )
 
     return api

@@ -15,6 +15,7 @@ hold every event stored by then, or at once with ``finalize=True``.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from pydantic import TypeAdapter
 from redis.asyncio import Redis
 
 from schemas.invoices import InvoiceLine, InvoiceStatus
-from services.billing.invoicing import finalized, subscriptions
+from services.billing.invoicing import corrections, finalized, subscriptions
 from services.billing.invoicing.drafts import Ask, Draft, Drafter
 from services.billing.invoicing.mirror import InvoiceMirror
 from services.billing.rollup import watermark as watermarks
@@ -38,6 +39,7 @@ from services.common.redis import UNREACHABLE
 
 log = get_logger("tally.billing")
 LINES = TypeAdapter(tuple[InvoiceLine, ...])
+CORRECTIONS = "corrections"  # the advisory lock's name of the corrections pass
 
 _UPSERT = (
     """
@@ -100,6 +102,18 @@ class BillingRun:
             finally:
                 await _unlock(conn, label)
 
+    async def correct_finalized(self) -> int:
+        """Book what changed in finalized invoices' periods (``corrections``): charges
+        the next runs carry, credit notes.  One pass at a time; 0 while another runs."""
+        async with self._pool.connection() as conn:
+            await conn.set_autocommit(True)
+            if not await _lock(conn, CORRECTIONS):
+                return 0
+            try:
+                return await corrections.correct_finalized(conn, self._clickhouse)
+            finally:
+                await _unlock(conn, CORRECTIONS)
+
     async def _run(
         self, conn: AsyncConnection, month: date, now: datetime, finalize: bool
     ) -> Report:
@@ -111,9 +125,10 @@ class BillingRun:
         customers = written = skipped = 0
         while batch := await subscriptions.page(conn, cursor, self._batch):
             asks = [a for s in batch if (a := _ask(drafter, s, month, now))]
-            drafts = await drafter.draft(conn, asks)
+            drafts = await _carrying(conn, await drafter.draft(conn, asks))
             async with conn.transaction():
                 rows = await _write(conn, drafts, self._finalizes(now, complete, finalize))
+                await _bill_carried(conn, drafts, rows)
                 written += len(rows)
                 cursor = batch[-1].customer
                 await conn.execute(
@@ -150,6 +165,25 @@ class BillingRun:
             return forced or (now >= due and complete is not None and complete >= due)
 
         return finalizes
+
+
+async def _carrying(conn: AsyncConnection, drafts: list[Draft]) -> list[Draft]:
+    """Each draft with the charges for corrected invoices it is due to carry."""
+    waiting = await corrections.carried(conn, [d.ask.subscription.customer for d in drafts])
+    carrying = []
+    for draft in drafts:
+        due = corrections.due(waiting.get(draft.ask.subscription.customer, ()), draft.ask.period)
+        carrying.append(dataclasses.replace(draft, carried=due) if due else draft)
+    return carrying
+
+
+async def _bill_carried(
+    conn: AsyncConnection, drafts: Sequence[Draft], rows: Sequence[finalized.Row]
+) -> None:
+    """The carried charges of the invoices just finalized are billed by them."""
+    carried = {d.ask.subscription.customer: [c.id for c in d.carried] for d in drafts}
+    finals = {row[0]: carried.get(row[1], []) for row in rows if row[6] is not None}
+    await corrections.mark_billed(conn, finals)
 
 
 def _ask(
