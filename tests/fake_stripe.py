@@ -437,6 +437,9 @@ class FakeStripe:
         self.meters: dict[str, JSON] = {}
         self.checkout_sessions: dict[str, JSON] = {}
         self.portal_sessions: dict[str, JSON] = {}
+        self.invoices: dict[str, JSON] = {}  # made by tests (``add_invoice``), as Stripe bills
+        self.invoice_items: dict[str, JSON] = {}
+        self.credit_notes: dict[str, JSON] = {}
         self._sessions: dict[str, float] = {}  # meter event session token -> expires at
         self._identifiers: dict[str, float] = {}  # meter event identifier -> accepted at
         self._idempotent: dict[tuple[Base, str], tuple[tuple[str, str, str], _Reply]] = {}
@@ -696,6 +699,8 @@ class FakeStripe:
             ("POST", "api", "/v1/checkout/sessions", self._create_checkout),
             ("GET", "api", f"/v1/checkout/sessions/{ident}", self._get_checkout),
             ("POST", "api", "/v1/billing_portal/sessions", self._create_portal),
+            ("POST", "api", "/v1/invoiceitems", self._create_invoice_item),
+            ("POST", "api", "/v1/credit_notes", self._create_credit_note),
         ]
         return [(m, b, re.compile(p), h) for m, b, p, h in table]
 
@@ -1360,6 +1365,122 @@ class FakeStripe:
     def _get_checkout(self, call: _Call) -> JSON:
         session = self._get(self.checkout_sessions, "checkout.session", call.arg())
         return {k: v for k, v in session.items() if k != "line_items_sent"}
+
+    # -- invoices, invoice items, credit notes --------------------------------------------
+
+    def add_invoice(
+        self, customer: str, total: int, currency: str = "usd", status: str = "paid"
+    ) -> str:
+        """An invoice Stripe made for ``customer`` (from its subscription), in minor units."""
+        with self._lock:
+            invoice = {
+                **self._base_object("in", "invoice"),
+                "customer": self._get(self.customers, "customer", customer)["id"],
+                "currency": currency,
+                "status": status,
+                "total": total,
+                "amount_paid": total if status == "paid" else 0,
+                "amount_remaining": 0 if status == "paid" else total,
+                "post_payment_credit_notes_amount": 0,
+                "pre_payment_credit_notes_amount": 0,
+            }
+            self.invoices[invoice["id"]] = invoice
+            return str(invoice["id"])
+
+    _INVOICE_ITEM_PARAMS = (
+        "customer", "amount", "currency", "description", "period", "metadata", "invoice",
+        "discountable", "price_data", "pricing", "quantity", "unit_amount_decimal",
+        "subscription", "tax_behavior", "tax_code", "tax_rates", "discounts",
+    )  # fmt: skip
+
+    def _create_invoice_item(self, call: _Call) -> JSON:
+        p = call.params
+        _check_known(p, set(self._INVOICE_ITEM_PARAMS))
+        customer = self._get(self.customers, "customer", _required(p, "customer"))
+        if "amount" not in p:
+            raise _missing("amount")
+        amount = _int(p["amount"], "amount")
+        currency = _required(p, "currency").lower()
+        period = _dict(p, "period")
+        _check_known(period, {"start", "end"}, "period")
+        start, end = (_int(period.get(k, self._now()), f"period[{k}]") for k in ("start", "end"))
+        if end < start:
+            raise _invalid("period[end]", "The period end must be after the period start.")
+        item = {
+            **self._base_object("ii", "invoiceitem"),
+            "amount": amount,
+            "currency": currency,
+            "customer": customer["id"],
+            "date": self._now(),
+            "description": _str(p, "description"),
+            "invoice": None,
+            "metadata": _apply_metadata({}, p.get("metadata")),
+            "period": {"start": start, "end": end},
+            "proration": False,
+            "quantity": 1,
+        }
+        self.invoice_items[item["id"]] = item
+        return item
+
+    def _create_credit_note(self, call: _Call) -> JSON:
+        p = call.params
+        _check_known(p, {"invoice", "lines", "memo", "metadata", "reason", "amount",
+                         "credit_amount", "refund_amount", "out_of_band_amount"})  # fmt: skip
+        invoice = self._get(self.invoices, "invoice", _required(p, "invoice"))
+        if invoice["status"] not in ("open", "paid"):
+            raise ApiError(
+                400,
+                f"Invoice {invoice['id']} is {invoice['status']}: credit notes can only be"
+                " issued on open or paid invoices.",
+                code="invoice_not_editable",
+                param="invoice",
+            )
+        lines = _listify(p.get("lines", []), "lines")
+        if not lines:
+            raise _missing("lines")
+        total = 0
+        for index, line in enumerate(lines):
+            _check_known(line, {"type", "description", "quantity", "unit_amount",
+                                "unit_amount_decimal", "amount", "invoice_line_item",
+                                "metadata", "tax_rates"}, f"lines[{index}]")  # fmt: skip
+            if line.get("type") != "custom_line_item":
+                raise _invalid(f"lines[{index}][type]", "Tally's fake takes custom_line_item only")
+            quantity = _int(line.get("quantity", 1), f"lines[{index}][quantity]")
+            unit = _int(line.get("unit_amount", ""), f"lines[{index}][unit_amount]")
+            if unit < 0 or quantity < 1:
+                raise _invalid(f"lines[{index}][unit_amount]", "Amounts must be positive.")
+            total += quantity * unit
+        paid = invoice["status"] == "paid"
+        credited = (
+            invoice["post_payment_credit_notes_amount"] + invoice["pre_payment_credit_notes_amount"]
+        )
+        if total + credited > invoice["total"]:
+            raise ApiError(
+                400,
+                f"The credit note amount ({total}) exceeds the invoice amount available to"
+                f" credit ({invoice['total'] - credited}).",
+                code="credit_note_amount_too_large",
+                param="lines",
+            )
+        invoice[
+            "post_payment_credit_notes_amount" if paid else "pre_payment_credit_notes_amount"
+        ] += total
+        note = {
+            **self._base_object("cn", "credit_note"),
+            "amount": total,
+            "currency": invoice["currency"],
+            "customer": invoice["customer"],
+            "invoice": invoice["id"],
+            "memo": _str(p, "memo"),
+            "metadata": _apply_metadata({}, p.get("metadata")),
+            "number": f"{invoice['id'].upper()}-CN-{len(self.credit_notes) + 1:02d}",
+            "reason": _str(p, "reason"),
+            "status": "issued",
+            "total": total,
+            "type": "post_payment" if paid else "pre_payment",
+        }
+        self.credit_notes[note["id"]] = note
+        return note
 
     def _create_portal(self, call: _Call) -> JSON:
         p = call.params

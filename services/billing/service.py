@@ -28,6 +28,7 @@ from services.billing.revenue import pages as revenue_pages
 from services.billing.revenue import routes as revenue_routes
 from services.billing.rollup.job import Rollup
 from services.billing.stripe import client as stripe_client
+from services.billing.stripe import corrections as stripe_corrections
 from services.billing.stripe import mirror as stripe_mirror
 from services.billing.stripe import notices, outbox
 from services.billing.stripe import routes as stripe_routes
@@ -178,12 +179,16 @@ async def _roll_up(job: Rollup) -> None:
 
 
 async def _push(pool: AsyncConnectionPool, api: stripe.StripeClient, pusher: MeterPusher) -> None:
-    """Create new sign-ups' Stripe customers, queue the rollups' changes, send what is due."""
+    """Create new sign-ups' Stripe customers, queue the rollups' changes, send what is due,
+    and tell Stripe of the corrections booked on finalized invoices."""
     customers = await stripe_client.ensure_new_customers(pool, api)
     queued = await outbox.enqueue(pool)
     report = await pusher.push()
-    if customers or queued or report.sent or report.failed:
-        log.info("stripe push", customers=customers, queued=queued, report=report)
+    corrected = await stripe_corrections.push(pool, api)
+    if customers or queued or report.sent or report.failed or corrected:
+        log.info(
+            "stripe push", customers=customers, queued=queued, report=report, corrected=corrected
+        )
 
 
 async def lifecycle_pass(

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 from datetime import date, timedelta
 from decimal import Decimal
+from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 
-from schemas.invoices import InvoiceStatus, LineKind
+from schemas.invoices import CreditNote, Invoice, InvoiceStatus, LineKind
 from services.billing.invoicing import corrections, reader
 from services.billing.invoicing.run import BillingRun
+from services.billing.stripe import corrections as stripe_corrections
 from tests.billing_support import amounts, at, record_usage, subscribe
 
 D = Decimal
@@ -21,12 +23,12 @@ def no_clickhouse():  # the default catalog prices no distinct-count meter
     raise AssertionError("rating again should not need ClickHouse here")
 
 
-async def _invoices(pool: AsyncConnectionPool, customer: str) -> dict[str, object]:
+async def _invoices(pool: AsyncConnectionPool, customer: str) -> dict[str, Invoice]:
     async with pool.connection() as conn:
         return {i.period: i for i in await reader.listed(conn, customer)}
 
 
-async def _credit_notes(pool: AsyncConnectionPool, customer: str) -> list[corrections.CreditNote]:
+async def _credit_notes(pool: AsyncConnectionPool, customer: str) -> list[CreditNote]:
     async with pool.connection() as conn:
         return await corrections.credit_notes(conn, customer, 10)
 
@@ -102,3 +104,66 @@ async def test_graduated_tiers_are_corrected_by_the_difference_of_rounded_lines(
     april = (await _invoices(pool, customer))["2025-04"]
     [line] = [line for line in april.lines if line.kind is LineKind.CORRECTION]
     assert (line.quantity, line.amount, line.corrects_invoice_id) == (D(3333), D("0.67"), march.id)
+
+
+async def test_stripe_gets_an_invoice_item_for_more_and_a_credit_note_for_less(
+    pool, tenant, fake_stripe
+) -> None:
+    customer = f"{tenant}-stripe"
+    await subscribe(pool, customer, "starter", at("2025-06-15"))
+    await record_usage(pool, customer, "api_calls", date(2025, 7, 4), 60_000)
+    run = BillingRun(pool, no_clickhouse, timedelta(hours=24))
+    await run.run(date(2025, 7, 1), now=at("2025-08-03"), finalize=True)
+    july = (await _invoices(pool, customer))["2025-07"]
+    api = fake_stripe.client()
+
+    def mine(objects: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        return [o for o in objects.values() if o["metadata"].get("tally_invoice") == july.id]
+
+    await record_usage(pool, customer, "api_calls", date(2025, 7, 4), 62_500)
+    assert await run.correct_finalized() == 1
+    await stripe_corrections.push(pool, api)
+    await stripe_corrections.push(pool, api)  # told once
+    [item] = mine(fake_stripe.invoice_items)
+    assert (item["amount"], item["currency"]) == (250, "usd")
+    assert item["period"] == {
+        "start": int(july.period_start.timestamp()),
+        "end": int(july.period_end.timestamp()),
+    }
+    stripe_customer = fake_stripe.customers[item["customer"]]
+    assert stripe_customer["metadata"]["tally_customer"] == customer
+
+    # Stripe billed July (6,250 cents, paid): its webhook named that invoice.
+    paid = fake_stripe.add_invoice(item["customer"], 6_250)
+    async with pool.connection() as conn:
+        await conn.execute(
+            "UPDATE invoices SET stripe_invoice_id = %s WHERE id = %s", (paid, july.id)
+        )
+    await record_usage(pool, customer, "api_calls", date(2025, 7, 4), 52_000)
+    assert await run.correct_finalized() == 1
+    await stripe_corrections.push(pool, api)
+    [note] = mine(fake_stripe.credit_notes)
+    assert (note["invoice"], note["amount"], note["type"]) == (paid, 1_050, "post_payment")
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT kind, amount, stripe_id FROM invoice_corrections WHERE invoice_id = %s"
+            " ORDER BY created_at",
+            (july.id,),
+        )
+        assert await cur.fetchall() == [
+            ("charge", D("2.50"), item["id"]),
+            ("credit_note", D("-10.50"), note["id"]),
+        ]
+
+    # More credit than the Stripe invoice has left: Stripe refuses, it stays untold.
+    fake_stripe.invoices[paid]["post_payment_credit_notes_amount"] = 6_200
+    await record_usage(pool, customer, "api_calls", date(2025, 7, 4), 50_500)
+    assert await run.correct_finalized() == 1
+    await stripe_corrections.push(pool, api)
+    assert len(mine(fake_stripe.credit_notes)) == 1
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT count(*) FROM invoice_corrections WHERE invoice_id = %s AND stripe_id IS NULL",
+            (july.id,),
+        )
+        assert await cur.fetchone() == (1,)
