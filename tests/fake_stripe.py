@@ -431,6 +431,7 @@ class FakeStripe:
         self.requests: list[Recorded] = []
         self.meter_events: list[MeterEvent] = []
         self.meter_event_errors: list[MeterEventError] = []
+        self.cancelled_meter_events: list[MeterEvent] = []
         self.customers: dict[str, JSON] = {}
         self.products: dict[str, JSON] = {}
         self.prices: dict[str, JSON] = {}  # stored with "tiers"; answers hide them unexpanded
@@ -699,6 +700,7 @@ class FakeStripe:
             ("POST", "api", "/v1/checkout/sessions", self._create_checkout),
             ("GET", "api", f"/v1/checkout/sessions/{ident}", self._get_checkout),
             ("POST", "api", "/v1/billing_portal/sessions", self._create_portal),
+            ("POST", "api", "/v1/billing/meter_event_adjustments", self._adjust_meter_event),
             ("POST", "api", "/v1/invoiceitems", self._create_invoice_item),
             ("POST", "api", "/v1/credit_notes", self._create_credit_note),
         ]
@@ -1204,6 +1206,40 @@ class FakeStripe:
                 )
             )
         return event
+
+    def _adjust_meter_event(self, call: _Call) -> JSON:
+        """Cancel an event by identifier: only within 24 hours of Stripe taking it."""
+        p = call.params
+        _check_known(p, {"event_name", "type", "cancel"})
+        event_name = _required(p, "event_name")
+        if _str(p, "type") not in (None, "cancel"):
+            raise _invalid("type", "type must be cancel")
+        cancel = _dict(p, "cancel")
+        _check_known(cancel, {"identifier"}, "cancel")
+        identifier = _required(cancel, "identifier")
+        found = [
+            e
+            for e in self.meter_events
+            if e.identifier == identifier and e.event_name == event_name
+        ]
+        if not found:
+            raise _no_such("meter event", identifier, "cancel[identifier]", status=400)
+        if self.clock() - self._identifiers.get(identifier, 0) > IDENTIFIER_WINDOW:
+            raise _invalid(
+                "cancel[identifier]",
+                f"Meter event {identifier} can no longer be cancelled: events can be"
+                " cancelled within 24 hours of being received.",
+            )
+        self.meter_events = [e for e in self.meter_events if e not in found]
+        self.cancelled_meter_events += found
+        return {
+            "object": "billing.meter_event_adjustment",
+            "cancel": {"identifier": identifier},
+            "event_name": event_name,
+            "livemode": False,
+            "status": "pending",
+            "type": "cancel",
+        }
 
     def _check_event(self, event_name: str, payload: JSON, timestamp: int) -> JSON:
         """The checks Stripe makes on every event, as ApiErrors with its meter codes."""

@@ -122,10 +122,49 @@ async def test_corrections_stripe_cannot_take_become_adjustments(pool, tenant, f
     await record_usage(pool, customer, "api_calls", today, 80)
     await enqueue(pool, customer)
     await MeterPusher(pool, fake.client()).push()
+    async with pool.connection() as conn:  # sent more than Stripe's 24 hours ago
+        await conn.execute(
+            "UPDATE stripe_outbox SET sent_at = now() - interval '25 hours' WHERE customer_id = %s",
+            (customer,),
+        )
     await record_usage(pool, customer, "api_calls", today, 70)  # usage corrected downwards
     await enqueue(pool, customer)
     states = [(q, s) for _, q, s in await outbox_rows(pool, customer)]
     assert sorted(states) == [(-10, "adjustment"), (80, "sent"), (500, "adjustment")]
+
+
+async def test_a_day_lowered_within_24_hours_is_cancelled_and_sent_again(
+    pool, tenant, fake
+) -> None:
+    customer, today = f"{tenant}-cancel", datetime.now(UTC).date()
+    await subscribe(pool, customer, "starter", at("2026-01-01"))
+    pusher = MeterPusher(pool, fake.client())
+    await record_usage(pool, customer, "api_calls", today, 80)
+    await enqueue(pool, customer)
+    await pusher.push()
+    await record_usage(pool, customer, "api_calls", today, 95)
+    await enqueue(pool, customer)
+    await pusher.push()
+    [stripe_customer] = [c for c in fake.customers.values() if c["email"].startswith(customer)]
+    assert fake.meter_total("tally_api_calls", stripe_customer["id"]) == 95
+
+    await record_usage(pool, customer, "api_calls", today, 70)  # corrected down by 25
+    await enqueue(pool, customer)
+    first, second, third = (f"tally:{customer}:api_calls:{today}:{n}" for n in (1, 2, 3))
+    assert await outbox_rows(pool, customer) == [
+        (first, 80, "sent"),
+        (second, 15, "sent"),
+        (third, 70, "pending"),  # the whole day, once both are cancelled
+    ]
+    report = await pusher.push()
+    assert (report.cancelled, report.sent) == (2, 1)
+    assert await outbox_rows(pool, customer) == [
+        (first, 80, "cancelled"),
+        (second, 15, "cancelled"),
+        (third, 70, "sent"),
+    ]
+    assert fake.meter_total("tally_api_calls", stripe_customer["id"]) == 70
+    assert {e.identifier for e in fake.cancelled_meter_events} >= {first, second}
 
 
 async def test_the_v2_meter_event_stream(pool, tenant, fake) -> None:

@@ -10,9 +10,13 @@ Stripe answered, so a crash in between sends the same identifier again, and Stri
 drops it as a duplicate; that answer counts as delivered.  429 and 5xx back off and
 retry; other refusals mark the row failed with Stripe's message.
 
-Stripe only takes meter events from the last 35 days, and never negative ones.  A
-correction that is older, or that lowers a day's usage, becomes an ``adjustment``: the
-billing run's invoice carries the right quantity, and Stripe keeps what it was sent.
+Stripe only takes meter events from the last 35 days, and never negative ones, but it
+cancels an event by its identifier within 24 hours of taking it.  A day whose usage goes
+down while every event sent for it is that recent gets one event of its whole new
+quantity, sent once Stripe has cancelled the earlier ones (``cancels``; they become
+``cancelled``).  A correction that is older, or a decrease past those 24 hours, becomes
+an ``adjustment``: the billing run's invoice carries the right quantity, and once that
+invoice is final, a correction of it reaches Stripe as money (``corrections``).
 Only count and sum meters are pushed, in whole units (Stripe meters sum integers).
 """
 
@@ -38,16 +42,26 @@ log = get_logger("tally.stripe")
 STRIPE_WINDOW = timedelta(days=35)
 MARGIN = timedelta(hours=1)  # do not race the edge of Stripe's window
 MAX_BACKOFF = timedelta(minutes=30)
+CANCEL_WINDOW = timedelta(hours=24)  # Stripe cancels a meter event this long after taking it
 
 _ENQUEUE = """
     WITH changed AS (
         SELECT u.customer, u.meter, u.day, floor(u.value) AS quantity,
                floor(u.value) - coalesce(q.quantity, 0) AS delta,
                coalesce(q.revision, 0) + 1 AS revision,
-               least(u.day + interval '1 day' - interval '1 second', now()) AS event_at
+               least(u.day + interval '1 day' - interval '1 second', now()) AS event_at,
+               coalesce(s.recent, false) AS recent, s.ids
         FROM usage_daily u
         LEFT JOIN stripe_usage_queued q
             ON q.customer_id = u.customer AND q.meter = u.meter AND q.day = u.day
+        LEFT JOIN LATERAL (
+            SELECT array_agg(o.identifier ORDER BY o.revision) AS ids,
+                   bool_and(o.state = 'sent' AND o.sent_at > now() - %(cancel_window)s)
+                       AS recent
+            FROM stripe_outbox o
+            WHERE o.customer_id = u.customer AND o.meter = u.meter AND o.day = u.day
+              AND o.state IN ('sent', 'pending')
+        ) s ON floor(u.value) < coalesce(q.quantity, 0)
         WHERE u.group_key = '*' AND u.meter = ANY(%(meters)s)
           AND floor(u.value) <> coalesce(q.quantity, 0)
     ), queued AS (
@@ -57,11 +71,13 @@ _ENQUEUE = """
             SET quantity = excluded.quantity, revision = excluded.revision
     )
     INSERT INTO stripe_outbox (identifier, customer_id, meter, day, revision, quantity,
-                               event_at, state)
+                               event_at, state, cancels)
     SELECT 'tally:' || customer || ':' || meter || ':' || day || ':' || revision,
-           customer, meter, day, revision, delta, event_at,
-           CASE WHEN delta < 0 OR event_at < now() - %(window)s THEN 'adjustment'
-                ELSE 'pending' END
+           customer, meter, day, revision,
+           CASE WHEN delta < 0 AND recent THEN quantity ELSE delta END, event_at,
+           CASE WHEN event_at < now() - %(window)s OR (delta < 0 AND NOT recent)
+                THEN 'adjustment' ELSE 'pending' END,
+           CASE WHEN delta < 0 AND recent THEN ids ELSE '{}' END
     FROM changed
 """
 
@@ -70,7 +86,14 @@ async def enqueue(pool: AsyncConnectionPool) -> int:
     """Queue every change of daily usage since the last call; returns the rows queued."""
     async with pool.connection() as conn:
         meters = [m.name for m in await catalog.meters(conn) if m.aggregation in ADDITIVE]
-        cur = await conn.execute(_ENQUEUE, {"meters": meters, "window": STRIPE_WINDOW - MARGIN})
+        cur = await conn.execute(
+            _ENQUEUE,
+            {
+                "meters": meters,
+                "window": STRIPE_WINDOW - MARGIN,
+                "cancel_window": CANCEL_WINDOW - MARGIN,
+            },
+        )
         return cur.rowcount
 
 
@@ -83,11 +106,13 @@ class Queued:
     quantity: int
     event_at: datetime
     attempts: int
+    cancels: tuple[str, ...] = ()  # identifiers Stripe must cancel before this is sent
 
 
 @dataclass(slots=True)
 class PushReport:
     sent: int = 0
+    cancelled: int = 0
     retrying: int = 0
     adjustments: int = 0
     failed: int = 0
@@ -137,12 +162,36 @@ class MeterPusher:
                 await _settle(conn, row, "failed", "no Tally customer with this id")
                 report.failed += 1
                 continue
+            if row.cancels and not await self._cancel(conn, row, report):
+                continue
             ready.append((row, _event(row, customers[row.customer])))
         if self._stream:
             await self._send_stream(conn, ready, report)
         else:
             for row, event in ready:
                 await self._send_one(conn, row, event, report)
+
+    async def _cancel(self, conn: AsyncConnection, row: Queued, report: PushReport) -> bool:
+        """Cancel the events ``row`` replaces; False when Stripe would not (the row is
+        then settled or retried as a refusal of the event itself would be)."""
+        name = stripe_client.event_name(row.meter)
+        for identifier in row.cancels:
+            params: Any = {
+                "event_name": name,
+                "type": "cancel",
+                "cancel": {"identifier": identifier},
+            }
+            try:
+                await asyncio.to_thread(self._api.v1.billing.meter_event_adjustments.create, params)
+            except stripe.StripeError as exc:
+                if "already" not in str(exc.user_message or exc):  # cancelled before a crash
+                    await _failed(conn, row, exc, report)
+                    return False
+            await conn.execute(
+                "UPDATE stripe_outbox SET state = 'cancelled' WHERE identifier = %s", (identifier,)
+            )
+            report.cancelled += 1
+        return True
 
     async def _send_one(
         self, conn: AsyncConnection, row: Queued, event: dict[str, Any], report: PushReport
@@ -182,12 +231,15 @@ class MeterPusher:
 
 async def _due(conn: AsyncConnection, limit: int) -> list[Queued]:
     cur = await conn.execute(
-        "SELECT id, identifier, customer_id, meter, quantity, event_at, attempts"
+        "SELECT id, identifier, customer_id, meter, quantity, event_at, attempts, cancels"
         " FROM stripe_outbox WHERE state = 'pending' AND next_attempt_at <= now()"
         " ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
         (limit,),
     )
-    return [Queued(r[0], r[1], r[2], r[3], int(r[4]), r[5], r[6]) for r in await cur.fetchall()]
+    return [
+        Queued(r[0], r[1], r[2], r[3], int(r[4]), r[5], r[6], tuple(r[7]))
+        for r in await cur.fetchall()
+    ]
 
 
 def _event(row: Queued, stripe_customer: str) -> dict[str, Any]:
