@@ -32,7 +32,7 @@ def event(
 
 
 async def cells(pool: AsyncConnectionPool, table: str, customer: str) -> dict[Cell, Decimal]:
-    column = "day" if table == "usage_daily" else "month"
+    column = {"usage_daily": "day", "usage_monthly": "month", "usage_hourly": "hour"}[table]
     async with pool.connection() as conn:
         cur = await conn.execute(
             f"SELECT meter, {column}, group_key, value FROM {table} WHERE customer = %s",
@@ -77,6 +77,12 @@ async def test_days_and_months_per_aggregation(
     monthly = await cells(pool, "usage_monthly", customer)
     assert monthly[(customer, "api_calls", date(2026, 10, 1), "*")] == 1
     assert monthly[(customer, "api_calls", date(2026, 11, 1), "*")] == 2
+    hourly = await cells(pool, "usage_hourly", customer)
+    eleven_pm, midnight = day1.replace(minute=0), day2.replace(minute=0)
+    assert hourly[(customer, "api_calls", eleven_pm, '["/x"]')] == 1
+    assert hourly[(customer, "api_calls", midnight, "*")] == 2
+    assert hourly[(customer, "storage_gb", eleven_pm, "*")] == 7
+    assert len(hourly) == 8  # as many as the days: each day's events fall in one hour
 
 
 async def test_rerunning_changes_nothing_and_a_late_event_corrects_its_day(

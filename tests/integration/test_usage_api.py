@@ -223,7 +223,11 @@ async def test_meters_are_listed(api: httpx.AsyncClient) -> None:
             "limit",
             "only with order_by",
         ),
-        ({"meter": "api_calls", "tz": "Europe/Paris"}, "query.tz", "Extra inputs"),
+        ({"meter": "api_calls", "tz": "Mars/Olympus_Mons"}, "tz", "unknown time zone"),
+        ({"meter": "api_calls", "tz": "../../etc/passwd"}, "tz", "unknown time zone"),
+        ({"meter": "api_calls", "tz": "Asia/Kolkata"}, "tz", "UTC+05:30"),
+        ({"meter": "api_calls", "tz": "Asia/Kolkata", "window": "hour"}, "tz", "whole number"),
+        ({"meter": "active_users", "tz": "Europe/Paris"}, "tz", "UTC only"),
         ({"meter": "api_calls", "groupby": "endpoint"}, "query.groupby", "Extra inputs"),
     ],
 )

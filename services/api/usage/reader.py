@@ -9,11 +9,14 @@ and live ones Redis has lost, after a flush — come from the ``usage_daily`` /
 from __future__ import annotations
 
 import functools
+from bisect import bisect_right
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, time
 from decimal import Decimal
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
@@ -22,6 +25,7 @@ from schemas import lua, redis_keys
 from schemas.catalog import Aggregation, Meter
 from schemas.events import VALUE_SCALE, from_micros
 from schemas.windows import RETENTION, Window, buckets, next_bucket, start_id
+from services.api.usage import zones
 
 MAX_BUCKETS = 2000
 READ_BUCKETS = lua.source("read_buckets")
@@ -92,6 +96,10 @@ def group_names(meter: Meter, field: str) -> dict[str, str]:
     return dict(zip(meter.group_names, redis_keys.parse_group(field), strict=True))
 
 
+def _hour_floor(moment: datetime) -> datetime:
+    return moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
 def _values(micros: dict[str, int]) -> dict[str, Decimal]:
     return {field: from_micros(value) for field, value in micros.items()}
 
@@ -135,6 +143,71 @@ class UsageReader:
             missing = [s for s in starts if s not in found]
             found |= await self._from_rollups(customer, meter, window, missing, grouped)
         return Cells(starts, ends, found)
+
+    async def read_zoned(
+        self,
+        customer: str,
+        meter: Meter,
+        window: Window,
+        start: datetime,
+        end: datetime,
+        grouped: bool,
+        now: datetime,
+        tz: ZoneInfo,
+    ) -> Cells:
+        """Local days or months of ``tz`` (``zones``), composed of UTC hours: live ones
+        from Redis, older ones — and any Redis has lost — from ``usage_hourly``."""
+        bounds = zones.local_buckets(window, start, end, tz)
+        first, stop = bounds[0].astimezone(UTC), bounds[-1].astimezone(UTC)
+        cutoff = max(first, _hour_floor(now - RETENTION[Window.HOUR]) + zones.HOUR)
+        live = list(zones.hours(cutoff, stop))
+        held = await self._from_redis(customer, meter, Window.HOUR, live, grouped)
+        missing = [hour for hour in live if hour not in held]
+        parts: dict[datetime, dict[str, list[Decimal]]] = defaultdict(lambda: defaultdict(list))
+        edges = [b.astimezone(UTC) for b in bounds]
+        for hour, cells in held.items():
+            bucket = bounds[bisect_right(edges, hour) - 1]
+            for field, value in cells.items():
+                parts[bucket][field].append(value)
+        span = (first, min(cutoff, stop))
+        rolled = await self._hourly(customer, meter, window, tz, span, missing, grouped)
+        for (bucket, field), value in rolled.items():
+            parts[bucket][field].append(value)
+        found = {
+            bucket: {
+                field: zones.fold(meter.aggregation, values) for field, values in cells.items()
+            }
+            for bucket, cells in parts.items()
+        }
+        return Cells(bounds[:-1], bounds[1:], found)
+
+    async def _hourly(
+        self,
+        customer: str,
+        meter: Meter,
+        window: Window,
+        tz: ZoneInfo,
+        span: tuple[datetime, datetime],
+        missing: Sequence[datetime],
+        grouped: bool,
+    ) -> dict[tuple[datetime, str], Decimal]:
+        """Rolled-up hours of [span) and the ``missing`` ones, folded per local bucket
+        by PostgreSQL, which knows every zone's rules."""
+        fold = {Aggregation.MAX: "max", Aggregation.MIN: "min"}.get(meter.aggregation, "sum")
+        unit = "month" if window is Window.MONTH else "day"
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                f"SELECT date_trunc(%s, hour AT TIME ZONE %s), group_key, {fold}(value)"
+                " FROM usage_hourly WHERE customer = %s AND meter = %s"
+                " AND ((hour >= %s AND hour < %s) OR hour = ANY(%s))"
+                " AND (group_key = '*') = %s GROUP BY 1, 2",
+                (unit, tz.key, customer, meter.name, *span, list(missing), not grouped),
+            )
+            rows = await cur.fetchall()
+        return {
+            (local.replace(tzinfo=tz), key): value.normalize() + Decimal(0)
+            for local, key, value in rows
+        }
 
     async def _from_redis(
         self, customer: str, meter: Meter, window: Window, starts: Sequence[datetime], grouped: bool

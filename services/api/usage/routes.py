@@ -6,6 +6,7 @@ import re
 from datetime import UTC, datetime, timedelta
 from itertools import islice
 from typing import Annotated, Any
+from zoneinfo import ZoneInfo
 
 import orjson
 from fastapi import APIRouter, Path, Query, Request, Response
@@ -20,7 +21,7 @@ from schemas.events import CUSTOMER_ID_PATTERN, utcnow
 from schemas.problem_types import INVALID_PARAMETER
 from schemas.text import control_character
 from schemas.windows import RETENTION, Window, buckets
-from services.api.usage import ranking
+from services.api.usage import ranking, zones
 from services.api.usage.reader import MAX_BUCKETS, UsageReader, as_json
 from services.common.auth import Authenticator, address, credential
 from services.common.meter_cache import MeterCache, MeterIndex
@@ -65,6 +66,7 @@ class UsageSeries(BaseModel):
     from_: Timestamp = Field(alias="from")
     to: Timestamp
     group_by: list[str]
+    tz: str = Field(description="The time zone of the buckets.")
     data: list[UsagePoint] = Field(
         description="One point per window (per window and group, grouped), oldest first."
     )
@@ -76,7 +78,7 @@ class UsageSeries(BaseModel):
 class UsageQuery(BaseModel):
     """The usage read's query parameters: one model, so the hot path and the documented
     route validate them alike.  Unknown parameters are refused, named: a misspelt
-    ``group_by`` or a ``tz`` this version does not serve must not pass as the default."""
+    ``group_by`` must not pass as the default."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=False)
 
@@ -97,6 +99,12 @@ class UsageQuery(BaseModel):
         description=f"With order_by: how many groups, 1 to {ranking.MAX_LIMIT}"
         f" (default {DEFAULT_LIMIT})",
         json_schema_extra={"type": "integer"},
+    )
+    tz: str | None = Field(
+        None,
+        description="IANA time zone of the day and month buckets (default UTC), e.g."
+        " America/New_York: a local day may last 23 or 25 hours. Whole-hour zones only;"
+        " sum, count, max and min meters.",
     )
 
 
@@ -146,7 +154,16 @@ class Usage:
                 f"meter {found.name!r} averages: an average over several buckets needs their"
                 " counts, which are not kept; rank a sum or count meter instead",
             )
-        cells = await self.reader.read(customer, found, window, start, end, grouped, now)
+        tz = _zone(found, window, query.tz, start, end)
+        if tz is None:
+            cells = await self.reader.read(customer, found, window, start, end, grouped, now)
+        else:
+            try:
+                cells = await self.reader.read_zoned(
+                    customer, found, window, start, end, grouped, now, tz
+                )
+            except zones.ZoneError as exc:
+                raise _invalid("tz", str(exc)) from None
         series: dict[str, Any] = {
             "customer": customer,
             "meter": found.name,
@@ -155,6 +172,7 @@ class Usage:
             "from": start.isoformat(),
             "to": end.isoformat(),
             "group_by": list(found.group_names) if grouped else [],
+            "tz": tz.key if tz is not None else "UTC",
         }
         if top is None:
             points = cells.points(found, grouped)
@@ -213,6 +231,29 @@ def _aware(field: str, moment: datetime) -> datetime:
     if not EARLIEST <= moment <= LATEST:
         raise _invalid(field, f"must lie between {EARLIEST:%Y} and {LATEST:%Y}")
     return moment
+
+
+def _zone(
+    meter: Meter, window: Window, name: str | None, start: datetime, end: datetime
+) -> ZoneInfo | None:
+    """The zone day and month buckets are read in; None for UTC.  Minute and hour
+    buckets are the same instants in every whole-hour zone: they are read as they are."""
+    if name is None:
+        return None
+    try:
+        tz = zones.zone(name)
+        if tz is not None and window in (Window.MINUTE, Window.HOUR):
+            zones.local_buckets(Window.DAY, start, end, tz)  # refuses a :30 or :45 zone
+            return None
+    except zones.ZoneError as exc:
+        raise _invalid("tz", str(exc)) from None
+    if tz is not None and meter.aggregation not in zones.COMPOSABLE:
+        raise _invalid(
+            "tz",
+            f"meter {meter.name!r} aggregates with {meter.aggregation}: it does not compose"
+            " from hours, so its days and months are served in UTC only",
+        )
+    return tz
 
 
 def _check_range(window: Window, start: datetime, end: datetime, now: datetime) -> None:

@@ -1,7 +1,10 @@
-"""Rolling raw events up from ClickHouse into ``usage_daily`` and ``usage_monthly``.
+"""Rolling raw events up from ClickHouse into ``usage_hourly``, ``usage_daily`` and
+``usage_monthly``.
 
-A rollup recomputes whole (customer, day) and (customer, month) cells from the
-deduplicated raw events (``FINAL``) and replaces them in one transaction, so it is
+A rollup recomputes whole (customer, day) and (customer, month) cells — a day's cell
+holds its UTC hours too, which usage read in another time zone composes into local
+days — from the deduplicated raw events (``FINAL``) and replaces them in one transaction,
+so it is
 idempotent and can be rerun for any range.  Each row records the ``stored_at``
 watermark it covers: events stored up to then are in it.  The incremental pass asks
 ClickHouse which cells gained events since the last watermark — that is how an event
@@ -29,6 +32,7 @@ from services.common import catalog, metrics
 from services.common.clickhouse import ClickHouse
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+ONE_DAY = timedelta(days=1)
 _TS = "DateTime64(6, 'UTC')"
 
 
@@ -42,6 +46,7 @@ class Grain:
     column: str
 
 
+HOUR = Grain("hour", "toStartOfHour(time)", "usage_hourly", "hour")
 DAY = Grain("day", "toDate(time)", "usage_daily", "day")
 MONTH = Grain("month", "toStartOfMonth(time)", "usage_monthly", "month")
 
@@ -50,7 +55,7 @@ MONTH = Grain("month", "toStartOfMonth(time)", "usage_monthly", "month")
 class Row:
     customer: str
     meter: str
-    bucket: date
+    bucket: date  # an hour's row: its start, a datetime
     group_key: str
     groups: dict[str, str]
     value: Decimal
@@ -121,14 +126,17 @@ class Rollup:
             days = sorted({d for _, d in cells})
             months = sorted({d.replace(day=1) for d in days})
             customers = sorted({c for c, _ in cells})
+            hourly = await self._aggregate(HOUR, meters, customers, days, watermark)
             daily = await self._aggregate(DAY, meters, customers, days, watermark)
             monthly = await self._aggregate(MONTH, meters, customers, months, watermark)
             month_cells = {(c, d.replace(day=1)) for c, d in cells}
+            hourly = [r for r in hourly if (r.customer, _day_of(r.bucket)) in cells]
             daily = [r for r in daily if (r.customer, r.bucket) in cells]
             monthly = [r for r in monthly if (r.customer, r.bucket) in month_cells]
+            await self._replace(HOUR, cells, hourly, watermark)
             await self._replace(DAY, cells, daily, watermark)
             await self._replace(MONTH, month_cells, monthly, watermark)
-        metrics.ROLLUP_ROWS.inc(len(daily) + len(monthly))
+        metrics.ROLLUP_ROWS.inc(len(hourly) + len(daily) + len(monthly))
         return Report(watermark, len(cells), len(daily) + len(monthly))
 
     async def _aggregate(
@@ -180,7 +188,7 @@ class Rollup:
             until=watermark,
             **built.params,
         )
-        return [_row(meter, grouped, raw) for raw in result]
+        return [_row(grain, meter, grouped, raw) for raw in result]
 
     async def _replace(
         self, grain: Grain, cells: set[tuple[str, date]], rows: Iterable[Row], watermark: datetime
@@ -188,11 +196,16 @@ class Rollup:
         by_customer: dict[str, list[date]] = defaultdict(list)
         for customer, bucket in cells:
             by_customer[customer].append(bucket)
+        if grain is HOUR:  # a day's hours
+            delete = f"DELETE FROM {grain.table} WHERE customer = %s AND hour >= %s AND hour < %s"
+            doomed: list[tuple[Any, ...]] = [
+                (c, _midnight(d), _midnight(d) + ONE_DAY) for c, d in cells
+            ]
+        else:
+            delete = f"DELETE FROM {grain.table} WHERE customer = %s AND {grain.column} = ANY(%s)"
+            doomed = list(by_customer.items())
         async with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-            await cur.executemany(
-                f"DELETE FROM {grain.table} WHERE customer = %s AND {grain.column} = ANY(%s)",
-                [(customer, buckets) for customer, buckets in by_customer.items()],
-            )
+            await cur.executemany(delete, doomed)
             await cur.executemany(
                 f"INSERT INTO {grain.table} (customer, meter, {grain.column}, group_key,"
                 " groups, value, latest_at, watermark) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
@@ -222,13 +235,13 @@ class Rollup:
         return datetime.fromisoformat(now).replace(tzinfo=UTC) - self._safety_lag
 
 
-def _row(meter: Meter, grouped: bool, raw: list[Any]) -> Row:
+def _row(grain: Grain, meter: Meter, grouped: bool, raw: list[Any]) -> Row:
     customer, bucket, value, latest, *groups = raw
     names = meter.group_names if grouped else ()
     return Row(
         customer=customer,
         meter=meter.name,
-        bucket=date.fromisoformat(bucket),
+        bucket=_hour(bucket) if grain is HOUR else date.fromisoformat(bucket),
         group_key=redis_keys.group_field(tuple(groups)),
         groups=dict(zip(names, groups, strict=True)),
         value=Decimal(value),
@@ -236,9 +249,22 @@ def _row(meter: Meter, grouped: bool, raw: list[Any]) -> Row:
     )
 
 
+def _hour(text: str) -> datetime:
+    return datetime.fromisoformat(text).replace(tzinfo=UTC)
+
+
+def _day_of(bucket: date) -> date:
+    return bucket.date() if isinstance(bucket, datetime) else bucket
+
+
+def _midnight(day: date) -> datetime:
+    return datetime.combine(day, time(), UTC)
+
+
 def _bucket_end(grain: Grain, bucket: date) -> date:
-    if grain is DAY:
-        return bucket + timedelta(days=1)
+    """The end of the last bucket asked for (an hourly rollup is asked for whole days)."""
+    if grain is not MONTH:
+        return bucket + ONE_DAY
     return (bucket.replace(day=28) + timedelta(days=4)).replace(day=1)
 
 
