@@ -48,6 +48,11 @@ async def test_more_usage_is_charged_next_time_less_is_credited(pool, tenant) ->
     assert await run.correct_finalized() == 1
     assert await run.correct_finalized() == 0  # booked once
     assert (await _invoices(pool, customer))["2025-07"] == july  # never changed
+    async with pool.connection() as conn:  # the upcoming invoice shows it too
+        upcoming = await reader.upcoming(conn, no_clickhouse, customer, at("2025-08-20"))
+    assert upcoming is not None
+    assert upcoming.invoice.lines[-1].corrects_invoice_id == july.id
+    assert upcoming.forecast.lines[-1].amount == D("2.50")
 
     await run.run(date(2025, 8, 1), now=at("2025-09-01T06:00"))  # the draft carries it
     august = (await _invoices(pool, customer))["2025-08"]

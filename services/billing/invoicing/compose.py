@@ -21,12 +21,15 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal, localcontext
 
+from pydantic import TypeAdapter
+
 from schemas.invoices import Invoice, InvoiceLine
 from schemas.plans import Plan
 from services.billing.invoicing.periods import Period
 from services.billing.rating import engine as rating
 from services.billing.rating.money import EXACT
 
+LINES = TypeAdapter(tuple[InvoiceLine, ...])  # as ``invoices.lines`` stores them (jsonb)
 FEE_STATUSES = frozenset({"active", "past_due"})
 FREE_STATUSES = frozenset({"trial"})
 

@@ -9,7 +9,8 @@ between what it rates at now and what was billed for it (the invoice's line and 
 corrections made to it before) becomes a correction line naming the corrected invoice
 and its stretch.  Their sum, in rounded line amounts so that cents add up, is
 
-- more money: a ``charge`` that the customer's next invoice carries (``carried``);
+- more money: a ``charge`` that the customer's next invoice carries
+  (``drafts.Drafter`` puts it on every draft of a later period, the upcoming one too);
 - less: a ``credit_note`` against the corrected invoice.
 
 Only usage is rated again: a fee follows the subscription history, which the past does
@@ -29,17 +30,15 @@ from decimal import Decimal
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
-from pydantic import TypeAdapter
 
 from schemas.invoices import CreditNote, InvoiceLine, LineKind
 from services.billing.invoicing import subscriptions
-from services.billing.invoicing.compose import Carried
+from services.billing.invoicing.compose import LINES
 from services.billing.invoicing.drafts import Ask, Drafter
 from services.billing.invoicing.periods import Period
 from services.common import catalog
 from services.common.clickhouse import ClickHouse
 
-LINES = TypeAdapter(tuple[InvoiceLine, ...])
 ZERO = Decimal(0)
 CHARGE, CREDIT_NOTE = "charge", "credit_note"
 Key = tuple[str, str | None, datetime, datetime]  # plan, meter, start, end
@@ -192,25 +191,6 @@ async def _record(
             Jsonb(LINES.dump_python(tuple(lines), mode="json")),
         ),
     )
-
-
-async def carried(conn: AsyncConnection, customers: Sequence[str]) -> dict[str, list[Carried]]:
-    """Each customer's charges not yet on a finalized invoice, oldest first."""
-    cur = await conn.execute(
-        "SELECT customer_id, id, period_end, lines FROM invoice_corrections"
-        " WHERE kind = 'charge' AND billed_on IS NULL AND customer_id = ANY(%s)"
-        " ORDER BY created_at, id",
-        (list(customers),),
-    )
-    found: dict[str, list[Carried]] = defaultdict(list)
-    for customer, ident, end, raw in await cur.fetchall():
-        found[customer].append(Carried(ident, end, LINES.validate_python(raw)))
-    return found
-
-
-def due(charges: Iterable[Carried], period: Period) -> tuple[Carried, ...]:
-    """The charges an invoice for ``period`` carries: those of periods ended by its start."""
-    return tuple(c for c in charges if c.period_end <= period.start)
 
 
 async def mark_billed(conn: AsyncConnection, billed: Mapping[str, Sequence[str]]) -> None:

@@ -3,7 +3,8 @@ upcoming invoice share.  One usage query serves a whole batch of customers."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
@@ -15,7 +16,7 @@ from schemas.invoices import Invoice, InvoiceLine
 from schemas.plans import Plan
 from services.billing.invoicing import compose as invoicing
 from services.billing.invoicing import period_usage
-from services.billing.invoicing.compose import Carried, Span, Stretch
+from services.billing.invoicing.compose import LINES, Carried, Span, Stretch
 from services.billing.invoicing.periods import Period, period_containing, period_in_month
 from services.billing.invoicing.subscriptions import PlanBook, Subscription
 from services.common.clickhouse import ClickHouse
@@ -85,6 +86,7 @@ class Drafter:
                 (customer, s.first_day, s.end_day, tuple(plans[s.plan].prices)) for s in stretches
             ]
         found = await period_usage.quantities(conn, self._clickhouse, self._meters, wanted)
+        waiting = await _carried(conn, [ask.subscription.customer for ask in asks])
         drafts = []
         for ask, (plans, fees, stretches), offset in zip(asks, shapes, offsets, strict=True):
             mine = {
@@ -93,7 +95,8 @@ class Drafter:
                 for meter in plans[stretch.plan].prices
                 if (offset + i, meter) in found
             }
-            drafts.append(Draft(ask, plans, fees, stretches, mine))
+            due = _due(waiting.get(ask.subscription.customer, ()), ask.period)
+            drafts.append(Draft(ask, plans, fees, stretches, mine, due))
         return drafts
 
     def plan_at(self, subscription: Subscription, instant: datetime) -> Plan:
@@ -112,3 +115,22 @@ class Drafter:
         fees = invoicing.fee_stretches(ask.period, states, ask.until)
         stretches = invoicing.usage_stretches(ask.period, states, ask.until)
         return plans, fees, stretches
+
+
+async def _carried(conn: AsyncConnection, customers: Sequence[str]) -> dict[str, list[Carried]]:
+    """Each customer's charges not yet on a finalized invoice, oldest first."""
+    cur = await conn.execute(
+        "SELECT customer_id, id, period_end, lines FROM invoice_corrections"
+        " WHERE kind = 'charge' AND billed_on IS NULL AND customer_id = ANY(%s)"
+        " ORDER BY created_at, id",
+        (list(customers),),
+    )
+    found: dict[str, list[Carried]] = defaultdict(list)
+    for customer, ident, end, raw in await cur.fetchall():
+        found[customer].append(Carried(ident, end, LINES.validate_python(raw)))
+    return found
+
+
+def _due(charges: Iterable[Carried], period: Period) -> tuple[Carried, ...]:
+    """The charges an invoice for ``period`` carries: those of periods ended by its start."""
+    return tuple(c for c in charges if c.period_end <= period.start)

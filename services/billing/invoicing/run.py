@@ -15,7 +15,6 @@ hold every event stored by then, or at once with ``finalize=True``.
 
 from __future__ import annotations
 
-import dataclasses
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,11 +23,11 @@ from datetime import UTC, date, datetime, timedelta
 from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
-from pydantic import TypeAdapter
 from redis.asyncio import Redis
 
-from schemas.invoices import InvoiceLine, InvoiceStatus
+from schemas.invoices import InvoiceStatus
 from services.billing.invoicing import corrections, finalized, subscriptions
+from services.billing.invoicing.compose import LINES
 from services.billing.invoicing.drafts import Ask, Draft, Drafter
 from services.billing.invoicing.mirror import InvoiceMirror
 from services.billing.rollup import watermark as watermarks
@@ -38,7 +37,6 @@ from services.common.logging import get_logger
 from services.common.redis import UNREACHABLE
 
 log = get_logger("tally.billing")
-LINES = TypeAdapter(tuple[InvoiceLine, ...])
 CORRECTIONS = "corrections"  # the advisory lock's name of the corrections pass
 
 _UPSERT = (
@@ -125,7 +123,7 @@ class BillingRun:
         customers = written = skipped = 0
         while batch := await subscriptions.page(conn, cursor, self._batch):
             asks = [a for s in batch if (a := _ask(drafter, s, month, now))]
-            drafts = await _carrying(conn, await drafter.draft(conn, asks))
+            drafts = await drafter.draft(conn, asks)
             async with conn.transaction():
                 rows = await _write(conn, drafts, self._finalizes(now, complete, finalize))
                 await _bill_carried(conn, drafts, rows)
@@ -165,16 +163,6 @@ class BillingRun:
             return forced or (now >= due and complete is not None and complete >= due)
 
         return finalizes
-
-
-async def _carrying(conn: AsyncConnection, drafts: list[Draft]) -> list[Draft]:
-    """Each draft with the charges for corrected invoices it is due to carry."""
-    waiting = await corrections.carried(conn, [d.ask.subscription.customer for d in drafts])
-    carrying = []
-    for draft in drafts:
-        due = corrections.due(waiting.get(draft.ask.subscription.customer, ()), draft.ask.period)
-        carrying.append(dataclasses.replace(draft, carried=due) if due else draft)
-    return carrying
 
 
 async def _bill_carried(
