@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
 from openmeter import Client as OpenMeter
+from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from schemas import redis_keys
@@ -87,12 +89,40 @@ async def test_the_openmeter_sdk_lists_reads_and_queries_meters(
     assert folded == {"/v1/search": 5, "/v1/geocode": 4}
 
 
+async def test_windows_in_a_time_zone(served: str, pool: AsyncConnectionPool, tenant: str) -> None:
+    """``windowTimeZone`` as OpenMeter takes it: New York's days, the 23-hour one too."""
+    customer = f"{tenant}-ny"
+    first = datetime(2026, 3, 7, 5, tzinfo=UTC)  # midnight in New York
+    async with pool.connection() as conn:
+        await conn.cursor().executemany(
+            "INSERT INTO usage_hourly (customer, meter, hour, value, watermark)"
+            " VALUES (%s, 'api_calls', %s, 2, now())",
+            [(customer, first + timedelta(hours=i)) for i in range(72)],
+        )
+    client = OpenMeter(endpoint=served, token=TOKEN)
+    new_york = ZoneInfo("America/New_York")
+    result = await asyncio.to_thread(
+        client.meters.query_json,
+        "api_calls",
+        from_parameter=datetime(2026, 3, 7, tzinfo=new_york),
+        to=datetime(2026, 3, 9, tzinfo=new_york),
+        window_size="DAY",
+        window_time_zone="America/New_York",
+        subject=[customer],
+    )
+    assert [(r.window_start, r.window_end, r.value) for r in result.data] == [
+        (first, datetime(2026, 3, 8, 5, tzinfo=UTC), 48),
+        (datetime(2026, 3, 8, 5, tzinfo=UTC), datetime(2026, 3, 9, 4, tzinfo=UTC), 46),
+    ]
+
+
 @pytest.mark.parametrize(
     ("query", "status", "says"),
     [
         ("", 400, "subject: name the subjects"),
         ("?subject=a&windowSize=WEEK", 400, "windowSize: one of MINUTE, HOUR, DAY, MONTH"),
-        ("?subject=a&windowTimeZone=Europe/Paris", 400, "only UTC windows"),
+        ("?subject=a&windowTimeZone=Mars/Base", 400, "windowTimeZone: unknown time zone"),
+        ("?subject=a&windowTimeZone=Asia/Kathmandu&windowSize=DAY", 400, "UTC+05:45"),
         ("?subject=a&groupBy=model", 400, "groups by endpoint; got model"),
         ("?subject=a&from=yesterday", 400, "from: not an RFC 3339 date-time"),
         ("?subject=a&colour=blue", 400, "unknown query parameters: colour"),

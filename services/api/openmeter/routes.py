@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 from typing import Annotated, Any
+from zoneinfo import ZoneInfo
 
 import orjson
 from fastapi import APIRouter, Path, Request, Response
@@ -26,6 +27,7 @@ from schemas.problem_types import BAD_REQUEST, UNKNOWN_METER
 from schemas.windows import Window
 from services.api.catalog import meter_store
 from services.api.openmeter import shapes
+from services.api.usage import zones
 from services.api.usage.reader import UsageReader
 from services.common.auth import Authenticator, address, credential
 from services.common.meter_cache import MeterCache
@@ -87,10 +89,19 @@ class OpenMeterMeters:
     async def _subject_rows(
         self, meter: Meter, asked: _Query, subject: str
     ) -> list[dict[str, Any]]:
-        now = utcnow()
-        cells = await self._reader.read(
-            subject, meter, asked.window, asked.start, asked.end, asked.grouped, now
-        )
+        now, reader = utcnow(), self._reader
+        if asked.zone is None:
+            cells = await reader.read(
+                subject, meter, asked.window, asked.start, asked.end, asked.grouped, now
+            )
+        else:
+            try:
+                cells = await reader.read_zoned(
+                    subject, meter, asked.window, asked.start, asked.end, asked.grouped, now,
+                    asked.zone,
+                )  # fmt: skip
+            except zones.ZoneError as exc:
+                raise _bad(f"windowTimeZone: {exc}") from None
         if asked.size is not None:
             return shapes.rows(cells.points(meter, asked.grouped), subject)
         return shapes.folded(meter, cells, asked.start, asked.end, asked.grouped, subject)
@@ -107,9 +118,11 @@ class _Query:
         size: str | None,
         window: Window,
         grouped: bool,
+        zone: ZoneInfo | None = None,
     ) -> None:
         self.subjects, self.start, self.end = subjects, start, end
         self.size, self.window, self.grouped = size, window, grouped
+        self.zone = zone  # local days and months (None: UTC, or minute and hour windows)
 
     @classmethod
     def of(cls, request: Request, meter: Meter) -> _Query:
@@ -120,9 +133,7 @@ class _Query:
         subjects = params.getlist("subject")
         if not subjects:
             raise _bad("subject: name the subjects (customers) to query, e.g. ?subject=acme")
-        zone = params.get("windowTimeZone", "UTC")
-        if zone not in ("UTC", "Etc/UTC"):
-            raise _bad(f"windowTimeZone: only UTC windows are served yet; got {zone!r}")
+        zone = _zone(params.get("windowTimeZone", "UTC"), meter)
         size = params.get("windowSize")
         if size is not None and size not in shapes.WINDOW_SIZES:
             raise _bad(f"windowSize: one of {', '.join(shapes.WINDOW_SIZES)}; got {size!r}")
@@ -140,7 +151,23 @@ class _Query:
             names = ", ".join(meter.group_names) or "(none)"
             raise _bad(f"groupBy: meter {meter.name!r} groups by {names}; got {', '.join(groups)}")
         window = shapes.WINDOW_SIZES[size] if size else Window.DAY
-        return cls(subjects, start, end, size, window, bool(groups))
+        if window not in (Window.DAY, Window.MONTH):
+            zone = None  # minutes and hours are the same instants in a whole-hour zone
+        return cls(subjects, start, end, size, window, bool(groups), zone)
+
+
+def _zone(name: str, meter: Meter) -> ZoneInfo | None:
+    """``windowTimeZone`` as the usage API's ``tz`` (``services.api.usage.zones``)."""
+    try:
+        zone = zones.zone(name)
+    except zones.ZoneError as exc:
+        raise _bad(f"windowTimeZone: {exc}") from None
+    if zone is not None and meter.aggregation not in zones.COMPOSABLE:
+        raise _bad(
+            f"windowTimeZone: meter {meter.name!r} ({meter.aggregation.value}) does not"
+            " compose from hours; its windows are served in UTC only"
+        )
+    return zone
 
 
 def _moment(params: Any, name: str) -> datetime | None:
