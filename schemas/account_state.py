@@ -31,6 +31,7 @@ def epoch_ms(moment: datetime) -> int:
 
 
 def compile_rates(rates: tuple[RateLimit, ...]) -> list[dict[str, Any]]:
+    """Each limit for the script; ``s`` (only when scoped) its scope's letters."""
     return [
         {
             "n": r.name,
@@ -40,6 +41,7 @@ def compile_rates(rates: tuple[RateLimit, ...]) -> list[dict[str, Any]]:
             "b": r.capacity,
             "e": r.endpoint or False,
         }
+        | ({"s": r.scope_letters} if r.scope else {})
         for r in rates
     ]
 

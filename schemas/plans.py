@@ -63,6 +63,17 @@ class Algorithm(StrEnum):
     FIXED_WINDOW = "fixed_window"
 
 
+class LimitScope(StrEnum):
+    """What a rate limit counts separately, beyond the customer (always its scope)."""
+
+    KEY = "key"  # each of the customer's API keys (service tokens share one count)
+    END_USER = "end_user"  # each end user of the customer's app: `end_user` of the call
+    ENDPOINT = "endpoint"  # each endpoint called
+
+
+SCOPE_LETTERS = {LimitScope.KEY: "k", LimitScope.END_USER: "u", LimitScope.ENDPOINT: "e"}
+
+
 class RateLimit(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -76,10 +87,21 @@ class RateLimit(BaseModel):
     endpoint: str | None = Field(
         None, description="Only calls to this endpoint count against this limit."
     )
+    scope: tuple[LimitScope, ...] = Field(
+        (),
+        description="Counted separately per API key, end user and/or endpoint (combined:"
+        " [key, endpoint] is a limit for each key on each endpoint); empty: the customer"
+        " as a whole.",
+    )
 
     @property
     def capacity(self) -> int:
         return self.burst or self.limit
+
+    @property
+    def scope_letters(self) -> str:
+        """The scope as the enforcement script reads it: k, u, e in that order."""
+        return "".join(SCOPE_LETTERS[s] for s in LimitScope if s in self.scope)
 
     @model_validator(mode="after")
     def _exact(self) -> Self:
@@ -87,6 +109,8 @@ class RateLimit(BaseModel):
         # keeps its rounding below 0.1 %.
         if self.algorithm is Algorithm.GCRA and self.limit > self.per.seconds * 1000:
             raise ValueError("gcra allows at most 1000 calls per millisecond of window")
+        if len(set(self.scope)) != len(self.scope):
+            raise ValueError("scope names each of key, end_user and endpoint at most once")
         return self
 
 

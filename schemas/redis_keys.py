@@ -40,7 +40,11 @@ Enforcement state (written by the api; reservations settled by the aggregator):
 ``tally:{cust}:account``         HASH plan, status, trial_ends (ms), policies (JSON: the
                                  plan's limits compiled for the enforcement script)
 ``tally:{cust}:keys``            HASH API key id → JSON {s: scopes, x: expires (ms), r: revoked}
-``tally:{cust}:rl``              HASH rate-limit policy name → algorithm state
+``tally:{cust}:rl``              HASH rate-limit state by field ``<policy>|<algorithm>``,
+                                 then ``|k=<key id>`` and ``|e=<endpoint>`` for a
+                                 policy scoped per key and/or endpoint
+``tally:{cust}:rl:u:<digest>``   HASH the same, for one end user (policies scoped per
+                                 end user; the digest of the call's ``end_user``)
 ``tally:{cust}:resv``            HASH event digest → ``<meter>|<micro-units>`` held for it;
                                  lease id → ``<meter>|<held>|<term grant>|<term end ms>``
                                  (micro-units; see ``lua/lease.lua``)
@@ -174,6 +178,13 @@ def api_keys(customer: str) -> str:
 
 def rate_states(customer: str) -> str:
     return f"{_tag(customer)}:rl"
+
+
+def end_user_rate_states(customer: str, end_user: str) -> str:
+    """One end user's states of the customer's ``end_user``-scoped rate limits: a key
+    of its own, so an end user gone quiet expires with its states."""
+    digest = blake2b(end_user.encode(), digest_size=DIGEST_BYTES).hexdigest()
+    return f"{_tag(customer)}:rl:u:{digest}"
 
 
 def reservations(customer: str) -> str:

@@ -189,38 +189,59 @@ local function call_cost(policies, endpoint)
   return 1
 end
 
+-- Where a policy's state is filed for this call: under its name and algorithm (a policy
+-- whose algorithm changed starts afresh instead of misreading another algorithm's
+-- state), then the key and endpoint it is scoped to; a policy scoped per end user keeps
+-- its state in the end user's own hash.  `facts` = {k = key id, e = endpoint, u = end
+-- user}.  Returns the hash and the field, or nil when the call lacks the end user.
+local function rate_slot(p, facts, states_key, user_key)
+  local field = p.n .. '|' .. p.a
+  if not p.s then return states_key, field end
+  if string.find(p.s, 'k', 1, true) then field = field .. '|k=' .. facts.k end
+  if string.find(p.s, 'e', 1, true) then field = field .. '|e=' .. facts.e end
+  if string.find(p.s, 'u', 1, true) then
+    if facts.u == '' then return nil end
+    return user_key, field
+  end
+  return states_key, field
+end
+
+local function applies(p, endpoint) return not p.e or p.e == endpoint end
+
 -- Every rate limit that applies to `endpoint`, asked for `cost` tokens: the limits'
 -- reports, the index of the one refusing longest (0: none), the states to write if
--- everything is admitted, and how long the states must live.  A state is filed under
--- its policy's name and algorithm: a policy whose algorithm changed starts afresh
--- instead of misreading another algorithm's state.  The states live as long as the
--- slowest policy of the plan needs, whichever policies this call touched (an
--- endpoint's daily limit must outlive calls to other endpoints).
-local function ask_rates(policies, endpoint, cost, states_key)
+-- everything is admitted (hash -> field, state, ...), and how long the states must
+-- live: as long as the slowest policy of the plan needs, whichever policies this call
+-- touched (an endpoint's daily limit must outlive calls to other endpoints).  The
+-- fifth result names a policy scoped per end user when the call names none.
+local function ask_rates(policies, endpoint, cost, states_key, facts, user_key)
   local limits, refused, states, keep = {}, 0, {}, 0
   for _, p in ipairs(policies.rates) do
     keep = math.max(keep, 2 * p.w, p.w * math.ceil(p.b / p.l) + p.w)
-    if not p.e or p.e == endpoint then
-      local field = p.n .. '|' .. p.a
+    if applies(p, endpoint) then
+      local key, field = rate_slot(p, facts, states_key, user_key)
+      if not key then return limits, 0, {}, keep, p.n end
       local ok, remaining, reset, retry, state =
-        algorithms[p.a](p.l, p.w, p.b, redis.call('HGET', states_key, field) or false, cost)
+        algorithms[p.a](p.l, p.w, p.b, redis.call('HGET', key, field) or false, cost)
       limits[#limits + 1] = {n = p.n, k = 'rate', a = p.a, lim = p.l, w = p.w,
                              rem = remaining, reset = reset, retry = retry}
       if ok then
-        states[#states + 1] = field
-        states[#states + 1] = state
+        states[key] = states[key] or {}
+        local pending = states[key]
+        pending[#pending + 1] = field
+        pending[#pending + 1] = state
       elseif refused == 0 or retry > limits[refused].retry then
         refused = #limits
       end
     end
   end
-  return limits, refused, states, keep
+  return limits, refused, states, keep, nil
 end
 
-local function write_rates(states_key, states, keep)
-  if #states > 0 then
-    redis.call('HSET', states_key, unpack(states))
-    redis.call('PEXPIRE', states_key, keep)
+local function write_rates(states, keep)
+  for key, pending in pairs(states) do
+    redis.call('HSET', key, unpack(pending))
+    redis.call('PEXPIRE', key, keep)
   end
 end
 

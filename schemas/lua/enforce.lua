@@ -5,10 +5,12 @@
 --
 -- KEYS: 1 account  2 keys  3 rate states  4 reservations  5 reservation expiries
 --       6 held totals  7 the meter's counters for the current period
+--       8 the end user's rate states
 -- ARGV: 1 key id ('' = service token)  2 scope  3 now in µs ('' = Redis TIME)
 --       4 endpoint  5 quantity (micro-units)  6 mode (check|reserve)  7 event digest
 --       8 reservation ttl (ms)  9 meter  10 period start (ms)  11 period end (ms)
 --       12 inline policies (optional)  13 past_due grace (ms; '' = never refused)
+--       14 end user ('' = none named)
 -- mode peek decides without recording anything.
 set_clock(ARGV[3])
 
@@ -26,8 +28,10 @@ local plan, status = account[1], account[2]
 
 local policies = cjson.decode(account[4])
 local endpoint, qty, mode, digest = ARGV[4], tonumber(ARGV[5]), ARGV[6], ARGV[7]
-local limits, refused, states, keep =
-  ask_rates(policies, endpoint, call_cost(policies, endpoint), KEYS[3])
+local facts = {k = ARGV[1] ~= '' and ARGV[1] or '-', e = endpoint, u = ARGV[14] or ''}
+local limits, refused, states, keep, unnamed =
+  ask_rates(policies, endpoint, call_cost(policies, endpoint), KEYS[3], facts, KEYS[8])
+if unnamed then return answer('end_user_required', {p = plan, s = status, sp = unnamed}) end
 
 local quota = policies.quotas[ARGV[9]]
 local held_already = false
@@ -52,7 +56,7 @@ local result = {p = plan, s = status, u = policies.up, x = policies.x, l = limit
 if refused > 0 then return answer('refused', result) end
 if mode == 'peek' then return answer('ok', result) end
 
-write_rates(KEYS[3], states, keep)
+write_rates(states, keep)
 if quota and mode == 'reserve' and not held_already then
   local ttl = tonumber(ARGV[8])
   redis.call('HSET', KEYS[4], digest, ARGV[9] .. '|' .. ARGV[5])

@@ -11,7 +11,8 @@
 -- to usage as the aggregator counts them (apply_batch.lua); a return (or a renewal)
 -- frees the unspent part of the term at once; whatever is still held when the record's
 -- deadline (term end, or return, + settle window) passes is released as reservations
--- are.
+-- are.  A plan limiting the endpoint per end user is not leased ('per_request'): the
+-- holder decides those calls one by one with /v1/enforce, which names the end user.
 --
 -- KEYS: 1 account  2 keys  3 rate states  4 reservations  5 reservation expiries
 --       6 held totals  7 the meter's counters for the current period
@@ -75,10 +76,14 @@ local plan, status = account[1], account[2]
 local policies = cjson.decode(account[4])
 local endpoint = ARGV[4]
 local cost = call_cost(policies, endpoint)
+-- No end user here: a limit per end user is decided call by call (/v1/enforce).
+local facts = {k = ARGV[1] ~= '' and ARGV[1] or '-', e = endpoint, u = ''}
 local tightest = math.huge
 for _, p in ipairs(policies.rates) do
-  if not p.e or p.e == endpoint then
-    local state = redis.call('HGET', KEYS[3], p.n .. '|' .. p.a) or false
+  if applies(p, endpoint) then
+    local key, field = rate_slot(p, facts, KEYS[3], KEYS[3])
+    if not key then return refuse(answer('per_request', {p = plan, s = status, sp = p.n})) end
+    local state = redis.call('HGET', key, field) or false
     tightest = math.min(tightest, rooms[p.a](p.l, p.w, p.b, state, cost))
   end
 end
@@ -100,7 +105,7 @@ end
 -- Nothing to grant: the refusal /v1/enforce would give one call now.
 local wanted = granted > 0 and granted or 1
 local limits, refused, states, keep =
-  ask_rates(policies, endpoint, wanted * cost, KEYS[3])
+  ask_rates(policies, endpoint, wanted * cost, KEYS[3], facts, KEYS[3])
 if quota then
   local item, over = quota_limit(meter, quota, used, held, wanted * MICRO,
                                  tonumber(ARGV[10]), tonumber(ARGV[11]))
@@ -111,7 +116,7 @@ local result = {p = plan, s = status, u = policies.up, x = policies.x, l = limit
 if refused > 0 then return refuse(answer('refused', result)) end
 if granted == 0 then return redis.error_reply('lease: a room of 0 refused nothing') end
 
-write_rates(KEYS[3], states, keep)
+write_rates(states, keep)
 local hold = quota and granted * MICRO or 0
 if hold > 0 then redis.call('HINCRBY', KEYS[6], meter, int(hold)) end
 record(carried + hold, hold, now + ttl)

@@ -7,9 +7,13 @@
 -- Redis server's clock; ARGV[1] overrides it (tests only).
 --
 -- KEYS: 1 account  2 rate states  3 reservations  4 reservation expiries  5 held totals
---       6.. each meter's counters for the current period, in the order of ARGV[4..]
+--       6 the end user's rate states
+--       7.. each meter's counters for the current period, in the order of ARGV[7..]
 -- ARGV: 1 now in µs ('' = Redis TIME)  2 period start (ms)  3 period end (ms)
---       4.. the catalog's meter names
+--       4 key id ('-' = service tokens)  5 endpoint  6 end user ('' = none named)
+--       7.. the catalog's meter names
+-- A limit scoped per key, endpoint or end user is read for the ones named (one not
+-- named reads as one not seen yet: its whole limit left).
 -- The answer carries the trial's end (`e`): a trial that ran out is ended by the caller
 -- (as enforcement does) before its limits are told.
 local now_us
@@ -76,15 +80,26 @@ function algorithms.sliding_window(l, w, _, state)
   return math.max(math.floor((l * w - estimate) / w), 0), w - elapsed
 end
 
+-- enforce.lua's rate_slot (admission.lua): where a policy's state is for these facts
+local function state_of(p)
+  local field = p.n .. '|' .. p.a
+  if not p.s then return redis.call('HGET', KEYS[2], field) or false end
+  if string.find(p.s, 'k', 1, true) then field = field .. '|k=' .. ARGV[4] end
+  if string.find(p.s, 'e', 1, true) then field = field .. '|e=' .. ARGV[5] end
+  if not string.find(p.s, 'u', 1, true) then return redis.call('HGET', KEYS[2], field) or false end
+  if ARGV[6] == '' then return false end
+  return redis.call('HGET', KEYS[6], field) or false
+end
+
 local limits = {}
 for _, p in ipairs(policies.rates) do
-  local state = redis.call('HGET', KEYS[2], p.n .. '|' .. p.a) or false
+  local state = state_of(p)
   local remaining, reset = algorithms[p.a](p.l, p.w, p.b, state)
   -- token_bucket and gcra hold `burst` tokens, the windows `limit` calls
   local capacity = (p.a == 'token_bucket' or p.a == 'gcra') and p.b or p.l
   limits[#limits + 1] = {k = 'rate', n = p.n, a = p.a, lim = p.l, b = p.b, e = p.e,
-                         used = math.max(capacity - remaining, 0), rem = remaining,
-                         reset = reset, w = p.w}
+                         s = p.s or '', used = math.max(capacity - remaining, 0),
+                         rem = remaining, reset = reset, w = p.w}
 end
 
 -- enforce.lua releases at most 100 expired reservations before it counts what is held:
@@ -103,12 +118,12 @@ end
 local function int(n) return string.format('%d', n) end
 local window, reset = tonumber(ARGV[3]) - tonumber(ARGV[2]), tonumber(ARGV[3]) - now
 local counted = {}
-for i = 4, #ARGV do
+for i = 7, #ARGV do
   local meter = ARGV[i]
   local quota = policies.quotas[meter]
   if quota then
     counted[meter] = true
-    local used = tonumber(redis.call('HGET', KEYS[i + 2], '*') or '0')
+    local used = tonumber(redis.call('HGET', KEYS[i], '*') or '0')
     local held = tonumber(redis.call('HGET', KEYS[5], meter) or '0') - (released[meter] or 0)
     limits[#limits + 1] = {k = 'quota', n = 'quota:' .. meter, m = meter, lim = int(quota.l),
                            h = quota.h, used = int(used), held = int(held),

@@ -177,15 +177,17 @@ class Tally:
         endpoint: str | None = None,
         quantity: Decimal | int | str = 1,
         client_ip: str | None = None,
+        end_user: str | None = None,
     ) -> Decision:
         """May the customer use ``quantity`` of ``meter`` now?  Nothing is counted.
 
         ``client_ip`` is the end caller's address, when enforcing on their behalf: Tally
         limits requests and failed key lookups per address, and without it every caller
         of this service would share the service's own address (Tally must list this
-        host among its trusted proxies for the address to count).
+        host among its trusted proxies for the address to count).  ``end_user`` is who
+        the customer's call is for, which rate limits scoped per end user count.
         """
-        body = _enforce_body("check", customer, meter, endpoint, quantity)
+        body = _enforce_body("check", customer, meter, endpoint, quantity, end_user)
         return await self._enforce(body, key, client_ip)
 
     async def reserve(
@@ -198,12 +200,13 @@ class Tally:
         endpoint: str | None = None,
         quantity: Decimal | int | str = 1,
         client_ip: str | None = None,
+        end_user: str | None = None,
     ) -> Decision:
         """Like ``check``, but an allowed request is counted at once, so concurrent
         requests cannot all squeeze through the last unit of a limit.  The usage event
         with id ``event_id`` (emitted by this client, so with its ``source``) settles the
         reservation; without it the reservation expires."""
-        body = _enforce_body("reserve", customer, meter, endpoint, quantity)
+        body = _enforce_body("reserve", customer, meter, endpoint, quantity, end_user)
         body["event"] = {"source": self.source, "id": event_id}
         return await self._enforce(body, key, client_ip)
 
@@ -298,10 +301,13 @@ def _enforce_body(
     meter: str,
     endpoint: str | None,
     quantity: Decimal | int | str,
+    end_user: str | None = None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {"mode": mode, "meter": meter, "quantity": str(quantity)}
     if customer is not None:
         body["customer"] = customer
     if endpoint is not None:
         body["endpoint"] = endpoint
+    if end_user:
+        body["end_user"] = end_user
     return body

@@ -26,6 +26,7 @@ class Ask:
     event_id: str
     mode: Mode = "reserve"
     client_ip: str | None = None
+    end_user: str | None = None  # for rate limits scoped per end user
 
 
 class Decider(Protocol):
@@ -48,7 +49,12 @@ class RemoteDecider:
                 meter=ask.meter,
                 endpoint=ask.endpoint,
                 client_ip=ask.client_ip,
+                end_user=ask.end_user,
             )
         return await self.tally.check(
-            key=ask.key, meter=ask.meter, endpoint=ask.endpoint, client_ip=ask.client_ip
+            key=ask.key,
+            meter=ask.meter,
+            endpoint=ask.endpoint,
+            client_ip=ask.client_ip,
+            end_user=ask.end_user,
         )

@@ -14,7 +14,9 @@ full, halved when they do not or units expire unused, zero after a refusal): a r
 limit's tokens are used up when granted, so over-asking would waste them.  A refusal is
 cached for its ``Retry-After`` (at most a lease's ttl), so a refused caller costs Tally
 nothing meanwhile.  Where Tally cannot grant leases (503: no Redis; an older Tally
-without the route), calls go to ``fallback`` (``RemoteDecider``, ``/v1/enforce``).
+without the route; 409 ``lease-declined``: the plan limits each end user, which only a
+call naming its end user can count), calls go to ``fallback`` (``RemoteDecider``,
+``/v1/enforce``).
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ log = logging.getLogger("tally_sdk")
 Slot = tuple[str, str, str]  # key, meter, endpoint
 REFUSALS = frozenset({403, 429})
 UNKNOWN_LEASE = "https://tally.dev/problems/unknown-lease"
+LEASE_DECLINED = "https://tally.dev/problems/lease-declined"
+DECLINED_SECONDS = 60.0
+"""How long a slot whose lease was declined (its plan limits each end user) is decided
+call by call before a lease is asked for again: a plan change may lift the limit."""
 MAX_WANT = 10_000  # the most one lease request may ask for
 
 
@@ -224,6 +230,10 @@ class LeaseDecider:
             return False
         if status == 404 and (answer or {}).get("type") == UNKNOWN_LEASE:
             return True  # the renewed lease ended: the next request takes a new one
+        if status == 409 and (answer or {}).get("type") == LEASE_DECLINED:
+            lease.remote_until = sent + DECLINED_SECONDS  # limits per end user: per call
+            self._serve(lease, _REMOTE)
+            return False
         if status == 503 or status in (404, 405):
             self._unsupported = status != 503
             lease.remote_until = sent + 1.0

@@ -35,6 +35,7 @@ log = logging.getLogger("tally_sdk")
 DEFAULT_EXCLUDE = ("/healthz", "/docs", "/redoc", "/openapi.json")
 PROBLEMS = "https://tally.dev/problems/"
 MAX_ENDPOINT = 256  # the longest dimension value Tally stores
+MAX_END_USER = 256  # as Tally takes end_user
 MISSING_KEY = {
     "type": PROBLEMS + "unauthorized",
     "title": "Unauthorized",
@@ -56,6 +57,25 @@ needs no await (``LeaseDecider``: admitted from a held lease), else ``None``."""
 
 def raw_path(scope: Scope) -> str:
     return str(scope["path"])[:MAX_ENDPOINT]
+
+
+def client_address(scope: Scope) -> str | None:
+    """The end user of a request by default: the address it came from."""
+    client = scope.get("client")
+    return str(client[0]) if client else None
+
+
+def header(name: str) -> Callable[[Scope], str | None]:
+    """The end user as a request header names it (``end_user=header("x-user-id")``)."""
+    wanted = name.lower().encode("latin-1")
+
+    def read(scope: Scope) -> str | None:
+        for key, value in scope.get("headers") or ():
+            if key == wanted:
+                return bytes(value).decode("latin-1").strip()[:MAX_END_USER] or None
+        return None
+
+    return read
 
 
 def api_key(scope: Scope) -> str | None:
@@ -81,7 +101,9 @@ class TallyMiddleware:
 
     ``endpoint`` names the endpoint of a request, for per-endpoint policies and the
     event's ``endpoint`` dimension; the raw path by default, so map templated paths
-    (``/v1/items/42`` → ``/v1/items/{id}``) to keep that dimension small.  Paths in
+    (``/v1/items/42`` → ``/v1/items/{id}``) to keep that dimension small.  ``end_user``
+    names who a request is for, for rate limits the plan scopes per end user: the
+    client's address by default, or a header (``end_user=header("x-user-id")``).  Paths in
     ``exclude`` (and below them) pass untouched.  When Tally cannot decide — unreachable,
     a 5xx, a misconfigured meter — requests are refused with 503 unless ``fail_open``,
     which serves them unmetered: fail closed by default because an outage of Tally
@@ -98,6 +120,7 @@ class TallyMiddleware:
         event_type: str = "api_call",
         mode: Mode = "reserve",
         endpoint: Callable[[Scope], str] = raw_path,
+        end_user: Callable[[Scope], str | None] = client_address,
         exclude: Iterable[str] = DEFAULT_EXCLUDE,
         fail_open: bool = False,
         decider: Decider | None = None,
@@ -114,6 +137,7 @@ class TallyMiddleware:
         self.event_type = event_type
         self.mode = mode
         self.endpoint = endpoint
+        self.end_user = end_user
         self.exclude = tuple(p.rstrip("/") for p in exclude)
         self.fail_open = fail_open
 
@@ -133,7 +157,7 @@ class TallyMiddleware:
         ip = str(client[0]) if client else None
         decision = self._decide_now and self._decide_now(key, self.meter, endpoint, ip)
         if decision is None:  # not settled in this process at once: ask, and wait
-            ask = Ask(key, self.meter, endpoint, event_id, self.mode, ip)
+            ask = Ask(key, self.meter, endpoint, event_id, self.mode, ip, self.end_user(scope))
             decision = await self._decide(ask, scope, receive, send)
             if decision is None:
                 return  # answered already

@@ -75,6 +75,11 @@ class EnforceRequest(BaseModel):
     event: EventRef | None = Field(
         None, description="With mode=reserve: the usage event that settles the reservation."
     )
+    end_user: Annotated[str, Field(max_length=256, pattern=PRINTABLE_PATTERN)] = Field(
+        "",
+        description="Who the customer's call is for (its caller's address, a user id): the"
+        " count of rate limits scoped per end user. Required when one applies.",
+    )
 
     @field_validator("quantity")
     @classmethod
@@ -141,6 +146,7 @@ class Enforcer:
             ),
             key_id=caller.key_id,
             scope=Scope.ENFORCE.value,
+            end_user=request.end_user,
         )
         try:
             outcome = await self._decide(customer, ask)
@@ -245,6 +251,12 @@ class Enforcer:
             return Problem(
                 RESERVATION_CONFLICT,
                 "this event already holds a reservation of another meter or quantity",
+            )
+        if code is Code.END_USER_REQUIRED:
+            return invalid_field(
+                "end_user",
+                f"rate limit {outcome.policy!r} of plan {outcome.plan!r} counts each end user:"
+                " name the end user this call is for",
             )
         return unauthorized(_KEY_PROBLEMS[code])
 

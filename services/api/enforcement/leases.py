@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.api_keys import Scope
 from schemas.events import CUSTOMER_ID_PATTERN, LEASE_ID_PATTERN, utcnow
-from schemas.problem_types import ENFORCEMENT_UNAVAILABLE, UNKNOWN_LEASE
+from schemas.problem_types import ENFORCEMENT_UNAVAILABLE, LEASE_DECLINED, UNKNOWN_LEASE
 from services.api.enforcement.enforcer import Answer, Enforcer
 from services.api.enforcement.leaser import Grant, LeaseAsk, LeaseMode, Leaser, new_lease_id
 from services.api.enforcement.limiter import Code
@@ -98,6 +98,13 @@ class Leases:
         if outcome.code is Code.LEASE_METER:
             raise invalid_field(
                 "meter", f"lease {ask.lease} is a lease of meter {grant.meter!r}; renew it so"
+            )
+        if outcome.code is Code.PER_REQUEST:
+            raise Problem(
+                LEASE_DECLINED,
+                f"rate limit {outcome.policy!r} of plan {outcome.plan!r} counts each end user:"
+                " decide these calls one by one with POST /v1/enforce, naming end_user",
+                policy=outcome.policy,
             )
         if outcome.code is not Code.OK:
             raise self._enforcer.problem(customer, outcome)

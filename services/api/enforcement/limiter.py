@@ -54,6 +54,8 @@ class Code(StrEnum):
     LEASE_UNKNOWN = "lease_unknown"  # no such lease (for this customer), or settled
     LEASE_METER = "lease_meter"  # a renewal naming another meter than the lease's
     RETURNED = "returned"  # a lease given back
+    END_USER_REQUIRED = "end_user_required"  # a limit per end user, and none named
+    PER_REQUEST = "per_request"  # a lease declined: a limit per end user decides each call
 
 
 @dataclass(slots=True)
@@ -96,6 +98,7 @@ class Outcome:
     reserved: bool = False
     grace_ended_ms: int = 0  # for PAST_DUE
     legacy_headers: bool = False  # the plan asks for X-RateLimit-* too
+    policy: str = ""  # END_USER_REQUIRED, PER_REQUEST: the rate limit scoped per end user
 
     @property
     def allowed(self) -> bool:
@@ -113,6 +116,7 @@ class Ask:
     digest: bytes = b""  # the settling event's (source, id) digest, for reservations
     key_id: str = ""  # '' when a service token acts for the customer
     scope: str = "enforce"
+    end_user: str = ""  # who the customer's call is for (limits scoped per end user)
 
 
 @functools.lru_cache(maxsize=16)
@@ -144,7 +148,7 @@ class Limiter:
         self, customer: str, ask: Ask, now: datetime, clock_us: int | None = None
     ) -> Outcome:
         """``now`` picks the quota period; ``clock_us`` overrides Redis's clock (tests)."""
-        keys, (start_ms, end_ms) = decision_keys(customer, ask.meter, now)
+        keys, (start_ms, end_ms) = decision_keys(customer, ask.meter, now, ask.end_user)
         args: list[Arg] = [
             ask.key_id,
             ask.scope,
@@ -159,6 +163,7 @@ class Limiter:
             end_ms,
             "",
             self._grace,
+            ask.end_user,
         ]
         return parse(await self._script(keys, args))
 
@@ -174,7 +179,7 @@ class Limiter:
         key = redis_keys.client_ip(address)
         clock = "" if clock_us is None else clock_us
         args: list[Arg] = ["", "", clock, endpoint, 0, mode.value, "", 0, "", 0, 0, policies]
-        return parse(await self._script([key] * 7, args))
+        return parse(await self._script([key] * 8, args))
 
 
 async def run(
@@ -191,7 +196,9 @@ async def run(
     return await connection.execute(packed)
 
 
-def decision_keys(customer: str, meter: str, now: datetime) -> tuple[list[str], tuple[int, int]]:
+def decision_keys(
+    customer: str, meter: str, now: datetime, end_user: str = ""
+) -> tuple[list[str], tuple[int, int]]:
     """The keys a decision on ``meter`` reads and writes (``enforce.lua`` and
     ``lease.lua`` alike), and the quota period (start, end in ms) ``now`` falls in."""
     month, start_ms, end_ms = _period(now.year, now.month)
@@ -203,6 +210,7 @@ def decision_keys(customer: str, meter: str, now: datetime) -> tuple[list[str], 
         redis_keys.reservation_expiries(customer),
         redis_keys.held(customer),
         redis_keys.counters(customer, meter, Window.MONTH, month),
+        redis_keys.end_user_rate_states(customer, end_user),
     ]
     return keys, (start_ms, end_ms)
 
@@ -224,6 +232,7 @@ def parse_body(body: dict[str, Any]) -> Outcome:
         reserved=bool(body.get("r")),
         grace_ended_ms=body.get("g") or 0,
         legacy_headers=body.get("x") is True,
+        policy=body.get("sp") or "",
     )
 
 

@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 from schemas import lua, redis_keys
 from schemas.account_state import PLAN, POLICIES, STATUS, TRIAL_ENDS, epoch_ms
 from schemas.events import from_micros, utcnow
+from schemas.plans import SCOPE_LETTERS
 from schemas.windows import Window, bucket_id, bucket_start, next_bucket
 from services.api.accounts import projection
 from services.api.enforcement.trials import end_trial
@@ -51,6 +52,7 @@ class PolicyState:
     algorithm: str | None = None  # rate limits
     burst: int | None = None  # rate limits
     endpoint: str | None = None  # rate limits on one endpoint
+    scope: tuple[str, ...] = ()  # rate limits counted per key, end user, endpoint
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +68,19 @@ class LimitsStatus:
         return EPOCH + timedelta(milliseconds=self.now_ms)
 
 
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """Whose scoped rate limits to read: a key (''/None: service tokens), an endpoint,
+    an end user ('' none: such limits read as for one not seen yet)."""
+
+    key_id: str = ""
+    endpoint: str = ""
+    end_user: str = ""
+
+
+SCOPES = {letter: scope.value for scope, letter in SCOPE_LETTERS.items()}
+
+
 class LimitsReader:
     def __init__(self, settings: Settings, redis: Redis, pool: AsyncConnectionPool) -> None:
         self._settings = settings
@@ -75,30 +90,36 @@ class LimitsReader:
         self._meters: tuple[str, ...] = ()  # the catalog's, read again when a quota's is new
 
     async def read(
-        self, customer: str, now: datetime | None = None, clock_us: int | None = None
+        self,
+        customer: str,
+        now: datetime | None = None,
+        clock_us: int | None = None,
+        facts: Facts | None = None,
     ) -> LimitsStatus:
         """``now`` picks the quota period (default: the current UTC month, as enforcement
         has it); ``clock_us`` overrides Redis's clock (tests).  Unknown customer: 404.
 
         What a decision would put right first is put right here too — an account not
         projected yet, a trial that ran out — so the limits told are those it will use."""
-        now = now or utcnow()
-        body = await self._ask(customer, now, clock_us)
+        now, facts = now or utcnow(), facts or Facts()
+        body = await self._ask(customer, now, clock_us, facts)
         if body["c"] == "no_account":
             if not await projection.project_customer(self._redis, self._pool, customer):
                 raise unknown_customer(customer)
-            body = await self._ask(customer, now, clock_us)
+            body = await self._ask(customer, now, clock_us, facts)
         if body["c"] == "ok" and _trial_over(body):
             await end_trial(self._settings, self._redis, self._pool, customer)
-            body = await self._ask(customer, now, clock_us)
+            body = await self._ask(customer, now, clock_us, facts)
         if body["c"] == "ok" and body.get("x"):  # a quota on a meter this process never saw
             self._meters = tuple(m.name for m in await catalog.read_meters(self._pool))
-            body = await self._ask(customer, now, clock_us)
+            body = await self._ask(customer, now, clock_us, facts)
         if body["c"] != "ok" or body.get("x"):
             raise RuntimeError(f"limits of {customer} unreadable: {body}")
         return parse(body)
 
-    async def _ask(self, customer: str, now: datetime, clock_us: int | None) -> dict[str, Any]:
+    async def _ask(
+        self, customer: str, now: datetime, clock_us: int | None, facts: Facts
+    ) -> dict[str, Any]:
         month = bucket_start(Window.MONTH, now)
         keys = [
             redis_keys.account(customer),
@@ -106,13 +127,15 @@ class LimitsReader:
             redis_keys.reservations(customer),
             redis_keys.reservation_expiries(customer),
             redis_keys.held(customer),
+            redis_keys.end_user_rate_states(customer, facts.end_user),
             *(
                 redis_keys.counters(customer, meter, Window.MONTH, bucket_id(Window.MONTH, now))
                 for meter in self._meters
             ),
         ]
         period = [epoch_ms(month), epoch_ms(next_bucket(Window.MONTH, month))]
-        args = ["" if clock_us is None else clock_us, *period, *self._meters]
+        clock = "" if clock_us is None else clock_us
+        args = [clock, *period, facts.key_id or "-", facts.endpoint, facts.end_user, *self._meters]
         raw = await self._script(keys=keys, args=args)
         found: dict[str, Any] = orjson.loads(raw)
         return found
@@ -161,4 +184,5 @@ def _policy(item: dict[str, Any]) -> PolicyState:
         algorithm=item["a"],
         burst=int(item["b"]),
         endpoint=item["e"] or None,
+        scope=tuple(SCOPES[letter] for letter in item.get("s") or ""),
     )

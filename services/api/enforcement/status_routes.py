@@ -10,14 +10,15 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Path, Query, Request
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 
 from schemas.api_keys import Scope
 from schemas.events import CUSTOMER_ID_PATTERN
-from services.api.enforcement.status import LimitsReader, LimitsStatus, PolicyState
+from schemas.text import PRINTABLE_PATTERN
+from services.api.enforcement.status import Facts, LimitsReader, LimitsStatus, PolicyState
 from services.common.auth import Authenticator, address, credential
 from services.common.openapi import problem_responses
 from services.common.settings import Settings
@@ -32,6 +33,11 @@ class LimitState(BaseModel):
     kind: Literal["rate", "quota"]
     meter: str | None = Field(description="Quotas: the meter they bound")
     endpoint: str | None = Field(description="Rate limits on one endpoint only")
+    scope: list[str] | None = Field(
+        None,
+        description="Rate limits counted per key, end_user and/or endpoint: the state told"
+        " is the one of the key (the caller's own), endpoint and end_user of the query",
+    )
     algorithm: str | None = Field(description="Rate limits only")
     burst: int | None = Field(description="Rate limits: tokens held at most (token_bucket, gcra)")
     hard: bool | None = Field(description="Quotas: refused beyond the limit (else billed)")
@@ -71,11 +77,16 @@ def router(
         responses=problem_responses(401, 403, 404, 422, 429, 503),
     )
     async def limits(
-        request: Request, customer: Annotated[str, Path(pattern=CUSTOMER_ID_PATTERN)]
+        request: Request,
+        customer: Annotated[str, Path(pattern=CUSTOMER_ID_PATTERN)],
+        endpoint: Annotated[str, Query(max_length=256, pattern=PRINTABLE_PATTERN)] = "",
+        end_user: Annotated[str, Query(max_length=256, pattern=PRINTABLE_PATTERN)] = "",
     ) -> CustomerLimits:
+        """Limits scoped per key are read for the calling key (service tokens: theirs)."""
         caller = await auth.caller(credential(request), address(request))
         await auth.require(caller, customer, Scope.USAGE_READ)
-        return answer(customer, await reader.read(customer))
+        facts = Facts(caller.key_id, endpoint, end_user)
+        return answer(customer, await reader.read(customer, facts=facts))
 
     return api
 
@@ -97,6 +108,7 @@ def _state(policy: PolicyState, as_of: datetime) -> LimitState:
         kind="quota" if policy.kind == "quota" else "rate",
         meter=policy.meter,
         endpoint=policy.endpoint,
+        scope=list(policy.scope) or None,
         algorithm=policy.algorithm,
         burst=policy.burst,
         hard=policy.hard,
