@@ -168,6 +168,16 @@ def env_for(settings: Settings) -> dict[str, str]:
     return env
 
 
+def up_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """``env_for`` for ``tally up`` (its own embedded broker) rolling up every second."""
+    env = env_for(settings) | {
+        "TALLY_ROLLUP_INTERVAL_SECONDS": "1",
+        "TALLY_ROLLUP_SAFETY_LAG_SECONDS": "0.5",
+    }
+    env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
+    return env | extra
+
+
 UNWATCHED_GROUP = {"TALLY_INGEST_MAX_LAG_SECONDS": "0"}
 """For an ingest whose test moves the aggregator to a new consumer group (a full replay):
 ingest would go on watching the old group, whose lag only grows, and answer 503

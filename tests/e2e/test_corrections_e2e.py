@@ -17,7 +17,7 @@ import pytest
 
 from schemas.events import utcnow
 from services.common.settings import Settings
-from tests.conftest import env_for
+from tests.conftest import up_env
 from tests.support import TallyProcess, wait_for
 
 pytestmark = pytest.mark.slow
@@ -65,12 +65,7 @@ def _refused(client: httpx.Client, path: str, body: dict[str, Any], status: int)
 def test_a_correction_counts_once_live_and_in_rollups(
     settings: Settings, tmp_path: Path, tenant: str
 ) -> None:
-    env = env_for(settings) | {
-        "TALLY_ADMIN_TOKEN": ADMIN,
-        "TALLY_ROLLUP_INTERVAL_SECONDS": "1",
-        "TALLY_ROLLUP_SAFETY_LAG_SECONDS": "0.5",
-    }
-    env.pop("KAFKA_BOOTSTRAP_SERVERS")
+    env = up_env(settings, TALLY_ADMIN_TOKEN=ADMIN)
     customer = f"{tenant}-acme"
     path = PATH.format(customer)
     up = TallyProcess(["up"], env, tmp_path / "up.log").start()

@@ -16,7 +16,7 @@ import pytest
 
 from schemas.events import utcnow
 from services.common.settings import Settings
-from tests.conftest import env_for
+from tests.conftest import up_env
 from tests.support import TallyProcess, wait_for
 
 pytestmark = pytest.mark.slow
@@ -57,12 +57,7 @@ def _rolled(settings: Settings, customer: str, meter: str) -> Decimal | None:
 def test_a_new_meter_counts_nested_events_from_the_next_one(
     settings: Settings, tmp_path: Path, tenant: str
 ) -> None:
-    env = env_for(settings) | {
-        "TALLY_ADMIN_TOKEN": ADMIN,
-        "TALLY_ROLLUP_INTERVAL_SECONDS": "1",
-        "TALLY_ROLLUP_SAFETY_LAG_SECONDS": "0.5",
-    }
-    env.pop("KAFKA_BOOTSTRAP_SERVERS")
+    env = up_env(settings, TALLY_ADMIN_TOKEN=ADMIN)
     customer, suffix = f"{tenant}-acme", tenant.replace("-", "_")
     up = TallyProcess(["up"], env, tmp_path / "up.log").start()
     service = {"Authorization": f"Bearer {settings.service_tokens[0]}"}

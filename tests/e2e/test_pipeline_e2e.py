@@ -23,7 +23,7 @@ from schemas.events import from_micros, utcnow
 from schemas.windows import Window
 from services.common import clickhouse
 from services.common.settings import Settings
-from tests.conftest import env_for
+from tests.conftest import env_for, up_env
 from tests.support import TallyProcess, wait_for
 from tests.workload import ENDPOINTS, Key, Workload, generate, rollup_cells, stored_totals
 
@@ -34,11 +34,7 @@ METERS = ("api_calls", "compute_seconds", "storage_gb", "active_users")
 def test_ten_thousand_events_add_up_everywhere(
     settings: Settings, tmp_path: Path, tenant: str
 ) -> None:
-    env = env_for(settings) | {
-        "TALLY_ROLLUP_INTERVAL_SECONDS": "1",
-        "TALLY_ROLLUP_SAFETY_LAG_SECONDS": "0.5",
-    }
-    env.pop("KAFKA_BOOTSTRAP_SERVERS")  # `tally up` starts its own embedded broker
+    env = up_env(settings)  # `tally up` starts its own embedded broker
     up = TallyProcess(["up"], env, tmp_path / "up.log").start()
     try:
         work = generate(tenant, customers=50, events=10_000, now=utcnow())
