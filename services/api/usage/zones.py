@@ -14,32 +14,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
+from schemas import zones
 from schemas.catalog import Aggregation
 from schemas.windows import Window
 
-HOUR = timedelta(hours=1)
 COMPOSABLE = (Aggregation.SUM, Aggregation.COUNT, Aggregation.MAX, Aggregation.MIN)
-UTC_NAMES = frozenset({"UTC", "Etc/UTC", "Etc/UCT", "UCT", "Etc/Zulu", "Zulu", "Z"})
-
-
-class ZoneError(ValueError):
-    """A time zone that cannot bucket this read (its text says why)."""
-
-
-def zone(name: str) -> ZoneInfo | None:
-    """The IANA zone ``name``; None for UTC itself (the counters' own buckets)."""
-    if name in UTC_NAMES:
-        return None
-    if not name or len(name) > 64 or name.startswith(("/", ".")) or ".." in name:
-        raise ZoneError(f"unknown time zone {name!r}; use an IANA name such as Europe/Berlin")
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ZoneError(
-            f"unknown time zone {name!r}; use an IANA name such as Europe/Berlin"
-        ) from None
+HOUR = zones.HOUR
+ZoneError = zones.ZoneError
+zone = zones.zone
 
 
 def local_buckets(window: Window, start: datetime, end: datetime, tz: ZoneInfo) -> list[datetime]:
@@ -51,7 +35,7 @@ def local_buckets(window: Window, start: datetime, end: datetime, tz: ZoneInfo) 
         current = _next(window, current, tz)
         bounds.append(current)
     for bound in bounds:
-        _whole_hour(bound, tz)
+        zones.whole_hours(bound, tz)
     return bounds
 
 
@@ -85,15 +69,3 @@ def _next(window: Window, start: datetime, tz: ZoneInfo) -> datetime:
         return datetime(start.year + year, month + 1, 1, tzinfo=tz)
     following = (start.replace(tzinfo=None) + timedelta(days=1)).date()
     return datetime(following.year, following.month, following.day, tzinfo=tz)
-
-
-def _whole_hour(moment: datetime, tz: ZoneInfo) -> None:
-    offset = moment.utcoffset() or timedelta()
-    if offset % HOUR:
-        minutes = int(offset.total_seconds() // 60)
-        sign = "+" if minutes >= 0 else "-"
-        hh, mm = divmod(abs(minutes), 60)
-        raise ZoneError(
-            f"{tz.key} is UTC{sign}{hh:02d}:{mm:02d} on {moment:%Y-%m-%d}: days and months are"
-            " served in zones whose offset is a whole number of hours"
-        )
