@@ -69,6 +69,7 @@ METER_EXISTS = _define("meter-exists", 409, "Meter exists")
 METER_LOCKED = _define("meter-definition-locked", 409, "Meter has counted events")
 METER_IN_USE = _define("meter-in-use", 409, "Meter in use by plans")
 CORRECTION_CONFLICT = _define("correction-conflict", 409, "Correction id reused")
+TIMEZONE_LOCKED = _define("timezone-locked", 409, "Billing time zone locked by invoices")
 LEASE_DECLINED = _define("lease-declined", 409, "Lease declined: decide per request")
 # 413, 415: too much, or the wrong kind
 PAYLOAD_TOO_LARGE = _define("payload-too-large", 413, "Payload too large")

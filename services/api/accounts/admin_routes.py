@@ -10,11 +10,12 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request
-from pydantic import BaseModel, ConfigDict, EmailStr, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field
 
+from schemas import zones
 from schemas.events import CUSTOMER_ID_PATTERN
 from schemas.notifications import moment
-from schemas.problem_types import CUSTOMER_EXISTS
+from schemas.problem_types import CUSTOMER_EXISTS, TIMEZONE_LOCKED
 from schemas.text import PRINTABLE_PATTERN
 from services.api.accounts import store as accounts
 from services.api.accounts.service import (
@@ -39,6 +40,24 @@ IdPath = Annotated[str, Path(pattern=PRINTABLE_PATTERN)]
 """Ids in paths: control characters are refused by name (``schemas.text``)."""
 
 
+def _billing_zone(name: str) -> str:
+    try:
+        return zones.billing_zone(name)
+    except zones.ZoneError as exc:
+        raise ValueError(str(exc)) from None
+
+
+BillingZone = Annotated[
+    str,
+    Field(
+        max_length=64,
+        description="IANA time zone whose offset is a whole number of hours: where the"
+        " customer's billing periods start (local midnight); UTC by default",
+    ),
+    AfterValidator(_billing_zone),
+]
+
+
 class NewCustomer(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -49,6 +68,7 @@ class NewCustomer(BaseModel):
     company: Annotated[str, Field(max_length=200, pattern=PRINTABLE_PATTERN)] = ""
     plan: str = "free"
     issue_key: bool = True
+    timezone: BillingZone = "UTC"
 
 
 class CustomerChange(BaseModel):
@@ -56,6 +76,9 @@ class CustomerChange(BaseModel):
 
     plan: str | None = None
     status: Status | None = None
+    timezone: BillingZone | None = Field(
+        None, description="Until the customer's first invoice: its periods move with it."
+    )
 
 
 class CustomerList(BaseModel):
@@ -77,6 +100,17 @@ class AuditEntry(BaseModel):
 
 class AuditLog(BaseModel):
     entries: list[AuditEntry]
+
+
+async def _set_timezone(conn: Any, customer_id: str, timezone: str) -> None:
+    try:
+        await accounts.set_timezone(conn, customer_id, timezone, ACTOR)
+    except accounts.Invoiced:
+        raise Problem(
+            TIMEZONE_LOCKED,
+            f"{customer_id!r} has invoices: a new billing time zone would move periods"
+            " already billed",
+        ) from None
 
 
 def admin_api(service: Accounts) -> APIRouter:
@@ -124,7 +158,13 @@ def router(service: Accounts) -> APIRouter:
                 if await accounts.get_customer(conn, body.id):
                     raise Problem(CUSTOMER_EXISTS, f"{body.id!r} exists")
         return await service.open_account(
-            body.email, body.company, plan, ACTOR, customer_id=body.id, with_key=body.issue_key
+            body.email,
+            body.company,
+            plan,
+            ACTOR,
+            customer_id=body.id,
+            with_key=body.issue_key,
+            timezone=body.timezone,
         )
 
     @api.get(
@@ -140,14 +180,16 @@ def router(service: Accounts) -> APIRouter:
 
     @api.patch(
         "/customers/{customer_id}",
-        summary="Change plan or status; applies at once",
-        responses=problem_responses(404, 422),
+        summary="Change plan, status or (until the first invoice) billing time zone",
+        responses=problem_responses(404, 409, 422),
     )
     async def change_customer(customer_id: CustomerPath, body: CustomerChange) -> Customer:
         await service.customer(customer_id)
         plan = await service.plan(body.plan) if body.plan else None
         changed = None
         async with pool.connection() as conn:
+            if body.timezone is not None:
+                await _set_timezone(conn, customer_id, body.timezone)
             if plan is not None:
                 changed = await accounts.change_plan(conn, customer_id, plan, ACTOR)
             if body.status is not None:

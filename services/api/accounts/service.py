@@ -142,6 +142,7 @@ class Accounts:
         *,
         customer_id: str | None = None,
         with_key: bool = True,
+        timezone: str = "UTC",
     ) -> OpenedAccount:
         """A new customer and, unless told otherwise, its first key: sign-up and the
         admin API alike."""
@@ -154,6 +155,7 @@ class Accounts:
                     plan=plan,
                     actor=actor,
                     customer_id=customer_id,
+                    timezone=timezone,
                 )
                 key = None
                 if with_key:

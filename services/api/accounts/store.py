@@ -20,7 +20,7 @@ from psycopg import AsyncConnection
 from psycopg.errors import UniqueViolation
 from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from schemas import api_keys
 from schemas.api_keys import Environment, Scope
@@ -45,6 +45,7 @@ class Customer(BaseModel):
     trial_ends_at: datetime | None
     created_at: datetime
     status_since: datetime
+    timezone: str = Field("UTC", description="Billing time zone: where periods start (IANA)")
 
 
 class ApiKey(BaseModel):
@@ -80,7 +81,7 @@ class KeyRevoked(Exception):
 
 _CUSTOMER = (
     "SELECT id, email, company, plan_id AS plan, status, trial_ends_at, created_at,"
-    " status_since FROM customers"
+    " status_since, timezone FROM customers"
 )
 _KEY = (
     "SELECT id, customer_id AS customer, prefix, last4, name, scopes, created_at,"
@@ -109,6 +110,7 @@ async def create_customer(
     plan: Plan,
     actor: str,
     customer_id: str | None = None,
+    timezone: str = "UTC",
 ) -> Customer:
     """A new customer on ``plan``, in trial when the plan offers one."""
     now = utcnow()
@@ -120,13 +122,15 @@ async def create_customer(
         raise EmailTaken(email)
     try:
         await conn.execute(
-            "INSERT INTO customers (id, email, company, plan_id, status, trial_ends_at)"
-            " VALUES (%s, %s, %s, %s, %s, %s)",
-            (cid, email, company, plan.id, status.value, trial_ends),
+            "INSERT INTO customers (id, email, company, plan_id, status, trial_ends_at,"
+            " timezone) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            (cid, email, company, plan.id, status.value, trial_ends, timezone),
         )
     except UniqueViolation as exc:  # a concurrent sign-up with the same email or id
         raise EmailTaken(email) from exc
-    await audit(conn, actor, "customer.created", cid, plan=plan.id, status=status.value)
+    await audit(
+        conn, actor, "customer.created", cid, plan=plan.id, status=status.value, timezone=timezone
+    )
     found = await get_customer(conn, cid)
     assert found is not None
     return found
@@ -153,6 +157,30 @@ async def list_customers(
 async def customers_on(conn: AsyncConnection, plan_id: str) -> list[str]:
     cur = await conn.execute("SELECT id FROM customers WHERE plan_id = %s", (plan_id,))
     return [row[0] for row in await cur.fetchall()]
+
+
+class Invoiced(Exception):
+    """The customer has invoices: its billing time zone may no longer move its periods."""
+
+
+async def set_timezone(conn: AsyncConnection, customer_id: str, timezone: str, actor: str) -> None:
+    """Move the customer's periods to ``timezone``, before its first invoice only."""
+    async with conn.transaction():
+        cur = await conn.execute(
+            "SELECT timezone, EXISTS (SELECT 1 FROM invoices WHERE customer_id = c.id)"
+            " FROM customers c WHERE id = %s FOR UPDATE",
+            (customer_id,),
+        )
+        row = await cur.fetchone()
+        if row is None or row[0] == timezone:
+            return
+        if row[1]:
+            raise Invoiced(customer_id)
+        await conn.execute(
+            "UPDATE customers SET timezone = %s, updated_at = now() WHERE id = %s",
+            (timezone, customer_id),
+        )
+        await audit(conn, actor, "customer.timezone", customer_id, before=row[0], after=timezone)
 
 
 TRIAL_END = "trial_end"
