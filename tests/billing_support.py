@@ -32,12 +32,13 @@ async def subscribe(
     since: datetime,
     status: str = "active",
     trial_ends_at: datetime | None = None,
+    timezone: str = "UTC",
 ) -> None:
     async with pool.connection() as conn:
         await conn.execute(
-            "INSERT INTO customers (id, email, plan_id, status, trial_ends_at, created_at)"
-            " VALUES (%s, %s, %s, %s, %s, %s)",
-            (customer, f"{customer}@example.com", plan, status, trial_ends_at, since),
+            "INSERT INTO customers (id, email, plan_id, status, trial_ends_at, created_at,"
+            " timezone) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            (customer, f"{customer}@example.com", plan, status, trial_ends_at, since, timezone),
         )
 
 

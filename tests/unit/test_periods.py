@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from zoneinfo import ZoneInfo
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -154,3 +155,22 @@ def test_forecast_grows_additive_meters_at_their_recent_pace() -> None:
         NOVEMBER,
     )
     assert forecast == {(0, "calls"): Decimal(300), (0, "storage"): Decimal(7)}
+
+
+NEW_YORK = ZoneInfo("America/New_York")
+
+
+def test_periods_start_at_local_midnight_and_daylight_saving_shortens_march() -> None:
+    calendar = (date(2026, 1, 10), Cycle.CALENDAR, Interval.MONTH, NEW_YORK)
+    march = period_containing(at("2026-03-15"), *calendar)
+    assert (march.start, march.end) == (at("2026-03-01T05:00"), at("2026-04-01T04:00"))
+    assert march.seconds == 743 * 3600 and march.label == "2026-03"
+    # 1 March 03:00 UTC is still February in New York
+    february = period_containing(at("2026-03-01T03:00"), *calendar)
+    assert february.end == march.start and february.label == "2026-02"
+    october = period_in_month(
+        date(2026, 10, 1), date(2026, 1, 10), Cycle.ANNIVERSARY, Interval.MONTH, NEW_YORK
+    )
+    assert october is not None  # clocks fall back on 1 November: an hour longer
+    assert (october.start, october.end) == (at("2026-10-10T04:00"), at("2026-11-10T05:00"))
+    assert october.seconds == (31 * 24 + 1) * 3600

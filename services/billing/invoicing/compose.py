@@ -7,8 +7,9 @@ How a period is split when the plan or status changes inside it:
 
 - The recurring fee accrues by the second while the account is ``active`` or
   ``past_due``, under the plan of the moment: one prorated line per plan.
-- Usage is rolled up per UTC day, so a day's usage belongs to the plan and status in
-  effect at the end of that day.  Days that end in a trial are not charged.  Each
+- Usage is rated per day — a day of the customer's billing time zone, UTC unless it has
+  one — so a day's usage belongs to the plan and status in effect at the end of that
+  day.  Days that end in a trial are not charged.  Each
   unbroken stretch of days on one plan is rated on its own, with that plan's full
   included units and tiers — as Stripe rates a price's usage when the price changes
   mid-period.
@@ -20,12 +21,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal, localcontext
+from zoneinfo import ZoneInfo
 
 from pydantic import TypeAdapter
 
 from schemas.invoices import Invoice, InvoiceLine
 from schemas.plans import Plan
-from services.billing.invoicing.periods import Period
+from services.billing.invoicing.periods import UTC_ZONE, Period
 from services.billing.rating import engine as rating
 from services.billing.rating.money import EXACT
 
@@ -54,19 +56,20 @@ class Span:
 
 @dataclass(frozen=True, slots=True)
 class Stretch:
-    """The UTC days [first_day, end_day) whose usage is rated under one plan."""
+    """The days [first_day, end_day) of ``tz`` whose usage is rated under one plan."""
 
     plan: str
     first_day: date
     end_day: date
+    tz: ZoneInfo = UTC_ZONE
 
     @property
     def start(self) -> datetime:
-        return midnight(self.first_day)
+        return midnight(self.first_day, self.tz)
 
     @property
     def end(self) -> datetime:
-        return midnight(self.end_day)
+        return midnight(self.end_day, self.tz)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,15 +100,17 @@ def fee_stretches(period: Period, states: Sequence[State], until: datetime) -> l
 
 def usage_stretches(period: Period, states: Sequence[State], until: datetime) -> list[Stretch]:
     """The days whose usage is charged, grouped into unbroken stretches per plan."""
-    last_day = ceil_day(until)
+    tz = period.tz
+    last_day = ceil_day(until, tz)
     merged: list[Stretch] = []
     for state, start, end in _clip(period, states, until):
-        first_day, end_day = start.date(), last_day if end == until else end.date()
+        first_day = start.astimezone(tz).date()
+        end_day = last_day if end == until else end.astimezone(tz).date()
         if state.status in FREE_STATUSES or first_day >= end_day:
             continue
         if merged and merged[-1].plan == state.plan and merged[-1].end_day == first_day:
             first_day = merged.pop().first_day
-        merged.append(Stretch(state.plan, first_day, end_day))
+        merged.append(Stretch(state.plan, first_day, end_day, tz))
     return merged
 
 
@@ -161,11 +166,13 @@ def invoice(customer: str, period: Period, currency: str, lines: Sequence[Invoic
     )
 
 
-def midnight(day: date) -> datetime:
-    return datetime.combine(day, time(), UTC)
+def midnight(day: date, tz: ZoneInfo = UTC_ZONE) -> datetime:
+    """The start of ``day`` in ``tz`` (its offset the one in force that day), in UTC:
+    instants to subtract, never wall clocks."""
+    return datetime.combine(day, time(), tz).astimezone(UTC)
 
 
-def ceil_day(instant: datetime) -> date:
-    """The first day starting at or after ``instant``."""
-    day = instant.astimezone(UTC).date()
-    return day if midnight(day) == instant else day + timedelta(days=1)
+def ceil_day(instant: datetime, tz: ZoneInfo = UTC_ZONE) -> date:
+    """The first day of ``tz`` starting at or after ``instant``."""
+    day = instant.astimezone(tz).date()
+    return day if midnight(day, tz) == instant else day + timedelta(days=1)

@@ -47,8 +47,10 @@ class Draft:
     def lines(self) -> list[InvoiceLine]:
         anchor = self.ask.subscription.anchor
 
+        tz = self.ask.period.tz
+
         def period_of(plan: Plan, instant: datetime) -> Period:
-            return period_containing(instant, anchor, plan.cycle, plan.interval)
+            return period_containing(instant, anchor, plan.cycle, plan.interval, tz)
 
         own = invoicing.lines(self.fees, self.stretches, self.usage, self.plans, period_of)
         return own + [line for charge in self.carried for line in charge.lines]
@@ -82,9 +84,7 @@ class Drafter:
         for ask, (plans, _, stretches) in zip(asks, shapes, strict=True):
             offsets.append(len(wanted))
             customer = ask.subscription.customer
-            wanted += [
-                (customer, s.first_day, s.end_day, tuple(plans[s.plan].prices)) for s in stretches
-            ]
+            wanted += [(customer, s.start, s.end, tuple(plans[s.plan].prices)) for s in stretches]
         found = await period_usage.quantities(conn, self._clickhouse, self._meters, wanted)
         waiting = await _carried(conn, [ask.subscription.customer for ask in asks])
         drafts = []
@@ -105,8 +105,9 @@ class Drafter:
 
     def period_in(self, subscription: Subscription, month: date) -> Period | None:
         """The subscription's period starting in ``month``, shaped by the plan it had then."""
-        plan = self.plan_at(subscription, invoicing.midnight(month))
-        return period_in_month(month, subscription.anchor, plan.cycle, plan.interval)
+        tz = subscription.tz
+        plan = self.plan_at(subscription, invoicing.midnight(month, tz))
+        return period_in_month(month, subscription.anchor, plan.cycle, plan.interval, tz)
 
     def _shape(self, ask: Ask) -> tuple[dict[str, Plan], list[Span], list[Stretch]]:
         states = ask.subscription.states

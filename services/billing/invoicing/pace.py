@@ -5,8 +5,8 @@ first minute after a plan change, scaled by the 44,640 minutes of a month, forec
 million calls.  The forecast instead adds, to the usage so far, the *recent rate* times
 the time left:
 
-- the window is the last ``min(7 days, elapsed)`` of the current stretch (the UTC days
-  the rollups hold: this day and the six before it, not before the stretch or the
+- the window is the last ``min(7 days, elapsed)`` of the current stretch (days of the
+  billing time zone: this day and the six before it, not before the stretch or the
   subscription started); usage before the window counts as observed, never scaled;
 - an observed window shorter than 24 h is treated as 24 h, so an early burst is taken
   as one day's usage, not multiplied by the minutes in a month;
@@ -22,10 +22,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from decimal import Decimal, localcontext
+from zoneinfo import ZoneInfo
 
 from schemas.catalog import ADDITIVE, Aggregation
 from services.billing.invoicing.compose import Stretch, Usage, midnight
-from services.billing.invoicing.periods import Period
+from services.billing.invoicing.periods import UTC_ZONE, Period
 from services.billing.rating.money import EXACT
 
 WINDOW_DAYS = 7
@@ -42,9 +43,15 @@ METHOD = (
 class Window:
     """The recent stretch of time whose usage sets the pace."""
 
-    first_day: date  # the first UTC day whose usage counts
+    first_day: date  # the first day (of ``tz``) whose usage counts
     start: datetime  # when observation starts (the later of that day and ``since``)
     as_of: datetime
+    tz: ZoneInfo = UTC_ZONE
+
+    @property
+    def first(self) -> datetime:
+        """The start of the first day whose usage counts."""
+        return midnight(self.first_day, self.tz)
 
     @property
     def rated_seconds(self) -> Decimal:
@@ -52,10 +59,11 @@ class Window:
         return Decimal(max(self.as_of - self.start, SHORTEST).total_seconds())
 
 
-def window(since: datetime, as_of: datetime) -> Window:
+def window(since: datetime, as_of: datetime, tz: ZoneInfo = UTC_ZONE) -> Window:
     """The pace window at ``as_of`` for a stretch observed since ``since``."""
-    first = max(since.date(), as_of.date() - timedelta(days=WINDOW_DAYS - 1))
-    return Window(first, max(since, midnight(first)), as_of)
+    today = as_of.astimezone(tz).date()
+    first = max(since.astimezone(tz).date(), today - timedelta(days=WINDOW_DAYS - 1))
+    return Window(first, max(since, midnight(first, tz)), as_of, tz)
 
 
 def since(stretches: Sequence[Stretch], started: datetime) -> datetime:

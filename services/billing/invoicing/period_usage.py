@@ -1,10 +1,12 @@
-"""A billing period's usage per customer and meter, read from the daily rollups.
+"""A billing period's usage per customer and meter, read from the rollups.
 
 Sums and counts add their days up, maxima and minima take the largest and smallest day,
 ``latest`` takes the value seen last; all come from one PostgreSQL query over
-``usage_daily`` for a whole batch of customers.  Distinct counts and averages cannot be
-made of days, so those meters are asked of the raw events in ClickHouse (the rollups'
-SQL, ``meter_sql``), once per distinct range of days in the batch.
+``usage_daily`` for a whole batch of customers — over ``usage_hourly`` for the ranges
+that do not start and end at UTC midnight (a customer billed in another time zone).
+Distinct counts and averages cannot be made of days, so those meters are asked of the raw
+events in ClickHouse (the rollups' SQL, ``meter_sql``), once per distinct range in the
+batch.
 """
 
 from __future__ import annotations
@@ -12,28 +14,30 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from datetime import date
+from datetime import UTC, datetime, time
 from decimal import Decimal
 
 from psycopg import AsyncConnection
 
 from schemas.catalog import Aggregation, Meter
-from services.billing.invoicing.compose import midnight
 from services.billing.rollup.meter_sql import meter_sql
 from services.common.clickhouse import ClickHouse
 
-Wanted = tuple[str, date, date, Sequence[str]]  # customer, first day, end day, meters
+Wanted = tuple[str, datetime, datetime, Sequence[str]]  # customer, start, stop, meters
 Quantities = dict[tuple[int, str], Decimal]  # (index in the request, meter) -> quantity
 
-_DAILY = """
+_ROLLED = """
     SELECT s.idx, u.meter, sum(u.value), max(u.value),
-           (array_agg(u.value ORDER BY u.latest_at DESC NULLS LAST, u.day DESC))[1],
+           (array_agg(u.value ORDER BY u.latest_at DESC NULLS LAST, u.{column} DESC))[1],
            min(u.value)
-    FROM unnest(%s::int[], %s::text[], %s::date[], %s::date[]) AS s(idx, customer, first, stop)
-    JOIN usage_daily u ON u.customer = s.customer AND u.day >= s.first AND u.day < s.stop
+    FROM unnest(%s::int[], %s::text[], %s::{kind}[], %s::{kind}[])
+        AS s(idx, customer, first, stop)
+    JOIN {table} u ON u.customer = s.customer AND u.{column} >= s.first AND u.{column} < s.stop
     WHERE u.group_key = '*' AND u.meter = ANY(%s)
     GROUP BY s.idx, u.meter
 """
+_DAILY = _ROLLED.format(column="day", kind="date", table="usage_daily")
+_HOURLY = _ROLLED.format(column="hour", kind="timestamptz", table="usage_hourly")
 _COLUMN = {
     Aggregation.COUNT: 2,
     Aggregation.SUM: 2,
@@ -65,20 +69,32 @@ async def _from_rollups(
     rolled = [m.name for m in meters.values() if m.aggregation in _COLUMN]
     if not wanted or not rolled:
         return {}
-    columns = list(zip(*[(i, c, f, s) for i, (c, f, s, _) in enumerate(wanted)], strict=True))
-    cur = await conn.execute(_DAILY, [*map(list, columns), rolled])
+    days = [(i, c, f.date(), s.date()) for i, (c, f, s, _) in enumerate(wanted) if _days(f, s)]
+    hours = [(i, c, f, s) for i, (c, f, s, _) in enumerate(wanted) if not _days(f, s)]
     found: Quantities = {}
-    for row in await cur.fetchall():
-        index, meter = row[0], row[1]
-        if meter in wanted[index][3]:
-            found[index, meter] = row[_COLUMN[meters[meter].aggregation]]
+    for sql, asked in ((_DAILY, days), (_HOURLY, hours)):
+        if not asked:
+            continue
+        columns = list(zip(*asked, strict=True))
+        cur = await conn.execute(sql, [*map(list, columns), rolled])
+        for row in await cur.fetchall():
+            index, meter = row[0], row[1]
+            if meter in wanted[index][3]:
+                found[index, meter] = row[_COLUMN[meters[meter].aggregation]]
     return found
+
+
+def _days(start: datetime, stop: datetime) -> bool:
+    """Does [start, stop) begin and end at UTC midnight (whole rows of usage_daily)?"""
+    return all(m.astimezone(UTC).time() == time() for m in (start, stop))
 
 
 def _from_events(
     clickhouse: ClickHouse, meter: Meter, asked: Sequence[tuple[int, Wanted]]
 ) -> Quantities:
-    by_days: dict[tuple[date, date], dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    by_days: dict[tuple[datetime, datetime], dict[str, list[int]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
     for index, (customer, first, stop, _) in asked:
         by_days[first, stop][customer].append(index)
     found: Quantities = {}
@@ -93,8 +109,8 @@ def _from_events(
             {
                 **built.params,
                 "customers": list(customers),
-                "start": midnight(first).strftime("%Y-%m-%d %H:%M:%S"),
-                "stop": midnight(stop).strftime("%Y-%m-%d %H:%M:%S"),
+                "start": first.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"),
+                "stop": stop.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"),
             },
         )
         for customer, value in rows:

@@ -1,10 +1,12 @@
-"""Billing periods: where each one starts and ends, in UTC, at midnight.
+"""Billing periods: where each one starts and ends, at midnight in the customer's
+billing time zone (UTC unless it has one).
 
 A calendar cycle starts periods on the 1st of the month (or on 1 January, yearly).  An
 anniversary cycle starts them on the day of the month the subscription's anchor fell
 on — its trial end, or its start — and when that day does not exist in a month (the
 31st in April, the 29th of February) on that month's last day.  A period is named by
-the month it starts in (``2026-11``).
+the month it starts in (``2026-11``), locally.  In a zone with daylight saving time a
+period is an hour shorter or longer than its days: March in New York has 743 hours.
 """
 
 from __future__ import annotations
@@ -12,43 +14,55 @@ from __future__ import annotations
 import calendar
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
+from zoneinfo import ZoneInfo
 
 from schemas.plans import Cycle, Interval
+
+UTC_ZONE = ZoneInfo("UTC")
 
 
 @dataclass(frozen=True, slots=True)
 class Period:
+    """[start, end) in UTC (aware datetimes of one zone subtract as wall clocks: a
+    period of New York's would lose its daylight-saving hour); ``tz`` its local time."""
+
     start: datetime
     end: datetime
+    tz: ZoneInfo = UTC_ZONE
 
     @property
     def label(self) -> str:
-        return f"{self.start:%Y-%m}"
+        return f"{self.start.astimezone(self.tz):%Y-%m}"
 
     @property
     def seconds(self) -> int:
         return int((self.end - self.start).total_seconds())
 
 
-def period_in_month(month: date, anchor: date, cycle: Cycle, interval: Interval) -> Period | None:
-    """The period that starts in ``month`` (any day of it), if one does."""
+def period_in_month(
+    month: date, anchor: date, cycle: Cycle, interval: Interval, tz: ZoneInfo = UTC_ZONE
+) -> Period | None:
+    """The period that starts in ``month`` (any day of it; local), if one does."""
     months = _months(interval)
     first = _first_month(anchor, cycle, interval)
     offset = _month_index(month) - _month_index(first)
     if offset % months:
         return None
-    return _nth(first, anchor.day if cycle is Cycle.ANNIVERSARY else 1, offset, months)
+    return _nth(first, anchor.day if cycle is Cycle.ANNIVERSARY else 1, offset, months, tz)
 
 
-def period_containing(instant: datetime, anchor: date, cycle: Cycle, interval: Interval) -> Period:
+def period_containing(
+    instant: datetime, anchor: date, cycle: Cycle, interval: Interval, tz: ZoneInfo = UTC_ZONE
+) -> Period:
     """The period ``instant`` falls in (periods extend backwards before the anchor too)."""
     months = _months(interval)
     first = _first_month(anchor, cycle, interval)
     day = anchor.day if cycle is Cycle.ANNIVERSARY else 1
-    offset = (_month_index(instant.date()) - _month_index(first)) // months * months
-    period = _nth(first, day, offset, months)
+    local = instant.astimezone(tz).date()
+    offset = (_month_index(local) - _month_index(first)) // months * months
+    period = _nth(first, day, offset, months, tz)
     if instant < period.start:
-        period = _nth(first, day, offset - months, months)
+        period = _nth(first, day, offset - months, months, tz)
     return period
 
 
@@ -66,15 +80,16 @@ def months_before(day: date, months: int) -> date:
     return date(year, month + 1, 1)
 
 
-def _nth(first: date, day: int, offset: int, months: int) -> Period:
-    return Period(_start(first, day, offset), _start(first, day, offset + months))
+def _nth(first: date, day: int, offset: int, months: int, tz: ZoneInfo) -> Period:
+    return Period(_start(first, day, offset, tz), _start(first, day, offset + months, tz), tz)
 
 
-def _start(first: date, day: int, offset: int) -> datetime:
+def _start(first: date, day: int, offset: int, tz: ZoneInfo) -> datetime:
+    """Local midnight (its offset the one in force that day), in UTC."""
     index = _month_index(first) + offset
     year, month = divmod(index, 12)
     last = calendar.monthrange(year, month + 1)[1]
-    return datetime.combine(date(year, month + 1, min(day, last)), time(), UTC)
+    return datetime.combine(date(year, month + 1, min(day, last)), time(), tz).astimezone(UTC)
 
 
 def _first_month(anchor: date, cycle: Cycle, interval: Interval) -> date:

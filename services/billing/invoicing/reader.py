@@ -107,7 +107,7 @@ async def outlooks(
     (the period so far, the pace windows)."""
     plans = [drafter.plan_at(s, now) for s in batch]
     periods = [
-        period_containing(now, s.anchor, plan.cycle, plan.interval)
+        period_containing(now, s.anchor, plan.cycle, plan.interval, s.tz)
         for s, plan in zip(batch, plans, strict=True)
     ]
     drafts = await drafter.draft(
@@ -141,14 +141,15 @@ async def _recent(
     windows, wanted = [], []
     for draft in drafts:
         stretches, started = draft.stretches, draft.ask.subscription.states[0].at
-        window = pace.window(pace.since(stretches, started) if stretches else started, now)
+        since = pace.since(stretches, started) if stretches else started
+        window = pace.window(since, now, draft.ask.subscription.tz)
         windows.append(window)
         additive: list[str] = []
         if stretches:
             last = stretches[-1]
             priced = draft.plans[last.plan].prices
             additive = [m for m in priced if m in meters and meters[m].aggregation in ADDITIVE]
-        first, end = window.first_day, stretches[-1].end_day if stretches else window.first_day
+        first, end = window.first, stretches[-1].end if stretches else window.first
         wanted.append((draft.ask.subscription.customer, first, end, additive))
     found = await period_usage.quantities(conn, clickhouse, meters, wanted)
     recent: list[dict[str, Decimal]] = [{} for _ in drafts]

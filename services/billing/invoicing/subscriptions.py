@@ -9,16 +9,19 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
+from zoneinfo import ZoneInfo
 
 from psycopg import AsyncConnection
 
+from schemas import zones
 from schemas.plans import Plan
 from services.billing.invoicing.compose import State
+from services.billing.invoicing.periods import UTC_ZONE
 
 _SUBSCRIPTIONS = """
-    SELECT c.id, (coalesce(c.trial_ends_at, c.created_at) AT TIME ZONE 'UTC')::date,
+    SELECT c.id, (coalesce(c.trial_ends_at, c.created_at) AT TIME ZONE c.timezone)::date,
            array_agg(h.at ORDER BY h.at, h.seq), array_agg(h.plan_id ORDER BY h.at, h.seq),
-           array_agg(h.status ORDER BY h.at, h.seq)
+           array_agg(h.status ORDER BY h.at, h.seq), c.timezone
     FROM customers c JOIN subscription_history h ON h.customer_id = c.id
 """
 
@@ -26,8 +29,9 @@ _SUBSCRIPTIONS = """
 @dataclass(frozen=True, slots=True)
 class Subscription:
     customer: str
-    anchor: date  # the day anniversary periods count from: trial end, else sign-up
+    anchor: date  # the day anniversary periods count from: trial end, else sign-up (local)
     states: tuple[State, ...]
+    tz: ZoneInfo = UTC_ZONE  # the billing time zone: where periods start
 
     def state_at(self, instant: datetime) -> State:
         """The state in effect at ``instant`` (the first one, before the history starts)."""
@@ -42,7 +46,8 @@ class Subscription:
 async def page(conn: AsyncConnection, after: str, limit: int) -> list[Subscription]:
     """Up to ``limit`` customers with ids after ``after``, in id order."""
     cur = await conn.execute(
-        f"{_SUBSCRIPTIONS} WHERE c.id > %s GROUP BY c.id ORDER BY c.id LIMIT %s", (after, limit)
+        f"{_SUBSCRIPTIONS} WHERE c.id > %s GROUP BY c.id ORDER BY c.id LIMIT %s",
+        (after, limit),
     )
     return [_subscription(row) for row in await cur.fetchall()]
 
@@ -53,10 +58,12 @@ async def one(conn: AsyncConnection, customer: str) -> Subscription | None:
     return _subscription(row) if row else None
 
 
-def _subscription(row: tuple[str, date, list[datetime], list[str], list[str]]) -> Subscription:
-    customer, anchor, ats, plans, statuses = row
+def _subscription(
+    row: tuple[str, date, list[datetime], list[str], list[str], str],
+) -> Subscription:
+    customer, anchor, ats, plans, statuses, timezone = row
     states = tuple(State(*s) for s in zip(ats, plans, statuses, strict=True))
-    return Subscription(customer, anchor, states)
+    return Subscription(customer, anchor, states, zones.zone_info(timezone))
 
 
 class PlanBook:

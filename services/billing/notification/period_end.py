@@ -95,7 +95,9 @@ class PeriodEndWarning:
         if subscription.state_at(now).status in QUIET:
             return None
         plan = drafter.plan_at(subscription, now)
-        span = period_containing(now, subscription.anchor, plan.cycle, plan.interval)
+        span = period_containing(
+            now, subscription.anchor, plan.cycle, plan.interval, subscription.tz
+        )
         return span if span.end - now <= self._ahead else None
 
     async def _unwarned(
