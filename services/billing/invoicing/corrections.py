@@ -51,7 +51,7 @@ _CHANGED = """
         SELECT max(u.watermark) AS latest FROM usage_daily u
         WHERE u.customer = i.customer_id
           AND u.day >= (i.period_start AT TIME ZONE 'UTC')::date
-          AND u.day < (i.period_end AT TIME ZONE 'UTC')::date
+          AND u.day <= ((i.period_end - interval '1 microsecond') AT TIME ZONE 'UTC')::date
     ) w
     WHERE i.status IN ('finalized', 'paid', 'payment_failed')
       AND w.latest > coalesce(k.checked_through, i.finalized_at)
