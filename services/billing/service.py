@@ -30,7 +30,7 @@ from services.billing.rollup.job import Rollup
 from services.billing.stripe import client as stripe_client
 from services.billing.stripe import corrections as stripe_corrections
 from services.billing.stripe import mirror as stripe_mirror
-from services.billing.stripe import notices, outbox
+from services.billing.stripe import notices, outbox, unsent
 from services.billing.stripe import routes as stripe_routes
 from services.billing.stripe.outbox import MeterPusher
 from services.billing.stripe.sessions import Sessions
@@ -180,14 +180,21 @@ async def _roll_up(job: Rollup) -> None:
 
 async def _push(pool: AsyncConnectionPool, api: stripe.StripeClient, pusher: MeterPusher) -> None:
     """Create new sign-ups' Stripe customers, queue the rollups' changes, send what is due,
-    and tell Stripe of the corrections booked on finalized invoices."""
+    and tell Stripe of the corrections booked on finalized invoices and of the usage it
+    was never sent."""
     customers = await stripe_client.ensure_new_customers(pool, api)
     queued = await outbox.enqueue(pool)
     report = await pusher.push()
     corrected = await stripe_corrections.push(pool, api)
-    if customers or queued or report.sent or report.failed or corrected:
+    settled = await unsent.settle(pool, api)
+    if customers or queued or report.sent or report.failed or corrected or settled:
         log.info(
-            "stripe push", customers=customers, queued=queued, report=report, corrected=corrected
+            "stripe push",
+            customers=customers,
+            queued=queued,
+            report=report,
+            corrected=corrected,
+            settled=settled,
         )
 
 

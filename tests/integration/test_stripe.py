@@ -17,7 +17,8 @@ import pytest
 
 from schemas import redis_keys
 from services.api.accounts.projection_lock import lock_projection
-from services.billing.stripe import outbox
+from services.billing.invoicing.run import BillingRun
+from services.billing.stripe import outbox, unsent
 from services.billing.stripe.outbox import MeterPusher
 from tests.billing_support import (
     WEBHOOK_SECRET as SECRET,
@@ -586,3 +587,43 @@ async def test_only_a_paid_checkout_takes_over_the_stripe_customer(
             (customer,),
         )
         assert await cur.fetchall() == [(f"cus_{tenant}elsewhere",)]
+
+
+async def test_usage_stripe_was_not_sent_is_settled_once_the_invoice_is_final(
+    pool, tenant, fake
+) -> None:
+    customer, today = f"{tenant}-unsent", datetime.now(UTC).date()
+    await subscribe(pool, customer, "starter", at("2024-01-01"))
+    day = today - timedelta(days=10)
+    pusher = MeterPusher(pool, fake.client())
+    await record_usage(pool, customer, "api_calls", day, 60_000)
+    await enqueue(pool, customer)
+    await pusher.push()
+    async with pool.connection() as conn:  # sent more than Stripe's 24 hours ago
+        await conn.execute(
+            "UPDATE stripe_outbox SET sent_at = now() - interval '25 hours' WHERE customer_id = %s",
+            (customer,),
+        )
+    await record_usage(pool, customer, "api_calls", day, 52_000)  # lowered: unsent
+    await enqueue(pool, customer)
+    assert [(q, s) for _, q, s in await outbox_rows(pool, customer)][-1] == (-8_000, "adjustment")
+
+    month = day.replace(day=1)
+    run = BillingRun(pool, no_clickhouse, timedelta(hours=24))
+    await run.run(month, now=at("2999-01-01"), finalize=True)
+    final = await invoice_of(pool, customer)
+    assert final.total == Decimal("51.00")  # Tally's: 49 + 2,000 x 0.001
+    [stripe_customer] = [c for c in fake.customers.values() if c["email"].startswith(customer)]
+    paid = fake.add_invoice(stripe_customer["id"], 5_900)  # Stripe's: 49 + 10,000 x 0.001
+    async with pool.connection() as conn:
+        await conn.execute(
+            "UPDATE invoices SET stripe_invoice_id = %s WHERE id = %s", (paid, final.id)
+        )
+    await unsent.settle(pool, fake.client())
+    await record_usage(pool, customer, "api_calls", day, 51_000)  # after: a correction's
+    await enqueue(pool, customer)
+    await unsent.settle(pool, fake.client())  # once per invoice
+    notes = [
+        n for n in fake.credit_notes.values() if n["metadata"].get("tally_invoice") == final.id
+    ]
+    assert [(n["invoice"], n["amount"]) for n in notes] == [(paid, 800)]

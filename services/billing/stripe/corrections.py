@@ -2,16 +2,9 @@
 
 Stripe never puts usage with a past timestamp on an invoice it has finalized, and takes
 no negative meter event, so what Tally books after an invoice is final reaches Stripe as
-money, the way Stripe's own documentation says to correct one:
-
-- a charge: a pending invoice item on the customer, for the corrected period, which
-  Stripe's next invoice of the customer bills;
-- a credit note: a Stripe credit note on the Stripe invoice of the corrected period when
-  Tally knows it (``invoices.stripe_invoice_id``, set by Stripe's webhooks), else a
-  negative invoice item: a credit on the customer's next Stripe invoice.
-
-Each create carries the idempotency key ``tally-correction-{id}`` and its Stripe id is
-recorded in the same pass: a crash in between gets the same object back, never a second.
+money (``money``): a charge as an invoice item for the corrected period, a credit note
+on Stripe's invoice of it (or a negative invoice item), under the idempotency key
+``tally-correction-{id}``, its Stripe id recorded in the same pass.
 """
 
 from __future__ import annotations
@@ -19,14 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
 
 import stripe
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from services.billing.rating.money import minor_units
-from services.billing.stripe import client as stripe_client
+from services.billing.stripe import money
+from services.billing.stripe.money import Owed
 from services.common.logging import get_logger
 
 log = get_logger("tally.stripe")
@@ -87,35 +79,15 @@ async def push(pool: AsyncConnectionPool, api: stripe.StripeClient, batch: int =
 
 
 async def _send(conn: AsyncConnection, api: stripe.StripeClient, waiting: Waiting) -> str:
-    cents = minor_units(waiting.amount, waiting.currency)
-    key = f"tally-correction-{waiting.id}"
-    if waiting.kind == "credit_note" and waiting.stripe_invoice:
-        params: Any = {
-            "invoice": waiting.stripe_invoice,
-            "lines": [
-                {
-                    "type": "custom_line_item",
-                    "description": waiting.description,
-                    "quantity": 1,
-                    "unit_amount": -cents,
-                }
-            ],
-            "memo": waiting.description,
-            "metadata": waiting.metadata,
-        }
-        note = await stripe_client.call(api.v1.credit_notes.create, params, idempotency_key=key)
-        return str(note.id)
-    customer = await stripe_client.ensure_customer(conn, api, waiting.customer)
-    params = {
-        "customer": customer,
-        "amount": cents,
-        "currency": waiting.currency,
-        "description": waiting.description,
-        "period": {
-            "start": int(waiting.period_start.timestamp()),
-            "end": int(waiting.period_end.timestamp()),
-        },
-        "metadata": waiting.metadata,
-    }
-    item = await stripe_client.call(api.v1.invoice_items.create, params, idempotency_key=key)
-    return str(item.id)
+    owed = Owed(
+        f"tally-correction-{waiting.id}",
+        waiting.customer,
+        waiting.amount,
+        waiting.currency,
+        waiting.period_start,
+        waiting.period_end,
+        waiting.stripe_invoice if waiting.kind == "credit_note" else None,
+        waiting.description,
+        waiting.metadata,
+    )
+    return await money.tell(conn, api, owed)
