@@ -112,20 +112,14 @@ async def test_the_admin_api_sets_a_billing_time_zone_until_the_first_invoice(
         path = f"/v1/admin/customers/{customer['id']}"
         moved = await api.patch(path, json={"timezone": "Europe/Berlin"}, headers=ADMIN)
         assert moved.status_code == 200 and moved.json()["timezone"] == "Europe/Berlin"
-        await BillingRun(pool, no_clickhouse, timedelta(hours=24)).run(
-            date(2026, 11, 1), now=at("2026-12-05"), finalize=True
-        )
-        async with pool.connection() as conn:
+        async with pool.connection() as conn:  # billed once: an invoice of its own
             await conn.execute(
-                "UPDATE customers SET created_at = '2026-10-01' WHERE id = %s", (customer["id"],)
+                "INSERT INTO invoices (id, customer_id, period, period_start, period_end,"
+                " status, currency, lines, subtotal, total)"
+                " VALUES (%s, %s, '2026-11', '2026-11-01', '2026-12-01', 'draft', 'usd',"
+                " '[]', 0, 0)",
+                (f"inv_{uuid.uuid4().hex[:20]}", customer["id"]),
             )
-            await conn.execute(
-                "UPDATE subscription_history SET at = '2026-10-01' WHERE customer_id = %s",
-                (customer["id"],),
-            )
-        await BillingRun(pool, no_clickhouse, timedelta(hours=24)).run(
-            date(2026, 10, 1), now=at("2026-12-05"), finalize=True
-        )
         locked = await api.patch(path, json={"timezone": "UTC"}, headers=ADMIN)
         assert locked.status_code == 409, locked.text
         assert locked.json()["type"].endswith("/timezone-locked")

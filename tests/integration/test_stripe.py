@@ -590,7 +590,7 @@ async def test_only_a_paid_checkout_takes_over_the_stripe_customer(
 
 
 async def test_usage_stripe_was_not_sent_is_settled_once_the_invoice_is_final(
-    pool, tenant, fake
+    pool, tenant, fake, ch
 ) -> None:
     customer, today = f"{tenant}-unsent", datetime.now(UTC).date()
     await subscribe(pool, customer, "starter", at("2024-01-01"))
@@ -609,7 +609,9 @@ async def test_usage_stripe_was_not_sent_is_settled_once_the_invoice_is_final(
     assert [(q, s) for _, q, s in await outbox_rows(pool, customer)][-1] == (-8_000, "adjustment")
 
     month = day.replace(day=1)
-    run = BillingRun(pool, no_clickhouse, timedelta(hours=24))
+    # Every customer of the shared database with a period starting that month is billed:
+    # some are on plans pricing distinct counts, read from ClickHouse.
+    run = BillingRun(pool, lambda: ch, timedelta(hours=24))
     await run.run(month, now=at("2999-01-01"), finalize=True)
     final = await invoice_of(pool, customer)
     assert final.total == Decimal("51.00")  # Tally's: 49 + 2,000 x 0.001
