@@ -25,6 +25,9 @@ TYPE = "tally.correction"
 SOURCE = "tally/corrections"
 RESERVED_TYPE_PREFIX = "tally."
 """Event types Tally writes itself: an emitter may not send them (a forged correction)."""
+HOLD_SECONDS = 2 * 86_400
+"""How long the hold of an accepted decrease lives unless counted (``redis_keys.
+correction_holds``): a decrease whose event never arrived stops binding then."""
 
 
 @dataclass(frozen=True, slots=True)

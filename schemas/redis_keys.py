@@ -43,6 +43,10 @@ Enforcement state (written by the api; reservations settled by the aggregator):
 ``tally:{cust}:rl``              HASH rate-limit state by field ``<policy>|<algorithm>``,
                                  then ``|k=<key id>`` and ``|e=<endpoint>`` for a
                                  policy scoped per key and/or endpoint
+``tally:{cust}:corr``            HASH ``<meter>|<yyyymm>|<group>`` → micro-units of usage
+                                 decreases the corrections API accepted and the
+                                 aggregator has not counted yet (it takes them off in
+                                 the call that counts them)
 ``tally:{cust}:rl:u:<digest>``   HASH the same, for one end user (policies scoped per
                                  end user; the digest of the call's ``end_user``)
 ``tally:{cust}:resv``            HASH event digest → ``<meter>|<micro-units>`` held for it;
@@ -178,6 +182,17 @@ def api_keys(customer: str) -> str:
 
 def rate_states(customer: str) -> str:
     return f"{_tag(customer)}:rl"
+
+
+def correction_holds(customer: str) -> str:
+    """Decreases accepted by the corrections API and not yet counted (``hold_field``)."""
+    return f"{_tag(customer)}:corr"
+
+
+def hold_field(meter: str, month: str, group: str) -> str:
+    """A decrease's field in ``correction_holds``: the counter it is checked against,
+    the month bucket ``month``'s ``group`` field of ``meter``."""
+    return f"{meter}|{month}|{group}"
 
 
 def end_user_rate_states(customer: str, end_user: str) -> str:

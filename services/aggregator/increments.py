@@ -65,7 +65,8 @@ def build(
     readers = _readers(meters)
     ops = CounterOps()
     now_ts = int(now.timestamp())
-    for (name, minute), groups in _fold(ops, events, readers, counting_from or {}).items():
+    folded = _fold(ops, customer, now_ts, events, readers, counting_from or {})
+    for (name, minute), groups in folded.items():
         meter = readers.by_name[name]
         for window, bucket, expires in _buckets(minute):
             if expires <= now_ts:
@@ -98,6 +99,8 @@ def _readers(meters: dict[str, list[Meter]]) -> _Readers:
 
 def _fold(
     ops: CounterOps,
+    customer: str,
+    now_ts: int,
     events: Iterable[StoredEvent],
     readers: _Readers,
     counting_from: dict[str, int],
@@ -107,7 +110,7 @@ def _fold(
         applicable = readers.by_type.get(event.type)
         if not applicable:
             if event.type == corrections.TYPE:
-                _fold_correction(cells, event, readers)
+                _fold_correction(ops, customer, now_ts, cells, event, readers)
             continue
         facts = Facts(event.parsed_data(), event.value, event.dimensions)
         minute = int(event.time.timestamp()) // 60
@@ -133,9 +136,17 @@ _SETTLED = (Aggregation.COUNT, Aggregation.SUM)
 holding (quotas, hence leases, are on additive meters)."""
 
 
-def _fold_correction(cells: Cells, event: StoredEvent, readers: _Readers) -> None:
+def _fold_correction(
+    ops: CounterOps,
+    customer: str,
+    now_ts: int,
+    cells: Cells,
+    event: StoredEvent,
+    readers: _Readers,
+) -> None:
     """A correction adds its signed delta to its meter's total and group at its minute
-    (only additive meters take one: ``schemas.corrections``)."""
+    (only additive meters take one: ``schemas.corrections``); a decrease is taken off
+    what the corrections API holds for it, in the same call."""
     aimed = corrections.target(event.data)
     meter = readers.by_name.get(aimed.meter) if aimed else None
     if aimed is None or meter is None or meter.aggregation not in _SETTLED:
@@ -148,6 +159,11 @@ def _fold_correction(cells: Cells, event: StoredEvent, readers: _Readers) -> Non
         fields.append(_group_field(values))
     for group in fields:
         cell[group] = cell.get(group, 0) + delta
+    if delta < 0:
+        holds = redis_keys.correction_holds(customer)
+        month = bucket_id(Window.MONTH, event.time)
+        ops.sums[(holds, redis_keys.hold_field(meter.name, month, fields[-1]))] += delta
+        ops.expiry[holds] = now_ts + corrections.HOLD_SECONDS
 
 
 def _read(reader: Reader, facts: Facts) -> Any:

@@ -8,16 +8,17 @@ lets a client retry with the same ``id`` and get the first correction back.
 
 Only additive meters (``sum``, ``count``) take corrections.  ``value`` asks for a total:
 the meter's total for the UTC month of ``time`` (for the groups named) becomes ``value``,
-the correction being the difference.  A decrease is checked against what the aggregator
-has counted for that month and group: usage never goes below zero.  Two decreases sent at
-the same moment are each checked against the counted usage, not against each other;
-corrections are an operator's tool, not a stream.
+the correction being the difference.  A decrease is checked, atomically in Redis,
+against what the aggregator has counted for that month and group less the decreases
+accepted and not counted yet, and held until its event is counted: usage never goes
+below zero, however many decreases arrive at once.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any
@@ -30,7 +31,7 @@ from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
 
-from schemas import redis_keys
+from schemas import corrections, lua, redis_keys
 from schemas.catalog import Aggregation, Meter
 from schemas.corrections import CorrectionEvent
 from schemas.events import (
@@ -39,6 +40,7 @@ from schemas.events import (
     VALUE_DECIMALS,
     UtcDatetime,
     from_micros,
+    to_micros,
     utcnow,
 )
 from schemas.problem_types import CORRECTION_CONFLICT, FORBIDDEN, NEGATIVE_USAGE
@@ -89,6 +91,17 @@ class CorrectionRequest(BaseModel):
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """What the counters said of a correction (``Corrector._hold``)."""
+
+    field: str  # in the customer's correction holds
+    counted: Decimal
+    held: Decimal  # decreases accepted and not counted yet
+    change: Decimal
+    accepted: bool
+
+
 class Correction(BaseModel):
     """A correction as recorded."""
 
@@ -126,6 +139,7 @@ class Corrector:
         self.redis = redis
         self.pool = pool
         self.publish = publish  # durable when it returns (``app.durably``), else raises
+        self._hold_script = redis.register_script(lua.source("correction_hold"))
 
     async def actor(self, request: Request) -> str:
         """``admin`` or ``service``; a customer's own key may not correct its usage."""
@@ -147,31 +161,80 @@ class Corrector:
             raise error
         meter = await self._meter(asked.meter)
         self._check(meter, asked)
-        counted = await self._counted(customer, meter, asked)
-        delta = asked.delta if asked.delta is not None else asked.value - counted  # type: ignore[operator]
-        if delta == 0:
-            raise invalid_field("body.value", f"is what {meter.name!r} already counts")
-        if meter.aggregation is Aggregation.COUNT and delta != delta.to_integral_value():
-            raise invalid_field("body.delta", "a count meter changes by whole events")
-        if counted + delta < 0:
+        hold = await self._hold(customer, meter, asked)
+        try:
+            event = CorrectionEvent(
+                asked.id or f"corr_{uuid.uuid4().hex}",
+                customer,
+                asked.time,
+                self._change(meter, asked, hold),
+                meter.name,
+                asked.groups,
+                asked.reason,
+            )
+            await self.publish([event], utcnow())
+        except BaseException:
+            await self._release(customer, hold)
+            raise
+        return await self._record(event, hold.counted, actor), True
+
+    def _change(self, meter: Meter, asked: CorrectionRequest, hold: Hold) -> Decimal:
+        """The change, once the counters have said it keeps the usage at or above 0."""
+        month = bucket_id(Window.MONTH, asked.time)
+        if not hold.accepted:
             raise Problem(
                 NEGATIVE_USAGE,
-                f"meter {meter.name!r} counted {counted} for {customer!r} in"
-                f" {bucket_id(Window.MONTH, asked.time)}{_named(asked.groups)}:"
-                f" a change of {delta} would make it negative",
+                f"meter {meter.name!r} counted {hold.counted} for this customer in"
+                f" {month}{_named(asked.groups)}"
+                + (f", less {hold.held} of decreases not counted yet" if hold.held else "")
+                + f": a change of {hold.change} would make it negative",
                 errors=[{"field": "body.delta", "reason": "would make the usage negative"}],
             )
-        event = CorrectionEvent(
-            asked.id or f"corr_{uuid.uuid4().hex}",
-            customer,
-            asked.time,
-            delta,
-            meter.name,
-            asked.groups,
-            asked.reason,
+        if hold.change == 0:
+            raise invalid_field("body.value", f"is what {meter.name!r} already counts")
+        if (
+            meter.aggregation is Aggregation.COUNT
+            and hold.change != hold.change.to_integral_value()
+        ):
+            raise invalid_field("body.delta", "a count meter changes by whole events")
+        return hold.change
+
+    async def _hold(self, customer: str, meter: Meter, asked: CorrectionRequest) -> Hold:
+        """Check the change against the month's counter less the decreases accepted and
+        not counted yet, and hold it when it decreases (``lua/correction_hold.lua``):
+        two decreases at the same instant are checked against each other too."""
+        month = bucket_id(Window.MONTH, asked.time)
+        values = tuple(asked.groups[name] for name in meter.group_names)
+        group = redis_keys.group_field(values) if values else redis_keys.TOTAL
+        amount, kind = (asked.delta, "delta") if asked.delta is not None else (asked.value, "value")
+        assert amount is not None
+        counted, held, change, accepted = await self._hold_script(
+            keys=[
+                redis_keys.counters(customer, meter.name, Window.MONTH, month),
+                redis_keys.correction_holds(customer),
+            ],
+            args=[
+                group,
+                redis_keys.hold_field(meter.name, month, group),
+                to_micros(amount),
+                kind,
+                corrections.HOLD_SECONDS,
+            ],
         )
-        await self.publish([event], utcnow())
-        return await self._record(event, counted, actor), True
+        return Hold(
+            redis_keys.hold_field(meter.name, month, group),
+            from_micros(int(counted)),
+            from_micros(int(held)),
+            from_micros(int(change)),
+            accepted == 1,
+        )
+
+    async def _release(self, customer: str, hold: Hold) -> None:
+        """Give back a hold whose correction was not made (refused, or not published)."""
+        if hold.accepted and hold.change < 0:
+            await self.redis.hincrby(
+                redis_keys.correction_holds(customer), hold.field, to_micros(hold.change)
+            )
 
     async def _meter(self, name: str) -> Meter:
         meter = (await self.meters.meters()).by_name.get(name)
@@ -197,16 +260,6 @@ class Corrector:
             raise invalid_field(
                 "body.time", f"is more than {self.settings.correction_days} days ago"
             )
-
-    async def _counted(self, customer: str, meter: Meter, asked: CorrectionRequest) -> Decimal:
-        """The meter's live total for the month of ``time`` and the groups named."""
-        key = redis_keys.counters(
-            customer, meter.name, Window.MONTH, bucket_id(Window.MONTH, asked.time)
-        )
-        values = tuple(asked.groups[name] for name in meter.group_names)
-        group = redis_keys.group_field(values) if values else redis_keys.TOTAL
-        raw = await self.redis.hget(key, group)
-        return from_micros(int(raw)) if raw is not None else Decimal(0)
 
     async def _recorded(self, correction_id: str) -> Correction | None:
         async with self.pool.connection() as conn:

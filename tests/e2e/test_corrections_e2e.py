@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -60,6 +61,11 @@ def _refused(client: httpx.Client, path: str, body: dict[str, Any], status: int)
     assert reply.headers["content-type"].startswith("application/problem+json")
     problem: dict[str, Any] = reply.json()
     return problem
+
+
+def _post(url: str, path: str, body: dict[str, Any], headers: dict[str, str]) -> int:
+    with httpx.Client(base_url=url, headers=headers, timeout=30) as client:
+        return client.post(path, json=body).status_code
 
 
 def test_a_correction_counts_once_live_and_in_rollups(
@@ -143,6 +149,28 @@ def test_a_correction_counts_once_live_and_in_rollups(
             listed = client.get(path).json()["corrections"]
             assert [c["id"] for c in listed] == [f"set-{tenant}", f"corr-{tenant}"]
             assert listed[1]["reason"] == good["reason"]
+
+            # Five decreases of one at once against 3 counted: exactly three are made.
+            chat = {k: v for k, v in good.items() if k != "id"} | {"groups": {"endpoint": "/chat"}}
+            with ThreadPoolExecutor(5) as pool:
+                replies = list(
+                    pool.map(
+                        lambda _: _post(up.url, path, chat | {"delta": "-1"}, service), range(5)
+                    )
+                )
+            assert sorted(replies) == [201, 201, 201, 422, 422]
+            wait_for(
+                lambda: _usage(client, customer) == {"/search": "3", "/chat": "0"},
+                60,
+                "the decreases counted",
+                up.tail,
+            )
+            # Counted, they hold nothing back: once an increase of 2 is counted too, a
+            # decrease of 2 is checked against 2 (an increase in flight is not counted on).
+            assert client.post(path, json=chat | {"delta": "2"}).status_code == 201
+            wait_for(lambda: _usage(client, customer)["/chat"] == "2", 60, "the increase", up.tail)
+            assert client.post(path, json=chat | {"delta": "-2"}).status_code == 201
+            assert client.post(path, json=chat | {"delta": "-1"}).status_code == 422
     finally:
         code = up.stop(signal.SIGINT)
     assert code == 0, up.tail()
