@@ -25,6 +25,7 @@ from schemas.catalog import Meter
 from schemas.events import utcnow
 from schemas.problem_types import BAD_REQUEST, UNKNOWN_METER
 from schemas.windows import Window
+from schemas.zones import ZoneError, zone
 from services.api.catalog import meter_store
 from services.api.openmeter import shapes
 from services.api.usage import zones
@@ -100,7 +101,7 @@ class OpenMeterMeters:
                     subject, meter, asked.window, asked.start, asked.end, asked.grouped, now,
                     asked.zone,
                 )  # fmt: skip
-            except zones.ZoneError as exc:
+            except ZoneError as exc:
                 raise _bad(f"windowTimeZone: {exc}") from None
         if asked.size is not None:
             return shapes.rows(cells.points(meter, asked.grouped), subject)
@@ -159,15 +160,15 @@ class _Query:
 def _zone(name: str, meter: Meter) -> ZoneInfo | None:
     """``windowTimeZone`` as the usage API's ``tz`` (``services.api.usage.zones``)."""
     try:
-        zone = zones.zone(name)
-    except zones.ZoneError as exc:
+        tz = zone(name)
+    except ZoneError as exc:
         raise _bad(f"windowTimeZone: {exc}") from None
-    if zone is not None and meter.aggregation not in zones.COMPOSABLE:
+    if tz is not None and meter.aggregation not in zones.COMPOSABLE:
         raise _bad(
             f"windowTimeZone: meter {meter.name!r} ({meter.aggregation.value}) does not"
             " compose from hours; its windows are served in UTC only"
         )
-    return zone
+    return tz
 
 
 def _moment(params: Any, name: str) -> datetime | None:

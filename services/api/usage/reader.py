@@ -25,6 +25,7 @@ from schemas import lua, redis_keys
 from schemas.catalog import Aggregation, Meter
 from schemas.events import VALUE_SCALE, from_micros
 from schemas.windows import RETENTION, Window, buckets, next_bucket, start_id
+from schemas.zones import HOUR
 from services.api.usage import zones
 
 MAX_BUCKETS = 2000
@@ -159,7 +160,7 @@ class UsageReader:
         from Redis, older ones — and any Redis has lost — from ``usage_hourly``."""
         bounds = zones.local_buckets(window, start, end, tz)
         first, stop = bounds[0].astimezone(UTC), bounds[-1].astimezone(UTC)
-        cutoff = max(first, _hour_floor(now - RETENTION[Window.HOUR]) + zones.HOUR)
+        cutoff = max(first, _hour_floor(now - RETENTION[Window.HOUR]) + HOUR)
         live = list(zones.hours(cutoff, stop))
         held = await self._from_redis(customer, meter, Window.HOUR, live, grouped)
         missing = [hour for hour in live if hour not in held]

@@ -21,6 +21,7 @@ from schemas.events import CUSTOMER_ID_PATTERN, utcnow
 from schemas.problem_types import INVALID_PARAMETER
 from schemas.text import control_character
 from schemas.windows import RETENTION, Window, buckets
+from schemas.zones import ZoneError, zone
 from services.api.usage import ranking, zones
 from services.api.usage.reader import MAX_BUCKETS, UsageReader, as_json
 from services.common.auth import Authenticator, address, credential
@@ -162,7 +163,7 @@ class Usage:
                 cells = await self.reader.read_zoned(
                     customer, found, window, start, end, grouped, now, tz
                 )
-            except zones.ZoneError as exc:
+            except ZoneError as exc:
                 raise _invalid("tz", str(exc)) from None
         series: dict[str, Any] = {
             "customer": customer,
@@ -241,11 +242,11 @@ def _zone(
     if name is None:
         return None
     try:
-        tz = zones.zone(name)
+        tz = zone(name)
         if tz is not None and window in (Window.MINUTE, Window.HOUR):
             zones.local_buckets(Window.DAY, start, end, tz)  # refuses a :30 or :45 zone
             return None
-    except zones.ZoneError as exc:
+    except ZoneError as exc:
         raise _invalid("tz", str(exc)) from None
     if tz is not None and meter.aggregation not in zones.COMPOSABLE:
         raise _invalid(

@@ -21,9 +21,6 @@ from schemas.catalog import Aggregation
 from schemas.windows import Window
 
 COMPOSABLE = (Aggregation.SUM, Aggregation.COUNT, Aggregation.MAX, Aggregation.MIN)
-HOUR = zones.HOUR
-ZoneError = zones.ZoneError
-zone = zones.zone
 
 
 def local_buckets(window: Window, start: datetime, end: datetime, tz: ZoneInfo) -> list[datetime]:
@@ -44,7 +41,7 @@ def hours(first: datetime, stop: datetime) -> Iterator[datetime]:
     current = first.astimezone(UTC)
     while current < stop:
         yield current
-        current += HOUR
+        current += zones.HOUR
 
 
 def fold(aggregation: Aggregation, values: list[Decimal]) -> Decimal:
