@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from schemas import paths
 from schemas.corrections import RESERVED_TYPE_PREFIX
 from schemas.text import PRINTABLE_PATTERN, control_character
 
@@ -228,6 +229,9 @@ class _Bounds:
                 raise ValueError(f"{where}: {why}")
         elif isinstance(value, Decimal | float) and not _finite(value):
             raise ValueError(f"{where}: numbers must be finite")
+        elif isinstance(value, int | Decimal) and not isinstance(value, bool):
+            if why := paths.exact_as_json(value):
+                raise ValueError(f"{where}: {value} {why}")
 
     @staticmethod
     def _level(where: str, depth: int) -> None:

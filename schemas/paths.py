@@ -157,8 +157,54 @@ def as_dimension(found: Any) -> str | None:
         return found
     if isinstance(found, bool):
         return "true" if found else "false"
-    if isinstance(found, int | Decimal):
-        return str(found)
-    if isinstance(found, float):
-        return repr(found)
+    if isinstance(found, int | Decimal | float):
+        return number_text(found)
+    return None
+
+
+INTEGERS = (-(2**63), 2**64)
+"""The integers JSON numbers may hold exactly: ClickHouse (like most JSON parsers) reads
+an integer literal as a 64-bit integer, anything else as a 64-bit float."""
+
+
+def number_text(number: int | Decimal | float) -> str:
+    """A JSON number as text, the way ClickHouse's JSON functions write it, so that a
+    group or filter reads the same in the live counters and in SQL: integer literals as
+    their digits; every other number as the shortest text of its 64-bit float, in plain
+    notation from 10^-6 to 10^21 and ``1e21``/``1.5e-7`` beyond (ECMAScript's rule, without
+    ``+`` in the exponent).  So ``1.50``, ``1.5`` and ``15E-1`` are all ``1.5``.
+
+    Ingest refuses the numbers this would change (``exact_as_json``)."""
+    if isinstance(number, int):
+        return str(number)
+    value = float(number)
+    if value == 0:
+        return "-0" if str(value).startswith("-") else "0"
+    sign, digits, exponent = Decimal(repr(value)).normalize().as_tuple()
+    text = "".join(map(str, digits))
+    assert isinstance(exponent, int)
+    point = exponent + len(text)  # the number is 0.<text> × 10^point
+    if len(text) <= point <= 21:
+        body = text + "0" * (point - len(text))
+    elif 0 < point <= 21:
+        body = f"{text[:point]}.{text[point:]}"
+    elif -6 < point <= 0:
+        body = f"0.{'0' * -point}{text}"
+    else:
+        mantissa = text if len(text) == 1 else f"{text[0]}.{text[1:]}"
+        body = f"{mantissa}e{point - 1}"
+    return f"-{body}" if sign else body
+
+
+def exact_as_json(number: int | Decimal) -> str | None:
+    """Why a JSON number in ``data`` cannot be kept exactly, or None: an integer beyond 64
+    bits, or a decimal with more digits than a 64-bit float holds.  Analytics (ClickHouse)
+    would read another number than the live counters; as a JSON string it stays exact."""
+    if isinstance(number, int):
+        low, high = INTEGERS
+        if not low <= number < high:
+            return "is beyond 64-bit integers: send it as a string to keep every digit"
+        return None
+    if Decimal(repr(float(number))) != number:
+        return "has more digits than a 64-bit float holds: send it as a string to keep it exact"
     return None

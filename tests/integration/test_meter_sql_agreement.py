@@ -62,6 +62,20 @@ METERS = [
     ),
     Meter(name="legacy_sum", event_type=KIND, aggregation=Aggregation.SUM, group_by=("region",)),
     Meter(
+        name="by_tier",
+        event_type=KIND,
+        aggregation=Aggregation.COUNT,
+        group_by=("$.tier",),
+        filters={"$.tier": DimensionFilter.model_validate({"in": ["1.5", "200", "1000"]})},
+    ),
+    Meter(
+        name="tiers",
+        event_type=KIND,
+        aggregation=Aggregation.UNIQUE_COUNT,
+        value_property="$.tier",
+        group_by=("$.tier",),
+    ),
+    Meter(
         name="first_tool",
         event_type=KIND,
         aggregation=Aggregation.COUNT,
@@ -69,6 +83,11 @@ METERS = [
         filters={"$.cached": DimensionFilter(equals="false")},
     ),
 ]
+
+
+TIERS = [Decimal(t) for t in ("1.50", "1.5", "15E-1", "200.0", "1E+3", "1E-7", "0.30000000000000004")]
+TIERS += [200, 1000, -(2**63), 2**64 - 1]
+"""Numbers as groups: one number written several ways is one group, live and in SQL."""
 
 
 def _number(rng: random.Random) -> Any:
@@ -102,6 +121,7 @@ def _event(rng: random.Random, customer: str, index: int) -> StoredEvent:
         "user": {"id": rng.choice(["ann", "bob", 7, None])},
         "tools": rng.sample(["search", "code", "math"], rng.randint(0, 2)),
         "cached": rng.choice([True, False]),
+        "tier": rng.choice(TIERS),
     }
     if model:
         data["model"] = model

@@ -170,6 +170,9 @@ def _deep(levels: int) -> dict[str, Any]:
         ({"k" * 65: 1}, "keys are 1 to 64 characters"),
         ({"k\x01": 1}, "must not contain control characters"),
         ({"k": "a\nb"}, "o.k: must not contain control characters"),
+        ({"k": Decimal("123456789012.123456")}, "o.k: 123456789012.123456 has more digits"),
+        ({"k": [2**64]}, "o.k[0]: 18446744073709551616 is beyond 64-bit integers"),
+        ({"k": -(2**63) - 1}, "is beyond 64-bit integers"),
     ],
 )
 def test_nested_data_is_bounded(member: Any, why: str) -> None:
@@ -179,6 +182,13 @@ def test_nested_data_is_bounded(member: Any, why: str) -> None:
 
 def test_eight_levels_counting_data_are_allowed() -> None:
     assert data(o=_deep(8)).nested
+
+
+@pytest.mark.parametrize(
+    "number", [2**64 - 1, -(2**63), Decimal("1.50"), Decimal("0.30000000000000004"), 1e-300]
+)
+def test_numbers_a_double_or_64_bit_integer_holds_are_kept(number: Any) -> None:
+    assert data(o={"k": number}).nested
 
 
 @pytest.mark.parametrize("name", ["Endpoint", "1st", "_x", "a-b", "a b", "é", "a" * 65])
