@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeGuard
 
 import orjson
 from pydantic import (
@@ -229,9 +229,8 @@ class _Bounds:
                 raise ValueError(f"{where}: {why}")
         elif isinstance(value, Decimal | float) and not _finite(value):
             raise ValueError(f"{where}: numbers must be finite")
-        elif isinstance(value, int | Decimal) and not isinstance(value, bool):
-            if why := paths.exact_as_json(value):
-                raise ValueError(f"{where}: {value} {why}")
+        elif _number(value) and (why := paths.exact_as_json(value)):
+            raise ValueError(f"{where}: {value} {why}")
 
     @staticmethod
     def _level(where: str, depth: int) -> None:
@@ -250,6 +249,10 @@ def _exact_number(number: Any) -> orjson.Fragment:
     if isinstance(number, Decimal):
         return orjson.Fragment(str(number))
     raise TypeError(f"{type(number).__name__} is not JSON")
+
+
+def _number(value: Any) -> TypeGuard[int | Decimal]:
+    return isinstance(value, int | Decimal) and not isinstance(value, bool)
 
 
 def _finite(number: Decimal | float) -> bool:

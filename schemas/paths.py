@@ -183,7 +183,7 @@ def number_text(number: int | Decimal | float) -> str:
     sign, digits, exponent = Decimal(repr(value)).normalize().as_tuple()
     text = "".join(map(str, digits))
     assert isinstance(exponent, int)
-    point = exponent + len(text)  # the number is 0.<text> × 10^point
+    point = exponent + len(text)  # the number is 0.<text> times 10^point
     if len(text) <= point <= 21:
         body = text + "0" * (point - len(text))
     elif 0 < point <= 21:

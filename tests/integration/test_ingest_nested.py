@@ -133,7 +133,10 @@ async def test_an_event_a_meter_cannot_read_is_refused_and_its_batch_kept(
         ({"o": list(range(1001))}, "more than 1000 keys and values"),
         ({"o": {"k": "x" * 257}}, "o.k: strings are at most 256 characters"),
         ({"o": {"k\u0007": 1}}, "must not contain control characters"),
-        ({"o": {"id": orjson.Fragment(b"18446744073709551616")}}, "o.id: 18446744073709551616 is beyond 64-bit integers"),
+        (
+            {"o": {"id": orjson.Fragment(b"18446744073709551616")}},
+            "o.id: 18446744073709551616 is beyond 64-bit integers",
+        ),
         (
             {"o": {"price": orjson.Fragment(b"0.12345678901234567")}},
             "o.price: 0.12345678901234567 has more digits than a 64-bit float holds",

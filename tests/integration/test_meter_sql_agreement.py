@@ -85,7 +85,9 @@ METERS = [
 ]
 
 
-TIERS = [Decimal(t) for t in ("1.50", "1.5", "15E-1", "200.0", "1E+3", "1E-7", "0.30000000000000004")]
+TIERS = [
+    Decimal(t) for t in ("1.50", "1.5", "15E-1", "200.0", "1E+3", "1E-7", "0.30000000000000004")
+]
 TIERS += [200, 1000, -(2**63), 2**64 - 1]
 """Numbers as groups: one number written several ways is one group, live and in SQL."""
 

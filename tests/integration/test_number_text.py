@@ -37,7 +37,9 @@ def _live_texts(literals: list[str]) -> list[str | None]:
     return [paths.as_dimension(orjson.loads(literal)) for literal in literals]  # ints
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(st.lists(st.floats(allow_nan=False, allow_infinity=False), min_size=1, max_size=20))
 def test_doubles_read_the_same_text_live_and_in_clickhouse(
     ch: ClickHouse, numbers: list[float]
@@ -47,7 +49,9 @@ def test_doubles_read_the_same_text_live_and_in_clickhouse(
     assert live == _clickhouse_texts(ch, literals)
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(st.lists(st.integers(*paths.INTEGERS).filter(lambda n: n < paths.INTEGERS[1]), min_size=1))
 def test_64_bit_integers_read_the_same_text_live_and_in_clickhouse(
     ch: ClickHouse, numbers: list[int]
