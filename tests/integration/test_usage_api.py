@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -15,14 +16,16 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
-from schemas import envelope
-from schemas.catalog import Meter
+from schemas import envelope, redis_keys
+from schemas.catalog import Aggregation, Meter
 from schemas.envelope import StoredEvent
 from schemas.events import utcnow
+from schemas.windows import Window, bucket_id
 from services.aggregator.clickhouse_sink import ClickHouseSink
 from services.aggregator.dedupe import DedupeWindow
 from services.aggregator.processor import BatchProcessor, Record
 from services.aggregator.redis_sink import RedisSink
+from services.api.catalog import meter_store
 from services.api.usage.routes import Usage, fast_routes, router
 from services.common.auth import Authenticator
 from services.common.clickhouse import ClickHouse
@@ -185,8 +188,12 @@ async def test_meters_are_listed(api: httpx.AsyncClient) -> None:
             "must lie between 1970 and 2999",
         ),
         ({"meter": "api_calls", "from": "0001-01-01T00:00:00+01:00"}, "from", "must lie between"),
-        ({"meter": "api_calls", "group_by": "method"}, "group_by", "groups by endpoint"),
-        ({"meter": "storage_gb", "group_by": "endpoint"}, "group_by", "groups by (none)"),
+        (
+            {"meter": "api_calls", "group_by": "method"},
+            "group_by",
+            "no group 'method'; its groups: endpoint",
+        ),
+        ({"meter": "storage_gb", "group_by": "endpoint"}, "group_by", "its groups: (none)"),
         ({"meter": "api_calls", "order_by": "value"}, "order_by", "needs group_by"),
         (
             {"meter": "api_calls", "group_by": "endpoint", "order_by": "-value"},
@@ -418,3 +425,47 @@ async def test_reads_take_no_postgresql_connection_per_request(
             assert bad.status_code == 422
         await usage(api, f"{tenant}-q", order_by="value", limit="5", **params)
     assert pool.get_stats().get("requests_num", 0) == before
+
+
+async def test_some_of_a_meters_groups_are_merged_and_ranked(
+    api: httpx.AsyncClient,
+    pool: AsyncConnectionPool,
+    meter_cache: MeterCache,
+    redis: Redis,
+    tenant: str,
+) -> None:
+    """``group_by`` names some of a meter's dimensions: the others are merged, so the top
+    models of a meter grouped by model and region is one call."""
+    meter = Meter(
+        name=f"tokens_{uuid.uuid4().hex[:8]}",
+        event_type="llm_call",
+        aggregation=Aggregation.SUM,
+        value_property="$.tokens",
+        group_by=("$.model", "$.region"),
+    )
+    async with pool.connection() as conn:
+        await meter_store.save(conn, meter, "test", None)
+    await meter_cache.refresh()
+    customer, now = f"{tenant}-regions", utcnow()
+    key = redis_keys.counters(customer, meter.name, Window.DAY, bucket_id(Window.DAY, now))
+    counts = {("gpt", "eu"): 10, ("gpt", "us"): 20, ("claude", "eu"): 25, ("mini", "us"): 1}
+    for group, tokens in counts.items():
+        await redis.hincrby(key, redis_keys.group_field(group), tokens * 1_000_000)
+    await redis.hincrby(key, redis_keys.TOTAL, 56 * 1_000_000)
+    await redis.expire(key, 86400)
+    since = {"from": (now - timedelta(hours=1)).isoformat()}
+    body = await usage(
+        api, customer, meter=meter.name, group_by="model", order_by="value", limit="2", **since
+    )
+    assert body["group_by"] == ["model"]
+    assert body["totals"] == [
+        {"groups": {"model": "gpt"}, "value": "30"},
+        {"groups": {"model": "claude"}, "value": "25"},
+    ]
+    by_region = await usage(api, customer, meter=meter.name, group_by="region", **since)
+    assert {p["groups"]["region"]: p["value"] for p in by_region["data"]} == {
+        "eu": "35",
+        "us": "21",
+    }
+    both = await usage(api, customer, meter=meter.name, group_by="region,model", **since)
+    assert len(both["data"]) == 4 and both["group_by"] == ["model", "region"]

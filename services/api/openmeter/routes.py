@@ -12,6 +12,7 @@ Errors are RFC 7807 problems, as OpenMeter answers them.
 
 from __future__ import annotations
 
+import ast
 from datetime import datetime, timedelta
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo
@@ -30,6 +31,7 @@ from services.api.catalog import meter_store
 from services.api.openmeter import shapes
 from services.api.usage import zones
 from services.api.usage.reader import UsageReader
+from services.api.usage.selection import Selection, SelectionError
 from services.common.auth import Authenticator, address, credential
 from services.common.meter_cache import MeterCache
 from services.common.openapi import problem_responses
@@ -37,7 +39,19 @@ from services.common.problems import Problem
 
 PREFIX = "/api/v1/meters"
 Slug = Annotated[str, Path(pattern=r"^[a-z][a-z0-9_]{0,63}$", description="The meter's name")]
-KNOWN = {"from", "to", "windowSize", "windowTimeZone", "subject", "groupBy", "clientId"}
+KNOWN = {
+    "from",
+    "to",
+    "windowSize",
+    "windowTimeZone",
+    "subject",
+    "filterCustomerId",
+    "groupBy",
+    "filterGroupBy",
+    "clientId",
+}
+FILTER = "filterGroupBy"
+MAX_FILTER_TEXT = 4096
 DEFAULT_SPAN = timedelta(days=30)
 
 
@@ -103,9 +117,12 @@ class OpenMeterMeters:
                 )  # fmt: skip
             except ZoneError as exc:
                 raise _bad(f"windowTimeZone: {exc}") from None
+        grouped = bool(asked.selection.keep)
+        if not asked.selection.everything(meter):
+            meter, cells = asked.selection.narrow(meter, cells)
         if asked.size is not None:
-            return shapes.rows(cells.points(meter, asked.grouped), subject)
-        return shapes.folded(meter, cells, asked.start, asked.end, asked.grouped, subject)
+            return shapes.rows(cells.points(meter, grouped), subject)
+        return shapes.folded(meter, cells, asked.start, asked.end, grouped, subject)
 
 
 class _Query:
@@ -118,20 +135,22 @@ class _Query:
         end: datetime,
         size: str | None,
         window: Window,
-        grouped: bool,
+        selection: Selection,
         zone: ZoneInfo | None = None,
     ) -> None:
         self.subjects, self.start, self.end = subjects, start, end
-        self.size, self.window, self.grouped = size, window, grouped
+        self.size, self.window, self.selection = size, window, selection
+        # Read grouped whenever a group is kept or fixed: narrowing works on the groups.
+        self.grouped = bool(selection.keep or selection.where)
         self.zone = zone  # local days and months (None: UTC, or minute and hour windows)
 
     @classmethod
     def of(cls, request: Request, meter: Meter) -> _Query:
         params = request.query_params
-        unknown = sorted(set(params) - KNOWN)
+        unknown = sorted(k for k in set(params) - KNOWN if not k.startswith(f"{FILTER}["))
         if unknown:
             raise _bad(f"unknown query parameters: {', '.join(unknown)}")
-        subjects = params.getlist("subject")
+        subjects = params.getlist("subject") + params.getlist("filterCustomerId")
         if not subjects:
             raise _bad("subject: name the subjects (customers) to query, e.g. ?subject=acme")
         zone = _zone(params.get("windowTimeZone", "UTC"), meter)
@@ -148,13 +167,39 @@ class _Query:
         if start >= end:
             raise _bad("from: must be before `to`")
         groups = [g for g in params.getlist("groupBy") if g != "subject"]
-        if groups and set(groups) != set(meter.group_names):
-            names = ", ".join(meter.group_names) or "(none)"
-            raise _bad(f"groupBy: meter {meter.name!r} groups by {names}; got {', '.join(groups)}")
+        try:
+            selection = Selection.of(meter, groups, _filter(params))
+        except SelectionError as exc:
+            raise _bad(f"{'groupBy' if exc.part == 'keep' else FILTER}: {exc}") from None
         window = shapes.WINDOW_SIZES[size] if size else Window.DAY
         if window not in (Window.DAY, Window.MONTH):
             zone = None  # minutes and hours are the same instants in a whole-hour zone
-        return cls(subjects, start, end, size, window, bool(groups), zone)
+        return cls(subjects, start, end, size, window, selection, zone)
+
+
+def _filter(params: Any) -> dict[str, str]:
+    """``filterGroupBy`` as OpenMeter's spec writes it (``filterGroupBy[model]=gpt-4``,
+    a deepObject), or as its Python SDK sends it: the dict's Python text in one parameter
+    (``filterGroupBy={'model': 'gpt-4'}``), read as a literal, never evaluated."""
+    where = {
+        key[len(FILTER) + 1 : -1]: value
+        for key, value in params.multi_items()
+        if key.startswith(f"{FILTER}[") and key.endswith("]")
+    }
+    text = params.get(FILTER)
+    if text is None:
+        return where
+    if len(text) > MAX_FILTER_TEXT:
+        raise _bad(f"{FILTER}: at most {MAX_FILTER_TEXT} characters")
+    try:
+        found = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        found = None
+    if not isinstance(found, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in found.items()
+    ):
+        raise _bad(f"{FILTER}: a map of group names to values, e.g. {FILTER}[model]=gpt-4o")
+    return where | found
 
 
 def _zone(name: str, meter: Meter) -> ZoneInfo | None:

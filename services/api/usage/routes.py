@@ -24,6 +24,7 @@ from schemas.windows import RETENTION, Window, buckets
 from schemas.zones import ZoneError, zone
 from services.api.usage import ranking, zones
 from services.api.usage.reader import MAX_BUCKETS, UsageReader, as_json
+from services.api.usage.selection import Selection, SelectionError
 from services.common.auth import Authenticator, address, credential
 from services.common.meter_cache import MeterCache, MeterIndex
 from services.common.openapi import problem_responses
@@ -147,7 +148,8 @@ class Usage:
         end = _aware("to", query.to) if query.to else now
         start = _aware("from", query.from_) if query.from_ else end - DEFAULT_SPAN[window]
         _check_range(window, start, end, now)
-        grouped = _grouping(found, query.group_by)
+        selection = _grouping(found, query.group_by)
+        grouped = bool(selection.keep)
         top = _top(grouped, query.order_by, query.limit)
         if top is not None and found.aggregation is Aggregation.AVG:
             raise _invalid(
@@ -165,6 +167,8 @@ class Usage:
                 )
             except ZoneError as exc:
                 raise _invalid("tz", str(exc)) from None
+        if not selection.everything(found):
+            found, cells = selection.narrow(found, cells)
         series: dict[str, Any] = {
             "customer": customer,
             "meter": found.name,
@@ -271,14 +275,13 @@ def _check_range(window: Window, start: datetime, end: datetime, now: datetime) 
         )
 
 
-def _grouping(meter: Meter, group_by: str | None) -> bool:
-    if not group_by:
-        return False
-    asked = tuple(d.strip() for d in group_by.split(",") if d.strip())
-    if set(asked) != set(meter.group_names):
-        allowed = ",".join(meter.group_names) or "(none)"
-        raise _invalid("group_by", f"meter {meter.name!r} groups by {allowed}; got {group_by!r}")
-    return True
+def _grouping(meter: Meter, group_by: str | None) -> Selection:
+    """The dimensions asked for: all of the meter's, or some (the others merged)."""
+    asked = tuple(d.strip() for d in (group_by or "").split(",") if d.strip())
+    try:
+        return Selection.of(meter, asked, {})
+    except SelectionError as exc:
+        raise _invalid("group_by", str(exc)) from None
 
 
 def _top(grouped: bool, order_by: str | None, limit: str | None) -> int | None:
