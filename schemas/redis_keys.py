@@ -91,10 +91,11 @@ def counters(customer: str, meter: str, window: Window, bucket: str) -> str:
     return f"{_tag(customer)}:c:{meter}:{window.value}:{bucket}"
 
 
-def counters_of_meter(meter: str) -> str:
-    """A SCAN pattern matching every customer's counters of ``meter`` (admin checks only:
-    a scan of the whole keyspace)."""
-    return f"{PREFIX}:{{*}}:c:{meter}:*"
+COUNTED_METERS = f"{PREFIX}:meters:counted"
+"""A set of the meters the aggregator has counted events of: each aggregator process adds
+a meter the first time it counts one (in the pipeline that counts it), so the admin API
+knows in one lookup — not a scan of every customer's keys — that changing how a meter
+counts would rewrite history."""
 
 
 def unique_set(customer: str, meter: str, window: Window, bucket: str, group: str) -> str:

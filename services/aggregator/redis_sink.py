@@ -76,6 +76,7 @@ class RedisSink:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
         self._script = redis.register_script(_APPLY)
+        self._counted: set[str] = set()  # meters this process has marked counted
 
     async def stored_offsets(self, wanted: list[tuple[str, str]]) -> list[int | None]:
         """The applied offset of each (customer, offset field)."""
@@ -87,12 +88,17 @@ class RedisSink:
 
     async def apply(self, batch: list[Apply]) -> list[Reply]:
         """Try each customer's share; for refused ones, say why (and which digests)."""
+        first = {meter for item in batch for meter, _ in item.ops.months.values()}
+        first -= self._counted
         async with self._redis.pipeline(transaction=False) as pipe:
+            if first:  # before the calls that count them: never counted yet unmarked
+                pipe.sadd(redis_keys.COUNTED_METERS, *sorted(first))
             for item in batch:
                 keys, args = _arguments(item)
                 await self._script(keys=keys, args=args, client=pipe)
             results = await pipe.execute()
-        return [_reply(r) for r in results]
+        self._counted |= first
+        return [_reply(r) for r in (results[1:] if first else results)]
 
 
 def _reply(raw: list[Any]) -> Reply:

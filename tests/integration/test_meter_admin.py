@@ -13,7 +13,10 @@ from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from schemas import redis_keys
+from schemas.events import utcnow
 from schemas.windows import Window
+from services.aggregator.increments import CounterOps
+from services.aggregator.redis_sink import Apply, Outcome, RedisSink
 from services.common.meter_cache import MeterCache
 from services.common.settings import Settings
 from tests.accounts_support import ADMIN, plan_with, put_plan, running_api
@@ -85,23 +88,31 @@ async def test_a_meter_that_counted_cannot_change_how_it_counts(
         meter = llm_meter()
         name = meter["name"]
         assert (await client.post("/v1/admin/meters", json=meter, headers=ADMIN)).is_success
-        key = redis_keys.counters("acme", name, Window.DAY, "20261202")
-        await redis.hset(key, redis_keys.TOTAL, 5_000_000)
+        key = redis_keys.counters("acme", name, Window.MONTH, "202612")
+        ops = CounterOps()
+        ops.sums[(key, redis_keys.TOTAL)] = 5_000_000
+        ops.expiry[key] = int(utcnow().timestamp()) + 600
+        ops.months[key] = (name, "202612")
+        fresh = {"value_property": "$.tokens.output"}
+        moved = await client.put(f"/v1/admin/meters/{name}", json=meter | fresh, headers=ADMIN)
+        assert moved.status_code == 200, moved.text  # nothing counted yet: it may change
+        share = Apply("acme", "t/0", None, 1, [redis_keys.seen("acme", "x")], 0, [], ops)
+        assert [r.outcome for r in await RedisSink(redis).apply([share])] == [Outcome.APPLIED]
         try:
             changes: list[dict[str, Any]] = [
-                {"value_property": "$.tokens.output"},
+                {"value_property": "$.tokens.input"},
                 {"filters": {}},
                 {"aggregation": "min"},
                 {"event_type": "llm_call_v2"},
             ]
             for change in changes:
                 reply = await client.put(
-                    f"/v1/admin/meters/{name}", json=meter | change, headers=ADMIN
+                    f"/v1/admin/meters/{name}", json=meter | fresh | change, headers=ADMIN
                 )
                 detail = problem(reply, 409, "meter-definition-locked")["detail"]
                 assert next(iter(change)) in detail and "new meter" in detail
             fine = await client.put(
-                f"/v1/admin/meters/{name}", json=meter | {"unit": "tok"}, headers=ADMIN
+                f"/v1/admin/meters/{name}", json=meter | fresh | {"unit": "tok"}, headers=ADMIN
             )
             assert fine.status_code == 200, fine.text
         finally:

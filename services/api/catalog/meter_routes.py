@@ -164,7 +164,7 @@ async def _may_change(conn: Any, redis: Redis, before: StoredMeter, meter: Meter
         raise Problem(METER_EXISTS, f"meter {meter.name!r} is archived; names are not reused")
     if before.meter.counting_definition() == meter.counting_definition():
         return
-    if await meter_store.has_rollups(conn, meter.name) or await _has_counters(redis, meter.name):
+    if await meter_store.has_rollups(conn, meter.name) or await _counted(redis, meter.name):
         changed = sorted(
             k
             for k, v in meter.counting_definition().items()
@@ -178,7 +178,6 @@ async def _may_change(conn: Any, redis: Redis, before: StoredMeter, meter: Meter
         )
 
 
-async def _has_counters(redis: Redis, name: str) -> bool:
-    async for _ in redis.scan_iter(match=redis_keys.counters_of_meter(name), count=1000):
-        return True
-    return False
+async def _counted(redis: Redis, name: str) -> bool:
+    """Has an aggregator counted events of ``name`` (``redis_keys.COUNTED_METERS``)?"""
+    return bool(await redis.sismember(redis_keys.COUNTED_METERS, name))
