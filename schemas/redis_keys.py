@@ -91,6 +91,15 @@ def counters(customer: str, meter: str, window: Window, bucket: str) -> str:
     return f"{_tag(customer)}:c:{meter}:{window.value}:{bucket}"
 
 
+ZONES = f"{PREFIX}:zones"
+"""Customers billed in a zone other than UTC → the zone's IANA name.  The accounts
+projection writes it; the enforcement and the aggregator read it
+(``services.common.zone_book``) to count and enforce quotas over the customer's local
+calendar month (``schemas.zones.quota_month``)."""
+
+ZONES_VERSION = f"{PREFIX}:zones:version"
+"""Bumped whenever ``ZONES`` changes: readers poll it and reload the hash only then."""
+
 COUNTED_METERS = f"{PREFIX}:meters:counted"
 """A set of the meters the aggregator has counted events of: each aggregator process adds
 a meter the first time it counts one (in the pipeline that counts it), so the admin API

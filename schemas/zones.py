@@ -8,6 +8,8 @@ with half- or quarter-hour offsets (India, Nepal, parts of Australia) are refuse
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -60,3 +62,43 @@ def billing_zone(name: str, now: datetime | None = None) -> str:
         for month in (1, 7):
             whole_hours(datetime(year, month, 1, tzinfo=UTC), tz)
     return name
+
+
+QUOTA_ZONE_MARK = "@"
+"""Separates a quota month's local ``yyyymm`` from its zone in a counter's bucket id:
+``202612@America/New_York``.  UTC customers keep the UTC month bucket (``202612``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaMonth:
+    """The quota period holding an instant: the calendar month in the customer's billing
+    zone, as the bucket id of its month counters and its UTC bounds."""
+
+    bucket: str
+    start: datetime
+    end: datetime
+
+
+def quota_month(moment: datetime, tz: ZoneInfo | None) -> QuotaMonth:
+    """The quota month holding ``moment`` for a customer billed in ``tz`` (None: UTC)."""
+    hour = moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    return _quota_month(hour, tz)
+
+
+@functools.lru_cache(maxsize=4096)
+def _quota_month(hour: datetime, tz: ZoneInfo | None) -> QuotaMonth:
+    local = hour.astimezone(tz or UTC)
+    start = datetime(local.year, local.month, 1, tzinfo=tz or UTC)
+    following = datetime(local.year + local.month // 12, local.month % 12 + 1, 1, tzinfo=tz or UTC)
+    label = f"{local.year:04d}{local.month:02d}"
+    bucket = label if tz is None else f"{label}{QUOTA_ZONE_MARK}{tz.key}"
+    return QuotaMonth(bucket, start.astimezone(UTC), following.astimezone(UTC))
+
+
+def quota_bounds(bucket: str) -> tuple[datetime, datetime]:
+    """The UTC bounds of the quota month a bucket id names (``quota_month``'s)."""
+    label, _, name = bucket.partition(QUOTA_ZONE_MARK)
+    tz = zone(name) if name else None
+    first = datetime(int(label[:4]), int(label[4:6]), 1, 12, tzinfo=tz or UTC)
+    found = quota_month(first, tz)
+    return found.start, found.end

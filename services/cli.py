@@ -198,7 +198,12 @@ def meters_backfill(
                 )
             counting_from = current.counting_from.get(name, 0)
             live = await backfill_live(
-                runtime.clickhouse(), RedisSink(runtime.redis()), meter, counting_from, utcnow()
+                runtime.clickhouse(),
+                RedisSink(runtime.redis()),
+                meter,
+                counting_from,
+                utcnow(),
+                (await runtime.zones()).zone,
             )
             typer.echo(
                 f"live counters: {live.events} events stamped before version {counting_from}"

@@ -37,6 +37,7 @@ from services.common.logging import get_logger
 from services.common.meter_cache import MeterCache
 from services.common.openapi import document_framework_problems, problem_schemas
 from services.common.settings import Settings
+from services.common.zone_book import ZoneBook
 
 log = get_logger("tally")
 
@@ -73,6 +74,7 @@ class Runtime:
         self._limits: Redis | None = None
         self._authenticator: Authenticator | None = None
         self._meters: MeterCache | None = None
+        self._zones: ZoneBook | None = None
         self._clickhouse: ClickHouse | None = None
         self._producer: AIOKafkaProducer | None = None
 
@@ -160,6 +162,14 @@ class Runtime:
             await self._meters.start()
             self.stack.push_async_callback(self._meters.stop)
         return self._meters
+
+    async def zones(self) -> ZoneBook:
+        """The process's one copy of the customers' billing zones, followed for changes."""
+        if self._zones is None:
+            self._zones = ZoneBook(self.redis())
+            await self._zones.start()
+            self.stack.push_async_callback(self._zones.stop)
+        return self._zones
 
     @property
     def authenticates(self) -> bool:

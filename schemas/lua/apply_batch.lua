@@ -96,7 +96,7 @@ end
 -- Alert thresholds: for each month total this call changed, the highest compiled
 -- threshold at or below it fires when it is above the highest one already fired this
 -- month (so several crossed at once fire once, and none ever fires twice).
-for index, meter, month in string.gmatch(ARGV[9], '(%d+) (%S+) (%d+)') do
+for index, meter, month in string.gmatch(ARGV[9], '(%d+) (%S+) (%S+)') do
   local compiled = redis.call('HGET', KEYS[5], meter)
   local total = compiled and redis.call('HGET', KEYS[tonumber(index)], '*')
   if total and string.sub(total, 1, 1) ~= '-' then

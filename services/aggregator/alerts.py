@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime
+from datetime import datetime
 
 from redis.asyncio import Redis
 
@@ -35,7 +35,7 @@ from schemas.alerts import AlertKind, Crossing, parse_crossing
 from schemas.catalog import Meter
 from schemas.events import from_micros, utcnow
 from schemas.notifications import Notification, NotificationType, moment
-from schemas.windows import Window, next_bucket
+from schemas.zones import quota_bounds
 from services.common import metrics
 from services.common.logging import get_logger
 from services.common.notify import publish
@@ -163,9 +163,9 @@ def _text(item: bytes | str) -> str:
 
 
 def period(month: str) -> tuple[datetime, datetime]:
-    """The quota period a month bucket (yyyymm) names: the UTC calendar month."""
-    start = datetime(int(month[:4]), int(month[4:]), 1, tzinfo=UTC)
-    return start, next_bucket(Window.MONTH, start)
+    """The quota period a month bucket names: the UTC calendar month (``yyyymm``), or
+    the customer's local one (``yyyymm@Zone/Name``, ``schemas.zones.quota_month``)."""
+    return quota_bounds(month)
 
 
 def notification(customer: str, crossing: Crossing, unit: str | None) -> Notification:

@@ -26,6 +26,7 @@ from schemas.windows import RETENTION, Window, bucket_start
 from services.aggregator import increments
 from services.aggregator.redis_sink import Apply, Outcome, RedisSink
 from services.common.clickhouse import ClickHouse
+from services.common.zone_book import ZoneOf, in_utc
 
 _TS = "DateTime64(6, 'UTC')"
 
@@ -42,9 +43,15 @@ def offset_field(meter: Meter, counting_from: int) -> str:
 
 
 async def backfill_live(
-    clickhouse: ClickHouse, redis: RedisSink, meter: Meter, counting_from: int, now: datetime
+    clickhouse: ClickHouse,
+    redis: RedisSink,
+    meter: Meter,
+    counting_from: int,
+    now: datetime,
+    zone_of: ZoneOf = in_utc,
 ) -> BackfillReport:
-    """Add to ``meter``'s live counters the events stamped before ``counting_from``."""
+    """Add to ``meter``'s live counters the events stamped before ``counting_from`` (and
+    to its quota months in each customer's billing zone, ``zone_of``)."""
     since = bucket_start(Window.MONTH, now - RETENTION[Window.MONTH])
     customers = await _query(
         clickhouse,
@@ -58,7 +65,8 @@ async def backfill_live(
     done = events = already = 0
     for (customer,) in customers:
         found = await _events(clickhouse, meter, counting_from, since, customer)
-        ops = increments.build(customer, found, {meter.event_type: [meter]}, now)
+        meters = {meter.event_type: [meter]}
+        ops = increments.build(customer, found, meters, now, tz=zone_of(customer))
         apply = Apply(customer, offset_field(meter, counting_from), None, 1, [], 0, [], ops)
         [reply] = await redis.apply([apply])
         if reply.outcome is Outcome.APPLIED:

@@ -17,13 +17,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from schemas import corrections, redis_keys
 from schemas.catalog import Aggregation, Meter
 from schemas.envelope import StoredEvent
 from schemas.events import VALUE_SCALE, to_micros
 from schemas.readings import Facts, Reader
-from schemas.windows import Window, bucket_expiry, bucket_id
+from schemas.windows import RETENTION, Window, bucket_expiry, bucket_id
+from schemas.zones import quota_month
 
 WINDOWS = tuple(Window)
 Cells = dict[tuple[str, int], dict[str, Any]]  # (meter, event minute) → group → partial
@@ -58,20 +60,31 @@ def build(
     meters: dict[str, list[Meter]],
     now: datetime,
     counting_from: dict[str, int] | None = None,
+    tz: ZoneInfo | None = None,
 ) -> CounterOps:
     """The counter operations of one customer's new events.  ``counting_from`` (meter →
     catalog version) leaves out of a meter the events stamped before it counted live:
-    those are the back-fill's (``schemas.envelope.StoredEvent.catalog_version``)."""
+    those are the back-fill's (``schemas.envelope.StoredEvent.catalog_version``).
+
+    A customer billed in a zone ``tz`` has its quotas over its local calendar months
+    (``schemas.zones.quota_month``): additive meters also count their totals into that
+    month's counters, which quotas and alerts read instead of the UTC month's."""
     readers = _readers(meters)
     ops = CounterOps()
     now_ts = int(now.timestamp())
     folded = _fold(ops, customer, now_ts, events, readers, counting_from or {})
     for (name, minute), groups in folded.items():
         meter = readers.by_name[name]
+        local = tz is not None and meter.aggregation in _SETTLED
         for window, bucket, expires in _buckets(minute):
             if expires <= now_ts:
                 continue  # a bucket already dropped from Redis: history is in rollups
-            _spread(ops, customer, meter, window, bucket, expires, groups)
+            _spread(ops, customer, meter, window, bucket, expires, groups, quota=not local)
+        if local:
+            bucket, expires = _quota_bucket(minute // 60, tz)
+            if expires > now_ts:
+                total = {redis_keys.TOTAL: groups[redis_keys.TOTAL]}
+                _spread(ops, customer, meter, Window.MONTH, bucket, expires, total, quota=True)
     return ops
 
 
@@ -206,10 +219,12 @@ def _spread(
     bucket: str,
     expires: int,
     groups: dict[str, Any],
+    quota: bool = True,
 ) -> None:
+    """``quota``: a month's counters here are those quotas and alerts read."""
     key = redis_keys.counters(customer, meter.name, window, bucket)
     ops.expiry[key] = expires
-    if window is Window.MONTH:
+    if window is Window.MONTH and quota:
         ops.months[key] = (meter.name, bucket)
     aggregation = meter.aggregation
     for group, partial in groups.items():
@@ -242,6 +257,13 @@ def _groups(reader: Reader, facts: Facts) -> tuple[str, ...]:
 @lru_cache(maxsize=65_536)
 def _group_field(values: tuple[str, ...]) -> str:
     return redis_keys.group_field(values)
+
+
+@lru_cache(maxsize=4096)
+def _quota_bucket(hour: int, tz: ZoneInfo) -> tuple[str, int]:
+    """The bucket id and expiry of the local quota month holding an event hour."""
+    month = quota_month(datetime.fromtimestamp(hour * 3600, UTC), tz)
+    return month.bucket, int((month.end + RETENTION[Window.MONTH]).timestamp())
 
 
 @lru_cache(maxsize=4096)

@@ -28,6 +28,7 @@ from services.aggregator.redis_sink import Apply, Outcome, RedisSink
 from services.common import metrics
 from services.common.logging import get_logger
 from services.common.meter_cache import MeterCache
+from services.common.zone_book import ZoneOf, in_utc
 
 log = get_logger("tally.aggregator")
 
@@ -77,11 +78,14 @@ class BatchProcessor:
         topic_ids: TopicIds | None = None,
         alerting: Alerting | None = None,
         catalog: MeterCache | None = None,
+        zone_of: ZoneOf = in_utc,
     ) -> None:
         """``catalog``, when given, is the cache ``meters`` reads: its versions decide
         which events a new meter counts live, and an event stamped with a newer version
-        than it holds makes it reload before counting (``_catalog_for``)."""
+        than it holds makes it reload before counting (``_catalog_for``).  ``zone_of``:
+        each customer's billing zone, whose months its quotas count."""
         self._catalog = catalog
+        self._zone_of = zone_of
         self._incarnation = incarnation
         self._tell_alerting = alerting
         # customers whose alert crossings wait to be published (told once the batch is in)
@@ -277,7 +281,9 @@ class BatchProcessor:
             seen_keys=[self._dedupe.key(customer, b) for b in self._dedupe.live(now)],
             seen_expires_at=self._dedupe.expires_at(bucket),
             digests=new_digests,
-            ops=increments.build(customer, new_events, meters, now, counting_from),
+            ops=increments.build(
+                customer, new_events, meters, now, counting_from, self._zone_of(customer)
+            ),
             events=len(candidates),
             replayed=len(share.records) - len(fresh),
         )

@@ -37,6 +37,7 @@ async def start(runtime: Runtime) -> Component:
         topic_ids=partial(topic_ids.topic_ids, bootstrap),
         alerting=alerts.wake,
         catalog=meters,
+        zone_of=(await runtime.zones()).zone,
     )
     runtime.background(alerts.run(), "alert publisher")
     worker.attach(app, settings, processor)

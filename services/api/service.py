@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.api.accounts import admin_routes
+from services.api.accounts import admin_routes, projection
 from services.api.accounts import routes as account_routes
 from services.api.accounts.service import Accounts
 from services.api.analytics import routes as analytics_routes
@@ -52,22 +52,27 @@ async def _start(runtime: Runtime, with_analytics: bool) -> Component:
     decisions = Pipelined(settings.redis_url, settings.enforce_redis_timeout)
     runtime.stack.push_async_callback(decisions.aclose)
     grace_ms = round(settings.past_due_grace_hours * 3_600_000)
-    limiter = Limiter(decisions, settings.reservation_ttl_seconds * 1000, grace_ms)
+    runtime.background(projection.keep_zones_synced(redis, pool), "billing zones")
+    zones = await runtime.zones()
+    zone_of = zones.zone
+    limiter = Limiter(decisions, settings.reservation_ttl_seconds * 1000, grace_ms, zone_of)
     auth, addresses = await runtime.authenticator(), AddressLimit(settings.ip_limit_per_second)
     meters = await runtime.meters()
     enforcer = Enforcer(settings, redis, pool, limiter, meters)
     usage = usage_routes.Usage(runtime.redis(), pool, auth, meters)
     settle = settings.reservation_ttl_seconds
-    leaser = Leaser(decisions, settings.lease_ttl_ms, settle * 1000, settings.lease_share, grace_ms)
+    leaser = Leaser(
+        decisions, settings.lease_ttl_ms, settle * 1000, settings.lease_share, grace_ms, zone_of
+    )
     leases = Leases(enforcer, leaser, settle)
-    accounts = Accounts(settings, redis, pool, auth, addresses.check)
-    dashboard = DashboardView(settings, runtime.redis(), pool, meters)
+    accounts = Accounts(settings, redis, pool, auth, addresses.check, zones)
+    dashboard = DashboardView(settings, runtime.redis(), pool, meters, zone_of)
     sql = [(await start_analytics(runtime)).routers[0]] if with_analytics else []
     return Component(
         "api",
         routers=[
             usage_routes.router(usage, meters),
-            status_routes.router(settings, runtime.redis(), pool, auth),
+            status_routes.router(settings, runtime.redis(), pool, auth, zone_of),
             account_routes.router(accounts),
             admin_routes.router(accounts),
             catalog_routes.router(accounts),

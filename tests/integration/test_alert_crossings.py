@@ -16,6 +16,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import orjson
 from hypothesis import given, settings
@@ -52,8 +53,14 @@ def calls(customer: str, n: int, at: datetime | None = None) -> list[StoredEvent
 class Feed:
     """One customer's partition as the aggregator applies it: offset by offset."""
 
-    def __init__(self, redis: Redis, customer: str, meters: dict[str, list[Meter]]) -> None:
-        self.sink, self.customer, self.meters = RedisSink(redis), customer, meters
+    def __init__(
+        self,
+        redis: Redis,
+        customer: str,
+        meters: dict[str, list[Meter]],
+        tz: ZoneInfo | None = None,
+    ) -> None:
+        self.sink, self.customer, self.meters, self.tz = RedisSink(redis), customer, meters, tz
         self.field = redis_keys.offset_field("tally.events", 0, "alert-tests")
         self.dedupe = DedupeWindow(timedelta(hours=24))
 
@@ -69,7 +76,7 @@ class Feed:
             seen_keys=[self.dedupe.key(self.customer, b) for b in self.dedupe.live(now)],
             seen_expires_at=self.dedupe.expires_at(self.dedupe.current(now)),
             digests=[redis_keys.event_digest(e.source, e.id) for e in events],
-            ops=increments.build(self.customer, events, self.meters, now),
+            ops=increments.build(self.customer, events, self.meters, now, tz=self.tz),
         )
         [(outcome, _, _)] = await self.sink.apply([plan])
         return outcome

@@ -88,7 +88,8 @@ async def test_a_meter_that_counted_cannot_change_how_it_counts(
         meter = llm_meter()
         name = meter["name"]
         assert (await client.post("/v1/admin/meters", json=meter, headers=ADMIN)).is_success
-        key = redis_keys.counters("acme", name, Window.MONTH, "202612")
+        customer = f"{name}-customer"  # a customer of its own: offsets start afresh
+        key = redis_keys.counters(customer, name, Window.MONTH, "202612")
         ops = CounterOps()
         ops.sums[(key, redis_keys.TOTAL)] = 5_000_000
         ops.expiry[key] = int(utcnow().timestamp()) + 600
@@ -96,7 +97,7 @@ async def test_a_meter_that_counted_cannot_change_how_it_counts(
         fresh = {"value_property": "$.tokens.output"}
         moved = await client.put(f"/v1/admin/meters/{name}", json=meter | fresh, headers=ADMIN)
         assert moved.status_code == 200, moved.text  # nothing counted yet: it may change
-        share = Apply("acme", "t/0", None, 1, [redis_keys.seen("acme", "x")], 0, [], ops)
+        share = Apply(customer, "t/0", None, 1, [redis_keys.seen(customer, "x")], 0, [], ops)
         assert [r.outcome for r in await RedisSink(redis).apply([share])] == [Outcome.APPLIED]
         try:
             changes: list[dict[str, Any]] = [

@@ -3,6 +3,7 @@ from __future__ import annotations
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -190,3 +191,40 @@ def test_expiry_covers_every_key_touched() -> None:
         window = Window(key.split(":")[4])
         at = old if (":compute_seconds:" in key or ":active_users:" in key) else NOW
         assert expires == int(bucket_expiry(window, at).timestamp())
+
+
+NEW_YORK = ZoneInfo("America/New_York")
+
+
+def test_a_customer_billed_in_a_zone_counts_its_quota_months_locally() -> None:
+    """At 03:00 UTC on 1 November it is still 31 October in New York: the call counts in
+    UTC's November and in the customer's local October, whose counters alerts read."""
+    late_october = datetime(2026, 11, 1, 3, tzinfo=UTC)
+    november = datetime(2026, 11, 2, 3, tzinfo=UTC)
+    ops = build(
+        CUSTOMER,
+        [event("api_call", at=late_october, endpoint="/a"), event("api_call", at=november, i=1)],
+        meters(SEATS),
+        NOW,
+        tz=NEW_YORK,
+    )
+    utc_month = counters("api_calls", Window.MONTH, late_october)
+    local = {
+        bucket: redis_keys.counters(CUSTOMER, "api_calls", Window.MONTH, bucket)
+        for bucket in ("202610@America/New_York", "202611@America/New_York")
+    }
+    assert ops.sums[(utc_month, redis_keys.TOTAL)] == 2_000_000
+    assert ops.sums[(local["202610@America/New_York"], redis_keys.TOTAL)] == 1_000_000
+    assert ops.sums[(local["202611@America/New_York"], redis_keys.TOTAL)] == 1_000_000
+    assert (local["202610@America/New_York"], redis_keys.group_field(("/a",))) not in ops.sums
+    assert ops.months == {key: ("api_calls", bucket) for bucket, key in local.items()}
+    assert ops.expiry[local["202611@America/New_York"]] == int(
+        (datetime(2026, 12, 1, 5, tzinfo=UTC) + timedelta(days=400)).timestamp()
+    )
+
+
+def test_meters_no_quota_counts_keep_their_utc_months_in_a_zone() -> None:
+    """A latest meter takes no quota: no local month, its UTC month still alerts."""
+    ops = build(CUSTOMER, [event("seats", "4")], meters(SEATS), NOW, tz=NEW_YORK)
+    key = counters("seats", Window.MONTH)
+    assert ops.months == {key: ("seats", bucket_id(Window.MONTH, NOW))}

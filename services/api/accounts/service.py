@@ -35,6 +35,7 @@ from services.common.notify import publish_once
 from services.common.problems import Problem, invalid_field, unknown_customer
 from services.common.redis import UNREACHABLE
 from services.common.settings import Settings
+from services.common.zone_book import ZoneBook
 
 log = get_logger("tally.accounts")
 
@@ -93,9 +94,13 @@ class Accounts:
         pool: AsyncConnectionPool,
         auth: Authenticator,
         admit_address: Callable[[str], None],
+        zones: ZoneBook | None = None,
     ) -> None:
         """``admit_address`` raises 429 for a client address that sends too much (the
-        layer before authentication, which sign-up shares with enforcement)."""
+        layer before authentication, which sign-up shares with enforcement); ``zones``,
+        this process's billing zones, is refreshed after each change so that its own
+        next decision counts a zone just set (other processes: within a second)."""
+        self.zones = zones
         self.settings = settings
         self.redis = redis
         self.pool = pool
@@ -130,6 +135,8 @@ class Accounts:
         lacks, and the next change re-projects the rest."""
         try:
             await projection.project_customer(self.redis, self.pool, customer_id)
+            if self.zones is not None:
+                await self.zones.refresh()
         except UNREACHABLE as exc:
             log.warning("projection into Redis failed", customer=customer_id, error=repr(exc))
 

@@ -159,6 +159,12 @@ async def customers_on(conn: AsyncConnection, plan_id: str) -> list[str]:
     return [row[0] for row in await cur.fetchall()]
 
 
+async def zones(conn: AsyncConnection) -> list[tuple[str, str]]:
+    """Each customer billed in a zone other than UTC, with its zone."""
+    cur = await conn.execute("SELECT id, timezone FROM customers WHERE timezone <> 'UTC'")
+    return [(row[0], row[1]) for row in await cur.fetchall()]
+
+
 class Invoiced(Exception):
     """The customer has invoices: its billing time zone may no longer move its periods."""
 

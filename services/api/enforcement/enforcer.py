@@ -123,7 +123,7 @@ class Enforcer:
         self._limiter = limiter
         self._fallback = Fallback(settings.fallback_rate_per_minute)
         self._meters = meters
-        self._exhaustion = Exhaustion(redis)
+        self._exhaustion = Exhaustion(redis, limiter.zone_of)
         self._redis_up = True
         metrics.REDIS_AVAILABLE.set(1)
 

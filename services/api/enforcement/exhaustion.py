@@ -12,16 +12,17 @@ the publish loses the telling until the customer is refused again.
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 
 from redis.asyncio import Redis
 
 from schemas.notifications import Notification, NotificationType, moment
-from schemas.windows import Window, next_bucket
+from schemas.zones import QuotaMonth, quota_month
 from services.api.enforcement.limiter import Outcome
 from services.common.logging import get_logger
 from services.common.notify import publish_once
+from services.common.zone_book import ZoneOf, in_utc
 
 log = get_logger("tally.enforce")
 
@@ -34,7 +35,9 @@ PREFIX = "quota:"
 
 
 class Exhaustion:
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, zone_of: ZoneOf = in_utc) -> None:
+        """``zone_of``: each customer's billing zone, where its quota months start."""
+        self._zone_of = zone_of
         self._redis = redis
         self._told: set[tuple[str, str, datetime]] = set()
         self._pending: set[asyncio.Task[None]] = set()
@@ -45,14 +48,14 @@ class Exhaustion:
         if violated is None or violated.kind != "quota" or not violated.hard:
             return
         meter = violated.policy.removeprefix(PREFIX)
-        start = datetime(now.year, now.month, 1, tzinfo=UTC)
-        memo = (customer, meter, start)
+        month = quota_month(now, self._zone_of(customer))
+        memo = (customer, meter, month.start)
         if memo in self._told:
             return
         if len(self._told) >= MEMO:
             self._told.clear()
         self._told.add(memo)
-        note = notice(customer, meter, start, violated.limit, now)
+        note = notice(customer, meter, month, violated.limit, now)
         task = asyncio.create_task(self._tell(memo, note))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
@@ -74,9 +77,9 @@ class Exhaustion:
 
 
 def notice(
-    customer: str, meter: str, start: datetime, limit: Decimal, now: datetime
+    customer: str, meter: str, month: QuotaMonth, limit: Decimal, now: datetime
 ) -> Notification:
-    end = next_bucket(Window.MONTH, start)
+    start, end = month.start, month.end
     return Notification.decided(
         KIND,
         customer,

@@ -26,6 +26,7 @@ from services.api.enforcement.limiter import (
     run,
 )
 from services.api.enforcement.pipelined import Arg, Pipelined
+from services.common.zone_book import ZoneOf, in_utc
 
 
 class LeaseMode(StrEnum):
@@ -72,10 +73,12 @@ class Leaser:
         settle_ms: int,
         share: int,
         past_due_grace_ms: int | None = None,
+        zone_of: ZoneOf = in_utc,
     ) -> None:
         """``ttl_ms``: a term's length; ``settle_ms``: how long spent units stay held
         waiting for their events; ``share``: a lease takes at most 1/share of the room
-        the tightest limit has left."""
+        the tightest limit has left; ``zone_of``: each customer's billing zone."""
+        self._zone_of = zone_of
         self._connection = connection
         self._ttl, self._settle, self._share = ttl_ms, settle_ms, share
         self._grace: Arg = "" if past_due_grace_ms is None else past_due_grace_ms
@@ -88,7 +91,8 @@ class Leaser:
         self, customer: str, ask: LeaseAsk, now: datetime, clock_us: int | None = None
     ) -> Grant:
         """``now`` picks the quota period; ``clock_us`` overrides Redis's clock (tests)."""
-        keys, (start_ms, end_ms) = decision_keys(customer, ask.meter or "-", now)
+        tz = self._zone_of(customer)
+        keys, (start_ms, end_ms) = decision_keys(customer, ask.meter or "-", now, tz=tz)
         args: list[Arg] = [
             ask.key_id,
             ask.scope,

@@ -10,10 +10,11 @@ from __future__ import annotations
 import functools
 import hashlib
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import orjson
 from redis.exceptions import ResponseError
@@ -21,8 +22,10 @@ from redis.exceptions import ResponseError
 from schemas import account_state, lua, redis_keys
 from schemas.account_state import epoch_ms
 from schemas.events import from_micros, to_micros
-from schemas.windows import Window, bucket_id, next_bucket
+from schemas.windows import Window
+from schemas.zones import QuotaMonth, quota_month
 from services.api.enforcement.pipelined import Arg, Pipelined, pack
+from services.common.zone_book import ZoneOf, in_utc
 
 _FIELDS = ", ".join(f"'{f}'" for f in account_state.FIELDS)
 ADMISSION = redis_keys.RELEASE_LUA + lua.source("admission")
@@ -119,27 +122,29 @@ class Ask:
     end_user: str = ""  # who the customer's call is for (limits scoped per end user)
 
 
-@functools.lru_cache(maxsize=16)
-def _period(year: int, month: int) -> tuple[str, int, int]:
-    """The quota period (a UTC calendar month): its bucket id, start and end in ms."""
-    start = datetime(year, month, 1, tzinfo=UTC)
-    end = next_bucket(Window.MONTH, start)
-    return bucket_id(Window.MONTH, start), epoch_ms(start), epoch_ms(end)
-
-
 def _seconds(ms: int) -> int:
     return -(-ms // 1000)
 
 
 class Limiter:
     def __init__(
-        self, connection: Pipelined, reservation_ttl_ms: int, past_due_grace_ms: int | None = None
+        self,
+        connection: Pipelined,
+        reservation_ttl_ms: int,
+        past_due_grace_ms: int | None = None,
+        zone_of: ZoneOf = in_utc,
     ) -> None:
         """``past_due_grace_ms``: how long a past_due account is still admitted (None:
-        for ever)."""
+        for ever); ``zone_of``: each customer's billing zone, where its quotas' months
+        start."""
+        self._zone_of = zone_of
         self._connection = connection
         self._ttl = reservation_ttl_ms
         self._grace: Arg = "" if past_due_grace_ms is None else past_due_grace_ms
+
+    @property
+    def zone_of(self) -> ZoneOf:
+        return self._zone_of
 
     async def _script(self, keys: list[str], args: list[Arg]) -> Any:
         return await run(self._connection, SCRIPT, SHA, keys, args)
@@ -148,7 +153,8 @@ class Limiter:
         self, customer: str, ask: Ask, now: datetime, clock_us: int | None = None
     ) -> Outcome:
         """``now`` picks the quota period; ``clock_us`` overrides Redis's clock (tests)."""
-        keys, (start_ms, end_ms) = decision_keys(customer, ask.meter, now, ask.end_user)
+        tz = self._zone_of(customer)
+        keys, (start_ms, end_ms) = decision_keys(customer, ask.meter, now, ask.end_user, tz)
         args: list[Arg] = [
             ask.key_id,
             ask.scope,
@@ -197,11 +203,12 @@ async def run(
 
 
 def decision_keys(
-    customer: str, meter: str, now: datetime, end_user: str = ""
+    customer: str, meter: str, now: datetime, end_user: str = "", tz: ZoneInfo | None = None
 ) -> tuple[list[str], tuple[int, int]]:
     """The keys a decision on ``meter`` reads and writes (``enforce.lua`` and
-    ``lease.lua`` alike), and the quota period (start, end in ms) ``now`` falls in."""
-    month, start_ms, end_ms = _period(now.year, now.month)
+    ``lease.lua`` alike), and the quota period (start, end in ms) ``now`` falls in: the
+    calendar month in the customer's billing zone ``tz`` (None: UTC)."""
+    month, start_ms, end_ms = _period(quota_month(now, tz))
     keys = [
         redis_keys.account(customer),
         redis_keys.api_keys(customer),
@@ -213,6 +220,12 @@ def decision_keys(
         redis_keys.end_user_rate_states(customer, end_user),
     ]
     return keys, (start_ms, end_ms)
+
+
+@functools.lru_cache(maxsize=1024)
+def _period(month: QuotaMonth) -> tuple[str, int, int]:
+    """The quota month's bucket id, start and end in ms."""
+    return month.bucket, epoch_ms(month.start), epoch_ms(month.end)
 
 
 def parse(raw: bytes) -> Outcome:

@@ -23,12 +23,14 @@ from schemas import lua, redis_keys
 from schemas.account_state import PLAN, POLICIES, STATUS, TRIAL_ENDS, epoch_ms
 from schemas.events import from_micros, utcnow
 from schemas.plans import SCOPE_LETTERS
-from schemas.windows import Window, bucket_id, bucket_start, next_bucket
+from schemas.windows import Window
+from schemas.zones import quota_month
 from services.api.accounts import projection
 from services.api.enforcement.trials import end_trial
 from services.common import catalog
 from services.common.problems import unknown_customer
 from services.common.settings import Settings
+from services.common.zone_book import ZoneOf, in_utc
 
 FIELDS = (PLAN, STATUS, POLICIES, TRIAL_ENDS)  # in the order limits.lua reads them
 SCRIPT = lua.source("limits", ACCOUNT_FIELDS=", ".join(f"'{f}'" for f in FIELDS))
@@ -82,7 +84,14 @@ SCOPES = {letter: scope.value for scope, letter in SCOPE_LETTERS.items()}
 
 
 class LimitsReader:
-    def __init__(self, settings: Settings, redis: Redis, pool: AsyncConnectionPool) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        redis: Redis,
+        pool: AsyncConnectionPool,
+        zone_of: ZoneOf = in_utc,
+    ) -> None:
+        self._zone_of = zone_of
         self._settings = settings
         self._redis = redis
         self._pool = pool
@@ -96,8 +105,9 @@ class LimitsReader:
         clock_us: int | None = None,
         facts: Facts | None = None,
     ) -> LimitsStatus:
-        """``now`` picks the quota period (default: the current UTC month, as enforcement
-        has it); ``clock_us`` overrides Redis's clock (tests).  Unknown customer: 404.
+        """``now`` picks the quota period (the month holding it in the customer's billing
+        zone, as enforcement has it; default now); ``clock_us`` overrides Redis's clock
+        (tests).  Unknown customer: 404.
 
         What a decision would put right first is put right here too — an account not
         projected yet, a trial that ran out — so the limits told are those it will use."""
@@ -120,7 +130,7 @@ class LimitsReader:
     async def _ask(
         self, customer: str, now: datetime, clock_us: int | None, facts: Facts
     ) -> dict[str, Any]:
-        month = bucket_start(Window.MONTH, now)
+        month = quota_month(now, self._zone_of(customer))
         keys = [
             redis_keys.account(customer),
             redis_keys.rate_states(customer),
@@ -129,11 +139,11 @@ class LimitsReader:
             redis_keys.held(customer),
             redis_keys.end_user_rate_states(customer, facts.end_user),
             *(
-                redis_keys.counters(customer, meter, Window.MONTH, bucket_id(Window.MONTH, now))
+                redis_keys.counters(customer, meter, Window.MONTH, month.bucket)
                 for meter in self._meters
             ),
         ]
-        period = [epoch_ms(month), epoch_ms(next_bucket(Window.MONTH, month))]
+        period = [epoch_ms(month.start), epoch_ms(month.end)]
         clock = "" if clock_us is None else clock_us
         args = [clock, *period, facts.key_id or "-", facts.endpoint, facts.end_user, *self._meters]
         raw = await self._script(keys=keys, args=args)

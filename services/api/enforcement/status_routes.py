@@ -22,6 +22,7 @@ from services.api.enforcement.status import Facts, LimitsReader, LimitsStatus, P
 from services.common.auth import Authenticator, address, credential
 from services.common.openapi import problem_responses
 from services.common.settings import Settings
+from services.common.zone_book import ZoneOf, in_utc
 
 Amount = int | str  # whole amounts as JSON numbers, fractional ones as decimal strings
 
@@ -65,10 +66,14 @@ class CustomerLimits(BaseModel):
 
 
 def router(
-    settings: Settings, redis: Redis, pool: AsyncConnectionPool, auth: Authenticator
+    settings: Settings,
+    redis: Redis,
+    pool: AsyncConnectionPool,
+    auth: Authenticator,
+    zone_of: ZoneOf = in_utc,
 ) -> APIRouter:
     api = APIRouter(tags=["enforcement"])
-    reader = LimitsReader(settings, redis, pool)
+    reader = LimitsReader(settings, redis, pool, zone_of)
 
     @api.get(
         "/v1/customers/{customer}/limits",

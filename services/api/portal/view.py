@@ -40,6 +40,7 @@ from services.api.usage.reader import UsageReader
 from services.common import catalog
 from services.common.meter_cache import MeterCache
 from services.common.settings import Settings
+from services.common.zone_book import ZoneOf, in_utc
 
 DAYS = 30
 TOP = 5
@@ -139,10 +140,11 @@ class DashboardView:
         redis: Redis,
         pool: AsyncConnectionPool,
         meters: MeterCache,
+        zone_of: ZoneOf = in_utc,
     ) -> None:
         self._pool = pool
         self._meters = meters
-        self._limits = LimitsReader(settings, redis, pool)
+        self._limits = LimitsReader(settings, redis, pool, zone_of)
         self._usage = UsageReader(redis, pool)
         self._billing = BillingReads(settings)
 
