@@ -17,7 +17,7 @@ from schemas.events import utcnow
 from schemas.zones import quota_month, zone
 from services.common.settings import Settings
 from tests.conftest import up_env
-from tests.support import TallyProcess, wait_for
+from tests.support import TallyProcess, sample_event, wait_for
 
 pytestmark = pytest.mark.slow
 ADMIN = "e2e-admin-token"
@@ -49,15 +49,7 @@ def test_the_aggregator_counts_a_zoned_customers_local_month(
             customer = made.json()["customer"]["id"]
             time.sleep(ZONE_BOUND_SECONDS)
             calls = [
-                {
-                    "specversion": "1.0",
-                    "id": uuid.uuid4().hex,
-                    "source": "gateway",
-                    "type": "api_call",
-                    "subject": customer,
-                    "time": utcnow().isoformat(),
-                    "data": {"endpoint": "/search"},
-                }
+                sample_event(id=uuid.uuid4().hex, subject=customer, time=utcnow().isoformat())
                 for _ in range(3)
             ]
             assert client.post("/v1/events", json=calls).status_code == 202
