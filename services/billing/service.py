@@ -137,7 +137,9 @@ async def alert_compiler(runtime: Runtime, pool: AsyncConnectionPool) -> AlertCo
     (await runtime.meters()).on_change(changed)
     seconds = runtime.settings.alerts_recompile_seconds
     runtime.background(_recompile(compiler, catalog_changed, seconds), "alerts")
-    runtime.background(SpendWatch(pool, runtime.redis()).run(), "spend alerts")
+    meters, zones = await runtime.meters(), await runtime.zones()
+    watch = SpendWatch(pool, runtime.redis(), meters, zones.zone)
+    runtime.background(watch.run(), "spend alerts")
     return compiler
 
 

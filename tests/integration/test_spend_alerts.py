@@ -26,10 +26,12 @@ from schemas.envelope import StoredEvent
 from schemas.events import utcnow
 from schemas.notifications import STREAM, NotificationType
 from schemas.windows import Window, bucket_start, next_bucket
+from schemas.zones import quota_month, zone
 from services.aggregator.alerts import AlertPublisher
 from services.billing.notification.alerts.compile import plan_of
 from services.billing.notification.alerts.invoice import SpendWatch
 from services.billing.rating import engine as rating
+from services.common.meter_cache import MeterCache
 from services.common.settings import Settings
 from tests.accounts_support import Account, running_api, sign_up
 from tests.integration.test_alert_api import SERVICE, alerts_client
@@ -219,3 +221,33 @@ async def test_bad_whole_invoice_rules_name_the_field(
             reply = await client.post(path, json=body, headers=SERVICE)
             assert reply.status_code == 422, (body, reply.text)
             assert field in reply.text, (body, reply.text)
+
+
+async def test_a_customer_billed_in_a_zone_is_rated_over_its_local_month(
+    settings: Settings, pool: AsyncConnectionPool, redis: Redis, payg: Account
+) -> None:
+    """15,000 calls ($5.00) in the last half hour of the previous New York month fire
+    nothing, though the UTC month holds them; the same again in this local month does,
+    for the local month."""
+    customer, new_york = payg.customer, zone("America/New_York")
+    month = quota_month(utcnow(), new_york)
+    async with alerts_client(settings, pool, redis) as client:
+        await add_rule(client, customer, ["5.00"])
+    feed = Feed(redis, customer, METERS, tz=new_york)
+    publisher = AlertPublisher(redis, lambda: METERS)
+    watch = SpendWatch(pool, redis, await meter_cache(pool), lambda _: new_york)
+    await feed.send(calls(customer, 15_000, month.start - timedelta(minutes=30)))
+    await settle(publisher, watch, customer)
+    assert await fired(redis, customer) == []
+    await feed.send(calls(customer, 15_000, month.start + timedelta(minutes=30)))
+    await settle(publisher, watch, customer)
+    [alert] = await fired(redis, customer)
+    assert alert["data"]["amount"] == "5.00"
+    assert alert["data"]["period"]["start"] == month.start.isoformat().replace("+00:00", "Z")
+
+
+async def meter_cache(pool: AsyncConnectionPool) -> MeterCache:
+    """The catalog's meters as billing holds them (loaded once: nothing changes here)."""
+    cache = MeterCache(pool, "", max_age=3600)
+    await cache.refresh()
+    return cache

@@ -13,8 +13,9 @@ amount fires when it is above the highest one already fired this period
 (``redis_keys.spend_fired``), through ``publish_once`` under an id derived from (customer,
 rule, threshold, period start).  A crash between the publish and the marker repeats the
 same id, which publishes nothing; a replayed batch changes no counter, so rating it
-again finds nothing new.  The period is the UTC calendar month, the counters' and every
-other alert's.
+again finds nothing new.  The period is the quota month, as for every other alert: the
+UTC calendar month, or the local one of a customer billed in a time zone, whose additive
+meters the aggregator also counts by local month (``schemas.zones.quota_month``).
 """
 
 from __future__ import annotations
@@ -24,25 +25,30 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from schemas import redis_keys
 from schemas.alerts import AlertKind
+from schemas.catalog import Aggregation
 from schemas.events import from_micros, utcnow
 from schemas.notifications import Notification, NotificationType, moment
 from schemas.plans import Plan
-from schemas.windows import Window, bucket_id, bucket_start, next_bucket
+from schemas.windows import Window, bucket_id
+from schemas.zones import quota_month
 from services.billing.invoicing import compose
-from services.billing.invoicing.periods import Period
+from services.billing.invoicing.periods import UTC_ZONE, Period
 from services.billing.notification.alerts import rules
 from services.billing.notification.alerts.compile import mark_due, plan_of
 from services.billing.notification.alerts.rules import Rule
 from services.billing.notification.alerts.spend import MAX_MICROS
 from services.billing.rating import engine as rating
 from services.common.logging import get_logger
+from services.common.meter_cache import MeterCache
 from services.common.notify import publish_once
+from services.common.zone_book import ZoneOf, in_utc
 
 log = get_logger("tally.billing.spend_alerts")
 
@@ -54,10 +60,11 @@ WAIT_SECONDS = 1.0  # how long one waiting pop polls before it returns empty-han
 POLL_SECONDS = 0.05  # how often it looks: a crossing waits at most this long to be rated
 
 
-def month_of(now: datetime) -> Period:
-    """The UTC calendar month ``now`` falls in: the period live counters and alerts use."""
-    start = bucket_start(Window.MONTH, now)
-    return Period(start, next_bucket(Window.MONTH, start))
+def month_of(now: datetime, tz: ZoneInfo | None = None) -> Period:
+    """The quota month ``now`` falls in for a customer billed in ``tz`` (None: UTC): the
+    period live counters and alerts use."""
+    month = quota_month(now, tz)
+    return Period(month.start, month.end, tz or UTC_ZONE)
 
 
 def invoice_to_date(plan: Plan, usage: Mapping[str, Decimal], period: Period) -> Decimal:
@@ -92,9 +99,19 @@ def highest_crossed(rule: Rule, amount: Decimal, fired: Decimal | None) -> Decim
 class SpendWatch:
     """Evaluates the whole-invoice spend rules of customers marked due."""
 
-    def __init__(self, pool: AsyncConnectionPool, redis: Redis) -> None:
+    def __init__(
+        self,
+        pool: AsyncConnectionPool,
+        redis: Redis,
+        meters: MeterCache | None = None,
+        zone_of: ZoneOf = in_utc,
+    ) -> None:
+        """``meters`` tells additive meters (counted by local month too) from the others;
+        ``zone_of``: each customer's billing zone."""
         self._pool = pool
         self._redis = redis
+        self._meter_cache = meters
+        self._zone_of = zone_of
 
     async def run(self) -> None:
         """Pop due customers as soon as they are marked, for as long as billing serves.
@@ -128,8 +145,9 @@ class SpendWatch:
             whole = [r for r in await rules.listed(conn, customer) if rules.whole_invoice(r)]
         if plan is None or not whole:
             return 0
-        period = month_of(now)
-        usage = await self._usage(customer, plan, now)
+        tz = self._zone_of(customer)
+        period = month_of(now, tz)
+        usage = await self._usage(customer, plan, now, tz)
         amount = invoice_to_date(plan, usage, period)
         key = redis_keys.spend_fired(customer)
         fields = [f"{rule.id}|{moment(period.start)}" for rule in whole]
@@ -148,19 +166,36 @@ class SpendWatch:
             fired += 1
         return fired
 
-    async def _usage(self, customer: str, plan: Plan, now: datetime) -> dict[str, Decimal]:
-        """The month's live totals of the plan's priced meters (the aggregator's counters)."""
-        month = bucket_id(Window.MONTH, now)
+    async def _usage(
+        self, customer: str, plan: Plan, now: datetime, tz: ZoneInfo | None
+    ) -> dict[str, Decimal]:
+        """The month's live totals of the plan's priced meters (the aggregator's counters):
+        an additive meter's local month for a customer billed in a zone; other meters
+        (a distinct count has no local month counter) their UTC month's."""
+        local, utc = quota_month(now, tz).bucket, bucket_id(Window.MONTH, now)
+        additive = await self._additive()
         meters = sorted(plan.prices)
         async with self._redis.pipeline(transaction=False) as pipe:
             for meter in meters:
-                pipe.hget(redis_keys.counters(customer, meter, Window.MONTH, month), "*")
+                bucket = local if additive is None or meter in additive else utc
+                pipe.hget(redis_keys.counters(customer, meter, Window.MONTH, bucket), "*")
             totals = await pipe.execute()
         return {
             meter: from_micros(int(total))
             for meter, total in zip(meters, totals, strict=True)
             if total is not None
         }
+
+    async def _additive(self) -> frozenset[str] | None:
+        """The names of count and sum meters; None when every meter is taken as one."""
+        if self._meter_cache is None:
+            return None
+        index = await self._meter_cache.meters()
+        return frozenset(
+            name
+            for name, meter in index.by_name.items()
+            if meter.aggregation in (Aggregation.COUNT, Aggregation.SUM)
+        )
 
     async def _pop(self, block: bool) -> list[str]:
         """The customers due now; with ``block``, polled every ``POLL_SECONDS`` for up
