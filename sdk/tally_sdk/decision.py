@@ -13,9 +13,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-import httpx
-
-from tally_sdk.errors import problem_of
+from tally_sdk.errors import Response, problem_of
 
 LEGACY_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")
 """Answered too when the customer's plan asks for them (`legacy_ratelimit_headers`)."""
@@ -58,7 +56,7 @@ class Decision:
         object.__setattr__(self, "added_headers", added)
 
     @classmethod
-    def from_response(cls, response: httpx.Response) -> Decision:
+    def from_response(cls, response: Response) -> Decision:
         """The decision in a 200, 403 or 429 answer of ``/v1/enforce``."""
         body = problem_of(response) or {}
         return cls.from_answer(response.status_code, response.headers, body)

@@ -8,9 +8,32 @@ come back as a ``Decision``.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
-import httpx
+
+class Request(Protocol):
+    method: str
+
+    @property
+    def url(self) -> Any: ...
+
+
+class Response(Protocol):
+    """What the helpers below read of an HTTP response: an ``httpx.Response`` fits, and
+    so does any client's with these members (the SDK itself depends on no HTTP client's
+    models: its own pipelined client reads answers directly)."""
+
+    status_code: int
+    reason_phrase: str
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    @property
+    def request(self) -> Request: ...
+
+    def json(self) -> Any: ...
 
 
 class TallyError(Exception):
@@ -50,7 +73,7 @@ class ClientClosed(TallyError):
     """The client was closed; events emitted now would never be sent."""
 
 
-def problem_of(response: httpx.Response) -> dict[str, Any] | None:
+def problem_of(response: Response) -> dict[str, Any] | None:
     """The JSON object of the body, if there is one: problem+json or any JSON error body."""
     try:
         body = response.json()
@@ -59,7 +82,7 @@ def problem_of(response: httpx.Response) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
-def error_for(response: httpx.Response) -> TallyError:
+def error_for(response: Response) -> TallyError:
     """The typed error for an unsuccessful answer, carrying its problem body."""
     what = f"{response.request.method} {response.request.url.path}"
     return error_of(response.status_code, problem_of(response), what, response.reason_phrase)
