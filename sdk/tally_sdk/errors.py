@@ -13,7 +13,8 @@ from typing import Any, Protocol
 
 
 class Request(Protocol):
-    method: str
+    @property
+    def method(self) -> str: ...
 
     @property
     def url(self) -> Any: ...
@@ -24,8 +25,11 @@ class Response(Protocol):
     so does any client's with these members (the SDK itself depends on no HTTP client's
     models: its own pipelined client reads answers directly)."""
 
-    status_code: int
-    reason_phrase: str
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def reason_phrase(self) -> str: ...
 
     @property
     def headers(self) -> Mapping[str, str]: ...
