@@ -15,6 +15,7 @@ under which the usage API reports a group.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -157,9 +158,13 @@ def as_dimension(found: Any) -> str | None:
         return found
     if isinstance(found, bool):
         return "true" if found else "false"
-    if isinstance(found, int | Decimal | float):
+    if isinstance(found, int) or (isinstance(found, Decimal | float) and _finite(found)):
         return number_text(found)
     return None
+
+
+def _finite(number: Decimal | float) -> bool:
+    return number.is_finite() if isinstance(number, Decimal) else math.isfinite(number)
 
 
 INTEGERS = (-(2**63), 2**64)

@@ -98,7 +98,8 @@ projection writes it; the enforcement and the aggregator read it
 calendar month (``schemas.zones.quota_month``)."""
 
 ZONES_VERSION = f"{PREFIX}:zones:version"
-"""Bumped whenever ``ZONES`` changes: readers poll it and reload the hash only then."""
+"""Set to a new value (the time in ns) whenever ``ZONES`` changes: readers poll it and
+reload the hash only then; a flushed Redis never offers a version seen before."""
 
 COUNTED_METERS = f"{PREFIX}:meters:counted"
 """A set of the meters the aggregator has counted events of: each aggregator process adds

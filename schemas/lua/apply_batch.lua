@@ -8,7 +8,7 @@
 -- ARGV: offset field, expected offset ('' = none yet), new offset, seen-set expire-at,
 --       offsets ttl, digest size, n live sets, the digests concatenated (one argument:
 --       cheap to send), the month totals to check against alert thresholds
---       ('<key index> <meter> <yyyymm>' lines), expire-at per touched key,
+--       ('<key index> <meter> <month bucket>' lines: yyyymm, or yyyymm@Zone/Name), expire-at per touched key,
 --       then ops as (code, key index, field, value, extra) quintuples.
 -- Op S settles a lease (lease.lua): `value` micro-units of meter `extra` counted from
 -- events naming lease `field` move from what it holds to usage, in this same call.

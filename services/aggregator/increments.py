@@ -20,7 +20,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from schemas import corrections, redis_keys
-from schemas.catalog import Aggregation, Meter
+from schemas.catalog import ADDITIVE, Aggregation, Meter
 from schemas.envelope import StoredEvent
 from schemas.events import VALUE_SCALE, to_micros
 from schemas.readings import Facts, Reader
@@ -45,7 +45,8 @@ class CounterOps:
     expiry: dict[str, int] = field(default_factory=dict)
     # (lease, meter) → micro-units its events add to the meter: settled in the same call
     settle: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
-    # month counters key → (meter, yyyymm): the totals checked against alert thresholds
+    # month counters key → (meter, bucket: yyyymm, or yyyymm@Zone for a local quota month):
+    # the totals checked against alert thresholds
     months: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
@@ -144,7 +145,7 @@ def _fold(
     return cells
 
 
-_SETTLED = (Aggregation.COUNT, Aggregation.SUM)
+_SETTLED = ADDITIVE
 """What events spent under a lease add to an additive meter becomes usage of its
 holding (quotas, hence leases, are on additive meters)."""
 

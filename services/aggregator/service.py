@@ -27,6 +27,8 @@ async def start(runtime: Runtime) -> Component:
     app = worker.create_app(settings, bootstrap)
     alerts = AlertPublisher(runtime.redis(), meters.by_type)
     await alerts.sweep()
+    zones = await runtime.zones()
+    await zones.refresh()  # loaded before the first batch (raises like the sweep above)
     processor = BatchProcessor(
         clickhouse=ClickHouseSink(runtime.clickhouse()),
         redis=RedisSink(runtime.redis()),
@@ -37,7 +39,7 @@ async def start(runtime: Runtime) -> Component:
         topic_ids=partial(topic_ids.topic_ids, bootstrap),
         alerting=alerts.wake,
         catalog=meters,
-        zone_of=(await runtime.zones()).zone,
+        zone_of=zones.zone,
     )
     runtime.background(alerts.run(), "alert publisher")
     worker.attach(app, settings, processor)

@@ -16,17 +16,19 @@ import contextlib
 from collections.abc import Callable, Mapping
 from zoneinfo import ZoneInfo
 
-import structlog
 from redis.asyncio import Redis
 
 from schemas import redis_keys
 from schemas.zones import ZoneError, zone
+from services.common.logging import get_logger
 from services.common.redis import UNREACHABLE
 
-log = structlog.get_logger(__name__)
+log = get_logger("tally.zones")
 
 
 class ZoneBook:
+    """The map of customers billed outside UTC, as ``redis_keys.ZONES`` holds it."""
+
     def __init__(self, redis: Redis, refresh_seconds: float = 1.0) -> None:
         self._redis = redis
         self._refresh = refresh_seconds
@@ -34,6 +36,7 @@ class ZoneBook:
         self._version: bytes | str | None = None
         self._loaded = False
         self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()  # a poll and a change's refresh never interleave
 
     def zone(self, customer: str) -> ZoneInfo | None:
         """The customer's billing zone; None for UTC (and for customers not known)."""
@@ -49,6 +52,7 @@ class ZoneBook:
         self._task = asyncio.create_task(self._follow(), name="zone book")
 
     async def stop(self) -> None:
+        """Stop following changes (at shutdown)."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -56,11 +60,12 @@ class ZoneBook:
 
     async def refresh(self) -> None:
         """Reload the zones if their version moved since the last load."""
-        version = await self._redis.get(redis_keys.ZONES_VERSION)
-        if self._loaded and version == self._version:
-            return
-        raw = await self._redis.hgetall(redis_keys.ZONES)
-        self._zones, self._version, self._loaded = dict(_parsed(raw)), version, True
+        async with self._lock:
+            version = await self._redis.get(redis_keys.ZONES_VERSION)
+            if self._loaded and version == self._version:
+                return
+            raw = await self._redis.hgetall(redis_keys.ZONES)
+            self._zones, self._version, self._loaded = dict(_parsed(raw)), version, True
 
     async def _follow(self) -> None:
         while True:

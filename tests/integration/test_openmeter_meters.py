@@ -231,6 +231,8 @@ async def test_groups_are_kept_in_part_and_filtered_as_openmeter_asks(
             "filterGroupBy: meter '{meter}' has no group 'colour'",
         ),
         ("sum", "filterGroupBy=model", "filterGroupBy: a map of group names to values"),
+        ("sum", "filterGroupBy[model=gpt", "unknown query parameters: filterGroupBy[model"),
+        ("sum", "filterGroupBy[model]=a&filterGroupBy[model]=b", "[model]: given twice"),
         (
             "sum",
             "filterGroupBy=%7B'model'%3A+1%7D",

@@ -11,6 +11,7 @@ demand by the first decision that misses it.  Writers of one customer's copy tak
 from __future__ import annotations
 
 import asyncio
+import time
 
 import orjson
 from psycopg import AsyncConnection
@@ -98,7 +99,7 @@ async def _project_zones(redis: Redis, wanted: dict[str, str | None]) -> None:
             pipe.hdel(redis_keys.ZONES, *gone)
         if kept := Fields({c: z for c, z in changed.items() if z is not None}):
             pipe.hset(redis_keys.ZONES, mapping=kept)
-        pipe.incr(redis_keys.ZONES_VERSION)
+        pipe.set(redis_keys.ZONES_VERSION, time.time_ns())  # never one seen before a flush
         await pipe.execute()
 
 

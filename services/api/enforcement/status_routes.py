@@ -51,7 +51,7 @@ class LimitState(BaseModel):
     remaining: Amount = Field(description="What calls of cost 1 may still take now")
     reset: int = Field(description="Seconds until it resets, as /v1/enforce reports it")
     reset_at: datetime = Field(description="When it resets (RFC 3339)")
-    window: int = Field(description="Seconds (quotas: the billing period)")
+    window: int = Field(description="Seconds (quotas: the month in the billing zone)")
 
 
 class CustomerLimits(BaseModel):

@@ -147,7 +147,7 @@ class _Query:
     @classmethod
     def of(cls, request: Request, meter: Meter) -> _Query:
         params = request.query_params
-        unknown = sorted(k for k in set(params) - KNOWN if not k.startswith(f"{FILTER}["))
+        unknown = sorted(k for k in set(params) - KNOWN if not _filter_key(k))
         if unknown:
             raise _bad(f"unknown query parameters: {', '.join(unknown)}")
         subjects = params.getlist("subject") + params.getlist("filterCustomerId")
@@ -177,15 +177,21 @@ class _Query:
         return cls(subjects, start, end, size, window, selection, zone)
 
 
+def _filter_key(key: str) -> bool:
+    return key.startswith(f"{FILTER}[") and key.endswith("]") and len(key) > len(FILTER) + 2
+
+
 def _filter(params: Any) -> dict[str, str]:
     """``filterGroupBy`` as OpenMeter's spec writes it (``filterGroupBy[model]=gpt-4``,
     a deepObject), or as its Python SDK sends it: the dict's Python text in one parameter
     (``filterGroupBy={'model': 'gpt-4'}``), read as a literal, never evaluated."""
-    where = {
-        key[len(FILTER) + 1 : -1]: value
-        for key, value in params.multi_items()
-        if key.startswith(f"{FILTER}[") and key.endswith("]")
-    }
+    where: dict[str, str] = {}
+    for key, value in params.multi_items():
+        if _filter_key(key):
+            name = key[len(FILTER) + 1 : -1]
+            if name in where:
+                raise _bad(f"{FILTER}[{name}]: given twice; one value per group")
+            where[name] = value
     text = params.get(FILTER)
     if text is None:
         return where

@@ -1,10 +1,11 @@
 """This month's usage of every meter, per customer, exact and current to the second.
 
 The aggregator keeps each customer's month total of each meter in Redis (the ``*``
-field of the month's counters, in micro-units: ``schemas.redis_keys``), the same figure
-enforcement counts quotas on.  A month Redis does not hold (flushed, or never reached
-there) is read from the ``usage_monthly`` rollup.  A meter's total across customers adds
-the customers' month values up: calls and sums as they are, for a ``max`` meter the sum
+field of the month's counters, in micro-units: ``schemas.redis_keys``), the figure
+enforcement counts quotas on for customers billed in UTC.  A month Redis does not hold
+(flushed, or never reached there) is read from the ``usage_monthly`` rollup.  A meter's
+total across customers adds the customers' month values up: calls and sums as they are,
+for a ``max`` meter the sum
 of each customer's peak, for a ``unique_count`` meter the sum of each customer's
 distinct count.
 """

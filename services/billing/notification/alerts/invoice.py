@@ -32,7 +32,7 @@ from redis.asyncio import Redis
 
 from schemas import redis_keys
 from schemas.alerts import AlertKind
-from schemas.catalog import Aggregation
+from schemas.catalog import ADDITIVE
 from schemas.events import from_micros, utcnow
 from schemas.notifications import Notification, NotificationType, moment
 from schemas.plans import Plan
@@ -192,9 +192,7 @@ class SpendWatch:
             return None
         index = await self._meter_cache.meters()
         return frozenset(
-            name
-            for name, meter in index.by_name.items()
-            if meter.aggregation in (Aggregation.COUNT, Aggregation.SUM)
+            name for name, meter in index.by_name.items() if meter.aggregation in ADDITIVE
         )
 
     async def _pop(self, block: bool) -> list[str]:
