@@ -40,6 +40,7 @@ EMPTY_BATCH = _define("empty-batch", 400, "Empty batch")
 NOT_AN_EVENT = _define("not-an-event", 400, "Not a Stripe event")
 BAD_SIGNATURE = _define("bad-signature", 400, "Webhook signature rejected")
 BAD_REQUEST = _define("bad-request", 400, "Bad request")
+EVENTS_REFUSED = _define("events-refused", 400, "Events refused")
 # 401, 403: who is asking, and may they
 UNAUTHORIZED = _define("unauthorized", 401, "Unauthorized")
 FORBIDDEN = _define("forbidden", 403, "Forbidden")

@@ -9,6 +9,7 @@ validation, de-duplication and dead-letter path as ``/v1/events``.
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Any
 
 import jiter
@@ -16,7 +17,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from schemas.events import UsageEvent, utcnow
+from schemas.problem_types import EVENTS_REFUSED
 from services.common.openapi import problem_responses, ref
+from services.common.problems import Problem
 from services.ingest import lago, parsing
 from services.ingest.app import Ingest, admit, count, dead_letter, publish
 
@@ -137,12 +140,44 @@ def _is_lago(body: bytes) -> bool:
 
 
 async def _openmeter(ingest: Ingest, body: bytes, kind: str, subject: str | None) -> Response:
-    """OpenMeter answers 204 with no body once the events are stored."""
+    """OpenMeter's answers: 204 with no body once the events are stored; 400 for a request
+    holding an invalid event, of which nothing is stored (the invalid events still reach
+    the DLQ).  As OpenMeter does, an event without ``time`` happened when it arrived."""
     raw_items = parsing.items(body, kind, ingest.settings.max_batch_events)
     received_at = utcnow()
-    verdicts = await ingest.judge(raw_items, received_at, subject)
+    stamped = [_timed(item, received_at) for item in raw_items]
+    verdicts = await ingest.judge(stamped, received_at, subject)
+    rejected = await _refused(ingest, verdicts, received_at)
+    if rejected:
+        first = rejected[0]
+        raise Problem(
+            EVENTS_REFUSED,
+            f"{len(rejected)} of {len(verdicts)} events invalid, first event {first.index}: "
+            f"{first.errors[0].field} {first.errors[0].reason}; none of the request was stored",
+            results=[v.summary() for v in rejected],
+        )
     await publish(ingest, verdicts, received_at, True)
     return Response(status_code=204)
+
+
+async def _refused(
+    ingest: Ingest, verdicts: list[parsing.Verdict], received_at: datetime
+) -> list[parsing.Verdict]:
+    """The invalid events of a request that one of them refuses whole (Lago's and
+    OpenMeter's way): nothing of it is stored, the invalid ones go to the DLQ."""
+    rejected = [v for v in verdicts if v.status is parsing.Status.REJECTED]
+    if rejected:
+        await dead_letter(ingest, rejected, received_at, uuid.uuid4().hex)
+        count([], rejected, 0)
+    return rejected
+
+
+def _timed(item: Any, received_at: datetime) -> Any:
+    """An OpenMeter event without ``time`` (its SDK may leave it out), stamped with the
+    time it arrived; anything else as it came, for validation to judge."""
+    if isinstance(item, dict) and item.get("time") is None:
+        return item | {"time": received_at.isoformat()}
+    return item
 
 
 async def _lago(ingest: Ingest, body: bytes, subject: str | None, batch: bool) -> Response:
@@ -158,10 +193,7 @@ async def _lago(ingest: Ingest, body: bytes, subject: str | None, batch: bool) -
     meters = (await ingest.meters.meters()).by_name if ingest.meters is not None else {}
     raws = [lago.cloudevent(event, received_at, meters) for event in events]
     verdicts = await ingest.judge(raws, received_at, subject)
-    rejected = [v for v in verdicts if v.status is parsing.Status.REJECTED]
-    if rejected:  # Lago refuses the whole request; the bad events still reach the DLQ
-        await dead_letter(ingest, rejected, received_at, uuid.uuid4().hex)
-        count([], rejected, 0)
+    if await _refused(ingest, verdicts, received_at):
         return lago.unprocessable(lago.error_details(verdicts, events, batch))
     await publish(ingest, verdicts, received_at, True)
     return lago.answer([e for e in events if isinstance(e, dict)], received_at, batch)

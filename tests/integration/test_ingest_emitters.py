@@ -290,7 +290,47 @@ async def test_cloudevents_on_the_openmeter_path_answer_204(
     assert (await stored(settings, orjson.loads(body)["id"])).value == 4
     bad = orjson.loads(body) | {"id": uuid.uuid4().hex, "subject": "no spaces allowed"}
     response = await client.post("/api/v1/events", headers=headers, content=orjson.dumps(bad))
-    assert problem(response, 422)["results"][0]["errors"][0]["field"] == "subject"
+    refused = problem(response, 400)
+    assert refused["type"] == "https://tally.dev/problems/events-refused"
+    assert refused["results"][0]["errors"][0]["field"] == "subject"
+
+
+async def test_one_invalid_event_refuses_an_openmeter_batch_whole(
+    client: httpx.AsyncClient, settings: Settings, tenant: str
+) -> None:
+    """As OpenMeter answers: 400, nothing of the request stored, the invalid event named;
+    sent again without it, the good one is stored."""
+    good = orjson.loads(to_structured(cloudevent(tenant, {"value": 3}))[1])
+    bad = good | {"id": uuid.uuid4().hex, "data": {"value": 1, "deep": [[[[[[[[[1]]]]]]]]]}}
+    batch = {"Content-Type": "application/cloudevents-batch+json"}
+    response = await client.post("/api/v1/events", headers=batch, content=orjson.dumps([good, bad]))
+    refused = problem(response, 400)
+    assert [r["index"] for r in refused["results"]] == [1]
+    assert refused["results"][0]["id"] == bad["id"]
+    assert "event 1: data" in refused["detail"]
+    response = await client.post("/api/v1/events", headers=batch, content=orjson.dumps([good]))
+    assert response.status_code == 204
+    assert (await stored(settings, good["id"])).value == 3
+
+
+async def test_an_openmeter_event_without_time_happened_when_it_arrived(
+    served: str, settings: Settings, tenant: str
+) -> None:
+    """OpenMeter's SDK may leave ``time`` out; OpenMeter stamps it at ingest, and so does
+    Tally on OpenMeter's path."""
+    client = OpenMeter(endpoint=served, token=TOKEN)
+    event = OpenMeterEvent(
+        id=uuid.uuid4().hex,
+        source="openmeter-sdk",
+        specversion="1.0",
+        type="api_call",
+        subject=f"{tenant}-acme",
+        data={"value": 2},
+    )
+    before = utcnow()
+    await asyncio.to_thread(client.events.ingest_event, event)
+    found = await stored(settings, event.id)
+    assert found.value == 2 and before <= found.time <= utcnow()
 
 
 async def test_the_openmeter_sdk_ingests_one_event_a_batch_and_plain_json(
