@@ -37,6 +37,7 @@ from services.common.logging import get_logger
 from services.common.meter_cache import MeterCache
 from services.common.openapi import document_framework_problems, problem_schemas
 from services.common.settings import Settings
+from services.common.waits import stop_task
 from services.common.zone_book import ZoneBook
 
 log = get_logger("tally")
@@ -196,7 +197,7 @@ class Runtime:
     def background(self, work: Coroutine[Any, Any, None], name: str) -> None:
         """Run ``work`` for as long as the process serves; cancelled on the way out."""
         task = asyncio.create_task(work, name=name)
-        self.stack.push_async_callback(_stop, task)
+        self.stack.push_async_callback(stop_task, task)
 
     # readiness checks shared by the services that use each store
     def check_postgres(self) -> Check:
@@ -211,30 +212,6 @@ class Runtime:
 
     def check_clickhouse(self) -> Check:
         return lambda: asyncio.to_thread(self.clickhouse().query, "SELECT 1")
-
-
-STOP_RETRY_SECONDS = 0.5
-STOP_LIMIT_SECONDS = 10.0
-
-
-async def _stop(task: asyncio.Task[None]) -> None:
-    """Cancel ``task`` until it ends, for at most ``STOP_LIMIT_SECONDS``.
-
-    One cancellation is not always enough: code inside the task may swallow it
-    (``asyncio.wait_for`` does on Python 3.11 when what it waits for finishes in the same
-    instant, CPython gh-86296), and a loop that carries on would hold the shutdown for
-    ever. A task still running at the limit is named in the log and left behind.
-    """
-    deadline = asyncio.get_running_loop().time() + STOP_LIMIT_SECONDS
-    while not task.done():
-        left = deadline - asyncio.get_running_loop().time()
-        if left <= 0:
-            log.error("background task would not stop", task=task.get_name())
-            return
-        task.cancel()
-        await asyncio.wait({task}, timeout=min(STOP_RETRY_SECONDS, left))
-    if not task.cancelled() and task.exception() is not None:
-        log.error("background task failed", task=task.get_name(), error=repr(task.exception()))
 
 
 class _Server(uvicorn.Server):

@@ -39,6 +39,7 @@ from schemas.zones import quota_bounds
 from services.common import metrics
 from services.common.logging import get_logger
 from services.common.notify import publish
+from services.common.waits import reraise_if_cancelling
 
 log = get_logger("tally.aggregator.alerts")
 
@@ -74,6 +75,7 @@ class AlertPublisher:
                 await self.flush()
                 backoff = 0.1
             except Exception as exc:
+                reraise_if_cancelling()
                 log.error("publishing alerts failed; retrying", error=repr(exc), backoff=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(MAX_BACKOFF_SECONDS, backoff * 2)

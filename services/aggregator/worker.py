@@ -27,6 +27,7 @@ from services.aggregator.transport import Transport
 from services.common import metrics
 from services.common.logging import get_logger
 from services.common.settings import Settings
+from services.common.waits import reraise_if_cancelling
 
 log = get_logger("tally.aggregator")
 MAX_BACKOFF_SECONDS = 10.0
@@ -197,6 +198,7 @@ async def _until_done(step: Callable[[], Awaitable[T]], name: str) -> T:
         try:
             return await step()
         except Exception as exc:
+            reraise_if_cancelling()
             log.error(f"{name} failed; retrying", error=repr(exc), backoff=backoff)
             await asyncio.sleep(backoff)
             backoff = min(MAX_BACKOFF_SECONDS, backoff * 2)

@@ -36,7 +36,7 @@ from services.billing.stripe.outbox import MeterPusher
 from services.billing.stripe.sessions import Sessions
 from services.billing.stripe.webhooks import Webhooks
 from services.common.logging import get_logger
-from services.common.waits import wait_set
+from services.common.waits import reraise_if_cancelling, wait_set
 from services.runtime import Component, Runtime
 
 log = get_logger("tally.billing")
@@ -221,6 +221,7 @@ async def _recompile(compiler: AlertCompiler, changed: asyncio.Event, seconds: f
             count = await compiler.everyone()
             log.debug("alerts compiled", customers=count)
         except Exception as exc:  # the next pass picks up where this one failed
+            reraise_if_cancelling()
             log.error("alerts compile failed", error=repr(exc))
         await wait_set(changed, seconds)
 
@@ -247,5 +248,6 @@ async def _every(job: Callable[[], Awaitable[None]], name: str, seconds: float) 
         try:
             await job()
         except Exception as exc:  # the next pass picks up where this one failed
+            reraise_if_cancelling()
             log.error(f"{name} failed", error=repr(exc))
         await asyncio.sleep(seconds)

@@ -26,6 +26,7 @@ from psycopg_pool import AsyncConnectionPool
 from schemas.catalog import Meter
 from services.common import catalog, postgres
 from services.common.logging import get_logger
+from services.common.waits import reraise_if_cancelling, stop_task
 
 log = get_logger("tally.meters")
 
@@ -121,14 +122,14 @@ class MeterCache:
 
     async def stop(self) -> None:
         if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await stop_task(self._task)
 
     async def _listen_forever(self) -> None:
         while True:
             try:
                 await self._listen()
             except Exception as exc:  # keep the last good meters; reconnect
+                reraise_if_cancelling()
                 log.warning("catalog listener failed", error=repr(exc))
             self._listening = False
             await asyncio.sleep(min(self._max_age, MAX_RETRY_SECONDS))

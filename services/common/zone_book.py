@@ -12,7 +12,6 @@ version moves: a change reaches every process within ``refresh_seconds``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable, Mapping
 from zoneinfo import ZoneInfo
 
@@ -22,6 +21,7 @@ from schemas import redis_keys
 from schemas.zones import ZoneError, zone
 from services.common.logging import get_logger
 from services.common.redis import UNREACHABLE
+from services.common.waits import reraise_if_cancelling, stop_task
 
 log = get_logger("tally.zones")
 
@@ -54,9 +54,7 @@ class ZoneBook:
     async def stop(self) -> None:
         """Stop following changes (at shutdown)."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_task(self._task)
 
     async def refresh(self) -> None:
         """Reload the zones if their version moved since the last load."""
@@ -73,6 +71,7 @@ class ZoneBook:
             try:
                 await self.refresh()
             except UNREACHABLE as exc:  # Redis away: keep the zones, try again
+                reraise_if_cancelling()
                 log.warning("zones not refreshed", error=repr(exc))
 
 

@@ -41,6 +41,7 @@ from schemas.problem_types import OVERLOADED
 from services.common import metrics
 from services.common.logging import get_logger
 from services.common.problems import Problem
+from services.common.waits import reraise_if_cancelling
 
 log = get_logger("tally.ingest")
 
@@ -144,6 +145,7 @@ class Backpressure:
                     try:
                         await self.poll(consumer, admin)
                     except Exception as exc:  # the next poll tries again
+                        reraise_if_cancelling()
                         log.warning("consumer lag not read", error=repr(exc))
                     await asyncio.sleep(self.interval)
             except Exception as exc:

@@ -1,13 +1,16 @@
 """A loop waiting on an event stops when cancelled, even if the event is set in the same
-loop turn: the hang ``asyncio.wait_for`` causes on Python 3.11 (CPython gh-86296)."""
+loop turn: the hang ``asyncio.wait_for`` causes on Python 3.11 (CPython gh-86296); and a
+background task whose work swallows a cancellation still stops."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 
-from services.common.waits import wait_set
-from services.runtime import _stop
+from redis.exceptions import TimeoutError as RedisTimeout
+
+from services.common.waits import stop_task, wait_set
+from services.common.zone_book import ZoneBook
 
 
 async def _waiting_loop(event: asyncio.Event, passes: list[int]) -> None:
@@ -45,5 +48,29 @@ async def test_the_runtime_stops_a_task_that_swallows_one_cancellation() -> None
 
     task = asyncio.create_task(stubborn())
     await asyncio.sleep(0.01)
-    await asyncio.wait_for(_stop(task), 5)
+    await asyncio.wait_for(stop_task(task), 5)
     assert task.cancelled()
+
+
+class _RedisTurningCancelIntoTimeout:
+    """What redis-py can do: a cancellation arriving while it waits for a reply comes
+    out as its own TimeoutError (caught by the zone book as "Redis away")."""
+
+    async def get(self, key: str) -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            raise RedisTimeout("Timeout reading from socket") from None
+
+    async def hgetall(self, key: str) -> dict[str, str]:
+        return {}
+
+
+async def test_the_zone_book_stops_when_redis_swallows_the_cancellation() -> None:
+    """The shutdown hang seen in CI: the zone book's follower, cancelled mid-refresh,
+    logged "zones not refreshed" and slept on; ``stop`` waited for it for ever."""
+    book = ZoneBook(_RedisTurningCancelIntoTimeout(), refresh_seconds=0.01)  # type: ignore[arg-type]
+    book._task = asyncio.create_task(book._follow())
+    await asyncio.sleep(0.05)  # the follower now waits in ``get``
+    await asyncio.wait_for(book.stop(), 5)
+    assert book._task.done()

@@ -27,6 +27,7 @@ from services.api.accounts.projection_lock import lock_projection
 from services.common import catalog
 from services.common.logging import get_logger
 from services.common.redis import UNREACHABLE
+from services.common.waits import reraise_if_cancelling
 
 log = get_logger("tally.accounts")
 
@@ -111,6 +112,7 @@ async def keep_zones_synced(redis: Redis, pool: AsyncConnectionPool) -> None:
             await sync_zones(redis, pool)
             return
         except UNREACHABLE as exc:
+            reraise_if_cancelling()
             log.warning("billing zones not projected yet", error=repr(exc))
         await asyncio.sleep(RESYNC_SECONDS)
 

@@ -21,6 +21,8 @@ from redis.asyncio.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
+from services.common.waits import stop_task
+
 Arg = str | bytes | int
 
 
@@ -116,8 +118,7 @@ class Pipelined:
     async def aclose(self) -> None:
         for task in (self._watchdog, self._probe):
             if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+                await stop_task(task)
         self._watchdog = self._probe = None
         if self._protocol is not None and self._protocol.transport is not None:
             self._protocol.transport.close()

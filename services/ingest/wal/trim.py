@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 
 from services.common.logging import get_logger
+from services.common.waits import reraise_if_cancelling
 from services.ingest.wal.committed import CommittedOffsets
 from services.ingest.wal.journal import Journal
 
@@ -20,6 +21,7 @@ async def keep_trimmed(journal: Journal, committed: CommittedOffsets, every: flo
         try:
             await journal.trim(await committed.events(journal.partitions()))
         except Exception as exc:  # the broker away: the log just waits longer
+            reraise_if_cancelling()
             log.warning("write-ahead log trim skipped", error=repr(exc))
 
 

@@ -48,6 +48,7 @@ from services.billing.rating import engine as rating
 from services.common.logging import get_logger
 from services.common.meter_cache import MeterCache
 from services.common.notify import publish_once
+from services.common.waits import reraise_if_cancelling
 from services.common.zone_book import ZoneOf, in_utc
 
 log = get_logger("tally.billing.spend_alerts")
@@ -121,6 +122,7 @@ class SpendWatch:
             try:
                 await self.drain(block=True)
             except Exception as exc:
+                reraise_if_cancelling()
                 log.error("spend alerts failed; retrying", error=repr(exc))
                 await asyncio.sleep(WAIT_SECONDS)
 
