@@ -19,9 +19,11 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
+    WithJsonSchema,
     model_serializer,
     model_validator,
 )
@@ -49,7 +51,33 @@ MeterPath = Annotated[
         examples=["$.tokens.input", "model"],
     ),
 ]
-FilterValue = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+def _as_dimension(value: Any) -> Any:
+    """A number or boolean in a filter reads as it does as a dimension
+    (``paths.as_dimension``): ``1.50`` matches data holding ``1.5`` or ``15E-1``, ``true``
+    data holding ``true``.  A string is matched as it is."""
+    if isinstance(value, str):
+        return value
+    return paths.as_dimension(value) or value
+
+
+FilterValue = Annotated[
+    str,
+    BeforeValidator(_as_dimension),
+    Field(min_length=1, max_length=256),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "minLength": 1, "maxLength": 256},
+                {"type": "number"},
+                {"type": "boolean"},
+            ],
+            "description": "a string, matched as it is; a number or boolean, matched as "
+            "that value reads as a dimension (1.50 matches 1.5)",
+        }
+    ),
+]
 
 
 class Aggregation(StrEnum):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from schemas import paths
 from schemas.catalog import DimensionFilter, Meter
@@ -85,6 +87,24 @@ def test_filters_match_equals_in_and_prefix() -> None:
     assert DimensionFilter.model_validate({"in": ["a", "b"]}).matches("b")
     assert DimensionFilter(prefix="gpt-").matches("gpt-4o")
     assert not DimensionFilter(prefix="gpt-").matches(None)
+
+
+def test_a_number_in_a_filter_matches_that_number_however_the_data_writes_it() -> None:
+    """Numbers in data are dimensions in one canonical text (``number_text``); a number
+    written in a filter is read the same way, a string is taken as it is."""
+    data = json.loads('{"a": 1.50, "b": 15E-1, "c": 2, "d": true}')
+
+    def at(key: str) -> str | None:
+        return paths.as_dimension(paths.parse(f"$.{key}").find(data))
+
+    halves = DimensionFilter.model_validate_json(b'{"equals": 1.50}')
+    assert halves.equals == "1.5" and halves.matches(at("a")) and halves.matches(at("b"))
+    twos = DimensionFilter.model_validate_json(b'{"in": [2, 3.0]}')
+    assert twos.in_ == ("2", "3") and twos.matches(at("c"))
+    assert DimensionFilter.model_validate_json(b'{"equals": true}').matches(at("d"))
+    assert DimensionFilter(equals="1.50").equals == "1.50"  # a string: as written
+    with pytest.raises(ValidationError):
+        DimensionFilter.model_validate_json(b'{"equals": null}')
 
 
 def test_a_meter_names_its_groups_by_path() -> None:
