@@ -337,7 +337,7 @@ async def publish(
         ],
     }
     if not accepted and not duplicates:
-        raise Problem(INVALID_EVENTS, _first_rejection(rejected), None, **summary)
+        raise Problem(INVALID_EVENTS, first_rejection(rejected), None, **summary)
     headers = MINIMAL_APPLIED if minimal else None
     return Response(
         orjson.dumps(summary), status_code=202, media_type="application/json", headers=headers
@@ -362,7 +362,8 @@ def count(accepted: list[Any], rejected: list[parsing.Verdict], duplicates: int)
         metrics.EVENTS_REJECTED.labels(field or "body").inc()
 
 
-def _first_rejection(rejected: list[parsing.Verdict]) -> str:
+def first_rejection(rejected: list[parsing.Verdict]) -> str:
+    """Where the first rejected event went wrong, and how many more were: a problem's detail."""
     first = rejected[0].errors[0]
     where = (
         f"event {rejected[0].index}: {first.field}" if first.field else f"event {rejected[0].index}"

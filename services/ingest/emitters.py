@@ -21,7 +21,7 @@ from schemas.problem_types import EVENTS_REFUSED
 from services.common.openapi import problem_responses, ref
 from services.common.problems import Problem
 from services.ingest import lago, parsing
-from services.ingest.app import Ingest, admit, count, dead_letter, publish
+from services.ingest.app import Ingest, admit, count, dead_letter, first_rejection, publish
 
 LAGO_EVENT = {
     "type": "object",
@@ -149,11 +149,9 @@ async def _openmeter(ingest: Ingest, body: bytes, kind: str, subject: str | None
     verdicts = await ingest.judge(stamped, received_at, subject)
     rejected = await _refused(ingest, verdicts, received_at)
     if rejected:
-        first = rejected[0]
         raise Problem(
             EVENTS_REFUSED,
-            f"{len(rejected)} of {len(verdicts)} events invalid, first event {first.index}: "
-            f"{first.errors[0].field} {first.errors[0].reason}; none of the request was stored",
+            f"{first_rejection(rejected)}; nothing of the request was stored",
             results=[v.summary() for v in rejected],
         )
     await publish(ingest, verdicts, received_at, True)
