@@ -28,6 +28,7 @@ from slowapi.middleware import SlowAPIMiddleware
 from starlette.types import ASGIApp
 from tally_sdk import RemoteDecider, Tally, TallyMiddleware
 
+from bench.in_app import Timed
 from services.runtime import freeze_heap
 
 KINDS = ("plain", "slowapi", "tally", "tally_remote")
@@ -86,7 +87,7 @@ def main() -> None:
     elif args.kind.startswith("tally"):
         app = with_tally(args.tally_url, args.token, remote=args.kind == "tally_remote")
     config = uvicorn.Config(
-        app,
+        Timed(app),  # every kind alike: a clock read and an append per request
         host="127.0.0.1",
         port=args.port,
         loop="uvloop",
