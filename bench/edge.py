@@ -21,7 +21,7 @@ Two CPU layouts, alternated within every round (``bench.pinning``):
   with the load generator, Tally and Redis).
 
 Other work on the machine (PostgreSQL, other users) is not pinned.  In each round, per
-layout, the kinds interleaved:
+layout, the kinds interleaved, each run once ``tally up`` is quiet again (``quiet``):
 
 1. flat out: ``wrk`` (C, one thread, ``--connections`` keep-alive connections, the keys
    rotated by ``bench/edge_keys.lua``): requests/s, the ratios between kinds;
@@ -82,6 +82,8 @@ LEAD_IN_SECONDS = 1.0
 the steady state.  The kinds ran one after another, so the Tally app's leases ran out
 meanwhile (a term lasts 2 s): every customer's first call of a run would wait for a
 lease, 50 of 5,000 calls, the whole of the p99.  Its p99 is reported (``lead_in``)."""
+QUIET_SHARE = 0.15
+QUIET_MAX_SECONDS = 20.0
 PATH = "/v1/geocode"
 BODY = b'{"q":"berlin"}'
 
@@ -114,6 +116,19 @@ class Under:
     apps: dict[str, psutil.Process]
     tally: psutil.Process
     redis: psutil.Process | None
+
+
+async def quiet(tally: psutil.Process) -> None:
+    """Wait until ``tally up`` has done the work the runs before left it — counting
+    their events, chDB merging the parts they made — so that it is neither charged to
+    this run nor competing with it: until it spends under ``QUIET_SHARE`` of a core over
+    half a second (it idles at 0.07 to 0.09 here), ``QUIET_MAX_SECONDS`` at most."""
+    began = time.perf_counter()
+    while time.perf_counter() - began < QUIET_MAX_SECONDS:
+        before = cpu(tally)
+        await asyncio.sleep(0.5)
+        if (cpu(tally) - before) / 0.5 < QUIET_SHARE:
+            return
 
 
 async def measured(run: Run, kind: str, under: Under) -> dict[str, Any]:
@@ -192,6 +207,7 @@ async def measure(
             flat[layout.name].append({})
             for kind in ports:
                 placed.apply(layout, kind)
+                await quiet(under.tally)
                 run: Run = partial(flat_out, urls[kind], keys, conns, args.seconds)
                 flat[layout.name][-1][kind] = await measured(run, kind, under)
             for rate in args.rates:
@@ -203,6 +219,7 @@ async def measure(
                     due: Run = partial(
                         open_loop, host, port, requests[kind], rate, args.seconds, 64
                     )
+                    await quiet(under.tally)
                     lead = await open_loop(host, port, requests[kind], rate, LEAD_IN_SECONDS, 64)
                     timings(port)  # forget the lead-in's and the flat-out runs' requests
                     run_figures = await measured(due, kind, under) | in_app(timings(port))
