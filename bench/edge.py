@@ -51,7 +51,6 @@ import argparse
 import asyncio
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -239,11 +238,8 @@ def timings(port: int) -> list[float]:
 
 def in_app(durations: list[float]) -> dict[str, float]:
     """p50 and p99 of the requests' times inside the app, as the client's are taken."""
-    inside = Result(0.0, latencies=durations)
-    return {
-        "in_app_p50_ms": round(statistics.median(durations) * 1000, 3),
-        "in_app_p99_ms": round(inside.percentile(0.99), 3),
-    }
+    figures = Result(0.0, latencies=durations).median_and_p99(digits=3)
+    return {f"in_app_{name}": value for name, value in figures.items()}
 
 
 Rounds = list[dict[str, dict[str, Any]]]

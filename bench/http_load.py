@@ -37,12 +37,18 @@ class Result:
         ordered = sorted(self.latencies)
         return ordered[min(len(ordered) - 1, int(len(ordered) * p))] * 1000
 
+    def median_and_p99(self, digits: int = 2) -> dict[str, float]:
+        """``p50_ms`` and ``p99_ms``, rounded to ``digits``."""
+        return {
+            "p50_ms": round(statistics.median(self.latencies) * 1000, digits),
+            "p99_ms": round(self.percentile(0.99), digits),
+        }
+
     def summary(self) -> dict[str, object]:
         summary: dict[str, object] = {
             "requests": len(self.latencies),
             "per_second": round(self.per_second),
-            "p50_ms": round(statistics.median(self.latencies) * 1000, 2),
-            "p99_ms": round(self.percentile(0.99), 2),
+            **self.median_and_p99(),
             "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
         }
         if self.client_cpu_s is not None:

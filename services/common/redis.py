@@ -57,6 +57,12 @@ def limits_store(settings: Settings) -> Redis:
     return Redis(connection_pool=packing(pool))
 
 
+def pack(*parts: Any) -> bytes:
+    """One command in RESP, the Redis protocol, encoded by hiredis (in C)."""
+    packed: bytes = hiredis.pack_command(parts)
+    return packed
+
+
 class _Packed:
     """Packs commands with hiredis (C) instead of redis-py's asyncio packer (Python).
 
@@ -74,7 +80,7 @@ class _Packed:
         elif b" " in command:
             args = (*command.split(), *args[1:])
         try:
-            return [hiredis.pack_command(args)]
+            return [pack(*args)]
         except TypeError:
             packed: list[bytes] = super().pack_command(*args)  # type: ignore[misc]
             return packed

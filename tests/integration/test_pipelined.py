@@ -9,7 +9,8 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from services.api.enforcement.pipelined import Pipelined, pack
+from services.api.enforcement.pipelined import Pipelined
+from services.common.redis import pack
 from tests.conftest import REDIS_URL
 
 

@@ -24,7 +24,8 @@ from schemas.account_state import epoch_ms
 from schemas.events import from_micros, to_micros
 from schemas.windows import Window
 from schemas.zones import QuotaMonth, quota_month
-from services.api.enforcement.pipelined import Arg, Pipelined, pack
+from services.api.enforcement.pipelined import Arg, Pipelined
+from services.common.redis import pack
 from services.common.zone_book import ZoneOf, in_utc
 
 _FIELDS = ", ".join(f"'{f}'" for f in account_state.FIELDS)

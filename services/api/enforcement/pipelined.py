@@ -21,15 +21,10 @@ from redis.asyncio.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
+from services.common.redis import pack
 from services.common.waits import stop_task
 
 Arg = str | bytes | int
-
-
-def pack(*parts: Arg) -> bytes:
-    """One command in RESP, the Redis protocol (hiredis encodes it, in C)."""
-    packed: bytes = hiredis.pack_command(parts)  # type: ignore[arg-type]  # stub: 1-tuple
-    return packed
 
 
 class _Protocol(asyncio.Protocol):
