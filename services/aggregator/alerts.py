@@ -39,12 +39,11 @@ from schemas.zones import quota_bounds
 from services.common import metrics
 from services.common.logging import get_logger
 from services.common.notify import publish
-from services.common.waits import reraise_if_cancelling
+from services.common.waits import Backoff, surviving
 
 log = get_logger("tally.aggregator.alerts")
 
 PAGE = 100  # crossings read per customer and round trip
-MAX_BACKOFF_SECONDS = 10.0
 
 
 class AlertPublisher:
@@ -68,17 +67,16 @@ class AlertPublisher:
         """Drain what ``wake`` named, as soon as it is named, for as long as the process
         serves.  A failed drain keeps its customers named and is tried again (their
         crossings wait in Redis meanwhile: nothing is lost, nothing fires twice)."""
-        backoff = 0.1
+        backoff = Backoff()
         while True:
             await self._due.wait()
-            try:
+            message = "publishing alerts failed; retrying"
+            with surviving(log, message, backoff=backoff.seconds) as attempt:
                 await self.flush()
-                backoff = 0.1
-            except Exception as exc:
-                reraise_if_cancelling()
-                log.error("publishing alerts failed; retrying", error=repr(exc), backoff=backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(MAX_BACKOFF_SECONDS, backoff * 2)
+            if attempt.failed:
+                await backoff.wait()
+            else:
+                backoff.reset()
 
     async def flush(self) -> int:
         """Drain every customer named so far (also at stop: nothing waits for a restart's

@@ -27,10 +27,9 @@ from services.aggregator.transport import Transport
 from services.common import metrics
 from services.common.logging import get_logger
 from services.common.settings import Settings
-from services.common.waits import reraise_if_cancelling
+from services.common.waits import Backoff, surviving
 
 log = get_logger("tally.aggregator")
-MAX_BACKOFF_SECONDS = 10.0
 T = TypeVar("T")
 
 
@@ -193,15 +192,11 @@ async def _aggregate(processor: BatchProcessor, records: Sequence[Record]) -> No
 
 
 async def _until_done(step: Callable[[], Awaitable[T]], name: str) -> T:
-    backoff = 0.1
+    backoff = Backoff()
     while True:
-        try:
+        with surviving(log, f"{name} failed; retrying", backoff=backoff.seconds):
             return await step()
-        except Exception as exc:
-            reraise_if_cancelling()
-            log.error(f"{name} failed; retrying", error=repr(exc), backoff=backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(MAX_BACKOFF_SECONDS, backoff * 2)
+        await backoff.wait()
 
 
 async def _finish(work: Any) -> None:

@@ -36,7 +36,7 @@ from services.billing.stripe.outbox import MeterPusher
 from services.billing.stripe.sessions import Sessions
 from services.billing.stripe.webhooks import Webhooks
 from services.common.logging import get_logger
-from services.common.waits import reraise_if_cancelling, wait_set
+from services.common.waits import surviving, wait_set
 from services.runtime import Component, Runtime
 
 log = get_logger("tally.billing")
@@ -217,12 +217,9 @@ async def _recompile(compiler: AlertCompiler, changed: asyncio.Event, seconds: f
     recompiles a rule change or a plan change does at once."""
     while True:
         changed.clear()
-        try:
+        with surviving(log, "alerts compile failed"):  # the next pass picks up from here
             count = await compiler.everyone()
             log.debug("alerts compiled", customers=count)
-        except Exception as exc:  # the next pass picks up where this one failed
-            reraise_if_cancelling()
-            log.error("alerts compile failed", error=repr(exc))
         await wait_set(changed, seconds)
 
 
@@ -245,9 +242,6 @@ async def _bill_recent(billing: BillingRun) -> None:
 
 async def _every(job: Callable[[], Awaitable[None]], name: str, seconds: float) -> None:
     while True:
-        try:
+        with surviving(log, f"{name} failed"):  # the next pass picks up where this one failed
             await job()
-        except Exception as exc:  # the next pass picks up where this one failed
-            reraise_if_cancelling()
-            log.error(f"{name} failed", error=repr(exc))
         await asyncio.sleep(seconds)

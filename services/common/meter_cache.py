@@ -26,7 +26,7 @@ from psycopg_pool import AsyncConnectionPool
 from schemas.catalog import Meter
 from services.common import catalog, postgres
 from services.common.logging import get_logger
-from services.common.waits import reraise_if_cancelling, stop_task
+from services.common.waits import stop_task, surviving
 
 log = get_logger("tally.meters")
 
@@ -126,11 +126,9 @@ class MeterCache:
 
     async def _listen_forever(self) -> None:
         while True:
-            try:
+            # keep the last good meters; reconnect
+            with surviving(log, "catalog listener failed", level="warning"):
                 await self._listen()
-            except Exception as exc:  # keep the last good meters; reconnect
-                reraise_if_cancelling()
-                log.warning("catalog listener failed", error=repr(exc))
             self._listening = False
             await asyncio.sleep(min(self._max_age, MAX_RETRY_SECONDS))
 

@@ -7,12 +7,20 @@ just as the loop is stopped then never stops, and its process (or a test) hangs 
 shutdown. ``asyncio.timeout`` does not have the flaw.  Libraries swallow cancellations
 too (redis-py can turn one that arrives while it waits for a reply into its own
 ``TimeoutError``, which a loop that keeps going while Redis is away catches), so a
-background task is stopped by ``stop_task``, which cancels until the task ends.
+background task is stopped by ``stop_task``, which cancels until the task ends, and a
+loop that keeps going through errors takes each step ``surviving`` them, which lets a
+cancellation in disguise end it.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
 
 from services.common.logging import get_logger
 
@@ -33,12 +41,66 @@ async def wait_set(event: asyncio.Event, seconds: float) -> bool:
 
 
 def reraise_if_cancelling() -> None:
-    """First thing in the ``except`` of a loop that keeps going through errors: an error
-    that is a cancellation in disguise (redis-py, see above) ends the loop as the
-    cancellation it was, instead of being logged and retried for ever."""
+    """Raise ``CancelledError`` if this task is being cancelled: a cancellation that a
+    library swallowed (see above) still ends the task.  ``surviving`` calls it before
+    it logs an error; a loop whose step can return normally from a swallowed
+    cancellation calls it at the top of each turn too."""
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+
+
+@dataclass
+class Attempt:
+    """How a step taken ``surviving`` went: ``error`` is what it raised, if anything."""
+
+    error: Exception | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+
+@contextmanager
+def surviving(
+    logger: structlog.typing.FilteringBoundLogger,
+    message: str,
+    *errors: type[Exception],
+    level: str = "error",
+    **fields: Any,
+) -> Iterator[Attempt]:
+    """One step of a background loop that keeps going through errors (a store away, a
+    bug in one pass): what the step raises of ``errors`` (default: any ``Exception``) is
+    logged at ``level`` as ``message`` with ``fields`` and the error, and swallowed, and
+    the loop goes on; an error raised while the task is being cancelled is the
+    cancellation in disguise (see above) and ends the loop as ``CancelledError``.
+
+    ``with surviving(log, "zones not refreshed", *UNREACHABLE) as attempt: ...``, then
+    ``attempt.failed`` for a loop that waits longer, or starts over, after a failure."""
+    attempt, caught = Attempt(), errors or (Exception,)
+    try:
+        yield attempt
+    except caught as exc:
+        reraise_if_cancelling()
+        getattr(logger, level)(message, error=repr(exc), **fields)
+        attempt.error = exc
+
+
+class Backoff:
+    """The waits of a loop retrying a failed step: ``first`` seconds, doubled after each
+    failure in a row up to ``most``; ``reset`` once a step succeeds."""
+
+    def __init__(self, first: float = 0.1, most: float = 10.0) -> None:
+        self.first, self.most = first, most
+        self.seconds = first
+        """The next wait."""
+
+    async def wait(self) -> None:
+        await asyncio.sleep(self.seconds)
+        self.seconds = min(self.most, self.seconds * 2)
+
+    def reset(self) -> None:
+        self.seconds = self.first
 
 
 async def stop_task(task: asyncio.Task[None]) -> None:

@@ -21,7 +21,7 @@ from schemas import redis_keys
 from schemas.zones import ZoneError, zone
 from services.common.logging import get_logger
 from services.common.redis import UNREACHABLE
-from services.common.waits import reraise_if_cancelling, stop_task
+from services.common.waits import stop_task, surviving
 
 log = get_logger("tally.zones")
 
@@ -68,11 +68,9 @@ class ZoneBook:
     async def _follow(self) -> None:
         while True:
             await asyncio.sleep(self._refresh)
-            try:
+            # Redis away: keep the zones, try again
+            with surviving(log, "zones not refreshed", *UNREACHABLE, level="warning"):
                 await self.refresh()
-            except UNREACHABLE as exc:  # Redis away: keep the zones, try again
-                reraise_if_cancelling()
-                log.warning("zones not refreshed", error=repr(exc))
 
 
 def _parsed(raw: Mapping[bytes | str, bytes | str]) -> list[tuple[str, ZoneInfo]]:

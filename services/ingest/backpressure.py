@@ -41,7 +41,7 @@ from schemas.problem_types import OVERLOADED
 from services.common import metrics
 from services.common.logging import get_logger
 from services.common.problems import Problem
-from services.common.waits import reraise_if_cancelling
+from services.common.waits import surviving
 
 log = get_logger("tally.ingest")
 
@@ -138,23 +138,21 @@ class Backpressure:
         while True:
             consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap_servers)
             admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap_servers)
-            try:
-                await consumer.start()
-                await admin.start()
-                while True:
-                    try:
-                        await self.poll(consumer, admin)
-                    except Exception as exc:  # the next poll tries again
-                        reraise_if_cancelling()
-                        log.warning("consumer lag not read", error=repr(exc))
-                    await asyncio.sleep(self.interval)
-            except Exception as exc:
-                log.warning("consumer lag not watched; trying again", error=repr(exc))
-            finally:
-                with contextlib.suppress(Exception):
-                    await admin.close()
-                with contextlib.suppress(Exception):
-                    await consumer.stop()
+            again = "consumer lag not watched; trying again"
+            with surviving(log, again, level="warning"):
+                try:
+                    await consumer.start()
+                    await admin.start()
+                    while True:
+                        # the next poll tries again
+                        with surviving(log, "consumer lag not read", level="warning"):
+                            await self.poll(consumer, admin)
+                        await asyncio.sleep(self.interval)
+                finally:
+                    with contextlib.suppress(Exception):
+                        await admin.close()
+                    with contextlib.suppress(Exception):
+                        await consumer.stop()
             await asyncio.sleep(max(self.interval, 1.0))
 
     async def poll(self, consumer: AIOKafkaConsumer, admin: AIOKafkaAdminClient) -> None:

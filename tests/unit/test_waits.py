@@ -1,15 +1,19 @@
 """A loop waiting on an event stops when cancelled, even if the event is set in the same
-loop turn: the hang ``asyncio.wait_for`` causes on Python 3.11 (CPython gh-86296); and a
-background task whose work swallows a cancellation still stops."""
+loop turn: the hang ``asyncio.wait_for`` causes on Python 3.11 (CPython gh-86296); a
+background task whose work swallows a cancellation still stops; a loop that keeps going
+through errors (``surviving``) logs and goes on, but ends on a cancellation in disguise."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 
+import pytest
 from redis.exceptions import TimeoutError as RedisTimeout
+from structlog.testing import capture_logs
 
-from services.common.waits import stop_task, wait_set
+from services.common.logging import get_logger
+from services.common.waits import Backoff, stop_task, surviving, wait_set
 from services.common.zone_book import ZoneBook
 
 
@@ -74,3 +78,66 @@ async def test_the_zone_book_stops_when_redis_swallows_the_cancellation() -> Non
     await asyncio.sleep(0.05)  # the follower now waits in ``get``
     await asyncio.wait_for(book.stop(), 5)
     assert book._task.done()
+
+
+log = get_logger("tally.test")
+
+
+async def test_a_step_that_fails_is_logged_and_the_loop_goes_on() -> None:
+    with capture_logs() as logs:
+        with surviving(log, "step failed", level="warning", turn=3) as attempt:
+            raise ConnectionError("store away")
+    assert attempt.failed and isinstance(attempt.error, ConnectionError)
+    assert logs == [
+        {
+            "event": "step failed",
+            "log_level": "warning",
+            "error": "ConnectionError('store away')",
+            "turn": 3,
+        }
+    ]
+
+
+async def test_a_step_that_succeeds_logs_nothing() -> None:
+    with capture_logs() as logs, surviving(log, "step failed") as attempt:
+        pass
+    assert not attempt.failed and attempt.error is None and logs == []
+
+
+async def test_only_the_named_errors_are_survived() -> None:
+    with pytest.raises(KeyError), surviving(log, "step failed", ConnectionError, OSError):
+        raise KeyError("a bug, not a store away")
+
+
+async def test_an_error_raised_by_a_cancellation_ends_the_loop_as_a_cancellation() -> None:
+    """A client library that answers a cancellation with its own error (redis-py's
+    TimeoutError): the loop is not logged and retried, it ends cancelled."""
+    turns: list[int] = []
+
+    async def loop() -> None:
+        while True:
+            turns.append(1)
+            with surviving(log, "read failed"):
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:
+                    raise RedisTimeout("Timeout reading from socket") from None
+
+    task = asyncio.create_task(loop())
+    await asyncio.sleep(0.01)
+    with capture_logs() as logs:
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=2)
+    assert done == {task} and task.cancelled()
+    assert turns == [1] and logs == []
+
+
+async def test_backoff_doubles_up_to_its_most_and_starts_over_after_a_success() -> None:
+    backoff = Backoff(first=0.001, most=0.003)
+    seen = []
+    for _ in range(4):
+        seen.append(backoff.seconds)
+        await backoff.wait()
+    assert seen == [0.001, 0.002, 0.003, 0.003]
+    backoff.reset()
+    assert backoff.seconds == 0.001

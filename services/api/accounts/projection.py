@@ -27,7 +27,7 @@ from services.api.accounts.projection_lock import lock_projection
 from services.common import catalog
 from services.common.logging import get_logger
 from services.common.redis import UNREACHABLE
-from services.common.waits import reraise_if_cancelling
+from services.common.waits import surviving
 
 log = get_logger("tally.accounts")
 
@@ -108,12 +108,9 @@ async def keep_zones_synced(redis: Redis, pool: AsyncConnectionPool) -> None:
     """``sync_zones`` at start, and again every ``RESYNC_SECONDS`` until it succeeds: a
     process started while Redis was away projects the zones once Redis answers."""
     while True:
-        try:
+        with surviving(log, "billing zones not projected yet", *UNREACHABLE, level="warning"):
             await sync_zones(redis, pool)
             return
-        except UNREACHABLE as exc:
-            reraise_if_cancelling()
-            log.warning("billing zones not projected yet", error=repr(exc))
         await asyncio.sleep(RESYNC_SECONDS)
 
 

@@ -32,6 +32,7 @@ from redis.exceptions import ResponseError
 from schemas.notifications import STREAM, Notification, NotificationType, moment
 from services.common.logging import get_logger
 from services.common.metrics import NOTIFICATIONS
+from services.common.waits import reraise_if_cancelling, surviving
 
 log = get_logger("tally.notifications")
 GROUP = "notifier"
@@ -169,8 +170,8 @@ class Intake:
         """Consume for as long as the process serves; a failed batch is read again."""
         backlog = True
         while True:
-            stop_if_cancelled()
-            try:
+            reraise_if_cancelling()
+            with surviving(log, "notification intake failed") as attempt:
                 if backlog:
                     await self._ensure_group()
                     await self._claim_stale()
@@ -179,10 +180,7 @@ class Intake:
                     backlog = False
                 if not await self._read(">"):
                     await asyncio.sleep(IDLE_SECONDS)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.error("notification intake failed", error=repr(exc))
+            if attempt.failed:
                 backlog = True
                 await asyncio.sleep(1.0)
 
@@ -232,14 +230,6 @@ class Intake:
                 new = await store(conn, notifications, self._mail)
         await self._redis.xack(STREAM, GROUP, *[entry_id for entry_id, _ in entries])
         await self._stored(new)
-
-
-def stop_if_cancelled() -> None:
-    """Leave when cancelled, even if a client library swallowed the ``CancelledError``
-    (redis-py can, when cancelled inside a command): otherwise shutdown waits forever."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 def _parse(entry_id: Any, fields: Any) -> Notification | None:

@@ -35,13 +35,12 @@ from psycopg_pool import AsyncConnectionPool
 from schemas.notifications import Notification
 from services.billing.notification import urls, webhook
 from services.billing.notification.channel import Attempt, Mailer
-from services.billing.notification.intake import stop_if_cancelled
 from services.billing.notification.results import Recorder, Result
 from services.common.logging import get_logger
 from services.common.metrics import DELIVERIES, DELIVERY_LATENCY, DELIVERY_QUEUE
 from services.common.problems import Problem
 from services.common.settings import Settings
-from services.common.waits import wait_set
+from services.common.waits import reraise_if_cancelling, surviving, wait_set
 
 log = get_logger("tally.notifications")
 JITTER = 0.2  # each retry delay is stretched or shrunk by up to a fifth
@@ -179,16 +178,13 @@ class Sender:
         self._client = webhook.session(self._policy.concurrency)
         try:
             while True:
-                stop_if_cancelled()
+                reraise_if_cancelling()
                 self._wake.clear()
-                try:
+                full = False
+                with surviving(log, "notification sender failed"):
                     full = await self.pass_once()
-                except Exception as exc:
-                    log.error("notification sender failed", error=repr(exc))
-                    full = False
-                if full:
-                    continue
-                await wait_set(self._wake, self._policy.poll)
+                if not full:
+                    await wait_set(self._wake, self._policy.poll)
         finally:
             for task in self._tasks:
                 task.cancel()

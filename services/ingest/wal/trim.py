@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 
 from services.common.logging import get_logger
-from services.common.waits import reraise_if_cancelling
+from services.common.waits import surviving
 from services.ingest.wal.committed import CommittedOffsets
 from services.ingest.wal.journal import Journal
 
@@ -18,11 +18,9 @@ async def keep_trimmed(journal: Journal, committed: CommittedOffsets, every: flo
     """Every ``every`` seconds, for as long as ingest serves."""
     while True:
         await asyncio.sleep(every)
-        try:
+        # the broker away: the log just waits longer
+        with surviving(log, "write-ahead log trim skipped", level="warning"):
             await journal.trim(await committed.events(journal.partitions()))
-        except Exception as exc:  # the broker away: the log just waits longer
-            reraise_if_cancelling()
-            log.warning("write-ahead log trim skipped", error=repr(exc))
 
 
 async def trim_before_close(

@@ -48,7 +48,7 @@ from services.billing.rating import engine as rating
 from services.common.logging import get_logger
 from services.common.meter_cache import MeterCache
 from services.common.notify import publish_once
-from services.common.waits import reraise_if_cancelling
+from services.common.waits import surviving
 from services.common.zone_book import ZoneOf, in_utc
 
 log = get_logger("tally.billing.spend_alerts")
@@ -119,11 +119,9 @@ class SpendWatch:
         A customer whose evaluation fails is marked due again; a crash loses the popped
         marks until the alerts safety-net recompile marks every such customer due."""
         while True:
-            try:
+            with surviving(log, "spend alerts failed; retrying") as attempt:
                 await self.drain(block=True)
-            except Exception as exc:
-                reraise_if_cancelling()
-                log.error("spend alerts failed; retrying", error=repr(exc))
+            if attempt.failed:
                 await asyncio.sleep(WAIT_SECONDS)
 
     async def drain(self, block: bool = False) -> int:
