@@ -84,9 +84,11 @@ log = get_logger("tally.test")
 
 
 async def test_a_step_that_fails_is_logged_and_the_loop_goes_on() -> None:
-    with capture_logs() as logs:
-        with surviving(log, "step failed", level="warning", turn=3) as attempt:
-            raise ConnectionError("store away")
+    with (
+        capture_logs() as logs,
+        surviving(log, "step failed", level="warning", turn=3) as attempt,
+    ):
+        raise ConnectionError("store away")
     assert attempt.failed and isinstance(attempt.error, ConnectionError)
     assert logs == [
         {
