@@ -15,10 +15,8 @@ cancellation in disguise end it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
+from types import TracebackType
+from typing import Any, Literal
 
 import structlog
 
@@ -50,25 +48,53 @@ def reraise_if_cancelling() -> None:
         raise asyncio.CancelledError
 
 
-@dataclass
-class Attempt:
-    """How a step taken ``surviving`` went: ``error`` is what it raised, if anything."""
+Level = Literal["debug", "info", "warning", "error"]
 
-    error: Exception | None = None
+
+class Attempt:
+    """A step taken ``surviving`` errors: ``error`` is what it raised, if anything.
+
+    A class, not a generator-based context manager: its ``__exit__`` returns ``bool``,
+    which tells type checkers that the ``with`` may swallow what its body raises (the
+    code after it is reachable)."""
+
+    def __init__(
+        self,
+        logger: structlog.typing.FilteringBoundLogger,
+        message: str,
+        errors: tuple[type[Exception], ...],
+        level: Level,
+        fields: dict[str, Any],
+    ) -> None:
+        self._log = getattr(logger, level)  # a bad level fails here, not at a failure
+        self._message, self._errors, self._fields = message, errors, fields
+        self.error: Exception | None = None
 
     @property
     def failed(self) -> bool:
         return self.error is not None
 
+    def __enter__(self) -> Attempt:
+        return self
 
-@contextmanager
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, _: TracebackType | None
+    ) -> bool:
+        if not isinstance(error, self._errors):
+            return False  # none, or not one to survive: a cancellation, a bug elsewhere
+        reraise_if_cancelling()
+        self._log(self._message, error=repr(error), **self._fields)
+        self.error = error
+        return True
+
+
 def surviving(
     logger: structlog.typing.FilteringBoundLogger,
     message: str,
     *errors: type[Exception],
-    level: str = "error",
+    level: Level = "error",
     **fields: Any,
-) -> Iterator[Attempt]:
+) -> Attempt:
     """One step of a background loop that keeps going through errors (a store away, a
     bug in one pass): what the step raises of ``errors`` (default: any ``Exception``) is
     logged at ``level`` as ``message`` with ``fields`` and the error, and swallowed, and
@@ -77,13 +103,7 @@ def surviving(
 
     ``with surviving(log, "zones not refreshed", *UNREACHABLE) as attempt: ...``, then
     ``attempt.failed`` for a loop that waits longer, or starts over, after a failure."""
-    attempt, caught = Attempt(), errors or (Exception,)
-    try:
-        yield attempt
-    except caught as exc:
-        reraise_if_cancelling()
-        getattr(logger, level)(message, error=repr(exc), **fields)
-        attempt.error = exc
+    return Attempt(logger, message, errors or (Exception,), level, fields)
 
 
 class Backoff:
