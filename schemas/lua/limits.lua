@@ -16,6 +16,7 @@
 -- named reads as one not seen yet: its whole limit left).
 -- The answer carries the trial's end (`e`): a trial that ran out is ended by the caller
 -- (as enforcement does) before its limits are told.
+@RELEASE@
 local now_us
 if ARGV[1] ~= '' then
   now_us = tonumber(ARGV[1])
@@ -109,7 +110,7 @@ local expired = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, 10
 for _, d in ipairs(expired) do
   local r = redis.call('HGET', KEYS[3], d)
   if r then
-    local meter, amount = string.match(r, '^(.*)|(%d+)$')
+    local meter, amount = holding(r)
     released[meter] = (released[meter] or 0) + tonumber(amount)
   end
 end

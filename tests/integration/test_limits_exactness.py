@@ -157,3 +157,42 @@ async def test_held_is_what_the_next_decision_counts(
 async def _reserve(api: httpx.AsyncClient, key: dict[str, str], event: str) -> httpx.Response:
     body = {"mode": "reserve", "event": {"source": "exact", "id": event}}
     return await api.post("/v1/enforce", json=body, headers=key)
+
+
+async def test_an_expired_lease_is_counted_out_as_the_next_decision_will(
+    settings: Settings, redis: Redis, pool: AsyncConnectionPool
+) -> None:
+    """A lease's value holds more than a reservation's (``meter|held|grant|end``): read
+    past its settle window, what it held is counted out, as enforcement releases it."""
+    async with running_api(settings) as api:
+        customer, key = await customer_on(api, plan_with(quota=100))
+        taken = await api.post("/v1/leases", json={"meter": "api_calls", "want": 50}, headers=key)
+        assert taken.status_code == 200, taken.text
+        granted = taken.json()["granted"]
+    seconds, micros = await redis.time()
+    now = seconds * 1_000_000 + micros
+    later = now + (taken.json()["ttl_ms"] // 1000 + settings.reservation_ttl_seconds + 1) * 10**6
+    connection = Pipelined(REDIS_URL, 5.0)
+    limiter, reader = Limiter(connection, 1000), LimitsReader(settings, redis, pool)
+
+    async def quota(at: int) -> PolicyState:
+        (found,) = [p for p in (await reader.read(customer, utcnow(), at)).limits if p.meter]
+        return found
+
+    async def admits(quantity: int) -> bool:
+        ask = Ask(meter="api_calls", quantity=Decimal(quantity), mode=Mode.PEEK)
+        return (await limiter.decide(customer, ask, utcnow(), later)).allowed
+
+    try:
+        held = await quota(now)
+        assert (held.held, held.remaining) == (Decimal(granted), Decimal(100 - granted))
+        expired = await quota(later)
+        assert (expired.used, expired.held, expired.remaining) == (
+            Decimal(0),
+            Decimal(0),
+            Decimal(100),
+        )
+        assert not await admits(101)
+        assert await admits(100)
+    finally:
+        await connection.aclose()

@@ -33,7 +33,11 @@ from services.common.settings import Settings
 from services.common.zone_book import ZoneOf, in_utc
 
 FIELDS = (PLAN, STATUS, POLICIES, TRIAL_ENDS)  # in the order limits.lua reads them
-SCRIPT = lua.source("limits", ACCOUNT_FIELDS=", ".join(f"'{f}'" for f in FIELDS))
+SCRIPT = lua.source(
+    "limits",
+    ACCOUNT_FIELDS=", ".join(f"'{f}'" for f in FIELDS),
+    RELEASE=redis_keys.RELEASE_LUA,  # for ``holding``: how a reservation's value reads
+)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 

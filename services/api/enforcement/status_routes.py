@@ -47,7 +47,9 @@ class LimitState(BaseModel):
         description="Quotas: usage counted this period; rate limits: tokens spent and not"
         " yet refilled (token_bucket, gcra) or calls counted in the window"
     )
-    held: Amount = Field(description="Held by open reservations (quotas; 0 for rate limits)")
+    held: Amount = Field(
+        description="Held by open reservations and leases (quotas; 0 for rate limits)"
+    )
     remaining: Amount = Field(description="What calls of cost 1 may still take now")
     reset: int = Field(description="Seconds until it resets, as /v1/enforce reports it")
     reset_at: datetime = Field(description="When it resets (RFC 3339)")
