@@ -129,10 +129,15 @@ async def test_ten_a_minute_with_fifteen_rapid_calls_serves_ten(
     statuses = sorted(a.status_code for a in answers)
     assert statuses == [200] * 10 + [429] * 5
     for refused in (a for a in answers if a.status_code == 429):
+        assert refused.headers["content-type"] == PROBLEM
         assert refused.json()["policy"] == "per-minute"
         assert refused.headers["RateLimit-Policy"].startswith('"per-minute";q=10;w=60')
         assert int(refused.headers["Retry-After"]) > 0
-        assert "RateLimit" in refused.headers and "RateLimit-Policy" in refused.headers
+        assert refused.headers["RateLimit"].startswith('"per-minute";r=0;t=')
+    for served in (a for a in answers if a.status_code == 200):  # decided from a lease
+        assert served.headers["RateLimit-Policy"].startswith('"per-minute";q=10;w=60')
+        assert served.headers["RateLimit"].startswith('"per-minute";r=')
+        assert "Retry-After" not in served.headers
 
 
 async def test_a_downgrade_and_a_revoked_key_reach_a_lease_holder_within_its_ttl(

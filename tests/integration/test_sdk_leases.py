@@ -10,10 +10,11 @@ import asyncio
 from typing import Any
 
 import httpx
+import pytest
 from tally_sdk import Ask, LeaseDecider, Tally, TallyMiddleware
 
 from tests.integration.test_sdk_events import hello, serve_requests, shut_down
-from tests.sdk_fake import Answer, LeaseModel, Seen, allow_all, fake_tally, reply
+from tests.sdk_fake import LEASE_ANSWER, Answer, LeaseModel, Seen, allow_all, fake_tally, reply
 
 
 def ask(n: int, key: str = "k", endpoint: str = "/e") -> Ask:
@@ -173,3 +174,40 @@ async def test_unreachable_tally_fails_as_the_middleware_is_told() -> None:
 
 async def _never(seen: Seen) -> Answer | None:
     return None
+
+
+@pytest.mark.parametrize(("fail_open", "after"), [(False, 503), (True, 200)])
+async def test_a_held_lease_serves_while_tally_is_away_then_the_setting_decides(
+    fail_open: bool, after: int
+) -> None:
+    """Tally goes away with a term held: its calls are still admitted from it, and once
+    it has run out the middleware answers as it is told (503 problem, or unmetered)."""
+    away = False
+
+    async def script(seen: Seen) -> Answer | None:
+        if away:
+            return None  # the connection drops unanswered: Tally is unreachable
+        if seen.path == "/v1/leases":
+            term = LEASE_ANSWER | {"lease": "ls_fake000000000001", "granted": 50}
+            return reply(200, term | {"ttl_ms": 1000})
+        return await allow_all(seen)
+
+    async with fake_tally(script) as fake:
+        tally = Tally(fake.url, "svc", close_timeout=0.1)
+        app = TallyMiddleware(hello, tally=tally, fail_open=fail_open)
+        transport = httpx.ASGITransport(app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+
+            async def call() -> httpx.Response:
+                return await client.get("/r", headers={"X-API-Key": "k"})
+
+            assert [(await call()).status_code for _ in range(10)] == [200] * 10
+            away = True
+            held = [(await call()).status_code for _ in range(10)]  # 20 of 50 spent
+            await asyncio.sleep(1.1)  # the term is over
+            ended = await call()
+        await tally.aclose()
+    assert held == [200] * 10
+    assert ended.status_code == after
+    if not fail_open:
+        assert ended.headers["content-type"] == "application/problem+json"
