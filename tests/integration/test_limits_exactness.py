@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from decimal import Decimal
 
 import httpx
@@ -114,6 +117,36 @@ def test_remaining_is_what_enforcement_admits(
     asyncio.run(_replay(database_url, policy, calls))
 
 
+@dataclass
+class SideBySide:
+    """One customer's quota as the status reads it and as a decision (a peek) finds it,
+    at a given instant (µs): the two run in the same Redis."""
+
+    customer: str
+    reader: LimitsReader
+    limiter: Limiter
+
+    async def quota(self, at: int) -> PolicyState:
+        limits = (await self.reader.read(self.customer, utcnow(), at)).limits
+        (found,) = [p for p in limits if p.meter]
+        return found
+
+    async def admits(self, quantity: int, at: int) -> bool:
+        ask = Ask(meter="api_calls", quantity=Decimal(quantity), mode=Mode.PEEK)
+        return (await self.limiter.decide(self.customer, ask, utcnow(), at)).allowed
+
+
+@asynccontextmanager
+async def side_by_side(
+    settings: Settings, redis: Redis, pool: AsyncConnectionPool, customer: str
+) -> AsyncIterator[SideBySide]:
+    connection = Pipelined(REDIS_URL, 5.0)
+    try:
+        yield SideBySide(customer, LimitsReader(settings, redis, pool), Limiter(connection, 1000))
+    finally:
+        await connection.aclose()
+
+
 async def test_held_is_what_the_next_decision_counts(
     settings: Settings, redis: Redis, pool: AsyncConnectionPool
 ) -> None:
@@ -126,32 +159,19 @@ async def test_held_is_what_the_next_decision_counts(
         assert {r.status_code for r in replies} == {200}
     seconds, micros = await redis.time()
     later = (seconds + settings.reservation_ttl_seconds + 1) * 1_000_000 + micros
-    connection = Pipelined(REDIS_URL, 5.0)
-    limiter, reader = Limiter(connection, 1000), LimitsReader(settings, redis, pool)
-
-    async def quota() -> PolicyState:
-        (found,) = [p for p in (await reader.read(customer, utcnow(), later)).limits if p.meter]
-        return found
-
-    async def admits(quantity: int) -> bool:
-        ask = Ask(meter="api_calls", quantity=Decimal(quantity), mode=Mode.PEEK)
-        return (await limiter.decide(customer, ask, utcnow(), later)).allowed
-
-    try:
-        first = await quota()
+    async with side_by_side(settings, redis, pool, customer) as both:
+        first = await both.quota(later)
         assert (first.used, first.held, first.remaining) == (
             Decimal(100),
             Decimal(50),
             Decimal(350),
         )
-        assert await quota() == first  # reading released nothing
-        assert not await admits(351)  # that decision released 100 of them
-        second = await quota()
+        assert await both.quota(later) == first  # reading released nothing
+        assert not await both.admits(351, later)  # that decision released 100 of them
+        second = await both.quota(later)
         assert (second.held, second.remaining) == (Decimal(0), Decimal(400))
-        assert not await admits(401)
-        assert await admits(400)
-    finally:
-        await connection.aclose()
+        assert not await both.admits(401, later)
+        assert await both.admits(400, later)
 
 
 async def _reserve(api: httpx.AsyncClient, key: dict[str, str], event: str) -> httpx.Response:
@@ -172,27 +192,14 @@ async def test_an_expired_lease_is_counted_out_as_the_next_decision_will(
     seconds, micros = await redis.time()
     now = seconds * 1_000_000 + micros
     later = now + (taken.json()["ttl_ms"] // 1000 + settings.reservation_ttl_seconds + 1) * 10**6
-    connection = Pipelined(REDIS_URL, 5.0)
-    limiter, reader = Limiter(connection, 1000), LimitsReader(settings, redis, pool)
-
-    async def quota(at: int) -> PolicyState:
-        (found,) = [p for p in (await reader.read(customer, utcnow(), at)).limits if p.meter]
-        return found
-
-    async def admits(quantity: int) -> bool:
-        ask = Ask(meter="api_calls", quantity=Decimal(quantity), mode=Mode.PEEK)
-        return (await limiter.decide(customer, ask, utcnow(), later)).allowed
-
-    try:
-        held = await quota(now)
+    async with side_by_side(settings, redis, pool, customer) as both:
+        held = await both.quota(now)
         assert (held.held, held.remaining) == (Decimal(granted), Decimal(100 - granted))
-        expired = await quota(later)
+        expired = await both.quota(later)
         assert (expired.used, expired.held, expired.remaining) == (
             Decimal(0),
             Decimal(0),
             Decimal(100),
         )
-        assert not await admits(101)
-        assert await admits(100)
-    finally:
-        await connection.aclose()
+        assert not await both.admits(101, later)
+        assert await both.admits(100, later)
