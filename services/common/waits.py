@@ -66,7 +66,7 @@ class Attempt:
         level: Level,
         fields: dict[str, Any],
     ) -> None:
-        self._log = getattr(logger, level)  # a bad level fails here, not at a failure
+        self._logger, self._level = logger, level
         self._message, self._errors, self._fields = message, errors, fields
         self.error: Exception | None = None
 
@@ -83,7 +83,8 @@ class Attempt:
         if not isinstance(error, self._errors):
             return False  # none, or not one to survive: a cancellation, a bug elsewhere
         reraise_if_cancelling()
-        self._log(self._message, error=repr(error), **self._fields)
+        log_at = getattr(self._logger, self._level)  # only now: a step that succeeds logs nothing
+        log_at(self._message, error=repr(error), **self._fields)
         self.error = error
         return True
 
