@@ -18,15 +18,14 @@ them into floats.  ``received_at`` is the ingest time of every event inside.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import jiter
 import orjson
 
-from schemas.events import UsageEvent
+from schemas.events import EventData, UsageEvent
 
 ENVELOPE_VERSION = 2
 SINGLE_CUSTOMER_VERSION = 1
@@ -36,9 +35,12 @@ MAX_ENVELOPE_BYTES = 900 * 1024
 dead letters made of them, whatever the events' sizes."""
 
 
-@dataclass(frozen=True, slots=True)
-class StoredEvent:
-    """An event as it travels inside Tally: flat, typed, cheap to build and hash."""
+class StoredEvent(NamedTuple):
+    """An event as it travels inside Tally: flat, typed, cheap to build.
+
+    A named tuple rather than a frozen dataclass: the aggregator builds one per event it
+    decodes, and a frozen dataclass's ``__init__`` sets each of its eleven fields through
+    ``object.__setattr__`` (2.2 µs an event against 0.9 here)."""
 
     id: str
     source: str
@@ -107,10 +109,13 @@ class Publishable(EventLike, Protocol):
     def subject(self) -> str: ...
 
 
-def _data_json(e: EventLike) -> str:
-    """A ``StoredEvent``'s data text, or a ``UsageEvent``'s made now."""
+def _payload(e: EventLike) -> tuple[dict[str, str], str]:
+    """An event's dimensions and its nested data's JSON text ("" for flat data): a
+    ``StoredEvent``'s or a correction's as they are, a ``UsageEvent``'s in one pass."""
     data = getattr(e, "data", "")
-    return data if isinstance(data, str) else data.as_json()
+    if isinstance(data, EventData):
+        return data.wire()
+    return e.dimensions, data
 
 
 def encode(customer: str, events: Iterable[EventLike], received_at: datetime) -> bytes:
@@ -146,17 +151,18 @@ def encode_shares(
 
 
 def _event(e: EventLike) -> dict[str, Any]:
+    dimensions, data = _payload(e)
     encoded = {
         "id": e.id,
         "source": e.source,
         "type": e.type,
         "time": e.time.isoformat(),
         "value": str(e.value),
-        "dims": e.dimensions,
+        "dims": dimensions,
     }
     if e.lease:  # only when there is one: most events have none
         encoded["lease"] = e.lease
-    if data := _data_json(e):  # only nested data: flat data is value and dims
+    if data:  # only nested data: flat data is value and dims
         encoded["data"] = data
     return encoded
 
@@ -187,18 +193,18 @@ def decode_shares(payload: bytes) -> list[tuple[str, list[StoredEvent]]]:
 def _stored(
     raw: dict[str, Any], customer: str, received_at: datetime, catalog_version: int
 ) -> StoredEvent:
-    return StoredEvent(
-        id=raw["id"],
-        source=raw["source"],
-        type=raw["type"],
-        customer=customer,
-        time=_aware(raw["time"]),
-        value=Decimal(raw["value"]),
-        dimensions=raw["dims"],
-        received_at=received_at,
-        lease=raw.get("lease", ""),
-        data=raw.get("data", ""),
-        catalog_version=catalog_version,
+    return StoredEvent(  # by position: the fields' order, and the cheapest call
+        raw["id"],
+        raw["source"],
+        raw["type"],
+        customer,
+        _aware(raw["time"]),
+        Decimal(raw["value"]),
+        raw["dims"],
+        received_at,
+        raw.get("lease", ""),
+        raw.get("data", ""),
+        catalog_version,
     )
 
 

@@ -136,15 +136,17 @@ class EventData(BaseModel):
     @classmethod
     def _split_nested(cls, given: Any, flat: ModelWrapValidatorHandler[EventData]) -> EventData:
         """Validate dimensions in pydantic-core as before nested data existed, and only
-        then check and add the nested members: a flat event pays one scan of its keys."""
+        then check and add the nested members: a flat event pays one scan of its keys.
+        The dimension names are checked here too, not in a validator of their own: one
+        call into Python per event, not two."""
         if not isinstance(given, dict):
-            return flat(given)
+            return _named(flat(given))
         nested = {
             k: v for k, v in given.items() if k != "value" and (v is None or type(v) in _NESTED)
         }
         if not nested:
-            return flat(given)
-        model = flat({k: v for k, v in given.items() if k not in nested})
+            return _named(flat(given))
+        model = _named(flat({k: v for k, v in given.items() if k not in nested}))
         _check_names(nested)
         _Bounds().check(list(nested.items()))
         extra: dict[str, Any] = model.__pydantic_extra__ or {}
@@ -153,14 +155,6 @@ class EventData(BaseModel):
         merged = {k: nested[k] if k in nested else extra[k] for k in given if k != "value"}
         object.__setattr__(model, "__pydantic_extra__", merged)
         return model
-
-    @model_validator(mode="after")
-    def _dimension_names(self) -> EventData:
-        extra = self.__pydantic_extra__ or {}
-        if len(extra) > MAX_DIMENSIONS:
-            raise ValueError(f"at most {MAX_DIMENSIONS} dimensions are allowed")
-        _check_names(extra)
-        return self
 
     @property
     def dimensions(self) -> dict[str, str]:
@@ -172,6 +166,16 @@ class EventData(BaseModel):
     def nested(self) -> bool:
         """Does ``data`` hold more than ``value`` and dimensions?"""
         return any(not isinstance(v, str) for v in (self.__pydantic_extra__ or {}).values())
+
+    def wire(self) -> tuple[dict[str, str], str]:
+        """``(dimensions, as_json())`` in one pass for a flat event, the common case (an
+        envelope carries both for every event ingest accepts).  The dimensions of a flat
+        event are its extra members themselves, not a copy: read them, do not change them."""
+        extra = self.__pydantic_extra__ or {}
+        for member in extra.values():
+            if type(member) is not str:
+                return self.dimensions, self.as_json()
+        return extra, ""
 
     def as_json(self) -> str:
         """``data`` as JSON text when it holds nested members, else ``""`` (a flat event's
@@ -188,7 +192,18 @@ class EventData(BaseModel):
 _NESTED = (dict, list, bool)  # exact types: what a JSON parser makes
 
 
+def _named(model: EventData) -> EventData:
+    """``model`` once its dimensions are within bounds in number and name."""
+    extra = model.__pydantic_extra__ or {}
+    if len(extra) > MAX_DIMENSIONS:
+        raise ValueError(f"at most {MAX_DIMENSIONS} dimensions are allowed")
+    _check_names(extra)
+    return model
+
+
 def _check_names(members: dict[str, Any]) -> None:
+    if _valid_names.issuperset(members):  # the common case, in one call
+        return
     for name in members:
         if name not in _valid_names:
             if not _dimension_name.fullmatch(name):

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 from schemas import paths
 from schemas.catalog import Aggregation, DimensionFilter, Meter
@@ -32,9 +32,11 @@ from schemas.events import MAX_VALUE
 LEGACY_VALUE = "value"
 
 
-@dataclass(frozen=True, slots=True)
-class Facts:
-    """One event as meters see it: ``data`` parsed (None for flat data), value, dimensions."""
+class Facts(NamedTuple):
+    """One event as meters see it: ``data`` parsed (None for flat data), value, dimensions.
+
+    A named tuple: the aggregator makes one per event it counts, and a frozen dataclass
+    costs twice as much to build."""
 
     data: Mapping[str, Any] | None
     value: Decimal

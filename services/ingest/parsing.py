@@ -7,7 +7,8 @@ Each item is then validated on its own: one bad event never spoils its batch.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -50,7 +51,7 @@ class Verdict:
     status: Status
     event: UsageEvent | None = None
     raw: Any = None
-    errors: list[FieldError] = field(default_factory=list)
+    errors: Sequence[FieldError] = ()  # none: no list made for each accepted event
 
     def summary(self) -> dict[str, Any]:
         body: dict[str, Any] = {"index": self.index, "status": self.status.value}
@@ -69,14 +70,26 @@ class TimeBounds:
     future_tolerance: timedelta
     backfill_window: timedelta
 
-    def check(self, event: UsageEvent, now: datetime) -> FieldError | None:
-        if event.time > now + self.future_tolerance:
-            seconds = int(self.future_tolerance.total_seconds())
+    def at(self, now: datetime) -> Accepting:
+        """The bounds for a request received at ``now``, worked out once for its events."""
+        return Accepting(self, now - self.backfill_window, now + self.future_tolerance)
+
+
+@dataclass(frozen=True, slots=True)
+class Accepting:
+    """The earliest and latest event time one request's events may have."""
+
+    bounds: TimeBounds
+    earliest: datetime
+    latest: datetime
+
+    def check(self, event: UsageEvent) -> FieldError | None:
+        if event.time > self.latest:
+            seconds = int(self.bounds.future_tolerance.total_seconds())
             return FieldError("time", f"is more than {seconds} s in the future")
-        if event.time < now - self.backfill_window:
-            return FieldError(
-                "time", f"is older than the {self.backfill_window.days}-day backfill window"
-            )
+        if event.time < self.earliest:
+            days = self.bounds.backfill_window.days
+            return FieldError("time", f"is older than the {days}-day backfill window")
         return None
 
 
@@ -129,24 +142,26 @@ async def judge(
     Yields to the event loop every ``JUDGE_STEP`` items."""
     accepted: set[tuple[str, str]] = set()
     verdicts = []
+    accepting = bounds.at(now)
     for index, raw in enumerate(raw_items):
         if index and not index % JUDGE_STEP:
             await asyncio.sleep(0)
-        verdict = _judge_one(index, raw, bounds, now)
+        verdict = _judge_one(index, raw, accepting)
         if subject is not None and verdict.event and verdict.event.subject != subject:
             reason = f"this API key emits events about {subject!r} only"
             verdict = Verdict(
                 index, Status.REJECTED, raw=raw, errors=[FieldError("subject", reason)]
             )
         if verdict.status is Status.ACCEPTED and verdict.event is not None:
-            if verdict.event.key in accepted:
+            key = verdict.event.key
+            if key in accepted:
                 verdict.status = Status.DUPLICATE
-            accepted.add(verdict.event.key)
+            accepted.add(key)
         verdicts.append(verdict)
     return verdicts
 
 
-def _judge_one(index: int, raw: Any, bounds: TimeBounds, now: datetime) -> Verdict:
+def _judge_one(index: int, raw: Any, accepting: Accepting) -> Verdict:
     if not isinstance(raw, dict):
         return Verdict(
             index, Status.REJECTED, raw=raw, errors=[FieldError("", "must be a JSON object")]
@@ -161,7 +176,7 @@ def _judge_one(index: int, raw: Any, bounds: TimeBounds, now: datetime) -> Verdi
     except ValidationError as exc:
         errors = [FieldError(field_path(tuple(e["loc"])), reason(e)) for e in exc.errors()]
         return Verdict(index, Status.REJECTED, raw=raw, errors=errors)
-    if problem := bounds.check(event, now):
+    if problem := accepting.check(event):
         return Verdict(index, Status.REJECTED, event=event, raw=raw, errors=[problem])
     return Verdict(index, Status.ACCEPTED, event=event, raw=raw)
 

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import dataclasses
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -164,7 +163,7 @@ def test_shares_round_trip_with_each_event_under_its_customer() -> None:
         ("cust_a", ["evt-0", "evt-1"]),
         ("cust_b", ["evt-2"]),
     ]
-    assert shares[1][1][0] == dataclasses.replace(b[0], customer="cust_b")
+    assert shares[1][1][0] == b[0]._replace(customer="cust_b")
     assert decode(payload) == [e for _, evs in shares for e in evs]
 
 
