@@ -225,6 +225,12 @@ def held(customer: str) -> str:
     return f"{_tag(customer)}:held"
 
 
+def lease_answer(customer: str, lease: str) -> str:
+    """The last answer to a numbered lease request (``lease.lua``): a resent request
+    gets it again instead of a second grant."""
+    return f"{_tag(customer)}:lease:{lease}:answer"
+
+
 def key_owner(key_digest: bytes) -> str:
     return f"{PREFIX}:key:{key_digest.hex()}"
 

@@ -78,22 +78,29 @@ LEASE_ANSWER = {"allowed": True, "customer": "cus_1", "ttl_ms": 2000, "plan": "p
 class LeaseModel:
     """A Tally granting leases against a hard quota of ``room`` calls as ``lease.lua``
     does (at most ``room // share``, at least one), counting what each lease reported
-    spent, so a test can check that the units served are exactly the units reported."""
+    spent, so a test can check that the units served are exactly the units reported.
+    A numbered request (``term``) sent again gets its first answer back; with ``drop``
+    set, the answers to that many lease requests are lost (the connection closes once
+    the grant is made), as on a dropped keep-alive connection."""
 
     room: int
     share: int = 8
     ttl_ms: int = 2000
+    drop: int = 0
     grants: dict[str, int] = field(default_factory=dict)
     spent: dict[str, int] = field(default_factory=dict)
     returned: list[str] = field(default_factory=list)
+    answers: dict[tuple[str, int], Answer] = field(default_factory=dict)
     _ids: int = 0
 
     async def __call__(self, seen: Seen) -> Answer | None:
         if seen.path.endswith("/v1/events"):
             return await allow_all(seen)
         asked = seen.json()
-        lease = asked.get("lease")
-        if lease is not None:  # renew or return: the unspent rest comes back first
+        lease, term = asked.get("lease"), asked.get("term")
+        if (lease, term) in self.answers:
+            return self.answers[(lease, term)]  # a resend: answered, not granted, again
+        if lease is not None and term != 1:  # renew or return: the unspent rest first
             if lease not in self.grants:
                 return reply(404, {"type": UNKNOWN_LEASE, "status": 404})
             self._settle(lease, int(asked["spent"]))
@@ -107,9 +114,16 @@ class LeaseModel:
         if lease is None:
             self._ids += 1
             lease = f"ls_fake{self._ids:012d}"
+        assert term != 1 or lease not in self.grants, f"lease {lease} taken twice"
         self.grants[lease], self.room = granted, self.room - granted
         body = LEASE_ANSWER | {"lease": lease, "granted": granted, "ttl_ms": self.ttl_ms}
-        return reply(200, body, {"RateLimit": f'"q";r={self.room};t=1'})
+        answer = reply(200, body, {"RateLimit": f'"q";r={self.room};t=1'})
+        if term is not None:
+            self.answers[(lease, term)] = answer
+        if self.drop:
+            self.drop -= 1
+            return None
+        return answer
 
     def _settle(self, lease: str, spent: int) -> None:
         granted = self.grants[lease]

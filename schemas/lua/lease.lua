@@ -14,16 +14,37 @@
 -- are.  A plan limiting the endpoint per end user is not leased ('per_request'): the
 -- holder decides those calls one by one with /v1/enforce, which names the end user.
 --
+-- A numbered request (its term: 1 takes the lease under the id the client chose, n
+-- renews it into its nth term) is idempotent: its grant is kept with its number for a
+-- term and a settle window, and the same request again — a client resending after
+-- the answer was lost on a dropped connection — gets that answer back and changes
+-- nothing.  Unnumbered, a resent take would hold a second grant nobody spends and a
+-- resent renewal would free the new term as if it were the old one.
+--
 -- KEYS: 1 account  2 keys  3 rate states  4 reservations  5 reservation expiries
 --       6 held totals  7 the meter's counters for the current period
+--       8 the lease's last numbered answer
 -- ARGV: 1 key id ('' = service token)  2 scope  3 now in µs ('' = Redis TIME)
 --       4 endpoint  5 calls wanted  6 mode (take|renew|return)  7 lease id
 --       8 micro-units spent of the current term (renew, return)  9 meter
 --       10 period start (ms)  11 period end (ms)  12 lease ttl (ms)
 --       13 settle window (ms)  14 share  15 past_due grace (ms; '' = never refused)
+--       16 the term this request starts ('' = not numbered)
 set_clock(ARGV[3])
 local mode, id, meter = ARGV[6], ARGV[7], ARGV[9]
 local ttl, settle = tonumber(ARGV[12]), tonumber(ARGV[13])
+local number = ARGV[16]
+
+if number ~= '' then
+  local last = redis.call('GET', KEYS[8])
+  if last then
+    local n, reply = string.match(last, '^(%d+)|(.*)$')
+    if n == number then return reply end
+  end
+end
+if mode == 'take' and redis.call('HEXISTS', KEYS[4], id) == 1 then
+  return answer('lease_taken')
+end
 
 local account = redis.call('HMGET', KEYS[1], @ACCOUNT_FIELDS@)
 if not account[1] then return answer('no_account') end
@@ -121,4 +142,8 @@ local hold = quota and granted * MICRO or 0
 if hold > 0 then redis.call('HINCRBY', KEYS[6], meter, int(hold)) end
 record(carried + hold, hold, now + ttl)
 result.n, result.t, result.e, result.f = granted, granted * cost, now + ttl, int(freed)
-return answer('ok', result)
+local reply = answer('ok', result)
+if number ~= '' then
+  redis.call('SET', KEYS[8], number .. '|' .. reply, 'PX', ttl + settle)
+end
+return reply

@@ -28,6 +28,7 @@ class Term:
     deadline: float
     admitted: Decision
     spent: int = 0
+    number: int = 1  # the lease's first term is 1; renewing it asks for number + 1
 
     def left(self, now: float) -> int:
         return self.granted - self.spent if now < self.deadline else 0

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -211,8 +212,15 @@ class LeaseDecider:
         want = min(MAX_WANT, max(1, len(lease.waiters) + lease.lookahead))
         renewed = lease.holding.renewal()
         body: dict[str, Any] = {"want": want, "meter": ask.meter, "endpoint": ask.endpoint}
+        # Numbered terms under an id chosen here: the pipelined client resends a request
+        # once when its connection drops, and Tally answers the resend as it answered the
+        # first time instead of granting twice.
         if renewed is not None:
-            body |= {"lease": renewed.lease, "spent": renewed.spent}
+            term = renewed.number + 1
+            body |= {"lease": renewed.lease, "spent": renewed.spent, "term": term}
+        else:
+            term = 1
+            body |= {"lease": new_lease_id(), "term": term}
         sent = self._clock()
         try:
             status, headers, answer = await self.tally.post_decision(
@@ -223,7 +231,7 @@ class LeaseDecider:
                 lease.holding.spare = renewed  # not renewed after all, as far as we know
             raise
         if status == 200 and answer is not None:
-            self._granted(lease, answer, headers, want, sent)
+            self._granted(lease, answer, headers, want, sent, term)
             return True
         if status in REFUSALS:
             self._refused(lease, Decision.from_answer(status, headers, answer or {}), sent)
@@ -242,7 +250,13 @@ class LeaseDecider:
         raise error_of(status, answer, "POST /v1/leases", "")
 
     def _granted(
-        self, lease: _Lease, answer: dict[str, Any], headers: dict[str, str], want: int, sent: float
+        self,
+        lease: _Lease,
+        answer: dict[str, Any],
+        headers: dict[str, str],
+        want: int,
+        sent: float,
+        term: int,
     ) -> None:
         """Hold the new term (its clock starts when we asked: safe whatever the skew)."""
         self._ttl = int(answer.get("ttl_ms") or 2000) / 1000
@@ -250,7 +264,7 @@ class LeaseDecider:
         decision = replace(Decision.from_answer(200, headers, answer), lease=lease_id)
         lease.customer = decision.customer
         deadline = sent + self._ttl - min(0.25, self._ttl / 10)
-        lease.holding.add(Term(lease_id, granted, deadline, decision), self._clock())
+        lease.holding.add(Term(lease_id, granted, deadline, decision, number=term), self._clock())
         lease.lookahead = (
             min(self.max_lookahead, max(1, lease.lookahead * 2))
             if granted >= want
@@ -305,6 +319,11 @@ class LeaseDecider:
                 continue
             if status != 200 and status != 404:
                 log.warning("tally: lease %s not returned: %s %s", term.lease, status, answer)
+
+
+def new_lease_id() -> str:
+    """96 random bits: ``ls_`` and 16 URL-safe characters, as Tally's own lease ids."""
+    return "ls_" + secrets.token_urlsafe(12)
 
 
 _REMOTE = Decision(allowed=False, status=0)

@@ -272,6 +272,10 @@ async def test_a_suspended_account_is_refused_its_next_lease(api: httpx.AsyncCli
         ({"want": 5, "lease": "ls_AAAAAAAAAAAAAAAA"}, "body"),  # renewing needs spent
         ({"want": 5, "lease": "ls_AAAAAAAAAAAAAAAA", "spent": -1}, "body.spent"),
         ({"want": 5, "colour": "red"}, "body.colour"),
+        ({"want": 5, "term": 1}, "body"),  # a term of which lease?
+        ({"want": 5, "lease": "ls_AAAAAAAAAAAAAAAA", "term": 1, "spent": 0}, "body"),
+        ({"want": 5, "lease": "ls_AAAAAAAAAAAAAAAA", "term": 2}, "body"),  # needs spent
+        ({"want": 5, "lease": "ls_AAAAAAAAAAAAAAAA", "term": 0}, "body.term"),
     ],
 )
 async def test_bad_lease_requests_name_the_field(
@@ -319,6 +323,49 @@ async def test_renewing_under_another_meter_or_without_a_customer_is_refused(
     back = await give_back(api, account.auth, lease=ident, spent=2)
     assert back.status_code == 200
     assert back.json() | {"lease": ident, "meter": METER} == back.json()
+
+
+async def test_a_resent_take_or_renewal_is_answered_again_not_granted_again(
+    api: httpx.AsyncClient, redis: Redis
+) -> None:
+    """A numbered request sent twice (the SDK's connection dropped before the answer)
+    gets the first answer back: one grant's units held, one grant's tokens taken, and a
+    renewal frees the old term's unspent units once, never the new term's."""
+    customer, auth = await customer_on(api, plan_with(quota=100))
+    ident = new_lease_id()
+    take = {"want": 50, "lease": ident, "term": 1}
+    first, again = await lease(api, auth, **take), await lease(api, auth, **take)
+    assert first.status_code == again.status_code == 200, again.text
+    assert first.json() == again.json() and first.json()["granted"] == 12
+    assert first.json()["lease"] == ident and first.json()["term"] == 1
+    assert again.headers["RateLimit"] == first.headers["RateLimit"]
+    assert await usage_and_held(redis, customer) == (0, 12 * VALUE_SCALE)
+    renew = {"want": 50, "lease": ident, "term": 2, "spent": 2}
+    first, again = await lease(api, auth, **renew), await lease(api, auth, **renew)
+    assert first.json() == again.json(), again.text
+    assert first.json()["returned"] == 10 and first.json()["granted"] == 12  # 98 left
+    assert await usage_and_held(redis, customer) == (0, 14 * VALUE_SCALE)  # 2 spent + 12
+    refused = await lease(api, auth, want=5, lease=ident, term=1)  # its id is taken
+    assert refused.status_code == 422 and refused.json()["errors"][0]["field"] == "lease"
+    back = await give_back(api, auth, lease=ident, spent=0)
+    assert back.json()["returned"] == 12 and back.json()["held"] == 2
+
+
+async def test_a_resent_renewal_after_a_newer_term_is_a_renewal_of_that_term(
+    redis: Redis, leaser: Leaser, tenant: str
+) -> None:
+    """Only the same term number is a resend: the next number is the next renewal."""
+    customer = f"{tenant}-terms"
+    await put_account(redis, customer, quota=100)
+    ident = new_lease_id()
+    take = LeaseAsk(ident, LeaseMode.TAKE, METER, 100, term=1)
+    assert (await leaser.ask(customer, take, utcnow())).granted == 12
+    second = LeaseAsk(ident, LeaseMode.RENEW, METER, 100, spent=12, term=2)
+    assert (await leaser.ask(customer, second, utcnow())).granted == 11  # 88 left
+    third = LeaseAsk(ident, LeaseMode.RENEW, METER, 100, spent=11, term=3)
+    assert (await leaser.ask(customer, third, utcnow())).granted == 9  # 77 left
+    assert (await leaser.ask(customer, third, utcnow())).granted == 9  # the same answer
+    assert await usage_and_held(redis, customer) == (0, 32 * VALUE_SCALE)
 
 
 async def test_without_redis_no_lease_is_granted(settings: Settings) -> None:

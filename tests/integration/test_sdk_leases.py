@@ -101,7 +101,26 @@ async def test_an_ended_lease_is_taken_afresh() -> None:
         model.grants.clear()  # and Tally forgot the lease (ended and settled)
         second = await decider.decide(ask(1))
         assert second.allowed and second.lease != first.lease
-        assert [r.get("lease") for r in lease_requests(fake.seen)][-2:] == [first.lease, None]
+        asked = [(r.get("lease"), r.get("term")) for r in lease_requests(fake.seen)][-2:]
+        assert asked == [(first.lease, 2), (second.lease, 1)]  # the renewal, then a take
+        await decider.aclose()
+
+
+async def test_a_lease_request_resent_after_a_dropped_answer_is_granted_once() -> None:
+    """The connection closes after Tally granted, before its answer: the client sends
+    the request again, the same lease and term, and gets the same grant back."""
+    model = LeaseModel(room=100)
+    async with fake_tally(model) as fake, Tally(fake.url, "svc") as tally:
+        decider = LeaseDecider(tally)
+        assert (await decider.decide(ask(0))).allowed  # a connection to reuse
+        await asyncio.sleep(2.1)  # the term is over
+        model.drop = 1
+        later = await decider.decide(ask(1))
+        assert later.allowed
+        first, resent = lease_requests(fake.seen)[-2:]
+        assert first == resent and first["term"] == 2
+        assert model.spent == {later.lease: 1}  # the first term settled once, not twice
+        assert model.room + sum(model.grants.values()) + model.total_spent == 100
         await decider.aclose()
 
 

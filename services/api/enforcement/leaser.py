@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from schemas import redis_keys
 from schemas.events import VALUE_SCALE, from_micros
 from services.api.enforcement.limiter import (
     LEASE_SCRIPT,
@@ -50,6 +51,7 @@ class LeaseAsk:
     endpoint: str = ""
     key_id: str = ""  # '' when a service token acts for the customer
     scope: str = "enforce"
+    term: int = 0  # the term this request starts (1: a take), 0: not numbered
 
 
 @dataclass(slots=True)
@@ -93,6 +95,7 @@ class Leaser:
         """``now`` picks the quota period; ``clock_us`` overrides Redis's clock (tests)."""
         tz = self._zone_of(customer)
         keys, (start_ms, end_ms) = decision_keys(customer, ask.meter or "-", now, tz=tz)
+        keys[7] = redis_keys.lease_answer(customer, ask.lease)  # no end user: its answer
         args: list[Arg] = [
             ask.key_id,
             ask.scope,
@@ -109,6 +112,7 @@ class Leaser:
             self._settle,
             self._share,
             self._grace,
+            ask.term or "",
         ]
         raw = await run(self._connection, LEASE_SCRIPT, LEASE_SHA, keys, args)
         return _grant(orjson.loads(raw), ask.meter)

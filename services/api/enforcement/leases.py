@@ -48,17 +48,35 @@ class LeaseRequest(BaseModel):
         description="Calls wanted; the grant may be smaller, never larger."
     )
     lease: LeaseId | None = Field(
-        None, description="Renew this lease: its unspent units are returned first, atomically."
+        None,
+        description="Renew this lease: its unspent units are returned first, atomically."
+        " With `term` 1: the id to take a new lease under (96 random bits, chosen by the"
+        " client so that a resent request names the same lease).",
     )
     spent: Annotated[int, Field(ge=0, le=MAX_LEASE)] | None = Field(
-        None, description="With lease: calls spent of its current grant."
+        None, description="When renewing: calls spent of the lease's current grant."
+    )
+    term: Annotated[int, Field(ge=1, le=2**53)] | None = Field(
+        None,
+        description="The term this request starts: 1 takes the lease `lease` names, n > 1"
+        " renews it into its nth term.  A numbered request is idempotent: sent again (its"
+        " answer lost on a dropped connection) it gets the same answer and takes nothing"
+        " more.  Without it a resent take holds a second grant until the settle window.",
     )
 
     @model_validator(mode="after")
-    def _spent_with_lease(self) -> LeaseRequest:
-        if self.lease is not None and self.spent is None:
+    def _coherent(self) -> LeaseRequest:
+        if self.term is not None and self.lease is None:
+            raise ValueError("term needs lease: the id of the lease it is a term of")
+        if self.term == 1 and self.spent is not None:
+            raise ValueError("spent is for renewals; term 1 takes a new lease")
+        if self.lease is not None and self.term != 1 and self.spent is None:
             raise ValueError("spent is required when renewing a lease")
         return self
+
+    @property
+    def renewing(self) -> bool:
+        return self.lease is not None and self.term != 1
 
 
 class ReturnRequest(BaseModel):
@@ -82,22 +100,26 @@ class Leases:
     async def take(self, caller: Caller, request: LeaseRequest) -> Answer:
         customer = self._enforcer.customer(caller, request.customer)
         await self._enforcer.check_meter(request.meter)
-        renewing = request.lease is not None
         ask = LeaseAsk(
             lease=request.lease or new_lease_id(),
-            mode=LeaseMode.RENEW if renewing else LeaseMode.TAKE,
+            mode=LeaseMode.RENEW if request.renewing else LeaseMode.TAKE,
             meter=request.meter,
             want=request.want,
             spent=request.spent or 0,
             endpoint=request.endpoint,
             key_id=caller.key_id,
             scope=Scope.ENFORCE.value,
+            term=request.term or 0,
         )
         grant = await self._ask(customer, ask)
         outcome = grant.outcome
         if outcome.code is Code.LEASE_METER:
             raise invalid_field(
                 "meter", f"lease {ask.lease} is a lease of meter {grant.meter!r}; renew it so"
+            )
+        if outcome.code is Code.LEASE_TAKEN:
+            raise invalid_field(
+                "lease", f"lease {ask.lease} exists already; take a new lease under a new id"
             )
         if outcome.code is Code.PER_REQUEST:
             raise Problem(
@@ -111,6 +133,7 @@ class Leases:
         tokens = {lim.policy: grant.tokens for lim in outcome.limits if lim.kind == "rate"}
         body = decision(outcome, customer) | {
             "lease": ask.lease,
+            "term": request.term,
             "meter": request.meter,
             "endpoint": request.endpoint,
             "granted": grant.granted,

@@ -79,6 +79,7 @@ class LeaseGrant(Decision):
     """A lease: calls to admit locally until ``expires_at``, tagging their events."""
 
     lease: str = Field(description="Its id: the tallylease attribute of events spent under it")
+    term: int | None = Field(description="The request's term number, when it gave one")
     meter: str
     endpoint: str
     granted: int = Field(description="Calls granted (≤ want): quota units held, tokens taken")
