@@ -88,7 +88,13 @@ def _tag(customer: str) -> str:
 
 
 def counters(customer: str, meter: str, window: Window, bucket: str) -> str:
-    return f"{_tag(customer)}:c:{meter}:{window.value}:{bucket}"
+    return counters_prefix(customer, meter, window) + bucket
+
+
+def counters_prefix(customer: str, meter: str, window: Window) -> str:
+    """The counters keys of a meter's buckets up to the bucket id: a usage read names
+    dozens of buckets, one concatenation each."""
+    return f"{_tag(customer)}:c:{meter}:{window.value}:"
 
 
 ZONES = f"{PREFIX}:zones"
