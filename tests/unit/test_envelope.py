@@ -189,3 +189,28 @@ def test_decode_refuses_naive_times() -> None:
     payload["events"][0]["time"] = "2026-11-03T10:15:30"
     with pytest.raises(ValueError, match="UTC offset"):
         decode(orjson.dumps(payload))
+
+
+def test_a_usage_events_dimensions_and_nested_data_travel_apart() -> None:
+    """A flat event's extra members are its dimensions (no data text); nested data goes
+    whole as JSON, numbers exact, with only its top-level strings as dimensions."""
+    common = {
+        "specversion": "1.0",
+        "source": "llm",
+        "type": "completion",
+        "subject": "cust_42",
+        "time": "2026-11-03T10:15:00Z",
+    }
+    flat = UsageEvent.model_validate(
+        common | {"id": "a", "data": {"model": "m1", "status": 200}, "tallylease": "ls_" + "x" * 16}
+    )
+    nested = UsageEvent.model_validate(
+        common
+        | {"id": "b", "data": {"value": "2.5", "model": "m1", "tokens": {"in": Decimal("1.10")}}}
+    )
+    assert flat.data.wire() == ({"model": "m1", "status": "200"}, "")
+    a, b = decode(encode_shares([("cust_42", [flat, nested])], RECEIVED))
+    assert (a.dimensions, a.data, a.lease) == ({"model": "m1", "status": "200"}, "", flat.lease)
+    assert (b.dimensions, b.value, b.lease) == ({"model": "m1"}, Decimal("2.5"), "")
+    assert orjson.loads(b.data) == {"value": 2.5, "model": "m1", "tokens": {"in": 1.1}}
+    assert '"in":1.10' in b.data  # the number as ingest parsed it (a decimal), as sent
