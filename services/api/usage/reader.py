@@ -103,10 +103,6 @@ def _hour_floor(moment: datetime) -> datetime:
     return moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
 
 
-def _values(micros: dict[str, int]) -> dict[str, Decimal]:
-    return {field: from_micros(value) for field, value in micros.items()}
-
-
 def _averages(micros: dict[str, int]) -> dict[str, Decimal]:
     """An avg meter's sums divided by their counts, truncated to 6 places as ClickHouse's
     decimal division does (the rollups agree to the last digit)."""
@@ -233,12 +229,16 @@ class UsageReader:
                 found[bucket] = {redis_keys.TOTAL: from_micros(int(raw))}
                 continue
             cells = iter(raw)
-            micros = {
-                field.decode(): int(value)
-                for field, value in zip(cells, cells, strict=True)
-                if not field.endswith(_TIME_SUFFIX)
-            }
-            found[bucket] = _averages(micros) if averages else _values(micros)
+            pairs = zip(cells, cells, strict=True)
+            if averages:
+                micros = {f.decode(): int(v) for f, v in pairs if not f.endswith(_TIME_SUFFIX)}
+                found[bucket] = _averages(micros)
+            else:  # one pass: a grouped month is hundreds of fields
+                found[bucket] = {
+                    f.decode(): from_micros(int(v))
+                    for f, v in pairs
+                    if not f.endswith(_TIME_SUFFIX)
+                }
             if not grouped:
                 found[bucket] = {k: v for k, v in found[bucket].items() if k == redis_keys.TOTAL}
         return found
