@@ -79,9 +79,10 @@ class LeaseModel:
     """A Tally granting leases against a hard quota of ``room`` calls as ``lease.lua``
     does (at most ``room // share``, at least one), counting what each lease reported
     spent, so a test can check that the units served are exactly the units reported.
-    A numbered request (``term``) sent again gets its first answer back; with ``drop``
-    set, the answers to that many lease requests are lost (the connection closes once
-    the grant is made), as on a dropped keep-alive connection."""
+    As lease.lua, it keeps each lease's term number and last numbered answer: the same
+    request again gets that answer, any other term than the next is refused (404,
+    nothing changed).  With ``drop`` set, the answers to that many lease requests are
+    lost (the connection closes once the grant is made), as on a dropped connection."""
 
     room: int
     share: int = 8
@@ -90,7 +91,8 @@ class LeaseModel:
     grants: dict[str, int] = field(default_factory=dict)
     spent: dict[str, int] = field(default_factory=dict)
     returned: list[str] = field(default_factory=list)
-    answers: dict[tuple[str, int], Answer] = field(default_factory=dict)
+    terms: dict[str, int] = field(default_factory=dict)  # lease -> its term number
+    answers: dict[str, tuple[int, Answer]] = field(default_factory=dict)  # the last one
     _ids: int = 0
 
     async def __call__(self, seen: Seen) -> Answer | None:
@@ -98,14 +100,20 @@ class LeaseModel:
             return await allow_all(seen)
         asked = seen.json()
         lease, term = asked.get("lease"), asked.get("term")
-        if (lease, term) in self.answers:
-            return self.answers[(lease, term)]  # a resend: answered, not granted, again
-        if lease is not None and term != 1:  # renew or return: the unspent rest first
+        last = self.answers.get(str(lease))
+        returning = seen.path.endswith("/return")
+        if term is not None and last is not None and last[0] == term and not returning:
+            return last[1]  # a resend: answered, not granted, again
+        if lease is not None and (returning or term != 1):  # the unspent rest first
             if lease not in self.grants:
                 return reply(404, {"type": UNKNOWN_LEASE, "status": 404})
+            expected = self.terms[lease] + (0 if returning else 1)
+            if term is not None and term != expected:
+                return reply(404, {"type": UNKNOWN_LEASE, "status": 404, "stale": True})
             self._settle(lease, int(asked["spent"]))
-        if seen.path.endswith("/return"):
+        if returning:
             self.returned.append(str(lease))
+            self.answers.pop(str(lease), None)
             return reply(200, {"lease": lease, "returned": 0, "held": 0})
         if self.room == 0:
             refusal = {"type": QUOTA, "status": 429, "policy": "quota:api_calls", "retry_after": 1}
@@ -116,10 +124,11 @@ class LeaseModel:
             lease = f"ls_fake{self._ids:012d}"
         assert term != 1 or lease not in self.grants, f"lease {lease} taken twice"
         self.grants[lease], self.room = granted, self.room - granted
+        self.terms[lease] = self.terms.get(lease, 0) + 1
         body = LEASE_ANSWER | {"lease": lease, "granted": granted, "ttl_ms": self.ttl_ms}
         answer = reply(200, body, {"RateLimit": f'"q";r={self.room};t=1'})
         if term is not None:
-            self.answers[(lease, term)] = answer
+            self.answers[lease] = (term, answer)
         if self.drop:
             self.drop -= 1
             return None

@@ -75,7 +75,7 @@ while i <= #ARGV do
   elseif code == 'S' then
     local found = redis.call('HGET', KEYS[2], field)
     local m, held, rest
-    if found then m, held, rest = string.match(found, '^([^|]*)|(%d+)(|%d+|%d+)$') end
+    if found then m, held, rest = string.match(found, '^([^|]*)|(%d+)(|%d+|%d+.*)$') end
     if rest and m == extra then
       local settled = math.min(tonumber(value), tonumber(held))
       if settled > 0 then

@@ -6,8 +6,8 @@
 -- so leases are large far from a limit and one unit near it, and concurrent holders
 -- cannot starve each other.  Rate-limit tokens are consumed when granted.  The quota's
 -- part is held like a reservation: `held[meter]` grows by the grant and the lease's
--- record in the reservations hash, `<meter>|<held>|<term grant>|<term end ms>`, says
--- how much of it is this lease's.  Events naming the lease move their units from held
+-- record in the reservations hash, `<meter>|<held>|<term grant>|<term end ms>|<term>`,
+-- says how much of it is this lease's and which term it is in ('-' once returned).  Events naming the lease move their units from held
 -- to usage as the aggregator counts them (apply_batch.lua); a return (or a renewal)
 -- frees the unspent part of the term at once; whatever is still held when the record's
 -- deadline (term end, or return, + settle window) passes is released as reservations
@@ -15,11 +15,14 @@
 -- holder decides those calls one by one with /v1/enforce, which names the end user.
 --
 -- A numbered request (its term: 1 takes the lease under the id the client chose, n
--- renews it into its nth term) is idempotent: its grant is kept with its number for a
--- term and a settle window, and the same request again — a client resending after
--- the answer was lost on a dropped connection — gets that answer back and changes
--- nothing.  Unnumbered, a resent take would hold a second grant nobody spends and a
--- resent renewal would free the new term as if it were the old one.
+-- renews it into its nth term, a return names the term it returns) is idempotent: its
+-- grant is kept with its number for a term and a settle window, and the same request
+-- again — a client resending after the answer was lost on a dropped connection — gets
+-- that answer back (with the time the term has left) and changes nothing.  Any other
+-- number than the next term's (a late copy of an older request) is 'lease_stale' and
+-- changes nothing either, as is a renewal of a returned lease.  Unnumbered, a resent
+-- take would hold a second grant nobody spends and a resent renewal would free the new
+-- term as if it were the old one.
 --
 -- KEYS: 1 account  2 keys  3 rate states  4 reservations  5 reservation expiries
 --       6 held totals  7 the meter's counters for the current period
@@ -35,11 +38,15 @@ local mode, id, meter = ARGV[6], ARGV[7], ARGV[9]
 local ttl, settle = tonumber(ARGV[12]), tonumber(ARGV[13])
 local number = ARGV[16]
 
-if number ~= '' then
+if number ~= '' and mode ~= 'return' then  -- a return names the term it ends
   local last = redis.call('GET', KEYS[8])
   if last then
     local n, reply = string.match(last, '^(%d+)|(.*)$')
-    if n == number then return reply end
+    if n == number then  -- a resend: the same answer, with its term's time left now
+      local body = cjson.decode(reply)
+      body.i = math.max(body.e - now, 0)
+      return cjson.encode(body)
+    end
   end
 end
 if mode == 'take' and redis.call('HEXISTS', KEYS[4], id) == 1 then
@@ -49,8 +56,9 @@ end
 local account = redis.call('HMGET', KEYS[1], @ACCOUNT_FIELDS@)
 if not account[1] then return answer('no_account') end
 
-local function record(held, term, ends)
-  redis.call('HSET', KEYS[4], id, string.format('%s|%d|%d|%d', meter, held, term, ends))
+-- `n`: the term number the record is in now ('-': returned)
+local function record(held, term, ends, n)
+  redis.call('HSET', KEYS[4], id, string.format('%s|%d|%d|%d|%s', meter, held, term, ends, n))
   redis.call('ZADD', KEYS[5], ends + settle, id)
   for k = 4, 6 do redis.call('PEXPIRE', KEYS[k], 2 * (ttl + settle)) end
 end
@@ -59,11 +67,18 @@ end
 -- covers what the holder can no longer spend.  What it spent stays held until its
 -- events settle it or the settle window passes.
 local carried, freed = 0, 0
+local current = 0  -- the lease's term number (a take: 0)
 if mode ~= 'take' then
   local found = redis.call('HGET', KEYS[4], id)
   if not found then return answer('lease_unknown') end
-  local m, held, term = string.match(found, '^([^|]*)|(%d+)|(%d+)|')
+  local m, held, term, n = string.match(found, '^([^|]*)|(%d+)|(%d+)|%d+|?([^|]*)$')
   if not term then return answer('lease_unknown') end
+  if n == '-' and mode == 'renew' then return answer('lease_unknown') end  -- returned
+  current = tonumber(n) or 0
+  if number ~= '' then
+    local next_one = mode == 'renew' and current + 1 or current
+    if tonumber(number) ~= next_one then return answer('lease_stale', {n = n}) end
+  end
   if mode == 'return' then meter = m end
   if m ~= meter then return answer('lease_meter', {m = m}) end
   held, term = tonumber(held), tonumber(term)
@@ -75,8 +90,9 @@ if mode ~= 'take' then
       redis.call('HDEL', KEYS[4], id)
       redis.call('ZREM', KEYS[5], id)
     else
-      record(carried, 0, now)
+      record(carried, 0, now, '-')
     end
+    redis.call('DEL', KEYS[8])  -- a resent renewal of a returned lease grants nothing
     return answer('returned', {m = meter, h = int(carried), f = int(freed)})
   end
   -- its record is rewritten below; meanwhile no expiry sweep may release it (whose
@@ -86,7 +102,7 @@ end
 
 -- A refused renewal keeps the lease, its grant returned: what it spent stays held.
 local function refuse(refusal)
-  if mode == 'renew' then record(carried, 0, now) end
+  if mode == 'renew' then record(carried, 0, now, current) end
   return refusal
 end
 
@@ -140,8 +156,9 @@ if granted == 0 then return redis.error_reply('lease: a room of 0 refused nothin
 write_rates(states, keep)
 local hold = quota and granted * MICRO or 0
 if hold > 0 then redis.call('HINCRBY', KEYS[6], meter, int(hold)) end
-record(carried + hold, hold, now + ttl)
+record(carried + hold, hold, now + ttl, current + 1)
 result.n, result.t, result.e, result.f = granted, granted * cost, now + ttl, int(freed)
+result.i = ttl
 local reply = answer('ok', result)
 if number ~= '' then
   redis.call('SET', KEYS[8], number .. '|' .. reply, 'PX', ttl + settle)

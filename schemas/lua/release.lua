@@ -1,7 +1,7 @@
 -- Release a reservation or a lease (settled by its event, expired, or returned): one
 -- definition for the api's scripts and the aggregator's, which all do it.  A
 -- reservation's value is `<meter>|<micro-units held>`; a lease's goes on with
--- `|<term grant>|<term end>`, and only its first two parts matter here.
+-- `|<term grant>|<term end>|<term number>`, and only its first two parts matter here.
 
 -- The meter and the micro-units (a string) a reservation's or a lease's value holds;
 -- limits.lua, which may not write, counts expired ones out with it too.

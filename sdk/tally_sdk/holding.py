@@ -80,6 +80,14 @@ class Holding:
         self.retired = []
         return terms
 
+    def put_back(self, term: Term) -> None:
+        """A renewal of ``term`` that failed: renew it next (the same request again, which
+        Tally answers as it did if it was granted after all); a term that finished
+        meanwhile is returned instead of overwritten."""
+        if self.spare is not None:
+            self.retired.append(self.spare)
+        self.spare = term
+
     def take_retired(self) -> list[Term]:
         retired, self.retired = self.retired, []
         return retired

@@ -228,7 +228,7 @@ class LeaseDecider:
             )
         except TallyError:
             if renewed is not None:
-                lease.holding.spare = renewed  # not renewed after all, as far as we know
+                lease.holding.put_back(renewed)  # not renewed, as far as we know
             raise
         if status == 200 and answer is not None:
             self._granted(lease, answer, headers, want, sent, term)
@@ -263,7 +263,8 @@ class LeaseDecider:
         granted, lease_id = int(answer.get("granted") or 0), str(answer["lease"])
         decision = replace(Decision.from_answer(200, headers, answer), lease=lease_id)
         lease.customer = decision.customer
-        deadline = sent + self._ttl - min(0.25, self._ttl / 10)
+        left = int(answer.get("expires_in_ms") or self._ttl * 1000) / 1000  # less on a resend
+        deadline = sent + min(left, self._ttl) - min(0.25, self._ttl / 10)
         lease.holding.add(Term(lease_id, granted, deadline, decision, number=term), self._clock())
         lease.lookahead = (
             min(self.max_lookahead, max(1, lease.lookahead * 2))
@@ -311,7 +312,12 @@ class LeaseDecider:
         if lease.customer is None:
             return
         for term in terms:
-            body = {"lease": term.lease, "spent": term.spent, "customer": lease.customer}
+            body = {
+                "lease": term.lease,
+                "spent": term.spent,
+                "customer": lease.customer,
+                "term": term.number,  # a late return of an older term frees nothing
+            }
             try:
                 status, _, answer = await self.tally.post_decision("/v1/leases/return", body, None)
             except TallyError as exc:

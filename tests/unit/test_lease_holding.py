@@ -89,3 +89,20 @@ def _hand_back(naive: Naive, term: Term) -> None:
 
 def _held(holding: Holding, name: str) -> bool:
     return any(t is not None and t.lease == name for t in (holding.active, holding.ready))
+
+
+def test_a_term_put_back_after_a_failed_renewal_does_not_displace_another() -> None:
+    """A renewal failed (the request's answer never came) while another term finished:
+    the one put back is renewed next, the other goes to be returned, neither is lost."""
+    holding = Holding()
+    grant = Decision(allowed=True, status=200)
+    holding.add(Term("ls_a", 1, 10, grant), 0)
+    holding.add(Term("ls_b", 1, 10, grant), 0)
+    assert holding.spend(0) is not None  # ls_a spent
+    assert holding.spend(0) is not None  # ls_b active, ls_a the spare
+    renewing = holding.renewal()
+    assert renewing is not None and renewing.lease == "ls_a"
+    assert holding.spend(0) is None  # ls_b spent: it becomes the spare meanwhile
+    holding.put_back(renewing)
+    assert holding.renewal() is renewing
+    assert [t.lease for t in holding.take_retired()] == ["ls_b"]

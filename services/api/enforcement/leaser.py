@@ -51,7 +51,7 @@ class LeaseAsk:
     endpoint: str = ""
     key_id: str = ""  # '' when a service token acts for the customer
     scope: str = "enforce"
-    term: int = 0  # the term this request starts (1: a take), 0: not numbered
+    term: int = 0  # the term this request starts (1: a take) or returns; 0: not numbered
 
 
 @dataclass(slots=True)
@@ -63,6 +63,7 @@ class Grant:
     granted: int = 0  # calls (and quota units) granted for this term
     tokens: int = 0  # tokens taken from each rate limit that applies
     expires_ms: int = 0  # the term's end, Redis clock
+    expires_in_ms: int = 0  # how long the term has left (less than its ttl on a resend)
     freed: Decimal = Decimal(0)  # units of the previous term given back
     held: Decimal = Decimal(0)  # after a return: spent units still awaiting their events
 
@@ -125,6 +126,7 @@ def _grant(body: dict[str, Any], meter: str) -> Grant:
         granted=body.get("n") or 0,
         tokens=body.get("t") or 0,
         expires_ms=body.get("e") or 0,
+        expires_in_ms=body.get("i") or 0,
         freed=from_micros(int(body.get("f") or 0)),
         held=from_micros(int(body.get("h") or 0)),
     )

@@ -89,6 +89,11 @@ class ReturnRequest(BaseModel):
     spent: Annotated[int, Field(ge=0, le=MAX_LEASE)] = Field(
         description="Calls spent of the lease's current grant; the rest is freed at once."
     )
+    term: Annotated[int, Field(ge=1, le=2**53)] | None = Field(
+        None,
+        description="The term returned (the lease's current one): a late or repeated"
+        " return of an older term frees nothing.",
+    )
 
 
 class Leases:
@@ -139,6 +144,7 @@ class Leases:
             "granted": grant.granted,
             "tokens": tokens,
             "expires_at": _moment(grant.expires_ms),
+            "expires_in_ms": grant.expires_in_ms,
             "ttl_ms": self._leaser.ttl_ms,
             "settle_seconds": self._settle,
             "returned": _number(grant.freed),
@@ -147,7 +153,9 @@ class Leases:
 
     async def give_back(self, caller: Caller, request: ReturnRequest) -> Answer:
         customer = self._enforcer.customer(caller, request.customer)
-        ask = LeaseAsk(lease=request.lease, mode=LeaseMode.RETURN, spent=request.spent)
+        ask = LeaseAsk(
+            lease=request.lease, mode=LeaseMode.RETURN, spent=request.spent, term=request.term or 0
+        )
         grant = await self._ask(customer, ask)
         body = {
             "lease": request.lease,
@@ -175,6 +183,14 @@ class Leases:
                 f"no lease {ask.lease} of customer {customer}: it never existed, belongs"
                 " to another customer, or ended and settled; take a new one",
                 errors=[{"field": "lease", "reason": "unknown lease"}],
+            )
+        if grant.outcome.code is Code.LEASE_STALE:
+            raise Problem(
+                UNKNOWN_LEASE,
+                f"term {ask.term} is not the next of lease {ask.lease}: a late copy of an"
+                " older request, or a lease this client no longer follows; nothing was"
+                " changed — take a new lease",
+                errors=[{"field": "term", "reason": "not the lease's next term"}],
             )
         return grant
 

@@ -85,6 +85,9 @@ class LeaseGrant(Decision):
     granted: int = Field(description="Calls granted (≤ want): quota units held, tokens taken")
     tokens: dict[str, int] = Field(description="Tokens taken from each rate limit that applied")
     expires_at: str = Field(description="When the grant ends (RFC 3339, Tally's clock)")
+    expires_in_ms: int = Field(
+        description="How long the grant has left: ttl_ms, less when a resend is answered"
+    )
     ttl_ms: int = Field(description="A grant's lifetime: the bound on plan and key changes")
     settle_seconds: int = Field(description="How long spent units wait for their events")
     returned: int | str = Field(description="Renewals: units of the previous grant freed")
