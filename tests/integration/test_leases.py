@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from schemas.catalog import Meter
 from schemas.envelope import StoredEvent
 from schemas.events import LEASE_ID_PATTERN, VALUE_SCALE, utcnow
-from services.api.enforcement.leaser import LeaseAsk, LeaseMode, Leaser, new_lease_id
+from services.api.enforcement.leaser import Grant, LeaseAsk, LeaseMode, Leaser, new_lease_id
 from services.api.enforcement.limiter import Code
 from services.api.enforcement.pipelined import Pipelined
 from services.common.clickhouse import ClickHouse
@@ -391,14 +391,20 @@ async def test_late_copies_of_older_requests_change_nothing(
     assert await usage_and_held(redis, customer) == (0, 17 * VALUE_SCALE)
 
 
+async def numbered_take(
+    redis: Redis, leaser: Leaser, customer: str, at_ms: int | None = None
+) -> tuple[LeaseAsk, Grant]:
+    """A customer with 100 calls of quota, and term 1 of a lease taken under our own id."""
+    await put_account(redis, customer, quota=100)
+    take = LeaseAsk(new_lease_id(), LeaseMode.TAKE, METER, 100, term=1)
+    return take, await leaser.ask(customer, take, utcnow(), None if at_ms is None else at_ms * 1000)
+
+
 async def test_a_resent_take_gets_the_time_its_term_has_left(
     redis: Redis, leaser: Leaser, tenant: str
 ) -> None:
-    customer = f"{tenant}-left"
-    await put_account(redis, customer, quota=100)
-    at_ms = int(utcnow().timestamp() * 1000)
-    take = LeaseAsk(new_lease_id(), LeaseMode.TAKE, METER, 100, term=1)
-    first = await leaser.ask(customer, take, utcnow(), at_ms * 1000)
+    customer, at_ms = f"{tenant}-left", int(utcnow().timestamp() * 1000)
+    take, first = await numbered_take(redis, leaser, customer, at_ms)
     again = await leaser.ask(customer, take, utcnow(), (at_ms + 500) * 1000)
     assert (
         (first.granted, first.expires_ms)
@@ -414,10 +420,9 @@ async def test_a_resent_renewal_after_a_newer_term_is_a_renewal_of_that_term(
 ) -> None:
     """Only the same term number is a resend: the next number is the next renewal."""
     customer = f"{tenant}-terms"
-    await put_account(redis, customer, quota=100)
-    ident = new_lease_id()
-    take = LeaseAsk(ident, LeaseMode.TAKE, METER, 100, term=1)
-    assert (await leaser.ask(customer, take, utcnow())).granted == 12
+    take, first = await numbered_take(redis, leaser, customer)
+    assert first.granted == 12
+    ident = take.lease
     second = LeaseAsk(ident, LeaseMode.RENEW, METER, 100, spent=12, term=2)
     assert (await leaser.ask(customer, second, utcnow())).granted == 11  # 88 left
     third = LeaseAsk(ident, LeaseMode.RENEW, METER, 100, spent=11, term=3)
