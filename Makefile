@@ -40,7 +40,7 @@ lint: setup
 	$(BIN)/mypy .
 	$(BIN)/lint-imports
 
-bench: setup wrk  ## pipeline, tally up, enforcement, leases, usage reads, the SDK edge, the middleware's cost and longest event-loop steps, events' cost, billing run, alerts (event → webhook), aggregator rejoin, kill -9 of tally up, the write-ahead log's cost (rates and latencies)
+bench: setup wrk  ## pipeline, tally up, enforcement, leases, usage reads, the SDK edge, the middleware's cost and longest event-loop steps, events' cost (in tally up, and stage by stage), billing run, alerts (event → webhook), aggregator rejoin, kill -9 of tally up, the write-ahead log's cost (rates and latencies)
 	$(BIN)/python -m bench.pipeline
 	$(BIN)/python -m bench.up
 	$(BIN)/python -m bench.enforce
@@ -51,6 +51,7 @@ bench: setup wrk  ## pipeline, tally up, enforcement, leases, usage reads, the S
 	$(BIN)/python -m bench.middleware_cost
 	$(BIN)/python -m bench.loop_steps
 	$(BIN)/python -m bench.emit_cost
+	$(BIN)/python -m bench.stages
 	$(BIN)/python -m bench.billing
 	$(BIN)/python -m bench.alerts
 	$(BIN)/python -m bench.rejoin
