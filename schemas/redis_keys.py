@@ -52,8 +52,8 @@ Enforcement state (written by the api; reservations settled by the aggregator):
 ``tally:{cust}:resv``            HASH event digest → ``<meter>|<micro-units>`` held for it;
                                  lease id → ``<meter>|<held>|<term grant>|<term end ms>|<term>``
                                  (micro-units; term ``-`` once returned; ``lua/lease.lua``)
-``tally:{cust}:lease:<id>:answer`` STRING ``<term>|<answer>``: a numbered lease request's
-                                 answer, for a resend of it (ttl + settle window)
+``tally:{cust}:lease:<id>:answer`` STRING ``<term>|<request's sha1>|<answer>``: a numbered
+                                 lease request's answer, for a resend of it (ttl + settle)
 ``tally:{cust}:resv:exp``        ZSET event digest or lease id scored by when what it
                                  holds is released (ms)
 ``tally:{cust}:held``            HASH meter → micro-units held by open reservations and leases

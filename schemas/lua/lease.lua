@@ -37,13 +37,16 @@ set_clock(ARGV[3])
 local mode, id, meter = ARGV[6], ARGV[7], ARGV[9]
 local ttl, settle = tonumber(ARGV[12]), tonumber(ARGV[13])
 local number = ARGV[16]
+-- what a resend must repeat: mode, meter, endpoint, spent and key
+local asked = redis.sha1hex(table.concat({mode, meter, ARGV[4], ARGV[8], ARGV[1]}, '\0'))
 
 if number ~= '' and mode ~= 'return' then  -- a return names the term it ends
   local last = redis.call('GET', KEYS[8])
   if last then
-    local n, reply = string.match(last, '^(%d+)|(.*)$')
-    if n == number then  -- a resend: the same answer, with its term's time left now
-      local body = cjson.decode(reply)
+    local n, was, reply = string.match(last, '^(%d+)|(%x+)|(.*)$')
+    if n == number then
+      if was ~= asked then return answer('lease_reused') end
+      local body = cjson.decode(reply)  -- a resend: the same answer, its term's time left
       body.i = math.max(body.e - now, 0)
       return cjson.encode(body)
     end
@@ -161,6 +164,6 @@ result.n, result.t, result.e, result.f = granted, granted * cost, now + ttl, int
 result.i = ttl
 local reply = answer('ok', result)
 if number ~= '' then
-  redis.call('SET', KEYS[8], number .. '|' .. reply, 'PX', ttl + settle)
+  redis.call('SET', KEYS[8], number .. '|' .. asked .. '|' .. reply, 'PX', ttl + settle)
 end
 return reply

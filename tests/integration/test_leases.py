@@ -347,6 +347,9 @@ async def test_a_resent_take_or_renewal_is_answered_again_not_granted_again(
     assert await usage_and_held(redis, customer) == (0, 14 * VALUE_SCALE)  # 2 spent + 12
     refused = await lease(api, auth, want=5, lease=ident, term=1)  # its id is taken
     assert refused.status_code == 422 and refused.json()["errors"][0]["field"] == "lease"
+    other = await lease(api, auth, **renew | {"endpoint": "/v1/other"})  # not a resend
+    assert other.status_code == 422 and other.json()["errors"][0]["field"] == "term"
+    assert same_grant(first, await lease(api, auth, **renew))  # the resend still is
     back = await give_back(api, auth, lease=ident, spent=0)
     assert back.json()["returned"] == 12 and back.json()["held"] == 2
 

@@ -122,6 +122,12 @@ class Leases:
             raise invalid_field(
                 "meter", f"lease {ask.lease} is a lease of meter {grant.meter!r}; renew it so"
             )
+        if outcome.code is Code.LEASE_REUSED:
+            raise invalid_field(
+                "term",
+                f"term {ask.term} of lease {ask.lease} was asked for already with another"
+                " meter, endpoint, spent or key: a resend repeats its request exactly",
+            )
         if outcome.code is Code.LEASE_TAKEN:
             raise invalid_field(
                 "lease", f"lease {ask.lease} exists already; take a new lease under a new id"
