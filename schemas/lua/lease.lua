@@ -76,7 +76,9 @@ if mode ~= 'take' then
   if not found then return answer('lease_unknown') end
   local m, held, term, n = string.match(found, '^([^|]*)|(%d+)|(%d+)|%d+|?([^|]*)$')
   if not term then return answer('lease_unknown') end
-  if n == '-' and mode == 'renew' then return answer('lease_unknown') end  -- returned
+  if n == '-' and mode == 'renew' and number ~= '' then  -- returned: numbered, closed
+    return answer('lease_unknown')
+  end
   current = tonumber(n) or 0
   if number ~= '' then
     local next_one = mode == 'renew' and current + 1 or current

@@ -457,3 +457,19 @@ async def test_a_lease_renewed_after_its_deadline_is_released_once(
     grant = await leaser.ask(customer, renew, utcnow(), late)
     assert grant.freed == 12 and grant.granted == 12
     assert await usage_and_held(redis, customer) == (0, 12 * VALUE_SCALE)
+
+
+async def test_an_unnumbered_renewal_of_a_returned_lease_renews_it_as_before(
+    redis: Redis, leaser: Leaser, tenant: str
+) -> None:
+    """Only numbered requests close a returned lease; clients that do not number their
+    requests keep the behaviour they were written for."""
+    customer = f"{tenant}-unnumbered"
+    await put_account(redis, customer, quota=100)
+    take = LeaseAsk(new_lease_id(), LeaseMode.TAKE, METER, 100)
+    assert (await leaser.ask(customer, take, utcnow())).granted == 12
+    back = await leaser.ask(customer, LeaseAsk(take.lease, LeaseMode.RETURN, spent=2), utcnow())
+    assert back.outcome.code is Code.RETURNED and back.held == 2
+    again = LeaseAsk(take.lease, LeaseMode.RENEW, METER, 100, spent=0)
+    assert (await leaser.ask(customer, again, utcnow())).granted == 12  # 98 left
+    assert await usage_and_held(redis, customer) == (0, 14 * VALUE_SCALE)
