@@ -58,6 +58,9 @@ class CorrectionEvent:
         body = {"meter": self.meter, "groups": self.groups, "reason": self.reason}
         return orjson.dumps(body).decode()
 
+    def wire(self) -> tuple[dict[str, str], str]:
+        return self.dimensions, self.data
+
 
 @dataclass(frozen=True, slots=True)
 class Target:

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 import jiter
 import orjson
 
-from schemas.events import EventData, UsageEvent
+from schemas.events import UsageEvent
 
 ENVELOPE_VERSION = 2
 SINGLE_CUSTOMER_VERSION = 1
@@ -77,13 +77,17 @@ class StoredEvent(NamedTuple):
             catalog_version=catalog_version,
         )
 
+    def wire(self) -> tuple[dict[str, str], str]:
+        return self.dimensions, self.data
+
     def parsed_data(self) -> dict[str, Any] | None:
         """``data`` as a dict with exact decimals, None for flat data."""
         return jiter.from_json(self.data.encode(), float_mode="decimal") if self.data else None
 
 
 class EventLike(Protocol):
-    """What an envelope needs of an event: a ``UsageEvent`` or a ``StoredEvent``."""
+    """What an envelope needs of an event: a ``UsageEvent``, a ``StoredEvent`` or a
+    correction."""
 
     @property
     def id(self) -> str: ...
@@ -96,9 +100,10 @@ class EventLike(Protocol):
     @property
     def value(self) -> Decimal: ...
     @property
-    def dimensions(self) -> dict[str, str]: ...
-    @property
     def lease(self) -> str: ...
+    def wire(self) -> tuple[dict[str, str], str]:
+        """Its dimensions and its nested data as JSON text ("" for flat data)."""
+        ...
 
 
 class Publishable(EventLike, Protocol):
@@ -107,15 +112,6 @@ class Publishable(EventLike, Protocol):
 
     @property
     def subject(self) -> str: ...
-
-
-def _payload(e: EventLike) -> tuple[dict[str, str], str]:
-    """An event's dimensions and its nested data's JSON text ("" for flat data): a
-    ``StoredEvent``'s or a correction's as they are, a ``UsageEvent``'s in one pass."""
-    data = getattr(e, "data", "")
-    if isinstance(data, EventData):
-        return data.wire()
-    return e.dimensions, data
 
 
 def encode(customer: str, events: Iterable[EventLike], received_at: datetime) -> bytes:
@@ -151,7 +147,7 @@ def encode_shares(
 
 
 def _event(e: EventLike) -> dict[str, Any]:
-    dimensions, data = _payload(e)
+    dimensions, data = e.wire()
     encoded = {
         "id": e.id,
         "source": e.source,

@@ -160,29 +160,30 @@ class EventData(BaseModel):
     def dimensions(self) -> dict[str, str]:
         """The top-level strings: what flat meters group by and ClickHouse keeps as a map."""
         extra = self.__pydantic_extra__ or {}
-        return {k: v for k, v in extra.items() if isinstance(v, str)}
+        return {k: v for k, v in extra.items() if type(v) is str}
 
     @property
     def nested(self) -> bool:
         """Does ``data`` hold more than ``value`` and dimensions?"""
-        return any(not isinstance(v, str) for v in (self.__pydantic_extra__ or {}).values())
+        return not _flat(self.__pydantic_extra__ or {})
 
     def wire(self) -> tuple[dict[str, str], str]:
-        """``(dimensions, as_json())`` in one pass for a flat event, the common case (an
-        envelope carries both for every event ingest accepts).  The dimensions of a flat
-        event are its extra members themselves, not a copy: read them, do not change them."""
+        """``(dimensions, as_json())``, as an envelope carries them, with one scan of
+        the members for a flat event (the common case).  A flat event's dimensions are
+        its extra members themselves, not a copy: read them, do not change them."""
         extra = self.__pydantic_extra__ or {}
-        for member in extra.values():
-            if type(member) is not str:
-                return self.dimensions, self.as_json()
-        return extra, ""
+        if _flat(extra):
+            return extra, ""
+        return self.dimensions, self._nested_json()
 
     def as_json(self) -> str:
         """``data`` as JSON text when it holds nested members, else ``""`` (a flat event's
-        data is its ``value`` and ``dimensions``).  Numbers stay exact: ingest parses them
-        as decimals and they are written back as the same JSON numbers."""
-        if not self.nested:
-            return ""
+        data is its ``value`` and ``dimensions``)."""
+        return self._nested_json() if self.nested else ""
+
+    def _nested_json(self) -> str:
+        """Numbers stay exact: ingest parses them as decimals and they are written back
+        as the same JSON numbers."""
         body: dict[str, Any] = dict(self.__pydantic_extra__ or {})
         if "value" in self.model_fields_set:
             body = {"value": self.value, **body}
@@ -190,6 +191,13 @@ class EventData(BaseModel):
 
 
 _NESTED = (dict, list, bool)  # exact types: what a JSON parser makes
+_TEXT = frozenset({str})
+
+
+def _flat(members: dict[str, Any]) -> bool:
+    """Are all of ``data``'s members dimensions (exactly ``str`` once validated)?  One C
+    call: this runs for every event ingest accepts."""
+    return _TEXT.issuperset(map(type, members.values()))
 
 
 def _named(model: EventData) -> EventData:
@@ -339,6 +347,9 @@ class UsageEvent(BaseModel):
     @property
     def lease(self) -> str:
         return self.tallylease or ""
+
+    def wire(self) -> tuple[dict[str, str], str]:
+        return self.data.wire()
 
 
 def to_micros(value: Decimal) -> int:

@@ -95,8 +95,8 @@ class Leaser:
     ) -> Grant:
         """``now`` picks the quota period; ``clock_us`` overrides Redis's clock (tests)."""
         tz = self._zone_of(customer)
-        keys, (start_ms, end_ms) = decision_keys(customer, ask.meter or "-", now, tz=tz)
-        keys[7] = redis_keys.lease_answer(customer, ask.lease)  # no end user: its answer
+        answer = redis_keys.lease_answer(customer, ask.lease)
+        keys, (start_ms, end_ms) = decision_keys(customer, ask.meter or "-", now, answer, tz)
         args: list[Arg] = [
             ask.key_id,
             ask.scope,

@@ -158,7 +158,8 @@ class Limiter:
     ) -> Outcome:
         """``now`` picks the quota period; ``clock_us`` overrides Redis's clock (tests)."""
         tz = self._zone_of(customer)
-        keys, (start_ms, end_ms) = decision_keys(customer, ask.meter, now, ask.end_user, tz)
+        end_user = redis_keys.end_user_rate_states(customer, ask.end_user)
+        keys, (start_ms, end_ms) = decision_keys(customer, ask.meter, now, end_user, tz)
         args: list[Arg] = [
             ask.key_id,
             ask.scope,
@@ -207,11 +208,13 @@ async def run(
 
 
 def decision_keys(
-    customer: str, meter: str, now: datetime, end_user: str = "", tz: ZoneInfo | None = None
+    customer: str, meter: str, now: datetime, last: str, tz: ZoneInfo | None = None
 ) -> tuple[list[str], tuple[int, int]]:
     """The keys a decision on ``meter`` reads and writes (``enforce.lua`` and
     ``lease.lua`` alike), and the quota period (start, end in ms) ``now`` falls in: the
-    calendar month in the customer's billing zone ``tz`` (None: UTC)."""
+    calendar month in the customer's billing zone ``tz`` (None: UTC).  ``last`` is the
+    one key the two scripts use differently: a decision's end user's rate states, a
+    lease request's stored answer."""
     month, start_ms, end_ms = _period(quota_month(now, tz))
     keys = [
         redis_keys.account(customer),
@@ -221,7 +224,7 @@ def decision_keys(
         redis_keys.reservation_expiries(customer),
         redis_keys.held(customer),
         redis_keys.counters(customer, meter, Window.MONTH, month),
-        redis_keys.end_user_rate_states(customer, end_user),
+        last,
     ]
     return keys, (start_ms, end_ms)
 
