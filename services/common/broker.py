@@ -34,13 +34,21 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def die_with(parent: int) -> Callable[[], None]:
+def die_with(parent: int, nice: int = 0) -> Callable[[], None]:
     """Have Linux kill the broker when Tally dies, even by kill -9: no orphan brokers.
 
     Run in the child between fork and exec. SIGKILL, because the broker keeps nothing
     worth flushing (memory storage) and a signal it could catch might leave it running.
     If Tally died before ``prctl`` took effect the child has already been re-parented:
-    it exits at once rather than start an orphan.
+    it exits at once rather than start an orphan.  ``nice`` lowers the child's priority
+    (every thread it starts inherits it).
+
+    Children are put in a process group of their own (``process_group=0``), not a session:
+    a Ctrl-C in the terminal still reaches the parent alone, and they stay in its
+    scheduling group.  With the kernel's autogroup (on by default) every new session is
+    a group that gets an equal share of the CPU whatever its processes' niceness: three
+    sessions gave ``tally up`` three shares against the API beside it, and made
+    ``nice`` a no-op.
     """
 
     # libc is loaded here, in the parent: between fork and exec of a process with other
@@ -56,6 +64,8 @@ def die_with(parent: int) -> Callable[[], None]:
                 libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:
             os._exit(1)
+        if nice:
+            os.nice(nice)
 
     return arm
 
@@ -68,8 +78,10 @@ class EmbeddedBroker:
         port: int | None = None,
         log_path: Path | None = None,
         advertised_port: int | None = None,
+        nice: int = 0,
     ) -> None:
         self.port = port or free_port()
+        self.nice = nice
         # Clients connect where the broker advertises: a proxy in front of it (tests'
         # fault proxy) must be advertised, or clients would go around it.
         self.advertised_port = advertised_port or self.port
@@ -108,8 +120,8 @@ class EmbeddedBroker:
             ],
             stdout=log,
             stderr=log,
-            start_new_session=True,
-            preexec_fn=die_with(os.getpid()),
+            process_group=0,  # its own group, not session: see die_with
+            preexec_fn=die_with(os.getpid(), self.nice),
         )
 
     def wait(self) -> int:

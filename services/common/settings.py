@@ -216,6 +216,16 @@ class Settings(BaseSettings):
         " at it (code 70, logged) whatever its stores are doing.",
     )
 
+    up_background_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="`tally up` runs back (aggregation, billing, analytics) and the embedded"
+        " broker this much nicer than front (ingest, leases, enforcement) and the programs"
+        " started beside it: on a machine shared with the API it meters, counting a burst of"
+        " events waits for the API's requests, not the other way round. 0 = same priority.",
+    )
+
     rollup_interval_seconds: float = 60.0
     rollup_safety_lag_seconds: float = 5.0
     billing_interval_seconds: float = Field(

@@ -10,12 +10,17 @@ stores once, starts the embedded broker, and runs two processes of its own:
   on a private loopback port.
 
 Every process it starts dies with it, even by kill -9 (``PR_SET_PDEATHSIG``, armed from
-this event loop's thread), and runs in a session of its own, so that a Ctrl-C in the
+this event loop's thread), and runs in a process group of its own (in the supervisor's
+session, so in its scheduling group: ``broker.die_with``), so that a Ctrl-C in the
 terminal reaches the supervisor alone and it stops them in order: front first (no more
 events taken; what it answered 202 is in the broker), then back (it drains the in-memory
 broker into the stores, ``TALLY_KAFKA_IN_MEMORY``), then the broker.  A child that dies
 while serving is started again, with a log line; one that keeps failing before it is ready
 makes ``tally up`` stop and exit non-zero.
+
+Back and the broker run ``TALLY_UP_BACKGROUND_NICE`` (10) nicer than front: when the
+machine is busy, counting a burst of events yields to the requests of the API beside it
+and to front's lease and enforcement answers.
 
 The children are started before the stores are prepared: they import their services
 (seconds) while this process migrates, and wait at a gate (``services.up.gate``) until
@@ -102,6 +107,7 @@ class Child:
     metrics_dir: Path
     prepared: asyncio.Event
     """Set once the stores are prepared: until then the child waits at its gate."""
+    nice: int = 0
     process: subprocess.Popen[bytes] | None = None
 
     def spawn(self) -> Gate:
@@ -111,8 +117,8 @@ class Child:
             self.process = subprocess.Popen(
                 [*TALLY, "up", "--role", self.role, "--port", str(self.port), *self.args],
                 env=os.environ | self.env | gate.env(),
-                start_new_session=True,
-                preexec_fn=broker.die_with(os.getpid()),
+                process_group=0,  # its own group, not session: see broker.die_with
+                preexec_fn=broker.die_with(os.getpid(), self.nice),
                 pass_fds=(gate.read,),
             )
         except BaseException:
@@ -291,7 +297,7 @@ class Supervisor:
             # for everyone (one failed-credential counter for all clients)
             "TALLY_TRUSTED_PROXIES": "127.0.0.1",
         }
-        back = Child(BACK, back_port, [], back_env, metrics, prepared)
+        back = Child(BACK, back_port, [], back_env, metrics, prepared, settings.up_background_nice)
         front_args = ["--back-url", back_url, *(["--demo"] if self.demo else [])]
         front_env = env | {
             "TALLY_BILLING_URL": back_url,
@@ -303,7 +309,9 @@ class Supervisor:
         """The broker the children use: the user's, or an embedded one started here."""
         if not self.settings.embedded_kafka:
             return {}
-        embedded = broker.EmbeddedBroker(log_path=self.settings.data_dir / "tansu.log")
+        embedded = broker.EmbeddedBroker(
+            log_path=self.settings.data_dir / "tansu.log", nice=self.settings.up_background_nice
+        )
         embedded.spawn()  # on the loop's thread: the broker dies with this process
         self.broker = embedded
         await asyncio.to_thread(embedded.wait_listening, 20.0)

@@ -67,6 +67,7 @@ def test_up_runs_front_and_back_behind_one_port(
     try:
         children = processes_of(up)
         assert set(children) == {"front", "back", "tansu"}, children
+        assert_placed(psutil.Process(up.process.pid), children, settings.up_background_nice)
         with httpx.Client(base_url=up.url, timeout=30) as client:
             send(client, token, customer, 20)
             wait_for(partial(counted, client, token, customer, 20), 60, "20 counted", up.tail)
@@ -106,6 +107,20 @@ def test_up_runs_front_and_back_behind_one_port(
     finally:
         if up.process is not None and up.process.poll() is None:
             up.kill()
+
+
+def assert_placed(
+    supervisor: psutil.Process, children: dict[str, psutil.Process], nicer: int
+) -> None:
+    """Each child leads a process group of its own (a Ctrl-C in the terminal reaches the
+    supervisor alone) in the supervisor's session (one scheduling group under autogroup);
+    back and the broker run ``nicer`` than the supervisor, front as it does."""
+    base = supervisor.nice()
+    for role, child in children.items():
+        assert os.getpgid(child.pid) == child.pid, role
+        assert os.getsid(child.pid) == os.getsid(supervisor.pid), role
+        wanted = base if role == "front" else min(19, base + nicer)
+        assert child.nice() == wanted, (role, child.nice(), wanted)
 
 
 def send(client: httpx.Client, token: dict[str, str], customer: str, count: int) -> None:

@@ -3,6 +3,7 @@ bound, and the embedded broker's tie to its parent."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -60,3 +61,22 @@ def test_a_child_whose_parent_is_already_gone_does_not_start() -> None:
         timeout=20,
     )
     assert child.returncode == 1 and child.stdout == b""
+
+
+def test_a_child_runs_as_much_nicer_as_asked_in_a_process_group_of_its_own() -> None:
+    """``tally up`` starts back and the broker nicer than itself, each in a process group
+    of its own (a Ctrl-C reaches the parent alone) but in the parent's session: a session
+    of its own would be a scheduling group of its own under the kernel's autogroup."""
+    report = "import os; print(os.nice(0), os.getpgid(0) == os.getpid(), os.getsid(0))"
+    child = subprocess.run(
+        [sys.executable, "-c", report],
+        preexec_fn=die_with(os.getpid(), 7),
+        process_group=0,
+        capture_output=True,
+        timeout=20,
+        check=True,
+    )
+    nice, leads_its_group, session = child.stdout.split()
+    assert int(nice) == min(19, os.nice(0) + 7)
+    assert leads_its_group == b"True"
+    assert int(session) == os.getsid(0)

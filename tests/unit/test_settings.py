@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from services.common.settings import Settings
 
@@ -47,3 +48,18 @@ def test_the_group_session_timeout_defaults_to_the_broker_in_use(
     assert kafka.group_session_timeout == 10.0  # Kafka refuses < 6 s by default
     tansu = kafka.model_copy(update={"kafka_session_timeout": 2.0})
     assert tansu.group_session_timeout == 2.0  # set for a Tansu given by address
+
+
+@pytest.mark.parametrize("given", ["-1", "20", "ten"])
+def test_tally_ups_background_niceness_is_a_nice_value(
+    monkeypatch: pytest.MonkeyPatch, given: str
+) -> None:
+    monkeypatch.setenv("TALLY_UP_BACKGROUND_NICE", given)
+    with pytest.raises(ValidationError) as refused:
+        Settings(_env_file=None)
+    assert [e["loc"] for e in refused.value.errors()] == [("up_background_nice",)]
+
+
+def test_tally_ups_background_work_runs_nicer_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TALLY_UP_BACKGROUND_NICE", raising=False)
+    assert Settings(_env_file=None).up_background_nice == 10
