@@ -153,10 +153,14 @@ QUOTA = "https://tally.dev/problems/quota-exceeded"
 @asynccontextmanager
 async def fake_tally(script: Script = allow_all) -> AsyncIterator[FakeTally]:
     fake = FakeTally()
+    open_: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         fake.connections += 1
         number = fake.connections
+        task = asyncio.current_task()
+        assert task is not None
+        open_[task] = writer
         try:
             while True:
                 try:
@@ -181,6 +185,7 @@ async def fake_tally(script: Script = allow_all) -> AsyncIterator[FakeTally]:
                 writer.write(("\r\n".join(out) + "\r\n\r\n").encode() + content)
                 await writer.drain()
         finally:
+            open_.pop(task, None)
             writer.close()
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
@@ -189,4 +194,16 @@ async def fake_tally(script: Script = allow_all) -> AsyncIterator[FakeTally]:
         yield fake
     finally:
         server.close()
+        await _ended(open_)
         await server.wait_closed()
+
+
+async def _ended(open_: dict[asyncio.Task[None], asyncio.StreamWriter]) -> None:
+    """End the connections still open by closing them, so that their handlers return
+    (a handler cancelled at the loop's end makes Python 3.11's stream callback log
+    its ``CancelledError``)."""
+    handlers = list(open_)
+    for writer in list(open_.values()):
+        writer.close()
+    if handlers:
+        await asyncio.wait(handlers, timeout=2)
