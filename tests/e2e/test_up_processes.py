@@ -67,6 +67,7 @@ def test_up_runs_front_and_back_behind_one_port(
     try:
         children = processes_of(up)
         assert set(children) == {"front", "back", "tansu"}, children
+        assert up.process is not None
         assert_placed(psutil.Process(up.process.pid), children, settings.up_background_nice)
         with httpx.Client(base_url=up.url, timeout=30) as client:
             send(client, token, customer, 20)
