@@ -163,10 +163,7 @@ async def fake_tally(script: Script = allow_all) -> AsyncIterator[FakeTally]:
         open_[task] = writer
         try:
             while True:
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    return
+                head = await reader.readuntil(b"\r\n\r\n")
                 start, *lines = head.decode("latin-1").split("\r\n")
                 headers = {}
                 for line in filter(None, lines):
@@ -184,6 +181,8 @@ async def fake_tally(script: Script = allow_all) -> AsyncIterator[FakeTally]:
                 out += ["Content-Type: application/json", *(f"{k}: {v}" for k, v in extra.items())]
                 writer.write(("\r\n".join(out) + "\r\n\r\n").encode() + content)
                 await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return  # the client, or ``_ended``, closed the connection
         finally:
             open_.pop(task, None)
             writer.close()

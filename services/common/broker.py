@@ -64,8 +64,12 @@ def die_with(parent: int, nice: int = 0) -> Callable[[], None]:
                 libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:
             os._exit(1)
+        # In the terminal's session but not its foreground group: writing to it must not
+        # stop the child (``stty tostop``); an ignored signal stays ignored across exec.
+        signal.signal(signal.SIGTTOU, signal.SIG_IGN)
         if nice:
-            os.nice(nice)
+            with contextlib.suppress(OSError):  # a sandbox may refuse it: run as we are
+                os.nice(nice)
 
     return arm
 
@@ -118,6 +122,7 @@ class EmbeddedBroker:
                 "--storage-engine",
                 "memory://tansu/",
             ],
+            stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
             process_group=0,  # its own group, not session: see die_with

@@ -93,6 +93,8 @@ def test_up_runs_front_and_back_behind_one_port(
             # back killed outright: the supervisor starts it again, counting resumes
             children["back"].kill()
             wait_for(partial(restarted, up, children["back"]), 30, "a new back", up.tail)
+            supervisor = psutil.Process(up.process.pid)
+            assert_placed(supervisor, processes_of(up), settings.up_background_nice)
             send(client, token, customer, 10)
             wait_for(partial(counted, client, token, customer, 30), 90, "30 counted", up.tail)
             assert "process exited unexpectedly; restarting it" in up.tail(400)

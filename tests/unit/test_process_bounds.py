@@ -66,8 +66,13 @@ def test_a_child_whose_parent_is_already_gone_does_not_start() -> None:
 def test_a_child_runs_as_much_nicer_as_asked_in_a_process_group_of_its_own() -> None:
     """``tally up`` starts back and the broker nicer than itself, each in a process group
     of its own (a Ctrl-C reaches the parent alone) but in the parent's session: a session
-    of its own would be a scheduling group of its own under the kernel's autogroup."""
-    report = "import os; print(os.nice(0), os.getpgid(0) == os.getpid(), os.getsid(0))"
+    of its own would be a scheduling group of its own under the kernel's autogroup.  As
+    a background group of the terminal's session, it must not be stopped for writing
+    its log there."""
+    report = (
+        "import os, signal; print(os.nice(0), os.getpgid(0) == os.getpid(), os.getsid(0),"
+        " signal.getsignal(signal.SIGTTOU) == signal.SIG_IGN)"
+    )
     child = subprocess.run(
         [sys.executable, "-c", report],
         preexec_fn=die_with(os.getpid(), 7),
@@ -76,7 +81,8 @@ def test_a_child_runs_as_much_nicer_as_asked_in_a_process_group_of_its_own() -> 
         timeout=20,
         check=True,
     )
-    nice, leads_its_group, session = child.stdout.split()
+    nice, leads_its_group, session, writes_to_the_terminal = child.stdout.split()
     assert int(nice) == min(19, os.nice(0) + 7)
     assert leads_its_group == b"True"
     assert int(session) == os.getsid(0)
+    assert writes_to_the_terminal == b"True"  # not stopped by SIGTTOU under `stty tostop`
