@@ -17,6 +17,7 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 PR_SET_PDEATHSIG = 1
 
@@ -74,6 +75,17 @@ def die_with(parent: int, nice: int = 0) -> Callable[[], None]:
     return arm
 
 
+def as_child(nice: int = 0) -> dict[str, Any]:
+    """``Popen`` options for a process of Tally's own that must die with this one
+    (``die_with``): a process group of its own in this session, and no terminal input
+    (a background group reading the terminal would be stopped)."""
+    return {
+        "stdin": subprocess.DEVNULL,
+        "process_group": 0,
+        "preexec_fn": die_with(os.getpid(), nice),
+    }
+
+
 class EmbeddedBroker:
     """A Tansu broker process on a loopback port, stopped with the context."""
 
@@ -122,11 +134,9 @@ class EmbeddedBroker:
                 "--storage-engine",
                 "memory://tansu/",
             ],
-            stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
-            process_group=0,  # its own group, not session: see die_with
-            preexec_fn=die_with(os.getpid(), self.nice),
+            **as_child(self.nice),
         )
 
     def wait(self) -> int:

@@ -117,10 +117,8 @@ class Child:
             self.process = subprocess.Popen(
                 [*TALLY, "up", "--role", self.role, "--port", str(self.port), *self.args],
                 env=os.environ | self.env | gate.env(),
-                stdin=subprocess.DEVNULL,  # a background group reading the terminal stops
-                process_group=0,  # its own group, not session: see broker.die_with
-                preexec_fn=broker.die_with(os.getpid(), self.nice),
                 pass_fds=(gate.read,),
+                **broker.as_child(self.nice),
             )
         except BaseException:
             gate.close()
