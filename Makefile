@@ -40,7 +40,7 @@ lint: setup
 	$(BIN)/mypy .
 	$(BIN)/lint-imports
 
-bench: setup wrk  ## pipeline, tally up, enforcement, leases, usage reads, the SDK edge, the middleware's cost and longest event-loop steps, events' cost (in tally up, and stage by stage), billing run, alerts (event → webhook), aggregator rejoin, kill -9 of tally up, the write-ahead log's cost (rates and latencies)
+bench: setup wrk  ## pipeline, tally up, enforcement, leases, usage reads, the SDK edge, the middleware's cost (CPU, and instructions counted by callgrind) and longest event-loop steps, events' cost (in tally up, and stage by stage), billing run, alerts (event → webhook), aggregator rejoin, kill -9 of tally up, the write-ahead log's cost (rates and latencies)
 	$(BIN)/python -m bench.pipeline
 	$(BIN)/python -m bench.up
 	$(BIN)/python -m bench.enforce
@@ -49,6 +49,7 @@ bench: setup wrk  ## pipeline, tally up, enforcement, leases, usage reads, the S
 	$(BIN)/python -m bench.sdk_client
 	$(BIN)/python -m bench.edge
 	$(BIN)/python -m bench.middleware_cost
+	$(BIN)/python -m bench.middleware_cost --instructions
 	$(BIN)/python -m bench.loop_steps
 	$(BIN)/python -m bench.emit_cost
 	$(BIN)/python -m bench.stages

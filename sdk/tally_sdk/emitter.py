@@ -130,10 +130,11 @@ class Emitter:
     def put(self, event: dict[str, Any]) -> None:
         if self._closed:
             raise ClientClosed("the Tally client is closed; the event was not buffered")
-        self._start()
-        self._buffer.put(event)
+        if self._task is None:
+            self._start()
+        waiting = self._buffer.put(event)
         self._reporter.stats.emitted += 1
-        if len(self._buffer) in (1, self._max_batch):
+        if waiting == 1 or waiting == self._max_batch:
             self._wake.set()
 
     async def flush(self) -> None:
@@ -166,8 +167,7 @@ class Emitter:
         self._reporter.undelivered([Undelivered(e.event, Outcome.ABANDONED) for e in left])
 
     def _start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="tally-emitter")
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="tally-emitter")
 
     def _low_water(self) -> int:
         """The sequence number of the oldest event still pending."""

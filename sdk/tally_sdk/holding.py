@@ -29,6 +29,10 @@ class Term:
     admitted: Decision
     spent: int = 0
     number: int = 1  # the lease's first term is 1; renewing it asks for number + 1
+    renew_at: int = 0
+    """How many spent calls make the next term due (its holder fetches it ahead)."""
+    renew_after: float = 0.0
+    """The local time from which the next term is due whatever is spent."""
 
     def left(self, now: float) -> int:
         return self.granted - self.spent if now < self.deadline else 0
@@ -46,7 +50,7 @@ class Holding:
     def spend(self, now: float) -> Decision | None:
         """Admit one call if a term has room: the fast path, no I/O."""
         term = self.active
-        if term is None or term.left(now) <= 0:
+        if term is None or term.spent >= term.granted or now >= term.deadline:  # left() <= 0
             term = self._advance(now)
             if term is None:
                 return None

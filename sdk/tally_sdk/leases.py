@@ -117,7 +117,9 @@ class LeaseDecider:
         lease.used_at = now
         admitted = lease.holding.spend(now)
         if admitted is not None:
-            if self._running_low(lease, now):
+            # the next term is held or on its way most of the time: no call then
+            ahead = lease.fetching is not None or lease.holding.ready is not None
+            if not ahead and self._running_low(lease, now):
                 self._fetch(lease, Ask(key, meter, endpoint, "", "reserve", client_ip))
             return admitted
         if now < lease.refused_until and lease.refusal is not None:
@@ -150,14 +152,12 @@ class LeaseDecider:
         return lease
 
     def _running_low(self, lease: _Lease, now: float) -> bool:
-        """Fetch the next term ahead when this one is nearly spent or nearly over."""
-        holding = lease.holding
-        if lease.fetching is not None or holding.ready is not None or lease.lookahead == 0:
+        """Fetch the next term ahead when this one is nearly spent or nearly over (asked
+        when no next term is held or under way)."""
+        if lease.lookahead == 0:
             return False
-        term = holding.active
-        if term is None:
-            return True
-        return term.left(now) <= max(1, term.granted // 4) or term.deadline - now < self._ttl / 4
+        term = lease.holding.active
+        return term is None or term.spent >= term.renew_at or now >= term.renew_after
 
     async def _wait(self, lease: _Lease, ask: Ask) -> Decision:
         waiter: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
@@ -265,7 +265,11 @@ class LeaseDecider:
         lease.customer = decision.customer
         left = int(answer.get("expires_in_ms") or self._ttl * 1000) / 1000  # less on a resend
         deadline = sent + min(left, self._ttl) - min(0.25, self._ttl / 10)
-        lease.holding.add(Term(lease_id, granted, deadline, decision, number=term), self._clock())
+        held = Term(lease_id, granted, deadline, decision, number=term)
+        # due ahead: with a quarter of its calls, or of the term's time, left
+        held.renew_at = granted - max(1, granted // 4)
+        held.renew_after = deadline - self._ttl / 4
+        lease.holding.add(held, self._clock())
         lease.lookahead = (
             min(self.max_lookahead, max(1, lease.lookahead * 2))
             if granted >= want

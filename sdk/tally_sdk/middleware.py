@@ -80,17 +80,19 @@ def header(name: str) -> Callable[[Scope], str | None]:
 
 def api_key(scope: Scope) -> str | None:
     """The caller's key from ``Authorization: Bearer`` or, failing that, ``X-API-Key``
-    (the first of each; one pass over the headers, as this runs for every request)."""
-    authorization = x_api_key = None
-    for name, value in scope.get("headers", ()):
-        if name == b"authorization" and authorization is None:
-            authorization = value
-        elif name == b"x-api-key" and x_api_key is None:
-            x_api_key = value
+    (the first of each).  This runs for every request, so the headers are looked up
+    in a dict built in C, reversed so that the first of a repeated header wins."""
+    headers = scope.get("headers") or ()
+    try:
+        first = dict(reversed(headers))
+    except TypeError:  # not a sequence, or names not as bytes: the slow way
+        first = {bytes(name): value for name, value in reversed(list(headers))}
+    authorization = first.get(b"authorization")
     if authorization is not None:
         scheme, _, token = bytes(authorization).decode("latin-1").partition(" ")
         if scheme.lower() == "bearer" and token.strip():
             return token.strip()
+    x_api_key = first.get(b"x-api-key")
     if x_api_key is None:
         return None
     return bytes(x_api_key).decode("latin-1").strip() or None
@@ -133,6 +135,7 @@ class TallyMiddleware:
             getattr(self.decider, "decide_now", None) if mode == "reserve" else None
         )
         self.tally = tally
+        self._emit = tally.emit_complete
         self.meter = meter
         self.event_type = event_type
         self.mode = mode
@@ -142,11 +145,10 @@ class TallyMiddleware:
         self.fail_open = fail_open
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await self.app(scope, receive, self._flushing_on_shutdown(send))
-            return
-        if scope["type"] != "http" or self._excluded(scope["path"]):
-            await self.app(scope, receive, send)
+        if scope["type"] != "http" or (
+            scope["path"].startswith(self.exclude) and self._excluded(scope["path"])
+        ):
+            await self._pass(scope, receive, send)
             return
         key = api_key(scope)
         if key is None:
@@ -166,7 +168,29 @@ class TallyMiddleware:
                 scope, send, decision.status, decision.problem or {}, decision.headers
             )
             return
-        await self._serve(scope, receive, send, decision, endpoint, event_id)
+        # Serve, with the RateLimit headers added, then meter what the app answered.
+        # Inline rather than a coroutine of its own: this runs for every request.
+        extra = decision.added_headers
+        status = 500  # what the server answers if the app fails before responding
+
+        async def send_with_limits(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                message["headers"] = [*message.get("headers", ()), *extra]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_limits)
+        finally:
+            self._meter(decision, scope, endpoint, event_id, status)
+
+    async def _pass(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Anything but a metered HTTP request: the app's own, the lifespan's shutdown
+        held back until leases are returned and events sent."""
+        if scope["type"] == "lifespan":
+            send = self._flushing_on_shutdown(send)
+        await self.app(scope, receive, send)
 
     async def _decide(
         self, ask: Ask, scope: Scope, receive: Receive, send: Send
@@ -183,8 +207,8 @@ class TallyMiddleware:
         return None
 
     def _excluded(self, path: str) -> bool:
-        if not path.startswith(self.exclude):  # one C call settles most requests
-            return False
+        """Whether ``path`` is an excluded path or below one (``__call__`` asks only
+        when it starts with one: a single C call settles most requests)."""
         return any(path == p or path.startswith(p + "/") for p in self.exclude)
 
     def _flushing_on_shutdown(self, send: Send) -> Send:
@@ -218,31 +242,6 @@ class TallyMiddleware:
         )
         await self.app(scope, receive, send)
 
-    async def _serve(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        decision: Decision,
-        endpoint: str,
-        event_id: str,
-    ) -> None:
-        """Run the app with the RateLimit headers added, then meter what it answered."""
-        extra = decision.added_headers
-        status = 500  # what the server answers if the app fails before responding
-
-        async def send_with_limits(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-                message["headers"] = [*message.get("headers", ()), *extra]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_limits)
-        finally:
-            self._meter(decision, scope, endpoint, event_id, status)
-
     def _meter(
         self, decision: Decision, scope: Scope, endpoint: str, event_id: str, status: int
     ) -> None:
@@ -265,6 +264,6 @@ class TallyMiddleware:
         if decision.lease is not None:
             event["tallylease"] = decision.lease  # settles the unit the lease held for it
         try:
-            self.tally.emit_complete(event)
+            self._emit(event)
         except TallyError as exc:
             log.error("tally: %s %s not metered: %s", scope["method"], scope["path"], exc)

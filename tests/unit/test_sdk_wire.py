@@ -105,6 +105,17 @@ def test_the_key_comes_from_a_bearer_token_else_x_api_key() -> None:
     assert api_key(scope_with()) is None
 
 
+def test_the_key_is_found_in_headers_of_any_shape_asgi_allows() -> None:
+    """Pairs as lists, an iterable that is not a sequence, names and values as
+    bytearray: the first of each header still wins."""
+    pairs = [[b"x-api-key", b"k1"], [b"x-api-key", b"k2"]]
+    assert api_key({"headers": pairs}) == "k1"
+    assert api_key({"headers": (pair for pair in pairs)}) == "k1"
+    arrays = [(bytearray(b"authorization"), bytearray(b"Bearer k3")), (b"x-api-key", b"k4")]
+    assert api_key({"headers": arrays}) == "k3"
+    assert api_key({"headers": None}) is None and api_key({}) is None
+
+
 def test_excluded_paths_and_everything_below_them_pass_untouched() -> None:
     async def app(scope: object, receive: object, send: object) -> None: ...
 
