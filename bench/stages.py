@@ -9,9 +9,9 @@ service, broker or store runs: this is the code's own cost, which end-to-end run
 (``bench.emit_cost``, ``bench.edge``) cannot show apart on a machine whose speed drifts.
 
 Each stage runs ``--repeat`` times; it prints the best and the median µs per event.
-``--baseline PATH`` measures another checkout's code too (in a subprocess with that
-checkout first on ``sys.path``), alternating with this one for ``--rounds`` rounds, and
-prints both side by side.
+``--baseline PATH`` measures another checkout's code too, alternating with this one for
+``--rounds`` rounds (each in a subprocess with its checkout first on ``sys.path``, the
+one to go first alternating too), and prints both side by side.
 
     python -m bench.stages --rounds 3 --baseline /tmp/main
 """
@@ -29,6 +29,7 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -129,10 +130,16 @@ def main() -> None:
         print(json.dumps(measure(args.events, args.customers, args.repeat)))
         return
     rounds: dict[str, list[dict[str, dict[str, float]]]] = {"this": [], "baseline": []}
-    for _ in range(args.rounds):  # alternating: this machine's speed drifts
-        rounds["this"].append(measure(args.events, args.customers, args.repeat))
-        if args.baseline:
-            rounds["baseline"].append(elsewhere(args.baseline, args))
+    for n in range(args.rounds):
+        if not args.baseline:
+            rounds["this"].append(measure(args.events, args.customers, args.repeat))
+            continue
+        # Both in a fresh process, and which goes first alternating round by round: this
+        # machine's speed drifts, and the first of two back-to-back runs was seen ahead.
+        here = str(Path(__file__).resolve().parents[1])
+        checkouts = [("this", here), ("baseline", args.baseline)]
+        for kind, checkout in checkouts if n % 2 == 0 else checkouts[::-1]:
+            rounds[kind].append(elsewhere(checkout, args))
     summary = {
         kind: {
             stage: {
