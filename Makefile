@@ -20,10 +20,13 @@ browser:
 	@[ -x $(CHROMIUM) ] || { $(SUDO) apt-get install -y -q chromium \
 		|| { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }; }
 
-# bench.edge drives the APIs flat out with Debian's wrk (a C load generator).
+# bench.edge drives the APIs flat out with Debian's wrk (a C load generator);
+# bench.middleware_cost --instructions counts with Debian's valgrind.
 wrk:
 	@command -v wrk >/dev/null || { $(SUDO) apt-get install -y -q wrk \
 		|| { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q wrk; }; }
+	@command -v valgrind >/dev/null || { $(SUDO) apt-get install -y -q valgrind \
+		|| { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q valgrind; }; }
 
 up: setup  ## all four services in one process, embedded Kafka (Tansu) and ClickHouse (chDB)
 	$(BIN)/tally up

@@ -11,9 +11,12 @@ and behind the middleware, each run in a child under valgrind's callgrind for tw
 numbers of requests; the difference of the two counts over the difference of requests
 is the instructions per request, start-up (imports, the first lease) cancelled out.  The
 same code gives the same count whatever else the machine does, where its speed drifts
-by tens of percent within minutes, so counts from different days compare (µs do not),
-and ``plain ÷ middleware`` is the requests/s ratio the two reach on a core each.  The
-stand-in Tally answers from a process of its own, uncounted.  ``--baseline-sdk`` adds
+by tens of percent within minutes, so counts from different days compare (µs do not);
+nothing in the counted runs goes by the clock (batches leave by count, terms outlast the
+run), so a slower run does no more work.  ``plain ÷ middleware`` approximates the
+requests/s ratio of two such apps on a core each (the server's and the kernel's work per
+request, alike for both and not counted here, would bring it nearer 1).  The stand-in
+Tally answers from a process of its own, uncounted.  ``--baseline-sdk`` adds
 the middleware of another checkout's SDK.
 
     python -m bench.middleware_cost --requests 20000 --rounds 3
@@ -26,6 +29,7 @@ import argparse
 import asyncio
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -63,6 +67,8 @@ SCOPE: Scope = {  # as uvicorn hands bench.edge's requests over
 REQUEST: Message = {"type": "http.request", "body": b'{"q":"berlin"}', "more_body": False}
 COUNTS = (1000, 3000)  # requests per counted run: their difference is what is divided
 WARM_UP = 500
+COUNTED_BATCH = 500  # events per batch in counted runs: a count, never a delay
+CHILD_SECONDS = 900  # a counted child that runs longer is stuck (e.g. Tally gone)
 
 
 async def bare(scope: Scope, receive: Receive, send: Send) -> None:
@@ -82,7 +88,7 @@ async def serve(app: ASGIApp, tally: Tally | None, requests: int) -> None:
     """``requests`` requests, each with a scope of its own (FastAPI writes into it), and
     the events' delivery."""
     for _ in range(requests):
-        await app(dict(SCOPE), receive, ignore)
+        await app({**SCOPE, "state": {}}, receive, ignore)
     if tally is not None:
         await tally.flush()
 
@@ -118,17 +124,19 @@ async def measure(requests: int, rounds: int) -> dict[str, Any]:
 
 async def counted_run(middleware: bool, requests: int, url: str) -> None:
     """What a child under callgrind runs: warm up, then ``requests`` requests."""
-    tally = Tally(url, "bench", max_buffer=(WARM_UP + requests) * 2)
+    buffered = (WARM_UP + requests) * 2
+    tally = Tally(url, "bench", max_buffer=buffered, max_batch=COUNTED_BATCH, max_delay=3600)
     app = TallyMiddleware(api(), tally=tally) if middleware else api()
-    await serve(app, tally, WARM_UP)
-    await serve(app, tally, requests)
-    await tally.aclose()
+    async with asyncio.timeout(CHILD_SECONDS):
+        await serve(app, tally, WARM_UP)
+        await serve(app, tally, requests)
+        await tally.aclose()
 
 
 async def stand_in() -> None:
     """The stand-in Tally of the counted children, in a process of its own so that its
     work is not counted with theirs: prints its URL, serves until stdin closes."""
-    async with fake_tally(LeaseModel(room=10**9)) as fake:
+    async with fake_tally(LeaseModel(room=10**9, ttl_ms=3_600_000)) as fake:
         print(fake.url, flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
 
@@ -141,7 +149,9 @@ def instructions(middleware: bool, requests: int, sdk: str | None, url: str) -> 
     kind = "middleware" if middleware else "plain"
     command = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable]
     command += ["-m", "bench.middleware_cost", "--counted", kind, str(requests), url]
-    done = subprocess.run(command, capture_output=True, env=env, check=False)
+    done = subprocess.run(
+        command, capture_output=True, env=env, check=False, timeout=CHILD_SECONDS * 2
+    )
     found = re.search(rb"Collected : (\d+)", done.stderr)
     if done.returncode or found is None:
         raise RuntimeError(f"callgrind failed ({done.returncode}): {done.stderr[-2000:]!r}")
@@ -149,15 +159,22 @@ def instructions(middleware: bool, requests: int, sdk: str | None, url: str) -> 
 
 
 def count(baseline_sdk: str | None) -> dict[str, Any]:
-    """Instructions per request of each kind, two children at a time (one per core)."""
+    """Instructions per request of each kind, two children at a time."""
+    if shutil.which("valgrind") is None:
+        raise SystemExit("--instructions needs valgrind: apt-get install valgrind (make wrk)")
     kinds: dict[str, tuple[bool, str | None]] = {"plain": (False, None), "tally": (True, None)}
     if baseline_sdk:
-        kinds["tally_baseline"] = (True, str(Path(baseline_sdk).resolve()))
+        sdk = Path(baseline_sdk).resolve()
+        if not (sdk / "tally_sdk" / "__init__.py").is_file():  # else this SDK, silently
+            raise SystemExit(f"--baseline-sdk {baseline_sdk}: no tally_sdk package in it")
+        kinds["tally_baseline"] = (True, str(sdk))
     jobs = [(kind, n) for kind in kinds for n in COUNTS]
     command = [sys.executable, "-m", "bench.middleware_cost", "--stand-in"]
     with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE) as fake:
         assert fake.stdout is not None and fake.stdin is not None
         url = fake.stdout.readline().decode().strip()
+        if not url or fake.poll() is not None:
+            raise RuntimeError("the stand-in Tally did not start")
 
         def run(job: tuple[str, int]) -> int:
             middleware, sdk = kinds[job[0]]

@@ -167,6 +167,7 @@ class Emitter:
         self._reporter.undelivered([Undelivered(e.event, Outcome.ABANDONED) for e in left])
 
     def _start(self) -> None:
+        """The sender task, started by the first ``put`` (when none runs)."""
         self._task = asyncio.get_running_loop().create_task(self._run(), name="tally-emitter")
 
     def _low_water(self) -> int:

@@ -47,17 +47,19 @@ new_id = _ids.next
 
 
 class _Now:
-    """The current UTC time in RFC 3339, its seconds part formatted once per second."""
+    """The current UTC time in RFC 3339, its seconds part formatted once per second
+    (kept with its second as one pair: clients in two threads may share this)."""
 
-    second = -1
-    prefix = ""
+    def __init__(self) -> None:
+        self._cached: tuple[int | None, str] = (None, "")
 
     def read(self) -> str:
         second, nanos = divmod(clock.time_ns(), 1_000_000_000)
-        if second != self.second:
-            self.prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-            self.second = second
-        return f"{self.prefix}.{nanos // 1000:06d}+00:00"
+        cached, prefix = self._cached
+        if second != cached:
+            prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            self._cached = (second, prefix)
+        return f"{prefix}.{nanos // 1000:06d}+00:00"
 
 
 now = _Now().read  # a bound method: cheaper to call than an instance's __call__

@@ -13,6 +13,8 @@ not wait for a round trip when a term runs out.
 
 from __future__ import annotations
 
+import math
+import sys
 from dataclasses import dataclass, field
 
 from tally_sdk.decision import Decision
@@ -29,10 +31,11 @@ class Term:
     admitted: Decision
     spent: int = 0
     number: int = 1  # the lease's first term is 1; renewing it asks for number + 1
-    renew_at: int = 0
-    """How many spent calls make the next term due (its holder fetches it ahead)."""
-    renew_after: float = 0.0
-    """The local time from which the next term is due whatever is spent."""
+    renew_at: int = sys.maxsize
+    """How many spent calls make the next term due, fetched ahead by the holder (which
+    sets it with the grant); by default never ahead, only once this term is done."""
+    renew_after: float = math.inf
+    """The local time from which the next term is due whatever is spent (as above)."""
 
     def left(self, now: float) -> int:
         return self.granted - self.spent if now < self.deadline else 0

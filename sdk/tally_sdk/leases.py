@@ -119,7 +119,7 @@ class LeaseDecider:
         if admitted is not None:
             # the next term is held or on its way most of the time: no call then
             ahead = lease.fetching is not None or lease.holding.ready is not None
-            if not ahead and self._running_low(lease, now):
+            if not ahead and self._next_term_due(lease, now):
                 self._fetch(lease, Ask(key, meter, endpoint, "", "reserve", client_ip))
             return admitted
         if now < lease.refused_until and lease.refusal is not None:
@@ -151,13 +151,13 @@ class LeaseDecider:
             self._janitor = asyncio.create_task(self._sweep())
         return lease
 
-    def _running_low(self, lease: _Lease, now: float) -> bool:
-        """Fetch the next term ahead when this one is nearly spent or nearly over (asked
-        when no next term is held or under way)."""
+    def _next_term_due(self, lease: _Lease, now: float) -> bool:
+        """Whether to fetch the next term ahead: this one is nearly spent or nearly over.
+        The caller has checked that no next term is held or being fetched."""
         if lease.lookahead == 0:
             return False
         term = lease.holding.active
-        return term is None or term.spent >= term.renew_at or now >= term.renew_after
+        return term is None or term.spent >= term.renew_at or now > term.renew_after
 
     async def _wait(self, lease: _Lease, ask: Ask) -> Decision:
         waiter: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
@@ -265,10 +265,15 @@ class LeaseDecider:
         lease.customer = decision.customer
         left = int(answer.get("expires_in_ms") or self._ttl * 1000) / 1000  # less on a resend
         deadline = sent + min(left, self._ttl) - min(0.25, self._ttl / 10)
-        held = Term(lease_id, granted, deadline, decision, number=term)
-        # due ahead: with a quarter of its calls, or of the term's time, left
-        held.renew_at = granted - max(1, granted // 4)
-        held.renew_after = deadline - self._ttl / 4
+        held = Term(  # the next is due ahead, with a quarter of its calls or time left
+            lease_id,
+            granted,
+            deadline,
+            decision,
+            number=term,
+            renew_at=granted - max(1, granted // 4),
+            renew_after=deadline - self._ttl / 4,
+        )
         lease.holding.add(held, self._clock())
         lease.lookahead = (
             min(self.max_lookahead, max(1, lease.lookahead * 2))

@@ -135,7 +135,7 @@ class TallyMiddleware:
             getattr(self.decider, "decide_now", None) if mode == "reserve" else None
         )
         self.tally = tally
-        self._emit = tally.emit_complete
+        self._emit = tally.emit_complete  # bound once: looked up for every request
         self.meter = meter
         self.event_type = event_type
         self.mode = mode
@@ -148,7 +148,7 @@ class TallyMiddleware:
         if scope["type"] != "http" or (
             scope["path"].startswith(self.exclude) and self._excluded(scope["path"])
         ):
-            await self._pass(scope, receive, send)
+            await self._unmetered(scope, receive, send)
             return
         key = api_key(scope)
         if key is None:
@@ -185,7 +185,7 @@ class TallyMiddleware:
         finally:
             self._meter(decision, scope, endpoint, event_id, status)
 
-    async def _pass(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _unmetered(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Anything but a metered HTTP request: the app's own, the lifespan's shutdown
         held back until leases are returned and events sent."""
         if scope["type"] == "lifespan":
