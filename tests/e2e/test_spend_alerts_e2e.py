@@ -27,6 +27,7 @@ from schemas.events import from_micros, utcnow
 from schemas.windows import Window, bucket_id
 from services.billing.notification.alerts.invoice import SpendWatch
 from services.common.settings import Settings
+from services.common.waits import stop_task
 from tests.accounts_support import running_api, sign_up
 from tests.conftest import UNWATCHED_GROUP, env_for
 from tests.e2e.test_alerts_e2e import _alerts
@@ -95,10 +96,9 @@ def test_the_whole_invoice_fires_once_through_the_pipeline(
         wait(lambda: not sync.exists(redis_keys.spend_mark(customer)), "handed over again")
         loop.run_until_complete(asyncio.sleep(1))
     finally:
-        # Bounded: once (in CI, 2026-12-04) the cancelled watch never ended and the
-        # whole run hung here until pytest-timeout killed it, hiding what had failed.
-        watch.cancel()
-        loop.run_until_complete(asyncio.wait([watch], timeout=10))
+        # As billing stops it: cancelled until it ends, for at most 10 s (once, in CI,
+        # a watch cancelled once never ended and the run hung here).
+        loop.run_until_complete(stop_task(watch))
         loop.close()
         aggregator.stop()
         ingest.stop()

@@ -10,6 +10,7 @@ tiers, so the invoice to date is the sum of several meters' lines.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -201,6 +202,33 @@ async def test_the_running_watch_fires_within_seconds_of_the_batch(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class _RedisEatingCancellations(Redis):
+    """A real client whose ``zpopmin`` answers normally when cancelled while it waits,
+    as a library that swallows a cancellation does: the watch must still stop."""
+
+    async def zpopmin(self, name: Any, count: int | None = None) -> Any:
+        popped = await super().zpopmin(name, count)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(0.2)  # "waiting for the reply": a cancellation lands here
+        return popped
+
+
+async def test_the_watch_stops_on_one_cancellation_even_when_redis_swallows_it(
+    settings: Settings, pool: AsyncConnectionPool
+) -> None:
+    """Once, in CI, a cancelled watch never ended and hung the run: each turn now ends
+    the loop if its task is being cancelled, whatever a step swallowed."""
+    eating = _RedisEatingCancellations.from_url(settings.redis_url)
+    try:
+        task = asyncio.create_task(SpendWatch(pool, eating).run())
+        await asyncio.sleep(0.1)  # polling: inside zpopmin's wait
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=3)
+        assert done == {task} and task.cancelled()
+    finally:
+        await eating.aclose()
 
 
 async def test_bad_whole_invoice_rules_name_the_field(

@@ -48,7 +48,7 @@ from services.billing.rating import engine as rating
 from services.common.logging import get_logger
 from services.common.meter_cache import MeterCache
 from services.common.notify import publish_once
-from services.common.waits import surviving
+from services.common.waits import reraise_if_cancelling, surviving
 from services.common.zone_book import ZoneOf, in_utc
 
 log = get_logger("tally.billing.spend_alerts")
@@ -119,6 +119,7 @@ class SpendWatch:
         A customer whose evaluation fails is marked due again; a crash loses the popped
         marks until the alerts safety-net recompile marks every such customer due."""
         while True:
+            reraise_if_cancelling()  # a step that ate a cancellation must not go on
             with surviving(log, "spend alerts failed; retrying") as attempt:
                 await self.drain(block=True)
             if attempt.failed:
@@ -204,6 +205,7 @@ class SpendWatch:
         notification intake, which polls for the same reason)."""
         waited = 0.0
         while True:
+            reraise_if_cancelling()
             popped: list[Any] = await self._redis.zpopmin(redis_keys.SPEND_DUE, BATCH)
             if popped or not block or waited >= WAIT_SECONDS:
                 return [_text(pair[0]) for pair in popped]
