@@ -3,8 +3,11 @@
 Bounded, because an emitter that buffers without limit while Tally is down turns an
 outage of Tally into an out-of-memory crash of the service it meters.  When full, it
 raises ``BufferFull`` by default; ``drop_oldest`` is for callers who prefer losing old
-usage to refusing new work.  Entries are numbered so that ``flush`` can tell when every
-event emitted before it has been dealt with, however many arrived since.
+usage to refusing new work.  Events are numbered in the order they arrive (the first
+ever is 0), so that ``flush`` can tell when every event emitted before it has been dealt
+with, however many arrived since; the numbers are counted, not stored with each event,
+and the time an event was queued is kept for the oldest only: ``put`` runs for every
+request a metered API serves.
 """
 
 from __future__ import annotations
@@ -12,51 +15,56 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 from tally_sdk.errors import BufferFull
 
 Overflow = Literal["raise", "drop_oldest"]
-
-
-class Entry(NamedTuple):
-    seq: int
-    queued_at: float
-    event: dict[str, Any]
-
-
-_entry = tuple.__new__  # an Entry from a tuple in one C call: the per-event path
+Event = dict[str, Any]
 
 
 class EventBuffer:
-    def __init__(self, capacity: int, overflow: Overflow, on_drop: Callable[[Entry], None]) -> None:
+    def __init__(self, capacity: int, overflow: Overflow, on_drop: Callable[[Event], None]) -> None:
         if capacity < 1:
             raise ValueError("the buffer needs room for at least one event")
         self.capacity = capacity
         self.overflow = overflow
         self._on_drop = on_drop
-        self._entries: deque[Entry] = deque()
-        self.next_seq = 0
+        self._events: deque[Event] = deque()
+        self.head = 0
+        """The number of the oldest event waiting (of the next to come when none is)."""
+        self.oldest_at = 0.0
+        """When the oldest event waiting was queued (``time.monotonic``), or earlier: after
+        a ``take`` that leaves some, the time the oldest taken was queued stands."""
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._events)
 
-    def put(self, event: dict[str, Any]) -> int:
+    @property
+    def next_seq(self) -> int:
+        """The number the next event put will have."""
+        return self.head + len(self._events)
+
+    def put(self, event: Event) -> int:
         """Queue ``event``; how many are waiting now."""
-        if len(self._entries) >= self.capacity:
-            if self.overflow == "raise":
-                raise BufferFull(
-                    f"{self.capacity} events are waiting to be sent to Tally; "
-                    "this one was not buffered"
-                )
-            self._on_drop(self._entries.popleft())
-        self._entries.append(_entry(Entry, (self.next_seq, time.monotonic(), event)))
-        self.next_seq += 1
-        return len(self._entries)
+        events = self._events
+        if len(events) >= self.capacity:
+            self._make_room()
+        events.append(event)
+        waiting = len(events)
+        if waiting == 1:
+            self.oldest_at = time.monotonic()
+        return waiting
 
-    def take(self, count: int) -> list[Entry]:
-        taken = min(count, len(self._entries))
-        return [self._entries.popleft() for _ in range(taken)]
+    def take(self, count: int) -> list[Event]:
+        taken = min(count, len(self._events))
+        self.head += taken
+        return [self._events.popleft() for _ in range(taken)]
 
-    def oldest(self) -> Entry | None:
-        return self._entries[0] if self._entries else None
+    def _make_room(self) -> None:
+        if self.overflow == "raise":
+            raise BufferFull(
+                f"{self.capacity} events are waiting to be sent to Tally; this one was not buffered"
+            )
+        self.head += 1
+        self._on_drop(self._events.popleft())

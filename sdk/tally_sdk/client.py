@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from decimal import Decimal
 from types import TracebackType
@@ -99,6 +99,11 @@ class Tally:
             backoff=backoff or Backoff(),
             compress=compress,
         )
+        self.emit_complete: Callable[[dict[str, Any]], None] = self._emitter.put
+        """Buffer an event that already has every CloudEvents field, as it is: the
+        middleware's per-request path, which builds its events whole (the emitter's
+        own method, a call less per request).  The dict is the client's from now on;
+        do not change it."""
 
     @property
     def stats(self) -> EmitStats:
@@ -132,12 +137,6 @@ class Tally:
         full = completed(event, self.source)
         self._emitter.put(full)
         return str(full["id"])
-
-    def emit_complete(self, event: dict[str, Any]) -> None:
-        """Buffer an event that already has every CloudEvents field, as it is: the
-        middleware's per-request path, which builds its events whole.  The dict is
-        the client's from now on; do not change it."""
-        self._emitter.put(event)
 
     async def flush(self) -> None:
         """Wait until everything emitted so far is delivered or reported undelivered.

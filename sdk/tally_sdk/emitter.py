@@ -32,7 +32,7 @@ from typing import Any
 
 from tally_sdk.answers import BatchAnswer, read_reply
 from tally_sdk.backoff import Backoff, retry_after, retryable
-from tally_sdk.buffer import Entry, EventBuffer, Overflow
+from tally_sdk.buffer import Event, EventBuffer, Overflow
 from tally_sdk.errors import ClientClosed
 from tally_sdk.pipelined import Dropped, Reply
 from tally_sdk.reports import Outcome, Reporter, Undelivered
@@ -86,7 +86,7 @@ def batch_body(events: list[dict[str, Any]], compress: bool) -> bytes:
     return gzip.compress(body, compresslevel=1, mtime=0) if compress else body
 
 
-async def _release(batch: list[Entry]) -> None:
+async def _release(batch: list[Event]) -> None:
     """Free a delivered batch a chunk per turn of the event loop: freeing 2,000 events
     (some 10,000 objects) at once is a step of several hundred µs."""
     while batch:
@@ -111,6 +111,7 @@ class Emitter:
             raise ValueError("max_batch must be between 1 and 10,000 (ingest's limit)")
         self._post_batch = post
         self._reporter = reporter
+        self._stats = reporter.stats
         self._buffer = EventBuffer(max_buffer, overflow, self._dropped)
         self._max_batch = max_batch
         self._max_delay = max_delay
@@ -119,7 +120,8 @@ class Emitter:
         self._headers = {"Content-Type": BATCH_MEDIA_TYPE, "Prefer": "return=minimal"}
         if compress:
             self._headers["Content-Encoding"] = "gzip"
-        self._in_flight: list[Entry] = []
+        self._in_flight: list[Event] = []
+        self._in_flight_from = 0  # the number of its first event
         self._wake = asyncio.Event()  # the sender has something to do
         self._progress = asyncio.Event()  # pulsed whenever events stop being pending
         self._flushes = 0
@@ -127,13 +129,14 @@ class Emitter:
         self._closed = False
         self._encoder: ThreadPoolExecutor | None = None  # started with the first batch
 
-    def put(self, event: dict[str, Any]) -> None:
+    def put(self, event: Event) -> None:
+        """Buffer ``event``, which has every field the wire format needs."""
         if self._closed:
             raise ClientClosed("the Tally client is closed; the event was not buffered")
         if self._task is None:
             self._start()
         waiting = self._buffer.put(event)
-        self._reporter.stats.emitted += 1
+        self._stats.emitted += 1
         if waiting == 1 or waiting == self._max_batch:
             self._wake.set()
 
@@ -164,16 +167,15 @@ class Emitter:
             self._encoder.shutdown(wait=False)
         left = self._in_flight + self._buffer.take(len(self._buffer))
         self._in_flight = []
-        self._reporter.undelivered([Undelivered(e.event, Outcome.ABANDONED) for e in left])
+        self._reporter.undelivered([Undelivered(e, Outcome.ABANDONED) for e in left])
 
     def _start(self) -> None:
         """The sender task, started by the first ``put`` (when none runs)."""
         self._task = asyncio.get_running_loop().create_task(self._run(), name="tally-emitter")
 
     def _low_water(self) -> int:
-        """The sequence number of the oldest event still pending."""
-        oldest = self._in_flight[0] if self._in_flight else self._buffer.oldest()
-        return oldest.seq if oldest else self._buffer.next_seq
+        """The number of the oldest event still pending (the next to come when none is)."""
+        return self._in_flight_from if self._in_flight else self._buffer.head
 
     def _pulse(self) -> None:
         # Waking every current waiter is all a pulse needs: asyncio.Event.set() resolves
@@ -181,21 +183,22 @@ class Emitter:
         self._progress.set()
         self._progress.clear()
 
-    def _dropped(self, entry: Entry) -> None:
-        self._reporter.undelivered([Undelivered(entry.event, Outcome.DROPPED)])
+    def _dropped(self, event: Event) -> None:
+        self._reporter.undelivered([Undelivered(event, Outcome.DROPPED)])
         self._pulse()
 
     async def _run(self) -> None:
         while True:
             await self._gather()
+            self._in_flight_from = self._buffer.head
             batch = self._in_flight = self._buffer.take(self._max_batch)
             try:
-                await self._deliver([entry.event for entry in batch])
+                await self._deliver(batch)
             except Exception as exc:  # a bug must not stop metering for good
                 log.exception("tally: unexpected error while sending events")
                 problem = {"detail": repr(exc)}
                 self._reporter.undelivered(
-                    [Undelivered(e.event, Outcome.ABANDONED, problem=problem) for e in batch]
+                    [Undelivered(e, Outcome.ABANDONED, problem=problem) for e in batch]
                 )
             self._in_flight = []
             self._pulse()
@@ -206,9 +209,8 @@ class Emitter:
         while not len(self._buffer):
             self._wake.clear()
             await self._wake.wait()
-        loop = asyncio.get_running_loop()
-        oldest = self._buffer.oldest()
-        deadline = (oldest.queued_at if oldest else loop.time()) + self._max_delay
+        loop = asyncio.get_running_loop()  # its time is time.monotonic's
+        deadline = self._buffer.oldest_at + self._max_delay
         while len(self._buffer) < self._max_batch and not (self._flushes or self._closed):
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -250,7 +252,7 @@ class Emitter:
 
     def _settle(self, events: list[dict[str, Any]], answer: BatchAnswer) -> None:
         """Account for every event of a batch Tally gave a final answer to."""
-        stats = self._reporter.stats
+        stats = self._stats
         if answer.counted:
             stats.accepted += answer.accepted
             stats.duplicates += answer.duplicates

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 from tally_sdk import Tally, TallyMiddleware
 from tally_sdk.asgi import Receive, Scope, Send
+from tally_sdk.reports import Undelivered
 
 from tests.sdk_fake import Answer, Seen, allow_all, fake_tally, reply
 
@@ -99,9 +100,16 @@ async def test_while_ingest_refuses_the_buffer_stays_bounded_and_requests_are_se
             return reply(503, {"detail": "down"}, {"Retry-After": "30"})
         return await allow_all(seen)
 
+    reports: list[Undelivered] = []
     async with fake_tally(events_unavailable) as fake:
         tally = Tally(
-            fake.url, "svc", max_buffer=20, max_batch=5, max_delay=0.01, close_timeout=0.2
+            fake.url,
+            "svc",
+            max_buffer=20,
+            max_batch=5,
+            max_delay=0.01,
+            close_timeout=0.2,
+            on_undelivered=reports.append,
         )
         app = TallyMiddleware(hello, tally=tally)
         assert await serve_requests(app, 60) == [200] * 60  # unmetered past the bound
@@ -113,3 +121,7 @@ async def test_while_ingest_refuses_the_buffer_stays_bounded_and_requests_are_se
     assert stats.emitted == 25
     assert tally.stats.abandoned == 25 and tally.stats.pending == 0
     assert len(events(fake.seen)) == 1
+    # each reported as the whole event, the ones in flight exactly as they were sent
+    assert [r.event for r in reports[:5]] == events(fake.seen)[0]
+    assert all(r.event["type"] == "api_call" and r.event["time"] for r in reports)
+    assert len({r.event["id"] for r in reports}) == 25

@@ -1,6 +1,7 @@
 """The SDK's cheap per-request pieces say the same as the slow ones they replaced: event
 ids never repeat (not even in a forked worker), timestamps are RFC 3339 UTC, batch
-bodies are the events' JSON (gzipped), relayed headers are ASGI-encoded once."""
+bodies are the events' JSON (gzipped), the buffer numbers what it held without storing
+the numbers, relayed headers are ASGI-encoded once."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ import json
 import os
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from tally_sdk import Tally, TallyMiddleware
+from tally_sdk.buffer import Event, EventBuffer
 from tally_sdk.decision import Decision
 from tally_sdk.emitter import batch_body
+from tally_sdk.errors import BufferFull
 from tally_sdk.events import new_id, now, timestamp
 from tally_sdk.middleware import api_key
 
@@ -58,6 +62,26 @@ def test_a_batch_body_is_the_events_json_gzipped() -> None:
     assert json.loads(gzip.decompress(batch_body(events, compress=True))) == events
     assert json.loads(batch_body(events, compress=False)) == events  # across chunks
     assert json.loads(batch_body(events[:1], compress=False)) == events[:1]
+
+
+def test_the_buffer_numbers_what_it_held_and_keeps_the_oldest_time() -> None:
+    dropped: list[Event] = []
+    buffer = EventBuffer(3, "drop_oldest", dropped.append)
+    assert (buffer.head, buffer.next_seq) == (0, 0)
+    assert [buffer.put({"id": str(n)}) for n in range(3)] == [1, 2, 3]
+    first = buffer.oldest_at
+    assert buffer.put({"id": "3"}) == 3 and dropped == [{"id": "0"}]
+    assert (buffer.head, buffer.next_seq) == (1, 4)
+    assert buffer.take(2) == [{"id": "1"}, {"id": "2"}] and buffer.head == 3
+    assert buffer.oldest_at == first  # what is left leaves no later than it would have
+    buffer.take(5)
+    buffer.put({"id": "4"})
+    assert buffer.oldest_at > first and (buffer.head, buffer.next_seq) == (4, 5)
+    full = EventBuffer(1, "raise", dropped.append)
+    full.put({"id": "a"})
+    with pytest.raises(BufferFull):
+        full.put({"id": "b"})
+    assert full.next_seq == 1 and len(full) == 1
 
 
 def test_what_orjson_refuses_still_encodes() -> None:
