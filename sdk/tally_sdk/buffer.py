@@ -34,8 +34,10 @@ class EventBuffer:
         self.head = 0
         """The number of the oldest event waiting (of the next to come when none is)."""
         self.oldest_at = 0.0
-        """When the oldest event waiting was queued (``time.monotonic``), or earlier: after
-        a ``take`` that leaves some, the time the oldest taken was queued stands."""
+        """When the oldest event waiting was queued (``time.monotonic``); after a ``take``
+        that leaves some, when it took: the rest then leave full or ``max_delay`` after
+        it, not at once in a small batch of their own (they arrived while the batch
+        ahead filled or was being delivered, so this is at most that much late)."""
 
     def __len__(self) -> int:
         return len(self._events)
@@ -59,6 +61,8 @@ class EventBuffer:
     def take(self, count: int) -> list[Event]:
         taken = min(count, len(self._events))
         self.head += taken
+        if taken < len(self._events):
+            self.oldest_at = time.monotonic()
         return [self._events.popleft() for _ in range(taken)]
 
     def _make_room(self) -> None:
