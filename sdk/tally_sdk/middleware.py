@@ -85,8 +85,12 @@ def api_key(scope: Scope) -> str | None:
     headers = scope.get("headers") or ()
     try:
         first = dict(reversed(headers))
-    except TypeError:  # not a sequence, or names not as bytes: the slow way
-        first = {bytes(name): value for name, value in reversed(list(headers))}
+    except TypeError:  # not a sequence, or names as bytearray: the slow way
+        first = {
+            bytes(name): value
+            for name, value in reversed(list(headers))
+            if isinstance(name, bytes | bytearray)  # ASGI's; anything else is ignored
+        }
     authorization = first.get(b"authorization")
     if authorization is not None:
         scheme, _, token = bytes(authorization).decode("latin-1").partition(" ")

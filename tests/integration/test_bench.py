@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import itertools
 import uuid
+from pathlib import Path
 
 import httpx
 import orjson
 import pytest
 import redis
 
-from bench import bare_app, stores
+from bench import bare_app, middleware_cost, stores
 from bench.enforce import reservations
 from services.api.enforcement.enforcer import EnforceRequest
 from tests.conftest import REDIS_URL
@@ -93,3 +94,17 @@ async def test_both_baselines_answer_like_enforce(kind: str) -> None:
     assert invalid.status_code == 422
     assert ready.status_code == 200
     assert orjson.loads(allowed.content) == orjson.loads(bare_app.ANSWER)
+
+
+def test_counting_instructions_says_what_is_missing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``bench.middleware_cost --instructions`` stops with the way out, before minutes of
+    valgrind: without valgrind, or with a baseline that holds no SDK (which would
+    otherwise measure this checkout's SDK twice, silently)."""
+    monkeypatch.setattr(middleware_cost.shutil, "which", lambda _: None)
+    with pytest.raises(SystemExit, match="needs valgrind"):
+        middleware_cost.count(None)
+    monkeypatch.setattr(middleware_cost.shutil, "which", lambda _: "/usr/bin/valgrind")
+    with pytest.raises(SystemExit, match="no tally_sdk package"):
+        middleware_cost.count(str(tmp_path))

@@ -139,6 +139,9 @@ def test_the_key_is_found_in_headers_of_any_shape_asgi_allows() -> None:
     arrays = [(bytearray(b"authorization"), bytearray(b"Bearer k3")), (b"x-api-key", b"k4")]
     assert api_key({"headers": arrays}) == "k3"
     assert api_key({"headers": None}) is None and api_key({}) is None
+    names_as_text = iter([("x-api-key", "k5")])  # not ASGI: ignored, not an error
+    assert api_key({"headers": names_as_text}) is None
+    assert api_key({"headers": [("x-api-key", "k5")]}) is None
 
 
 def test_excluded_paths_and_everything_below_them_pass_untouched() -> None:
