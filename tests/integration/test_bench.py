@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import shutil
 import uuid
 from pathlib import Path
 
@@ -102,9 +103,9 @@ def test_counting_instructions_says_what_is_missing(
     """``bench.middleware_cost --instructions`` stops with the way out, before minutes of
     valgrind: without valgrind, or with a baseline that holds no SDK (which would
     otherwise measure this checkout's SDK twice, silently)."""
-    monkeypatch.setattr(middleware_cost.shutil, "which", lambda _: None)
+    monkeypatch.setattr(shutil, "which", lambda _: None)
     with pytest.raises(SystemExit, match="needs valgrind"):
         middleware_cost.count(None)
-    monkeypatch.setattr(middleware_cost.shutil, "which", lambda _: "/usr/bin/valgrind")
+    monkeypatch.setattr(shutil, "which", lambda _: "/usr/bin/valgrind")
     with pytest.raises(SystemExit, match="no tally_sdk package"):
         middleware_cost.count(str(tmp_path))
