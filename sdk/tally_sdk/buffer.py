@@ -12,9 +12,9 @@ request a metered API serves.
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from collections.abc import Callable
+from time import monotonic
 from typing import Any, Literal
 
 from tally_sdk.errors import BufferFull
@@ -34,10 +34,11 @@ class EventBuffer:
         self.head = 0
         """The number of the oldest event waiting (of the next to come when none is)."""
         self.oldest_at = 0.0
-        """When the oldest event waiting was queued (``time.monotonic``); after a ``take``
-        that leaves some, when it took: the rest then leave full or ``max_delay`` after
-        it, not at once in a small batch of their own (they arrived while the batch
-        ahead filled or was being delivered, so this is at most that much late)."""
+        """When the oldest event waiting was queued (``time.monotonic``), or earlier once
+        it was dropped to make room; after a ``take`` that leaves some, when it took:
+        the rest then leave full or ``max_delay`` after it, not at once in a small batch
+        of their own (they arrived while the batch ahead filled or was being delivered,
+        so this is at most that much late)."""
 
     def __len__(self) -> int:
         return len(self._events)
@@ -55,14 +56,14 @@ class EventBuffer:
         events.append(event)
         waiting = len(events)
         if waiting == 1:
-            self.oldest_at = time.monotonic()
+            self.oldest_at = monotonic()
         return waiting
 
     def take(self, count: int) -> list[Event]:
         taken = min(count, len(self._events))
         self.head += taken
         if taken < len(self._events):
-            self.oldest_at = time.monotonic()
+            self.oldest_at = monotonic()
         return [self._events.popleft() for _ in range(taken)]
 
     def _make_room(self) -> None:

@@ -168,6 +168,7 @@ class Emitter:
         left = self._in_flight + self._buffer.take(len(self._buffer))
         self._in_flight = []
         self._reporter.undelivered([Undelivered(e, Outcome.ABANDONED) for e in left])
+        self._pulse()  # a flush still waiting elsewhere: nothing is pending any more
 
     def _start(self) -> None:
         """The sender task, started by the first ``put`` (when none runs)."""
@@ -209,7 +210,7 @@ class Emitter:
         while not len(self._buffer):
             self._wake.clear()
             await self._wake.wait()
-        loop = asyncio.get_running_loop()  # its time is time.monotonic's
+        loop = asyncio.get_running_loop()  # its clock is time.monotonic's (to the ms)
         deadline = self._buffer.oldest_at + self._max_delay
         while len(self._buffer) < self._max_batch and not (self._flushes or self._closed):
             remaining = deadline - loop.time()
@@ -238,12 +239,12 @@ class Emitter:
             log.info(
                 "tally: %d events not stored (%s); retrying in %.2fs", len(events), status, wait
             )
-            self._reporter.stats.retries += 1
+            self._stats.retries += 1
             attempt += 1
             await asyncio.sleep(wait)
 
     async def _post(self, body: bytes) -> Reply | None:
-        self._reporter.stats.requests += 1
+        self._stats.requests += 1
         try:
             return await self._post_batch(body, self._headers)
         except (Dropped, TimeoutError) as exc:

@@ -139,7 +139,8 @@ class TallyMiddleware:
             getattr(self.decider, "decide_now", None) if mode == "reserve" else None
         )
         self.tally = tally
-        self._emit = tally.emit_complete  # bound once: looked up for every request
+        # ``tally.emit_complete``'s own work, bound once: a call less for every request
+        self._emit = tally._emitter.put
         self.meter = meter
         self.event_type = event_type
         self.mode = mode

@@ -99,9 +99,11 @@ def test_the_whole_invoice_fires_once_through_the_pipeline(
         # As billing stops it: cancelled until it ends, for at most 10 s (once, in CI,
         # a watch cancelled once never ended and the run hung here).
         loop.run_until_complete(stop_task(watch))
+        stopped = watch.done()
         loop.close()
         aggregator.stop()
         ingest.stop()
+    assert stopped, "the spend watch did not stop when cancelled"
     assert spend() == ["10"]
     sync.close()
 

@@ -125,3 +125,23 @@ async def test_while_ingest_refuses_the_buffer_stays_bounded_and_requests_are_se
     assert [r.event for r in reports[:5]] == events(fake.seen)[0]
     assert all(r.event["type"] == "api_call" and r.event["time"] for r in reports)
     assert len({r.event["id"] for r in reports}) == 25
+
+
+async def test_a_flush_waiting_elsewhere_ends_when_aclose_gives_the_events_up() -> None:
+    """Ingest away: ``aclose`` reports what is left as abandoned after its grace; a
+    ``flush`` another task was waiting on then has nothing pending, and returns."""
+
+    async def events_unavailable(seen: Seen) -> Answer | None:
+        if seen.path == "/v1/events":
+            return reply(503, {"detail": "down"}, {"Retry-After": "30"})
+        return await allow_all(seen)
+
+    async with fake_tally(events_unavailable) as fake:
+        tally = Tally(fake.url, "svc", max_delay=0.01, close_timeout=0.2)
+        await serve_requests(TallyMiddleware(hello, tally=tally), 3)
+        flushing = asyncio.create_task(tally.flush())
+        await asyncio.sleep(0.05)
+        await tally.aclose()
+        done, _ = await asyncio.wait({flushing}, timeout=2)
+    assert done == {flushing} and flushing.exception() is None
+    assert tally.stats.abandoned == 3 and tally.stats.pending == 0

@@ -14,7 +14,7 @@ import contextlib
 import itertools
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import orjson
@@ -208,8 +208,11 @@ class _RedisEatingCancellations(Redis):
     """A real client whose ``zpopmin`` answers normally when cancelled while it waits,
     as a library that swallows a cancellation does: the watch must still stop."""
 
+    waiting: asyncio.Event  # set once the cancellation would land in the wait
+
     async def zpopmin(self, name: Any, count: int | None = None) -> Any:
         popped = await super().zpopmin(name, count)
+        self.waiting.set()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.sleep(0.2)  # "waiting for the reply": a cancellation lands here
         return popped
@@ -220,10 +223,11 @@ async def test_the_watch_stops_on_one_cancellation_even_when_redis_swallows_it(
 ) -> None:
     """Once, in CI, a cancelled watch never ended and hung the run: each turn now ends
     the loop if its task is being cancelled, whatever a step swallowed."""
-    eating = _RedisEatingCancellations.from_url(settings.redis_url)
+    eating = cast(_RedisEatingCancellations, _RedisEatingCancellations.from_url(settings.redis_url))
     try:
+        eating.waiting = asyncio.Event()
         task = asyncio.create_task(SpendWatch(pool, eating).run())
-        await asyncio.sleep(0.1)  # polling: inside zpopmin's wait
+        await eating.waiting.wait()  # inside zpopmin's wait, which eats the cancellation
         task.cancel()
         done, _ = await asyncio.wait({task}, timeout=3)
         assert done == {task} and task.cancelled()
