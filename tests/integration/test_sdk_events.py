@@ -53,6 +53,13 @@ async def shut_down(app: Any) -> list[str]:
     return sent
 
 
+async def events_unavailable(seen: Seen) -> Answer | None:
+    """Ingest answering 503 for a while (Retry-After 30 s); decisions allowed."""
+    if seen.path == "/v1/events":
+        return reply(503, {"detail": "down"}, {"Retry-After": "30"})
+    return await allow_all(seen)
+
+
 def events(fake_seen: list[Seen]) -> list[list[dict[str, Any]]]:
     return [s.json() for s in fake_seen if s.path == "/v1/events"]
 
@@ -95,11 +102,6 @@ async def test_compression_can_be_turned_off() -> None:
 
 
 async def test_while_ingest_refuses_the_buffer_stays_bounded_and_requests_are_served() -> None:
-    async def events_unavailable(seen: Seen) -> Answer | None:
-        if seen.path == "/v1/events":
-            return reply(503, {"detail": "down"}, {"Retry-After": "30"})
-        return await allow_all(seen)
-
     reports: list[Undelivered] = []
     async with fake_tally(events_unavailable) as fake:
         tally = Tally(
@@ -130,11 +132,6 @@ async def test_while_ingest_refuses_the_buffer_stays_bounded_and_requests_are_se
 async def test_a_flush_waiting_elsewhere_ends_when_aclose_gives_the_events_up() -> None:
     """Ingest away: ``aclose`` reports what is left as abandoned after its grace; a
     ``flush`` another task was waiting on then has nothing pending, and returns."""
-
-    async def events_unavailable(seen: Seen) -> Answer | None:
-        if seen.path == "/v1/events":
-            return reply(503, {"detail": "down"}, {"Retry-After": "30"})
-        return await allow_all(seen)
 
     async with fake_tally(events_unavailable) as fake:
         tally = Tally(fake.url, "svc", max_delay=0.01, close_timeout=0.2)
