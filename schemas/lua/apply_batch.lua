@@ -39,19 +39,35 @@ for i = first_op, #ARGV, 5 do
 end
 local digests = {}
 for j = 1, #blob, size do digests[#digests + 1] = string.sub(blob, j, j + size - 1) end
-local seen = {}
-for _, d in ipairs(digests) do
-  for k = FIXED_KEYS + 1, FIXED_KEYS + live do
-    if redis.call('SISMEMBER', KEYS[k], d) == 1 then
-      seen[#seen + 1] = d
-      break
+-- Set commands take the digests CHUNK at a time (unpack's limit is 8,000 values): a
+-- call per live set and chunk, not one per digest and set; this runs for every event.
+local CHUNK = 1000
+local function chunks(command, key)
+  local replies = {}
+  for first = 1, #digests, CHUNK do
+    replies[#replies + 1] =
+      redis.call(command, key, unpack(digests, first, math.min(first + CHUNK - 1, #digests)))
+  end
+  return replies
+end
+local found = {}
+for k = FIXED_KEYS + 1, FIXED_KEYS + live do
+  for c, flags in ipairs(chunks('SMISMEMBER', KEYS[k])) do
+    for j = 1, #flags do
+      if flags[j] == 1 then found[(c - 1) * CHUNK + j] = true end
     end
   end
 end
+local seen = {}
+for j = 1, #digests do
+  if found[j] then seen[#seen + 1] = digests[j] end
+end
 if #seen > 0 then return {2, seen} end
 local current_seen = KEYS[FIXED_KEYS + 1]
-for _, d in ipairs(digests) do redis.call('SADD', current_seen, d) end
-if #digests > 0 then redis.call('EXPIREAT', current_seen, ARGV[4]) end
+if #digests > 0 then
+  chunks('SADD', current_seen)
+  redis.call('EXPIREAT', current_seen, ARGV[4])
+end
 if redis.call('HLEN', KEYS[2]) > 0 then  -- settle the reservations these events close
   for _, d in ipairs(digests) do release(KEYS[2], KEYS[3], KEYS[4], d) end
 end

@@ -239,6 +239,34 @@ async def test_already_seen_digests_are_named_and_nothing_is_applied(
     assert await redis.hget(redis_keys.offsets(customer), "t/0") is None
 
 
+async def test_a_share_of_thousands_of_events_is_checked_and_marked_whole(
+    redis: Redis, tenant: str
+) -> None:
+    """The script takes digests a thousand at a time: repeats in any chunk and any live
+    set are found, and every digest of an applied share is marked seen."""
+    customer = f"{tenant}-k"
+    sink = RedisSink(redis)
+    older, current = redis_keys.seen(customer, "1"), redis_keys.seen(customer, "2")
+    digests = [n.to_bytes(8, "big") for n in range(2_500)]
+    await redis.sadd(older, digests[1_999])
+    await redis.sadd(current, digests[7], digests[2_400])
+    key = redis_keys.counters(customer, "api_calls", Window.DAY, "20261121")
+    ops = CounterOps()
+    ops.sums[(key, "*")] = 2_500_000_000
+    ops.expiry[key] = int(utcnow().timestamp()) + 600
+    expires = int(utcnow().timestamp()) + 600
+    share = Apply(customer, "t/0", None, 4, [current, older], expires, digests, ops)
+    repeats = {digests[7], digests[1_999], digests[2_400]}
+    assert await sink.apply([share]) == [(Outcome.DUPLICATES, repeats, 0)]
+    assert not await redis.exists(key)
+
+    await redis.delete(older, current)
+    assert await sink.apply([share]) == [(Outcome.APPLIED, set(), 0)]
+    assert await redis.smismember(current, digests) == [1] * len(digests)
+    assert await redis.hget(key, "*") == b"2500000000"
+    assert 0 < await redis.ttl(current) <= 600
+
+
 async def test_an_unreadable_record_goes_to_the_dead_letters_and_the_rest_is_counted(
     processor: BatchProcessor,
     redis: Redis,
