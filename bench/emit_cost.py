@@ -6,7 +6,9 @@ behind ``TallyMiddleware`` serving that many requests/s would) with each sending
 gzip on or off (the SDK before this change sent plain JSON, batched the same way), and
 ``max_delay`` 0.5 s (the default) or 0.05 s.  It reports the CPU ``tally up`` (with its
 embedded broker) spent per event, until every event is acknowledged, and the sending
-process's own CPU per event.
+process's own CPU per event.  Redis works for ``tally up`` too (the aggregator's counters
+and de-duplication, the leases): its CPU per event is reported beside, when the server
+runs on this host (shared with whatever else uses it).
 
     python -m bench.emit_cost --seconds 4 --rounds 3 --rate 2000
 """
@@ -16,15 +18,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import psutil
 from tally_sdk import Tally
 
-from bench.edge import cpu
+from bench.edge import cpu, redis_process
 from bench.enforce import ADMIN, TOKEN, dumps, sign_up, spread
 from bench.stores import bench_stores
 from tests.support import TallyProcess
+
+
+class Under(NamedTuple):
+    """What is measured: ``tally up`` (with its children) and the Redis server it uses
+    (``None`` when it runs on another host)."""
+
+    tally: psutil.Process
+    store: psutil.Process | None
+
 
 SETUPS: dict[str, dict[str, Any]] = {
     "plain_json_0.5s": {"compress": False, "max_delay": 0.5},
@@ -34,9 +45,11 @@ SETUPS: dict[str, dict[str, Any]] = {
 
 
 async def one(
-    url: str, options: dict[str, Any], customers: list[str], args: Any, tally: psutil.Process
+    url: str, options: dict[str, Any], customers: list[str], args: Any, under: Under
 ) -> dict[str, float]:
+    tally, store = under
     before_tally, before_here = cpu(tally), time.process_time()
+    before_store = cpu(store) if store else 0.0
     sent = 0
     async with Tally(url, TOKEN, source="bench-emit", **options) as client:
         began = time.perf_counter()
@@ -57,24 +70,31 @@ async def one(
     return {
         "events": sent,
         "tally_cpu_us_per_event": round((cpu(tally) - before_tally) / sent * 1e6, 1),
+        **(
+            {"redis_cpu_us_per_event": round((cpu(store) - before_store) / sent * 1e6, 1)}
+            if store
+            else {}
+        ),
         "sender_cpu_us_per_event": round((time.process_time() - before_here) / sent * 1e6, 1),
         "requests": client.stats.requests,
     }
 
 
-async def run(args: argparse.Namespace, url: str, tally: psutil.Process) -> dict[str, Any]:
+async def run(args: argparse.Namespace, url: str, under: Under) -> dict[str, Any]:
     customers = [customer for customer, _ in sign_up(url, 50)]
-    await one(url, SETUPS["gzip_0.5s"], customers, args, tally)  # warm up
+    await one(url, SETUPS["gzip_0.5s"], customers, args, under)  # warm up
     rounds = [
-        {name: await one(url, options, customers, args, tally) for name, options in SETUPS.items()}
+        {name: await one(url, options, customers, args, under) for name, options in SETUPS.items()}
         for _ in range(args.rounds)
     ]
+    figures = ["tally_cpu_us_per_event", *(["redis_cpu_us_per_event"] if under.store else [])]
     return {
         "rate": args.rate,
         "seconds": args.seconds,
         "rounds": rounds,
-        "tally_cpu_us_per_event": {
-            name: spread([r[name]["tally_cpu_us_per_event"] for r in rounds]) for name in SETUPS
+        **{
+            figure: {name: spread([r[name][figure] for r in rounds]) for name in SETUPS}
+            for figure in figures
         },
     }
 
@@ -94,7 +114,8 @@ def main() -> None:
         up = TallyProcess(["up"], env, stores.data_dir / "up.log").start()
         try:
             assert up.process is not None
-            result = asyncio.run(run(args, up.url, psutil.Process(up.process.pid)))
+            under = Under(psutil.Process(up.process.pid), redis_process(stores.redis_url))
+            result = asyncio.run(run(args, up.url, under))
         finally:
             up.stop()
     print(dumps(result))
