@@ -136,11 +136,11 @@ class EventData(BaseModel):
     @classmethod
     def _split_nested(cls, given: Any, flat: ModelWrapValidatorHandler[EventData]) -> EventData:
         """Validate dimensions in pydantic-core as before nested data existed, and only
-        then check and add the nested members: a flat event pays one scan of its keys.
-        The dimension names are checked here too, not in a validator of their own: one
-        call into Python per event, not two."""
-        if not isinstance(given, dict):
-            return _named(flat(given))
+        then check and add the nested members: a flat event pays one scan of its values'
+        types, in C.  The dimension names are checked here too, not in a validator of
+        their own: one call into Python per event, not two."""
+        if not isinstance(given, dict) or _NESTED_OR_NULL.isdisjoint(map(type, given.values())):
+            return _named(flat(given))  # flat: ``value`` and dimensions only
         nested = {
             k: v for k, v in given.items() if k != "value" and (v is None or type(v) in _NESTED)
         }
@@ -191,6 +191,7 @@ class EventData(BaseModel):
 
 
 _NESTED = (dict, list, bool)  # exact types: what a JSON parser makes
+_NESTED_OR_NULL = frozenset({*_NESTED, type(None)})
 _TEXT = frozenset({str})
 
 
