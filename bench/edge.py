@@ -310,12 +310,15 @@ def summarise(
 
 
 def redis_process(url: str) -> psutil.Process | None:
-    """The local Redis server behind ``url`` (its pid from INFO), if it is on this host."""
+    """The local Redis server behind ``url`` (its pid from INFO), if it is on this host:
+    a server in a container or elsewhere reports a pid that is some other process here
+    (pid 1 is init), so the pid must name a ``redis-server``."""
     with redis.Redis.from_url(url) as client:
         pid = int(client.info("server")["process_id"])
     try:
-        return psutil.Process(pid)
-    except psutil.NoSuchProcess:
+        process = psutil.Process(pid)
+        return process if process.name().startswith("redis-server") else None
+    except psutil.Error:
         return None
 
 

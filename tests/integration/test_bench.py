@@ -12,7 +12,7 @@ import orjson
 import pytest
 import redis
 
-from bench import bare_app, middleware_cost, stores
+from bench import bare_app, edge, middleware_cost, stores
 from bench.enforce import reservations
 from services.api.enforcement.enforcer import EnforceRequest
 from tests.conftest import REDIS_URL
@@ -62,6 +62,15 @@ def _parse(raw: bytes) -> tuple[dict[str, str], bytes]:
     head, body = raw.split(b"\r\n\r\n", 1)
     headers = dict(line.split(": ", 1) for line in head.decode().split("\r\n")[1:])
     return headers, body
+
+
+def test_redis_cpu_is_read_off_the_local_server_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """INFO's pid names the server here; a server elsewhere (a container reports pid 1)
+    must not charge some local process's CPU to Redis."""
+    found = edge.redis_process(REDIS_URL)
+    assert found is not None and found.name().startswith("redis-server")
+    monkeypatch.setattr(redis.Redis, "info", lambda self, section=None: {"process_id": 1})
+    assert edge.redis_process(REDIS_URL) is None
 
 
 def test_reservations_never_repeat_in_a_round_or_across_rounds() -> None:
