@@ -141,9 +141,7 @@ class EventData(BaseModel):
         their own: one call into Python per event, not two."""
         if not isinstance(given, dict) or _NESTED_OR_NULL.isdisjoint(map(type, given.values())):
             return _named(flat(given))  # flat: ``value`` and dimensions only
-        nested = {
-            k: v for k, v in given.items() if k != "value" and (v is None or type(v) in _NESTED)
-        }
+        nested = {k: v for k, v in given.items() if k != "value" and type(v) in _NESTED_OR_NULL}
         if not nested:
             return _named(flat(given))
         model = _named(flat({k: v for k, v in given.items() if k not in nested}))
@@ -190,8 +188,8 @@ class EventData(BaseModel):
         return orjson.dumps(body, default=_exact_number).decode()
 
 
-_NESTED = (dict, list, bool)  # exact types: what a JSON parser makes
-_NESTED_OR_NULL = frozenset({*_NESTED, type(None)})
+_NESTED_OR_NULL = frozenset({dict, list, bool, type(None)})
+"""Exact types of the members of ``data`` kept as sent (what a JSON parser makes)."""
 _TEXT = frozenset({str})
 
 
