@@ -72,10 +72,20 @@ def header(name: str) -> Callable[[Scope], str | None]:
     def read(scope: Scope) -> str | None:
         for key, value in scope.get("headers") or ():
             if key == wanted:
-                return bytes(value).decode("latin-1").strip()[:MAX_END_USER] or None
+                text = _text(value)
+                return (text.strip()[:MAX_END_USER] or None) if text else None
         return None
 
     return read
+
+
+def _text(value: object) -> str | None:
+    """A header's value as text; ``None`` for a value ASGI does not allow (a ``str``,
+    say), which is ignored like a name of the wrong type rather than failing the call."""
+    return value.decode("latin-1") if isinstance(value, _BYTES) else None
+
+
+_BYTES = (bytes, bytearray)
 
 
 def api_key(scope: Scope) -> str | None:
@@ -89,17 +99,15 @@ def api_key(scope: Scope) -> str | None:
         first = {
             bytes(name): value
             for name, value in reversed(list(headers))
-            if isinstance(name, bytes | bytearray)  # ASGI's; anything else is ignored
+            if isinstance(name, _BYTES)  # ASGI's; anything else is ignored
         }
-    authorization = first.get(b"authorization")
+    authorization = _text(first.get(b"authorization"))
     if authorization is not None:
-        scheme, _, token = bytes(authorization).decode("latin-1").partition(" ")
+        scheme, _, token = authorization.partition(" ")
         if scheme.lower() == "bearer" and token.strip():
             return token.strip()
-    x_api_key = first.get(b"x-api-key")
-    if x_api_key is None:
-        return None
-    return bytes(x_api_key).decode("latin-1").strip() or None
+    x_api_key = _text(first.get(b"x-api-key"))
+    return (x_api_key.strip() or None) if x_api_key else None
 
 
 class TallyMiddleware:

@@ -18,7 +18,7 @@ from tally_sdk.decision import Decision
 from tally_sdk.emitter import batch_body
 from tally_sdk.errors import BufferFull
 from tally_sdk.events import new_id, now, timestamp
-from tally_sdk.middleware import api_key
+from tally_sdk.middleware import api_key, header
 
 
 def test_ids_do_not_repeat_within_a_process() -> None:
@@ -132,6 +132,7 @@ def test_the_key_comes_from_a_bearer_token_else_x_api_key() -> None:
     assert api_key(scope_with((b"authorization", b"Bearer "), x_key)) == "k2"
     assert api_key(scope_with(x_key, (b"x-api-key", b"other"))) == "k2"  # the first one
     assert api_key(scope_with((b"x-api-key", b"  "))) is None
+    assert api_key(scope_with((b"x-api-key", b""))) is None
     assert api_key(scope_with()) is None
 
 
@@ -146,6 +147,19 @@ def test_the_key_is_found_in_headers_of_any_shape_asgi_allows() -> None:
     assert api_key({"headers": None}) is None and api_key({}) is None
     names_as_text = iter([("x-api-key", "k5")])  # not ASGI: ignored, not an error
     assert api_key({"headers": names_as_text}) is None
+
+
+def test_a_header_value_that_is_not_bytes_is_ignored_not_an_error() -> None:
+    """ASGI sends values as bytes; a scope built by hand with a ``str`` value finds no
+    key there (the other header still counts) rather than failing the request."""
+    assert api_key(scope_with((b"authorization", "Bearer k1"), (b"x-api-key", b"k2"))) == "k2"  # type: ignore[arg-type]
+    assert api_key(scope_with((b"x-api-key", "k3"))) is None  # type: ignore[arg-type]
+    assert api_key(scope_with((b"x-api-key", 5))) is None  # type: ignore[arg-type]
+    user = header("x-user-id")
+    assert user(scope_with((b"x-user-id", "u1"))) is None  # type: ignore[arg-type]
+    assert user(scope_with((b"x-user-id", b" u2 "))) == "u2"
+    assert user(scope_with((b"x-user-id", b"  "))) is None
+    assert user(scope_with((b"x-user-id", b""))) is None
 
 
 def test_excluded_paths_and_everything_below_them_pass_untouched() -> None:
