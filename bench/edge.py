@@ -35,7 +35,11 @@ For every run, CPU µs per served request of the app process, of Tally (``tally 
 with its children, the embedded broker), of Redis (shared with whatever else uses it)
 and of the load generator (``wrk``, or this process for the open loop), from psutil
 and rusage, and how busy the app kept its core (``app_core_busy``, CPU s per s: under
-1 flat out means the app waited for load, or for a core other work held).  Flat out,
+1 flat out means the app waited for load, or for a core other work held).  Which of the
+two it was: ``app_waited_for_cpu``, the seconds per second the app's threads were ready
+to run but waited on a run queue (the kernel's ``schedstat``), and ``idle_cores``, the
+CPU seconds per second the machine left idle meanwhile (a wait while a core idled is the
+scheduler placing work, not a shortage of CPU).  Flat out,
 ``app_capacity_ratios`` divides the apps' CPU per request (``plain``'s ÷ ``tally``'s):
 the requests/s ratio the two would reach each saturating a core of its own, the figure
 that says what the middleware costs the seller's API when the load generator or Tally
@@ -99,6 +103,29 @@ def cpu(process: psutil.Process) -> float:
     return total
 
 
+def run_queue_wait(pid: int, proc: Path = Path("/proc")) -> float | None:
+    """Seconds the threads of ``pid`` alive now have spent ready to run but waiting for a
+    CPU (the second field of each ``task/*/schedstat``, in ns), or ``None`` where the
+    kernel does not say.  Threads that ended take their share along: read it around a
+    run of a long-lived process."""
+    waited = 0
+    try:
+        tasks = list((proc / str(pid) / "task").iterdir())
+    except OSError:
+        return None
+    for task in tasks:
+        try:
+            waited += int((task / "schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # ended meanwhile, or nothing to read
+    return waited / 1e9
+
+
+def idle_cpu() -> float:
+    """CPU seconds every core of the machine has been idle so far."""
+    return float(psutil.cpu_times().idle)
+
+
 def load_cpu() -> float:
     """CPU seconds of this process (the Python load generator) and of its children
     reaped so far (``wrk``, the only ones reaped while the benchmark measures)."""
@@ -135,9 +162,11 @@ async def measured(run: Run, kind: str, under: Under) -> dict[str, Any]:
     generator."""
     watched = {"app": under.apps[kind], "tally": under.tally, "redis": under.redis}
     before = {name: cpu(p) for name, p in watched.items() if p is not None}
+    waited, idle = run_queue_wait(under.apps[kind].pid), idle_cpu()
     before_load, started = load_cpu(), time.perf_counter()
     result = await run()
     wall = time.perf_counter() - started
+    waited_after, idle = run_queue_wait(under.apps[kind].pid), idle_cpu() - idle
     summary = result.summary()
     served = max(1, int(summary["requests"]))  # type: ignore[call-overload]
     spent = {name: cpu(p) - before[name] for name, p in watched.items() if p is not None}
@@ -146,6 +175,12 @@ async def measured(run: Run, kind: str, under: Under) -> dict[str, Any]:
         | {f"{name}_cpu_us": round(spent[name] / served * 1e6) for name in spent}
         | {"load_cpu_us": round((load_cpu() - before_load) / served * 1e6)}
         | {"app_core_busy": round(spent["app"] / wall, 2)}
+        | (
+            {"app_waited_for_cpu": round((waited_after - waited) / wall, 3)}
+            if waited is not None and waited_after is not None
+            else {}
+        )
+        | {"idle_cores": round(idle / wall, 2)}
     )
 
 
@@ -301,6 +336,12 @@ def summarise(
         "flat_out_per_s": across(flat, "per_second"),
         "flat_out_ratios": {name: spread([r[name] for r in ratios]) for name in ratios[0]},
         "flat_out_app_core_busy": across(flat, "app_core_busy"),
+        **(
+            {"flat_out_app_waited_for_cpu": across(flat, "app_waited_for_cpu")}
+            if all("app_waited_for_cpu" in run for r in flat for run in r.values())
+            else {}  # the kernel does not say
+        ),
+        "flat_out_idle_cores": across(flat, "idle_cores"),
         "app_capacity_ratios": {name: spread([r[name] for r in capacity]) for name in capacity[0]},
         "flat_out_cpu_us_per_request": cpu_figures(flat),
         "flat_out_errors_last_round": {k: v["errors"] for k, v in flat[-1].items()},

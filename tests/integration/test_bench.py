@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -118,3 +119,16 @@ def test_counting_instructions_says_what_is_missing(
     monkeypatch.setattr(shutil, "which", lambda _: "/usr/bin/valgrind")
     with pytest.raises(SystemExit, match="no tally_sdk package"):
         middleware_cost.count(str(tmp_path))
+
+
+def test_the_run_queue_wait_adds_up_the_threads_of_a_process(tmp_path: Path) -> None:
+    """``schedstat``'s second field, in ns, summed over the threads; a thread that ended
+    between listing and reading, or a line not as expected, counts nothing."""
+    for task, line in {"7": "1200 2000000000 9", "8": "5 500000000 2", "9": "garbled"}.items():
+        (tmp_path / "42" / "task" / task).mkdir(parents=True)
+        (tmp_path / "42" / "task" / task / "schedstat").write_text(line + "\n")
+    (tmp_path / "42" / "task" / "10").mkdir()  # no schedstat: ended
+    assert edge.run_queue_wait(42, tmp_path) == 2.5
+    assert edge.run_queue_wait(43, tmp_path) is None  # no such process
+    own = edge.run_queue_wait(os.getpid())
+    assert own is not None and own >= 0
