@@ -1,20 +1,34 @@
 """When ``LeaseDecider`` fetches a lease's next term ahead: with a quarter of the
-current term's calls left, or a quarter of its time, and never after a refusal —
+current term's calls left, or about a quarter of its time (moved at random, so that
+leases taken together do not renew together for ever), and never after a refusal —
 checked on the decider's own bookkeeping with a clock the test moves (no I/O)."""
 
 from __future__ import annotations
 
+import random
+from collections.abc import Callable
+
+import pytest
 from tally_sdk import LeaseDecider, Tally
 from tally_sdk.leases import _Lease
 
 GRANT = {"lease": "ls_a", "granted": 100, "ttl_ms": 2000, "expires_in_ms": 2000}
 
 
-def granted_lease(at: list[float]) -> tuple[LeaseDecider, _Lease]:
-    decider = LeaseDecider(Tally("http://127.0.0.1:9", "svc"), clock=lambda: at[0])
+def granted_lease(
+    at: list[float], jitter: Callable[[], float] = lambda: 0.5
+) -> tuple[LeaseDecider, _Lease]:
+    """A lease granted at ``at[0]``; the renewal's random share fixed to the middle."""
+    tally = Tally("http://127.0.0.1:9", "svc")
+    decider = LeaseDecider(tally, clock=lambda: at[0], jitter=jitter)
     lease = _Lease(("k", "api_calls", "/e"))
     decider._granted(lease, GRANT | {"customer": "c"}, {}, want=100, sent=at[0], term=1)
     return decider, lease
+
+
+def renewal_time(lease: _Lease) -> float:
+    assert lease.holding.active is not None
+    return lease.holding.active.renew_after
 
 
 def test_the_next_term_is_due_with_a_quarter_of_the_calls_left() -> None:
@@ -34,6 +48,37 @@ def test_the_next_term_is_due_with_a_quarter_of_the_time_left() -> None:
     assert lease.holding.spend(1.3) is not None
     assert not decider._next_term_due(lease, 1.3)
     assert decider._next_term_due(lease, 1.31)
+
+
+@pytest.mark.parametrize(("jitter", "due"), [(0.0, 1.425), (0.999999, 1.175)])
+def test_the_time_left_at_renewal_moves_by_a_quarter_at_most(jitter: float, due: float) -> None:
+    # the lead of 0.5 s (a quarter of 2 s) shortened or lengthened by a quarter of it
+    at = [0.0]
+    decider, lease = granted_lease(at, jitter=lambda: jitter)
+    assert renewal_time(lease) == pytest.approx(due)
+    assert not decider._next_term_due(lease, due - 0.001)
+    assert decider._next_term_due(lease, due + 0.001)
+
+
+def test_leases_taken_together_drift_apart_term_by_term() -> None:
+    """Fifty leases granted at one moment, each renewed when its term says, terms on
+    end: at first they all renew within 0.25 s of each other; thirty terms later
+    (about 40 s) they are spread over most of a term, not a burst at Tally."""
+    draws = random.Random(12).random
+    firsts, lasts = [], []
+    for _ in range(50):
+        at = [0.0]
+        decider, lease = granted_lease(at, jitter=draws)
+        firsts.append(renewal_time(lease))
+        for _ in range(30):  # each term granted when the one before fell due
+            at[0] = renewal_time(lease)
+            lease = _Lease(lease.slot)
+            decider._granted(lease, GRANT | {"customer": "c"}, {}, 100, at[0], term=2)
+        lasts.append(renewal_time(lease))
+    assert max(firsts) - min(firsts) <= 0.25
+    assert max(lasts) - min(lasts) > 1.0
+    # the 31 terms took 1.3 s each on average, as without the spread
+    assert sum(lasts) / len(lasts) == pytest.approx(1.3 * 31, rel=0.01)
 
 
 def test_nothing_is_fetched_ahead_after_a_refusal() -> None:
