@@ -47,8 +47,9 @@ new_id = _ids.next
 
 
 class _Now:
-    """The current UTC time in RFC 3339, its seconds part formatted once per second
-    (kept with its second as one pair: clients in two threads may share this)."""
+    """The current UTC time in RFC 3339: the seconds part formatted once per second (kept
+    with its second as one pair: clients in two threads may share this), the
+    microseconds looked up three digits at a time."""
 
     def __init__(self) -> None:
         self._cached: tuple[int | None, str] = (None, "")
@@ -59,7 +60,12 @@ class _Now:
         if second != cached:
             prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
             self._cached = (second, prefix)
-        return f"{prefix}.{nanos // 1000:06d}+00:00"
+        micros = nanos // 1000
+        return f"{prefix}.{_DIGITS[micros // 1000]}{_DIGITS[micros % 1000]}+00:00"
+
+
+_DIGITS = [f"{n:03d}" for n in range(1000)]
+"""Three digits of a fraction of a second, looked up: half the time of a format spec."""
 
 
 now = _Now().read  # a bound method: cheaper to call than an instance's __call__

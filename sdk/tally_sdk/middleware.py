@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 from tally_sdk.asgi import ASGIApp, Message, Receive, Scope, Send, send_problem
 from tally_sdk.client import Mode, Tally
@@ -186,12 +186,13 @@ class TallyMiddleware:
         extra = decision.added_headers
         status = 500  # what the server answers if the app fails before responding
 
-        async def send_with_limits(message: Message) -> None:
+        def send_with_limits(message: Message) -> Awaitable[None]:
+            # not a coroutine of its own: the server's ``send`` is the one awaited
             nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
                 message["headers"] = [*message.get("headers", ()), *extra]
-            await send(message)
+            return send(message)
 
         try:
             await self.app(scope, receive, send_with_limits)

@@ -9,6 +9,7 @@ import gzip
 import itertools
 import json
 import os
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -51,6 +52,16 @@ def test_now_is_rfc3339_utc_and_current() -> None:
         assert stamp.endswith("+00:00") and len(stamp) == len("2026-12-02T06:28:05.123456+00:00")
         assert abs(parsed - datetime.now(UTC)) < timedelta(seconds=1)
     assert stamps == sorted(stamps)  # the same clock as datetime.now, never behind itself
+
+
+@pytest.mark.parametrize("nanos", [0, 1_000, 5_000_000, 123_456_789, 999_999_999])
+def test_now_writes_every_microsecond_as_datetime_does(
+    nanos: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    second = 1_796_428_800  # 2026-12-05T00:00:00Z
+    monkeypatch.setattr(time, "time_ns", lambda: second * 10**9 + nanos)  # events.now reads it
+    moment = datetime.fromtimestamp(second, UTC) + timedelta(microseconds=nanos // 1000)
+    assert now() == moment.isoformat(timespec="microseconds")
 
 
 def test_a_given_time_keeps_its_own_offset() -> None:
