@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,15 @@ def wait_for(
             return result
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{explain()}")
+
+
+def clear_of_midnight(now: datetime, span: timedelta) -> datetime:
+    """``now``, or the last second of the day before when the ``span`` up to ``now``
+    would cross midnight UTC: a test that stamps events up to ``span`` before it and reads
+    one day's counters must not find them split over two days when run just after
+    midnight."""
+    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    return now if now - day >= span else day - timedelta(seconds=1)
 
 
 def sample_event(**overrides: Any) -> dict[str, Any]:

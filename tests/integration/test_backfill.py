@@ -26,9 +26,9 @@ from services.common import clickhouse
 from services.common.clickhouse import ClickHouse
 from services.common.settings import Settings
 from tests.conftest import env_for
-from tests.support import TALLY
+from tests.support import TALLY, clear_of_midnight
 
-NOW = utcnow()
+NOW = clear_of_midnight(utcnow(), timedelta(hours=1))  # events up to 50 min before
 METER = Meter(
     name="bf_input_tokens",
     event_type="bf_llm_call",

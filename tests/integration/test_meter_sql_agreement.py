@@ -28,9 +28,11 @@ from services.aggregator.clickhouse_sink import ClickHouseSink
 from services.aggregator.increments import build
 from services.billing.rollup.meter_sql import meter_sql
 from services.common.clickhouse import ClickHouse
+from tests.support import clear_of_midnight
 
 NOW = utcnow()
-DAY = NOW - timedelta(hours=1)
+# events from DAY to 30 min after it, all on DAY's day: one bucket, one row per group
+DAY = clear_of_midnight(NOW, timedelta(hours=1)) - timedelta(hours=1)
 KIND = "llm_call"
 
 METERS = [
