@@ -5,6 +5,7 @@ the numbers, relayed headers are ASGI-encoded once."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import itertools
 import json
@@ -16,7 +17,7 @@ import pytest
 from tally_sdk import Tally, TallyMiddleware
 from tally_sdk.buffer import Event, EventBuffer
 from tally_sdk.decision import Decision
-from tally_sdk.emitter import batch_body
+from tally_sdk.emitter import CHUNK, batch_json, gzipped
 from tally_sdk.errors import BufferFull
 from tally_sdk.events import new_id, now, timestamp
 from tally_sdk.middleware import api_key, header
@@ -69,11 +70,32 @@ def test_a_given_time_keeps_its_own_offset() -> None:
     assert timestamp(moment) == "2026-12-02T08:00:00+00:00"
 
 
-def test_a_batch_body_is_the_events_json_gzipped() -> None:
+async def test_a_batch_body_is_the_events_json_gzipped() -> None:
     events = [{"id": str(n), "data": {"endpoint": "/ü", "status": 200}} for n in range(450)]
-    assert json.loads(gzip.decompress(batch_body(events, compress=True))) == events
-    assert json.loads(batch_body(events, compress=False)) == events  # across chunks
-    assert json.loads(batch_body(events[:1], compress=False)) == events[:1]
+    body = await batch_json(events)
+    assert json.loads(body) == events  # across chunks
+    assert json.loads(gzip.decompress(gzipped(body))) == events
+    assert json.loads(await batch_json(events[:1])) == events[:1]
+    assert json.loads(await batch_json([])) == []
+
+
+async def test_a_batch_is_encoded_with_the_event_loop_free_between_chunks() -> None:
+    """Requests are served between chunks: a batch never holds the loop for longer than
+    one chunk's encoding."""
+    steps = 0
+
+    async def count_steps() -> None:
+        nonlocal steps
+        while True:
+            steps += 1
+            await asyncio.sleep(0)
+
+    counter = asyncio.create_task(count_steps())
+    await asyncio.sleep(0)
+    before = steps
+    await batch_json([{"id": str(n)} for n in range(5 * CHUNK)])
+    counter.cancel()
+    assert steps - before >= 4  # a step of the loop between each two of the 5 chunks
 
 
 def test_the_buffer_numbers_what_it_held_and_keeps_the_oldest_time(
@@ -101,9 +123,9 @@ def test_the_buffer_numbers_what_it_held_and_keeps_the_oldest_time(
     assert full.next_seq == 1 and len(full) == 1
 
 
-def test_what_orjson_refuses_still_encodes() -> None:
+async def test_what_orjson_refuses_still_encodes() -> None:
     events = [{"id": "a", "data": {"value": 2**70}}]  # beyond orjson's 64-bit integers
-    assert json.loads(batch_body(events, compress=False)) == events
+    assert json.loads(await batch_json(events)) == events
 
 
 def test_an_allowed_answer_relays_its_ratelimit_headers_but_retry_after() -> None:
