@@ -162,11 +162,11 @@ async def measured(run: Run, kind: str, under: Under) -> dict[str, Any]:
     generator."""
     watched = {"app": under.apps[kind], "tally": under.tally, "redis": under.redis}
     before = {name: cpu(p) for name, p in watched.items() if p is not None}
-    waited, idle = run_queue_wait(under.apps[kind].pid), idle_cpu()
+    waited, idle_before = run_queue_wait(under.apps[kind].pid), idle_cpu()
     before_load, started = load_cpu(), time.perf_counter()
     result = await run()
     wall = time.perf_counter() - started
-    waited_after, idle = run_queue_wait(under.apps[kind].pid), idle_cpu() - idle
+    waited_after, idle = run_queue_wait(under.apps[kind].pid), idle_cpu() - idle_before
     summary = result.summary()
     served = max(1, int(summary["requests"]))  # type: ignore[call-overload]
     spent = {name: cpu(p) - before[name] for name, p in watched.items() if p is not None}

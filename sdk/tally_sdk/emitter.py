@@ -72,8 +72,8 @@ to_json = _fast_json()
 
 
 async def batch_json(events: list[dict[str, Any]]) -> bytes:
-    """The request body for a batch, a JSON array, made a chunk at a time: the event loop
-    serves requests between chunks."""
+    """A batch as one JSON array (the request body unless gzipped), made a chunk at a
+    time: the event loop serves requests between chunks."""
     chunks = []
     for n in range(0, len(events), CHUNK):
         if n:
