@@ -12,11 +12,12 @@ renewal, when idle, and on shutdown.
 Asked for only what is waiting plus a small lookahead (doubled while grants come back
 full, halved when they do not or units expire unused, zero after a refusal): a rate
 limit's tokens are used up when granted, so over-asking would waste them.  A refusal is
-cached for its ``Retry-After`` (at most a lease's ttl), so a refused caller costs Tally
-nothing meanwhile.  Where Tally cannot grant leases (503: no Redis; an older Tally
-without the route; 409 ``lease-declined``: the plan limits each end user, which only a
-call naming its end user can count), calls go to ``fallback`` (``RemoteDecider``,
-``/v1/enforce``).
+cached for its ``Retry-After`` (at most a lease's ttl), and a key Tally does not take
+(401: unknown, revoked or expired) for a lease's ttl, so neither a refused caller nor a
+client retrying with a dead key in a loop costs Tally a request per call meanwhile.
+Where Tally cannot grant leases (503: no Redis; an older Tally without the route; 409
+``lease-declined``: the plan limits each end user, which only a call naming its end user
+can count), calls go to ``fallback`` (``RemoteDecider``, ``/v1/enforce``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any
 from tally_sdk.client import Tally
 from tally_sdk.decider import Ask, Decider, RemoteDecider
 from tally_sdk.decision import Decision
-from tally_sdk.errors import TallyError, error_of
+from tally_sdk.errors import AuthenticationError, TallyError, error_of
 from tally_sdk.holding import Holding, Term
 
 log = logging.getLogger("tally_sdk")
@@ -66,6 +67,8 @@ class _Lease:
     lookahead: int = 1
     refusal: Decision | None = None
     refused_until: float = 0.0
+    unauthorized: AuthenticationError | None = None
+    unauthorized_until: float = 0.0
     remote_until: float = 0.0
     used_at: float = 0.0
     customer: str | None = None
@@ -109,6 +112,10 @@ class LeaseDecider:
         if decided is not None:
             return decided
         lease, now = self._lease((ask.key, ask.meter, ask.endpoint)), self._clock()
+        if now < lease.unauthorized_until and lease.unauthorized is not None:
+            was = lease.unauthorized  # Tally refused this key a moment ago: a new copy,
+            # as an exception raised again would carry every earlier traceback along
+            raise AuthenticationError(str(was), status=was.status, problem=was.problem)
         if now < lease.remote_until:
             return await self.fallback.decide(ask)
         return await self._wait(lease, ask)
@@ -257,7 +264,12 @@ class LeaseDecider:
             lease.remote_until = sent + 1.0
             self._serve(lease, _REMOTE)
             return False
-        raise error_of(status, answer, "POST /v1/leases", "")
+        error = error_of(status, answer, "POST /v1/leases", "")
+        if isinstance(error, AuthenticationError):
+            # keys do not come back to life: the same answer for the ttl, as a revocation
+            # reaches a holder within it
+            lease.unauthorized, lease.unauthorized_until = error, sent + self._ttl
+        raise error
 
     def _granted(
         self,

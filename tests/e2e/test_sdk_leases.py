@@ -164,3 +164,28 @@ async def test_a_downgrade_and_a_revoked_key_reach_a_lease_holder_within_its_ttl
         await asyncio.sleep(TTL + 0.1)
         answer = await geocode(client, key)
         assert answer.status_code == 401 and answer.headers["content-type"] == PROBLEM
+
+
+async def test_bad_keys_from_one_caller_lock_out_that_caller_only(
+    up: TallyProcess, tally: Tally
+) -> None:
+    """Tally counts failed keys per address; the middleware's lease requests name each
+    request's caller (``X-Forwarded-For``, believed from the app's trusted host), so one
+    caller guessing keys is refused alone, not every caller of the app's address."""
+    _, key, _ = customer_on(up.url, plan_with())
+    app = TallyMiddleware(api(), tally=tally, exclude=("/readyz",))
+
+    def caller(address: str) -> httpx.AsyncClient:
+        transport = httpx.ASGITransport(app, client=(address, 40_000))
+        return httpx.AsyncClient(transport=transport, base_url="http://app")
+
+    def somewhere() -> str:  # an address of its own each run: failures count a minute
+        return f"2001:db8::{uuid.uuid4().hex[:4]}:{uuid.uuid4().hex[:4]}"
+
+    async with caller(somewhere()) as guesser, caller(somewhere()) as customer:
+        guesses = [await geocode(guesser, f"tally_live_{uuid.uuid4().hex}") for _ in range(25)]
+        assert [g.status_code for g in guesses] == [401] * 20 + [429] * 5
+        assert guesses[-1].json()["policy"] == "auth-failures"
+        refused = guesses[-1]
+        assert refused.headers["content-type"] == PROBLEM and "Retry-After" in refused.headers
+        assert (await geocode(customer, key)).status_code == 200  # another caller: served

@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from tally_sdk import Ask, LeaseDecider, Tally, TallyMiddleware
+from tally_sdk import Ask, AuthenticationError, LeaseDecider, Tally, TallyMiddleware
 
 from tests.integration.test_sdk_events import hello, serve_requests, shut_down
 from tests.sdk_fake import LEASE_ANSWER, Answer, LeaseModel, Seen, allow_all, fake_tally, reply
@@ -149,6 +149,44 @@ async def test_an_older_tally_without_leases_is_asked_per_request() -> None:
         for n in range(3):
             assert (await decider.decide(ask(n))).allowed
         assert [s.path for s in fake.seen] == ["/v1/leases"] + ["/v1/enforce"] * 3
+
+
+async def test_a_key_tally_refuses_is_not_asked_about_again_within_the_ttl() -> None:
+    """A client calling in a loop with a revoked key costs Tally one lease request per
+    lease ttl, not one per call; each call still gets the 401 and its problem, and other
+    keys are asked about as usual."""
+    problem = {
+        "type": "https://tally.dev/problems/unauthorized",
+        "status": 401,
+        "detail": "revoked",
+    }
+    model = LeaseModel(room=1_000)
+
+    async def dead_key(seen: Seen) -> Answer | None:
+        if seen.path == "/v1/leases" and seen.headers["authorization"] == "Bearer dead":
+            return reply(401, problem)
+        return await model(seen)
+
+    now = [100.0]
+    async with fake_tally(dead_key) as fake, Tally(fake.url, "svc") as tally:
+        decider = LeaseDecider(tally, clock=lambda: now[0])
+        errors = []
+        for n in range(20):
+            with pytest.raises(AuthenticationError) as refused:
+                await decider.decide(ask(n, key="dead"))
+            assert refused.value.status == 401 and refused.value.problem == problem
+            errors.append(refused.value)
+            now[0] += 0.05  # 20 calls within 1 s, inside the 2-s ttl
+        assert len({id(e) for e in errors}) == 20  # each its own, not one raised again
+        assert (await decider.decide(ask(20, key="alive"))).allowed
+        dead = [s for s in fake.seen if s.headers["authorization"] == "Bearer dead"]
+        assert len(dead) == 1
+        now[0] += 2.0  # the ttl is over: Tally is asked again
+        with pytest.raises(AuthenticationError):
+            await decider.decide(ask(21, key="dead"))
+        dead = [s for s in fake.seen if s.headers["authorization"] == "Bearer dead"]
+        assert len(dead) == 2
+        await decider.aclose()
 
 
 async def test_middleware_tags_events_and_returns_leases_on_shutdown() -> None:
