@@ -21,6 +21,7 @@ from tally_sdk.errors import (
 from tally_sdk.leases import LeaseDecider
 from tally_sdk.middleware import TallyMiddleware
 from tally_sdk.reports import EmitStats, Outcome, Undelivered
+from tally_sdk.routes import RouteTemplates, raw_path
 
 __version__ = "0.1.0"
 __all__ = [
@@ -36,10 +37,12 @@ __all__ = [
     "LeaseDecider",
     "Outcome",
     "RemoteDecider",
+    "RouteTemplates",
     "ServerError",
     "Tally",
     "TallyError",
     "TallyMiddleware",
     "Unavailable",
     "Undelivered",
+    "raw_path",
 ]

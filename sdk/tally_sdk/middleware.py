@@ -29,12 +29,12 @@ from tally_sdk.decision import Decision
 from tally_sdk.errors import AuthenticationError, TallyError
 from tally_sdk.events import new_id, now
 from tally_sdk.leases import LeaseDecider
+from tally_sdk.routes import RouteTemplates
 
 log = logging.getLogger("tally_sdk")
 
 DEFAULT_EXCLUDE = ("/healthz", "/docs", "/redoc", "/openapi.json")
 PROBLEMS = "https://tally.dev/problems/"
-MAX_ENDPOINT = 256  # the longest dimension value Tally stores
 MAX_END_USER = 256  # as Tally takes end_user
 MISSING_KEY = {
     "type": PROBLEMS + "unauthorized",
@@ -53,10 +53,6 @@ CHALLENGE = {"WWW-Authenticate": "Bearer"}
 DecideNow = Callable[[str, str, str, str | None], Decision | None]
 """A decider's ``decide_now(key, meter, endpoint, client_ip)``: the decision when it
 needs no await (``LeaseDecider``: admitted from a held lease), else ``None``."""
-
-
-def raw_path(scope: Scope) -> str:
-    return str(scope["path"])[:MAX_ENDPOINT]
 
 
 def client_address(scope: Scope) -> str | None:
@@ -113,9 +109,10 @@ def api_key(scope: Scope) -> str | None:
 class TallyMiddleware:
     """Enforce Tally's limits on every HTTP request and meter the ones served.
 
-    ``endpoint`` names the endpoint of a request, for per-endpoint policies and the
-    event's ``endpoint`` dimension; the raw path by default, so map templated paths
-    (``/v1/items/42`` → ``/v1/items/{id}``) to keep that dimension small.  ``end_user``
+    ``endpoint`` names the endpoint of a request, for leases, per-endpoint policies and
+    the event's ``endpoint`` dimension: by default the path template of the route that
+    will serve it in a Starlette or FastAPI app (``/v1/items/{item_id}`` for
+    ``/v1/items/42``: one lease for all ids), else the raw path (``raw_path``).  ``end_user``
     names who a request is for, for rate limits the plan scopes per end user: the
     client's address by default, or a header (``end_user=header("x-user-id")``).  Paths in
     ``exclude`` (and below them) pass untouched.  When Tally cannot decide — unreachable,
@@ -133,7 +130,7 @@ class TallyMiddleware:
         meter: str = "api_calls",
         event_type: str = "api_call",
         mode: Mode = "reserve",
-        endpoint: Callable[[Scope], str] = raw_path,
+        endpoint: Callable[[Scope], str] | None = None,
         end_user: Callable[[Scope], str | None] = client_address,
         exclude: Iterable[str] = DEFAULT_EXCLUDE,
         fail_open: bool = False,
@@ -152,7 +149,7 @@ class TallyMiddleware:
         self.meter = meter
         self.event_type = event_type
         self.mode = mode
-        self.endpoint = endpoint
+        self.endpoint = endpoint or RouteTemplates()
         self.end_user = end_user
         self.exclude = tuple(p.rstrip("/") for p in exclude)
         self.fail_open = fail_open

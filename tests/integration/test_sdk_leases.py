@@ -7,11 +7,20 @@ admitted, refusals are cached, and the fallbacks.  Against a real Tally in
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from typing import Any
 
 import httpx
 import pytest
-from tally_sdk import Ask, AuthenticationError, LeaseDecider, Tally, TallyMiddleware
+from fastapi import FastAPI
+from tally_sdk import (
+    Ask,
+    AuthenticationError,
+    LeaseDecider,
+    RouteTemplates,
+    Tally,
+    TallyMiddleware,
+)
 
 from tests.integration.test_sdk_events import hello, serve_requests, shut_down
 from tests.sdk_fake import LEASE_ANSWER, Answer, LeaseModel, Seen, allow_all, fake_tally, reply
@@ -268,3 +277,60 @@ async def test_a_held_lease_serves_while_tally_is_away_then_the_setting_decides(
     assert ended.status_code == after
     if not fail_open:
         assert ended.headers["content-type"] == "application/problem+json"
+
+
+def items_api() -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/v1/items/{item_id}")
+    async def item(item_id: int) -> dict[str, int]:
+        return {"id": item_id}
+
+    @app.get("/v1/geocode")
+    async def geocode() -> dict[str, str]:
+        return {"city": "Berlin"}
+
+    return app
+
+
+async def test_a_fastapi_app_is_leased_and_metered_by_route_not_by_id() -> None:
+    """``/v1/items/1`` … ``/v1/items/30`` are one endpoint, ``/v1/items/{item_id}``: one
+    lease for all of them, not a lease request per id; a path no route matches, and any
+    app that is not Starlette's, keep their raw path."""
+    model = LeaseModel(room=1_000)
+    async with fake_tally(model) as fake:
+        tally = Tally(fake.url, "svc", max_delay=0.05)
+        app = items_api()
+        app.add_middleware(TallyMiddleware, tally=tally)
+        transport = httpx.ASGITransport(app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            key = {"X-API-Key": "k"}
+            answers = [await client.get(f"/v1/items/{n}", headers=key) for n in range(30)]
+            assert [a.status_code for a in answers] == [200] * 30
+            assert (await client.post("/v1/items/7", headers=key)).status_code == 405
+            assert (await client.get("/v1/geocode", headers=key)).status_code == 200
+            assert (await client.get("/nowhere/42", headers=key)).status_code == 404
+        await tally.flush()
+        asked = [r["endpoint"] for r in lease_requests(fake.seen) if r["term"] == 1]
+        assert sorted(asked) == ["/nowhere/42", "/v1/geocode", "/v1/items/{item_id}"]
+        await tally.aclose()
+    sent = [e["data"] for s in fake.seen if s.path == "/v1/events" for e in s.json()]
+    by_endpoint = Counter((d["endpoint"], d["method"], d["status"]) for d in sent)
+    assert by_endpoint == {
+        ("/v1/items/{item_id}", "GET", 200): 30,
+        ("/v1/items/{item_id}", "POST", 405): 1,
+        ("/v1/geocode", "GET", 200): 1,
+        ("/nowhere/42", "GET", 404): 1,
+    }
+
+
+def test_route_templates_remember_at_most_their_bound_and_stay_right() -> None:
+    app = items_api()
+    templates = RouteTemplates(max_remembered=2)
+    paths = [f"/v1/items/{n}" for n in range(5)] + ["/v1/geocode", "/v1/items/x/y"]
+    for _ in range(2):
+        named = [templates({"type": "http", "method": "GET", "path": p, "app": app}) for p in paths]
+        assert named == ["/v1/items/{item_id}"] * 5 + ["/v1/geocode", "/v1/items/x/y"]
+    assert sum(len(paths) for paths in templates._known.values()) == 2
+    not_starlette = {"type": "http", "method": "GET", "path": "/v1/items/9"}  # no "app"
+    assert templates(not_starlette) == "/v1/items/9"

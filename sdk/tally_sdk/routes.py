@@ -1,0 +1,71 @@
+"""The endpoint of a request as the route that will serve it: its path template.
+
+An API's paths carry ids (``/v1/items/42``).  Named by its raw path, every id would be
+an endpoint of its own: a lease per id, so a lease request for nearly every call, and
+an ``endpoint`` dimension as large as the ids.  Starlette (and so FastAPI) puts the app
+in ``scope["app"]`` before any middleware runs, so the app's routes can be matched here,
+ahead of its router, and the request named by the template of the route it matches
+(``/v1/items/{item_id}``), as OpenTelemetry's ``http.route`` names it.  Any other ASGI
+app, or a path no route matches, is named by its raw path.  A mounted app
+(``app.mount("/static", ...)``) names all its requests by its mount path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tally_sdk.asgi import Scope
+
+MAX_ENDPOINT = 256  # the longest dimension value Tally stores
+MAX_REMEMBERED = 10_000
+"""Paths whose endpoint is remembered: most requests are then one dict lookup.  Past it
+(an API with more distinct paths, or a scan of random ones) new paths are matched
+against the routes every time rather than remembered."""
+
+
+def raw_path(scope: Scope) -> str:
+    return str(scope["path"])[:MAX_ENDPOINT]
+
+
+class RouteTemplates:
+    """``endpoint`` for ``TallyMiddleware``: the matched route's path template."""
+
+    def __init__(self, max_remembered: int = MAX_REMEMBERED) -> None:
+        self._max = max_remembered
+        self._remembered = 0
+        # method -> path -> endpoint: two lookups of strings (whose hashes are cached)
+        # cost less than making and hashing a (method, path) tuple per request
+        self._known: dict[Any, dict[Any, str]] = {}
+
+    def __call__(self, scope: Scope) -> str:
+        method, path = scope.get("method"), scope["path"]
+        paths = self._known.get(method)
+        if paths is not None:
+            known = paths.get(path)
+            if known is not None:
+                return known
+        routes = getattr(scope.get("app"), "routes", None)
+        if not routes:  # not a Starlette app: nothing to remember either
+            return raw_path(scope)
+        endpoint = _template(routes, scope) or raw_path(scope)
+        if self._remembered < self._max:
+            self._known.setdefault(method, {})[path] = endpoint
+            self._remembered += 1
+        return endpoint
+
+
+def _template(routes: Any, scope: Scope) -> str | None:
+    """The template of the route Starlette's router will pick: the first that matches
+    fully, else the first whose path matches under another method (then a 405)."""
+    partial = None
+    for route in routes:
+        matches, template = getattr(route, "matches", None), getattr(route, "path_format", None)
+        if matches is None or not isinstance(template, str):
+            continue
+        match, _ = matches(scope)
+        strength = getattr(match, "value", 0)  # starlette.routing.Match: NONE, PARTIAL, FULL
+        if strength == 2:
+            return template[:MAX_ENDPOINT]
+        if strength == 1 and partial is None:
+            partial = template[:MAX_ENDPOINT]
+    return partial
