@@ -18,9 +18,9 @@ from tally_sdk.asgi import Scope
 
 MAX_ENDPOINT = 256  # the longest dimension value Tally stores
 MAX_REMEMBERED = 10_000
-"""Paths whose endpoint is remembered: most requests are then one dict lookup.  Past it
-(an API with more distinct paths, or a scan of random ones) new paths are matched
-against the routes every time rather than remembered."""
+"""Paths whose endpoint is remembered: most requests are then one dict lookup.  Reaching
+it (ids in paths, or a scan of random ones) forgets them all and starts again, so the
+paths in use are soon remembered again instead of being crowded out for good."""
 
 
 def raw_path(scope: Scope) -> str:
@@ -48,9 +48,10 @@ class RouteTemplates:
         if not routes:  # not a Starlette app: nothing to remember either
             return raw_path(scope)
         endpoint = _template(routes, scope) or raw_path(scope)
-        if self._remembered < self._max:
-            self._known.setdefault(method, {})[path] = endpoint
-            self._remembered += 1
+        if self._remembered >= self._max:
+            self._known, self._remembered = {}, 0
+        self._known.setdefault(method, {})[path] = endpoint
+        self._remembered += 1
         return endpoint
 
 

@@ -325,12 +325,13 @@ async def test_a_fastapi_app_is_leased_and_metered_by_route_not_by_id() -> None:
 
 
 def test_route_templates_remember_at_most_their_bound_and_stay_right() -> None:
+    """Past the bound they forget and start again; the names stay right either way."""
     app = items_api()
     templates = RouteTemplates(max_remembered=2)
     paths = [f"/v1/items/{n}" for n in range(5)] + ["/v1/geocode", "/v1/items/x/y"]
     for _ in range(2):
         named = [templates({"type": "http", "method": "GET", "path": p, "app": app}) for p in paths]
         assert named == ["/v1/items/{item_id}"] * 5 + ["/v1/geocode", "/v1/items/x/y"]
-    assert sum(len(paths) for paths in templates._known.values()) == 2
+    assert sum(len(paths) for paths in templates._known.values()) <= 2
     not_starlette = {"type": "http", "method": "GET", "path": "/v1/items/9"}  # no "app"
     assert templates(not_starlette) == "/v1/items/9"
