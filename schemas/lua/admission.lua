@@ -27,21 +27,24 @@ local function int(n) return string.format('%d', n) end
 
 local function ceil_div(a, b) return math.floor((a + b - 1) / b) end
 
--- The key (unless a service token asks: key_id '') and the account's status; nil when
--- the caller may go on, else the refusal to return.  `account` is the HMGET of the
--- account_state.FIELDS; `grace` the past_due grace in ms ('' = never refused).
-local function check_caller(account, keys, key_id, scope, grace)
+-- The key (unless a service token asks: key_id ''): nil when it may act with `scope`,
+-- else the refusal to return.
+local function check_key(keys, key_id, scope)
+  if key_id == '' then return nil end
+  local key = redis.call('HGET', keys, key_id)
+  if not key then return answer('key_unknown') end
+  local k = cjson.decode(key)
+  if k.r then return answer('key_revoked') end
+  if k.x and k.x <= now then return answer('key_expired') end
+  for _, s in ipairs(k.s) do if s == scope then return nil end end
+  return answer('key_scope')
+end
+
+-- The account's status: nil when it may go on, else the refusal to return.  `account`
+-- is the HMGET of the account_state.FIELDS; `grace` the past_due grace in ms ('' =
+-- never refused).
+local function check_account(account, grace)
   local plan, status = account[1], account[2]
-  if key_id ~= '' then
-    local key = redis.call('HGET', keys, key_id)
-    if not key then return answer('key_unknown') end
-    local k = cjson.decode(key)
-    if k.r then return answer('key_revoked') end
-    if k.x and k.x <= now then return answer('key_expired') end
-    local scoped = false
-    for _, s in ipairs(k.s) do if s == scope then scoped = true end end
-    if not scoped then return answer('key_scope') end
-  end
   if status == 'cancelled' or status == 'suspended' then
     return answer('inactive', {p = plan, s = status})
   end
@@ -54,6 +57,11 @@ local function check_caller(account, keys, key_id, scope, grace)
     if ends <= now then return answer('past_due', {p = plan, s = status, g = ends}) end
   end
   return nil
+end
+
+-- Both, the key first.
+local function check_caller(account, keys, key_id, scope, grace)
+  return check_key(keys, key_id, scope) or check_account(account, grace)
 end
 
 -- Each algorithm: (limit, window ms, capacity, state or false, cost) ->

@@ -69,6 +69,12 @@ end
 -- A renewal or a return first gives back the term's unspent units: held no longer
 -- covers what the holder can no longer spend.  What it spent stays held until its
 -- events settle it or the settle window passes.
+-- Only a key that may take a lease may renew or return one: a revoked key, or one
+-- without the scope, is refused before the lease is touched (its unspent units stay
+-- with the holder that can still spend them).
+local key_refusal = check_key(KEYS[2], ARGV[1], ARGV[2])
+if key_refusal then return key_refusal end
+
 local carried, freed = 0, 0
 local current = 0  -- the lease's term number (a take: 0)
 if mode ~= 'take' then
@@ -111,7 +117,7 @@ local function refuse(refusal)
   return refusal
 end
 
-local refusal = check_caller(account, KEYS[2], ARGV[1], ARGV[2], ARGV[15])
+local refusal = check_account(account, ARGV[15])  -- the key was checked above
 if refusal then return refuse(refusal) end
 local plan, status = account[1], account[2]
 

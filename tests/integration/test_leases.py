@@ -249,6 +249,32 @@ async def test_a_revoked_key_or_a_plan_change_reaches_the_next_lease(
     assert refused.status_code == 401 and "revoked" in refused.json()["detail"]
 
 
+async def test_only_a_key_that_may_take_a_lease_may_renew_or_return_one(
+    api: httpx.AsyncClient,
+) -> None:
+    """A read-only key and a revoked key of the same customer, knowing a lease's id, are
+    refused its renewal and its return as they are a take, and the lease is untouched:
+    its holder still gets all its unspent units back."""
+    account = await sign_up(api, "pro")
+    reader = await api.post("/v1/keys", json={"scopes": ["usage:read"]}, headers=account.auth)
+    read_only = {"Authorization": f"Bearer {reader.json()['key']}"}
+    spare = await api.post("/v1/keys", json={"scopes": ["enforce"]}, headers=account.auth)
+    revoked = {"Authorization": f"Bearer {spare.json()['key']}"}
+    gone = await api.delete(f"/v1/keys/{spare.json()['id']}", headers=account.auth)
+    assert gone.status_code == 204, gone.text
+    taken = await lease(api, account.auth, want=5)
+    assert taken.status_code == 200, taken.text
+    ident, granted = taken.json()["lease"], taken.json()["granted"]
+    for auth, status in ((read_only, 403), (revoked, 401)):
+        renewed = await lease(api, auth, want=1, lease=ident, spent=0)
+        returned = await give_back(api, auth, lease=ident, spent=0)
+        for refused in (renewed, returned):
+            assert refused.status_code == status, refused.text
+            assert refused.headers["content-type"] == "application/problem+json"
+    back = await give_back(api, account.auth, lease=ident, spent=0)
+    assert back.status_code == 200 and back.json()["returned"] == granted, back.text
+
+
 async def test_a_suspended_account_is_refused_its_next_lease(api: httpx.AsyncClient) -> None:
     account = await sign_up(api, "pro")
     assert (await lease(api, account.auth, want=5)).status_code == 200

@@ -160,9 +160,16 @@ class Leases:
     async def give_back(self, caller: Caller, request: ReturnRequest) -> Answer:
         customer = self._enforcer.customer(caller, request.customer)
         ask = LeaseAsk(
-            lease=request.lease, mode=LeaseMode.RETURN, spent=request.spent, term=request.term or 0
+            lease=request.lease,
+            mode=LeaseMode.RETURN,
+            spent=request.spent,
+            key_id=caller.key_id,  # a key returns only if it could take: as a take checks it
+            scope=Scope.ENFORCE.value,
+            term=request.term or 0,
         )
         grant = await self._ask(customer, ask)
+        if grant.outcome.code is not Code.RETURNED:
+            raise self._enforcer.problem(customer, grant.outcome)
         body = {
             "lease": request.lease,
             "customer": customer,
