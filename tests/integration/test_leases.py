@@ -499,3 +499,23 @@ async def test_an_unnumbered_renewal_of_a_returned_lease_renews_it_as_before(
     again = LeaseAsk(take.lease, LeaseMode.RENEW, METER, 100, spent=0)
     assert (await leaser.ask(customer, again, utcnow())).granted == 12  # 98 left
     assert await usage_and_held(redis, customer) == (0, 14 * VALUE_SCALE)
+
+
+@pytest.mark.parametrize("path", ["/v1/leases", "/v1/leases/return", "/v1/enforce"])
+async def test_a_body_past_a_mebibyte_is_refused_before_it_is_read_whole(
+    api: httpx.AsyncClient, path: str
+) -> None:
+    """413, with or without a key, declared or chunked: no one makes a decision route
+    read and parse megabytes (ingest has its own, larger bound)."""
+    big = b'{"want": 1, "endpoint": "' + b"a" * (1 << 20) + b'"}'
+
+    async def chunked() -> AsyncIterator[bytes]:
+        for start in range(0, len(big), 65_536):
+            yield big[start : start + 65_536]
+
+    json_type = {"Content-Type": "application/json"}
+    for content in (big, chunked()):
+        reply = await api.post(path, content=content, headers=json_type)
+        assert reply.status_code == 413, reply.text
+        assert reply.headers["content-type"] == "application/problem+json"
+        assert reply.json()["type"].endswith("/payload-too-large")

@@ -28,10 +28,14 @@ from services.api.enforcement.enforcer import (
 )
 from services.api.enforcement.leases import LeaseRequest, Leases, ReturnRequest
 from services.common.auth import Authenticator, Caller, address, credential
+from services.common.bodies import bounded
 from services.common.openapi import ProblemDetails, component_schemas, problem_responses, ref
 from services.common.problems import Problem, invalid_request
 
 Model = TypeVar("Model", bound=BaseModel)
+MAX_BODY = 1 << 20
+"""A decision's or a lease's body is well under 1 KiB, a batch of 100 checks under
+100 KiB: 1 MiB is room enough, and more is refused (413) before it is read whole."""
 
 
 class EnforceLimit(BaseModel):
@@ -128,11 +132,11 @@ def routes(auth: Authenticator, addresses: AddressLimit, enforcer: Enforcer) -> 
     caller = _identify(auth, addresses)
 
     async def enforce(request: Request) -> Response:
-        body = _parse(EnforceRequest, await request.body())
+        body = _parse(EnforceRequest, await bounded(request, MAX_BODY))
         return _response(await enforcer.enforce(await caller(request), body))
 
     async def enforce_batch(request: Request) -> Response:
-        batch = _parse(BatchRequest, await request.body())
+        batch = _parse(BatchRequest, await bounded(request, MAX_BODY))
         who = await caller(request)
         results = []
         for index, item in enumerate(batch.checks):
@@ -156,11 +160,11 @@ def lease_routes(auth: Authenticator, addresses: AddressLimit, leases: Leases) -
     caller = _identify(auth, addresses)
 
     async def take(request: Request) -> Response:
-        body = _parse(LeaseRequest, await request.body())
+        body = _parse(LeaseRequest, await bounded(request, MAX_BODY))
         return _response(await leases.take(await caller(request), body))
 
     async def give_back(request: Request) -> Response:
-        body = _parse(ReturnRequest, await request.body())
+        body = _parse(ReturnRequest, await bounded(request, MAX_BODY))
         return _response(await leases.give_back(await caller(request), body))
 
     return [

@@ -1,0 +1,28 @@
+"""Request bodies read with a bound: a body larger than a route can use is refused with
+413 before it is read whole (from its ``Content-Length``) or as soon as it has arrived
+past the bound (a chunked one), whoever sends it — authentication comes after reading."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+
+from schemas.problem_types import PAYLOAD_TOO_LARGE
+from services.common.problems import Problem
+
+
+async def bounded(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large(int(declared), limit)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large(len(body), limit)
+    return bytes(body)
+
+
+def too_large(size: int, limit: int) -> Problem:
+    return Problem(
+        PAYLOAD_TOO_LARGE, f"the body is {size} bytes or more; the limit is {limit} bytes"
+    )
