@@ -265,6 +265,8 @@ class LeaseDecider:
             self._serve(lease, _REMOTE)
             return False
         error = error_of(status, answer, "POST /v1/leases", "")
+        if renewed is not None:  # Tally changed nothing: return it later, as the service
+            lease.holding.put_back(renewed)
         if isinstance(error, AuthenticationError):
             # keys do not come back to life: the same answer for the ttl, as a revocation
             # reaches a holder within it

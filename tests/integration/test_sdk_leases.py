@@ -198,6 +198,31 @@ async def test_a_key_tally_refuses_is_not_asked_about_again_within_the_ttl() -> 
         await decider.aclose()
 
 
+async def test_a_renewal_refused_for_its_key_is_returned_by_the_service() -> None:
+    """Tally refuses a revoked key's renewal without touching the lease: the term's
+    unspent units go back with the slot's other terms when it idles, under the service
+    token, instead of staying held until Tally's settle window."""
+    model = LeaseModel(room=100, ttl_ms=300)
+    revoked = False
+
+    async def revoking(seen: Seen) -> Answer | None:
+        if revoked and seen.path == "/v1/leases":
+            return reply(401, {"type": "https://tally.dev/problems/unauthorized", "status": 401})
+        return await model(seen)
+
+    async with fake_tally(revoking) as fake, Tally(fake.url, "svc") as tally:
+        decider = LeaseDecider(tally, idle=0.2)
+        assert (await decider.decide(ask(0))).allowed
+        revoked = True
+        await asyncio.sleep(0.35)  # the term is over: the next call renews it
+        with pytest.raises(AuthenticationError):
+            await decider.decide(ask(1))
+        await asyncio.sleep(1.0)  # idle: what the slot held is returned
+        assert sum(model.grants.values()) == 0 and model.total_spent == 1
+        assert any(s.path == "/v1/leases/return" for s in fake.seen)
+        await decider.aclose()
+
+
 async def test_middleware_tags_events_and_returns_leases_on_shutdown() -> None:
     model = LeaseModel(room=1_000)
     async with fake_tally(model) as fake:
