@@ -11,15 +11,20 @@ from services.common.problems import Problem
 
 
 async def bounded(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large(int(declared), limit)
+    check_declared(request, limit)
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
             raise too_large(len(body), limit)
     return bytes(body)
+
+
+def check_declared(request: Request, limit: int) -> None:
+    """Refuse a body whose ``Content-Length`` is past ``limit``, before reading any."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large(int(declared), limit)
 
 
 def too_large(size: int, limit: int) -> Problem:

@@ -39,11 +39,11 @@ from schemas.problem_types import (
     INVALID_EVENTS,
     JOURNAL_UNAVAILABLE,
     MALFORMED_BODY,
-    PAYLOAD_TOO_LARGE,
     UNSUPPORTED_ENCODING,
 )
 from services.common import metrics
 from services.common.auth import Authenticator
+from services.common.bodies import check_declared, too_large
 from services.common.logging import get_logger
 from services.common.meter_cache import MeterCache
 from services.common.openapi import InvalidField, component_schemas, problem_responses, ref
@@ -145,15 +145,13 @@ class Ingest:
         holds for what arrives and for what it inflates to."""
         limit = self.settings.max_body_bytes
         inflate = _decompressor(request.headers.get("content-encoding"))
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise _too_large(int(declared), limit)
+        check_declared(request, limit)
         received, body = 0, bytearray()
         async for chunk in request.stream():
             received += len(chunk)
             body += _inflated(inflate, chunk, limit - len(body)) if inflate else chunk
             if received > limit or len(body) > limit:
-                raise _too_large(max(received, len(body)), limit)
+                raise too_large(max(received, len(body)), limit)
         if inflate and not inflate.eof:
             raise _bad_gzip("the gzip stream ends early")
         if inflate and inflate.unused_data:
@@ -197,13 +195,6 @@ def _body_schemas(max_batch: int) -> dict[str, Any]:
         parsing.BATCH: {"schema": batch},
         parsing.JSON: {"schema": {"oneOf": [batch, one]}},
     }
-
-
-def _too_large(size: int, limit: int) -> Problem:
-    return Problem(
-        PAYLOAD_TOO_LARGE,
-        f"the body is {size} bytes or more; the limit is {limit} bytes ({limit // 2**20} MiB)",
-    )
 
 
 def _responses() -> dict[int | str, dict[str, Any]]:
