@@ -191,6 +191,67 @@ function rooms.sliding_window(l, w, _, state, cost)
   return math.max(math.floor((l * w - estimate) / (cost * w)), 0)
 end
 
+-- Giving back what a lease took and did not spend (lease.lua), each algorithm:
+--   below_full(limit, window ms, capacity, state or false): how far below full the
+--     policy was when the lease was granted (token-ms, or µs of GCRA debt; 0 for windows)
+--   refunds[a](limit, window ms, capacity, state or false, cost, granted at ms, below):
+--     the state with `cost` given back, or nil when nothing may be.
+-- A refund may never admit a call that the limit would have refused had the unspent
+-- part never been taken.  A window's count is a plain sum: the part is taken off as long
+-- as the window it was counted in still counts.  A bucket forgets: once it would have
+-- refilled to capacity, what was taken from it no longer matters, so after `below`
+-- worth of refill has passed since the grant each further unit of refill gives back
+-- one unit less.
+local below_full, refunds = {}, {}
+
+function below_full.token_bucket(l, w, cap, state)
+  local tokens, capacity = bucket_tokens(l, w, cap, state)
+  return capacity - tokens
+end
+
+function below_full.gcra(_, _, _, state)
+  return state and math.max(tonumber(state) - now_us, 0) or 0
+end
+
+function below_full.fixed_window() return 0 end
+below_full.sliding_window = below_full.fixed_window
+
+function refunds.token_bucket(l, w, cap, state, cost, at, below)
+  local back = cost * w - math.max((now - at) * l - below, 0)
+  if not state or back <= 0 then return nil end
+  local tokens, capacity = bucket_tokens(l, w, cap, state)
+  return string.format('%d:%d', math.min(capacity, tokens + back), now)
+end
+
+function refunds.gcra(l, w, _, state, cost, at, below)
+  local interval = math.floor(w * 1000 / l)
+  local back = cost * interval - math.max(now_us - at * 1000 - below, 0)
+  if not state or back <= 0 then return nil end
+  return string.format('%d', math.max(tonumber(state) - back, now_us))
+end
+
+function refunds.fixed_window(_, w, _, state, cost, at)
+  if not state then return nil end
+  local index, count = string.match(state, '^(%d+):(%d+)$')
+  if tonumber(index) ~= math.floor(at / w) then return nil end
+  return string.format('%s:%d', index, math.max(tonumber(count) - cost, 0))
+end
+
+function refunds.sliding_window(_, w, _, state, cost, at)
+  if not state then return nil end
+  local index, current, previous = string.match(state, '^(%d+):(%d+):(%d+)$')
+  index, current, previous = tonumber(index), tonumber(current), tonumber(previous)
+  local counted = math.floor(at / w)
+  if index == counted then
+    current = math.max(current - cost, 0)
+  elseif index == counted + 1 then
+    previous = math.max(previous - cost, 0)
+  else
+    return nil
+  end
+  return string.format('%d:%d:%d', index, current, previous)
+end
+
 -- The rate-limit cost of one call to `endpoint` (the plan's endpoint costs, else 1).
 local function call_cost(policies, endpoint)
   if endpoint ~= '' and policies.costs[endpoint] then return policies.costs[endpoint] end

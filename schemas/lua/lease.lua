@@ -7,11 +7,14 @@
 -- cannot starve each other.  Rate-limit tokens are consumed when granted.  The quota's
 -- part is held like a reservation: `held[meter]` grows by the grant and the lease's
 -- record in the reservations hash, `<meter>|<held>|<term grant>|<term end ms>|<term>`,
--- says how much of it is this lease's and which term it is in ('-' once returned).  Events naming the lease move their units from held
--- to usage as the aggregator counts them (apply_batch.lua); a return (or a renewal)
--- frees the unspent part of the term at once; whatever is still held when the record's
--- deadline (term end, or return, + settle window) passes is released as reservations
--- are.  A plan limiting the endpoint per end user is not leased ('per_request'): the
+-- says how much of it is this lease's and which term it is in ('-' once returned); a
+-- term's record goes on with what its rate limits gave, `|<calls>|<cost>|<granted at
+-- ms>|<plan digest>|<each policy's below_full>|<key id>|<endpoint>`.  Events naming
+-- the lease move their units from held to usage as the aggregator counts them
+-- (apply_batch.lua); a return (or a renewal) frees the unspent part of the term at once,
+-- its quota units and, as far as admission.lua's refunds allow, its rate-limit tokens
+-- (unless the plan changed since); whatever is still held when the record's deadline
+-- (term end, or return, + settle window) passes is released as reservations are.  A plan limiting the endpoint per end user is not leased ('per_request'): the
 -- holder decides those calls one by one with /v1/enforce, which names the end user.
 --
 -- A numbered request (its term: 1 takes the lease under the id the client chose, n
@@ -59,9 +62,12 @@ end
 local account = redis.call('HMGET', KEYS[1], @ACCOUNT_FIELDS@)
 if not account[1] then return answer('no_account') end
 
--- `n`: the term number the record is in now ('-': returned)
-local function record(held, term, ends, n)
-  redis.call('HSET', KEYS[4], id, string.format('%s|%d|%d|%d|%s', meter, held, term, ends, n))
+-- `n`: the term number the record is in now ('-': returned); `rates`: what the term took
+-- of the rate limits, to give back what it does not spend ('': nothing)
+local function record(held, term, ends, n, rates)
+  local value = string.format('%s|%d|%d|%d|%s', meter, held, term, ends, n)
+  if rates and rates ~= '' then value = value .. '|' .. rates end
+  redis.call('HSET', KEYS[4], id, value)
   redis.call('ZADD', KEYS[5], ends + settle, id)
   for k = 4, 6 do redis.call('PEXPIRE', KEYS[k], 2 * (ttl + settle)) end
 end
@@ -75,12 +81,39 @@ end
 local key_refusal = check_key(KEYS[2], ARGV[1], ARGV[2])
 if key_refusal then return key_refusal end
 
+local policies = cjson.decode(account[4])
+local digest = string.sub(redis.sha1hex(account[4]), 1, 8)
+
+-- Tokens the term took and the holder did not spend go back to each rate limit that
+-- took them (`rates`: the record's rate part), when the plan is the one that took them.
+local function give_back_rates(rates, spent)
+  local calls, cost, at, taken_under, belows, key_id, endpoint =
+    string.match(rates, '^(%d+)|(%d+)|(%d+)|(%x*)|([%d,]*)|([^|]*)|(.*)$')
+  if not calls or taken_under ~= digest then return end
+  local unspent = tonumber(calls) - spent
+  if unspent <= 0 then return end
+  local facts, i = {k = key_id, e = endpoint, u = ''}, 0
+  local below = {}
+  for b in string.gmatch(belows, '%d+') do below[#below + 1] = tonumber(b) end
+  for _, p in ipairs(policies.rates) do
+    if applies(p, endpoint) then
+      i = i + 1
+      local key, field = rate_slot(p, facts, KEYS[3], KEYS[3])
+      local state = key and redis.call('HGET', key, field) or false
+      local given = key and below[i] and refunds[p.a](p.l, p.w, p.b, state,
+        unspent * tonumber(cost), tonumber(at), below[i])
+      if given then redis.call('HSET', key, field, given) end
+    end
+  end
+end
+
 local carried, freed = 0, 0
 local current = 0  -- the lease's term number (a take: 0)
 if mode ~= 'take' then
   local found = redis.call('HGET', KEYS[4], id)
   if not found then return answer('lease_unknown') end
-  local m, held, term, n = string.match(found, '^([^|]*)|(%d+)|(%d+)|%d+|?([^|]*)$')
+  local m, held, term, n, rates =
+    string.match(found, '^([^|]*)|(%d+)|(%d+)|%d+|?([^|]*)|?(.*)$')
   if not term then return answer('lease_unknown') end
   if n == '-' and mode == 'renew' and number ~= '' then  -- returned: numbered, closed
     return answer('lease_unknown')
@@ -96,6 +129,7 @@ if mode ~= 'take' then
   freed = math.min(math.max(term - tonumber(ARGV[8]), 0), held)
   if freed > 0 then redis.call('HINCRBY', KEYS[6], meter, int(-freed)) end
   carried = held - freed
+  if rates ~= '' then give_back_rates(rates, math.floor(tonumber(ARGV[8]) / MICRO)) end
   if mode == 'return' then
     if carried == 0 then
       redis.call('HDEL', KEYS[4], id)
@@ -121,18 +155,18 @@ local refusal = check_account(account, ARGV[15])  -- the key was checked above
 if refusal then return refuse(refusal) end
 local plan, status = account[1], account[2]
 
-local policies = cjson.decode(account[4])
 local endpoint = ARGV[4]
 local cost = call_cost(policies, endpoint)
 -- No end user here: a limit per end user is decided call by call (/v1/enforce).
 local facts = {k = ARGV[1] ~= '' and ARGV[1] or '-', e = endpoint, u = ''}
-local tightest = math.huge
+local tightest, belows = math.huge, {}
 for _, p in ipairs(policies.rates) do
   if applies(p, endpoint) then
     local key, field = rate_slot(p, facts, KEYS[3], KEYS[3])
     if not key then return refuse(answer('per_request', {p = plan, s = status, sp = p.n})) end
     local state = redis.call('HGET', key, field) or false
     tightest = math.min(tightest, rooms[p.a](p.l, p.w, p.b, state, cost))
+    belows[#belows + 1] = int(below_full[p.a](p.l, p.w, p.b, state))
   end
 end
 local quota = policies.quotas[meter]
@@ -167,7 +201,9 @@ if granted == 0 then return redis.error_reply('lease: a room of 0 refused nothin
 write_rates(states, keep)
 local hold = quota and granted * MICRO or 0
 if hold > 0 then redis.call('HINCRBY', KEYS[6], meter, int(hold)) end
-record(carried + hold, hold, now + ttl, current + 1)
+local rates = #belows == 0 and '' or table.concat(
+  {int(granted), int(cost), int(now), digest, table.concat(belows, ','), facts.k, endpoint}, '|')
+record(carried + hold, hold, now + ttl, current + 1, rates)
 result.n, result.t, result.e, result.f = granted, granted * cost, now + ttl, int(freed)
 result.i = ttl
 local reply = answer('ok', result)

@@ -9,9 +9,12 @@ grants shrink to one call near a limit, each admitted call's event carries the l
 id (``tallylease``) that settles its unit, and unspent units are handed back on
 renewal, when idle, and on shutdown.
 
-Asked for only what is waiting plus a small lookahead (doubled while grants come back
-full, halved when they do not or units expire unused, zero after a refusal): a rate
-limit's tokens are used up when granted, so over-asking would waste them.  A refusal is
+Asked for only what is waiting plus a lookahead: none for a new slot, doubled while
+grants come back full, halved when they do not or a term ends with units unspent, none
+after a refusal.  A rate limit's tokens are taken when granted and Tally gives back a
+term's unspent ones only when it is renewed or returned, so over-asking would leave the
+customer fewer calls than its plan allows meanwhile (a slot per endpoint: an app with
+many endpoints, each holding a spare token, would leave many).  A refusal is
 cached for its ``Retry-After`` (at most a lease's ttl), and a key Tally does not take
 (401: unknown, revoked or expired) for a lease's ttl, so neither a refused caller nor a
 client retrying with a dead key in a loop costs Tally a request per call meanwhile.
@@ -64,7 +67,7 @@ class _Lease:
     holding: Holding = field(default_factory=Holding)
     waiters: deque[asyncio.Future[Decision]] = field(default_factory=deque)
     fetching: asyncio.Task[None] | None = None
-    lookahead: int = 1
+    lookahead: int = 0  # calls asked for beyond those waiting
     refusal: Decision | None = None
     refused_until: float = 0.0
     unauthorized: AuthenticationError | None = None
@@ -226,8 +229,10 @@ class LeaseDecider:
 
     async def _ask(self, lease: _Lease, ask: Ask) -> bool:
         """One lease request; whether to ask again for calls still waiting."""
-        want = min(MAX_WANT, max(1, len(lease.waiters) + lease.lookahead))
         renewed = lease.holding.renewal()
+        if renewed is not None and renewed.spent < renewed.granted:
+            lease.lookahead //= 2  # it ended with units unspent: asked for too many
+        want = min(MAX_WANT, max(1, len(lease.waiters) + lease.lookahead))
         body: dict[str, Any] = {"want": want, "meter": ask.meter, "endpoint": ask.endpoint}
         # Numbered terms under an id chosen here: the pipelined client resends a request
         # once when its connection drops, and Tally answers the resend as it answered the

@@ -41,11 +41,11 @@ async def test_concurrent_calls_share_one_lease_request_and_spend_locally() -> N
         first = await asyncio.gather(*(decider.decide(ask(n)) for n in range(200)))
         assert all(d.allowed and d.lease is not None for d in first)
         assert len(lease_requests(fake.seen)) == 1  # 200 waiters, one request
-        assert lease_requests(fake.seen)[0]["want"] == 201  # waiting calls + lookahead
+        assert lease_requests(fake.seen)[0]["want"] == 200  # waiting calls: no lookahead yet
         before = len(fake.seen)
         more = [await decider.decide(ask(n)) for n in range(30)]
-        # One by one: the lookahead doubles (2, 4, 8, 16) while grants come back full.
-        assert all(d.allowed for d in more) and len(fake.seen) - before == 4
+        # One by one: the lookahead doubles (1, 2, 4, 8, 16) while grants come back full.
+        assert all(d.allowed for d in more) and len(fake.seen) - before == 5
         await decider.aclose()
     assert model.total_spent == 230  # spent reported over renewals and returns
     assert sum(model.grants.values()) == 0 and model.room == 10_000 - 230
@@ -113,6 +113,23 @@ async def test_an_ended_lease_is_taken_afresh() -> None:
         asked = [(r.get("lease"), r.get("term")) for r in lease_requests(fake.seen)][-2:]
         assert asked == [(first.lease, 2), (second.lease, 1)]  # the renewal, then a take
         await decider.aclose()
+
+
+async def test_a_slot_whose_terms_end_unspent_asks_for_fewer() -> None:
+    """Calls further apart than a term: each term ends with its lookahead unspent, whose
+    rate-limit tokens sit idle in Tally until returned, so the lookahead halves instead
+    of doubling (an outside review saw it grow to an eighth of a plan's minute)."""
+    model = LeaseModel(room=10_000)
+    now = [0.0]
+    async with fake_tally(model) as fake, Tally(fake.url, "svc") as tally:
+        decider = LeaseDecider(tally, clock=lambda: now[0])
+        for n in range(8):
+            assert (await decider.decide(ask(n))).allowed
+            now[0] += 2.5  # past the term's 2 s, within the slot's 5 s idle
+        wants = [r["want"] for r in lease_requests(fake.seen)]
+        await decider.aclose()
+    assert wants[0] == 1 and len(wants) == 8 and max(wants) == 2, wants
+    assert model.total_spent == 8
 
 
 async def test_a_lease_request_resent_after_a_dropped_answer_is_granted_once() -> None:
