@@ -48,6 +48,13 @@ UNAVAILABLE = {
     "status": 503,
     "detail": "usage limits could not be checked just now; retry shortly",
 }
+MAX_KEY = 128
+"""The longest key sent on to Tally (its keys are 61 characters).  A longer one is
+answered here: kept as a lease's name and sent in each lease request, a megabyte key per
+request would grow the app's memory and Tally's traffic at its caller's will."""
+LONG_KEY = MISSING_KEY | {
+    "detail": f"the API key is longer than {MAX_KEY} characters: not a Tally API key"
+}
 CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 DecideNow = Callable[[str, str, str, str | None], Decision | None]
@@ -161,8 +168,9 @@ class TallyMiddleware:
             await self._unmetered(scope, receive, send)
             return
         key = api_key(scope)
-        if key is None:
-            await send_problem(scope, send, 401, MISSING_KEY, CHALLENGE)
+        if key is None or len(key) > MAX_KEY:
+            problem = MISSING_KEY if key is None else LONG_KEY
+            await send_problem(scope, send, 401, problem, CHALLENGE)
             return
         endpoint, event_id = self.endpoint(scope), new_id()
         client = scope.get("client")

@@ -12,11 +12,13 @@ app, or a path no route matches, is named by its raw path.  A mounted app
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from tally_sdk.asgi import Scope
 
 MAX_ENDPOINT = 256  # the longest dimension value Tally stores
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # what Tally refuses in a dimension
 MAX_REMEMBERED = 10_000
 """Paths whose endpoint is remembered: most requests are then one dict lookup.  Reaching
 it (ids in paths, or a scan of random ones) forgets them all and starts again, so the
@@ -24,7 +26,11 @@ paths in use are soon remembered again instead of being crowded out for good."""
 
 
 def raw_path(scope: Scope) -> str:
-    return str(scope["path"])[:MAX_ENDPOINT]
+    """The request's path as Tally takes an endpoint: at most ``MAX_ENDPOINT``
+    characters, without control characters (``/a%00b`` arrives as ``/a\\x00b``).  Tally
+    refuses such an endpoint, and the call's event with it: unbilled, its unit held."""
+    path = str(scope["path"])[:MAX_ENDPOINT]
+    return path if path.isprintable() else _CONTROL.sub("", path)
 
 
 class RouteTemplates:

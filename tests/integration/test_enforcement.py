@@ -493,6 +493,8 @@ async def test_bad_inputs_each_name_their_field(api: httpx.AsyncClient) -> None:
         ({"quantity": "0.0000001"}, 422, "body.quantity"),
         ({"mode": "reserve"}, 422, "event"),
         ({"mode": "sometimes"}, 422, "body.mode"),
+        ({"endpoint": "/v1/a\x00b"}, 422, "body.endpoint"),
+        ({"endpoint": "/" + "e" * 256}, 422, "body.endpoint"),  # longer than its events'
     ]
     for body, status, field in cases:
         reply = await enforce(api, account, **body)

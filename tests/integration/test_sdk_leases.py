@@ -18,6 +18,7 @@ from tally_sdk import (
     AuthenticationError,
     LeaseDecider,
     RouteTemplates,
+    raw_path,
     Tally,
     TallyMiddleware,
 )
@@ -377,3 +378,29 @@ def test_route_templates_remember_at_most_their_bound_and_stay_right() -> None:
     assert sum(len(paths) for paths in templates._known.values()) <= 2
     not_starlette = {"type": "http", "method": "GET", "path": "/v1/items/9"}  # no "app"
     assert templates(not_starlette) == "/v1/items/9"
+
+
+def test_a_raw_path_is_named_as_tally_takes_an_endpoint() -> None:
+    """Control characters (``%00`` arrives decoded) and length past a dimension's: Tally
+    would refuse the lease's endpoint, or admit the call and refuse its event."""
+    assert raw_path({"type": "http", "path": "/v1/a\x00b\x7f\x9fc"}) == "/v1/abc"
+    assert raw_path({"type": "http", "path": "/" + "x" * 300}) == "/" + "x" * 255
+    assert raw_path({"type": "http", "path": "/v1/géo code"}) == "/v1/géo code"
+
+
+async def test_a_key_longer_than_any_tally_key_is_refused_in_the_app() -> None:
+    """A megabyte key per request would be held as a lease's name and sent to Tally in
+    each lease request: an outside review grew an app from 73 to 386 MB with 300."""
+    async with fake_tally(LeaseModel(room=100)) as fake:
+        tally = Tally(fake.url, "svc")
+        app = TallyMiddleware(items_api(), tally=tally)
+        transport = httpx.ASGITransport(app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            too_long = await client.get("/v1/geocode", headers={"X-API-Key": "k" * 129})
+            assert len(fake.seen) == 0
+            longest = await client.get("/v1/geocode", headers={"X-API-Key": "k" * 128})
+        await tally.aclose()
+    assert too_long.status_code == 401 and too_long.headers["WWW-Authenticate"] == "Bearer"
+    assert too_long.headers["content-type"] == "application/problem+json"
+    assert "longer than 128 characters" in too_long.json()["detail"]
+    assert longest.status_code == 200

@@ -22,7 +22,13 @@ from redis.asyncio import Redis
 
 from schemas import redis_keys
 from schemas.api_keys import Scope
-from schemas.events import CUSTOMER_ID_PATTERN, VALUE_STRING_PATTERN, NonEmpty, utcnow
+from schemas.events import (
+    CUSTOMER_ID_PATTERN,
+    VALUE_STRING_PATTERN,
+    Dimension,
+    NonEmpty,
+    utcnow,
+)
 from schemas.problem_types import (
     ACCOUNT_INACTIVE,
     ENFORCEMENT_UNAVAILABLE,
@@ -67,7 +73,9 @@ class EnforceRequest(BaseModel):
         None, description="Required with a service token; implied by an API key."
     )
     meter: Annotated[str, Field(min_length=1, max_length=64)] = "api_calls"
-    endpoint: Annotated[str, Field(max_length=512, pattern=PRINTABLE_PATTERN)] = ""
+    endpoint: Dimension = Field(
+        "", description="The endpoint called, as its events name it (their `endpoint`)."
+    )
     quantity: Decimal = Field(
         Decimal(1), description="Units of the meter this call will use; > 0, ≤ 6 decimals."
     )

@@ -17,7 +17,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.api_keys import Scope
-from schemas.events import CUSTOMER_ID_PATTERN, LEASE_ID_PATTERN, utcnow
+from schemas.events import CUSTOMER_ID_PATTERN, LEASE_ID_PATTERN, Dimension, utcnow
 from schemas.problem_types import ENFORCEMENT_UNAVAILABLE, LEASE_DECLINED, UNKNOWN_LEASE
 from services.api.enforcement.enforcer import Answer, Enforcer
 from services.api.enforcement.leaser import Grant, LeaseAsk, LeaseMode, Leaser, new_lease_id
@@ -41,7 +41,7 @@ class LeaseRequest(BaseModel):
         None, description="Required with a service token; implied by an API key."
     )
     meter: Annotated[str, Field(min_length=1, max_length=64)] = "api_calls"
-    endpoint: Annotated[str, Field(max_length=512)] = Field(
+    endpoint: Dimension = Field(
         "", description="Endpoint-specific rate limits and costs apply, as in /v1/enforce."
     )
     want: Annotated[int, Field(ge=1, le=MAX_LEASE)] = Field(
