@@ -109,7 +109,9 @@ ENFORCE_FALLBACK = Counter(
 REDIS_AVAILABLE = Gauge(
     "tally_enforce_redis_available",
     "1 while the limits store answers, 0 since it failed",
-    multiprocess_mode="livemin",
+    # under `tally up` every process has the gauge, most never set it (0): the last
+    # value a deciding process set is the one to tell
+    multiprocess_mode="livemostrecent",
 )
 
 NOTIFICATIONS = Counter(

@@ -81,6 +81,9 @@ def test_up_demo_shows_counted_duplicate_and_rejected_events(
             )
 
         wait_for(moving, 60, "the demo's numbers to move", up.tail)
+        # told by the process that decides, not the 0 of processes that never do
+        text = httpx.get(f"{up.url}/metrics").text
+        assert _metric(text, "tally_enforce_redis_available") == 1
     finally:
         assert up.stop() == 0, up.tail()
 
