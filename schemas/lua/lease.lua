@@ -125,11 +125,16 @@ if mode ~= 'take' then
   end
   if mode == 'return' then meter = m end
   if m ~= meter then return answer('lease_meter', {m = m}) end
+  -- more spent than the term granted: the holder's count is wrong, so is what it would free
+  local spent, calls = math.floor(tonumber(ARGV[8]) / MICRO), string.match(rates, '^(%d+)|')
+  if calls and spent > tonumber(calls) then
+    return answer('lease_overspent', {n = tonumber(calls)})
+  end
   held, term = tonumber(held), tonumber(term)
   freed = math.min(math.max(term - tonumber(ARGV[8]), 0), held)
   if freed > 0 then redis.call('HINCRBY', KEYS[6], meter, int(-freed)) end
   carried = held - freed
-  if rates ~= '' then give_back_rates(rates, math.floor(tonumber(ARGV[8]) / MICRO)) end
+  if rates ~= '' then give_back_rates(rates, spent) end
   if mode == 'return' then
     if carried == 0 then
       redis.call('HDEL', KEYS[4], id)
@@ -201,7 +206,7 @@ if granted == 0 then return redis.error_reply('lease: a room of 0 refused nothin
 write_rates(states, keep)
 local hold = quota and granted * MICRO or 0
 if hold > 0 then redis.call('HINCRBY', KEYS[6], meter, int(hold)) end
-local rates = #belows == 0 and '' or table.concat(
+local rates = table.concat(
   {int(granted), int(cost), int(now), digest, table.concat(belows, ','), facts.k, endpoint}, '|')
 record(carried + hold, hold, now + ttl, current + 1, rates)
 result.n, result.t, result.e, result.f = granted, granted * cost, now + ttl, int(freed)

@@ -275,6 +275,23 @@ async def test_only_a_key_that_may_take_a_lease_may_renew_or_return_one(
     assert back.status_code == 200 and back.json()["returned"] == granted, back.text
 
 
+async def test_spending_more_than_the_term_granted_is_refused_and_changes_nothing(
+    api: httpx.AsyncClient,
+) -> None:
+    account = await sign_up(api, "pro")
+    taken = await lease(api, account.auth, want=5)
+    ident, granted = taken.json()["lease"], taken.json()["granted"]
+    renewed = await lease(api, account.auth, want=1, lease=ident, spent=granted + 1)
+    returned = await give_back(api, account.auth, lease=ident, spent=granted + 1)
+    for refused in (renewed, returned):
+        assert refused.status_code == 422, refused.text
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert refused.json()["errors"][0]["field"] == "body.spent"
+        assert f"the {granted} lease {ident} granted" in refused.json()["detail"]
+    back = await give_back(api, account.auth, lease=ident, spent=granted - 1)
+    assert back.status_code == 200 and back.json()["returned"] == 1, back.text
+
+
 async def test_a_suspended_account_is_refused_its_next_lease(api: httpx.AsyncClient) -> None:
     account = await sign_up(api, "pro")
     assert (await lease(api, account.auth, want=5)).status_code == 200

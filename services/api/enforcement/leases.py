@@ -197,6 +197,12 @@ class Leases:
                 " to another customer, or ended and settled; take a new one",
                 errors=[{"field": "lease", "reason": "unknown lease"}],
             )
+        if grant.outcome.code is Code.LEASE_OVERSPENT:
+            raise invalid_field(
+                "body.spent",
+                f"spent {ask.spent} is more calls than the {grant.granted} lease {ask.lease}"
+                " granted for its current term; nothing was changed",
+            )
         if grant.outcome.code is Code.LEASE_STALE:
             raise Problem(
                 UNKNOWN_LEASE,

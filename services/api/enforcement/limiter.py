@@ -60,6 +60,7 @@ class Code(StrEnum):
     LEASE_TAKEN = "lease_taken"  # a take naming the id of a lease that exists
     LEASE_STALE = "lease_stale"  # a numbered request for another term than the next
     LEASE_REUSED = "lease_reused"  # a term number answered already, for another request
+    LEASE_OVERSPENT = "lease_overspent"  # spent more than the term granted
     RETURNED = "returned"  # a lease given back
     END_USER_REQUIRED = "end_user_required"  # a limit per end user, and none named
     PER_REQUEST = "per_request"  # a lease declined: a limit per end user decides each call
