@@ -334,6 +334,18 @@ async def test_bad_lease_requests_name_the_field(
     assert field in [e["field"] for e in reply.json()["errors"]]
 
 
+@pytest.mark.parametrize(
+    "path", ["/v1/leases", "/v1/leases/return", "/v1/enforce", "/v1/enforce/batch"]
+)
+async def test_a_caller_without_a_key_learns_that_before_what_its_body_lacks(
+    api: httpx.AsyncClient, path: str
+) -> None:
+    for headers in ({}, {"Authorization": "Bearer tally_live_nope"}):
+        reply = await api.post(path, content=b'{"want": "many"', headers=headers)
+        assert reply.status_code == 401, reply.text
+        assert reply.headers["content-type"] == "application/problem+json"
+
+
 async def test_unknown_and_foreign_leases_are_404_naming_the_lease(
     api: httpx.AsyncClient,
 ) -> None:

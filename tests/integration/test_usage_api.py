@@ -248,6 +248,17 @@ async def test_bad_parameters_are_422_naming_the_field(
     assert error["field"] == field and reason in error["reason"]
 
 
+async def test_a_caller_without_a_key_learns_that_before_what_its_query_lacks(
+    api: httpx.AsyncClient,
+) -> None:
+    for headers in ({"Authorization": ""}, {"Authorization": "Bearer tally_live_nope"}):
+        response = await api.get(
+            "/v1/customers/{acme}/usage", params={"limit": "abc"}, headers=headers
+        )
+        assert response.status_code == 401, response.text
+        assert response.headers["content-type"] == "application/problem+json"
+
+
 async def test_a_malformed_customer_id_is_422(api: httpx.AsyncClient) -> None:
     response = await api.get("/v1/customers/{acme}/usage", params={"meter": "api_calls"})
     assert response.status_code == 422

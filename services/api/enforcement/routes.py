@@ -132,12 +132,12 @@ def routes(auth: Authenticator, addresses: AddressLimit, enforcer: Enforcer) -> 
     caller = _identify(auth, addresses)
 
     async def enforce(request: Request) -> Response:
-        body = _parse(EnforceRequest, await bounded(request, MAX_BODY))
-        return _response(await enforcer.enforce(await caller(request), body))
+        raw, who = await _read(request, caller)
+        return _response(await enforcer.enforce(who, _parse(EnforceRequest, raw)))
 
     async def enforce_batch(request: Request) -> Response:
-        batch = _parse(BatchRequest, await bounded(request, MAX_BODY))
-        who = await caller(request)
+        raw, who = await _read(request, caller)
+        batch = _parse(BatchRequest, raw)
         results = []
         for index, item in enumerate(batch.checks):
             try:
@@ -160,17 +160,26 @@ def lease_routes(auth: Authenticator, addresses: AddressLimit, leases: Leases) -
     caller = _identify(auth, addresses)
 
     async def take(request: Request) -> Response:
-        body = _parse(LeaseRequest, await bounded(request, MAX_BODY))
-        return _response(await leases.take(await caller(request), body))
+        raw, who = await _read(request, caller)
+        return _response(await leases.take(who, _parse(LeaseRequest, raw)))
 
     async def give_back(request: Request) -> Response:
-        body = _parse(ReturnRequest, await bounded(request, MAX_BODY))
-        return _response(await leases.give_back(await caller(request), body))
+        raw, who = await _read(request, caller)
+        return _response(await leases.give_back(who, _parse(ReturnRequest, raw)))
 
     return [
         Route("/v1/leases", take, methods=["POST"]),
         Route("/v1/leases/return", give_back, methods=["POST"]),
     ]
+
+
+async def _read(
+    request: Request, caller: Callable[[Request], Awaitable[Caller]]
+) -> tuple[bytes, Caller]:
+    """The body, bounded (a body too large is refused before anything else), then who
+    sends it: a caller without a valid key learns that (401), not what its body lacks."""
+    raw = await bounded(request, MAX_BODY)
+    return raw, await caller(request)
 
 
 def _parse(model: type[Model], raw: bytes) -> Model:
