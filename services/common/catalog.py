@@ -6,7 +6,7 @@ catalog, and the admin API's versioned plan changes).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
@@ -23,11 +23,12 @@ METER_COLUMNS = (
 @dataclass(frozen=True, slots=True)
 class Meters:
     """The meters counting now, as of one catalog version, and since which version each
-    counts live (``counting_from``)."""
+    counts live (``counting_from``); and the archived ones, whose history is still read."""
 
     meters: list[Meter]
     version: int
     counting_from: dict[str, int]
+    archived: list[Meter] = field(default_factory=list)
 
 
 async def meters(conn: AsyncConnection) -> list[Meter]:
@@ -40,19 +41,25 @@ async def current(conn: AsyncConnection) -> Meters:
     beside meters older than it."""
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(
-            f"SELECT {METER_COLUMNS}, counting_from, (SELECT version FROM catalog_version)"
-            " AS catalog FROM meters WHERE NOT archived ORDER BY name"
+            f"SELECT {METER_COLUMNS}, counting_from, archived,"
+            " (SELECT version FROM catalog_version) AS catalog FROM meters ORDER BY name"
         )
         rows = await cur.fetchall()
         if not rows:
             await cur.execute("SELECT version AS catalog FROM catalog_version")
             found = await cur.fetchone()
             return Meters([], int(found["catalog"]) if found else 0, {})
-    counting = {row["name"]: int(row.pop("counting_from")) for row in rows}
-    version = int(rows[0].pop("catalog"))
-    for row in rows[1:]:
+    version = int(rows[0]["catalog"])
+    live: list[Meter] = []
+    archived: list[Meter] = []
+    counting: dict[str, int] = {}
+    for row in rows:
+        counting_from, gone = int(row.pop("counting_from")), row.pop("archived")
         row.pop("catalog")
-    return Meters([Meter.model_validate(row) for row in rows], version, counting)
+        (archived if gone else live).append(Meter.model_validate(row))
+        if not gone:
+            counting[row["name"]] = counting_from
+    return Meters(live, version, counting, archived)
 
 
 async def read_meters(pool: AsyncConnectionPool) -> list[Meter]:

@@ -43,16 +43,27 @@ class MeterIndex:
     by_type: dict[str, list[Meter]]
     version: int = 0  # the catalog version these meters are (``catalog.current``)
     counting_from: dict[str, int] = field(default_factory=dict)  # meter → first version live
+    archived: dict[str, Meter] = field(default_factory=dict)
+    """Meters that count no more, by name: their history is still read."""
 
     @classmethod
     def of(
-        cls, meters: list[Meter], version: int = 0, counting_from: dict[str, int] | None = None
+        cls,
+        meters: list[Meter],
+        version: int = 0,
+        counting_from: dict[str, int] | None = None,
+        archived: list[Meter] | None = None,
     ) -> MeterIndex:
         by_type: dict[str, list[Meter]] = defaultdict(list)
         for meter in meters:
             by_type[meter.event_type].append(meter)
         return cls(
-            tuple(meters), {m.name: m for m in meters}, dict(by_type), version, counting_from or {}
+            tuple(meters),
+            {m.name: m for m in meters},
+            dict(by_type),
+            version,
+            counting_from or {},
+            {m.name: m for m in archived or ()},
         )
 
 
@@ -110,7 +121,9 @@ class MeterCache:
                 found = await catalog.current(pooled)
         else:
             found = await catalog.current(conn)
-        self._index = MeterIndex.of(found.meters, found.version, found.counting_from)
+        self._index = MeterIndex.of(
+            found.meters, found.version, found.counting_from, found.archived
+        )
 
     async def start(self) -> None:
         """Load the meters (a failure is left to the first read) and start listening."""

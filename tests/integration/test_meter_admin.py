@@ -200,3 +200,39 @@ async def test_another_process_counts_a_new_meter_without_a_restart(
             assert index.by_name[meter["name"]].filters["$.region"].in_ == ("eu", "uk")
     finally:
         await other.stop()
+
+
+async def test_an_archived_meter_counts_no_more_but_its_history_is_read(
+    settings: Settings, redis: Redis
+) -> None:
+    async with running_api(settings) as client:
+        meter = llm_meter()
+        name = meter["name"]
+        assert (await client.post("/v1/admin/meters", json=meter, headers=ADMIN)).is_success
+        customer = f"{name}-customer"
+        month = utcnow().strftime("%Y%m")
+        key = redis_keys.counters(customer, name, Window.MONTH, month)
+        ops = CounterOps()
+        ops.sums[(key, redis_keys.TOTAL)] = 5_000_000
+        ops.expiry[key] = int(utcnow().timestamp()) + 600
+        ops.months[key] = (name, month)
+        share = Apply(customer, "t/0", None, 1, [redis_keys.seen(customer, "y")], 0, [], ops)
+        assert [r.outcome for r in await RedisSink(redis).apply([share])] == [Outcome.APPLIED]
+        try:
+            archived = await client.delete(f"/v1/admin/meters/{name}", headers=ADMIN)
+            assert archived.status_code == 200, archived.text
+            read = await client.get(
+                f"/v1/customers/{customer}/usage",
+                params={"meter": name, "window": "month"},
+                headers={"Authorization": "Bearer test-token"},
+            )
+            assert read.status_code == 200, read.text
+            assert read.json()["data"][-1]["value"] == "5"  # this month
+            unknown = await client.get(
+                f"/v1/customers/{customer}/usage",
+                params={"meter": name + "x", "window": "month"},
+                headers={"Authorization": "Bearer test-token"},
+            )
+            assert unknown.status_code == 422 and name in unknown.json()["detail"]
+        finally:
+            await redis.delete(key)

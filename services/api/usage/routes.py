@@ -226,8 +226,9 @@ def router(usage: Usage, meters: MeterCache) -> APIRouter:
 
 def _meter(meters: MeterIndex, name: str) -> Meter:
     """From the cached meters: a meter created since is in the cache within
-    milliseconds (``MeterCache``), so a miss needs no query."""
-    found = meters.by_name.get(name)
+    milliseconds (``MeterCache``), so a miss needs no query.  An archived meter counts
+    no more, but what it counted is still read."""
+    found = meters.by_name.get(name) or meters.archived.get(name)
     if found is None:
         known = ", ".join(m.name for m in meters.all)
         raise _invalid("meter", f"unknown meter {name!r}; known meters: {known}")
