@@ -320,6 +320,19 @@ local function release_expired(reservations, expiries, held)
   for _, d in ipairs(expired) do release(reservations, expiries, held, d) end
 end
 
+-- The limits' reports of a refused call: what remains without it.  Each report says
+-- what would remain after the call; a refusal takes nothing, so the policies that would
+-- have admitted it (retry 0) get its `cost` back, and the quota what it held before.
+local function as_refused(limits, cost)
+  for _, item in ipairs(limits) do
+    if item.k == 'quota' then
+      item.rem = int(math.max(tonumber(item.lim) - tonumber(item.used), 0))
+    elseif item.retry == 0 then
+      item.rem = item.rem + cost
+    end
+  end
+end
+
 -- A quota's report after `wanted` more micro-units; over = it would be exceeded.
 local function quota_limit(meter, quota, used, held, wanted, period_start, period_end)
   local window, reset = period_end - period_start, period_end - now

@@ -53,7 +53,10 @@ if quota then
 end
 
 local result = {p = plan, s = status, u = policies.up, x = policies.x, l = limits, v = refused}
-if refused > 0 then return answer('refused', result) end
+if refused > 0 then
+  as_refused(limits, call_cost(policies, endpoint))
+  return answer('refused', result)
+end
 if mode == 'peek' then return answer('ok', result) end
 
 write_rates(states, keep)

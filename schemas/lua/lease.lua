@@ -200,7 +200,10 @@ if quota then
   if over and quota.h then refused = #limits end
 end
 local result = {p = plan, s = status, u = policies.up, x = policies.x, l = limits, v = refused}
-if refused > 0 then return refuse(answer('refused', result)) end
+if refused > 0 then
+  as_refused(limits, wanted * cost)
+  return refuse(answer('refused', result))
+end
 if granted == 0 then return redis.error_reply('lease: a room of 0 refused nothing') end
 
 write_rates(states, keep)

@@ -233,3 +233,24 @@ async def test_redis_down_is_a_503_problem(settings: Settings) -> None:
             assert int(reply.headers["Retry-After"]) > 0
             body = reply.json()
             assert body["type"].endswith("/store-unavailable") and body["store"] == "redis"
+
+
+async def test_a_refusal_tells_what_remains_as_limits_does(api: httpx.AsyncClient) -> None:
+    """A refused call takes nothing: its answer's remaining counts are those of
+    ``/limits``, not those of the call admitted (an outside review saw a 429 tell a
+    quota remaining one lower than ``/limits``)."""
+    plan = plan_with(quota=1000)
+    plan["rate_limits"] = [
+        {"name": "per-minute", "limit": 3, "per": "minute"},
+        {"name": "per-hour", "limit": 100, "per": "hour"},
+    ]
+    customer, key = await customer_on(api, plan)
+    for i in range(4):
+        body = {"mode": "reserve", "event": {"source": "src", "id": f"e{i}"}}
+        refused = await api.post("/v1/enforce", json=body, headers=key)
+        assert refused.status_code == (200 if i < 3 else 429), refused.text
+    assert refused.status_code == 429 and refused.json()["policy"] == "per-minute"
+    told = {lim["policy"]: lim["remaining"] for lim in refused.json()["limits"]}
+    status = await limits(api, customer)
+    assert told == {lim["policy"]: lim["remaining"] for lim in status["limits"]}
+    assert told == {"per-minute": 0, "per-hour": 97, "quota:api_calls": 997}
