@@ -254,3 +254,26 @@ async def test_a_refusal_tells_what_remains_as_limits_does(api: httpx.AsyncClien
     status = await limits(api, customer)
     assert told == {lim["policy"]: lim["remaining"] for lim in status["limits"]}
     assert told == {"per-minute": 0, "per-hour": 97, "quota:api_calls": 997}
+
+
+async def test_unknown_or_repeated_parameters_and_missing_keys_are_named(
+    api: httpx.AsyncClient,
+) -> None:
+    """A misspelt ``endpoint`` would read the plan-wide state, a repeated one either of
+    two; a caller without a valid key learns that first."""
+    account = await sign_up(api, "free")
+    path = f"/v1/customers/{account.customer}/limits"
+    cases = [
+        ("endpont=/v1/geocode", "query.endpont", "Extra inputs"),
+        ("endpoint=/a&endpoint=/b", "query.endpoint", "more than once"),
+        ("endpoint=" + "e" * 257, "query.endpoint", "at most 256"),
+    ]
+    for query, field, reason in cases:
+        reply = await api.get(f"{path}?{query}", headers=account.auth)
+        assert reply.status_code == 422, reply.text
+        assert reply.headers["content-type"] == "application/problem+json"
+        [error] = reply.json()["errors"]
+        assert error["field"] == field and reason in error["reason"], error
+    for headers in ({}, {"Authorization": "Bearer tally_live_nope"}):
+        reply = await api.get(f"{path}?endpont=x", headers=headers)
+        assert reply.status_code == 401, reply.text

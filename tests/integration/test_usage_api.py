@@ -236,10 +236,11 @@ async def test_meters_are_listed(api: httpx.AsyncClient) -> None:
         ({"meter": "api_calls", "tz": "Asia/Kolkata", "window": "hour"}, "tz", "whole number"),
         ({"meter": "active_users", "tz": "Europe/Paris"}, "tz", "UTC only"),
         ({"meter": "api_calls", "groupby": "endpoint"}, "query.groupby", "Extra inputs"),
+        ({"meter": ["api_calls", "tokens"]}, "query.meter", "more than once"),
     ],
 )
 async def test_bad_parameters_are_422_naming_the_field(
-    api: httpx.AsyncClient, params: dict[str, str], field: str, reason: str
+    api: httpx.AsyncClient, params: dict[str, str | list[str]], field: str, reason: str
 ) -> None:
     response = await api.get("/v1/customers/acme/usage", params=params)
     assert response.status_code == 422, response.text

@@ -10,17 +10,18 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from psycopg_pool import AsyncConnectionPool
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
 
 from schemas.api_keys import Scope
 from schemas.events import CUSTOMER_ID_PATTERN
 from schemas.text import PRINTABLE_PATTERN
 from services.api.enforcement.status import Facts, LimitsReader, LimitsStatus, PolicyState
-from services.common.auth import Authenticator, address, credential
+from services.common.auth import Authenticator, Caller, address, credential
 from services.common.openapi import problem_responses
+from services.common.queries import single_values
 from services.common.settings import Settings
 from services.common.zone_book import ZoneOf, in_utc
 
@@ -56,6 +57,20 @@ class LimitState(BaseModel):
     window: int = Field(description="Seconds (quotas: the month in the billing zone)")
 
 
+class LimitsQuery(BaseModel):
+    """Unknown parameters are refused, named: a misspelt ``endpoint`` would read the
+    plan-wide state instead of the endpoint's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    endpoint: Annotated[str, Field(max_length=256, pattern=PRINTABLE_PATTERN)] = Field(
+        "", description="The endpoint whose limits and costs to read (rate limits per endpoint)"
+    )
+    end_user: Annotated[str, Field(max_length=256, pattern=PRINTABLE_PATTERN)] = Field(
+        "", description="The end user whose state to read (rate limits per end user)"
+    )
+
+
 class CustomerLimits(BaseModel):
     customer: str
     plan: str
@@ -77,22 +92,28 @@ def router(
     api = APIRouter(tags=["enforcement"])
     reader = LimitsReader(settings, redis, pool, zone_of)
 
+    async def who(request: Request) -> None:
+        """The caller, settled before the query is read (a dependency runs before the
+        parameters are validated): without a valid key, a 401 rather than a 422."""
+        request.state.caller = await auth.caller(credential(request), address(request))
+        single_values(request)
+
     @api.get(
         "/v1/customers/{customer}/limits",
         summary="Every rate limit and quota of the customer's plan: used, held, remaining,"
         " reset; spends nothing",
         responses=problem_responses(401, 403, 404, 422, 429, 503),
+        dependencies=[Depends(who)],
     )
     async def limits(
         request: Request,
         customer: Annotated[str, Path(pattern=CUSTOMER_ID_PATTERN)],
-        endpoint: Annotated[str, Query(max_length=256, pattern=PRINTABLE_PATTERN)] = "",
-        end_user: Annotated[str, Query(max_length=256, pattern=PRINTABLE_PATTERN)] = "",
+        query: Annotated[LimitsQuery, Query()],
     ) -> CustomerLimits:
         """Limits scoped per key are read for the calling key (service tokens: theirs)."""
-        caller = await auth.caller(credential(request), address(request))
+        caller: Caller = request.state.caller
         await auth.require(caller, customer, Scope.USAGE_READ)
-        facts = Facts(caller.key_id, endpoint, end_user)
+        facts = Facts(caller.key_id, query.endpoint, query.end_user)
         return answer(customer, await reader.read(customer, facts=facts))
 
     return api

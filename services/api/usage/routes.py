@@ -29,6 +29,7 @@ from services.common.auth import Authenticator, Caller, address, credential
 from services.common.meter_cache import MeterCache, MeterIndex
 from services.common.openapi import problem_responses
 from services.common.problems import Problem, invalid_field, invalid_request
+from services.common.queries import single_values
 
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
 LATEST = datetime(2999, 12, 31, tzinfo=UTC)
@@ -137,7 +138,7 @@ class Usage:
                 control_character(customer) or f"String should match pattern '{_CUSTOMER.pattern}'",
             )
         try:
-            query = UsageQuery.model_validate(dict(request.query_params))
+            query = UsageQuery.model_validate(single_values(request))
         except ValidationError as exc:
             raise invalid_request(exc.errors(), "query") from None
         return await self.answer(caller, customer, query)
