@@ -312,15 +312,15 @@ async def test_a_suspended_account_is_refused_its_next_lease(api: httpx.AsyncCli
         ({}, "body.want"),
         ({"want": 5, "meter": "no_such_meter"}, "meter"),
         ({"want": 5, "lease": "not-a-lease"}, "body.lease"),
-        ({"want": 5, "lease": "ls_AAAAAAAAAAAAAAAA"}, "body"),  # renewing needs spent
+        ({"want": 5, "lease": "ls_AAAAAAAAAAAAAAAA"}, "body.spent"),  # renewing needs it
         ({"want": 5, "lease": "ls_AAAAAAAAAAAAAAAA", "spent": -1}, "body.spent"),
         ({"want": 5, "colour": "red"}, "body.colour"),
         # as /v1/enforce and an event's endpoint: a lease its events could not settle
         ({"want": 5, "endpoint": "/v1/a\x00b"}, "body.endpoint"),
         ({"want": 5, "endpoint": "/" + "e" * 256}, "body.endpoint"),
-        ({"want": 5, "term": 1}, "body"),  # a term of which lease?
-        ({"want": 5, "lease": "ls_AAAAAAAAAAAAAAAA", "term": 1, "spent": 0}, "body"),
-        ({"want": 5, "lease": "ls_AAAAAAAAAAAAAAAA", "term": 2}, "body"),  # needs spent
+        ({"want": 5, "term": 1}, "body.term"),  # a term of which lease?
+        ({"want": 5, "lease": "ls_AAAAAAAAAAAAAAAA", "term": 1, "spent": 0}, "body.spent"),
+        ({"want": 5, "lease": "ls_AAAAAAAAAAAAAAAA", "term": 2}, "body.spent"),
         ({"want": 5, "lease": "ls_AAAAAAAAAAAAAAAA", "term": 0}, "body.term"),
     ],
 )

@@ -18,9 +18,9 @@ from tally_sdk import (
     AuthenticationError,
     LeaseDecider,
     RouteTemplates,
-    raw_path,
     Tally,
     TallyMiddleware,
+    raw_path,
 )
 
 from tests.integration.test_sdk_events import hello, serve_requests, shut_down
