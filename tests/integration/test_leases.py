@@ -309,6 +309,9 @@ async def test_a_suspended_account_is_refused_its_next_lease(api: httpx.AsyncCli
         ({"want": 0}, "body.want"),
         ({"want": 10_001}, "body.want"),
         ({"want": 1.5}, "body.want"),
+        ({"want": "10"}, "body.want"),  # a number, not a string that reads as one
+        ({"want": True}, "body.want"),
+        ({"want": 5, "lease": "ls_AAAAAAAAAAAAAAAA", "spent": "1"}, "body.spent"),
         ({}, "body.want"),
         ({"want": 5, "meter": "no_such_meter"}, "meter"),
         ({"want": 5, "lease": "not-a-lease"}, "body.lease"),

@@ -44,7 +44,7 @@ class LeaseRequest(BaseModel):
     endpoint: Dimension = Field(
         "", description="Endpoint-specific rate limits and costs apply, as in /v1/enforce."
     )
-    want: Annotated[int, Field(ge=1, le=MAX_LEASE)] = Field(
+    want: Annotated[int, Field(strict=True, ge=1, le=MAX_LEASE)] = Field(
         description="Calls wanted; the grant may be smaller, never larger."
     )
     lease: LeaseId | None = Field(
@@ -53,10 +53,10 @@ class LeaseRequest(BaseModel):
         " With `term` 1: the id to take a new lease under (96 random bits, chosen by the"
         " client so that a resent request names the same lease).",
     )
-    spent: Annotated[int, Field(ge=0, le=MAX_LEASE)] | None = Field(
+    spent: Annotated[int, Field(strict=True, ge=0, le=MAX_LEASE)] | None = Field(
         None, description="When renewing: calls spent of the lease's current grant."
     )
-    term: Annotated[int, Field(ge=1, le=2**53)] | None = Field(
+    term: Annotated[int, Field(strict=True, ge=1, le=2**53)] | None = Field(
         None,
         description="The term this request starts: 1 takes the lease `lease` names, n > 1"
         " renews it into its nth term.  A numbered request is idempotent: sent again (its"
@@ -86,10 +86,10 @@ class ReturnRequest(BaseModel):
         None, description="Required with a service token; implied by an API key."
     )
     lease: LeaseId
-    spent: Annotated[int, Field(ge=0, le=MAX_LEASE)] = Field(
+    spent: Annotated[int, Field(strict=True, ge=0, le=MAX_LEASE)] = Field(
         description="Calls spent of the lease's current grant; the rest is freed at once."
     )
-    term: Annotated[int, Field(ge=1, le=2**53)] | None = Field(
+    term: Annotated[int, Field(strict=True, ge=1, le=2**53)] | None = Field(
         None,
         description="The term returned (the lease's current one): a late or repeated"
         " return of an older term frees nothing.",
