@@ -322,6 +322,7 @@ async def test_a_suspended_account_is_refused_its_next_lease(api: httpx.AsyncCli
         ({"want": 5, "endpoint": "/v1/a\x00b"}, "body.endpoint"),
         ({"want": 5, "endpoint": "/" + "e" * 256}, "body.endpoint"),
         ({"want": 5, "term": 1}, "body.term"),  # a term of which lease?
+        ({"want": 5, "spent": 3}, "body.spent"),  # spent of which lease?
         ({"want": 5, "lease": "ls_AAAAAAAAAAAAAAAA", "term": 1, "spent": 0}, "body.spent"),
         ({"want": 5, "lease": "ls_AAAAAAAAAAAAAAAA", "term": 2}, "body.spent"),
         ({"want": 5, "lease": "ls_AAAAAAAAAAAAAAAA", "term": 0}, "body.term"),

@@ -69,6 +69,8 @@ class LeaseRequest(BaseModel):
         validator could only name the body)."""
         if self.term is not None and self.lease is None:
             raise invalid_field("body.term", "term needs lease: the lease it is a term of")
+        if self.lease is None and self.spent is not None:
+            raise invalid_field("body.spent", "spent is for renewals: name the lease it spent")
         if self.term == 1 and self.spent is not None:
             raise invalid_field("body.spent", "spent is for renewals; term 1 takes a new lease")
         if self.lease is not None and self.term != 1 and self.spent is None:
