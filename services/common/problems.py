@@ -104,7 +104,9 @@ def unauthorized(detail: str) -> Problem:
     return Problem(UNAUTHORIZED, detail, headers={"WWW-Authenticate": "Bearer"})
 
 
-def invalid_request(errors: Sequence[Mapping[str, Any]], prefix: str = "") -> Problem:
+def invalid_request(
+    errors: Sequence[Mapping[str, Any]], prefix: str = "", kind: ProblemType = INVALID_REQUEST
+) -> Problem:
     """422 naming each failing field of pydantic ``errors`` (``loc`` under ``prefix``)."""
     found = [
         {
@@ -114,7 +116,7 @@ def invalid_request(errors: Sequence[Mapping[str, Any]], prefix: str = "") -> Pr
         for e in errors
     ]
     fields = ", ".join(e["field"] for e in found)
-    return Problem(INVALID_REQUEST, f"invalid: {fields}", errors=found)
+    return Problem(kind, f"invalid: {fields}", errors=found)
 
 
 async def request_validation_handler(request: Request, exc: Exception) -> Response:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from starlette.requests import Request
 
+from schemas.problem_types import INVALID_REQUEST, ProblemType
 from services.common.problems import invalid_field
 
 
-def single_values(request: Request) -> dict[str, str]:
+def single_values(request: Request, kind: ProblemType = INVALID_REQUEST) -> dict[str, str]:
     """The query's parameters by name; 422 naming the first one given more than once."""
     items = request.query_params.multi_items()
     values = dict(items)
@@ -19,6 +20,6 @@ def single_values(request: Request) -> dict[str, str]:
         seen: set[str] = set()
         for name, _ in items:
             if name in seen:
-                raise invalid_field(f"query.{name}", "given more than once; send it once")
+                raise invalid_field(f"query.{name}", "given more than once; send it once", kind)
             seen.add(name)
     return values

@@ -245,6 +245,7 @@ async def test_bad_parameters_are_422_naming_the_field(
     response = await api.get("/v1/customers/acme/usage", params=params)
     assert response.status_code == 422, response.text
     assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["type"] == "https://tally.dev/problems/invalid-parameter"
     [error] = response.json()["errors"]
     assert error["field"] == field and reason in error["reason"]
 

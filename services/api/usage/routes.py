@@ -138,9 +138,9 @@ class Usage:
                 control_character(customer) or f"String should match pattern '{_CUSTOMER.pattern}'",
             )
         try:
-            query = UsageQuery.model_validate(single_values(request))
+            query = UsageQuery.model_validate(single_values(request, INVALID_PARAMETER))
         except ValidationError as exc:
-            raise invalid_request(exc.errors(), "query") from None
+            raise invalid_request(exc.errors(), "query", INVALID_PARAMETER) from None
         return await self.answer(caller, customer, query)
 
     async def caller(self, request: Request) -> Caller:
