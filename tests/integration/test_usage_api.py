@@ -261,6 +261,13 @@ async def test_a_caller_without_a_key_learns_that_before_what_its_query_lacks(
         assert response.headers["content-type"] == "application/problem+json"
 
 
+async def test_the_last_hour_of_2999_may_be_read(api: httpx.AsyncClient) -> None:
+    params = {"meter": "api_calls", "window": "month", "to": "2999-12-31T23:00:00Z"}
+    response = await api.get("/v1/customers/acme/usage", params=params)
+    assert response.status_code == 200, response.text
+    assert {p["value"] for p in response.json()["data"]} == {"0"}
+
+
 async def test_a_malformed_customer_id_is_422(api: httpx.AsyncClient) -> None:
     response = await api.get("/v1/customers/{acme}/usage", params={"meter": "api_calls"})
     assert response.status_code == 422

@@ -32,7 +32,7 @@ from services.common.problems import Problem, invalid_field, invalid_request
 from services.common.queries import single_values
 
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
-LATEST = datetime(2999, 12, 31, tzinfo=UTC)
+END_OF_TIME = datetime(3000, 1, 1, tzinfo=UTC)  # moments before it: through 2999
 DEFAULT_SPAN = {
     Window.MINUTE: timedelta(hours=1),
     Window.HOUR: timedelta(hours=24),
@@ -239,8 +239,8 @@ def _meter(meters: MeterIndex, name: str) -> Meter:
 def _aware(field: str, moment: datetime) -> datetime:
     if moment.tzinfo is None:
         raise _invalid(field, "must carry a UTC offset (RFC 3339), e.g. 2026-11-01T00:00:00Z")
-    if not EARLIEST <= moment <= LATEST:
-        raise _invalid(field, f"must lie between {EARLIEST:%Y} and {LATEST:%Y}")
+    if not EARLIEST <= moment < END_OF_TIME:
+        raise _invalid(field, f"must lie between {EARLIEST:%Y} and {END_OF_TIME.year - 1}")
     return moment
 
 
