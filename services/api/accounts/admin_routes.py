@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field
 
 from schemas import zones
@@ -223,6 +223,7 @@ def router(service: Accounts) -> APIRouter:
     @api.delete(
         "/customers/{customer_id}/keys/{key_id}",
         status_code=204,
+        response_class=Response,
         responses=problem_responses(404, 422),
     )
     async def revoke_key(customer_id: CustomerPath, key_id: IdPath) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, EmailStr, Field
 
 from schemas.api_keys import Holder, Scope
@@ -122,6 +122,7 @@ def router(service: Accounts) -> APIRouter:
     @api.delete(
         "/v1/keys/{key_id}",
         status_code=204,
+        response_class=Response,
         summary="Revoke a key now",
         responses=problem_responses(401, 403, 404, 422, 429),
     )

@@ -14,7 +14,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Path, Request, Response
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel, ConfigDict, Field
@@ -101,6 +101,7 @@ def router(pool: AsyncConnectionPool, access: Access, compiler: AlertCompiler) -
     @api.delete(
         "/v1/customers/{customer}/alerts/{rule_id}",
         status_code=204,
+        response_class=Response,
         summary="Remove an alert rule",
     )
     async def remove_alert(
