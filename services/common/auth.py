@@ -103,7 +103,10 @@ class Failures:
         self.check_here(client)
 
     async def failed(self, client: str) -> None:
-        """Count one failure; the request that failed is still answered with its 401."""
+        """Count one failure; the request that failed is answered with its 401 — or, past
+        the limit, with the 429: concurrent guesses all pass ``check`` before any of
+        them is counted, and would otherwise all be told 401 where the limit allows
+        ``limit`` a minute."""
         if not self._limit:
             return
         key = redis_keys.auth_failures(client)
@@ -114,6 +117,8 @@ class Failures:
                 pipe.pttl(key)
                 count, _, ttl_ms = await pipe.execute()
             self._remember(client, count, ttl_ms)
+            if count > self._limit:
+                self.check_here(client)
 
     def _remember(self, client: str, count: int, ttl_ms: int) -> None:
         if count >= self._limit:

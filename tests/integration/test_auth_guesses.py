@@ -156,6 +156,24 @@ async def test_guessing_from_one_address_is_refused_before_any_lookup(
         assert (await send(attacker, token, owner.customer)).status_code == 429
 
 
+async def test_concurrent_guesses_are_told_401_no_more_often_than_the_limit(
+    tally: Tally,
+) -> None:
+    """All of them pass the check before any is counted: past the limit, the guesses
+    that failed are answered 429 (an outside review saw 29 × 401 for a limit of 20)."""
+    owner = await _owner(tally)
+    limit = tally.settings.ip_auth_failures_per_minute
+    async with tally.client() as attacker:
+        replies = await asyncio.gather(
+            *(list_invoices(attacker, guess(), owner.customer) for _ in range(limit + 15))
+        )
+    codes = sorted(r.status_code for r in replies)
+    assert codes == [401] * limit + [429] * 15, codes
+    refused = next(r for r in replies if r.status_code == 429)
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert int(refused.headers["Retry-After"]) >= 1
+
+
 async def test_wrong_service_and_admin_tokens_are_guesses_too(tally: Tally) -> None:
     owner = await _owner(tally)
     limit = tally.settings.ip_auth_failures_per_minute
