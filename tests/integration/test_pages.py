@@ -58,7 +58,7 @@ async def test_method_not_allowed_lists_every_allowed_method(api: httpx.AsyncCli
 
 async def test_bad_parameters_and_server_errors_are_problems(api: httpx.AsyncClient) -> None:
     bad = await api.get("/v1/customers/c/usage", params={"window": "fortnight"}, headers=SERVICE)
-    assert problem(bad, 422, "invalid-request")["errors"]
+    assert problem(bad, 422, "invalid-parameter")["errors"]
 
     broken = APIRouter()
 
