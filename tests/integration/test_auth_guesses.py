@@ -160,7 +160,7 @@ async def test_concurrent_guesses_are_told_401_no_more_often_than_the_limit(
     tally: Tally,
 ) -> None:
     """All of them pass the check before any is counted: past the limit, the guesses
-    that failed are answered 429 (an outside review saw 29 × 401 for a limit of 20)."""
+    that failed are answered 429 (an outside review saw 29 401s for a limit of 20)."""
     owner = await _owner(tally)
     limit = tally.settings.ip_auth_failures_per_minute
     async with tally.client() as attacker:
