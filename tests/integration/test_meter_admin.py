@@ -81,6 +81,16 @@ async def test_a_meter_is_created_read_changed_and_archived_with_its_history(
         problem(again, 409, "meter-exists")
 
 
+def counting_five(customer: str, meter: str, month: str) -> tuple[str, CounterOps]:
+    """The counter operations that count 5 for ``customer`` on ``meter`` in ``month``."""
+    key = redis_keys.counters(customer, meter, Window.MONTH, month)
+    ops = CounterOps()
+    ops.sums[(key, redis_keys.TOTAL)] = 5_000_000
+    ops.expiry[key] = int(utcnow().timestamp()) + 600
+    ops.months[key] = (meter, month)
+    return key, ops
+
+
 async def test_a_meter_that_counted_cannot_change_how_it_counts(
     settings: Settings, redis: Redis
 ) -> None:
@@ -89,11 +99,7 @@ async def test_a_meter_that_counted_cannot_change_how_it_counts(
         name = meter["name"]
         assert (await client.post("/v1/admin/meters", json=meter, headers=ADMIN)).is_success
         customer = f"{name}-customer"  # a customer of its own: offsets start afresh
-        key = redis_keys.counters(customer, name, Window.MONTH, "202612")
-        ops = CounterOps()
-        ops.sums[(key, redis_keys.TOTAL)] = 5_000_000
-        ops.expiry[key] = int(utcnow().timestamp()) + 600
-        ops.months[key] = (name, "202612")
+        key, ops = counting_five(customer, name, "202612")
         fresh = {"value_property": "$.tokens.output"}
         moved = await client.put(f"/v1/admin/meters/{name}", json=meter | fresh, headers=ADMIN)
         assert moved.status_code == 200, moved.text  # nothing counted yet: it may change
@@ -210,12 +216,7 @@ async def test_an_archived_meter_counts_no_more_but_its_history_is_read(
         name = meter["name"]
         assert (await client.post("/v1/admin/meters", json=meter, headers=ADMIN)).is_success
         customer = f"{name}-customer"
-        month = utcnow().strftime("%Y%m")
-        key = redis_keys.counters(customer, name, Window.MONTH, month)
-        ops = CounterOps()
-        ops.sums[(key, redis_keys.TOTAL)] = 5_000_000
-        ops.expiry[key] = int(utcnow().timestamp()) + 600
-        ops.months[key] = (name, month)
+        key, ops = counting_five(customer, name, utcnow().strftime("%Y%m"))
         share = Apply(customer, "t/0", None, 1, [redis_keys.seen(customer, "y")], 0, [], ops)
         assert [r.outcome for r in await RedisSink(redis).apply([share])] == [Outcome.APPLIED]
         try:
