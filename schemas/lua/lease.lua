@@ -14,8 +14,9 @@
 -- (apply_batch.lua); a return (or a renewal) frees the unspent part of the term at once,
 -- its quota units and, as far as admission.lua's refunds allow, its rate-limit tokens
 -- (unless the plan changed since); whatever is still held when the record's deadline
--- (term end, or return, + settle window) passes is released as reservations are.  A plan limiting the endpoint per end user is not leased ('per_request'): the
--- holder decides those calls one by one with /v1/enforce, which names the end user.
+-- (term end, or return, + settle window) passes is released as reservations are.  A
+-- plan limiting the endpoint per end user is not leased ('per_request'): the holder
+-- decides those calls one by one with /v1/enforce, which names the end user.
 --
 -- A numbered request (its term: 1 takes the lease under the id the client chose, n
 -- renews it into its nth term, a return names the term it returns) is idempotent: its
