@@ -21,6 +21,7 @@ from schemas.problem_types import (
     HTTP_ERROR,
     INTERNAL_ERROR,
     INVALID_REQUEST,
+    MALFORMED_JSON,
     METHOD_NOT_ALLOWED,
     NOT_FOUND,
     STORE_UNAVAILABLE,
@@ -107,7 +108,12 @@ def unauthorized(detail: str) -> Problem:
 def invalid_request(
     errors: Sequence[Mapping[str, Any]], prefix: str = "", kind: ProblemType = INVALID_REQUEST
 ) -> Problem:
-    """422 naming each failing field of pydantic ``errors`` (``loc`` under ``prefix``)."""
+    """422 naming each failing field of pydantic ``errors`` (``loc`` under ``prefix``);
+    a body that is not JSON at all is 400 ``malformed-json``, as ingest answers it."""
+    unreadable = next((e for e in errors if e.get("type") == "json_invalid"), None)
+    if unreadable is not None:
+        cause = (unreadable.get("ctx") or {}).get("error") or unreadable.get("msg", "")
+        return Problem(MALFORMED_JSON, f"the request body is not valid JSON: {cause}")
     found = [
         {
             "field": field_path((prefix, *e["loc"]) if prefix else tuple(e["loc"])),

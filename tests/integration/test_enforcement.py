@@ -519,8 +519,12 @@ async def test_bad_inputs_each_name_their_field(api: httpx.AsyncClient) -> None:
     assert bad_email.json()["errors"][0]["field"] == "body.email"
     taken = await api.post("/v1/signup", json={"email": account.email.upper(), "company": "Again"})
     assert taken.status_code == 409 and taken.json()["type"].endswith("/email-taken")
-    not_json = await api.post("/v1/enforce", content=b"{", headers=account.auth)
-    assert not_json.status_code == 422 and not_json.json()["errors"][0]["field"] == "body"
+    json_typed = account.auth | {"Content-Type": "application/json"}
+    for path in ("/v1/enforce", "/v1/enforce/batch", "/v1/leases", "/v1/signup"):
+        not_json = await api.post(path, content=b'{"meter": ', headers=json_typed)
+        assert not_json.status_code == 400, (path, not_json.text)
+        assert not_json.json()["type"].endswith("/malformed-json"), path
+        assert "not valid JSON" in not_json.json()["detail"], path
 
 
 async def test_a_meter_created_after_a_miss_is_enforced(

@@ -216,6 +216,7 @@ def _problem(status: int, description: str) -> dict[str, Any]:
 
 
 REFUSALS = {
+    "400": _problem(400, "The body is not JSON"),
     "401": _problem(401, "Missing, malformed, unknown, revoked or expired key"),
     "403": _problem(403, "Account inactive, another customer's id, or a key without the scope"),
     "404": _problem(404, "A service token naming no customer"),
@@ -233,11 +234,13 @@ RATE_HEADERS = {
 
 
 LEASE_REFUSALS = {
-    **{status: REFUSALS[status] for status in ("401", "403", "429", "503")},
+    **{status: REFUSALS[status] for status in ("400", "401", "403", "429", "503")},
     "404": _problem(404, "A service token naming no customer, or an unknown lease"),
     "422": _problem(422, "Unknown meter, want or spent out of range; `errors` names fields"),
 }
-RETURN_REFUSALS = {status: LEASE_REFUSALS[status] for status in ("401", "403", "404", "422", "503")}
+RETURN_REFUSALS = {
+    status: LEASE_REFUSALS[status] for status in ("400", "401", "403", "404", "422", "503")
+}
 
 
 def _operation(
