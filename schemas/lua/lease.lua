@@ -24,9 +24,10 @@
 -- again — a client resending after the answer was lost on a dropped connection — gets
 -- that answer back (with the time the term has left) and changes nothing.  Any other
 -- number than the next term's (a late copy of an older request) is 'lease_stale' and
--- changes nothing either, as is a renewal of a returned lease.  Unnumbered, a resent
--- take would hold a second grant nobody spends and a resent renewal would free the new
--- term as if it were the old one.
+-- changes nothing either; any numbered request of a returned lease is 'lease_unknown',
+-- its take too (the return may have removed the record: the kept answer says so).
+-- Unnumbered, a resent take would hold a second grant nobody spends and a resent
+-- renewal would free the new term as if it were the old one.
 --
 -- KEYS: 1 account  2 keys  3 rate states  4 reservations  5 reservation expiries
 --       6 held totals  7 the meter's counters for the current period
@@ -41,11 +42,13 @@ set_clock(ARGV[3])
 local mode, id, meter = ARGV[6], ARGV[7], ARGV[9]
 local ttl, settle = tonumber(ARGV[12]), tonumber(ARGV[13])
 local number = ARGV[16]
+local RETURNED = 'returned'  -- the last numbered answer of a lease returned
 -- what a resend must repeat: mode, meter, endpoint, spent and key
 local asked = redis.sha1hex(table.concat({mode, meter, ARGV[4], ARGV[8], ARGV[1]}, '\0'))
 
 if number ~= '' and mode ~= 'return' then  -- a return names the term it ends
   local last = redis.call('GET', KEYS[8])
+  if last == RETURNED then return answer('lease_unknown') end  -- a late copy: nothing more
   if last then
     local n, was, reply = string.match(last, '^(%d+)|(%x+)|(.*)$')
     if n == number then
@@ -143,7 +146,8 @@ if mode ~= 'take' then
     else
       record(carried, 0, now, '-')
     end
-    redis.call('DEL', KEYS[8])  -- a resent renewal of a returned lease grants nothing
+    -- a late copy of any numbered request of this lease, its take included, grants nothing
+    redis.call('SET', KEYS[8], RETURNED, 'PX', ttl + settle)
     return answer('returned', {m = meter, h = int(carried), f = int(freed)})
   end
   -- its record is rewritten below; meanwhile no expiry sweep may release it (whose

@@ -457,6 +457,28 @@ async def test_late_copies_of_older_requests_change_nothing(
     assert await usage_and_held(redis, customer) == (0, 17 * VALUE_SCALE)
 
 
+@pytest.mark.parametrize("spent", [0, 1])
+async def test_a_take_resent_after_its_return_takes_nothing(
+    api: httpx.AsyncClient, redis: Redis, spent: int
+) -> None:
+    """The outside review's case: a take whose answer was late, resent after the client
+    returned the lease.  Returned with nothing held, the lease's record is gone; its kept
+    answer still says it was returned, so the copy holds nothing nobody would return."""
+    per_day = {"name": "per-day", "limit": 1000, "per": "day", "algorithm": "fixed_window"}
+    customer, auth = await customer_on(api, plan_with(quota=100, rate_limits=[per_day]))
+    take = {"want": 20, "lease": new_lease_id(), "term": 1}
+    assert (await lease(api, auth, **take)).json()["granted"] == 12
+    back = await give_back(api, auth, lease=take["lease"], spent=spent, term=1)
+    assert back.status_code == 200 and back.json()["returned"] == 12 - spent
+    late = await lease(api, auth, **take)
+    assert late.status_code == 404, late.text
+    assert late.json()["type"].endswith("/unknown-lease")
+    assert await usage_and_held(redis, customer) == (0, spent * VALUE_SCALE)
+    limits = (await api.get(f"/v1/customers/{customer}/limits", headers=auth)).json()
+    rate = next(p for p in limits["limits"] if p["kind"] == "rate")
+    assert rate["used"] == spent, rate  # the unspent tokens came back
+
+
 async def numbered_take(
     redis: Redis, leaser: Leaser, customer: str, at_ms: int | None = None
 ) -> tuple[LeaseAsk, Grant]:
