@@ -45,6 +45,9 @@ log = logging.getLogger("tally_sdk")
 
 Slot = tuple[str, str, str]  # key, meter, endpoint
 REFUSALS = frozenset({403, 429})
+ADDRESS_POLICIES = frozenset({"auth-failures", "per-address"})
+"""Refusals of the address a lease request named, not of its key: answered to whoever
+waits for that request, never kept for the slot's other callers."""
 UNKNOWN_LEASE = "https://tally.dev/problems/unknown-lease"
 LEASE_DECLINED = "https://tally.dev/problems/lease-declined"
 DECLINED_SECONDS = 60.0
@@ -256,7 +259,11 @@ class LeaseDecider:
             self._granted(lease, answer, headers, want, sent, term)
             return True
         if status in REFUSALS:
-            self._refused(lease, Decision.from_answer(status, headers, answer or {}), sent)
+            refusal = Decision.from_answer(status, headers, answer or {})
+            if (answer or {}).get("policy") in ADDRESS_POLICIES:
+                self._serve(lease, refusal)  # the asker's address, not the slot's key
+            else:
+                self._refused(lease, refusal, sent)
             return False
         if status == 404 and (answer or {}).get("type") == UNKNOWN_LEASE:
             return True  # the renewed lease ended: the next request takes a new one

@@ -26,16 +26,15 @@ from tally_sdk.asgi import ASGIApp, Message, Receive, Scope, Send, send_problem
 from tally_sdk.client import Mode, Tally
 from tally_sdk.decider import Ask, Decider, RemoteDecider
 from tally_sdk.decision import Decision
-from tally_sdk.errors import AuthenticationError, TallyError
+from tally_sdk.errors import AuthenticationError, InvalidRequest, TallyError
 from tally_sdk.events import new_id, now
 from tally_sdk.leases import LeaseDecider
-from tally_sdk.routes import RouteTemplates
+from tally_sdk.routes import RouteTemplates, dimension
 
 log = logging.getLogger("tally_sdk")
 
 DEFAULT_EXCLUDE = ("/healthz", "/docs", "/redoc", "/openapi.json")
 PROBLEMS = "https://tally.dev/problems/"
-MAX_END_USER = 256  # as Tally takes end_user
 MISSING_KEY = {
     "type": PROBLEMS + "unauthorized",
     "title": "Unauthorized",
@@ -56,6 +55,12 @@ LONG_KEY = MISSING_KEY | {
     "detail": f"the API key is longer than {MAX_KEY} characters: not a Tally API key"
 }
 CHALLENGE = {"WWW-Authenticate": "Bearer"}
+NOT_A_KEY = MISSING_KEY | {"detail": "not an API key (tally_live_… or tally_test_…)"}
+CALLERS_FIELDS = frozenset({"end_user", "body.end_user"})
+"""Fields of a decision that come from the caller's request: Tally refusing one (a plan
+counting per end user, a request naming none) is the caller's error, answered as Tally
+gave it; any other refused field is the app's configuration, handled as Tally being
+unable to decide (``fail_open``), so that no caller can turn limits off at will."""
 
 DecideNow = Callable[[str, str, str, str | None], Decision | None]
 """A decider's ``decide_now(key, meter, endpoint, client_ip)``: the decision when it
@@ -76,7 +81,7 @@ def header(name: str) -> Callable[[Scope], str | None]:
         for key, value in scope.get("headers") or ():
             if key == wanted:
                 text = _text(value)
-                return (text.strip()[:MAX_END_USER] or None) if text else None
+                return (dimension(text.strip()) or None) if text else None
         return None
 
     return read
@@ -125,7 +130,8 @@ class TallyMiddleware:
     ``exclude`` (and below them) pass untouched.  When Tally cannot decide — unreachable,
     a 5xx, a misconfigured meter — requests are refused with 503 unless ``fail_open``,
     which serves them unmetered: fail closed by default because an outage of Tally
-    should not become free unlimited access.  ``decider`` replaces who decides (leases
+    should not become free unlimited access.  What a caller sends can never trip that
+    setting (``CALLERS_FIELDS``).  ``decider`` replaces who decides (leases
     held in this process by default; ``RemoteDecider(tally)`` asks Tally every time).
     """
 
@@ -177,7 +183,7 @@ class TallyMiddleware:
         ip = str(client[0]) if client else None
         decision = self._decide_now and self._decide_now(key, self.meter, endpoint, ip)
         if decision is None:  # not settled in this process at once: ask, and wait
-            ask = Ask(key, self.meter, endpoint, event_id, self.mode, ip, self.end_user(scope))
+            ask = Ask(key, self.meter, endpoint, event_id, self.mode, ip, self._end_user(scope))
             decision = await self._decide(ask, scope, receive, send)
             if decision is None:
                 return  # answered already
@@ -221,9 +227,23 @@ class TallyMiddleware:
             return await self.decider.decide(ask)
         except AuthenticationError as exc:
             await send_problem(scope, send, 401, exc.problem or MISSING_KEY, CHALLENGE)
+        except InvalidRequest as exc:
+            fields = {e.get("field") for e in (exc.problem or {}).get("errors") or ()}
+            if "customer" in fields:  # a service token sent as the caller's key
+                await send_problem(scope, send, 401, NOT_A_KEY, CHALLENGE)
+            elif fields & CALLERS_FIELDS and exc.problem and exc.status:
+                await send_problem(scope, send, exc.status, exc.problem, {})
+            else:
+                await self._undecided(exc, scope, receive, send)
         except TallyError as exc:
             await self._undecided(exc, scope, receive, send)
         return None
+
+    def _end_user(self, scope: Scope) -> str | None:
+        """Who the request is for, as Tally takes it (``end_user`` may read a header or a
+        forwarded address the caller wrote)."""
+        found = self.end_user(scope)
+        return (dimension(found) or None) if found else None
 
     def _excluded(self, path: str) -> bool:
         """Whether ``path`` is an excluded path or below one (``__call__`` asks only

@@ -26,11 +26,17 @@ paths in use are soon remembered again instead of being crowded out for good."""
 
 
 def raw_path(scope: Scope) -> str:
-    """The request's path as Tally takes an endpoint: at most ``MAX_ENDPOINT``
-    characters, without control characters (``/a%00b`` arrives as ``/a\\x00b``).  Tally
-    refuses such an endpoint, and the call's event with it: unbilled, its unit held."""
-    path = str(scope["path"])[:MAX_ENDPOINT]
-    return path if path.isprintable() else _CONTROL.sub("", path)
+    """The request's path as Tally takes an endpoint (``dimension``): ``/a%00b`` arrives
+    as ``/a\\x00b``.  Tally refuses such an endpoint, and the call's event with it:
+    unbilled, its unit held."""
+    return dimension(str(scope["path"]))
+
+
+def dimension(text: str) -> str:
+    """``text`` as Tally takes a dimension value (an endpoint, an end user): at most
+    ``MAX_ENDPOINT`` characters, without control characters."""
+    text = text[:MAX_ENDPOINT]
+    return text if text.isprintable() else _CONTROL.sub("", text)
 
 
 class RouteTemplates:

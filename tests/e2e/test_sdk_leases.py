@@ -16,6 +16,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 from tally_sdk import Tally, TallyMiddleware
+from tally_sdk.middleware import header
 
 from bench.edge import start_app
 from bench.edge_app import api
@@ -209,4 +210,40 @@ async def test_bad_keys_from_one_caller_lock_out_that_caller_only(
         assert guesses[-1].json()["policy"] == "auth-failures"
         refused = guesses[-1]
         assert refused.headers["content-type"] == PROBLEM and "Retry-After" in refused.headers
+        # the guesser's address is refused even with a good key; that refusal is its
+        # address's, not the key's: the key's other callers are served
+        with_key = await geocode(guesser, key)
+        assert with_key.status_code == 429 and with_key.json()["policy"] == "auth-failures"
         assert (await geocode(customer, key)).status_code == 200  # another caller: served
+
+
+async def test_a_caller_cannot_turn_limits_off_by_what_its_request_carries(
+    up: TallyProcess, tally: Tally
+) -> None:
+    """The outside review: behind a fail-open middleware, a request that made Tally answer
+    422 — no end user for a plan counting per end user, or the service token sent as the
+    caller's key — was served unmetered.  Such a request is the caller's error: it gets
+    Tally's answer (or a 401), never the app; an end user with control characters is
+    named without them, as Tally takes it."""
+    per_user = {"name": "per-user", "limit": 3, "per": "minute", "scope": ["end_user"]}
+    _, key, _ = customer_on(up.url, plan_with(rate_limits=[per_user]))
+    app = TallyMiddleware(api(), tally=tally, end_user=header("x-user-id"), fail_open=True)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app), base_url="http://app"
+    ) as client:
+
+        async def call(headers: dict[str, Any]) -> httpx.Response:
+            return await client.post("/v1/geocode", json={"q": "x"}, headers=headers)
+
+        nobody = [await call({"X-API-Key": key}) for _ in range(5)]
+        assert {a.status_code for a in nobody} == {422}
+        assert nobody[0].headers["content-type"] == PROBLEM
+        assert nobody[0].json()["errors"][0]["field"] == "end_user"
+        service = await call({"X-API-Key": TOKEN})
+        assert service.status_code == 401 and service.headers["content-type"] == PROBLEM
+        assert "WWW-Authenticate" in service.headers
+        control = {"X-API-Key": key, "X-User-Id": b"a\x85b"}  # a C1 control, raw
+        served = [(await call(control)).status_code for _ in range(4)]
+        assert served == [200, 200, 200, 429]  # "ab"'s three calls a minute
+        clean = await call({"X-API-Key": key, "X-User-Id": "ab"})
+        assert clean.status_code == 429  # the same end user
