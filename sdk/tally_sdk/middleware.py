@@ -229,7 +229,7 @@ class TallyMiddleware:
             await send_problem(scope, send, 401, exc.problem or MISSING_KEY, CHALLENGE)
         except InvalidRequest as exc:
             fields = {e.get("field") for e in (exc.problem or {}).get("errors") or ()}
-            if "customer" in fields:  # a service token sent as the caller's key
+            if fields & {"body.customer", "customer"}:  # a service token as the caller's key
                 await send_problem(scope, send, 401, NOT_A_KEY, CHALLENGE)
             elif fields & CALLERS_FIELDS and exc.problem and exc.status:
                 await send_problem(scope, send, exc.status, exc.problem, {})

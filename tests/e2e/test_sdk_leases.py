@@ -238,7 +238,7 @@ async def test_a_caller_cannot_turn_limits_off_by_what_its_request_carries(
         nobody = [await call({"X-API-Key": key}) for _ in range(5)]
         assert {a.status_code for a in nobody} == {422}
         assert nobody[0].headers["content-type"] == PROBLEM
-        assert nobody[0].json()["errors"][0]["field"] == "end_user"
+        assert nobody[0].json()["errors"][0]["field"] == "body.end_user"
         service = await call({"X-API-Key": TOKEN})
         assert service.status_code == 401 and service.headers["content-type"] == PROBLEM
         assert "WWW-Authenticate" in service.headers

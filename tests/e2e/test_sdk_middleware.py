@@ -88,7 +88,7 @@ async def test_check_and_reserve_answer_with_decisions_or_typed_errors(
     with pytest.raises(InvalidRequest) as meter:
         await tally.check(key=key, meter="no_such_meter")
     assert meter.value.problem is not None
-    assert meter.value.problem["errors"][0]["field"] == "meter"
+    assert meter.value.problem["errors"][0]["field"] == "body.meter"
     with pytest.raises(ValueError, match="key="):
         await tally.check()
 

@@ -488,10 +488,10 @@ async def test_expired_trial_moves_to_free(
 async def test_bad_inputs_each_name_their_field(api: httpx.AsyncClient) -> None:
     account = await sign_up(api, "pro")
     cases = [
-        ({"meter": "nope"}, 422, "meter"),
+        ({"meter": "nope"}, 422, "body.meter"),
         ({"quantity": "-1"}, 422, "body.quantity"),
         ({"quantity": "0.0000001"}, 422, "body.quantity"),
-        ({"mode": "reserve"}, 422, "event"),
+        ({"mode": "reserve"}, 422, "body.event"),
         ({"mode": "sometimes"}, 422, "body.mode"),
         ({"endpoint": "/v1/a\x00b"}, 422, "body.endpoint"),
         ({"endpoint": "/" + "e" * 256}, 422, "body.endpoint"),  # longer than its events'
@@ -502,7 +502,7 @@ async def test_bad_inputs_each_name_their_field(api: httpx.AsyncClient) -> None:
         assert reply.json()["errors"][0]["field"] == field
     service = {"Authorization": "Bearer test-token"}
     no_customer = await api.post("/v1/enforce", json={}, headers=service)
-    assert no_customer.json()["errors"][0]["field"] == "customer"
+    assert no_customer.json()["errors"][0]["field"] == "body.customer"
     unknown = await api.post("/v1/enforce", json={"customer": "nobody-here"}, headers=service)
     assert unknown.status_code == 404
     typo = account.key[:-1] + ("x" if account.key[-1] != "x" else "y")
@@ -561,7 +561,9 @@ async def test_batch(api: httpx.AsyncClient) -> None:
     reply = await api.post("/v1/enforce/batch", json={"checks": checks}, headers=account.auth)
     statuses = [r["status"] for r in reply.json()["results"]]
     assert statuses == [200] * 10 + [429, 422, 422]
-    assert reply.json()["results"][12]["body"]["errors"][0]["field"] == "checks[12].quantity"
+    results = reply.json()["results"]
+    assert results[11]["body"]["errors"][0]["field"] == "checks[11].meter"  # as schema errors
+    assert results[12]["body"]["errors"][0]["field"] == "checks[12].quantity"
 
 
 async def test_service_token_acts_for_any_customer(api: httpx.AsyncClient) -> None:

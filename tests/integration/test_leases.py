@@ -314,7 +314,7 @@ async def test_a_suspended_account_is_refused_its_next_lease(api: httpx.AsyncCli
         ({"want": True}, "body.want"),
         ({"want": 5, "lease": "ls_AAAAAAAAAAAAAAAA", "spent": "1"}, "body.spent"),
         ({}, "body.want"),
-        ({"want": 5, "meter": "no_such_meter"}, "meter"),
+        ({"want": 5, "meter": "no_such_meter"}, "body.meter"),
         ({"want": 5, "lease": "not-a-lease"}, "body.lease"),
         ({"want": 5, "lease": "ls_AAAAAAAAAAAAAAAA"}, "body.spent"),  # renewing needs it
         ({"want": 5, "lease": "ls_AAAAAAAAAAAAAAAA", "spent": -1}, "body.spent"),
@@ -364,7 +364,7 @@ async def test_unknown_and_foreign_leases_are_404_naming_the_lease(
         ):
             assert reply.status_code == 404, reply.text
             assert reply.json()["type"].endswith("/unknown-lease")
-            assert reply.json()["errors"] == [{"field": "lease", "reason": "unknown lease"}]
+            assert reply.json()["errors"] == [{"field": "body.lease", "reason": "unknown lease"}]
     # the other customer's lease is untouched, and still theirs to return
     back = await give_back(api, theirs.auth, lease=foreign, spent=0)
     assert back.status_code == 200 and back.json()["returned"] == taken["granted"] > 0
@@ -377,10 +377,10 @@ async def test_renewing_under_another_meter_or_without_a_customer_is_refused(
     ident = (await lease(api, account.auth, want=5)).json()["lease"]
     other = await lease(api, account.auth, want=5, lease=ident, spent=0, meter="storage_gb")
     assert other.status_code == 422
-    assert other.json()["errors"][0]["field"] == "meter"
+    assert other.json()["errors"][0]["field"] == "body.meter"
     service = {"Authorization": "Bearer test-token"}
     nobody = await lease(api, service, want=5)
-    assert nobody.status_code == 422 and nobody.json()["errors"][0]["field"] == "customer"
+    assert nobody.status_code == 422 and nobody.json()["errors"][0]["field"] == "body.customer"
     ok = await lease(api, service, want=5, customer=account.customer)
     assert ok.status_code == 200 and ok.json()["customer"] == account.customer
     back = await give_back(api, account.auth, lease=ident, spent=2)
@@ -409,9 +409,9 @@ async def test_a_resent_take_or_renewal_is_answered_again_not_granted_again(
     assert first.json()["returned"] == 10 and first.json()["granted"] == 12  # 98 left
     assert await usage_and_held(redis, customer) == (0, 14 * VALUE_SCALE)  # 2 spent + 12
     refused = await lease(api, auth, want=5, lease=ident, term=1)  # its id is taken
-    assert refused.status_code == 422 and refused.json()["errors"][0]["field"] == "lease"
+    assert refused.status_code == 422 and refused.json()["errors"][0]["field"] == "body.lease"
     other = await lease(api, auth, **renew | {"endpoint": "/v1/other"})  # not a resend
-    assert other.status_code == 422 and other.json()["errors"][0]["field"] == "term"
+    assert other.status_code == 422 and other.json()["errors"][0]["field"] == "body.term"
     assert same_grant(first, await lease(api, auth, **renew))  # the resend still is
     back = await give_back(api, auth, lease=ident, spent=0)
     assert back.json()["returned"] == 12 and back.json()["held"] == 2
@@ -443,7 +443,7 @@ async def test_late_copies_of_older_requests_change_nothing(
         refused = await lease(api, auth, **late)
         assert refused.status_code == 404, refused.text
         assert refused.json()["errors"] == [
-            {"field": "term", "reason": "not the lease's next term"}
+            {"field": "body.term", "reason": "not the lease's next term"}
         ]
     stale = await give_back(api, auth, lease=ident, spent=0, term=2)
     assert stale.status_code == 404

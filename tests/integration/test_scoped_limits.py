@@ -74,7 +74,7 @@ async def test_a_limit_per_end_user_and_endpoint(api: httpx.AsyncClient) -> None
 
     unnamed = await api.post("/v1/enforce", json={"endpoint": "/search"}, headers=auth)
     assert unnamed.status_code == 422, unnamed.text
-    assert unnamed.json()["errors"][0]["field"] == "end_user"
+    assert unnamed.json()["errors"][0]["field"] == "body.end_user"
     assert "per-user-route" in unnamed.json()["detail"]
     bad = await api.post("/v1/enforce", json={"end_user": "a\u0000b"}, headers=auth)
     assert bad.status_code == 422

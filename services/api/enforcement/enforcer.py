@@ -140,7 +140,7 @@ class Enforcer:
         await self.check_meter(request.meter)
         if request.mode == "reserve" and request.event is None:
             raise invalid_field(
-                "event", "mode=reserve needs the event (source, id) that settles it"
+                "body.event", "mode=reserve needs the event (source, id) that settles it"
             )
         ask = Ask(
             meter=request.meter,
@@ -199,7 +199,7 @@ class Enforcer:
         """Whom a call is about: a key's own customer, or the one a service token names."""
         if caller.customer is None:
             if requested is None:
-                raise invalid_field("customer", "required when enforcing with a service token")
+                raise invalid_field("body.customer", "required when enforcing with a service token")
             return requested
         if requested not in (None, caller.customer):
             raise forbidden_customer()
@@ -211,7 +211,7 @@ class Enforcer:
         known = (await self._meters.meters()).by_name
         if meter not in known:
             names = ", ".join(sorted(known))
-            raise invalid_field("meter", f"unknown meter {meter!r}; known meters: {names}")
+            raise invalid_field("body.meter", f"unknown meter {meter!r}; known meters: {names}")
 
     async def _project(self, customer: str) -> None:
         if not await projection.project_customer(self._redis, self._pool, customer):
@@ -262,7 +262,7 @@ class Enforcer:
             )
         if code is Code.END_USER_REQUIRED:
             return invalid_field(
-                "end_user",
+                "body.end_user",
                 f"rate limit {outcome.policy!r} of plan {outcome.plan!r} counts each end user:"
                 " name the end user this call is for",
             )

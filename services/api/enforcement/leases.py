@@ -123,17 +123,17 @@ class Leases:
         outcome = grant.outcome
         if outcome.code is Code.LEASE_METER:
             raise invalid_field(
-                "meter", f"lease {ask.lease} is a lease of meter {grant.meter!r}; renew it so"
+                "body.meter", f"lease {ask.lease} is a lease of meter {grant.meter!r}; renew it so"
             )
         if outcome.code is Code.LEASE_REUSED:
             raise invalid_field(
-                "term",
+                "body.term",
                 f"term {ask.term} of lease {ask.lease} was asked for already with another"
                 " meter, endpoint, spent or key: a resend repeats its request exactly",
             )
         if outcome.code is Code.LEASE_TAKEN:
             raise invalid_field(
-                "lease", f"lease {ask.lease} exists already; take a new lease under a new id"
+                "body.lease", f"lease {ask.lease} exists already; take a new lease under a new id"
             )
         if outcome.code is Code.PER_REQUEST:
             raise Problem(
@@ -198,7 +198,7 @@ class Leases:
                 UNKNOWN_LEASE,
                 f"no lease {ask.lease} of customer {customer}: it never existed, belongs"
                 " to another customer, or ended and settled; take a new one",
-                errors=[{"field": "lease", "reason": "unknown lease"}],
+                errors=[{"field": "body.lease", "reason": "unknown lease"}],
             )
         if grant.outcome.code is Code.LEASE_OVERSPENT:
             raise invalid_field(
@@ -212,7 +212,7 @@ class Leases:
                 f"term {ask.term} is not the next of lease {ask.lease}: a late copy of an"
                 " older request, or a lease this client no longer follows; nothing was"
                 " changed — take a new lease",
-                errors=[{"field": "term", "reason": "not the lease's next term"}],
+                errors=[{"field": "body.term", "reason": "not the lease's next term"}],
             )
         return grant
 

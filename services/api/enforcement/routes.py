@@ -144,7 +144,7 @@ def routes(auth: Authenticator, addresses: AddressLimit, enforcer: Enforcer) -> 
                 answer = await enforcer.enforce(who, EnforceRequest.model_validate(item))
                 results.append({"status": answer.status, "body": answer.body})
             except Problem as problem:
-                results.append({"status": problem.status, "body": problem.body()})
+                results.append({"status": problem.status, "body": _within(problem, index)})
             except ValidationError as exc:
                 invalid = invalid_request(exc.errors(), f"checks[{index}]")
                 results.append({"status": 422, "body": invalid.body()})
@@ -171,6 +171,18 @@ def lease_routes(auth: Authenticator, addresses: AddressLimit, leases: Leases) -
         Route("/v1/leases", take, methods=["POST"]),
         Route("/v1/leases/return", give_back, methods=["POST"]),
     ]
+
+
+def _within(problem: Problem, index: int) -> dict[str, Any]:
+    """A check's problem in a batch: its fields named under ``checks[index]``, as a
+    check's schema errors are (``body.meter`` of one check is ``checks[2].meter``)."""
+    body = problem.body()
+    errors = body.get("errors")
+    if errors:
+        body["errors"] = [
+            e | {"field": f"checks[{index}]." + e["field"].removeprefix("body.")} for e in errors
+        ]
+    return body
 
 
 async def _read(
