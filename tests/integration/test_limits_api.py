@@ -277,3 +277,10 @@ async def test_unknown_or_repeated_parameters_and_missing_keys_are_named(
     for headers in ({}, {"Authorization": "Bearer tally_live_nope"}):
         reply = await api.get(f"{path}?endpont=x", headers=headers)
         assert reply.status_code == 401, reply.text
+    # another customer's key learns it may not read this customer, not what the query lacks
+    other = await sign_up(api, "free")
+    usage = f"/v1/customers/{account.customer}/usage?limit=abc"
+    for asked in (f"{path}?endpont=x", usage):
+        reply = await api.get(asked, headers=other.auth)
+        assert reply.status_code == 403, reply.text
+        assert reply.json()["type"].endswith("/forbidden"), reply.text

@@ -93,9 +93,12 @@ def router(
     reader = LimitsReader(settings, redis, pool, zone_of)
 
     async def who(request: Request) -> None:
-        """The caller, settled before the query is read (a dependency runs before the
-        parameters are validated): without a valid key, a 401 rather than a 422."""
-        request.state.caller = await auth.caller(credential(request), address(request))
+        """The caller and its right to read, settled before the query is read (a
+        dependency runs before the parameters are validated): without a valid key a 401,
+        with another customer's a 403, rather than a 422 about the query."""
+        caller = await auth.caller(credential(request), address(request))
+        await auth.require(caller, request.path_params["customer"], Scope.USAGE_READ)
+        request.state.caller = caller
         single_values(request)
 
     @api.get(
@@ -111,8 +114,7 @@ def router(
         query: Annotated[LimitsQuery, Query()],
     ) -> CustomerLimits:
         """Limits scoped per key are read for the calling key (service tokens: theirs)."""
-        caller: Caller = request.state.caller
-        await auth.require(caller, customer, Scope.USAGE_READ)
+        caller: Caller = request.state.caller  # may read ``customer`` (``who``)
         facts = Facts(caller.key_id, query.endpoint, query.end_user)
         return answer(customer, await reader.read(customer, facts=facts))
 

@@ -25,7 +25,7 @@ from schemas.zones import ZoneError, zone
 from services.api.usage import ranking, zones
 from services.api.usage.reader import MAX_BUCKETS, UsageReader, as_json
 from services.api.usage.selection import Selection, SelectionError
-from services.common.auth import Authenticator, Caller, address, credential
+from services.common.auth import Authenticator, address, credential
 from services.common.meter_cache import MeterCache, MeterIndex
 from services.common.openapi import problem_responses
 from services.common.problems import Problem, invalid_field, invalid_request
@@ -128,9 +128,8 @@ class Usage:
     async def hot(self, request: Request) -> Response:
         """``GET /v1/customers/{c}/usage`` as a hot path (``services.common.hot_paths``):
         FastAPI's parameter solving and middleware cost a third of a month's read.
-        Who asks is settled first: a caller without a valid key learns that (401), not
-        what its query lacks."""
-        caller = await self.caller(request)
+        Who asks, and may it read this customer, is settled first (``allow``)."""
+        await self.allow(request)
         customer = request.path_params["customer"]
         if not _CUSTOMER.fullmatch(customer):
             raise invalid_field(
@@ -141,13 +140,17 @@ class Usage:
             query = UsageQuery.model_validate(single_values(request, INVALID_PARAMETER))
         except ValidationError as exc:
             raise invalid_request(exc.errors(), "query", INVALID_PARAMETER) from None
-        return await self.answer(caller, customer, query)
+        return await self.answer(customer, query)
 
-    async def caller(self, request: Request) -> Caller:
-        return await self._auth.caller(credential(request), address(request))
+    async def allow(self, request: Request) -> None:
+        """Whether the caller may read the path's customer's usage: a caller without a
+        valid key learns that (401), one with another customer's key that (403), not
+        what its query lacks."""
+        caller = await self._auth.caller(credential(request), address(request))
+        await self._auth.require(caller, request.path_params["customer"], Scope.USAGE_READ)
 
-    async def answer(self, caller: Caller, customer: str, query: UsageQuery) -> Response:
-        await self._auth.require(caller, customer, Scope.USAGE_READ)
+    async def answer(self, customer: str, query: UsageQuery) -> Response:
+        """The usage series of an allowed read (``allow``)."""
         found = _meter(await self._meters.meters(), query.meter)
         now, window = utcnow(), query.window
         end = _aware("to", query.to) if query.to else now
@@ -220,7 +223,8 @@ def router(usage: Usage, meters: MeterCache) -> APIRouter:
     ) -> Response:
         """Served by the hot path ``Usage.hot``; declared here for the OpenAPI document
         (and the router's 405 for other methods)."""
-        return await usage.answer(await usage.caller(request), customer, query)
+        await usage.allow(request)
+        return await usage.answer(customer, query)
 
     return api
 
