@@ -6,11 +6,19 @@ from __future__ import annotations
 
 from starlette.requests import Request
 
-from schemas.problem_types import PAYLOAD_TOO_LARGE
+from schemas.problem_types import PAYLOAD_TOO_LARGE, UNSUPPORTED_ENCODING
 from services.common.problems import Problem
 
 
 async def bounded(request: Request, limit: int) -> bytes:
+    """The body as sent, which must be sent as is: a body of a few hundred bytes gains
+    nothing from compression, and one read as JSON while encoded would be a puzzling
+    error (ingest's bodies, large, may be gzipped: it reads them itself)."""
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise Problem(
+            UNSUPPORTED_ENCODING, f"Content-Encoding {encoding!r} is not accepted; send none"
+        )
     check_declared(request, limit)
     body = bytearray()
     async for chunk in request.stream():

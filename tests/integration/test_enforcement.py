@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
@@ -519,6 +520,11 @@ async def test_bad_inputs_each_name_their_field(api: httpx.AsyncClient) -> None:
     assert bad_email.json()["errors"][0]["field"] == "body.email"
     taken = await api.post("/v1/signup", json={"email": account.email.upper(), "company": "Again"})
     assert taken.status_code == 409 and taken.json()["type"].endswith("/email-taken")
+    gzipped = account.auth | {"Content-Encoding": "gzip"}
+    for path in ("/v1/enforce", "/v1/enforce/batch", "/v1/leases", "/v1/leases/return"):
+        encoded = await api.post(path, content=gzip.compress(b"{}"), headers=gzipped)
+        assert encoded.status_code == 415, (path, encoded.text)
+        assert encoded.json()["type"].endswith("/unsupported-encoding"), path
     json_typed = account.auth | {"Content-Type": "application/json"}
     for path in ("/v1/enforce", "/v1/enforce/batch", "/v1/leases", "/v1/signup"):
         not_json = await api.post(path, content=b'{"meter": ', headers=json_typed)

@@ -233,6 +233,7 @@ REFUSALS = {
     "403": _problem(403, "Account inactive, another customer's id, or a key without the scope"),
     "404": _problem(404, "A service token naming no customer"),
     "409": _problem(409, "The event already holds a reservation of another meter or quantity"),
+    "415": _problem(415, "The body was sent with a Content-Encoding: send it as is"),
     "422": _problem(
         422, "Unknown meter, bad quantity, reserve without event; `errors` names fields"
     ),
@@ -246,12 +247,12 @@ RATE_HEADERS = {
 
 
 LEASE_REFUSALS = {
-    **{status: REFUSALS[status] for status in ("400", "401", "403", "429", "503")},
+    **{status: REFUSALS[status] for status in ("400", "401", "403", "415", "429", "503")},
     "404": _problem(404, "A service token naming no customer, or an unknown lease"),
     "422": _problem(422, "Unknown meter, want or spent out of range; `errors` names fields"),
 }
 RETURN_REFUSALS = {
-    status: LEASE_REFUSALS[status] for status in ("400", "401", "403", "404", "422", "503")
+    status: LEASE_REFUSALS[status] for status in ("400", "401", "403", "404", "415", "422", "503")
 }
 
 
