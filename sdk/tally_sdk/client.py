@@ -48,10 +48,11 @@ class Tally:
 
     Events leave every ``max_delay`` seconds or ``max_batch`` events, whichever comes
     first (those left behind by a full batch count their ``max_delay`` from when it
-    left): what Tally spends on a batch is largely fixed (the request, one Kafka record
-    and one aggregation per customer in it), so up to 1,000 events/s a batch is the
-    half-second's worth, and above that up to 2,000 events (measured at 3,000 events/s:
-    Tally's CPU per event 155 µs with 2,000, 228 µs with 500).
+    left): what Tally spends on a batch is largely fixed (the request, a Kafka record,
+    a ClickHouse insert and its merges, one aggregation per customer in it), so up to
+    10,000 events/s a batch is the half-second's worth, and above that 5,000 events
+    (measured at 3,000 events/s: Tally's CPU per event 155 µs with batches of 2,000, 228
+    µs with 500; at 9,000/s, ``bench.emit_cost``, see ``docs/benchmarks.md``).
     """
 
     def __init__(
@@ -60,7 +61,7 @@ class Tally:
         token: str,
         *,
         source: str | None = None,
-        max_batch: int = 2000,
+        max_batch: int = 5000,
         max_delay: float = 0.5,
         max_buffer: int = 10_000,
         overflow: Overflow = "raise",

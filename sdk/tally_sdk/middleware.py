@@ -28,6 +28,7 @@ from tally_sdk.decider import Ask, Decider, RemoteDecider
 from tally_sdk.decision import Decision
 from tally_sdk.errors import AuthenticationError, InvalidRequest, TallyError
 from tally_sdk.events import new_id, now
+from tally_sdk.keys import Keys
 from tally_sdk.leases import LeaseDecider
 from tally_sdk.routes import RouteTemplates, dimension
 
@@ -96,28 +97,6 @@ def _text(value: object) -> str | None:
 _BYTES = (bytes, bytearray)
 
 
-def api_key(scope: Scope) -> str | None:
-    """The caller's key from ``Authorization: Bearer`` or, failing that, ``X-API-Key``
-    (the first of each).  This runs for every request, so the headers are looked up
-    in a dict built in C, reversed so that the first of a repeated header wins."""
-    headers = scope.get("headers") or ()
-    try:
-        first = dict(reversed(headers))
-    except TypeError:  # not a sequence, or names as bytearray: the slow way
-        first = {
-            bytes(name): value
-            for name, value in reversed(list(headers))
-            if isinstance(name, _BYTES)  # ASGI's; anything else is ignored
-        }
-    authorization = _text(first.get(b"authorization"))
-    if authorization is not None:
-        scheme, _, token = authorization.partition(" ")
-        if scheme.lower() == "bearer" and token.strip():
-            return token.strip()
-    x_api_key = _text(first.get(b"x-api-key"))
-    return (x_api_key.strip() or None) if x_api_key else None
-
-
 class TallyMiddleware:
     """Enforce Tally's limits on every HTTP request and meter the ones served.
 
@@ -163,6 +142,12 @@ class TallyMiddleware:
         self.event_type = event_type
         self.mode = mode
         self.endpoint = endpoint or RouteTemplates()
+        # bound methods, called for every request: a call through an instance's
+        # ``__call__`` goes the slow way round in CPython
+        self._name = (
+            self.endpoint.name if isinstance(self.endpoint, RouteTemplates) else self.endpoint
+        )
+        self._key = Keys().read
         self.end_user = end_user
         self.exclude = tuple(p.rstrip("/") for p in exclude)
         self.fail_open = fail_open
@@ -173,12 +158,12 @@ class TallyMiddleware:
         ):
             await self._unmetered(scope, receive, send)
             return
-        key = api_key(scope)
+        key = self._key(scope)
         if key is None or len(key) > MAX_KEY:
             problem = MISSING_KEY if key is None else LONG_KEY
             await send_problem(scope, send, 401, problem, CHALLENGE)
             return
-        endpoint, event_id = self.endpoint(scope), new_id()
+        endpoint, event_id = self._name(scope), new_id()
         client = scope.get("client")
         ip = str(client[0]) if client else None
         decision = self._decide_now and self._decide_now(key, self.meter, endpoint, ip)

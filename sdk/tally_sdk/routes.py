@@ -49,7 +49,8 @@ class RouteTemplates:
         # cost less than making and hashing a (method, path) tuple per request
         self._known: dict[Any, dict[Any, str]] = {}
 
-    def __call__(self, scope: Scope) -> str:
+    def name(self, scope: Scope) -> str:
+        """The endpoint of the request ``scope`` describes."""
         method, path = scope.get("method"), scope["path"]
         paths = self._known.get(method)
         if paths is not None:
@@ -65,6 +66,8 @@ class RouteTemplates:
         self._known.setdefault(method, {})[path] = endpoint
         self._remembered += 1
         return endpoint
+
+    __call__ = name  # an ``endpoint`` like any other
 
 
 def _template(routes: Any, scope: Scope) -> str | None:

@@ -14,13 +14,16 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from tally_sdk import Tally, TallyMiddleware
 from tally_sdk.buffer import Event, EventBuffer
 from tally_sdk.decision import Decision
 from tally_sdk.emitter import CHUNK, batch_json, gzipped
 from tally_sdk.errors import BufferFull
 from tally_sdk.events import new_id, now, timestamp
-from tally_sdk.middleware import api_key, header
+from tally_sdk.keys import Keys, api_key
+from tally_sdk.middleware import header
 
 
 def test_ids_do_not_repeat_within_a_process() -> None:
@@ -180,6 +183,38 @@ def test_the_key_is_found_in_headers_of_any_shape_asgi_allows() -> None:
     assert api_key({"headers": None}) is None and api_key({}) is None
     names_as_text = iter([("x-api-key", "k5")])  # not ASGI: ignored, not an error
     assert api_key({"headers": names_as_text}) is None
+
+
+_NAMES = st.sampled_from(
+    [b"authorization", b"x-api-key", b"host", bytearray(b"x-api-key"), "x-api-key"]
+)
+_VALUES = st.one_of(
+    st.sampled_from([b"Bearer k1", b"bearer  k2 ", b"Basic k3", b"Bearer ", b" k4 ", b""]),
+    st.binary(max_size=12),
+    st.builds(bytearray, st.sampled_from([b"Bearer k5", b"k6"])),
+    st.text(max_size=4),
+)
+
+
+@given(st.lists(st.lists(st.tuples(_NAMES, _VALUES), max_size=4), max_size=6))
+def test_remembered_keys_are_the_keys_parsed_afresh(
+    requests: list[list[tuple[object, object]]],
+) -> None:
+    """``Keys`` answers any headers as ``api_key`` does, request after request, from
+    memory or not (a memory of three pairs, so that forgetting is exercised too)."""
+    keys = Keys(max_remembered=3)
+    for headers in requests * 2:
+        assert keys.read({"headers": list(headers)}) == api_key({"headers": headers})
+
+
+def test_long_header_values_are_not_remembered() -> None:
+    """A caller's megabyte header must not stay in the app's memory; short ones do."""
+    keys = Keys()
+    huge = {"headers": [(b"x-api-key", b"k" * 1_000_000)]}
+    assert keys.read(huge) == "k" * 1_000_000
+    assert keys._known == {}
+    assert keys.read(scope_with((b"x-api-key", b"k1"))) == "k1"
+    assert keys._known == {(None, b"k1"): "k1"}
 
 
 def test_a_header_value_that_is_not_bytes_is_ignored_not_an_error() -> None:
