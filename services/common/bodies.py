@@ -1,23 +1,44 @@
 """Request bodies read with a bound: a body larger than a route can use is refused with
 413 before it is read whole (from its ``Content-Length``) or as soon as it has arrived
-past the bound (a chunked one), whoever sends it — authentication comes after reading."""
+past the bound (a chunked one), whoever sends it — authentication comes after reading.
+A body must be what it is read as: JSON, sent as is."""
 
 from __future__ import annotations
 
 from starlette.requests import Request
 
-from schemas.problem_types import PAYLOAD_TOO_LARGE, UNSUPPORTED_ENCODING
+from schemas.problem_types import (
+    PAYLOAD_TOO_LARGE,
+    UNSUPPORTED_ENCODING,
+    UNSUPPORTED_MEDIA_TYPE,
+)
 from services.common.problems import Problem
+
+JSON_TYPES = ("application/json", "text/json")
+
+
+def is_json(content_type: str | None) -> bool:
+    """A JSON media type: ``application/json``, ``text/json`` or any ``…+json``."""
+    kind = (content_type or "").split(";", 1)[0].strip().lower()
+    return kind in JSON_TYPES or kind.endswith("+json")
 
 
 async def bounded(request: Request, limit: int) -> bytes:
-    """The body as sent, which must be sent as is: a body of a few hundred bytes gains
-    nothing from compression, and one read as JSON while encoded would be a puzzling
-    error (ingest's bodies, large, may be gzipped: it reads them itself)."""
+    """The JSON body as sent, which must be sent as is: a body of a few hundred bytes
+    gains nothing from compression, and one read as JSON while encoded would be a
+    puzzling error (ingest's bodies, large, may be gzipped: it reads them itself).  A
+    body without a ``Content-Type`` is taken as JSON, as FastAPI's own routes take it;
+    one declared as something else (a form, text) is refused rather than read as JSON."""
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding != "identity":
         raise Problem(
             UNSUPPORTED_ENCODING, f"Content-Encoding {encoding!r} is not accepted; send none"
+        )
+    content_type = request.headers.get("content-type")
+    if content_type is not None and not is_json(content_type):
+        raise Problem(
+            UNSUPPORTED_MEDIA_TYPE,
+            f"Content-Type {content_type!r} is not accepted; send application/json",
         )
     check_declared(request, limit)
     body = bytearray()

@@ -18,10 +18,10 @@ from urllib.parse import unquote
 import jiter
 
 from schemas.problem_types import MALFORMED_JSON, UNSUPPORTED_MEDIA_TYPE
+from services.common.bodies import is_json
 from services.common.problems import Problem
 
 PREFIX = "ce-"
-JSON_TYPES = ("application/json", "text/json")
 
 
 def is_binary(headers: Mapping[str, str]) -> bool:
@@ -29,11 +29,6 @@ def is_binary(headers: Mapping[str, str]) -> bool:
     CloudEvents media type says structured mode, whatever the headers (section 3)."""
     kind = (headers.get("content-type") or "").split(";", 1)[0].strip().lower()
     return "ce-specversion" in headers and not kind.startswith("application/cloudevents")
-
-
-def is_json(content_type: str | None) -> bool:
-    kind = (content_type or "").split(";", 1)[0].strip().lower()
-    return kind in JSON_TYPES or kind.endswith("+json")
 
 
 def binary_event(headers: Mapping[str, str], body: bytes) -> dict[str, Any]:

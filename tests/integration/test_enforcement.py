@@ -525,6 +525,18 @@ async def test_bad_inputs_each_name_their_field(api: httpx.AsyncClient) -> None:
         encoded = await api.post(path, content=gzip.compress(b"{}"), headers=gzipped)
         assert encoded.status_code == 415, (path, encoded.text)
         assert encoded.json()["type"].endswith("/unsupported-encoding"), path
+    for kind in ("text/plain", "application/x-www-form-urlencoded"):
+        for path in ("/v1/enforce", "/v1/enforce/batch", "/v1/leases", "/v1/leases/return"):
+            typed = await api.post(
+                path, content=b"{}", headers=account.auth | {"Content-Type": kind}
+            )
+            assert typed.status_code == 415, (path, kind, typed.text)
+            assert typed.json()["type"].endswith("/unsupported-media-type"), path
+            assert kind in typed.json()["detail"], path
+    untyped = await api.post("/v1/enforce", content=b'{"meter": "api_calls"}', headers=account.auth)
+    assert untyped.status_code == 200, untyped.text  # no Content-Type: JSON, as FastAPI takes it
+    suffixed = account.auth | {"Content-Type": "application/vnd.api+json; charset=utf-8"}
+    assert (await api.post("/v1/enforce", content=b"{}", headers=suffixed)).status_code == 200
     json_typed = account.auth | {"Content-Type": "application/json"}
     for path in ("/v1/enforce", "/v1/enforce/batch", "/v1/leases", "/v1/signup"):
         not_json = await api.post(path, content=b'{"meter": ', headers=json_typed)

@@ -233,7 +233,11 @@ REFUSALS = {
     "403": _problem(403, "Account inactive, another customer's id, or a key without the scope"),
     "404": _problem(404, "A service token naming no customer"),
     "409": _problem(409, "The event already holds a reservation of another meter or quantity"),
-    "415": _problem(415, "The body was sent with a Content-Encoding: send it as is"),
+    "415": _problem(
+        415,
+        "The body was sent with a Content-Encoding (send it as is) or a Content-Type other"
+        " than JSON",
+    ),
     "422": _problem(
         422, "Unknown meter, bad quantity, reserve without event; `errors` names fields"
     ),
