@@ -17,7 +17,10 @@ callers sending a new key per request (a scan) cost no more than parsing each.""
 MAX_RAW = 512
 """Longer header values are parsed but not remembered: a caller's megabyte header must
 not stay in the app's memory.  Tally's keys are 61 characters."""
-_BYTES = (bytes, bytearray)
+_BYTES = (bytes, bytearray, memoryview)
+"""What a header value may be read from.  A ``memoryview`` (not ASGI, but bytes-like)
+counts too: it hashes and compares equal to its bytes, so ``Keys`` would find a pair
+remembered from bytes for it, and must mean the same as parsing it."""
 
 
 def api_key(scope: Scope) -> str | None:
@@ -45,11 +48,11 @@ def key_of(authorization: object, x_api_key: object) -> str | None:
     A value that is not bytes (a ``str`` in a scope built by hand) is ignored like a
     missing header rather than failing the request."""
     if isinstance(authorization, _BYTES):
-        scheme, _, token = authorization.decode("latin-1").partition(" ")
+        scheme, _, token = bytes(authorization).decode("latin-1").partition(" ")
         if scheme.lower() == "bearer" and token.strip():
             return token.strip()
     if isinstance(x_api_key, _BYTES):
-        return x_api_key.decode("latin-1").strip() or None
+        return bytes(x_api_key).decode("latin-1").strip() or None
     return None
 
 

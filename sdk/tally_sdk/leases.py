@@ -15,7 +15,9 @@ after a refusal.  A rate limit's tokens are taken when granted and Tally gives b
 term's unspent ones only when it is renewed or returned, so over-asking would leave the
 customer fewer calls than its plan allows meanwhile (a slot per endpoint: an app with
 many endpoints, each holding a spare token, would leave many).  A refusal is
-cached for its ``Retry-After`` (at most a lease's ttl), and a key Tally does not take
+cached for its ``Retry-After`` (at most a lease's ttl) — the slot's, or, refused for the
+address that asked (too many bad keys or calls from it), that address's calls in every
+slot, while the slot's other callers are asked for again — and a key Tally does not take
 (401: unknown, revoked or expired) for a lease's ttl, so neither a refused caller nor a
 client retrying with a dead key in a loop costs Tally a request per call meanwhile.
 Where Tally cannot grant leases (503: no Redis; an older Tally without the route; 409
@@ -46,8 +48,9 @@ log = logging.getLogger("tally_sdk")
 Slot = tuple[str, str, str]  # key, meter, endpoint
 REFUSALS = frozenset({403, 429})
 ADDRESS_POLICIES = frozenset({"auth-failures", "per-address"})
-"""Refusals of the address a lease request named, not of its key: answered to whoever
-waits for that request, never kept for the slot's other callers."""
+"""Refusals of the address a lease request named, not of its key: answered to the calls
+from that address (in any slot, until ``Retry-After``), never to the slot's other
+callers."""
 UNKNOWN_LEASE = "https://tally.dev/problems/unknown-lease"
 LEASE_DECLINED = "https://tally.dev/problems/lease-declined"
 DECLINED_SECONDS = 60.0
@@ -68,7 +71,7 @@ class _Lease:
 
     slot: Slot
     holding: Holding = field(default_factory=Holding)
-    waiters: deque[asyncio.Future[Decision]] = field(default_factory=deque)
+    waiters: deque[tuple[asyncio.Future[Decision], Ask]] = field(default_factory=deque)
     fetching: asyncio.Task[None] | None = None
     lookahead: int = 0  # calls asked for beyond those waiting
     refusal: Decision | None = None
@@ -106,6 +109,7 @@ class LeaseDecider:
         self._clock = clock
         self._jitter = jitter  # in [0, 1): where in ``RENEWAL_SPREAD`` a renewal falls
         self._leases: OrderedDict[Slot, _Lease] = OrderedDict()
+        self._blocked: dict[str, tuple[Decision, float]] = {}  # address: refusal, until
         self._ttl = 2.0  # a term's length as Tally last said; refusals are cached no longer
         self._unsupported = False
         self._janitor: asyncio.Task[None] | None = None
@@ -136,6 +140,10 @@ class LeaseDecider:
         is fetched in the background when this one runs low, as ``decide`` does."""
         if self._unsupported:
             return None
+        if self._blocked and client_ip in self._blocked:
+            refusal = self._address_refusal(client_ip)
+            if refusal is not None:
+                return refusal
         lease, now = self._lease((key, meter, endpoint)), self._clock()
         lease.used_at = now
         admitted = lease.holding.spend(now)
@@ -182,9 +190,18 @@ class LeaseDecider:
         term = lease.holding.active
         return term is None or term.spent >= term.renew_at or now > term.renew_after
 
+    def _address_refusal(self, address: str) -> Decision | None:
+        """The refusal Tally gave ``address`` (too many bad keys, too many calls), while
+        it lasts."""
+        refusal, until = self._blocked[address]
+        if self._clock() < until:
+            return refusal
+        del self._blocked[address]
+        return None
+
     async def _wait(self, lease: _Lease, ask: Ask) -> Decision:
         waiter: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
-        lease.waiters.append(waiter)
+        lease.waiters.append((waiter, ask))
         self._fetch(lease, ask)
         decision = await waiter
         return decision if decision is not _REMOTE else await self.fallback.decide(ask)
@@ -193,18 +210,35 @@ class LeaseDecider:
         """Admit waiting calls from what is held; with ``answer``, answer them all so."""
         now = self._clock()
         while lease.waiters:
-            waiter = lease.waiters[0]
+            waiter = lease.waiters[0][0]
             if waiter.done():  # its caller went away: it spends nothing
                 lease.waiters.popleft()
                 continue
             decision = answer or lease.holding.spend(now)
             if decision is None:
                 return
-            lease.waiters.popleft().set_result(decision)
+            lease.waiters.popleft()[0].set_result(decision)
+
+    def _block(self, lease: _Lease, address: str | None, refusal: Decision, sent: float) -> None:
+        """Answer the calls from ``address`` with ``refusal``, now and until its
+        ``Retry-After``; the slot's other callers wait on."""
+        if address is not None:
+            if len(self._blocked) >= self.max_slots:
+                self._blocked = {}
+            until = sent + min(float(refusal.retry_after or self._ttl), self._ttl)
+            self._blocked[address] = (refusal, until)
+        waiting, lease.waiters = lease.waiters, deque()
+        for waiter, ask in waiting:
+            if waiter.done():
+                continue
+            if ask.client_ip == address:
+                waiter.set_result(refusal)
+            else:
+                lease.waiters.append((waiter, ask))
 
     def _fail(self, lease: _Lease, exc: BaseException) -> None:
         while lease.waiters:
-            waiter = lease.waiters.popleft()
+            waiter = lease.waiters.popleft()[0]
             if not waiter.done():
                 waiter.set_exception(exc)
 
@@ -218,7 +252,7 @@ class LeaseDecider:
         """Ask for terms until nobody waits; always leave no waiter unanswered."""
         try:
             while await self._ask(lease, ask) and lease.waiters:
-                pass
+                ask = lease.waiters[0][1]  # asked as the first call waiting (its address)
         except TallyError as exc:
             self._fail(lease, exc)
         except BaseException as exc:
@@ -227,8 +261,8 @@ class LeaseDecider:
         finally:
             lease.fetching = None
             self._serve(lease, None)
-            if lease.waiters:  # arrived after the last grant was handed out
-                self._fetch(lease, ask)
+            if lease.waiters:  # arrived after the last grant, or of another address
+                self._fetch(lease, lease.waiters[0][1])
 
     async def _ask(self, lease: _Lease, ask: Ask) -> bool:
         """One lease request; whether to ask again for calls still waiting."""
@@ -261,7 +295,9 @@ class LeaseDecider:
         if status in REFUSALS:
             refusal = Decision.from_answer(status, headers, answer or {})
             if (answer or {}).get("policy") in ADDRESS_POLICIES:
-                self._serve(lease, refusal)  # the asker's address, not the slot's key
+                if renewed is not None:  # refused before any lease was looked at
+                    lease.holding.put_back(renewed)
+                self._block(lease, ask.client_ip, refusal, sent)
             else:
                 self._refused(lease, refusal, sent)
             return False
@@ -339,6 +375,7 @@ class LeaseDecider:
         while True:
             await asyncio.sleep(max(0.1, self._ttl / 2))
             now = self._clock()
+            self._blocked = {a: b for a, b in self._blocked.items() if now < b[1]}
             for slot, lease in list(self._leases.items()):
                 busy = lease.fetching is not None or lease.waiters
                 if not busy and now - lease.used_at > self.idle:

@@ -97,6 +97,17 @@ def _text(value: object) -> str | None:
 _BYTES = (bytes, bytearray)
 
 
+def _as_tally_takes(endpoint: Callable[[Scope], str]) -> Callable[[Scope], str]:
+    """An app's own ``endpoint``, its names cleaned as Tally takes a dimension: one
+    built from the raw path would otherwise carry what the caller wrote (``/a%00b``),
+    which Tally refuses, and with ``fail_open`` a refused call is served unmetered."""
+
+    def name(scope: Scope) -> str:
+        return dimension(str(endpoint(scope)))
+
+    return name
+
+
 class TallyMiddleware:
     """Enforce Tally's limits on every HTTP request and meter the ones served.
 
@@ -145,7 +156,9 @@ class TallyMiddleware:
         # bound methods, called for every request: a call through an instance's
         # ``__call__`` goes the slow way round in CPython
         self._name = (
-            self.endpoint.name if isinstance(self.endpoint, RouteTemplates) else self.endpoint
+            self.endpoint.name
+            if isinstance(self.endpoint, RouteTemplates)
+            else _as_tally_takes(self.endpoint)
         )
         self._key = Keys().read
         self.end_user = end_user
@@ -216,7 +229,9 @@ class TallyMiddleware:
             fields = {e.get("field") for e in (exc.problem or {}).get("errors") or ()}
             if fields & {"body.customer", "customer"}:  # a service token as the caller's key
                 await send_problem(scope, send, 401, NOT_A_KEY, CHALLENGE)
-            elif fields & CALLERS_FIELDS and exc.problem and exc.status:
+            elif (fields & CALLERS_FIELDS or exc.status == 400) and exc.problem and exc.status:
+                # 400: Tally could not read the request at all; dimensions are cleaned
+                # so that no caller can cause it, and if one does it is not served free
                 await send_problem(scope, send, exc.status, exc.problem, {})
             else:
                 await self._undecided(exc, scope, receive, send)

@@ -18,7 +18,9 @@ from typing import Any
 from tally_sdk.asgi import Scope
 
 MAX_ENDPOINT = 256  # the longest dimension value Tally stores
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # what Tally refuses in a dimension
+_REFUSED = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+"""What Tally refuses in a dimension: control characters, and lone surrogates (an
+``endpoint`` or ``end_user`` of the app's own may return them; no JSON can carry them)."""
 MAX_REMEMBERED = 10_000
 """Paths whose endpoint is remembered: most requests are then one dict lookup.  Reaching
 it (ids in paths, or a scan of random ones) forgets them all and starts again, so the
@@ -34,9 +36,9 @@ def raw_path(scope: Scope) -> str:
 
 def dimension(text: str) -> str:
     """``text`` as Tally takes a dimension value (an endpoint, an end user): at most
-    ``MAX_ENDPOINT`` characters, without control characters."""
+    ``MAX_ENDPOINT`` characters, without control characters or lone surrogates."""
     text = text[:MAX_ENDPOINT]
-    return text if text.isprintable() else _CONTROL.sub("", text)
+    return text if text.isprintable() else _REFUSED.sub("", text)
 
 
 class RouteTemplates:

@@ -15,12 +15,15 @@ from typing import Any
 import httpx
 import pytest
 from redis.asyncio import Redis
-from tally_sdk import Tally, TallyMiddleware
+from tally_sdk import LeaseDecider, Tally, TallyMiddleware
+from tally_sdk.decider import Ask
+from tally_sdk.errors import AuthenticationError
 from tally_sdk.middleware import header
 
 from bench.edge import start_app
 from bench.edge_app import api
 from schemas import redis_keys
+from schemas.events import VALUE_SCALE
 from services.common.broker import free_port
 from services.common.settings import Settings
 from tests.accounts_support import ADMIN, plan_with
@@ -201,9 +204,6 @@ async def test_bad_keys_from_one_caller_lock_out_that_caller_only(
         transport = httpx.ASGITransport(app, client=(address, 40_000))
         return httpx.AsyncClient(transport=transport, base_url="http://app")
 
-    def somewhere() -> str:  # an address of its own each run: failures count a minute
-        return f"2001:db8::{uuid.uuid4().hex[:4]}:{uuid.uuid4().hex[:4]}"
-
     async with caller(somewhere()) as guesser, caller(somewhere()) as customer:
         guesses = [await geocode(guesser, f"tally_live_{uuid.uuid4().hex}") for _ in range(25)]
         assert [g.status_code for g in guesses] == [401] * 20 + [429] * 5
@@ -215,6 +215,55 @@ async def test_bad_keys_from_one_caller_lock_out_that_caller_only(
         with_key = await geocode(guesser, key)
         assert with_key.status_code == 429 and with_key.json()["policy"] == "auth-failures"
         assert (await geocode(customer, key)).status_code == 200  # another caller: served
+
+
+def somewhere() -> str:
+    """An address of its own each run: Tally counts an address's failures a minute."""
+    return f"2001:db8::{uuid.uuid4().hex[:4]}:{uuid.uuid4().hex[:4]}"
+
+
+def geocoding(key: str, address: str) -> Ask:
+    return Ask(key, "api_calls", "/v1/geocode", "", "reserve", address)
+
+
+async def locked_out(tally: Tally) -> str:
+    """An address Tally refuses whatever key it shows: twenty bad keys from it."""
+    address, decider = somewhere(), LeaseDecider(tally)
+    for _ in range(20):
+        with pytest.raises(AuthenticationError):
+            await decider.decide(geocoding(f"tally_live_{uuid.uuid4().hex}", address))
+    await decider.aclose()
+    return address
+
+
+async def test_an_address_refused_in_a_lease_request_is_its_callers_refusal_only(
+    up: TallyProcess, tally: Tally, redis: Redis
+) -> None:
+    """The review: a lease request names the first waiting caller's address.  Refused
+    for that address, it was answered to every call waiting on the slot (another
+    caller's included), and a renewal so refused was dropped, its unspent units held
+    until the settle window."""
+    customer, key, _ = customer_on(up.url, plan_with(quota=100))
+    guesser, other = await locked_out(tally), somewhere()
+    decider = LeaseDecider(tally)
+    together = await asyncio.gather(
+        decider.decide(geocoding(key, guesser)), decider.decide(geocoding(key, other))
+    )
+    assert [(d.status, d.policy) for d in together] == [(429, "auth-failures"), (200, None)]
+    # the guesser is refused at once from then on, without a lease request
+    assert decider.decide_now(key, "api_calls", "/v1/geocode", guesser) == together[0]
+    assert decider.decide_now(key, "api_calls", "/v1/other", guesser) == together[0]
+    await decider.aclose()
+
+    decider = LeaseDecider(tally)
+    assert (await decider.decide(geocoding(key, other))).allowed  # term 1: one call
+    assert (await decider.decide(geocoding(key, other))).allowed  # term 2: two, one spent
+    await asyncio.sleep(TTL + 0.1)  # term 2 ends with a call unspent
+    refused = await decider.decide(geocoding(key, guesser))  # renews it: refused
+    assert refused.status == 429 and refused.policy == "auth-failures"
+    await decider.aclose()  # returns term 2: its unspent call is free at once
+    # the three calls admitted (one above), awaiting their events; nothing else
+    assert await held(redis, customer) == 3 * VALUE_SCALE
 
 
 async def test_a_caller_cannot_turn_limits_off_by_what_its_request_carries(
@@ -247,3 +296,26 @@ async def test_a_caller_cannot_turn_limits_off_by_what_its_request_carries(
         assert served == [200, 200, 200, 429]  # "ab"'s three calls a minute
         clean = await call({"X-API-Key": key, "X-User-Id": "ab"})
         assert clean.status_code == 429  # the same end user
+
+
+async def test_names_an_app_builds_from_what_the_caller_wrote_are_cleaned(
+    up: TallyProcess, tally: Tally
+) -> None:
+    """The review: an app's own ``endpoint`` or ``end_user`` may hand on what the caller
+    wrote, lone surrogates or control characters included.  Tally cannot take them
+    (no JSON carries a lone surrogate: a 400), and behind a fail-open middleware such
+    calls were served unmetered; cleaned, they count like any other."""
+    per_user = {"name": "per-user", "limit": 3, "per": "minute", "scope": ["end_user"]}
+    _, key, _ = customer_on(up.url, plan_with(rate_limits=[per_user]))
+    app = TallyMiddleware(
+        api(),
+        tally=tally,
+        endpoint=lambda scope: scope["path"] + "\udc80",
+        end_user=lambda scope: "c\ud800",
+        fail_open=True,
+    )
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app), base_url="http://app"
+    ) as client:
+        served = [(await geocode(client, key)).status_code for _ in range(4)]
+    assert served == [200, 200, 200, 429]  # "c"'s three calls a minute

@@ -24,6 +24,7 @@ from tally_sdk.errors import BufferFull
 from tally_sdk.events import new_id, now, timestamp
 from tally_sdk.keys import Keys, api_key
 from tally_sdk.middleware import header
+from tally_sdk.routes import MAX_ENDPOINT, dimension
 
 
 def test_ids_do_not_repeat_within_a_process() -> None:
@@ -192,6 +193,7 @@ _VALUES = st.one_of(
     st.sampled_from([b"Bearer k1", b"bearer  k2 ", b"Basic k3", b"Bearer ", b" k4 ", b""]),
     st.binary(max_size=12),
     st.builds(bytearray, st.sampled_from([b"Bearer k5", b"k6"])),
+    st.sampled_from([memoryview(b"Bearer k1"), memoryview(b"k6")]),  # hash as bytes do
     st.text(max_size=4),
 )
 
@@ -205,6 +207,15 @@ def test_remembered_keys_are_the_keys_parsed_afresh(
     keys = Keys(max_remembered=3)
     for headers in requests * 2:
         assert keys.read({"headers": list(headers)}) == api_key({"headers": headers})
+
+
+def test_a_memoryview_value_means_what_its_bytes_mean() -> None:
+    """Not ASGI, but bytes-like: it hashes equal to its bytes, so it would find their
+    remembered key; parsed afresh it must give the same."""
+    keys = Keys()
+    for value in (b"Bearer k1", memoryview(b"Bearer k1")):
+        assert keys.read(scope_with((b"authorization", value))) == "k1"  # type: ignore[arg-type]
+        assert api_key(scope_with((b"authorization", value))) == "k1"  # type: ignore[arg-type]
 
 
 def test_long_header_values_are_not_remembered() -> None:
@@ -236,3 +247,9 @@ def test_excluded_paths_and_everything_below_them_pass_untouched() -> None:
     middleware = TallyMiddleware(app, tally=Tally("http://tally.invalid", "t"), exclude=["/docs/"])
     assert middleware._excluded("/docs") and middleware._excluded("/docs/a")
     assert not middleware._excluded("/docsx") and not middleware._excluded("/v1/docs")
+
+
+def test_a_dimension_is_cut_and_cleaned_as_tally_takes_it() -> None:
+    assert dimension("a\x00b\x85c\ud800d\udfffe") == "abcde"
+    assert dimension("/v1/ünïcode") == "/v1/ünïcode"
+    assert dimension("x" * 300) == "x" * MAX_ENDPOINT
