@@ -107,3 +107,18 @@ async def test_live_hours_from_redis_add_up_to_the_utc_total(
             key = point["groups"]["endpoint"]
             totals[key] = totals.get(key, Decimal(0)) + Decimal(point["value"])
         assert totals == {"/0": 15, "/1": 15}, tz
+    # hours are the same buckets in a whole-hour zone: shown in its offsets, not UTC's
+    hours = {"from": (now - timedelta(hours=5)).isoformat(), "to": now.isoformat()}
+    utc = await usage(api, customer, meter="api_calls", window="hour", **hours)
+    local = await usage(api, customer, meter="api_calls", window="hour", tz="Asia/Tokyo", **hours)
+    assert local["tz"] == "Asia/Tokyo" and utc["tz"] == "UTC"
+    assert [p["value"] for p in local["data"]] == [p["value"] for p in utc["data"]]
+    assert [datetime.fromisoformat(p["start"]) for p in local["data"]] == [
+        datetime.fromisoformat(p["start"]) for p in utc["data"]
+    ]
+    assert all(p["start"].endswith("+09:00") for p in local["data"])
+    kolkata = await api.get(
+        f"/v1/customers/{customer}/usage",
+        params={"meter": "api_calls", "window": "hour", "tz": "Asia/Kolkata", **hours},
+    )
+    assert kolkata.status_code == 422 and kolkata.json()["errors"][0]["field"] == "tz"

@@ -13,7 +13,7 @@ from bisect import bisect_right
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, time
+from datetime import UTC, datetime, time, tzinfo
 from decimal import Decimal
 from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
@@ -45,8 +45,8 @@ class Point(NamedTuple):
 
     def as_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "start": _stamp(self.start),
-            "end": _stamp(self.end),
+            "start": _stamp(self.start, self.start.tzinfo),
+            "end": _stamp(self.end, self.end.tzinfo),
             "value": str(self.value),
         }
         if self.groups is not None:
@@ -55,9 +55,10 @@ class Point(NamedTuple):
 
 
 @functools.lru_cache(maxsize=8192)
-def _stamp(moment: datetime) -> str:
+def _stamp(moment: datetime, zone: tzinfo | None) -> str:
     """RFC 3339 of a bucket boundary, remembered: a bucket's end is the next one's start,
-    grouped a bucket has many points, and reads ask for the same buckets again."""
+    grouped a bucket has many points, and reads ask for the same buckets again.  Keyed by
+    the zone too: one instant in New York and in UTC is one equal ``datetime``."""
     return moment.isoformat()
 
 
@@ -72,6 +73,15 @@ class Cells:
     starts: list[datetime]
     ends: list[datetime]
     found: dict[datetime, dict[str, Decimal]]
+
+    def shown_in(self, tz: ZoneInfo) -> Cells:
+        """The same buckets with their bounds in ``tz``'s offsets (equal instants find
+        the same values)."""
+        return Cells(
+            [s.astimezone(tz) for s in self.starts],
+            [e.astimezone(tz) for e in self.ends],
+            self.found,
+        )
 
     def points(self, meter: Meter, grouped: bool, fields: Sequence[str] = ()) -> list[Point]:
         """One point per bucket; grouped, one per bucket and group — of ``fields`` only,

@@ -107,7 +107,8 @@ class UsageQuery(BaseModel):
         None,
         description="IANA time zone of the day and month buckets (default UTC), e.g."
         " America/New_York: a local day may last 23 or 25 hours. Whole-hour zones only;"
-        " sum, count, max and min meters.",
+        " days and months of sum, count, max and min meters. Minute and hour buckets are"
+        " the same in every whole-hour zone: shown in its offset.",
     )
 
 
@@ -166,8 +167,10 @@ class Usage:
                 " counts, which are not kept; rank a sum or count meter instead",
             )
         tz = _zone(found, window, query.tz, start, end)
-        if tz is None:
+        if tz is None or window in (Window.MINUTE, Window.HOUR):
             cells = await self.reader.read(customer, found, window, start, end, grouped, now)
+            if tz is not None:  # the same buckets, stamped with the zone's offsets
+                cells = cells.shown_in(tz)
         else:
             try:
                 cells = await self.reader.read_zoned(
@@ -251,15 +254,15 @@ def _aware(field: str, moment: datetime) -> datetime:
 def _zone(
     meter: Meter, window: Window, name: str | None, start: datetime, end: datetime
 ) -> ZoneInfo | None:
-    """The zone day and month buckets are read in; None for UTC.  Minute and hour
-    buckets are the same instants in every whole-hour zone: they are read as they are."""
+    """The zone the buckets are in; None for UTC.  Minute and hour buckets are the same
+    instants in every whole-hour zone: they are read as they are, shown in the zone."""
     if name is None:
         return None
     try:
         tz = zone(name)
         if tz is not None and window in (Window.MINUTE, Window.HOUR):
             zones.local_buckets(Window.DAY, start, end, tz)  # refuses a :30 or :45 zone
-            return None
+            return tz
     except ZoneError as exc:
         raise _invalid("tz", str(exc)) from None
     if tz is not None and meter.aggregation not in zones.COMPOSABLE:
