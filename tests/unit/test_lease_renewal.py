@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import pytest
 from tally_sdk import LeaseDecider, Tally
+from tally_sdk.decision import Decision
 from tally_sdk.leases import _Lease
 
 GRANT = {"lease": "ls_a", "granted": 100, "ttl_ms": 2000, "expires_in_ms": 2000}
@@ -86,3 +87,35 @@ def test_nothing_is_fetched_ahead_after_a_refusal() -> None:
     decider, lease = granted_lease(at)
     lease.lookahead = 0  # as a refusal leaves it
     assert not decider._next_term_due(lease, 1.7)
+
+
+async def test_an_address_refusal_holds_for_that_address_only_until_its_retry_after() -> None:
+    """An address Tally refused in a lease request (too many bad keys from it) is refused
+    at once in every slot, without a request, for its ``Retry-After`` (at most a ttl);
+    other addresses are admitted from the same term meanwhile."""
+    at = [0.0]
+    decider, lease = granted_lease(at)
+    decider._leases[lease.slot] = lease
+    refusal = Decision(allowed=False, status=429, policy="auth-failures", retry_after=60)
+    decider._block(lease, "198.51.100.66", refusal, sent=0.0)
+    for slot in (("k", "api_calls", "/e"), ("other-key", "api_calls", "/f")):
+        assert decider.decide_now(*slot, "198.51.100.66") is refusal
+    assert decider.decide_now("k", "api_calls", "/e", "203.0.113.7") is not refusal
+    assert decider.decide_now("k", "api_calls", "/e", None) is not refusal
+    at[0] = 1.99  # held for the ttl (2 s), not the 60 s Tally said
+    assert decider.decide_now("k", "api_calls", "/e", "198.51.100.66") is refusal
+    at[0] = 2.0
+    assert decider.decide_now("k", "api_calls", "/e", "198.51.100.66") is not refusal
+    assert decider._blocked == {}
+    await decider.aclose()
+
+
+async def test_addresses_refused_are_forgotten_rather_than_grow_without_bound() -> None:
+    at = [0.0]
+    decider, lease = granted_lease(at)
+    decider.max_slots = 3
+    refusal = Decision(allowed=False, status=429, policy="per-address", retry_after=1)
+    for n in range(7):
+        decider._block(lease, f"198.51.100.{n}", refusal, sent=0.0)
+        assert len(decider._blocked) <= 3
+    await decider.aclose()
