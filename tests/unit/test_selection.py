@@ -9,6 +9,7 @@ import pytest
 
 from schemas import redis_keys
 from schemas.catalog import Aggregation, Meter
+from schemas.events import VALUE_SCALE
 from services.api.usage.reader import Cells
 from services.api.usage.selection import Selection, SelectionError
 
@@ -27,8 +28,8 @@ def _meter(aggregation: Aggregation) -> Meter:
 
 
 def _cells(values: dict[tuple[str, str], int], total: int) -> Cells:
-    found = {redis_keys.group_field(g): Decimal(v) for g, v in values.items()}
-    found[redis_keys.TOTAL] = Decimal(total)
+    found = {redis_keys.group_field(g): v * VALUE_SCALE for g, v in values.items()}
+    found[redis_keys.TOTAL] = total * VALUE_SCALE
     return Cells([DAY], [DAY + timedelta(days=1)], {DAY: found})
 
 
@@ -52,7 +53,7 @@ def test_kept_groups_merge_the_others(
     assert view.group_names == ("model",) and view.aggregation is aggregation
     points = cells.points(view, grouped=True)
     assert {p.groups["model"]: p.value for p in points if p.groups} == by_model
-    assert cells.found[DAY][redis_keys.TOTAL] == 99  # nothing fixed: the stored total
+    assert cells.found[DAY][redis_keys.TOTAL] == 99 * VALUE_SCALE  # nothing fixed: as stored
     _, eu = Selection.of(meter, [], {"region": "eu"}).narrow(meter, _cells(GROUPS, 99))
     assert eu.points(meter, grouped=False)[0].value == eu_total
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 
 import pytest
 
 from schemas import redis_keys
 from schemas.catalog import Aggregation, Meter
+from schemas.events import VALUE_SCALE
 from services.api.usage import ranking
 from services.api.usage.reader import Cells
 
@@ -19,10 +19,10 @@ def cells(values: dict[str, list[int]]) -> Cells:
     """Each endpoint's value per day, oldest first, as the reader finds them."""
     days = max(len(v) for v in values.values())
     starts = [DAY + timedelta(days=d) for d in range(days)]
-    found: dict[datetime, dict[str, Decimal]] = {s: {} for s in starts}
+    found: dict[datetime, dict[str, int]] = {s: {} for s in starts}
     for endpoint, per_day in values.items():
         for start, value in zip(starts, per_day, strict=False):
-            found[start][redis_keys.group_field((endpoint,))] = Decimal(value)
+            found[start][redis_keys.group_field((endpoint,))] = value * VALUE_SCALE
     return Cells(starts, [*starts[1:], starts[-1] + timedelta(days=1)], found)
 
 

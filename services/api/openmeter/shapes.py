@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from datetime import datetime
-from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -12,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from schemas import redis_keys
 from schemas.catalog import Aggregation, Meter
+from schemas.events import from_micros
 from schemas.readings import LEGACY_VALUE
 from schemas.windows import Window
 from services.api.usage.reader import Cells, Point, group_names
@@ -98,14 +98,14 @@ def folded(
 ) -> list[dict[str, Any]]:
     """The range's windows folded into one row per group (OpenMeter without a window
     size); no row for a group without usage, as OpenMeter answers."""
-    by_field: dict[str, list[Decimal]] = {}
+    by_field: dict[str, list[int]] = {}
     for bucket in cells.starts:  # oldest first
         for field, value in cells.found.get(bucket, {}).items():
             if (field == redis_keys.TOTAL) != grouped:
                 by_field.setdefault(field, []).append(value)
     return [
         {
-            "value": orjson.Fragment(str(_fold(meter.aggregation, values))),
+            "value": orjson.Fragment(str(from_micros(_fold(meter.aggregation, values)))),
             "windowStart": stamp(start),
             "windowEnd": stamp(end),
             "subject": subject,
@@ -115,9 +115,10 @@ def folded(
     ]
 
 
-def _fold(aggregation: Aggregation, values: list[Decimal]) -> Decimal:
+def _fold(aggregation: Aggregation, values: list[int]) -> int:
+    """A group's windows (micro-units) as one value, as the meter aggregates."""
     if aggregation in (Aggregation.COUNT, Aggregation.SUM):
-        return sum(values, Decimal(0))
+        return sum(values)
     if aggregation is Aggregation.MAX:
         return max(values)
     if aggregation is Aggregation.MIN:

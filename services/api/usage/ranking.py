@@ -17,6 +17,7 @@ from typing import Any
 
 from schemas import redis_keys
 from schemas.catalog import Aggregation, Meter
+from schemas.events import from_micros
 from services.api.usage.reader import Cells, group_names
 
 MAX_LIMIT = 1000
@@ -32,9 +33,9 @@ class GroupTotal:
         return {"groups": self.groups, "value": str(self.value)}
 
 
-def totals(meter: Meter, cells: Cells) -> dict[str, Decimal]:
-    """Each group's value over the range, by its field."""
-    found: dict[str, Decimal] = {}
+def totals(meter: Meter, cells: Cells) -> dict[str, int]:
+    """Each group's value over the range (micro-units), by its field."""
+    found: dict[str, int] = {}
     latest = meter.aggregation is Aggregation.LATEST
     largest = meter.aggregation is Aggregation.MAX
     smallest = meter.aggregation is Aggregation.MIN
@@ -58,4 +59,4 @@ def top(meter: Meter, cells: Cells, limit: int) -> list[GroupTotal]:
     """The ``limit`` largest groups, largest first."""
     named = [(group_names(meter, f), f, v) for f, v in totals(meter, cells).items()]
     named.sort(key=lambda item: (-item[2], tuple(item[0].values())))
-    return [GroupTotal(field, groups, value) for groups, field, value in named[:limit]]
+    return [GroupTotal(field, groups, from_micros(value)) for groups, field, value in named[:limit]]

@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from decimal import Decimal
 
 from schemas import redis_keys
 from schemas.catalog import Aggregation, Meter
@@ -68,9 +67,9 @@ class Selection:
         """``cells`` read grouped, narrowed to this selection, and the meter as it reads
         them: grouped by the kept dimensions only.  Each bucket holds the kept groups and
         the total over the groups that match (the stored total when nothing is fixed)."""
-        found: dict[datetime, dict[str, Decimal]] = {}
+        found: dict[datetime, dict[str, int]] = {}
         for bucket, values in cells.found.items():
-            narrowed: dict[str, Decimal] = {}
+            narrowed: dict[str, int] = {}
             for group_field, value in values.items():
                 if group_field == redis_keys.TOTAL:
                     continue
@@ -91,7 +90,7 @@ class Selection:
         return view, Cells(cells.starts, cells.ends, found)
 
 
-def _merge(aggregation: Aggregation, into: dict[str, Decimal], key: str, value: Decimal) -> None:
+def _merge(aggregation: Aggregation, into: dict[str, int], key: str, value: int) -> None:
     old = into.get(key)
     if old is None:
         into[key] = value

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 from schemas import zones
@@ -44,13 +43,13 @@ def hours(first: datetime, stop: datetime) -> Iterator[datetime]:
         current += zones.HOUR
 
 
-def fold(aggregation: Aggregation, values: list[Decimal]) -> Decimal:
-    """Hours' values as one bucket's."""
+def fold(aggregation: Aggregation, values: list[int]) -> int:
+    """Hours' values (micro-units) as one bucket's."""
     if aggregation is Aggregation.MAX:
         return max(values)
     if aggregation is Aggregation.MIN:
         return min(values)
-    return sum(values, Decimal(0))
+    return sum(values)
 
 
 def _floor(window: Window, moment: datetime, tz: ZoneInfo) -> datetime:
