@@ -69,7 +69,8 @@ class Keys:
             return self._known[raw]
         except KeyError:
             key = key_of(*raw)
-        except TypeError:  # a bytearray value cannot be a dict key: parsed every time
+        except (TypeError, ValueError):  # a bytearray (or a view of one) cannot be a
+            # dict key: parsed every time
             return key_of(*raw)
         if all(value is None or (type(value) is bytes and len(value) <= MAX_RAW) for value in raw):
             if len(self._known) >= self._max:

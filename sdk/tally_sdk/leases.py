@@ -76,6 +76,7 @@ class _Lease:
     lookahead: int = 0  # calls asked for beyond those waiting
     refusal: Decision | None = None
     refused_until: float = 0.0
+    address_refused_at: float = -float("inf")  # when a lease request's address was refused
     unauthorized: AuthenticationError | None = None
     unauthorized_until: float = 0.0
     remote_until: float = 0.0
@@ -221,17 +222,22 @@ class LeaseDecider:
 
     def _block(self, lease: _Lease, address: str | None, refusal: Decision, sent: float) -> None:
         """Answer the calls from ``address`` with ``refusal``, now and until its
-        ``Retry-After``; the slot's other callers wait on."""
+        ``Retry-After``; the slot's other callers wait on, to be asked for again — unless
+        another address of this slot was refused within a ttl: then Tally refuses every
+        address it is told (the app's own, say, its ``X-Forwarded-For`` not believed),
+        and asking again for each would cost a request per waiting address."""
         if address is not None:
             if len(self._blocked) >= self.max_slots:
                 self._blocked = {}
             until = sent + min(float(refusal.retry_after or self._ttl), self._ttl)
             self._blocked[address] = (refusal, until)
+        everyone = sent - lease.address_refused_at < self._ttl
+        lease.address_refused_at = sent
         waiting, lease.waiters = lease.waiters, deque()
         for waiter, ask in waiting:
             if waiter.done():
                 continue
-            if ask.client_ip == address:
+            if everyone or ask.client_ip == address:
                 waiter.set_result(refusal)
             else:
                 lease.waiters.append((waiter, ask))

@@ -30,12 +30,13 @@ from tally_sdk.errors import AuthenticationError, InvalidRequest, TallyError
 from tally_sdk.events import new_id, now
 from tally_sdk.keys import Keys
 from tally_sdk.leases import LeaseDecider
-from tally_sdk.routes import RouteTemplates, dimension
+from tally_sdk.routes import RouteTemplates, dimension, raw_path
 
 log = logging.getLogger("tally_sdk")
 
 DEFAULT_EXCLUDE = ("/healthz", "/docs", "/redoc", "/openapi.json")
 PROBLEMS = "https://tally.dev/problems/"
+MALFORMED_JSON = PROBLEMS + "malformed-json"
 MISSING_KEY = {
     "type": PROBLEMS + "unauthorized",
     "title": "Unauthorized",
@@ -100,12 +101,27 @@ _BYTES = (bytes, bytearray)
 def _as_tally_takes(endpoint: Callable[[Scope], str]) -> Callable[[Scope], str]:
     """An app's own ``endpoint``, its names cleaned as Tally takes a dimension: one
     built from the raw path would otherwise carry what the caller wrote (``/a%00b``),
-    which Tally refuses, and with ``fail_open`` a refused call is served unmetered."""
+    which Tally refuses, and with ``fail_open`` a refused call is served unmetered.
+    A name that is not text (``None``, bytes) is the raw path's, with a warning once."""
+    warned = False
 
     def name(scope: Scope) -> str:
-        return dimension(str(endpoint(scope)))
+        nonlocal warned
+        named = endpoint(scope)
+        if isinstance(named, str):
+            return dimension(named)
+        if not warned:
+            warned = True
+            log.warning("tally: endpoint() gave %r, not a str: the raw path is used", named)
+        return raw_path(scope)
 
     return name
+
+
+def _unreadable(exc: TallyError) -> bool:
+    """Tally could not read the decision's JSON: no caller can cause it (names are
+    cleaned first), and if one does the call is refused, not served unmetered."""
+    return exc.status == 400 and (exc.problem or {}).get("type") == MALFORMED_JSON
 
 
 class TallyMiddleware:
@@ -229,9 +245,7 @@ class TallyMiddleware:
             fields = {e.get("field") for e in (exc.problem or {}).get("errors") or ()}
             if fields & {"body.customer", "customer"}:  # a service token as the caller's key
                 await send_problem(scope, send, 401, NOT_A_KEY, CHALLENGE)
-            elif (fields & CALLERS_FIELDS or exc.status == 400) and exc.problem and exc.status:
-                # 400: Tally could not read the request at all; dimensions are cleaned
-                # so that no caller can cause it, and if one does it is not served free
+            elif (fields & CALLERS_FIELDS or _unreadable(exc)) and exc.problem and exc.status:
                 await send_problem(scope, send, exc.status, exc.problem, {})
             else:
                 await self._undecided(exc, scope, receive, send)

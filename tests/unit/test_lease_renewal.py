@@ -5,11 +5,13 @@ checked on the decider's own bookkeeping with a clock the test moves (no I/O).""
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Callable
 
 import pytest
 from tally_sdk import LeaseDecider, Tally
+from tally_sdk.decider import Ask
 from tally_sdk.decision import Decision
 from tally_sdk.leases import _Lease
 
@@ -118,4 +120,24 @@ async def test_addresses_refused_are_forgotten_rather_than_grow_without_bound() 
     for n in range(7):
         decider._block(lease, f"198.51.100.{n}", refusal, sent=0.0)
         assert len(decider._blocked) <= 3
+    await decider.aclose()
+
+
+async def test_a_second_address_refused_within_a_ttl_answers_every_waiting_call() -> None:
+    """One address refused: the slot's other callers are asked for again, each under its
+    own address.  A second refused within a ttl means Tally refuses whatever address it
+    is told (the app's own): the rest are answered too, not asked for one by one."""
+    at = [0.0]
+    decider, lease = granted_lease(at)
+    loop = asyncio.get_running_loop()
+    waiting = {ip: loop.create_future() for ip in ("198.51.100.1", "198.51.100.2", "198.51.100.3")}
+    for ip, future in waiting.items():
+        lease.waiters.append((future, Ask("k", "api_calls", "/e", "", "reserve", ip)))
+    refusal = Decision(allowed=False, status=429, policy="per-address", retry_after=1)
+    decider._block(lease, "198.51.100.1", refusal, sent=0.0)
+    assert [f.done() for f in waiting.values()] == [True, False, False]
+    at[0] = 1.0
+    decider._block(lease, "198.51.100.2", refusal, sent=1.0)
+    assert all(f.result() is refusal for f in waiting.values()) and not lease.waiters
+    assert "198.51.100.3" not in decider._blocked  # refused once, not remembered
     await decider.aclose()

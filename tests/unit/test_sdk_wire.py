@@ -12,6 +12,7 @@ import json
 import os
 import time
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -213,9 +214,27 @@ def test_a_memoryview_value_means_what_its_bytes_mean() -> None:
     """Not ASGI, but bytes-like: it hashes equal to its bytes, so it would find their
     remembered key; parsed afresh it must give the same."""
     keys = Keys()
-    for value in (b"Bearer k1", memoryview(b"Bearer k1")):
+    writable = memoryview(bytearray(b"Bearer k1"))  # cannot be hashed: ValueError
+    for value in (b"Bearer k1", memoryview(b"Bearer k1"), writable):
         assert keys.read(scope_with((b"authorization", value))) == "k1"  # type: ignore[arg-type]
         assert api_key(scope_with((b"authorization", value))) == "k1"  # type: ignore[arg-type]
+
+
+def test_an_apps_endpoint_names_are_cleaned_and_text() -> None:
+    """What an app's own ``endpoint`` returns is cleaned as Tally takes it; a name that
+    is not text is the raw path's (not ``"None"``, one lease for every request)."""
+
+    async def app(scope: object, receive: object, send: object) -> None: ...
+
+    def named(endpoint: Any) -> str:
+        middleware = TallyMiddleware(
+            app, tally=Tally("http://tally.invalid", "t"), endpoint=endpoint
+        )
+        return middleware._name({"type": "http", "path": "/v1/a\x00b", "headers": []})
+
+    assert named(lambda scope: scope["path"] + "\udc80") == "/v1/ab"
+    assert named(lambda scope: None) == "/v1/ab"
+    assert named(lambda scope: b"/x") == "/v1/ab"
 
 
 def test_long_header_values_are_not_remembered() -> None:

@@ -12,7 +12,7 @@ import functools
 from bisect import bisect_right
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, time, tzinfo
 from decimal import Decimal
 from typing import Any, NamedTuple
@@ -45,8 +45,8 @@ class Point(NamedTuple):
 
     def as_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "start": _stamp(self.start, self.start.tzinfo),
-            "end": _stamp(self.end, self.end.tzinfo),
+            "start": _stamp(self.start, self.start.tzinfo, self.start.fold),
+            "end": _stamp(self.end, self.end.tzinfo, self.end.fold),
             "value": str(self.value),
         }
         if self.groups is not None:
@@ -55,10 +55,11 @@ class Point(NamedTuple):
 
 
 @functools.lru_cache(maxsize=8192)
-def _stamp(moment: datetime, zone: tzinfo | None) -> str:
+def _stamp(moment: datetime, zone: tzinfo | None, fold: int) -> str:
     """RFC 3339 of a bucket boundary, remembered: a bucket's end is the next one's start,
     grouped a bucket has many points, and reads ask for the same buckets again.  Keyed by
-    the zone too: one instant in New York and in UTC is one equal ``datetime``."""
+    zone and fold too: one instant in New York and in UTC is one equal ``datetime``, and
+    so are the two 01:00s of New York's fall-back night."""
     return moment.isoformat()
 
 
@@ -76,15 +77,14 @@ class Cells:
     starts: list[datetime]
     ends: list[datetime]
     found: dict[datetime, dict[str, int]]
+    shown: ZoneInfo | None = None
+    """The zone the points' bounds are shown in, the buckets read as they are: UTC hours
+    are found by their UTC starts (the repeated hour of a fall-back, shown in the zone,
+    equals neither of its UTC hours)."""
 
     def shown_in(self, tz: ZoneInfo) -> Cells:
-        """The same buckets with their bounds in ``tz``'s offsets (equal instants find
-        the same values)."""
-        return Cells(
-            [s.astimezone(tz) for s in self.starts],
-            [e.astimezone(tz) for e in self.ends],
-            self.found,
-        )
+        """The same buckets, their points' bounds in ``tz``'s offsets."""
+        return replace(self, shown=tz)
 
     def points(self, meter: Meter, grouped: bool, fields: Sequence[str] = ()) -> list[Point]:
         """One point per bucket; grouped, one per bucket and group — of ``fields`` only,
@@ -93,6 +93,8 @@ class Cells:
         named: dict[str, dict[str, str]] = {}  # each group's field parsed once, not per bucket
         for bucket, end in zip(self.starts, self.ends, strict=True):
             cells = self.found.get(bucket, {})
+            if self.shown is not None:  # after the lookup: keys are the buckets as read
+                bucket, end = bucket.astimezone(self.shown), end.astimezone(self.shown)
             if not grouped:
                 total = from_micros(cells.get(redis_keys.TOTAL, 0))
                 points.append(Point(bucket, end, total, None))

@@ -12,7 +12,7 @@ then exactly one stored group, never a guess.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from schemas import redis_keys
@@ -87,7 +87,7 @@ class Selection:
             found[bucket] = narrowed
         paths = dict(zip(meter.group_names, meter.group_by, strict=True))
         view = meter.model_copy(update={"group_by": tuple(paths[n] for n in self.keep)})
-        return view, Cells(cells.starts, cells.ends, found)
+        return view, replace(cells, found=found)
 
 
 def _merge(aggregation: Aggregation, into: dict[str, int], key: str, value: int) -> None:
