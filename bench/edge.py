@@ -7,7 +7,11 @@ the same small FastAPI API (``bench.edge_app``) several ways, each in its own uv
 process: plain, behind slowapi (limits in the same Redis), behind ``TallyMiddleware``
 (``tally``: calls admitted from leases held in the app, its default; ``tally_remote``:
 every request reserved in Tally over ``/v1/enforce``; each call's ``api_call`` event
-batched to ingest).  Requests carry a customer's key, rotating over ``--customers``.
+batched to ingest; ``tally_elsewhere``: as ``tally``, against the stand-in Tally of
+``bench.middleware_cost`` in a process of its own, which grants every lease asked for,
+with terms as long as Tally's, and answers every batch at once — the seller's API when
+Tally runs on another machine, but for the stand-in's own small work on these cores).
+Requests carry a customer's key, rotating over ``--customers``.
 
 Two CPU layouts, alternated within every round (``bench.pinning``):
 
@@ -73,14 +77,18 @@ from bench.edge_app import TOKEN
 from bench.enforce import ADMIN, dumps, sign_up, spread
 from bench.http_load import Result, open_loop, request
 from bench.in_app import PATH as TIMINGS
+from bench.middleware_cost import stand_in_tally
 from bench.pinning import Pinning, layouts, pinning
 from bench.stores import bench_stores
 from bench.wrk_load import WrkResult
 from services.common.broker import free_port
+from services.common.settings import Settings
 from tests.support import TallyProcess, wait_for
 
 Run = Callable[[], Coroutine[Any, Any, Result | WrkResult]]
 LEAD_IN_SECONDS = 1.0
+LEASE_TTL_MS = Settings.model_fields["lease_ttl_ms"].default
+"""The stand-in Tally's terms last as long as Tally's own: the app renews as often."""
 """Before each run at a fixed rate, this long at that rate unmeasured: the run measures
 the steady state.  The kinds ran one after another, so the Tally app's leases ran out
 meanwhile (a term lasts 2 s): every customer's first call of a run would wait for a
@@ -284,9 +292,12 @@ def across(rounds: Rounds, metric: str) -> dict[str, Any]:
     return {kind: spread([r[kind][metric] for r in rounds]) for kind in rounds[0]}
 
 
-def added(rounds: Rounds, metric: str, to: str = "plain", digits: int = 2) -> dict[str, Any]:
-    """What the middleware adds to ``to``'s figure, round by round (same minutes)."""
-    return spread([round(r["tally"][metric] - r[to][metric], digits) for r in rounds])
+def added(
+    rounds: Rounds, metric: str, to: str = "plain", digits: int = 2, kind: str = "tally"
+) -> dict[str, Any]:
+    """What the middleware (``kind``'s) adds to ``to``'s figure, round by round (same
+    minutes)."""
+    return spread([round(r[kind][metric] - r[to][metric], digits) for r in rounds])
 
 
 def cpu_figures(rounds: Rounds) -> dict[str, Any]:
@@ -303,6 +314,7 @@ def summarise(
 ) -> dict[str, Any]:
     pairs = [("tally", "plain"), ("tally", "slowapi"), ("slowapi", "plain")]
     pairs += [("tally", "tally_remote"), ("tally_remote", "plain")]
+    pairs += [("tally_elsewhere", "plain"), ("tally", "tally_elsewhere")]
     if "tally_baseline" in flat[0]:
         pairs += [("tally", "tally_baseline"), ("tally_baseline", "plain")]
     ratios = [
@@ -319,6 +331,9 @@ def summarise(
             "in_app_p99_ms": across(rounds, "in_app_p99_ms"),
             "tally_adds_in_app_ms": {
                 m: added(rounds, m, digits=3) for m in ("in_app_p50_ms", "in_app_p99_ms")
+            },
+            "tally_elsewhere_adds_ms": {
+                m: added(rounds, m, kind="tally_elsewhere") for m in ("p50_ms", "p99_ms")
             },
             "cpu_us_per_request": cpu_figures(rounds),
             "statuses_last_round": {k: v["statuses"] for k, v in rounds[-1].items()},
@@ -378,7 +393,8 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    with bench_stores("tally-bench-edge-") as stores:
+    elsewhere = stand_in_tally(ttl_ms=LEASE_TTL_MS)
+    with bench_stores("tally-bench-edge-") as stores, elsewhere as (stand_in_url, stand_in):
         env = stores.env() | {
             "TALLY_SERVICE_TOKENS": TOKEN,
             "TALLY_ADMIN_TOKEN": ADMIN,
@@ -394,6 +410,7 @@ def main() -> None:
                 "slowapi": ["--kind", "slowapi", "--redis-url", stores.redis_url],
                 "tally": ["--kind", "tally", "--tally-url", tally.url],
                 "tally_remote": ["--kind", "tally_remote", "--tally-url", tally.url],
+                "tally_elsewhere": ["--kind", "tally", "--tally-url", stand_in_url],
             }
             sdks = dict.fromkeys(options)
             if args.baseline_sdk:
@@ -409,7 +426,8 @@ def main() -> None:
                 tally=psutil.Process(tally.process.pid),
                 redis=redis_process(stores.redis_url),
             )
-            others = [under.tally, psutil.Process(), *filter(None, [under.redis])]
+            others = [under.tally, psutil.Process(), psutil.Process(stand_in.pid)]
+            others += filter(None, [under.redis])
             with pinning(under.apps, others) as placed:
                 result = asyncio.run(measure(args, ports, under, placed, keys))
         finally:

@@ -33,7 +33,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,7 @@ COUNTS = (1000, 3000)  # requests per counted run: their difference is what is d
 WARM_UP = 500
 COUNTED_BATCH = 500  # events per batch in counted runs: a count, never a delay
 CHILD_SECONDS = 900  # a counted child that runs longer is stuck (e.g. Tally gone)
+COUNTED_TTL_MS = 3_600_000  # terms outlast a counted run: no renewal goes by the clock
 
 
 async def bare(scope: Scope, receive: Receive, send: Send) -> None:
@@ -133,12 +136,27 @@ async def counted_run(middleware: bool, requests: int, url: str) -> None:
         await tally.aclose()
 
 
-async def stand_in() -> None:
-    """The stand-in Tally of the counted children, in a process of its own so that its
-    work is not counted with theirs: prints its URL, serves until stdin closes."""
-    async with fake_tally(LeaseModel(room=10**9, ttl_ms=3_600_000)) as fake:
+async def stand_in(ttl_ms: int) -> None:
+    """The stand-in Tally, in a process of its own so that its work is not counted with
+    the app's: prints its URL, serves until stdin closes."""
+    async with fake_tally(LeaseModel(room=10**9, ttl_ms=ttl_ms)) as fake:
         print(fake.url, flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+
+@contextmanager
+def stand_in_tally(ttl_ms: int = COUNTED_TTL_MS) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """The stand-in Tally's URL and process (``stand_in``), stopped on leaving."""
+    command = [sys.executable, "-m", "bench.middleware_cost", "--stand-in", str(ttl_ms)]
+    with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE) as fake:
+        assert fake.stdout is not None and fake.stdin is not None
+        url = fake.stdout.readline().decode().strip()
+        if not url or fake.poll() is not None:
+            raise RuntimeError("the stand-in Tally did not start")
+        try:
+            yield url, fake
+        finally:
+            fake.stdin.close()
 
 
 def instructions(middleware: bool, requests: int, sdk: str | None, url: str) -> int:
@@ -169,12 +187,7 @@ def count(baseline_sdk: str | None) -> dict[str, Any]:
             raise SystemExit(f"--baseline-sdk {baseline_sdk}: no tally_sdk package in it")
         kinds["tally_baseline"] = (True, str(sdk))
     jobs = [(kind, n) for kind in kinds for n in COUNTS]
-    command = [sys.executable, "-m", "bench.middleware_cost", "--stand-in"]
-    with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE) as fake:
-        assert fake.stdout is not None and fake.stdin is not None
-        url = fake.stdout.readline().decode().strip()
-        if not url or fake.poll() is not None:
-            raise RuntimeError("the stand-in Tally did not start")
+    with stand_in_tally() as (url, _):
 
         def run(job: tuple[str, int]) -> int:
             middleware, sdk = kinds[job[0]]
@@ -182,7 +195,6 @@ def count(baseline_sdk: str | None) -> dict[str, Any]:
 
         with ThreadPoolExecutor(2) as pool:
             totals = dict(zip(jobs, pool.map(run, jobs), strict=True))
-        fake.stdin.close()
     low, high = COUNTS
     per = {kind: round((totals[kind, high] - totals[kind, low]) / (high - low)) for kind in kinds}
     return {
@@ -201,13 +213,13 @@ def main() -> None:
     parser.add_argument("--instructions", action="store_true", help="count with callgrind")
     parser.add_argument("--baseline-sdk", help="with --instructions: another checkout's sdk/")
     parser.add_argument("--counted", nargs=3, help=argparse.SUPPRESS)  # kind, requests, url
-    parser.add_argument("--stand-in", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--stand-in", type=int, metavar="TTL_MS", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.counted:
         kind, requests, url = args.counted
         asyncio.run(counted_run(kind == "middleware", int(requests), url))
-    elif args.stand_in:
-        asyncio.run(stand_in())
+    elif args.stand_in is not None:
+        asyncio.run(stand_in(args.stand_in))
     elif args.instructions:
         print(dumps(count(args.baseline_sdk)))
     else:

@@ -132,3 +132,14 @@ def test_the_run_queue_wait_adds_up_the_threads_of_a_process(tmp_path: Path) -> 
     assert edge.run_queue_wait(43, tmp_path) is None  # no such process
     own = edge.run_queue_wait(os.getpid())
     assert own is not None and own >= 0
+
+
+def test_the_stand_in_tally_grants_terms_as_long_as_asked_and_stops_on_leaving() -> None:
+    """``bench.edge``'s ``tally_elsewhere`` renews as often as against Tally: its
+    stand-in's terms last ``ttl_ms``; and it leaves no process behind."""
+    with middleware_cost.stand_in_tally(ttl_ms=2000) as (url, process):
+        asked = {"customer": "cus_1", "meter": "api_calls", "endpoint": "/v1/x", "want": 50}
+        reply = httpx.post(f"{url}/v1/leases", json=asked, timeout=10)
+        assert reply.status_code == 200, reply.text
+        assert (reply.json()["granted"], reply.json()["ttl_ms"]) == (50, 2000)
+    assert process.wait(10) == 0
