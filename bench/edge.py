@@ -16,11 +16,12 @@ Requests carry a customer's key, rotating over ``--customers``.
 Two CPU layouts, alternated within every round (``bench.pinning``):
 
 - ``pinned``: the app under test alone on the last core; the load generator, this
-  driver, ``tally up`` and its children, the Redis server (its affinity is restored at
-  the end) and the idle apps on the other cores, the load generator and driver at nice
-  -10 so that Tally's bursts (a batch of events every half second) do not delay the
-  requests they send and time.  This is what the middleware costs the seller's API,
-  whose Tally and clients run on other machines;
+  driver, ``tally up`` and its children, the stand-in Tally, the Redis server (its
+  affinity is restored at the end) and the idle apps on the other cores, the load
+  generator and driver at nice -10 so that Tally's bursts (a batch of events every half
+  second) do not delay the requests they send and time.  The app's core is its own, as
+  on a seller's server, but ``tally up`` shares the other core with the load generator
+  (``tally_elsewhere`` shows the same app against a Tally costing next to nothing there);
 - ``shared``: every process on every core, as on one small machine (the app competes
   with the load generator, Tally and Redis).
 
@@ -87,12 +88,12 @@ from tests.support import TallyProcess, wait_for
 
 Run = Callable[[], Coroutine[Any, Any, Result | WrkResult]]
 LEAD_IN_SECONDS = 1.0
-LEASE_TTL_MS = Settings.model_fields["lease_ttl_ms"].default
-"""The stand-in Tally's terms last as long as Tally's own: the app renews as often."""
 """Before each run at a fixed rate, this long at that rate unmeasured: the run measures
 the steady state.  The kinds ran one after another, so the Tally app's leases ran out
 meanwhile (a term lasts 2 s): every customer's first call of a run would wait for a
 lease, 50 of 5,000 calls, the whole of the p99.  Its p99 is reported (``lead_in``)."""
+LEASE_TTL_MS = Settings.model_fields["lease_ttl_ms"].default
+"""The stand-in Tally's terms last as long as Tally's own: the app renews as often."""
 QUIET_SHARE = 0.15
 QUIET_MAX_SECONDS = 20.0
 PATH = "/v1/geocode"
