@@ -45,7 +45,7 @@ class FaultProxy:
 
     def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
         self.target = (target_host, target_port)
-        self.port = _free_port()
+        self.port = _free_port(besides=target_port)
         self.mode = Mode.PASS
         self.delay_seconds = 0.0
         self.connections = 0  # accepted so far, for tests that check the client came
@@ -172,7 +172,14 @@ class _Link:
                 writer.transport.abort()  # a reset, as a dead peer's kernel would send
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def _free_port(besides: int) -> int:
+    """A free port other than ``besides``, the proxy's target.  A target's port is often
+    picked the same way and not yet bound, and the kernel may hand a port just released
+    straight back: a proxy listening on its own target forwards to itself, connection
+    after connection, until the process runs out of file descriptors."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port != besides:
+            return port
