@@ -23,11 +23,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import socket
 import threading
 from collections.abc import Coroutine
 from types import TracebackType
 from typing import Any, TypeVar
+
+from services.common.broker import free_port
 
 T = TypeVar("T")
 CHUNK = 64 * 1024
@@ -45,7 +46,7 @@ class FaultProxy:
 
     def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
         self.target = (target_host, target_port)
-        self.port = _free_port(besides=target_port)
+        self.port = free_port(avoid=(target_port,))
         self.mode = Mode.PASS
         self.delay_seconds = 0.0
         self.connections = 0  # accepted so far, for tests that check the client came
@@ -170,16 +171,3 @@ class _Link:
         for writer in self.writers:
             with contextlib.suppress(Exception):
                 writer.transport.abort()  # a reset, as a dead peer's kernel would send
-
-
-def _free_port(besides: int) -> int:
-    """A free port other than ``besides``, the proxy's target.  A target's port is often
-    picked the same way and not yet bound, and the kernel may hand a port just released
-    straight back: a proxy listening on its own target forwards to itself, connection
-    after connection, until the process runs out of file descriptors."""
-    while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if port != besides:
-            return port

@@ -13,7 +13,8 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Collection
 from importlib import resources
 from pathlib import Path
 from types import TracebackType
@@ -29,10 +30,23 @@ def tansu_binary() -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+RECENT_PORTS = 256
+_handed_out: deque[int] = deque(maxlen=RECENT_PORTS)
+
+
+def free_port(avoid: Collection[int] = ()) -> int:
+    """A loopback port free now, for a server about to listen on it: not reserved, and the
+    kernel may hand a port just released straight back.  So none of the last
+    ``RECENT_PORTS`` this process handed out (two servers picked in a row, neither bound
+    yet, would get the same), nor one in ``avoid`` (a proxy's own target: listening
+    there, it forwards to itself until it runs out of file descriptors)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _handed_out and port not in avoid:
+            _handed_out.append(port)
+            return port
 
 
 def die_with(parent: int, nice: int = 0) -> Callable[[], None]:

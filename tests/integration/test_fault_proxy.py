@@ -13,7 +13,6 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from tests import faults
 from tests.conftest import REDIS_URL
 from tests.faults import FaultProxy
 
@@ -73,18 +72,3 @@ def test_blackhole_takes_connections_and_never_answers_until_restored(
             raw.recv(16)
     proxy.restore()
     assert client(proxy).ping()
-
-
-def test_a_proxy_never_listens_on_the_port_it_forwards_to(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The kernel handed a test's broker port, picked but not yet bound, back to its
-    proxy once: the proxy forwarded to itself until the run ran out of descriptors."""
-    given = iter([4242, 4343])
-
-    class Socket(socket.socket):
-        def getsockname(self) -> tuple[str, int]:
-            return ("127.0.0.1", next(given))
-
-    monkeypatch.setattr("tests.faults.socket.socket", Socket)
-    assert faults._free_port(besides=4242) == 4343
