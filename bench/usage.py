@@ -37,6 +37,7 @@ from urllib.parse import urlencode
 import psycopg
 import redis
 
+from bench.edge import redis_process
 from bench.enforce import dumps, spread, start_bare
 from bench.http_load import Result, closed_loop, open_loop, request
 from bench.stores import bench_stores
@@ -122,16 +123,26 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def flat_out(args: argparse.Namespace, port: int, pid: int, raw: list[bytes]) -> Result:
-    """Reads/s with ``--connections`` in flight, and the server's CPU per read."""
+async def flat_out(
+    args: argparse.Namespace, port: int, pid: int, raw: list[bytes], redis_pid: int | None
+) -> tuple[Result, float | None]:
+    """Reads/s with ``--connections`` in flight, the server's CPU per read, and Redis's
+    CPU in the round (``None`` when Redis is not a process here): a read that moves work
+    into a Redis script must show it."""
     cpu = cpu_seconds(pid)
+    before = cpu_seconds(redis_pid) if redis_pid else None
     result = await closed_loop("127.0.0.1", port, raw, args.connections, args.seconds)
     result.server_cpu_s = cpu_seconds(pid) - cpu
-    return result
+    if redis_pid is None or before is None:
+        return result, None
+    return result, cpu_seconds(redis_pid) - before
 
 
 async def measure(
-    args: argparse.Namespace, apis: dict[str, tuple[int, int]], bare: tuple[int, int]
+    args: argparse.Namespace,
+    apis: dict[str, tuple[int, int]],
+    bare: tuple[int, int],
+    redis_pid: int | None,
 ) -> dict[str, Any]:
     """``apis`` and ``bare``: (port, pid) of each server."""
     now = datetime.now(UTC)
@@ -143,10 +154,16 @@ async def measure(
     for port, _, raw in kinds.values():
         await closed_loop("127.0.0.1", port, raw, args.connections, min(1.0, args.seconds))
     rounds: list[dict[str, Result]] = []
+    redis_us: list[dict[str, float]] = []
     for _ in range(args.rounds):  # interleaved: this VM's speed drifts within a minute
-        rounds.append(
-            {name: await flat_out(args, port, pid, raw) for name, (port, pid, raw) in kinds.items()}
-        )
+        measured: dict[str, Result] = {}
+        redis_cpu: dict[str, float] = {}
+        for name, (port, pid, raw) in kinds.items():
+            measured[name], used = await flat_out(args, port, pid, raw, redis_pid)
+            if used is not None:
+                redis_cpu[name] = round(used / len(measured[name].latencies) * 1e6)
+        rounds.append(measured)
+        redis_us.append(redis_cpu)
     fixed = {
         name: await open_loop("127.0.0.1", port, raw, args.rate, args.seconds, 64)
         for name, (port, _, raw) in kinds.items()
@@ -175,6 +192,10 @@ async def measure(
         "server_cpu_us_per_read_across_rounds": {
             name: {k: round(v) for k, v in spread([r[name] for r in cpu_us]).items()}
             for name in kinds
+        },
+        "redis_cpu_us_per_read_across_rounds": {
+            name: {k: round(v) for k, v in spread([r[name] for r in redis_us]).items()}
+            for name in redis_us[0]
         },
         "flat_out_p50_p99_ms_last_round": {
             name: [r.summary()["p50_ms"], r.summary()["p99_ms"]] for name, r in rounds[-1].items()
@@ -216,7 +237,9 @@ def main() -> None:
             bare_port = free_port()
             bare = start_bare("fastapi", bare_port, stores.data_dir / "bare.log")
             servers = {name: (api.port, _pid(api.process)) for name, api in apis.items()}
-            result = asyncio.run(measure(args, servers, (bare_port, bare.pid)))
+            redis = redis_process(stores.redis_url)
+            redis_pid = redis.pid if redis is not None else None
+            result = asyncio.run(measure(args, servers, (bare_port, bare.pid), redis_pid))
         finally:
             if bare is not None:
                 bare.terminate()

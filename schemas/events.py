@@ -363,5 +363,11 @@ def from_micros(micros: int) -> Decimal:
     return Decimal(micros).scaleb(-VALUE_DECIMALS).normalize() + Decimal(0)
 
 
+def micros_text(micros: int) -> str:
+    """``str(from_micros(micros))``; a whole number without making a ``Decimal``."""
+    whole, rest = divmod(micros, VALUE_SCALE)
+    return str(whole) if not rest else str(from_micros(micros))
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)

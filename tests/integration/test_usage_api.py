@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from schemas import envelope, redis_keys
 from schemas.catalog import Aggregation, Meter
 from schemas.envelope import StoredEvent
-from schemas.events import utcnow
+from schemas.events import VALUE_SCALE, utcnow
 from schemas.windows import Window, bucket_id
 from services.aggregator.clickhouse_sink import ClickHouseSink
 from services.aggregator.dedupe import DedupeWindow
@@ -349,6 +349,32 @@ async def test_top_groups_over_a_month_of_rollups(
     ]
     assert len(body["data"]) == 3 * 30
     assert [p["groups"]["endpoint"] for p in body["data"][:3]] == ["/e7", "/e6", "/e5"]
+
+
+async def test_a_top_over_live_and_rolled_up_days_counts_both(
+    api: httpx.AsyncClient, pool: AsyncConnectionPool, redis: Redis, tenant: str
+) -> None:
+    """Redis ranks only the days it holds: /mid is second there, first once the older
+    days of the rollups count, and its live days must count too."""
+    customer = f"{tenant}-mixed"
+    today = datetime.combine(utcnow().date(), datetime.min.time(), UTC)
+    for ago in range(10):  # live: /new 10 a day, /mid 9
+        key = redis_keys.counters(
+            customer, "api_calls", Window.DAY, bucket_id(Window.DAY, today - timedelta(days=ago))
+        )
+        await redis.hset(key, mapping={'["/new"]': 10 * VALUE_SCALE, '["/mid"]': 9 * VALUE_SCALE})
+    old = [(today - timedelta(days=ago)).date() for ago in range(50, 55)]
+    async with pool.connection() as conn, conn.cursor() as cur:
+        await cur.executemany(
+            "INSERT INTO usage_daily (customer, meter, day, group_key, value, watermark)"
+            " VALUES (%s, 'api_calls', %s, '[\"/mid\"]', 100, now())",
+            [(customer, day) for day in old],
+        )
+    since = {"from": (today - timedelta(days=55)).isoformat()}
+    body = await usage(
+        api, customer, meter="api_calls", group_by="endpoint", order_by="value", limit="1", **since
+    )
+    assert body["totals"] == [{"groups": {"endpoint": "/mid"}, "value": str(9 * 10 + 100 * 5)}]
 
 
 async def _add_meter(conn: Any, name: str, group_by: list[str]) -> None:

@@ -12,7 +12,7 @@ from schemas import redis_keys
 from schemas.catalog import Aggregation, Meter
 from schemas.events import VALUE_SCALE
 from services.api.usage import ranking
-from services.api.usage.reader import Cells, as_json
+from services.api.usage.reader import Cells
 
 NEW_YORK = ZoneInfo("America/New_York")
 FIRST = datetime(2025, 11, 2, 4, tzinfo=UTC)  # midnight in New York; 01:00 comes twice
@@ -35,8 +35,8 @@ def hours(values: list[int]) -> Cells:
 
 
 def test_the_repeated_hour_keeps_its_values_and_its_own_offsets() -> None:
-    utc = as_json(hours([1, 2, 3, 4]).points(METER, False))  # stamps remembered in UTC first
-    shown = as_json(hours([1, 2, 3, 4]).shown_in(NEW_YORK).points(METER, False))
+    utc = hours([1, 2, 3, 4]).rows(METER, False)  # stamps remembered in UTC first
+    shown = hours([1, 2, 3, 4]).shown_in(NEW_YORK).rows(METER, False)
     assert [(p["start"], p["end"], p["value"]) for p in shown] == [
         ("2025-11-02T00:00:00-04:00", "2025-11-02T01:00:00-04:00", "1"),
         ("2025-11-02T01:00:00-04:00", "2025-11-02T01:00:00-05:00", "2"),
@@ -50,5 +50,5 @@ def test_a_ranking_in_a_zone_counts_the_repeated_hour() -> None:
     cells = hours([1, 2, 3, 4]).shown_in(NEW_YORK)
     [top] = ranking.top(METER, cells, 1)
     assert top.value == 10
-    grouped = as_json(cells.points(METER, True, [top.field]))
+    grouped = cells.rows(METER, True, [top.field])
     assert [p["value"] for p in grouped] == ["1", "2", "3", "4"]

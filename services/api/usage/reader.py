@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from bisect import bisect_right
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, time, tzinfo
 from decimal import Decimal
@@ -23,13 +23,17 @@ from redis.asyncio import Redis
 
 from schemas import lua, redis_keys
 from schemas.catalog import Aggregation, Meter
-from schemas.events import VALUE_SCALE, from_micros, to_micros
+from schemas.events import VALUE_SCALE, from_micros, micros_text, to_micros
 from schemas.windows import RETENTION, Window, buckets, next_bucket, start_id
 from schemas.zones import HOUR
 from services.api.usage import zones
 
 MAX_BUCKETS = 2000
 READ_BUCKETS = lua.source("read_buckets")
+RANK_BUCKETS = lua.source("rank_buckets")
+_FOLDS = {Aggregation.MAX: "max", Aggregation.MIN: "min", Aggregation.LATEST: "latest"}
+"""How ``rank_buckets.lua`` folds a group's buckets, as ``ranking.totals`` does (the
+others add up)."""
 _TIME_SUFFIX = redis_keys.TIME_SUFFIX.encode()
 _COUNT_SUFFIX = redis_keys.COUNT_SUFFIX
 
@@ -43,36 +47,39 @@ class Point(NamedTuple):
     value: Decimal
     groups: dict[str, str] | None
 
-    def as_json(self) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "start": _stamp(self.start, self.start.tzinfo, self.start.fold),
-            "end": _stamp(self.end, self.end.tzinfo, self.end.fold),
-            "value": str(self.value),
-        }
-        if self.groups is not None:
-            body["groups"] = self.groups
-        return body
-
 
 @functools.lru_cache(maxsize=8192)
 def _stamp(moment: datetime, zone: tzinfo | None, fold: int) -> str:
-    """RFC 3339 of a bucket boundary, remembered: a bucket's end is the next one's start,
-    grouped a bucket has many points, and reads ask for the same buckets again.  Keyed by
-    zone and fold too: one instant in New York and in UTC is one equal ``datetime``, and
-    so are the two 01:00s of New York's fall-back night."""
+    """RFC 3339 of a bucket boundary, remembered: a bucket's end is the next one's start
+    and reads ask for the same buckets again.  Keyed by zone and fold too: one instant in
+    New York and in UTC is one equal ``datetime``, and so are the two 01:00s of New
+    York's fall-back night."""
     return moment.isoformat()
 
 
-def as_json(points: Sequence[Point]) -> list[dict[str, Any]]:
-    return [p.as_json() for p in points]
+def stamp(moment: datetime) -> str:
+    return _stamp(moment, moment.tzinfo, moment.fold)
+
+
+class _Names(dict[str, dict[str, str]]):
+    """Each group's field as its dimensions and values, parsed once per read, not once
+    per bucket."""
+
+    def __init__(self, meter: Meter) -> None:
+        super().__init__()
+        self._meter = meter
+
+    def __missing__(self, field: str) -> dict[str, str]:
+        named = self[field] = group_names(self._meter, field)
+        return named
 
 
 @dataclass(frozen=True, slots=True)
 class Cells:
     """What the reader found: each bucket's values by group field (``*``: the total), in
     micro-units (``schemas.events.VALUE_SCALE``) as Redis counts them.  Exact integers
-    until a point is shown: a top 5 of a month of 20 endpoints ranks 651 values and
-    shows 155, and only those become ``Decimal``s."""
+    until a point is shown: a top 5 of a month of 20 endpoints ranks 100 values and
+    shows 155, and only those become text."""
 
     starts: list[datetime]
     ends: list[datetime]
@@ -89,25 +96,46 @@ class Cells:
     def points(self, meter: Meter, grouped: bool, fields: Sequence[str] = ()) -> list[Point]:
         """One point per bucket; grouped, one per bucket and group — of ``fields`` only,
         in that order, when given (else every group, in field order)."""
-        points = []
-        named: dict[str, dict[str, str]] = {}  # each group's field parsed once, not per bucket
+        named = _Names(meter)
+        return [
+            Point(start, end, from_micros(micros), named[field] if grouped else None)
+            for start, end, values in self._buckets(grouped, fields)
+            for field, micros in values
+        ]
+
+    def rows(self, meter: Meter, grouped: bool, fields: Sequence[str] = ()) -> list[dict[str, Any]]:
+        """The points as the usage API shows them (``UsageSeries.data``), made at once:
+        a top 5 of a month is 155 of them, and a ``Point`` and then a dict for each cost
+        as much as the rest of the read."""
+        named = _Names(meter)
+        rows = []
+        for start, end, values in self._buckets(grouped, fields):
+            since, until = stamp(start), stamp(end)
+            for field, micros in values:
+                row: dict[str, Any] = {"start": since, "end": until, "value": micros_text(micros)}
+                if grouped:
+                    row["groups"] = named[field]
+                rows.append(row)
+        return rows
+
+    def _buckets(
+        self, grouped: bool, fields: Sequence[str]
+    ) -> Iterator[tuple[datetime, datetime, list[tuple[str, int]]]]:
+        """Each bucket's bounds (shown in ``shown``) and the values its points show: the
+        total (0 when the bucket is empty), or each group's that has one."""
         for bucket, end in zip(self.starts, self.ends, strict=True):
             cells = self.found.get(bucket, {})
             if self.shown is not None:  # after the lookup: keys are the buckets as read
                 bucket, end = bucket.astimezone(self.shown), end.astimezone(self.shown)
             if not grouped:
-                total = from_micros(cells.get(redis_keys.TOTAL, 0))
-                points.append(Point(bucket, end, total, None))
+                yield bucket, end, [(redis_keys.TOTAL, cells.get(redis_keys.TOTAL, 0))]
                 continue
-            for field in fields or sorted(cells):
-                value = cells.get(field)
-                if field == redis_keys.TOTAL or value is None:
-                    continue
-                groups = named.get(field)
-                if groups is None:
-                    groups = named[field] = group_names(meter, field)
-                points.append(Point(bucket, end, from_micros(value), groups))
-        return points
+            shown = fields or sorted(cells)
+            yield (
+                bucket,
+                end,
+                [(f, cells[f]) for f in shown if f != redis_keys.TOTAL and f in cells],
+            )
 
 
 def group_names(meter: Meter, field: str) -> dict[str, str]:
@@ -136,6 +164,7 @@ class UsageReader:
         self._redis = redis
         self._pool = pool
         self._read = redis.register_script(READ_BUCKETS)
+        self._rank = redis.register_script(RANK_BUCKETS)
 
     async def read(
         self,
@@ -146,17 +175,26 @@ class UsageReader:
         end: datetime,
         grouped: bool,
         now: datetime,
+        top: int | None = None,
     ) -> Cells:
+        """With ``top``, grouped: only the groups that may be among the ``top`` largest
+        over the range, ranked as ``ranking.top`` ranks them (which then picks exactly)."""
         starts = list(buckets(window, start, end))
         if not starts:
             return Cells([], [], {})
         ends = [*starts[1:], next_bucket(window, starts[-1])]  # buckets are contiguous
         kept = RETENTION[window]  # a bucket is live until its end + the retention
         live = [s for s, e in zip(starts, ends, strict=True) if e + kept > now]
-        found = await self._from_redis(customer, meter, window, live, grouped)
+        if top is not None and grouped:
+            found = await self._ranked(customer, meter, window, live, top)
+        else:
+            found = await self._from_redis(customer, meter, window, live, grouped)
         if window in (Window.DAY, Window.MONTH):
             missing = [s for s in starts if s not in found]
-            found |= await self._from_rollups(customer, meter, window, missing, grouped)
+            rolled = await self._from_rollups(customer, meter, window, missing, grouped)
+            if rolled and top is not None and grouped:  # ranked on Redis's buckets alone
+                found = await self._from_redis(customer, meter, window, live, grouped)
+            found |= rolled
         return Cells(starts, ends, found)
 
     async def read_zoned(
@@ -252,6 +290,27 @@ class UsageReader:
                 }
             if not grouped:
                 found[bucket] = {k: v for k, v in found[bucket].items() if k == redis_keys.TOTAL}
+        return found
+
+    async def _ranked(
+        self, customer: str, meter: Meter, window: Window, starts: Sequence[datetime], top: int
+    ) -> dict[datetime, dict[str, int]]:
+        """Buckets Redis holds, with only the groups that may rank among the ``top``
+        (``rank_buckets.lua``): a top 5 of 20 endpoints parses 5 groups per bucket, not
+        21.  A bucket without a key is left out, as ``_from_redis`` leaves it."""
+        if not starts:
+            return {}
+        prefix = redis_keys.counters_prefix(customer, meter.name, window)
+        keys = [prefix + start_id(window, s) for s in starts]
+        fold = _FOLDS.get(meter.aggregation, "sum")
+        kept, *rows = await self._rank(keys=keys, args=[fold, top])
+        fields = [f.decode() for f in kept]
+        found: dict[datetime, dict[str, int]] = {}
+        for bucket, row in zip(starts, rows, strict=True):
+            if row is not None:
+                found[bucket] = {
+                    f: int(v) for f, v in zip(fields, row, strict=True) if v is not None
+                }
         return found
 
     async def _from_rollups(

@@ -23,7 +23,7 @@ from schemas.text import control_character
 from schemas.windows import RETENTION, Window, buckets
 from schemas.zones import ZoneError, zone
 from services.api.usage import ranking, zones
-from services.api.usage.reader import MAX_BUCKETS, UsageReader, as_json
+from services.api.usage.reader import MAX_BUCKETS, UsageReader
 from services.api.usage.selection import Selection, SelectionError
 from services.common.auth import Authenticator, address, credential
 from services.common.meter_cache import MeterCache, MeterIndex
@@ -168,7 +168,9 @@ class Usage:
             )
         tz = _zone(found, window, query.tz, start, end)
         if tz is None or window in (Window.MINUTE, Window.HOUR):
-            cells = await self.reader.read(customer, found, window, start, end, grouped, now)
+            # Groups merged by the selection rank only once merged: read them all then.
+            rank = top if selection.everything(found) else None
+            cells = await self.reader.read(customer, found, window, start, end, grouped, now, rank)
             if tz is not None:  # the same buckets, stamped with the zone's offsets
                 cells = cells.shown_in(tz)
         else:
@@ -191,12 +193,11 @@ class Usage:
             "tz": tz.key if tz is not None else "UTC",
         }
         if top is None:
-            points = cells.points(found, grouped)
+            series["data"] = cells.rows(found, grouped)
         else:
             ranked = ranking.top(found, cells, top)
-            points = cells.points(found, grouped, [t.field for t in ranked])
             series["totals"] = [t.as_json() for t in ranked]
-        series["data"] = as_json(points)
+            series["data"] = cells.rows(found, grouped, [t.field for t in ranked])
         # Encoded here, as ``UsageSeries`` documents it: FastAPI would validate the model
         # again and encode it through ``jsonable_encoder``, point by point.
         return Response(orjson.dumps(series), media_type="application/json")

@@ -1,0 +1,92 @@
+-- rank_buckets: the groups that may be among the top N of many buckets, and their values.
+--
+-- A top 5 of a month of 20 endpoints read every group of every bucket into the usage
+-- API (651 values parsed in Python to keep 155); ranking here sends back only the
+-- groups that can be in the top N.  Lua's numbers are doubles, inexact beyond 2^53
+-- micro-units, so this only narrows: it keeps every group whose folded value is within a
+-- tolerance of the N-th largest (ties included), and returns their exact values as
+-- Redis holds them.  The API ranks those exactly (``services.api.usage.ranking``), with
+-- its own tie rule, and gets the same answer as from every group.
+--
+-- KEYS:    the buckets' counter hashes (``redis_keys.counters``), one customer's, oldest
+--          first: one hash slot, so this runs on Redis Cluster too.
+-- ARGV[1]: how buckets fold into a group's value: "sum", "max", "min" or "latest" (the
+--          newest bucket's), as ``ranking.totals`` folds them.
+-- ARGV[2]: N, how many groups the caller keeps.
+-- Returns {fields, bucket_1, ..., bucket_k}: the kept groups' hash fields, then per key
+-- nil when the key is absent, else its values of those fields in the same order (nil
+-- where a bucket has no such group).  The total (``*``) and the ``@t`` time fields
+-- are not groups.
+local tonumber, byte, abs = tonumber, string.byte, math.abs
+local CLOSE = 93  -- ']': group fields are JSON arrays; the total and times end otherwise
+local how = ARGV[1]
+local limit = tonumber(ARGV[2])
+local held = {}    -- per key: field -> value as stored, or false when the key is absent
+local fields = {}  -- every group, in the order first seen
+local folded = {}  -- field -> its value over the buckets, as a double
+local size = {}    -- field -> the sum of its values' magnitudes: bounds the rounding
+for i, key in ipairs(KEYS) do
+    local flat = redis.call('HGETALL', key)
+    local cells = false
+    if #flat > 0 then
+        cells = {}
+        for j = 1, #flat, 2 do
+            local field = flat[j]
+            if byte(field, -1) == CLOSE then
+                local raw = flat[j + 1]
+                local value = tonumber(raw)
+                cells[field] = raw
+                local before = folded[field]
+                if before == nil then
+                    fields[#fields + 1] = field
+                    folded[field] = value
+                    size[field] = abs(value)
+                else
+                    if how == 'latest' then
+                        folded[field] = value
+                    elseif how == 'max' then
+                        if value > before then folded[field] = value end
+                    elseif how == 'min' then
+                        if value < before then folded[field] = value end
+                    else
+                        folded[field] = before + value
+                    end
+                    size[field] = size[field] + abs(value)
+                end
+            end
+        end
+    end
+    held[i] = cells
+end
+
+local kept = fields
+if #fields > limit then
+    local values, largest = {}, 0
+    for i, field in ipairs(fields) do
+        values[i] = folded[field]
+        if size[field] > largest then largest = size[field] end
+    end
+    table.sort(values, function(a, b) return a > b end)
+    -- Each double is within 2^-53 of its value per term added; 1e-9 of the largest
+    -- magnitude is far above that for any number of buckets a read may span.
+    local floor = values[limit] - (largest * 1e-9 + 1)
+    kept = {}
+    for _, field in ipairs(fields) do
+        if folded[field] >= floor then kept[#kept + 1] = field end
+    end
+end
+
+local reply = {kept}
+for i = 1, #KEYS do
+    local cells = held[i]
+    if cells then
+        local row = {}
+        for j, field in ipairs(kept) do
+            row[j] = cells[field] or false
+        end
+        reply[i + 1] = row
+    else
+        reply[i + 1] = false
+    end
+end
+return reply
