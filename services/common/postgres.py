@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, cast
 
@@ -220,3 +222,19 @@ async def open_pool(
     )
     await pool.open(wait=False)
     return cast(AsyncConnectionPool, pool)  # its connections are AsyncConnections
+
+
+@asynccontextmanager
+async def reading(pool: AsyncConnectionPool) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """A pooled connection for a read of one statement, in autocommit: otherwise psycopg
+    sends BEGIN before the statement and the pool COMMIT when the connection returns,
+    three round trips for one (a month's usage from the rollups: 1,335 reads/s → 1,882).
+    The connection goes back as it came, out of autocommit, for those that need a
+    transaction."""
+    async with pool.connection() as conn:
+        await conn.set_autocommit(True)
+        try:
+            yield conn
+        finally:
+            if not conn.closed and conn.info.transaction_status == pq.TransactionStatus.IDLE:
+                await conn.set_autocommit(False)

@@ -27,6 +27,7 @@ from schemas.events import VALUE_SCALE, from_micros, micros_text, to_micros
 from schemas.windows import RETENTION, Window, buckets, next_bucket, start_id
 from schemas.zones import HOUR
 from services.api.usage import zones
+from services.common import postgres
 
 MAX_BUCKETS = 2000
 READ_BUCKETS = lua.source("read_buckets")
@@ -248,13 +249,13 @@ class UsageReader:
         by PostgreSQL, which knows every zone's rules."""
         fold = {Aggregation.MAX: "max", Aggregation.MIN: "min"}.get(meter.aggregation, "sum")
         unit = "month" if window is Window.MONTH else "day"
-        async with self._pool.connection() as conn:
+        async with postgres.reading(self._pool) as conn:
             cur = await conn.execute(
                 f"SELECT date_trunc(%s, hour AT TIME ZONE %s), group_key, {fold}(value)"
                 " FROM usage_hourly WHERE customer = %s AND meter = %s"
                 " AND ((hour >= %s AND hour < %s) OR hour = ANY(%s))"
-                " AND (group_key = '*') = %s GROUP BY 1, 2",
-                (unit, tz.key, customer, meter.name, *span, list(missing), not grouped),
+                f" AND group_key {'<>' if grouped else '='} '*' GROUP BY 1, 2",
+                (unit, tz.key, customer, meter.name, *span, list(missing)),
             )
             rows = await cur.fetchall()
         return {(local.replace(tzinfo=tz), key): to_micros(value) for local, key, value in rows}
@@ -321,12 +322,12 @@ class UsageReader:
         table, column = (
             ("usage_daily", "day") if window is Window.DAY else ("usage_monthly", "month")
         )
-        async with self._pool.connection() as conn:
+        async with postgres.reading(self._pool) as conn:
             cur = await conn.execute(
                 f"SELECT {column}, group_key, value FROM {table}"
                 f" WHERE customer = %s AND meter = %s AND {column} = ANY(%s)"
-                f" AND (group_key = '*') = %s",
-                (customer, meter.name, [s.date() for s in starts], not grouped),
+                f" AND group_key {'<>' if grouped else '='} '*'",  # in the key's index
+                (customer, meter.name, [s.date() for s in starts]),
             )
             rows = await cur.fetchall()
         found: dict[datetime, dict[str, int]] = {}
