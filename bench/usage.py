@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import subprocess
 from datetime import UTC, datetime, timedelta
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+import psutil
 import psycopg
 import redis
 
@@ -123,19 +125,32 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def store_cpu(redis_pid: int | None) -> dict[int, float]:
+    """CPU seconds so far of the stores' processes on this host, by pid: Redis's, and
+    PostgreSQL's (its server and each backend)."""
+    pids = [p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "postgres"]
+    found = {}
+    for pid in [*pids, *([redis_pid] if redis_pid else [])]:
+        with contextlib.suppress(OSError):  # a backend that ended meanwhile
+            found[pid] = cpu_seconds(pid)
+    return found
+
+
 async def flat_out(
     args: argparse.Namespace, port: int, pid: int, raw: list[bytes], redis_pid: int | None
-) -> tuple[Result, float | None]:
-    """Reads/s with ``--connections`` in flight, the server's CPU per read, and Redis's
-    CPU in the round (``None`` when Redis is not a process here): a read that moves work
-    into a Redis script must show it."""
-    cpu = cpu_seconds(pid)
-    before = cpu_seconds(redis_pid) if redis_pid else None
+) -> tuple[Result, dict[str, float]]:
+    """Reads/s with ``--connections`` in flight, the server's CPU per read, and the
+    stores' CPU in the round (Redis's when it is a process here, PostgreSQL's): a read
+    that moves work into a Redis script or a query must show it."""
+    cpu, stores = cpu_seconds(pid), store_cpu(redis_pid)
     result = await closed_loop("127.0.0.1", port, raw, args.connections, args.seconds)
     result.server_cpu_s = cpu_seconds(pid) - cpu
-    if redis_pid is None or before is None:
-        return result, None
-    return result, cpu_seconds(redis_pid) - before
+    after = store_cpu(redis_pid)
+    used = {pid: seconds - stores.get(pid, 0.0) for pid, seconds in after.items()}
+    spent = {"postgresql": sum(v for p, v in used.items() if p != redis_pid)}
+    if redis_pid in used:
+        spent["redis"] = used[redis_pid]
+    return result, spent
 
 
 async def measure(
@@ -154,16 +169,16 @@ async def measure(
     for port, _, raw in kinds.values():
         await closed_loop("127.0.0.1", port, raw, args.connections, min(1.0, args.seconds))
     rounds: list[dict[str, Result]] = []
-    redis_us: list[dict[str, float]] = []
+    stores_us: list[dict[str, dict[str, float]]] = []
     for _ in range(args.rounds):  # interleaved: this VM's speed drifts within a minute
         measured: dict[str, Result] = {}
-        redis_cpu: dict[str, float] = {}
+        per_read: dict[str, dict[str, float]] = {}
         for name, (port, pid, raw) in kinds.items():
             measured[name], used = await flat_out(args, port, pid, raw, redis_pid)
-            if used is not None:
-                redis_cpu[name] = round(used / len(measured[name].latencies) * 1e6)
+            served = len(measured[name].latencies)
+            per_read[name] = {store: s / served * 1e6 for store, s in used.items()}
         rounds.append(measured)
-        redis_us.append(redis_cpu)
+        stores_us.append(per_read)
     fixed = {
         name: await open_loop("127.0.0.1", port, raw, args.rate, args.seconds, 64)
         for name, (port, _, raw) in kinds.items()
@@ -193,9 +208,12 @@ async def measure(
             name: {k: round(v) for k, v in spread([r[name] for r in cpu_us]).items()}
             for name in kinds
         },
-        "redis_cpu_us_per_read_across_rounds": {
-            name: {k: round(v) for k, v in spread([r[name] for r in redis_us]).items()}
-            for name in redis_us[0]
+        "stores_cpu_us_per_read_across_rounds": {
+            name: {
+                store: {k: round(v) for k, v in spread([r[name][store] for r in stores_us]).items()}
+                for store in stores_us[0][name]
+            }
+            for name in kinds
         },
         "flat_out_p50_p99_ms_last_round": {
             name: [r.summary()["p50_ms"], r.summary()["p99_ms"]] for name, r in rounds[-1].items()
