@@ -247,6 +247,7 @@ def http_app(components: list[Component], title: str = "Tally") -> ASGIApp:
         description="Usage metering, limits and billing for companies that sell API access.",
         docs_url=None,  # pages.install serves /docs and /redoc with local assets
         redoc_url=None,
+        redirect_slashes=False,  # a 404 naming the path without it (``problems``)
     )
     problems.install(app)
     checks: dict[str, Check] = {}

@@ -218,6 +218,21 @@ def allowed_methods(request: Request, named: str) -> list[str]:
     return [m for m in METHODS if m in allowed] + sorted(allowed - set(METHODS))
 
 
+def _without_slash(request: Request) -> str:
+    """A hint when the path is served without its trailing slash.  Tally answers 404
+    rather than redirecting there (Starlette's default): a 307 carries no problem, a
+    client that does not follow it sees an empty answer, and one that does sends a
+    POST's body twice."""
+    path = request.url.path
+    if len(path) < 2 or not path.endswith("/"):
+        return ""
+    scope = {**request.scope, "path": path.rstrip("/")}
+    routes = [r for r in request.app.router.routes if not isinstance(r, Mount)]
+    if any(r.matches(scope)[0] is not Match.NONE for r in routes):
+        return f"; it is served at {scope['path']}, without the trailing slash"
+    return ""
+
+
 def http_problem(request: Request, exc: HTTPException) -> Problem:
     """Starlette's and FastAPI's own errors (no route, wrong method, a body that cannot
     be read) as problem+json: 404 names the path, 405 the methods allowed."""
@@ -229,7 +244,7 @@ def http_problem(request: Request, exc: HTTPException) -> Problem:
     detail = str(exc.detail) if exc.detail and exc.detail != phrase else ""
     headers = dict(exc.headers or {})
     if status == 404:
-        detail = detail or f"nothing is served at {path}"
+        detail = detail or f"nothing is served at {path}" + _without_slash(request)
         return Problem(NOT_FOUND, detail, headers, path=path)
     if status == 405:
         allowed = allowed_methods(request, headers.get("Allow", ""))

@@ -73,8 +73,29 @@ async def test_another_method_or_path_falls_through_to_the_router(
     client: httpx.AsyncClient,
 ) -> None:
     assert (await client.get("/v1/decide")).status_code == 405
-    assert (await client.post("/v1/decide/")).status_code == 307  # the router redirects
     assert (await client.get("/v1/nothing")).status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "hint"),
+    [
+        ("POST", "/v1/decide/", "/v1/decide"),  # a hot path
+        ("GET", "/v1/other/", "/v1/other"),  # a FastAPI route
+        ("GET", "/v1/customers/acme/owner/", "/v1/customers/acme/owner"),
+        ("GET", "/v1/nothing/", None),
+        ("GET", "/docs/", "/docs"),  # a page
+    ],
+)
+async def test_a_trailing_slash_is_a_404_naming_the_path_without_it(
+    client: httpx.AsyncClient, method: str, path: str, hint: str | None
+) -> None:
+    """Not a bare 307: a client that does not follow it learns nothing, one that does
+    sends a POST's body twice."""
+    reply = await client.request(method, path, json={"meter": "m"})
+    assert reply.status_code == 404
+    assert reply.headers["content-type"] == PROBLEM_JSON
+    served = f"; it is served at {hint}, without the trailing slash"
+    assert reply.json()["detail"] == f"nothing is served at {path}" + (served if hint else "")
 
 
 async def test_a_path_with_parameters_is_matched_by_its_pattern(
