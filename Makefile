@@ -3,15 +3,23 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup browser wrk up demo test lint bench schemas compose-config clean
+.PHONY: setup lock browser wrk up demo test lint bench schemas compose-config clean
 
-$(BIN)/tally: pyproject.toml sdk/pyproject.toml
+$(BIN)/tally: pyproject.toml sdk/pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]' -e ./sdk
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]' -e ./sdk
 	touch $@
 
 setup: $(BIN)/tally
+
+# constraints.txt from the newest releases pyproject.toml allows, in a scratch venv.
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet --upgrade pip
+	.lock-venv/bin/pip install --quiet -e '.[dev]' -e ./sdk
+	{ sed -n '1,3p' constraints.txt; .lock-venv/bin/pip freeze --exclude-editable; } > constraints.new
+	mv constraints.new constraints.txt && rm -rf .lock-venv
 
 # The dashboards' tests drive Debian's Chromium (not a Playwright download).
 CHROMIUM ?= /usr/bin/chromium
