@@ -78,9 +78,8 @@ class _Names(dict[str, dict[str, str]]):
 @dataclass(frozen=True, slots=True)
 class Cells:
     """What the reader found: each bucket's values by group field (``*``: the total), in
-    micro-units (``schemas.events.VALUE_SCALE``) as Redis counts them.  Exact integers
-    until a point is shown: a top 5 of a month of 20 endpoints ranks 100 values and
-    shows 155, and only those become text."""
+    micro-units (``schemas.events.VALUE_SCALE``) as Redis counts them: exact integers
+    until a point is shown, and only the points shown become text or ``Decimal``s."""
 
     starts: list[datetime]
     ends: list[datetime]
