@@ -125,31 +125,49 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def store_cpu(redis_pid: int | None) -> dict[int, float]:
-    """CPU seconds so far of the stores' processes on this host, by pid: Redis's, and
-    PostgreSQL's (its server and each backend)."""
-    pids = [p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "postgres"]
+def store_servers(redis_url: str, database_url: str) -> dict[str, int]:
+    """The stores' server processes, when they run on this host: Redis's (its pid from
+    INFO, ``redis_process``) and PostgreSQL's postmaster (a backend's parent)."""
+    servers = {}
+    redis_server = redis_process(redis_url)
+    if redis_server is not None:
+        servers["redis"] = redis_server.pid
+    with psycopg.connect(database_url) as conn:
+        backend = conn.execute("SELECT pg_backend_pid()").fetchone()
+    with contextlib.suppress(psutil.Error):  # a server elsewhere: its pid is not one here
+        process = psutil.Process(backend[0] if backend else 0)
+        parent = process.parent() if process.name() == "postgres" else None
+        if parent is not None:
+            servers["postgresql"] = parent.pid
+    return servers
+
+
+def store_cpu(servers: dict[str, int]) -> dict[tuple[str, int], float]:
+    """CPU seconds so far of each store's server and its children (PostgreSQL's
+    backends), by store and pid."""
     found = {}
-    for pid in [*pids, *([redis_pid] if redis_pid else [])]:
-        with contextlib.suppress(OSError):  # a backend that ended meanwhile
-            found[pid] = cpu_seconds(pid)
+    for store, pid in servers.items():
+        with contextlib.suppress(psutil.Error):
+            server = psutil.Process(pid)
+            for process in [server, *server.children()]:
+                with contextlib.suppress(OSError):  # a backend that ended meanwhile
+                    found[(store, process.pid)] = cpu_seconds(process.pid)
     return found
 
 
 async def flat_out(
-    args: argparse.Namespace, port: int, pid: int, raw: list[bytes], redis_pid: int | None
+    args: argparse.Namespace, port: int, pid: int, raw: list[bytes], servers: dict[str, int]
 ) -> tuple[Result, dict[str, float]]:
     """Reads/s with ``--connections`` in flight, the server's CPU per read, and the
-    stores' CPU in the round (Redis's when it is a process here, PostgreSQL's): a read
-    that moves work into a Redis script or a query must show it."""
-    cpu, stores = cpu_seconds(pid), store_cpu(redis_pid)
+    stores' CPU in the round (those running here): a read that moves work into a Redis
+    script or a query must show it.  A backend that ends within the round takes its
+    CPU along (the API's pool keeps its own)."""
+    cpu, before = cpu_seconds(pid), store_cpu(servers)
     result = await closed_loop("127.0.0.1", port, raw, args.connections, args.seconds)
     result.server_cpu_s = cpu_seconds(pid) - cpu
-    after = store_cpu(redis_pid)
-    used = {pid: seconds - stores.get(pid, 0.0) for pid, seconds in after.items()}
-    spent = {"postgresql": sum(v for p, v in used.items() if p != redis_pid)}
-    if redis_pid in used:
-        spent["redis"] = used[redis_pid]
+    spent = dict.fromkeys(servers, 0.0)
+    for (store, process), seconds in store_cpu(servers).items():
+        spent[store] += seconds - before.get((store, process), 0.0)
     return result, spent
 
 
@@ -157,7 +175,7 @@ async def measure(
     args: argparse.Namespace,
     apis: dict[str, tuple[int, int]],
     bare: tuple[int, int],
-    redis_pid: int | None,
+    servers: dict[str, int],
 ) -> dict[str, Any]:
     """``apis`` and ``bare``: (port, pid) of each server."""
     now = datetime.now(UTC)
@@ -174,8 +192,8 @@ async def measure(
         measured: dict[str, Result] = {}
         per_read: dict[str, dict[str, float]] = {}
         for name, (port, pid, raw) in kinds.items():
-            measured[name], used = await flat_out(args, port, pid, raw, redis_pid)
-            served = len(measured[name].latencies)
+            measured[name], used = await flat_out(args, port, pid, raw, servers)
+            served = max(1, len(measured[name].latencies))
             per_read[name] = {store: s / served * 1e6 for store, s in used.items()}
         rounds.append(measured)
         stores_us.append(per_read)
@@ -255,9 +273,8 @@ def main() -> None:
             bare_port = free_port()
             bare = start_bare("fastapi", bare_port, stores.data_dir / "bare.log")
             servers = {name: (api.port, _pid(api.process)) for name, api in apis.items()}
-            redis = redis_process(stores.redis_url)
-            redis_pid = redis.pid if redis is not None else None
-            result = asyncio.run(measure(args, servers, (bare_port, bare.pid), redis_pid))
+            used = store_servers(stores.redis_url, stores.database_url)
+            result = asyncio.run(measure(args, servers, (bare_port, bare.pid), used))
         finally:
             if bare is not None:
                 bare.terminate()

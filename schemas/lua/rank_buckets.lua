@@ -67,8 +67,8 @@ if #fields > limit then
         if size[field] > largest then largest = size[field] end
     end
     table.sort(values, function(a, b) return a > b end)
-    -- Each double is within 2^-53 of its value per term added; 1e-9 of the largest
-    -- magnitude is far above that for any number of buckets a read may span.
+    -- Each value and each sum is rounded by at most 2^-53 relative to the magnitudes
+    -- added: at most MAX_BUCKETS (2,000) x 2^-53 of the largest, far under 1e-9 of it.
     local floor = values[limit] - (largest * 1e-9 + 1)
     kept = {}
     for _, field in ipairs(fields) do

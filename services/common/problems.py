@@ -11,9 +11,10 @@ import psycopg
 import redis.exceptions
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from starlette.datastructures import URL
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import RedirectResponse, Response
 from starlette.routing import Match, Mount
 
 from schemas.problem_types import (
@@ -218,19 +219,24 @@ def allowed_methods(request: Request, named: str) -> list[str]:
     return [m for m in METHODS if m in allowed] + sorted(allowed - set(METHODS))
 
 
-def _without_slash(request: Request) -> str:
-    """A hint when the path is served without its trailing slash.  Tally answers 404
-    rather than redirecting there (Starlette's default): a 307 carries no problem, a
-    client that does not follow it sees an empty answer, and one that does sends a
-    POST's body twice."""
-    path = request.url.path
-    if len(path) < 2 or not path.endswith("/"):
-        return ""
-    scope = {**request.scope, "path": path.rstrip("/")}
-    routes = [r for r in request.app.router.routes if not isinstance(r, Mount)]
-    if any(r.matches(scope)[0] is not Match.NONE for r in routes):
-        return f"; it is served at {scope['path']}, without the trailing slash"
-    return ""
+def _slash_toggled(request: Request) -> tuple[str, Match] | None:
+    """The request's path with its trailing slash dropped (or one added) and how a route
+    matches that (``Match.NONE`` when none does): Starlette's own test before it
+    redirects, done here because Tally redirects only a GET or HEAD (a page asked for
+    as ``/docs/``).  Other methods get a 404 naming the path: a 307 carries no problem,
+    a client that does not follow it learns nothing, one that does sends the body twice.
+    """
+    path, root = request.scope["path"], request.scope.get("root_path", "")
+    if (path[len(root) :] if root and path.startswith(root) else path) == "/":
+        return None
+    other = path.rstrip("/") if path.endswith("/") else path + "/"
+    method = "GET" if request.method == "HEAD" else request.method  # HEAD is a GET's
+    scope = {**request.scope, "path": other, "method": method}
+    found = {r.matches(scope)[0] for r in request.app.router.routes if not isinstance(r, Mount)}
+    best = (
+        Match.FULL if Match.FULL in found else Match.PARTIAL if found - {Match.NONE} else Match.NONE
+    )
+    return other, best
 
 
 def http_problem(request: Request, exc: HTTPException) -> Problem:
@@ -244,8 +250,10 @@ def http_problem(request: Request, exc: HTTPException) -> Problem:
     detail = str(exc.detail) if exc.detail and exc.detail != phrase else ""
     headers = dict(exc.headers or {})
     if status == 404:
-        detail = detail or f"nothing is served at {path}" + _without_slash(request)
-        return Problem(NOT_FOUND, detail, headers, path=path)
+        toggled = _slash_toggled(request)
+        if not detail and toggled is not None and toggled[1] is not Match.NONE:
+            detail = f"nothing is served at {path}; it is served at {toggled[0]}"
+        return Problem(NOT_FOUND, detail or f"nothing is served at {path}", headers, path=path)
     if status == 405:
         allowed = allowed_methods(request, headers.get("Allow", ""))
         headers["Allow"] = ", ".join(allowed)
@@ -260,6 +268,10 @@ def http_problem(request: Request, exc: HTTPException) -> Problem:
 
 async def http_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
+    if exc.status_code == 404 and request.method in ("GET", "HEAD"):
+        toggled = _slash_toggled(request)
+        if toggled is not None and toggled[1] is Match.FULL:
+            return RedirectResponse(str(URL(scope={**request.scope, "path": toggled[0]})))
     return http_problem(request, exc).response(instance=request.url.path)
 
 

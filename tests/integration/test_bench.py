@@ -10,10 +10,12 @@ from pathlib import Path
 
 import httpx
 import orjson
+import psutil
+import psycopg
 import pytest
 import redis
 
-from bench import bare_app, edge, middleware_cost, stores
+from bench import bare_app, edge, middleware_cost, stores, usage
 from bench.enforce import reservations
 from services.api.enforcement.enforcer import EnforceRequest
 from tests.conftest import REDIS_URL
@@ -143,3 +145,20 @@ def test_the_stand_in_tally_grants_terms_as_long_as_asked_and_stops_on_leaving()
         assert reply.status_code == 200, reply.text
         assert (reply.json()["granted"], reply.json()["ttl_ms"]) == (50, 2000)
     assert process.wait(10) == 0
+
+
+def test_the_usage_bench_counts_the_cpu_of_the_local_stores_servers(database_url: str) -> None:
+    """``bench.usage`` reports what a read costs Redis and PostgreSQL: their servers
+    here, with PostgreSQL's backends — a query's work shows, on its own server."""
+    servers = usage.store_servers(REDIS_URL, database_url)
+    assert set(servers) == {"redis", "postgresql"}
+    assert psutil.Process(servers["postgresql"]).name() == "postgres"
+    with psycopg.connect(database_url) as conn:  # open while measured: its backend counts
+        before = usage.store_cpu(servers)
+        conn.execute("SELECT count(*) FROM generate_series(1, 3000000)").fetchone()
+        after = usage.store_cpu(servers)
+    spent = {
+        store: sum(v - before.get((s, pid), 0.0) for (s, pid), v in after.items() if s == store)
+        for store in servers
+    }
+    assert spent["postgresql"] > 0.05 and spent["redis"] < 0.05

@@ -38,3 +38,17 @@ async def test_a_failed_read_gives_back_a_connection_that_still_works(database_u
             assert (await (await conn.execute("SELECT 2")).fetchone()) == (2,)
     finally:
         await pool.close()
+
+
+async def test_a_transaction_begun_inside_is_rolled_back_and_autocommit_restored(
+    database_url: str,
+) -> None:
+    pool = await postgres.open_pool(database_url, max_size=1)
+    try:
+        async with postgres.reading(pool) as conn:
+            await conn.execute("BEGIN")
+            await conn.execute("SELECT 1")
+        async with pool.connection() as conn:
+            assert not conn.autocommit
+    finally:
+        await pool.close()

@@ -59,6 +59,7 @@ def _stamp(moment: datetime, zone: tzinfo | None, fold: int) -> str:
 
 
 def stamp(moment: datetime) -> str:
+    """RFC 3339 of a bucket boundary as the usage API shows it (remembered)."""
     return _stamp(moment, moment.tzinfo, moment.fold)
 
 
@@ -177,22 +178,30 @@ class UsageReader:
         now: datetime,
         top: int | None = None,
     ) -> Cells:
-        """With ``top``, grouped: only the groups that may be among the ``top`` largest
-        over the range, ranked as ``ranking.top`` ranks them (which then picks exactly)."""
+        """With ``top``, grouped: the groups narrowed in Redis to those that may be among
+        the ``top`` largest over the range (``ranking.top`` then picks exactly), without
+        the buckets' totals — when Redis holds every bucket.  When some come from the
+        rollups, Redis's top need not be the range's: every group is read then."""
         starts = list(buckets(window, start, end))
         if not starts:
             return Cells([], [], {})
         ends = [*starts[1:], next_bucket(window, starts[-1])]  # buckets are contiguous
         kept = RETENTION[window]  # a bucket is live until its end + the retention
         live = [s for s, e in zip(starts, ends, strict=True) if e + kept > now]
-        if top is not None and grouped:
+        ranked = (
+            top is not None
+            and grouped
+            and meter.aggregation is not Aggregation.AVG  # sums and counts, not averages
+            and len(live) == len(starts)  # else older buckets come from the rollups
+        )
+        if ranked and top is not None:
             found = await self._ranked(customer, meter, window, live, top)
         else:
             found = await self._from_redis(customer, meter, window, live, grouped)
         if window in (Window.DAY, Window.MONTH):
             missing = [s for s in starts if s not in found]
             rolled = await self._from_rollups(customer, meter, window, missing, grouped)
-            if rolled and top is not None and grouped:  # ranked on Redis's buckets alone
+            if rolled and ranked:  # narrowed on Redis's buckets alone
                 found = await self._from_redis(customer, meter, window, live, grouped)
             found |= rolled
         return Cells(starts, ends, found)
@@ -325,7 +334,7 @@ class UsageReader:
             cur = await conn.execute(
                 f"SELECT {column}, group_key, value FROM {table}"
                 f" WHERE customer = %s AND meter = %s AND {column} = ANY(%s)"
-                f" AND group_key {'<>' if grouped else '='} '*'",  # in the key's index
+                f" AND group_key {'<>' if grouped else '='} '*'",  # '=': on the primary key
                 (customer, meter.name, [s.date() for s in starts]),
             )
             rows = await cur.fetchall()
