@@ -20,11 +20,12 @@ from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from schemas import redis_keys
-from schemas.catalog import Aggregation, Meter
+from schemas.catalog import Aggregation
 from schemas.windows import Window, bucket_id
 from services.api.usage import ranking
 from services.api.usage.reader import Cells, UsageReader
 from tests.conftest import REDIS_URL
+from tests.unit.test_usage_ranking import meter
 
 HOUR = timedelta(hours=1)
 BIG = 2**62  # beyond 2^53: doubles near BIG are 1,024 apart
@@ -42,17 +43,6 @@ hours = st.lists(
     max_size=6,
 )
 RANKED = [Aggregation.COUNT, Aggregation.SUM, Aggregation.MAX, Aggregation.MIN, Aggregation.LATEST]
-
-
-def meter(aggregation: Aggregation) -> Meter:
-    counted = "user" if aggregation is Aggregation.UNIQUE_COUNT else "value"
-    return Meter(
-        name="m",
-        event_type="e",
-        aggregation=aggregation,
-        value_property=counted,
-        group_by=("endpoint",),
-    )
 
 
 def store(customer: str, start: datetime, per_hour: Hours) -> None:
