@@ -266,7 +266,7 @@ def http_app(components: list[Component], title: str = "Tally") -> ASGIApp:
     pages.install(app)
     for component in components:
         if component.fallback is not None:
-            app.router.default = component.fallback
+            app.router.default = problems.slashes_here(component.fallback)
     _add_openapi_schemas(app, schemas, paths)
     return HotPaths(app, fast)
 

@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Match, Mount
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from schemas.problem_types import (
     BAD_REQUEST,
@@ -237,6 +238,21 @@ def _slash_toggled(request: Request) -> tuple[str, Match] | None:
         Match.FULL if Match.FULL in found else Match.PARTIAL if found - {Match.NONE} else Match.NONE
     )
     return other, best
+
+
+def slashes_here(fallback: ASGIApp) -> ASGIApp:
+    """``fallback`` — where what no route serves goes (front's forwarder to back, in
+    ``tally up``) — once this app has answered a path it serves with a slash too many
+    or too few: sent on, the path would reach a process where no route knows it."""
+
+    async def default(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            toggled = _slash_toggled(Request(scope))
+            if toggled is not None and toggled[1] is not Match.NONE:
+                raise HTTPException(404)  # answered by ``http_error_handler``
+        await fallback(scope, receive, send)
+
+    return default
 
 
 def http_problem(request: Request, exc: HTTPException) -> Problem:

@@ -10,6 +10,7 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from services.common.problems import PROBLEM_JSON, invalid_field
 from services.runtime import Component, http_app
@@ -113,3 +114,27 @@ async def test_a_get_with_a_slash_too_many_is_redirected(
     assert reply.status_code == 307
     assert reply.headers["location"] == "http://t" + there
     assert (await client.head(path)).status_code == 307
+
+
+async def test_a_path_served_here_is_answered_here_not_sent_to_the_fallback() -> None:
+    """In ``tally up`` what front serves no route of goes on to back (the fallback),
+    where no route knows front's paths: a slash too many is answered by front."""
+    sent: list[str] = []
+
+    async def fallback(scope: Scope, receive: Receive, send: Send) -> None:
+        sent.append(scope["path"])
+        await JSONResponse({"from": "the fallback"})(scope, receive, send)
+
+    slow = APIRouter()
+
+    @slow.get("/v1/other")
+    async def other() -> dict[str, str]:
+        return {"served": "by FastAPI"}
+
+    component = Component("front", routers=[slow], fallback=fallback)
+    transport = httpx.ASGITransport(http_app([component]))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        assert (await client.get("/v1/other/")).status_code == 307
+        assert (await client.post("/v1/other/")).json()["detail"].endswith("/v1/other")
+        assert (await client.get("/v1/elsewhere/")).json() == {"from": "the fallback"}
+    assert sent == ["/v1/elsewhere/"]
