@@ -31,6 +31,7 @@ from schemas import api_keys, redis_keys
 from schemas.api_keys import Holder, MalformedKey, Refusal, Scope
 from schemas.events import utcnow
 from schemas.problem_types import FORBIDDEN, INSUFFICIENT_SCOPE, RATE_LIMITED
+from services.common import postgres
 from services.common.problems import Problem, unauthorized
 from services.common.recent import Recent
 from services.common.redis import UNREACHABLE
@@ -218,7 +219,7 @@ class Authenticator:
             if raw is not None:
                 customer, key_id = (raw if isinstance(raw, str) else raw.decode()).split(" ")
                 return customer, key_id
-        async with self._pool.connection() as conn:
+        async with postgres.reading(self._pool) as conn:  # one statement: no BEGIN, COMMIT
             found = await holder(conn, digest)
         if found is None:
             await self._failures.failed(client)
@@ -247,7 +248,7 @@ class Authenticator:
             raw = await self._redis.hget(redis_keys.api_keys(customer), key_id)
             if raw is not None:
                 return Holder.from_state(customer, key_id, orjson.loads(raw))
-        async with self._pool.connection() as conn:
+        async with postgres.reading(self._pool) as conn:
             found = await holder_of(conn, key_id)
         if found is None or found.customer != customer:
             return Holder.from_state(customer, key_id, {"s": [], "r": True})
