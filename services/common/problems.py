@@ -243,10 +243,12 @@ def _slash_toggled(request: Request) -> tuple[str, Match] | None:
 def slashes_here(fallback: ASGIApp) -> ASGIApp:
     """``fallback`` — where what no route serves goes (front's forwarder to back, in
     ``tally up``) — once this app has answered a path it serves with a slash too many
-    or too few: sent on, the path would reach a process where no route knows it."""
+    (no path Tally declares ends in one but `/`): sent on, the path would reach a process where no
+    route knows it.  Only a path ending in a slash is matched again: every request front
+    forwards to back comes through here."""
 
     async def default(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
+        if scope["type"] == "http" and scope["path"].endswith("/"):
             toggled = _slash_toggled(Request(scope))
             if toggled is not None and toggled[1] is not Match.NONE:
                 raise HTTPException(404)  # answered by ``http_error_handler``
