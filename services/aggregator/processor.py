@@ -26,6 +26,7 @@ from services.aggregator.clickhouse_sink import ClickHouseSink
 from services.aggregator.dedupe import DedupeWindow
 from services.aggregator.redis_sink import Apply, Outcome, RedisSink
 from services.common import metrics
+from services.common.collector import collector_paused
 from services.common.logging import get_logger
 from services.common.meter_cache import MeterCache
 from services.common.zone_book import ZoneOf, in_utc
@@ -108,9 +109,10 @@ class BatchProcessor:
         events = [e for share in batch.shares for _, evs in share.records for e in evs]
         metrics.AGGREGATOR_BATCH_RECORDS.observe(len(batch.records))
         metrics.AGGREGATOR_BATCH_EVENTS.observe(len(events))
-        outcomes = await asyncio.gather(
-            self._insert(events), self._count(batch.shares), return_exceptions=True
-        )
+        with collector_paused():
+            outcomes = await asyncio.gather(
+                self._insert(events), self._count(batch.shares), return_exceptions=True
+            )
         for outcome in outcomes:  # both finished; a failure makes the caller retry the batch
             if isinstance(outcome, BaseException):
                 raise outcome
@@ -130,7 +132,8 @@ class BatchProcessor:
 
     async def decode(self, records: Sequence[Record]) -> Batch:
         """Group records into shares; unreadable ones go to the dead-letter topic."""
-        return Batch(records, await self._decode(records))
+        with collector_paused():
+            return Batch(records, await self._decode(records))
 
     async def _decode(self, records: Sequence[Record]) -> list[_Share]:
         shares: dict[tuple[str, str], _Share] = {}

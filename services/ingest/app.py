@@ -44,6 +44,7 @@ from schemas.problem_types import (
 from services.common import metrics
 from services.common.auth import Authenticator
 from services.common.bodies import check_declared, too_large
+from services.common.collector import collector_paused
 from services.common.logging import get_logger
 from services.common.meter_cache import MeterCache
 from services.common.openapi import InvalidField, component_schemas, problem_responses, ref
@@ -232,11 +233,12 @@ def router(ingest: Ingest) -> APIRouter:
             return await _binary(ingest, request, subject)
         kind = parsing.media_type(request.headers.get("content-type"))
         body = await ingest.read_body(request)
-        raw_items = parsing.items(body, kind, ingest.settings.max_batch_events)
-        received_at = utcnow()
-        verdicts = await ingest.judge(raw_items, received_at, subject)
-        minimal = prefers_minimal(request.headers.get("prefer"))
-        return await publish(ingest, verdicts, received_at, minimal)
+        with collector_paused():
+            raw_items = parsing.items(body, kind, ingest.settings.max_batch_events)
+            received_at = utcnow()
+            verdicts = await ingest.judge(raw_items, received_at, subject)
+            minimal = prefers_minimal(request.headers.get("prefer"))
+            return await publish(ingest, verdicts, received_at, minimal)
 
     return api
 

@@ -18,6 +18,7 @@ from fastapi.responses import Response
 
 from schemas.events import UsageEvent, utcnow
 from schemas.problem_types import EVENTS_REFUSED
+from services.common.collector import collector_paused
 from services.common.openapi import problem_responses, ref
 from services.common.problems import Problem
 from services.ingest import lago, parsing
@@ -143,18 +144,19 @@ async def _openmeter(ingest: Ingest, body: bytes, kind: str, subject: str | None
     """OpenMeter's answers: 204 with no body once the events are stored; 400 for a request
     holding an invalid event, of which nothing is stored (the invalid events still reach
     the DLQ).  As OpenMeter does, an event without ``time`` happened when it arrived."""
-    raw_items = parsing.items(body, kind, ingest.settings.max_batch_events)
-    received_at = utcnow()
-    stamped = [_timed(item, received_at) for item in raw_items]
-    verdicts = await ingest.judge(stamped, received_at, subject)
-    rejected = await _refused(ingest, verdicts, received_at)
-    if rejected:
-        raise Problem(
-            EVENTS_REFUSED,
-            f"{first_rejection(rejected)}; nothing of the request was stored",
-            results=[v.summary() for v in rejected],
-        )
-    await publish(ingest, verdicts, received_at, True)
+    with collector_paused():
+        raw_items = parsing.items(body, kind, ingest.settings.max_batch_events)
+        received_at = utcnow()
+        stamped = [_timed(item, received_at) for item in raw_items]
+        verdicts = await ingest.judge(stamped, received_at, subject)
+        rejected = await _refused(ingest, verdicts, received_at)
+        if rejected:
+            raise Problem(
+                EVENTS_REFUSED,
+                f"{first_rejection(rejected)}; nothing of the request was stored",
+                results=[v.summary() for v in rejected],
+            )
+        await publish(ingest, verdicts, received_at, True)
     return Response(status_code=204)
 
 
@@ -189,9 +191,10 @@ async def _lago(ingest: Ingest, body: bytes, subject: str | None, batch: bool) -
         return lago.unprocessable({"events": ["too_many_events"]})
     received_at = utcnow()
     meters = (await ingest.meters.meters()).by_name if ingest.meters is not None else {}
-    raws = [lago.cloudevent(event, received_at, meters) for event in events]
-    verdicts = await ingest.judge(raws, received_at, subject)
-    if await _refused(ingest, verdicts, received_at):
-        return lago.unprocessable(lago.error_details(verdicts, events, batch))
-    await publish(ingest, verdicts, received_at, True)
+    with collector_paused():
+        raws = [lago.cloudevent(event, received_at, meters) for event in events]
+        verdicts = await ingest.judge(raws, received_at, subject)
+        if await _refused(ingest, verdicts, received_at):
+            return lago.unprocessable(lago.error_details(verdicts, events, batch))
+        await publish(ingest, verdicts, received_at, True)
     return lago.answer([e for e in events if isinstance(e, dict)], received_at, batch)

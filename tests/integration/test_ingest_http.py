@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import gzip
 import json
 import uuid
@@ -23,6 +24,7 @@ from services.api.accounts import store as accounts
 from services.common import catalog, kafka
 from services.common.auth import Authenticator
 from services.common.settings import Settings
+from services.ingest import parsing
 from services.ingest.app import Ingest, router
 from services.ingest.publisher import Publisher
 from services.runtime import Component, http_app
@@ -382,3 +384,26 @@ async def test_a_customer_key_emits_for_its_own_customer_only(
     async with pool.connection() as conn:
         await accounts.revoke_key(conn, reader, "test")
     assert "revoked" in problem(await post(client, [mine]), 401)["detail"]
+
+
+async def test_a_batch_is_judged_with_the_collector_paused_and_it_comes_back_on(
+    client: httpx.AsyncClient, tenant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Collections during a batch walk the whole live batch and free nothing
+    (``services.common.collector``); after the request, accepted or refused, collection
+    is on again."""
+    judge = parsing.judge
+    judged_with: list[bool] = []
+
+    async def watched(*args: Any, **kwargs: Any) -> list[parsing.Verdict]:
+        judged_with.append(gc.isenabled())
+        return await judge(*args, **kwargs)
+
+    monkeypatch.setattr(parsing, "judge", watched)
+    assert gc.isenabled()
+    accepted = await post(client, [event(tenant), event(tenant, time="yesterday")])
+    assert accepted.status_code == 202 and judged_with == [False]
+    assert gc.isenabled()
+    problem(await post(client, b"[{", BATCH), 400)
+    problem(await post(client, [event(tenant, time="yesterday")]), 422)
+    assert judged_with == [False, False] and gc.isenabled()
