@@ -22,6 +22,7 @@ from schemas.problem_types import (
     BAD_REQUEST,
     HTTP_ERROR,
     INTERNAL_ERROR,
+    INVALID_PARAMETER,
     INVALID_REQUEST,
     MALFORMED_JSON,
     METHOD_NOT_ALLOWED,
@@ -101,6 +102,13 @@ def invalid_field(field: str, reason: str, kind: ProblemType = INVALID_REQUEST) 
     """422 for one field (or, with ``INVALID_PARAMETER``, one query parameter) of a
     request, named in ``errors``."""
     return Problem(kind, f"{field}: {reason}", errors=[{"field": field, "reason": reason}])
+
+
+def invalid_parameter(name: str, reason: str) -> Problem:
+    """422 ``invalid-parameter`` for one query parameter, named ``query.<name>`` in
+    ``errors`` as validation names the ones it refuses: a client finds a parameter under
+    one name whichever check refused it."""
+    return invalid_field(f"query.{name}", reason, INVALID_PARAMETER)
 
 
 def unauthorized(detail: str) -> Problem:

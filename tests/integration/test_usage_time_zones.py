@@ -121,4 +121,4 @@ async def test_live_hours_from_redis_add_up_to_the_utc_total(
         f"/v1/customers/{customer}/usage",
         params={"meter": "api_calls", "window": "hour", "tz": "Asia/Kolkata", **hours},
     )
-    assert kolkata.status_code == 422 and kolkata.json()["errors"][0]["field"] == "tz"
+    assert kolkata.status_code == 422 and kolkata.json()["errors"][0]["field"] == "query.tz"

@@ -153,7 +153,7 @@ async def test_unknown_endpoint_customer_and_notification(settings, pool, redis,
         bad_cursor = await run.client.get(
             f"/v1/customers/{customer}/notifications", params={"cursor": "x"}, headers=SERVICE
         )
-        problem(bad_cursor, 422, "invalid-parameter", "cursor")
+        problem(bad_cursor, 422, "invalid-parameter", "query.cursor")
 
 
 async def test_a_customer_key_manages_its_own_endpoints_only(settings, pool, redis) -> None:

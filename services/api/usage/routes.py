@@ -28,7 +28,7 @@ from services.api.usage.selection import Selection, SelectionError
 from services.common.auth import Authenticator, address, credential
 from services.common.meter_cache import MeterCache, MeterIndex
 from services.common.openapi import problem_responses
-from services.common.problems import Problem, invalid_field, invalid_request
+from services.common.problems import Problem, invalid_field, invalid_parameter, invalid_request
 from services.common.queries import single_values
 
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
@@ -316,5 +316,5 @@ def _top(grouped: bool, order_by: str | None, limit: str | None) -> int | None:
     return int(limit)
 
 
-def _invalid(field: str, reason: str) -> Problem:
-    return invalid_field(field, reason, INVALID_PARAMETER)
+def _invalid(name: str, reason: str) -> Problem:
+    return invalid_parameter(name, reason)

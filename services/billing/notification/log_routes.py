@@ -17,13 +17,12 @@ from pydantic import BaseModel
 
 from schemas.api_keys import Scope
 from schemas.events import CUSTOMER_ID_PATTERN
-from schemas.problem_types import INVALID_PARAMETER
 from schemas.text import PRINTABLE_PATTERN
 from services.billing.notification import history
 from services.billing.notification.access import Access
 from services.billing.notification.history import NotificationLog
 from services.common.openapi import problem_responses
-from services.common.problems import invalid_field
+from services.common.problems import invalid_parameter
 
 Customer = Annotated[str, Path(pattern=CUSTOMER_ID_PATTERN)]
 NotificationId = Annotated[str, Path(max_length=64, pattern=PRINTABLE_PATTERN)]
@@ -102,4 +101,4 @@ def _cursor(raw: str) -> tuple[datetime, str]:
             raise ValueError("no id")
         return datetime.fromisoformat(at), last_id
     except ValueError:
-        raise invalid_field("cursor", "not a cursor this API returned", INVALID_PARAMETER) from None
+        raise invalid_parameter("cursor", "not a cursor this API returned") from None
