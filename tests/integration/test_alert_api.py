@@ -110,25 +110,35 @@ async def test_spend_compiles_through_the_plan_price(
 
 
 BAD = [
-    ("free", {"meter": "nope", "kind": "usage", "thresholds": [1]}, "meter", "unknown meter"),
-    ("payg", {"meter": "api_calls", "kind": "percent", "thresholds": [80]}, "meter", "no quota"),
-    ("free", {"meter": "compute_seconds", "kind": "spend", "thresholds": [5]}, "meter", "no price"),
+    ("free", {"meter": "nope", "kind": "usage", "thresholds": [1]}, "body.meter", "unknown meter"),
+    (
+        "payg",
+        {"meter": "api_calls", "kind": "percent", "thresholds": [80]},
+        "body.meter",
+        "no quota",
+    ),
+    (
+        "free",
+        {"meter": "compute_seconds", "kind": "spend", "thresholds": [5]},
+        "body.meter",
+        "no price",
+    ),
     (
         "free",
         {"meter": "api_calls", "kind": "spend", "thresholds": [5]},
-        "thresholds[0]",
+        "body.thresholds[0]",
         "no usage",
     ),
     (
         "free",
         {"meter": "api_calls", "kind": "usage", "thresholds": [5, 7, 5]},
-        "thresholds[2]",
+        "body.thresholds[2]",
         "twice",
     ),
     (
         "free",
         {"meter": "api_calls", "kind": "percent", "thresholds": [1001]},
-        "thresholds[0]",
+        "body.thresholds[0]",
         "at most",
     ),
 ]
@@ -191,7 +201,7 @@ async def test_at_most_ten_rules_a_meter(
         assert (await client.post(path, json=other, headers=SERVICE)).status_code == 201
     assert refused.status_code == 422
     [error] = refused.json()["errors"]
-    assert error["field"] == "meter" and "10 rules already" in error["reason"]
+    assert error["field"] == "body.meter" and "10 rules already" in error["reason"]
     assert len(await levels(redis, customer, "compute_seconds")) == 10
 
 

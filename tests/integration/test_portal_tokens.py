@@ -62,7 +62,7 @@ async def test_bad_requests_name_the_field(api: httpx.AsyncClient) -> None:
         ("body.expires_in", {"expires_in": 30 * 86_400 + 1}),
         ("body.expires_in", {"expires_in": "an hour"}),
         ("body.meters", {"meters": []}),
-        ("meters[1]", {"meters": ["api_calls", "no_such_meter"]}),
+        ("body.meters[1]", {"meters": ["api_calls", "no_such_meter"]}),
         ("body.scope", {"scope": "all"}),
     ]
     for field, body in cases:

@@ -63,9 +63,9 @@ async def test_unsafe_urls_refused_outside_development(
         reply = await run.client.post(
             f"/v1/customers/{customer}/webhook-endpoints", json={"url": url}, headers=SERVICE
         )
-        problem(reply, 422, slug, "url")
+        problem(reply, 422, slug, "body.url")
         seller = await run.client.post("/v1/webhook-endpoints", json={"url": url}, headers=ADMIN)
-        problem(seller, 422, slug, "url")
+        problem(seller, 422, slug, "body.url")
 
 
 async def test_development_allows_local_http(settings, pool, redis, tenant) -> None:
@@ -78,7 +78,7 @@ async def test_development_allows_local_http(settings, pool, redis, tenant) -> N
             json={"url": "http://no-such-host.invalid/"},
             headers=SERVICE,
         )
-        problem(reply, 422, "unresolvable-host", "url")  # even in development
+        problem(reply, 422, "unresolvable-host", "body.url")  # even in development
 
 
 async def test_unknown_event_type_and_bad_bodies(settings, pool, redis, tenant) -> None:
@@ -91,7 +91,7 @@ async def test_unknown_event_type_and_bad_bodies(settings, pool, redis, tenant) 
             json={"url": "http://127.0.0.1:9/", "events": ["alert.triggered", "alert.typo"]},
             headers=SERVICE,
         )
-        body = problem(reply, 422, "unknown-event-type", "events[1]")
+        body = problem(reply, 422, "unknown-event-type", "body.events[1]")
         assert "alert.typo" in body["detail"]
         missing = await run.client.post(path, json={"events": []}, headers=SERVICE)
         problem(missing, 422, "invalid-request", "body.url")
@@ -113,7 +113,7 @@ async def test_at_most_ten_endpoints(settings, pool, redis, tenant) -> None:
             json={"url": "http://127.0.0.1:9/11"},
             headers=SERVICE,
         )
-        body = problem(reply, 409, "too-many-endpoints", "url")
+        body = problem(reply, 409, "too-many-endpoints", "body.url")
         assert body["limit"] == 10
         deleted = await run.client.delete(
             f"/v1/customers/{customer}/webhook-endpoints/{made[0]['id']}", headers=SERVICE

@@ -53,7 +53,7 @@ def router(service: Accounts) -> APIRouter:
     async def signed_in(request: Request) -> Caller:
         caller = await auth.caller(credential(request), address(request))
         if caller.customer is None:
-            raise invalid_field("authorization", "use the customer's own API key here")
+            raise invalid_field("header.authorization", "use the customer's own API key here")
         await auth.require(caller, caller.customer, Scope.KEYS)
         return caller
 
@@ -77,7 +77,7 @@ def router(service: Accounts) -> APIRouter:
         service.admit_address(address(request))
         plan = await service.plan(body.plan)
         if not plan.public:
-            raise invalid_field("plan", f"plan {plan.id!r} is not offered at sign-up")
+            raise invalid_field("body.plan", f"plan {plan.id!r} is not offered at sign-up")
         actor = f"signup:{address(request)}"
         return await service.open_account(body.email, body.company, plan, actor)
 

@@ -107,7 +107,7 @@ class Accounts:
         self.auth = auth
         self.admit_address = admit_address
 
-    async def plan(self, plan_id: str, field: str = "plan") -> Plan:
+    async def plan(self, plan_id: str, field: str = "body.plan") -> Plan:
         async with self.pool.connection() as conn:
             found = await catalog.read_plan(conn, plan_id)
             if found is not None:

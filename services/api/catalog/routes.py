@@ -59,7 +59,7 @@ def router(service: Accounts) -> APIRouter:
     async def put_plan(plan_id: IdPath, plan: Plan) -> SavedPlan:
         if plan.id != plan_id:
             raise invalid_field(
-                "id", f"the body's id {plan.id!r} differs from the path's {plan_id!r}"
+                "body.id", f"the body's id {plan.id!r} differs from the path's {plan_id!r}"
             )
         async with pool.connection() as conn:
             meters = await catalog.meters(conn)
@@ -72,7 +72,7 @@ def router(service: Accounts) -> APIRouter:
                     plans,
                 )
             except ValueError as exc:
-                raise invalid_field("plan", str(exc)) from None
+                raise invalid_field("body", str(exc)) from None
             version = await store.save_plan(conn, plan, ACTOR)
             await accounts.audit(conn, ACTOR, "plan.saved", plan.id, version=version)
         moved = await projection.project_plan(redis, pool, plan.id)

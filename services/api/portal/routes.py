@@ -115,5 +115,5 @@ async def _meters(asked: list[str] | None, meters: MeterCache) -> tuple[str, ...
     for index, name in enumerate(asked):
         if name not in known:
             listed = ", ".join(sorted(known))
-            raise invalid_field(f"meters[{index}]", f"unknown meter {name!r}; known: {listed}")
+            raise invalid_field(f"body.meters[{index}]", f"unknown meter {name!r}; known: {listed}")
     return tuple(dict.fromkeys(asked))

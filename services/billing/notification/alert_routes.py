@@ -90,7 +90,7 @@ def router(pool: AsyncConnectionPool, access: Access, compiler: AlertCompiler) -
             same_meter = sum(r.meter == body.meter for r in await rules.listed(conn, customer))
             if same_meter >= MAX_RULES_PER_METER:
                 raise invalid_field(
-                    "meter",
+                    "body.meter",
                     f"{body.meter or 'the whole invoice'!r} has {MAX_RULES_PER_METER} rules"
                     " already; remove one",
                 )
@@ -129,12 +129,14 @@ async def _plan(conn: AsyncConnection, customer: str) -> Plan:
 async def _check(conn: AsyncConnection, plan: Plan, body: NewAlertRule) -> None:
     """Every way a rule can be wrong, each named by its field."""
     if body.meter is None and body.kind is not AlertKind.SPEND:
-        raise invalid_field("meter", f"a {body.kind} alert needs a meter (only spend may omit it)")
+        raise invalid_field(
+            "body.meter", f"a {body.kind} alert needs a meter (only spend may omit it)"
+        )
     if body.meter is not None and body.meter not in {m.name for m in await catalog.meters(conn)}:
-        raise invalid_field("meter", f"unknown meter {body.meter!r}")
+        raise invalid_field("body.meter", f"unknown meter {body.meter!r}")
     seen: set[Decimal] = set()
     for index, value in enumerate(body.thresholds):
-        field = f"thresholds[{index}]"
+        field = f"body.thresholds[{index}]"
         if value in seen:
             raise invalid_field(field, f"{value} is listed twice")
         seen.add(value)
@@ -145,18 +147,18 @@ async def _check(conn: AsyncConnection, plan: Plan, body: NewAlertRule) -> None:
         for index, value in enumerate(body.thresholds):
             if not reachable(plan, value):
                 raise invalid_field(
-                    f"thresholds[{index}]",
+                    f"body.thresholds[{index}]",
                     f"no usage brings the invoice to {value} {plan.currency} on plan {plan.id!r}",
                 )
         return
     try:
         compiled = rule_thresholds(plan, draft)
     except RuleError as exc:
-        raise invalid_field(exc.field, exc.reason) from None
+        raise invalid_field(f"body.{exc.field}", exc.reason) from None
     for index, threshold in enumerate(compiled):
         if threshold is None:
             raise invalid_field(
-                f"thresholds[{index}]",
+                f"body.thresholds[{index}]",
                 f"no usage of {body.meter!r} brings the invoice to"
                 f" {body.thresholds[index]} {plan.currency} on plan {plan.id!r}",
             )

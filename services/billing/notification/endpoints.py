@@ -54,7 +54,7 @@ def event_types(events: Sequence[str] | None) -> list[str] | None:
     for i, name in enumerate(events):
         if name not in known:
             raise invalid_field(
-                f"events[{i}]",
+                f"body.events[{i}]",
                 f"unknown event type {name!r}; known: {', '.join(sorted(known))}",
                 UNKNOWN_EVENT_TYPE,
             )
@@ -83,7 +83,7 @@ async def create(
                 TOO_MANY_ENDPOINTS,
                 f"a customer has at most {limit} webhook endpoints; delete one first",
                 limit=limit,
-                errors=[{"field": "url", "reason": f"over the limit of {limit} endpoints"}],
+                errors=[{"field": "body.url", "reason": f"over the limit of {limit} endpoints"}],
             )
     secret = signing.new_secret()
     inserted = await conn.cursor(row_factory=class_row(Endpoint)).execute(

@@ -22,7 +22,7 @@ from schemas.problem_types import (
 )
 from services.common.problems import invalid_field
 
-FIELD = "url"
+FIELD = "body.url"
 MAX_LENGTH = 2048
 RESOLVE_TIMEOUT_SECONDS = 5.0
 

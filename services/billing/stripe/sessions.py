@@ -56,14 +56,18 @@ class Sessions:
                 raise unknown_customer(customer)
             plan = await catalog.read_plan(conn, plan_id)
             if plan is None or not plan.public:
-                raise invalid_field("plan", f"no plan {plan_id!r} is offered")
+                raise invalid_field("body.plan", f"no plan {plan_id!r} is offered")
             if not charges(plan):
-                raise invalid_field("plan", f"plan {plan.id!r} is free: there is nothing to pay")
+                raise invalid_field(
+                    "body.plan", f"plan {plan.id!r} is free: there is nothing to pay"
+                )
             if tuple(account) == (plan.id, "active"):
                 raise Problem(ALREADY_SUBSCRIBED, f"already on {plan.id!r}")
             prices = await _stripe(stripe_mirror.sync_plan(conn, api, plan))
             if not prices:
-                raise invalid_field("plan", f"no price of plan {plan.id!r} is mirrored in Stripe")
+                raise invalid_field(
+                    "body.plan", f"no price of plan {plan.id!r} is mirrored in Stripe"
+                )
             stripe_customer = await _stripe(stripe_client.ensure_customer(conn, api, customer))
             await conn.commit()
         params = _checkout_params(plan, customer, stripe_customer, prices, now)
