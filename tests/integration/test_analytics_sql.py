@@ -178,6 +178,7 @@ async def test_the_admin_sees_everyone_or_narrows_to_one(world: World) -> None:
 async def test_a_service_token_acts_for_the_customer_it_names(world: World) -> None:
     reply = await world.sql("SELECT count() FROM events", "test-token")
     assert reply.status_code == 422 and "customer" in reply.json()["detail"]
+    assert [e["field"] for e in reply.json()["errors"]] == ["body.customer"]
     assert await world.rows("SELECT count() FROM events", "test-token", customer=world.b) == [[30]]
 
 

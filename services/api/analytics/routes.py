@@ -87,7 +87,7 @@ class Analytics:
         if caller.customer is None:
             if named is None:
                 raise invalid_field(
-                    "customer", "required with a service token: it acts for one customer"
+                    "body.customer", "required with a service token: it acts for one customer"
                 )
             return named
         await self._auth.require(caller, named or caller.customer, Scope.USAGE_READ)
