@@ -28,7 +28,7 @@ from services.api.usage.selection import Selection, SelectionError
 from services.common.auth import Authenticator, address, credential
 from services.common.meter_cache import MeterCache, MeterIndex
 from services.common.openapi import problem_responses
-from services.common.problems import Problem, invalid_field, invalid_parameter, invalid_request
+from services.common.problems import invalid_field, invalid_parameter, invalid_request
 from services.common.queries import single_values
 
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
@@ -161,7 +161,7 @@ class Usage:
         grouped = bool(selection.keep)
         top = _top(grouped, query.order_by, query.limit)
         if top is not None and found.aggregation is Aggregation.AVG:
-            raise _invalid(
+            raise invalid_parameter(
                 "order_by",
                 f"meter {found.name!r} averages: an average over several buckets needs their"
                 " counts, which are not kept; rank a sum or count meter instead",
@@ -179,7 +179,7 @@ class Usage:
                     customer, found, window, start, end, grouped, now, tz
                 )
             except ZoneError as exc:
-                raise _invalid("tz", str(exc)) from None
+                raise invalid_parameter("tz", str(exc)) from None
         if not selection.everything(found):
             found, cells = selection.narrow(found, cells)
         series: dict[str, Any] = {
@@ -240,15 +240,17 @@ def _meter(meters: MeterIndex, name: str) -> Meter:
     found = meters.by_name.get(name) or meters.archived.get(name)
     if found is None:
         known = ", ".join(m.name for m in meters.all)
-        raise _invalid("meter", f"unknown meter {name!r}; known meters: {known}")
+        raise invalid_parameter("meter", f"unknown meter {name!r}; known meters: {known}")
     return found
 
 
 def _aware(field: str, moment: datetime) -> datetime:
     if moment.tzinfo is None:
-        raise _invalid(field, "must carry a UTC offset (RFC 3339), e.g. 2026-11-01T00:00:00Z")
+        raise invalid_parameter(
+            field, "must carry a UTC offset (RFC 3339), e.g. 2026-11-01T00:00:00Z"
+        )
     if not EARLIEST <= moment < END_OF_TIME:
-        raise _invalid(field, f"must lie between {EARLIEST:%Y} and {END_OF_TIME.year - 1}")
+        raise invalid_parameter(field, f"must lie between {EARLIEST:%Y} and {END_OF_TIME.year - 1}")
     return moment
 
 
@@ -265,9 +267,9 @@ def _zone(
             zones.local_buckets(Window.DAY, start, end, tz)  # refuses a :30 or :45 zone
             return tz
     except ZoneError as exc:
-        raise _invalid("tz", str(exc)) from None
+        raise invalid_parameter("tz", str(exc)) from None
     if tz is not None and meter.aggregation not in zones.COMPOSABLE:
-        raise _invalid(
+        raise invalid_parameter(
             "tz",
             f"meter {meter.name!r} aggregates with {meter.aggregation}: it does not compose"
             " from hours, so its days and months are served in UTC only",
@@ -277,14 +279,14 @@ def _zone(
 
 def _check_range(window: Window, start: datetime, end: datetime, now: datetime) -> None:
     if start >= end:
-        raise _invalid("from", "must be before `to`")
+        raise invalid_parameter("from", "must be before `to`")
     if window in (Window.MINUTE, Window.HOUR) and start < now - RETENTION[window]:
         hours = int(RETENTION[window].total_seconds() // 3600)
-        raise _invalid(
+        raise invalid_parameter(
             "from", f"{window.value} buckets are kept for {hours} hours; use a coarser window"
         )
     if len(list(islice(buckets(window, start, end), MAX_BUCKETS + 1))) > MAX_BUCKETS:
-        raise _invalid(
+        raise invalid_parameter(
             "from", f"the range spans more than {MAX_BUCKETS} {window.value}s, the limit"
         )
 
@@ -295,26 +297,22 @@ def _grouping(meter: Meter, group_by: str | None) -> Selection:
     try:
         return Selection.of(meter, asked, {})
     except SelectionError as exc:
-        raise _invalid("group_by", str(exc)) from None
+        raise invalid_parameter("group_by", str(exc)) from None
 
 
 def _top(grouped: bool, order_by: str | None, limit: str | None) -> int | None:
     """How many groups ``order_by=value`` keeps; ``None`` when the series is not ranked."""
     if order_by is None:
         if limit is not None:
-            raise _invalid("limit", "only with order_by=value")
+            raise invalid_parameter("limit", "only with order_by=value")
         return None
     if order_by != "value":
-        raise _invalid("order_by", f"must be 'value'; got {order_by!r}")
+        raise invalid_parameter("order_by", f"must be 'value'; got {order_by!r}")
     if not grouped:
-        raise _invalid("order_by", "ranks groups: needs group_by")
+        raise invalid_parameter("order_by", "ranks groups: needs group_by")
     if limit is None:
         return DEFAULT_LIMIT
     digits = limit.isascii() and limit.isdigit() and len(limit) <= 4
     if not digits or not 1 <= int(limit) <= ranking.MAX_LIMIT:
-        raise _invalid("limit", f"must be a whole number from 1 to {ranking.MAX_LIMIT}")
+        raise invalid_parameter("limit", f"must be a whole number from 1 to {ranking.MAX_LIMIT}")
     return int(limit)
-
-
-def _invalid(name: str, reason: str) -> Problem:
-    return invalid_parameter(name, reason)
