@@ -107,13 +107,14 @@ class Accounts:
         self.auth = auth
         self.admit_address = admit_address
 
-    async def plan(self, plan_id: str, field: str = "body.plan") -> Plan:
+    async def plan(self, plan_id: str) -> Plan:
+        """The plan a request body names (``body.plan``); 422 listing those there are."""
         async with self.pool.connection() as conn:
             found = await catalog.read_plan(conn, plan_id)
             if found is not None:
                 return found
             known = [p.id for p in await catalog.read_plans(conn)]
-        raise invalid_field(field, f"unknown plan {plan_id!r}; plans: {', '.join(known)}")
+        raise invalid_field("body.plan", f"unknown plan {plan_id!r}; plans: {', '.join(known)}")
 
     async def customer(self, customer_id: str) -> Customer:
         async with self.pool.connection() as conn:
