@@ -152,7 +152,7 @@ def _event(e: EventLike) -> dict[str, Any]:
         "id": e.id,
         "source": e.source,
         "type": e.type,
-        "time": e.time.isoformat(),
+        "time": e.time,  # orjson writes isoformat()'s text, in a tenth of its time
         "value": str(e.value),
         "dims": dimensions,
     }

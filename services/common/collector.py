@@ -11,9 +11,14 @@ after the pause sees only what is still alive then.
 
 from __future__ import annotations
 
+import functools
 import gc
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from typing import ParamSpec, TypeVar
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 @contextmanager
@@ -33,3 +38,16 @@ def collector_paused() -> Iterator[None]:
         yield
     finally:
         gc.enable()
+
+
+def without_collection(work: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """``work`` (a coroutine function) run with the collector paused until it has returned:
+    what it allocated and dropped is freed with its frame before collection comes back on.
+    Decorate the function that makes a batch and lets it go, not one that returns it."""
+
+    @functools.wraps(work)
+    async def paused(*args: P.args, **kwargs: P.kwargs) -> T:
+        with collector_paused():
+            return await work(*args, **kwargs)
+
+    return paused

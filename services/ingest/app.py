@@ -44,7 +44,7 @@ from schemas.problem_types import (
 from services.common import metrics
 from services.common.auth import Authenticator
 from services.common.bodies import check_declared, too_large
-from services.common.collector import collector_paused
+from services.common.collector import without_collection
 from services.common.logging import get_logger
 from services.common.meter_cache import MeterCache
 from services.common.openapi import InvalidField, component_schemas, problem_responses, ref
@@ -233,14 +233,21 @@ def router(ingest: Ingest) -> APIRouter:
             return await _binary(ingest, request, subject)
         kind = parsing.media_type(request.headers.get("content-type"))
         body = await ingest.read_body(request)
-        with collector_paused():
-            raw_items = parsing.items(body, kind, ingest.settings.max_batch_events)
-            received_at = utcnow()
-            verdicts = await ingest.judge(raw_items, received_at, subject)
-            minimal = prefers_minimal(request.headers.get("prefer"))
-            return await publish(ingest, verdicts, received_at, minimal)
+        minimal = prefers_minimal(request.headers.get("prefer"))
+        return await _batch(ingest, body, kind, subject, minimal)
 
     return api
+
+
+@without_collection
+async def _batch(
+    ingest: Ingest, body: bytes, kind: str, subject: str | None, minimal: bool
+) -> Response:
+    """A request's events judged and published, with no garbage collection meanwhile."""
+    raw_items = parsing.items(body, kind, ingest.settings.max_batch_events)
+    received_at = utcnow()
+    verdicts = await ingest.judge(raw_items, received_at, subject)
+    return await publish(ingest, verdicts, received_at, minimal)
 
 
 async def admit(ingest: Ingest, request: Request) -> str | None:

@@ -9,6 +9,7 @@ validation, de-duplication and dead-letter path as ``/v1/events``.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -16,9 +17,10 @@ import jiter
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from schemas.catalog import Meter
 from schemas.events import UsageEvent, utcnow
 from schemas.problem_types import EVENTS_REFUSED
-from services.common.collector import collector_paused
+from services.common.collector import without_collection
 from services.common.openapi import problem_responses, ref
 from services.common.problems import Problem
 from services.ingest import lago, parsing
@@ -140,23 +142,23 @@ def _is_lago(body: bytes) -> bool:
     return not isinstance(parsed, list)
 
 
+@without_collection
 async def _openmeter(ingest: Ingest, body: bytes, kind: str, subject: str | None) -> Response:
     """OpenMeter's answers: 204 with no body once the events are stored; 400 for a request
     holding an invalid event, of which nothing is stored (the invalid events still reach
     the DLQ).  As OpenMeter does, an event without ``time`` happened when it arrived."""
-    with collector_paused():
-        raw_items = parsing.items(body, kind, ingest.settings.max_batch_events)
-        received_at = utcnow()
-        stamped = [_timed(item, received_at) for item in raw_items]
-        verdicts = await ingest.judge(stamped, received_at, subject)
-        rejected = await _refused(ingest, verdicts, received_at)
-        if rejected:
-            raise Problem(
-                EVENTS_REFUSED,
-                f"{first_rejection(rejected)}; nothing of the request was stored",
-                results=[v.summary() for v in rejected],
-            )
-        await publish(ingest, verdicts, received_at, True)
+    raw_items = parsing.items(body, kind, ingest.settings.max_batch_events)
+    received_at = utcnow()
+    stamped = [_timed(item, received_at) for item in raw_items]
+    verdicts = await ingest.judge(stamped, received_at, subject)
+    rejected = await _refused(ingest, verdicts, received_at)
+    if rejected:
+        raise Problem(
+            EVENTS_REFUSED,
+            f"{first_rejection(rejected)}; nothing of the request was stored",
+            results=[v.summary() for v in rejected],
+        )
+    await publish(ingest, verdicts, received_at, True)
     return Response(status_code=204)
 
 
@@ -191,10 +193,23 @@ async def _lago(ingest: Ingest, body: bytes, subject: str | None, batch: bool) -
         return lago.unprocessable({"events": ["too_many_events"]})
     received_at = utcnow()
     meters = (await ingest.meters.meters()).by_name if ingest.meters is not None else {}
-    with collector_paused():
-        raws = [lago.cloudevent(event, received_at, meters) for event in events]
-        verdicts = await ingest.judge(raws, received_at, subject)
-        if await _refused(ingest, verdicts, received_at):
-            return lago.unprocessable(lago.error_details(verdicts, events, batch))
-        await publish(ingest, verdicts, received_at, True)
-    return lago.answer([e for e in events if isinstance(e, dict)], received_at, batch)
+    refusal = await _lago_stored(ingest, events, received_at, meters, subject, batch)
+    return refusal or lago.answer([e for e in events if isinstance(e, dict)], received_at, batch)
+
+
+@without_collection
+async def _lago_stored(
+    ingest: Ingest,
+    events: list[Any],
+    received_at: datetime,
+    meters: Mapping[str, Meter],
+    subject: str | None,
+    batch: bool,
+) -> Response | None:
+    """Lago's events judged and stored whole, else Lago's 422 saying why (the answer)."""
+    raws = [lago.cloudevent(event, received_at, meters) for event in events]
+    verdicts = await ingest.judge(raws, received_at, subject)
+    if await _refused(ingest, verdicts, received_at):
+        return lago.unprocessable(lago.error_details(verdicts, events, batch))
+    await publish(ingest, verdicts, received_at, True)
+    return None

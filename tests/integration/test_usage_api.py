@@ -170,7 +170,11 @@ async def test_meters_are_listed(api: httpx.AsyncClient) -> None:
             "query.from",
             "must carry a UTC offset",
         ),
-        ({"meter": "api_calls", "from": "yesterday"}, "query.from", "valid datetime"),
+        ({"meter": "api_calls", "from": "yesterday"}, "query.from", "RFC 3339 date-time"),
+        ({"meter": "api_calls", "from": "1796000000"}, "query.from", "RFC 3339 date-time"),
+        ({"meter": "api_calls", "to": "1796000000000"}, "query.to", "RFC 3339 date-time"),
+        ({"meter": "api_calls", "to": "2026-11-01"}, "query.to", "RFC 3339 date-time"),
+        ({"meter": "api_calls", "to": "2026-11-01T25:00:00Z"}, "query.to", "valid datetime"),
         (
             {"meter": "api_calls", "from": "2026-11-21T00:00:00Z", "to": "2026-11-20T00:00:00Z"},
             "query.from",
