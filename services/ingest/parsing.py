@@ -161,6 +161,11 @@ async def judge(
     return verdicts
 
 
+_validate = UsageEvent.__pydantic_validator__.validate_python
+"""``UsageEvent.model_validate`` without its Python wrapper (0.6 to 1 µs an event, of
+about 10): the same validator, the same ``ValidationError``."""
+
+
 def _judge_one(index: int, raw: Any, accepting: Accepting) -> Verdict:
     if not isinstance(raw, dict):
         return Verdict(
@@ -172,7 +177,7 @@ def _judge_one(index: int, raw: Any, accepting: Accepting) -> Verdict:
         if isinstance(given, tuple):
             return Verdict(index, Status.REJECTED, raw=raw, errors=[FieldError(*given)])
     try:
-        event = UsageEvent.model_validate(given)
+        event: UsageEvent = _validate(given)
     except ValidationError as exc:
         errors = [FieldError(field_path(tuple(e["loc"])), reason(e)) for e in exc.errors()]
         return Verdict(index, Status.REJECTED, raw=raw, errors=errors)
