@@ -162,8 +162,8 @@ async def judge(
 
 
 _validate = UsageEvent.__pydantic_validator__.validate_python
-"""``UsageEvent.model_validate`` without its Python wrapper (0.6 to 1 µs an event, of
-about 10): the same validator, the same ``ValidationError``."""
+"""``UsageEvent.model_validate`` without its Python wrapper (its keyword checks, about
+0.3 to 0.5 µs an event of 6 to 10): the same validator, the same ``ValidationError``."""
 
 
 def _judge_one(index: int, raw: Any, accepting: Accepting) -> Verdict:
