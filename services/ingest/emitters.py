@@ -194,7 +194,9 @@ async def _lago(ingest: Ingest, body: bytes, subject: str | None, batch: bool) -
     received_at = utcnow()
     meters = (await ingest.meters.meters()).by_name if ingest.meters is not None else {}
     refusal = await _lago_stored(ingest, events, received_at, meters, subject, batch)
-    return refusal or lago.answer([e for e in events if isinstance(e, dict)], received_at, batch)
+    if refusal is not None:
+        return refusal
+    return lago.answer([e for e in events if isinstance(e, dict)], received_at, batch)
 
 
 @without_collection
