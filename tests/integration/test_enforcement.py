@@ -738,6 +738,10 @@ async def test_admin_and_key_bad_inputs(api: httpx.AsyncClient) -> None:
         await field(await api.post("/v1/keys", json={"expires_at": past}, headers=keys), 422)
         == "body.expires_at"
     )
+    for epoch in (1796000000, "1796000000"):  # not read as seconds since 1970
+        refused = await api.post("/v1/keys", json={"expires_at": epoch}, headers=keys)
+        assert await field(refused, 422) == "body.expires_at"
+        assert "RFC 3339" in refused.json()["errors"][0]["reason"]
     assert (
         await field(await api.post("/v1/keys", json={"scopes": []}, headers=keys), 422)
         == "body.scopes"

@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 
 from schemas import notifications
 from schemas.api_keys import ALL_SCOPES, Environment, Holder, Scope
+from schemas.date_times import RFC3339
 from schemas.events import utcnow
 from schemas.notifications import Notification
 from schemas.plans import Plan
@@ -45,7 +46,7 @@ class NewKeyRequest(BaseModel):
 
     name: Annotated[str, Field(max_length=100)] = ""
     scopes: Annotated[list[Scope], Field(min_length=1)] = list(ALL_SCOPES)
-    expires_at: AwareDatetime | None = None
+    expires_at: Annotated[AwareDatetime | None, RFC3339] = None
     environment: Environment = Environment.LIVE
 
     @field_validator("expires_at")

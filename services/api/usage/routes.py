@@ -11,12 +11,13 @@ from zoneinfo import ZoneInfo
 import orjson
 from fastapi import APIRouter, Path, Query, Request, Response
 from psycopg_pool import AsyncConnectionPool
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from redis.asyncio import Redis
 from starlette.routing import Route
 
 from schemas.api_keys import Scope
 from schemas.catalog import Aggregation, Meter
+from schemas.date_times import RFC3339
 from schemas.events import CUSTOMER_ID_PATTERN, utcnow
 from schemas.problem_types import INVALID_PARAMETER
 from schemas.text import control_character
@@ -41,9 +42,6 @@ DEFAULT_SPAN = {
 }
 DEFAULT_LIMIT = 10
 Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"})]  # RFC 3339
-_DATE_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ]")
-"""How an RFC 3339 date-time starts: what ``from`` and ``to`` must look like before
-pydantic reads them, since its lax datetime also takes ``1796000000`` as epoch seconds."""
 
 
 class MeterList(BaseModel):
@@ -89,8 +87,12 @@ class UsageQuery(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=False)
 
     meter: str = Field(description="Meter name, e.g. api_calls")
-    from_: datetime | None = Field(None, alias="from", description="RFC 3339, inclusive")
-    to: datetime | None = Field(None, description="RFC 3339, exclusive; default now")
+    from_: Annotated[datetime | None, RFC3339] = Field(
+        None, alias="from", description="RFC 3339, inclusive"
+    )
+    to: Annotated[datetime | None, RFC3339] = Field(
+        None, description="RFC 3339, exclusive; default now"
+    )
     window: Window = Window.DAY
     group_by: str | None = Field(
         None, description="Comma-separated dimensions: the meter's group_by"
@@ -113,15 +115,6 @@ class UsageQuery(BaseModel):
         " days and months of sum, count, max and min meters. Minute and hour buckets are"
         " the same in every whole-hour zone: shown in its offset.",
     )
-
-    @field_validator("from_", "to", mode="before")
-    @classmethod
-    def _date_time(cls, given: object) -> object:
-        """Only an RFC 3339 date-time: a number would be read as epoch seconds or
-        milliseconds by its size, a guess a range must not rest on."""
-        if isinstance(given, str) and not _DATE_TIME.match(given):
-            raise ValueError("must be an RFC 3339 date-time, e.g. 2026-11-01T00:00:00Z")
-        return given
 
 
 USAGE_PATH = "/v1/customers/{customer}/usage"
