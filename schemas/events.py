@@ -27,6 +27,7 @@ from pydantic import (
 
 from schemas import paths
 from schemas.corrections import RESERVED_TYPE_PREFIX
+from schemas.date_times import RFC3339
 from schemas.text import PRINTABLE_PATTERN, control_character
 
 VALUE_DECIMALS = 6
@@ -56,7 +57,9 @@ def _utc(moment: datetime) -> datetime:
         raise ValueError("is outside the range of representable times") from None
 
 
-UtcDatetime = Annotated[AwareDatetime, AfterValidator(_utc)]
+UtcDatetime = Annotated[AwareDatetime, RFC3339, AfterValidator(_utc)]
+"""A time a client sends: RFC 3339 text with an offset (a number is refused, not read as
+seconds since 1970), kept in UTC."""
 NonEmpty = Annotated[str, Field(min_length=1, max_length=256, pattern=PRINTABLE_PATTERN)]
 CustomerId = Annotated[str, Field(pattern=CUSTOMER_ID_PATTERN)]
 """A customer's id, wherever a body names one (paths use the same pattern)."""

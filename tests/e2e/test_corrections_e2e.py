@@ -21,6 +21,8 @@ from services.common.settings import Settings
 from tests.conftest import up_env
 from tests.support import TallyProcess, wait_for
 
+NOT_RFC_3339 = "must be an RFC 3339 date-time, e.g. 2026-11-01T00:00:00Z"
+
 pytestmark = pytest.mark.slow
 ADMIN = "e2e-admin-token"
 PATH = "/v1/customers/{}/usage/corrections"
@@ -118,6 +120,8 @@ def test_a_correction_counts_once_live_and_in_rollups(
             assert problem["errors"][0]["field"] == "body.time"
             problem = _refused(client, path, good | {"time": "2026-11-01T00:00:00"}, 422)
             assert problem["errors"][0]["field"] == "body.time"
+            problem = _refused(client, path, good | {"time": int(now.timestamp())}, 422)
+            assert problem["errors"] == [{"field": "body.time", "reason": NOT_RFC_3339}]
             assert client.post(path, json=good, headers={"Authorization": ""}).status_code == 401
 
             made = client.post(path, json=good)

@@ -329,6 +329,20 @@ async def test_times_beyond_the_calendar_are_rejected_not_a_500(
     assert body["results"][0]["errors"][0]["field"] == "time"
 
 
+async def test_an_event_time_given_as_a_number_is_refused_not_guessed(
+    client: httpx.AsyncClient, tenant: str
+) -> None:
+    """Seconds or milliseconds since 1970, a number or digits in a string: pydantic would
+    guess which by size and count the event in whatever month that lands on."""
+    late = [event(tenant, time=1796000000), event(tenant, time="1796000000000")]
+    response = await post(client, [*late, event(tenant)])
+    assert response.status_code == 202
+    body = response.json()
+    assert [r["status"] for r in body["results"]] == ["rejected", "rejected", "accepted"]
+    reason = "must be an RFC 3339 date-time, e.g. 2026-11-01T00:00:00Z"
+    assert [r["errors"] for r in body["results"][:2]] == [[{"field": "time", "reason": reason}]] * 2
+
+
 async def test_a_gzipped_batch_is_accepted(client: httpx.AsyncClient, tenant: str) -> None:
     body = gzip.compress(orjson.dumps([event(tenant) for _ in range(20)]))
     response = await client.post(

@@ -61,6 +61,30 @@ def test_naive_time_rejected() -> None:
         UsageEvent.model_validate(event(time="2026-11-03T10:15:30"))
 
 
+@pytest.mark.parametrize(
+    "moment",
+    [1796000000, 1796000000000, 1796000000.5, "1796000000", "2026-11-03", True, None],
+)
+def test_time_other_than_rfc_3339_text_is_refused_naming_it(moment: Any) -> None:
+    """pydantic alone would read 1796000000 as 2026-11-30T00:53:20Z (seconds since 1970,
+    or milliseconds, guessed by size): CloudEvents' time is RFC 3339 text."""
+    with pytest.raises(ValidationError) as info:
+        UsageEvent.model_validate(event(time=moment))
+    (error,) = info.value.errors()
+    assert error["loc"] == ("time",)
+    if moment is not None:
+        assert "must be an RFC 3339 date-time" in error["msg"]
+
+
+@pytest.mark.parametrize(
+    "text", ["2026-11-03T10:15:30Z", "2026-11-03t10:15:30.5z", "2026-11-03 11:15:30+01:00"]
+)
+def test_time_in_each_rfc_3339_spelling_is_accepted(text: str) -> None:
+    assert UsageEvent.model_validate(event(time=text)).time == datetime(
+        2026, 11, 3, 10, 15, 30, 500000 if ".5" in text else 0, tzinfo=UTC
+    )
+
+
 def test_time_normalised_to_utc() -> None:
     parsed = UsageEvent.model_validate(event(time="2026-11-03T11:15:30+01:00"))
     assert parsed.time == datetime(2026, 11, 3, 10, 15, 30, tzinfo=UTC)
