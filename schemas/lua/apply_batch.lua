@@ -68,8 +68,23 @@ if #digests > 0 then
   chunks('SADD', current_seen)
   redis.call('EXPIREAT', current_seen, ARGV[4])
 end
-if redis.call('HLEN', KEYS[2]) > 0 then  -- settle the reservations these events close
-  for _, d in ipairs(digests) do release(KEYS[2], KEYS[3], KEYS[4], d) end
+-- Settle the reservations these events close.  Most events close none (a lease's events
+-- settle the lease, by its id, below), so each chunk of digests is looked up in one
+-- call, not one per digest; the few found are released as release.lua does one.
+if redis.call('HLEN', KEYS[2]) > 0 then
+  for first = 1, #digests, CHUNK do
+    local last = math.min(first + CHUNK - 1, #digests)
+    local closed = {}
+    for j, r in ipairs(redis.call('HMGET', KEYS[2], unpack(digests, first, last))) do
+      if r then
+        local meter, amount = holding(r)
+        if amount ~= '0' then redis.call('HINCRBY', KEYS[4], meter, '-' .. amount) end
+        closed[#closed + 1] = digests[first + j - 1]
+      end
+    end
+    if #closed > 0 then redis.call('HDEL', KEYS[2], unpack(closed)) end
+    redis.call('ZREM', KEYS[3], unpack(digests, first, last))
+  end
 end
 local i = first_op
 while i <= #ARGV do

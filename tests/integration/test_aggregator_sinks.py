@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from schemas import envelope, redis_keys
 from schemas.catalog import Meter
 from schemas.envelope import StoredEvent
-from schemas.events import from_micros, utcnow
+from schemas.events import VALUE_SCALE, from_micros, utcnow
 from schemas.windows import Window, bucket_id
 from services.aggregator.clickhouse_sink import ClickHouseSink
 from services.aggregator.dedupe import DedupeWindow
@@ -265,6 +265,39 @@ async def test_a_share_of_thousands_of_events_is_checked_and_marked_whole(
     assert await redis.smismember(current, digests) == [1] * len(digests)
     assert await redis.hget(key, "*") == b"2500000000"
     assert 0 < await redis.ttl(current) <= 600
+
+
+async def test_the_reservations_a_share_closes_are_released_in_every_chunk(
+    redis: Redis, tenant: str
+) -> None:
+    """Reservations are looked up a thousand digests at a time: one named in any chunk is
+    released (its units leave what is held; it leaves the hash and the expiries), while a
+    reservation no event names and a lease's record stay as they were."""
+    customer = f"{tenant}-r"
+    sink = RedisSink(redis)
+    reservations = redis_keys.reservations(customer)
+    expiries = redis_keys.reservation_expiries(customer)
+    held = redis_keys.held(customer)
+    digests = [n.to_bytes(8, "big") for n in range(2_500)]
+    closed = [digests[0], digests[999], digests[1_000], digests[2_499]]
+    waiting, lease = (2_500).to_bytes(8, "big"), b"ls_AAAAAAAAAAAAAAAA"
+    record = {d: f"api_calls|{2 * VALUE_SCALE}" for d in [*closed, waiting]}
+    record[lease] = f"api_calls|{5 * VALUE_SCALE}|5|1|1"
+    await redis.hset(reservations, mapping=record)  # type: ignore[arg-type]
+    deadline = int(utcnow().timestamp() * 1000) + 60_000
+    await redis.zadd(expiries, dict.fromkeys(record, deadline))
+    await redis.hset(held, "api_calls", 15 * VALUE_SCALE)
+    key = redis_keys.counters(customer, "api_calls", Window.DAY, "20261121")
+    ops = CounterOps()
+    ops.sums[(key, "*")] = 2_500 * VALUE_SCALE
+    ops.expiry[key] = int(utcnow().timestamp()) + 600
+    seen = [redis_keys.seen(customer, "2"), redis_keys.seen(customer, "1")]
+    share = Apply(customer, "t/0", None, 4, seen, int(utcnow().timestamp()) + 600, digests, ops)
+    assert await sink.apply([share]) == [(Outcome.APPLIED, set(), 0)]
+    assert await redis.hget(held, "api_calls") == str(7 * VALUE_SCALE).encode()
+    assert set(await redis.hkeys(reservations)) == {waiting, lease}
+    assert set(await redis.zrange(expiries, 0, -1)) == {waiting, lease}
+    assert await redis.hget(reservations, lease) == record[lease].encode()
 
 
 async def test_an_unreadable_record_goes_to_the_dead_letters_and_the_rest_is_counted(
