@@ -15,6 +15,7 @@ from datetime import datetime
 from pydantic import BeforeValidator
 
 EXAMPLE = "2026-11-01T00:00:00Z"
+NOT_RFC3339 = f"must be an RFC 3339 date-time, e.g. {EXAMPLE}"
 _SEPARATORS = ("T", "t", " ")
 """Between an RFC 3339 date and its time: a date-time is ``YYYY-MM-DD`` then one of these,
 where seconds since 1970 (digits) or a bare date have none; pydantic reads the rest,
@@ -29,7 +30,7 @@ def rfc3339(given: object) -> object:
             return given
     elif given is None or isinstance(given, datetime):
         return given
-    raise ValueError(f"must be an RFC 3339 date-time, e.g. {EXAMPLE}")
+    raise ValueError(NOT_RFC3339)
 
 
 RFC3339 = BeforeValidator(rfc3339)

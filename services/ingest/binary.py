@@ -19,7 +19,7 @@ import jiter
 
 from schemas.problem_types import MALFORMED_JSON, UNSUPPORTED_MEDIA_TYPE
 from services.common.bodies import is_json
-from services.common.problems import Problem
+from services.common.problems import Problem, invalid_field
 
 PREFIX = "ce-"
 
@@ -33,12 +33,18 @@ def is_binary(headers: Mapping[str, str]) -> bool:
 
 def binary_event(headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
     """The structured event a binary-mode request stands for: every ``ce-*`` header
-    (percent-decoded, as the binding asks) an attribute, the body its ``data``."""
-    event: dict[str, Any] = {
-        name[len(PREFIX) :].lower(): unquote(value)
-        for name, value in headers.items()
-        if name.lower().startswith(PREFIX)
-    }
+    (percent-decoded, as the binding asks) an attribute, the body its ``data``.  A header
+    given twice is refused, not settled by order (Starlette's ``items()`` lists each
+    copy)."""
+    event: dict[str, Any] = {}
+    for name, value in headers.items():
+        name = name.lower()
+        if not name.startswith(PREFIX):
+            continue
+        attribute = name[len(PREFIX) :]
+        if attribute in event:
+            raise invalid_field(name, "is given twice; an attribute has one value")
+        event[attribute] = _percent_decoded(name, value)
     content_type = headers.get("content-type")
     if not is_json(content_type):
         raise Problem(
@@ -55,6 +61,19 @@ def binary_event(headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
                 MALFORMED_JSON, f"binary mode: the body is not valid JSON: {exc}"
             ) from exc
     return event
+
+
+def _percent_decoded(name: str, value: str) -> str:
+    """A header's value percent-decoded as UTF-8.  Bytes that are not UTF-8 are refused
+    rather than replaced: replaced, ``%FE`` and ``%FF`` would both read as U+FFFD and two
+    events with different ids would be counted as one (a ``%`` not followed by two hex
+    digits stays as written, as ``unquote`` leaves it)."""
+    try:
+        return unquote(value, errors="strict")
+    except UnicodeDecodeError:
+        raise invalid_field(
+            name, "is not percent-encoded UTF-8 (CloudEvents HTTP binding, section 3.1.3.2)"
+        ) from None
 
 
 def header_name(field: str) -> str:

@@ -31,6 +31,7 @@ import orjson
 from fastapi.responses import Response
 
 from schemas.catalog import Meter
+from schemas.date_times import NOT_RFC3339
 from services.ingest import parsing
 
 SOURCE = "lago"
@@ -116,11 +117,18 @@ def _details(verdict: parsing.Verdict, event: Any) -> dict[str, list[str]]:
     for error in verdict.errors:
         head, dot, rest = error.field.partition(".")
         name = fields.get(head, head) + dot + rest
-        missing = error.reason.lower().startswith("field required")
-        details.setdefault(name or "event", []).append(
-            "value_is_mandatory" if missing else error.reason
-        )
+        details.setdefault(name or "event", []).append(_reason(head, error.reason))
     return details
+
+
+def _reason(field: str, reason: str) -> str:
+    """A reason in Lago's terms: its word for a missing field, and what its
+    ``timestamp`` is (Unix seconds) where Tally's ``time`` would ask for RFC 3339."""
+    if reason.lower().startswith("field required"):
+        return "value_is_mandatory"
+    if field == "time" and reason.removeprefix("Value error, ") == NOT_RFC3339:
+        return "must be Unix seconds: a number or a numeric string"
+    return reason
 
 
 def _json(body: dict[str, Any], status: int = 200) -> Response:

@@ -108,6 +108,27 @@ async def test_binary_mode_without_a_required_attribute_names_its_header(
     assert body_["results"][0]["errors"] == [{"field": "ce-subject", "reason": "Field required"}]
 
 
+async def test_binary_mode_refuses_an_attribute_that_is_not_utf_8_or_given_twice(
+    client: httpx.AsyncClient, tenant: str
+) -> None:
+    """Decoded with replacement, ``%FE`` and ``%FF`` would both read as U+FFFD: two ids
+    would become one and the second event would be dropped as a duplicate of the first."""
+    headers, body = to_binary(cloudevent(tenant, {"value": 1}))
+    for ident in ("evt%FE", "evt%FF", "evt%C0"):
+        response = await client.post("/v1/events", headers=headers | {"ce-id": ident}, content=body)
+        (error,) = problem(response, 422)["errors"]
+        assert error["field"] == "ce-id"
+        assert error["reason"].startswith("is not percent-encoded UTF-8")
+    twice = [*headers.items(), ("ce-subject", f"{tenant}-other")]
+    response = await client.post("/v1/events", headers=twice, content=body)
+    reason = "is given twice; an attribute has one value"
+    assert problem(response, 422)["errors"] == [{"field": "ce-subject", "reason": reason}]
+    encoded = headers | {"ce-id": "evt%C3%A9%20%25"}
+    response = await client.post("/v1/events", headers=encoded, content=body)
+    assert response.status_code == 202, response.text
+    assert response.json()["results"][0]["id"] == "evt\u00e9 %"
+
+
 async def test_binary_mode_refuses_data_that_is_not_json(
     client: httpx.AsyncClient, tenant: str
 ) -> None:
@@ -217,6 +238,7 @@ async def test_a_lago_batch_with_one_bad_event_is_refused_whole(
     assert response.status_code == 422
     details = response.json()["error_details"]
     assert set(details) == {"1"} and set(details["1"]) == {"timestamp", "properties.value"}
+    assert details["1"]["timestamp"] == ["must be Unix seconds: a number or a numeric string"]
     assert await _find_in_topic(settings, topics.EVENTS, good["transaction_id"]) is None
 
 

@@ -81,6 +81,11 @@ async def test_listing_invoices_and_who_may_read_them(settings, pool, redis, ten
             f"/v1/customers/{customer}/invoices", params={"limit": 0}, headers=SERVICE
         )
         unknown = await client.get("/v1/customers/nobody-at-all/invoices/upcoming", headers=SERVICE)
+        unknown_lists = [
+            await client.get(f"/v1/customers/nobody-at-all/{what}", headers=SERVICE)
+            for what in ("invoices", "credit-notes")
+        ]
+        known_notes = await client.get(f"/v1/customers/{customer}/credit-notes", headers=SERVICE)
 
     assert listed.status_code == 200
     periods = [(i["period"], i["status"], i["total"]) for i in listed.json()["invoices"]]
@@ -94,3 +99,7 @@ async def test_listing_invoices_and_who_may_read_them(settings, pool, redis, ten
     assert bad_status.status_code == 422 and "status" in bad_status.text
     assert bad_limit.status_code == 422 and "limit" in bad_limit.text
     assert unknown.status_code == 404 and unknown.json()["type"].endswith("unknown-customer")
+    # an empty list would read as "no invoices yet" for a misspelt customer
+    for reply in unknown_lists:
+        assert reply.status_code == 404 and reply.json()["type"].endswith("unknown-customer")
+    assert known_notes.status_code == 200 and known_notes.json() == {"credit_notes": []}

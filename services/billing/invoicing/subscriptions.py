@@ -26,6 +26,13 @@ _SUBSCRIPTIONS = """
 """
 
 
+async def exists(conn: AsyncConnection, customer: str) -> bool:
+    """Whether Tally knows ``customer``: a list of none of its invoices (or endpoints)
+    for one it does not is a 404, not an empty list."""
+    cur = await conn.execute("SELECT 1 FROM customers WHERE id = %s", (customer,))
+    return await cur.fetchone() is not None
+
+
 @dataclass(frozen=True, slots=True)
 class Subscription:
     customer: str

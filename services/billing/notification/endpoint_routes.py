@@ -22,6 +22,7 @@ from schemas.events import CUSTOMER_ID_PATTERN, utcnow
 from schemas.notifications import Notification, NotificationType
 from schemas.text import PRINTABLE_PATTERN
 from schemas.webhook_endpoints import EndpointList, EndpointOut
+from services.billing.invoicing import subscriptions
 from services.billing.notification import endpoints, urls
 from services.billing.notification.access import Access
 from services.billing.notification.endpoints import Endpoint
@@ -61,7 +62,7 @@ def router(
     async def create(conn: AsyncConnection, customer: str | None, body: EndpointIn) -> Response:
         events = endpoints.event_types(body.events)
         url = await urls.check(body.url, development)
-        if customer is not None and not await _exists(conn, customer):
+        if customer is not None and not await subscriptions.exists(conn, customer):
             raise unknown_customer(customer)
         made, secret = await endpoints.create(
             conn, customer, url, events, settings.webhook_max_endpoints
@@ -247,8 +248,3 @@ def _out(e: Endpoint) -> EndpointOut:
         disabled_reason=e.disabled_reason,
         previous_secret_until=e.previous_secret_until,
     )
-
-
-async def _exists(conn: AsyncConnection, customer: str) -> bool:
-    cur = await conn.execute("SELECT 1 FROM customers WHERE id = %s", (customer,))
-    return await cur.fetchone() is not None
