@@ -18,6 +18,7 @@ from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ModelWrapValidatorHandler,
@@ -68,6 +69,22 @@ CustomerId = Annotated[str, Field(pattern=CUSTOMER_ID_PATTERN)]
 # digits and 6 decimal places (trailing zeros beyond are harmless).  Validation itself
 # accepts any string Decimal parses; this is the documented, portable subset.
 VALUE_STRING_PATTERN = r"^0*[0-9]{1,12}(\.[0-9]{0,6}0*)?$"
+
+
+def _decimal_text(given: object) -> object:
+    """A decimal sent as text must read as JSON writes a number: Python's ``Decimal``
+    also takes ``"1_000"`` and ``" 1 "``, which another client's parser would refuse or
+    read otherwise, so the value would depend on who read it."""
+    if isinstance(given, str) and ("_" in given or given != given.strip()):
+        raise ValueError(
+            "must be a number as JSON writes one (digits, a point, an exponent),"
+            " without '_' or spaces"
+        )
+    return given
+
+
+DecimalText = BeforeValidator(_decimal_text)
+"""For ``Annotated[Decimal, DecimalText]``: a decimal a client sends, as text or number."""
 
 
 def _event_data_schema(schema: dict[str, Any]) -> None:
@@ -132,7 +149,9 @@ class EventData(BaseModel):
     __pydantic_extra__: dict[str, Dimension] = Field(init=False)
 
     value: Annotated[
-        Decimal, Field(ge=0, lt=MAX_VALUE, decimal_places=VALUE_DECIMALS, allow_inf_nan=False)
+        Decimal,
+        DecimalText,
+        Field(ge=0, lt=MAX_VALUE, decimal_places=VALUE_DECIMALS, allow_inf_nan=False),
     ] = Decimal(1)
 
     @model_validator(mode="wrap")

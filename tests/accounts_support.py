@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from psycopg_pool import AsyncConnectionPool
 
 from services.api import service as api_service
 from services.common.settings import Settings
@@ -94,15 +93,3 @@ async def customer_on(
 
 async def enforce(client: httpx.AsyncClient, account: Account, **body: Any) -> httpx.Response:
     return await client.post("/v1/enforce", json=body, headers=account.auth)
-
-
-async def on_file(pool: AsyncConnectionPool, *customers: str) -> None:
-    """``customers`` in PostgreSQL (plan free, active), for tests that write usage
-    straight into the stores: a usage read of a customer Tally does not know is a 404."""
-    async with pool.connection() as conn:
-        for customer in customers:
-            await conn.execute(
-                "INSERT INTO customers (id, email, plan_id, status)"
-                " VALUES (%s, %s, 'free', 'active') ON CONFLICT DO NOTHING",
-                (customer, f"{customer}@usage.test"),
-            )

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.common.logging import get_logger
-from services.common.problems import Problem, internal_error, store_unavailable
+from services.common.problems import Problem, client_gone, internal_error, store_unavailable
 
 log = get_logger("tally.http")
 
@@ -73,6 +73,8 @@ async def _answer(endpoint: Endpoint, request: Request) -> Response:
         return await endpoint(request)
     except Problem as problem:
         return problem.response(instance=path)
+    except ClientDisconnect:
+        return client_gone(path)
     except Exception as exc:
         unavailable = store_unavailable(exc, path)  # as the application's handler does
         if unavailable is not None:

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.datastructures import URL
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Match, Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -209,6 +209,18 @@ async def server_error_handler(request: Request, exc: Exception) -> Response:
     return internal_error().response(instance=request.url.path)
 
 
+def client_gone(path: str) -> Response:
+    """The client hung up before its body arrived (a cancelled upload, a timeout on its
+    side): there is no one to answer and nothing failed here, so it is logged as that,
+    not as a server error with a traceback."""
+    log.info("client disconnected before its request was read", path=path)
+    return Response(status_code=400)
+
+
+async def client_gone_handler(request: Request, exc: Exception) -> Response:
+    return client_gone(request.url.path)
+
+
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
@@ -315,6 +327,7 @@ def install(app: FastAPI) -> None:
     ):
         app.add_exception_handler(store_error, store_error_handler)
     app.add_exception_handler(psycopg.DataError, data_error_handler)
+    app.add_exception_handler(ClientDisconnect, client_gone_handler)
     app.add_exception_handler(Exception, server_error_handler)
 
 

@@ -492,6 +492,8 @@ async def test_bad_inputs_each_name_their_field(api: httpx.AsyncClient) -> None:
         ({"meter": "nope"}, 422, "body.meter"),
         ({"quantity": "-1"}, 422, "body.quantity"),
         ({"quantity": "0.0000001"}, 422, "body.quantity"),
+        ({"quantity": "1_0"}, 422, "body.quantity"),
+        ({"quantity": " 1"}, 422, "body.quantity"),
         ({"mode": "reserve"}, 422, "body.event"),
         ({"mode": "sometimes"}, 422, "body.mode"),
         ({"endpoint": "/v1/a\x00b"}, 422, "body.endpoint"),

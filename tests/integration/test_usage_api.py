@@ -32,7 +32,6 @@ from services.common.clickhouse import ClickHouse
 from services.common.meter_cache import MeterCache
 from services.common.settings import Settings
 from services.runtime import Component, http_app
-from tests.accounts_support import on_file
 
 
 @pytest.fixture
@@ -58,14 +57,6 @@ async def api(
         headers={"Authorization": f"Bearer {settings.service_tokens[0]}"},
     ) as c:
         yield c
-
-
-@pytest.fixture(autouse=True)
-async def customers_on_file(pool: AsyncConnectionPool, tenant: str) -> None:
-    """The customers these tests read (a service token reading one Tally does not know
-    is answered 404)."""
-    names = ("u", "h", "top", "month", "mixed", "q", "regions", "live")
-    await on_file(pool, "acme", *(f"{tenant}-{name}" for name in names))
 
 
 async def aggregate(
@@ -291,20 +282,6 @@ async def test_the_last_hour_of_2999_may_be_read(api: httpx.AsyncClient) -> None
     response = await api.get("/v1/customers/acme/usage", params=params)
     assert response.status_code == 200, response.text
     assert {p["value"] for p in response.json()["data"]} == {"0"}
-
-
-async def test_a_customer_tally_does_not_know_is_a_404_not_a_series_of_zeros(
-    api: httpx.AsyncClient, pool: AsyncConnectionPool, tenant: str
-) -> None:
-    customer = f"{tenant}-nobody"
-    missing = await api.get(f"/v1/customers/{customer}/usage", params={"meter": "api_calls"})
-    assert missing.status_code == 404, missing.text
-    assert missing.json()["type"] == "https://tally.dev/problems/unknown-customer"
-    bad = await api.get(f"/v1/customers/{customer}/usage", params={"meter": "nope"})
-    assert bad.status_code == 422  # what the query lacks first, as for any customer
-    await on_file(pool, customer)  # signed up since: its (empty) usage is read
-    body = await usage(api, customer, meter="api_calls")
-    assert {row["value"] for row in body["data"]} == {"0"}
 
 
 async def test_a_malformed_customer_id_is_422(api: httpx.AsyncClient) -> None:

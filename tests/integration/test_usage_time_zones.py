@@ -14,24 +14,15 @@ from schemas.catalog import Meter
 from schemas.events import utcnow
 from services.common.clickhouse import ClickHouse
 from services.common.settings import Settings
-from tests.accounts_support import on_file
-from tests.integration.test_usage_api import (
-    aggregate,
-    api,
-    call,
-    customers_on_file,
-    meter_cache,
-    usage,
-)
+from tests.integration.test_usage_api import aggregate, api, call, meter_cache, usage
 
-__all__ = ["api", "customers_on_file", "meter_cache"]  # the fixtures this module uses
+__all__ = ["api", "meter_cache"]  # the fixtures this module uses
 
 
 async def _hourly(
     pool: AsyncConnectionPool, customer: str, meter: str, first: datetime, values: list[int]
 ) -> None:
     """Rolled-up hours from ``first`` on, as the rollup writes them."""
-    await on_file(pool, customer)
     async with pool.connection() as conn:
         await conn.cursor().executemany(
             "INSERT INTO usage_hourly (customer, meter, hour, value, watermark)"

@@ -98,6 +98,20 @@ def test_time_from_python_datetime_normalised_to_utc() -> None:
     assert parsed.time.hour == 10
 
 
+@pytest.mark.parametrize("text", ["1_000", " 1", "1 ", "1\n"])
+def test_a_value_only_python_would_read_is_refused(text: str) -> None:
+    """``Decimal("1_000")`` is 1000; JSON, and every other client's parser, says no."""
+    with pytest.raises(ValidationError) as info:
+        data(value=text)
+    (error,) = info.value.errors()
+    assert error["loc"] == ("value",) and "without '_' or spaces" in error["msg"]
+
+
+@pytest.mark.parametrize(("text", "value"), [("1e3", 1000), ("2.50", Decimal("2.5")), ("7", 7)])
+def test_a_value_as_json_writes_a_number_is_read(text: str, value: Decimal) -> None:
+    assert data(value=text).value == value
+
+
 def test_value_defaults_to_one() -> None:
     assert data().value == Decimal(1)
     assert UsageEvent.model_validate(event(data={"endpoint": "/x"})).value == Decimal(1)

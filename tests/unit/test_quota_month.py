@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from schemas.zones import quota_bounds, quota_month, zone
+from schemas.zones import ZoneError, quota_bounds, quota_month, zone
 
 NY, BERLIN = zone("America/New_York"), zone("Europe/Berlin")
 
@@ -41,3 +41,18 @@ def test_the_quota_month_holding_an_instant(
     found = quota_month(moment.replace(minute=17), tz)
     assert (found.bucket, found.start, found.end) == (bucket, start, end)
     assert quota_bounds(bucket) == (start, end)
+
+
+@pytest.mark.parametrize(
+    "name", ["localtime", "Factory", "posixrules", "right/UTC", "posix/Europe/Berlin", "../UTC"]
+)
+def test_zone_files_that_name_no_place_are_refused(name: str) -> None:
+    """``localtime`` is whatever the server is set to: a customer's days would move with
+    the machine Tally runs on."""
+    with pytest.raises(ZoneError, match="unknown time zone"):
+        zone(name)
+
+
+@pytest.mark.parametrize("name", ["Europe/Berlin", "America/New_York", "Etc/GMT+5", "US/Eastern"])
+def test_iana_names_are_taken(name: str) -> None:
+    assert zone(name) == ZoneInfo(name)

@@ -25,6 +25,7 @@ from schemas.api_keys import Scope
 from schemas.events import (
     CUSTOMER_ID_PATTERN,
     VALUE_STRING_PATTERN,
+    DecimalText,
     Dimension,
     NonEmpty,
     utcnow,
@@ -76,7 +77,7 @@ class EnforceRequest(BaseModel):
     endpoint: Dimension = Field(
         "", description="The endpoint called, as its events name it (their `endpoint`)."
     )
-    quantity: Decimal = Field(
+    quantity: Annotated[Decimal, DecimalText] = Field(
         Decimal(1), description="Units of the meter this call will use; > 0, ≤ 6 decimals."
     )
     mode: Literal["check", "reserve"] = "check"

@@ -23,19 +23,13 @@ from schemas.problem_types import INVALID_PARAMETER
 from schemas.text import control_character
 from schemas.windows import RETENTION, Window, buckets
 from schemas.zones import ZoneError, zone
-from services.api.accounts import store as accounts
 from services.api.usage import ranking, zones
 from services.api.usage.reader import MAX_BUCKETS, UsageReader
 from services.api.usage.selection import Selection, SelectionError
-from services.common.auth import Authenticator, Caller, address, credential
+from services.common.auth import Authenticator, address, credential
 from services.common.meter_cache import MeterCache, MeterIndex
 from services.common.openapi import problem_responses
-from services.common.problems import (
-    invalid_field,
-    invalid_parameter,
-    invalid_request,
-    unknown_customer,
-)
+from services.common.problems import invalid_field, invalid_parameter, invalid_request
 from services.common.queries import single_values
 
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
@@ -136,14 +130,12 @@ class Usage:
         self.reader = UsageReader(redis, pool)
         self._auth = auth
         self._meters = meters
-        self._pool = pool
-        self._known: set[str] = set()  # customers found: none is ever deleted
 
     async def hot(self, request: Request) -> Response:
         """``GET /v1/customers/{c}/usage`` as a hot path (``services.common.hot_paths``):
         FastAPI's parameter solving and middleware cost a third of a month's read.
         Who asks, and may it read this customer, is settled first (``allow``)."""
-        caller = await self.allow(request)
+        await self.allow(request)
         customer = request.path_params["customer"]
         if not _CUSTOMER.fullmatch(customer):
             raise invalid_field(
@@ -154,30 +146,17 @@ class Usage:
             query = UsageQuery.model_validate(single_values(request, INVALID_PARAMETER))
         except ValidationError as exc:
             raise invalid_request(exc.errors(), "query", INVALID_PARAMETER) from None
-        return await self.answer(caller, customer, query)
+        return await self.answer(customer, query)
 
-    async def allow(self, request: Request) -> Caller:
+    async def allow(self, request: Request) -> None:
         """Whether the caller may read the path's customer's usage: a caller without a
         valid key learns that (401), one with another customer's key that (403), not
         what its query lacks."""
         caller = await self._auth.caller(credential(request), address(request))
         await self._auth.require(caller, request.path_params["customer"], Scope.USAGE_READ)
-        return caller
 
-    async def known(self, caller: Caller, customer: str) -> None:
-        """A service token may name any customer: one Tally does not know is a 404, not a
-        series of zeros.  A customer's own key names a customer that exists, and one
-        found once is remembered, so a read asks PostgreSQL at most once per customer."""
-        if caller.customer is not None or customer in self._known:
-            return
-        async with self._pool.connection() as conn:
-            if not await accounts.exists(conn, customer):
-                raise unknown_customer(customer)
-        self._known.add(customer)
-
-    async def answer(self, caller: Caller, customer: str, query: UsageQuery) -> Response:
-        """The usage series of an allowed read (``allow``): every parameter checked, then
-        the customer (``known``), then the read."""
+    async def answer(self, customer: str, query: UsageQuery) -> Response:
+        """The usage series of an allowed read (``allow``)."""
         found = _meter(await self._meters.meters(), query.meter)
         now, window = utcnow(), query.window
         end = _aware("to", query.to) if query.to else now
@@ -193,7 +172,6 @@ class Usage:
                 " counts, which are not kept; rank a sum or count meter instead",
             )
         tz = _zone(found, window, query.tz, start, end)
-        await self.known(caller, customer)
         if tz is None or window in (Window.MINUTE, Window.HOUR):
             # Groups merged by the selection rank only once merged: read them all then.
             rank = top if selection.everything(found) else None
@@ -245,7 +223,7 @@ def router(usage: Usage, meters: MeterCache) -> APIRouter:
         USAGE_PATH,
         summary="A customer's usage of one meter over time",
         response_model=UsageSeries,
-        responses=problem_responses(401, 403, 404, 422, 429),
+        responses=problem_responses(401, 403, 422, 429),
     )
     async def usage_route(
         request: Request,
@@ -254,7 +232,8 @@ def router(usage: Usage, meters: MeterCache) -> APIRouter:
     ) -> Response:
         """Served by the hot path ``Usage.hot``; declared here for the OpenAPI document
         (and the router's 405 for other methods)."""
-        return await usage.answer(await usage.allow(request), customer, query)
+        await usage.allow(request)
+        return await usage.answer(customer, query)
 
     return api
 
