@@ -150,8 +150,8 @@ class EventData(BaseModel):
 
     value: Annotated[
         Decimal,
-        DecimalText,
         Field(ge=0, lt=MAX_VALUE, decimal_places=VALUE_DECIMALS, allow_inf_nan=False),
+        DecimalText,  # after the constraints, so that pydantic-core checks them itself
     ] = Decimal(1)
 
     @model_validator(mode="wrap")

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -17,6 +18,7 @@ from typing import Any
 import httpx
 
 from services.common.broker import free_port
+from services.common.settings import DEV_ADMIN_TOKEN
 
 TALLY = [sys.executable, "-m", "services.cli"]
 
@@ -123,3 +125,16 @@ def blackhole() -> Iterator[int]:
     (a dead host behind a live load balancer, a frozen server) rather than refuses."""
     with socket.create_server(("127.0.0.1", 0), backlog=64) as listener:
         yield listener.getsockname()[1]
+
+
+def new_customer(client: httpx.Client) -> tuple[str, str]:
+    """A customer and its key, made by the admin API of a Tally run with the development
+    admin token (a customer Tally has no account for has no invoices to list: 404)."""
+    reply = client.post(
+        "/v1/admin/customers",
+        json={"email": f"{uuid.uuid4().hex[:12]}@example.com"},
+        headers={"Authorization": f"Bearer {DEV_ADMIN_TOKEN}"},
+    )
+    assert reply.status_code == 201, reply.text
+    body = reply.json()
+    return body["customer"]["id"], body["api_key"]["key"]

@@ -16,7 +16,7 @@ import pytest
 from schemas.events import utcnow
 from services.common.settings import DEV_ADMIN_TOKEN, Settings
 from tests.conftest import env_for
-from tests.support import TALLY, TallyProcess, sample_event, wait_for
+from tests.support import TALLY, TallyProcess, new_customer, sample_event, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,7 @@ def test_tally_sql_reads_the_running_tally(settings: Settings, tmp_path: Path) -
         token = settings.service_tokens[0]
         now = utcnow().isoformat()
         with httpx.Client(base_url=up.url, timeout=30) as client:
-            mine, other = (_customer(client) for _ in range(2))
+            mine, other = (new_customer(client) for _ in range(2))
             for customer, count in ((mine[0], 7), (other[0], 5)):
                 events = [
                     sample_event(subject=customer, id=uuid.uuid4().hex, time=now)
@@ -71,15 +71,3 @@ def test_tally_sql_reads_the_running_tally(settings: Settings, tmp_path: Path) -
     finally:
         code = up.stop(signal.SIGINT)
     assert code == 0, up.tail()
-
-
-def _customer(client: httpx.Client) -> tuple[str, str]:
-    """A customer and its key, by the admin API."""
-    reply = client.post(
-        "/v1/admin/customers",
-        json={"email": f"{uuid.uuid4().hex[:12]}@example.com"},
-        headers={"Authorization": f"Bearer {DEV_ADMIN_TOKEN}"},
-    )
-    assert reply.status_code == 201, reply.text
-    body = reply.json()
-    return body["customer"]["id"], body["api_key"]["key"]

@@ -27,11 +27,11 @@ import redis
 from schemas import redis_keys
 from schemas.events import from_micros, utcnow
 from schemas.windows import Window, bucket_id
-from services.common.settings import Settings
+from services.common.settings import DEV_ADMIN_TOKEN, Settings
 from tests.conftest import env_for
 from tests.e2e.test_faults import behind, counted, events, post
 from tests.faults import FaultProxy
-from tests.support import TallyProcess, wait_for
+from tests.support import TallyProcess, new_customer, wait_for
 
 pytestmark = pytest.mark.slow
 ANSWER = 2.0  # TALLY_POSTGRES_ANSWER_TIMEOUT here
@@ -56,9 +56,8 @@ def errors_logged(up: TallyProcess) -> int:
 
 
 def test_postgresql_down_under_tally_up_degrades_then_recovers_counting_each_event_once(
-    settings: Settings, tmp_path: Path, tenant: str
+    settings: Settings, tmp_path: Path
 ) -> None:
-    customer = f"{tenant}-c"
     database = urlsplit(settings.database_url)
     client = redis.Redis.from_url(settings.redis_url)
     with FaultProxy(database.port or 5432, database.hostname or "127.0.0.1") as pg:
@@ -70,9 +69,12 @@ def test_postgresql_down_under_tally_up_degrades_then_recovers_counting_each_eve
             "TALLY_LIFECYCLE_INTERVAL_SECONDS": "1",
             "TALLY_ALERTS_RECOMPILE_SECONDS": "1",
             "TALLY_METER_REFRESH_SECONDS": "1",
+            "TALLY_ADMIN_TOKEN": DEV_ADMIN_TOKEN,
         }
         up = TallyProcess(["up"], env, tmp_path / "up.log").start()
         try:
+            with httpx.Client(base_url=up.url, timeout=30) as admin:
+                customer, _ = new_customer(admin)  # one with invoices to list: none yet
             assert post(up, events(customer, "before", 5))[0].status_code == 202
             wait_for(lambda: counted(up, customer) == 5, 60, "5 counted", up.tail)
             assert read_invoices(up, customer)[0].status_code == 200

@@ -25,7 +25,7 @@ from services.common.settings import DEV_ADMIN_TOKEN, Settings
 from services.up import supervisor
 from tests.conftest import env_for
 from tests.e2e.test_no_orphan import dead
-from tests.support import TALLY, TallyProcess, sample_event, wait_for
+from tests.support import TALLY, TallyProcess, new_customer, sample_event, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -55,21 +55,19 @@ def restarted(up: TallyProcess, before: psutil.Process) -> bool:
     return now is not None and now.pid != before.pid
 
 
-def test_up_runs_front_and_back_behind_one_port(
-    settings: Settings, tmp_path: Path, tenant: str
-) -> None:
+def test_up_runs_front_and_back_behind_one_port(settings: Settings, tmp_path: Path) -> None:
     env = env_for(settings) | {"TALLY_ADMIN_TOKEN": DEV_ADMIN_TOKEN}
     env.pop("KAFKA_BOOTSTRAP_SERVERS")  # the supervisor starts the embedded broker
     up = TallyProcess(["up"], env, tmp_path / "up.log").start()
     token = {"Authorization": f"Bearer {settings.service_tokens[0]}"}
     admin = {"Authorization": f"Bearer {DEV_ADMIN_TOKEN}"}
-    customer = f"{tenant}-procs"
     try:
         children = processes_of(up)
         assert set(children) == {"front", "back", "tansu"}, children
         assert up.process is not None
         assert_placed(psutil.Process(up.process.pid), children, settings.up_background_nice)
         with httpx.Client(base_url=up.url, timeout=30) as client:
+            customer, _ = new_customer(client)
             send(client, token, customer, 20)
             wait_for(partial(counted, client, token, customer, 20), 60, "20 counted", up.tail)
 
