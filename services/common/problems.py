@@ -20,10 +20,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from schemas.problem_types import (
     BAD_REQUEST,
+    EMPTY_BATCH,
     HTTP_ERROR,
     INTERNAL_ERROR,
     INVALID_PARAMETER,
     INVALID_REQUEST,
+    MALFORMED_BODY,
     MALFORMED_JSON,
     METHOD_NOT_ALLOWED,
     NOT_FOUND,
@@ -40,6 +42,11 @@ log = get_logger("tally.http")
 
 PROBLEM_JSON = "application/problem+json"
 STORE_RETRY_AFTER_SECONDS = 5
+
+
+WHOLE_BODY = frozenset({MALFORMED_JSON, MALFORMED_BODY, EMPTY_BATCH})
+"""Problems with the body as a whole: their ``errors`` name ``body``, as a field's
+problem names the field, so a client finds what to fix in one place whatever it was."""
 
 
 class Problem(Exception):
@@ -63,6 +70,8 @@ class Problem(Exception):
         self.title = kind.title
         self.detail = detail
         self.headers = headers or {}
+        if kind in WHOLE_BODY and "errors" not in extra:
+            extra["errors"] = [{"field": "body", "reason": detail}]
         self.extra = extra
 
     def body(self, instance: str | None = None) -> dict[str, Any]:

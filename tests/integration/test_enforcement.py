@@ -545,6 +545,7 @@ async def test_bad_inputs_each_name_their_field(api: httpx.AsyncClient) -> None:
         assert not_json.status_code == 400, (path, not_json.text)
         assert not_json.json()["type"].endswith("/malformed-json"), path
         assert "not valid JSON" in not_json.json()["detail"], path
+        assert not_json.json()["errors"][0]["field"] == "body", path
 
 
 async def test_a_meter_created_after_a_miss_is_enforced(

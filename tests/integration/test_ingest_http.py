@@ -184,7 +184,9 @@ async def test_all_invalid_is_422_naming_the_fields(client: httpx.AsyncClient, t
 async def test_malformed_bodies_are_400(
     client: httpx.AsyncClient, payload: bytes, detail: str
 ) -> None:
-    assert detail in problem(await post(client, payload), 400)["detail"]
+    body = problem(await post(client, payload), 400)
+    assert detail in body["detail"]
+    assert body["errors"] == [{"field": "body", "reason": body["detail"]}]
 
 
 async def test_a_batch_over_the_count_limit_is_413(client: httpx.AsyncClient, tenant: str) -> None:
