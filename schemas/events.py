@@ -67,18 +67,30 @@ CustomerId = Annotated[str, Field(pattern=CUSTOMER_ID_PATTERN)]
 
 # What a JSON emitter may send as ``value`` when it sends a string: up to 12 integer
 # digits and 6 decimal places (trailing zeros beyond are harmless).  Validation itself
-# accepts any string Decimal parses; this is the documented, portable subset.
+# also takes a sign and an exponent (``DECIMAL_TEXT``); this is the documented, portable
+# subset.
 VALUE_STRING_PATTERN = r"^0*[0-9]{1,12}(\.[0-9]{0,6}0*)?$"
+DECIMAL_TEXT = re.compile(r"-?[0-9]+(\.[0-9]*)?([eE][+-]?[0-9]+)?", re.ASCII)
+"""A decimal as text: ASCII digits, a point, an exponent, as JSON writes a number (leading
+zeros and a bare trailing point allowed, as ``VALUE_STRING_PATTERN`` documents)."""
+
+
+_NOT_FINITE = frozenset({"nan", "snan", "inf", "infinity"})
 
 
 def _decimal_text(given: object) -> object:
     """A decimal sent as text must read as JSON writes a number: Python's ``Decimal``
-    also takes ``"1_000"`` and ``" 1 "``, which another client's parser would refuse or
-    read otherwise, so the value would depend on who read it."""
-    if isinstance(given, str) and ("_" in given or given != given.strip()):
+    also takes ``"1_000"``, ``" 1 "``, ``"+1"`` and other scripts' digits (Arabic-Indic ten),
+    which another client's parser would refuse or read otherwise, so the value would
+    depend on who read it."""
+    if (
+        isinstance(given, str)
+        and not DECIMAL_TEXT.fullmatch(given)
+        and given.lstrip("+-").lower() not in _NOT_FINITE  # pydantic names these itself
+    ):
         raise ValueError(
-            "must be a number as JSON writes one (digits, a point, an exponent),"
-            " without '_' or spaces"
+            "must be a number as JSON writes one: ASCII digits, a point, an exponent"
+            " (no '_', spaces or '+')"
         )
     return given
 

@@ -33,11 +33,23 @@ def _names() -> frozenset[str]:
     return frozenset(available_timezones()) - NOT_ZONES
 
 
+def asked_zone(name: str) -> ZoneInfo | None:
+    """The IANA zone a client names (a query's ``tz``, a customer's billing zone); None
+    for UTC itself.  Only the database's names of places: ``zone`` reads what is
+    stored, checked when it was taken."""
+    if name not in UTC_NAMES and name not in _names():
+        raise ZoneError(f"unknown time zone {name!r}; use an IANA name such as Europe/Berlin")
+    return zone(name)
+
+
 def zone(name: str) -> ZoneInfo | None:
-    """The IANA zone ``name``; None for UTC itself."""
+    """The zone ``name`` as stored or projected (a customer's billing zone, a quota
+    month's bucket id); None for UTC itself.  Names taken before ``asked_zone`` was as
+    strict as it is (``posix/Europe/Berlin``) are still read, so stored ones keep
+    working."""
     if name in UTC_NAMES:
         return None
-    if name not in _names():
+    if not name or len(name) > 64 or name.startswith(("/", ".")) or ".." in name:
         raise ZoneError(f"unknown time zone {name!r}; use an IANA name such as Europe/Berlin")
     try:
         return ZoneInfo(name)
@@ -68,7 +80,7 @@ def whole_hours(moment: datetime, tz: ZoneInfo) -> None:
 def billing_zone(name: str, now: datetime | None = None) -> str:
     """``name`` checked as a customer's billing time zone: whole hours this year, in
     winter and in summer.  Returns the name as given."""
-    tz = zone(name)
+    tz = asked_zone(name)
     if tz is not None:
         year = (now or datetime.now(UTC)).year
         for month in (1, 7):

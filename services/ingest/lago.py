@@ -127,7 +127,7 @@ def _reason(field: str, reason: str) -> str:
     if reason.lower().startswith("field required"):
         return "value_is_mandatory"
     if field == "time" and reason.removeprefix("Value error, ") == NOT_RFC3339:
-        return "must be Unix seconds: a number or a numeric string"
+        return "must be Unix seconds (a number or a numeric string) before the year 10000"
     return reason
 
 

@@ -238,7 +238,8 @@ async def test_a_lago_batch_with_one_bad_event_is_refused_whole(
     assert response.status_code == 422
     details = response.json()["error_details"]
     assert set(details) == {"1"} and set(details["1"]) == {"timestamp", "properties.value"}
-    assert details["1"]["timestamp"] == ["must be Unix seconds: a number or a numeric string"]
+    reason = "must be Unix seconds (a number or a numeric string) before the year 10000"
+    assert details["1"]["timestamp"] == [reason]
     assert await _find_in_topic(settings, topics.EVENTS, good["transaction_id"]) is None
 
 

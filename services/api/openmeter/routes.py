@@ -26,7 +26,7 @@ from schemas.catalog import Meter
 from schemas.events import utcnow
 from schemas.problem_types import BAD_REQUEST, UNKNOWN_METER
 from schemas.windows import Window
-from schemas.zones import ZoneError, zone
+from schemas.zones import ZoneError, asked_zone
 from services.api.catalog import meter_store
 from services.api.openmeter import shapes
 from services.api.usage import zones
@@ -211,7 +211,7 @@ def _filter(params: Any) -> dict[str, str]:
 def _zone(name: str, meter: Meter) -> ZoneInfo | None:
     """``windowTimeZone`` as the usage API's ``tz`` (``services.api.usage.zones``)."""
     try:
-        tz = zone(name)
+        tz = asked_zone(name)
     except ZoneError as exc:
         raise _bad(f"windowTimeZone: {exc}") from None
     if tz is not None and meter.aggregation not in zones.COMPOSABLE:

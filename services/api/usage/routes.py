@@ -22,7 +22,7 @@ from schemas.events import CUSTOMER_ID_PATTERN, utcnow
 from schemas.problem_types import INVALID_PARAMETER
 from schemas.text import control_character
 from schemas.windows import RETENTION, Window, buckets
-from schemas.zones import ZoneError, zone
+from schemas.zones import ZoneError, asked_zone
 from services.api.usage import ranking, zones
 from services.api.usage.reader import MAX_BUCKETS, UsageReader
 from services.api.usage.selection import Selection, SelectionError
@@ -267,7 +267,7 @@ def _zone(
     if name is None:
         return None
     try:
-        tz = zone(name)
+        tz = asked_zone(name)
         if tz is not None and window in (Window.MINUTE, Window.HOUR):
             zones.local_buckets(Window.DAY, start, end, tz)  # refuses a :30 or :45 zone
             return tz

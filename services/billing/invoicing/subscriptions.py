@@ -27,8 +27,8 @@ _SUBSCRIPTIONS = """
 
 
 async def exists(conn: AsyncConnection, customer: str) -> bool:
-    """Whether Tally knows ``customer``: a list of none of its invoices (or endpoints)
-    for one it does not is a 404, not an empty list."""
+    """Whether Tally has an account for ``customer``: its invoices or credit notes, or a
+    webhook endpoint made for it, are a 404 for one it has not."""
     cur = await conn.execute("SELECT 1 FROM customers WHERE id = %s", (customer,))
     return await cur.fetchone() is not None
 
