@@ -74,6 +74,7 @@ TIMEZONE_LOCKED = _define("timezone-locked", 409, "Billing time zone locked by i
 LEASE_DECLINED = _define("lease-declined", 409, "Lease declined: decide per request")
 # 413, 415: too much, or the wrong kind
 PAYLOAD_TOO_LARGE = _define("payload-too-large", 413, "Payload too large")
+REQUEST_TIMEOUT = _define("request-timeout", 408, "Request timeout")
 BATCH_TOO_LARGE = _define("batch-too-large", 413, "Batch too large")
 UNSUPPORTED_MEDIA_TYPE = _define("unsupported-media-type", 415, "Unsupported media type")
 UNSUPPORTED_ENCODING = _define("unsupported-encoding", 415, "Unsupported content encoding")

@@ -9,6 +9,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import uvicorn
+from starlette.requests import Request
+from starlette.types import Message
 
 from services.common.broker import free_port
 
@@ -28,3 +30,25 @@ async def serving(app: Any) -> AsyncIterator[str]:
     finally:
         server.should_exit = True
         await task
+
+
+def arriving(chunks: list[bytes], pause: float | None = None) -> Request:
+    """A POST whose body comes as ``chunks``, ``pause`` seconds apart; with no pause
+    given, the last chunk never ends the body: the client stalls after it."""
+    queue = list(chunks)
+
+    async def receive() -> Message:
+        if not queue:
+            await asyncio.Event().wait()  # stalled: no more bytes, no disconnect
+        chunk = queue.pop(0)
+        if pause is not None:
+            await asyncio.sleep(pause)
+        return {"type": "http.request", "body": chunk, "more_body": bool(queue) or pause is None}
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/",
+        "headers": [(b"content-type", b"application/json")],
+    }
+    return Request(scope, receive)

@@ -5,16 +5,25 @@ A body must be what it is read as: JSON, sent as is."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from starlette.requests import Request
 
 from schemas.problem_types import (
     PAYLOAD_TOO_LARGE,
+    REQUEST_TIMEOUT,
     UNSUPPORTED_ENCODING,
     UNSUPPORTED_MEDIA_TYPE,
 )
 from services.common.problems import Problem
 
 JSON_TYPES = ("application/json", "text/json")
+BODY_SECONDS = 60.0
+"""How long a body may take to arrive once reading it began: 10 MiB at under 2 Mbit/s.
+uvicorn bounds the wait between requests, not within one, so without it a client that
+stops mid-body (by accident, or to hold connections open) would be waited for forever."""
 
 
 def is_json(content_type: str | None) -> bool:
@@ -42,11 +51,25 @@ async def bounded(request: Request, limit: int) -> bytes:
         )
     check_declared(request, limit)
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large(len(body), limit)
+    async with arriving(BODY_SECONDS):
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large(len(body), limit)
     return bytes(body)
+
+
+@asynccontextmanager
+async def arriving(seconds: float) -> AsyncIterator[None]:
+    """A body read within ``seconds``, or 408 ``request-timeout``: one timer for the
+    whole read, not one per chunk (a chunk a minute would otherwise keep it open)."""
+    try:
+        async with asyncio.timeout(seconds):
+            yield
+    except TimeoutError:
+        raise Problem(
+            REQUEST_TIMEOUT, f"the body had not all arrived {seconds:g} s after reading began"
+        ) from None
 
 
 def check_declared(request: Request, limit: int) -> None:

@@ -20,6 +20,8 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 from starlette.types import Scope
 
+from services.common import bodies
+
 HERE = Path(__file__).resolve().parent
 STATIC = HERE / "static"
 TEMPLATES = HERE / "templates"
@@ -60,7 +62,8 @@ MAX_FORM_BYTES = 4096
 async def form_field(request: Request, name: str) -> str:
     """Field ``name`` of a small urlencoded form, stripped; empty when absent or when
     the body is larger than a sign-in form can be."""
-    body = await request.body()
+    async with bodies.arriving(bodies.BODY_SECONDS):
+        body = await request.body()
     if len(body) > MAX_FORM_BYTES:
         return ""
     return (parse_qs(body.decode("utf-8", "replace")).get(name) or [""])[0].strip()

@@ -41,9 +41,9 @@ from schemas.problem_types import (
     MALFORMED_BODY,
     UNSUPPORTED_ENCODING,
 )
-from services.common import metrics
+from services.common import bodies, metrics
 from services.common.auth import Authenticator
-from services.common.bodies import check_declared, too_large
+from services.common.bodies import arriving, check_declared, too_large
 from services.common.collector import without_collection
 from services.common.logging import get_logger
 from services.common.meter_cache import MeterCache
@@ -148,11 +148,12 @@ class Ingest:
         inflate = _decompressor(request.headers.get("content-encoding"))
         check_declared(request, limit)
         received, body = 0, bytearray()
-        async for chunk in request.stream():
-            received += len(chunk)
-            body += _inflated(inflate, chunk, limit - len(body)) if inflate else chunk
-            if received > limit or len(body) > limit:
-                raise too_large(max(received, len(body)), limit)
+        async with arriving(bodies.BODY_SECONDS):
+            async for chunk in request.stream():
+                received += len(chunk)
+                body += _inflated(inflate, chunk, limit - len(body)) if inflate else chunk
+                if received > limit or len(body) > limit:
+                    raise too_large(max(received, len(body)), limit)
         if inflate and not inflate.eof:
             raise _bad_gzip("the gzip stream ends early")
         if inflate and inflate.unused_data:

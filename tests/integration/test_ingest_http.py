@@ -8,7 +8,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import orjson
@@ -21,13 +21,15 @@ from schemas import envelope, topics
 from schemas.api_keys import Scope
 from schemas.events import utcnow
 from services.api.accounts import store as accounts
-from services.common import catalog, kafka
+from services.common import bodies, catalog, kafka
 from services.common.auth import Authenticator
+from services.common.problems import Problem
 from services.common.settings import Settings
 from services.ingest import parsing
 from services.ingest.app import Ingest, router
 from services.ingest.publisher import Publisher
 from services.runtime import Component, http_app
+from tests.http_support import arriving
 
 BATCH = "application/cloudevents-batch+json"
 SINGLE = "application/cloudevents+json"
@@ -344,6 +346,17 @@ async def test_an_event_time_given_as_a_number_is_refused_not_guessed(
     assert [r["status"] for r in body["results"]] == ["rejected", "rejected", "accepted"]
     reason = "must be an RFC 3339 date-time, e.g. 2026-11-01T00:00:00Z"
     assert [r["errors"] for r in body["results"][:2]] == [[{"field": "time", "reason": reason}]] * 2
+
+
+async def test_a_batch_that_stalls_mid_body_is_a_408(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ingest reads its own bodies (gzip, 10 MiB): the same bound in time holds there."""
+    monkeypatch.setattr(bodies, "BODY_SECONDS", 0.05)
+    ingest = Ingest(settings, cast(Publisher, None), cast(Authenticator, None))
+    with pytest.raises(Problem) as info:
+        await ingest.read_body(arriving([b'[{"specversion": "1.0", ']))
+    assert (info.value.status, info.value.kind.slug) == (408, "request-timeout")
 
 
 async def test_a_gzipped_batch_is_accepted(client: httpx.AsyncClient, tenant: str) -> None:

@@ -16,6 +16,7 @@ from schemas.events import CUSTOMER_ID_PATTERN, utcnow
 from schemas.plans import PLAN_ID_PATTERN
 from services.billing.stripe.sessions import Session, Sessions
 from services.billing.stripe.webhooks import Webhooks
+from services.common import bodies
 from services.common.auth import Authenticator
 from services.common.openapi import problem_responses
 
@@ -71,7 +72,8 @@ def router(auth: Authenticator, sessions: Sessions, webhooks: Webhooks) -> APIRo
         "/v1/stripe/webhook", summary="Stripe's events (signed)", responses=problem_responses(400)
     )
     async def stripe_webhook(request: Request) -> WebhookReceipt:
-        body = await request.body()
+        async with bodies.arriving(bodies.BODY_SECONDS):
+            body = await request.body()
         receipt = await webhooks.receive(body, request.headers.get("stripe-signature"))
         return WebhookReceipt.model_validate(receipt)
 
