@@ -6,8 +6,6 @@ A body must be what it is read as: JSON, sent as is."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 from starlette.requests import Request
 
@@ -59,17 +57,40 @@ async def bounded(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-@asynccontextmanager
-async def arriving(seconds: float) -> AsyncIterator[None]:
+class arriving:  # lower case, as contextlib.suppress: used as ``async with arriving(s):``
     """A body read within ``seconds``, or 408 ``request-timeout``: one timer for the
-    whole read, not one per chunk (a chunk a minute would otherwise keep it open)."""
-    try:
-        async with asyncio.timeout(seconds):
-            yield
-    except TimeoutError:
-        raise Problem(
-            REQUEST_TIMEOUT, f"the body had not all arrived {seconds:g} s after reading began"
-        ) from None
+    whole read, not one per chunk (a chunk a minute would otherwise keep it open).
+
+    A timer and a flag rather than ``asyncio.timeout``: this runs for every decision
+    Tally makes over HTTP, and under uvloop ``asyncio.timeout`` costs 6 to 9 µs a use,
+    this about 3.  The timer can only fire while the read awaits the client (the code
+    between its awaits is synchronous), so its cancel lands inside the read."""
+
+    __slots__ = ("_expired", "_seconds", "_task", "_timer")
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+        self._expired = False
+
+    async def __aenter__(self) -> None:
+        self._task = asyncio.current_task()
+        self._timer = asyncio.get_running_loop().call_later(self._seconds, self._expire)
+
+    def _expire(self) -> None:
+        self._expired = True
+        if self._task is not None:
+            self._task.cancel()
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: object
+    ) -> None:
+        self._timer.cancel()
+        if self._expired and kind is asyncio.CancelledError and self._task is not None:
+            self._task.uncancel()
+            raise Problem(
+                REQUEST_TIMEOUT,
+                f"the body had not all arrived {self._seconds:g} s after reading began",
+            ) from None
 
 
 def check_declared(request: Request, limit: int) -> None:
