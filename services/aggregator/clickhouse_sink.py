@@ -1,4 +1,4 @@
-"""The ClickHouse sink: every event of a batch, as one insert.
+"""The ClickHouse sink: events as rows of one insert.
 
 Idempotent by construction: the table collapses rows with the same (customer, source,
 id), so writing a replayed batch again changes nothing that FINAL reads.
@@ -35,8 +35,12 @@ class ClickHouseSink:
 
     async def write(self, events: Sequence[StoredEvent]) -> None:
         if events:
-            rows = encode(events)
-            await asyncio.to_thread(self._client.insert, self._table, COLUMNS, rows)
+            await self.insert(encode(events))
+
+    async def insert(self, rows: bytes) -> None:
+        """Insert rows ``encode`` made (or ``joined``), in a thread: chDB and the server
+        client leave the event loop free meanwhile."""
+        await asyncio.to_thread(self._client.insert, self._table, COLUMNS, rows)
 
 
 def encode(events: Iterable[StoredEvent]) -> bytes:
@@ -58,3 +62,10 @@ def encode(events: Iterable[StoredEvent]) -> bytes:
             for e in events
         ]
     )
+
+
+def joined(chunks: Sequence[bytes]) -> bytes:
+    """Several ``encode`` arrays as one (empty ones left out)."""
+    if len(chunks) == 1:
+        return chunks[0]
+    return b"[" + b",".join(c[1:-1] for c in chunks if len(c) > 2) + b"]"

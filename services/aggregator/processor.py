@@ -1,18 +1,17 @@
 """One batch of Kafka records through the sinks, with an exactly-once effect.
 
-Both sinks are written at the same time — the ClickHouse insert in a thread (chDB and
-the server client leave the event loop free meanwhile), the Redis calls on the loop —
-and only once both are done may the caller acknowledge the records.  Each is idempotent
-on its own (ClickHouse by event key, Redis by offset), so a crash at any moment replays
-the batch and the replay changes nothing either had applied: a batch counted in Redis
-but not yet in ClickHouse is inserted again (every event of the batch is), one in
-ClickHouse but not in Redis is counted.  Writing them one after the other made a count
-wait for the insert: a batch's 202 → visible time was the sum of the two.
+A batch is counted in Redis as it comes, and its rows join those gathered for
+ClickHouse (``services.aggregator.gathering``: one insert for several batches, made in
+a thread while the next batches are counted); only once both have it may the caller
+acknowledge the records, which ``store``'s ``settled`` callback tells.  Each sink is
+idempotent on its own (ClickHouse by event key, Redis by offset), so a crash at any
+moment replays the batch and the replay changes nothing either had applied: a batch
+counted in Redis but not yet in ClickHouse is inserted again (every event of the batch
+is), one in ClickHouse but not in Redis is counted.  A count never waits for an insert.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -24,6 +23,7 @@ from schemas.events import utcnow
 from services.aggregator import increments
 from services.aggregator.clickhouse_sink import ClickHouseSink
 from services.aggregator.dedupe import DedupeWindow
+from services.aggregator.gathering import Gathering, Settled
 from services.aggregator.redis_sink import Apply, Outcome, RedisSink
 from services.common import metrics
 from services.common.collector import collector_paused
@@ -80,11 +80,14 @@ class BatchProcessor:
         alerting: Alerting | None = None,
         catalog: MeterCache | None = None,
         zone_of: ZoneOf = in_utc,
+        insert_rows: int = 20_000,
+        insert_seconds: float = 2.0,
     ) -> None:
         """``catalog``, when given, is the cache ``meters`` reads: its versions decide
         which events a new meter counts live, and an event stamped with a newer version
         than it holds makes it reload before counting (``_catalog_for``).  ``zone_of``:
-        each customer's billing zone, whose months its quotas count."""
+        each customer's billing zone, whose months its quotas count.  ``insert_rows``
+        and ``insert_seconds``: when ``keep_inserting`` inserts the rows gathered."""
         self._catalog = catalog
         self._zone_of = zone_of
         self._incarnation = incarnation
@@ -94,7 +97,7 @@ class BatchProcessor:
         self._topic_ids = topic_ids
         # per (topic, partition): the last offset decoded and the life it belonged to
         self._lives: dict[tuple[str, int], tuple[int, str]] = {}
-        self._clickhouse = clickhouse
+        self._gathering = Gathering(clickhouse, insert_rows, insert_seconds)
         self._redis = redis
         self._meters = meters
         self._dedupe = dedupe
@@ -102,33 +105,34 @@ class BatchProcessor:
         self.positions: dict[tuple[str, int], int] = {}
 
     async def process(self, records: Sequence[Record]) -> None:
+        """Decode, store and insert ``records``: in both sinks when it returns."""
         await self.store(await self.decode(records))
+        await self.flush()
 
-    async def store(self, batch: Batch) -> None:
-        """Write a decoded batch to both sinks; safe to call again after a failure."""
+    async def store(self, batch: Batch, settled: Settled | None = None) -> None:
+        """Count a decoded batch in Redis and gather its rows for ClickHouse; safe to
+        call again after a failure.  ``settled`` runs once its rows are in ClickHouse
+        too (``flush``, or ``keep_inserting`` in the background)."""
         events = [e for share in batch.shares for _, evs in share.records for e in evs]
         metrics.AGGREGATOR_BATCH_RECORDS.observe(len(batch.records))
         metrics.AGGREGATOR_BATCH_EVENTS.observe(len(events))
         with collector_paused():
-            outcomes = await asyncio.gather(
-                self._insert(events), self._count(batch.shares), return_exceptions=True
-            )
-        for outcome in outcomes:  # both finished; a failure makes the caller retry the batch
-            if isinstance(outcome, BaseException):
-                raise outcome
-        if self._tell_alerting is not None and self._alerting:
-            self._tell_alerting(self._alerting)
-            self._alerting = set()
-        for record in batch.records:
-            self.positions[(record.topic, record.partition)] = record.offset
+            with metrics.SINK_SECONDS.labels("redis").time():
+                await self._apply(batch.shares, utcnow())
+            if self._tell_alerting is not None and self._alerting:
+                self._tell_alerting(self._alerting)
+                self._alerting = set()
+            for record in batch.records:
+                self.positions[(record.topic, record.partition)] = record.offset
+            await self._gathering.add(events, settled)
 
-    async def _insert(self, events: list[StoredEvent]) -> None:
-        with metrics.SINK_SECONDS.labels("clickhouse").time():
-            await self._clickhouse.write(events)
+    async def flush(self) -> None:
+        """Insert the rows gathered so far (raises what the insert raised)."""
+        await self._gathering.flush()
 
-    async def _count(self, shares: list[_Share]) -> None:
-        with metrics.SINK_SECONDS.labels("redis").time():
-            await self._apply(shares, utcnow())
+    async def keep_inserting(self) -> None:
+        """Insert the rows gathered, in the background, for as long as it runs."""
+        await self._gathering.run()
 
     async def decode(self, records: Sequence[Record]) -> Batch:
         """Group records into shares; unreadable ones go to the dead-letter topic."""

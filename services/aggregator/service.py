@@ -40,8 +40,11 @@ async def start(runtime: Runtime) -> Component:
         alerting=alerts.wake,
         catalog=meters,
         zone_of=zones.zone,
+        insert_rows=settings.aggregator_insert_rows,
+        insert_seconds=settings.aggregator_insert_seconds,
     )
     runtime.background(alerts.run(), "alert publisher")
+    runtime.background(processor.keep_inserting(), "ClickHouse inserts")
     worker.attach(app, settings, processor)
     await app.start()
 
@@ -52,6 +55,10 @@ async def start(runtime: Runtime) -> Component:
                     await worker.drain(processor, bootstrap, runtime.shutdown.extend)
             except TimeoutError:
                 log.warning("stopping with accepted events not yet aggregated")
+        try:  # the rows gathered so far: their records are committed as the app stops
+            await processor.flush()
+        except Exception as exc:  # their records are not acknowledged: read again next time
+            log.warning("rows left for the next start", error=repr(exc))
         await app.stop()
         try:  # what the last batches crossed, before the publisher stops
             await alerts.flush()

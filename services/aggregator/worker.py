@@ -1,19 +1,21 @@
 """The Faust app: consumes ``tally.events`` in batches and hands them to the processor.
 
-Faust acknowledges (and later commits) a ``take_events`` batch as soon as the loop body
-returns or is left — also when it is left by an exception or a cancellation.  So the
-body never leaves early: a failing sink is retried until it answers, and a shutdown
-waits for the batch in hand to finish.  A process killed outright commits nothing, and
-the idempotent sinks absorb the replay.
+A batch's records are acknowledged (and later committed) by hand, once the processor
+has them in both sinks: counted in Redis at once, inserted into ClickHouse with the rows
+of the batches around them (``services.aggregator.gathering``).  The loop body never
+leaves a batch half stored: a failing sink is retried until it answers, and a shutdown
+waits for the batch in hand.  A process killed outright commits nothing more, and the
+idempotent sinks absorb the replay.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import faust
 import orjson
@@ -22,15 +24,15 @@ from faust.tables import TableManager
 
 from schemas import topics
 from schemas.envelope import MAX_ENVELOPE_BYTES
+from services.aggregator.gathering import Settled
 from services.aggregator.processor import BatchProcessor, DeadLetter, Record
 from services.aggregator.transport import Transport
 from services.common import metrics
 from services.common.logging import get_logger
 from services.common.settings import Settings
-from services.common.waits import Backoff, surviving
+from services.common.waits import until_done
 
 log = get_logger("tally.aggregator")
-T = TypeVar("T")
 
 
 class _App(faust.App):
@@ -125,11 +127,11 @@ def attach(app: faust.App, settings: Settings, processor: BatchProcessor) -> Non
 
     @app.agent(events, name="aggregate")
     async def aggregate(stream: faust.StreamT[bytes]) -> None:
-        async for batch in stream.take_events(  # type: ignore[attr-defined]
+        async for batch in stream.noack_take(  # type: ignore[attr-defined]
             settings.aggregator_batch_records, within=settings.aggregator_batch_seconds
         ):
             records = [_record(event) for event in batch]
-            await _finish(_aggregate(processor, records))
+            await _finish(_aggregate(processor, records, partial(_acknowledge, stream, batch)))
 
     @app.timer(interval=2.0)  # type: ignore[untyped-decorator]
     async def report_lag() -> None:
@@ -185,18 +187,18 @@ def _record(event: Any) -> Record:
     return Record(message.topic, message.partition, message.offset, message.value)
 
 
-async def _aggregate(processor: BatchProcessor, records: Sequence[Record]) -> None:
+async def _aggregate(
+    processor: BatchProcessor, records: Sequence[Record], settled: Settled
+) -> None:
     """Decode once (dead letters are sent once), then store until the sinks take it."""
-    batch = await _until_done(lambda: processor.decode(records), "decode")
-    await _until_done(lambda: processor.store(batch), "store")
+    batch = await until_done(lambda: processor.decode(records), log, "decode failed; retrying")
+    await until_done(lambda: processor.store(batch, settled), log, "store failed; retrying")
 
 
-async def _until_done(step: Callable[[], Awaitable[T]], name: str) -> T:
-    backoff = Backoff()
-    while True:
-        with surviving(log, f"{name} failed; retrying", backoff=backoff.seconds):
-            return await step()
-        await backoff.wait()
+async def _acknowledge(stream: faust.StreamT[bytes], events: Sequence[Any]) -> None:
+    """The records are in both sinks: their offsets may be committed."""
+    for event in events:
+        await stream.ack(event)
 
 
 async def _finish(work: Any) -> None:

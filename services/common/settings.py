@@ -207,6 +207,15 @@ class Settings(BaseSettings):
     )
     aggregator_batch_records: int = 200
     aggregator_batch_seconds: float = 0.05
+    aggregator_insert_rows: int = Field(
+        20_000, ge=1, description="ClickHouse rows the aggregator gathers for one insert, ..."
+    )
+    aggregator_insert_seconds: float = Field(
+        2.0,
+        gt=0,
+        description="... or how long the oldest waits: raw events show in ClickHouse (and"
+        " Kafka offsets are committed) this much later than in the live counters.",
+    )
     dedupe_window_hours: int = 24
     meter_refresh_seconds: float = 5.0
     aggregator_drain_seconds: float = 60.0

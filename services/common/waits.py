@@ -15,14 +15,16 @@ cancellation in disguise end it.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import structlog
 
 from services.common.logging import get_logger
 
 log = get_logger("tally.runtime")
+T = TypeVar("T")
 
 STOP_RETRY_SECONDS = 0.5
 STOP_LIMIT_SECONDS = 10.0
@@ -122,6 +124,18 @@ class Backoff:
 
     def reset(self) -> None:
         self.seconds = self.first
+
+
+async def until_done(
+    step: Callable[[], Awaitable[T]], logger: structlog.typing.FilteringBoundLogger, message: str
+) -> T:
+    """Take ``step`` until it returns: each failure is logged as ``message`` (``surviving``:
+    a cancellation still ends it) and followed by a longer wait (``Backoff``)."""
+    backoff = Backoff()
+    while True:
+        with surviving(logger, message, backoff=backoff.seconds):
+            return await step()
+        await backoff.wait()
 
 
 async def stop_task(task: asyncio.Task[None]) -> None:

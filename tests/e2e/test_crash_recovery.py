@@ -3,7 +3,8 @@
 Envelopes are produced while a ``tally aggregator`` process consumes them; it is
 killed outright twice along the way (no flush, no offset commit) and started again.
 Redis counters, the ClickHouse rows and the rollups must equal what the test computed
-on its own — nothing lost, nothing counted twice.
+on its own — nothing lost, nothing counted twice.  And one killed while the rows it
+counted wait to be inserted has committed none of their records.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+import time
 from collections import defaultdict
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -19,9 +21,10 @@ from typing import Any
 
 import pytest
 import redis
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from psycopg_pool import AsyncConnectionPool
 
-from schemas import redis_keys
+from schemas import redis_keys, topics
 from schemas.events import UsageEvent, from_micros, utcnow
 from schemas.windows import Window
 from services.billing.rollup.job import Rollup
@@ -66,6 +69,78 @@ def test_kill_minus_nine_loses_nothing_and_counts_nothing_twice(
     finally:
         aggregator.stop()
     asyncio.run(_check_clickhouse_and_rollups(settings, work))
+
+
+def test_records_are_committed_only_once_their_rows_are_in_clickhouse(
+    settings: Settings, tmp_path: Path, tenant: str
+) -> None:
+    """Counted in Redis is not yet stored: rows wait to be inserted with those of later
+    batches.  An aggregator whose rows wait (for an hour here) and which is killed has
+    committed none of their records, so the next one reads them again, skips them in
+    Redis and inserts them."""
+    now = utcnow()
+    work = generate(tenant, customers=5, events=2_000, now=now, invalid_share=0, seed=8)
+    expected_calls = _api_calls_today(work.valid, now)
+    waiting = {"TALLY_AGGREGATOR_INSERT_SECONDS": "3600", "TALLY_AGGREGATOR_INSERT_ROWS": "9000000"}
+    log = tmp_path / "agg.log"
+    aggregator = TallyProcess(["aggregator"], env_for(settings) | waiting, log).start()
+    try:
+        stream = [UsageEvent.model_validate(e) for e in work.valid + work.duplicates]
+        _Producer(settings.kafka_bootstrap_servers or "", stream).join()
+        wait_for(
+            lambda: _redis_calls(settings, expected_calls) == expected_calls,
+            60,
+            "every event counted",
+            aggregator.tail,
+        )
+        time.sleep(2.5)  # past the commit interval (1 s) twice
+        assert asyncio.run(_committed(settings)) == {}
+    finally:
+        aggregator.kill()
+    aggregator = TallyProcess(["aggregator"], env_for(settings), log).start()
+    try:
+        wait_for(
+            lambda: asyncio.run(_committed(settings)) == asyncio.run(_ends(settings)),
+            60,
+            "the records committed once inserted",
+            aggregator.tail,
+        )
+    finally:
+        aggregator.stop()
+    assert _redis_calls(settings, expected_calls) == expected_calls
+    client = clickhouse.connect(settings)
+    try:
+        assert stored_totals(client, work.tenant) == work.totals()
+    finally:
+        client.close()
+
+
+async def _committed(settings: Settings) -> dict[int, int]:
+    """The aggregator's group's committed offset of each partition that has one."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap_servers, group_id=settings.consumer_group
+    )
+    await consumer.start()
+    try:
+        found = {}
+        for partition in range(settings.events_partitions):
+            offset = await consumer.committed(TopicPartition(topics.EVENTS, partition))
+            if offset is not None:
+                found[partition] = offset
+        return found
+    finally:
+        await consumer.stop()
+
+
+async def _ends(settings: Settings) -> dict[int, int]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topics.EVENTS, p) for p in range(settings.events_partitions)]
+        ends = await consumer.end_offsets(partitions)
+        return {tp.partition: offset for tp, offset in ends.items() if offset}
+    finally:
+        await consumer.stop()
 
 
 def _api_calls_today(valid: list[dict[str, Any]], now: datetime) -> dict[str, Decimal]:
