@@ -80,6 +80,13 @@ class Gathering:
         self._room = asyncio.Event()  # under ``ROOM`` times ``rows`` wait
         self._room.set()
 
+    def hurry(self) -> None:
+        """Insert what waits now, and each batch's rows as they come from now on: a stop
+        is on its way, and what it waits for (``tally up``'s front waits for the
+        records it logged to be committed) should not wait out ``seconds`` as well."""
+        self._seconds = 0.0
+        self._full.set()
+
     @property
     def waiting(self) -> int:
         """Rows waiting to be inserted."""

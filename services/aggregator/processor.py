@@ -130,6 +130,10 @@ class BatchProcessor:
         """Insert the rows gathered so far (raises what the insert raised)."""
         await self._gathering.flush()
 
+    def hurry(self) -> None:
+        """Gather no longer: insert what waits, then each batch's rows as they come."""
+        self._gathering.hurry()
+
     async def keep_inserting(self) -> None:
         """Insert the rows gathered, in the background, for as long as it runs."""
         await self._gathering.run()

@@ -11,7 +11,7 @@ from services.aggregator.clickhouse_sink import ClickHouseSink
 from services.aggregator.dedupe import DedupeWindow
 from services.aggregator.processor import BatchProcessor
 from services.aggregator.redis_sink import RedisSink
-from services.common import clickhouse, topic_ids
+from services.common import clickhouse, shutdown, topic_ids
 from services.common.logging import get_logger
 from services.runtime import Component, Runtime
 
@@ -45,6 +45,7 @@ async def start(runtime: Runtime) -> Component:
     )
     runtime.background(alerts.run(), "alert publisher")
     runtime.background(processor.keep_inserting(), "ClickHouse inserts")
+    asyncio.get_running_loop().add_signal_handler(shutdown.HURRY, processor.hurry)
     worker.attach(app, settings, processor)
     await app.start()
 

@@ -19,6 +19,7 @@ drain that stalls (its stores hung) is ended like any other step.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 import time
@@ -28,6 +29,11 @@ from services.common.logging import get_logger
 log = get_logger("tally")
 EXIT_CUT_SHORT = 70  # EX_SOFTWARE: stopped, but not in order
 TICK_SECONDS = 0.05
+HURRY = signal.SIGUSR1
+"""A stop is on its way: the aggregator inserts the raw events it gathered for ClickHouse
+at once, and each batch's from then on, so the records they came in are committed
+without waiting out ``TALLY_AGGREGATOR_INSERT_SECONDS`` (``tally up`` sends it to back
+as its stop begins: front waits for what its write-ahead log holds to be committed)."""
 
 
 class Bound:

@@ -85,7 +85,10 @@ async def _journal(runtime: Runtime, plain: Publisher) -> Journal:
 
     async def close() -> None:  # before the aggregator stops: it counts what is left
         await journal.close()
-        await trim_before_close(journal, committed, CLOSE_PATIENCE_SECONDS, runtime.shutdown.extend)
+        # back commits as its ClickHouse inserts go in: told to hurry, at once, else every
+        # TALLY_AGGREGATOR_INSERT_SECONDS
+        patience = CLOSE_PATIENCE_SECONDS + settings.aggregator_insert_seconds
+        await trim_before_close(journal, committed, patience, runtime.shutdown.extend)
 
     runtime.stack.push_async_callback(close)
     runtime.background(keep_trimmed(journal, committed, TRIM_EVERY_SECONDS), "write-ahead log trim")

@@ -110,6 +110,11 @@ class Child:
     nice: int = 0
     process: subprocess.Popen[bytes] | None = None
 
+    def hurry(self) -> None:
+        """Tell back's aggregator to insert its gathered rows now and stop gathering."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(shutdown.HURRY)
+
     def spawn(self) -> Gate:
         """On the event loop's thread: the death signal follows the thread that forked."""
         gate = Gate()
@@ -334,6 +339,7 @@ class Supervisor:
         drain = settings.aggregator_drain_seconds
         shutdown.exit_after(settings.shutdown_seconds + drain + 2 * EXTRA_STOP_SECONDS)
         log.info("stopping: front, then back, then the broker")
+        back.hurry()  # front waits for what it logged to be committed: no gathering now
         codes = [await front.stop(signal.SIGTERM, front_bound + EXTRA_STOP_SECONDS)]
         codes.append(await back.stop(signal.SIGTERM, back_bound + drain + EXTRA_STOP_SECONDS))
         if self.broker is not None:

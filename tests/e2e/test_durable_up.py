@@ -180,3 +180,35 @@ def test_kill_minus_nine_of_tally_up_loses_no_acknowledged_event(
         store.close()
     assert (rows, distinct) == (len(acknowledged), len(acknowledged))
     assert ids == set(acknowledged)
+
+
+def test_a_stop_commits_what_waits_to_be_inserted_without_waiting_it_out(
+    settings: Settings, tmp_path: Path, tenant: str
+) -> None:
+    """Back gathers raw events for ClickHouse (for an hour here), and front's stop waits
+    for what its log holds to be committed: as the stop begins, ``tally up`` tells back
+    to insert at once, so the stop takes seconds and leaves the log empty."""
+    env = env_for(settings) | {
+        "TALLY_AGGREGATOR_INSERT_SECONDS": "3600",
+        "TALLY_AGGREGATOR_INSERT_ROWS": "9000000",
+    }
+    env.pop("KAFKA_BOOTSTRAP_SERVERS")  # the embedded broker, and so the write-ahead log
+    customer = f"{tenant}-stop"
+    up = TallyProcess(["up"], env, tmp_path / "up.log").start()
+    try:
+        retry(up, events(customer, 20))
+        wait_for(lambda: counted(up, customer) == 20, 60, "20 counted", up.tail)
+    finally:
+        began = time.monotonic()
+        assert up.stop(signal.SIGINT) == 0, up.tail()
+    assert time.monotonic() - began < 15, up.tail()
+    assert sorted((settings.data_dir / "wal").iterdir()) == []
+    store = clickhouse.connect(settings)
+    try:
+        [[rows]] = store.query(
+            f"SELECT count() FROM {store.database}.events FINAL WHERE customer = {{c:String}}",
+            {"c": customer},
+        )
+    finally:
+        store.close()
+    assert rows == 20

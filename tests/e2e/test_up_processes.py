@@ -14,6 +14,7 @@ import uuid
 from decimal import Decimal
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -50,6 +51,16 @@ def processes_of(up: TallyProcess) -> dict[str, psutil.Process]:
     return found
 
 
+def stored_rows(client: httpx.Client, admin: dict[str, str], customer: str) -> Any:
+    """Analytics SQL's count of the customer's raw events (asked as the admin)."""
+    sql = "SELECT count() AS n FROM events WHERE customer = {c:String}"
+    rows = client.post(
+        "/v1/analytics/sql", json={"sql": sql, "params": {"c": customer}}, headers=admin
+    )
+    assert rows.status_code == 200, rows.text
+    return rows.json()["rows"]
+
+
 def restarted(up: TallyProcess, before: psutil.Process) -> bool:
     now = processes_of(up).get("back")
     return now is not None and now.pid != before.pid
@@ -74,11 +85,9 @@ def test_up_runs_front_and_back_behind_one_port(settings: Settings, tmp_path: Pa
             # served by back, through front's port
             invoices = client.get(f"/v1/customers/{customer}/invoices", headers=token)
             assert invoices.status_code == 200, invoices.text
-            sql = "SELECT count() AS n FROM events WHERE customer = {c:String}"
-            rows = client.post(
-                "/v1/analytics/sql", json={"sql": sql, "params": {"c": customer}}, headers=admin
-            )
-            assert rows.status_code == 200 and rows.json()["rows"] == [[20]], rows.text
+            # raw events reach ClickHouse a few batches' worth after the counters
+            stored = partial(stored_rows, client, admin, customer)
+            wait_for(lambda: stored() == [[20]], 30, "20 rows in analytics SQL", up.tail)
             missing = client.get("/nowhere")
             assert missing.status_code == 404 and missing.json()["type"].endswith("/not-found")
             spec = client.get("/openapi.json").json()["paths"]

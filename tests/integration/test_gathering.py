@@ -160,6 +160,25 @@ async def test_run_inserts_what_waited_the_seconds(
         await stop_task(running)
 
 
+async def test_a_hurried_run_inserts_what_waits_and_then_every_batch_as_it_comes(
+    ch: ClickHouse, sink: Counted, tenant: str
+) -> None:
+    customer, done = f"{tenant}-hurry", Done()
+    rows_of = Gathering(sink, rows=1000, seconds=3600)
+    running = asyncio.create_task(rows_of.run())
+    try:
+        await rows_of.add(events(customer, "a"), done.settles("waiting"))
+        await asyncio.sleep(0.3)
+        assert done.names == []
+        rows_of.hurry()
+        await done.wait(1, seconds=10)
+        await rows_of.add(events(customer, "b"), done.settles("after"))
+        await done.wait(2, seconds=10)
+    finally:
+        await stop_task(running)
+    assert (rows(ch, customer), sink.inserts) == (["a", "b"], 2)
+
+
 async def test_run_retries_a_failed_insert_until_it_goes_in(
     ch: ClickHouse, sink: Counted, away: Away, tenant: str
 ) -> None:
