@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from datetime import date
 from functools import partial
 from pathlib import Path
@@ -112,7 +113,9 @@ def up(
         from services.aggregator import service as aggregator
         from services.api import service as api
         from services.billing import service as billing
+        from services.common import shutdown
 
+        signal.signal(shutdown.HURRY, signal.SIG_IGN)  # a stop before the aggregator runs
         gate.wait()
         _run([aggregator.start, billing.start, api.start_analytics], port)
     else:

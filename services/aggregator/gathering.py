@@ -36,7 +36,8 @@ Settled = Callable[[], Awaitable[None]]
 
 ROOM = 4
 """Batches wait to be gathered while ``ROOM`` times ``rows`` are already waiting (an
-insert failing and retried): the aggregator stops taking records, not memory."""
+insert failing and retried): the aggregator stops taking records, not memory.  A batch
+counts as a row besides its rows: those of dead letters only hold their records too."""
 
 
 class _Waiting:
@@ -60,6 +61,11 @@ class _Waiting:
     def __bool__(self) -> bool:
         return bool(self.rows or self.settled)
 
+    @property
+    def size(self) -> int:
+        """Rows and batches: what ``ROOM`` bounds."""
+        return self.rows + len(self.settled)
+
     def then(self, later: _Waiting) -> _Waiting:
         """These, with ``later``'s after them (an insert failed: they wait again)."""
         self.chunks += later.chunks
@@ -74,11 +80,18 @@ class Gathering:
         self._rows = rows
         self._seconds = seconds
         self._waiting = _Waiting()
+        self._in_flight = 0  # the size of what an insert under way took
         self._inserting = asyncio.Lock()
         self._arrived = asyncio.Event()  # something waits
         self._full = asyncio.Event()  # ``rows`` wait
         self._room = asyncio.Event()  # under ``ROOM`` times ``rows`` wait
         self._room.set()
+
+    def insert_soon(self) -> None:
+        """Insert what waits now, without waiting out ``seconds`` (a rebalance waits for
+        every record taken to be acknowledged before it hands partitions on)."""
+        if self._waiting:
+            self._full.set()
 
     def hurry(self) -> None:
         """Insert what waits now, and each batch's rows as they come from now on: a stop
@@ -95,7 +108,7 @@ class Gathering:
     async def add(self, events: Sequence[StoredEvent], settled: Settled | None = None) -> None:
         """Gather a batch's rows (encoded now: the events themselves can go); ``settled``
         runs once they are in ClickHouse, after those of every batch before it."""
-        while self._waiting.rows >= ROOM * self._rows:
+        while self._waiting.size + self._in_flight >= ROOM * self._rows:
             self._room.clear()
             await self._room.wait()
         self._waiting.add(encode(events) if events else b"", len(events), settled)
@@ -109,6 +122,7 @@ class Gathering:
         is raised."""
         async with self._inserting:
             taken, self._waiting = self._waiting, _Waiting()
+            self._in_flight = taken.size
             try:
                 if taken.rows:
                     with metrics.SINK_SECONDS.labels("clickhouse").time():
@@ -117,7 +131,8 @@ class Gathering:
                 self._waiting = taken.then(self._waiting)
                 raise
             finally:
-                if self._waiting.rows < ROOM * self._rows:
+                self._in_flight = 0
+                if self._waiting.size < ROOM * self._rows:
                     self._room.set()
             for settled in taken.settled:
                 with surviving(log, "a batch stored in both sinks was not acknowledged"):

@@ -116,15 +116,14 @@ class BatchProcessor:
         events = [e for share in batch.shares for _, evs in share.records for e in evs]
         metrics.AGGREGATOR_BATCH_RECORDS.observe(len(batch.records))
         metrics.AGGREGATOR_BATCH_EVENTS.observe(len(events))
-        with collector_paused():
-            with metrics.SINK_SECONDS.labels("redis").time():
-                await self._apply(batch.shares, utcnow())
-            if self._tell_alerting is not None and self._alerting:
-                self._tell_alerting(self._alerting)
-                self._alerting = set()
-            for record in batch.records:
-                self.positions[(record.topic, record.partition)] = record.offset
-            await self._gathering.add(events, settled)
+        with collector_paused(), metrics.SINK_SECONDS.labels("redis").time():
+            await self._apply(batch.shares, utcnow())
+        if self._tell_alerting is not None and self._alerting:
+            self._tell_alerting(self._alerting)
+            self._alerting = set()
+        await self._gathering.add(events, settled)  # may wait for room: collecting meanwhile
+        for record in batch.records:
+            self.positions[(record.topic, record.partition)] = record.offset
 
     async def flush(self) -> None:
         """Insert the rows gathered so far (raises what the insert raised)."""
@@ -133,6 +132,10 @@ class BatchProcessor:
     def hurry(self) -> None:
         """Gather no longer: insert what waits, then each batch's rows as they come."""
         self._gathering.hurry()
+
+    def insert_soon(self) -> None:
+        """Insert what waits now (a rebalance is starting)."""
+        self._gathering.insert_soon()
 
     async def keep_inserting(self) -> None:
         """Insert the rows gathered, in the background, for as long as it runs."""

@@ -36,8 +36,16 @@ log = get_logger("tally.aggregator")
 
 
 class _App(faust.App):
+    rebalance_starting: Callable[[], object] | None = None
+    """Called (in the consumer's thread) as a rebalance starts."""
+
     def _new_transport(self) -> Transport:
         return Transport(self.conf.broker_consumer, self)
+
+    def on_rebalance_start(self) -> None:
+        super().on_rebalance_start()
+        if self.rebalance_starting is not None:
+            self.rebalance_starting()
 
 
 class _Tables(TableManager):
@@ -55,7 +63,7 @@ class _Tables(TableManager):
             await self.recovery.start()
 
 
-def create_app(settings: Settings, bootstrap_servers: str) -> faust.App:
+def create_app(settings: Settings, bootstrap_servers: str) -> _App:
     """The aggregator's Faust app.  Its consumer-group timings decide how fast a
     restarted worker counts again: a worker stopped in order leaves the group; one
     killed stays a member until ``group_session_timeout`` passes without its heartbeat,
@@ -108,9 +116,14 @@ def dead_letter_message(record: Record, reason: str) -> bytes:
     return message
 
 
-def attach(app: faust.App, settings: Settings, processor: BatchProcessor) -> None:
-    """Register the aggregating agent and the lag reporter on ``app``."""
+def attach(app: _App, settings: Settings, processor: BatchProcessor) -> None:
+    """Register the aggregating agent and the lag reporter on ``app``.  A rebalance
+    waits for every record taken to be acknowledged before it hands partitions on, and
+    a batch is acknowledged once its rows are in ClickHouse: as one starts, the rows
+    gathered are inserted at once."""
     events = app.topic(topics.EVENTS, key_type=bytes, value_type=bytes)
+    loop = asyncio.get_running_loop()
+    app.rebalance_starting = partial(loop.call_soon_threadsafe, processor.insert_soon)
     joining = time.monotonic()  # the app starts, and asks to join, right after
 
     async def joined(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import parse_qs, urlsplit
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEV_TOKEN = "dev-service-token"
@@ -359,6 +359,19 @@ class Settings(BaseSettings):
     @classmethod
     def _schedule(cls, raw: object) -> object:
         return [float(t) for t in raw.split(",") if t.strip()] if isinstance(raw, str) else raw
+
+    @model_validator(mode="after")
+    def _inserts_within_the_lag_bound(self) -> Settings:
+        """Offsets are committed once a batch's raw events are inserted, so the lag ingest
+        reads runs about this long plus the commit interval even when all is counted."""
+        bound = self.ingest_max_lag_seconds
+        if bound and self.aggregator_insert_seconds + 2 >= bound:
+            raise ValueError(
+                "TALLY_AGGREGATOR_INSERT_SECONDS must be 2 s under"
+                f" TALLY_INGEST_MAX_LAG_SECONDS ({bound:g}): the committed offsets that lag"
+                " is read from trail the inserts (or set TALLY_INGEST_MAX_LAG_SECONDS=0)"
+            )
+        return self
 
     @field_validator("public_url")
     @classmethod

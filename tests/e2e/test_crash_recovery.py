@@ -81,7 +81,11 @@ def test_records_are_committed_only_once_their_rows_are_in_clickhouse(
     now = utcnow()
     work = generate(tenant, customers=5, events=2_000, now=now, invalid_share=0, seed=8)
     expected_calls = _api_calls_today(work.valid, now)
-    waiting = {"TALLY_AGGREGATOR_INSERT_SECONDS": "3600", "TALLY_AGGREGATOR_INSERT_ROWS": "9000000"}
+    waiting = {
+        "TALLY_AGGREGATOR_INSERT_SECONDS": "3600",
+        "TALLY_AGGREGATOR_INSERT_ROWS": "9000000",
+        "TALLY_INGEST_MAX_LAG_SECONDS": "0",  # it would read the hour as lag
+    }
     log = tmp_path / "agg.log"
     aggregator = TallyProcess(["aggregator"], env_for(settings) | waiting, log).start()
     try:

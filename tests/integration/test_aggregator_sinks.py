@@ -397,8 +397,8 @@ async def test_an_overflow_dead_letters_only_its_customers_events_of_a_shared_re
 async def test_a_batch_counted_while_its_insert_failed_is_inserted_not_counted_on_retry(
     processor: BatchProcessor, redis: Redis, ch: ClickHouse, tenant: str
 ) -> None:
-    """The sinks are written at once: Redis may have counted a batch whose ClickHouse
-    insert failed.  The retry inserts it and counts nothing again."""
+    """Redis counts a batch before its rows go into ClickHouse: it may have counted one
+    whose insert failed.  The retry inserts it and counts nothing again."""
     customer = f"{tenant}-ch"
     batch = [record(1, stored(customer, "api_call", "1"), stored(customer, "api_call", "2"))]
     ch.command(f"RENAME TABLE {ch.database}.events TO {ch.database}.events_away")

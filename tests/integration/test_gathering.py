@@ -179,6 +179,26 @@ async def test_a_hurried_run_inserts_what_waits_and_then_every_batch_as_it_comes
     assert (rows(ch, customer), sink.inserts) == (["a", "b"], 2)
 
 
+async def test_insert_soon_inserts_what_waits_and_gathers_again_after(
+    ch: ClickHouse, sink: Counted, tenant: str
+) -> None:
+    customer, done = f"{tenant}-soon", Done()
+    rows_of = Gathering(sink, rows=1000, seconds=3600)
+    running = asyncio.create_task(rows_of.run())
+    try:
+        rows_of.insert_soon()  # nothing waits: nothing to do
+        await rows_of.add(events(customer, "a"), done.settles("waiting"))
+        await asyncio.sleep(0.3)
+        assert done.names == []
+        rows_of.insert_soon()  # as a rebalance starts
+        await done.wait(1, seconds=10)
+        await rows_of.add(events(customer, "b"), done.settles("after"))
+        await asyncio.sleep(0.3)
+        assert (done.names, rows_of.waiting) == (["waiting"], 1)
+    finally:
+        await stop_task(running)
+
+
 async def test_run_retries_a_failed_insert_until_it_goes_in(
     ch: ClickHouse, sink: Counted, away: Away, tenant: str
 ) -> None:
@@ -217,3 +237,23 @@ def test_joined_arrays_read_as_every_row_in_order(tenant: str) -> None:
     chunks = [encode(first), b"[]", encode(second)]
     assert orjson.loads(joined(chunks)) == orjson.loads(encode(first + second))
     assert joined([encode(second)]) == encode(second)
+
+
+async def test_room_comes_back_once_a_failing_insert_goes_in(
+    ch: ClickHouse, sink: Counted, away: Away, tenant: str
+) -> None:
+    customer, done = f"{tenant}-outage", Done()
+    rows_of = Gathering(sink, rows=2, seconds=0.05)
+    away.leave()
+    running = asyncio.create_task(rows_of.run())
+    try:
+        await rows_of.add(events(customer, *"abcdefg"), done.settles("first"))  # 7 rows + 1
+        held = asyncio.create_task(rows_of.add(events(customer, "h"), done.settles("second")))
+        await asyncio.sleep(0.5)
+        assert (held.done(), done.names) == (False, [])
+        away.back()
+        await done.wait(2, seconds=15)
+        assert held.done()
+    finally:
+        await stop_task(running)
+    assert rows(ch, customer) == list("abcdefgh")

@@ -63,3 +63,10 @@ def test_tally_ups_background_niceness_is_a_nice_value(
 def test_tally_ups_background_work_runs_nicer_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TALLY_UP_BACKGROUND_NICE", raising=False)
     assert Settings(_env_file=None).up_background_nice == 10
+
+
+def test_inserts_gathered_longer_than_the_lag_bound_allows_are_refused() -> None:
+    with pytest.raises(ValidationError, match="TALLY_AGGREGATOR_INSERT_SECONDS"):
+        Settings(_env_file=None, aggregator_insert_seconds=8, ingest_max_lag_seconds=10)
+    assert Settings(_env_file=None, aggregator_insert_seconds=7.5, ingest_max_lag_seconds=10)
+    assert Settings(_env_file=None, aggregator_insert_seconds=3600, ingest_max_lag_seconds=0)
