@@ -5,8 +5,9 @@ nothing and settles nothing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
 
 import orjson
@@ -72,6 +73,16 @@ def rows(ch: ClickHouse, customer: str) -> list[str]:
     return [row[0] for row in found]
 
 
+@contextlib.asynccontextmanager
+async def running(rows_of: Gathering) -> AsyncIterator[None]:
+    """``rows_of.run()`` in the background for the block."""
+    task = asyncio.create_task(rows_of.run())
+    try:
+        yield
+    finally:
+        await stop_task(task)
+
+
 class Done:
     """The batches settled, in order."""
 
@@ -129,15 +140,12 @@ async def test_run_inserts_once_rows_are_waiting_without_waiting_out_the_seconds
 ) -> None:
     customer, done = f"{tenant}-full", Done()
     rows_of = Gathering(sink, rows=3, seconds=3600)
-    running = asyncio.create_task(rows_of.run())
-    try:
+    async with running(rows_of):
         await rows_of.add(events(customer, "a", "b"), done.settles("first"))
         await asyncio.sleep(0.3)
         assert done.names == []
         await rows_of.add(events(customer, "c"), done.settles("second"))
         await done.wait(2, seconds=10)
-    finally:
-        await stop_task(running)
     assert rows(ch, customer) == ["a", "b", "c"]
 
 
@@ -146,8 +154,7 @@ async def test_run_inserts_what_waited_the_seconds(
 ) -> None:
     customer, done = f"{tenant}-old", Done()
     rows_of = Gathering(sink, rows=1000, seconds=0.4)
-    running = asyncio.create_task(rows_of.run())
-    try:
+    async with running(rows_of):
         began = time.monotonic()
         await rows_of.add(events(customer, "a"), done.settles("first"))
         await asyncio.sleep(0.1)
@@ -156,8 +163,6 @@ async def test_run_inserts_what_waited_the_seconds(
         assert time.monotonic() - began >= 0.4  # the oldest's wait, not the newest's
         assert time.monotonic() - began < 5
         assert sink.inserts == 1
-    finally:
-        await stop_task(running)
 
 
 async def test_a_hurried_run_inserts_what_waits_and_then_every_batch_as_it_comes(
@@ -165,8 +170,7 @@ async def test_a_hurried_run_inserts_what_waits_and_then_every_batch_as_it_comes
 ) -> None:
     customer, done = f"{tenant}-hurry", Done()
     rows_of = Gathering(sink, rows=1000, seconds=3600)
-    running = asyncio.create_task(rows_of.run())
-    try:
+    async with running(rows_of):
         await rows_of.add(events(customer, "a"), done.settles("waiting"))
         await asyncio.sleep(0.3)
         assert done.names == []
@@ -174,8 +178,6 @@ async def test_a_hurried_run_inserts_what_waits_and_then_every_batch_as_it_comes
         await done.wait(1, seconds=10)
         await rows_of.add(events(customer, "b"), done.settles("after"))
         await done.wait(2, seconds=10)
-    finally:
-        await stop_task(running)
     assert (rows(ch, customer), sink.inserts) == (["a", "b"], 2)
 
 
@@ -184,8 +186,7 @@ async def test_insert_soon_inserts_what_waits_and_gathers_again_after(
 ) -> None:
     customer, done = f"{tenant}-soon", Done()
     rows_of = Gathering(sink, rows=1000, seconds=3600)
-    running = asyncio.create_task(rows_of.run())
-    try:
+    async with running(rows_of):
         rows_of.insert_soon()  # nothing waits: nothing to do
         await rows_of.add(events(customer, "a"), done.settles("waiting"))
         await asyncio.sleep(0.3)
@@ -195,26 +196,6 @@ async def test_insert_soon_inserts_what_waits_and_gathers_again_after(
         await rows_of.add(events(customer, "b"), done.settles("after"))
         await asyncio.sleep(0.3)
         assert (done.names, rows_of.waiting) == (["waiting"], 1)
-    finally:
-        await stop_task(running)
-
-
-async def test_run_retries_a_failed_insert_until_it_goes_in(
-    ch: ClickHouse, sink: Counted, away: Away, tenant: str
-) -> None:
-    customer, done = f"{tenant}-retry", Done()
-    rows_of = Gathering(sink, rows=1, seconds=60)
-    away.leave()
-    running = asyncio.create_task(rows_of.run())
-    try:
-        await rows_of.add(events(customer, "a"), done.settles("first"))
-        await asyncio.sleep(0.5)
-        assert (done.names, rows_of.waiting) == ([], 1)
-        away.back()
-        await done.wait(1, seconds=15)
-    finally:
-        await stop_task(running)
-    assert rows(ch, customer) == ["a"]
 
 
 async def test_batches_wait_for_room_while_rows_cannot_go_in(
@@ -239,14 +220,13 @@ def test_joined_arrays_read_as_every_row_in_order(tenant: str) -> None:
     assert joined([encode(second)]) == encode(second)
 
 
-async def test_room_comes_back_once_a_failing_insert_goes_in(
+async def test_run_retries_a_failed_insert_and_batches_wait_for_room_until_it_goes_in(
     ch: ClickHouse, sink: Counted, away: Away, tenant: str
 ) -> None:
     customer, done = f"{tenant}-outage", Done()
     rows_of = Gathering(sink, rows=2, seconds=0.05)
     away.leave()
-    running = asyncio.create_task(rows_of.run())
-    try:
+    async with running(rows_of):
         await rows_of.add(events(customer, *"abcdefg"), done.settles("first"))  # 7 rows + 1
         held = asyncio.create_task(rows_of.add(events(customer, "h"), done.settles("second")))
         await asyncio.sleep(0.5)
@@ -254,6 +234,4 @@ async def test_room_comes_back_once_a_failing_insert_goes_in(
         away.back()
         await done.wait(2, seconds=15)
         assert held.done()
-    finally:
-        await stop_task(running)
     assert rows(ch, customer) == list("abcdefgh")
