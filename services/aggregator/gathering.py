@@ -50,7 +50,7 @@ class _Waiting:
         self.since = 0.0  # monotonic time of the oldest, when any
 
     def add(self, chunk: bytes, rows: int, settled: Settled | None) -> None:
-        if not self.rows and not self.settled:
+        if not self:
             self.since = time.monotonic()
         if rows:
             self.chunks.append(chunk)
@@ -58,13 +58,13 @@ class _Waiting:
         if settled is not None:
             self.settled.append(settled)
 
-    def __bool__(self) -> bool:
-        return bool(self.rows or self.settled)
-
     @property
     def size(self) -> int:
         """Rows and batches: what ``ROOM`` bounds."""
         return self.rows + len(self.settled)
+
+    def __bool__(self) -> bool:
+        return self.size > 0
 
     def then(self, later: _Waiting) -> _Waiting:
         """These, with ``later``'s after them (an insert failed: they wait again)."""
