@@ -38,9 +38,12 @@ layout, the kinds interleaved, each run once ``tally up`` is quiet again (``quie
 
 For every run, CPU µs per served request of the app process, of Tally (``tally up``
 with its children, the embedded broker), of Redis (shared with whatever else uses it)
-and of the load generator (``wrk``, or this process for the open loop), from psutil
-and rusage, and how busy the app kept its core (``app_core_busy``, CPU s per s: under
-1 flat out means the app waited for load, or for a core other work held).  Which of the
+— these two charged until ``tally up`` is quiet after the run, so that the work a run
+leaves them (rows gathered for the next insert, merges) counts, less their CPU at rest
+(``at_rest_cores``, measured once) over that wait — and of the load generator
+(``wrk``, or this process for the open loop), from psutil and rusage, and how busy the
+app kept its core (``app_core_busy``, CPU s per s: under 1 flat out means the app
+waited for load, or for a core other work held).  Which of the
 two it was: ``app_waited_for_cpu``, the seconds per second the app's threads were ready
 to run but waited on a run queue (the kernel's ``schedstat``), and ``idle_cores``, the
 CPU seconds per second the machine left idle meanwhile (a wait while a core idled is the
@@ -64,7 +67,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -96,6 +99,7 @@ LEASE_TTL_MS = Settings.model_fields["lease_ttl_ms"].default
 """The stand-in Tally's terms last as long as Tally's own: the app renews as often."""
 QUIET_SHARE = 0.15
 QUIET_MAX_SECONDS = 20.0
+AT_REST_SECONDS = 3.0
 PATH = "/v1/geocode"
 BODY = b'{"q":"berlin"}'
 
@@ -146,31 +150,47 @@ def load_cpu() -> float:
 @dataclass
 class Under:
     """The processes whose CPU a run accounts for; ``redis`` is shared with whatever
-    else uses that server (other work on the machine included)."""
+    else uses that server (other work on the machine included).  ``at_rest``: the share
+    of a core each of ``tally`` and ``redis`` spends when nothing is sent."""
 
     apps: dict[str, psutil.Process]
     tally: psutil.Process
     redis: psutil.Process | None
+    at_rest: dict[str, float] = field(default_factory=dict)
+
+    def stores(self) -> dict[str, psutil.Process]:
+        return {"tally": self.tally} | ({"redis": self.redis} if self.redis else {})
 
 
-async def quiet(tally: psutil.Process) -> None:
+async def quiet(tally: psutil.Process) -> float:
     """Wait until ``tally up`` has done the work the runs before left it — counting
-    their events, chDB merging the parts they made — so that it is neither charged to
-    this run nor competing with it: until it spends under ``QUIET_SHARE`` of a core over
-    half a second (it idles at 0.07 to 0.09 here), ``QUIET_MAX_SECONDS`` at most."""
+    their events, inserting the rows it gathers (every 2 s), chDB merging the parts they
+    made — so that it is not competing with the next run: until it spends under
+    ``QUIET_SHARE`` of a core over half a second (it idles at 0.07 to 0.09 here),
+    ``QUIET_MAX_SECONDS`` at most.  Returns the seconds it took."""
     began = time.perf_counter()
     while time.perf_counter() - began < QUIET_MAX_SECONDS:
         before = cpu(tally)
         await asyncio.sleep(0.5)
         if (cpu(tally) - before) / 0.5 < QUIET_SHARE:
-            return
+            break
+    return time.perf_counter() - began
+
+
+async def at_rest(under: Under, seconds: float = AT_REST_SECONDS) -> dict[str, float]:
+    """The share of a core ``tally up`` and Redis spend when nothing is sent: once quiet,
+    their CPU over ``seconds``."""
+    await quiet(under.tally)
+    before = {name: cpu(p) for name, p in under.stores().items()}
+    await asyncio.sleep(seconds)
+    return {name: (cpu(p) - before[name]) / seconds for name, p in under.stores().items()}
 
 
 async def measured(run: Run, kind: str, under: Under) -> dict[str, Any]:
     """One run's summary with CPU µs per request in the app, Tally, Redis and the load
     generator."""
-    watched = {"app": under.apps[kind], "tally": under.tally, "redis": under.redis}
-    before = {name: cpu(p) for name, p in watched.items() if p is not None}
+    watched = {"app": under.apps[kind]} | under.stores()
+    before = {name: cpu(p) for name, p in watched.items()}
     waited, idle_before = run_queue_wait(under.apps[kind].pid), idle_cpu()
     before_load, started = load_cpu(), time.perf_counter()
     result = await run()
@@ -178,7 +198,8 @@ async def measured(run: Run, kind: str, under: Under) -> dict[str, Any]:
     waited_after, idle = run_queue_wait(under.apps[kind].pid), idle_cpu() - idle_before
     summary = result.summary()
     served = max(1, int(summary["requests"]))  # type: ignore[call-overload]
-    spent = {name: cpu(p) - before[name] for name, p in watched.items() if p is not None}
+    spent = {name: cpu(p) - before[name] for name, p in watched.items()}
+    spent |= await deferred(under, before)
     return (
         summary
         | {f"{name}_cpu_us": round(spent[name] / served * 1e6) for name in spent}
@@ -191,6 +212,18 @@ async def measured(run: Run, kind: str, under: Under) -> dict[str, Any]:
         )
         | {"idle_cores": round(idle / wall, 2)}
     )
+
+
+async def deferred(under: Under, before: dict[str, float]) -> dict[str, float]:
+    """Tally's and Redis's CPU since ``before`` (a run's start), the work the run left
+    them included: the rows gathered for the next insert (up to 2 s of them), the events
+    still to count, chDB's merges.  Charged until ``tally up`` is quiet again, less what
+    the two spend at rest over the wait, so that a run's figure is its whole cost."""
+    waited = await quiet(under.tally)
+    return {
+        name: cpu(p) - before[name] - under.at_rest[name] * waited
+        for name, p in under.stores().items()
+    }
 
 
 def start_app(
@@ -240,6 +273,7 @@ async def measure(
     }
     for kind in ports:  # warm up: connections, caches, Tally's first batches
         await flat_out(urls[kind], keys, conns, min(2.0, args.seconds))
+    under.at_rest = await at_rest(under)
     placements = layouts()
     flat: dict[str, list[dict[str, dict[str, Any]]]] = {lay.name: [] for lay in placements}
     fixed: dict[str, dict[int, list[dict[str, dict[str, Any]]]]] = {
@@ -269,9 +303,14 @@ async def measure(
                     run_figures["lead_in_p99_ms"] = round(lead.percentile(0.99), 2)
                     fixed[layout.name][rate][-1][kind] = run_figures
     return {
-        lay.name: {"layout": lay.describe()} | summarise(args, flat[lay.name], fixed[lay.name])
+        lay.name: {"layout": lay.describe(), "at_rest_cores": rounded(under.at_rest)}
+        | summarise(args, flat[lay.name], fixed[lay.name])
         for lay in placements
     }
+
+
+def rounded(shares: dict[str, float]) -> dict[str, float]:
+    return {name: round(share, 4) for name, share in shares.items()}
 
 
 def timings(port: int) -> list[float]:

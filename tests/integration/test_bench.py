@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import shutil
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -134,6 +137,29 @@ def test_the_run_queue_wait_adds_up_the_threads_of_a_process(tmp_path: Path) -> 
     assert edge.run_queue_wait(43, tmp_path) is None  # no such process
     own = edge.run_queue_wait(os.getpid())
     assert own is not None and own >= 0
+
+
+def test_a_runs_tally_cpu_includes_the_work_it_left_less_the_rest() -> None:
+    """Tally still busy after a run (here: a process spinning for a second, as when it
+    inserts the rows it gathered) is charged for it, once quiet, less its rest share over
+    the wait: the figure is the run's whole cost, not what fell inside its window."""
+    spinner = (
+        "import time\nend = time.process_time() + 1.0\n"
+        "while time.process_time() < end: pass\ntime.sleep(60)"
+    )
+    busy = subprocess.Popen([sys.executable, "-c", spinner])
+    try:
+        tally = psutil.Process(busy.pid)
+        under = edge.Under(apps={}, tally=tally, redis=None, at_rest={"tally": 0.1})
+        before = {"tally": edge.cpu(tally)}
+        charged = asyncio.run(edge.deferred(under, before))
+        assert 0.9 < edge.cpu(tally) - before["tally"] < 1.2  # it spun, then went quiet
+        waited = charged["tally"] - (edge.cpu(tally) - before["tally"])
+        assert -0.1 * edge.QUIET_MAX_SECONDS < waited < 0  # the rest share, taken off
+        assert charged["tally"] > 0.7
+    finally:
+        busy.kill()
+        busy.wait()
 
 
 def test_the_stand_in_tally_grants_terms_as_long_as_asked_and_stops_on_leaving() -> None:
