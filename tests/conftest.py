@@ -28,7 +28,7 @@ from services.api.catalog import store as catalog_store
 from services.common import clickhouse, kafka, postgres
 from services.common.broker import EmbeddedBroker
 from services.common.clickhouse import ClickHouse
-from services.common.settings import Settings
+from services.common.settings import EMBEDDED_SESSION_TIMEOUT, Settings
 from tests.fake_stripe import FakeStripe
 
 ADMIN_URL = os.environ.get(
@@ -36,11 +36,11 @@ ADMIN_URL = os.environ.get(
 )
 REDIS_URL = os.environ.get("TALLY_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
 PARTITIONS = 4
-TANSU_SESSION_TIMEOUT = 2.0
-"""The group session timeout on the tests' Tansu, as `tally up` sets it on its own: Tansu
-holds every JoinGroup for half of it, so each aggregator start (and each restart after a
-kill, which waits for the whole timeout) takes seconds less than at Kafka's 6 s."""
-KAFKA_SESSION_TIMEOUT = 6.0  # Kafka's brokers refuse less by default
+KAFKA_CONTAINER_SESSION_TIMEOUT = 6.0
+"""The group session timeout on a Kafka container (its brokers refuse less by default).
+On the tests' Tansu it is ``EMBEDDED_SESSION_TIMEOUT``, as `tally up` sets it on its own:
+Tansu holds every JoinGroup for half of it, so each aggregator start (and each restart
+after a kill, which waits for the whole timeout) takes seconds less than at 6 s."""
 
 
 @functools.cache
@@ -148,7 +148,7 @@ def _settings(
         data_dir=tmp_path / "data",
         events_partitions=PARTITIONS,
         kafka_session_timeout=(
-            KAFKA_SESSION_TIMEOUT if docker_available() else TANSU_SESSION_TIMEOUT
+            KAFKA_CONTAINER_SESSION_TIMEOUT if docker_available() else EMBEDDED_SESSION_TIMEOUT
         ),
         kafka_incarnation=uuid.uuid4().hex[:8],
         consumer_group=f"tally-test-{uuid.uuid4().hex[:8]}",
