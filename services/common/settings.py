@@ -225,14 +225,22 @@ class Settings(BaseSettings):
         " at it (code 70, logged) whatever its stores are doing.",
     )
 
+    up_front_nice: int = Field(
+        5,
+        ge=0,
+        le=19,
+        description="`tally up` runs front (ingest, leases, enforcement, the API) this much"
+        " nicer than the programs started beside it: on a machine shared with the API it"
+        " meters, judging a batch of events waits for the API's requests. 0 = same priority.",
+    )
     up_background_nice: int = Field(
         10,
         ge=0,
         le=19,
         description="`tally up` runs back (aggregation, billing, analytics) and the embedded"
-        " broker this much nicer than front (ingest, leases, enforcement) and the programs"
-        " started beside it: on a machine shared with the API it meters, counting a burst of"
-        " events waits for the API's requests, not the other way round. 0 = same priority.",
+        " broker this much nicer than the programs started beside it (and, above"
+        " `TALLY_UP_FRONT_NICE`, than front): counting a burst of events waits for the API's"
+        " requests and for front's answers, not the other way round. 0 = same priority.",
     )
 
     rollup_interval_seconds: float = 60.0
@@ -370,6 +378,17 @@ class Settings(BaseSettings):
                 "TALLY_AGGREGATOR_INSERT_SECONDS must be 2 s under"
                 f" TALLY_INGEST_MAX_LAG_SECONDS ({bound:g}): the committed offsets that lag"
                 " is read from trail the inserts (or set TALLY_INGEST_MAX_LAG_SECONDS=0)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _counting_yields_to_answers(self) -> Settings:
+        """Back's counting must not take the CPU ahead of front's answers to the API."""
+        if self.up_background_nice < self.up_front_nice:
+            raise ValueError(
+                f"TALLY_UP_BACKGROUND_NICE ({self.up_background_nice}) must be at least"
+                f" TALLY_UP_FRONT_NICE ({self.up_front_nice}): counting a burst of events"
+                " would otherwise wait for nothing, front's lease answers for it"
             )
         return self
 

@@ -18,9 +18,10 @@ broker into the stores, ``TALLY_KAFKA_IN_MEMORY``), then the broker.  A child th
 while serving is started again, with a log line; one that keeps failing before it is ready
 makes ``tally up`` stop and exit non-zero.
 
-Back and the broker run ``TALLY_UP_BACKGROUND_NICE`` (10) nicer than front: when the
-machine is busy, counting a burst of events yields to the requests of the API beside it
-and to front's lease and enforcement answers.
+Front runs ``TALLY_UP_FRONT_NICE`` (5) and back and the broker ``TALLY_UP_BACKGROUND_NICE``
+(10) nicer than the supervisor (and the programs started beside it): when the machine is
+busy, judging a batch of events yields to the requests of the API beside it, and counting
+it yields to those and to front's lease and enforcement answers.
 
 The children are started before the stores are prepared: they import their services
 (seconds) while this process migrates, and wait at a gate (``services.up.gate``) until
@@ -307,7 +308,10 @@ class Supervisor:
             "TALLY_BILLING_URL": back_url,
             "TALLY_SHUTDOWN_SECONDS": str(front_bound),
         }
-        return back, Child(FRONT, settings.port, front_args, front_env, metrics, prepared)
+        front = Child(
+            FRONT, settings.port, front_args, front_env, metrics, prepared, settings.up_front_nice
+        )
+        return back, front
 
     async def _kafka_env(self) -> dict[str, str]:
         """The broker the children use: the user's, or an embedded one started here."""

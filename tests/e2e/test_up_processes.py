@@ -76,7 +76,7 @@ def test_up_runs_front_and_back_behind_one_port(settings: Settings, tmp_path: Pa
         children = processes_of(up)
         assert set(children) == {"front", "back", "tansu"}, children
         assert up.process is not None
-        assert_placed(psutil.Process(up.process.pid), children, settings.up_background_nice)
+        assert_placed(psutil.Process(up.process.pid), children, settings)
         with httpx.Client(base_url=up.url, timeout=30) as client:
             customer, _ = new_customer(client)
             send(client, token, customer, 20)
@@ -101,7 +101,7 @@ def test_up_runs_front_and_back_behind_one_port(settings: Settings, tmp_path: Pa
             children["back"].kill()
             wait_for(partial(restarted, up, children["back"]), 30, "a new back", up.tail)
             supervisor = psutil.Process(up.process.pid)
-            assert_placed(supervisor, processes_of(up), settings.up_background_nice)
+            assert_placed(supervisor, processes_of(up), settings)
             send(client, token, customer, 10)
             wait_for(partial(counted, client, token, customer, 30), 90, "30 counted", up.tail)
             assert "process exited unexpectedly; restarting it" in up.tail(400)
@@ -120,16 +120,18 @@ def test_up_runs_front_and_back_behind_one_port(settings: Settings, tmp_path: Pa
 
 
 def assert_placed(
-    supervisor: psutil.Process, children: dict[str, psutil.Process], nicer: int
+    supervisor: psutil.Process, children: dict[str, psutil.Process], settings: Settings
 ) -> None:
     """Each child leads a process group of its own (a Ctrl-C in the terminal reaches the
     supervisor alone) in the supervisor's session (one scheduling group under autogroup);
-    back and the broker run ``nicer`` than the supervisor, front as it does."""
+    front runs ``up_front_nice`` nicer than the supervisor, back and the broker
+    ``up_background_nice``."""
     base = supervisor.nice()
     for role, child in children.items():
         assert os.getpgid(child.pid) == child.pid, role
         assert os.getsid(child.pid) == os.getsid(supervisor.pid), role
-        wanted = base if role == "front" else min(19, base + nicer)
+        nicer = settings.up_front_nice if role == "front" else settings.up_background_nice
+        wanted = min(19, base + nicer)
         assert child.nice() == wanted, (role, child.nice(), wanted)
 
 

@@ -60,9 +60,30 @@ def test_tally_ups_background_niceness_is_a_nice_value(
     assert [e["loc"] for e in refused.value.errors()] == [("up_background_nice",)]
 
 
-def test_tally_ups_background_work_runs_nicer_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("TALLY_UP_BACKGROUND_NICE", raising=False)
-    assert Settings(_env_file=None).up_background_nice == 10
+@pytest.mark.parametrize("given", ["-1", "20", "ten"])
+def test_tally_ups_front_niceness_is_a_nice_value(
+    monkeypatch: pytest.MonkeyPatch, given: str
+) -> None:
+    monkeypatch.setenv("TALLY_UP_FRONT_NICE", given)
+    with pytest.raises(ValidationError) as refused:
+        Settings(_env_file=None)
+    assert [e["loc"] for e in refused.value.errors()] == [("up_front_nice",)]
+
+
+def test_tally_ups_work_runs_nicer_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("TALLY_UP_BACKGROUND_NICE", "TALLY_UP_FRONT_NICE"):
+        monkeypatch.delenv(name, raising=False)
+    settings = Settings(_env_file=None)
+    assert (settings.up_front_nice, settings.up_background_nice) == (5, 10)
+
+
+def test_counting_nicer_than_fronts_answers_is_required(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TALLY_UP_FRONT_NICE", "12")
+    monkeypatch.setenv("TALLY_UP_BACKGROUND_NICE", "10")
+    with pytest.raises(ValidationError, match=r"TALLY_UP_BACKGROUND_NICE \(10\) must be at least"):
+        Settings(_env_file=None)
+    monkeypatch.setenv("TALLY_UP_BACKGROUND_NICE", "12")
+    assert Settings(_env_file=None).up_background_nice == 12
 
 
 def test_inserts_gathered_longer_than_the_lag_bound_allows_are_refused() -> None:
