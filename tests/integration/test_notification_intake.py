@@ -1,16 +1,18 @@
 """The intake: what a crashed notifier left unacknowledged is taken over, malformed
-entries do not block the stream, and listeners hear of new notifications only."""
+entries do not block the stream, listeners hear of new notifications only, and an idle
+intake looks at the stream less often without missing what comes."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
+import pytest
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from schemas.notifications import STREAM, Notification
-from services.billing.notification.intake import GROUP, Intake
+from services.billing.notification.intake import GROUP, IDLE_MOST_SECONDS, Intake
 from services.common.notify import publish
 from services.common.settings import Settings
 from tests.webhook_support import alert, eventually, new_customer, quick, running_notifier
@@ -76,3 +78,37 @@ async def test_malformed_entries_are_dropped_not_blocking(
             assert [h.id for h in heard] == [n.id]
         finally:  # other tests read the stream back as notifications
             await redis.xdel(STREAM, *malformed)
+
+
+async def test_an_idle_intake_looks_less_often_and_still_takes_what_comes(
+    settings: Settings,
+    pool: AsyncConnectionPool,
+    redis: Redis,
+    tenant: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    customer = await new_customer(pool, tenant)
+    reads = 0
+    read = redis.xreadgroup
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        return await read(*args, **kwargs)
+
+    monkeypatch.setattr(redis, "xreadgroup", counted)
+    intake = Intake(pool, redis, asyncio.Event(), mail=False, consumer="idle")
+    task = asyncio.create_task(intake.run())
+    try:
+        await asyncio.sleep(1.0)  # the backlog read, then the waits grow to their most
+        before = reads
+        await asyncio.sleep(2.0)
+        # every 50 ms this would be ~40 reads; backing off to IDLE_MOST_SECONDS, ~5
+        assert reads - before <= 2.0 / IDLE_MOST_SECONDS + 3, reads - before
+        n = alert(customer)
+        await publish(redis, n)
+        await eventually(lambda: _stored(pool, n.id))
+        await eventually(lambda: _acked(redis))
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

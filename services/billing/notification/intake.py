@@ -32,12 +32,13 @@ from redis.exceptions import ResponseError
 from schemas.notifications import STREAM, Notification, NotificationType, moment
 from services.common.logging import get_logger
 from services.common.metrics import NOTIFICATIONS
-from services.common.waits import reraise_if_cancelling, surviving
+from services.common.waits import Backoff, reraise_if_cancelling, surviving
 
 log = get_logger("tally.notifications")
 GROUP = "notifier"
 BATCH = 200
-IDLE_SECONDS = 0.05  # between reads of an empty stream
+IDLE_SECONDS = 0.05  # the first wait after a read of an empty stream
+IDLE_MOST_SECONDS = 0.4  # doubled while it stays empty, up to this: ~3 reads a second idle
 STALE_MS = 60_000  # an entry another notifier has held this long without acking: it died
 
 Listener = Callable[[Notification], Awaitable[None]]
@@ -141,6 +142,7 @@ class Intake:
         self._mail = mail
         self._consumer = consumer or socket.gethostname()
         self._stale_ms = stale_ms
+        self._idle = Backoff(IDLE_SECONDS, IDLE_MOST_SECONDS)
         self._listeners: list[Listener] = []
 
     def listen(self, listener: Listener) -> None:
@@ -178,8 +180,10 @@ class Intake:
                     while await self._read("0"):
                         pass
                     backlog = False
-                if not await self._read(">"):
-                    await asyncio.sleep(IDLE_SECONDS)
+                if await self._read(">"):
+                    self._idle.reset()
+                else:
+                    await self._idle.wait()
             if attempt.failed:
                 backlog = True
                 await asyncio.sleep(1.0)
@@ -205,8 +209,9 @@ class Intake:
         """One batch from ``position`` (``0``: this consumer's pending, ``>``: new).
 
         Never ``BLOCK``: a task cancelled inside a blocking read can leave redis-py's
-        connection waiting (seen here on shutdown), so an empty stream is polled every
-        50 ms instead."""
+        connection waiting (seen here on shutdown), so an empty stream is polled instead:
+        50 ms after it was found empty, doubled while it stays so up to 0.4 s (20 reads a
+        second cost an idle ``tally up`` about half a percent of a core)."""
         reply: Any = await self._redis.xreadgroup(
             GROUP,
             self._consumer,
