@@ -51,23 +51,14 @@ def test_the_group_session_timeout_defaults_to_the_broker_in_use(
 
 
 @pytest.mark.parametrize("given", ["-1", "20", "ten"])
-def test_tally_ups_background_niceness_is_a_nice_value(
-    monkeypatch: pytest.MonkeyPatch, given: str
+@pytest.mark.parametrize("field", ["up_background_nice", "up_front_nice"])
+def test_tally_ups_niceness_is_a_nice_value(
+    monkeypatch: pytest.MonkeyPatch, field: str, given: str
 ) -> None:
-    monkeypatch.setenv("TALLY_UP_BACKGROUND_NICE", given)
+    monkeypatch.setenv(f"TALLY_{field.upper()}", given)
     with pytest.raises(ValidationError) as refused:
         Settings(_env_file=None)
-    assert [e["loc"] for e in refused.value.errors()] == [("up_background_nice",)]
-
-
-@pytest.mark.parametrize("given", ["-1", "20", "ten"])
-def test_tally_ups_front_niceness_is_a_nice_value(
-    monkeypatch: pytest.MonkeyPatch, given: str
-) -> None:
-    monkeypatch.setenv("TALLY_UP_FRONT_NICE", given)
-    with pytest.raises(ValidationError) as refused:
-        Settings(_env_file=None)
-    assert [e["loc"] for e in refused.value.errors()] == [("up_front_nice",)]
+    assert [e["loc"] for e in refused.value.errors()] == [(field,)]
 
 
 def test_tally_ups_work_runs_nicer_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
