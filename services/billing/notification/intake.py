@@ -211,7 +211,7 @@ class Intake:
         Never ``BLOCK``: a task cancelled inside a blocking read can leave redis-py's
         connection waiting (seen here on shutdown), so an empty stream is polled instead:
         50 ms after it was found empty, doubled while it stays so up to 0.4 s (20 reads a
-        second cost an idle ``tally up`` about half a percent of a core)."""
+        second here and in the spend watch cost an idle ``tally up`` 1-2 % of a core)."""
         reply: Any = await self._redis.xreadgroup(
             GROUP,
             self._consumer,

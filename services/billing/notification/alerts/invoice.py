@@ -201,8 +201,8 @@ class SpendWatch:
     async def _pop(self, block: bool) -> list[str]:
         """The customers due now; with ``block``, polled for up to ``WAIT_SECONDS`` when
         none is: ``POLL_SECONDS`` after finding none, doubled while none is due up to
-        ``POLL_MOST_SECONDS`` (20 looks a second cost an idle ``tally up`` about half a
-        percent of a core), and again at once after finding some.
+        ``POLL_MOST_SECONDS`` (20 looks a second here and in the notification intake cost an
+        idle ``tally up`` 1-2 % of a core), and again at once after finding some.
 
         Never ``BZPOPMIN``: a task cancelled inside a blocking pop can leave redis-py's
         connection waiting, which hung a stopping billing process (as it did the
