@@ -17,59 +17,55 @@
 -- nil when the key is absent, else its values of those fields in the same order (nil
 -- where a bucket has no such group).  The total (``*``) and the ``@t`` time fields
 -- are not groups.
-local tonumber, byte, abs = tonumber, string.byte, math.abs
+--
+-- Its cost is Redis's: 31 HGETALLs of 21 fields take 120 µs of a top 5's ~330, the fold
+-- the rest.  So the fold keeps one double per group (no table of magnitudes: one running
+-- sum of every value's magnitude bounds the rounding of all of them, a wider tolerance
+-- that is as sound) and no copy of each bucket's cells: the kept groups' values are
+-- read again with one HMGET per bucket (~300 µs in all, measured).
+local tonumber, byte = tonumber, string.byte
 local CLOSE = 93  -- ']': group fields are JSON arrays; the total and times end otherwise
 local how = ARGV[1]
 local limit = tonumber(ARGV[2])
-local held = {}    -- per key: field -> value as stored, or false when the key is absent
+local present = {} -- per key: whether it exists
 local fields = {}  -- every group, in the order first seen
 local folded = {}  -- field -> its value over the buckets, as a double
-local size = {}    -- field -> the sum of its values' magnitudes: bounds the rounding
+local magnitude = 0  -- the sum of every value's magnitude: bounds every fold's rounding
 for i, key in ipairs(KEYS) do
     local flat = redis.call('HGETALL', key)
-    local cells = false
-    if #flat > 0 then
-        cells = {}
-        for j = 1, #flat, 2 do
-            local field = flat[j]
-            if byte(field, -1) == CLOSE then
-                local raw = flat[j + 1]
-                local value = tonumber(raw)
-                cells[field] = raw
-                local before = folded[field]
-                if before == nil then
-                    fields[#fields + 1] = field
-                    folded[field] = value
-                    size[field] = abs(value)
-                else
-                    if how == 'latest' then
-                        folded[field] = value
-                    elseif how == 'max' then
-                        if value > before then folded[field] = value end
-                    elseif how == 'min' then
-                        if value < before then folded[field] = value end
-                    else
-                        folded[field] = before + value
-                    end
-                    size[field] = size[field] + abs(value)
-                end
+    present[i] = #flat > 0
+    for j = 1, #flat, 2 do
+        local field = flat[j]
+        if byte(field, -1) == CLOSE then
+            local value = tonumber(flat[j + 1])
+            if value < 0 then magnitude = magnitude - value else magnitude = magnitude + value end
+            local before = folded[field]
+            if before == nil then
+                fields[#fields + 1] = field
+                folded[field] = value
+            elseif how == 'sum' then
+                folded[field] = before + value
+            elseif how == 'latest' then
+                folded[field] = value
+            elseif how == 'max' then
+                if value > before then folded[field] = value end
+            elseif value < before then  -- 'min'
+                folded[field] = value
             end
         end
     end
-    held[i] = cells
 end
 
 local kept = fields
 if #fields > limit then
-    local values, largest = {}, 0
+    local values = {}
     for i, field in ipairs(fields) do
         values[i] = folded[field]
-        if size[field] > largest then largest = size[field] end
     end
     table.sort(values, function(a, b) return a > b end)
     -- Each value and each sum is rounded by at most 2^-53 relative to the magnitudes
-    -- added: at most MAX_BUCKETS (2,000) x 2^-53 of the largest, far under 1e-9 of it.
-    local floor = values[limit] - (largest * 1e-9 + 1)
+    -- added: at most MAX_BUCKETS (2,000) x 2^-53 of them all, far under 1e-9 of it.
+    local floor = values[limit] - (magnitude * 1e-9 + 1)
     kept = {}
     for _, field in ipairs(fields) do
         if folded[field] >= floor then kept[#kept + 1] = field end
@@ -77,16 +73,13 @@ if #fields > limit then
 end
 
 local reply = {kept}
-for i = 1, #KEYS do
-    local cells = held[i]
-    if cells then
-        local row = {}
-        for j, field in ipairs(kept) do
-            row[j] = cells[field] or false
-        end
-        reply[i + 1] = row
-    else
+for i, key in ipairs(KEYS) do
+    if not present[i] then
         reply[i + 1] = false
+    elseif #kept == 0 then
+        reply[i + 1] = {}
+    else
+        reply[i + 1] = redis.call('HMGET', key, unpack(kept))
     end
 end
 return reply
