@@ -29,7 +29,7 @@ Other work on the machine (PostgreSQL, other users) is not pinned.  In each roun
 layout, the kinds interleaved, each run once ``tally up`` is quiet again (``quiet``):
 
 1. flat out: ``wrk`` (C, one thread, ``--connections`` keep-alive connections, the keys
-   rotated by ``bench/edge_keys.lua``): requests/s, the ratios between kinds;
+   rotated by ``bench/wrk_requests.lua``): requests/s, the ratios between kinds;
 2. offered ``--rates`` (open loop, ``bench.http_load``: due times kept, so a stall shows
    as latency), after a second at that rate unmeasured (``LEAD_IN_SECONDS``): p50/p99,
    and what the middleware adds over plain in the same round — at the load generator,

@@ -5,16 +5,18 @@ database, its own Redis database, a temporary directory) and, with the same uvic
 settings, a bare FastAPI endpoint (``bench.bare_app``'s ``/readyz``) as the baseline.
 Seeds one customer's ``api_calls`` as the services leave them: the last 31 days' day
 buckets in Redis (the aggregator's live counters: the total and ``--endpoints`` endpoints),
-and 75 days of ``usage_daily`` rows (the rollup's). Then, from this process
-(``bench.http_load``), reads with a service token:
+and 75 days of ``usage_daily`` rows (the rollup's). Then reads with a service token:
 
 - ``month_by_day``: the default window, the last 30 days by day (31 points, from Redis);
 - ``top5_endpoints``: the same month, ``group_by=endpoint&order_by=value&limit=5``;
 - ``older_month``: 30 days that Redis no longer keeps, from ``usage_daily``;
 
-1. flat out (closed loop, ``--connections`` keep-alive connections), ``--rounds``
-   interleaved rounds: reads/s of each and of the baseline, then median, min and max;
-2. at an offered ``--rate`` (open loop): p50/p99 latency of each.
+1. flat out from ``wrk`` (``bench.wrk_load``: a closed loop in C, ``--connections``
+   keep-alive connections), ``--rounds`` interleaved rounds: reads/s of each and of the
+   baseline, then median, min and max; the CPU per read of the server, of the stores'
+   servers and of ``wrk``;
+2. at an offered ``--rate`` (open loop, ``bench.http_load`` in this process): p50/p99
+   latency of each.
 
 ``--compare PATH`` serves a second API from another checkout's code (e.g. ``git archive
 main | tar -x -C /tmp/main``) on the same stores, measured in the same rounds: a change's
@@ -30,6 +32,8 @@ import asyncio
 import contextlib
 import os
 import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -39,10 +43,12 @@ import psutil
 import psycopg
 import redis
 
-from bench.edge import redis_process
+from bench import wrk_load
+from bench.edge import load_cpu, redis_process
 from bench.enforce import dumps, spread, start_bare
-from bench.http_load import Result, closed_loop, open_loop, request
+from bench.http_load import open_loop, request
 from bench.stores import bench_stores
+from bench.wrk_load import WrkResult
 from schemas import redis_keys
 from schemas.events import VALUE_SCALE
 from schemas.windows import Window, bucket_id, bucket_start
@@ -50,6 +56,7 @@ from services.common.broker import free_port
 from tests.support import TallyProcess
 
 TOKEN = "bench-token"
+AUTH = f"Bearer {TOKEN}"
 CUSTOMER = "bench-usage"
 LIVE_DAYS = 31  # in Redis: the default 30-day span's buckets
 ROLLUP_DAYS = 75  # in usage_daily: that month and the ones before
@@ -93,8 +100,8 @@ def seed(redis_url: str, database_url: str, endpoints: int, now: datetime) -> No
         )
 
 
-def reads(port: int, now: datetime) -> dict[str, bytes]:
-    """The three reads, as raw requests."""
+def paths(now: datetime) -> dict[str, str]:
+    """The three reads' paths, query included."""
     base = f"/v1/customers/{CUSTOMER}/usage?"
     older = bucket_start(Window.DAY, now) - timedelta(days=ROLLUP_DAYS - 2)
     queries = {
@@ -111,11 +118,12 @@ def reads(port: int, now: datetime) -> dict[str, bytes]:
             "to": (older + timedelta(days=30)).isoformat(),
         },
     }
-    auth = {"Authorization": f"Bearer {TOKEN}"}
-    return {
-        name: request("127.0.0.1", port, base + urlencode(q), b"", auth, "GET")
-        for name, q in queries.items()
-    }
+    return {name: base + urlencode(q) for name, q in queries.items()}
+
+
+def raw_get(port: int, path: str) -> bytes:
+    """A read as a raw request, for the open loop."""
+    return request("127.0.0.1", port, path, b"", {"Authorization": AUTH}, "GET")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -155,20 +163,37 @@ def store_cpu(servers: dict[str, int]) -> dict[tuple[str, int], float]:
     return found
 
 
-async def flat_out(
-    args: argparse.Namespace, port: int, pid: int, raw: list[bytes], servers: dict[str, int]
-) -> tuple[Result, dict[str, float]]:
-    """Reads/s with ``--connections`` in flight, the server's CPU per read, and the
-    stores' CPU in the round (those running here): a read that moves work into a Redis
-    script or a query must show it.  A backend that ends within the round takes its
-    CPU along (the API's pool keeps its own)."""
-    cpu, before = cpu_seconds(pid), store_cpu(servers)
-    result = await closed_loop("127.0.0.1", port, raw, args.connections, args.seconds)
-    result.server_cpu_s = cpu_seconds(pid) - cpu
+@dataclass
+class FlatOut:
+    """One flat-out run of a read: ``wrk``'s result, and CPU seconds the server, the
+    stores' servers and the load generator spent in it."""
+
+    result: WrkResult
+    server_s: float
+    stores_s: dict[str, float]
+    generator_s: float
+
+    def per_read_us(self, seconds: float) -> float:
+        return seconds / max(1, self.result.requests) * 1e6
+
+
+def flat_out(
+    args: argparse.Namespace, port: int, pid: int, path: str, servers: dict[str, int]
+) -> FlatOut:
+    """Reads/s with ``--connections`` in flight from ``wrk`` (C: 20 µs of CPU a top-5
+    read, where the Python generator spent 250 on the same two cores), the server's CPU,
+    and the stores' CPU in the round (those running here): a read that moves work into a
+    Redis script or a query must show it.  A backend that ends within the round takes
+    its CPU along (the API's pool keeps its own)."""
+    cpu, before, generator = cpu_seconds(pid), store_cpu(servers), load_cpu()
+    url = f"http://127.0.0.1:{port}{path}"
+    result = wrk_load.closed_loop(
+        url, path, b"", [AUTH], args.connections, args.seconds, "GET", "Authorization"
+    )
     spent = dict.fromkeys(servers, 0.0)
     for (store, process), seconds in store_cpu(servers).items():
         spent[store] += seconds - before.get((store, process), 0.0)
-    return result, spent
+    return FlatOut(result, cpu_seconds(pid) - cpu, spent, load_cpu() - generator)
 
 
 async def measure(
@@ -179,36 +204,36 @@ async def measure(
 ) -> dict[str, Any]:
     """``apis`` and ``bare``: (port, pid) of each server."""
     now = datetime.now(UTC)
-    get_ready = request("127.0.0.1", bare[0], "/readyz", b"", {}, "GET")
-    kinds = {"bare_fastapi": (*bare, [get_ready])}
+    kinds = {"bare_fastapi": (*bare, "/readyz")}
     for api, (port, pid) in apis.items():
-        for name, one in reads(port, now).items():
-            kinds[name if api == "api" else f"{api}:{name}"] = (port, pid, [one])
-    for port, _, raw in kinds.values():
-        await closed_loop("127.0.0.1", port, raw, args.connections, min(1.0, args.seconds))
-    rounds: list[dict[str, Result]] = []
-    stores_us: list[dict[str, dict[str, float]]] = []
+        for name, path in paths(now).items():
+            kinds[name if api == "api" else f"{api}:{name}"] = (port, pid, path)
+    warm = argparse.Namespace(connections=args.connections, seconds=1)
+    for port, pid, path in kinds.values():
+        flat_out(warm, port, pid, path, servers)
+    rounds: list[dict[str, FlatOut]] = []
     for _ in range(args.rounds):  # interleaved: this VM's speed drifts within a minute
-        measured: dict[str, Result] = {}
-        per_read: dict[str, dict[str, float]] = {}
-        for name, (port, pid, raw) in kinds.items():
-            measured[name], used = await flat_out(args, port, pid, raw, servers)
-            served = max(1, len(measured[name].latencies))
-            per_read[name] = {store: s / served * 1e6 for store, s in used.items()}
-        rounds.append(measured)
-        stores_us.append(per_read)
+        rounds.append(
+            {
+                name: flat_out(args, port, pid, path, servers)
+                for name, (port, pid, path) in kinds.items()
+            }
+        )
     fixed = {
-        name: await open_loop("127.0.0.1", port, raw, args.rate, args.seconds, 64)
-        for name, (port, _, raw) in kinds.items()
+        name: await open_loop("127.0.0.1", port, [raw_get(port, path)], args.rate, args.seconds, 64)
+        for name, (port, _, path) in kinds.items()
     }
-    per_s = [{name: round(r.per_second) for name, r in measured.items()} for measured in rounds]
-    cpu_us = [
-        {
-            name: round((r.server_cpu_s or 0) / len(r.latencies) * 1e6)
-            for name, r in measured.items()
+
+    def across(figure: Callable[[FlatOut], float]) -> dict[str, dict[str, int]]:
+        return {
+            name: {k: round(v) for k, v in spread([figure(r[name]) for r in rounds]).items()}
+            for name in kinds
         }
-        for measured in rounds
-    ]
+
+    def store_us(store: str) -> Callable[[FlatOut], float]:
+        return lambda r: r.per_read_us(r.stores_s[store])
+
+    by_store = {store: across(store_us(store)) for store in servers}
     return {
         "customer": {
             "live_days": LIVE_DAYS,
@@ -217,28 +242,21 @@ async def measure(
         },
         "connections": args.connections,
         "seconds_per_round": args.seconds,
-        "flat_out_per_s_per_round": per_s,
-        "flat_out_per_s_across_rounds": {
-            name: {k: round(v) for k, v in spread([r[name] for r in per_s]).items()}
-            for name in kinds
-        },
-        "server_cpu_us_per_read_across_rounds": {
-            name: {k: round(v) for k, v in spread([r[name] for r in cpu_us]).items()}
-            for name in kinds
-        },
+        "flat_out_per_s_per_round": [
+            {name: round(r.result.per_second) for name, r in measured.items()}
+            for measured in rounds
+        ],
+        "flat_out_per_s_across_rounds": across(lambda r: r.result.per_second),
+        "server_cpu_us_per_read_across_rounds": across(lambda r: r.per_read_us(r.server_s)),
         "stores_cpu_us_per_read_across_rounds": {
-            name: {
-                store: {k: round(v) for k, v in spread([r[name][store] for r in stores_us]).items()}
-                for store in stores_us[0][name]
-            }
-            for name in kinds
+            name: {store: by_store[store][name] for store in servers} for name in kinds
         },
+        "generator_cpu_us_per_read_across_rounds": across(lambda r: r.per_read_us(r.generator_s)),
         "flat_out_p50_p99_ms_last_round": {
-            name: [r.summary()["p50_ms"], r.summary()["p99_ms"]] for name, r in rounds[-1].items()
+            name: [r.result.p50_ms, r.result.p99_ms] for name, r in rounds[-1].items()
         },
-        "flat_out_statuses": {
-            name: {str(k): v for k, v in sorted(rounds[-1][name].statuses.items())}
-            for name in kinds
+        "flat_out_errors_last_round": {
+            name: r.result.summary()["errors"] for name, r in rounds[-1].items()
         },
         f"offered_{args.rate}_per_s": {name: r.summary() for name, r in fixed.items()},
     }

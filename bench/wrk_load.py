@@ -3,8 +3,8 @@
 The Python load generator (``bench.http_load``) spends tens of µs of CPU per request,
 a large share of what the app it drives spends, on the same cores; ``wrk`` spends a few
 (the caller reads its CPU from the children's rusage, so a run shows whether the
-generator was the bottleneck).  ``bench/edge_keys.lua`` rotates customers' keys and
-prints a JSON summary.  Debian's ``wrk`` (``make bench`` installs it).
+generator was the bottleneck).  ``bench/wrk_requests.lua`` rotates one header's values
+(customers' keys) and prints a JSON summary.  Debian's ``wrk`` (``make bench`` installs it).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import orjson
 
-SCRIPT = Path(__file__).with_name("edge_keys.lua")
+SCRIPT = Path(__file__).with_name("wrk_requests.lua")
 
 
 @dataclass(frozen=True)
@@ -51,16 +51,24 @@ def wrk_path() -> str:
 
 
 def closed_loop(
-    url: str, path: str, body: bytes, keys: list[str], connections: int, seconds: float
+    url: str,
+    path: str,
+    body: bytes,
+    keys: list[str],
+    connections: int,
+    seconds: float,
+    method: str = "POST",
+    header: str = "X-API-Key",
 ) -> WrkResult:
     """``connections`` keep-alive connections, one ``wrk`` thread, for ``seconds``
-    (whole seconds: wrk takes no fraction)."""
+    (whole seconds: wrk takes no fraction); request after request, ``header`` takes the
+    next of ``keys`` (an empty ``body`` sends none)."""
     with tempfile.NamedTemporaryFile("w", suffix=".keys") as listed:
         listed.write("\n".join(keys) + "\n")
         listed.flush()
         whole = max(1, round(seconds))
         command = [wrk_path(), "-t1", f"-c{connections}", f"-d{whole}s", "-s", str(SCRIPT)]
-        command += [url, "--", listed.name, path, body.decode()]
+        command += [url, "--", listed.name, path, body.decode(), method, header]
         done = subprocess.run(command, capture_output=True, check=False)
     if done.returncode or not done.stdout.strip():
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr.decode()}")
