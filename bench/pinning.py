@@ -87,10 +87,13 @@ class Pinning:
                     self.saved[tid] = os.sched_getaffinity(tid)
 
     def apply(self, layout: Layout, under_test: str) -> None:
-        for kind, process in self.apps.items():
-            pin(process, layout.app if kind == under_test else layout.rest)
+        """The others first, the apps last: pinning a process pins its children, and the
+        apps are children of this driver, one of the others (pinned after them, the app
+        under test would share the others' cores and leave its own idle)."""
         for process in self.others:
             pin(process, layout.rest)
+        for kind, process in self.apps.items():
+            pin(process, layout.app if kind == under_test else layout.rest)
         for tid in _threads(psutil.Process()):  # this driver, and the wrk it starts
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.setpriority(os.PRIO_PROCESS, tid, layout.load_nice)

@@ -20,6 +20,7 @@ import redis
 
 from bench import bare_app, edge, middleware_cost, stores, usage
 from bench.enforce import reservations
+from bench.pinning import layouts, pinning
 from services.api.enforcement.enforcer import EnforceRequest
 from tests.conftest import REDIS_URL
 
@@ -137,6 +138,27 @@ def test_the_run_queue_wait_adds_up_the_threads_of_a_process(tmp_path: Path) -> 
     assert edge.run_queue_wait(43, tmp_path) is None  # no such process
     own = edge.run_queue_wait(os.getpid())
     assert own is not None and own >= 0
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs two cores")
+def test_the_app_under_test_gets_its_own_core_though_this_driver_started_it() -> None:
+    """``bench.edge``'s apps are children of its driver, which is pinned with the others
+    (and its children with it): the app under test must still end on its own core, and
+    the others, the idle app and this process off it.  (It did not, for weeks of pinned
+    figures: the app ran beside everything else while its core idled.)"""
+    started = [subprocess.Popen(["sleep", "30"]) for _ in range(3)]
+    app, idle, other = (psutil.Process(p.pid) for p in started)
+    try:
+        with pinning({"tally": app, "plain": idle}, [other, psutil.Process()]) as placed:
+            for layout in layouts():
+                placed.apply(layout, "tally")
+                assert os.sched_getaffinity(app.pid) == layout.app, layout.name
+                for process in (idle.pid, other.pid, 0):
+                    assert os.sched_getaffinity(process) == layout.rest, layout.name
+    finally:
+        for process in started:
+            process.kill()
+            process.wait()
 
 
 def test_a_runs_tally_cpu_includes_the_work_it_left_less_the_rest() -> None:
