@@ -178,7 +178,7 @@ class FlatOut:
 
 
 def flat_out(
-    args: argparse.Namespace, port: int, pid: int, path: str, servers: dict[str, int]
+    port: int, pid: int, path: str, servers: dict[str, int], connections: int, seconds: float
 ) -> FlatOut:
     """Reads/s with ``--connections`` in flight from ``wrk`` (C: 20 µs of CPU a top-5
     read, where the Python generator spent 250 on the same two cores), the server's CPU,
@@ -188,7 +188,7 @@ def flat_out(
     cpu, before, generator = cpu_seconds(pid), store_cpu(servers), load_cpu()
     url = f"http://127.0.0.1:{port}{path}"
     result = wrk_load.closed_loop(
-        url, path, b"", [AUTH], args.connections, args.seconds, "GET", "Authorization"
+        url, path, b"", [AUTH], connections, seconds, "GET", "Authorization"
     )
     spent = dict.fromkeys(servers, 0.0)
     for (store, process), seconds in store_cpu(servers).items():
@@ -208,14 +208,13 @@ async def measure(
     for api, (port, pid) in apis.items():
         for name, path in paths(now).items():
             kinds[name if api == "api" else f"{api}:{name}"] = (port, pid, path)
-    warm = argparse.Namespace(connections=args.connections, seconds=1)
-    for port, pid, path in kinds.values():
-        flat_out(warm, port, pid, path, servers)
+    for port, pid, path in kinds.values():  # warm up: connections, caches, the pool
+        flat_out(port, pid, path, servers, args.connections, 1)
     rounds: list[dict[str, FlatOut]] = []
     for _ in range(args.rounds):  # interleaved: this VM's speed drifts within a minute
         rounds.append(
             {
-                name: flat_out(args, port, pid, path, servers)
+                name: flat_out(port, pid, path, servers, args.connections, args.seconds)
                 for name, (port, pid, path) in kinds.items()
             }
         )
@@ -225,6 +224,7 @@ async def measure(
     }
 
     def across(figure: Callable[[FlatOut], float]) -> dict[str, dict[str, int]]:
+        """Each read's ``figure`` over the rounds: median, min and max."""
         return {
             name: {k: round(v) for k, v in spread([figure(r[name]) for r in rounds]).items()}
             for name in kinds
@@ -233,7 +233,7 @@ async def measure(
     def store_us(store: str) -> Callable[[FlatOut], float]:
         return lambda r: r.per_read_us(r.stores_s[store])
 
-    by_store = {store: across(store_us(store)) for store in servers}
+    by_store = {store: across(store_us(store)) for store in servers}  # then by read
     return {
         "customer": {
             "live_days": LIVE_DAYS,
