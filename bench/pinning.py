@@ -63,16 +63,20 @@ def _threads(process: psutil.Process) -> list[int]:
         return []
 
 
+def _family(process: psutil.Process) -> list[int]:
+    """The threads of ``process`` and of its children."""
+    try:
+        members = [process, *process.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+    return [tid for member in members for tid in _threads(member)]
+
+
 def pin(process: psutil.Process, cores: Iterable[int]) -> None:
     """Every thread of ``process`` (and of its children) onto ``cores``."""
-    try:
-        family = [process, *process.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for member in family:
-        for tid in _threads(member):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.sched_setaffinity(tid, set(cores))
+    for tid in _family(process):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.sched_setaffinity(tid, set(cores))
 
 
 class Pinning:
@@ -81,8 +85,8 @@ class Pinning:
     def __init__(self, apps: dict[str, psutil.Process], others: list[psutil.Process]) -> None:
         self.apps, self.others = apps, others
         self.saved: dict[int, set[int]] = {}
-        for process in [*apps.values(), *others]:
-            for tid in _threads(process):
+        for process in [*apps.values(), *others]:  # all that ``pin`` moves
+            for tid in _family(process):
                 with contextlib.suppress(ProcessLookupError):
                     self.saved[tid] = os.sched_getaffinity(tid)
 

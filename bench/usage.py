@@ -142,11 +142,13 @@ def store_servers(redis_url: str, database_url: str) -> dict[str, int]:
         servers["redis"] = redis_server.pid
     with psycopg.connect(database_url) as conn:
         backend = conn.execute("SELECT pg_backend_pid()").fetchone()
-    with contextlib.suppress(psutil.Error):  # a server elsewhere: its pid is not one here
-        process = psutil.Process(backend[0] if backend else 0)
-        parent = process.parent() if process.name() == "postgres" else None
-        if parent is not None:
-            servers["postgresql"] = parent.pid
+        # while connected: a backend exits once its connection closes, and then
+        # its pid names no process here (the server was missed, now and then)
+        with contextlib.suppress(psutil.Error):  # a server elsewhere: not a pid here
+            process = psutil.Process(backend[0] if backend else 0)
+            parent = process.parent() if process.name() == "postgres" else None
+            if parent is not None:
+                servers["postgresql"] = parent.pid
     return servers
 
 

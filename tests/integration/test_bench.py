@@ -145,16 +145,22 @@ def test_the_app_under_test_gets_its_own_core_though_this_driver_started_it() ->
     """``bench.edge``'s apps are children of its driver, which is pinned with the others
     (and its children with it): the app under test must still end on its own core, and
     the others, the idle app and this process off it.  (It did not, for weeks of pinned
-    figures: the app ran beside everything else while its core idled.)"""
-    started = [subprocess.Popen(["sleep", "30"]) for _ in range(3)]
-    app, idle, other = (psutil.Process(p.pid) for p in started)
+    figures: the app ran beside everything else while its core idled.)  At the end each
+    is back where it was: this process's other children (a broker the suite started)
+    must not stay pinned."""
+    started = [subprocess.Popen(["sleep", "30"]) for _ in range(4)]
+    app, idle, other, bystander = (psutil.Process(p.pid) for p in started)
+    before = {p.pid: os.sched_getaffinity(p.pid) for p in started}
     try:
         with pinning({"tally": app, "plain": idle}, [other, psutil.Process()]) as placed:
             for layout in layouts():
                 placed.apply(layout, "tally")
                 assert os.sched_getaffinity(app.pid) == layout.app, layout.name
-                for process in (idle.pid, other.pid, 0):
+                for process in (idle.pid, other.pid, bystander.pid, 0):
                     assert os.sched_getaffinity(process) == layout.rest, layout.name
+            placed.apply(layouts()[0], "tally")  # left pinned: the end must undo it
+        # every process pinned is put back, this one's other children too
+        assert {pid: os.sched_getaffinity(pid) for pid in before} == before
     finally:
         for process in started:
             process.kill()
