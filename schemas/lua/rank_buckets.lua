@@ -72,14 +72,22 @@ if #fields > limit then
     end
 end
 
+-- HMGET in chunks: Lua unpacks a few thousand values at most, and ties keep every group
+-- tied (ten thousand users with one call each are all a top 5).
+local CHUNK = 1000
+local function values_of(key)
+    if #kept == 0 then return {} end
+    if #kept <= CHUNK then return redis.call('HMGET', key, unpack(kept)) end
+    local row = {}
+    for first = 1, #kept, CHUNK do
+        local part = redis.call('HMGET', key, unpack(kept, first, math.min(first + CHUNK - 1, #kept)))
+        for _, value in ipairs(part) do row[#row + 1] = value end
+    end
+    return row
+end
+
 local reply = {kept}
 for i, key in ipairs(KEYS) do
-    if not present[i] then
-        reply[i + 1] = false
-    elseif #kept == 0 then
-        reply[i + 1] = {}
-    else
-        reply[i + 1] = redis.call('HMGET', key, unpack(kept))
-    end
+    reply[i + 1] = present[i] and values_of(key) or false
 end
 return reply

@@ -119,3 +119,15 @@ def test_the_ranked_read_brings_back_only_the_groups_that_can_rank() -> None:
         ['["/h"]', '["/i"]', '["/j"]']
     ] * 3
     assert all(len(cells) == 11 for cells in whole.found.values())  # ten groups and the total
+
+
+def test_ten_thousand_tied_groups_are_all_read_back() -> None:
+    """Ties keep every tied group (the API breaks them), and Lua unpacks a few thousand
+    values at most: the script reads them back in chunks, not in one HMGET."""
+    customer = f"top-{uuid.uuid4().hex[:12]}"
+    start = datetime(2026, 12, 1, tzinfo=UTC)
+    tied = {f"u{n:05d}": 1 for n in range(10_000)}
+    store(customer, start, [tied, None, tied])
+    ranked, whole = asyncio.run(both(customer, Aggregation.SUM, start, 3, 5))
+    assert answer(Aggregation.SUM, ranked, 5) == answer(Aggregation.SUM, whole, 5)
+    assert [len(cells) for cells in ranked.found.values()] == [10_000, 10_000]
